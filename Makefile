@@ -1,0 +1,44 @@
+# gptlab: `make demo` trains a small Shakespeare model on the CPU; `make test` runs the test suite.
+# Both create .venv when missing, install torch==2.13.0 first when torch is absent (a local CPU build here;
+# any other spec would pull GBs of CUDA wheels), then gptlab; re-runs skip installing when nothing changed.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test install install-dev bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch: | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.core: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.core
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.core
+install-dev: $(VENV)/.dev
+
+demo: $(VENV)/.core
+	$(PY) -m gptlab prepare shakespeare --tokenizer char --out data/shakespeare-char
+	rm -rf runs/demo
+	$(PY) -m gptlab train --recipe recipes/demo.toml
+	$(PY) -m gptlab sample --checkpoint runs/demo --prompt "ROMEO:" --max-new-tokens 300
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.dev
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/demo_quality.py
+
+clean:
+	rm -rf runs data .pytest_cache

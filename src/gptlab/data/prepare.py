@@ -1,0 +1,196 @@
+"""``gptlab prepare``: text -> train/val token shards plus ``meta.json`` (tokenizer spec, counts, provenance).
+
+Sources (any mix, in the order given): a named corpus (``shakespeare``, ``tinyshakespeare``), a text file, a folder
+(every file inside, recursively, in sorted order), a ``.jsonl`` file (one document per line, from ``--field``), a
+``.parquet`` file (one document per row of column ``--field``; needs ``pyarrow``), or an http(s) URL to any of these.
+
+Each file, JSONL line or parquet row is one document; documents are joined with the tokenizer's end-of-text id. The
+token stream is split deterministically: the first ``1 - val_fraction`` of it (in source order) is train, the rest
+val. Tokenization runs through the tokenizers' own parallel batch encoders (tiktoken and HF tokenizers use all
+cores). The output folder is built beside the target and renamed into place, so an error never leaves a partial
+dataset behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import assets
+from ..errors import GptlabError
+from ..tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
+from .corpora import CORPORA, load_corpus
+from .shards import token_dtype, write_shard
+
+TEXT_SUFFIXES_SKIPPED = {".bin", ".gz", ".zip", ".png", ".jpg", ".pdf", ".pt", ".safetensors"}
+
+
+def _decode(data: bytes, origin: str) -> str:
+    if b"\x00" in data[:8192]:
+        raise GptlabError(f"{origin} looks binary (contains NUL bytes); pass text, .jsonl or .parquet files")
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise GptlabError(f"{origin} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r}); "
+                          f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+
+
+def _jsonl_docs(data: bytes, origin: str, field: str) -> Iterator[tuple[str, str]]:
+    for n, line in enumerate(_decode(data, origin).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GptlabError(f"{origin} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+            raise GptlabError(f"{origin} line {n} has no string field {field!r}; choose the field with --field")
+        yield f"{origin}:{n}", obj[field]
+
+
+def _parquet_docs(path: Path, field: str) -> Iterator[tuple[str, str]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise GptlabError(f"reading {path} needs pyarrow; install it with `pip install 'gptlab[parquet]'`") from None
+    table = pq.read_table(path)
+    if field not in table.column_names:
+        raise GptlabError(f"{path} has no column {field!r} (columns: {table.column_names}); choose it with --field")
+    for n, text in enumerate(table.column(field).to_pylist()):
+        if not isinstance(text, str):
+            raise GptlabError(f"{path} row {n} of column {field!r} is not a string")
+        yield f"{path}:{n}", text
+
+
+def _file_docs(path: Path, field: str, origin: str | None = None) -> Iterator[tuple[str, str]]:
+    origin = origin or str(path)
+    if path.suffix == ".parquet":
+        yield from _parquet_docs(path, field)
+        return
+    data = path.read_bytes()
+    if path.suffix == ".jsonl":
+        yield from _jsonl_docs(data, origin, field)
+    else:
+        yield origin, _decode(data, origin)
+
+
+def iter_documents(sources: list[str], field: str, downloads: Path) -> Iterator[tuple[str, str]]:
+    """(origin, text) for every document of every source, in order. URLs are downloaded once into ``downloads``."""
+    for src in sources:
+        if src in CORPORA:
+            yield from load_corpus(src)
+        elif src.startswith(("http://", "https://")):
+            local = downloads / (str(abs(hash(src))) + "_" + src.rstrip("/").rsplit("/", 1)[-1])
+            if not local.exists():
+                local.write_bytes(assets.fetch_url(src))
+            yield from _file_docs(local, field, origin=src)
+        else:
+            path = Path(src)
+            if path.is_dir():
+                files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                               and p.suffix not in TEXT_SUFFIXES_SKIPPED)
+                if not files:
+                    raise GptlabError(f"folder {path} holds no text files")
+                for f in files:
+                    yield from _file_docs(f, field)
+            elif path.is_file():
+                yield from _file_docs(path, field)
+            else:
+                raise GptlabError(f"source {src!r} is not a file, folder, URL or named corpus "
+                                  f"({', '.join(CORPORA)})")
+
+
+def make_tokenizer(kind: str, texts: Iterator[str], vocab_size: int | None) -> Tokenizer:
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "char":
+        return CharTokenizer.train(texts)
+    if kind == "bpe":
+        if not vocab_size:
+            raise GptlabError("a trained BPE tokenizer needs --vocab-size (e.g. 4096)")
+        return BPETokenizer.train(texts, vocab_size)
+    raise GptlabError(f"unknown tokenizer {kind!r}; choose gpt2, char or bpe")
+
+
+def prepare(sources: list[str], out_dir: str | Path, tokenizer: str = "gpt2", vocab_size: int | None = None,
+            val_fraction: float = 0.1, field: str = "text", shard_tokens: int = 100_000_000,
+            batch_bytes: int = 4 << 20, progress: bool = True) -> dict[str, Any]:
+    """Tokenize ``sources`` into ``out_dir`` (``train_000.bin``..., ``val_000.bin``..., ``meta.json``)."""
+    if not sources:
+        raise GptlabError("no sources given; name a file, folder, URL or corpus (e.g. `gptlab prepare shakespeare`)")
+    if not 0.0 < val_fraction < 1.0:
+        raise GptlabError(f"--val-fraction must be between 0 and 1 (got {val_fraction})")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-") as tmp:
+        tmp = Path(tmp)
+        downloads = tmp / "downloads"
+        downloads.mkdir()
+        docs = lambda: iter_documents(sources, field, downloads)  # noqa: E731 - re-iterable source
+        tok = make_tokenizer(tokenizer, (text for _, text in docs()), vocab_size)
+        dtype = token_dtype(tok.vocab_size)
+        stream = tmp / "all.tokens"
+        def batches() -> Iterator[tuple[list[str], int]]:  # ~batch_bytes of documents at a time
+            batch, size = [], 0
+            for _, text in docs():
+                if text:
+                    batch.append(text)
+                    size += len(text)
+                if size >= batch_bytes:
+                    yield batch, size
+                    batch, size = [], 0
+            if batch:
+                yield batch, size
+
+        eot = np.array([tok.eot_id], dtype=dtype).tobytes()
+        n_docs = n_tokens = n_chars = 0
+        bar = tqdm(desc="tokenizing", unit="char", unit_scale=True, disable=not progress, leave=False)
+        with open(stream, "wb") as out:
+            for batch, size in batches():
+                for ids in tok.encode_batch(batch):
+                    if n_docs:  # end-of-text between documents
+                        out.write(eot)
+                        n_tokens += 1
+                    out.write(np.asarray(ids, dtype=dtype).tobytes())
+                    n_tokens += len(ids)
+                    n_docs += 1
+                n_chars += size
+                bar.update(size)
+        bar.close()
+        if n_tokens == 0:
+            raise GptlabError(f"no text found in {sources}; the sources are empty")
+        all_tokens = np.memmap(stream, dtype=dtype, mode="r")
+        n_val = max(1, int(round(n_tokens * val_fraction)))
+        build = tmp / "out"
+        build.mkdir()
+        splits = {"train": all_tokens[: n_tokens - n_val], "val": all_tokens[n_tokens - n_val:]}
+        files = {}
+        for split, toks in splits.items():
+            files[split] = []
+            for i, start in enumerate(range(0, max(len(toks), 1), shard_tokens)):
+                name = f"{split}_{i:03d}.bin"
+                write_shard(build / name, np.asarray(toks[start:start + shard_tokens]))
+                files[split].append(name)
+        meta = {"format": "gptlab-tokens", "version": 1, "tokenizer": tok.spec(), "vocab_size": tok.vocab_size,
+                "eot_id": tok.eot_id, "dtype": dtype.name, "documents": n_docs, "text_chars": n_chars,
+                "tokens": {"train": int(n_tokens - n_val), "val": int(n_val)}, "files": files,
+                "val_fraction": val_fraction, "sources": sources, "field": field}
+        (build / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+        del all_tokens
+        if out_dir.exists():  # swap in atomically-enough: old -> trash, new -> place, then drop old
+            trash = tmp / "old"
+            os.replace(out_dir, trash)
+        os.replace(build, out_dir)
+    meta["seconds"] = round(time.time() - t0, 2)
+    meta["out_dir"] = str(out_dir)
+    meta.pop("tokenizer")
+    return meta

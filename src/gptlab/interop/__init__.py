@@ -1,0 +1,1 @@
+"""Moving weights between gptlab and other ecosystems (Hugging Face transformers)."""

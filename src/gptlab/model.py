@@ -1,0 +1,159 @@
+"""The GPT: a decoder-only transformer, readable top to bottom.
+
+One class covers GPT-1, GPT-2 and GPT-3 (dense attention). The differences are config fields, not code paths:
+
+- ``norm="pre"`` (GPT-2/3): ``x = x + f(LN(x))`` for attention and MLP, then a final LayerNorm before the head.
+- ``norm="post"`` (GPT-1): ``x = LN(x + f(x))``, and no final LayerNorm.
+- ``activation``: ``"gelu_new"`` (GPT-2's tanh approximation) or ``"gelu"`` (exact erf, HF's GPT-1).
+
+Weights use ``nn.Linear``'s [out, in] layout; :mod:`gptlab.interop.hf` transposes Hugging Face's Conv1D [in, out].
+Attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
+
+With ``pad_vocab_multiple > 1`` the embedding and head carry extra rows up to a multiple of that number (faster
+matmuls); their logits are set to -inf before the loss, so they never enter the softmax, never get gradient and are
+never sampled, and the logits returned to callers are cut back to ``vocab_size`` columns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+from .errors import GptlabError
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # [B, T, C] -> [B, n_head, T, head_dim]
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.approximate = "tanh" if cfg.activation == "gelu_new" else "none"
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.prenorm = cfg.norm == "pre"
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prenorm:  # GPT-2/3
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x))  # GPT-1
+        return self.ln_2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        V = cfg.padded_vocab_size
+        self.wte = nn.Embedding(V, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        # GPT-1 (post-norm) ends on the last block's LayerNorm; pre-norm models need a final one.
+        self.ln_f = (nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+                     if cfg.norm == "pre" else nn.Identity())
+        self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02) weights, zero biases, unit LayerNorms, and the two residual output projections
+        of each block scaled by 1/sqrt(2 * n_layer) (Radford et al. 2019, section 2.3)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
+            elif p.dim() >= 2:
+                nn.init.normal_(p, 0.0, std)
+            elif ".ln_" in name or name.startswith("ln_f"):
+                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+            else:
+                nn.init.zeros_(p)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``idx`` [B, T] token ids -> (logits [B, T, vocab_size], mean cross-entropy or None).
+
+        Targets equal to -1 are ignored (masked tokens)."""
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise GptlabError(f"sequence of {T} tokens exceeds the model's context of {self.config.block_size}; "
+                              f"crop the input to the last {self.config.block_size} tokens")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        V = self.config.vocab_size
+        if logits.size(-1) != V:
+            logits[..., V:] = float("-inf")  # padded rows: out of the softmax, no gradient, never sampled
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits[..., :V], loss
+
+    def num_params(self, breakdown: bool = False) -> int | dict[str, int]:
+        """Trainable parameters, each shared tensor counted once (tied head = 0) and vocabulary padding rows left
+        out. ``breakdown=True`` returns a dict per component plus ``total`` and Kaplan's ``non_embedding`` count
+        (total minus token and position embeddings)."""
+        cfg = self.config
+        pad_rows = cfg.padded_vocab_size - cfg.vocab_size
+        parts = {"token_embedding": 0, "position_embedding": 0, "attention": 0, "mlp": 0, "norms": 0, "head": 0}
+        seen: set[int] = set()
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if name.startswith("wte."):
+                parts["token_embedding"] += p.numel() - pad_rows * cfg.n_embd
+            elif name.startswith("wpe."):
+                parts["position_embedding"] += p.numel()
+            elif ".attn." in name:
+                parts["attention"] += p.numel()
+            elif ".mlp." in name:
+                parts["mlp"] += p.numel()
+            elif name.startswith("lm_head."):
+                parts["head"] += p.numel() - pad_rows * cfg.n_embd
+            else:
+                parts["norms"] += p.numel()
+        total = sum(parts.values())
+        if not breakdown:
+            return total
+        return {**parts, "total": total,
+                "non_embedding": total - parts["token_embedding"] - parts["position_embedding"]}

@@ -1,0 +1,174 @@
+"""Tokenizers: GPT-2 byte-level BPE (tiktoken), character-level, and a byte-level BPE trained on your corpus.
+
+Every tokenizer has a JSON-able ``spec()`` that is saved beside prepared data and inside every checkpoint, so later
+commands rebuild the same tokenizer with :func:`from_spec` and need no tokenizer flag.
+
+GPT-2's ranks are tiktoken's ``r50k_base`` (identical to GPT-2's ``encoder.json``/``vocab.bpe``). They are found in
+this order: gptlab's cache; tiktoken itself (its cache, ``TIKTOKEN_CACHE_DIR``, or its download from
+openaipublic); the sdist of ``openai-whisper`` on the package index, which carries them as
+``whisper/assets/gpt2.tiktoken``. Every copy is checked against the sha256 below.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Iterable, Protocol
+
+import numpy as np
+
+from . import assets
+from .errors import GptlabError
+
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_EOT = 50256
+# GPT-2's pre-tokenization regex (openai/gpt-2 encoder.py; tiktoken's r50k_base pattern).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT_TEXT = "<|endoftext|>"
+WHISPER = ("openai-whisper", "20250625", "whisper/assets/gpt2.tiktoken")
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eot_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def spec(self) -> dict[str, Any]: ...
+
+
+@lru_cache(maxsize=1)
+def _gpt2_encoding():
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    cached = assets.cache_dir() / "gpt2.tiktoken"
+    if not assets.verified(cached, GPT2_RANKS_SHA256):
+        try:  # tiktoken's own cache or download
+            ranks = tiktoken.get_encoding("r50k_base")._mergeable_ranks
+        except Exception:  # noqa: BLE001 - offline: fall back to the package index
+            package, version, member = WHISPER
+            try:
+                data = assets.sdist_files(package, version, lambda p: p == member)[member]
+            except GptlabError as e:
+                raise GptlabError(f"GPT-2 BPE ranks unavailable: tiktoken could not download r50k_base and {e}; "
+                                  f"or copy a gpt2.tiktoken file (sha256 {GPT2_RANKS_SHA256[:12]}...) to "
+                                  f"{cached}") from None
+            assets.atomic_write_bytes(cached, assets.check_sha256(data, GPT2_RANKS_SHA256, f"{package} {member}"))
+        else:
+            return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                     special_tokens={EOT_TEXT: GPT2_EOT})
+    ranks = load_tiktoken_bpe(str(cached), expected_hash=GPT2_RANKS_SHA256)
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT_TEXT: GPT2_EOT})
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-level BPE: exactly GPT-2's ids, 50,257 tokens, ``<|endoftext|>`` = 50256."""
+
+    vocab_size = 50257
+    eot_id = GPT2_EOT
+
+    def __init__(self) -> None:
+        self.enc = _gpt2_encoding()
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids))
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "gpt2"}
+
+
+class CharTokenizer:
+    """One id per character of the corpus' alphabet (sorted), plus an end-of-text id after them."""
+
+    def __init__(self, chars: str) -> None:
+        self.chars = "".join(sorted(set(chars)))
+        self.vocab_size = len(self.chars) + 1
+        self.eot_id = len(self.chars)
+        self._lut = np.full(max(map(ord, self.chars), default=0) + 1, -1, dtype=np.int64)
+        self._lut[[ord(c) for c in self.chars]] = np.arange(len(self.chars))
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
+        alphabet: set[str] = set()
+        for t in texts:
+            alphabet.update(t)
+        return cls("".join(alphabet))
+
+    def encode(self, text: str) -> list[int]:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        ids = np.where(codes < len(self._lut), self._lut[np.minimum(codes, len(self._lut) - 1)], -1)
+        if (ids < 0).any():
+            bad = sorted({text[i] for i in np.flatnonzero(ids < 0)[:20]})
+            raise GptlabError(f"characters {bad!r} are not in this character-level vocabulary; remove them, or "
+                              f"prepare the data with a corpus that contains them")
+        return ids.tolist()
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] if i < self.eot_id else EOT_TEXT for i in ids)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "char", "chars": self.chars}
+
+
+class BPETokenizer:
+    """A byte-level BPE trained on the user's corpus with Hugging Face ``tokenizers`` (GPT-2's scheme)."""
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size()
+        self.eot_id = tok.token_to_id(EOT_TEXT)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+        if vocab_size < 257 + 1:
+            raise GptlabError(f"--vocab-size {vocab_size} is too small for a byte-level BPE; use at least 258 "
+                              f"(256 bytes + end-of-text + merges)")
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TEXT], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "bpe", "tokenizer_json": self.tok.to_str()}
+
+
+TOKENIZER_KINDS = ("gpt2", "char", "bpe")
+
+
+def from_spec(spec: dict[str, Any]) -> Tokenizer:
+    """Rebuild the tokenizer a checkpoint or prepared dataset was made with."""
+    kind = spec.get("kind")
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "char":
+        return CharTokenizer(spec["chars"])
+    if kind == "bpe":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return BPETokenizer(HFTokenizer.from_str(spec["tokenizer_json"]))
+    raise GptlabError(f"unknown tokenizer kind {kind!r} in the saved spec; known: {TOKENIZER_KINDS}")

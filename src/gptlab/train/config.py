@@ -1,0 +1,99 @@
+"""Training configuration: one flat dataclass, loaded from a TOML recipe and overridden from the command line.
+
+A recipe is a TOML file whose top-level keys are these fields; a ``[model]`` table holds model-config overrides
+(``n_layer``, ``dropout``, ...) on top of the ``model`` preset. Every field is also a ``gptlab train --flag``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import GptlabError
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/shakespeare-char"  # a folder made by `gptlab prepare`
+    out_dir: str = "runs/baby"
+    model: str = "baby"  # preset name (see `gptlab plan presets` / gptlab.config.PRESETS)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # the recipe's [model] table
+    block_size: int = 0  # 0: the preset's context
+    batch_size: int = 12  # sequences per process per micro-step
+    grad_accum: int = 1
+    max_iters: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # cosine floor
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0  # 0: max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables
+    dropout: float = 0.0
+    eval_interval: int = 250
+    eval_iters: int = 20  # val batches per periodic evaluation
+    final_eval_tokens: int = 1_000_000  # the final val loss covers this many val tokens (non-overlapping windows)
+    log_interval: int = 10
+    ckpt_interval: int = 500  # 0: only at the end
+    keep_last: int = 2  # checkpoints kept besides the best
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | float32 | bfloat16 | float16
+    compile: bool = False
+    threads: int = 0  # torch intra-op threads per process; 0: torch's default
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp
+    ss_schedule: str = "none"  # scheduled sampling: none | constant | linear | inverse_sigmoid | exponential
+    ss_max_prob: float = 0.25  # highest probability of feeding the model's own prediction
+    ss_k: float = 500.0  # inverse_sigmoid: k (steps); exponential: per-step decay base < 1
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            (self.max_iters >= 1, "max_iters must be >= 1"),
+            (self.lr > 0 and self.min_lr >= 0, "lr must be > 0 and min_lr >= 0"),
+            (self.min_lr <= self.lr, "min_lr must not exceed lr"),
+            (self.warmup_iters >= 0 and self.block_size >= 0, "warmup_iters and block_size must be >= 0"),
+            (self.eval_iters >= 1 and self.eval_interval >= 1 and self.log_interval >= 1,
+             "eval_iters, eval_interval and log_interval must be >= 1"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype must be auto|float32|bfloat16|float16"),
+            (self.parallel in ("ddp", "fsdp"), "parallel must be ddp or fsdp"),
+            (self.ss_schedule in ("none", "constant", "linear", "inverse_sigmoid", "exponential"),
+             "ss_schedule must be none|constant|linear|inverse_sigmoid|exponential"),
+            (0.0 <= self.ss_max_prob <= 1.0, "ss_max_prob must be in [0, 1]"),
+            (self.keep_last >= 1, "keep_last must be >= 1"),
+        ]
+        problems = [msg for ok, msg in checks if not ok]
+        if problems:
+            raise GptlabError("invalid training config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def fields(cls) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(cls))
+
+    @classmethod
+    def from_sources(cls, recipe: str | Path | None = None, **overrides: Any) -> "TrainConfig":
+        """Defaults <- TOML recipe <- ``overrides`` (CLI flags; ``None`` values are ignored)."""
+        values: dict[str, Any] = {}
+        if recipe:
+            try:
+                values = tomllib.loads(Path(recipe).read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise GptlabError(f"recipe {recipe} does not exist") from None
+            except tomllib.TOMLDecodeError as e:
+                raise GptlabError(f"recipe {recipe} is not valid TOML: {e}") from None
+            if "model" in values and isinstance(values["model"], dict):
+                values["model_overrides"] = values.pop("model")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in cls.fields()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise GptlabError(f"unknown training option(s) {unknown}; see `gptlab train --help`")
+        return cls(**values)

@@ -1,0 +1,31 @@
+"""AdamW with decoupled weight decay on matrices only, and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import TrainConfig
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    """AdamW; weight decay on >= 2-D tensors (matmul weights, embeddings), none on biases and LayerNorm gains.
+    Uses the fused single-kernel implementation (CPU and CUDA) when torch offers it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device_type in ("cpu", "cuda") and all(type(p) is torch.nn.Parameter for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup from 0 over ``warmup_iters`` steps, then cosine decay to ``min_lr`` at ``lr_decay_iters``
+    (default ``max_iters``), then ``min_lr`` (as in GPT-3, section B / nanoGPT)."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= decay_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)

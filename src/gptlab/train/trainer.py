@@ -1,0 +1,270 @@
+"""The pre-training loop: next-token cross-entropy with teacher forcing (optionally scheduled sampling).
+
+One loop serves one CPU process, a torchrun DDP/FSDP job, CUDA, bf16 autocast and torch.compile. Per step:
+``grad_accum`` micro-batches (gradients synchronised only on the last), clipping, one fused AdamW step. The hot loop
+does no host syncs except at log, eval and checkpoint steps. Resuming restores weights, AdamW state, every rank's
+RNG state and the step; the loader is a pure function of the step, so a resumed run repeats the uninterrupted run's
+losses bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from tqdm import tqdm
+
+from ..config import GPTConfig, preset
+from ..data.loader import TokenWindows, read_meta
+from ..errors import GptlabError
+from ..model import GPT
+from . import checkpoint as ckpt_io
+from . import distributed
+from .config import TrainConfig
+from .optim import lr_at, make_optimizer
+from .scheduled_sampling import mix_in_predictions, ss_probability
+
+METRICS = "metrics.jsonl"
+
+
+def model_config_for(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    base = preset(cfg.model)
+    overrides = {"vocab_size": vocab_size, "dropout": cfg.dropout, **cfg.model_overrides}
+    if cfg.block_size:
+        overrides["block_size"] = cfg.block_size
+    return base.replace(**overrides)
+
+
+def autocast_dtype(pref: str, device: torch.device) -> torch.dtype:
+    if pref == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    return getattr(torch, pref)
+
+
+class _Metrics:
+    """Append-only ``metrics.jsonl``; on resume, rows past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        rows = []
+        if resume_step is not None and path.exists():
+            rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def write(self, **row: Any) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()]
+
+
+def plot_losses(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val", ms=3)
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the summary that ``gptlab train --json`` prints."""
+    d = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, d, resume, progress)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) -> dict[str, Any]:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    existing = ckpt_io.list_checkpoints(out)
+    if existing and not resume:
+        raise GptlabError(f"{out} already holds checkpoints; pass --resume to continue that run, or choose another "
+                          f"--out-dir")
+    if resume and not existing:
+        raise GptlabError(f"--resume: {out} holds no complete checkpoint to resume from")
+    meta = read_meta(cfg.data)
+    mcfg = model_config_for(cfg, meta["vocab_size"])
+    train_windows = TokenWindows(cfg.data, "train", mcfg.block_size, cfg.seed)
+    val_windows = TokenWindows(cfg.data, "val", mcfg.block_size, cfg.seed)
+
+    torch.manual_seed(cfg.seed + d.rank)
+    raw = GPT(mcfg).to(d.device)
+    model = distributed.wrap(raw, d, cfg.parallel)  # FSDP shards `raw` in place
+    optimizer = make_optimizer(raw, cfg, d.device.type)
+    sd_opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    start, best_val, best_step = 0, math.inf, None
+    if resume:
+        ck = existing[-1]
+        state = ckpt_io.read_state(ck)
+        if state["model_config"] != mcfg.to_dict():
+            diff = {k: (v, mcfg.to_dict()[k]) for k, v in state["model_config"].items() if mcfg.to_dict()[k] != v}
+            raise GptlabError(f"--resume: the checkpoint's model differs from this run's (checkpoint, now): {diff}; "
+                              f"resume with the original settings")
+        optim_sd, rng = ckpt_io.load_training_state(ck, state)
+        set_state_dict(raw, optimizer, model_state_dict=ckpt_io.load_weights(ck, state), optim_state_dict=optim_sd,
+                       options=StateDictOptions(full_state_dict=True))
+        if f"torch_rank{d.rank}" not in rng:
+            raise GptlabError(f"--resume: the checkpoint was written by {len(rng)} process(es), not "
+                              f"{d.world_size}; resume with the same number of processes")
+        torch.set_rng_state(rng[f"torch_rank{d.rank}"])
+        if d.device.type == "cuda" and f"cuda_rank{d.rank}" in rng:
+            torch.cuda.set_rng_state(rng[f"cuda_rank{d.rank}"])
+        start, best_val, best_step = state["step"], state.get("best_val") or math.inf, state.get("best_step")
+        if d.is_main:
+            print(f"resuming from {ck} (step {start})", file=sys.stderr, flush=True)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    dtype = autocast_dtype(cfg.dtype, d.device)
+    amp = torch.autocast(d.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = _Metrics(out / METRICS, start if resume else None, d.is_main)
+    tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * d.world_size
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+    @torch.no_grad()
+    def evaluate(batches) -> float:
+        model.eval()
+        total = torch.zeros(2, device=d.device)
+        for x, y in batches:
+            with amp:
+                _, loss = model(x.to(d.device), y.to(d.device))
+            total += torch.stack([loss.float() * y.numel(), torch.tensor(float(y.numel()), device=d.device)])
+        model.train()
+        total = distributed.mean_across_ranks(total, d)
+        return (total[0] / total[1]).item()
+
+    def periodic_eval() -> float:
+        return evaluate(val_windows.batch(cfg.batch_size, i, 0, d.rank, d.world_size) for i in range(cfg.eval_iters))
+
+    def save(step: int, val: float) -> Path:
+        nonlocal best_val, best_step
+        if val < best_val:
+            best_val, best_step = val, step
+        model_sd, optim_sd = get_state_dict(raw, optimizer, options=sd_opts)
+        rng = {f"torch_rank{d.rank}": torch.get_rng_state()}
+        if d.device.type == "cuda":
+            rng[f"cuda_rank{d.rank}"] = torch.cuda.get_rng_state()
+        if d.enabled:
+            gathered: list[Any] = [None] * d.world_size
+            tdist.all_gather_object(gathered, rng)
+            rng = {k: v for r in gathered for k, v in r.items()}
+        path = out / "checkpoints" / f"step-{step:07d}"
+        if d.is_main:
+            path = ckpt_io.save_checkpoint(out, step, model_sd, optim_sd, {
+                "model_config": mcfg.to_dict(), "train_config": cfg.to_dict(), "tokenizer": meta["tokenizer"],
+                "val_loss": val, "best_val": best_val, "best_step": best_step, "rng": rng,
+                "tokens_seen": step * tokens_per_step}, cfg.keep_last)
+        if d.enabled:
+            tdist.barrier()
+        return path
+
+    def check_finite(losses: list[float], step: int) -> None:
+        if not all(map(math.isfinite, losses)):
+            last = ckpt_io.list_checkpoints(out)
+            kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+            bad = next(v for v in losses if not math.isfinite(v))
+            raise GptlabError(f"loss became {bad} at step {step}; training stopped and {kept}. Lower --lr, "
+                              f"raise --warmup-iters or --grad-clip, then --resume")
+
+    bar = tqdm(total=cfg.max_iters, initial=start, desc="train", disable=not (progress and d.is_main),
+               dynamic_ncols=True, file=sys.stderr)
+    pending: list[torch.Tensor] = []
+    t_log, step_log, t0 = time.perf_counter(), start, time.perf_counter()
+    model.train()
+    last_val = math.nan
+    for step in range(start, cfg.max_iters):
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        p_ss = ss_probability(cfg.ss_schedule, step, cfg.max_iters, cfg.ss_max_prob, cfg.ss_k)
+        ss_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step) if p_ss > 0 else None
+        for micro in range(cfg.grad_accum):
+            x, y = train_windows.batch(cfg.batch_size, step, micro, d.rank, d.world_size)
+            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            if ss_gen is not None:
+                x = mix_in_predictions(raw, x, p_ss, ss_gen)
+            sync = micro == cfg.grad_accum - 1
+            with (contextlib.nullcontext() if sync or not ddp else model.no_sync()), amp:
+                _, loss = model(x, y)
+            scaler.scale(loss / cfg.grad_accum).backward()
+            pending.append(loss.detach())
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        bar.update(1)
+        is_ckpt = done == cfg.max_iters or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0)
+        if done % cfg.log_interval == 0 or is_ckpt or done % cfg.eval_interval == 0:
+            micro_losses = distributed.mean_across_ranks(torch.stack(pending).float(), d)
+            losses = micro_losses.view(-1, cfg.grad_accum).mean(1).tolist()
+            pending.clear()
+            check_finite(losses, done)
+            now = time.perf_counter()
+            tps = (done - step_log) * tokens_per_step / max(now - t_log, 1e-9)
+            t_log, step_log = now, done
+            for i, loss_i in enumerate(losses):
+                metrics.write(step=done - len(losses) + i + 1, loss=loss_i)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+            if done % cfg.eval_interval == 0 or is_ckpt:
+                last_val = periodic_eval()
+                metrics.write(step=done, val_loss=last_val, tok_per_s=tps, lr=lr)
+                if d.is_main:
+                    bar.write(f"step {done}: train {losses[-1]:.4f}  val {last_val:.4f}  {tps:,.0f} tok/s",
+                              file=sys.stderr)
+                check_finite([last_val], done)  # the update may have broken the weights: never save those
+            if is_ckpt:
+                save(done, last_val)
+    bar.close()
+    train_seconds = time.perf_counter() - t0
+    final_val = evaluate(val_windows.sequential(cfg.batch_size * 4, cfg.final_eval_tokens))
+    summary = {"out_dir": str(out), "steps": cfg.max_iters, "resumed_from": start if resume else None,
+               "tokens": cfg.max_iters * tokens_per_step, "params": raw.num_params() if not d.enabled or
+               cfg.parallel == "ddp" else None, "final_val_loss": round(final_val, 4),
+               "best_val_loss": round(best_val, 4), "best_checkpoint": str(out / "checkpoints" / f"step-{best_step:07d}")
+               if best_step is not None else None, "train_seconds": round(train_seconds, 1),
+               "tokens_per_second": round((cfg.max_iters - start) * tokens_per_step / max(train_seconds, 1e-9)),
+               "world_size": d.world_size, "device": str(d.device), "dtype": str(dtype).replace("torch.", "")}
+    if d.is_main:
+        metrics.write(step=cfg.max_iters, final_val_loss=final_val)
+        plot_losses(metrics.rows(), out / "loss.png", f"{cfg.model} on {Path(cfg.data).name}")
+        summary["loss_plot"] = str(out / "loss.png")
+        summary["metrics"] = str(out / METRICS)
+    return summary

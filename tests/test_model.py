@@ -1,0 +1,124 @@
+"""The model against Hugging Face transformers' own GPT-2 and GPT-1 implementations (independent references)."""
+
+import random
+
+import pytest
+import torch
+
+from gptlab.config import PRESETS, GPTConfig, preset
+from gptlab.errors import GptlabError
+from gptlab.interop.hf import from_hf_state_dict
+from gptlab.model import GPT
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_pair(cfg: GPTConfig):
+    """A random-weight HF model and a gptlab model holding the same weights.
+
+    HF's GPT-1 ``afn="gelu"`` is the tanh approximation (gptlab's ``gelu_new``); HF's GPT-2
+    ``activation_function="gelu"`` is the exact erf GELU, so both gptlab activations are checked."""
+    if cfg.norm == "post":
+        hf = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(
+            n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.block_size,
+            vocab_size=cfg.vocab_size, afn="gelu", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    else:
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.block_size,
+            vocab_size=cfg.vocab_size, activation_function=cfg.activation, resid_pdrop=0, embd_pdrop=0,
+            attn_pdrop=0, tie_word_embeddings=cfg.tie_weights))
+    hf.eval()
+    with torch.no_grad():  # HF's init is tiny; perturb every weight so LayerNorms and biases matter
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ours = GPT(cfg).eval()
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg))
+    return hf, ours
+
+
+def random_configs(norm):
+    rng = random.Random(1234 if norm == "pre" else 4321)
+    for i in range(3):
+        n_head = rng.choice([1, 2, 4])
+        yield GPTConfig(n_layer=rng.randint(1, 3), n_head=n_head, n_embd=n_head * rng.choice([8, 16]),
+                        block_size=rng.choice([16, 32]), vocab_size=rng.randint(50, 300), norm=norm,
+                        activation="gelu" if norm == "pre" and i == 1 else "gelu_new",
+                        pad_vocab_multiple=rng.choice([1, 64]), tie_weights=rng.random() < 0.7 or norm == "post")
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_logits_and_loss_match_transformers(norm):
+    for cfg in random_configs(norm):
+        hf, ours = hf_pair(cfg)
+        idx = torch.randint(0, cfg.vocab_size, (3, cfg.block_size))
+        with torch.no_grad():
+            ref = hf(idx, labels=idx)
+            logits, loss = ours(idx[:, :-1], idx[:, 1:])  # HF shifts labels inside; we pass targets
+            full, _ = ours(idx)
+        assert full.shape == ref.logits.shape
+        torch.testing.assert_close(full, ref.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loss, ref.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_vocab_never_enters_loss_or_gradient():
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=70, pad_vocab_multiple=64)
+    model = GPT(cfg)
+    assert model.wte.weight.shape[0] == 128
+    idx = torch.randint(0, 70, (2, 8))
+    logits, loss = model(idx, idx)
+    assert logits.shape[-1] == 70
+    # reference: the same weights without padding rows
+    plain = GPT(cfg.replace(pad_vocab_multiple=1))
+    sd = {k: (v[:70] if k in ("wte.weight", "lm_head.weight") else v) for k, v in model.state_dict().items()}
+    plain.load_state_dict(sd)
+    _, ref = plain(idx, idx)
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    assert model.wte.weight.grad[70:].abs().max() == 0
+
+
+def test_gpt2_param_counts_equal_hf():
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        cfg = PRESETS[name]
+        with torch.device("meta"):
+            hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+            ours = GPT(cfg)
+        assert ours.num_params() == hf.num_parameters(), name
+    # the well-known published totals (HF model cards): 124,439,808 / 354,823,168 / 774,030,080 / 1,557,611,200
+    with torch.device("meta"):
+        assert GPT(preset("gpt2")).num_params() == 124_439_808
+        assert GPT(preset("gpt2-xl")).num_params() == 1_557_611_200
+
+
+def test_gpt1_param_count_equals_hf_and_breakdown_sums():
+    with torch.device("meta"):
+        hf = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig())
+        ours = GPT(preset("gpt1"))
+    assert ours.num_params() == hf.num_parameters()
+    b = ours.num_params(breakdown=True)
+    assert b["head"] == 0 and b["token_embedding"] == 40478 * 768 and b["position_embedding"] == 512 * 768
+    assert sum(b[k] for k in ("token_embedding", "position_embedding", "attention", "mlp", "norms", "head")) \
+        == b["total"]
+
+
+def test_gpt2_init_scales_residual_projections():
+    cfg = GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=32, vocab_size=500)
+    m = GPT(cfg)
+    assert abs(m.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.001
+    assert abs(m.h[0].mlp.c_proj.weight.std().item() - 0.02 / 4) < 0.0005  # 1/sqrt(2*8) = 1/4
+    assert m.h[0].attn.c_attn.bias.abs().max() == 0
+
+
+@pytest.mark.parametrize("bad", [dict(n_embd=100, n_head=3), dict(block_size=0), dict(norm="sandwich"),
+                                 dict(activation="relu"), dict(dropout=1.5)])
+def test_invalid_configs_raise_one_clear_error(bad):
+    with pytest.raises(GptlabError) as e:
+        GPTConfig(**bad)
+    assert "\n" not in str(e.value) and "invalid model config" in str(e.value)
+
+
+def test_too_long_input_is_a_clear_error():
+    m = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=10))
+    with pytest.raises(GptlabError, match="exceeds the model's context of 4"):
+        m(torch.zeros(1, 5, dtype=torch.long))

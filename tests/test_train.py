@@ -1,0 +1,230 @@
+"""The trainer: learning, exact resume after SIGKILL, DDP equivalence, checkpoint safety, schedules."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptlab.config import preset
+from gptlab.data.prepare import prepare
+from gptlab.data.shards import read_shard
+from gptlab.errors import GptlabError
+from gptlab.model import GPT
+from gptlab.train import checkpoint as ckpt_io
+from gptlab.train.config import TrainConfig
+from gptlab.train.optim import lr_at, make_optimizer
+from gptlab.train.scheduled_sampling import exposure_report, mix_in_predictions, ss_probability
+from gptlab.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+
+
+def synthetic_text(n_sentences=6000, seed=0):
+    """Sentences from a fixed word list: far more structure than unigram character frequencies."""
+    rng = np.random.default_rng(seed)
+    words = ["the", "king", "queen", "doth", "speak", "of", "love", "and", "war", "my", "lord", "good", "night",
+             "sweet", "prince", "what", "say", "you", "thou", "art", "noble", "fair", "heaven", "blood"]
+    return "\n".join(" ".join(rng.choice(words, rng.integers(3, 9))) + rng.choice([".", "!", "?"])
+                     for _ in range(n_sentences))
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "corpus.txt").write_text(synthetic_text())
+    prepare([str(root / "corpus.txt")], root / "char", tokenizer="char", progress=False)
+    return root / "char"
+
+
+def tiny_cfg(data, out, **kw):
+    base = dict(data=str(data), out_dir=str(out), model="tiny", block_size=32, batch_size=8, max_iters=60,
+                lr=3e-3, min_lr=3e-4, warmup_iters=5, eval_interval=30, eval_iters=4, log_interval=1,
+                ckpt_interval=30, device="cpu", threads=1, final_eval_tokens=20_000)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_training_beats_the_unigram_entropy(char_data, tmp_path):
+    tokens = np.asarray(read_shard(char_data / "train_000.bin"))
+    p = np.bincount(tokens) / len(tokens)
+    unigram = float(-(p[p > 0] * np.log(p[p > 0])).sum())  # best loss without context, in nats
+    summary = train(tiny_cfg(char_data, tmp_path / "run", max_iters=150), progress=False)
+    assert summary["final_val_loss"] < unigram - 0.5, (summary["final_val_loss"], unigram)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    steps = [s for s, _ in losses(tmp_path / "run")]
+    assert steps == list(range(1, 151))
+
+
+def _train_cmd(data, out, *extra):
+    return [sys.executable, "-m", "gptlab", "train", "--data", str(data), "--out-dir", str(out), "--model", "baby",
+            "--block-size", "32", "--batch-size", "4", "--grad-accum", "2", "--dropout", "0.1",
+            "--ss-schedule", "linear", "--ss-max-prob", "0.3", "--max-iters", "400", "--ckpt-interval", "50",
+            "--eval-interval", "50", "--eval-iters", "2", "--log-interval", "1", "--keep-last", "2",
+            "--threads", "1", "--device", "cpu", "--final-eval-tokens", "5000", "--json", *extra]
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_run_bit_for_bit(char_data, tmp_path):
+    full = subprocess.run(_train_cmd(char_data, tmp_path / "full"), env=ENV, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    proc = subprocess.Popen(_train_cmd(char_data, tmp_path / "killed"), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    target = tmp_path / "killed" / "checkpoints" / "step-0000100" / "state.json"
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = [p.name for p in ckpt_io.list_checkpoints(tmp_path / "killed")]
+    assert done and done[-1] < "step-0000400"
+
+    resumed = subprocess.run(_train_cmd(char_data, tmp_path / "killed", "--resume"), env=ENV, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert losses(tmp_path / "killed") == losses(tmp_path / "full")  # every step, exactly
+    a = ckpt_io.load_model(tmp_path / "full")[0].state_dict()
+    b = ckpt_io.load_model(tmp_path / "killed")[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads(resumed.stdout)["final_val_loss"] == json.loads(full.stdout)["final_val_loss"]
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(char_data, tmp_path):
+    common = ["--data", str(char_data), "--model", "tiny", "--block-size", "32", "--max-iters", "30",
+              "--log-interval", "1", "--eval-interval", "30", "--eval-iters", "2", "--threads", "1",
+              "--device", "cpu", "--final-eval-tokens", "5000", "--json"]
+    single = subprocess.run([sys.executable, "-m", "gptlab", "train", "--out-dir", str(tmp_path / "one"),
+                             "--batch-size", "8", *common], env=ENV, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "gptlab", "train", "--out-dir", str(tmp_path / "two"), "--batch-size", "4", *common],
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 31))
+    np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=2e-5)
+    assert json.loads(ddp.stdout.strip().splitlines()[-1])["world_size"] == 2
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(char_data, tmp_path):
+    cfg = tiny_cfg(char_data, tmp_path / "run", max_iters=40, ckpt_interval=2, eval_interval=2, lr=30.0,
+                   warmup_iters=0, grad_clip=0.0)
+    with pytest.raises(GptlabError, match=r"loss became (nan|inf) at step \d+") as e:
+        train(cfg, progress=False)
+    kept = ckpt_io.list_checkpoints(tmp_path / "run")
+    assert kept and str(kept[-1]) in str(e.value)
+    state = ckpt_io.read_state(kept[-1])
+    assert all(math.isfinite(v) for v in ckpt_io.load_weights(kept[-1], state)["wte.weight"].flatten().tolist())
+
+
+def test_checkpoint_errors_are_clear(char_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(char_data, run, max_iters=4, ckpt_interval=2, eval_interval=2), progress=False)
+    with pytest.raises(GptlabError, match="already holds checkpoints; pass --resume"):
+        train(tiny_cfg(char_data, run, max_iters=4), progress=False)
+    with pytest.raises(GptlabError, match="model differs"):
+        train(tiny_cfg(char_data, run, max_iters=8, model_overrides={"n_layer": 3}), resume=True, progress=False)
+    latest = ckpt_io.resolve(run)
+    weights = latest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(GptlabError, match="corrupt"):
+        ckpt_io.load_model(run)
+    weights.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(GptlabError, match="corrupt"):
+        ckpt_io.load_model(latest)
+    (latest / "state.json").write_text('{"format": "gptlab-checkpoint", "vers')
+    with pytest.raises(GptlabError, match="missing or corrupt"):
+        ckpt_io.load_model(latest)
+    with pytest.raises(GptlabError, match="does not exist"):
+        ckpt_io.load_model(tmp_path / "nowhere")
+
+
+def test_checkpoint_shape_mismatch_names_the_tensor(char_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(char_data, run, max_iters=2, ckpt_interval=2, eval_interval=2), progress=False)
+    ck = ckpt_io.resolve(run)
+    state = json.loads((ck / "state.json").read_text())
+    state["model_config"]["n_embd"] = 32
+    (ck / "state.json").write_text(json.dumps(state))
+    with pytest.raises(GptlabError, match=r"tensor 'wte.weight' has shape \(\d+, 64\), the config needs \(\d+, 32\)"):
+        ckpt_io.load_model(ck)
+
+
+def test_keep_last_and_best(char_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(char_data, run, max_iters=50, ckpt_interval=10, eval_interval=10, keep_last=2), progress=False)
+    names = [p.name for p in ckpt_io.list_checkpoints(run)]
+    state = ckpt_io.read_state(ckpt_io.resolve(run))
+    vals = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "val_loss" in r:
+            vals[r["step"]] = r["val_loss"]
+    best = min(vals, key=vals.get)
+    assert state["best_step"] == best
+    assert names == sorted({f"step-{best:07d}", "step-0000040", "step-0000050"})
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_lr_schedule_hand_computed():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-3 * 1 / 11)
+    assert lr_at(9, cfg) == pytest.approx(1e-3 * 10 / 11)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(1e-4 + 0.5 * 9e-4)  # half-way: cos(pi/2) = 0
+    assert lr_at(110, cfg) == pytest.approx(1e-4) and lr_at(500, cfg) == pytest.approx(1e-4)
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(preset("tiny"))
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1), "cpu")
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_scheduled_sampling_schedules_hand_computed():
+    assert ss_probability("none", 50, 100, 0.5, 10) == 0
+    assert ss_probability("constant", 50, 100, 0.5, 10) == 0.5
+    assert ss_probability("linear", 25, 100, 0.4, 10) == pytest.approx(0.1)
+    assert ss_probability("inverse_sigmoid", 0, 100, 1.0, 10) == pytest.approx(1 - 10 / 11)
+    assert ss_probability("inverse_sigmoid", 50, 100, 1.0, 10) == pytest.approx(1 - 10 / (10 + math.exp(5)))
+    assert ss_probability("exponential", 3, 100, 1.0, 0.5) == pytest.approx(1 - 0.125)
+
+
+def test_mix_in_predictions_uses_the_models_greedy_guesses():
+    model = GPT(preset("tiny", vocab_size=20, block_size=16)).eval()
+    x = torch.randint(0, 20, (3, 16))
+    g = torch.Generator().manual_seed(0)
+    assert mix_in_predictions(model, x, 0.0, g).equal(x)
+    all_pred = mix_in_predictions(model, x, 1.0, g)
+    ref = torch.stack([torch.tensor([int(model(x[b:b + 1, :t + 1])[0][0, -1].argmax()) for t in range(15)])
+                       for b in range(3)])  # one prefix at a time: an independent computation
+    assert all_pred[:, 0].equal(x[:, 0]) and all_pred[:, 1:].equal(ref)
+
+
+def test_exposure_report_without_sampling_equals_teacher_forcing():
+    model = GPT(preset("tiny", vocab_size=30, block_size=24))
+    toks = torch.randint(0, 30, (25,)).tolist()
+    r = exposure_report(model, toks, p=0.0)
+    assert r["replaced_fraction"] == 0
+    assert r["scheduled_sampling_loss"] == pytest.approx(r["teacher_forcing_loss"], rel=1e-5)
+    r1 = exposure_report(model, toks, p=1.0)
+    assert r1["replaced_fraction"] == 1.0
