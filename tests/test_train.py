@@ -103,7 +103,8 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_bit_for_bit(char_dat
     assert json.loads(resumed.stdout)["final_val_loss"] == json.loads(full.stdout)["final_val_loss"]
 
 
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(char_data, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_the_same_global_batch(char_data, tmp_path, parallel):
     common = ["--data", str(char_data), "--model", "tiny", "--block-size", "32", "--max-iters", "30",
               "--log-interval", "1", "--eval-interval", "30", "--eval-iters", "2", "--threads", "1",
               "--device", "cpu", "--final-eval-tokens", "5000", "--json"]
@@ -111,13 +112,17 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(char_dat
                              "--batch-size", "8", *common], env=ENV, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "gptlab", "train", "--out-dir", str(tmp_path / "two"), "--batch-size", "4", *common],
+                          "-m", "gptlab", "train", "--out-dir", str(tmp_path / "two"), "--batch-size", "4",
+                          "--parallel", parallel, *common],
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 31))
     np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=2e-5)
     assert json.loads(ddp.stdout.strip().splitlines()[-1])["world_size"] == 2
+    a = ckpt_io.load_model(tmp_path / "one")[0].state_dict()  # the full (gathered) weights were checkpointed
+    b = ckpt_io.load_model(tmp_path / "two")[0].state_dict()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(char_data, tmp_path):

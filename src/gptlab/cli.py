@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if summary.get("loss_plot"):
         _emit(args, summary, f"final val loss {summary['final_val_loss']:.4f} (best periodic {summary['best_val_loss']:.4f})"
                              f" after {summary['steps']} steps, {summary['tokens']:,} tokens, "
-                             f"{summary['tokens_per_second']:,} tok/s, {summary['train_seconds']}s\n"
+                             f"{summary['tokens_per_second'] or 0:,} tok/s, {summary['train_seconds']}s\n"
                              f"checkpoints: {summary['out_dir']}/checkpoints  loss curve: {summary['loss_plot']}")
 
 
@@ -84,7 +84,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     dt = time.perf_counter() - t0
     texts = [tok.decode(row[len(ids):].tolist()) for row in out]
     rate = args.max_new_tokens * args.num_samples / dt
-    result = {"checkpoint": str(args.checkpoint), "prompt": prompt, "samples": texts, "tokens_per_second": round(rate, 1)}
+    result = {"checkpoint": str(args.checkpoint), "prompt": prompt, "samples": texts,
+              "new_tokens": args.max_new_tokens, "tokens_per_second": round(rate, 1)}
     sep = "\n" + "-" * 40 + "\n"
     _emit(args, result, sep.join(prompt + t for t in texts) + f"\n[{rate:,.1f} tok/s]")
 

@@ -121,12 +121,13 @@ class GPT(nn.Module):
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
         V = self.config.vocab_size
-        if logits.size(-1) != V:
+        padded = logits.size(-1) != V
+        if padded:
             logits[..., V:] = float("-inf")  # padded rows: out of the softmax, no gradient, never sampled
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits[..., :V], loss
+        return (logits[..., :V] if padded else logits), loss
 
     def num_params(self, breakdown: bool = False) -> int | dict[str, int]:
         """Trainable parameters, each shared tensor counted once (tied head = 0) and vocabulary padding rows left

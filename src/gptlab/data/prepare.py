@@ -101,11 +101,8 @@ def iter_documents(sources: list[str], field: str, downloads: Path) -> Iterator[
                     raise GptlabError(f"folder {path} holds no text files")
                 for f in files:
                     yield from _file_docs(f, field)
-            elif path.is_file():
-                yield from _file_docs(path, field)
             else:
-                raise GptlabError(f"source {src!r} is not a file, folder, URL or named corpus "
-                                  f"({', '.join(CORPORA)})")
+                yield from _file_docs(path, field)
 
 
 def make_tokenizer(kind: str, texts: Iterator[str], vocab_size: int | None) -> Tokenizer:
@@ -128,6 +125,9 @@ def prepare(sources: list[str], out_dir: str | Path, tokenizer: str = "gpt2", vo
         raise GptlabError("no sources given; name a file, folder, URL or corpus (e.g. `gptlab prepare shakespeare`)")
     if not 0.0 < val_fraction < 1.0:
         raise GptlabError(f"--val-fraction must be between 0 and 1 (got {val_fraction})")
+    for src in sources:
+        if src not in CORPORA and not src.startswith(("http://", "https://")) and not Path(src).exists():
+            raise GptlabError(f"source {src!r} is not a file, folder, URL or named corpus ({', '.join(CORPORA)})")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -153,8 +153,8 @@ def prepare(sources: list[str], out_dir: str | Path, tokenizer: str = "gpt2", vo
 
         eot = np.array([tok.eot_id], dtype=dtype).tobytes()
         n_docs = n_tokens = n_chars = 0
-        bar = tqdm(desc="tokenizing", unit="char", unit_scale=True, disable=not progress, leave=False)
-        with open(stream, "wb") as out:
+        with open(stream, "wb") as out, tqdm(desc="tokenizing", unit="char", unit_scale=True, disable=not progress,
+                                             leave=False) as bar:
             for batch, size in batches():
                 for ids in tok.encode_batch(batch):
                     if n_docs:  # end-of-text between documents
@@ -165,7 +165,6 @@ def prepare(sources: list[str], out_dir: str | Path, tokenizer: str = "gpt2", vo
                     n_docs += 1
                 n_chars += size
                 bar.update(size)
-        bar.close()
         if n_tokens == 0:
             raise GptlabError(f"no text found in {sources}; the sources are empty")
         all_tokens = np.memmap(stream, dtype=dtype, mode="r")

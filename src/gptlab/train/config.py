@@ -29,6 +29,8 @@ class TrainConfig:
     min_lr: float = 1e-4  # cosine floor
     warmup_iters: int = 100
     lr_decay_iters: int = 0  # 0: max_iters
+    schedule: str = "cosine"  # cosine | wsd (warmup, stable at lr, linear decay to min_lr over the last decay_frac)
+    decay_frac: float = 0.2  # wsd only
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -62,6 +64,8 @@ class TrainConfig:
              "eval_iters, eval_interval and log_interval must be >= 1"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype must be auto|float32|bfloat16|float16"),
             (self.parallel in ("ddp", "fsdp"), "parallel must be ddp or fsdp"),
+            (self.schedule in ("cosine", "wsd"), "schedule must be cosine or wsd"),
+            (0.0 < self.decay_frac <= 1.0, "decay_frac must be in (0, 1]"),
             (self.ss_schedule in ("none", "constant", "linear", "inverse_sigmoid", "exponential"),
              "ss_schedule must be none|constant|linear|inverse_sigmoid|exponential"),
             (0.0 <= self.ss_max_prob <= 1.0, "ss_max_prob must be in [0, 1]"),

@@ -20,12 +20,18 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup from 0 over ``warmup_iters`` steps, then cosine decay to ``min_lr`` at ``lr_decay_iters``
-    (default ``max_iters``), then ``min_lr`` (as in GPT-3, section B / nanoGPT)."""
+    """Linear warmup from 0 over ``warmup_iters`` steps, then either cosine decay to ``min_lr`` at
+    ``lr_decay_iters`` (default ``max_iters``; GPT-3 appendix B, nanoGPT) or, for ``schedule="wsd"``
+    (warmup-stable-decay, Hu et al. 2024 / Hägele et al. 2024), ``lr`` held flat and then decayed linearly to
+    ``min_lr`` over the last ``decay_frac`` of the steps. ``min_lr`` after the decay."""
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
     if step >= decay_iters:
         return cfg.min_lr
+    if cfg.schedule == "wsd":
+        decay_start = decay_iters - cfg.decay_frac * (decay_iters - cfg.warmup_iters)
+        frac = max(0.0, (step - decay_start) / max(1.0, decay_iters - decay_start))
+        return cfg.lr + frac * (cfg.min_lr - cfg.lr)
     progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)

@@ -10,6 +10,7 @@ losses bit for bit on CPU.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -95,6 +96,18 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
+def keep_freed_memory_in_heap() -> None:
+    """On glibc, tensors over 32 MB (GPT-2's 200 MB logits, its embedding gradient) are mmapped and handed back to
+    the OS when freed, so every CPU training step page-faults them in again. Serving them from the heap and not
+    trimming it removes that cost (GPT-2 124M on 2 cores: 8.8 -> 7.4 s per step). CUDA memory is unaffected."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to do
+        return
+    libc.mallopt(-4, 0)  # M_MMAP_MAX = 0
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD = 2 GiB
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a training run; returns the summary that ``gptlab train --json`` prints."""
     d = distributed.setup(cfg.device)
@@ -107,6 +120,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if d.device.type == "cpu":
+        keep_freed_memory_in_heap()
     out = Path(cfg.out_dir)
     existing = ckpt_io.list_checkpoints(out)
     if existing and not resume:
@@ -119,8 +134,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
     train_windows = TokenWindows(cfg.data, "train", mcfg.block_size, cfg.seed)
     val_windows = TokenWindows(cfg.data, "val", mcfg.block_size, cfg.seed)
 
-    torch.manual_seed(cfg.seed + d.rank)
+    with torch.device("meta"):
+        n_params = GPT(mcfg).num_params()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP does not broadcast them)
     raw = GPT(mcfg).to(d.device)
+    torch.manual_seed(cfg.seed + d.rank)  # distinct dropout masks per rank
     model = distributed.wrap(raw, d, cfg.parallel)  # FSDP shards `raw` in place
     optimizer = make_optimizer(raw, cfg, d.device.type)
     sd_opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -205,6 +223,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
                dynamic_ncols=True, file=sys.stderr)
     pending: list[torch.Tensor] = []
     t_log, step_log, t0 = time.perf_counter(), start, time.perf_counter()
+    t_first = None  # throughput excludes the first step (allocations, compilation), evals and checkpoints
+    side_seconds = 0.0
     model.train()
     last_val = math.nan
     for step in range(start, cfg.max_iters):
@@ -231,6 +251,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         bar.update(1)
+        if t_first is None:
+            t_first = time.perf_counter()
         is_ckpt = done == cfg.max_iters or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0)
         if done % cfg.log_interval == 0 or is_ckpt or done % cfg.eval_interval == 0:
             micro_losses = distributed.mean_across_ranks(torch.stack(pending).float(), d)
@@ -243,6 +265,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
             for i, loss_i in enumerate(losses):
                 metrics.write(step=done - len(losses) + i + 1, loss=loss_i)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+            t_side = time.perf_counter()
             if done % cfg.eval_interval == 0 or is_ckpt:
                 last_val = periodic_eval()
                 metrics.write(step=done, val_loss=last_val, tok_per_s=tps, lr=lr)
@@ -252,15 +275,18 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
                 check_finite([last_val], done)  # the update may have broken the weights: never save those
             if is_ckpt:
                 save(done, last_val)
+            side_seconds += time.perf_counter() - t_side
+            t_log += time.perf_counter() - t_side
     bar.close()
     train_seconds = time.perf_counter() - t0
+    steady = (cfg.max_iters - start - 1) * tokens_per_step / max(time.perf_counter() - t_first - side_seconds, 1e-9) \
+        if t_first is not None and cfg.max_iters - start > 1 else None
     final_val = evaluate(val_windows.sequential(cfg.batch_size * 4, cfg.final_eval_tokens))
     summary = {"out_dir": str(out), "steps": cfg.max_iters, "resumed_from": start if resume else None,
-               "tokens": cfg.max_iters * tokens_per_step, "params": raw.num_params() if not d.enabled or
-               cfg.parallel == "ddp" else None, "final_val_loss": round(final_val, 4),
+               "tokens": cfg.max_iters * tokens_per_step, "params": n_params, "final_val_loss": round(final_val, 4),
                "best_val_loss": round(best_val, 4), "best_checkpoint": str(out / "checkpoints" / f"step-{best_step:07d}")
                if best_step is not None else None, "train_seconds": round(train_seconds, 1),
-               "tokens_per_second": round((cfg.max_iters - start) * tokens_per_step / max(train_seconds, 1e-9)),
+               "tokens_per_second": round(steady) if steady else None,
                "world_size": d.world_size, "device": str(d.device), "dtype": str(dtype).replace("torch.", "")}
     if d.is_main:
         metrics.write(step=cfg.max_iters, final_val_loss=final_val)

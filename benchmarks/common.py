@@ -1,0 +1,42 @@
+"""Helpers shared by the benchmarks: a synthetic prepared dataset and running `gptlab train` for its summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from gptlab.data.shards import token_dtype, write_shard
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_dataset(path: Path, vocab_size: int, tokens: int = 2_000_000, seed: int = 0) -> Path:
+    """Random tokens in gptlab's shard format: throughput does not depend on what the tokens say."""
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    dtype = token_dtype(vocab_size)
+    files = {}
+    for split, n in (("train", tokens), ("val", tokens // 10)):
+        write_shard(path / f"{split}_000.bin", rng.integers(0, vocab_size, n).astype(dtype))
+        files[split] = [f"{split}_000.bin"]
+    spec = {"kind": "gpt2"} if vocab_size == 50257 else {"kind": "char", "chars": "".join(map(chr, range(33, 32 + vocab_size)))}
+    (path / "meta.json").write_text(json.dumps({"tokenizer": spec, "vocab_size": vocab_size, "files": files}))
+    return path
+
+
+def gptlab_train(args: list[str], nproc: int = 1, threads: int | None = None) -> dict:
+    """Run `gptlab train --json` (under torchrun when nproc > 1) and return its summary."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    r = subprocess.run([*launcher, "-m", "gptlab", "train", "--json", *args], env=env, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"gptlab train failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])

@@ -1,0 +1,102 @@
+"""Training throughput: gptlab against Hugging Face transformers on the same architecture, batch and optimizer.
+
+For each case, in one run on this machine:
+- ``hf``: ``GPT2LMHeadModel`` (same config, dropout 0), AdamW with the same hyperparameters and weight-decay groups,
+  forward with ``labels=``, backward, clip 1.0, step: the loop a transformers user writes.
+- ``gptlab``: the real ``gptlab train`` command on a synthetic dataset of the same shape, one process.
+- ``gptlab-ddp2``: the same under torchrun, two single-threaded processes, each with half the batch (same global
+  batch, so the same optimization).
+Throughput excludes the first step (warm-up), evaluation and checkpoint writes for every contestant.
+Ends with one JSON line of all figures.
+
+    python benchmarks/train_throughput.py [--cases baby,gpt2] [--steps-baby 300] [--steps-gpt2 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import gptlab_train, synthetic_dataset
+
+CASES = {  # preset, vocab, batch, context
+    "baby": ("baby", 65, 12, 64),
+    "gpt2": ("gpt2", 50257, 4, 256),
+}
+
+
+def hf_tokens_per_second(preset_name: str, vocab: int, B: int, T: int, steps: int, threads: int) -> float:
+    import transformers
+
+    from gptlab.config import preset
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    c = preset(preset_name)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=T, vocab_size=vocab,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)).train()
+    params = list(model.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.99))
+    data = torch.randint(0, vocab, (steps + 1, B, T))
+    t = None
+    for i in range(steps + 1):
+        if i == 1:
+            t = time.perf_counter()
+        loss = model(data[i], labels=data[i]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return steps * B * T / (time.perf_counter() - t)
+
+
+def gptlab_tokens_per_second(preset_name: str, vocab: int, B: int, T: int, steps: int, data: Path, out: Path,
+                             nproc: int, threads: int) -> float:
+    args = ["--data", str(data), "--out-dir", str(out), "--model", preset_name, "--block-size", str(T),
+            "--batch-size", str(B // nproc), "--max-iters", str(steps + 1), "--eval-interval", str(10**9),
+            "--eval-iters", "1", "--final-eval-tokens", str(T * 4), "--ckpt-interval", "0", "--log-interval",
+            str(10**9), "--lr", "1e-3", "--beta2", "0.99", "--weight-decay", "0.1", "--grad-clip", "1.0",
+            "--warmup-iters", "0", "--threads", str(threads), "--device", "cpu"]
+    return gptlab_train(args, nproc=nproc, threads=threads)["tokens_per_second"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default="baby,gpt2")
+    ap.add_argument("--steps-baby", type=int, default=300)
+    ap.add_argument("--steps-gpt2", type=int, default=6)
+    args = ap.parse_args()
+    cores = torch.get_num_threads()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in args.cases.split(","):
+            preset_name, vocab, B, T = CASES[case]
+            steps = getattr(args, f"steps_{case}")
+            data = synthetic_dataset(Path(tmp) / case, vocab)
+            r = {"batch": B, "context": T, "steps": steps,
+                 "hf": hf_tokens_per_second(preset_name, vocab, B, T, steps, cores),
+                 "gptlab": gptlab_tokens_per_second(preset_name, vocab, B, T, steps, data, Path(tmp) / f"{case}-1",
+                                                    1, cores),
+                 "gptlab_ddp2": gptlab_tokens_per_second(preset_name, vocab, B, T, steps, data,
+                                                         Path(tmp) / f"{case}-2", 2, max(1, cores // 2))}
+            r["best"] = max(r["gptlab"], r["gptlab_ddp2"])
+            r["ratio_vs_hf"] = r["best"] / r["hf"]
+            results[case] = r
+            print(f"{case:5s} B={B} T={T}: hf {r['hf']:,.0f} tok/s | gptlab 1 proc x {cores} threads "
+                  f"{r['gptlab']:,.0f} ({r['gptlab'] / r['hf']:.2f}x) | gptlab 2 procs x {max(1, cores // 2)} "
+                  f"thread(s) {r['gptlab_ddp2']:,.0f} ({r['gptlab_ddp2'] / r['hf']:.2f}x)", flush=True)
+    print(json.dumps({"benchmark": "train_throughput", "torch": torch.__version__, "threads": cores,
+                      **{c: {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+                         for c, r in results.items()}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The command line: one-line errors with exit status 2, machine-readable --json, sampling against HF."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gptlab.config import GPTConfig
+from gptlab.generate import generate
+from gptlab.interop.hf import from_hf_state_dict
+from gptlab.model import GPT
+
+from .test_train import ENV, REPO
+
+
+def gptlab(*args):
+    return subprocess.run([sys.executable, "-m", "gptlab", *args], env=ENV, capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--data", "/nonexistent", "--out-dir", "/tmp/x"], "is not a prepared dataset"),
+    (["train", "--recipe", "/nonexistent.toml"], "recipe /nonexistent.toml does not exist"),
+    (["train", "--batch-size", "0"], "batch_size must be >= 1"),
+    (["train", "--set", "n_heads=3"], "unknown model config field"),
+    (["prepare", "/nonexistent.txt", "--out", "/tmp/x"], "not a file, folder, URL or named corpus"),
+    (["sample", "--checkpoint", "/nonexistent"], "does not exist"),
+])
+def test_user_mistakes_are_one_line_errors(args, needle):
+    r = gptlab(*args)
+    assert r.returncode == 2
+    lines = [line.rsplit("\r", 1)[-1] for line in r.stderr.strip().splitlines()]  # what a terminal shows
+    assert len(lines) == 1 and lines[0].startswith("gptlab: error: ") and needle in lines[0], r.stderr
+
+
+def test_prepare_train_sample_round_trip_with_json(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("to be or not to be, that is the question.\n" * 300)
+    r = gptlab("prepare", str(corpus), "--out", str(tmp_path / "d"), "--tokenizer", "char", "--json")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads(r.stdout)
+    assert meta["tokens"]["train"] + meta["tokens"]["val"] == len(corpus.read_text())
+    r = gptlab("train", "--data", str(tmp_path / "d"), "--out-dir", str(tmp_path / "run"), "--model", "tiny",
+               "--block-size", "32", "--max-iters", "40", "--eval-interval", "20", "--threads", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 40 and summary["final_val_loss"] < 3.0
+    r = gptlab("sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "to be", "--max-new-tokens", "20",
+               "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["samples"]) == 1 and out["new_tokens"] == 20 and len(out["samples"][0]) >= 20
+    r = gptlab("exposure", "--checkpoint", str(tmp_path / "run"), "--text", "to be or not to be, that is", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["tokens"] == 26 and rep["teacher_forcing_loss"] > 0
+
+
+def test_greedy_sampling_equals_transformers_generate():
+    transformers = pytest.importorskip("transformers")
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=100)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
+                                                              vocab_size=100, bos_token_id=0, eos_token_id=0)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    ours = GPT(cfg)
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg))
+    prompt = torch.randint(0, 100, (1, 8))
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
+                      pad_token_id=0, eos_token_id=None)
+    assert generate(ours, prompt, 30, temperature=0).equal(ref)
