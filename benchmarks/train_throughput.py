@@ -4,12 +4,14 @@ For each case, in one run on this machine:
 - ``hf``: ``GPT2LMHeadModel`` (same config, dropout 0), AdamW with the same hyperparameters and weight-decay groups,
   forward with ``labels=``, backward, clip 1.0, step: the loop a transformers user writes.
 - ``gptlab``: the real ``gptlab train`` command on a synthetic dataset of the same shape, one process.
-- ``gptlab-ddp2``: the same under torchrun, two single-threaded processes, each with half the batch (same global
+- ``gptlab_compile``: the same with ``--compile`` (baby only: at 124M compilation buys nothing here).
+- ``gptlab_ddp2``: the same under torchrun, two single-threaded processes, each with half the batch (same global
   batch, so the same optimization).
-Throughput excludes the first step (warm-up), evaluation and checkpoint writes for every contestant.
+Throughput excludes the first step (warm-up, compilation), evaluation and checkpoint writes for every contestant.
+``--dtype bfloat16`` runs every contestant under bf16 autocast instead (HF too), for CPUs with AVX512-BF16/AMX.
 Ends with one JSON line of all figures.
 
-    python benchmarks/train_throughput.py [--cases baby,gpt2] [--steps-baby 300] [--steps-gpt2 6]
+    python benchmarks/train_throughput.py [--cases baby,gpt2] [--steps-baby 300] [--steps-gpt2 6] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ import torch
 
 from common import gptlab_train, synthetic_dataset
 
-CASES = {  # preset, vocab, batch, context
-    "baby": ("baby", 65, 12, 64),
-    "gpt2": ("gpt2", 50257, 4, 256),
+CASES = {  # preset, vocab, batch, context, also try torch.compile
+    "baby": ("baby", 65, 12, 64, True),
+    "gpt2": ("gpt2", 50257, 4, 256, False),
 }
 
 
-def hf_tokens_per_second(preset_name: str, vocab: int, B: int, T: int, steps: int, threads: int) -> float:
+def hf_tokens_per_second(preset_name: str, vocab: int, B: int, T: int, steps: int, threads: int, dtype: str) -> float:
     import transformers
 
     from gptlab.config import preset
@@ -46,11 +48,13 @@ def hf_tokens_per_second(preset_name: str, vocab: int, B: int, T: int, steps: in
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=1e-3, betas=(0.9, 0.99))
     data = torch.randint(0, vocab, (steps + 1, B, T))
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     t = None
     for i in range(steps + 1):
         if i == 1:
             t = time.perf_counter()
-        loss = model(data[i], labels=data[i]).loss
+        with amp:
+            loss = model(data[i], labels=data[i]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -59,12 +63,12 @@ def hf_tokens_per_second(preset_name: str, vocab: int, B: int, T: int, steps: in
 
 
 def gptlab_tokens_per_second(preset_name: str, vocab: int, B: int, T: int, steps: int, data: Path, out: Path,
-                             nproc: int, threads: int) -> float:
+                             nproc: int, threads: int, extra: list[str]) -> float:
     args = ["--data", str(data), "--out-dir", str(out), "--model", preset_name, "--block-size", str(T),
             "--batch-size", str(B // nproc), "--max-iters", str(steps + 1), "--eval-interval", str(10**9),
             "--eval-iters", "1", "--final-eval-tokens", str(T * 4), "--ckpt-interval", "0", "--log-interval",
             str(10**9), "--lr", "1e-3", "--beta2", "0.99", "--weight-decay", "0.1", "--grad-clip", "1.0",
-            "--warmup-iters", "0", "--threads", str(threads), "--device", "cpu"]
+            "--warmup-iters", "0", "--threads", str(threads), "--device", "cpu", *extra]
     return gptlab_train(args, nproc=nproc, threads=threads)["tokens_per_second"]
 
 
@@ -73,26 +77,34 @@ def main() -> None:
     ap.add_argument("--cases", default="baby,gpt2")
     ap.add_argument("--steps-baby", type=int, default=300)
     ap.add_argument("--steps-gpt2", type=int, default=6)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     cores = torch.get_num_threads()
+    half = max(1, cores // 2)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases.split(","):
-            preset_name, vocab, B, T = CASES[case]
+            preset_name, vocab, B, T, try_compile = CASES[case]
             steps = getattr(args, f"steps_{case}")
             data = synthetic_dataset(Path(tmp) / case, vocab)
-            r = {"batch": B, "context": T, "steps": steps,
-                 "hf": hf_tokens_per_second(preset_name, vocab, B, T, steps, cores),
-                 "gptlab": gptlab_tokens_per_second(preset_name, vocab, B, T, steps, data, Path(tmp) / f"{case}-1",
-                                                    1, cores),
-                 "gptlab_ddp2": gptlab_tokens_per_second(preset_name, vocab, B, T, steps, data,
-                                                         Path(tmp) / f"{case}-2", 2, max(1, cores // 2))}
-            r["best"] = max(r["gptlab"], r["gptlab_ddp2"])
-            r["ratio_vs_hf"] = r["best"] / r["hf"]
+            extra = ["--dtype", args.dtype]
+
+            def ours(name: str, nproc: int, threads: int, flags: list[str]) -> float:
+                return gptlab_tokens_per_second(preset_name, vocab, B, T, steps, data, Path(tmp) / f"{case}-{name}",
+                                                nproc, threads, extra + flags)
+
+            r = {"batch": B, "context": T, "steps": steps, "dtype": args.dtype,
+                 "hf": hf_tokens_per_second(preset_name, vocab, B, T, steps, cores, args.dtype),
+                 "gptlab": ours("one", 1, cores, [])}
+            if try_compile:
+                r["gptlab_compile"] = ours("compile", 1, cores, ["--compile"])
+            r["gptlab_ddp2"] = ours("ddp2", 2, half, [])
+            contestants = [k for k in r if k.startswith("gptlab")]
+            r["best"] = max(contestants, key=r.get)
+            r["ratio_vs_hf"] = r[r["best"]] / r["hf"]
             results[case] = r
-            print(f"{case:5s} B={B} T={T}: hf {r['hf']:,.0f} tok/s | gptlab 1 proc x {cores} threads "
-                  f"{r['gptlab']:,.0f} ({r['gptlab'] / r['hf']:.2f}x) | gptlab 2 procs x {max(1, cores // 2)} "
-                  f"thread(s) {r['gptlab_ddp2']:,.0f} ({r['gptlab_ddp2'] / r['hf']:.2f}x)", flush=True)
+            print(f"{case:5s} B={B} T={T} {args.dtype}: hf {r['hf']:,.0f} tok/s | " + " | ".join(
+                f"{k} {r[k]:,.0f} ({r[k] / r['hf']:.2f}x)" for k in contestants), flush=True)
     print(json.dumps({"benchmark": "train_throughput", "torch": torch.__version__, "threads": cores,
                       **{c: {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
                          for c, r in results.items()}}))

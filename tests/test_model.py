@@ -65,8 +65,8 @@ def test_padded_vocab_never_enters_loss_or_gradient():
     model = GPT(cfg)
     assert model.wte.weight.shape[0] == 128
     idx = torch.randint(0, 70, (2, 8))
-    logits, loss = model(idx, idx)
-    assert logits.shape[-1] == 70
+    _, loss = model(idx, idx)
+    assert model(idx)[0].shape[-1] == 70
     # reference: the same weights without padding rows
     plain = GPT(cfg.replace(pad_vocab_multiple=1))
     sd = {k: (v[:70] if k in ("wte.weight", "lm_head.weight") else v) for k, v in model.state_dict().items()}
@@ -122,3 +122,24 @@ def test_too_long_input_is_a_clear_error():
     m = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=10))
     with pytest.raises(GptlabError, match="exceeds the model's context of 4"):
         m(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_chunked_cross_entropy_equals_torch_cross_entropy():
+    """Loss and both gradients of the fused head+loss equal F.cross_entropy on materialised logits, with ignored
+    targets, several chunks and vocabulary padding."""
+    from gptlab.model import LinearCrossEntropy
+
+    torch.manual_seed(3)
+    x = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(64, 16, dtype=torch.float64, requires_grad=True)  # 50 real ids + 14 padding rows
+    t = torch.randint(0, 50, (37,))
+    t[[0, 9, 30]] = -1
+    ref = torch.nn.functional.cross_entropy(x @ w[:50].t(), t, ignore_index=-1)
+    gx, gw = torch.autograd.grad(ref * 3.0, (x, w))
+    for chunk in (1, 8, 37, 100):
+        loss = LinearCrossEntropy.apply(x, w, t, 50, chunk)
+        ox, ow = torch.autograd.grad(loss * 3.0, (x, w))
+        torch.testing.assert_close(loss, ref)
+        torch.testing.assert_close(ox, gx)
+        torch.testing.assert_close(ow, gw)
+        assert ow[50:].abs().max() == 0

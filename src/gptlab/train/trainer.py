@@ -220,7 +220,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
                               f"raise --warmup-iters or --grad-clip, then --resume")
 
     bar = tqdm(total=cfg.max_iters, initial=start, desc="train", disable=not (progress and d.is_main),
-               dynamic_ncols=True, file=sys.stderr)
+               dynamic_ncols=True, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30.0)
     pending: list[torch.Tensor] = []
     t_log, step_log, t0 = time.perf_counter(), start, time.perf_counter()
     t_first = None  # throughput excludes the first step (allocations, compilation), evals and checkpoints
