@@ -15,7 +15,8 @@ import tarfile
 import tempfile
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from contextlib import contextmanager
+from typing import BinaryIO, Callable, Iterator
 
 from .errors import GptlabError
 
@@ -34,13 +35,16 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file beside ``path``, fsync, then rename: readers see the old file or the whole new one."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file that replaces ``path`` when the block succeeds: written beside it under a temporary name,
+    fsynced and renamed over it; on any error the temporary file is deleted. Readers see the old file or the whole
+    new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -48,6 +52,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def verified(path: Path, sha256: str | None) -> bool:

@@ -7,13 +7,12 @@ memory traffic. Shards are written atomically, so a reader never sees a partial 
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..assets import atomic_file
 from ..errors import GptlabError
 
 MAGIC = b"GPTLABTK"
@@ -31,18 +30,9 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
     tokens = np.ascontiguousarray(tokens)
     if tokens.dtype not in (np.uint16, np.uint32):
         raise ValueError(f"shard tokens must be uint16 or uint32, not {tokens.dtype}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_HEADER.pack(MAGIC, VERSION, tokens.dtype.itemsize, tokens.size))
-            f.write(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(_HEADER.pack(MAGIC, VERSION, tokens.dtype.itemsize, tokens.size))
+        f.write(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
 def read_shard(path: Path) -> np.memmap:

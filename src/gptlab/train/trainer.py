@@ -13,7 +13,6 @@ import contextlib
 import ctypes
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.distributed as tdist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm import tqdm
 
+from ..assets import atomic_file
 from ..config import GPTConfig, preset
 from ..data.loader import TokenWindows, read_meta
 from ..errors import GptlabError
@@ -90,10 +90,9 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def keep_freed_memory_in_heap() -> None:
