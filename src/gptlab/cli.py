@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="pre-train a model (torchrun for several processes)",
                        description="Train from a TOML recipe and/or flags. Flags override the recipe.")
-    p.add_argument("--recipe", help="TOML recipe (top-level keys = the flags below, [model] = model overrides)")
+    p.add_argument("--recipe", help="TOML recipe (top-level keys = the flags below, [model_overrides] = model config fields)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override, e.g. n_layer=6")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
     _add_train_flags(p)

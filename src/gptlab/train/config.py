@@ -1,7 +1,8 @@
 """Training configuration: one flat dataclass, loaded from a TOML recipe and overridden from the command line.
 
-A recipe is a TOML file whose top-level keys are these fields; a ``[model]`` table holds model-config overrides
-(``n_layer``, ``dropout``, ...) on top of the ``model`` preset. Every field is also a ``gptlab train --flag``.
+A recipe is a TOML file whose top-level keys are these fields; a ``[model_overrides]`` table holds model-config
+overrides (``n_layer``, ``dropout``, ...) on top of the ``model`` preset. Every field is also a ``gptlab train
+--flag`` (model overrides: ``--set key=value``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class TrainConfig:
     data: str = "data/shakespeare-char"  # a folder made by `gptlab prepare`
     out_dir: str = "runs/baby"
     model: str = "baby"  # preset name (see `gptlab plan presets` / gptlab.config.PRESETS)
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # the recipe's [model] table
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # the recipe's [model_overrides] table
     block_size: int = 0  # 0: the preset's context
     batch_size: int = 12  # sequences per process per micro-step
     grad_accum: int = 1
@@ -93,8 +94,6 @@ class TrainConfig:
                 raise GptlabError(f"recipe {recipe} does not exist") from None
             except tomllib.TOMLDecodeError as e:
                 raise GptlabError(f"recipe {recipe} is not valid TOML: {e}") from None
-            if "model" in values and isinstance(values["model"], dict):
-                values["model_overrides"] = values.pop("model")
         values.update({k: v for k, v in overrides.items() if v is not None})
         known = {f.name for f in cls.fields()}
         unknown = sorted(set(values) - known)
