@@ -153,8 +153,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
         optim_sd, rng = ckpt_io.load_training_state(ck, state)
         set_state_dict(raw, optimizer, model_state_dict=ckpt_io.load_weights(ck, state), optim_state_dict=optim_sd,
                        options=StateDictOptions(full_state_dict=True))
-        if f"torch_rank{d.rank}" not in rng:
-            raise GptlabError(f"--resume: the checkpoint was written by {len(rng)} process(es), not "
+        saved_ranks = sum(k.startswith("torch_rank") for k in rng)
+        if saved_ranks != d.world_size:  # the same answer on every rank, so all of them stop
+            raise GptlabError(f"--resume: the checkpoint was written by {saved_ranks} process(es), not "
                               f"{d.world_size}; resume with the same number of processes")
         torch.set_rng_state(rng[f"torch_rank{d.rank}"])
         if d.device.type == "cuda" and f"cuda_rank{d.rank}" in rng:
