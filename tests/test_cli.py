@@ -71,3 +71,11 @@ def test_greedy_sampling_equals_transformers_generate():
     ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
                       pad_token_id=0, eos_token_id=None)
     assert generate(ours, prompt, 30, temperature=0).equal(ref)
+
+
+def test_every_training_option_is_documented():
+    from gptlab.train.config import HELP, TrainConfig
+
+    assert set(HELP) == {f.name for f in TrainConfig.fields()}
+    r = gptlab("train", "--help")
+    assert r.returncode == 0 and "--ss-schedule" in r.stdout and "peak learning rate" in r.stdout

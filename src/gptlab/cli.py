@@ -129,18 +129,18 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from .train.config import TrainConfig
+    from .train.config import HELP, TrainConfig
 
     for f in TrainConfig.fields():
         if f.name == "model_overrides":
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
+        text = f"{HELP[f.name]} (default {default})"
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            p.add_argument(flag, type=type(default), default=None, metavar=type(default).__name__.upper(),
-                           help=f"(default {default})")
+            p.add_argument(flag, type=type(default), default=None, metavar=type(default).__name__.upper(), help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,40 +18,40 @@ from ..errors import GptlabError
 
 @dataclass
 class TrainConfig:
-    data: str = "data/shakespeare-char"  # a folder made by `gptlab prepare`
+    data: str = "data/shakespeare-char"
     out_dir: str = "runs/baby"
-    model: str = "baby"  # preset name (see `gptlab plan presets` / gptlab.config.PRESETS)
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # the recipe's [model_overrides] table
-    block_size: int = 0  # 0: the preset's context
-    batch_size: int = 12  # sequences per process per micro-step
+    model: str = "baby"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    block_size: int = 0
+    batch_size: int = 12
     grad_accum: int = 1
     max_iters: int = 2000
     lr: float = 1e-3
-    min_lr: float = 1e-4  # cosine floor
+    min_lr: float = 1e-4
     warmup_iters: int = 100
-    lr_decay_iters: int = 0  # 0: max_iters
-    schedule: str = "cosine"  # cosine | wsd (warmup, stable at lr, linear decay to min_lr over the last decay_frac)
-    decay_frac: float = 0.2  # wsd only
+    lr_decay_iters: int = 0
+    schedule: str = "cosine"
+    decay_frac: float = 0.2
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 disables
+    grad_clip: float = 1.0
     dropout: float = 0.0
     eval_interval: int = 250
-    eval_iters: int = 20  # val batches per periodic evaluation
-    final_eval_tokens: int = 1_000_000  # the final val loss covers this many val tokens (non-overlapping windows)
+    eval_iters: int = 20
+    final_eval_tokens: int = 1_000_000
     log_interval: int = 10
-    ckpt_interval: int = 500  # 0: only at the end
-    keep_last: int = 2  # checkpoints kept besides the best
+    ckpt_interval: int = 500
+    keep_last: int = 2
     seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | float32 | bfloat16 | float16
+    device: str = "auto"
+    dtype: str = "auto"
     compile: bool = False
-    threads: int = 0  # torch intra-op threads per process; 0: torch's default
-    parallel: str = "ddp"  # under torchrun: ddp | fsdp
-    ss_schedule: str = "none"  # scheduled sampling: none | constant | linear | inverse_sigmoid | exponential
-    ss_max_prob: float = 0.25  # highest probability of feeding the model's own prediction
-    ss_k: float = 500.0  # inverse_sigmoid: k (steps); exponential: per-step decay base < 1
+    threads: int = 0
+    parallel: str = "ddp"
+    ss_schedule: str = "none"
+    ss_max_prob: float = 0.25
+    ss_k: float = 500.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -100,3 +100,41 @@ class TrainConfig:
         if unknown:
             raise GptlabError(f"unknown training option(s) {unknown}; see `gptlab train --help`")
         return cls(**values)
+
+
+HELP = {
+    "data": "a folder made by `gptlab prepare`",
+    "out_dir": "run folder: checkpoints/, metrics.jsonl, loss.png",
+    "model": "model preset (`gptlab presets`)",
+    "model_overrides": "model config fields replacing the preset's (recipe table [model_overrides], flag --set)",
+    "block_size": "context length; 0 keeps the preset's",
+    "batch_size": "sequences per process per micro-step",
+    "grad_accum": "micro-steps per optimizer step",
+    "max_iters": "optimizer steps",
+    "lr": "peak learning rate",
+    "min_lr": "learning rate at the end of the decay",
+    "warmup_iters": "linear warmup steps",
+    "lr_decay_iters": "step where the decay ends; 0 means max_iters",
+    "schedule": "cosine | wsd (flat at lr, then linear decay over the last decay_frac)",
+    "decay_frac": "wsd: fraction of the post-warmup steps spent decaying",
+    "weight_decay": "AdamW decoupled weight decay (matrices and embeddings only)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "clip the global gradient norm to this; 0 disables",
+    "dropout": "dropout probability in the model",
+    "eval_interval": "steps between validation evaluations",
+    "eval_iters": "val batches per periodic evaluation (the same batches every time)",
+    "final_eval_tokens": "val tokens covered by the final evaluation (non-overlapping windows)",
+    "log_interval": "steps between loss logs (each step's loss is recorded)",
+    "ckpt_interval": "steps between checkpoints; 0 saves only at the end",
+    "keep_last": "checkpoints kept besides the best one",
+    "seed": "seed for initialisation, batches, dropout and scheduled sampling",
+    "device": "auto | cpu | cuda | cuda:N | mps",
+    "dtype": "auto (bf16 on capable GPUs, else fp32) | float32 | bfloat16 | float16",
+    "compile": "wrap the model in torch.compile",
+    "threads": "torch intra-op threads per process; 0 keeps torch's default",
+    "parallel": "under torchrun: ddp | fsdp",
+    "ss_schedule": "scheduled sampling: none | constant | linear | inverse_sigmoid | exponential",
+    "ss_max_prob": "scheduled sampling: highest probability of feeding the model's own prediction",
+    "ss_k": "scheduled sampling: inverse_sigmoid k (steps) or exponential decay base (< 1)",
+}
