@@ -143,3 +143,28 @@ def test_chunked_cross_entropy_equals_torch_cross_entropy():
         torch.testing.assert_close(ox, gx)
         torch.testing.assert_close(ow, gw)
         assert ow[50:].abs().max() == 0
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_export_to_transformers_and_config_round_trip(norm):
+    """gptlab weights exported with to_hf_state_dict load into HF's own class and give the same logits; the HF
+    config maps back to the same gptlab config."""
+    from gptlab.interop.hf import config_from_hf, to_hf_state_dict
+
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=90, norm=norm, pad_vocab_multiple=64)
+    ours = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    if norm == "post":
+        hf_cfg = transformers.OpenAIGPTConfig(n_layer=2, n_head=2, n_embd=16, n_positions=16, vocab_size=90)
+        hf = transformers.OpenAIGPTLMHeadModel(hf_cfg)
+    else:
+        hf_cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=16, vocab_size=90)
+        hf = transformers.GPT2LMHeadModel(hf_cfg)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
+    assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing)
+    idx = torch.randint(0, 90, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(idx).logits, ours(idx)[0], atol=1e-5, rtol=1e-5)
+    assert config_from_hf(hf_cfg.to_dict()) == cfg.replace(pad_vocab_multiple=1)
