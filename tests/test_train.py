@@ -232,9 +232,9 @@ def test_mix_in_predictions_uses_the_models_greedy_guesses():
 
 def test_exposure_report_without_sampling_equals_teacher_forcing():
     model = GPT(preset("tiny", vocab_size=30, block_size=24))
-    toks = torch.randint(0, 30, (25,)).tolist()
+    toks = torch.randint(0, 30, (60,)).tolist()  # windows of 25: 25 + 25 + 10 tokens
     r = exposure_report(model, toks, p=0.0)
-    assert r["replaced_fraction"] == 0
+    assert r["replaced_fraction"] == 0 and r["windows"] == 3 and r["tokens"] == 24 + 24 + 9
     assert r["scheduled_sampling_loss"] == pytest.approx(r["teacher_forcing_loss"], rel=1e-5)
     r1 = exposure_report(model, toks, p=1.0)
     assert r1["replaced_fraction"] == 1.0

@@ -103,7 +103,8 @@ def cmd_exposure(args: argparse.Namespace) -> None:
     if len(tokens) < 2:
         raise GptlabError("the text is shorter than two tokens; give a longer one")
     r = exposure_report(model, tokens, args.p, args.seed)
-    _emit(args, r, f"{r['tokens']} tokens: teacher forcing {r['teacher_forcing_loss']:.4f} nats/token, "
+    _emit(args, r, f"{r['tokens']} tokens in {r['windows']} window(s): teacher forcing "
+                   f"{r['teacher_forcing_loss']:.4f} nats/token, "
                    f"scheduled sampling (p={r['p']}, {r['replaced_fraction']:.0%} of inputs replaced by the model's "
                    f"own predictions) {r['scheduled_sampling_loss']:.4f}")
 

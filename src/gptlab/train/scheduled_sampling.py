@@ -52,25 +52,31 @@ def mix_in_predictions(model: torch.nn.Module, x: torch.Tensor, p: float, genera
 
 
 @torch.no_grad()
-def exposure_report(model: torch.nn.Module, tokens: list[int], p: float, seed: int = 0) -> dict[str, float]:
-    """Per-token loss of ``tokens`` under teacher forcing and under sequential scheduled sampling at rate ``p``
+def exposure_report(model: torch.nn.Module, tokens: list[int], p: float, seed: int = 0,
+                    max_windows: int = 64) -> dict[str, float]:
+    """Mean per-token loss of ``tokens`` under teacher forcing and under sequential scheduled sampling at rate ``p``
     (each input is, with probability p, the model's own greedy prediction given the *mixed* history so far, as in
-    seed 002's example). Returns both mean losses and the fraction of inputs replaced."""
+    seed 002's example), over up to ``max_windows`` non-overlapping windows of the model's context."""
     model.eval()
-    T = min(len(tokens), model.config.block_size + 1)
-    x = torch.tensor([tokens[:T]])
-    logits, _ = model(x[:, :-1])
-    tf = F.cross_entropy(logits[0], x[0, 1:]).item()
+    span = model.config.block_size + 1
+    windows = [tokens[i:i + span] for i in range(0, max(len(tokens) - 1, 1), span)][:max_windows]
+    windows = [w for w in windows if len(w) > 1]
     g = torch.Generator().manual_seed(seed)
-    history = [tokens[0]]
-    losses, replaced = [], 0
-    for i in range(1, T):
-        logits, _ = model(torch.tensor([history]))
-        losses.append(F.cross_entropy(logits[0, -1:], x[0, i:i + 1]).item())
-        if torch.rand((), generator=g).item() < p:
-            history.append(int(logits[0, -1].argmax()))
-            replaced += 1
-        else:
-            history.append(tokens[i])
-    return {"tokens": T - 1, "teacher_forcing_loss": tf, "scheduled_sampling_loss": sum(losses) / len(losses),
-            "p": p, "replaced_fraction": replaced / (T - 1)}
+    tf_sum = ss_sum = 0.0
+    n = replaced = 0
+    for w in windows:
+        x = torch.tensor([w])
+        logits, _ = model(x[:, :-1])
+        tf_sum += F.cross_entropy(logits[0], x[0, 1:], reduction="sum").item()
+        history = [w[0]]
+        for i in range(1, len(w)):
+            logits, _ = model(torch.tensor([history]))
+            ss_sum += F.cross_entropy(logits[0, -1:], x[0, i:i + 1]).item()
+            if torch.rand((), generator=g).item() < p:
+                history.append(int(logits[0, -1].argmax()))
+                replaced += 1
+            else:
+                history.append(w[i])
+        n += len(w) - 1
+    return {"tokens": n, "windows": len(windows), "teacher_forcing_loss": tf_sum / n,
+            "scheduled_sampling_loss": ss_sum / n, "p": p, "replaced_fraction": replaced / n}
