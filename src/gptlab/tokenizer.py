@@ -44,8 +44,8 @@ def _gpt2_encoding():
 
     cached = assets.cache_dir() / "gpt2.tiktoken"
     if not assets.verified(cached, GPT2_RANKS_SHA256):
-        try:  # tiktoken's own cache or download
-            ranks = tiktoken.get_encoding("r50k_base")._mergeable_ranks
+        try:  # tiktoken's own cache or download; r50k_base is GPT-2's ranks, pattern and <|endoftext|>
+            return tiktoken.get_encoding("r50k_base")
         except Exception:  # noqa: BLE001 - offline: fall back to the package index
             package, version, member = WHISPER
             try:
@@ -55,11 +55,7 @@ def _gpt2_encoding():
                                   f"or copy a gpt2.tiktoken file (sha256 {GPT2_RANKS_SHA256[:12]}...) to "
                                   f"{cached}") from None
             assets.atomic_write_bytes(cached, assets.check_sha256(data, GPT2_RANKS_SHA256, f"{package} {member}"))
-        else:
-            return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                     special_tokens={EOT_TEXT: GPT2_EOT})
-    ranks = load_tiktoken_bpe(str(cached), expected_hash=GPT2_RANKS_SHA256)
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=load_tiktoken_bpe(str(cached)),
                              special_tokens={EOT_TEXT: GPT2_EOT})
 
 
