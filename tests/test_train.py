@@ -189,6 +189,7 @@ def test_keep_last_and_best(char_data, tmp_path):
     best = min(vals, key=vals.get)
     assert state["best_step"] == best
     assert names == sorted({f"step-{best:07d}", "step-0000040", "step-0000050"})
+    assert ckpt_io.resolve(run / "best").name == f"step-{best:07d}"  # `--checkpoint RUN/best`
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
 
