@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="run folder (latest checkpoint) or checkpoint folder")
+    p.add_argument("--checkpoint", required=True, help="run folder (its latest checkpoint), RUN/best, or a checkpoint folder")
     p.add_argument("--prompt", default="")
     p.add_argument("--prompt-file")
     p.add_argument("--max-new-tokens", type=int, default=200)
