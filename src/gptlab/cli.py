@@ -52,10 +52,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train.trainer import train
 
     cfg = TrainConfig.from_sources(args.recipe, **_train_overrides(args))
-    if cfg.model_overrides:
-        from .config import GPTConfig
-
-        GPTConfig().replace(**cfg.model_overrides)  # unknown keys fail here, before any work
     summary = train(cfg, resume=args.resume, progress=not args.json)
     if summary.get("loss_plot"):
         _emit(args, summary, f"final val loss {summary['final_val_loss']:.4f} (best periodic {summary['best_val_loss']:.4f})"

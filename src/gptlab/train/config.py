@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import GPTConfig
 from ..errors import GptlabError
+
+MODEL_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)}
 
 
 @dataclass
@@ -71,6 +74,9 @@ class TrainConfig:
              "ss_schedule must be none|constant|linear|inverse_sigmoid|exponential"),
             (0.0 <= self.ss_max_prob <= 1.0, "ss_max_prob must be in [0, 1]"),
             (self.keep_last >= 1, "keep_last must be >= 1"),
+            (not set(self.model_overrides) - MODEL_FIELDS,
+             f"unknown model config field(s) {sorted(set(self.model_overrides) - MODEL_FIELDS)}; "
+             f"known: {sorted(MODEL_FIELDS)}"),
         ]
         problems = [msg for ok, msg in checks if not ok]
         if problems:
