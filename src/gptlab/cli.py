@@ -1,4 +1,4 @@
-"""``gptlab <verb>``: prepare, train, sample, exposure, presets. Every verb takes ``--json``.
+"""``gptlab <verb>``: prepare, train, sample, convert, exposure, presets. Every verb takes ``--json``.
 
 User mistakes surface as one line, ``gptlab: error: <what is wrong and how to fix it>``, exit status 2.
 """
@@ -6,6 +6,7 @@ User mistakes surface as one line, ``gptlab: error: <what is wrong and how to fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -60,38 +61,120 @@ def cmd_train(args: argparse.Namespace) -> None:
                              f"checkpoints: {summary['out_dir']}/checkpoints  loss curve: {summary['loss_plot']}")
 
 
-def cmd_sample(args: argparse.Namespace) -> None:
-    import torch
+def _sampling(args: argparse.Namespace, seed: int | None = None):
+    from .generate import Sampling
 
-    from .generate import generate
+    return Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, min_p=args.min_p,
+                    repetition_penalty=args.repetition_penalty, seed=args.seed if seed is None else seed)
+
+
+def _engine(args: argparse.Namespace):
+    from .generate import Engine
+    from .interop import load_any
     from .tokenizer import from_spec
-    from .train.checkpoint import load_model
 
-    model, meta = load_model(args.checkpoint, args.device)
-    tok = from_spec(meta["tokenizer"])
-    prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
-    ids = tok.encode(prompt) if prompt else [tok.eot_id]
-    if not ids:
-        ids = [tok.eot_id]
-    g = torch.Generator(device=args.device).manual_seed(args.seed)
-    x = torch.tensor([ids] * args.num_samples, device=args.device)
+    model, meta = load_any(args.checkpoint, args.device)
+    return Engine(model, from_spec(meta["tokenizer"]), compile=args.compile), meta
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    if args.interactive:
+        return _repl(args)
+    if args.prompt_file and args.prompt:
+        raise GptlabError("give --prompt or --prompt-file, not both")
+    if args.stream and args.json:
+        raise GptlabError("--stream prints text as it comes; --json prints one object at the end: pick one")
+    try:
+        prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
+    except OSError as e:
+        raise GptlabError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+    engine, meta = _engine(args)
+    sampling = _sampling(args)
     t0 = time.perf_counter()
-    out = generate(model, x, args.max_new_tokens, args.temperature, args.top_k, g)
-    dt = time.perf_counter() - t0
-    texts = [tok.decode(row[len(ids):].tolist()) for row in out]
-    rate = args.max_new_tokens * args.num_samples / dt
-    result = {"checkpoint": str(args.checkpoint), "prompt": prompt, "samples": texts,
-              "new_tokens": args.max_new_tokens, "tokens_per_second": round(rate, 1)}
+    if args.stream:
+        decode_seconds, steps, texts = 0.0, 0, []
+        for i in range(args.num_samples):
+            if i:
+                print("\n" + "-" * 40)
+            print(prompt, end="", flush=True)
+            pieces = []
+            for piece in engine.stream(prompt, args.max_new_tokens, _sampling(args, args.seed + i), args.stop,
+                                       sliding_window=args.sliding_window):
+                print(piece, end="", flush=True)
+                pieces.append(piece)
+            texts.append("".join(pieces))
+            decode_seconds += engine.stats["decode_seconds"]
+            steps += engine.stats["decode_steps"]
+        print(f"\n[{steps / max(decode_seconds, 1e-9):,.1f} tok/s decoding]", file=sys.stderr)
+        return
+    out = engine.generate([prompt] * args.num_samples, args.max_new_tokens, sampling, args.stop,
+                          sliding_window=args.sliding_window)
+    seconds = time.perf_counter() - t0
+    st = engine.stats
+    new = sum(len(c.tokens) for c in out)
+    result = {"source": str(args.checkpoint), "prompt": prompt, "samples": [c.text for c in out],
+              "finish_reasons": [c.finish_reason for c in out], "new_tokens": [len(c.tokens) for c in out],
+              "tokens_per_second": round(new / seconds, 2),
+              "decode_tokens_per_second": round(st["decode_steps"] * args.num_samples
+                                                / max(st["decode_seconds"], 1e-9), 2),
+              "prefill_seconds": round(st["prefill_seconds"], 4), "kv_cache_bytes": st["cache_bytes"],
+              "sampling": dataclasses.asdict(sampling), "compile": args.compile}
     sep = "\n" + "-" * 40 + "\n"
-    _emit(args, result, sep.join(prompt + t for t in texts) + f"\n[{rate:,.1f} tok/s]")
+    _emit(args, result, sep.join(prompt + c.text for c in out) +
+          f"\n[{new} tokens in {seconds:.2f}s: {result['tokens_per_second']:,.1f} tok/s; decoding "
+          f"{result['decode_tokens_per_second']:,.1f} tok/s; KV cache {st['cache_bytes'] / 2**20:,.1f} MiB]")
+
+
+def _repl(args: argparse.Namespace) -> None:
+    """Continue-the-text loop: each line typed is appended to the running text and the model continues it."""
+    engine, meta = _engine(args)
+    print(f"gptlab: {meta['source']} ({engine.model.num_params():,} parameters). Type text and press Enter; the "
+          f"model continues it. /reset clears the text, /quit (or Ctrl-D) leaves.", file=sys.stderr)
+    text, turn = "", 0
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip() == "/quit":
+            return
+        if line.strip() == "/reset":
+            text = ""
+            continue
+        text += line if not text else "\n" + line
+        for piece in engine.stream(text, args.max_new_tokens, _sampling(args, args.seed + turn), args.stop,
+                                   sliding_window=True):
+            print(piece, end="", flush=True)
+            text += piece
+        print(flush=True)
+        turn += 1
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .interop import load_any
+    from .interop.hf import save_hf
+    from .train.checkpoint import save_model_checkpoint
+
+    model, meta = load_any(args.source)
+    cfg = model.config
+    to = args.to or ("hf" if meta.get("format") == "gptlab-checkpoint" else "gptlab")
+    if to == "hf":
+        out = save_hf(model.state_dict(), cfg, meta["tokenizer"], Path(args.out), source=str(args.source))
+    else:
+        out = save_model_checkpoint(Path(args.out), model.state_dict(), cfg, meta["tokenizer"],
+                                    source=str(args.source))
+    result = {"source": str(args.source), "out": str(out), "to": to, "params": model.num_params(),
+              "files": sorted(p.name for p in out.iterdir())}
+    _emit(args, result, f"wrote {to} model ({result['params']:,} parameters) to {out}: {', '.join(result['files'])}")
 
 
 def cmd_exposure(args: argparse.Namespace) -> None:
+    from .interop import load_any
     from .tokenizer import from_spec
-    from .train.checkpoint import load_model
     from .train.scheduled_sampling import exposure_report
 
-    model, meta = load_model(args.checkpoint)
+    model, meta = load_any(args.checkpoint)
     text = Path(args.text_file).read_text(encoding="utf-8") if args.text_file else args.text
     if not text:
         raise GptlabError("give a text with --text or --text-file")
@@ -164,20 +247,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="generate text from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="run folder (its latest checkpoint), RUN/best, or a checkpoint folder")
+    model_help = ("gptlab run folder (its latest checkpoint), RUN/best, a checkpoint folder, a Hugging Face model "
+                  "folder or Hub name (gpt2, distilgpt2, ...), or an OpenAI GPT-2 release folder")
+    p = sub.add_parser("sample", help="generate text (KV-cached, batched, streaming)",
+                       description="Sample continuations of a prompt. The empty prompt samples unconditionally.")
+    p.add_argument("--checkpoint", required=True, help=model_help)
     p.add_argument("--prompt", default="")
-    p.add_argument("--prompt-file")
+    p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens; 0 = off (default 200)")
+    p.add_argument("--top-p", type=float, help="nucleus: keep the most likely tokens up to this probability mass")
+    p.add_argument("--min-p", type=float, help="keep tokens at least this fraction as likely as the top one")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (CTRL; 1 = off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample before this text (repeatable); the end-of-text token always ends it")
+    p.add_argument("--num-samples", type=int, default=1, help="samples decoded together as one batch")
+    p.add_argument("--seed", type=int, default=1337, help="sample i uses seed + i (reproducible, batch-independent)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--interactive", action="store_true", help="a continue-the-text loop on the terminal")
+    p.add_argument("--sliding-window", action="store_true",
+                   help="allow prompt + new tokens beyond the context: the oldest tokens are dropped")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (one-off compile; then ~2x faster on CPU)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("convert", help="convert between gptlab checkpoints and Hugging Face / OpenAI models")
+    p.add_argument("source", help=model_help)
+    p.add_argument("out", help="new output folder (never overwritten)")
+    p.add_argument("--to", choices=["hf", "gptlab"],
+                   help="output format (default: hf for a gptlab checkpoint, gptlab for anything else)")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("exposure", help="teacher-forcing vs scheduled-sampling loss of a checkpoint on a text")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help=model_help)
     p.add_argument("--text")
     p.add_argument("--text-file")
     p.add_argument("--p", type=float, default=0.5, help="probability of feeding the model's own prediction")

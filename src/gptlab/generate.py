@@ -1,31 +1,324 @@
-"""Sampling from a trained model (the minimal loop; the KV-cache engine is tracked separately).
+"""The generation engine: KV-cached, batched, streaming sampling from a GPT.
 
-Each step runs the model on the last ``block_size`` tokens and samples the next one from the final position's
-logits with temperature and optional top-k. ``temperature=0`` is greedy decoding.
+A call prefills every prompt in one forward pass (rows left-padded to the longest prompt; each row's positions start
+at 0 on its own first token, so a row decodes exactly as it would alone), then decodes one token per row per step,
+each step reading the keys and values of earlier tokens from a preallocated :class:`~gptlab.model.KVCache` instead
+of recomputing them. Rows finish independently (stop token, stop string, or ``max_new_tokens``); the batch stops when
+every row has.
+
+Sampling, per step, in the order ``transformers`` applies the same filters: repetition penalty (on every token the
+row has seen), temperature, top-k, top-p (nucleus), min-p; then one draw from the remaining distribution, or the
+argmax when ``temperature == 0`` (greedy). Row ``r`` draws from its own random stream seeded with ``seed + r``, so a
+sample does not depend on the other rows of its batch.
+
+``compile=True`` compiles the decode step with static shapes (the cache length is rounded up to a multiple of 256,
+so one compiled graph serves many calls). On CPU that is where the speed is: see docs/generation.md.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
 import torch
 
-from .model import GPT
+from .errors import GptlabError
+from .model import GPT, KVCache
+
+CACHE_BUCKET = 256  # compiled decode: cache lengths are rounded up to a multiple of this (fewer recompiles)
+# Materialize every intermediate instead of fusing LayerNorm/GELU into the matrix-vector reductions that read
+# them: fused, inductor recomputes the producer once per output row (3x slower decode on CPU).
+COMPILE_OPTIONS = {"realize_opcount_threshold": 0}
 
 
-@torch.no_grad()
-def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Append ``max_new_tokens`` sampled tokens to ``idx`` [B, T] and return the whole [B, T + new] tensor."""
-    model.eval()
-    for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -model.config.block_size:])
-        logits = logits[:, -1, :]
-        if temperature == 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-        idx = torch.cat([idx, nxt], dim=1)
-    return idx
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. ``temperature=0`` is greedy; ``None`` / 1.0 disable a filter."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.temperature >= 0:
+            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            problems.append(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            problems.append(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            problems.append(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if problems:
+            raise GptlabError("invalid sampling settings: " + "; ".join(problems))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al. 2019), as ``transformers`` applies it: for tokens already seen (``seen`` [B, V]
+    bool), positive logits are divided by ``penalty`` and negative ones multiplied by it."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None,
+                  min_p: float | None = None) -> torch.Tensor:
+    """Set to -inf the logits [B, V] that top-k, then top-p, then min-p exclude. Always keeps the most likely token.
+
+    - top-k: the k largest logits (ties at the k-th value all kept).
+    - top-p: the smallest set of most likely tokens whose probability sums to at least ``top_p``.
+    - min-p: tokens whose probability is at least ``min_p`` times the most likely one's.
+    """
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # probability mass of the tokens ranked above each one
+        drop_sorted = before >= top_p
+        drop_sorted[:, 0] = False
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    if min_p is not None and min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | None = None,
+                generators: Sequence[torch.Generator] = ()) -> torch.Tensor:
+    """Choose one token per row from ``logits`` [B, V] (float32 math) -> [B] ids."""
+    logits = apply_repetition_penalty(logits.float(), seen, sampling.repetition_penalty) if seen is not None \
+        else logits.float()
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
+    probs = logits.softmax(-1)
+    # One draw per row from its own stream: argmax of p / Exp(1) noise is an exact sample from p.
+    noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in generators])
+    return (probs / noise).argmax(-1)
+
+
+@dataclass
+class Completion:
+    """One row's result: the new token ids, the reason it stopped, and (with a tokenizer) its text."""
+
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "length", "stop_token" or "stop_string"
+    text: str | None = None
+
+
+class Engine:
+    """KV-cached generation for one model (and optionally its tokenizer, for text in and out, and stop strings)."""
+
+    def __init__(self, model: GPT, tokenizer=None, compile: bool = False) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.compile = compile
+        self._decode = (torch.compile(model, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
+                        if compile else model)
+        self.stats: dict[str, float] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.wte.weight.device
+
+    # ---------------------------------------------------------------- token level
+    def cache_for(self, batch: int, length: int) -> KVCache:
+        """The cache a generation of ``length`` total slots uses (rounded up when compiling, capped at context)."""
+        if self.compile:
+            length = -(-length // CACHE_BUCKET) * CACHE_BUCKET
+        length = min(length, self.model.config.block_size)
+        return KVCache(self.model.config, batch, length, self.device, self.model.wte.weight.dtype)
+
+    @torch.no_grad()
+    def stream_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                      stop_ids: Iterable[int] = (), sliding_window: bool = False) -> Iterator[list[int | None]]:
+        """Yield, per decode step, each row's new token (``None`` for rows already finished by a stop id)."""
+        block = self.model.config.block_size
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise GptlabError("every prompt needs at least one token (use the end-of-text id for an empty prompt)")
+        if max_new_tokens < 0:
+            raise GptlabError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        longest = max(len(p) for p in prompts)
+        if not sliding_window and longest + max_new_tokens > block:
+            what = (f"the longest prompt has {longest} tokens" if longest > block else
+                    f"{longest} prompt tokens + {max_new_tokens} new tokens")
+            raise GptlabError(f"{what}, more than the model's context of {block}; shorten the prompt or "
+                              f"max_new_tokens, or allow a sliding window (--sliding-window)")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for p in prompts for t in p):
+            raise GptlabError(f"a prompt holds a token id outside the model's vocabulary of {vocab}")
+        stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=self.device)
+        histories = [list(p) for p in prompts]
+        B = len(histories)
+        generators = [torch.Generator(device=self.device).manual_seed(sampling.seed + r) for r in range(B)]
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(B, vocab, dtype=torch.bool, device=self.device)
+            for r, p in enumerate(histories):
+                seen[r, p] = True
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        self.stats = {"prefill_seconds": 0.0, "prefill_tokens": 0, "decode_seconds": 0.0, "decode_steps": 0}
+        logits, cache, slot = self._prefill(histories, max_new_tokens)
+        for step in range(max_new_tokens):
+            tok = next_tokens(logits[:, -1], sampling, seen, generators)
+            tok = torch.where(done, tok.new_zeros(()), tok)
+            if seen is not None:
+                seen[torch.arange(B), tok] = True
+            new = tok.tolist()
+            finished = done.tolist()
+            yield [None if f else t for t, f in zip(new, finished)]
+            done |= torch.isin(tok, stop)
+            for h, t, f in zip(histories, new, finished):
+                if not f:
+                    h.append(t)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                return
+            if slot == cache.length:  # the context is full (only with a sliding window)
+                keep = block - max(1, block // 4)
+                logits, cache, slot = self._prefill([h[-keep:] for h in histories], max_new_tokens - step - 1)
+                continue
+            t0 = time.perf_counter()
+            logits, _ = self._decode(tok[:, None], cache=cache, slots=torch.tensor([slot], device=self.device))
+            self.stats["decode_seconds"] += time.perf_counter() - t0
+            self.stats["decode_steps"] += 1
+            slot += 1
+
+    def _prefill(self, histories: list[list[int]], remaining: int) -> tuple[torch.Tensor, KVCache, int]:
+        """Left-pad the rows, run them through the model in one pass, return (last logits, cache, next slot)."""
+        block = self.model.config.block_size
+        rows = [h[-block:] for h in histories]
+        T = max(len(r) for r in rows)
+        pad = torch.tensor([T - len(r) for r in rows], device=self.device)
+        idx = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=self.device)
+        cache = self.cache_for(len(rows), T + remaining)
+        cache.pad = pad
+        t0 = time.perf_counter()
+        logits, _ = self.model(idx, cache=cache, slots=torch.arange(T, device=self.device))
+        self.stats["prefill_seconds"] += time.perf_counter() - t0
+        self.stats["prefill_tokens"] += T * len(rows)
+        self.stats["cache_bytes"] = cache.nbytes
+        return logits, cache, T
+
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                        sampling: Sampling = Sampling(), stop_ids: Iterable[int] = (),
+                        sliding_window: bool = False) -> list[Completion]:
+        """Every row's new tokens (a stop id ends its row and is not included)."""
+        stop = set(stop_ids)
+        out = [Completion() for _ in prompts]
+        for step in self.stream_tokens(prompts, max_new_tokens, sampling, stop, sliding_window):
+            for c, t in zip(out, step):
+                if t is None or c.finish_reason != "length":
+                    continue
+                if t in stop:
+                    c.finish_reason = "stop_token"
+                else:
+                    c.tokens.append(t)
+        return out
+
+    # ---------------------------------------------------------------- text level
+    def _tok(self):
+        if self.tokenizer is None:
+            raise GptlabError("this engine has no tokenizer; pass one to work with text")
+        return self.tokenizer
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of a prompt; the empty prompt becomes the end-of-text token (unconditional sampling)."""
+        tok = self._tok()
+        return tok.encode(prompt) if prompt else [tok.eot_id]
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop: Sequence[str] = (), stop_ids: Iterable[int] | None = None,
+                 sliding_window: bool = False) -> list[Completion]:
+        """Text completions for a batch of prompts, each cut before the first stop string it produces.
+        ``stop_ids`` defaults to the tokenizer's end-of-text token."""
+        tok = self._tok()
+        stop_ids = {tok.eot_id} if stop_ids is None else set(stop_ids)
+        ids = [self.encode_prompt(p) for p in prompts]
+        streams = [_TextStream(tok, stop) for _ in prompts]
+        out = [Completion() for _ in prompts]
+        live = list(range(len(prompts)))
+        for step in self.stream_tokens(ids, max_new_tokens, sampling, stop_ids, sliding_window):
+            for r in list(live):
+                t = step[r]
+                if t is None or t in stop_ids:
+                    out[r].finish_reason = "stop_token"
+                    live.remove(r)
+                    continue
+                out[r].tokens.append(t)
+                streams[r].push(t)
+                if streams[r].stopped:
+                    out[r].finish_reason = "stop_string"
+                    live.remove(r)
+            if not live:
+                break
+        for c, s in zip(out, streams):
+            c.text = s.text()
+        return out
+
+    def stream(self, prompt: str, max_new_tokens: int, sampling: Sampling = Sampling(), stop: Sequence[str] = (),
+               stop_ids: Iterable[int] | None = None, sliding_window: bool = False) -> Iterator[str]:
+        """Yield the completion of one prompt as text pieces, as soon as they are whole characters (a multi-byte
+        character split across tokens is held back until complete) and cannot be the start of a stop string."""
+        tok = self._tok()
+        stop_ids = {tok.eot_id} if stop_ids is None else set(stop_ids)
+        s = _TextStream(tok, stop)
+        for step in self.stream_tokens([self.encode_prompt(prompt)], max_new_tokens, sampling, stop_ids,
+                                       sliding_window):
+            if step[0] is None or step[0] in stop_ids:
+                break
+            s.push(step[0])
+            piece = s.take()
+            if piece:
+                yield piece
+            if s.stopped:
+                break
+        piece = s.take(final=True)
+        if piece:
+            yield piece
+
+
+class _TextStream:
+    """Incremental detokenization of one row: whole characters only, cut at the first stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.sent = 0
+        self.stopped = False
+        self._text = ""
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            text, self.stopped = text[:min(hits)], True
+        self._text = text
+
+    def text(self) -> str:
+        return self._text
+
+    def take(self, final: bool = False) -> str:
+        """The text not yet handed out that is safe to hand out now."""
+        end = len(self._text)
+        if not final and not self.stopped:
+            if self._text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                end = len(self._text.rstrip("\ufffd"))
+            for s in self.stop:  # hold back a tail that may grow into a stop string
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if self._text[end - k:end] == s[:k]:
+                        end -= k
+                        break
+        end = max(end, self.sent)
+        piece, self.sent = self._text[self.sent:end], end
+        return piece

@@ -118,7 +118,8 @@ class CharTokenizer:
 
 
 class BPETokenizer:
-    """A byte-level BPE trained on the user's corpus with Hugging Face ``tokenizers`` (GPT-2's scheme)."""
+    """A byte-level BPE trained on the user's corpus with Hugging Face ``tokenizers`` (GPT-2's scheme), or any
+    ``tokenizer.json`` that came with an imported model (``eot_id`` is None when it has no ``<|endoftext|>``)."""
 
     def __init__(self, tok) -> None:
         self.tok = tok
@@ -154,6 +155,63 @@ class BPETokenizer:
 
 
 TOKENIZER_KINDS = ("gpt2", "char", "bpe")
+
+
+# ---------------------------------------------------------------- GPT-2's vocab.json / merges.txt files
+@lru_cache(maxsize=1)
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for every byte in ``vocab.json`` / ``merges.txt``: printable Latin-1 bytes stand
+    for themselves, the other 68 bytes for chr(256), chr(257), ... in byte order (openai/gpt-2 encoder.py)."""
+    keep = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    out, n = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
+
+
+def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """``token`` split by byte-pair merging with only the merges ranked below ``max_rank``."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        best = min(((ranks.get(parts[i] + parts[i + 1], max_rank), i) for i in range(len(parts) - 1)))
+        if best[0] >= max_rank:
+            break
+        i = best[1]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def ranks_to_vocab_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[str]]:
+    """tiktoken ranks -> (``vocab.json`` dict, ``merges.txt`` lines). Each multi-byte token's merge is the pair that
+    byte-pair merging with the lower-ranked merges leaves, so GPT-2's own files come back exactly."""
+    enc = byte_to_unicode()
+    show = lambda b: "".join(enc[x] for x in b)  # noqa: E731
+    vocab = {show(tok): rank for tok, rank in ranks.items()}
+    merges = []
+    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(tok) > 1:
+            parts = _bpe_parts(ranks, tok, rank)
+            if len(parts) != 2:
+                raise GptlabError(f"token {tok!r} (rank {rank}) is not one merge of lower-ranked tokens; these "
+                                  f"ranks cannot be written as a merges.txt")
+            merges.append(f"{show(parts[0])} {show(parts[1])}")
+    return vocab, merges
+
+
+def vocab_to_ranks(vocab: dict[str, int]) -> dict[bytes, int]:
+    """A byte-level ``vocab.json`` dict -> {token bytes: id}, ``<|endoftext|>`` left out (for GPT-2's vocabulary
+    the ids are the ranks: the inverse of :func:`ranks_to_vocab_merges`)."""
+    dec = {c: b for b, c in byte_to_unicode().items()}
+    try:
+        return {bytes(dec[c] for c in s): i for s, i in vocab.items() if s != EOT_TEXT}
+    except KeyError:
+        raise GptlabError("vocab.json is not a byte-level BPE vocabulary (GPT-2's scheme)") from None
+
+
+def gpt2_ranks() -> dict[bytes, int]:
+    return _gpt2_encoding()._mergeable_ranks
 
 
 def from_spec(spec: dict[str, Any]) -> Tokenizer:

@@ -1,24 +1,36 @@
-"""Hugging Face ``GPT2LMHeadModel`` / ``OpenAIGPTLMHeadModel`` <-> gptlab weight mapping.
+"""Hugging Face ``GPT2LMHeadModel`` / ``OpenAIGPTLMHeadModel`` <-> gptlab: weights, config and tokenizer files.
 
 HF stores the projection matrices as Conv1D with [in, out] weights; gptlab uses nn.Linear's [out, in], so those four
 matrices per block are transposed. HF's GPT-1 names its embeddings ``tokens_embed`` / ``positions_embed`` and has no
-final LayerNorm. Attention-mask buffers (``attn.bias``, ``attn.masked_bias``) are not weights and are dropped.
+final LayerNorm. Attention-mask buffers (``attn.bias``, ``attn.masked_bias``) are not weights and are dropped. A tied
+head is stored once (HF re-ties ``lm_head.weight`` to the token embedding on load).
+
+An exported folder holds ``model.safetensors``, ``config.json``, ``generation_config.json`` and the tokenizer:
+``vocab.json`` + ``merges.txt`` + ``tokenizer.json`` for GPT-2's BPE, ``tokenizer.json`` for a trained BPE or a
+character vocabulary, with ``tokenizer_config.json`` and ``special_tokens_map.json`` so ``AutoTokenizer`` works.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import GPTConfig
 from ..errors import GptlabError
+from ..tokenizer import EOT_TEXT, BPETokenizer, GPT2Tokenizer, Tokenizer, from_spec, gpt2_ranks, \
+    ranks_to_vocab_merges, vocab_to_ranks
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
     """gptlab config from a HF ``config.json`` dict (model_type ``gpt2`` or ``openai-gpt``)."""
+    if hf.get("model_type") not in ("gpt2", "openai-gpt"):
+        raise GptlabError(f"model_type {hf.get('model_type')!r} is not supported; gptlab imports GPT-2 (gpt2, "
+                          f"distilgpt2, ...) and GPT-1 (openai-gpt) models")
     gpt1 = hf.get("model_type") == "openai-gpt"
     # HF's GPT-1 maps afn="gelu" to the tanh approximation, i.e. gptlab's "gelu_new".
     act = "gelu_new" if gpt1 and hf.get("afn", "gelu") == "gelu" else hf.get("activation_function", "gelu_new")
@@ -60,6 +72,8 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[s
                               f"the file is truncated or not a {'GPT-1' if cfg.norm == 'post' else 'GPT-2'} model")
         t = hf_sd[theirs]
         if theirs.endswith(_CONV1D):
+            if t.dim() != 2:
+                raise GptlabError(f"tensor {theirs!r} has shape {tuple(t.shape)}; a 2-D matrix was expected")
             t = t.t()
         if ours == "wte.weight" or ours == "lm_head.weight":
             t = torch.cat([t, t.new_zeros(cfg.padded_vocab_size - cfg.vocab_size, t.size(1))])
@@ -70,15 +84,180 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[s
 
 
 def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    """Map a gptlab state dict to HF names and layouts (dropping vocabulary padding rows)."""
+    """Map a gptlab state dict to HF names and layouts (dropping vocabulary padding rows; a tied head is left out).
+    A model without biases gets zero biases, which HF's layout requires and which change nothing."""
     out = {}
-    for ours, theirs in _names(cfg):
-        t = sd[ours]
+    full = cfg.replace(bias=True)
+    for ours, theirs in _names(full):
+        t = sd.get(ours)
+        if t is None:  # a bias of a bias-free model
+            weight = sd[ours[: -len("bias")] + "weight"]
+            t = weight.new_zeros(weight.size(0) if ".c_" in ours else weight.size(-1))
         if theirs.endswith(_CONV1D):
             t = t.t()
         if ours in ("wte.weight", "lm_head.weight"):
             t = t[: cfg.vocab_size]
         out[theirs] = t.contiguous()
-    if cfg.tie_weights:
-        out["lm_head.weight"] = out[_names(cfg)[0][1]]
     return out
+
+
+def config_to_hf(cfg: GPTConfig, eot_id: int | None) -> dict[str, Any]:
+    """A HF ``config.json`` for ``cfg`` (dropout 0: these are inference settings)."""
+    common = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.block_size,
+              "vocab_size": cfg.vocab_size, "layer_norm_epsilon": cfg.layer_norm_eps, "initializer_range": cfg.init_std,
+              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "torch_dtype": "float32"}
+    if cfg.norm == "post":
+        if cfg.activation != "gelu_new" or not cfg.tie_weights:
+            raise GptlabError("Hugging Face's GPT-1 (openai-gpt) layout has only the tanh GELU and a tied head; "
+                              "this model cannot be exported to it")
+        return {"architectures": ["OpenAIGPTLMHeadModel"], "model_type": "openai-gpt", "afn": "gelu", **common}
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_ctx": cfg.block_size,
+            "activation_function": cfg.activation, "tie_word_embeddings": cfg.tie_weights,
+            "bos_token_id": eot_id, "eos_token_id": eot_id, **common}
+
+
+def _tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, str]:
+    """The HF tokenizer files for a gptlab tokenizer, as {file name: text}."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+
+    files = {}
+    if isinstance(tok, GPT2Tokenizer):
+        vocab, merges = ranks_to_vocab_merges(gpt2_ranks())
+        vocab[EOT_TEXT] = tok.eot_id
+        files["vocab.json"] = json.dumps(vocab, ensure_ascii=False)
+        files["merges.txt"] = "#version: 0.2\n" + "\n".join(merges) + "\n"
+        hf = HFTokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges]))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        hf.post_processor = processors.ByteLevel(trim_offsets=False)
+        hf.add_special_tokens([EOT_TEXT])
+        cls = "GPT2Tokenizer"
+    elif isinstance(tok, BPETokenizer):
+        hf, cls = tok.tok, "PreTrainedTokenizerFast"
+    else:  # character-level: one token per character, the end-of-text token after them
+        hf = HFTokenizer(models.WordLevel({c: i for i, c in enumerate(tok.chars)}, unk_token=None))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+        hf.decoder = decoders.Fuse()
+        hf.add_special_tokens([EOT_TEXT])
+        cls = "PreTrainedTokenizerFast"
+    files["tokenizer.json"] = hf.to_str()
+    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT} if tok.eot_id is not None else {}
+    files["special_tokens_map.json"] = json.dumps(special)
+    files["tokenizer_config.json"] = json.dumps({"tokenizer_class": cls, "model_max_length": block_size,
+                                                 "add_prefix_space": False, **special})
+    return files
+
+
+def save_hf(model_state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer_spec: dict[str, Any], out: Path,
+            source: str = "") -> Path:
+    """Write a Hugging Face model folder (atomically; an existing folder is not replaced)."""
+    from safetensors.torch import save_file
+
+    from ..train.checkpoint import atomic_dir
+
+    tok = from_spec(tokenizer_spec)
+    hf_config = config_to_hf(cfg, tok.eot_id)
+    with atomic_dir(Path(out), replace=False) as tmp:
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in to_hf_state_dict(model_state, cfg).items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": source or "gptlab"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        gen = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id} if tok.eot_id is not None else {}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        for name, text in _tokenizer_files(tok, cfg.block_size).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return Path(out)
+
+
+def is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def hub_snapshot(name: str) -> Path:
+    """A local copy of a Hugging Face Hub model (its cache when present), or one clear error when offline."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise GptlabError(f"{name!r} is neither a local folder nor a gptlab checkpoint; to fetch it from the Hugging "
+                          f"Face Hub install the hf extra (pip install 'gptlab[hf]'), or pass a local folder") from None
+    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "*.json", "merges.txt", "*.txt"]
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated...: one message for all
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise GptlabError(f"{name!r} is not a local folder and could not be fetched from the Hugging Face Hub "
+                          f"({reason}); if you are offline, pass a "
+                          f"local folder instead: one with config.json and model.safetensors, e.g. made on a "
+                          f"connected machine by `huggingface-cli download {name} --local-dir {name.split('/')[-1]}`"
+                          ) from None
+
+
+def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    from ..train.checkpoint import read_safetensors
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif (path / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated or not a state dict
+            raise GptlabError(f"{path / 'pytorch_model.bin'} cannot be read ({e})") from None
+    else:
+        raise GptlabError(f"{path} has a config.json but no model.safetensors or pytorch_model.bin")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not (path / f).is_file():
+            raise GptlabError(f"{path / f} is missing (listed in model.safetensors.index.json)")
+        sd.update(read_safetensors(path / f))
+    return sd
+
+
+def _normalize_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Accept both ``GPT2LMHeadModel`` names (``transformer.h.0...``) and bare ``GPT2Model`` names (``h.0...``, as
+    the Hub's original gpt2 files have), dropping the attention-mask buffers."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith((".attn.bias", ".attn.masked_bias")):  # not c_attn.bias: that one is a weight
+            continue
+        out[k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k] = v
+    return out
+
+
+def _hf_tokenizer(path: Path) -> Tokenizer | None:
+    """GPT-2's tokenizer when the folder's vocabulary is GPT-2's, else its ``tokenizer.json``, else None."""
+    vocab_file = path / "vocab.json"
+    if vocab_file.is_file() and (path / "merges.txt").is_file():
+        try:
+            if vocab_to_ranks(json.loads(vocab_file.read_text(encoding="utf-8"))) == gpt2_ranks():
+                return GPT2Tokenizer()
+        except GptlabError:
+            pass
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return BPETokenizer(HFTokenizer.from_file(str(path / "tokenizer.json")))
+    return None
+
+
+def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], GPTConfig,
+                                                                     dict[str, Any] | None]:
+    """(gptlab state dict, config, tokenizer spec or None) of a local HF GPT-2 / GPT-1 folder."""
+    from ..train.checkpoint import check_weights
+
+    try:
+        hf_config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise GptlabError(f"{path / 'config.json'} cannot be read ({e})") from None
+    cfg = config_from_hf(hf_config)
+    hf_sd = _normalize_names(_read_hf_weights(path))
+    hf_sd = {k: v.to(dtype) for k, v in hf_sd.items()}
+    for ours, theirs in _names(cfg)[:1] + ([] if cfg.tie_weights else _names(cfg)[-1:]):
+        if theirs in hf_sd and hf_sd[theirs].size(0) != cfg.vocab_size:
+            raise GptlabError(f"{path}: tensor {theirs!r} has {hf_sd[theirs].size(0)} rows, config.json says "
+                              f"vocab_size {cfg.vocab_size}")
+    sd = from_hf_state_dict(hf_sd, cfg)
+    check_weights(sd, cfg, str(path))
+    tok = _hf_tokenizer(path)
+    return sd, cfg, tok.spec() if tok is not None else None

@@ -9,11 +9,13 @@ leaves either the whole checkpoint or none. The last ``keep_last`` checkpoints a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -38,9 +40,60 @@ def _fsync_dir(path: Path) -> None:
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
     return sha256_of(path)
+
+
+def save_model_checkpoint(out: Path, model_state: dict[str, torch.Tensor], cfg: GPTConfig,
+                          tokenizer_spec: dict[str, Any], **extra: Any) -> Path:
+    """A weights-only checkpoint folder (no optimizer state: for inference, evaluation or fine-tuning), written
+    atomically; refuses to replace an existing folder."""
+    with atomic_dir(out, replace=False) as tmp:
+        sha = _save_tensors(weights_for_saving(model_state, cfg), tmp / "model.safetensors")
+        meta = dict(extra, format=FORMAT, version=VERSION, step=extra.get("step", 0), model_config=cfg.to_dict(),
+                    tokenizer=tokenizer_spec, sha256={"model.safetensors": sha})
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    return Path(out)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, or one clear error: a truncated file names the first tensor cut off."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise GptlabError(f"{path} cannot be read: {_diagnose_safetensors(path) or e}") from None
+
+
+def _diagnose_safetensors(path: Path) -> str | None:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+    except (OSError, struct.error, ValueError):
+        return "not a safetensors file (no readable header)"
+    if header is None:
+        return f"the file is truncated inside its header ({size} bytes)"
+    for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                             key=lambda kv: kv[1]["data_offsets"][1]):
+        end = 8 + n + info["data_offsets"][1]
+        if end > size:
+            return f"the file is truncated: tensor {name!r} needs bytes up to {end:,}, the file has {size:,}"
+    return None
+
+
+def check_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, where: str) -> None:
+    """Every tensor a model with ``cfg`` needs is in ``sd`` with the right shape, and nothing else is."""
+    with torch.device("meta"):
+        expected = GPT(cfg).state_dict()
+    for name, t in expected.items():
+        if name not in sd:
+            raise GptlabError(f"{where}: tensor {name!r} is missing")
+        if sd[name].shape != t.shape:
+            raise GptlabError(f"{where}: tensor {name!r} has shape {tuple(sd[name].shape)}, the config needs "
+                              f"{tuple(t.shape)}")
+    extra = set(sd) - set(expected)
+    if extra:
+        raise GptlabError(f"{where}: unexpected tensors {sorted(extra)[:3]}")
 
 
 def weights_for_saving(state_dict: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
@@ -48,17 +101,39 @@ def weights_for_saving(state_dict: dict[str, torch.Tensor], cfg: GPTConfig) -> d
     return {k: v for k, v in state_dict.items() if not (cfg.tie_weights and k == "lm_head.weight")}
 
 
+@contextlib.contextmanager
+def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success every file in it is fsynced and it is renamed to
+    ``final`` (replacing an existing one if ``replace``); on failure it is removed and ``final`` is untouched."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            if not replace:
+                raise GptlabError(f"{final} already exists; choose a new folder (nothing was overwritten)")
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor],
                     optim_state: dict[str, Any], state: dict[str, Any], keep_last: int) -> Path:
     """Write checkpoint ``step`` atomically and prune old ones. ``optim_state`` is a name-keyed optimizer state
     dict (``torch.distributed.checkpoint.state_dict`` layout); ``state`` is JSON-able metadata."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    final = run_dir / "checkpoints" / f"step-{step:07d}"
+    with atomic_dir(final) as tmp:
         cfg = GPTConfig.from_dict(state["model_config"])
         tensors, groups = {}, []
         for name, st in optim_state["state"].items():
@@ -72,18 +147,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
                     sha256={"model.safetensors": _save_tensors(weights_for_saving(model_state, cfg),
                                                                tmp / "model.safetensors"),
                             "optimizer.safetensors": _save_tensors(tensors, tmp / "optimizer.safetensors")})
-        with open(tmp / "state.json", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     keep = {p.name for p in list_checkpoints(run_dir)[-keep_last:]}
     if meta.get("best_step") is not None:
         keep.add(f"step-{meta['best_step']:07d}")
@@ -134,10 +198,7 @@ def _load_tensors(ckpt: Path, name: str, meta: dict[str, Any]) -> dict[str, torc
         raise GptlabError(f"{path} is missing; the checkpoint is incomplete, use another one")
     if sha256_of(path) != meta["sha256"][name]:
         raise GptlabError(f"{path} is corrupt (sha256 mismatch); use another checkpoint")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise GptlabError(f"{path} cannot be read ({e}); use another checkpoint") from None
+    return read_safetensors(path)
 
 
 def load_weights(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -146,17 +207,7 @@ def load_weights(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     sd = _load_tensors(ckpt, "model.safetensors", meta)
     if cfg.tie_weights and "wte.weight" in sd:
         sd["lm_head.weight"] = sd["wte.weight"]
-    with torch.device("meta"):
-        expected = GPT(cfg).state_dict()
-    for name, t in expected.items():
-        if name not in sd:
-            raise GptlabError(f"{ckpt}: tensor {name!r} is missing from model.safetensors")
-        if sd[name].shape != t.shape:
-            raise GptlabError(f"{ckpt}: tensor {name!r} has shape {tuple(sd[name].shape)}, the config needs "
-                              f"{tuple(t.shape)}")
-    extra = set(sd) - set(expected)
-    if extra:
-        raise GptlabError(f"{ckpt}: model.safetensors has unexpected tensors {sorted(extra)[:3]}")
+    check_weights(sd, cfg, f"{ckpt}/model.safetensors")
     return sd
 
 
