@@ -39,6 +39,7 @@ test: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/demo_quality.py
+	$(PY) benchmarks/decode.py
 
 clean:
 	rm -rf runs data .pytest_cache
