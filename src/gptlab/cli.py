@@ -1,4 +1,4 @@
-"""``gptlab <verb>``: prepare, train, sample, convert, exposure, presets. Every verb takes ``--json``.
+"""``gptlab <verb>``: prepare, train, sample, convert, exposure, presets, plan. Every verb takes ``--json``.
 
 User mistakes surface as one line, ``gptlab: error: <what is wrong and how to fix it>``, exit status 2.
 """
@@ -224,6 +224,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .plan import cli as plan_cli
     from .tokenizer import TOKENIZER_KINDS
 
     parser = argparse.ArgumentParser(prog="gptlab", description="Build, pre-train and sample GPT-style models.")
@@ -293,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for sp in sub.choices.values():
         sp.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    plan_cli.add_parser(sub)  # its own sub-verbs, each with --json
     return parser
 
 

@@ -1,0 +1,176 @@
+"""What a transformer's shape implies before anything runs: exact parameter counts and FLOPs per token.
+
+A :class:`Shape` is the planner's view of a model. It covers every gptlab config (:meth:`Shape.from_config`) and
+two things the planner must size although ``model.py`` does not build them (yet): grouped-query attention
+(``n_kv_head < n_head``) and routed mixture-of-experts feed-forward layers (``n_experts`` experts of which
+``experts_per_token`` run per token, plus a linear router), so that Llama- or GPT-4-style models can be planned too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import GPTConfig, preset
+from ..errors import GptlabError
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_layer: int
+    d_model: int
+    n_head: int
+    n_ctx: int
+    vocab_size: int
+    d_ff: int | None = None  # default 4 * d_model
+    n_kv_head: int | None = None  # default n_head (multi-head attention)
+    bias: bool = True
+    tie_weights: bool = True
+    norm: str = "pre"
+    n_experts: int = 1
+    experts_per_token: int = 1
+
+    def __post_init__(self) -> None:
+        problems = [f"{k} must be a positive integer (got {getattr(self, k)!r})"
+                    for k in ("n_layer", "d_model", "n_head", "n_ctx", "vocab_size", "n_experts", "experts_per_token")
+                    if not isinstance(getattr(self, k), int) or getattr(self, k) < 1]
+        if not problems and self.d_model % self.n_head:
+            problems.append(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if not problems and self.n_head % self.kv_heads:
+            problems.append(f"n_head={self.n_head} is not a multiple of n_kv_head={self.kv_heads}")
+        if not problems and self.experts_per_token > self.n_experts:
+            problems.append(f"experts_per_token={self.experts_per_token} exceeds n_experts={self.n_experts}")
+        if problems:
+            raise GptlabError("invalid model shape: " + "; ".join(problems))
+
+    @property
+    def ff(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @classmethod
+    def from_config(cls, cfg: GPTConfig) -> "Shape":
+        return cls(n_layer=cfg.n_layer, d_model=cfg.n_embd, n_head=cfg.n_head, n_ctx=cfg.block_size,
+                   vocab_size=cfg.vocab_size, bias=cfg.bias, tie_weights=cfg.tie_weights, norm=cfg.norm)
+
+    def replace(self, **changes: Any) -> "Shape":
+        return dataclasses.replace(self, **changes)
+
+
+def resolve(model: str | GPTConfig | Shape, **changes: Any) -> Shape:
+    """A Shape from a preset name, a gptlab config or a Shape, with fields replaced (``n_ctx=4096``, ...)."""
+    if isinstance(model, str):
+        model = preset(model)
+    shape = Shape.from_config(model) if isinstance(model, GPTConfig) else model
+    unknown = set(changes) - {f.name for f in dataclasses.fields(Shape)}
+    if unknown:
+        raise GptlabError(f"unknown shape field(s) {sorted(unknown)}; known: "
+                          f"{[f.name for f in dataclasses.fields(Shape)]}")
+    return shape.replace(**changes) if changes else shape
+
+
+def params(s: Shape) -> dict[str, int]:
+    """Exact trainable parameters by component, the way ``GPT.num_params(breakdown=True)`` counts them (a tied head
+    counts 0, vocabulary padding is left out), plus ``non_embedding`` (Kaplan et al. 2020's N: total minus token
+    and position embeddings) and ``active`` (parameters a token passes through: with MoE, only
+    ``experts_per_token`` of the experts' feed-forward weights; equal to ``total`` for dense models)."""
+    d, L, hd, kv = s.d_model, s.n_layer, s.head_dim, s.kv_heads
+    qkv_out = d + 2 * kv * hd  # queries for every head, keys and values for the kv heads
+    b = 1 if s.bias else 0
+    attention = L * (d * qkv_out + b * qkv_out + d * d + b * d)
+    expert = d * s.ff + s.ff * d + b * (s.ff + d)
+    router = L * d * s.n_experts if s.n_experts > 1 else 0
+    norm = d * (1 + b)
+    parts = {"token_embedding": s.vocab_size * d, "position_embedding": s.n_ctx * d, "attention": attention,
+             "mlp": L * s.n_experts * expert + router,
+             "norms": L * 2 * norm + (norm if s.norm == "pre" else 0),
+             "head": 0 if s.tie_weights else s.vocab_size * d}
+    total = sum(parts.values())
+    inactive = L * (s.n_experts - s.experts_per_token) * expert
+    return {**parts, "total": total, "non_embedding": total - parts["token_embedding"] - parts["position_embedding"],
+            "active": total - inactive}
+
+
+def forward_flops_per_token(s: Shape, n_ctx: int | None = None) -> dict[str, float]:
+    """Forward-pass FLOPs per token by operation, Kaplan et al. 2020 Table 1 (a multiply-add = 2 FLOPs), at
+    context ``n_ctx`` (default the model's). MoE counts the experts a token runs through.
+
+    - ``embed`` 4·d_model; ``attention_qkv`` 2·L·d_model·(3·d_attn) (fewer keys/values with GQA);
+      ``attention_mask`` 2·L·n_ctx·d_attn (QKᵀ and A·V over the causal half of the context, as Kaplan counts it);
+      ``attention_project`` 2·L·d_attn·d_model; ``mlp`` 2·L·2·d_model·d_ff (plus the router);
+      ``de_embed`` 2·d_model·n_vocab.
+    - ``kaplan_total`` = 2·N + 2·L·n_ctx·d_attn with N the non-embedding parameters: Table 1's "Total
+      (Non-Embedding)", which leaves out the de-embedding.
+    - ``total``: every matmul, the de-embedding included, and the attention term.
+    """
+    n_ctx = n_ctx or s.n_ctx
+    d, L, hd, kv = s.d_model, s.n_layer, s.head_dim, s.kv_heads
+    p = params(s)
+    mlp = 2 * L * 2 * d * s.ff * s.experts_per_token + (2 * L * d * s.n_experts if s.n_experts > 1 else 0)
+    out = {"embed": 4.0 * d, "attention_qkv": 2.0 * L * d * (d + 2 * kv * hd), "attention_mask": 2.0 * L * n_ctx * d,
+           "attention_project": 2.0 * L * d * d, "mlp": float(mlp), "de_embed": 2.0 * d * s.vocab_size}
+    active_non_embedding = p["active"] - p["token_embedding"] - p["position_embedding"]
+    out["kaplan_total"] = 2.0 * active_non_embedding + out["attention_mask"]
+    out["total"] = sum(out[k] for k in ("attention_qkv", "attention_mask", "attention_project", "mlp", "de_embed"))
+    return out
+
+
+def matmul_params(s: Shape) -> int:
+    """The N of PaLM's 6N: parameters that take part in a matmul per token (active non-embedding weights plus the
+    head, which a tied embedding also serves as). This is nanoGPT's count for a tied model (total minus the
+    position embedding)."""
+    p = params(s)
+    return p["active"] - p["token_embedding"] - p["position_embedding"] + s.vocab_size * s.d_model
+
+
+def training_flops_per_token(s: Shape, seq_len: int | None = None) -> float:
+    """Model FLOPs per trained token per Chowdhery et al. 2022 (PaLM), Appendix B: 6·N + 12·L·H·Q·T, with N the
+    matmul parameters (:func:`matmul_params`), H·Q = d_attn and T the sequence length. The attention term counts
+    the full T×T score matrix (no causal halving), as PaLM does; activation recomputation is not counted (model
+    FLOPs, not hardware FLOPs)."""
+    T = seq_len or s.n_ctx
+    return 6.0 * matmul_params(s) + 12.0 * s.n_layer * s.d_model * T
+
+
+def mfu(s: Shape, tokens_per_second: float, peak_flops: float, seq_len: int | None = None) -> float:
+    """Model FLOPs utilization (PaLM's definition): achieved model FLOP/s over the hardware's peak."""
+    return tokens_per_second * training_flops_per_token(s, seq_len) / peak_flops
+
+
+def attention_cost(s: Shape, contexts: list[int], bytes_per_element: float = 2.0) -> list[dict[str, float]]:
+    """Seed 001's lab 2 done per layer and per sequence of ``n`` tokens, forward pass, no causal skipping:
+
+    - ``scores_flops`` = 2·n²·d_attn (QKᵀ) and ``av_flops`` = 2·n²·d_attn (A·V);
+    - ``rest_flops``: the projections and the MLP, 2·n·(d·(d + 2·kv·hd) + d² + 2·d·d_ff·experts_per_token);
+    - ``score_bytes``: the [n_head, n, n] score matrix a plain kernel materialises (softmax in place), vs a
+      fused (flash) kernel, which keeps only one row statistic per query and head (``flash_bytes``, fp32).
+
+    The two attention matmuls overtake the rest of the layer at n = (rest per token) / (4·d_attn), 6·d for a
+    dense model with d_ff = 4·d (4,608 tokens for GPT-2 small)."""
+    per_token_rest = _layer_matmul_flops(s)
+    rows = []
+    for n in contexts:
+        attn = 4.0 * n * n * s.d_model
+        rows.append({"context": n, "scores_flops": attn / 2, "av_flops": attn / 2, "rest_flops": per_token_rest * n,
+                     "attention_share": attn / (attn + per_token_rest * n),
+                     "score_bytes": s.n_head * n * n * bytes_per_element, "flash_bytes": s.n_head * n * 4.0})
+    return rows
+
+
+def attention_crossover(s: Shape) -> float:
+    """Context length at which QKᵀ + A·V FLOPs equal the rest of the layer's (see :func:`attention_cost`)."""
+    return _layer_matmul_flops(s) / (4.0 * s.d_model)
+
+
+def _layer_matmul_flops(s: Shape) -> float:
+    """Forward FLOPs per token of one layer's weight matmuls (QKV, output projection, the experts run)."""
+    d = s.d_model
+    return 2.0 * (d * (d + 2 * s.kv_heads * s.head_dim) + d * d + 2 * d * s.ff * s.experts_per_token)
