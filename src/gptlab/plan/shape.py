@@ -131,13 +131,16 @@ def matmul_params(s: Shape) -> int:
     return p["active"] - p["token_embedding"] - p["position_embedding"] + s.vocab_size * s.d_model
 
 
+def palm_flops_per_token(n: float, n_layer: int, d_attn: int, seq_len: int) -> float:
+    """Model FLOPs per trained token, Chowdhery et al. 2022 (PaLM), Appendix B: 6·N + 12·L·H·Q·T with H·Q = d_attn
+    (heads × head size) and T the sequence length. The attention term counts the full T×T score matrix (no causal
+    halving), as PaLM does; recomputation is not counted (model FLOPs, not hardware FLOPs)."""
+    return 6.0 * n + 12.0 * n_layer * d_attn * seq_len
+
+
 def training_flops_per_token(s: Shape, seq_len: int | None = None) -> float:
-    """Model FLOPs per trained token per Chowdhery et al. 2022 (PaLM), Appendix B: 6·N + 12·L·H·Q·T, with N the
-    matmul parameters (:func:`matmul_params`), H·Q = d_attn and T the sequence length. The attention term counts
-    the full T×T score matrix (no causal halving), as PaLM does; activation recomputation is not counted (model
-    FLOPs, not hardware FLOPs)."""
-    T = seq_len or s.n_ctx
-    return 6.0 * matmul_params(s) + 12.0 * s.n_layer * s.d_model * T
+    """:func:`palm_flops_per_token` for ``s``, with N the matmul parameters (:func:`matmul_params`)."""
+    return palm_flops_per_token(matmul_params(s), s.n_layer, s.n_head * s.head_dim, seq_len or s.n_ctx)
 
 
 def mfu(s: Shape, tokens_per_second: float, peak_flops: float, seq_len: int | None = None) -> float:
