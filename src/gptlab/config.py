@@ -38,10 +38,20 @@ class GPTConfig:
     pad_vocab_multiple: int = 1  # e.g. 64: embedding/head rows padded for faster matmuls; never sampled
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Mixture of experts (n_experts > 1): routed feed-forward layers, see model.MoE and docs/moe.md.
+    n_experts: int = 1  # 1 = dense
+    experts_per_token: int = 1  # top-k
+    expert_ff: int = 0  # hidden width of each routed expert; 0 = 4 * n_embd (2 * n_embd with top-2 = dense cost)
+    moe_every: int = 1  # MoE in every moe_every-th block (the others stay dense)
+    shared_expert: bool = False  # an always-on dense MLP beside the routed experts
+    capacity_factor: float = 0.0  # training only: keep <= factor * tokens * k / n_experts per expert; 0 = dropless
+    aux_loss_weight: float = 0.01  # Switch/GShard load-balancing loss weight
+    z_loss_weight: float = 0.0  # router z-loss weight (ST-MoE)
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple"):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple", "n_experts",
+                     "experts_per_token", "moe_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name} must be a positive integer (got {value!r})")
@@ -54,12 +64,20 @@ class GPTConfig:
             problems.append(f"activation must be one of {ACTIVATIONS} (got {self.activation!r})")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1) (got {self.dropout!r})")
+        if not problems and self.experts_per_token > self.n_experts:
+            problems.append(f"experts_per_token={self.experts_per_token} exceeds n_experts={self.n_experts}")
+        if self.capacity_factor < 0 or self.aux_loss_weight < 0 or self.z_loss_weight < 0 or self.expert_ff < 0:
+            problems.append("capacity_factor, aux_loss_weight, z_loss_weight and expert_ff must be >= 0")
         if problems:
             raise GptlabError("invalid model config: " + "; ".join(problems))
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Block ``i`` (0-based) is routed when ``n_experts > 1`` and ``i + 1`` is a multiple of ``moe_every``."""
+        return self.n_experts > 1 and (i + 1) % self.moe_every == 0
 
     @property
     def padded_vocab_size(self) -> int:

@@ -149,14 +149,85 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
-class Block(nn.Module):
+class MoE(nn.Module):
+    """Routed feed-forward (Shazeer et al. 2017; GShard; Switch; seed 003's GPT-4 sketch): a linear router, softmax
+    over ``n_experts``, each token sent to its top-k experts with the chosen probabilities renormalized to sum to 1,
+    and the experts' outputs summed with those weights. The experts are GELU MLPs stored stacked ([E, in, out]), so
+    all of them run as one batched matmul over their tokens: assignments are sorted by expert (stably, first choices
+    of all tokens before second choices), scattered into an [E, slots, d] buffer and gathered back with index_add.
+
+    In training with ``capacity_factor > 0`` an expert keeps at most ceil(factor * tokens * k / E) assignments, in
+    that priority order; the rest are dropped (their share is 0, so the token passes through the residual).
+    Evaluation and generation are always dropless, so a row never depends on the others in its batch.
+
+    ``aux_loss`` (after each forward): the Switch/GShard load-balancing loss E * sum_i f_i * P_i, with f_i the
+    fraction of the token-to-expert assignments routed to expert i (before drops) and P_i the mean router
+    probability of expert i, weighted by ``aux_loss_weight``, plus ST-MoE's router z-loss mean(logsumexp(logits)^2)
+    weighted by ``z_loss_weight``. ``stats`` holds the detached load-balancing loss, z-loss, per-expert assignment
+    fractions and dropped fraction, for logging without a host sync."""
+
     def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        E, C, Fh = cfg.n_experts, cfg.n_embd, cfg.expert_ff or 4 * cfg.n_embd
+        self.k, self.capacity_factor = cfg.experts_per_token, cfg.capacity_factor
+        self.weights = (cfg.aux_loss_weight, cfg.z_loss_weight)
+        self.router = nn.Linear(C, E, bias=False)
+        self.fc_weight = nn.Parameter(torch.empty(E, C, Fh))
+        self.proj_weight = nn.Parameter(torch.empty(E, Fh, C))
+        self.fc_bias = nn.Parameter(torch.zeros(E, Fh)) if cfg.bias else None
+        self.proj_bias = nn.Parameter(torch.zeros(E, C)) if cfg.bias else None
+        self.approximate = "tanh" if cfg.activation == "gelu_new" else "none"
+        self.shared = MLP(cfg) if cfg.shared_expert else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.aux_loss: torch.Tensor | None = None
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        x2 = x.reshape(-1, C)
+        N, E = x2.size(0), self.fc_weight.size(0)
+        logits = self.router(x2).float()
+        probs = logits.softmax(-1)
+        weight, expert = probs.topk(self.k, dim=-1)  # [N, k]
+        weight = weight / weight.sum(-1, keepdim=True)
+        # Assignments, slot-major (every first choice before any second choice), then grouped by expert.
+        e, order = torch.sort(expert.t().reshape(-1), stable=True)
+        tok = torch.arange(N, device=x.device).repeat(self.k)[order]
+        w = weight.t().reshape(-1)[order]
+        counts = torch.bincount(e, minlength=E)
+        pos = torch.arange(e.numel(), device=x.device) - (counts.cumsum(0) - counts)[e]  # slot within its expert
+        if self.training and self.capacity_factor > 0:
+            slots = math.ceil(self.capacity_factor * N * self.k / E)
+            keep = pos < slots
+            e, tok, w, pos = e[keep], tok[keep], w[keep], pos[keep]
+        else:
+            slots = int(counts.max())
+        xe = x2.new_zeros(E, slots, C)
+        xe[e, pos] = x2[tok]
+        h = torch.bmm(xe, self.fc_weight) if self.fc_bias is None else torch.baddbmm(self.fc_bias[:, None], xe,
+                                                                                      self.fc_weight)
+        h = F.gelu(h, approximate=self.approximate)
+        ye = torch.bmm(h, self.proj_weight) if self.proj_bias is None else torch.baddbmm(self.proj_bias[:, None], h,
+                                                                                         self.proj_weight)
+        out = torch.zeros_like(x2).index_add_(0, tok, (ye[e, pos] * w[:, None]).to(x2.dtype))
+        fraction = counts.float() / (N * self.k)
+        balance = E * (fraction * probs.mean(0)).sum()
+        z = torch.logsumexp(logits, -1).pow(2).mean()
+        self.aux_loss = self.weights[0] * balance + self.weights[1] * z
+        self.stats = {"balance_loss": balance.detach(), "z_loss": z.detach(), "expert_fraction": fraction.detach(),
+                      "dropped_fraction": 1.0 - torch.tensor(float(e.numel()), device=x.device) / (N * self.k)}
+        out = self.dropout(out.view(B, T, C))
+        return out if self.shared is None else out + self.shared(x)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, index: int = 0) -> None:
         super().__init__()
         self.prenorm = cfg.norm == "pre"
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg)
 
     def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         if self.prenorm:  # GPT-2/3
@@ -174,7 +245,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(V, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         # GPT-1 (post-norm) ends on the last block's LayerNorm; pre-norm models need a final one.
         self.ln_f = (nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
                      if cfg.norm == "pre" else nn.Identity())
@@ -188,8 +259,10 @@ class GPT(nn.Module):
         of each block scaled by 1/sqrt(2 * n_layer) (Radford et al. 2019, section 2.3)."""
         std = self.config.init_std
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith(("c_proj.weight", "mlp.proj_weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
             elif p.dim() >= 2:
                 nn.init.normal_(p, 0.0, std)
             elif ".ln_" in name or name.startswith("ln_f"):
@@ -222,16 +295,24 @@ class GPT(nn.Module):
         if targets is not None:
             x = x.reshape(-1, x.size(-1))
             chunk_rows = max(1, 2**26 // self.lm_head.weight.size(0))  # <= 256 MB of fp32 logits at a time
-            return None, LinearCrossEntropy.apply(x, self.lm_head.weight, targets.reshape(-1), V, chunk_rows)
+            loss = LinearCrossEntropy.apply(x, self.lm_head.weight, targets.reshape(-1), V, chunk_rows)
+            moe = self.moe_layers()
+            if moe and self.training:  # the routers' auxiliary losses, averaged over the MoE layers
+                loss = loss + sum(m.aux_loss for m in moe) / len(moe)
+            return None, loss
         logits = self.lm_head(x)
         if logits.size(-1) != V:  # padded rows: never sampled
             logits = logits[..., :V]
         return logits, None
 
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.h if isinstance(b.mlp, MoE)]
+
     def num_params(self, breakdown: bool = False) -> int | dict[str, int]:
         """Trainable parameters, each shared tensor counted once (tied head = 0) and vocabulary padding rows left
-        out. ``breakdown=True`` returns a dict per component plus ``total`` and Kaplan's ``non_embedding`` count
-        (total minus token and position embeddings)."""
+        out. ``breakdown=True`` returns a dict per component plus ``total``, Kaplan's ``non_embedding`` count
+        (total minus token and position embeddings) and ``active`` (what one token passes through: with MoE, only
+        ``experts_per_token`` of each MoE layer's experts; the router and a shared expert count in ``mlp``)."""
         cfg = self.config
         pad_rows = cfg.padded_vocab_size - cfg.vocab_size
         parts = {"token_embedding": 0, "position_embedding": 0, "attention": 0, "mlp": 0, "norms": 0, "head": 0}
@@ -255,5 +336,7 @@ class GPT(nn.Module):
         total = sum(parts.values())
         if not breakdown:
             return total
-        return {**parts, "total": total,
-                "non_embedding": total - parts["token_embedding"] - parts["position_embedding"]}
+        idle = sum(sum(p.numel() for p in (m.fc_weight, m.proj_weight, m.fc_bias, m.proj_bias) if p is not None)
+                   * (cfg.n_experts - cfg.experts_per_token) // cfg.n_experts for m in self.moe_layers())
+        return {**parts, "total": total, "non_embedding": total - parts["token_embedding"] - parts["position_embedding"],
+                "active": total - idle}

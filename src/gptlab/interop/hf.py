@@ -103,6 +103,9 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, t
 
 def config_to_hf(cfg: GPTConfig, eot_id: int | None) -> dict[str, Any]:
     """A HF ``config.json`` for ``cfg`` (dropout 0: these are inference settings)."""
+    if cfg.n_experts > 1:
+        raise GptlabError("this is a mixture-of-experts model, which Hugging Face's GPT-2 layout cannot hold; keep it "
+                          "as a gptlab checkpoint")
     common = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.block_size,
               "vocab_size": cfg.vocab_size, "layer_norm_epsilon": cfg.layer_norm_eps, "initializer_range": cfg.init_std,
               "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "torch_dtype": "float32"}

@@ -215,7 +215,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("model", help="preset name (gpt2, gpt3-175b, ...)")
         q.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="shape field: n_layer, d_model, n_head, n_kv_head, d_ff, n_ctx, vocab_size, bias, "
-                            "tie_weights, norm, n_experts, experts_per_token")
+                            "tie_weights, norm, n_experts, experts_per_token, expert_ff, moe_every, shared_expert")
         if hw:
             hw_args(q)
 

@@ -1,9 +1,9 @@
 """What a transformer's shape implies before anything runs: exact parameter counts and FLOPs per token.
 
-A :class:`Shape` is the planner's view of a model. It covers every gptlab config (:meth:`Shape.from_config`) and
-two things the planner must size although ``model.py`` does not build them (yet): grouped-query attention
-(``n_kv_head < n_head``) and routed mixture-of-experts feed-forward layers (``n_experts`` experts of which
-``experts_per_token`` run per token, plus a linear router), so that Llama- or GPT-4-style models can be planned too.
+A :class:`Shape` is the planner's view of a model. It covers every gptlab config (:meth:`Shape.from_config`),
+routed mixture-of-experts layers included (``n_experts`` experts of which ``experts_per_token`` run per token, a
+linear router, optionally in every ``moe_every``-th layer and with a shared expert), and grouped-query attention
+(``n_kv_head < n_head``), which ``model.py`` does not build, so that Llama- or GPT-4-style models can be planned.
 """
 
 from __future__ import annotations
@@ -30,10 +30,14 @@ class Shape:
     norm: str = "pre"
     n_experts: int = 1
     experts_per_token: int = 1
+    expert_ff: int | None = None  # hidden width of a routed expert; default d_ff
+    moe_every: int = 1  # every moe_every-th layer is routed (when n_experts > 1)
+    shared_expert: bool = False  # an always-on MLP beside the routed experts in MoE layers
 
     def __post_init__(self) -> None:
         problems = [f"{k} must be a positive integer (got {getattr(self, k)!r})"
-                    for k in ("n_layer", "d_model", "n_head", "n_ctx", "vocab_size", "n_experts", "experts_per_token")
+                    for k in ("n_layer", "d_model", "n_head", "n_ctx", "vocab_size", "n_experts", "experts_per_token",
+                              "moe_every")
                     if not isinstance(getattr(self, k), int) or getattr(self, k) < 1]
         if not problems and self.d_model % self.n_head:
             problems.append(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
@@ -56,10 +60,16 @@ class Shape:
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
+    @property
+    def moe_layers(self) -> int:
+        return self.n_layer // self.moe_every if self.n_experts > 1 else 0
+
     @classmethod
     def from_config(cls, cfg: GPTConfig) -> "Shape":
         return cls(n_layer=cfg.n_layer, d_model=cfg.n_embd, n_head=cfg.n_head, n_ctx=cfg.block_size,
-                   vocab_size=cfg.vocab_size, bias=cfg.bias, tie_weights=cfg.tie_weights, norm=cfg.norm)
+                   vocab_size=cfg.vocab_size, bias=cfg.bias, tie_weights=cfg.tie_weights, norm=cfg.norm,
+                   n_experts=cfg.n_experts, experts_per_token=cfg.experts_per_token,
+                   expert_ff=cfg.expert_ff or None, moe_every=cfg.moe_every, shared_expert=cfg.shared_expert)
 
     def replace(self, **changes: Any) -> "Shape":
         return dataclasses.replace(self, **changes)
@@ -86,15 +96,18 @@ def params(s: Shape) -> dict[str, int]:
     qkv_out = d + 2 * kv * hd  # queries for every head, keys and values for the kv heads
     b = 1 if s.bias else 0
     attention = L * (d * qkv_out + b * qkv_out + d * d + b * d)
-    expert = d * s.ff + s.ff * d + b * (s.ff + d)
-    router = L * d * s.n_experts if s.n_experts > 1 else 0
+    dense = 2 * d * s.ff + b * (s.ff + d)
+    ef = s.expert_ff or s.ff
+    expert = 2 * d * ef + b * (ef + d)
+    M = s.moe_layers  # routed layers: n_experts experts, a router, maybe a shared (dense-width) expert
+    mlp = (L - M) * dense + M * (s.n_experts * expert + d * s.n_experts + (dense if s.shared_expert else 0))
     norm = d * (1 + b)
     parts = {"token_embedding": s.vocab_size * d, "position_embedding": s.n_ctx * d, "attention": attention,
-             "mlp": L * s.n_experts * expert + router,
+             "mlp": mlp,
              "norms": L * 2 * norm + (norm if s.norm == "pre" else 0),
              "head": 0 if s.tie_weights else s.vocab_size * d}
     total = sum(parts.values())
-    inactive = L * (s.n_experts - s.experts_per_token) * expert
+    inactive = M * (s.n_experts - s.experts_per_token) * expert
     return {**parts, "total": total, "non_embedding": total - parts["token_embedding"] - parts["position_embedding"],
             "active": total - inactive}
 
@@ -114,7 +127,9 @@ def forward_flops_per_token(s: Shape, n_ctx: int | None = None) -> dict[str, flo
     n_ctx = n_ctx or s.n_ctx
     d, L, hd, kv = s.d_model, s.n_layer, s.head_dim, s.kv_heads
     p = params(s)
-    mlp = 2 * L * 2 * d * s.ff * s.experts_per_token + (2 * L * d * s.n_experts if s.n_experts > 1 else 0)
+    M = s.moe_layers
+    dense_runs = (L - M) + (M if s.shared_expert else 0)  # dense-width MLPs a token runs through
+    mlp = 2 * 2 * d * (s.ff * dense_runs + (s.expert_ff or s.ff) * M * s.experts_per_token) + 2 * M * d * s.n_experts
     out = {"embed": 4.0 * d, "attention_qkv": 2.0 * L * d * (d + 2 * kv * hd), "attention_mask": 2.0 * L * n_ctx * d,
            "attention_project": 2.0 * L * d * d, "mlp": float(mlp), "de_embed": 2.0 * d * s.vocab_size}
     active_non_embedding = p["active"] - p["token_embedding"] - p["position_embedding"]
@@ -152,7 +167,7 @@ def attention_cost(s: Shape, contexts: list[int], bytes_per_element: float = 2.0
     """Seed 001's lab 2 done per layer and per sequence of ``n`` tokens, forward pass, no causal skipping:
 
     - ``scores_flops`` = 2·n²·d_attn (QKᵀ) and ``av_flops`` = 2·n²·d_attn (A·V);
-    - ``rest_flops``: the projections and the MLP, 2·n·(d·(d + 2·kv·hd) + d² + 2·d·d_ff·experts_per_token);
+    - ``rest_flops``: the projections and the MLPs a token runs through (2·n·(4·d² + 2·d·d_ff) when dense);
     - ``score_bytes``: the [n_head, n, n] score matrix a plain kernel materialises (softmax in place), vs a
       fused (flash) kernel, which keeps only one row statistic per query and head (``flash_bytes``, fp32).
 
@@ -174,6 +189,7 @@ def attention_crossover(s: Shape) -> float:
 
 
 def _layer_matmul_flops(s: Shape) -> float:
-    """Forward FLOPs per token of one layer's weight matmuls (QKV, output projection, the experts run)."""
+    """Forward FLOPs per token of an average layer's weight matmuls (QKV, output projection, the MLPs it runs)."""
     d = s.d_model
-    return 2.0 * (d * (d + 2 * s.kv_heads * s.head_dim) + d * d + 2 * d * s.ff * s.experts_per_token)
+    mlp = forward_flops_per_token(s)["mlp"] / s.n_layer
+    return 2.0 * (d * (d + 2 * s.kv_heads * s.head_dim) + d * d) + mlp

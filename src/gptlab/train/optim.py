@@ -10,11 +10,14 @@ from .config import TrainConfig
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW; weight decay on >= 2-D tensors (matmul weights, embeddings), none on biases and LayerNorm gains.
-    Uses the fused single-kernel implementation (CPU and CUDA) when torch offers it."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    """AdamW; weight decay on >= 2-D tensors (matmul weights, embeddings), none on biases (also the experts' stacked
+    [n_experts, features] biases) and LayerNorm gains. Uses the fused single-kernel implementation (CPU and CUDA)
+    when torch offers it."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    decay = [p.dim() >= 2 and not n.endswith("bias") for n, p in named]
+    groups = [{"params": [p for p, d in zip(params, decay) if d], "weight_decay": cfg.weight_decay},
+              {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0}]
     fused = device_type in ("cpu", "cuda") and all(type(p) is torch.nn.Parameter for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 

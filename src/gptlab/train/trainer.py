@@ -95,6 +95,13 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def moe_stats(model: GPT) -> dict[str, Any]:
+    """The last micro-batch's router statistics, per MoE layer: load-balancing loss, z-loss, the fraction of
+    assignments each expert received, and the fraction dropped by the capacity limit."""
+    stats = [m.stats for m in model.moe_layers()]
+    return {f"moe_{k}": [s[k].tolist() for s in stats] for k in stats[0]}
+
+
 def keep_freed_memory_in_heap() -> None:
     """On glibc, tensors over 32 MB (GPT-2's 200 MB logits, its embedding gradient) are mmapped and handed back to
     the OS when freed, so every CPU training step page-faults them in again. Serving them from the heap and not
@@ -264,6 +271,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
             t_log, step_log = now, done
             for i, loss_i in enumerate(losses):
                 metrics.write(step=done - len(losses) + i + 1, loss=loss_i)
+            if raw.moe_layers():
+                metrics.write(step=done, **moe_stats(raw))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
             t_side = time.perf_counter()
             if done % cfg.eval_interval == 0 or is_ckpt:
