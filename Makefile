@@ -40,6 +40,7 @@ bench: $(VENV)/.dev
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/demo_quality.py
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/moe.py
 
 clean:
 	rm -rf runs data .pytest_cache

@@ -147,6 +147,7 @@ def test_generation_with_moe_uses_the_cache_exactly():
     batched = [c.tokens for c in engine.generate_tokens(prompts, 20, greedy)]
     alone = [engine.generate_tokens([p], 20, greedy)[0].tokens for p in prompts]
     assert batched == alone
+    assert Engine(model, compile=True).generate_tokens(prompts[:1], 20, greedy)[0].tokens == alone[0]
     seq = prompts[0] + alone[0]
     with torch.no_grad():
         full, _ = model(torch.tensor([seq[:-1]]))

@@ -158,7 +158,9 @@ class MoE(nn.Module):
 
     In training with ``capacity_factor > 0`` an expert keeps at most ceil(factor * tokens * k / E) assignments, in
     that priority order; the rest are dropped (their share is 0, so the token passes through the residual).
-    Evaluation and generation are always dropless, so a row never depends on the others in its batch.
+    Evaluation and generation are always dropless, so a row never depends on the others in its batch. A compiled
+    evaluation graph (the engine's compiled decode step) sizes every expert's buffer for all tokens, keeping shapes
+    static; elsewhere the buffer is as long as the busiest expert's list.
 
     ``aux_loss`` (after each forward): the Switch/GShard load-balancing loss E * sum_i f_i * P_i, with f_i the
     fraction of the token-to-expert assignments routed to expert i (before drops) and P_i the mean router
@@ -200,6 +202,8 @@ class MoE(nn.Module):
             slots = math.ceil(self.capacity_factor * N * self.k / E)
             keep = pos < slots
             e, tok, w, pos = e[keep], tok[keep], w[keep], pos[keep]
+        elif not self.training and torch.compiler.is_compiling():  # static shapes (compiled decoding): room for all
+            slots = N
         else:
             slots = int(counts.max())
         xe = x2.new_zeros(E, slots, C)
