@@ -30,21 +30,26 @@ def cmd_prepare(args: argparse.Namespace) -> None:
                       f"(vocab {meta['vocab_size']:,}, {meta['dtype']}) in {meta['out_dir']} [{meta['seconds']}s]")
 
 
+def parse_set(items: list[str] | None, example: str = "n_layer=6") -> dict[str, Any]:
+    """``--set key=value`` flags as a dict, each value read as JSON when it parses (6, 0.1, true) else as text."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise GptlabError(f"--set {item!r}: expected key=value, e.g. --set {example}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     from .train.config import TrainConfig
 
     overrides = {f.name: getattr(args, f.name) for f in TrainConfig.fields() if f.name != "model_overrides"}
     if args.set:
-        model_overrides = {}
-        for item in args.set:
-            key, sep, raw = item.partition("=")
-            if not sep:
-                raise GptlabError(f"--set {item!r}: expected key=value, e.g. --set n_layer=6")
-            try:
-                model_overrides[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                model_overrides[key] = raw
-        overrides["model_overrides"] = model_overrides
+        overrides["model_overrides"] = parse_set(args.set)
     return overrides
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import GptlabError
 from .hardware import HARDWARE, PF_DAY, hardware, training_time
 from .memory import DTYPE_BYTES, OPTIMIZERS, RECOMPUTE, inference, kv_cache_bytes, training_memory, weights_bytes
-from .scaling import HOFFMANN, LAWS, METHODS, compare_allocations
+from .scaling import LAWS, compare_allocations
 from .shape import (Shape, attention_cost, attention_crossover, forward_flops_per_token, matmul_params, mfu, params,
                     resolve, training_flops_per_token)
 
@@ -41,16 +41,9 @@ def gb(x: float) -> str:
 
 
 def _shape(args: argparse.Namespace) -> Shape:
-    changes: dict[str, Any] = {}
-    for item in args.set or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise GptlabError(f"--set {item!r}: expected key=value, e.g. --set n_ctx=4096")
-        try:
-            changes[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            changes[key] = raw
-    return resolve(args.model, **changes)
+    from ..cli import parse_set
+
+    return resolve(args.model, **parse_set(args.set, "n_ctx=4096"))
 
 
 def _hw(args: argparse.Namespace):
