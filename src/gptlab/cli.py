@@ -1,4 +1,4 @@
-"""``gptlab <verb>``: prepare, train, sample, convert, exposure, presets, plan. Every verb takes ``--json``.
+"""``gptlab <verb>``: prepare, train, sample, convert, exposure, presets, plan, eval. Every verb takes ``--json``.
 
 User mistakes surface as one line, ``gptlab: error: <what is wrong and how to fix it>``, exit status 2.
 """
@@ -229,6 +229,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval import cli as eval_cli
     from .plan import cli as plan_cli
     from .tokenizer import TOKENIZER_KINDS
 
@@ -299,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for sp in sub.choices.values():
         sp.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    plan_cli.add_parser(sub)  # its own sub-verbs, each with --json
+    plan_cli.add_parser(sub)  # these two have sub-verbs, each with --json
+    eval_cli.add_parser(sub)
     return parser
 
 

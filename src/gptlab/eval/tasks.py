@@ -1,0 +1,250 @@
+"""Evaluation tasks, defined as EleutherAI's lm-evaluation-harness defines them so numbers compare with published
+ones: perplexity with a sliding window, LAMBADA (OpenAI's version), multiple choice (HellaSwag and a generic format)
+and the zero/one/few-shot in-context classification harness of seed 002."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..assets import cache_dir, fetch_url, sha256_of, verified, atomic_write_bytes
+from ..errors import GptlabError
+from ..model import GPT
+from ..tokenizer import Tokenizer
+from .scoring import loglikelihoods, perplexity_report, rolling_nll
+
+LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
+LAMBADA_SHA256 = "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226"
+SENTIMENT = Path(__file__).with_name("data") / "sentiment.jsonl"
+
+
+def read_jsonl(path: str | Path, fields: Sequence[str], limit: int | None = None) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file, each required to hold ``fields``; a bad line is one error naming it."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise GptlabError(f"cannot read {path}: {e.strerror}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GptlabError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        missing = [f for f in fields if not isinstance(rec, dict) or f not in rec]
+        if missing:
+            raise GptlabError(f"{path}:{n}: missing field(s) {missing}; each line needs {list(fields)}")
+        out.append(rec)
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise GptlabError(f"{path} holds no records")
+    return out
+
+
+def _data_info(path: Path) -> dict[str, str]:
+    return {"data": str(path), "data_sha256": sha256_of(path)}
+
+
+def perplexity(model: GPT, tok: Tokenizer, paths: Sequence[str], stride: int | None = None, batch_size: int = 8,
+               limit: int | None = None) -> dict[str, Any]:
+    """Sliding-window perplexity of text files (folders: their ``*.txt``), per token, per word and per byte. The
+    documents are scored one after another, each from its own start; ``limit`` caps the tokens per document."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.rglob("*.txt")) if p.is_dir() else [p]
+    if not files:
+        raise GptlabError(f"no text files in {', '.join(paths)}")
+    nll, n_tok, words, n_bytes = 0.0, 0, 0, 0
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise GptlabError(f"cannot read {f} as UTF-8 text ({e})") from None
+        ids = tok.encode(text)[:limit] if limit else tok.encode(text)
+        if limit:
+            text = tok.decode(ids)
+        d_nll, d_tok = rolling_nll(model, ids, stride, batch_size)
+        nll, n_tok = nll + d_nll, n_tok + d_tok
+        words += len(re.findall(r"\S+", text))
+        n_bytes += len(text.encode("utf-8"))
+    return {"task": "perplexity", "version": 1, "files": [str(f) for f in files], "stride": stride or
+            model.config.block_size // 2, **perplexity_report(nll, n_tok, words, n_bytes)}
+
+
+def lambada_path(path: str | None) -> Path:
+    """The LAMBADA test set: ``path`` when given, else the cached copy, else downloaded (sha256-checked)."""
+    if path:
+        return Path(path)
+    cached = cache_dir() / "lambada_test.jsonl"
+    if not verified(cached, LAMBADA_SHA256):
+        try:
+            atomic_write_bytes(cached, fetch_url(LAMBADA_URL, LAMBADA_SHA256))
+        except GptlabError as e:
+            raise GptlabError(f"{e}. LAMBADA is not on the package index: download {LAMBADA_URL} once where the "
+                              f"internet is reachable and pass it with --path") from None
+    return cached
+
+
+def lambada(model: GPT, tok: Tokenizer, path: str | None = None, limit: int | None = None,
+            batch_size: int = 8) -> dict[str, Any]:
+    """OpenAI's LAMBADA as lm-eval's ``lambada_openai``: context = the passage up to its last space, target = " " +
+    the last word; ``acc`` = every target token is the greedy choice; ``perplexity`` = exp(-mean log p(target))."""
+    p = lambada_path(path)
+    docs = read_jsonl(p, ["text"], limit)
+    requests = []
+    for d in docs:
+        ctx, _, word = d["text"].strip().rpartition(" ")
+        requests.append((tok.encode(ctx), tok.encode(" " + word)))
+    scores = loglikelihoods(model, requests, batch_size)
+    lls = [lp for lp, _ in scores]
+    return {"task": "lambada_openai", "version": 1, **_data_info(p), "n": len(docs),
+            "acc": sum(g for _, g in scores) / len(scores), "perplexity": math.exp(-sum(lls) / len(lls))}
+
+
+def _hellaswag_text(text: str) -> str:
+    """lm-eval's HellaSwag preprocessing: strip, drop " [title]", bracketed tags, double spaces."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def multiple_choice(model: GPT, tok: Tokenizer, path: str, limit: int | None = None,
+                    batch_size: int = 8) -> dict[str, Any]:
+    """Each choice scored as a continuation (" " + choice) of the context. ``acc``: the highest log-likelihood;
+    ``acc_norm``: the highest log-likelihood per character of the choice (lm-eval); ``acc_norm_tokens``: per token
+    (llm.c's HellaSwag). Reads HellaSwag's jsonl (``ctx_a``, ``ctx_b``, ``activity_label``, ``endings``,
+    ``label``) or ``{"context", "choices", "label"}``."""
+    p = Path(path)
+    first = read_jsonl(p, [], 1)[0]
+    hellaswag = "endings" in first
+    docs = read_jsonl(p, ["ctx_a", "ctx_b", "activity_label", "endings", "label"] if hellaswag
+                      else ["context", "choices", "label"], limit)
+    items = []
+    for n, d in enumerate(docs):
+        if hellaswag:
+            ctx = _hellaswag_text(d["activity_label"] + ": " + d["ctx_a"] + " " + d["ctx_b"].capitalize())
+            choices = [_hellaswag_text(e) for e in d["endings"]]
+        else:
+            ctx, choices = d["context"], list(d["choices"])
+        label = int(d["label"])
+        if not choices or not 0 <= label < len(choices):
+            raise GptlabError(f"{p}: record {n + 1} has label {label} for {len(choices)} choice(s)")
+        items.append((tok.encode(ctx), [tok.encode(" " + c) for c in choices], [len(c) for c in choices], label))
+    requests = [(ctx, c) for ctx, conts, _, _ in items for c in conts]
+    lls = iter(lp for lp, _ in loglikelihoods(model, requests, batch_size))
+    acc = acc_norm = acc_tok = 0
+    for ctx, conts, chars, label in items:
+        ll = [next(lls) for _ in conts]
+        acc += max(range(len(ll)), key=lambda i: ll[i]) == label
+        acc_norm += max(range(len(ll)), key=lambda i: ll[i] / chars[i]) == label
+        acc_tok += max(range(len(ll)), key=lambda i: ll[i] / len(conts[i])) == label
+    n = len(items)
+    return {"task": "hellaswag" if hellaswag else "multiple_choice", "version": 1, **_data_info(p), "n": n,
+            "acc": acc / n, "acc_norm": acc_norm / n, "acc_norm_tokens": acc_tok / n}
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a binomial proportion."""
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def fewshot_prompt(shots: Sequence[dict[str, Any]], query: str, template: str, separator: str = "\n\n") -> str:
+    """The examples, filled into ``template`` ({text}, {label}), then the query with the label left out."""
+    head = template.split("{label}")[0].rstrip(" ")
+    return "".join(template.format(text=s["text"], label=s["label"]) + separator for s in shots) + \
+        head.format(text=query)
+
+
+def fewshot(model: GPT, tok: Tokenizer, path: str | None = None, train_path: str | None = None,
+            shots: Sequence[int] = (0, 1, 5, 10), template: str = "Input: {text}\nLabel: {label}",
+            seed: int = 0, calibrate: bool = False, limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+    """Seed 002's in-context learning experiment, generalised. For each k, every query gets k examples drawn
+    (seeded, per query) from the training pool without the query itself; each label is scored by the
+    log-probability of its whole token sequence (" " + label) after the prompt, and the most likely label is the
+    prediction. ``calibrate`` divides each label's probability (normalised over the labels) by the same
+    probability for the content-free input "N/A" with the same examples (Zhao et al. 2021). Accuracy per k with a
+    95 % Wilson interval. Defaults to the sentiment set shipped with gptlab (split into train and test)."""
+    p = Path(path) if path else SENTIMENT
+    docs = read_jsonl(p, ["text", "label"])
+    if train_path:
+        pool, test = read_jsonl(train_path, ["text", "label"]), docs
+    elif path:
+        pool, test = docs, docs
+    else:
+        pool, test = [d for d in docs if d.get("split") == "train"], [d for d in docs if d.get("split") == "test"]
+    test = test[:limit] if limit else test
+    labels = sorted({str(d["label"]) for d in pool + test})
+    if len(labels) < 2:
+        raise GptlabError(f"{p}: the data has fewer than two labels; few-shot classification needs at least two")
+    label_ids = [tok.encode(" " + lab) for lab in labels]
+    results = []
+    for k in shots:
+        if k > len(pool) - 1:
+            raise GptlabError(f"{k} shots need at least {k + 1} training examples; the pool has {len(pool)}")
+        prompts, cf_prompts = [], []
+        for qi, q in enumerate(test):
+            rng = random.Random(seed * 1_000_003 + qi)
+            candidates = [d for d in pool if d["text"] != q["text"]]
+            examples = rng.sample(candidates, k)
+            prompts.append(fewshot_prompt(examples, q["text"], template))
+            cf_prompts.append(fewshot_prompt(examples, "N/A", template))
+        probs = _label_probs(model, tok, prompts, label_ids, batch_size)
+        if calibrate:
+            cf = _label_probs(model, tok, cf_prompts, label_ids, batch_size)
+            probs = [[p_ / c for p_, c in zip(row, cfr)] for row, cfr in zip(probs, cf)]
+        correct = sum(labels[max(range(len(labels)), key=row.__getitem__)] == str(q["label"])
+                      for row, q in zip(probs, test))
+        lo, hi = wilson_interval(correct, len(test))
+        results.append({"shots": k, "acc": correct / len(test), "ci95": [lo, hi], "n": len(test)})
+    return {"task": "fewshot", "version": 1, **_data_info(p), "labels": labels, "template": template, "seed": seed,
+            "calibrated": calibrate, "results": results}
+
+
+def _label_probs(model: GPT, tok: Tokenizer, prompts: list[str], label_ids: list[list[int]],
+                 batch_size: int) -> list[list[float]]:
+    """Per prompt, each label's probability normalised over the labels."""
+    requests = [(tok.encode(pr), ids) for pr in prompts for ids in label_ids]
+    lls = [lp for lp, _ in loglikelihoods(model, requests, batch_size)]
+    out = []
+    for i in range(len(prompts)):
+        row = lls[i * len(label_ids):(i + 1) * len(label_ids)]
+        m = max(row)
+        z = sum(math.exp(v - m) for v in row)
+        out.append([math.exp(v - m) / z for v in row])
+    return out
+
+
+def fewshot_plot(result: dict[str, Any], out: Path, title: str) -> Path:
+    """Accuracy against the number of shots, with the 95 % intervals, as PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..assets import atomic_file
+
+    rows = result["results"]
+    k = [r["shots"] for r in rows]
+    acc = [r["acc"] for r in rows]
+    err = [[a - r["ci95"][0] for a, r in zip(acc, rows)], [r["ci95"][1] - a for a, r in zip(acc, rows)]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(k, acc, yerr=err, fmt="o-", capsize=4)
+    ax.axhline(1 / len(result["labels"]), color="gray", ls="--", label="chance")
+    ax.set(xlabel="examples in the prompt (shots)", ylabel="accuracy", ylim=(0, 1), title=title, xticks=k)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_file(Path(out)) as f:
+        fig.savefig(f, dpi=120, format="png")
+    plt.close(fig)
+    return Path(out)

@@ -1,0 +1,209 @@
+"""Evaluation against independent computations written here with transformers (same random weights in both
+libraries), hand-worked values, and invariants (batch size changes no score)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from gptlab.config import GPTConfig
+from gptlab.errors import GptlabError
+from gptlab.eval import fewshot, fewshot_prompt, lambada, loglikelihoods, multiple_choice, perplexity, read_jsonl, \
+    rolling_nll, wilson_interval
+from gptlab.tokenizer import GPT2Tokenizer
+
+from .test_interop import run_cli
+from .test_model import hf_pair
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=50257, init_std=0.1)
+    return hf_pair(cfg)
+
+
+def hf_logprobs(hf, ids):
+    """log p(ids[i] | ids[:i]) for i >= 1, from transformers."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids[:-1]])).logits[0].float().log_softmax(-1)
+    return logits.gather(1, torch.tensor(ids[1:])[:, None])[:, 0], logits.argmax(-1)
+
+
+def test_loglikelihoods_equal_transformers_and_do_not_depend_on_batch_size(pair):
+    hf, ours = pair
+    g = torch.Generator().manual_seed(1)
+    requests = []
+    for n_ctx, n_cont in [(5, 1), (30, 4), (12, 2), (70, 3), (1, 6)]:  # 70 + 3 > 64: the context is cut
+        ctx = torch.randint(0, 50257, (n_ctx,), generator=g).tolist()
+        requests.append((ctx, torch.randint(0, 50257, (n_cont,), generator=g).tolist()))
+    # one request whose continuation is transformers' own greedy choice
+    ctx = requests[0][0]
+    with torch.no_grad():
+        nxt = hf(torch.tensor([ctx])).logits[0, -1].argmax().item()
+    requests.append((ctx, [nxt]))
+    ref = []
+    for ctx, cont in requests:
+        whole = (ctx + cont)[-65:]
+        lp, am = hf_logprobs(hf, whole)
+        n = len(cont)
+        ref.append((lp[-n:].sum().item(), bool((am[-n:] == torch.tensor(cont)).all())))
+    for bs in (1, 3, 8):
+        got = loglikelihoods(ours, requests, bs)
+        assert [g_ for _, g_ in got] == [r for _, r in ref] and got[-1][1]
+        assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in ref], rel=1e-4, abs=1e-3)
+
+
+def test_rolling_perplexity_scores_each_token_once_with_its_window(pair):
+    hf, ours = pair
+    ids = torch.randint(0, 50257, (300,), generator=torch.Generator().manual_seed(2)).tolist()
+    block, stride = 64, 16
+    # independent: token i is scored by the first window [b, b + block + 1) with b a multiple of the stride that
+    # contains it, i.e. with context ids[b:i]
+    total = 0.0
+    for i in range(1, len(ids)):
+        b = 0
+        while b + block + 1 <= i:
+            b += stride
+        lp, _ = hf_logprobs(hf, ids[b:i + 1])
+        total -= lp[-1].item()
+    for bs in (1, 4):
+        nll, n = rolling_nll(ours, ids, stride, bs)
+        assert n == 299 and nll == pytest.approx(total, rel=1e-5)
+    # shorter than the context: one window, the plain mean cross-entropy
+    with torch.no_grad():
+        loss = hf(torch.tensor([ids[:50]]), labels=torch.tensor([ids[:50]])).loss.item()
+    assert rolling_nll(ours, ids[:50])[0] == pytest.approx(loss * 49, rel=1e-5)
+
+
+def test_perplexity_task_reports_per_token_word_and_byte(pair, tmp_path):
+    _, ours = pair
+    text = "The quick brown fox jumps over the lazy dog. " * 20 + "Ünïcödé bytes count."
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    r = perplexity(ours, GPT2Tokenizer(), [str(tmp_path)], stride=32)
+    ids = GPT2Tokenizer().encode(text)
+    nll, n = rolling_nll(ours, ids, 32)
+    assert r["tokens"] == n == len(ids) - 1 and r["nll"] == pytest.approx(nll)
+    assert r["words"] == len(text.split()) and r["bytes"] == len(text.encode())
+    assert r["word_perplexity"] == pytest.approx(math.exp(nll / len(text.split())))
+    assert r["bits_per_byte"] == pytest.approx(nll / len(text.encode()) / math.log(2))
+
+
+def test_lambada_equals_a_transformers_computation(pair, tmp_path):
+    hf, ours = pair
+    tok = GPT2Tokenizer()
+    passages = ["He opened the door and saw his old friend standing there with a smile",
+                "The recipe calls for two cups of flour and a pinch of salt",
+                "She looked at the sky and said it would rain before noon"]
+    (tmp_path / "l.jsonl").write_text("\n".join(json.dumps({"text": p}) for p in passages))
+    lls, hits = [], 0
+    for p in passages:
+        ctx, word = p.rsplit(" ", 1)
+        c, t = tok.encode(ctx), tok.encode(" " + word)
+        lp, am = hf_logprobs(hf, c + t)
+        lls.append(lp[-len(t):].sum().item())
+        hits += bool((am[-len(t):] == torch.tensor(t)).all())
+    for bs in (1, 2):
+        r = lambada(ours, tok, str(tmp_path / "l.jsonl"), batch_size=bs)
+        assert r["n"] == 3 and r["acc"] == hits / 3
+        assert r["perplexity"] == pytest.approx(math.exp(-sum(lls) / 3), rel=1e-4)
+
+
+def test_lambada_test_set_from_shared_reads_all_passages(pair):
+    from .conftest import shared_file
+
+    path = shared_file("data/lambada_test.jsonl")
+    assert len(read_jsonl(path, ["text"])) == 5153
+    r = lambada(pair[1], GPT2Tokenizer(), str(path), limit=4)
+    assert r["n"] == 4 and r["data_sha256"].startswith("4aa8d02c")
+
+
+def test_multiple_choice_equals_a_transformers_computation(pair, tmp_path):
+    hf, ours = pair
+    tok = GPT2Tokenizer()
+    docs = [{"context": "The cat sat on the", "choices": ["mat", "quantum chromodynamics", "sofa"], "label": 0},
+            {"context": "Water boils at one hundred", "choices": ["degrees", "bananas", "ways to sing"], "label": 0},
+            {"context": "In the morning I drink", "choices": ["coffee with milk", "tea", "the ocean"], "label": 1}]
+    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+    acc = acc_norm = acc_tok = 0
+    for d in docs:
+        c = tok.encode(d["context"])
+        ll, lens = [], []
+        for ch in d["choices"]:
+            t = tok.encode(" " + ch)
+            ll.append(hf_logprobs(hf, c + t)[0][-len(t):].sum().item())
+            lens.append(len(t))
+        best = lambda xs: max(range(len(xs)), key=xs.__getitem__)  # noqa: E731
+        acc += best(ll) == d["label"]
+        acc_norm += best([v / len(ch) for v, ch in zip(ll, d["choices"])]) == d["label"]
+        acc_tok += best([v / n for v, n in zip(ll, lens)]) == d["label"]
+    for bs in (1, 4):
+        r = multiple_choice(ours, tok, str(tmp_path / "mc.jsonl"), batch_size=bs)
+        assert (r["acc"], r["acc_norm"], r["acc_norm_tokens"]) == (acc / 3, acc_norm / 3, acc_tok / 3)
+
+
+def test_hellaswag_format_is_preprocessed_like_lm_eval(pair, tmp_path):
+    rec = {"ctx_a": "A man is standing in a kitchen.", "ctx_b": "he", "activity_label": "Cooking",
+           "endings": ["picks up a knife [title] and cuts.", "flies away.", "eats the sink.", "sings."], "label": 0}
+    (tmp_path / "h.jsonl").write_text(json.dumps(rec))
+    r = multiple_choice(pair[1], GPT2Tokenizer(), str(tmp_path / "h.jsonl"))
+    assert r["task"] == "hellaswag" and r["n"] == 1
+
+
+def test_fewshot_prompts_exclude_the_query_and_score_whole_labels(pair, tmp_path):
+    hf, ours = pair
+    tok = GPT2Tokenizer()
+    assert fewshot_prompt([{"text": "good", "label": "positive"}], "bad", "Input: {text}\nLabel: {label}") == \
+        "Input: good\nLabel: positive\n\nInput: bad\nLabel:"
+    rows = [{"text": f"example {i}", "label": lab} for i, lab in enumerate(["yes", "no", "maybe so"] * 3)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    r = fewshot(ours, tok, str(tmp_path / "d.jsonl"), shots=[0, 8])
+    assert r["labels"] == ["maybe so", "no", "yes"] and [x["shots"] for x in r["results"]] == [0, 8]
+    # zero-shot, by hand with transformers: the label whose full token sequence is most likely after the prompt
+    correct = 0
+    for row in rows:
+        prompt = tok.encode(f"Input: {row['text']}\nLabel:")
+        scores = {}
+        for lab in r["labels"]:
+            t = tok.encode(" " + lab)
+            scores[lab] = hf_logprobs(hf, prompt + t)[0][-len(t):].sum().item()
+        correct += max(scores, key=scores.get) == row["label"]
+    assert r["results"][0]["acc"] == correct / len(rows)
+    with pytest.raises(GptlabError, match="9 shots need at least 10 training examples"):
+        fewshot(ours, tok, str(tmp_path / "d.jsonl"), shots=[9])
+
+
+def test_wilson_interval_textbook_value():
+    lo, hi = wilson_interval(8, 10)  # 8/10 at 95 %: (0.490, 0.943)
+    assert (round(lo, 3), round(hi, 3)) == (0.490, 0.943)
+
+
+def test_bad_jsonl_names_the_line(tmp_path):
+    (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n{"text": "fine"}\nnot json\n')
+    with pytest.raises(GptlabError, match=r"b.jsonl:3: not valid JSON"):
+        read_jsonl(tmp_path / "b.jsonl", ["text"])
+    (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n{"txt": "typo"}\n')
+    with pytest.raises(GptlabError, match=r"c.jsonl:2: missing field\(s\) \['text'\]"):
+        read_jsonl(tmp_path / "c.jsonl", ["text"])
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(GptlabError, match="holds no records"):
+        read_jsonl(tmp_path / "e.jsonl", ["text"])
+
+
+def test_eval_cli_fewshot_on_the_shipped_set_with_plot(tmp_path):
+    from gptlab.interop.hf import save_hf
+    from .test_interop import gpt2_shaped
+
+    model = gpt2_shaped()
+    save_hf(model.state_dict(), model.config, {"kind": "gpt2"}, tmp_path / "hf")
+    r = run_cli("eval", "fewshot", "--checkpoint", str(tmp_path / "hf"), "--shots", "0,2", "--limit", "6",
+                "--plot", str(tmp_path / "fs.png"), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["labels"] == ["negative", "positive"] and [x["n"] for x in out["results"]] == [6, 6]
+    assert (tmp_path / "fs.png").read_bytes()[:4] == b"\x89PNG"
+    r = run_cli("eval", "mc", str(tmp_path / "missing.jsonl"), "--checkpoint", str(tmp_path / "hf"))
+    assert r.returncode == 2 and r.stderr.startswith("gptlab: error: cannot read") and r.stderr.count("\n") == 1
