@@ -207,3 +207,47 @@ def test_eval_cli_fewshot_on_the_shipped_set_with_plot(tmp_path):
     assert (tmp_path / "fs.png").read_bytes()[:4] == b"\x89PNG"
     r = run_cli("eval", "mc", str(tmp_path / "missing.jsonl"), "--checkpoint", str(tmp_path / "hf"))
     assert r.returncode == 2 and r.stderr.startswith("gptlab: error: cannot read") and r.stderr.count("\n") == 1
+
+
+def test_squad_exact_match_and_f1_hand_computed():
+    from gptlab.eval.tasks import squad_scores
+
+    assert squad_scores("The Eiffel Tower!", ["Eiffel Tower", "tower"]) == (1.0, 1.0)
+    em, f1 = squad_scores("in Paris France", ["Paris"])  # precision 1/3, recall 1 -> F1 0.5
+    assert em == 0.0 and f1 == pytest.approx(0.5)
+    assert squad_scores("a cat", ["dog"]) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("kind", ["summarize", "translate", "qa"])
+def test_generation_tasks_equal_transformers_generate_scored_by_the_libraries(pair, tmp_path, kind):
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    from gptlab.eval.tasks import GENERATION_TASKS, generation_task, squad_scores
+
+    hf, ours = pair
+    tok = GPT2Tokenizer()
+    rows = {"summarize": [{"document": "The council met on Monday and approved the new park.", "summary": "Park ok."},
+                          {"document": "Rain is expected all week across the north.", "summary": "Wet week."}],
+            "translate": [{"source": "the cat", "target": "le chat"}, {"source": "good day", "target": "bonjour"}],
+            "qa": [{"question": "What is the capital of France?", "answers": ["Paris"]},
+                   {"question": "How many legs has a spider?", "answers": ["eight", "8"]}]}[kind]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    r = generation_task(ours, tok, kind, str(tmp_path / "d.jsonl"), max_new_tokens=12, batch_size=2)
+    preds = []
+    for row in rows:
+        prompt = GENERATION_TASKS[kind]["template"].format(source_lang="English", target_lang="French", **row)
+        ids = tok.encode(prompt)
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=12, do_sample=False, eos_token_id=tok.eot_id, pad_token_id=tok.eot_id)
+        text = tok.decode([t for t in out[0, len(ids):].tolist() if t != tok.eot_id])
+        preds.append(text.split("\n")[0].strip())
+    assert [e["prediction"] for e in r["examples"]] == preds
+    if kind == "summarize":
+        s = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        assert r["rougeL"] == pytest.approx(sum(s.score(x["summary"], p)["rougeL"].fmeasure
+                                                for x, p in zip(rows, preds)) / 2)
+    elif kind == "translate":
+        assert r["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [[x["target"] for x in rows]]).score)
+    else:
+        assert r["f1"] == pytest.approx(sum(squad_scores(p, x["answers"])[1] for x, p in zip(rows, preds)) / 2)

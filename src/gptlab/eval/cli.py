@@ -46,6 +46,11 @@ def _fewshot(model, tok, args):
     return r
 
 
+def _generate(model, tok, args):
+    return tasks.generation_task(model, tok, args.kind, args.path, args.shots, args.seed, args.max_new_tokens,
+                                 args.source_lang, args.target_lang, args.limit, args.batch_size)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity, LAMBADA, multiple choice, few-shot in-context learning",
                        description="Evaluate a gptlab run/checkpoint or a Hugging Face GPT-2 folder / Hub name.")
@@ -89,6 +94,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         [f"labels {r['labels']}, template {r['template']!r}"] +
         [f"{x['shots']:>3}-shot: acc {x['acc']:.3f} (95% CI {x['ci95'][0]:.3f}-{x['ci95'][1]:.3f}, n={x['n']})"
          for x in r["results"]] + ([f"plot: {r['plot']}"] if "plot" in r else [])))
+    q = what.add_parser("generate", help="prompted generation: TL;DR summaries (ROUGE), translation (BLEU, chrF), "
+                                         "closed-book QA (exact match, F1)")
+    q.add_argument("kind", choices=list(tasks.GENERATION_TASKS))
+    q.add_argument("path", help="jsonl: summarize {document, summary}; translate {source, target}; "
+                                "qa {question, answers: [...]}")
+    q.add_argument("--shots", type=int, default=0, help="solved examples before each prompt (default 0)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--max-new-tokens", type=int, default=64)
+    q.add_argument("--source-lang", default="English")
+    q.add_argument("--target-lang", default="French")
+    q.set_defaults(task=_generate, summary=lambda r: f"{r['task']} ({r['n']}, {r['shots']}-shot): " + ", ".join(
+        f"{k} {r[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match", "f1") if k in r))
+
     for q in what.choices.values():
         common(q)
     p.set_defaults(func=_run)

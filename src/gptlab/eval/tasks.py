@@ -248,3 +248,99 @@ def fewshot_plot(result: dict[str, Any], out: Path, title: str) -> Path:
         fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
     return Path(out)
+
+
+# Prompted generation (seed 000): "TL;DR:" summaries, "English: ... French:" translation, "Q: ... A:" answers.
+GENERATION_TASKS = {
+    "summarize": {"fields": ("document", "summary"), "template": "{document}\nTL;DR:", "metric": "rouge"},
+    "translate": {"fields": ("source", "target"), "template": "{source_lang}: {source}\n{target_lang}:",
+                  "metric": "bleu"},
+    "qa": {"fields": ("question", "answers"), "template": "Q: {question}\nA:", "metric": "squad"},
+}
+
+
+def _library(module: str):
+    """A metric library from the ``eval`` extra, or one clear error saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise GptlabError(f"this metric needs {module.split('.')[0]}: pip install 'gptlab[eval]'") from None
+
+
+def squad_normalize(text: str) -> str:
+    """SQuAD v1.1's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def squad_scores(prediction: str, answers: Sequence[str]) -> tuple[float, float]:
+    """(exact match, token F1) against the best of the reference answers, as SQuAD v1.1's evaluation script."""
+    from collections import Counter
+
+    def f1(pred: str, gold: str) -> float:
+        p, g = squad_normalize(pred).split(), squad_normalize(gold).split()
+        common = sum((Counter(p) & Counter(g)).values())
+        if common == 0:
+            return 0.0
+        precision, recall = common / len(p), common / len(g)
+        return 2 * precision * recall / (precision + recall)
+
+    em = max(float(squad_normalize(prediction) == squad_normalize(a)) for a in answers)
+    return em, max(f1(prediction, a) for a in answers)
+
+
+def generation_task(model: GPT, tok: Tokenizer, task: str, path: str, shots: int = 0, seed: int = 0,
+                    max_new_tokens: int = 64, source_lang: str = "English", target_lang: str = "French",
+                    limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+    """Generate greedily from the task's template (``shots`` solved examples first, drawn from the other records)
+    until a newline or the end-of-text token, then score: ROUGE-1/2/L F-measure (``rouge-score``) for
+    summaries, corpus BLEU and chrF (``sacrebleu``) for translation, SQuAD exact match and F1 for answers
+    (``answers``: a list of acceptable strings)."""
+    from ..generate import Engine, Sampling
+
+    spec = GENERATION_TASKS[task]
+    p = Path(path)
+    docs = read_jsonl(p, spec["fields"])
+    test = docs[:limit] if limit else docs
+    out_field = spec["fields"][1]
+
+    def fill(d: dict[str, Any], solved: bool) -> str:
+        text = spec["template"].format(source_lang=source_lang, target_lang=target_lang, **d)
+        if not solved:
+            return text
+        answer = d[out_field][0] if isinstance(d[out_field], list) else d[out_field]
+        return f"{text} {answer}\n\n"
+
+    prompts = []
+    for qi, d in enumerate(test):
+        pool = [x for x in docs if x is not d]
+        if shots > len(pool):
+            raise GptlabError(f"{shots} shots need {shots + 1} records; {p} has {len(docs)}")
+        examples = random.Random(seed * 1_000_003 + qi).sample(pool, shots)
+        prompts.append("".join(fill(x, True) for x in examples) + fill(d, False))
+    engine = Engine(model, tok)
+    preds = []
+    for s in range(0, len(prompts), batch_size):
+        outs = engine.generate(prompts[s:s + batch_size], max_new_tokens, Sampling(temperature=0), stop=["\n"],
+                               sliding_window=True)
+        preds += [o.text.strip() for o in outs]
+    refs = [d[out_field] for d in test]
+    scores: dict[str, float] = {}
+    if spec["metric"] == "rouge":
+        rouge_scorer = _library("rouge_score.rouge_scorer")
+        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+        per = [scorer.score(r, pr) for r, pr in zip(refs, preds)]
+        scores = {k: sum(x[k].fmeasure for x in per) / len(per) for k in ("rouge1", "rouge2", "rougeL")}
+    elif spec["metric"] == "bleu":
+        sacrebleu = _library("sacrebleu")
+        scores = {"bleu": sacrebleu.corpus_bleu(preds, [refs]).score, "chrf": sacrebleu.corpus_chrf(preds, [refs]).score}
+    else:
+        pairs = [squad_scores(pr, r if isinstance(r, list) else [r]) for pr, r in zip(preds, refs)]
+        scores = {"exact_match": sum(e for e, _ in pairs) / len(pairs), "f1": sum(f for _, f in pairs) / len(pairs)}
+    return {"task": task, "version": 1, **_data_info(p), "n": len(test), "shots": shots, "template":
+            spec["template"], **scores, "examples": [{"prompt": pr[-300:], "prediction": x, "reference": r}
+                                                     for pr, x, r in list(zip(prompts, preds, refs))[:3]]}
