@@ -61,14 +61,18 @@ def test_rolling_perplexity_scores_each_token_once_with_its_window(pair):
     hf, ours = pair
     ids = torch.randint(0, 50257, (300,), generator=torch.Generator().manual_seed(2)).tolist()
     block, stride = 64, 16
-    # independent: token i is scored by the first window [b, b + block + 1) with b a multiple of the stride that
-    # contains it, i.e. with context ids[b:i]
+    # independent: the spans are tokens 1..64, then 16 at a time; a span ending at `end` is scored with the
+    # window ids[max(0, end - 65):end]
+    ends, e = [], min(65, len(ids))
+    while True:
+        ends.append(e)
+        if e == len(ids):
+            break
+        e = min(e + stride, len(ids))
     total = 0.0
     for i in range(1, len(ids)):
-        b = 0
-        while b + block + 1 <= i:
-            b += stride
-        lp, _ = hf_logprobs(hf, ids[b:i + 1])
+        end = next(x for x in ends if x > i)
+        lp, _ = hf_logprobs(hf, ids[max(0, end - block - 1):i + 1])
         total -= lp[-1].item()
     for bs in (1, 4):
         nll, n = rolling_nll(ours, ids, stride, bs)
@@ -251,3 +255,74 @@ def test_generation_tasks_equal_transformers_generate_scored_by_the_libraries(pa
         assert r["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [[x["target"] for x in rows]]).score)
     else:
         assert r["f1"] == pytest.approx(sum(squad_scores(p, x["answers"])[1] for x, p in zip(rows, preds)) / 2)
+
+
+def test_lm_eval_harness_runs_local_tasks_on_a_gptlab_model(pair, tmp_path, monkeypatch):
+    """lm-eval's own evaluator, offline, on tasks defined here: its multiple-choice acc/acc_norm equal gptlab's,
+    its rolling log-likelihood equals gptlab's, and generate_until goes through the engine."""
+    lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval extra is part of the dev install")
+    from lm_eval.tasks import TaskManager
+
+    from gptlab.eval.lm_eval_adapter import GptlabLM
+    from gptlab.train.checkpoint import save_model_checkpoint
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    _, ours = pair
+    save_model_checkpoint(tmp_path / "ck", ours.state_dict(), ours.config, {"kind": "gpt2"})
+    mc = [{"context": "The cat sat on the", "choices": ["mat", "quantum chromodynamics", "sofa"], "label": 0},
+          {"context": "In the morning I drink", "choices": ["coffee with milk", "tea", "the ocean"], "label": 1},
+          {"context": "Water boils at one hundred", "choices": ["degrees", "bananas"], "label": 0}]
+    texts = [{"text": "A short document about the weather in spring. " * 12}, {"text": "Another one, shorter."}]
+    qa = [{"question": "What is two plus two?", "answer": "four"}]
+    for name, rows in (("mc", mc), ("ppl", texts), ("qa", qa)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n"
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mc.yaml").write_text(
+        "task: gl_mc\n" + common.format(path=tmp_path / "mc.jsonl") + "output_type: multiple_choice\n"
+        "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    (tmp_path / "tasks" / "ppl.yaml").write_text(
+        "task: gl_ppl\n" + common.format(path=tmp_path / "ppl.jsonl") + "output_type: loglikelihood_rolling\n"
+        "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n"
+        "  - metric: bits_per_byte\n")
+    (tmp_path / "tasks" / "qa.yaml").write_text(
+        "task: gl_qa\n" + common.format(path=tmp_path / "qa.jsonl") + "output_type: generate_until\n"
+        "doc_to_text: 'Q: {{question}}\\nA:'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\n")
+    lm = GptlabLM(str(tmp_path / "ck"), batch_size=2)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["gl_mc", "gl_ppl", "gl_qa"],
+                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    res = out["results"]
+    ours_mc = multiple_choice(ours, GPT2Tokenizer(), str(tmp_path / "mc.jsonl"))
+    assert res["gl_mc"]["acc,none"] == pytest.approx(ours_mc["acc"])
+    assert res["gl_mc"]["acc_norm,none"] == pytest.approx(ours_mc["acc_norm"])
+    tok = GPT2Tokenizer()
+    nll = sum(rolling_nll(ours, [tok.eot_id] + tok.encode(t["text"]), 64)[0] for t in texts)
+    n_bytes = sum(len(t["text"].encode()) for t in texts)
+    assert res["gl_ppl"]["bits_per_byte,none"] == pytest.approx(nll / n_bytes / math.log(2), rel=1e-5)
+    assert 0.0 <= res["gl_qa"]["exact_match,none"] <= 1.0
+
+
+def test_stopword_filter_changes_only_the_first_greedy_choice(pair, tmp_path):
+    hf, ours = pair
+    ctx = torch.randint(0, 50257, (10,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        top2 = hf(torch.tensor([ctx])).logits[0, -1].topk(2).indices.tolist()
+    assert loglikelihoods(ours, [(ctx, [top2[1]])])[0][1] is False
+    assert loglikelihoods(ours, [(ctx, [top2[1]])], not_first={top2[0]})[0][1] is True
+    (tmp_path / "l.jsonl").write_text(json.dumps({"text": "It was cold so she closed the window"}))
+    r = lambada(ours, GPT2Tokenizer(), str(tmp_path / "l.jsonl"), stopword_filter=True)
+    assert r["task"] == "lambada_openai_stopword_filter" and r["n"] == 1
+
+
+def test_perplexity_of_a_prepared_shard_equals_that_of_its_tokens(pair, tmp_path):
+    from gptlab.data.shards import write_shard
+
+    _, ours = pair
+    ids = torch.randint(0, 50257, (200,), generator=torch.Generator().manual_seed(6)).numpy().astype("uint16")
+    write_shard(tmp_path / "val_000.bin", ids)
+    r = perplexity(ours, GPT2Tokenizer(), [str(tmp_path / "val_000.bin")], stride=32)
+    assert r["tokens"] == 199 and r["nll"] == pytest.approx(rolling_nll(ours, ids.tolist(), 32)[0])

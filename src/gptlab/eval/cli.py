@@ -30,7 +30,7 @@ def _perplexity(model, tok, args):
 
 
 def _lambada(model, tok, args):
-    return tasks.lambada(model, tok, args.path, args.limit, args.batch_size)
+    return tasks.lambada(model, tok, args.path, args.limit, args.batch_size, args.stopword_filter)
 
 
 def _mc(model, tok, args):
@@ -64,7 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
     q = what.add_parser("perplexity", help="sliding-window perplexity per token, word and byte of text files")
-    q.add_argument("paths", nargs="+", help="text files or folders of .txt files")
+    q.add_argument("paths", nargs="+", help="text files, folders of .txt files, or prepared .bin token shards")
     q.add_argument("--stride", type=int, help="window step in tokens (default half the context)")
     q.set_defaults(task=_perplexity, summary=lambda r: (
         f"{r['tokens']:,} tokens: loss {r['loss']:.4f} nats/token, perplexity {r['token_perplexity']:.3f}; "
@@ -72,6 +72,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     q = what.add_parser("lambada", help="OpenAI's LAMBADA: last-word accuracy and perplexity (lambada_openai)")
     q.add_argument("--path", help="lambada_test.jsonl (default: cached download, sha256-checked)")
+    q.add_argument("--stopword-filter", action="store_true",
+                   help="the GPT-2 paper's variant: a stop word may not be the predicted last word")
     q.set_defaults(task=_lambada, summary=lambda r: (
         f"LAMBADA ({r['n']:,} passages): acc {r['acc']:.4f}, perplexity {r['perplexity']:.3f}"))
 

@@ -10,9 +10,11 @@ tokens cannot change them, so scores do not depend on the batch size beyond floa
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+import sys
+from typing import Collection, Sequence
 
 import torch
+from tqdm import tqdm
 
 from ..errors import GptlabError
 from ..model import GPT
@@ -20,8 +22,10 @@ from ..model import GPT
 
 @torch.no_grad()
 def loglikelihoods(model: GPT, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8,
-                   progress: Iterable | None = None) -> list[tuple[float, bool]]:
-    """(sum of log p(continuation | context), greedy?) per request, in the order given."""
+                   not_first: Collection[int] = ()) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context), greedy?) per request, in the order given. ``not_first``: token ids
+    left out of the argmax at the first continuation position (the GPT-2 paper's LAMBADA stop-word filter). A
+    progress bar goes to stderr on a terminal."""
     if batch_size < 1:
         raise GptlabError(f"--batch-size must be >= 1, got {batch_size}")
     block = model.config.block_size
@@ -40,6 +44,8 @@ def loglikelihoods(model: GPT, requests: Sequence[tuple[Sequence[int], Sequence[
     order = sorted(rows, key=lambda r: -len(r[1]))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
     model.eval()
+    bar = tqdm(total=len(order), desc="scoring", unit="req", disable=None, leave=False, file=sys.stderr)
+    banned = torch.tensor(sorted(not_first), dtype=torch.long, device=device)
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
         T = max(len(r[1]) for r in chunk)
@@ -51,31 +57,36 @@ def loglikelihoods(model: GPT, requests: Sequence[tuple[Sequence[int], Sequence[
             n = len(cont)
             logp = logits[j, len(inp) - n:len(inp)].float().log_softmax(-1)
             target = torch.tensor(cont, device=logp.device)
-            out[i] = (logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all()))
-        if progress is not None:
-            progress.update(len(chunk))
+            choice = logp.argmax(-1)
+            if len(banned):
+                choice[0] = logp[0].index_fill(0, banned, float("-inf")).argmax()
+            out[i] = (logp.gather(1, target[:, None]).sum().item(), bool((choice == target).all()))
+        bar.update(len(chunk))
+    bar.close()
     return out
 
 
 @torch.no_grad()
 def rolling_nll(model: GPT, tokens: Sequence[int], stride: int | None = None, batch_size: int = 8
                 ) -> tuple[float, int]:
-    """(total negative log-likelihood in nats, tokens scored) of ``tokens`` with a sliding window: windows of the
-    model's context start every ``stride`` tokens (default half the context) and each scores only the tokens the
-    previous windows did not, so every token after the first is scored exactly once, with at least
-    ``context - stride`` tokens of left context once the text is that long (Hugging Face's "perplexity of
-    fixed-length models" procedure; stride = context gives disjoint windows)."""
+    """(total negative log-likelihood in nats, tokens scored) of ``tokens`` with a sliding window. The first window
+    scores tokens 1..context; each later one scores the next ``stride`` tokens (default half the context) and sees
+    the ``context`` tokens before each of them it can, its window ending where its span ends. So every token after
+    the first is scored exactly once, with at least ``context - stride`` tokens of left context, and the last span
+    with a full window. With stride = context this is lm-evaluation-harness's ``loglikelihood_rolling`` (disjoint
+    chunks, the last one with full context); smaller strides give each token more context (Hugging Face's
+    "perplexity of fixed-length models")."""
     block = model.config.block_size
     stride = stride or max(1, block // 2)
     if not 0 < stride <= block:
         raise GptlabError(f"--stride must be in 1..{block} (the model's context), got {stride}")
     if len(tokens) < 2:
         raise GptlabError("the text has fewer than two tokens; nothing to score")
-    requests, begin, done = [], 0, 1  # tokens[:done] are scored (the first one needs no score)
+    requests, done, end = [], 1, min(block + 1, len(tokens))  # tokens[:done] are scored (the first needs none)
     while done < len(tokens):
-        end = min(begin + block + 1, len(tokens))  # window tokens[begin:end]: block predictions at most
+        begin = max(0, end - block - 1)  # the window tokens[begin:end]: its inputs fill the context
         requests.append((tokens[begin:done], tokens[done:end]))
-        done, begin = end, begin + stride
+        done, end = end, min(end + stride, len(tokens))
     total = sum(lp for lp, _ in loglikelihoods(model, requests, batch_size))
     return -total, len(tokens) - 1
 

@@ -54,8 +54,11 @@ def _data_info(path: Path) -> dict[str, str]:
 
 def perplexity(model: GPT, tok: Tokenizer, paths: Sequence[str], stride: int | None = None, batch_size: int = 8,
                limit: int | None = None) -> dict[str, Any]:
-    """Sliding-window perplexity of text files (folders: their ``*.txt``), per token, per word and per byte. The
-    documents are scored one after another, each from its own start; ``limit`` caps the tokens per document."""
+    """Sliding-window perplexity of text files (folders: their ``*.txt``) or prepared token shards (``*.bin``
+    from ``gptlab prepare``, made with the model's tokenizer), per token, per word and per byte (of the decoded
+    text). Each document is scored from its own start; ``limit`` caps the tokens per document."""
+    from ..data.shards import read_shard
+
     files: list[Path] = []
     for p in map(Path, paths):
         files += sorted(p.rglob("*.txt")) if p.is_dir() else [p]
@@ -63,12 +66,19 @@ def perplexity(model: GPT, tok: Tokenizer, paths: Sequence[str], stride: int | N
         raise GptlabError(f"no text files in {', '.join(paths)}")
     nll, n_tok, words, n_bytes = 0.0, 0, 0, 0
     for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise GptlabError(f"cannot read {f} as UTF-8 text ({e})") from None
-        ids = tok.encode(text)[:limit] if limit else tok.encode(text)
-        if limit:
+        if f.suffix == ".bin":
+            ids = [int(t) for t in read_shard(f)[:limit]]
+            if max(ids, default=0) >= model.config.vocab_size:
+                raise GptlabError(f"{f} holds token ids beyond the model's vocabulary; it was prepared with "
+                                  f"another tokenizer")
+            text = tok.decode(ids)
+        else:
+            try:
+                text = f.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise GptlabError(f"cannot read {f} as UTF-8 text ({e})") from None
+            ids = tok.encode(text)[:limit] if limit else tok.encode(text)
+        if limit and f.suffix != ".bin":
             text = tok.decode(ids)
         d_nll, d_tok = rolling_nll(model, ids, stride, batch_size)
         nll, n_tok = nll + d_nll, n_tok + d_tok
@@ -92,20 +102,38 @@ def lambada_path(path: str | None) -> Path:
     return cached
 
 
+# Function words that cannot end a LAMBADA passage's target (the GPT-2 paper's filter; its list is unpublished).
+STOP_WORDS = ("a an the and or but if of to in on at by for with from as is are was were be been am it its he she "
+              "they them his her their we us our you your i me my this that these those there here not no so than "
+              "then too very can will would should could do does did have has had what which who whom whose when "
+              "where why how all any both each few more most other some such only own same just into over under "
+              "again further once about against between through during before after above below up down out off")
+
+
 def lambada(model: GPT, tok: Tokenizer, path: str | None = None, limit: int | None = None,
-            batch_size: int = 8) -> dict[str, Any]:
+            batch_size: int = 8, stopword_filter: bool = False) -> dict[str, Any]:
     """OpenAI's LAMBADA as lm-eval's ``lambada_openai``: context = the passage up to its last space, target = " " +
-    the last word; ``acc`` = every target token is the greedy choice; ``perplexity`` = exp(-mean log p(target))."""
+    the last word; ``acc`` = every target token is the greedy choice; ``perplexity`` = exp(-mean log p(target)).
+    ``stopword_filter``: the GPT-2 paper's variant, in which the first target token's greedy choice may not be a
+    stop word (a word that cannot end the sentence), approximated with :data:`STOP_WORDS`."""
     p = lambada_path(path)
     docs = read_jsonl(p, ["text"], limit)
     requests = []
     for d in docs:
         ctx, _, word = d["text"].strip().rpartition(" ")
         requests.append((tok.encode(ctx), tok.encode(" " + word)))
-    scores = loglikelihoods(model, requests, batch_size)
+    banned = set()
+    if stopword_filter:
+        for w in STOP_WORDS.split():
+            for form in (w, w.capitalize()):
+                ids = tok.encode(" " + form)
+                if len(ids) == 1:
+                    banned.add(ids[0])
+    scores = loglikelihoods(model, requests, batch_size, banned)
     lls = [lp for lp, _ in scores]
-    return {"task": "lambada_openai", "version": 1, **_data_info(p), "n": len(docs),
-            "acc": sum(g for _, g in scores) / len(scores), "perplexity": math.exp(-sum(lls) / len(lls))}
+    return {"task": "lambada_openai" + ("_stopword_filter" if stopword_filter else ""), "version": 1,
+            **_data_info(p), "n": len(docs), "acc": sum(g for _, g in scores) / len(scores),
+            "perplexity": math.exp(-sum(lls) / len(lls))}
 
 
 def _hellaswag_text(text: str) -> str:
