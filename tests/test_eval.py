@@ -116,11 +116,19 @@ def test_lambada_equals_a_transformers_computation(pair, tmp_path):
         assert r["perplexity"] == pytest.approx(math.exp(-sum(lls) / 3), rel=1e-4)
 
 
-def test_lambada_test_set_from_shared_reads_all_passages(pair):
+def test_lambada_test_set_from_shared_reads_all_passages(pair, tmp_path, monkeypatch):
     from .conftest import shared_file
 
     path = shared_file("data/lambada_test.jsonl")
     assert len(read_jsonl(path, ["text"])) == 5153
+    # a verified copy in the cache is used without any download
+    from gptlab.eval.tasks import lambada_path
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "lambada_test.jsonl").write_bytes(path.read_bytes())
+    monkeypatch.setenv("GPTLAB_CACHE", str(cache))
+    assert lambada_path(None) == cache / "lambada_test.jsonl"
     r = lambada(pair[1], GPT2Tokenizer(), str(path), limit=4)
     assert r["n"] == 4 and r["data_sha256"].startswith("4aa8d02c")
 

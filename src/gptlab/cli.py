@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .plan import cli as plan_cli
     from .tokenizer import TOKENIZER_KINDS
 
-    parser = argparse.ArgumentParser(prog="gptlab", description="Build, pre-train and sample GPT-style models.")
+    parser = argparse.ArgumentParser(prog="gptlab", description="Build, pre-train, sample, evaluate and plan GPT-style models.")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("prepare", help="tokenize text into train/val token shards")
