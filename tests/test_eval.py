@@ -195,10 +195,10 @@ def test_wilson_interval_textbook_value():
 
 def test_bad_jsonl_names_the_line(tmp_path):
     (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n{"text": "fine"}\nnot json\n')
-    with pytest.raises(GptlabError, match=r"b.jsonl:3: not valid JSON"):
+    with pytest.raises(GptlabError, match=r"b.jsonl line 3 is not valid JSON"):
         read_jsonl(tmp_path / "b.jsonl", ["text"])
     (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n{"txt": "typo"}\n')
-    with pytest.raises(GptlabError, match=r"c.jsonl:2: missing field\(s\) \['text'\]"):
+    with pytest.raises(GptlabError, match=r"c.jsonl line 2: missing field\(s\) \['text'\]"):
         read_jsonl(tmp_path / "c.jsonl", ["text"])
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(GptlabError, match="holds no records"):

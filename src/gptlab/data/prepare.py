@@ -42,14 +42,19 @@ def _decode(data: bytes, origin: str) -> str:
                           f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
-def _jsonl_docs(data: bytes, origin: str, field: str) -> Iterator[tuple[str, str]]:
+def jsonl_records(data: bytes, origin: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSON-lines file; a bad line is one clear error."""
     for n, line in enumerate(_decode(data, origin).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise GptlabError(f"{origin} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+
+
+def _jsonl_docs(data: bytes, origin: str, field: str) -> Iterator[tuple[str, str]]:
+    for n, obj in jsonl_records(data, origin):
         if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
             raise GptlabError(f"{origin} line {n} has no string field {field!r}; choose the field with --field")
         yield f"{origin}:{n}", obj[field]

@@ -4,7 +4,6 @@ and the zero/one/few-shot in-context classification harness of seed 002."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -24,22 +23,18 @@ SENTIMENT = Path(__file__).with_name("data") / "sentiment.jsonl"
 
 def read_jsonl(path: str | Path, fields: Sequence[str], limit: int | None = None) -> list[dict[str, Any]]:
     """Records of a JSON-lines file, each required to hold ``fields``; a bad line is one error naming it."""
+    from ..data.prepare import jsonl_records
+
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
     except OSError as e:
         raise GptlabError(f"cannot read {path}: {e.strerror}") from None
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GptlabError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    for n, rec in jsonl_records(data, str(path)):
         missing = [f for f in fields if not isinstance(rec, dict) or f not in rec]
         if missing:
-            raise GptlabError(f"{path}:{n}: missing field(s) {missing}; each line needs {list(fields)}")
+            raise GptlabError(f"{path} line {n}: missing field(s) {missing}; each line needs {list(fields)}")
         out.append(rec)
         if limit and len(out) >= limit:
             break
