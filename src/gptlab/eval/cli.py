@@ -1,5 +1,5 @@
-"""``gptlab eval <task>``: perplexity, lambada, mc, fewshot. Each prints a summary, or with ``--json`` one JSON
-object with the model, the task and its version, the data's sha256, the settings and the scores."""
+"""``gptlab eval <task>``: perplexity, lambada, mc, fewshot, generate. Each prints a summary, or with ``--json``
+one JSON object with the model, the task and its version, the data's sha256, the settings and the scores."""
 
 from __future__ import annotations
 
