@@ -1,0 +1,172 @@
+"""Scaling-law fits with uncertainty: power laws in one variable, the Chinchilla parametric law, IsoFLOP profiles.
+
+- :func:`fit_power_law`: L(x) = a·x^(−α) (least squares on log L against log x), or with an irreducible term,
+  L(x) = E + a·x^(−α) (least squares on log L, L-BFGS from several starting points).
+- :func:`fit_chinchilla`: L(N, D) = E + A/N^α + B/D^β as Hoffmann et al. 2022 fit it (Appendix D.2): minimise the
+  Huber loss (δ = 1e-3) between log L̂ and log L, with L̂ written as LSE(a − α·log N, b − β·log D, e) (A = e^a,
+  B = e^b, E = e^e), by L-BFGS from a grid of initialisations, keeping the best.
+- :func:`isoflop_profile`: per compute budget, a parabola in log N through the runs at that budget; its vertex is
+  the budget's optimal N; then N_opt ∝ C^a and D_opt ∝ C^b fitted across budgets (Approach 2).
+- Intervals: percentile bootstrap over the runs (``bootstrap`` resamples, seeded).
+
+All fits use torch in float64 (no extra dependency); the tests recover known constants from synthetic data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import GptlabError
+from ..plan.scaling import ChinchillaLaw
+
+
+@dataclass
+class Fit:
+    params: dict[str, float]
+    intervals: dict[str, tuple[float, float]]
+    residual: float  # RMS error of log L
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "ci95": {k: list(v) for k, v in self.intervals.items()},
+                "rms_log_residual": self.residual}
+
+
+def _check(x: Sequence[float], y: Sequence[float], need: int) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1 or len(x) < need:
+        raise GptlabError(f"a fit needs at least {need} (x, loss) points of equal count, got {len(x)} and {len(y)}")
+    if (x <= 0).any() or (y <= 0).any():
+        raise GptlabError("scaling-law fits need positive sizes and losses")
+    return x, y
+
+
+def _bootstrap(fit_once: Callable[[np.ndarray], dict[str, float]], n: int, samples: int, seed: int
+               ) -> dict[str, tuple[float, float]]:
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(samples):
+        idx = rng.integers(0, n, n)
+        if len(set(idx.tolist())) < 3:
+            continue
+        for k, v in fit_once(idx).items():
+            draws.setdefault(k, []).append(v)
+    return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items()}
+
+
+def _lbfgs(loss_fn: Callable[[torch.Tensor], torch.Tensor], starts: list[list[float]]) -> np.ndarray:
+    best, best_loss = None, math.inf
+    for start in starts:
+        p = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([p], lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(p)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            value = loss_fn(p).item()
+        if math.isfinite(value) and value < best_loss:
+            best, best_loss = p.detach().numpy().copy(), value
+    if best is None:
+        raise GptlabError("the fit did not converge from any starting point; check the data")
+    return best
+
+
+def fit_power_law(x: Sequence[float], loss: Sequence[float], irreducible: bool = False, bootstrap: int = 200,
+                  seed: int = 0) -> Fit:
+    """L = a·x^(−α) (``irreducible=False``) or L = E + a·x^(−α), with 95 % bootstrap intervals."""
+    x, y = _check(x, loss, 4 if irreducible else 2)
+    lx, ly = np.log(x), np.log(y)
+
+    lo = float(np.log(y.min()))
+    grid = [[la, al, lo + dl] for la, al, dl in itertools.product((0.0, 2.0, 5.0), (0.1, 0.3, 0.7),
+                                                                  (-3.0, -1.0, -0.2))]
+
+    def once(idx: np.ndarray, starts: list[list[float]] | None = None) -> dict[str, float]:
+        if not irreducible:
+            slope, intercept = np.polyfit(lx[idx], ly[idx], 1)
+            return {"a": float(math.exp(intercept)), "alpha": float(-slope)}
+        X, Y = torch.tensor(lx[idx]), torch.tensor(ly[idx])
+
+        def objective(p: torch.Tensor) -> torch.Tensor:  # p = (log a, alpha, log E)
+            pred = torch.logaddexp(p[0] - p[1] * X, p[2])
+            return ((pred - Y) ** 2).mean()
+
+        p = _lbfgs(objective, starts or grid)
+        return {"a": float(math.exp(p[0])), "alpha": float(p[1]), "E": float(math.exp(p[2]))}
+
+    params = once(np.arange(len(x)))
+    if irreducible:  # resamples start from the full fit (Hoffmann et al. refit their bootstrap the same way)
+        full = [[math.log(params["a"]), params["alpha"], math.log(params["E"])]]
+        resample = lambda idx: once(idx, full)  # noqa: E731
+    else:
+        resample = once
+    pred = np.log((params.get("E", 0.0)) + params["a"] * x ** -params["alpha"])
+    return Fit(params, _bootstrap(resample, len(x), bootstrap, seed) if bootstrap else {},
+               float(np.sqrt(np.mean((pred - ly) ** 2))))
+
+
+def fit_chinchilla(n: Sequence[float], d: Sequence[float], loss: Sequence[float], bootstrap: int = 100,
+                   seed: int = 0, delta: float = 1e-3) -> tuple[ChinchillaLaw, Fit]:
+    """Hoffmann et al. 2022's Approach 3 fit (see the module docstring), with bootstrap intervals."""
+    n_arr, y = _check(n, loss, 5)
+    d_arr, _ = _check(d, loss, 5)
+    ln, ld, ly = np.log(n_arr), np.log(d_arr), np.log(y)
+    grid = [[a, b, e, al, be] for a, b, e, al, be in itertools.product((0.0, 10.0, 20.0), (0.0, 10.0, 20.0),
+                                                                         (-1.0, 0.5), (0.0, 0.5, 1.0),
+                                                                         (0.0, 0.5, 1.0))]
+
+    def once(idx: np.ndarray, starts: list[list[float]] = grid) -> dict[str, float]:
+        N, D, Y = torch.tensor(ln[idx]), torch.tensor(ld[idx]), torch.tensor(ly[idx])
+
+        def objective(p: torch.Tensor) -> torch.Tensor:  # p = (a, b, e, alpha, beta)
+            pred = torch.logsumexp(torch.stack([p[0] - p[3] * N, p[1] - p[4] * D, p[2].expand_as(N)]), 0)
+            return torch.nn.functional.huber_loss(pred, Y, delta=delta, reduction="sum")
+
+        p = _lbfgs(objective, starts)
+        return {"E": float(math.exp(p[2])), "A": float(math.exp(p[0])), "B": float(math.exp(p[1])),
+                "alpha": float(p[3]), "beta": float(p[4])}
+
+    params = once(np.arange(len(y)))
+    law = ChinchillaLaw(params["E"], params["A"], params["B"], params["alpha"], params["beta"], "fitted here")
+    pred = np.log([law.loss(a, b) for a, b in zip(n_arr, d_arr)])
+    full = [[math.log(params["A"]), math.log(params["B"]), math.log(params["E"]), params["alpha"], params["beta"]]]
+    fit = Fit(params, _bootstrap(lambda idx: once(idx, full), len(y), bootstrap, seed) if bootstrap else {},
+              float(np.sqrt(np.mean((pred - ly) ** 2))))
+    return law, fit
+
+
+def isoflop_profile(compute: Sequence[float], n: Sequence[float], loss: Sequence[float]) -> dict:
+    """Per budget (runs grouped by equal ``compute``), the vertex of a parabola in log N fitted to the losses
+    (needs >= 3 sizes per budget); then N_opt = k_N·C^a and D_opt = k_D·C^b across the budgets, D = C / 6N."""
+    c_arr, n_arr, y = (np.asarray(v, dtype=np.float64) for v in (compute, n, loss))
+    optima = []
+    for c in sorted(set(c_arr.tolist())):
+        sel = c_arr == c
+        if sel.sum() < 3:
+            raise GptlabError(f"the budget {c:.3g} FLOPs has {int(sel.sum())} run(s); an IsoFLOP parabola needs "
+                              f">= 3 model sizes per budget")
+        q2, q1, q0 = np.polyfit(np.log(n_arr[sel]), y[sel], 2)
+        if q2 <= 0:
+            raise GptlabError(f"the losses at budget {c:.3g} FLOPs do not curve upward around a minimum; add "
+                              f"smaller and larger models at that budget")
+        log_n = -q1 / (2 * q2)
+        optima.append({"compute": c, "n_opt": float(math.exp(log_n)), "loss_min": float(q0 - q1 * q1 / (4 * q2)),
+                       "d_opt": float(c / (6 * math.exp(log_n)))})
+    out: dict = {"budgets": optima}
+    if len(optima) >= 2:
+        lc = np.log([o["compute"] for o in optima])
+        a, log_kn = np.polyfit(lc, np.log([o["n_opt"] for o in optima]), 1)
+        b, log_kd = np.polyfit(lc, np.log([o["d_opt"] for o in optima]), 1)
+        out.update(a=float(a), b=float(b), k_n=float(math.exp(log_kn)), k_d=float(math.exp(log_kd)))
+    return out
