@@ -193,6 +193,23 @@ def cmd_exposure(args: argparse.Namespace) -> None:
                    f"own predictions) {r['scheduled_sampling_loss']:.4f}")
 
 
+def cmd_scale(args: argparse.Namespace) -> None:
+    from .scale.sweep import run_sweep
+
+    r = run_sweep(args.recipe, args.data, args.out, args.depths, int(args.tokens), args.width_per_layer,
+                  args.head_dim, progress=not args.json)
+    f, h = r["fits"]["power_law"], r["fits"]["held_out"]
+    lines = [f"{'depth':>5}{'width':>7}{'non-emb N':>12}{'tokens':>12}{'val loss':>10}"]
+    lines += [f"{x['depth']:>5}{x['n_embd']:>7}{x['non_embedding']:>12,}{x['tokens']:>12,}{x['final_val_loss']:>10.4f}"
+              for x in r["runs"]]
+    lines += [f"L(N) = {f['params']['a']:.4g}·N^-{f['params']['alpha']:.4f} (alpha 95% CI "
+              f"{f['ci95']['alpha'][0]:.4f}-{f['ci95']['alpha'][1]:.4f}; Kaplan et al.: 0.076)",
+              f"held out: fit on {h['fit_on']} runs predicts {h['predicted_loss']:.4f} for the largest, actual "
+              f"{h['actual_loss']:.4f} ({h['relative_error']:+.2%})",
+              f"results: {r['out']}/results.csv, fits.json, loss_vs_n.png"]
+    _emit(args, r, "\n".join(lines))
+
+
 def cmd_presets(args: argparse.Namespace) -> None:
     import torch
 
@@ -294,6 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p", type=float, default=0.5, help="probability of feeding the model's own prediction")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_exposure)
+
+    p = sub.add_parser("scale", help="scaling-law sweep over model depth: runs, power-law fits, held-out check",
+                       description="Train one model per depth (width = width-per-layer x depth) on the same data "
+                                   "and token budget, then fit L(N). Finished runs are skipped on a re-run.")
+    p.add_argument("--recipe", help="base training recipe (TOML); the sweep sets out_dir, max_iters, lr, model")
+    p.add_argument("--data", required=True, help="a folder made by `gptlab prepare`")
+    p.add_argument("--out", required=True, help="sweep folder (one run per depth inside)")
+    p.add_argument("--depths", type=lambda t: [int(x) for x in t.split(",")], default=[1, 2, 3, 4, 6],
+                   help="comma-separated depths (default 1,2,3,4,6)")
+    p.add_argument("--tokens", type=float, default=1e6, help="training tokens per model (default 1e6)")
+    p.add_argument("--width-per-layer", type=int, default=64, help="width = this x depth (default 64)")
+    p.add_argument("--head-dim", type=int, default=32)
+    p.set_defaults(func=cmd_scale)
 
     p = sub.add_parser("presets", help="list the model presets with exact parameter counts")
     p.set_defaults(func=cmd_presets)
