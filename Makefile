@@ -31,7 +31,7 @@ demo: $(VENV)/.core
 	$(PY) -m gptlab prepare shakespeare --tokenizer char --out data/shakespeare-char
 	rm -rf runs/demo
 	$(PY) -m gptlab train --recipe recipes/demo.toml
-	$(PY) -m gptlab sample --checkpoint runs/demo --prompt "ROMEO:" --max-new-tokens 300
+	$(PY) -m gptlab sample --checkpoint runs/demo --prompt "ROMEO:" --max-new-tokens 300 --sliding-window
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q
