@@ -34,11 +34,9 @@ RUNS = {
 
 
 def utilization_plot(metrics: Path, out: Path) -> None:
-    import matplotlib
+    from gptlab.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [json.loads(r) for r in metrics.read_text().splitlines()]
     rows = [r for r in rows if "moe_expert_fraction" in r]
     layers = len(rows[0]["moe_expert_fraction"])
@@ -53,8 +51,7 @@ def utilization_plot(metrics: Path, out: Path) -> None:
     axes[0].set_ylabel("fraction of assignments per expert")
     fig.suptitle("MoE expert utilization (8 experts, top-2; dashed = uniform)")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_png(fig, out, dpi=110)
 
 
 def main() -> None:

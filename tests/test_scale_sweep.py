@@ -1,44 +1,121 @@
-"""`gptlab scale`: a tiny sweep trains, fits and writes its outputs; a re-run skips finished runs and resumes an
-unfinished one; bad sweeps are clear errors."""
+"""`gptlab scale`: sweeps train, fit and write their outputs; a re-run skips finished runs and resumes an unfinished
+one, also after SIGKILL; IsoFLOP budgets set each run's tokens; fitted constants feed `gptlab plan`; bad sweeps are
+clear errors."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
+from gptlab.cli import main
 from gptlab.errors import GptlabError
+from gptlab.plan.scaling import HOFFMANN
 from gptlab.scale.fit import fit_power_law
-from gptlab.scale.sweep import run_sweep
+from gptlab.scale.sweep import Sweep, run_sweep
+from gptlab.train.checkpoint import list_checkpoints
 
 from .test_train import char_data  # noqa: F401 - fixture
 
-KW = dict(batch_size=8, block_size=32, eval_interval=10, eval_iters=2, final_eval_tokens=2000, threads=1,
-          device="cpu", log_interval=5, warmup_iters=2, lr=3e-3)
+TRAIN = dict(batch_size=8, block_size=32, eval_interval=10, eval_iters=2, final_eval_tokens=2000, threads=1,
+             device="cpu", log_interval=5, warmup_iters=2, lr=3e-3)
+SHAPE = dict(width_per_layer=16, head_dim=8)
+
+
+def sweep(data, out, **kw):
+    return Sweep(data=str(data), out=str(out), train=TRAIN, **{"depths": [1, 2, 3], **SHAPE, **kw})
 
 
 def test_tiny_sweep_fits_resumes_and_skips(char_data, tmp_path):  # noqa: F811
     out = tmp_path / "sweep"
-    r = run_sweep(None, str(char_data), str(out), [1, 2, 3], 8 * 32 * 20, width_per_layer=16, head_dim=8, **KW)
+    r = run_sweep(sweep(char_data, out, tokens=[8 * 32 * 20]))
     assert [x["n_embd"] for x in r["runs"]] == [16, 32, 48] and all(x["tokens"] == 5120 for x in r["runs"])
-    for f in ("results.csv", "results.json", "fits.json", "loss_vs_n.png"):
+    for f in ("results.csv", "results.json", "fits.json", "loss_vs_n.png", "predicted_vs_actual.png", "report.md"):
         assert (out / f).stat().st_size > 0
     fits = json.loads((out / "fits.json").read_text())
     ref = fit_power_law([x["non_embedding"] for x in r["runs"]], [x["final_val_loss"] for x in r["runs"]])
     assert fits["power_law"]["params"]["alpha"] == pytest.approx(ref.params["alpha"])
     h = fits["held_out"]
     assert h["actual_loss"] == r["runs"][-1]["final_val_loss"] and h["fit_on"] == 2
+    assert "0.076" in (out / "report.md").read_text()  # Kaplan's exponent beside ours
     # a re-run skips finished runs; an unfinished one (no summary.json) resumes from its checkpoints
     stamp = os.stat(out / "d1" / "summary.json").st_mtime_ns
     (out / "d3" / "summary.json").unlink()
-    again = run_sweep(None, str(char_data), str(out), [1, 2, 3], 8 * 32 * 20, width_per_layer=16, head_dim=8, **KW)
+    again = run_sweep(sweep(char_data, out, tokens=[8 * 32 * 20]))
     assert os.stat(out / "d1" / "summary.json").st_mtime_ns == stamp
+    assert json.loads((out / "d3" / "summary.json").read_text())["resumed_from"] == 20
     assert [x["final_val_loss"] for x in again["runs"]] == [x["final_val_loss"] for x in r["runs"]]
+    with pytest.raises(GptlabError, match="started with other settings"):
+        run_sweep(sweep(char_data, out, tokens=[8 * 32 * 20], head_dim=16))
+
+
+def test_sigkilled_sweep_resumes_without_rerunning_finished_models(char_data, tmp_path):  # noqa: F811
+    out = tmp_path / "killed"
+    recipe = tmp_path / "sweep.toml"
+    recipe.write_text(f'data = "{char_data}"\nout = "{out}"\ndepths = [1, 2, 3]\ntokens = [{8 * 32 * 200}]\n'
+                      f"width_per_layer = 16\nhead_dim = 8\n[train]\n"
+                      + "".join(f"{k} = {json.dumps(v)}\n" for k, v in TRAIN.items()))
+    proc = subprocess.Popen([sys.executable, "-m", "gptlab", "scale", "--sweep", str(recipe), "--json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not list_checkpoints(out / "d2"):
+        assert proc.poll() is None and time.time() < deadline, "the sweep ended before its second run checkpointed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "d1" / "summary.json").exists() and not (out / "d3" / "summary.json").exists()
+    stamp = os.stat(out / "d1" / "summary.json").st_mtime_ns
+    r = run_sweep(Sweep.from_sources(recipe))
+    assert os.stat(out / "d1" / "summary.json").st_mtime_ns == stamp  # not re-run
+    assert json.loads((out / "d2" / "summary.json").read_text())["resumed_from"] > 0  # resumed, not restarted
+    assert len(r["runs"]) == 3 and (out / "report.md").exists()
+
+
+def test_isoflop_sweep_in_parallel_processes(char_data, tmp_path):  # noqa: F811
+    out = tmp_path / "iso"
+    budgets = [2e9, 4e9]
+    r = run_sweep(sweep(char_data, out, flops=budgets, jobs=2))
+    per_step = 8 * 32
+    assert {x["budget"] for x in r["runs"]} == set(budgets)
+    for x in r["runs"]:  # each size gets C / 6N tokens, rounded to whole steps
+        assert x["tokens"] == round(x["budget"] / (6 * x["params"]) / per_step) * per_step
+        assert (out / x["name"] / "log.txt").exists()  # ran in a child process
+    fits = json.loads((out / "fits.json").read_text())
+    assert len(fits["isoflop"]["budgets"]) == 2 or "isoflop_error" in fits
+    assert "chinchilla" in fits and (out / "report.md").exists()
+    # the fitted constants feed the planner: its own compute-optimal split comes first
+    assert main(["plan", "scaling", "--compute", "1e12", "--law", str(out / "fits.json"), "--json"]) == 0
+
+
+def test_plan_uses_fitted_constants(tmp_path, capsys):
+    fits = tmp_path / "fits.json"
+    p = {"E": HOFFMANN.E, "A": HOFFMANN.A, "B": HOFFMANN.B, "alpha": HOFFMANN.alpha, "beta": HOFFMANN.beta}
+    fits.write_text(json.dumps({"chinchilla": {"params": p}}))
+    assert main(["plan", "scaling", "--compute", "5.76e23", "--law", str(fits), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["allocations"]
+    assert rows[0]["allocation"] == "fitted"
+    assert rows[0]["params"] == pytest.approx(HOFFMANN.optimal(5.76e23)[0])
+    assert rows[0]["loss_chinchilla"] == pytest.approx(HOFFMANN.loss(*HOFFMANN.optimal(5.76e23)))
+    fits.write_text(json.dumps({"power_law": {}}))
+    assert main(["plan", "scaling", "--compute", "1e20", "--law", str(fits)]) == 2
+    assert "holds no L(N, D) constants" in capsys.readouterr().err
 
 
 def test_bad_sweeps_are_clear_errors(char_data, tmp_path):  # noqa: F811
+    with pytest.raises(GptlabError, match="size list .* is empty"):
+        sweep(char_data, tmp_path / "s", depths=[])
     with pytest.raises(GptlabError, match="at least 3 distinct positive depths"):
-        run_sweep(None, str(char_data), str(tmp_path / "s"), [1, 2], 10_000, **KW)
+        sweep(char_data, tmp_path / "s", depths=[1, 2])
     with pytest.raises(GptlabError, match="give at least"):
-        run_sweep(None, str(char_data), str(tmp_path / "s"), [1, 2, 3], 100, **KW)
+        run_sweep(sweep(char_data, tmp_path / "s", tokens=[100]))
+    with pytest.raises(GptlabError, match="too small for these models"):
+        run_sweep(sweep(char_data, tmp_path / "s", flops=[1e6]))
+    with pytest.raises(GptlabError, match="not both"):
+        sweep(char_data, tmp_path / "s", tokens=[1e6], flops=[1e12])
     with pytest.raises(GptlabError, match="not a multiple of head_dim"):
-        run_sweep(None, str(char_data), str(tmp_path / "s"), [1, 2, 3], 10_000, width_per_layer=12, head_dim=8, **KW)
+        run_sweep(sweep(char_data, tmp_path / "s", tokens=[10_000], width_per_layer=12))
+    with pytest.raises(GptlabError, match="needs `data`"):
+        Sweep.from_sources(None, out="x")

@@ -248,7 +248,7 @@ def test_recipe_then_flags_precedence(tmp_path):
     assert (cfg.model, cfg.lr, cfg.max_iters) == ("baby", 0.002, 70)  # flag wins, unset flag keeps the recipe
     assert cfg.model_overrides == {"n_layer": 3, "dropout": 0.1}
     recipe.write_text("lr = 0.002\nlearning_rate = 1\n")
-    with pytest.raises(GptlabError, match=r"unknown training option\(s\) \['learning_rate'\]"):
+    with pytest.raises(GptlabError, match=r"unknown option\(s\) \['learning_rate'\]"):
         TrainConfig.from_sources(recipe)
     recipe.write_text("lr = [broken\n")
     with pytest.raises(GptlabError, match="not valid TOML"):

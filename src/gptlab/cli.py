@@ -66,6 +66,18 @@ def cmd_train(args: argparse.Namespace) -> None:
                              f"checkpoints: {summary['out_dir']}/checkpoints  loss curve: {summary['loss_plot']}")
 
 
+def cmd_align(args: argparse.Namespace) -> None:
+    from .align.config import AlignConfig
+    from .align.trainer import train_stage
+
+    values = {f.name: getattr(args, f.name, None) for f in AlignConfig.fields() if f.name != "stage"}
+    cfg = AlignConfig.from_sources(args.recipe, **values, stage=args.stage)
+    s = train_stage(cfg, resume=args.resume, progress=not args.json)
+    metrics = "  ".join(f"{k} {v:.4g}" for k, v in s["eval"].items())
+    _emit(args, s, f"{s['stage']}: {s['steps']} steps in {s['train_seconds']}s; held-out: {metrics or 'none'}\n"
+                   f"checkpoints: {s['out_dir']}/checkpoints  metrics: {s['metrics']}")
+
+
 def _sampling(args: argparse.Namespace, seed: int | None = None):
     from .generate import Sampling
 
@@ -194,19 +206,31 @@ def cmd_exposure(args: argparse.Namespace) -> None:
 
 
 def cmd_scale(args: argparse.Namespace) -> None:
-    from .scale.sweep import run_sweep
+    from .scale.sweep import Sweep, run_sweep
 
-    r = run_sweep(args.recipe, args.data, args.out, args.depths, int(args.tokens), args.width_per_layer,
-                  args.head_dim, progress=not args.json)
-    f, h = r["fits"]["power_law"], r["fits"]["held_out"]
-    lines = [f"{'depth':>5}{'width':>7}{'non-emb N':>12}{'tokens':>12}{'val loss':>10}"]
-    lines += [f"{x['depth']:>5}{x['n_embd']:>7}{x['non_embedding']:>12,}{x['tokens']:>12,}{x['final_val_loss']:>10.4f}"
-              for x in r["runs"]]
-    lines += [f"L(N) = {f['params']['a']:.4g}·N^-{f['params']['alpha']:.4f} (alpha 95% CI "
-              f"{f['ci95']['alpha'][0]:.4f}-{f['ci95']['alpha'][1]:.4f}; Kaplan et al.: 0.076)",
-              f"held out: fit on {h['fit_on']} runs predicts {h['predicted_loss']:.4f} for the largest, actual "
-              f"{h['actual_loss']:.4f} ({h['relative_error']:+.2%})",
-              f"results: {r['out']}/results.csv, fits.json, loss_vs_n.png"]
+    sw = Sweep.from_sources(args.sweep, **{k: getattr(args, k) for k in (
+        "data", "out", "recipe", "depths", "tokens", "flops", "width_per_layer", "head_dim", "warmup_frac", "jobs",
+        "launcher", "nproc_per_node")})
+    r = run_sweep(sw, progress=not args.json)
+    fits = r["fits"]
+    lines = [f"{'run':<14}{'non-emb N':>12}{'tokens':>12}{'C':>10}{'val loss':>10}"]
+    lines += [f"{x['name']:<14}{x['non_embedding']:>12,}{x['tokens']:>12,}{x['compute']:>10.3g}"
+              f"{x['final_val_loss']:>10.4f}" for x in r["runs"]]
+    if "power_law" in fits:
+        f = fits["power_law"]
+        lines.append(f"L(N) = {f['params']['a']:.4g}·N^-{f['params']['alpha']:.4f} (alpha 95% CI "
+                     f"{f['ci95']['alpha'][0]:.4f}-{f['ci95']['alpha'][1]:.4f}; Kaplan et al.: 0.076)")
+    if "isoflop" in fits and "a" in fits["isoflop"]:
+        lines.append(f"IsoFLOP: N_opt ∝ C^{fits['isoflop']['a']:.3f}, D_opt ∝ C^{fits['isoflop']['b']:.3f} "
+                     f"(Hoffmann et al. Approach 2: 0.49, 0.51)")
+    if "chinchilla" in fits:
+        p = fits["chinchilla"]["params"]
+        lines.append(f"L(N, D) = {p['E']:.3f} + {p['A']:.4g}/N^{p['alpha']:.3f} + {p['B']:.4g}/D^{p['beta']:.3f}")
+    if "held_out" in fits:
+        h = fits["held_out"]
+        lines.append(f"held out: {h['what']}: predicted {h['predicted_loss']:.4f}, actual {h['actual_loss']:.4f} "
+                     f"({h['relative_error']:+.2%})")
+    lines.append(f"results: {r['out']}/report.md, results.csv, fits.json and plots")
     _emit(args, r, "\n".join(lines))
 
 
@@ -230,15 +254,15 @@ def cmd_presets(args: argparse.Namespace) -> None:
     _emit(args, {"presets": rows}, "\n".join(lines))
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from .train.config import HELP, TrainConfig
-
-    for f in TrainConfig.fields():
-        if f.name == "model_overrides":
+def _add_config_flags(p: argparse.ArgumentParser, fields: list, help_: dict[str, str], skip: tuple[str, ...]
+                      ) -> None:
+    """One ``--flag`` per config field (default None, so a recipe's value stands unless the flag is given)."""
+    for f in fields:
+        if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        text = f"{HELP[f.name]} (default {default})"
+        text = f"{help_.get(f.name, f.name.replace('_', ' '))} (default {default!r})"
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
@@ -268,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="TOML recipe (top-level keys = the flags below, [model_overrides] = model config fields)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override, e.g. n_layer=6")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
-    _add_train_flags(p)
+    from .train.config import HELP, TrainConfig
+
+    _add_config_flags(p, TrainConfig.fields(), HELP, ("model_overrides",))
     p.set_defaults(func=cmd_train)
 
     model_help = ("gptlab run folder (its latest checkpoint), RUN/best, a checkpoint folder, a Hugging Face model "
@@ -312,24 +338,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_exposure)
 
-    p = sub.add_parser("scale", help="scaling-law sweep over model depth: runs, power-law fits, held-out check",
-                       description="Train one model per depth (width = width-per-layer x depth) on the same data "
-                                   "and token budget, then fit L(N). Finished runs are skipped on a re-run.")
-    p.add_argument("--recipe", help="base training recipe (TOML); the sweep sets out_dir, max_iters, lr, model")
-    p.add_argument("--data", required=True, help="a folder made by `gptlab prepare`")
-    p.add_argument("--out", required=True, help="sweep folder (one run per depth inside)")
-    p.add_argument("--depths", type=lambda t: [int(x) for x in t.split(",")], default=[1, 2, 3, 4, 6],
-                   help="comma-separated depths (default 1,2,3,4,6)")
-    p.add_argument("--tokens", type=float, default=1e6, help="training tokens per model (default 1e6)")
-    p.add_argument("--width-per-layer", type=int, default=64, help="width = this x depth (default 64)")
-    p.add_argument("--head-dim", type=int, default=32)
+    p = sub.add_parser("scale", help="scaling-law sweep: runs over sizes and budgets, fits, IsoFLOP, report",
+                       description="Train one ordinary run per (depth, budget) on the same data: token budgets "
+                                   "(L(N), L(D)) or FLOP budgets (--flops, IsoFLOP profiles), then fit, plot and "
+                                   "write report.md. Finished runs are skipped on a re-run; unfinished ones resume. "
+                                   "Flags override the --sweep file.")
+    floats = lambda t: [float(x) for x in t.split(",")]  # noqa: E731
+    p.add_argument("--sweep", metavar="TOML", help="sweep file: these options as keys, a [train] table of "
+                                                    "training-recipe overrides")
+    p.add_argument("--recipe", help="base training recipe (TOML); the sweep sets out_dir, max_iters, lr, model shape")
+    p.add_argument("--data", help="a folder made by `gptlab prepare`")
+    p.add_argument("--out", help="sweep folder (one run folder per point inside)")
+    p.add_argument("--depths", type=lambda t: [int(x) for x in t.split(",")], help="comma-separated depths "
+                                                                                    "(default 1,2,3,4,6)")
+    p.add_argument("--tokens", type=floats, help="training tokens per model, comma-separated for several "
+                                                 "(default 1e6)")
+    p.add_argument("--flops", type=floats, help="IsoFLOP mode: comma-separated FLOP budgets; each depth trains "
+                                                "on C/(6N) tokens")
+    p.add_argument("--width-per-layer", type=int, help="width = this x depth (default 64)")
+    p.add_argument("--head-dim", type=int, help="channels per head (default 32)")
+    p.add_argument("--warmup-frac", type=float, help="warmup as a fraction of each run (default: the recipe's "
+                                                     "warmup_iters, at most half the run)")
+    p.add_argument("--jobs", type=int, help="runs at once in child processes, threads split between them (default 1)")
+    p.add_argument("--launcher", choices=["process", "torchrun"], help="torchrun: each run under torchrun "
+                                                                       "--standalone --nproc-per-node")
+    p.add_argument("--nproc-per-node", type=int, help="processes per torchrun run (default 1)")
     p.set_defaults(func=cmd_scale)
+
+    from .align.config import HELP as ALIGN_HELP, STAGES, AlignConfig
+
+    p = sub.add_parser("align", help="fine-tune and align: finetune (GPT-1 heads), sft, reward, dpo, ppo",
+                       description="Tune a model on JSON-lines data with one shared loop (checkpoints, exact resume, "
+                                   "metrics). Formats and recipes: docs/alignment.md.")
+    stages = p.add_subparsers(dest="stage", required=True)
+    stage_help = {"finetune": "GPT-1 task fine-tuning: special tokens, a linear head, + lambda x LM loss",
+                  "sft": "supervised fine-tuning, loss on responses only, optional packing",
+                  "reward": "reward model: scalar head, Bradley-Terry loss over ranked pairs",
+                  "dpo": "direct preference optimisation against a frozen reference",
+                  "ppo": "PPO with a KL penalty to the reference (InstructGPT), adaptive KL, PPO-ptx"}
+    for stage in STAGES:
+        q = stages.add_parser(stage, help=stage_help[stage])
+        q.add_argument("--recipe", help="TOML file of these options (flags override it)")
+        q.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
+        _add_config_flags(q, AlignConfig.fields(), ALIGN_HELP, ("stage",))
+        q.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+        q.set_defaults(func=cmd_align)
 
     p = sub.add_parser("presets", help="list the model presets with exact parameter counts")
     p.set_defaults(func=cmd_presets)
 
-    for sp in sub.choices.values():
-        sp.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    for name, sp in sub.choices.items():
+        if name != "align":  # its stages have their own --json
+            sp.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     plan_cli.add_parser(sub)  # these two have sub-verbs, each with --json
     eval_cli.add_parser(sub)
     return parser

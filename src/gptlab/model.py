@@ -120,7 +120,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """``cache``, when generating: (this layer's keys [B, H, L, hd], values, the slots [T] to write, the
-        mask [B, 1, T, L])."""
+        mask [B, 1, T, L]); for packed training sequences (None, None, None, the mask [B, 1, T, T])."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # [B, T, C] -> [B, n_head, T, head_dim]
@@ -130,9 +130,12 @@ class CausalSelfAttention(nn.Module):
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
             k_cache, v_cache, slots, mask = cache
-            k_cache.index_copy_(2, slots, k)
-            v_cache.index_copy_(2, slots, v)
-            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+            if k_cache is not None:
+                k_cache.index_copy_(2, slots, k)
+                v_cache.index_copy_(2, slots, v)
+                k, v = k_cache, v_cache
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -275,10 +278,15 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                slots: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                slots: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, hidden: bool = False
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``idx`` [B, T] token ids -> ``(logits [B, T, vocab_size], None)``, or with ``targets`` [B, T]
         ``(None, mean cross-entropy)`` computed by :class:`LinearCrossEntropy` without materialising the logits.
-        Targets equal to -1 are ignored (masked tokens).
+        Targets equal to -1 are ignored (masked tokens). ``hidden=True`` returns the final hidden states
+        ``([B, T, n_embd], None)`` instead of logits (for task, reward and value heads).
+
+        ``doc_ids`` [B, T] marks packed sequences: positions restart at each new id and a token attends only to
+        earlier tokens with its own id, so packed examples never see each other.
 
         With a ``cache``, ``idx`` fills cache ``slots`` [T] (consecutive, after those already filled) and only the
         last position's logits are returned, [B, 1, vocab_size]: all that sampling needs."""
@@ -288,13 +296,22 @@ class GPT(nn.Module):
                 raise GptlabError(f"sequence of {T} tokens exceeds the model's context of {self.config.block_size}; "
                                   f"crop the input to the last {self.config.block_size} tokens")
             pos, layers = torch.arange(T, device=idx.device), [None] * len(self.h)
+            if doc_ids is not None:
+                t = torch.arange(T, device=idx.device)
+                starts = torch.ones_like(doc_ids, dtype=torch.bool)
+                starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+                pos = t - torch.where(starts, t, 0).cummax(1).values
+                mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (t[:, None] >= t[None, :])
+                layers = [(None, None, None, mask[:, None])] * len(self.h)
         else:
             pos, mask = cache.positions_and_mask(slots)
             layers = [(k, v, slots, mask) for k, v in cache.layers]
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block, layer_cache in zip(self.h, layers):
             x = block(x, layer_cache)
-        x = self.ln_f(x if cache is None else x[:, -1:])
+        x = self.ln_f(x if cache is None or hidden else x[:, -1:])
+        if hidden:
+            return x, None
         V = self.config.vocab_size
         if targets is not None:
             x = x.reshape(-1, x.size(-1))

@@ -249,13 +249,9 @@ def _label_probs(model: GPT, tok: Tokenizer, prompts: list[str], label_ids: list
 
 def fewshot_plot(result: dict[str, Any], out: Path, title: str) -> Path:
     """Accuracy against the number of shots, with the 95 % intervals, as PNG (written atomically)."""
-    import matplotlib
+    from ..plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..assets import atomic_file
-
+    plt = pyplot()
     rows = result["results"]
     k = [r["shots"] for r in rows]
     acc = [r["acc"] for r in rows]
@@ -267,10 +263,7 @@ def fewshot_plot(result: dict[str, Any], out: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_file(Path(out)) as f:
-        fig.savefig(f, dpi=120, format="png")
-    plt.close(fig)
-    return Path(out)
+    return save_png(fig, out)
 
 
 # Prompted generation (seed 000): "TL;DR:" summaries, "English: ... French:" translation, "Q: ... A:" answers.

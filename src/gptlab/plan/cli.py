@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import GptlabError
 from .hardware import HARDWARE, PF_DAY, hardware, training_time
 from .memory import DTYPE_BYTES, OPTIMIZERS, RECOMPUTE, inference, kv_cache_bytes, training_memory, weights_bytes
-from .scaling import LAWS, compare_allocations
+from .scaling import LAWS, compare_allocations, load_law
 from .shape import (Shape, attention_cost, attention_crossover, forward_flops_per_token, matmul_params, mfu, params,
                     resolve, training_flops_per_token)
 
@@ -121,7 +121,7 @@ def plan_infer(args: argparse.Namespace) -> tuple[dict, str]:
 
 
 def plan_scaling(args: argparse.Namespace) -> tuple[dict, str]:
-    law = LAWS[args.law]
+    law = load_law(args.law)
     marks = {}
     for item in args.compare or []:
         name, _, nd = item.rpartition("=")
@@ -258,7 +258,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--compare", action="append", metavar="NAME=PARAMS:TOKENS",
                    help="an allocation to compare, e.g. gpt3=175B:300B (its compute is the budget if --compute "
                         "is not given)")
-    q.add_argument("--law", default="hoffmann", choices=list(LAWS), help="L(N, D) used for the losses")
+    q.add_argument("--law", default="hoffmann", metavar="|".join(LAWS) + "|FITS.json",
+                   help="L(N, D) for the losses: a published law, or the fits.json of a `gptlab scale` sweep "
+                        "(constants fitted on your data; adds their compute-optimal split as `fitted`)")
     q.add_argument("--plot", metavar="PNG", help="write loss-vs-N, IsoFLOP and frontier panels to this file")
     q.set_defaults(plan=plan_scaling)
 

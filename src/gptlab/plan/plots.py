@@ -14,14 +14,9 @@ def scaling_figure(out: Path, budgets: list[float], law: ChinchillaLaw = HOFFMAN
     """Three panels: (1) Kaplan's L(N) and ``law`` at 20 tokens/parameter against N; (2) IsoFLOP curves,
     ``law``'s L(N, C/6N) against N for each budget, their minima marked; (3) N_opt against C for every allocation
     method, with ``marks`` (name -> (N, D)) placed at their compute. Written atomically."""
-    import matplotlib
+    from ..plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..assets import atomic_file
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, axes = pyplot().subplots(1, 3, figsize=(16, 4.8))
     n = np.logspace(6, 13, 200)
     axes[0].loglog(n, [kaplan_loss_n(x) for x in n], label="Kaplan L(N) (non-embedding N, converged)")
     axes[0].loglog(n, [law.loss(x, 20 * x) for x in n], label=f"{law.source}, D = 20N")
@@ -44,8 +39,4 @@ def scaling_figure(out: Path, budgets: list[float], law: ChinchillaLaw = HOFFMAN
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(out)
-    with atomic_file(out) as f:
-        fig.savefig(f, dpi=120, format="png")
-    plt.close(fig)
-    return out
+    return save_png(fig, out)

@@ -21,7 +21,9 @@ MassiveText, total N), so they compare allocations, not datasets. C = 6·N·D th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import GptlabError
 from .hardware import PF_DAY
@@ -66,6 +68,27 @@ class ChinchillaLaw:
 HOFFMANN = ChinchillaLaw(1.69, 406.4, 410.7, 0.34, 0.28, "Hoffmann et al. 2022, Approach 3")
 BESIROGLU = ChinchillaLaw(1.8172, 482.01, 2085.43, 0.3478, 0.3658, "Besiroglu et al. 2024 refit")
 LAWS = {"hoffmann": HOFFMANN, "besiroglu": BESIROGLU}
+
+
+def load_law(spec: str) -> ChinchillaLaw:
+    """A published law by name (``hoffmann``, ``besiroglu``), or constants fitted on the user's own data: the
+    ``fits.json`` that ``gptlab scale`` writes (its ``chinchilla`` fit), or a JSON object with E, A, B, alpha, beta."""
+    if spec in LAWS:
+        return LAWS[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise GptlabError(f"--law {spec!r} is neither {' nor '.join(LAWS)} nor a JSON file; give a name or the "
+                          f"fits.json of a `gptlab scale` sweep")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GptlabError(f"--law {path}: not valid JSON ({e})") from None
+    consts = data.get("chinchilla", {}).get("params", data) if isinstance(data, dict) else {}
+    keys = ("E", "A", "B", "alpha", "beta")
+    if not all(isinstance(consts.get(k), (int, float)) for k in keys):
+        raise GptlabError(f"--law {path} holds no L(N, D) constants (E, A, B, alpha, beta); a sweep fits them when "
+                          f"its runs vary both N and D: `gptlab scale --flops ...` or several --tokens budgets")
+    return ChinchillaLaw(*(float(consts[k]) for k in keys), source=f"fitted ({path})")
 
 
 def kaplan_loss_n(n: float) -> float:
@@ -122,7 +145,10 @@ METHODS = ("hoffmann", "besiroglu", "approach1", "approach2", "tokens20", "kapla
 def compare_allocations(compute: float, extra: dict[str, tuple[float, float]] | None = None,
                         law: ChinchillaLaw = HOFFMANN) -> list[dict[str, float | str]]:
     """Every allocation of ``compute`` (plus ``extra`` named (N, D) pairs, e.g. GPT-3's 175B / 300B) with the loss
-    that ``law`` and Kaplan's joint L(N, D) predict for it."""
+    that ``law`` and Kaplan's joint L(N, D) predict for it; a fitted ``law`` (not a published one) adds its own
+    optimum as the first row, ``fitted``."""
     rows = [(m, *allocate(compute, m)) for m in METHODS] + [(k, n, d) for k, (n, d) in (extra or {}).items()]
+    if law not in LAWS.values():  # constants fitted on the user's data: their own compute-optimal split first
+        rows.insert(0, ("fitted", *law.optimal(compute)))
     return [{"allocation": m, "params": n, "tokens": d, "tokens_per_param": d / n, "compute": 6 * n * d,
              "loss_chinchilla": law.loss(n, d), "loss_kaplan_nd": kaplan_loss_nd(n, d)} for m, n, d in rows]

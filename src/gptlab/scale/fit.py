@@ -4,7 +4,8 @@
   L(x) = E + a·x^(−α) (least squares on log L, L-BFGS from several starting points).
 - :func:`fit_chinchilla`: L(N, D) = E + A/N^α + B/D^β as Hoffmann et al. 2022 fit it (Appendix D.2): minimise the
   Huber loss (δ = 1e-3) between log L̂ and log L, with L̂ written as LSE(a − α·log N, b − β·log D, e) (A = e^a,
-  B = e^b, E = e^e), by L-BFGS from a grid of initialisations, keeping the best.
+  B = e^b, E = e^e), by L-BFGS from a grid of initialisations (the 12 with the lowest starting loss), keeping the
+  best.
 - :func:`isoflop_profile`: per compute budget, a parabola in log N through the runs at that budget; its vertex is
   the budget's optimal N; then N_opt ∝ C^a and D_opt ∝ C^b fitted across budgets (Approach 2).
 - Intervals: percentile bootstrap over the runs (``bootstrap`` resamples, seeded).
@@ -59,9 +60,14 @@ def _bootstrap(fit_once: Callable[[np.ndarray], dict[str, float]], n: int, sampl
     return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items()}
 
 
-def _lbfgs(loss_fn: Callable[[torch.Tensor], torch.Tensor], starts: list[list[float]]) -> np.ndarray:
+def _lbfgs(loss_fn: Callable[[torch.Tensor], torch.Tensor], starts: list[list[float]], keep: int = 12
+           ) -> np.ndarray:
+    """The best L-BFGS optimum from the ``keep`` starting points with the lowest initial loss."""
+    with torch.no_grad():
+        first = [loss_fn(torch.tensor(s, dtype=torch.float64)).item() for s in starts]
+    order = sorted(range(len(starts)), key=lambda i: first[i] if math.isfinite(first[i]) else math.inf)
     best, best_loss = None, math.inf
-    for start in starts:
+    for start in [starts[i] for i in order[:keep]]:
         p = torch.tensor(start, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([p], lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
                                 line_search_fn="strong_wolfe")

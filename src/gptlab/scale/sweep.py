@@ -1,33 +1,100 @@
-"""``gptlab scale``: a sweep of ordinary training runs over model sizes, then power-law fits and a held-out check.
+"""``gptlab scale``: a sweep of ordinary training runs over model sizes and budgets, then fits, plots and a report.
 
-One dial drives the shape (nanochat's habit): depth ``L`` gives ``n_layer = L``, ``n_embd = width_per_layer · L``
-and heads of ``head_dim`` channels. Every run trains for the same number of tokens with the base recipe's settings,
-except the learning rate, which scales as lr · (base_width / width)^0.5 (wider models take smaller steps, the usual
-μP-flavoured rule of thumb). Each run is a normal gptlab run in ``OUT/d<L>`` with a ``summary.json`` when it
-finished, so a sweep that is interrupted resumes by skipping the finished runs (and ``--resume``-ing an unfinished
-one from its last checkpoint).
+**Shapes.** One dial drives the shape (nanochat's habit): depth ``L`` gives ``n_layer = L``,
+``n_embd = width_per_layer · L`` and heads of ``head_dim`` channels.
 
-Outputs in ``OUT``: ``results.csv`` / ``results.json`` (N total and non-embedding, D, C = 6·N·D, final val loss per
-run), ``fits.json`` (L(N) = a·N^-α with and without an irreducible term, bootstrap intervals, and the held-out
-prediction: the fit on all but the largest model, its predicted loss for the largest, and the error), and
-``loss_vs_n.png``.
+**Budgets.** Either token budgets (every depth trains on each of ``tokens``; one budget gives the classic L(N)
+sweep, several give L(D) too and the Chinchilla L(N, D) fit), or FLOP budgets (IsoFLOP mode: for each C in
+``flops`` every depth trains on D = C / (6·N) tokens, N the total parameter count, rounded to whole steps). A size
+whose share of a budget is under ``MIN_STEPS`` optimizer steps is left out of that budget.
+
+**Rules that scale with size.** Everything comes from the base recipe except: the learning rate,
+lr · (base_width / width)^0.5 (wider models take smaller steps, the usual μP-flavoured rule of thumb; min_lr
+scales with it); warmup, ``warmup_frac`` of the run's steps when given; checkpoints four times per run.
+
+**Runs.** Each point is an ordinary gptlab run in ``OUT/<name>`` (checkpoints, ``metrics.jsonl``, ``loss.png``)
+whose configuration is written first to ``run.json``; ``summary.json`` marks it finished. A re-run skips finished
+runs and resumes an unfinished one from its last checkpoint, so a sweep killed at any moment loses at most the
+steps since a run's last checkpoint. ``jobs`` > 1 runs that many points at once in child processes (threads split
+between them); ``launcher="torchrun"`` starts each run under ``torchrun --nproc-per-node`` (DDP on CPU or GPUs).
+
+**Outputs** in ``OUT``: ``results.csv`` / ``results.json`` (N total and non-embedding, D, C = 6·N·D, final val
+loss), ``fits.json``, ``report.md`` and the plots (``loss_vs_n.png``, ``isoflop.png``, ``predicted_vs_actual.png``).
+See :func:`fit_rows` for the fits.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..assets import atomic_write_bytes
 from ..config import preset
 from ..data.loader import read_meta
 from ..errors import GptlabError
 from ..plan.shape import Shape, params
-from ..train.config import TrainConfig
+from ..train.checkpoint import list_checkpoints
+from ..train.config import TrainConfig, recipe_values
 from ..train.trainer import train
-from .fit import fit_power_law
+from .fit import fit_chinchilla, fit_power_law, isoflop_profile
+
+MIN_STEPS = 10
+
+
+@dataclass
+class Sweep:
+    """A sweep: the sizes (a depth dial), the budgets, how to launch. ``train`` overrides the base recipe."""
+
+    data: str
+    out: str
+    recipe: str | None = None
+    depths: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6])
+    tokens: list[float] = field(default_factory=list)
+    flops: list[float] = field(default_factory=list)
+    width_per_layer: int = 64
+    head_dim: int = 32
+    base_width: int = 128
+    warmup_frac: float = 0.0
+    jobs: int = 1
+    launcher: str = "process"
+    nproc_per_node: int = 1
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.depths = sorted(int(x) for x in self.depths)
+        self.tokens = [float(x) for x in self.tokens]
+        self.flops = [float(x) for x in self.flops]
+        if not self.tokens and not self.flops:
+            self.tokens = [1e6]
+        problems = [msg for bad, msg in [
+            (not self.depths, "the size list (depths) is empty; give at least 3 depths, e.g. --depths 1,2,3"),
+            (len(self.depths) < 3 or len(set(self.depths)) != len(self.depths) or self.depths[0] < 1,
+             f"a sweep needs at least 3 distinct positive depths, got {self.depths}"),
+            (bool(self.tokens) and bool(self.flops), "give token budgets or FLOP budgets (IsoFLOP mode), not both"),
+            (any(x <= 0 for x in self.tokens + self.flops), "budgets must be positive"),
+            (self.jobs < 1 or self.nproc_per_node < 1, "jobs and nproc_per_node must be >= 1"),
+            (self.launcher not in ("process", "torchrun"), "launcher must be process or torchrun"),
+            (not 0 <= self.warmup_frac < 1, "warmup_frac must be in [0, 1)"),
+        ] if bad]
+        if problems:
+            raise GptlabError("invalid sweep: " + "; ".join(problems))
+
+    @classmethod
+    def from_sources(cls, path: str | Path | None = None, **overrides: Any) -> "Sweep":
+        """Defaults <- TOML sweep file (these fields; a ``[train]`` table) <- ``overrides`` (None ignored)."""
+        values = recipe_values(path, overrides, {f.name for f in fields(cls)}, "`gptlab scale --help`")
+        for need in ("data", "out"):
+            if not values.get(need):
+                raise GptlabError(f"the sweep needs `{need}` (flag --{need} or a key in the sweep file)")
+        return cls(**values)
 
 
 def shape_for_depth(depth: int, width_per_layer: int, head_dim: int) -> dict[str, int]:
@@ -38,61 +105,181 @@ def shape_for_depth(depth: int, width_per_layer: int, head_dim: int) -> dict[str
     return {"n_layer": depth, "n_embd": width, "n_head": width // head_dim}
 
 
-def run_sweep(recipe: str | None, data: str, out: str, depths: Sequence[int], tokens: int,
-              width_per_layer: int = 64, head_dim: int = 32, base_width: int = 128,
-              progress: bool = False, **train_overrides: Any) -> dict[str, Any]:
-    if len(depths) < 3 or len(set(depths)) != len(depths) or min(depths) < 1:
-        raise GptlabError(f"a sweep needs at least 3 distinct positive depths, got {list(depths)}")
-    base = TrainConfig.from_sources(recipe, data=data, **train_overrides)
+def plan_runs(sw: Sweep) -> tuple[TrainConfig, list[dict[str, Any]]]:
+    """The base config and one point per run: name, shape, parameter counts, steps, tokens, budget."""
+    base = TrainConfig.from_sources(sw.recipe, data=sw.data, **sw.train)
     vocab = read_meta(base.data)["vocab_size"]
     block = base.block_size or preset(base.model).block_size
-    tokens_per_step = base.batch_size * base.grad_accum * block
-    iters = tokens // tokens_per_step
-    if iters < 10:
-        raise GptlabError(f"{tokens:,} tokens are {iters} steps of {tokens_per_step:,} tokens; give at least "
-                          f"{10 * tokens_per_step:,} tokens per model")
-    root = Path(out)
-    rows = []
-    for depth in sorted(depths):
-        shape = shape_for_depth(depth, width_per_layer, head_dim)
-        run = root / f"d{depth}"
-        done = run / "summary.json"
-        if not done.exists():
-            lr = base.lr * (base_width / shape["n_embd"]) ** 0.5
-            cfg = TrainConfig(**{**base.__dict__, "out_dir": str(run), "max_iters": iters, "lr": lr,
-                                 "min_lr": base.min_lr * lr / base.lr, "ckpt_interval": max(1, iters // 4),
-                                 "model_overrides": {**base.model_overrides, **shape}})
-            resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
-            summary = train(cfg, resume=resume, progress=progress)
-            atomic_write_bytes(done, json.dumps(summary).encode())
-        summary = json.loads(done.read_text())
+    per_step = base.batch_size * base.grad_accum * block * sw.nproc_per_node
+    sizes = []
+    for depth in sw.depths:
+        shape = shape_for_depth(depth, sw.width_per_layer, sw.head_dim)
         p = params(Shape.from_config(preset(base.model, vocab_size=vocab, **{**base.model_overrides, **shape})))
-        rows.append({"depth": depth, **shape, "params": p["total"], "non_embedding": p["non_embedding"],
-                     "tokens": summary["tokens"], "compute": 6 * p["total"] * summary["tokens"],
-                     "final_val_loss": summary["final_val_loss"], "tokens_per_second": summary["tokens_per_second"]})
-    fits = fit_rows(rows)
-    _write(root, rows, fits)
+        sizes.append({"depth": depth, **shape, "params": p["total"], "non_embedding": p["non_embedding"]})
+    points = []
+    if sw.flops:
+        for c in sorted(sw.flops):
+            fits = [(s, round(c / (6 * s["params"]) / per_step)) for s in sizes]
+            fits = [(s, k) for s, k in fits if k >= MIN_STEPS]
+            if len(fits) < 3:
+                need = 6 * sizes[2]["params"] * MIN_STEPS * per_step
+                raise GptlabError(f"the budget {c:.3g} FLOPs gives fewer than 3 sizes {MIN_STEPS}+ steps of "
+                                  f"{per_step:,} tokens; it is too small for these models (3 sizes need at least "
+                                  f"{need:.3g} FLOPs); raise it or add smaller depths")
+            points += [{"name": f"c{c:.3g}-d{s['depth']}", "budget": c, **s, "steps": k} for s, k in fits]
+    else:
+        for t in sorted(sw.tokens):
+            steps = int(t // per_step)
+            if steps < MIN_STEPS:
+                raise GptlabError(f"{t:,.0f} tokens are {steps} steps of {per_step:,} tokens; give at least "
+                                  f"{MIN_STEPS * per_step:,} tokens per model")
+            for s in sizes:
+                name = f"d{s['depth']}" if len(sw.tokens) == 1 else f"t{t:.3g}-d{s['depth']}"
+                points.append({"name": name, "budget": t, **s, "steps": steps})
+    for pt in points:
+        pt["tokens"] = pt["steps"] * per_step
+        pt["compute"] = 6 * pt["params"] * pt["tokens"]
+    return base, points
+
+
+def run_config(sw: Sweep, base: TrainConfig, pt: dict[str, Any]) -> TrainConfig:
+    lr = base.lr * (sw.base_width / pt["n_embd"]) ** 0.5
+    warmup = int(sw.warmup_frac * pt["steps"]) if sw.warmup_frac else min(base.warmup_iters, pt["steps"] // 2)
+    shape = {k: pt[k] for k in ("n_layer", "n_embd", "n_head")}
+    threads = base.threads or (max(1, (os.cpu_count() or 1) // (sw.jobs * sw.nproc_per_node)) if sw.jobs > 1 else 0)
+    return TrainConfig(**{**base.to_dict(), "out_dir": str(Path(sw.out) / pt["name"]), "max_iters": pt["steps"],
+                          "lr": lr, "min_lr": base.min_lr * lr / base.lr, "warmup_iters": warmup,
+                          "ckpt_interval": max(1, pt["steps"] // 4), "threads": threads,
+                          "model_overrides": {**base.model_overrides, **shape}})
+
+
+def run_one(run_dir: str | Path, progress: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run whose ``run.json`` is in ``run_dir``; write ``summary.json`` when done."""
+    run = Path(run_dir)
+    cfg = TrainConfig(**json.loads((run / "run.json").read_text()))
+    summary = train(cfg, resume=bool(list_checkpoints(run)), progress=progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        atomic_write_bytes(run / "summary.json", json.dumps(summary).encode())
+    return summary
+
+
+def _launch(sw: Sweep, run_dir: Path, progress: bool) -> None:
+    if sw.jobs == 1 and sw.launcher == "process":
+        run_one(run_dir, progress)
+        return
+    cmd = [sys.executable, "-m", "gptlab.scale.sweep", str(run_dir)]
+    if sw.launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={sw.nproc_per_node}", "-m", "gptlab.scale.sweep", str(run_dir)]
+    with open(run_dir / "log.txt", "ab") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc:
+        raise GptlabError(f"run {run_dir.name} failed (exit {rc}); see {run_dir / 'log.txt'}, fix, and re-run the "
+                          f"sweep (finished runs are kept)")
+
+
+def run_sweep(sw: Sweep, progress: bool = False) -> dict[str, Any]:
+    base, points = plan_runs(sw)
+    root = Path(sw.out)
+    todo = []
+    for pt in points:
+        run = root / pt["name"]
+        cfg = run_config(sw, base, pt).to_dict()
+        if (run / "run.json").exists() and json.loads((run / "run.json").read_text()) != cfg:
+            raise GptlabError(f"{run} was started with other settings (see its run.json); use another --out or "
+                              f"delete that run")
+        if not (run / "summary.json").exists():
+            run.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(run / "run.json", json.dumps(cfg, indent=1).encode())
+            todo.append(run)
+    with ThreadPoolExecutor(sw.jobs) as pool:
+        list(pool.map(lambda r: _launch(sw, r, progress and sw.jobs == 1), todo))
+    rows = []
+    for pt in points:
+        s = json.loads((root / pt["name"] / "summary.json").read_text())
+        rows.append({**{k: v for k, v in pt.items() if k != "steps"}, "final_val_loss": s["final_val_loss"],
+                     "tokens_per_second": s["tokens_per_second"]})
+    fits = fit_rows(rows, isoflop=bool(sw.flops))
+    write_outputs(root, rows, fits, sw)
     return {"runs": rows, "fits": fits, "out": str(root)}
 
 
-def fit_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """L(N_non-embedding) fits over the runs, and the held-out prediction for the largest model."""
-    n = [r["non_embedding"] for r in rows]
-    loss = [r["final_val_loss"] for r in rows]
-    out: dict[str, Any] = {"power_law": fit_power_law(n, loss).to_dict()}
-    if len(rows) >= 4:
-        out["power_law_with_E"] = fit_power_law(n, loss, irreducible=True, bootstrap=50).to_dict()
-    held = fit_power_law(n[:-1], loss[:-1], bootstrap=0).params
-    predicted = held["a"] * n[-1] ** -held["alpha"]
-    out["held_out"] = {"fit_on": len(rows) - 1, "params": held, "largest_non_embedding": n[-1],
-                       "predicted_loss": predicted, "actual_loss": loss[-1],
-                       "relative_error": (predicted - loss[-1]) / loss[-1]}
+def _fixed_budget_groups(rows: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
+    groups: dict[float, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["budget"], []).append(r)
+    return groups
+
+
+def fit_rows(rows: list[dict[str, Any]], isoflop: bool = False) -> dict[str, Any]:
+    """The fits the runs support:
+
+    - token mode, at the largest token budget: L(N) = a·N^-α over non-embedding N (and with E from 4 runs), and
+      the held-out prediction: fitted on all but the largest model, its predicted loss for the largest;
+    - token mode with 3+ budgets: L(D) = b·D^-β for the largest model (and with E from 4 budgets);
+    - IsoFLOP mode: the per-budget parabolas, N_opt ∝ C^a and D_opt ∝ C^b (from 2 budgets), and a held-out
+      check: the minimum loss per budget as a power law in C, fitted without the largest budget, predicting it;
+    - 5+ runs over 2+ sizes and 2+ token counts: the Chinchilla L(N, D) = E + A/N^α + B/D^β (total N), which
+      ``gptlab plan scaling --law fits.json`` uses.
+    """
+    out: dict[str, Any] = {}
+    if isoflop:
+        try:
+            out["isoflop"] = isoflop_profile([r["budget"] for r in rows], [r["params"] for r in rows],
+                                             [r["final_val_loss"] for r in rows])
+        except GptlabError as e:  # the runs and other fits are still worth writing; the report says why
+            out["isoflop_error"] = str(e)
+        b = out.get("isoflop", {}).get("budgets", [])
+        if len(b) >= 3:
+            held = fit_power_law([o["compute"] for o in b[:-1]], [o["loss_min"] for o in b[:-1]], bootstrap=0)
+            pred = held.params["a"] * b[-1]["compute"] ** -held.params["alpha"]
+            out["held_out"] = {"what": "minimum loss of the largest budget from L_min(C) fitted on the others",
+                               "fit_on": len(b) - 1, "params": held.params, "predicted_loss": pred,
+                               "actual_loss": b[-1]["loss_min"], "relative_error": (pred - b[-1]["loss_min"])
+                               / b[-1]["loss_min"]}
+    else:
+        groups = _fixed_budget_groups(rows)
+        top = groups[max(groups)]
+        n, loss = [r["non_embedding"] for r in top], [r["final_val_loss"] for r in top]
+        out["power_law"] = fit_power_law(n, loss).to_dict()
+        if len(top) >= 4:
+            out["power_law_with_E"] = fit_power_law(n, loss, irreducible=True, bootstrap=50).to_dict()
+        held = fit_power_law(n[:-1], loss[:-1], bootstrap=0).params
+        pred = held["a"] * n[-1] ** -held["alpha"]
+        out["held_out"] = {"what": "largest model's loss from L(N) fitted on the smaller ones", "fit_on": len(top) - 1,
+                           "params": held, "largest_non_embedding": n[-1], "predicted_loss": pred,
+                           "actual_loss": loss[-1], "relative_error": (pred - loss[-1]) / loss[-1]}
+        if len(groups) >= 3:
+            big = [r for r in rows if r["depth"] == max(x["depth"] for x in rows)]
+            d, ld = [r["tokens"] for r in big], [r["final_val_loss"] for r in big]
+            out["data_law"] = fit_power_law(d, ld).to_dict()
+            if len(big) >= 4:
+                out["data_law_with_E"] = fit_power_law(d, ld, irreducible=True, bootstrap=50).to_dict()
+    if len(rows) >= 5 and len({r["params"] for r in rows}) >= 2 and len({r["tokens"] for r in rows}) >= 2:
+        _, fit = fit_chinchilla([r["params"] for r in rows], [r["tokens"] for r in rows],
+                                [r["final_val_loss"] for r in rows], bootstrap=30)
+        out["chinchilla"] = fit.to_dict()
     return out
 
 
-def _write(root: Path, rows: list[dict[str, Any]], fits: dict[str, Any]) -> None:
-    import io
+def predictions(rows: list[dict[str, Any]], fits: dict[str, Any]
+                ) -> tuple[str, list[dict[str, Any]], list[float]] | None:
+    """The runs a fit covers and their losses as it predicts them: Chinchilla L(N, D) when fitted, else L(N)
+    (with E when fitted) over the largest token budget."""
+    if "chinchilla" in fits:
+        p = fits["chinchilla"]["params"]
+        return "L = E + A/N^α + B/D^β", rows, [p["E"] + p["A"] / r["params"] ** p["alpha"]
+                                              + p["B"] / r["tokens"] ** p["beta"] for r in rows]
+    key = "power_law_with_E" if "power_law_with_E" in fits else "power_law"
+    if key not in fits:
+        return None
+    p = fits[key]["params"]
+    top = [r for r in rows if r["budget"] == max(x["budget"] for x in rows)]
+    return ("L = E + a·N^-α" if "E" in p else "L = a·N^-α"), top, [p.get("E", 0.0) + p["a"] * r["non_embedding"]
+                                                                  ** -p["alpha"] for r in top]
 
+
+def write_outputs(root: Path, rows: list[dict[str, Any]], fits: dict[str, Any], sw: Sweep) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -100,36 +287,20 @@ def _write(root: Path, rows: list[dict[str, Any]], fits: dict[str, Any]) -> None
     atomic_write_bytes(root / "results.csv", buf.getvalue().encode())
     atomic_write_bytes(root / "results.json", json.dumps(rows, indent=1).encode())
     atomic_write_bytes(root / "fits.json", json.dumps(fits, indent=1).encode())
-    _plot(root / "loss_vs_n.png", rows, fits)
+    from .report import isoflop_plot, loss_plot, predicted_plot, report
+
+    if "power_law" in fits:
+        loss_plot(root / "loss_vs_n.png", rows, fits)
+    if "isoflop" in fits:
+        isoflop_plot(root / "isoflop.png", rows, fits)
+    if predictions(rows, fits):
+        predicted_plot(root / "predicted_vs_actual.png", rows, fits)
+    atomic_write_bytes(root / "report.md", report(rows, fits, asdict(sw)).encode())
 
 
-def _plot(path: Path, rows: list[dict[str, Any]], fits: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from ..assets import atomic_file
-
-    n = np.array([r["non_embedding"] for r in rows], dtype=float)
-    loss = [r["final_val_loss"] for r in rows]
-    grid = np.logspace(np.log10(n.min() / 1.5), np.log10(n.max() * 1.5), 100)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    ax.loglog(n, loss, "o", label="runs")
-    p = fits["power_law"]["params"]
-    ax.loglog(grid, p["a"] * grid ** -p["alpha"], "-", label=f"L = {p['a']:.3g}·N^-{p['alpha']:.3f}")
-    if "power_law_with_E" in fits:
-        q = fits["power_law_with_E"]["params"]
-        ax.loglog(grid, q["E"] + q["a"] * grid ** -q["alpha"], "--",
-                  label=f"L = {q['E']:.3g} + {q['a']:.3g}·N^-{q['alpha']:.3f}")
-    h = fits["held_out"]
-    ax.loglog([h["largest_non_embedding"]], [h["predicted_loss"]], "x", ms=10,
-              label=f"held-out prediction ({h['relative_error']:+.1%})")
-    ax.set(xlabel="non-embedding parameters N", ylabel="final val loss (nats/token)", title="Loss vs model size")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(path) as f:
-        fig.savefig(f, dpi=120, format="png")
-    plt.close(fig)
+if __name__ == "__main__":  # a child process of a parallel or torchrun sweep: python -m gptlab.scale.sweep RUN_DIR
+    try:
+        run_one(sys.argv[1])
+    except GptlabError as e:
+        print(f"gptlab: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -51,6 +51,8 @@ def save_model_checkpoint(out: Path, model_state: dict[str, torch.Tensor], cfg: 
         sha = _save_tensors(weights_for_saving(model_state, cfg), tmp / "model.safetensors")
         meta = dict(extra, format=FORMAT, version=VERSION, step=extra.get("step", 0), model_config=cfg.to_dict(),
                     tokenizer=tokenizer_spec, sha256={"model.safetensors": sha})
+        if extra:
+            meta["sha256"]["heads.safetensors"] = _save_tensors(extra, tmp / "heads.safetensors")
         (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return Path(out)
 
@@ -129,9 +131,11 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor],
-                    optim_state: dict[str, Any], state: dict[str, Any], keep_last: int) -> Path:
+                    optim_state: dict[str, Any], state: dict[str, Any], keep_last: int,
+                    extra: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint ``step`` atomically and prune old ones. ``optim_state`` is a name-keyed optimizer state
-    dict (``torch.distributed.checkpoint.state_dict`` layout); ``state`` is JSON-able metadata."""
+    dict (``torch.distributed.checkpoint.state_dict`` layout); ``state`` is JSON-able metadata; ``extra`` tensors
+    (task, reward and value heads) go to ``heads.safetensors`` beside the GPT's ``model.safetensors``."""
     final = run_dir / "checkpoints" / f"step-{step:07d}"
     with atomic_dir(final) as tmp:
         cfg = GPTConfig.from_dict(state["model_config"])
@@ -147,6 +151,8 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
                     sha256={"model.safetensors": _save_tensors(weights_for_saving(model_state, cfg),
                                                                tmp / "model.safetensors"),
                             "optimizer.safetensors": _save_tensors(tensors, tmp / "optimizer.safetensors")})
+        if extra:
+            meta["sha256"]["heads.safetensors"] = _save_tensors(extra, tmp / "heads.safetensors")
         (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     keep = {p.name for p in list_checkpoints(run_dir)[-keep_last:]}
     if meta.get("best_step") is not None:
@@ -209,6 +215,11 @@ def load_weights(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
         sd["lm_head.weight"] = sd["wte.weight"]
     check_weights(sd, cfg, f"{ckpt}/model.safetensors")
     return sd
+
+
+def load_extra(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The ``extra`` tensors (heads) a checkpoint holds besides the GPT, or none."""
+    return _load_tensors(ckpt, "heads.safetensors", meta) if "heads.safetensors" in meta["sha256"] else {}
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:

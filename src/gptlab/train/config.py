@@ -92,20 +92,25 @@ class TrainConfig:
     @classmethod
     def from_sources(cls, recipe: str | Path | None = None, **overrides: Any) -> "TrainConfig":
         """Defaults <- TOML recipe <- ``overrides`` (CLI flags; ``None`` values are ignored)."""
-        values: dict[str, Any] = {}
-        if recipe:
-            try:
-                values = tomllib.loads(Path(recipe).read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise GptlabError(f"recipe {recipe} does not exist") from None
-            except tomllib.TOMLDecodeError as e:
-                raise GptlabError(f"recipe {recipe} is not valid TOML: {e}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in cls.fields()}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise GptlabError(f"unknown training option(s) {unknown}; see `gptlab train --help`")
-        return cls(**values)
+        return cls(**recipe_values(recipe, overrides, {f.name for f in cls.fields()}, "`gptlab train --help`"))
+
+
+def recipe_values(recipe: str | Path | None, overrides: dict[str, Any], known: set[str], help_hint: str
+                  ) -> dict[str, Any]:
+    """A TOML recipe's keys updated by ``overrides`` (``None`` values ignored); unknown keys are one clear error."""
+    values: dict[str, Any] = {}
+    if recipe:
+        try:
+            values = tomllib.loads(Path(recipe).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise GptlabError(f"recipe {recipe} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise GptlabError(f"recipe {recipe} is not valid TOML: {e}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise GptlabError(f"unknown option(s) {unknown}; see {help_hint}")
+    return values
 
 
 HELP = {

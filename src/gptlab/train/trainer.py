@@ -23,11 +23,11 @@ import torch.distributed as tdist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm import tqdm
 
-from ..assets import atomic_file
 from ..config import GPTConfig, preset
 from ..data.loader import TokenWindows, read_meta
 from ..errors import GptlabError
 from ..model import GPT
+from ..plotting import pyplot, save_png
 from . import checkpoint as ckpt_io
 from . import distributed
 from .config import TrainConfig
@@ -74,11 +74,7 @@ class _Metrics:
 
 
 def plot_losses(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -90,9 +86,7 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_file(path) as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def moe_stats(model: GPT) -> dict[str, Any]:

@@ -1,0 +1,147 @@
+"""The one loop behind every fine-tuning and alignment stage.
+
+A stage (:mod:`gptlab.align.stages`) owns a ``module`` (an ``nn.ModuleDict`` whose ``gpt`` entry is the model
+being tuned, plus any heads or a value model) and a ``step(step, update)`` that draws its data for that step,
+computes a loss and calls ``update(loss)`` once (PPO: once per minibatch and epoch). The loop supplies what
+``gptlab train`` supplies, from the same code: AdamW with the same parameter groups and learning-rate schedule,
+gradient clipping (per model: PPO's policy and value model are clipped apart, so the value loss's scale
+never throttles the policy), ``metrics.jsonl``, atomic checkpoints (``model.safetensors`` holds the GPT, so ``gptlab
+sample`` and ``gptlab eval`` read a tuned run directly; heads go to ``heads.safetensors``) and exact resume:
+weights, optimizer, RNG, the step and the stage's own state (e.g. the adaptive KL coefficient), with data that
+is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from tqdm import tqdm
+
+from ..errors import GptlabError
+from ..train import checkpoint as ckpt_io
+from ..train.distributed import pick_device
+from ..train.optim import lr_at, make_optimizer
+from ..train.trainer import METRICS, _Metrics, plot_losses
+from .config import AlignConfig
+
+
+def untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` with each storage once (a tied head is stored under its embedding's name only)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in sd.items():
+        if v.untyped_storage().data_ptr() not in seen:
+            seen.add(v.untyped_storage().data_ptr())
+            out[k] = v
+    return out
+
+
+def retie(module: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` completed with the names :func:`untie` dropped, from the tensor each shares storage with."""
+    names: dict[int, list[str]] = {}
+    for k, v in module.state_dict().items():
+        names.setdefault(v.untyped_storage().data_ptr(), []).append(k)
+    out = dict(sd)
+    for group in names.values():
+        have = [k for k in group if k in sd]
+        for k in group:
+            if k not in out and have:
+                out[k] = sd[have[0]]
+    return out
+
+
+def train_stage(cfg: AlignConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) one stage; returns its summary (what ``gptlab align <stage> --json`` prints)."""
+    from .stages import STAGES
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    existing = ckpt_io.list_checkpoints(out)
+    if existing and not resume:
+        raise GptlabError(f"{out} already holds checkpoints; pass --resume to continue that run, or choose another "
+                          f"--out-dir")
+    if resume and not existing:
+        raise GptlabError(f"--resume: {out} holds no complete checkpoint to resume from")
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    stage = STAGES[cfg.stage](cfg, device)
+    module = stage.module
+    optimizer = make_optimizer(module, cfg, device.type)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    start = 0
+    if resume:
+        ck = existing[-1]
+        state = ckpt_io.read_state(ck)
+        weights = {f"gpt.{k}": v for k, v in ckpt_io.load_weights(ck, state).items()}
+        optim_sd, rng = ckpt_io.load_training_state(ck, state)
+        set_state_dict(module, optimizer, model_state_dict=retie(module, {**weights, **ckpt_io.load_extra(ck, state)}),
+                       optim_state_dict=optim_sd, options=StateDictOptions(full_state_dict=True))
+        torch.set_rng_state(rng["torch_rank0"])
+        stage.load_state(state["align"])
+        start = state["step"]
+        print(f"resuming from {ck} (step {start})", file=sys.stderr, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = _Metrics(out / METRICS, start if resume else None, True)
+    groups = [[p for p in g if p.requires_grad] for g in stage.clip_groups()]
+
+    def update(loss: torch.Tensor) -> None:
+        if not math.isfinite(loss.item()):
+            raise GptlabError(f"the {cfg.stage} loss became {loss.item()} at step {step + 1}; lower --lr or raise "
+                              f"--warmup-iters, then --resume from the last checkpoint")
+        loss.backward()
+        if cfg.grad_clip:
+            for g in groups:
+                torch.nn.utils.clip_grad_norm_(g, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def save(done: int) -> None:
+        _, optim_sd = get_state_dict(module, optimizer, options=opts)
+        sd = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        gpt = {k[4:]: v for k, v in sd.items() if k.startswith("gpt.")}
+        extra = untie({k: v for k, v in sd.items() if not k.startswith("gpt.")})
+        ckpt_io.save_checkpoint(out, done, gpt, optim_sd, {
+            "model_config": stage.gpt.config.to_dict(), "train_config": cfg.to_dict(), "tokenizer": stage.tok.spec(),
+            "align": stage.state(), "val_loss": None, "best_val": None, "best_step": None,
+            "rng": {"torch_rank0": torch.get_rng_state()}}, cfg.keep_last, extra)
+
+    bar = tqdm(total=cfg.max_iters, initial=start, desc=cfg.stage, disable=not progress, dynamic_ncols=True,
+               file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    t0 = time.perf_counter()
+    last_eval: dict[str, float] = {}
+    module.train()
+    for step in range(start, cfg.max_iters):
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        row = stage.step(step, update)
+        done = step + 1
+        bar.update(1)
+        is_ckpt = done == cfg.max_iters or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0)
+        if done % cfg.log_interval == 0 or is_ckpt:
+            metrics.write(step=done, lr=lr, **row)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in list(row.items())[:3]})
+        if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+            module.eval()
+            last_eval = stage.evaluate()
+            module.train()
+            metrics.write(step=done, **{f"val_{k}": v for k, v in last_eval.items()})
+            bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items()), file=sys.stderr)
+        if is_ckpt:
+            save(done)
+    bar.close()
+    summary = {"stage": cfg.stage, "out_dir": str(out), "steps": cfg.max_iters, "resumed_from": start if resume
+               else None, "train_seconds": round(time.perf_counter() - t0, 1), "eval": last_eval,
+               "metrics": str(out / METRICS), **stage.summary()}
+    rows = [r for r in metrics.rows() if "loss" in r or "val_loss" in r]
+    if rows:
+        plot_losses(rows, out / "loss.png", f"{cfg.stage}: {Path(cfg.init).name} on {Path(cfg.data).name}")
+        summary["loss_plot"] = str(out / "loss.png")
+    return summary

@@ -1,0 +1,259 @@
+"""Fine-tuning and alignment: each objective against an independent computation on fixed tensors, the SFT masks,
+packing, GPT-1 heads, and the stages end to end (exact resume, a huge KL coefficient pinning PPO to the reference,
+a reward model learning a stated rule)."""
+
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptlab.align.config import AlignConfig
+from gptlab.align.data import batch_examples, pack_examples, preferences, sft_examples
+from gptlab.align.losses import (AdaptiveKL, bradley_terry_loss, dpo_loss, gae, kl_penalty, ppo_losses,
+                                 ranking_pairs)
+from gptlab.align.stages import Finetune, load_init
+from gptlab.align.trainer import train_stage
+from gptlab.cli import main
+from gptlab.errors import GptlabError
+from gptlab.tokenizer import CharTokenizer
+from gptlab.train.checkpoint import list_checkpoints
+from gptlab.train.config import TrainConfig
+from gptlab.train.trainer import train
+
+from .test_train import char_data, synthetic_text  # noqa: F401 - fixture
+
+WORDS = ["the", "king", "queen", "doth", "speak", "of", "love", "and", "war", "my", "lord"]
+
+
+# ----------------------------------------------------------------------------- objectives on fixed tensors
+def test_bradley_terry_and_ranking_pairs():
+    rc, rr = torch.tensor([1.5, -0.2, 0.3]), torch.tensor([0.5, 0.1, 2.0])
+    hand = sum(math.log(1 + math.exp(-(c - r))) for c, r in zip(rc.tolist(), rr.tolist())) / 3
+    assert bradley_terry_loss(rc, rr).item() == pytest.approx(hand, rel=1e-6)
+    assert ranking_pairs(4) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]  # K(K-1)/2, better first
+
+
+def test_dpo_loss_matches_the_formula():
+    pc, pr, rc, rr = (torch.tensor(v) for v in ([-10.0, -4.0], [-12.0, -3.0], [-11.0, -4.5], [-11.5, -3.5]))
+    beta = 0.3
+    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta)
+    z = [beta * ((a - c) - (b - d)) for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())]
+    assert loss.item() == pytest.approx(np.mean([-math.log(1 / (1 + math.exp(-x))) for x in z]), rel=1e-6)
+    assert chosen.tolist() == pytest.approx([beta * (a - c) for a, c in zip(pc.tolist(), rc.tolist())])
+
+
+def test_gae_matches_the_discounted_sum_of_td_errors():
+    torch.manual_seed(0)
+    r, v = torch.randn(3, 7), torch.randn(3, 7)
+    mask = torch.zeros(3, 7)
+    mask[0, 2:7] = 1
+    mask[1, 0:4] = 1
+    mask[2, 3:5] = 1
+    gamma, lam = 0.9, 0.8
+    adv, ret = gae(r, v, mask, gamma, lam)
+    for b in range(3):
+        idx = mask[b].nonzero().flatten().tolist()
+        for n, t in enumerate(idx):
+            want = 0.0
+            for m, s in enumerate(idx[n:]):  # A_t = sum_l (γλ)^l δ_{t+l}, V after the last token = 0
+                nxt = v[b, idx[n + m + 1]].item() if n + m + 1 < len(idx) else 0.0
+                want += (gamma * lam) ** m * (r[b, s].item() + gamma * nxt - v[b, s].item())
+            assert adv[b, t].item() == pytest.approx(want, abs=1e-5)
+            assert ret[b, t].item() == pytest.approx(want + v[b, t].item(), abs=1e-5)
+    assert (adv[mask == 0] == 0).all()
+
+
+def test_ppo_clipped_objectives_match_elementwise_computation():
+    torch.manual_seed(1)
+    logp, old = torch.randn(2, 5) * 0.3, torch.randn(2, 5) * 0.3
+    adv, vals, old_v, ret = torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.float)
+    eps, eps_v = 0.2, 0.3
+    out = ppo_losses(logp, old, adv, vals, old_v, ret, mask, eps, eps_v)
+    pol, val, clipped = [], [], []
+    for b, t in itertools.product(range(2), range(5)):
+        if not mask[b, t]:
+            continue
+        ratio = math.exp(logp[b, t] - old[b, t])
+        a = adv[b, t].item()
+        pol.append(-min(ratio * a, min(max(ratio, 1 - eps), 1 + eps) * a))
+        vc = old_v[b, t].item() + min(max(vals[b, t].item() - old_v[b, t].item(), -eps_v), eps_v)
+        val.append(0.5 * max((vals[b, t].item() - ret[b, t].item()) ** 2, (vc - ret[b, t].item()) ** 2))
+        clipped.append(abs(ratio - 1) > eps)
+    assert out["policy_loss"].item() == pytest.approx(np.mean(pol), rel=1e-5)
+    assert out["value_loss"].item() == pytest.approx(np.mean(val), rel=1e-5)
+    assert out["clipfrac"].item() == pytest.approx(np.mean(clipped))
+
+
+def test_kl_estimators_are_unbiased_for_the_exact_kl():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    exact = (p * (p / q).log()).sum().item()
+    x = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    logp, logq = p.log()[x], q.log()[x]
+    for kind in ("k1", "k3"):
+        assert kl_penalty(logp, logq, kind).mean().item() == pytest.approx(exact, rel=0.02)
+    assert (kl_penalty(logp, logq, "k3") >= 0).all()
+
+
+def test_adaptive_kl_controller():
+    kl = AdaptiveKL(0.1, target=6.0, horizon=10_000)
+    kl.update(9.0, 256)  # error = clip(9/6 - 1, ±0.2) = 0.2
+    assert kl.coef == pytest.approx(0.1 * (1 + 0.2 * 256 / 10_000))
+    kl.update(5.4, 100)  # error = -0.1
+    assert kl.coef == pytest.approx(0.1 * (1 + 0.2 * 256 / 10_000) * (1 - 0.1 * 100 / 10_000))
+    fixed = AdaptiveKL(0.1)
+    fixed.update(100.0, 1000)
+    assert fixed.coef == 0.1
+
+
+# ----------------------------------------------------------------------------- data, masks, packing
+def test_sft_masks_prompt_and_chat_template(tmp_path):
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyzSUA: \n.")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "ab ", "response": "cd."}) + "\n" + json.dumps(
+        {"messages": [{"role": "system", "content": "be"}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "yo"}]}) + "\n")
+    plain, chat = sft_examples(tmp_path / "d.jsonl", tok, 64)
+    assert plain.ids == tok.encode("ab cd.") + [tok.eot_id] and plain.loss_mask == [0, 0, 0, 1, 1, 1, 1]
+    assert tok.decode(chat.ids[:-1]) == "System: be\nUser: hi\nAssistant: yo\n" and chat.ids[-1] == tok.eot_id
+    trained = tok.decode(t for t, m in zip(chat.ids, chat.loss_mask) if m)
+    assert trained == "yo\n" + tok.decode([tok.eot_id])
+    with pytest.raises(GptlabError, match="longer than the model's context of 4"):
+        sft_examples(tmp_path / "d.jsonl", tok, 4)
+
+
+@pytest.fixture(scope="module")
+def base_run(char_data, tmp_path_factory):  # noqa: F811
+    """A tiny char-level model pre-trained briefly on the synthetic corpus, and data files in its alphabet."""
+    root = tmp_path_factory.mktemp("align")
+    train(TrainConfig(data=str(char_data), out_dir=str(root / "base"), model="tiny", block_size=64, batch_size=16,
+                      max_iters=120, lr=3e-3, min_lr=3e-4, warmup_iters=10, eval_interval=60, eval_iters=2,
+                      ckpt_interval=120, device="cpu", threads=1, final_eval_tokens=2000), progress=False)
+    rng = np.random.default_rng(0)
+    say = lambda k: " ".join(rng.choice(WORDS, k))  # noqa: E731
+    rows = [{"prompt": say(3) + " ", "response": say(2) + "."} for _ in range(48)]
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prefs = []
+    for _ in range(96):  # the stated rule: more letters "o" is better
+        resp = sorted((say(k) + "." for k in (1, 2, 3)), key=lambda r: -r.count("o"))
+        if len({r.count("o") for r in resp}) == 3:
+            prefs.append({"prompt": say(3) + " ", "ranked": resp})
+    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": say(3) + " "}) + "\n" for _ in range(32)))
+    return root
+
+
+def cfg(root, stage, **kw):
+    base = dict(stage=stage, init=str(root / "base"), out_dir=str(root / kw.pop("name", stage)), device="cpu",
+                threads=1, lr=1e-3, warmup_iters=2, eval_interval=1000, log_interval=1, ckpt_interval=1000)
+    return AlignConfig(**{**base, **kw})
+
+
+def test_prompt_tokens_get_zero_gradient(base_run):
+    model, tok = load_init(str(base_run / "base"), "cpu")
+    ex = sft_examples(base_run / "sft.jsonl", tok, 64)[:3]
+    b = batch_examples(ex)
+    grads = {}
+    def keep_grad(module, inputs, out):
+        out.register_hook(lambda g: grads.setdefault("h", g))
+
+    model.ln_f.register_forward_hook(keep_grad)
+    model(b["x"], b["y"])[1].backward()
+    per_pos = grads["h"].abs().sum(-1)  # [B, T]: the loss's gradient at each position's output
+    assert (per_pos[b["y"] == -1] == 0).all() and (per_pos[b["y"] >= 0] > 0).all()
+
+
+def test_packed_examples_do_not_attend_across_boundaries(base_run):
+    model, tok = load_init(str(base_run / "base"), "cpu")
+    model.eval()
+    ex = sft_examples(base_run / "sft.jsonl", tok, 64)[:6]
+    packed = pack_examples(ex, 64)
+    assert packed["x"].size(0) < len(ex)  # several examples share a row
+    logits, _ = model(packed["x"], doc_ids=packed["doc_ids"])
+    for row in range(packed["x"].size(0)):
+        for k in packed["doc_ids"][row].unique().tolist():
+            if k < 0:
+                continue
+            pos = (packed["doc_ids"][row] == k).nonzero().flatten()
+            alone, _ = model(torch.tensor([ex[k].ids[:-1]]))
+            torch.testing.assert_close(logits[row, pos], alone[0], atol=1e-5, rtol=1e-5)
+    padded = batch_examples(ex)
+    assert model(packed["x"], packed["y"], doc_ids=packed["doc_ids"])[1].item() == pytest.approx(
+        model(padded["x"], padded["y"])[1].item(), rel=1e-5)
+
+
+def test_gpt1_similarity_is_order_symmetric_and_tasks_train(base_run, tmp_path):
+    rows = [{"a": "the king", "b": "my lord", "label": "same"}, {"a": "war", "b": "love and war", "label": "diff"}]
+    (tmp_path / "sim.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    st = Finetune(cfg(base_run, "finetune", data=str(tmp_path / "sim.jsonl"), task="similarity", val_frac=0), "cpu")
+    assert st.gpt.config.vocab_size == st.base_vocab + 3 and st.labels == ["diff", "same"]
+    item = st.train[0]
+    swapped = type(item)(item.sequences[::-1], item.label)
+    st.module.eval()
+    torch.testing.assert_close(st.forward([item])[0][0], st.forward([swapped])[0][0])
+    # classification learns a keyword rule; the tuned model still samples (new vocabulary rows included)
+    rng = np.random.default_rng(1)
+    cls = [" ".join(rng.choice(WORDS, 4)) for _ in range(80)]
+    (tmp_path / "cls.jsonl").write_text("".join(json.dumps({"text": t, "label": "war" in t}) + "\n" for t in cls))
+    s = train_stage(cfg(base_run, "finetune", name="ft", data=str(tmp_path / "cls.jsonl"), max_iters=60,
+                        batch_size=16, val_frac=0.25), progress=False)
+    assert s["eval"]["accuracy"] >= 0.85
+    assert main(["sample", "--checkpoint", s["out_dir"], "--prompt", "the", "--max-new-tokens", "5"]) == 0
+
+
+def interrupted_and_resumed(c):
+    """Run ``c``, lose everything after its first checkpoint (as a crash would), resume it."""
+    train_stage(c, progress=False)
+    for ck in list_checkpoints(Path(c.out_dir))[1:]:
+        shutil.rmtree(ck)
+    return train_stage(c, resume=True, progress=False)
+
+
+def test_sft_resumes_exactly_and_packing_changes_nothing(base_run):
+    full = train_stage(cfg(base_run, "sft", name="sft-full", data=str(base_run / "sft.jsonl"), max_iters=8,
+                           ckpt_interval=4), progress=False)
+    again = interrupted_and_resumed(cfg(base_run, "sft", name="sft-cut", data=str(base_run / "sft.jsonl"),
+                                        max_iters=8, ckpt_interval=4))
+    packed = train_stage(cfg(base_run, "sft", name="sft-pack", data=str(base_run / "sft.jsonl"), max_iters=8,
+                             pack=True), progress=False)
+    rows = lambda s: [r["loss"] for r in map(json.loads, open(s["metrics"])) if "loss" in r]  # noqa: E731
+    assert again["resumed_from"] == 4 and rows(again) == rows(full)
+    assert rows(packed) == pytest.approx(rows(full), rel=1e-4)
+
+
+def test_reward_model_learns_the_rule_then_ppo_and_dpo(base_run):
+    rm = train_stage(cfg(base_run, "reward", data=str(base_run / "prefs.jsonl"), max_iters=60, batch_size=8,
+                         val_frac=0.25, center_rewards=0.01), progress=False)
+    assert rm["eval"]["pair_accuracy"] >= 0.85  # held-out pairs ranked by the rule
+    kw = dict(data=str(base_run / "prompts.jsonl"), reward_model=rm["out_dir"], batch_size=16, max_new_tokens=16,
+              max_iters=6, lr=5e-4, val_frac=0.25)
+    free = train_stage(cfg(base_run, "ppo", name="ppo-free", kl_coef=0.0, **kw), progress=False)
+    pinned = train_stage(cfg(base_run, "ppo", name="ppo-pinned", kl_coef=1e3, **kw), progress=False)
+    rows = lambda s: [r for r in map(json.loads, open(s["metrics"])) if "score" in r]  # noqa: E731
+    assert rows(free)[-1]["score"] > rows(free)[0]["score"]  # PPO raises the reward
+    # with a huge coefficient the policy stays at the reference: the KL is far below the unpenalised run's
+    assert abs(pinned["eval"]["kl"]) < 0.25 * abs(free["eval"]["kl"])
+    # exact resume, including the rollouts and the adaptive KL coefficient
+    adapt = dict(kw, kl_coef=0.05, kl_target=0.5, kl_horizon=100, max_iters=4, ckpt_interval=2)
+    a = train_stage(cfg(base_run, "ppo", name="ppo-a", **adapt), progress=False)
+    b = interrupted_and_resumed(cfg(base_run, "ppo", name="ppo-b", **adapt))
+    assert b["resumed_from"] == 2 and rows(a) == rows(b) and rows(a)[-1]["kl_coef"] != 0.05
+    dpo = train_stage(cfg(base_run, "dpo", data=str(base_run / "prefs.jsonl"), max_iters=30, batch_size=8,
+                          val_frac=0.25, beta=0.5), progress=False)
+    assert dpo["eval"]["pair_accuracy"] >= 0.7
+
+
+def test_bad_alignment_input_is_a_clear_error(base_run, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(GptlabError, match="needs \"chosen\" and \"rejected\""):
+        preferences(tmp_path / "bad.jsonl", CharTokenizer("x"), 64)
+    with pytest.raises(GptlabError, match="ppo needs reward_model"):
+        AlignConfig(stage="ppo", data="d.jsonl", init="m")
+    assert main(["align", "ppo", "--data", str(base_run / "prompts.jsonl"), "--init", str(base_run / "base"),
+                 "--reward-model", str(base_run / "base"), "--out-dir", str(tmp_path / "p")]) == 2
+    assert "is not a reward model" in capsys.readouterr().err
