@@ -6,6 +6,8 @@ import itertools
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +24,11 @@ from gptlab.cli import main
 from gptlab.errors import GptlabError
 from gptlab.tokenizer import CharTokenizer
 from gptlab.train.checkpoint import list_checkpoints
+from gptlab.train.distributed import Dist
 from gptlab.train.config import TrainConfig
 from gptlab.train.trainer import train
 
-from .test_train import char_data, synthetic_text  # noqa: F401 - fixture
+from .test_train import ENV, char_data  # noqa: F401 - fixture
 
 WORDS = ["the", "king", "queen", "doth", "speak", "of", "love", "and", "war", "my", "lord"]
 
@@ -190,7 +193,7 @@ def test_packed_examples_do_not_attend_across_boundaries(base_run):
 def test_gpt1_similarity_is_order_symmetric_and_tasks_train(base_run, tmp_path):
     rows = [{"a": "the king", "b": "my lord", "label": "same"}, {"a": "war", "b": "love and war", "label": "diff"}]
     (tmp_path / "sim.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
-    st = Finetune(cfg(base_run, "finetune", data=str(tmp_path / "sim.jsonl"), task="similarity", val_frac=0), "cpu")
+    st = Finetune(cfg(base_run, "finetune", data=str(tmp_path / "sim.jsonl"), task="similarity", val_frac=0), Dist())
     assert st.gpt.config.vocab_size == st.base_vocab + 3 and st.labels == ["diff", "same"]
     item = st.train[0]
     swapped = type(item)(item.sequences[::-1], item.label)
@@ -231,7 +234,7 @@ def test_reward_model_learns_the_rule_then_ppo_and_dpo(base_run):
                          val_frac=0.25, center_rewards=0.01), progress=False)
     assert rm["eval"]["pair_accuracy"] >= 0.85  # held-out pairs ranked by the rule
     kw = dict(data=str(base_run / "prompts.jsonl"), reward_model=rm["out_dir"], batch_size=16, max_new_tokens=16,
-              max_iters=6, lr=5e-4, val_frac=0.25)
+              max_iters=10, lr=5e-4, val_frac=0.25)
     free = train_stage(cfg(base_run, "ppo", name="ppo-free", kl_coef=0.0, **kw), progress=False)
     pinned = train_stage(cfg(base_run, "ppo", name="ppo-pinned", kl_coef=1e3, **kw), progress=False)
     rows = lambda s: [r for r in map(json.loads, open(s["metrics"])) if "score" in r]  # noqa: E731
@@ -246,6 +249,31 @@ def test_reward_model_learns_the_rule_then_ppo_and_dpo(base_run):
     dpo = train_stage(cfg(base_run, "dpo", data=str(base_run / "prefs.jsonl"), max_iters=30, batch_size=8,
                           val_frac=0.25, beta=0.5), progress=False)
     assert dpo["eval"]["pair_accuracy"] >= 0.7
+
+
+def test_torchrun_matches_one_process_with_the_same_global_batch(base_run):
+    one = train_stage(cfg(base_run, "reward", name="rm-one", data=str(base_run / "prefs.jsonl"), max_iters=6,
+                          batch_size=8, val_frac=0.25), progress=False)
+    out = base_run / "rm-ddp"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "gptlab", "align", "reward", "--init", str(base_run / "base"), "--data",
+                          str(base_run / "prefs.jsonl"), "--out-dir", str(out), "--max-iters", "6", "--batch-size",
+                          "4", "--val-frac", "0.25", "--device", "cpu", "--threads", "1", "--lr", "1e-3",
+                          "--warmup-iters", "2", "--log-interval", "1", "--eval-interval", "1000", "--json"],
+                         capture_output=True, text=True, env=ENV)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = lambda m: [r["loss"] for r in map(json.loads, open(m)) if "loss" in r]  # noqa: E731
+    assert rows(out / "metrics.jsonl") == pytest.approx(rows(one["metrics"]), rel=1e-4)
+    assert json.loads(run.stdout.strip().splitlines()[-1])["world_size"] == 2
+
+
+def test_hh_rlhf_layout_splits_the_shared_prompt(tmp_path):
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyzHA: \n.")
+    rec = {"chosen": "\n\nHuman: hi\n\nAssistant: hello.", "rejected": "\n\nHuman: hi\n\nAssistant: go."}
+    (tmp_path / "hh.jsonl").write_text(json.dumps(rec) + "\n")
+    (pref,) = preferences(tmp_path / "hh.jsonl", tok, 64)
+    assert tok.decode(pref.prompt) == "\n\nHuman: hi\n\nAssistant:" and pref.pairs == [(0, 1)]
+    assert [tok.decode(r[:-1]) for r in pref.responses] == [" hello.", " go."]
 
 
 def test_bad_alignment_input_is_a_clear_error(base_run, tmp_path, capsys):

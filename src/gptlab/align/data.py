@@ -8,7 +8,9 @@ Formats (one JSON object per line):
   ``"<Role>: <content>\\n"`` (``User: hi\\n``), then ``<eot>``; the loss covers the assistant messages (their text
   after ``Assistant: `` and the newline) and ``<eot>``. Generation prompts end with ``"Assistant: "``.
 - Preferences: ``{"prompt", "chosen", "rejected"}``, or a K-way ranking ``{"prompt", "ranked": [best, ..., worst]}``
-  (all K·(K−1)/2 pairs are used, scored in one batch as InstructGPT does).
+  (all K·(K−1)/2 pairs are used, scored in one batch as InstructGPT does). Without ``prompt``, ``chosen`` and
+  ``rejected`` are whole conversations (Anthropic HH-RLHF's layout) and the prompt is their shared beginning up to
+  the last ``Assistant:``.
 - Prompts (PPO rollouts): ``{"prompt"}``; any of the files above also works.
 - GPT-1 tasks: ``{"text", "label"}`` (classification), ``{"premise", "hypothesis", "label"}`` (entailment),
   ``{"a", "b", "label"}`` (similarity; a numeric or class label), ``{"context", "options", "label"}`` (multiple
@@ -98,18 +100,33 @@ def preferences(path: str | Path, tok: Any, block: int) -> list[Preference]:
     from .losses import ranking_pairs
 
     out = []
-    for i, rec in enumerate(read_jsonl(path, ("prompt",))):
+    for i, rec in enumerate(read_jsonl(path, ())):
         ranked = rec.get("ranked") or ([rec["chosen"], rec["rejected"]] if "chosen" in rec and "rejected" in rec
                                        else None)
         if not ranked or len(ranked) < 2 or not all(isinstance(r, str) for r in ranked):
             raise GptlabError(f"{path} record {i + 1}: needs \"chosen\" and \"rejected\", or \"ranked\": a list of "
                               f"2+ responses, best first")
-        p = tok.encode(prompt_text(rec))
+        if "prompt" in rec or "messages" in rec:
+            prompt = prompt_text(rec)
+        else:  # whole conversations (Anthropic HH-RLHF): the prompt is the shared part up to the last turn
+            prompt = shared_prompt(ranked)
+            ranked = [r[len(prompt):] for r in ranked]
+        p = tok.encode(prompt)
         resp = [tok.encode(r) + [tok.eot_id] for r in ranked]
         for r in resp:
             _fits(p + r, block, f"{path} record {i + 1}")
         out.append(Preference(p, resp, ranking_pairs(len(resp))))
     return out
+
+
+def shared_prompt(texts: Sequence[str], turn: str = "Assistant:") -> str:
+    """The common beginning of ``texts``, cut after its last ``turn`` marker when it has one."""
+    common = texts[0]
+    for t in texts[1:]:
+        n = next((k for k, (a, b) in enumerate(zip(common, t)) if a != b), min(len(common), len(t)))
+        common = common[:n]
+    cut = common.rfind(turn)
+    return common[:cut + len(turn)] if cut >= 0 else common
 
 
 def pad(rows: Sequence[Sequence[int]], value: int = 0) -> torch.Tensor:

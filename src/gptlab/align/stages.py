@@ -29,6 +29,7 @@ from ..interop import load_any
 from ..model import GPT
 from ..tokenizer import from_spec
 from ..train import checkpoint as ckpt_io
+from ..train.distributed import Dist
 from .config import AlignConfig
 from .data import (Example, Preference, TaskItem, batch_examples, pack_examples, pad, preferences, prompts,
                    sft_examples, task_items)
@@ -120,17 +121,20 @@ class Stage:
 
     module: nn.ModuleDict
 
-    def __init__(self, cfg: AlignConfig, device: torch.device) -> None:
-        self.cfg, self.device = cfg, device
-        self.gpt, self.tok = load_init(cfg.init, device)
+    def __init__(self, cfg: AlignConfig, d: Dist) -> None:
+        self.cfg, self.dist, self.device = cfg, d, d.device
+        self.gpt, self.tok = load_init(cfg.init, self.device)
         self.block = self.gpt.config.block_size
 
     def pick(self, step: int, items: Sequence) -> list:
-        if not items:
-            raise GptlabError(f"{self.cfg.data} leaves no training examples after holding out val_frac "
-                              f"{self.cfg.val_frac}; add data or lower --val-frac")
-        rng = np.random.default_rng([self.cfg.seed, step])
-        return [items[i] for i in rng.choice(len(items), min(self.cfg.batch_size, len(items)), replace=False)]
+        """This rank's share of the step's global batch (``batch_size`` per rank, drawn without replacement)."""
+        n = self.cfg.batch_size * self.dist.world_size
+        if len(items) < n:
+            raise GptlabError(f"{self.cfg.data} has {len(items)} training examples after holding out val_frac "
+                              f"{self.cfg.val_frac}, fewer than one batch of {n}; add data or lower --batch-size")
+        idx = np.random.default_rng([self.cfg.seed, step]).choice(len(items), n, replace=False)
+        r = self.dist.rank * self.cfg.batch_size
+        return [items[i] for i in idx[r:r + self.cfg.batch_size]]
 
     def clip_groups(self) -> list[list[nn.Parameter]]:
         """Parameter sets whose gradient norms are clipped separately (default: all together)."""
@@ -147,8 +151,8 @@ class Stage:
 
 
 class SFT(Stage):
-    def __init__(self, cfg: AlignConfig, device: torch.device) -> None:
-        super().__init__(cfg, device)
+    def __init__(self, cfg: AlignConfig, d: Dist) -> None:
+        super().__init__(cfg, d)
         self.train, self.val = split(cfg, lambda p: sft_examples(p, self.tok, self.block))
         self.module = nn.ModuleDict({"gpt": self.gpt})
 
@@ -193,8 +197,8 @@ class SFT(Stage):
 
 
 class Finetune(Stage):
-    def __init__(self, cfg: AlignConfig, device: torch.device) -> None:
-        super().__init__(cfg, device)
+    def __init__(self, cfg: AlignConfig, d: Dist) -> None:
+        super().__init__(cfg, d)
         self.base_vocab = self.gpt.config.vocab_size
         start, delim, extract = extend_vocab(self.gpt, 3)
         self.special = {"start": start, "delim": delim, "extract": extract}
@@ -207,17 +211,18 @@ class Finetune(Stage):
         n_out = 1 if cfg.task == "multiple_choice" else len(labels)
         if n_out < 2 and cfg.task != "multiple_choice":
             raise GptlabError(f"{cfg.data} has a single label {labels}; a classifier needs 2 or more")
-        self.module = nn.ModuleDict({"gpt": self.gpt, "head": nn.Linear(self.gpt.config.n_embd, n_out).to(device)})
+        head = nn.Linear(self.gpt.config.n_embd, n_out).to(self.device)
+        self.module = nn.ModuleDict({"gpt": self.gpt, "head": head})
 
     def forward(self, items: Sequence[TaskItem]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(per-item logits over its classes or options, the auxiliary LM loss on the items' text)."""
         seqs = [s for it in items for s in it.sequences]
         x = pad(seqs).to(self.device)
         h = self.gpt(x, hidden=True)[0]
-        last = h[torch.arange(len(seqs), device=self.device), torch.tensor([len(s) - 1 for s in seqs], device=self.device)]
+        ends = torch.tensor([len(s) - 1 for s in seqs], device=self.device)
+        last = h[torch.arange(len(seqs), device=self.device), ends]
         y = x[:, 1:].masked_fill(x[:, 1:] >= self.base_vocab, -1)  # no LM targets on special tokens or padding
-        y = y.masked_fill(torch.arange(y.size(1), device=self.device)[None] >= torch.tensor(
-            [len(s) - 1 for s in seqs], device=self.device)[:, None], -1)
+        y = y.masked_fill(torch.arange(y.size(1), device=self.device)[None] >= ends[:, None], -1)
         logits_lm = F.linear(h[:, :-1], self.gpt.lm_head.weight)[..., :self.gpt.config.vocab_size]
         lm = F.cross_entropy(logits_lm.flatten(0, 1).float(), y.flatten(), ignore_index=-1)
         head = self.module["head"]
@@ -258,10 +263,10 @@ class Finetune(Stage):
 
 
 class Reward(Stage):
-    def __init__(self, cfg: AlignConfig, device: torch.device) -> None:
-        super().__init__(cfg, device)
+    def __init__(self, cfg: AlignConfig, d: Dist) -> None:
+        super().__init__(cfg, d)
         self.train, self.val = split(cfg, lambda p: preferences(p, self.tok, self.block))
-        self.module = nn.ModuleDict({"gpt": self.gpt, "head": nn.Linear(self.gpt.config.n_embd, 1).to(device)})
+        self.module = nn.ModuleDict({"gpt": self.gpt, "head": nn.Linear(self.gpt.config.n_embd, 1).to(self.device)})
 
     def rewards(self, prefs: Sequence[Preference]) -> list[torch.Tensor]:
         seqs = [p.prompt + r for p in prefs for r in p.responses]  # each response scored once (InstructGPT)
@@ -310,9 +315,9 @@ def response_logprob(gpt: GPT, prefs: Sequence[Preference], device: torch.device
 
 
 class DPO(Stage):
-    def __init__(self, cfg: AlignConfig, device: torch.device) -> None:
-        super().__init__(cfg, device)
-        self.ref = frozen(load_init(cfg.reference, device)[0] if cfg.reference else self.gpt)
+    def __init__(self, cfg: AlignConfig, d: Dist) -> None:
+        super().__init__(cfg, d)
+        self.ref = frozen(load_init(cfg.reference, self.device)[0] if cfg.reference else self.gpt)
         self.train, self.val = split(cfg, lambda p: preferences(p, self.tok, self.block))
         self.module = nn.ModuleDict({"gpt": self.gpt})
 
@@ -342,10 +347,10 @@ class DPO(Stage):
 
 
 class PPO(Stage):
-    def __init__(self, cfg: AlignConfig, device: torch.device) -> None:
-        super().__init__(cfg, device)
-        self.ref = frozen(load_init(cfg.reference, device)[0] if cfg.reference else self.gpt)
-        rm_gpt, rm_head = load_scalar_model(cfg.reward_model, device)
+    def __init__(self, cfg: AlignConfig, d: Dist) -> None:
+        super().__init__(cfg, d)
+        self.ref = frozen(load_init(cfg.reference, self.device)[0] if cfg.reference else self.gpt)
+        rm_gpt, rm_head = load_scalar_model(cfg.reward_model, self.device)
         self.rm_gpt, self.rm_head = frozen(rm_gpt), frozen(rm_head)
         # the value model starts as a copy of the reward model (InstructGPT section 3.5)
         self.module = nn.ModuleDict({"gpt": self.gpt, "value": rm_gpt, "value_head": rm_head})
@@ -363,9 +368,10 @@ class PPO(Stage):
         if room < 1:
             raise GptlabError(f"a prompt fills the model's context of {self.block}; shorten the prompts")
         eot = self.tok.eot_id
+        mode = self.gpt.training
         done = Engine(self.gpt).generate_tokens(prompt_ids, room, Sampling(self.cfg.temperature, seed=seed),
                                                 stop_ids=[eot])
-        self.gpt.train()
+        self.gpt.train(mode)
         responses = [c.tokens + ([eot] if c.finish_reason == "stop_token" else []) for c in done]
         seqs = [p + r for p, r in zip(prompt_ids, responses)]
         full = pad(seqs).to(self.device)
@@ -388,7 +394,7 @@ class PPO(Stage):
 
     def step(self, step: int, update: Update) -> dict[str, float]:
         cfg = self.cfg
-        ro = self.rollout(self.pick(step, self.train), seed=cfg.seed * 1_000_003 + step)
+        ro = self.rollout(self.pick(step, self.train), seed=(cfg.seed * 1_000_003 + step) * 64 + self.dist.rank)
         mask = ro["mask"]
         kl_tok = (ro["old_logp"] - ro["ref_logp"]) * mask  # k1, the estimator in InstructGPT's reward
         rewards = -self.kl.coef * kl_tok
@@ -407,7 +413,8 @@ class PPO(Stage):
                                  returns[mb], mask[mb], cfg.clip, cfg.value_clip)
                 loss = out["policy_loss"] + cfg.vf_coef * out["value_loss"]
                 if self.ptx is not None:  # PPO-ptx: keep the pre-training distribution's likelihood
-                    px, py = self.ptx.batch(len(mb), step, len(stats.get("loss", [])))
+                    px, py = self.ptx.batch(len(mb), step, len(stats.get("loss", [])), self.dist.rank,
+                                            self.dist.world_size)
                     out["ptx_loss"] = self.gpt(px.to(self.device), py.to(self.device))[1]
                     loss = loss + cfg.ptx_coef * out["ptx_loss"]
                 out["entropy"] = masked_mean(entropy.detach(), mask[mb])

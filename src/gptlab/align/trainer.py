@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm import tqdm
 
 from ..errors import GptlabError
 from ..train import checkpoint as ckpt_io
-from ..train.distributed import pick_device
+from ..train import distributed
 from ..train.optim import lr_at, make_optimizer
 from ..train.trainer import METRICS, _Metrics, plot_losses
 from .config import AlignConfig
@@ -57,7 +58,17 @@ def retie(module: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def train_stage(cfg: AlignConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) one stage; returns its summary (what ``gptlab align <stage> --json`` prints)."""
+    """Run (or resume) one stage; returns its summary (what ``gptlab align <stage> --json`` prints). Under
+    torchrun every rank takes its slice of each step's examples (the global batch is the single-process one with
+    ``batch_size`` x ranks) and gradients are averaged across ranks before clipping."""
+    d = distributed.setup(cfg.device)
+    try:
+        return _train_stage(cfg, d, resume, progress)
+    finally:
+        distributed.teardown()
+
+
+def _train_stage(cfg: AlignConfig, d: distributed.Dist, resume: bool, progress: bool) -> dict[str, Any]:
     from .stages import STAGES
 
     if cfg.threads:
@@ -69,11 +80,10 @@ def train_stage(cfg: AlignConfig, resume: bool = False, progress: bool = True) -
                           f"--out-dir")
     if resume and not existing:
         raise GptlabError(f"--resume: {out} holds no complete checkpoint to resume from")
-    device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    stage = STAGES[cfg.stage](cfg, device)
+    stage = STAGES[cfg.stage](cfg, d)
     module = stage.module
-    optimizer = make_optimizer(module, cfg, device.type)
+    optimizer = make_optimizer(module, cfg, d.device.type)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     start = 0
     if resume:
@@ -86,9 +96,10 @@ def train_stage(cfg: AlignConfig, resume: bool = False, progress: bool = True) -
         torch.set_rng_state(rng["torch_rank0"])
         stage.load_state(state["align"])
         start = state["step"]
-        print(f"resuming from {ck} (step {start})", file=sys.stderr, flush=True)
+        if d.is_main:
+            print(f"resuming from {ck} (step {start})", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = _Metrics(out / METRICS, start if resume else None, True)
+    metrics = _Metrics(out / METRICS, start if resume else None, d.is_main)
     groups = [[p for p in g if p.requires_grad] for g in stage.clip_groups()]
 
     def update(loss: torch.Tensor) -> None:
@@ -96,6 +107,10 @@ def train_stage(cfg: AlignConfig, resume: bool = False, progress: bool = True) -
             raise GptlabError(f"the {cfg.stage} loss became {loss.item()} at step {step + 1}; lower --lr or raise "
                               f"--warmup-iters, then --resume from the last checkpoint")
         loss.backward()
+        if d.enabled:
+            for p in module.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(distributed.mean_across_ranks(p.grad, d))
         if cfg.grad_clip:
             for g in groups:
                 torch.nn.utils.clip_grad_norm_(g, cfg.grad_clip)
@@ -107,12 +122,16 @@ def train_stage(cfg: AlignConfig, resume: bool = False, progress: bool = True) -
         sd = {k: v.detach().cpu() for k, v in module.state_dict().items()}
         gpt = {k[4:]: v for k, v in sd.items() if k.startswith("gpt.")}
         extra = untie({k: v for k, v in sd.items() if not k.startswith("gpt.")})
-        ckpt_io.save_checkpoint(out, done, gpt, optim_sd, {
-            "model_config": stage.gpt.config.to_dict(), "train_config": cfg.to_dict(), "tokenizer": stage.tok.spec(),
-            "align": stage.state(), "val_loss": None, "best_val": None, "best_step": None,
-            "rng": {"torch_rank0": torch.get_rng_state()}}, cfg.keep_last, extra)
+        if d.is_main:
+            ckpt_io.save_checkpoint(out, done, gpt, optim_sd, {
+                "model_config": stage.gpt.config.to_dict(), "train_config": cfg.to_dict(),
+                "tokenizer": stage.tok.spec(), "align": stage.state(), "val_loss": None, "best_val": None,
+                "best_step": None, "rng": {"torch_rank0": torch.get_rng_state()}}, cfg.keep_last, extra)
+        if d.enabled:
+            tdist.barrier()
 
-    bar = tqdm(total=cfg.max_iters, initial=start, desc=cfg.stage, disable=not progress, dynamic_ncols=True,
+    bar = tqdm(total=cfg.max_iters, initial=start, desc=cfg.stage, disable=not (progress and d.is_main),
+               dynamic_ncols=True,
                file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30.0)
     t0 = time.perf_counter()
     last_eval: dict[str, float] = {}
@@ -122,6 +141,8 @@ def train_stage(cfg: AlignConfig, resume: bool = False, progress: bool = True) -
         for g in optimizer.param_groups:
             g["lr"] = lr
         row = stage.step(step, update)
+        if d.enabled:  # every rank's share of the global batch, averaged
+            row = dict(zip(row, distributed.mean_across_ranks(torch.tensor(list(row.values())), d).tolist()))
         done = step + 1
         bar.update(1)
         is_ckpt = done == cfg.max_iters or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0)
@@ -133,13 +154,18 @@ def train_stage(cfg: AlignConfig, resume: bool = False, progress: bool = True) -
             last_eval = stage.evaluate()
             module.train()
             metrics.write(step=done, **{f"val_{k}": v for k, v in last_eval.items()})
-            bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items()), file=sys.stderr)
+            if d.is_main:
+                    bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items()),
+                          file=sys.stderr)
         if is_ckpt:
             save(done)
     bar.close()
     summary = {"stage": cfg.stage, "out_dir": str(out), "steps": cfg.max_iters, "resumed_from": start if resume
                else None, "train_seconds": round(time.perf_counter() - t0, 1), "eval": last_eval,
-               "metrics": str(out / METRICS), **stage.summary()}
+               "metrics": str(out / METRICS), "world_size": d.world_size}
+    if not d.is_main:
+        return summary
+    summary.update(stage.summary())
     rows = [r for r in metrics.rows() if "loss" in r or "val_loss" in r]
     if rows:
         plot_losses(rows, out / "loss.png", f"{cfg.stage}: {Path(cfg.init).name} on {Path(cfg.data).name}")
