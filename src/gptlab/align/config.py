@@ -4,19 +4,16 @@ mean what they mean in ``gptlab train`` (the same functions read them)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from ..errors import GptlabError
-from ..train.config import recipe_values
+from ..train.config import RecipeConfig
 
 STAGES = ("finetune", "sft", "reward", "dpo", "ppo")
 
 
 @dataclass
-class AlignConfig:
+class AlignConfig(RecipeConfig):
+    help_hint = "`gptlab align <stage> --help`"
     stage: str = "sft"
     data: str = ""
     init: str = ""
@@ -90,21 +87,7 @@ class AlignConfig:
              "ppo_epochs, minibatches and max_new_tokens must be >= 1"),
             (self.ptx_coef == 0 or bool(self.ptx_data), "ptx_coef > 0 needs ptx_data (a `gptlab prepare` folder)"),
         ]
-        problems = [msg for ok, msg in checks if not ok]
-        if problems:
-            raise GptlabError("invalid alignment config: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def fields(cls) -> list[dataclasses.Field]:
-        return list(dataclasses.fields(cls))
-
-    @classmethod
-    def from_sources(cls, recipe: str | Path | None = None, **overrides: Any) -> "AlignConfig":
-        """Defaults <- TOML recipe <- ``overrides`` (``None`` values are ignored)."""
-        return cls(**recipe_values(recipe, overrides, {f.name for f in cls.fields()}, "`gptlab align --help`"))
+        self.require("alignment config", checks)
 
 
 HELP = {

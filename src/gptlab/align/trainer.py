@@ -61,11 +61,8 @@ def train_stage(cfg: AlignConfig, resume: bool = False, progress: bool = True) -
     """Run (or resume) one stage; returns its summary (what ``gptlab align <stage> --json`` prints). Under
     torchrun every rank takes its slice of each step's examples (the global batch is the single-process one with
     ``batch_size`` x ranks) and gradients are averaged across ranks before clipping."""
-    d = distributed.setup(cfg.device)
-    try:
+    with distributed.session(cfg.device) as d:
         return _train_stage(cfg, d, resume, progress)
-    finally:
-        distributed.teardown()
 
 
 def _train_stage(cfg: AlignConfig, d: distributed.Dist, resume: bool, progress: bool) -> dict[str, Any]:
@@ -74,12 +71,7 @@ def _train_stage(cfg: AlignConfig, d: distributed.Dist, resume: bool, progress: 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
-    existing = ckpt_io.list_checkpoints(out)
-    if existing and not resume:
-        raise GptlabError(f"{out} already holds checkpoints; pass --resume to continue that run, or choose another "
-                          f"--out-dir")
-    if resume and not existing:
-        raise GptlabError(f"--resume: {out} holds no complete checkpoint to resume from")
+    existing = ckpt_io.checkpoints_for(out, resume)
     torch.manual_seed(cfg.seed)
     stage = STAGES[cfg.stage](cfg, d)
     module = stage.module

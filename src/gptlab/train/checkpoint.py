@@ -171,6 +171,17 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
 
 
+def checkpoints_for(run_dir: Path, resume: bool) -> list[Path]:
+    """The run's complete checkpoints, after checking they suit the request: none for a fresh run, some to resume."""
+    existing = list_checkpoints(run_dir)
+    if existing and not resume:
+        raise GptlabError(f"{run_dir} already holds checkpoints; pass --resume to continue that run, or choose "
+                          f"another --out-dir")
+    if resume and not existing:
+        raise GptlabError(f"--resume: {run_dir} holds no complete checkpoint to resume from")
+    return existing
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint folder from a run folder (its latest checkpoint), ``<run>/best``, or a checkpoint folder."""
     path = Path(path)

@@ -19,8 +19,33 @@ from ..errors import GptlabError
 MODEL_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)}
 
 
+class RecipeConfig:
+    """What the flat, recipe-loaded configs share: validation, dict form, fields, and loading from sources."""
+
+    help_hint = "`gptlab --help`"
+
+    @staticmethod
+    def require(what: str, checks: list[tuple[bool, str]]) -> None:
+        problems = [msg for ok, msg in checks if not ok]
+        if problems:
+            raise GptlabError(f"invalid {what}: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def fields(cls) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(cls))  # type: ignore[arg-type]
+
+    @classmethod
+    def from_sources(cls, recipe: str | Path | None = None, **overrides: Any):
+        """Defaults <- TOML recipe <- ``overrides`` (CLI flags; ``None`` values are ignored)."""
+        return cls(**recipe_values(recipe, overrides, {f.name for f in cls.fields()}, cls.help_hint))
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RecipeConfig):
+    help_hint = "`gptlab train --help`"
     data: str = "data/shakespeare-char"
     out_dir: str = "runs/baby"
     model: str = "baby"
@@ -78,21 +103,7 @@ class TrainConfig:
              f"unknown model config field(s) {sorted(set(self.model_overrides) - MODEL_FIELDS)}; "
              f"known: {sorted(MODEL_FIELDS)}"),
         ]
-        problems = [msg for ok, msg in checks if not ok]
-        if problems:
-            raise GptlabError("invalid training config: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def fields(cls) -> list[dataclasses.Field]:
-        return list(dataclasses.fields(cls))
-
-    @classmethod
-    def from_sources(cls, recipe: str | Path | None = None, **overrides: Any) -> "TrainConfig":
-        """Defaults <- TOML recipe <- ``overrides`` (CLI flags; ``None`` values are ignored)."""
-        return cls(**recipe_values(recipe, overrides, {f.name for f in cls.fields()}, "`gptlab train --help`"))
+        self.require("training config", checks)
 
 
 def recipe_values(recipe: str | Path | None, overrides: dict[str, Any], known: set[str], help_hint: str

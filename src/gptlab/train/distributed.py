@@ -6,8 +6,10 @@ The backend is NCCL on CUDA and gloo on CPU. Outside torchrun everything here is
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -62,6 +64,16 @@ def setup(device_pref: str) -> Dist:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device_pref: str) -> Iterator[Dist]:
+    """The process group (under torchrun) for the duration of a run, torn down however the run ends."""
+    d = setup(device_pref)
+    try:
+        yield d
+    finally:
+        teardown()
 
 
 def wrap(model: torch.nn.Module, d: Dist, parallel: str) -> torch.nn.Module:

@@ -110,11 +110,8 @@ def keep_freed_memory_in_heap() -> None:
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a training run; returns the summary that ``gptlab train --json`` prints."""
-    d = distributed.setup(cfg.device)
-    try:
+    with distributed.session(cfg.device) as d:
         return _train(cfg, d, resume, progress)
-    finally:
-        distributed.teardown()
 
 
 def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) -> dict[str, Any]:
@@ -123,12 +120,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
     if d.device.type == "cpu":
         keep_freed_memory_in_heap()
     out = Path(cfg.out_dir)
-    existing = ckpt_io.list_checkpoints(out)
-    if existing and not resume:
-        raise GptlabError(f"{out} already holds checkpoints; pass --resume to continue that run, or choose another "
-                          f"--out-dir")
-    if resume and not existing:
-        raise GptlabError(f"--resume: {out} holds no complete checkpoint to resume from")
+    existing = ckpt_io.checkpoints_for(out, resume)
     meta = read_meta(cfg.data)
     mcfg = model_config_for(cfg, meta["vocab_size"])
     train_windows = TokenWindows(cfg.data, "train", mcfg.block_size, cfg.seed)
