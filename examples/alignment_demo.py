@@ -3,8 +3,8 @@
     python examples/alignment_demo.py [--base runs/demo] [--out runs/align-demo]
 
 1. Base model: a character-level Shakespeare model (``make demo`` makes one in ~2 minutes; trained here if absent).
-2. SFT: prompts are 32-character openings of lines from the plays, responses the 32 characters that follow.
-3. Preferences: the SFT model samples 4 responses per prompt; the "human" prefers responses with more of the words in
+2. SFT: prompts are 32-character openings of lines from the plays, responses the 31 characters that follow.
+3. Preferences: the SFT model samples 8 responses per prompt; the "human" prefers responses with more of the words in
    ``PLEASANT`` (a stated, programmatic rule). Rankings with ties collapsed become K-way preference records.
 4. Reward model on those rankings; its held-out pair accuracy.
 5. PPO from the SFT model for several KL coefficients β (β = 0: no penalty), and DPO on the same preferences.
@@ -35,7 +35,7 @@ from gptlab.generate import Engine, Sampling
 from gptlab.plotting import pyplot, save_png
 
 PLEASANT = ("love", "good", "sweet", "fair", "gentle", "noble", "kind", "dear", "joy", "grace", "happy", "heaven")
-PROMPT, RESPONSE = 32, 32  # the demo model reads 64 characters
+PROMPT, RESPONSE = 32, 31  # prompt + response + <eot> fill the demo model's 64 characters
 
 
 def rule(text: str) -> int:
@@ -44,11 +44,12 @@ def rule(text: str) -> int:
 
 
 def openings(data: Path, split: str, n: int, seed: int) -> list[tuple[str, str]]:
-    """``n`` (prompt, continuation) pairs of 32 + 32 characters starting at line starts of a prepared split."""
+    """``n`` (prompt, continuation) pairs of 32 + 31 characters starting at line starts of a prepared split."""
     from gptlab.tokenizer import from_spec
 
     tok = from_spec(read_meta(data)["tokenizer"])
-    text = tok.decode(TokenWindows(data, split, 8).shards[0].tolist())
+    ids = TokenWindows(data, split, 8).shards[0]
+    text = tok.decode(ids[ids != tok.eot_id].tolist())  # documents joined, without end-of-text markers
     starts = [m.end() for m in re.finditer(r"\n", text) if m.end() + PROMPT + RESPONSE < len(text)]
     pick = np.random.default_rng(seed).choice(len(starts), n, replace=False)
     return [(text[s:s + PROMPT], text[s + PROMPT:s + PROMPT + RESPONSE]) for s in (starts[i] for i in pick)]
@@ -57,6 +58,16 @@ def openings(data: Path, split: str, n: int, seed: int) -> list[tuple[str, str]]
 def write_jsonl(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def stage(**kw) -> dict:
+    """Train one stage, or reuse it when an earlier run of this script finished it."""
+    done = Path(kw["out_dir"]) / "summary.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    summary = train_stage(AlignConfig(**kw), progress=False)
+    done.write_text(json.dumps(summary))
+    return summary
 
 
 def samples(model, tok, prompts: list[str], k: int, seed: int) -> list[list[str]]:
@@ -109,14 +120,14 @@ def main() -> None:
     # 2. SFT
     pairs = openings(data, "train", 1200, seed=0)
     sft_data = write_jsonl(out / "sft.jsonl", [{"prompt": p, "response": r} for p, r in pairs])
-    sft = train_stage(AlignConfig(stage="sft", data=sft_data, out_dir=str(out / "sft"), max_iters=150,
-                                  batch_size=32, lr=3e-4, **common), progress=False)
+    sft = stage(stage="sft", data=sft_data, out_dir=str(out / "sft"), max_iters=150, batch_size=32, lr=3e-4,
+                **common)
     # 3. preferences from the SFT model's own samples, ranked by the rule
     model, tok = load_init(sft["out_dir"], "cpu")
     model.eval()
     prompts = [p for p, _ in openings(data, "train", 1200, seed=1)]
     prefs = []
-    for p, group in zip(prompts, samples(model, tok, prompts, 4, seed=0)):
+    for p, group in zip(prompts, samples(model, tok, prompts, 8, seed=0)):
         by_score: dict[int, str] = {}
         for t in group:
             by_score.setdefault(rule(t), t)
@@ -124,9 +135,8 @@ def main() -> None:
             prefs.append({"prompt": p, "ranked": [by_score[s] for s in sorted(by_score, reverse=True)]})
     pref_data = write_jsonl(out / "prefs.jsonl", prefs)
     # 4. reward model
-    rm_run = train_stage(AlignConfig(stage="reward", data=pref_data, out_dir=str(out / "reward"), max_iters=300,
-                                     batch_size=16, lr=3e-4, val_frac=0.2, center_rewards=0.01,
-                                     **{**common, "init": sft["out_dir"]}), progress=False)
+    rm_run = stage(stage="reward", data=pref_data, out_dir=str(out / "reward"), max_iters=400, batch_size=16,
+                   lr=1e-4, val_frac=0.2, center_rewards=0.01, **{**common, "init": sft["out_dir"]})
     # 5. PPO for several betas, DPO
     heldout = [p for p, _ in openings(data, "val", 128, seed=2)]
     prompt_data = write_jsonl(out / "prompts.jsonl", [{"prompt": p} for p in prompts])
@@ -137,17 +147,15 @@ def main() -> None:
                "preference_records": len(prefs)}
     curves = {}
     for beta in map(float, args.betas.split(",")):
-        run = train_stage(AlignConfig(stage="ppo", data=prompt_data, out_dir=str(out / f"ppo-beta{beta:g}"),
-                                      reward_model=rm_run["out_dir"], kl_coef=beta, max_iters=args.ppo_steps,
-                                      batch_size=32, max_new_tokens=RESPONSE, lr=1e-4, warmup_iters=3,
-                                      val_frac=0.0, **{**common, "init": sft["out_dir"], "log_interval": 1}),
-                          progress=False)
+        run = stage(stage="ppo", data=prompt_data, out_dir=str(out / f"ppo-beta{beta:g}"),
+                    reward_model=rm_run["out_dir"], kl_coef=beta, max_iters=args.ppo_steps, batch_size=32,
+                    max_new_tokens=RESPONSE, lr=1e-4, warmup_iters=3, val_frac=0.0,
+                    **{**common, "init": sft["out_dir"], "log_interval": 1})
         rows = [json.loads(r) for r in open(run["metrics"])]
         curves[beta] = [(r["kl"], r["score"]) for r in rows if "score" in r]
         results[f"ppo beta={beta:g}"] = judge(run["out_dir"], ref, rm, tok, heldout)
-    dpo = train_stage(AlignConfig(stage="dpo", data=pref_data, out_dir=str(out / "dpo"), max_iters=150, batch_size=16,
-                                  lr=3e-5, beta=0.1, val_frac=0.2, **{**common, "init": sft["out_dir"]}),
-                      progress=False)
+    dpo = stage(stage="dpo", data=pref_data, out_dir=str(out / "dpo"), max_iters=150, batch_size=16, lr=3e-5,
+                beta=0.1, val_frac=0.2, **{**common, "init": sft["out_dir"]})
     results["dpo beta=0.1"] = {**judge(dpo["out_dir"], ref, rm, tok, heldout), "heldout_pairs": dpo["eval"]}
     (out / "summary.json").write_text(json.dumps(results, indent=1))
 

@@ -229,7 +229,7 @@ def test_sft_resumes_exactly_and_packing_changes_nothing(base_run):
     assert rows(packed) == pytest.approx(rows(full), rel=1e-4)
 
 
-def test_reward_model_learns_the_rule_then_ppo_and_dpo(base_run):
+def test_reward_model_learns_the_rule_then_ppo_and_dpo(base_run, char_data):  # noqa: F811
     rm = train_stage(cfg(base_run, "reward", data=str(base_run / "prefs.jsonl"), max_iters=60, batch_size=8,
                          val_frac=0.25, center_rewards=0.01), progress=False)
     assert rm["eval"]["pair_accuracy"] >= 0.85  # held-out pairs ranked by the rule
@@ -242,10 +242,12 @@ def test_reward_model_learns_the_rule_then_ppo_and_dpo(base_run):
     # with a huge coefficient the policy stays at the reference: the KL is far below the unpenalised run's
     assert abs(pinned["eval"]["kl"]) < 0.25 * abs(free["eval"]["kl"])
     # exact resume, including the rollouts and the adaptive KL coefficient
-    adapt = dict(kw, kl_coef=0.05, kl_target=0.5, kl_horizon=100, max_iters=4, ckpt_interval=2)
+    adapt = dict(kw, kl_coef=0.05, kl_target=0.5, kl_horizon=100, max_iters=4, ckpt_interval=2, ptx_coef=0.5,
+                 ptx_data=str(char_data))
     a = train_stage(cfg(base_run, "ppo", name="ppo-a", **adapt), progress=False)
     b = interrupted_and_resumed(cfg(base_run, "ppo", name="ppo-b", **adapt))
     assert b["resumed_from"] == 2 and rows(a) == rows(b) and rows(a)[-1]["kl_coef"] != 0.05
+    assert all(r["ptx_loss"] > 0 for r in rows(a))  # PPO-ptx mixes in the pre-training loss
     dpo = train_stage(cfg(base_run, "dpo", data=str(base_run / "prefs.jsonl"), max_iters=30, batch_size=8,
                           val_frac=0.25, beta=0.5), progress=False)
     assert dpo["eval"]["pair_accuracy"] >= 0.7

@@ -52,6 +52,13 @@ def test_isoflop_profile_finds_the_laws_optimum_and_exponent():
     for b in prof["budgets"]:
         assert b["n_opt"] == pytest.approx(HOFFMANN.optimal(b["compute"])[0], rel=0.1)
     assert prof["a"] == pytest.approx(HOFFMANN.a, abs=0.01) and prof["a"] + prof["b"] == pytest.approx(1.0)
+    # a budget whose sizes are all above its optimum is skipped with the reason, not extrapolated
+    c = 1e22
+    n_opt, _ = HOFFMANN.optimal(c)
+    big = [n_opt * f for f in (4.0, 8.0, 16.0)]
+    prof = isoflop_profile(compute + [c] * 3, n + big, loss + [HOFFMANN.loss(x, c / (6 * x)) for x in big])
+    assert [s["compute"] for s in prof["skipped"]] == [c] and "smallest size" in prof["skipped"][0]["reason"]
+    assert len(prof["budgets"]) == 4
 
 
 def test_bad_inputs_are_clear_errors():

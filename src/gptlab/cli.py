@@ -229,7 +229,9 @@ def cmd_scale(args: argparse.Namespace) -> None:
     if "held_out" in fits:
         h = fits["held_out"]
         lines.append(f"held out: {h['what']}: predicted {h['predicted_loss']:.4f}, actual {h['actual_loss']:.4f} "
-                     f"({h['relative_error']:+.2%})")
+                     f"({h['relative_error']:+.2%})" + (f"; with E: {h['predicted_loss_with_E']:.4f} "
+                                                        f"({h['relative_error_with_E']:+.2%})"
+                                                        if "predicted_loss_with_E" in h else ""))
     lines.append(f"results: {r['out']}/report.md, results.csv, fits.json and plots")
     _emit(args, r, "\n".join(lines))
 

@@ -29,7 +29,7 @@ from ..interop import load_any
 from ..model import GPT
 from ..tokenizer import from_spec
 from ..train import checkpoint as ckpt_io
-from ..train.distributed import Dist
+from ..train.distributed import Dist, mean_across_ranks
 from .config import AlignConfig
 from .data import (Example, Preference, TaskItem, batch_examples, pack_examples, pad, preferences, prompts,
                    sft_examples, task_items)
@@ -424,7 +424,8 @@ class PPO(Stage):
         seq_kl = kl_tok.sum(1)
         row = {"score": ro["score"].mean().item(), "kl": seq_kl.mean().item(), "kl_coef": self.kl.coef,
                "response_length": ro["lengths"].mean().item(), **{k: float(np.mean(v)) for k, v in stats.items()}}
-        self.kl.update(seq_kl.mean().item(), B)
+        kl_all = mean_across_ranks(seq_kl.mean()[None], self.dist).item()  # one β on every rank
+        self.kl.update(kl_all, B * self.dist.world_size)
         return row
 
     @torch.no_grad()

@@ -6,8 +6,8 @@
   Huber loss (δ = 1e-3) between log L̂ and log L, with L̂ written as LSE(a − α·log N, b − β·log D, e) (A = e^a,
   B = e^b, E = e^e), by L-BFGS from a grid of initialisations (the 12 with the lowest starting loss), keeping the
   best.
-- :func:`isoflop_profile`: per compute budget, a parabola in log N through the runs at that budget; its vertex is
-  the budget's optimal N; then N_opt ∝ C^a and D_opt ∝ C^b fitted across budgets (Approach 2).
+- :func:`isoflop_profile`: per compute budget, a parabola in log N through the runs around that budget's lowest loss;
+  its vertex is the budget's optimal N (budgets whose minimum is not bracketed are skipped, not extrapolated); then N_opt ∝ C^a and D_opt ∝ C^b fitted across budgets (Approach 2).
 - Intervals: percentile bootstrap over the runs (``bootstrap`` resamples, seeded).
 
 All fits use torch in float64 (no extra dependency); the tests recover known constants from synthetic data.
@@ -153,23 +153,38 @@ def fit_chinchilla(n: Sequence[float], d: Sequence[float], loss: Sequence[float]
 
 
 def isoflop_profile(compute: Sequence[float], n: Sequence[float], loss: Sequence[float]) -> dict:
-    """Per budget (runs grouped by equal ``compute``), the vertex of a parabola in log N fitted to the losses
-    (needs >= 3 sizes per budget); then N_opt = k_N·C^a and D_opt = k_D·C^b across the budgets, D = C / 6N."""
+    """Per budget (runs grouped by equal ``compute``, >= 3 sizes each), the vertex of a parabola in log N fitted to
+    the lowest-loss run and up to two neighbours on each side. A budget whose lowest loss is at its smallest or
+    largest size has its optimum outside the sizes run; it is listed under ``skipped`` with the reason, not
+    extrapolated. Then N_opt = k_N·C^a and D_opt = k_D·C^b across the kept budgets (>= 2), D = C / 6N."""
     c_arr, n_arr, y = (np.asarray(v, dtype=np.float64) for v in (compute, n, loss))
-    optima = []
+    optima, skipped = [], []
     for c in sorted(set(c_arr.tolist())):
         sel = c_arr == c
         if sel.sum() < 3:
             raise GptlabError(f"the budget {c:.3g} FLOPs has {int(sel.sum())} run(s); an IsoFLOP parabola needs "
                               f">= 3 model sizes per budget")
-        q2, q1, q0 = np.polyfit(np.log(n_arr[sel]), y[sel], 2)
+        order = np.argsort(n_arr[sel])
+        ns, ls = n_arr[sel][order], y[sel][order]
+        i = int(np.argmin(ls))
+        if i in (0, len(ls) - 1):
+            where = "smallest" if i == 0 else "largest"
+            skipped.append({"compute": c, "reason": f"the lowest loss is at the {where} size, so the optimum lies "
+                                                    f"beyond the sizes run; add {where[:-3]}er models"})
+            continue
+        lo, hi = max(0, i - 2), min(len(ls), i + 3)
+        q2, q1, q0 = np.polyfit(np.log(ns[lo:hi]), ls[lo:hi], 2)
         if q2 <= 0:
-            raise GptlabError(f"the losses at budget {c:.3g} FLOPs do not curve upward around a minimum; add "
-                              f"smaller and larger models at that budget")
+            skipped.append({"compute": c, "reason": "the losses around the minimum do not curve upward"})
+            continue
         log_n = -q1 / (2 * q2)
         optima.append({"compute": c, "n_opt": float(math.exp(log_n)), "loss_min": float(q0 - q1 * q1 / (4 * q2)),
-                       "d_opt": float(c / (6 * math.exp(log_n)))})
-    out: dict = {"budgets": optima}
+                       "d_opt": float(c / (6 * math.exp(log_n))), "parabola": [float(q2), float(q1), float(q0)],
+                       "n_range": [float(ns[lo]), float(ns[hi - 1])]})
+    if not optima:
+        raise GptlabError("no budget brackets its optimum: " + "; ".join(f"{s['compute']:.3g} FLOPs: {s['reason']}"
+                                                                       for s in skipped))
+    out: dict = {"budgets": optima, "skipped": skipped}
     if len(optima) >= 2:
         lc = np.log([o["compute"] for o in optima])
         a, log_kn = np.polyfit(lc, np.log([o["n_opt"] for o in optima]), 1)

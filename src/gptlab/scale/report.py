@@ -61,13 +61,17 @@ def report(rows: list[dict[str, Any]], fits: dict[str, Any], sweep: dict[str, An
         out += ["", "| budget C | N_opt | D_opt | D_opt/N_opt | min loss |", "|---|---|---|---|---|"]
         out += [f"| {o['compute']:.3g} | {o['n_opt']:,.0f} | {o['d_opt']:,.0f} | {o['d_opt'] / o['n_opt']:.1f} | "
                 f"{o['loss_min']:.4f} |" for o in fits["isoflop"]["budgets"]]
+        out += [f"| {o['compute']:.3g} | not bracketed: {o['reason']} | | | |" for o in fits["isoflop"]["skipped"]]
     if "isoflop_error" in fits:
         out += ["", f"No IsoFLOP optimum: {fits['isoflop_error']}."]
     if "held_out" in fits:
         h = fits["held_out"]
         out += ["", "## Held-out prediction", "",
                 f"{h['what']} (fitted on {h['fit_on']}): predicted {h['predicted_loss']:.4f}, actual "
-                f"{h['actual_loss']:.4f}, error {h['relative_error']:+.2%}."]
+                f"{h['actual_loss']:.4f}, error {h['relative_error']:+.2%}." + (
+                    f" With an irreducible term (E + a·N^-α, fitted on the same runs): predicted "
+                    f"{h['predicted_loss_with_E']:.4f}, error {h['relative_error_with_E']:+.2%}."
+                    if "predicted_loss_with_E" in h else "")]
     out += ["", "## Caveats", "", CAVEATS, ""]
     return "\n".join(out)
 
@@ -99,15 +103,16 @@ def loss_plot(path: Path, rows: list[dict[str, Any]], fits: dict[str, Any]) -> P
 def isoflop_plot(path: Path, rows: list[dict[str, Any]], fits: dict[str, Any]) -> Path:
     """Loss against N per FLOP budget with each budget's parabola in log N and its vertex; N_opt against C."""
     fig, (ax, bx) = pyplot().subplots(1, 2, figsize=(11, 4.5))
-    for o in fits["isoflop"]["budgets"]:
-        sel = [r for r in rows if r["budget"] == o["compute"]]
-        n = np.array([r["params"] for r in sel], dtype=float)
-        loss = [r["final_val_loss"] for r in sel]
-        line, = ax.semilogx(n, loss, "o", label=f"C = {o['compute']:.2g}")
-        q = np.polyfit(np.log(n), loss, 2)
-        grid = np.logspace(np.log10(n.min()), np.log10(n.max()), 100)
-        ax.semilogx(grid, np.polyval(q, np.log(grid)), "-", color=line.get_color(), lw=1)
-        ax.plot(o["n_opt"], o["loss_min"], "*", ms=12, color=line.get_color())
+    kept = {o["compute"]: o for o in fits["isoflop"]["budgets"]}
+    for c in sorted({r["budget"] for r in rows}):
+        sel = sorted((r for r in rows if r["budget"] == c), key=lambda r: r["params"])
+        line, = ax.semilogx([r["params"] for r in sel], [r["final_val_loss"] for r in sel], "o--", lw=0.6,
+                            label=f"C = {c:.2g}" + ("" if c in kept else " (optimum not bracketed)"))
+        if c in kept:
+            o = kept[c]
+            grid = np.logspace(*np.log10(o["n_range"]), 100)
+            ax.semilogx(grid, np.polyval(o["parabola"], np.log(grid)), "-", color=line.get_color(), lw=1.5)
+            ax.plot(o["n_opt"], o["loss_min"], "*", ms=12, color=line.get_color())
     ax.set(xlabel="parameters N (total)", ylabel="final val loss (nats/token)", title="IsoFLOP profiles")
     iso = fits["isoflop"]
     c = np.array([o["compute"] for o in iso["budgets"]])
@@ -131,10 +136,12 @@ def predicted_plot(path: Path, rows: list[dict[str, Any]], fits: dict[str, Any])
     fig, ax = pyplot().subplots(figsize=(5.5, 5))
     ax.plot(actual, pred, "o", label=f"runs, fit {label}")
     h = fits.get("held_out")
+    extremes = actual + pred
     if h:
         ax.plot([h["actual_loss"]], [h["predicted_loss"]], "x", ms=10, mew=2,
-                label=f"held out ({h['relative_error']:+.1%})")
-    lo, hi = min(actual + pred) * 0.98, max(actual + pred) * 1.02
+                label=f"held out, power law without it ({h['relative_error']:+.1%})")
+        extremes += [h["actual_loss"], h["predicted_loss"]]
+    lo, hi = min(extremes) * 0.98, max(extremes) * 1.02
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="predicted = actual")
     ax.set(xlabel="measured val loss", ylabel="predicted val loss", xlim=(lo, hi), ylim=(lo, hi),
            title="Predicted vs actual")

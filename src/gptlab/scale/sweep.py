@@ -249,6 +249,11 @@ def fit_rows(rows: list[dict[str, Any]], isoflop: bool = False) -> dict[str, Any
         out["held_out"] = {"what": "largest model's loss from L(N) fitted on the smaller ones", "fit_on": len(top) - 1,
                            "params": held, "largest_non_embedding": n[-1], "predicted_loss": pred,
                            "actual_loss": loss[-1], "relative_error": (pred - loss[-1]) / loss[-1]}
+        if len(top) >= 5:  # the same check for the law with a floor, E + a·N^-α
+            q = fit_power_law(n[:-1], loss[:-1], irreducible=True, bootstrap=0).params
+            pred_e = q["E"] + q["a"] * n[-1] ** -q["alpha"]
+            out["held_out"].update(params_with_E=q, predicted_loss_with_E=pred_e,
+                                   relative_error_with_E=(pred_e - loss[-1]) / loss[-1])
         if len(groups) >= 3:
             big = [r for r in rows if r["depth"] == max(x["depth"] for x in rows)]
             d, ld = [r["tokens"] for r in big], [r["final_val_loss"] for r in big]
