@@ -84,7 +84,9 @@ def test_isoflop_sweep_in_parallel_processes(char_data, tmp_path):  # noqa: F811
         assert x["tokens"] == round(x["budget"] / (6 * x["params"]) / per_step) * per_step
         assert (out / x["name"] / "log.txt").exists()  # ran in a child process
     fits = json.loads((out / "fits.json").read_text())
-    assert len(fits["isoflop"]["budgets"]) == 2 or "isoflop_error" in fits
+    # real runs this small need not bracket an optimum: either profiles (kept + skipped = both budgets) or the reason
+    iso = fits.get("isoflop", {})
+    assert len(iso.get("budgets", [])) + len(iso.get("skipped", [])) == 2 or "bracket" in fits["isoflop_error"]
     assert "chinchilla" in fits and (out / "report.md").exists()
     # the fitted constants feed the planner: its own compute-optimal split comes first
     assert main(["plan", "scaling", "--compute", "1e12", "--law", str(out / "fits.json"), "--json"]) == 0
