@@ -15,7 +15,7 @@ from gptlab.cli import main
 from gptlab.errors import GptlabError
 from gptlab.plan.scaling import HOFFMANN
 from gptlab.scale.fit import fit_power_law
-from gptlab.scale.sweep import Sweep, run_sweep
+from gptlab.scale.sweep import Sweep, fit_rows, run_sweep
 from gptlab.train.checkpoint import list_checkpoints
 
 from .test_train import char_data  # noqa: F401 - fixture
@@ -90,6 +90,24 @@ def test_isoflop_sweep_in_parallel_processes(char_data, tmp_path):  # noqa: F811
     assert "chinchilla" in fits and (out / "report.md").exists()
     # the fitted constants feed the planner: its own compute-optimal split comes first
     assert main(["plan", "scaling", "--compute", "1e12", "--law", str(out / "fits.json"), "--json"]) == 0
+
+
+def test_token_budget_grid_fits_data_law_and_chinchilla():
+    """fit_rows on runs drawn from a known L(N, D): L(D) of the largest model has the law's β and floor
+    E + A/N^α, and the joint fit recovers the law."""
+    rows = []
+    for depth, n in enumerate((1e6, 3e6, 1e7, 3e7, 1e8), 1):
+        for d in (2e8, 8e8, 3.2e9, 1.28e10):
+            rows.append({"name": f"t{d:.3g}-d{depth}", "budget": d, "depth": depth, "params": n,
+                         "non_embedding": n, "tokens": d, "compute": 6 * n * d,
+                         "final_val_loss": HOFFMANN.loss(n, d)})
+    fits = fit_rows(rows)
+    floor = HOFFMANN.E + HOFFMANN.A / 1e8 ** HOFFMANN.alpha
+    assert fits["data_law_with_E"]["params"]["alpha"] == pytest.approx(HOFFMANN.beta, abs=0.01)
+    assert fits["data_law_with_E"]["params"]["E"] == pytest.approx(floor, rel=0.01)
+    assert fits["chinchilla"]["params"]["alpha"] == pytest.approx(HOFFMANN.alpha, abs=0.01)
+    assert fits["chinchilla"]["params"]["E"] == pytest.approx(HOFFMANN.E, abs=0.02)
+    assert fits["held_out"]["fit_on"] == 4  # L(N) at the largest budget, all but the largest model
 
 
 def test_plan_uses_fitted_constants(tmp_path, capsys):

@@ -28,8 +28,9 @@ from ..errors import GptlabError
 from ..train import checkpoint as ckpt_io
 from ..train import distributed
 from ..train.optim import lr_at, make_optimizer
-from ..train.trainer import METRICS, _Metrics, plot_losses
+from ..train.trainer import METRICS, Metrics, plot_losses
 from .config import AlignConfig
+from .stages import STAGES
 
 
 def untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -66,8 +67,6 @@ def train_stage(cfg: AlignConfig, resume: bool = False, progress: bool = True) -
 
 
 def _train_stage(cfg: AlignConfig, d: distributed.Dist, resume: bool, progress: bool) -> dict[str, Any]:
-    from .stages import STAGES
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
@@ -91,7 +90,7 @@ def _train_stage(cfg: AlignConfig, d: distributed.Dist, resume: bool, progress: 
         if d.is_main:
             print(f"resuming from {ck} (step {start})", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = _Metrics(out / METRICS, start if resume else None, d.is_main)
+    metrics = Metrics(out / METRICS, start if resume else None, d.is_main)
     groups = [[p for p in g if p.requires_grad] for g in stage.clip_groups()]
 
     def update(loss: torch.Tensor) -> None:

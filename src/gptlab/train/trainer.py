@@ -52,7 +52,7 @@ def autocast_dtype(pref: str, device: torch.device) -> torch.dtype:
     return getattr(torch, pref)
 
 
-class _Metrics:
+class Metrics:
     """Append-only ``metrics.jsonl``; on resume, rows past the checkpoint's step are dropped."""
 
     def __init__(self, path: Path, resume_step: int | None, enabled: bool) -> None:
@@ -163,7 +163,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
     amp = torch.autocast(d.device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = _Metrics(out / METRICS, start if resume else None, d.is_main)
+    metrics = Metrics(out / METRICS, start if resume else None, d.is_main)
     tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * d.world_size
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
