@@ -51,8 +51,6 @@ def save_model_checkpoint(out: Path, model_state: dict[str, torch.Tensor], cfg: 
         sha = _save_tensors(weights_for_saving(model_state, cfg), tmp / "model.safetensors")
         meta = dict(extra, format=FORMAT, version=VERSION, step=extra.get("step", 0), model_config=cfg.to_dict(),
                     tokenizer=tokenizer_spec, sha256={"model.safetensors": sha})
-        if extra:
-            meta["sha256"]["heads.safetensors"] = _save_tensors(extra, tmp / "heads.safetensors")
         (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return Path(out)
 
