@@ -50,6 +50,15 @@ def test_tiny_sweep_fits_resumes_and_skips(char_data, tmp_path):  # noqa: F811
     assert [x["final_val_loss"] for x in again["runs"]] == [x["final_val_loss"] for x in r["runs"]]
     with pytest.raises(GptlabError, match="started with other settings"):
         run_sweep(sweep(char_data, out, tokens=[8 * 32 * 20], head_dim=16))
+    # a second sweep of narrower models fits its runs together with the first sweep's
+    both = run_sweep(sweep(char_data, tmp_path / "narrow", tokens=[8 * 32 * 20], width_per_layer=8,
+                           include=[str(out)]))
+    assert len(both["runs"]) == 6 and {r["name"] for r in both["runs"][3:]} == {"sweep/d1", "sweep/d2", "sweep/d3"}
+    assert both["fits"]["held_out"]["fit_on"] == 5
+    assert both["fits"]["held_out"]["actual_loss"] == r["runs"][-1]["final_val_loss"]  # the widest model overall
+    with pytest.raises(GptlabError, match="no results.json"):
+        run_sweep(sweep(char_data, tmp_path / "narrow", tokens=[8 * 32 * 20], width_per_layer=8,
+                        include=[str(tmp_path)]))
 
 
 def test_sigkilled_sweep_resumes_without_rerunning_finished_models(char_data, tmp_path):  # noqa: F811

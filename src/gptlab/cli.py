@@ -210,7 +210,7 @@ def cmd_scale(args: argparse.Namespace) -> None:
 
     sw = Sweep.from_sources(args.sweep, **{k: getattr(args, k) for k in (
         "data", "out", "recipe", "depths", "tokens", "flops", "width_per_layer", "head_dim", "warmup_frac", "jobs",
-        "launcher", "nproc_per_node")})
+        "launcher", "nproc_per_node", "include")})
     r = run_sweep(sw, progress=not args.json)
     fits = r["fits"]
     lines = [f"{'run':<14}{'non-emb N':>12}{'tokens':>12}{'C':>10}{'val loss':>10}"]
@@ -365,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=["process", "torchrun"], help="torchrun: each run under torchrun "
                                                                        "--standalone --nproc-per-node")
     p.add_argument("--nproc-per-node", type=int, help="processes per torchrun run (default 1)")
+    p.add_argument("--include", type=lambda t: t.split(","), metavar="SWEEP[,SWEEP]",
+                   help="also fit the finished runs of these sweep folders (same data; e.g. other sizes)")
     p.set_defaults(func=cmd_scale)
 
     from .align.config import HELP as ALIGN_HELP, STAGES, AlignConfig

@@ -20,7 +20,8 @@ between them); ``launcher="torchrun"`` starts each run under ``torchrun --nproc-
 
 **Outputs** in ``OUT``: ``results.csv`` / ``results.json`` (N total and non-embedding, D, C = 6·N·D, final val
 loss), ``fits.json``, ``report.md`` and the plots (``loss_vs_n.png``, ``isoflop.png``, ``predicted_vs_actual.png``).
-See :func:`fit_rows` for the fits.
+See :func:`fit_rows` for the fits. ``include`` adds the finished runs of other sweeps on the same data to the
+fits (e.g. a second sweep that adds smaller sizes to bracket an IsoFLOP optimum).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Sweep:
     jobs: int = 1
     launcher: str = "process"
     nproc_per_node: int = 1
+    include: list[str] = field(default_factory=list)
     train: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -199,6 +201,10 @@ def run_sweep(sw: Sweep, progress: bool = False) -> dict[str, Any]:
         s = json.loads((root / pt["name"] / "summary.json").read_text())
         rows.append({**{k: v for k, v in pt.items() if k != "steps"}, "final_val_loss": s["final_val_loss"],
                      "tokens_per_second": s["tokens_per_second"]})
+    for other in map(Path, sw.include):  # finished runs of other sweeps on the same data, e.g. other sizes
+        if not (other / "results.json").is_file():
+            raise GptlabError(f"--include {other}: no results.json there; run that sweep to the end first")
+        rows += [{**r, "name": f"{other.name}/{r['name']}"} for r in json.loads((other / "results.json").read_text())]
     fits = fit_rows(rows, isoflop=bool(sw.flops))
     write_outputs(root, rows, fits, sw)
     return {"runs": rows, "fits": fits, "out": str(root)}
@@ -239,7 +245,7 @@ def fit_rows(rows: list[dict[str, Any]], isoflop: bool = False) -> dict[str, Any
                                / b[-1]["loss_min"]}
     else:
         groups = _fixed_budget_groups(rows)
-        top = groups[max(groups)]
+        top = sorted(groups[max(groups)], key=lambda r: r["params"])
         n, loss = [r["non_embedding"] for r in top], [r["final_val_loss"] for r in top]
         out["power_law"] = fit_power_law(n, loss).to_dict()
         if len(top) >= 4:
@@ -255,7 +261,7 @@ def fit_rows(rows: list[dict[str, Any]], isoflop: bool = False) -> dict[str, Any
             out["held_out"].update(params_with_E=q, predicted_loss_with_E=pred_e,
                                    relative_error_with_E=(pred_e - loss[-1]) / loss[-1])
         if len(groups) >= 3:
-            big = [r for r in rows if r["depth"] == max(x["depth"] for x in rows)]
+            big = [r for r in rows if r["params"] == max(x["params"] for x in rows)]
             d, ld = [r["tokens"] for r in big], [r["final_val_loss"] for r in big]
             out["data_law"] = fit_power_law(d, ld).to_dict()
             if len(big) >= 4:
