@@ -250,6 +250,9 @@ def test_recipe_then_flags_precedence(tmp_path):
     recipe.write_text("lr = 0.002\nlearning_rate = 1\n")
     with pytest.raises(GptlabError, match=r"unknown option\(s\) \['learning_rate'\]"):
         TrainConfig.from_sources(recipe)
+    recipe.write_text('lr = "fast"\n')
+    with pytest.raises(GptlabError, match="option lr = 'fast' should be a float"):
+        TrainConfig.from_sources(recipe)
     recipe.write_text("lr = [broken\n")
     with pytest.raises(GptlabError, match="not valid TOML"):
         TrainConfig.from_sources(recipe)

@@ -39,8 +39,21 @@ class RecipeConfig:
 
     @classmethod
     def from_sources(cls, recipe: str | Path | None = None, **overrides: Any):
-        """Defaults <- TOML recipe <- ``overrides`` (CLI flags; ``None`` values are ignored)."""
-        return cls(**recipe_values(recipe, overrides, {f.name for f in cls.fields()}, cls.help_hint))
+        """Defaults <- TOML recipe <- ``overrides`` (CLI flags; ``None`` values are ignored). A value of the wrong
+        type (``lr = "x"``) is one clear error; integers are accepted where a float is expected."""
+        values = recipe_values(recipe, overrides, {f.name for f in cls.fields()}, cls.help_hint)
+        for f in cls.fields():
+            want = type(f.default)
+            if f.name not in values or want not in (bool, int, float, str):
+                continue
+            v = values[f.name]
+            ok = isinstance(v, want) and (want is bool or not isinstance(v, bool))
+            if want is float and isinstance(v, int) and not isinstance(v, bool):
+                v, ok = float(v), True
+            if not ok:
+                raise GptlabError(f"option {f.name} = {v!r} should be a {want.__name__}; fix the recipe or flag")
+            values[f.name] = v
+        return cls(**values)
 
 
 @dataclass
