@@ -52,6 +52,8 @@ def test_isoflop_profile_finds_the_laws_optimum_and_exponent():
     for b in prof["budgets"]:
         assert b["n_opt"] == pytest.approx(HOFFMANN.optimal(b["compute"])[0], rel=0.1)
     assert prof["a"] == pytest.approx(HOFFMANN.a, abs=0.01) and prof["a"] + prof["b"] == pytest.approx(1.0)
+    lo, hi = prof["ci95"]["a"]
+    assert lo - 0.01 <= HOFFMANN.a <= hi + 0.01 and hi - lo < 0.2
     # a budget whose sizes are all above its optimum is skipped with the reason, not extrapolated
     c = 1e22
     n_opt, _ = HOFFMANN.optimal(c)

@@ -152,42 +152,73 @@ def fit_chinchilla(n: Sequence[float], d: Sequence[float], loss: Sequence[float]
     return law, fit
 
 
-def isoflop_profile(compute: Sequence[float], n: Sequence[float], loss: Sequence[float]) -> dict:
+def _vertex(c: float, n: np.ndarray, loss: np.ndarray) -> dict:
+    """One budget's optimum: the vertex of a parabola in log N through the lowest-loss run and up to two distinct
+    sizes on each side, or ``{"compute", "reason"}`` when the runs do not bracket it."""
+    sizes = np.unique(n)
+    mean = np.array([loss[n == x].mean() for x in sizes])  # a bootstrap resample can repeat a run
+    i = int(np.argmin(mean))
+    if i in (0, len(sizes) - 1):
+        where = "smallest" if i == 0 else "largest"
+        return {"compute": c, "reason": f"the lowest loss is at the {where} size, so the optimum lies beyond the "
+                                        f"sizes run; add {where[:-3]}er models"}
+    lo, hi = max(0, i - 2), min(len(sizes), i + 3)
+    q2, q1, q0 = np.polyfit(np.log(sizes[lo:hi]), mean[lo:hi], 2)
+    if q2 <= 0:
+        return {"compute": c, "reason": "the losses around the minimum do not curve upward"}
+    n_opt = math.exp(-q1 / (2 * q2))
+    return {"compute": c, "n_opt": n_opt, "loss_min": float(q0 - q1 * q1 / (4 * q2)), "d_opt": c / (6 * n_opt),
+            "parabola": [float(q2), float(q1), float(q0)], "n_range": [float(sizes[lo]), float(sizes[hi - 1])]}
+
+
+def _exponents(optima: list[dict]) -> dict[str, float]:
+    lc = np.log([o["compute"] for o in optima])
+    a, log_kn = np.polyfit(lc, np.log([o["n_opt"] for o in optima]), 1)
+    b, log_kd = np.polyfit(lc, np.log([o["d_opt"] for o in optima]), 1)
+    return {"a": float(a), "b": float(b), "k_n": float(math.exp(log_kn)), "k_d": float(math.exp(log_kd))}
+
+
+def isoflop_profile(compute: Sequence[float], n: Sequence[float], loss: Sequence[float], bootstrap: int = 200,
+                    seed: int = 0) -> dict:
     """Per budget (runs grouped by equal ``compute``, >= 3 sizes each), the vertex of a parabola in log N fitted to
     the lowest-loss run and up to two neighbours on each side. A budget whose lowest loss is at its smallest or
     largest size has its optimum outside the sizes run; it is listed under ``skipped`` with the reason, not
-    extrapolated. Then N_opt = k_N·C^a and D_opt = k_D·C^b across the kept budgets (>= 2), D = C / 6N."""
+    extrapolated. Then N_opt = k_N·C^a and D_opt = k_D·C^b across the kept budgets (>= 2), D = C / 6N.
+    Intervals (``ci95``): each budget's runs resampled with replacement, the profile refitted, percentiles of
+    N_opt per budget and of a and b over the resamples that kept the same budgets."""
     c_arr, n_arr, y = (np.asarray(v, dtype=np.float64) for v in (compute, n, loss))
-    optima, skipped = [], []
-    for c in sorted(set(c_arr.tolist())):
-        sel = c_arr == c
-        if sel.sum() < 3:
-            raise GptlabError(f"the budget {c:.3g} FLOPs has {int(sel.sum())} run(s); an IsoFLOP parabola needs "
-                              f">= 3 model sizes per budget")
-        order = np.argsort(n_arr[sel])
-        ns, ls = n_arr[sel][order], y[sel][order]
-        i = int(np.argmin(ls))
-        if i in (0, len(ls) - 1):
-            where = "smallest" if i == 0 else "largest"
-            skipped.append({"compute": c, "reason": f"the lowest loss is at the {where} size, so the optimum lies "
-                                                    f"beyond the sizes run; add {where[:-3]}er models"})
-            continue
-        lo, hi = max(0, i - 2), min(len(ls), i + 3)
-        q2, q1, q0 = np.polyfit(np.log(ns[lo:hi]), ls[lo:hi], 2)
-        if q2 <= 0:
-            skipped.append({"compute": c, "reason": "the losses around the minimum do not curve upward"})
-            continue
-        log_n = -q1 / (2 * q2)
-        optima.append({"compute": c, "n_opt": float(math.exp(log_n)), "loss_min": float(q0 - q1 * q1 / (4 * q2)),
-                       "d_opt": float(c / (6 * math.exp(log_n))), "parabola": [float(q2), float(q1), float(q0)],
-                       "n_range": [float(ns[lo]), float(ns[hi - 1])]})
+    budgets = sorted(set(c_arr.tolist()))
+    for c in budgets:
+        if len(np.unique(n_arr[c_arr == c])) < 3:
+            raise GptlabError(f"the budget {c:.3g} FLOPs has {int((c_arr == c).sum())} run(s) of "
+                              f"{len(np.unique(n_arr[c_arr == c]))} size(s); an IsoFLOP parabola needs >= 3 model "
+                              f"sizes per budget")
+    fits = [_vertex(c, n_arr[c_arr == c], y[c_arr == c]) for c in budgets]
+    optima = [f for f in fits if "n_opt" in f]
     if not optima:
-        raise GptlabError("no budget brackets its optimum: " + "; ".join(f"{s['compute']:.3g} FLOPs: {s['reason']}"
-                                                                       for s in skipped))
-    out: dict = {"budgets": optima, "skipped": skipped}
+        raise GptlabError("no budget brackets its optimum: " + "; ".join(f"{f['compute']:.3g} FLOPs: {f['reason']}"
+                                                                       for f in fits))
+    out: dict = {"budgets": optima, "skipped": [f for f in fits if "reason" in f]}
     if len(optima) >= 2:
-        lc = np.log([o["compute"] for o in optima])
-        a, log_kn = np.polyfit(lc, np.log([o["n_opt"] for o in optima]), 1)
-        b, log_kd = np.polyfit(lc, np.log([o["d_opt"] for o in optima]), 1)
-        out.update(a=float(a), b=float(b), k_n=float(math.exp(log_kn)), k_d=float(math.exp(log_kd)))
+        out.update(_exponents(optima))
+    kept = [o["compute"] for o in optima]
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(bootstrap):
+        again = []
+        for c in kept:
+            idx = np.flatnonzero(c_arr == c)
+            idx = rng.choice(idx, len(idx))
+            again.append(_vertex(c, n_arr[idx], y[idx]) if len(np.unique(n_arr[idx])) >= 3 else {})
+        if not all("n_opt" in o for o in again):
+            continue
+        for o in again:
+            draws.setdefault(f"n_opt@{o['compute']:.3g}", []).append(o["n_opt"])
+        if len(again) >= 2:
+            for k, v in _exponents(again).items():
+                if k in ("a", "b"):
+                    draws.setdefault(k, []).append(v)
+    if draws:
+        out["ci95"] = {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items()}
+        out["bootstrap_kept"] = len(next(iter(draws.values())))  # of ``bootstrap`` resamples
     return out

@@ -55,12 +55,21 @@ def report(rows: list[dict[str, Any]], fits: dict[str, Any], sweep: dict[str, An
                    f"{KAPLAN_N_OPT[1]} | {HOFFMANN.a:.2f} (Approach 3) | {BESIROGLU.a:.2f} |")
     if "isoflop" in fits and "a" in fits["isoflop"]:
         iso = fits["isoflop"]
-        out.append(f"| IsoFLOP: N_opt ∝ C^a, D_opt ∝ C^b | a = {iso['a']:.3f}, b = {iso['b']:.3f} | "
-                   f"a = {KAPLAN_N_OPT[1]} | a = {APPROACH_EXPONENTS['approach2']} (Approach 2) | |")
+        ci = iso.get("ci95", {})
+        span = lambda k: f" [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if k in ci else ""  # noqa: E731
+        out.append(f"| IsoFLOP: N_opt ∝ C^a, D_opt ∝ C^b | a = {iso['a']:.3f}{span('a')}, b = {iso['b']:.3f}"
+                   f"{span('b')} | a = {KAPLAN_N_OPT[1]} | a = {APPROACH_EXPONENTS['approach2']} (Approach 2) | |")
     if "isoflop" in fits:
-        out += ["", "| budget C | N_opt | D_opt | D_opt/N_opt | min loss |", "|---|---|---|---|---|"]
-        out += [f"| {o['compute']:.3g} | {o['n_opt']:,.0f} | {o['d_opt']:,.0f} | {o['d_opt'] / o['n_opt']:.1f} | "
-                f"{o['loss_min']:.4f} |" for o in fits["isoflop"]["budgets"]]
+        ci = fits["isoflop"].get("ci95", {})
+        out += ["", "| budget C | N_opt [95 % bootstrap] | D_opt | D_opt/N_opt | min loss |", "|---|---|---|---|---|"]
+        for o in fits["isoflop"]["budgets"]:
+            lo, hi = ci.get(f"n_opt@{o['compute']:.3g}", (None, None))
+            span = f" [{lo:,.0f}, {hi:,.0f}]" if lo is not None else ""
+            out.append(f"| {o['compute']:.3g} | {o['n_opt']:,.0f}{span} | {o['d_opt']:,.0f} | "
+                       f"{o['d_opt'] / o['n_opt']:.1f} | {o['loss_min']:.4f} |")
+        if "bootstrap_kept" in fits["isoflop"]:
+            out.append(f"\nIsoFLOP intervals: {fits['isoflop']['bootstrap_kept']} of 200 resamples of the runs "
+                       f"within each budget still bracketed every budget; the intervals are over those.")
         out += [f"| {o['compute']:.3g} | not bracketed: {o['reason']} | | | |" for o in fits["isoflop"]["skipped"]]
     if "isoflop_error" in fits:
         out += ["", f"No IsoFLOP optimum: {fits['isoflop_error']}."]
