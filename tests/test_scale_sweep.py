@@ -50,14 +50,15 @@ def test_tiny_sweep_fits_resumes_and_skips(char_data, tmp_path):  # noqa: F811
     assert [x["final_val_loss"] for x in again["runs"]] == [x["final_val_loss"] for x in r["runs"]]
     with pytest.raises(GptlabError, match="started with other settings"):
         run_sweep(sweep(char_data, out, tokens=[8 * 32 * 20], head_dim=16))
-    # a second sweep of narrower models fits its runs together with the first sweep's
-    both = run_sweep(sweep(char_data, tmp_path / "narrow", tokens=[8 * 32 * 20], width_per_layer=8,
-                           include=[str(out)]))
-    assert len(both["runs"]) == 6 and {r["name"] for r in both["runs"][3:]} == {"sweep/d1", "sweep/d2", "sweep/d3"}
+    # a second sweep, of explicit shapes, fits its runs together with the first sweep's
+    both = run_sweep(Sweep(data=str(char_data), out=str(tmp_path / "narrow"), train=TRAIN, tokens=[8 * 32 * 20],
+                           shapes=[[1, 8], [2, 8], [1, 24]], head_dim=8, include=[str(out)]))
+    assert [(r["n_layer"], r["n_embd"]) for r in both["runs"][:3]] == [(1, 8), (2, 8), (1, 24)]  # by size
+    assert [r["name"] for r in both["runs"]] == ["l1w8", "l2w8", "l1w24", "sweep/d1", "sweep/d2", "sweep/d3"]
     assert both["fits"]["held_out"]["fit_on"] == 5
     assert both["fits"]["held_out"]["actual_loss"] == r["runs"][-1]["final_val_loss"]  # the widest model overall
     with pytest.raises(GptlabError, match="no results.json"):
-        run_sweep(sweep(char_data, tmp_path / "narrow", tokens=[8 * 32 * 20], width_per_layer=8,
+        run_sweep(sweep(char_data, tmp_path / "other", tokens=[8 * 32 * 20], width_per_layer=8,
                         include=[str(tmp_path)]))
 
 
@@ -134,10 +135,12 @@ def test_plan_uses_fitted_constants(tmp_path, capsys):
 
 
 def test_bad_sweeps_are_clear_errors(char_data, tmp_path):  # noqa: F811
-    with pytest.raises(GptlabError, match="size list .* is empty"):
+    with pytest.raises(GptlabError, match="size list is empty"):
         sweep(char_data, tmp_path / "s", depths=[])
-    with pytest.raises(GptlabError, match="at least 3 distinct positive depths"):
+    with pytest.raises(GptlabError, match="at least 3 distinct positive sizes"):
         sweep(char_data, tmp_path / "s", depths=[1, 2])
+    with pytest.raises(GptlabError, match="depths .* or shapes, not both"):
+        sweep(char_data, tmp_path / "s", shapes=[[1, 16], [2, 16], [1, 32]])
     with pytest.raises(GptlabError, match="give at least"):
         run_sweep(sweep(char_data, tmp_path / "s", tokens=[100]))
     with pytest.raises(GptlabError, match="too small for these models"):

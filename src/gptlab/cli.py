@@ -209,7 +209,7 @@ def cmd_scale(args: argparse.Namespace) -> None:
     from .scale.sweep import Sweep, run_sweep
 
     sw = Sweep.from_sources(args.sweep, **{k: getattr(args, k) for k in (
-        "data", "out", "recipe", "depths", "tokens", "flops", "width_per_layer", "head_dim", "warmup_frac", "jobs",
+        "data", "out", "recipe", "depths", "shapes", "tokens", "flops", "width_per_layer", "head_dim", "warmup_frac", "jobs",
         "launcher", "nproc_per_node", "include")})
     r = run_sweep(sw, progress=not args.json)
     fits = r["fits"]
@@ -353,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="sweep folder (one run folder per point inside)")
     p.add_argument("--depths", type=lambda t: [int(x) for x in t.split(",")], help="comma-separated depths "
                                                                                     "(default 1,2,3,4,6)")
+    p.add_argument("--shapes", type=lambda t: [[int(v) for v in x.split("x")] for x in t.split(",")],
+                   metavar="LxW[,LxW]", help="explicit sizes instead of the dial, n_layer x n_embd: 2x64,4x128,6x192")
     p.add_argument("--tokens", type=floats, help="training tokens per model, comma-separated for several "
                                                  "(default 1e6)")
     p.add_argument("--flops", type=floats, help="IsoFLOP mode: comma-separated FLOP budgets; each depth trains "

@@ -52,12 +52,14 @@ MIN_STEPS = 10
 
 @dataclass
 class Sweep:
-    """A sweep: the sizes (a depth dial), the budgets, how to launch. ``train`` overrides the base recipe."""
+    """A sweep: the sizes (a depth dial, or explicit ``shapes`` of [n_layer, n_embd]), the budgets, how to launch.
+    ``train`` overrides the base recipe."""
 
     data: str
     out: str
     recipe: str | None = None
-    depths: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6])
+    depths: list[int] | None = None  # default 1, 2, 3, 4, 6 when no shapes are given
+    shapes: list[list[int]] | None = None
     tokens: list[float] = field(default_factory=list)
     flops: list[float] = field(default_factory=list)
     width_per_layer: int = 64
@@ -71,15 +73,23 @@ class Sweep:
     train: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.depths = sorted(int(x) for x in self.depths)
+        given = self.depths is not None and self.shapes is not None
+        if self.depths is None and self.shapes is None:
+            self.depths = [1, 2, 3, 4, 6]
+        self.depths = sorted(int(x) for x in self.depths or [])
+        self.shapes = [[int(v) for v in x] for x in self.shapes or []]
         self.tokens = [float(x) for x in self.tokens]
         self.flops = [float(x) for x in self.flops]
         if not self.tokens and not self.flops:
             self.tokens = [1e6]
+        sizes = self.shapes or self.depths
         problems = [msg for bad, msg in [
-            (not self.depths, "the size list (depths) is empty; give at least 3 depths, e.g. --depths 1,2,3"),
-            (len(self.depths) < 3 or len(set(self.depths)) != len(self.depths) or self.depths[0] < 1,
-             f"a sweep needs at least 3 distinct positive depths, got {self.depths}"),
+            (given, "give depths (a dial) or shapes, not both"),
+            (any(len(x) != 2 or min(x) < 1 for x in self.shapes), "each shape is [n_layer, n_embd], both >= 1"),
+            (not sizes, "the size list is empty; give at least 3 depths (--depths 1,2,3) or shapes"),
+            (len(sizes) < 3 or len({tuple(x) if isinstance(x, list) else x for x in sizes}) != len(sizes)
+             or (bool(self.depths) and self.depths[0] < 1),
+             f"a sweep needs at least 3 distinct positive sizes, got {sizes}"),
             (bool(self.tokens) and bool(self.flops), "give token budgets or FLOP budgets (IsoFLOP mode), not both"),
             (any(x <= 0 for x in self.tokens + self.flops), "budgets must be positive"),
             (self.jobs < 1 or self.nproc_per_node < 1, "jobs and nproc_per_node must be >= 1"),
@@ -99,12 +109,10 @@ class Sweep:
         return cls(**values)
 
 
-def shape_for_depth(depth: int, width_per_layer: int, head_dim: int) -> dict[str, int]:
-    width = width_per_layer * depth
+def shape(n_layer: int, width: int, head_dim: int) -> dict[str, int]:
     if width % head_dim:
-        raise GptlabError(f"width {width} (depth {depth} x {width_per_layer}) is not a multiple of head_dim "
-                          f"{head_dim}")
-    return {"n_layer": depth, "n_embd": width, "n_head": width // head_dim}
+        raise GptlabError(f"width {width} (n_layer {n_layer}) is not a multiple of head_dim {head_dim}")
+    return {"n_layer": n_layer, "n_embd": width, "n_head": width // head_dim}
 
 
 def plan_runs(sw: Sweep) -> tuple[TrainConfig, list[dict[str, Any]]]:
@@ -114,10 +122,12 @@ def plan_runs(sw: Sweep) -> tuple[TrainConfig, list[dict[str, Any]]]:
     block = base.block_size or preset(base.model).block_size
     per_step = base.batch_size * base.grad_accum * block * sw.nproc_per_node
     sizes = []
-    for depth in sw.depths:
-        shape = shape_for_depth(depth, sw.width_per_layer, sw.head_dim)
-        p = params(Shape.from_config(preset(base.model, vocab_size=vocab, **{**base.model_overrides, **shape})))
-        sizes.append({"depth": depth, **shape, "params": p["total"], "non_embedding": p["non_embedding"]})
+    dims = [(f"l{n}w{w}", n, w) for n, w in sw.shapes] or [(f"d{d}", d, sw.width_per_layer * d) for d in sw.depths]
+    for tag, n_layer, width in dims:
+        s = shape(n_layer, width, sw.head_dim)
+        p = params(Shape.from_config(preset(base.model, vocab_size=vocab, **{**base.model_overrides, **s})))
+        sizes.append({"tag": tag, "depth": n_layer, **s, "params": p["total"], "non_embedding": p["non_embedding"]})
+    sizes.sort(key=lambda x: x["params"])
     points = []
     if sw.flops:
         for c in sorted(sw.flops):
@@ -128,7 +138,7 @@ def plan_runs(sw: Sweep) -> tuple[TrainConfig, list[dict[str, Any]]]:
                 raise GptlabError(f"the budget {c:.3g} FLOPs gives fewer than 3 sizes {MIN_STEPS}+ steps of "
                                   f"{per_step:,} tokens; it is too small for these models (3 sizes need at least "
                                   f"{need:.3g} FLOPs); raise it or add smaller depths")
-            points += [{"name": f"c{c:.3g}-d{s['depth']}", "budget": c, **s, "steps": k} for s, k in fits]
+            points += [{"name": f"c{c:.3g}-{s['tag']}", "budget": c, **s, "steps": k} for s, k in fits]
     else:
         for t in sorted(sw.tokens):
             steps = int(t // per_step)
@@ -136,7 +146,7 @@ def plan_runs(sw: Sweep) -> tuple[TrainConfig, list[dict[str, Any]]]:
                 raise GptlabError(f"{t:,.0f} tokens are {steps} steps of {per_step:,} tokens; give at least "
                                   f"{MIN_STEPS * per_step:,} tokens per model")
             for s in sizes:
-                name = f"d{s['depth']}" if len(sw.tokens) == 1 else f"t{t:.3g}-d{s['depth']}"
+                name = s["tag"] if len(sw.tokens) == 1 else f"t{t:.3g}-{s['tag']}"
                 points.append({"name": name, "budget": t, **s, "steps": steps})
     for pt in points:
         pt["tokens"] = pt["steps"] * per_step
@@ -199,8 +209,8 @@ def run_sweep(sw: Sweep, progress: bool = False) -> dict[str, Any]:
     rows = []
     for pt in points:
         s = json.loads((root / pt["name"] / "summary.json").read_text())
-        rows.append({**{k: v for k, v in pt.items() if k != "steps"}, "final_val_loss": s["final_val_loss"],
-                     "tokens_per_second": s["tokens_per_second"]})
+        rows.append({**{k: v for k, v in pt.items() if k not in ("steps", "tag")},
+                     "final_val_loss": s["final_val_loss"], "tokens_per_second": s["tokens_per_second"]})
     for other in map(Path, sw.include):  # finished runs of other sweeps on the same data, e.g. other sizes
         if not (other / "results.json").is_file():
             raise GptlabError(f"--include {other}: no results.json there; run that sweep to the end first")
