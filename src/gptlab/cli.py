@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_exposure)
 
     p = sub.add_parser("scale", help="scaling-law sweep: runs over sizes and budgets, fits, IsoFLOP, report",
-                       description="Train one ordinary run per (depth, budget) on the same data: token budgets "
+                       description="Train one ordinary run per (size, budget) on the same data: token budgets "
                                    "(L(N), L(D)) or FLOP budgets (--flops, IsoFLOP profiles), then fit, plot and "
                                    "write report.md. Finished runs are skipped on a re-run; unfinished ones resume. "
                                    "Flags override the --sweep file.")

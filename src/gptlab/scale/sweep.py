@@ -1,7 +1,7 @@
 """``gptlab scale``: a sweep of ordinary training runs over model sizes and budgets, then fits, plots and a report.
 
 **Shapes.** One dial drives the shape (nanochat's habit): depth ``L`` gives ``n_layer = L``,
-``n_embd = width_per_layer · L`` and heads of ``head_dim`` channels.
+``n_embd = width_per_layer · L`` and heads of ``head_dim`` channels. Or ``shapes`` lists [n_layer, n_embd] pairs.
 
 **Budgets.** Either token budgets (every depth trains on each of ``tokens``; one budget gives the classic L(N)
 sweep, several give L(D) too and the Chinchilla L(N, D) fit), or FLOP budgets (IsoFLOP mode: for each C in
