@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..assets import atomic_write_bytes
 from ..errors import GptlabError
 from ..generate import Engine, Sampling
 from ..interop import load_any
@@ -192,7 +193,7 @@ class SFT(Stage):
             rows.append({"prompt": self.tok.decode(prompt), "reference": self.tok.decode(ref[:-1]),
                          "generated": self.tok.decode(out.tokens)})
         path = Path(self.cfg.out_dir) / "samples.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
         return {"samples": str(path)}
 
 
