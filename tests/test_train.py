@@ -251,7 +251,7 @@ def test_recipe_then_flags_precedence(tmp_path):
     with pytest.raises(GptlabError, match=r"unknown option\(s\) \['learning_rate'\]"):
         TrainConfig.from_sources(recipe)
     recipe.write_text('lr = "fast"\n')
-    with pytest.raises(GptlabError, match="option lr = 'fast' should be a float"):
+    with pytest.raises(GptlabError, match="option lr = 'fast' should be of type float"):
         TrainConfig.from_sources(recipe)
     recipe.write_text("lr = [broken\n")
     with pytest.raises(GptlabError, match="not valid TOML"):

@@ -87,7 +87,9 @@ def report(rows: list[dict[str, Any]], fits: dict[str, Any], sweep: dict[str, An
 
 def loss_plot(path: Path, rows: list[dict[str, Any]], fits: dict[str, Any]) -> Path:
     """Log-log loss against non-embedding N at the largest token budget, with the fits and the held-out point."""
-    top = [r for r in rows if r["budget"] == max(x["budget"] for x in rows)]
+    from .sweep import largest_budget
+
+    top = largest_budget(rows)
     n = np.array([r["non_embedding"] for r in top], dtype=float)
     grid = np.logspace(np.log10(n.min() / 1.5), np.log10(n.max() * 1.5), 100)
     fig, ax = pyplot().subplots(figsize=(6.5, 4.5))

@@ -33,7 +33,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from ..data.loader import read_meta
 from ..errors import GptlabError
 from ..plan.shape import Shape, params
 from ..train.checkpoint import list_checkpoints
-from ..train.config import TrainConfig, recipe_values
+from ..train.config import RecipeConfig, TrainConfig
 from ..train.trainer import train
 from .fit import fit_chinchilla, fit_power_law, isoflop_profile
 
@@ -51,12 +51,15 @@ MIN_STEPS = 10
 
 
 @dataclass
-class Sweep:
+class Sweep(RecipeConfig):
     """A sweep: the sizes (a depth dial, or explicit ``shapes`` of [n_layer, n_embd]), the budgets, how to launch.
-    ``train`` overrides the base recipe."""
+    ``train`` overrides the base recipe. Loaded like a training recipe: defaults <- TOML sweep file (these fields;
+    a ``[train]`` table) <- flags."""
 
-    data: str
-    out: str
+    help_hint = "`gptlab scale --help`"
+
+    data: str = ""
+    out: str = ""
     recipe: str | None = None
     depths: list[int] | None = None  # default 1, 2, 3, 4, 6 when no shapes are given
     shapes: list[list[int]] | None = None
@@ -83,7 +86,9 @@ class Sweep:
         if not self.tokens and not self.flops:
             self.tokens = [1e6]
         sizes = self.shapes or self.depths
-        problems = [msg for bad, msg in [
+        self.require("sweep", [(not bad, msg) for bad, msg in [
+            (not self.data, "the sweep needs `data` (flag --data or a key in the sweep file)"),
+            (not self.out, "the sweep needs `out` (flag --out or a key in the sweep file)"),
             (given, "give depths (a dial) or shapes, not both"),
             (any(len(x) != 2 or min(x) < 1 for x in self.shapes), "each shape is [n_layer, n_embd], both >= 1"),
             (not sizes, "the size list is empty; give at least 3 depths (--depths 1,2,3) or shapes"),
@@ -95,18 +100,7 @@ class Sweep:
             (self.jobs < 1 or self.nproc_per_node < 1, "jobs and nproc_per_node must be >= 1"),
             (self.launcher not in ("process", "torchrun"), "launcher must be process or torchrun"),
             (not 0 <= self.warmup_frac < 1, "warmup_frac must be in [0, 1)"),
-        ] if bad]
-        if problems:
-            raise GptlabError("invalid sweep: " + "; ".join(problems))
-
-    @classmethod
-    def from_sources(cls, path: str | Path | None = None, **overrides: Any) -> "Sweep":
-        """Defaults <- TOML sweep file (these fields; a ``[train]`` table) <- ``overrides`` (None ignored)."""
-        values = recipe_values(path, overrides, {f.name for f in fields(cls)}, "`gptlab scale --help`")
-        for need in ("data", "out"):
-            if not values.get(need):
-                raise GptlabError(f"the sweep needs `{need}` (flag --{need} or a key in the sweep file)")
-        return cls(**values)
+        ]])
 
 
 def shape(n_layer: int, width: int, head_dim: int) -> dict[str, int]:
@@ -220,11 +214,10 @@ def run_sweep(sw: Sweep, progress: bool = False) -> dict[str, Any]:
     return {"runs": rows, "fits": fits, "out": str(root)}
 
 
-def _fixed_budget_groups(rows: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
-    groups: dict[float, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(r["budget"], []).append(r)
-    return groups
+def largest_budget(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs of the largest budget, smallest model first (what L(N) and its held-out check are fitted on)."""
+    top = max(r["budget"] for r in rows)
+    return sorted((r for r in rows if r["budget"] == top), key=lambda r: r["params"])
 
 
 def fit_rows(rows: list[dict[str, Any]], isoflop: bool = False) -> dict[str, Any]:
@@ -254,8 +247,7 @@ def fit_rows(rows: list[dict[str, Any]], isoflop: bool = False) -> dict[str, Any
                                "actual_loss": b[-1]["loss_min"], "relative_error": (pred - b[-1]["loss_min"])
                                / b[-1]["loss_min"]}
     else:
-        groups = _fixed_budget_groups(rows)
-        top = sorted(groups[max(groups)], key=lambda r: r["params"])
+        top = largest_budget(rows)
         n, loss = [r["non_embedding"] for r in top], [r["final_val_loss"] for r in top]
         out["power_law"] = fit_power_law(n, loss).to_dict()
         if len(top) >= 4:
@@ -270,7 +262,7 @@ def fit_rows(rows: list[dict[str, Any]], isoflop: bool = False) -> dict[str, Any
             pred_e = q["E"] + q["a"] * n[-1] ** -q["alpha"]
             out["held_out"].update(params_with_E=q, predicted_loss_with_E=pred_e,
                                    relative_error_with_E=(pred_e - loss[-1]) / loss[-1])
-        if len(groups) >= 3:
+        if len({r["budget"] for r in rows}) >= 3:
             big = [r for r in rows if r["params"] == max(x["params"] for x in rows)]
             d, ld = [r["tokens"] for r in big], [r["final_val_loss"] for r in big]
             out["data_law"] = fit_power_law(d, ld).to_dict()
@@ -295,7 +287,7 @@ def predictions(rows: list[dict[str, Any]], fits: dict[str, Any]
     if key not in fits:
         return None
     p = fits[key]["params"]
-    top = [r for r in rows if r["budget"] == max(x["budget"] for x in rows)]
+    top = largest_budget(rows)
     return ("L = E + a·N^-α" if "E" in p else "L = a·N^-α"), top, [p.get("E", 0.0) + p["a"] * r["non_embedding"]
                                                                   ** -p["alpha"] for r in top]
 

@@ -38,7 +38,7 @@ class RecipeConfig:
         return list(dataclasses.fields(cls))  # type: ignore[arg-type]
 
     @classmethod
-    def from_sources(cls, recipe: str | Path | None = None, **overrides: Any):
+    def from_sources(cls, recipe: str | Path | None = None, /, **overrides: Any):
         """Defaults <- TOML recipe <- ``overrides`` (CLI flags; ``None`` values are ignored). A value of the wrong
         type (``lr = "x"``) is one clear error; integers are accepted where a float is expected."""
         values = recipe_values(recipe, overrides, {f.name for f in cls.fields()}, cls.help_hint)
@@ -51,7 +51,7 @@ class RecipeConfig:
             if want is float and isinstance(v, int) and not isinstance(v, bool):
                 v, ok = float(v), True
             if not ok:
-                raise GptlabError(f"option {f.name} = {v!r} should be a {want.__name__}; fix the recipe or flag")
+                raise GptlabError(f"option {f.name} = {v!r} should be of type {want.__name__}; fix the recipe or flag")
             values[f.name] = v
         return cls(**values)
 
