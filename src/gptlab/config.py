@@ -14,6 +14,7 @@ Sources for the presets:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,11 +51,20 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        for f in dataclasses.fields(self):  # every field has its default's type (ints are fine where floats go)
+            value, want = getattr(self, f.name), type(f.default)
+            ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+                ok = True
+            if not ok:
+                problems.append(f"{f.name} must be of type {want.__name__} (got {value!r})")
+        if problems:
+            raise GptlabError("invalid model config: " + "; ".join(problems))
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple", "n_experts",
                      "experts_per_token", "moe_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"{name} must be a positive integer (got {value!r})")
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)!r})")
         if not problems and self.n_embd % self.n_head:
             problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                             f"pick n_head among {[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:12]}")
@@ -64,10 +74,14 @@ class GPTConfig:
             problems.append(f"activation must be one of {ACTIVATIONS} (got {self.activation!r})")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1) (got {self.dropout!r})")
+        if not (0.0 < self.layer_norm_eps <= 1.0 and 0.0 < self.init_std <= 1.0):
+            problems.append(f"layer_norm_eps and init_std must be in (0, 1] (got {self.layer_norm_eps!r}, "
+                            f"{self.init_std!r})")
         if not problems and self.experts_per_token > self.n_experts:
             problems.append(f"experts_per_token={self.experts_per_token} exceeds n_experts={self.n_experts}")
-        if self.capacity_factor < 0 or self.aux_loss_weight < 0 or self.z_loss_weight < 0 or self.expert_ff < 0:
-            problems.append("capacity_factor, aux_loss_weight, z_loss_weight and expert_ff must be >= 0")
+        if not all(math.isfinite(v) and v >= 0 for v in (self.capacity_factor, self.aux_loss_weight,
+                                                          self.z_loss_weight)) or self.expert_ff < 0:
+            problems.append("capacity_factor, aux_loss_weight, z_loss_weight and expert_ff must be finite and >= 0")
         if problems:
             raise GptlabError("invalid model config: " + "; ".join(problems))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .assets import atomic_file
+from .files import atomic_file
 
 
 def pyplot() -> Any:

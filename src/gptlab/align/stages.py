@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..assets import atomic_write_bytes
+from ..files import atomic_write_bytes
 from ..errors import GptlabError
 from ..generate import Engine, Sampling
 from ..interop import load_any

@@ -13,6 +13,7 @@ is a pure function of the step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -28,7 +29,8 @@ from ..errors import GptlabError
 from ..train import checkpoint as ckpt_io
 from ..train import distributed
 from ..train.optim import lr_at, make_optimizer
-from ..train.trainer import METRICS, Metrics, plot_losses
+from ..files import run_folder
+from ..metrics import METRICS, Metrics, plot_losses
 from .config import AlignConfig
 from .stages import STAGES
 
@@ -63,7 +65,8 @@ def train_stage(cfg: AlignConfig, resume: bool = False, progress: bool = True) -
     torchrun every rank takes its slice of each step's examples (the global batch is the single-process one with
     ``batch_size`` x ranks) and gradients are averaged across ranks before clipping."""
     with distributed.session(cfg.device) as d:
-        return _train_stage(cfg, d, resume, progress)
+        with run_folder(Path(cfg.out_dir)) if d.is_main else contextlib.nullcontext():
+            return _train_stage(cfg, d, resume, progress)
 
 
 def _train_stage(cfg: AlignConfig, d: distributed.Dist, resume: bool, progress: bool) -> dict[str, Any]:
@@ -127,30 +130,32 @@ def _train_stage(cfg: AlignConfig, d: distributed.Dist, resume: bool, progress: 
     t0 = time.perf_counter()
     last_eval: dict[str, float] = {}
     module.train()
-    for step in range(start, cfg.max_iters):
-        lr = lr_at(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        row = stage.step(step, update)
-        if d.enabled:  # every rank's share of the global batch, averaged
-            row = dict(zip(row, distributed.mean_across_ranks(torch.tensor(list(row.values())), d).tolist()))
-        done = step + 1
-        bar.update(1)
-        is_ckpt = done == cfg.max_iters or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0)
-        if done % cfg.log_interval == 0 or is_ckpt:
-            metrics.write(step=done, lr=lr, **row)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in list(row.items())[:3]})
-        if done % cfg.eval_interval == 0 or done == cfg.max_iters:
-            module.eval()
-            last_eval = stage.evaluate()
-            module.train()
-            metrics.write(step=done, **{f"val_{k}": v for k, v in last_eval.items()})
-            if d.is_main:
+    try:
+        for step in range(start, cfg.max_iters):
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            row = stage.step(step, update)
+            if d.enabled:  # every rank's share of the global batch, averaged
+                row = dict(zip(row, distributed.mean_across_ranks(torch.tensor(list(row.values())), d).tolist()))
+            done = step + 1
+            bar.update(1)
+            is_ckpt = done == cfg.max_iters or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0)
+            if done % cfg.log_interval == 0 or is_ckpt:
+                metrics.write(step=done, lr=lr, **row)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in list(row.items())[:3]})
+            if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+                module.eval()
+                last_eval = stage.evaluate()
+                module.train()
+                metrics.write(step=done, **{f"val_{k}": v for k, v in last_eval.items()})
+                if d.is_main:
                     bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items()),
-                          file=sys.stderr)
-        if is_ckpt:
-            save(done)
-    bar.close()
+                              file=sys.stderr)
+            if is_ckpt:
+                save(done)
+    finally:
+        bar.close()  # before any error line, so that it never shares a line with the bar
     summary = {"stage": cfg.stage, "out_dir": str(out), "steps": cfg.max_iters, "resumed_from": start if resume
                else None, "train_seconds": round(time.perf_counter() - t0, 1), "eval": last_eval,
                "metrics": str(out / METRICS), "world_size": d.world_size}

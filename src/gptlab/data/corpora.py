@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from .. import assets
+from .. import assets, files
 from ..errors import GptlabError
 
 
@@ -68,5 +68,5 @@ def load_corpus(name: str) -> list[tuple[str, str]]:
     if _digest(docs) != corpus.sha256:
         raise GptlabError(f"corpus {name!r} failed its checksum (expected sha256 {corpus.sha256[:12]}...); the "
                           f"source changed or the download was corrupted")
-    assets.atomic_write_bytes(path, json.dumps(docs, ensure_ascii=False).encode("utf-8"))
+    files.atomic_write_bytes(path, json.dumps(docs, ensure_ascii=False).encode("utf-8"))
     return docs

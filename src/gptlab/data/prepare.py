@@ -7,15 +7,20 @@ Sources (any mix, in the order given): a named corpus (``shakespeare``, ``tinysh
 Each file, JSONL line or parquet row is one document; documents are joined with the tokenizer's end-of-text id. The
 token stream is split deterministically: the first ``1 - val_fraction`` of it (in source order) is train, the rest
 val. Tokenization runs through the tokenizers' own parallel batch encoders (tiktoken and HF tokenizers use all
-cores). The output folder is built beside the target and renamed into place, so an error never leaves a partial
-dataset behind.
+cores).
+
+The output folder is never anything but a gptlab dataset: ``prepare`` refuses to write into a file, into a folder
+that holds anything other than an earlier dataset (its ``meta.json`` says ``gptlab-tokens``), or over one of its
+own inputs. The new dataset is built beside the target and swapped in atomically (:func:`gptlab.files.replace_dir`),
+so at every instant either the old or the new dataset is in place; a lock (``.<name>.lock`` beside it) refuses a
+second ``prepare`` of the same folder, and the next run removes what a killed one left behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +30,7 @@ from tqdm import tqdm
 
 from .. import assets
 from ..errors import GptlabError
+from ..files import atomic_write_text, folder_lock, recover, remove_leftovers, replace_dir
 from ..tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 from .corpora import CORPORA, load_corpus
 from .shards import token_dtype, write_shard
@@ -135,65 +141,105 @@ def prepare(sources: list[str], out_dir: str | Path, tokenizer: str = "gpt2", vo
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-") as tmp:
-        tmp = Path(tmp)
-        downloads = tmp / "downloads"
-        downloads.mkdir()
-        docs = lambda: iter_documents(sources, field, downloads)  # noqa: E731 - re-iterable source
-        tok = make_tokenizer(tokenizer, (text for _, text in docs()), vocab_size)
-        dtype = token_dtype(tok.vocab_size)
-        stream = tmp / "all.tokens"
-        def batches() -> Iterator[tuple[list[str], int]]:  # ~batch_bytes of documents at a time
-            batch, size = [], 0
-            for _, text in docs():
-                if text:
-                    batch.append(text)
-                    size += len(text)
-                if size >= batch_bytes:
-                    yield batch, size
-                    batch, size = [], 0
-            if batch:
-                yield batch, size
-
-        eot = np.array([tok.eot_id], dtype=dtype).tobytes()
-        n_docs = n_tokens = n_chars = 0
-        with open(stream, "wb") as out, tqdm(desc="tokenizing", unit="char", unit_scale=True, disable=not progress,
-                                             leave=False) as bar:
-            for batch, size in batches():
-                for ids in tok.encode_batch(batch):
-                    if n_docs:  # end-of-text between documents
-                        out.write(eot)
-                        n_tokens += 1
-                    out.write(np.asarray(ids, dtype=dtype).tobytes())
-                    n_tokens += len(ids)
-                    n_docs += 1
-                n_chars += size
-                bar.update(size)
-        if n_tokens == 0:
-            raise GptlabError(f"no text found in {sources}; the sources are empty")
-        all_tokens = np.memmap(stream, dtype=dtype, mode="r")
-        n_val = max(1, int(round(n_tokens * val_fraction)))
-        build = tmp / "out"
-        build.mkdir()
-        splits = {"train": all_tokens[: n_tokens - n_val], "val": all_tokens[n_tokens - n_val:]}
-        files = {}
-        for split, toks in splits.items():
-            files[split] = []
-            for i, start in enumerate(range(0, max(len(toks), 1), shard_tokens)):
-                name = f"{split}_{i:03d}.bin"
-                write_shard(build / name, np.asarray(toks[start:start + shard_tokens]))
-                files[split].append(name)
-        meta = {"format": "gptlab-tokens", "version": 1, "tokenizer": tok.spec(), "vocab_size": tok.vocab_size,
-                "eot_id": tok.eot_id, "dtype": dtype.name, "documents": n_docs, "text_chars": n_chars,
-                "tokens": {"train": int(n_tokens - n_val), "val": int(n_val)}, "files": files,
-                "val_fraction": val_fraction, "sources": sources, "field": field}
-        (build / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
-        del all_tokens
-        if out_dir.exists():  # swap in atomically-enough: old -> trash, new -> place, then drop old
-            trash = tmp / "old"
-            os.replace(out_dir, trash)
-        os.replace(build, out_dir)
+    with folder_lock(out_dir.parent / f".{out_dir.name}.lock", f"dataset folder {out_dir}"):
+        recover(out_dir)  # a run killed mid-swap (where the swap is not one atomic exchange)
+        remove_leftovers(out_dir.parent, out_dir.name)
+        check_output_folder(out_dir, sources)
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            meta = _build(sources, tmp, tokenizer, vocab_size, val_fraction, field, shard_tokens, batch_bytes,
+                          progress)
+            replace_dir(tmp / "out", out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     meta["seconds"] = round(time.time() - t0, 2)
     meta["out_dir"] = str(out_dir)
     meta.pop("tokenizer")
+    return meta
+
+
+def is_dataset(path: Path) -> bool:
+    try:
+        return json.loads((path / "meta.json").read_text(encoding="utf-8")).get("format") == "gptlab-tokens"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def check_output_folder(out_dir: Path, sources: list[str]) -> None:
+    """Refuse an output that would destroy data gptlab did not make: a file, a folder of other things, an input."""
+    out = out_dir.resolve()
+    for src in sources:
+        if src in CORPORA or src.startswith(("http://", "https://")):
+            continue
+        s = Path(src).resolve()
+        if s == out or out in s.parents or s in out.parents:
+            raise GptlabError(f"--out {out_dir} overlaps the source {src}; choose an output folder outside the "
+                              f"inputs (nothing was written)")
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise GptlabError(f"--out {out_dir} exists and is not a folder; choose a new folder name (nothing was "
+                          f"written)")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_dataset(out_dir):
+        raise GptlabError(f"--out {out_dir} is a folder that is not a gptlab dataset (no gptlab meta.json); "
+                          f"prepare only replaces its own datasets: choose a new or empty folder (nothing was "
+                          f"written)")
+
+
+def _build(sources: list[str], tmp: Path, tokenizer: str, vocab_size: int | None, val_fraction: float, field: str,
+           shard_tokens: int, batch_bytes: int, progress: bool) -> dict[str, Any]:
+    """Tokenize into ``tmp/out`` (using ``tmp`` for downloads and the token stream); returns the metadata."""
+    downloads = tmp / "downloads"
+    downloads.mkdir()
+    docs = lambda: iter_documents(sources, field, downloads)  # noqa: E731 - re-iterable source
+    tok = make_tokenizer(tokenizer, (text for _, text in docs()), vocab_size)
+    dtype = token_dtype(tok.vocab_size)
+    stream = tmp / "all.tokens"
+
+    def batches() -> Iterator[tuple[list[str], int]]:  # ~batch_bytes of documents at a time
+        batch, size = [], 0
+        for _, text in docs():
+            if text:
+                batch.append(text)
+                size += len(text)
+            if size >= batch_bytes:
+                yield batch, size
+                batch, size = [], 0
+        if batch:
+            yield batch, size
+
+    eot = np.array([tok.eot_id], dtype=dtype).tobytes()
+    n_docs = n_tokens = n_chars = 0
+    with open(stream, "wb") as out, tqdm(desc="tokenizing", unit="char", unit_scale=True, disable=not progress,
+                                         leave=False) as bar:
+        for batch, size in batches():
+            for ids in tok.encode_batch(batch):
+                if n_docs:  # end-of-text between documents
+                    out.write(eot)
+                    n_tokens += 1
+                out.write(np.asarray(ids, dtype=dtype).tobytes())
+                n_tokens += len(ids)
+                n_docs += 1
+            n_chars += size
+            bar.update(size)
+    if n_tokens < 2:
+        raise GptlabError(f"no text found in {sources}; the sources are empty")
+    all_tokens = np.memmap(stream, dtype=dtype, mode="r")
+    n_val = max(1, int(round(n_tokens * val_fraction)))
+    n_val = min(n_val, n_tokens - 1)
+    build = tmp / "out"
+    build.mkdir()
+    splits = {"train": all_tokens[: n_tokens - n_val], "val": all_tokens[n_tokens - n_val:]}
+    files = {}
+    for split, toks in splits.items():
+        files[split] = []
+        for i, start in enumerate(range(0, max(len(toks), 1), shard_tokens)):
+            name = f"{split}_{i:03d}.bin"
+            write_shard(build / name, np.asarray(toks[start:start + shard_tokens]))
+            files[split].append(name)
+    meta = {"format": "gptlab-tokens", "version": 1, "tokenizer": tok.spec(), "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id, "dtype": dtype.name, "documents": n_docs, "text_chars": n_chars,
+            "tokens": {"train": int(n_tokens - n_val), "val": int(n_val)}, "files": files,
+            "val_fraction": val_fraction, "sources": sources, "field": field}
+    atomic_write_text(build / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False))
+    del all_tokens
     return meta

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..assets import atomic_file
+from ..files import atomic_file
 from ..errors import GptlabError
 
 MAGIC = b"GPTLABTK"

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..options import count, number, number_list
+from ..recipe import NON_NEGATIVE, SEED
 from . import tasks
 
 
@@ -58,14 +60,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--checkpoint", required=True, help="gptlab run or checkpoint, HF folder or Hub name")
-        q.add_argument("--limit", type=int, help="evaluate only the first N records (tokens, for perplexity)")
-        q.add_argument("--batch-size", type=int, default=8)
+        q.add_argument("--limit", type=count(1), help="evaluate only the first N records (tokens, for perplexity; "
+                                                      ">= 1)")
+        q.add_argument("--batch-size", type=count(1, 4096), default=8, help="sequences per forward pass "
+                                                                            "(valid: [1, 4096]; default 8)")
         q.add_argument("--device", default="cpu")
         q.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
     q = what.add_parser("perplexity", help="sliding-window perplexity per token, word and byte of text files")
     q.add_argument("paths", nargs="+", help="text files, folders of .txt files, or prepared .bin token shards")
-    q.add_argument("--stride", type=int, help="window step in tokens (default half the context)")
+    q.add_argument("--stride", type=count(1), help="window step in tokens (>= 1, at most the context; default "
+                                                   "half the context)")
     q.set_defaults(task=_perplexity, summary=lambda r: (
         f"{r['tokens']:,} tokens: loss {r['loss']:.4f} nats/token, perplexity {r['token_perplexity']:.3f}; "
         f"word perplexity {r['word_perplexity']:.3f}; {r['bits_per_byte']:.4f} bits/byte"))
@@ -86,10 +91,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q = what.add_parser("fewshot", help="zero/one/few-shot classification: accuracy vs number of examples")
     q.add_argument("--path", help="{text, label} jsonl to classify (default: gptlab's sentiment set)")
     q.add_argument("--train", help="{text, label} jsonl to draw examples from (default: --path minus the query)")
-    q.add_argument("--shots", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 5, 10],
-                   help="comma-separated k (default 0,1,5,10)")
+    q.add_argument("--shots", type=number_list(NON_NEGATIVE, integer=True), default=[0, 1, 5, 10],
+                   help="comma-separated k, each >= 0 (default 0,1,5,10)")
     q.add_argument("--template", default="Input: {text}\nLabel: {label}")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=number(SEED, integer=True), default=0, help="seed (>= 0)")
     q.add_argument("--calibrate", action="store_true", help="contextual calibration (Zhao et al. 2021)")
     q.add_argument("--plot", metavar="PNG", help="write accuracy vs shots to this file")
     q.set_defaults(task=_fewshot, summary=lambda r: "\n".join(
@@ -101,9 +106,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("kind", choices=list(tasks.GENERATION_TASKS))
     q.add_argument("path", help="jsonl: summarize {document, summary}; translate {source, target}; "
                                 "qa {question, answers: [...]}")
-    q.add_argument("--shots", type=int, default=0, help="solved examples before each prompt (default 0)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--max-new-tokens", type=int, default=64)
+    q.add_argument("--shots", type=count(0), default=0, help="solved examples before each prompt (>= 0; default 0)")
+    q.add_argument("--seed", type=number(SEED, integer=True), default=0, help="seed (>= 0)")
+    q.add_argument("--max-new-tokens", type=count(1), default=64, help="tokens generated per prompt (>= 1)")
     q.add_argument("--source-lang", default="English")
     q.add_argument("--target-lang", default="French")
     q.set_defaults(task=_generate, summary=lambda r: f"{r['task']} ({r['n']}, {r['shots']}-shot): " + ", ".join(

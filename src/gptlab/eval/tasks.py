@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..assets import cache_dir, fetch_url, sha256_of, verified, atomic_write_bytes
+from ..assets import cache_dir, fetch_url, sha256_of, verified
+from ..files import atomic_write_bytes
 from ..errors import GptlabError
 from ..model import GPT
 from ..tokenizer import Tokenizer

@@ -19,9 +19,11 @@ from ..model import GPT
 def load_any(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
     """(model in eval mode on ``device``, metadata with ``model_config``, ``tokenizer`` and ``source``)."""
     from ..train.checkpoint import list_checkpoints, load_model
+    from ..train.distributed import pick_device
     from .hf import hub_snapshot, is_hf_dir, load_hf
     from .openai import is_openai_dir, load_openai
 
+    device = pick_device(device)
     path = Path(source)
     if (path / "state.json").is_file() or list_checkpoints(path) or path.name == "best":
         model, meta = load_model(path, device)

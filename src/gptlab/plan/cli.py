@@ -10,22 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GptlabError
+from ..options import count, number, number_list, parse_number, parse_set
+from ..recipe import NON_NEGATIVE, POSITIVE, Range
 from .hardware import HARDWARE, PF_DAY, hardware, training_time
 from .memory import DTYPE_BYTES, OPTIMIZERS, RECOMPUTE, inference, kv_cache_bytes, training_memory, weights_bytes
 from .scaling import LAWS, compare_allocations, load_law
 from .shape import (Shape, attention_cost, attention_crossover, forward_flops_per_token, matmul_params, mfu, params,
                     resolve, training_flops_per_token)
 
-SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
-
-
-def number(text: str) -> float:
-    """``300e9``, ``300B``, ``1.4T``, ``2.5M``, ``1e23``."""
-    t = text.strip().replace("_", "").replace(",", "")
-    try:
-        return float(t[:-1]) * SUFFIX[t[-1].lower()] if t and t[-1].lower() in SUFFIX else float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (examples: 300e9, 300B, 1.4T)") from None
+MFU = Range(0, 1, lo_open=True)
 
 
 def si(x: float, unit: str = "") -> str:
@@ -41,8 +34,6 @@ def gb(x: float) -> str:
 
 
 def _shape(args: argparse.Namespace) -> Shape:
-    from ..cli import parse_set
-
     return resolve(args.model, **parse_set(args.set, "n_ctx=4096"))
 
 
@@ -126,9 +117,12 @@ def plan_scaling(args: argparse.Namespace) -> tuple[dict, str]:
     for item in args.compare or []:
         name, _, nd = item.rpartition("=")
         try:
-            n, d = (number(x) for x in nd.split(":"))
+            n, d = (parse_number(x) for x in nd.split(":"))
+            if not (0 < n < 1e30 and 0 < d < 1e30):
+                raise ValueError
         except (ValueError, argparse.ArgumentTypeError):
-            raise GptlabError(f"--compare {item!r}: expected NAME=PARAMS:TOKENS, e.g. gpt3=175B:300B") from None
+            raise GptlabError(f"--compare {item!r}: expected NAME=PARAMS:TOKENS with positive counts, e.g. "
+                              f"gpt3=175B:300B") from None
         marks[name or f"{n:g}:{d:g}"] = (n, d)
     compute = args.compute or (6 * next(iter(marks.values()))[0] * next(iter(marks.values()))[1] if marks else None)
     if compute is None:
@@ -167,6 +161,10 @@ def plan_mfu(args: argparse.Namespace) -> tuple[dict, str]:
     s, hw = _shape(args), _hw(args)
     seq = args.seq_len or s.n_ctx
     value = mfu(s, args.tokens_per_second / args.devices, hw.peak_flops, seq)
+    if value > 1:
+        raise GptlabError(f"{args.tokens_per_second:,.0f} tok/s on {args.devices} × {hw.name} would be MFU "
+                          f"{value:.0%}, above the hardware's peak; check --tokens-per-second, --devices, "
+                          f"--seq-len and --hardware")
     r = {"mfu": value, "flops_per_token": training_flops_per_token(s, seq), "hardware": hw.name}
     return r, (f"{args.tokens_per_second:,.0f} tok/s on {args.devices} × {hw.name}: "
                f"{si(r['flops_per_token'], 'FLOP')}/token → MFU {value:.1%} of {si(hw.peak_flops, 'FLOP/s')}")
@@ -215,9 +213,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     def hw_args(q: argparse.ArgumentParser, default: str = "a100") -> None:
         q.add_argument("--hardware", default=default,
                        help=f"{', '.join(HARDWARE)}, cpu (measured here) or custom (default {default})")
-        q.add_argument("--peak-tflops", type=float, help="override the 16-bit peak (TFLOP/s)")
-        q.add_argument("--bandwidth-gbs", type=float, help="override the memory bandwidth (GB/s)")
-        q.add_argument("--memory-gib", type=float, help="override the device memory (GiB)")
+        q.add_argument("--peak-tflops", type=number(POSITIVE), help="override the 16-bit peak (TFLOP/s)")
+        q.add_argument("--bandwidth-gbs", type=number(POSITIVE), help="override the memory bandwidth (GB/s)")
+        q.add_argument("--memory-gib", type=number(POSITIVE), help="override the device memory (GiB)")
 
     q = what.add_parser("model", help="exact parameters, FLOPs per token, weight and KV-cache sizes")
     model_args(q)
@@ -225,19 +223,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     q = what.add_parser("train", help="training FLOPs, time, cost and memory per device")
     model_args(q, hw=True)
-    q.add_argument("--tokens", type=number, required=True, help="training tokens (300B, 1.4T, 3e11)")
-    q.add_argument("--devices", type=int, help="device count (default dp·tp·pp)")
-    q.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization (default 0.4)")
-    q.add_argument("--price", type=float, default=0.0, help="dollars per device-hour")
-    q.add_argument("--batch-tokens", type=number, help="tokens per optimizer step, for the step count")
-    q.add_argument("--seq-len", type=int, help="training sequence length (default the context)")
+    q.add_argument("--tokens", type=number(POSITIVE), required=True, help="training tokens (300B, 1.4T, 3e11; > 0)")
+    q.add_argument("--devices", type=count(1), help="device count (>= 1; default dp·tp·pp)")
+    q.add_argument("--mfu", type=number(MFU), default=0.4, help="model FLOPs utilization (valid: (0, 1]; default 0.4)")
+    q.add_argument("--price", type=number(NON_NEGATIVE), default=0.0, help="dollars per device-hour (>= 0)")
+    q.add_argument("--batch-tokens", type=number(Range(1)), help="tokens per optimizer step, for the step count")
+    q.add_argument("--seq-len", type=count(1), help="training sequence length (>= 1; default the context)")
     q.add_argument("--six-nd", action="store_true", help="time the run on 6·N·D alone (the seeds' convention)")
-    q.add_argument("--micro-batch", type=int, default=1, help="sequences per device per micro-step (activations)")
+    q.add_argument("--micro-batch", type=count(1), default=1, help="sequences per device per micro-step (activations)")
     q.add_argument("--optimizer", default="adamw", choices=sorted({o for o, _ in OPTIMIZERS}))
     q.add_argument("--precision", default="mixed", choices=["mixed", "fp32"])
-    q.add_argument("--dp", type=int, default=1, help="data-parallel degree")
-    q.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    q.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
+    q.add_argument("--dp", type=count(1), default=1, help="data-parallel degree")
+    q.add_argument("--tp", type=count(1), default=1, help="tensor-parallel degree")
+    q.add_argument("--pp", type=count(1), default=1, help="pipeline-parallel degree")
     q.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage")
     q.add_argument("--sequence-parallel", action="store_true")
     q.add_argument("--recompute", default="none", choices=RECOMPUTE)
@@ -245,16 +243,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     q = what.add_parser("infer", help="inference memory, devices, largest batch, decode and prefill bounds")
     model_args(q, hw=True)
-    q.add_argument("--context", type=int, help="tokens per sequence (default the model's context)")
-    q.add_argument("--batch", type=int, default=1)
+    q.add_argument("--context", type=count(1), help="tokens per sequence (default the model's context)")
+    q.add_argument("--batch", type=count(1), default=1, help="sequences decoded together (>= 1)")
     q.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES))
     q.add_argument("--kv-dtype", choices=list(DTYPE_BYTES), help="KV-cache dtype (default --dtype)")
-    q.add_argument("--devices", type=int, help="devices to size the batch for (default the minimum)")
-    q.add_argument("--prompt-tokens", type=int, help="prompt length for the prefill bound (default --context)")
+    q.add_argument("--devices", type=count(1), help="devices to size the batch for (>= 1; default the minimum)")
+    q.add_argument("--prompt-tokens", type=count(1), help="prompt length for the prefill bound (default --context)")
     q.set_defaults(plan=plan_infer)
 
     q = what.add_parser("scaling", help="compute-optimal allocations of a FLOP budget and their predicted losses")
-    q.add_argument("--compute", type=number, help="training FLOPs (e.g. 3.15e23)")
+    q.add_argument("--compute", type=number(POSITIVE), help="training FLOPs (e.g. 3.15e23)")
     q.add_argument("--compare", action="append", metavar="NAME=PARAMS:TOKENS",
                    help="an allocation to compare, e.g. gpt3=175B:300B (its compute is the budget if --compute "
                         "is not given)")
@@ -266,23 +264,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     q = what.add_parser("attention", help="attention FLOPs and score memory against context length")
     model_args(q)
-    q.add_argument("--contexts", type=lambda t: [int(x) for x in t.split(",")],
+    q.add_argument("--contexts", type=number_list(Range(1), integer=True),
                    default=[512, 1024, 2048, 4096, 8192, 16384, 32768, 131072], help="comma-separated lengths")
     q.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="score-matrix dtype")
     q.set_defaults(plan=plan_attention)
 
     q = what.add_parser("mfu", help="model FLOPs utilization of a measured training throughput")
     model_args(q, hw=True)
-    q.add_argument("--tokens-per-second", type=number, required=True, help="measured, all devices together")
-    q.add_argument("--devices", type=int, default=1)
-    q.add_argument("--seq-len", type=int)
+    q.add_argument("--tokens-per-second", type=number(POSITIVE), required=True, help="measured, all devices together (> 0)")
+    q.add_argument("--devices", type=count(1), default=1, help="devices (>= 1)")
+    q.add_argument("--seq-len", type=count(1), help="sequence length (>= 1; default the context)")
     q.set_defaults(plan=plan_mfu)
 
     q = what.add_parser("compare", help="presets side by side: parameters, memory, KV cache, training days")
     q.add_argument("models", nargs="*", help="presets (default all)")
     hw_args(q)
-    q.add_argument("--tokens", type=number, default=300e9, help="training tokens for the days column (300B)")
-    q.add_argument("--mfu", type=float, default=0.4)
+    q.add_argument("--tokens", type=number(POSITIVE), default=300e9, help="training tokens for the days column (300B)")
+    q.add_argument("--mfu", type=number(MFU), default=0.4, help="model FLOPs utilization (valid: (0, 1])")
     q.set_defaults(plan=plan_compare)
 
     for q in what.choices.values():

@@ -38,7 +38,16 @@ class Shape:
         problems = [f"{k} must be a positive integer (got {getattr(self, k)!r})"
                     for k in ("n_layer", "d_model", "n_head", "n_ctx", "vocab_size", "n_experts", "experts_per_token",
                               "moe_every")
-                    if not isinstance(getattr(self, k), int) or getattr(self, k) < 1]
+                    if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool)
+                    or getattr(self, k) < 1]
+        problems += [f"{k} must be a positive integer or unset (got {getattr(self, k)!r})"
+                     for k in ("d_ff", "n_kv_head", "expert_ff") if getattr(self, k) is not None
+                     and (not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool)
+                          or getattr(self, k) < 1)]
+        problems += [f"{k} must be true or false (got {getattr(self, k)!r})"
+                     for k in ("bias", "tie_weights", "shared_expert") if not isinstance(getattr(self, k), bool)]
+        if self.norm not in ("pre", "post"):
+            problems.append(f"norm must be pre or post (got {self.norm!r})")
         if not problems and self.d_model % self.n_head:
             problems.append(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if not problems and self.n_head % self.kv_heads:

@@ -37,13 +37,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..assets import atomic_write_bytes
+from ..files import atomic_write_bytes, run_folder
 from ..config import preset
 from ..data.loader import read_meta
 from ..errors import GptlabError
 from ..plan.shape import Shape, params
 from ..train.checkpoint import list_checkpoints
-from ..train.config import RecipeConfig, TrainConfig
+from ..recipe import RecipeConfig
+from ..train.config import TrainConfig
 from ..train.trainer import train
 from .fit import fit_chinchilla, fit_power_law, isoflop_profile
 
@@ -57,6 +58,7 @@ class Sweep(RecipeConfig):
     a ``[train]`` table) <- flags."""
 
     help_hint = "`gptlab scale --help`"
+    what = "sweep"
 
     data: str = ""
     out: str = ""
@@ -76,17 +78,26 @@ class Sweep(RecipeConfig):
     train: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        given = self.depths is not None and self.shapes is not None
+        self._both_sizes = self.depths is not None and self.shapes is not None
         if self.depths is None and self.shapes is None:
             self.depths = [1, 2, 3, 4, 6]
-        self.depths = sorted(int(x) for x in self.depths or [])
-        self.shapes = [[int(v) for v in x] for x in self.shapes or []]
-        self.tokens = [float(x) for x in self.tokens]
-        self.flops = [float(x) for x in self.flops]
+        try:
+            self.depths = sorted(int(x) for x in self.depths or [])
+            self.shapes = [[int(v) for v in x] for x in self.shapes or []]
+            self.tokens = [float(x) for x in self.tokens]
+            self.flops = [float(x) for x in self.flops]
+            self.include = [str(x) for x in self.include]
+        except (TypeError, ValueError):
+            raise GptlabError("invalid sweep: depths, shapes, tokens, flops and include must be lists (of integers, "
+                              "[n_layer, n_embd] pairs, numbers and folders)") from None
         if not self.tokens and not self.flops:
             self.tokens = [1e6]
+        super().__post_init__()
+
+    def checks(self) -> list[tuple[bool, str]]:
         sizes = self.shapes or self.depths
-        self.require("sweep", [(not bad, msg) for bad, msg in [
+        given = self._both_sizes
+        return [(not bad, msg) for bad, msg in [
             (not self.data, "the sweep needs `data` (flag --data or a key in the sweep file)"),
             (not self.out, "the sweep needs `out` (flag --out or a key in the sweep file)"),
             (given, "give depths (a dial) or shapes, not both"),
@@ -96,11 +107,13 @@ class Sweep(RecipeConfig):
              or (bool(self.depths) and self.depths[0] < 1),
              f"a sweep needs at least 3 distinct positive sizes, got {sizes}"),
             (bool(self.tokens) and bool(self.flops), "give token budgets or FLOP budgets (IsoFLOP mode), not both"),
-            (any(x <= 0 for x in self.tokens + self.flops), "budgets must be positive"),
+            (any(not 0 < x < 1e30 for x in self.tokens + self.flops), "budgets must be positive and finite"),
             (self.jobs < 1 or self.nproc_per_node < 1, "jobs and nproc_per_node must be >= 1"),
             (self.launcher not in ("process", "torchrun"), "launcher must be process or torchrun"),
             (not 0 <= self.warmup_frac < 1, "warmup_frac must be in [0, 1)"),
-        ]])
+            (self.width_per_layer < 1 or self.head_dim < 1 or self.base_width < 1,
+             "width_per_layer, head_dim and base_width must be >= 1"),
+        ]]
 
 
 def shape(n_layer: int, width: int, head_dim: int) -> dict[str, int]:
@@ -185,7 +198,14 @@ def _launch(sw: Sweep, run_dir: Path, progress: bool) -> None:
 
 
 def run_sweep(sw: Sweep, progress: bool = False) -> dict[str, Any]:
+    """Train every unfinished point, then fit and report. The sweep folder is locked throughout (each run
+    folder is locked by its own run as well)."""
     base, points = plan_runs(sw)
+    with run_folder(Path(sw.out), "sweep folder"):
+        return _run_sweep(sw, base, points, progress)
+
+
+def _run_sweep(sw: Sweep, base: TrainConfig, points: list[dict[str, Any]], progress: bool) -> dict[str, Any]:
     root = Path(sw.out)
     todo = []
     for pt in points:

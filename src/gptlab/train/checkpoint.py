@@ -9,13 +9,12 @@ leaves either the whole checkpoint or none. The last ``keep_last`` checkpoints a
 
 from __future__ import annotations
 
-import contextlib
+import errno
+import re
 import json
-import os
-import shutil
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -24,22 +23,19 @@ from safetensors.torch import load_file, save_file
 from ..assets import sha256_of
 from ..config import GPTConfig
 from ..errors import GptlabError
+from ..files import atomic_dir, atomic_write_text, remove_dir
 from ..model import GPT
 
 FORMAT = "gptlab-checkpoint"
 VERSION = 1
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    except SafetensorError as e:  # its I/O errors carry the OS error code in the text: raise them as OSError
+        code = re.search(r"code: (\d+)", str(e))
+        raise OSError(int(code.group(1)) if code else errno.EIO, str(e).split(",")[0], str(path)) from None
     return sha256_of(path)
 
 
@@ -51,7 +47,7 @@ def save_model_checkpoint(out: Path, model_state: dict[str, torch.Tensor], cfg: 
         sha = _save_tensors(weights_for_saving(model_state, cfg), tmp / "model.safetensors")
         meta = dict(extra, format=FORMAT, version=VERSION, step=extra.get("step", 0), model_config=cfg.to_dict(),
                     tokenizer=tokenizer_spec, sha256={"model.safetensors": sha})
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1))
     return Path(out)
 
 
@@ -101,33 +97,6 @@ def weights_for_saving(state_dict: dict[str, torch.Tensor], cfg: GPTConfig) -> d
     return {k: v for k, v in state_dict.items() if not (cfg.tie_weights and k == "lm_head.weight")}
 
 
-@contextlib.contextmanager
-def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; on success every file in it is fsynced and it is renamed to
-    ``final`` (replacing an existing one if ``replace``); on failure it is removed and ``final`` is untouched."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():
-            if not replace:
-                raise GptlabError(f"{final} already exists; choose a new folder (nothing was overwritten)")
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor],
                     optim_state: dict[str, Any], state: dict[str, Any], keep_last: int,
                     extra: dict[str, torch.Tensor] | None = None) -> Path:
@@ -151,13 +120,13 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
                             "optimizer.safetensors": _save_tensors(tensors, tmp / "optimizer.safetensors")})
         if extra:
             meta["sha256"]["heads.safetensors"] = _save_tensors(extra, tmp / "heads.safetensors")
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1))
     keep = {p.name for p in list_checkpoints(run_dir)[-keep_last:]}
     if meta.get("best_step") is not None:
         keep.add(f"step-{meta['best_step']:07d}")
     for p in list_checkpoints(run_dir):
         if p.name not in keep:
-            shutil.rmtree(p, ignore_errors=True)
+            remove_dir(p)  # renamed away first: a kill mid-delete never leaves a half checkpoint under its name
     return final
 
 
@@ -185,7 +154,7 @@ def resolve(path: str | Path) -> Path:
     path = Path(path)
     if path.name == "best" and not path.exists():
         latest = resolve(path.parent)
-        best = json.loads((latest / "state.json").read_text()).get("best_step")
+        best = read_state(latest).get("best_step")
         return latest.parent / f"step-{best:07d}" if best is not None else latest
     if (path / "state.json").is_file():
         return path
@@ -198,12 +167,25 @@ def resolve(path: str | Path) -> Path:
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json``, checked for everything a loader needs (one clear error otherwise)."""
     try:
         meta = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise GptlabError(f"{ckpt}/state.json is missing or corrupt; use another checkpoint") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise GptlabError(f"{ckpt} is not a gptlab v{VERSION} checkpoint")
+    sha = meta.get("sha256")
+    problems = [what for ok, what in (
+        (isinstance(sha, dict) and isinstance(sha.get("model.safetensors"), str), "sha256 of model.safetensors"),
+        (isinstance(meta.get("model_config"), dict), "model_config"),
+        (isinstance(meta.get("tokenizer"), dict), "tokenizer")) if not ok]
+    if problems:
+        raise GptlabError(f"{ckpt}/state.json lacks {' and '.join(problems)}; the checkpoint is damaged, use "
+                          f"another one")
+    try:
+        GPTConfig.from_dict(meta["model_config"])
+    except (TypeError, ValueError, GptlabError) as e:
+        raise GptlabError(f"{ckpt}/state.json holds an invalid model_config ({e}); use another checkpoint") from None
     return meta
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import math
 import sys
 import time
@@ -27,22 +26,39 @@ from ..config import GPTConfig, preset
 from ..data.loader import TokenWindows, read_meta
 from ..errors import GptlabError
 from ..model import GPT
-from ..plotting import pyplot, save_png
+from ..files import run_folder
+from ..metrics import METRICS, Metrics, plot_losses
 from . import checkpoint as ckpt_io
 from . import distributed
 from .config import TrainConfig
 from .optim import lr_at, make_optimizer
 from .scheduled_sampling import mix_in_predictions, ss_probability
 
-METRICS = "metrics.jsonl"
-
-
 def model_config_for(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     base = preset(cfg.model)
     overrides = {"vocab_size": vocab_size, "dropout": cfg.dropout, **cfg.model_overrides}
     if cfg.block_size:
         overrides["block_size"] = cfg.block_size
-    return base.replace(**overrides)
+    mcfg = base.replace(**overrides)
+    if mcfg.vocab_size < vocab_size:
+        raise GptlabError(f"vocab_size = {mcfg.vocab_size} is smaller than the dataset's tokenizer vocabulary "
+                          f"({vocab_size}); drop the override (the dataset's size is used) or raise it")
+    return mcfg
+
+
+def diverged(loss: float, vocab_size: int) -> bool:
+    """True for a loss no healthy run reaches: not finite, or far above predicting uniformly (ln V nats), which is
+    where an untrained model starts."""
+    return not math.isfinite(loss) or loss > max(2 * math.log(vocab_size), math.log(vocab_size) + 5)
+
+
+def last_good_checkpoint(out: Path, vocab_size: int) -> Path | None:
+    """The newest checkpoint whose recorded validation loss is finite and not diverged."""
+    for ck in reversed(ckpt_io.list_checkpoints(out)):
+        val = ckpt_io.read_state(ck).get("val_loss")
+        if isinstance(val, (int, float)) and not diverged(val, vocab_size):
+            return ck
+    return None
 
 
 def autocast_dtype(pref: str, device: torch.device) -> torch.dtype:
@@ -50,43 +66,6 @@ def autocast_dtype(pref: str, device: torch.device) -> torch.dtype:
         bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16_ok else torch.float32
     return getattr(torch, pref)
-
-
-class Metrics:
-    """Append-only ``metrics.jsonl``; on resume, rows past the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        rows = []
-        if resume_step is not None and path.exists():
-            rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    def write(self, **row: Any) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def rows(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.path.read_text().splitlines()]
-
-
-def plot_losses(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    plt = pyplot()
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="val", ms=3)
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_png(fig, path, dpi=110)
 
 
 def moe_stats(model: GPT) -> dict[str, Any]:
@@ -109,9 +88,13 @@ def keep_freed_memory_in_heap() -> None:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the summary that ``gptlab train --json`` prints."""
+    """Run (or resume) a training run; returns the summary that ``gptlab train --json`` prints. The run folder
+    is locked for the duration (a second run on it is refused) and is created only once the data and the model
+    config have been checked."""
     with distributed.session(cfg.device) as d:
-        return _train(cfg, d, resume, progress)
+        model_config_for(cfg, read_meta(cfg.data)["vocab_size"])  # every check before the folder exists
+        with run_folder(Path(cfg.out_dir)) if d.is_main else contextlib.nullcontext():
+            return _train(cfg, d, resume, progress)
 
 
 def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) -> dict[str, Any]:
@@ -139,6 +122,13 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
     if resume:
         ck = existing[-1]
         state = ckpt_io.read_state(ck)
+        val = state.get("val_loss")
+        if isinstance(val, (int, float)) and diverged(val, mcfg.vocab_size):
+            good = last_good_checkpoint(out, mcfg.vocab_size)
+            raise GptlabError(f"--resume: the latest checkpoint {ck} recorded a diverged val loss ({val:.4g}); move "
+                              f"it out of {out / 'checkpoints'} to resume from "
+                              + (f"the last good one, {good}" if good else "an earlier one (none is good: start "
+                                                                            "a new run)"))
         if state["model_config"] != mcfg.to_dict():
             diff = {k: (v, mcfg.to_dict()[k]) for k, v in state["model_config"].items() if mcfg.to_dict()[k] != v}
             raise GptlabError(f"--resume: the checkpoint's model differs from this run's (checkpoint, now): {diff}; "
@@ -204,13 +194,18 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
             tdist.barrier()
         return path
 
-    def check_finite(losses: list[float], step: int) -> None:
-        if not all(map(math.isfinite, losses)):
-            last = ckpt_io.list_checkpoints(out)
-            kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-            bad = next(v for v in losses if not math.isfinite(v))
-            raise GptlabError(f"loss became {bad} at step {step}; training stopped and {kept}. Lower --lr, "
-                              f"raise --warmup-iters or --grad-clip, then --resume")
+    def check_loss(losses: list[float], step: int) -> None:
+        bad = [v for v in losses if diverged(v, mcfg.vocab_size)]
+        if bad:
+            good = last_good_checkpoint(out, mcfg.vocab_size)
+            latest = (ckpt_io.list_checkpoints(out) or [None])[-1]
+            kept = (f"the last good checkpoint is {good}" if good else "no good checkpoint was written yet")
+            if good and latest != good:
+                kept += f" (move the later ones out of {out / 'checkpoints'} first, --resume takes the latest)"
+            raise GptlabError(f"the loss diverged to {bad[0]:.4g} at step {step}; training stopped and {kept}. "
+                              f"Lower --lr, raise --warmup-iters or lower --grad-clip, then --resume"
+                              if good else f"the loss diverged to {bad[0]:.4g} at step {step}; training stopped "
+                              f"and {kept}. Lower --lr or raise --warmup-iters and start again")
 
     bar = tqdm(total=cfg.max_iters, initial=start, desc="train", disable=not (progress and d.is_main),
                dynamic_ncols=True, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30.0)
@@ -220,59 +215,61 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
     side_seconds = 0.0
     model.train()
     last_val = math.nan
-    for step in range(start, cfg.max_iters):
-        lr = lr_at(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        p_ss = ss_probability(cfg.ss_schedule, step, cfg.max_iters, cfg.ss_max_prob, cfg.ss_k)
-        ss_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step) if p_ss > 0 else None
-        for micro in range(cfg.grad_accum):
-            x, y = train_windows.batch(cfg.batch_size, step, micro, d.rank, d.world_size)
-            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            if ss_gen is not None:
-                x = mix_in_predictions(raw, x, p_ss, ss_gen)
-            sync = micro == cfg.grad_accum - 1
-            with (contextlib.nullcontext() if sync or not ddp else model.no_sync()), amp:
-                _, loss = model(x, y)
-            scaler.scale(loss / cfg.grad_accum).backward()
-            pending.append(loss.detach())
-        if cfg.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        bar.update(1)
-        if t_first is None:
-            t_first = time.perf_counter()
-        is_ckpt = done == cfg.max_iters or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0)
-        if done % cfg.log_interval == 0 or is_ckpt or done % cfg.eval_interval == 0:
-            micro_losses = distributed.mean_across_ranks(torch.stack(pending).float(), d)
-            losses = micro_losses.view(-1, cfg.grad_accum).mean(1).tolist()
-            pending.clear()
-            check_finite(losses, done)
-            now = time.perf_counter()
-            tps = (done - step_log) * tokens_per_step / max(now - t_log, 1e-9)
-            t_log, step_log = now, done
-            for i, loss_i in enumerate(losses):
-                metrics.write(step=done - len(losses) + i + 1, loss=loss_i)
-            if raw.moe_layers():
-                metrics.write(step=done, **moe_stats(raw))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
-            t_side = time.perf_counter()
-            if done % cfg.eval_interval == 0 or is_ckpt:
-                last_val = periodic_eval()
-                metrics.write(step=done, val_loss=last_val, tok_per_s=tps, lr=lr)
-                if d.is_main:
-                    bar.write(f"step {done}: train {losses[-1]:.4f}  val {last_val:.4f}  {tps:,.0f} tok/s",
-                              file=sys.stderr)
-                check_finite([last_val], done)  # the update may have broken the weights: never save those
-            if is_ckpt:
-                save(done, last_val)
-            side_seconds += time.perf_counter() - t_side
-            t_log += time.perf_counter() - t_side
-    bar.close()
+    try:
+        for step in range(start, cfg.max_iters):
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            p_ss = ss_probability(cfg.ss_schedule, step, cfg.max_iters, cfg.ss_max_prob, cfg.ss_k)
+            ss_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step) if p_ss > 0 else None
+            for micro in range(cfg.grad_accum):
+                x, y = train_windows.batch(cfg.batch_size, step, micro, d.rank, d.world_size)
+                x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+                if ss_gen is not None:
+                    x = mix_in_predictions(raw, x, p_ss, ss_gen)
+                sync = micro == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if sync or not ddp else model.no_sync()), amp:
+                    _, loss = model(x, y)
+                scaler.scale(loss / cfg.grad_accum).backward()
+                pending.append(loss.detach())
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            bar.update(1)
+            if t_first is None:
+                t_first = time.perf_counter()
+            is_ckpt = done == cfg.max_iters or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0)
+            if done % cfg.log_interval == 0 or is_ckpt or done % cfg.eval_interval == 0:
+                micro_losses = distributed.mean_across_ranks(torch.stack(pending).float(), d)
+                losses = micro_losses.view(-1, cfg.grad_accum).mean(1).tolist()
+                pending.clear()
+                check_loss(losses, done)
+                now = time.perf_counter()
+                tps = (done - step_log) * tokens_per_step / max(now - t_log, 1e-9)
+                t_log, step_log = now, done
+                for i, loss_i in enumerate(losses):
+                    metrics.write(step=done - len(losses) + i + 1, loss=loss_i)
+                if raw.moe_layers():
+                    metrics.write(step=done, **moe_stats(raw))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+                t_side = time.perf_counter()
+                if done % cfg.eval_interval == 0 or is_ckpt:
+                    last_val = periodic_eval()
+                    metrics.write(step=done, val_loss=last_val, tok_per_s=tps, lr=lr)
+                    if d.is_main:
+                        bar.write(f"step {done}: train {losses[-1]:.4f}  val {last_val:.4f}  {tps:,.0f} tok/s",
+                                  file=sys.stderr)
+                    check_loss([last_val], done)  # the update may have broken the weights: never save those
+                if is_ckpt:
+                    save(done, last_val)
+                side_seconds += time.perf_counter() - t_side
+                t_log += time.perf_counter() - t_side
+    finally:
+        bar.close()  # before any error line, so that it never shares a line with the bar
     train_seconds = time.perf_counter() - t0
     steady = (cfg.max_iters - start - 1) * tokens_per_step / max(time.perf_counter() - t_first - side_seconds, 1e-9) \
         if t_first is not None and cfg.max_iters - start > 1 else None

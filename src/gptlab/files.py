@@ -1,0 +1,243 @@
+"""Writing to disk without ever losing a user's data: atomic files and folders, folder locks, crash recovery.
+
+Every file gptlab writes goes through :func:`atomic_file` and every folder through :func:`atomic_dir`: the content is
+built under a temporary name beside the target (``.<name>.tmp-<pid>``), fsynced, then renamed into place. A folder
+that replaces an existing one is swapped in with one atomic ``renameat2(RENAME_EXCHANGE)`` on Linux, so at every
+instant either the old or the new folder is in place; where the exchange is unsupported the old folder is first
+renamed to ``.<name>.old-<pid>`` and :func:`recover` puts it back if the process died before the new one arrived.
+Leftovers of a killed process (``.tmp-``, ``.old-``, ``.trash-`` siblings) are removed by :func:`remove_leftovers`,
+which callers run while holding the folder's lock (:func:`folder_lock`), so nothing a live process is writing is
+ever touched. Permissions follow the user's umask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from .errors import GptlabError
+
+_LEFTOVER_TAGS = (".tmp-", ".old-", ".trash-")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for f in root.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(root)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file that replaces ``path`` when the block succeeds: written beside it under a temporary name,
+    fsynced and renamed over it; on any error the temporary file is deleted. Readers see the old file or the whole
+    new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would honour the umask
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def sibling(final: Path, tag: str) -> Path:
+    """``.<name>.<tag>-<pid>`` beside ``final``: where its temporary, old or trashed copy lives."""
+    return final.parent / f".{final.name}.{tag}-{os.getpid()}"
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Put folder ``new`` at ``final``, replacing the folder there (if any) so that one of the two is always in
+    place; the old folder is deleted afterwards."""
+    if not final.exists():
+        os.replace(new, final)
+    elif _exchange(new, final):  # `new` now holds the old folder
+        fsync_dir(final.parent)
+        shutil.rmtree(new, ignore_errors=True)
+    else:
+        old = sibling(final, "old")
+        os.replace(final, old)
+        os.replace(new, final)
+        fsync_dir(final.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success every file in it is fsynced and it takes the place of
+    ``final`` (replacing an existing one if ``replace``, else refusing); on failure it is removed and ``final`` is
+    untouched."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not replace:
+        raise GptlabError(f"{final} already exists; choose a new folder (nothing was overwritten)")
+    tmp = sibling(final, "tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists() and not replace:
+            raise GptlabError(f"{final} already exists; choose a new folder (nothing was overwritten)")
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a folder gptlab made so that no half-deleted copy is ever visible under its name: rename it to a
+    trash sibling first (atomic), then delete that."""
+    trash = sibling(path, "trash")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def recover(final: Path) -> None:
+    """If a process died between moving ``final`` aside and moving its replacement in, put the old one back."""
+    if final.exists():
+        return
+    olds = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        os.replace(olds[-1], final)
+
+
+def remove_leftovers(parent: Path, name: str | None = None) -> list[Path]:
+    """Delete what killed gptlab processes left in ``parent`` (temporary, old or trashed copies of ``name``, or
+    of anything when ``name`` is None). Call it only while holding the lock that guards ``parent``."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    prefix = f".{name}." if name else "."
+    for p in parent.iterdir():
+        if p.name.startswith(prefix) and any(tag in p.name for tag in _LEFTOVER_TAGS):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def folder_lock(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock (``flock``) on ``lock_file`` for the block, or fail at once with one clear error that
+    names the process holding it. The lock dies with its process, so a crash never leaves a folder locked; the
+    file is removed on release (while still held; a waiter that locked the removed file sees that and retries)."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise GptlabError(f"{what} is in use by another gptlab process (pid {holder}); wait for it to finish, "
+                              f"or choose another folder") from None
+        try:
+            same = os.stat(lock_file).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed this file as we locked it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_file)
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def run_folder(out: Path, what: str = "run folder") -> Iterator[Path]:
+    """Create (if needed) and lock a run folder for the block, removing leftovers of killed runs inside it; a folder
+    this call created is removed again if the block fails before writing anything into it."""
+    out = Path(out)
+    created = not out.exists()
+    if out.exists() and not out.is_dir():
+        raise GptlabError(f"{out} is a file, not a folder; choose another --out-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".lock"
+    try:
+        with folder_lock(lock, f"{what} {out}"):
+            remove_leftovers(out)
+            remove_leftovers(out / "checkpoints")
+            yield out
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an operating-system error: what failed, on which path, and what to do."""
+    where = e.filename or "a file"
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        return (f"no space left on the device while writing {where}; free some space and run the command again "
+                f"(nothing complete was lost; a training run continues with --resume)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {where} ({e.strerror}); choose a folder you can write to"
+    if e.errno == errno.ENOENT:
+        return f"{where} does not exist; check the path"
+    if e.errno == errno.EISDIR:
+        return f"{where} is a folder; pass a file"
+    if e.errno == errno.ENOTDIR:
+        return f"{where}: a part of the path is a file, not a folder; check the path"
+    return f"{where}: {e.strerror or e}; check the path and the disk"

@@ -1,0 +1,144 @@
+"""Recipe-loaded configurations: typed fields with their help text and valid range next to them, checked once.
+
+A config is a dataclass whose fields are declared with :func:`opt` (default, help, range or choices). Its values
+come from the defaults, then a TOML recipe, then command-line flags (:meth:`RecipeConfig.from_sources`), and are
+checked when the object is built, wherever it is built: type, range and choices per field, then the config's own
+cross-field rules. The CLI makes one ``--flag`` per field from the same metadata, so ``--help`` states every range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import GptlabError
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed or half-open interval of valid numbers; ``None`` ends are unbounded. Values must be finite."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, v: float) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}" if self.lo is not None else "any finite number"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+def at_least(x: float) -> Range:
+    return Range(x)
+
+
+POSITIVE = Range(0, lo_open=True)
+NON_NEGATIVE = Range(0)
+UNIT = Range(0, 1)  # [0, 1]
+PROBABILITY_BELOW_1 = Range(0, 1, hi_open=True)  # [0, 1)
+COUNT = Range(1)
+SEED = Range(0, 2**63 - 1)  # numpy's and torch's generators take non-negative 64-bit seeds
+
+
+def opt(default: Any, help: str, range: Range | None = None, choices: Sequence[str] | None = None) -> Any:
+    """A config field with its help text and its valid range or choices (checked at construction)."""
+    meta = {"help": help, "range": range, "choices": tuple(choices) if choices else None}
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def check_value(name: str, value: Any, want: type, range: Range | None = None,
+                choices: Sequence[str] | None = None) -> tuple[Any, str | None]:
+    """(value converted to ``want`` where that is lossless, or the problem with it)."""
+    ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        return value, f"{name} = {value!r} should be of type {want.__name__}"
+    if range is not None and not range.contains(value):
+        return value, f"{name} = {value!r} is out of range (valid: {range})"
+    if choices and value not in choices:
+        return value, f"{name} = {value!r} is not one of {'|'.join(choices)}"
+    return value, None
+
+
+class RecipeConfig:
+    """What the flat, recipe-loaded configs share: per-field checks, dict form, fields, loading from sources.
+    Subclasses are dataclasses whose fields come from :func:`opt`; they add cross-field rules in ``checks``."""
+
+    help_hint = "`gptlab --help`"
+    what = "config"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for f in self.fields():
+            want = type(f.default) if f.default is not dataclasses.MISSING else dict
+            if want not in (bool, int, float, str, dict):  # optional and list fields: the subclass checks them
+                continue
+            value, problem = check_value(f.name, getattr(self, f.name), want, f.metadata.get("range"),
+                                         f.metadata.get("choices"))
+            if problem:
+                problems.append(problem)
+            else:
+                setattr(self, f.name, value)
+        if not problems:
+            problems = [msg for ok, msg in self.checks() if not ok]
+        if problems:
+            raise GptlabError(f"invalid {self.what}: " + "; ".join(problems) + f" (see {self.help_hint})")
+
+    def checks(self) -> list[tuple[bool, str]]:
+        """Cross-field rules as (holds, message) pairs."""
+        return []
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def fields(cls) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(cls))  # type: ignore[arg-type]
+
+    @classmethod
+    def from_sources(cls, recipe: str | Path | None = None, /, **overrides: Any):
+        """Defaults <- TOML recipe <- ``overrides`` (CLI flags; ``None`` values are ignored)."""
+        return cls(**recipe_values(recipe, overrides, {f.name for f in cls.fields()}, cls.help_hint))
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict, or one clear error (missing, a folder, not UTF-8, not TOML)."""
+    path = Path(path)
+    if not path.exists():
+        raise GptlabError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise GptlabError(f"{what} {path} is not a file; pass a TOML file")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise GptlabError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise GptlabError(f"{what} {path} is not valid TOML: {e}") from None
+
+
+def recipe_values(recipe: str | Path | None, overrides: dict[str, Any], known: set[str], help_hint: str
+                  ) -> dict[str, Any]:
+    """A TOML recipe's keys updated by ``overrides`` (``None`` values ignored); unknown keys are one clear error."""
+    values = read_toml(recipe, "recipe") if recipe else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise GptlabError(f"unknown option(s) {unknown}; see {help_hint}")
+    return values
