@@ -15,8 +15,8 @@ from typing import Any
 
 from .errors import GptlabError
 from .files import describe_os_error
-from .options import ArgumentParser, add_config_flags, count, number, parse_set
-from .recipe import SEED, UNIT, Range
+from .options import ArgumentParser, add_config_flags, count, number, number_list, parse_set
+from .recipe import POSITIVE, PROBABILITY_BELOW_1, SEED, UNIT, Range
 
 
 def _emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
@@ -225,6 +225,17 @@ def cmd_scale(args: argparse.Namespace) -> None:
     _emit(args, r, "\n".join(lines))
 
 
+def _shapes(text: str) -> list[list[int]]:
+    """``2x64,4x128``: [[n_layer, n_embd], ...]."""
+    try:
+        shapes = [[int(v) for v in x.split("x")] for x in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(x) != 2 or min(x) < 1 for x in shapes):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected n_layer x n_embd pairs such as 2x64,4x128")
+    return shapes
+
+
 def cmd_presets(args: argparse.Namespace) -> None:
     import torch
 
@@ -329,28 +340,30 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(L(N), L(D)) or FLOP budgets (--flops, IsoFLOP profiles), then fit, plot and "
                                    "write report.md. Finished runs are skipped on a re-run; unfinished ones resume. "
                                    "Flags override the --sweep file.")
-    floats = lambda t: [float(x) for x in t.split(",")]  # noqa: E731
     p.add_argument("--sweep", metavar="TOML", help="sweep file: these options as keys, a [train] table of "
                                                     "training-recipe overrides")
     p.add_argument("--recipe", help="base training recipe (TOML); the sweep sets out_dir, max_iters, lr, model shape")
     p.add_argument("--data", help="a folder made by `gptlab prepare`")
     p.add_argument("--out", help="sweep folder (one run folder per point inside)")
-    p.add_argument("--depths", type=lambda t: [int(x) for x in t.split(",")], help="comma-separated depths "
-                                                                                    "(default 1,2,3,4,6)")
-    p.add_argument("--shapes", type=lambda t: [[int(v) for v in x.split("x")] for x in t.split(",")],
-                   metavar="LxW[,LxW]", help="explicit sizes instead of the dial, n_layer x n_embd: 2x64,4x128,6x192")
-    p.add_argument("--tokens", type=floats, help="training tokens per model, comma-separated for several "
-                                                 "(default 1e6)")
-    p.add_argument("--flops", type=floats, help="IsoFLOP mode: comma-separated FLOP budgets; each depth trains "
-                                                "on C/(6N) tokens")
-    p.add_argument("--width-per-layer", type=int, help="width = this x depth (default 64)")
-    p.add_argument("--head-dim", type=int, help="channels per head (default 32)")
-    p.add_argument("--warmup-frac", type=float, help="warmup as a fraction of each run (default: the recipe's "
-                                                     "warmup_iters, at most half the run)")
-    p.add_argument("--jobs", type=int, help="runs at once in child processes, threads split between them (default 1)")
+    p.add_argument("--depths", type=number_list(Range(1, 1000), integer=True),
+                   help="comma-separated depths, each in [1, 1000] (default 1,2,3,4,6)")
+    p.add_argument("--shapes", type=_shapes, metavar="LxW[,LxW]",
+                   help="explicit sizes instead of the dial, n_layer x n_embd: 2x64,4x128,6x192")
+    p.add_argument("--tokens", type=number_list(POSITIVE), help="training tokens per model (> 0), comma-separated "
+                                                                "for several (default 1e6)")
+    p.add_argument("--flops", type=number_list(POSITIVE), help="IsoFLOP mode: comma-separated FLOP budgets (> 0); "
+                                                               "each depth trains on C/(6N) tokens")
+    p.add_argument("--width-per-layer", type=count(1), help="width = this x depth (>= 1; default 64)")
+    p.add_argument("--head-dim", type=count(1), help="channels per head (>= 1; default 32)")
+    p.add_argument("--warmup-frac", type=number(PROBABILITY_BELOW_1),
+                   help="warmup as a fraction of each run, in [0, 1) (default: the recipe's warmup_iters, at most "
+                        "half the run)")
+    p.add_argument("--jobs", type=count(1, 256), help="runs at once in child processes, threads split between them "
+                                                      "(valid: [1, 256]; default 1)")
     p.add_argument("--launcher", choices=["process", "torchrun"], help="torchrun: each run under torchrun "
                                                                        "--standalone --nproc-per-node")
-    p.add_argument("--nproc-per-node", type=int, help="processes per torchrun run (default 1)")
+    p.add_argument("--nproc-per-node", type=count(1, 1024), help="processes per torchrun run (valid: [1, 1024]; "
+                                                                 "default 1)")
     p.add_argument("--include", type=lambda t: t.split(","), metavar="SWEEP[,SWEEP]",
                    help="also fit the finished runs of these sweep folders (same data; e.g. other sizes)")
     p.set_defaults(func=cmd_scale)

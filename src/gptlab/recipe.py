@@ -87,7 +87,7 @@ class RecipeConfig:
     def __post_init__(self) -> None:
         problems = []
         for f in self.fields():
-            want = type(f.default) if f.default is not dataclasses.MISSING else dict
+            want = type(f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
             if want not in (bool, int, float, str, dict):  # optional and list fields: the subclass checks them
                 continue
             value, problem = check_value(f.name, getattr(self, f.name), want, f.metadata.get("range"),

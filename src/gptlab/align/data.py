@@ -106,6 +106,9 @@ def preferences(path: str | Path, tok: Any, block: int) -> list[Preference]:
         if not ranked or len(ranked) < 2 or not all(isinstance(r, str) for r in ranked):
             raise GptlabError(f"{path} record {i + 1}: needs \"chosen\" and \"rejected\", or \"ranked\": a list of "
                               f"2+ responses, best first")
+        if len(set(ranked)) < len(ranked):  # identical responses carry no preference (the loss is stuck at ln 2)
+            raise GptlabError(f"{path} record {i + 1}: two of its responses are identical; a preference needs "
+                              f"different responses (fix or remove that record)")
         if "prompt" in rec or "messages" in rec:
             prompt = prompt_text(rec)
         else:  # whole conversations (Anthropic HH-RLHF): the prompt is the shared part up to the last turn

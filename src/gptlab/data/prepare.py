@@ -209,7 +209,8 @@ def _build(sources: list[str], tmp: Path, tokenizer: str, vocab_size: int | None
 
     eot = np.array([tok.eot_id], dtype=dtype).tobytes()
     n_docs = n_tokens = n_chars = 0
-    with open(stream, "wb") as out, tqdm(desc="tokenizing", unit="char", unit_scale=True, disable=not progress,
+    with open(stream, "wb") as out, tqdm(desc="tokenizing", unit="char", unit_scale=True,
+                                         disable=None if progress else True,  # None: only on a terminal
                                          leave=False) as bar:
         for batch, size in batches():
             for ids in tok.encode_batch(batch):

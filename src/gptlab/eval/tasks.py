@@ -33,7 +33,10 @@ def read_jsonl(path: str | Path, fields: Sequence[str], limit: int | None = None
         raise GptlabError(f"cannot read {path}: {e.strerror}") from None
     out = []
     for n, rec in jsonl_records(data, str(path)):
-        missing = [f for f in fields if not isinstance(rec, dict) or f not in rec]
+        if not isinstance(rec, dict):
+            raise GptlabError(f"{path} line {n} is {type(rec).__name__}, not a JSON object; each line needs an "
+                              f"object" + (f" with {list(fields)}" if fields else ""))
+        missing = [f for f in fields if f not in rec]
         if missing:
             raise GptlabError(f"{path} line {n}: missing field(s) {missing}; each line needs {list(fields)}")
         out.append(rec)
@@ -152,6 +155,12 @@ def multiple_choice(model: GPT, tok: Tokenizer, path: str, limit: int | None = N
                       else ["context", "choices", "label"], limit)
     items = []
     for n, d in enumerate(docs):
+        texts = [d[k] for k in ("activity_label", "ctx_a", "ctx_b")] if hellaswag else [d["context"]]
+        options = d["endings" if hellaswag else "choices"]
+        if not (all(isinstance(t, str) for t in texts) and isinstance(options, list) and len(options) >= 2
+                and all(isinstance(c, str) for c in options) and str(d["label"]).lstrip("-").isdigit()):
+            raise GptlabError(f"{p}: record {n + 1} needs text fields, a list of 2+ string choices and an integer "
+                              f"label; fix or remove it")
         if hellaswag:
             ctx = _hellaswag_text(d["activity_label"] + ": " + d["ctx_a"] + " " + d["ctx_b"].capitalize())
             choices = [_hellaswag_text(e) for e in d["endings"]]

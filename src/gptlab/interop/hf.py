@@ -34,8 +34,13 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
     gpt1 = hf.get("model_type") == "openai-gpt"
     # HF's GPT-1 maps afn="gelu" to the tanh approximation, i.e. gptlab's "gelu_new".
     act = "gelu_new" if gpt1 and hf.get("afn", "gelu") == "gelu" else hf.get("activation_function", "gelu_new")
+    act = {"gelu_pytorch_tanh": "gelu_new"}.get(act, act)  # the same tanh approximation, computed by PyTorch
     if act not in ("gelu_new", "gelu"):
-        raise GptlabError(f"unsupported activation {act!r} in the Hugging Face config; gptlab supports gelu_new, gelu")
+        raise GptlabError(f"unsupported activation {act!r} in the Hugging Face config; gptlab supports gelu_new "
+                          f"(= gelu_pytorch_tanh) and gelu")
+    missing = [k for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size") if k not in hf]
+    if missing:
+        raise GptlabError(f"the Hugging Face config.json lacks {missing}; it is not a complete GPT-2 config")
     return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                      block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
                      norm="post" if gpt1 else "pre", activation=act,
@@ -156,7 +161,7 @@ def save_hf(model_state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer_spec
     """Write a Hugging Face model folder (atomically; an existing folder is not replaced)."""
     from safetensors.torch import save_file
 
-    from ..train.checkpoint import atomic_dir
+    from ..files import atomic_dir
 
     tok = from_spec(tokenizer_spec)
     hf_config = config_to_hf(cfg, tok.eot_id)
@@ -199,7 +204,12 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
 
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            if not all(isinstance(f, str) and "/" not in f and f not in ("", ".", "..") for f in files):
+                raise ValueError("weight_map names a file outside the folder")
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+            raise GptlabError(f"{index} is damaged ({type(e).__name__}: {e}); re-download the model") from None
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     elif (path / "pytorch_model.bin").is_file():
@@ -235,12 +245,16 @@ def _hf_tokenizer(path: Path) -> Tokenizer | None:
         try:
             if vocab_to_ranks(json.loads(vocab_file.read_text(encoding="utf-8"))) == gpt2_ranks():
                 return GPT2Tokenizer()
-        except GptlabError:
+        except (GptlabError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError):
             pass
     if (path / "tokenizer.json").is_file():
         from tokenizers import Tokenizer as HFTokenizer
 
-        return BPETokenizer(HFTokenizer.from_file(str(path / "tokenizer.json")))
+        try:
+            return BPETokenizer(HFTokenizer.from_file(str(path / "tokenizer.json")))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+            raise GptlabError(f"{path / 'tokenizer.json'} cannot be read ({str(e)[:120]}); re-download the "
+                              f"model's tokenizer files") from None
     return None
 
 
@@ -250,9 +264,11 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[dict[str, t
     from ..train.checkpoint import check_weights
 
     try:
-        hf_config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        hf_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GptlabError(f"{path / 'config.json'} cannot be read ({e})") from None
+    if not isinstance(hf_config, dict):
+        raise GptlabError(f"{path / 'config.json'} is not a JSON object; it is not a Hugging Face config")
     cfg = config_from_hf(hf_config)
     hf_sd = _normalize_names(_read_hf_weights(path))
     hf_sd = {k: v.to(dtype) for k, v in hf_sd.items()}

@@ -28,6 +28,9 @@ def is_openai_dir(path: Path) -> bool:
 
 
 def config_from_hparams(h: Mapping[str, Any]) -> GPTConfig:
+    missing = [k for k in ("n_layer", "n_head", "n_embd", "n_ctx", "n_vocab") if not isinstance(h, Mapping) or k not in h]
+    if missing:
+        raise GptlabError(f"hparams.json lacks {missing}; it is not an OpenAI GPT-2 release folder")
     return GPTConfig(n_layer=h["n_layer"], n_head=h["n_head"], n_embd=h["n_embd"], block_size=h["n_ctx"],
                      vocab_size=h["n_vocab"])
 
@@ -70,7 +73,11 @@ def _read_tf_checkpoint(path: Path) -> dict[str, np.ndarray]:
 
 def load_openai(path: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, dict[str, Any]]:
     """(state dict, config, tokenizer spec) of an OpenAI GPT-2 release folder."""
-    cfg = config_from_hparams(json.loads((path / "hparams.json").read_text()))
+    try:
+        hparams = json.loads((path / "hparams.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GptlabError(f"{path / 'hparams.json'} is not valid JSON ({e})") from None
+    cfg = config_from_hparams(hparams)
     encoder = path / "encoder.json"
     if encoder.is_file() and vocab_to_ranks(json.loads(encoder.read_text(encoding="utf-8"))) != gpt2_ranks():
         raise GptlabError(f"{encoder} is not GPT-2's vocabulary; gptlab imports OpenAI checkpoints with GPT-2's BPE")

@@ -1,0 +1,401 @@
+"""A careless user across every verb: each bad input is one line ``gptlab: error: ...``, exit 2, no traceback, no
+output on stdout, and nothing created or changed anywhere (the cases run in a sandbox folder that is compared file by
+file before and after). Numeric ranges are also probed with hypothesis-generated values."""
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gptlab.cli import main
+from gptlab.data.prepare import prepare
+from gptlab.recipe import Range
+from gptlab.train.config import TrainConfig
+from gptlab.train.trainer import train
+
+from .test_train import synthetic_text, tiny_cfg
+
+TEXT = synthetic_text(400)
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    """Everything the cases read: a corpus, a dataset, a trained run, a Hugging Face export, and broken files."""
+    root = tmp_path_factory.mktemp("sandbox")
+    (root / "corpus.txt").write_text(TEXT)
+    (root / "texts").mkdir()
+    (root / "texts" / "a.txt").write_text(TEXT)
+    prepare([str(root / "corpus.txt")], root / "data", tokenizer="char", progress=False)
+    train(tiny_cfg(root / "data", root / "run", max_iters=4, ckpt_interval=4, eval_interval=4, eval_iters=1,
+                   final_eval_tokens=512), progress=False)
+    assert main(["convert", str(root / "run"), str(root / "hf")]) == 0
+    (root / "mine").mkdir()
+    (root / "mine" / "notes.md").write_text("my own notes\n")
+    (root / "file.txt").write_text("a plain file\n")
+    (root / "binary.txt").write_bytes(b"\x00\x01\x02" * 100)
+    (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
+    (root / "empty.txt").write_text("")
+    (root / "recipe_dir").mkdir()
+    (root / "latin1.toml").write_bytes("model = 'b\xe9b\xe9'\n".encode("latin-1"))
+    (root / "bad.toml").write_text("lr = = 1\n")
+    (root / "unknown.toml").write_text("learning_rate = 1\n")
+    (root / "wrongtype.toml").write_text("max_iters = 'many'\n")
+    (root / "sweep_bad.toml").write_text("depths = 'abc'\n")
+    for name, lines in {"array.jsonl": ["[1, 2, 3]"], "number.jsonl": ["42"], "string.jsonl": ['"text"'],
+                        "broken.jsonl": ['{"text": "a"', ], "nofield.jsonl": ['{"body": "x"}'],
+                        "same.jsonl": [json.dumps({"prompt": "Q:", "chosen": " yes", "rejected": " yes"})],
+                        "prefs.jsonl": [json.dumps({"prompt": "Q:", "chosen": " yes", "rejected": " no"})] * 4,
+                        "chats.jsonl": [json.dumps({"prompt": "Q:", "response": " yes"})] * 4,
+                        "mc_bad.jsonl": [json.dumps({"context": "a", "choices": "b", "label": 0})]}.items():
+        (root / name).write_text("\n".join(lines) + "\n")
+    ck = sorted((root / "run" / "checkpoints").glob("step-*"))[-1]
+    state = json.loads((ck / "state.json").read_text())
+    damaged = {"no_sha": {k: v for k, v in state.items() if k != "sha256"},
+               "no_config": {k: v for k, v in state.items() if k != "model_config"},
+               "bad_config": {**state, "model_config": {**state["model_config"], "n_head": 3}},
+               "wrong_format": {**state, "format": "other"}}
+    for name, st_ in damaged.items():
+        shutil.copytree(ck, root / f"ck_{name}")
+        (root / f"ck_{name}" / "state.json").write_text(json.dumps(st_))
+    shutil.copytree(ck, root / "ck_notjson")
+    (root / "ck_notjson" / "state.json").write_text("{not json")
+    shutil.copytree(ck, root / "ck_truncated")
+    w = root / "ck_truncated" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    hf_cfg = json.loads((root / "hf" / "config.json").read_text())
+    for name, change in {"no_nlayer": lambda c: c.pop("n_layer"), "relu": lambda c: c.update(activation_function="relu"),
+                         "llama": lambda c: c.update(model_type="llama")}.items():
+        shutil.copytree(root / "hf", root / f"hf_{name}")
+        c = dict(hf_cfg)
+        change(c)
+        (root / f"hf_{name}" / "config.json").write_text(json.dumps(c))
+    shutil.copytree(root / "hf", root / "hf_list_config")
+    (root / "hf_list_config" / "config.json").write_text("[1, 2]")
+    shutil.copytree(root / "hf", root / "hf_index")
+    (root / "hf_index" / "model.safetensors").rename(root / "hf_index" / "model-00001.safetensors")
+    (root / "hf_index" / "model.safetensors.index.json").write_text('{"weight_map": 5}')
+    shutil.copytree(root / "hf", root / "hf_tokjson")
+    for f in ("vocab.json", "merges.txt"):
+        (root / "hf_tokjson" / f).unlink(missing_ok=True)
+    (root / "hf_tokjson" / "tokenizer.json").write_text("{broken")
+    return root
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_dir():
+            out[rel] = ("dir",)
+        else:
+            out[rel] = (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mode)
+    return out
+
+
+def assert_one_line_error(argv, capsys, root, needle=""):
+    before = snapshot(root)
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    lines = [seg for line in err.splitlines() for seg in [line.rsplit("\r", 1)[-1]] if seg.strip()]
+    assert rc == 2, (argv, rc, err)
+    assert len(lines) == 1 and lines[0].startswith("gptlab: error: "), (argv, err)
+    assert "Traceback" not in err and out == "", (argv, out, err)
+    assert needle in lines[0], (argv, needle, lines[0])
+    assert snapshot(root) == before, f"{argv} changed files in the sandbox"
+    return lines[0]
+
+
+R = "{root}"
+RUN, DATA, HF = f"{R}/run", f"{R}/data", f"{R}/hf"
+TRAIN = ["train", "--data", DATA, "--out-dir", f"{R}/new_run", "--model", "tiny", "--max-iters", "2",
+         "--device", "cpu"]
+SAMPLE = ["sample", "--checkpoint", RUN, "--max-new-tokens", "2"]
+PLAN_TRAIN = ["plan", "train", "gpt2", "--tokens", "1B"]
+
+CASES = [
+    # prepare: the output folder and the inputs
+    (["prepare", "--out", f"{R}/x"], "the following arguments are required"),
+    (["prepare", f"{R}/missing.txt", "--out", f"{R}/x"], "not a file, folder, URL or named corpus"),
+    (["prepare", f"{R}/corpus.txt", "--out", f"{R}/file.txt", "--tokenizer", "char"], "is not a folder"),
+    (["prepare", f"{R}/file.txt", "--out", f"{R}/file.txt", "--tokenizer", "char"], "overlaps the source"),
+    (["prepare", f"{R}/texts", "--out", f"{R}/texts", "--tokenizer", "char"], "overlaps the source"),
+    (["prepare", f"{R}/texts", "--out", f"{R}/texts/out", "--tokenizer", "char"], "overlaps the source"),
+    (["prepare", f"{R}/corpus.txt", "--out", f"{R}/mine", "--tokenizer", "char"], "not a gptlab dataset"),
+    (["prepare", f"{R}/corpus.txt", "--out", f"{R}/run", "--tokenizer", "char"], "not a gptlab dataset"),
+    (["prepare", f"{R}/corpus.txt", "--out", f"{R}", "--tokenizer", "char"], "overlaps the source"),
+    (["prepare", f"{R}/binary.txt", "--out", f"{R}/x", "--tokenizer", "char"], "looks binary"),
+    (["prepare", f"{R}/latin1.txt", "--out", f"{R}/x", "--tokenizer", "char"], "not valid UTF-8"),
+    (["prepare", f"{R}/empty.txt", "--out", f"{R}/x", "--tokenizer", "char"], "sources are empty"),
+    (["prepare", f"{R}/array.jsonl", "--out", f"{R}/x", "--tokenizer", "char"], "no string field 'text'"),
+    (["prepare", f"{R}/number.jsonl", "--out", f"{R}/x", "--tokenizer", "char"], "no string field 'text'"),
+    (["prepare", f"{R}/string.jsonl", "--out", f"{R}/x", "--tokenizer", "char"], "no string field 'text'"),
+    (["prepare", f"{R}/broken.jsonl", "--out", f"{R}/x", "--tokenizer", "char"], "is not valid JSON"),
+    (["prepare", f"{R}/nofield.jsonl", "--out", f"{R}/x", "--tokenizer", "char"], "choose the field with --field"),
+    (["prepare", f"{R}/corpus.txt", "--out", f"{R}/x", "--tokenizer", "bpe"], "needs --vocab-size"),
+    (["prepare", f"{R}/corpus.txt", "--out", f"{R}/x", "--tokenizer", "sentencepiece"], "invalid choice"),
+    (["prepare", f"{R}/corpus.txt", "--out", "/proc/gptlab/x", "--tokenizer", "char"], "/proc/gptlab"),
+    *[(["prepare", f"{R}/corpus.txt", "--out", f"{R}/x", "--tokenizer", "char", "--val-fraction", v],
+       "--val-fraction") for v in ("0", "1", "-0.1", "1.5", "nan", "abc", "inf")],
+    *[(["prepare", f"{R}/corpus.txt", "--out", f"{R}/x", "--tokenizer", "bpe", "--vocab-size", v], "--vocab-size")
+      for v in ("0", "1", "-5", "x", "2.5")],
+    # train: recipes
+    (["train", "--recipe", f"{R}/missing.toml"], "does not exist"),
+    (["train", "--recipe", f"{R}/recipe_dir"], "is not a file"),
+    (["train", "--recipe", f"{R}/latin1.toml"], "is not UTF-8"),
+    (["train", "--recipe", f"{R}/bad.toml"], "is not valid TOML"),
+    (["train", "--recipe", f"{R}/unknown.toml"], "unknown option(s) ['learning_rate']"),
+    (["train", "--recipe", f"{R}/wrongtype.toml", "--data", DATA], "should be of type int"),
+    # train: data, folders, devices, models
+    (["train", "--data", f"{R}/missing", "--out-dir", f"{R}/new_run"], "is not a prepared dataset"),
+    (["train", "--data", f"{R}/mine", "--out-dir", f"{R}/new_run"], "is not a prepared dataset"),
+    (TRAIN + ["--model", "gpt5"], "unknown model preset"),
+    (TRAIN + ["--device", "bogus"], "is not a device"),
+    (TRAIN + ["--device", "cuda"], "CUDA is not available"),
+    (TRAIN + ["--device", "cuda:7"], "CUDA is not available"),
+    (TRAIN + ["--device", "cpu:1"], "is not a device"),
+    (TRAIN + ["--device", "mps"], "MPS is not available"),
+    (["train", "--data", DATA, "--out-dir", RUN, "--model", "tiny", "--max-iters", "2"], "already holds checkpoints"),
+    (TRAIN + ["--resume"], "holds no complete checkpoint"),
+    (["train", "--data", DATA, "--out-dir", f"{R}/file.txt", "--model", "tiny"], "is a file"),
+    (TRAIN + ["--out-dir", "/proc/gptlab/run"], "/proc/gptlab"),
+    (TRAIN + ["--block-size", "100000"], "fewer than one window"),
+    (TRAIN + ["--min-lr", "0.5", "--lr", "0.1"], "min_lr = 0.5 must not exceed lr"),
+    (TRAIN + ["--ss-schedule", "exponential"], "ss_k must be < 1"),
+    *[(TRAIN + [flag, "bogus"], "invalid choice") for flag in ("--schedule", "--dtype", "--parallel",
+                                                               "--ss-schedule")],
+    *[(TRAIN + [flag, v], flag) for flag, v in [
+        ("--batch-size", "0"), ("--batch-size", "-3"), ("--batch-size", "1.5"), ("--grad-accum", "0"),
+        ("--max-iters", "0"), ("--lr", "0"), ("--lr", "-1"), ("--lr", "nan"), ("--lr", "inf"), ("--lr", "1e4"),
+        ("--min-lr", "-1"), ("--warmup-iters", "-1"), ("--lr-decay-iters", "-1"), ("--decay-frac", "0"),
+        ("--decay-frac", "2"), ("--weight-decay", "-1"), ("--beta1", "2"), ("--beta1", "-0.1"), ("--beta2", "1"),
+        ("--grad-clip", "-1"), ("--dropout", "1"), ("--dropout", "-0.5"), ("--eval-interval", "0"),
+        ("--eval-iters", "0"), ("--final-eval-tokens", "-1"), ("--log-interval", "0"), ("--ckpt-interval", "-1"),
+        ("--keep-last", "0"), ("--seed", "-1"), ("--threads", "-1"), ("--threads", "100000"), ("--ss-max-prob", "2"),
+        ("--ss-k", "0"), ("--block-size", "-1"), ("--max-iters", "ten")]],
+    *[(TRAIN + ["--set", s], needle) for s, needle in [
+        ("vocab_size=10", "smaller than the dataset's tokenizer vocabulary"), ("layer_norm_eps=-1", "layer_norm_eps"),
+        ("layer_norm_eps=0", "layer_norm_eps"), ("init_std=-0.1", "init_std"), ("n_heads=3", "unknown model config"),
+        ("n_head=3", "not divisible"), ("dropout=2", "dropout"), ("norm=mid", "norm must be one of"),
+        ("activation=relu", "activation must be one of"), ("n_layer=0", "n_layer must be >= 1"),
+        ("n_layer=x", "n_layer must be of type int"), ("n_layer=2.5", "n_layer must be of type int"),
+        ("bias=3", "bias must be of type bool"), ("novalue", "expected key=value"), ("experts_per_token=3", "exceeds"),
+        ("capacity_factor=-1", "capacity_factor"), ("aux_loss_weight=NaN", "aux_loss_weight"),
+        ("block_size=0", "block_size must be >= 1")]],
+    # sample
+    (["sample", "--checkpoint", f"{R}/missing"], "does not exist"),
+    (["sample", "--checkpoint", f"{R}/mine"], "is not a gptlab run or checkpoint"),
+    (["sample", "--checkpoint", DATA], "is not a gptlab run or checkpoint"),
+    (["sample"], "the following arguments are required: --checkpoint"),
+    (SAMPLE + ["--prompt", "a", "--prompt-file", f"{R}/file.txt"], "not both"),
+    (SAMPLE + ["--prompt-file", f"{R}/missing.txt"], "cannot read --prompt-file"),
+    (SAMPLE + ["--prompt-file", f"{R}/recipe_dir"], "cannot read --prompt-file"),
+    (SAMPLE + ["--stream", "--json"], "pick one"),
+    (SAMPLE + ["--device", "bogus"], "is not a device"),
+    (SAMPLE + ["--prompt", "the king " * 10, "--max-new-tokens", "200"], "context"),
+    *[(SAMPLE + [flag, v], flag) for flag, v in [
+        ("--max-new-tokens", "0"), ("--max-new-tokens", "-1"), ("--temperature", "-1"), ("--temperature", "nan"),
+        ("--temperature", "101"), ("--top-k", "-1"), ("--top-p", "0"), ("--top-p", "1.5"), ("--min-p", "2"),
+        ("--min-p", "-0.1"), ("--repetition-penalty", "0"), ("--num-samples", "0"), ("--num-samples", "100000"),
+        ("--seed", "-1"), ("--seed", "1.5")]],
+    (SAMPLE + ["--num-samples", "0", "--stream"], "--num-samples"),
+    # convert: damaged checkpoints and Hugging Face folders
+    (["convert", f"{R}/missing", f"{R}/out"], "does not exist"),
+    (["convert", RUN, HF], "already exists"),
+    (["convert", f"{R}/ck_no_sha", f"{R}/out"], "lacks sha256"),
+    (["convert", f"{R}/ck_no_config", f"{R}/out"], "lacks model_config"),
+    (["convert", f"{R}/ck_bad_config", f"{R}/out"], "invalid model_config"),
+    (["convert", f"{R}/ck_wrong_format", f"{R}/out"], "is not a gptlab v1 checkpoint"),
+    (["convert", f"{R}/ck_notjson", f"{R}/out"], "missing or corrupt"),
+    (["convert", f"{R}/ck_truncated", f"{R}/out"], "corrupt"),
+    (["convert", f"{R}/hf_no_nlayer", f"{R}/out"], "lacks ['n_layer']"),
+    (["convert", f"{R}/hf_relu", f"{R}/out"], "unsupported activation 'relu'"),
+    (["convert", f"{R}/hf_llama", f"{R}/out"], "model_type 'llama' is not supported"),
+    (["convert", f"{R}/hf_list_config", f"{R}/out"], "is not a JSON object"),
+    (["convert", f"{R}/hf_index", f"{R}/out"], "is damaged"),
+    (["convert", f"{R}/hf_tokjson", f"{R}/out"], "tokenizer.json cannot be read"),
+    (["convert", RUN, f"{R}/out", "--to", "onnx"], "invalid choice"),
+    (["convert", RUN, "/proc/gptlab/out"], "/proc/gptlab"),
+    # exposure
+    (["exposure", "--checkpoint", RUN, "--text-file", f"{R}/missing.txt"], "does not exist"),
+    (["exposure", "--checkpoint", RUN], "give a text"),
+    (["exposure", "--checkpoint", RUN, "--text", "a"], "shorter than two tokens"),
+    (["exposure", "--checkpoint", RUN, "--text", "the king", "--p", "2"], "--p"),
+    (["exposure", "--checkpoint", RUN, "--text", "the king", "--p", "-1"], "--p"),
+    (["exposure", "--checkpoint", RUN, "--text", "the king", "--seed", "-4"], "--seed"),
+    # eval
+    (["eval", "perplexity", f"{R}/missing.txt", "--checkpoint", RUN], "missing.txt"),
+    (["eval", "perplexity", f"{R}/corpus.txt", "--checkpoint", RUN, "--stride", "0"], "--stride"),
+    (["eval", "perplexity", f"{R}/corpus.txt", "--checkpoint", RUN, "--stride", "100000"], "--stride must be in"),
+    (["eval", "perplexity", f"{R}/corpus.txt", "--checkpoint", RUN, "--limit", "0"], "--limit"),
+    (["eval", "perplexity", f"{R}/corpus.txt", "--checkpoint", RUN, "--limit", "-1"], "--limit"),
+    (["eval", "perplexity", f"{R}/corpus.txt", "--checkpoint", RUN, "--batch-size", "0"], "--batch-size"),
+    (["eval", "perplexity", f"{R}/corpus.txt", "--checkpoint", RUN, "--device", "cuda"], "CUDA is not available"),
+    (["eval", "lambada", "--checkpoint", RUN, "--path", f"{R}/missing.jsonl"], "missing.jsonl"),
+    (["eval", "lambada", "--checkpoint", RUN, "--path", f"{R}/array.jsonl"], "not a JSON object"),
+    (["eval", "lambada", "--checkpoint", RUN, "--path", f"{R}/number.jsonl"], "not a JSON object"),
+    (["eval", "lambada", "--checkpoint", RUN, "--path", f"{R}/broken.jsonl"], "is not valid JSON"),
+    (["eval", "mc", f"{R}/number.jsonl", "--checkpoint", RUN], "line 1"),
+    (["eval", "mc", f"{R}/mc_bad.jsonl", "--checkpoint", RUN], "a list of 2+ string choices"),
+    (["eval", "fewshot", "--checkpoint", RUN, "--shots", "-1"], "--shots"),
+    (["eval", "fewshot", "--checkpoint", RUN, "--shots", "a,b"], "--shots"),
+    (["eval", "fewshot", "--checkpoint", RUN, "--shots", ","], "--shots"),
+    (["eval", "fewshot", "--checkpoint", RUN, "--seed", "-1"], "--seed"),
+    (["eval", "fewshot", "--checkpoint", RUN, "--path", f"{R}/string.jsonl"], "not a JSON object"),
+    (["eval", "generate", "poetry", f"{R}/chats.jsonl", "--checkpoint", RUN], "invalid choice"),
+    (["eval", "generate", "qa", f"{R}/chats.jsonl", "--checkpoint", RUN, "--max-new-tokens", "0"],
+     "--max-new-tokens"),
+    (["eval", "generate", "qa", f"{R}/chats.jsonl", "--checkpoint", RUN, "--shots", "-2"], "--shots"),
+    (["eval", "bogus"], "invalid choice"),
+    # plan
+    (["plan", "model", "gpt5"], "unknown model preset"),
+    (["plan", "model", "gpt2", "--set", "n_head=5"], "not divisible"),
+    (["plan", "model", "gpt2", "--set", "n_ctx=-1"], "n_ctx must be a positive integer"),
+    (["plan", "model", "gpt2", "--set", "d_ff=0"], "d_ff must be a positive integer"),
+    (["plan", "model", "gpt2", "--set", "bias=3"], "bias must be true or false"),
+    (["plan", "model", "gpt2", "--set", "norm=mid"], "norm must be pre or post"),
+    (["plan", "model", "gpt2", "--set", "depth=3"], "unknown shape field"),
+    *[(PLAN_TRAIN + [flag, v], flag) for flag, v in [
+        ("--tokens", "-1"), ("--tokens", "0"), ("--tokens", "nan"), ("--tokens", "1Q"), ("--devices", "0"),
+        ("--mfu", "0"), ("--mfu", "2"), ("--mfu", "-0.5"), ("--price", "-1"), ("--micro-batch", "0"), ("--dp", "0"),
+        ("--tp", "0"), ("--pp", "-1"), ("--seq-len", "0"), ("--batch-tokens", "0"), ("--peak-tflops", "-1"),
+        ("--bandwidth-gbs", "0"), ("--memory-gib", "-1"), ("--zero", "4")]],
+    *[(["plan", "infer", "gpt2", flag, v], flag) for flag, v in [
+        ("--batch", "0"), ("--context", "0"), ("--devices", "0"), ("--prompt-tokens", "0"), ("--batch", "-2")]],
+    (["plan", "scaling"], "give a budget"),
+    (["plan", "scaling", "--compute", "-1"], "--compute"),
+    (["plan", "scaling", "--compare", "gpt3"], "expected NAME=PARAMS:TOKENS"),
+    (["plan", "scaling", "--compare", "x=-1:1"], "expected NAME=PARAMS:TOKENS"),
+    (["plan", "scaling", "--compute", "1e20", "--law", f"{R}/missing.json"], "missing.json"),
+    (["plan", "attention", "gpt2", "--contexts", "0"], "--contexts"),
+    (["plan", "attention", "gpt2", "--contexts", "a"], "--contexts"),
+    (["plan", "mfu", "gpt2", "--tokens-per-second", "-1"], "--tokens-per-second"),
+    (["plan", "mfu", "gpt2", "--tokens-per-second", "1e5", "--devices", "0"], "--devices"),
+    (["plan", "mfu", "gpt2", "--tokens-per-second", "1e12", "--hardware", "a100"], "above the hardware's peak"),
+    (["plan", "compare", "--mfu", "2"], "--mfu"),
+    (["plan", "compare", "--tokens", "-5"], "--tokens"),
+    (["plan", "compare", "gpt5"], "unknown model preset"),
+    # scale
+    (["scale", "--out", f"{R}/sweep"], "needs `data`"),
+    (["scale", "--data", DATA], "needs `out`"),
+    (["scale", "--sweep", f"{R}/missing.toml"], "does not exist"),
+    (["scale", "--sweep", f"{R}/bad.toml"], "is not valid TOML"),
+    (["scale", "--sweep", f"{R}/sweep_bad.toml", "--data", DATA, "--out", f"{R}/sweep"], "must be lists"),
+    (["scale", "--data", DATA, "--out", f"{R}/sweep", "--depths", "1,1,1"], "at least 3 distinct"),
+    (["scale", "--data", DATA, "--out", f"{R}/sweep", "--depths", "1,2"], "at least 3 distinct"),
+    (["scale", "--data", DATA, "--out", f"{R}/sweep", "--tokens", "-1"], "--tokens"),
+    (["scale", "--data", DATA, "--out", f"{R}/sweep", "--jobs", "0"], "--jobs"),
+    (["scale", "--data", DATA, "--out", f"{R}/sweep", "--warmup-frac", "1"], "--warmup-frac"),
+    (["scale", "--data", DATA, "--out", f"{R}/sweep", "--launcher", "slurm"], "invalid choice"),
+    (["scale", "--data", DATA, "--out", f"{R}/sweep", "--shapes", "2x"], "--shapes"),
+    (["scale", "--data", DATA, "--out", f"{R}/sweep", "--width-per-layer", "0"], "--width-per-layer"),
+    (["scale", "--data", DATA, "--out", f"{R}/sweep", "--tokens", "1e2"], "give at least"),
+    # align
+    (["align", "sft", "--init", RUN, "--out-dir", f"{R}/a"], "data (a JSON-lines file) is required"),
+    (["align", "sft", "--data", f"{R}/chats.jsonl", "--out-dir", f"{R}/a"], "init (the model"),
+    (["align", "ppo", "--init", RUN, "--data", f"{R}/chats.jsonl", "--out-dir", f"{R}/a"], "needs reward_model"),
+    (["align", "dpo", "--init", RUN, "--data", f"{R}/same.jsonl", "--out-dir", f"{R}/a", "--device", "cpu"],
+     "two of its responses are identical"),
+    (["align", "reward", "--init", RUN, "--data", f"{R}/same.jsonl", "--out-dir", f"{R}/a", "--device", "cpu"],
+     "two of its responses are identical"),
+    (["align", "sft", "--init", RUN, "--data", f"{R}/number.jsonl", "--out-dir", f"{R}/a", "--device", "cpu"],
+     "line 1"),
+    (["align", "sft", "--init", f"{R}/missing", "--data", f"{R}/chats.jsonl", "--out-dir", f"{R}/a",
+      "--device", "cpu"], "does not exist"),
+    (["align", "sft", "--init", RUN, "--data", f"{R}/chats.jsonl", "--out-dir", f"{R}/a", "--device", "tpu"],
+     "is not a device"),
+    (["align", "sft", "--recipe", f"{R}/latin1.toml"], "is not UTF-8"),
+    (["align", "finetune", "--init", RUN, "--data", f"{R}/chats.jsonl", "--task", "poetry"], "invalid choice"),
+    *[(["align", "dpo", "--init", RUN, "--data", f"{R}/prefs.jsonl", "--out-dir", f"{R}/a", flag, v], flag)
+      for flag, v in [("--lr", "0"), ("--beta", "0"), ("--beta", "-1"), ("--gamma", "0"), ("--lam", "2"),
+                      ("--val-frac", "1"), ("--temperature", "0"), ("--batch-size", "0"), ("--clip", "0"),
+                      ("--kl-coef", "-1"), ("--ppo-epochs", "0"), ("--weight-decay", "-0.1"), ("--beta2", "1")]],
+    (["bogus-verb"], "invalid choice"),
+    (["train", "--no-such-flag"], "unrecognized arguments"),
+]
+
+
+def _ids():
+    seen: dict[str, int] = {}
+    out = []
+    for argv, _ in CASES:
+        key = "-".join(a.replace(R, "").strip("/").replace("/", "_")[:24] for a in argv[:6])
+        seen[key] = seen.get(key, 0) + 1
+        out.append(f"{key}#{seen[key]}")
+    return out
+
+
+def test_the_table_has_150_cases():
+    assert len(CASES) >= 150
+
+
+@pytest.mark.parametrize("argv,needle", CASES, ids=_ids())
+def test_bad_input_is_one_line_and_changes_nothing(argv, needle, sandbox, capsys, monkeypatch):
+    monkeypatch.chdir(sandbox)  # default paths (runs/..., data/...) resolve inside the sandbox too
+    assert_one_line_error([a.replace(R, str(sandbox)) for a in argv], capsys, sandbox, needle)
+
+
+def _out_of_range(r: Range, integer: bool):
+    """Values just outside, far outside and not finite (floats), for a range."""
+    values = []
+    if r.lo is not None:
+        values += [r.lo if r.lo_open else r.lo - (1 if integer else 1e-6), r.lo - 1e6]
+    if r.hi is not None:
+        values += [r.hi if r.hi_open else r.hi + (1 if integer else 1e-6), r.hi + 1e6]
+    return values if integer else values + [math.nan, math.inf, -math.inf]
+
+
+RANGED = [(f.name, f.metadata["range"], isinstance(f.default, int)) for f in TrainConfig.fields()
+          if f.metadata.get("range") is not None]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(RANGED).flatmap(lambda f: st.tuples(st.just(f[0]), st.sampled_from(_out_of_range(f[1], f[2])))))
+def test_every_out_of_range_training_value_is_refused(sandbox, capsys, monkeypatch, case):
+    name, value = case
+    monkeypatch.chdir(sandbox)
+    argv = [a.replace(R, str(sandbox)) for a in TRAIN] + [f"--{name.replace('_', '-')}", repr(value)]
+    assert_one_line_error(argv, capsys, sandbox, f"--{name.replace('_', '-')}")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.integers(), st.floats(allow_nan=True), st.text(max_size=8), st.none(),
+                          st.lists(st.integers(), max_size=3)), min_size=1, max_size=4))
+def test_malformed_jsonl_records_are_one_line(sandbox, capsys, monkeypatch, tmp_path_factory, records):
+    """JSON values that are not objects with a string ``text`` field: prepare refuses them with the line number."""
+    monkeypatch.chdir(sandbox)
+    src = tmp_path_factory.mktemp("jsonl") / "bad.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert_one_line_error(["prepare", str(src), "--out", str(sandbox / "x"), "--tokenizer", "char"], capsys,
+                          sandbox, "line 1")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["lr", "batch_size", "beta1", "dropout", "seed", "max_iters"]),
+                       st.one_of(st.text("abc xyz_-", max_size=5), st.booleans(), st.lists(st.integers(), max_size=2),
+                                 st.floats(min_value=-1e9, max_value=-1e-9)), min_size=1))
+def test_malformed_recipes_are_one_line(sandbox, capsys, monkeypatch, tmp_path_factory, values):
+    monkeypatch.chdir(sandbox)
+    recipe = tmp_path_factory.mktemp("toml") / "r.toml"
+    recipe.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))  # JSON scalars are TOML
+    assert_one_line_error(["train", "--recipe", str(recipe), "--data", str(sandbox / "data"), "--out-dir",
+                           str(sandbox / "new_run")], capsys, sandbox, "invalid training config")
+
+
+def test_broken_pipe_is_quiet(tmp_path):
+    import subprocess
+    import sys
+
+    from .test_train import ENV, REPO
+
+    r = subprocess.run(f"{sys.executable} -m gptlab plan compare | head -1", shell=True, env=ENV, cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.stdout.count("\n") == 1 and "Traceback" not in r.stderr and r.stderr == "", r.stderr
