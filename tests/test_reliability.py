@@ -5,6 +5,7 @@ file before and after). Numeric ranges are also probed with hypothesis-generated
 import hashlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -399,3 +400,47 @@ def test_broken_pipe_is_quiet(tmp_path):
     r = subprocess.run(f"{sys.executable} -m gptlab plan compare | head -1", shell=True, env=ENV, cwd=REPO,
                        capture_output=True, text=True)
     assert r.stdout.count("\n") == 1 and "Traceback" not in r.stderr and r.stderr == "", r.stderr
+
+
+@pytest.mark.parametrize("verb", ["train", "align", "scale", "prepare"])
+def test_a_folder_in_use_is_refused_naming_the_holder(sandbox, capsys, monkeypatch, verb):
+    from gptlab.files import folder_lock
+
+    monkeypatch.chdir(sandbox)
+    target = sandbox / "busy"
+    argv = {"train": ["train", "--data", str(sandbox / "data"), "--out-dir", str(target), "--model", "tiny"],
+            "align": ["align", "sft", "--init", str(sandbox / "run"), "--data", str(sandbox / "chats.jsonl"),
+                      "--out-dir", str(target), "--device", "cpu"],
+            "scale": ["scale", "--data", str(sandbox / "data"), "--out", str(target), "--tokens", "1e4"],
+            "prepare": ["prepare", str(sandbox / "corpus.txt"), "--out", str(target), "--tokenizer", "char"]}[verb]
+    lock = sandbox / ".busy.lock" if verb == "prepare" else target / ".lock"
+    target.mkdir()
+    try:
+        with folder_lock(lock, "test"):
+            line = assert_one_line_error(argv, capsys, sandbox, "is in use by another gptlab process")
+            assert f"pid {os.getpid()}" in line
+    finally:
+        target.rmdir()
+
+
+def test_files_follow_the_umask(sandbox, tmp_path):
+    old = os.umask(0o002)
+    try:
+        prepare([str(sandbox / "corpus.txt")], tmp_path / "d", tokenizer="char", progress=False)
+        train(tiny_cfg(tmp_path / "d", tmp_path / "run", max_iters=2, ckpt_interval=2, eval_interval=2, eval_iters=1,
+                       final_eval_tokens=256), progress=False)
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "d").iterdir()] + [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert files and {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o664)}
+
+
+def test_an_error_during_training_is_on_its_own_line_after_the_bar(sandbox, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(sandbox)
+    rc = main(["train", "--data", str(sandbox / "data"), "--out-dir", str(tmp_path / "r"), "--model", "tiny",
+               "--block-size", "32", "--max-iters", "40", "--lr", "10", "--warmup-iters", "0", "--grad-clip", "0",
+               "--log-interval", "1", "--device", "cpu", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.endswith("\n")
+    last = err.splitlines()[-1]
+    assert last.startswith("gptlab: error: the loss diverged to") and "\r" not in last, err[-500:]

@@ -33,6 +33,12 @@ def _umask() -> int:
     return mask
 
 
+def honour_umask(path: Path) -> None:
+    """Give a file that a library created with narrower permissions (safetensors writes 0600) the mode a plain
+    ``open()`` would have given it under the user's umask."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -62,7 +68,7 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would honour the umask
+        honour_umask(Path(tmp))  # mkstemp makes 0600
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:

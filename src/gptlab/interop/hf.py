@@ -161,13 +161,14 @@ def save_hf(model_state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer_spec
     """Write a Hugging Face model folder (atomically; an existing folder is not replaced)."""
     from safetensors.torch import save_file
 
-    from ..files import atomic_dir
+    from ..files import atomic_dir, honour_umask
 
     tok = from_spec(tokenizer_spec)
     hf_config = config_to_hf(cfg, tok.eot_id)
     with atomic_dir(Path(out), replace=False) as tmp:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in to_hf_state_dict(model_state, cfg).items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": source or "gptlab"})
+        honour_umask(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         gen = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id} if tok.eot_id is not None else {}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))

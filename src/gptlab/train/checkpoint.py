@@ -10,6 +10,7 @@ leaves either the whole checkpoint or none. The last ``keep_last`` checkpoints a
 from __future__ import annotations
 
 import errno
+import os
 import re
 import json
 import struct
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..assets import sha256_of
 from ..config import GPTConfig
 from ..errors import GptlabError
-from ..files import atomic_dir, atomic_write_text, remove_dir
+from ..files import atomic_dir, atomic_write_text, honour_umask, remove_dir
 from ..model import GPT
 
 FORMAT = "gptlab-checkpoint"
@@ -33,9 +34,11 @@ VERSION = 1
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-    except SafetensorError as e:  # its I/O errors carry the OS error code in the text: raise them as OSError
-        code = re.search(r"code: (\d+)", str(e))
-        raise OSError(int(code.group(1)) if code else errno.EIO, str(e).split(",")[0], str(path)) from None
+    except SafetensorError as e:  # its I/O errors carry the OS error number in the text: raise them as OSError
+        code = re.search(r"(?:code: |os error )(\d+)", str(e))
+        num = int(code.group(1)) if code else errno.EIO
+        raise OSError(num, os.strerror(num), str(path)) from None
+    honour_umask(path)
     return sha256_of(path)
 
 

@@ -1,0 +1,190 @@
+"""Crash injection for gptlab's writers: run a command in a forked child that SIGKILLs itself at its k-th
+filesystem mutation (``write``, ``fsync``, ``mkdir``, ``rename``/``replace``, the atomic exchange, ``unlink``,
+``rmdir``, ``rmtree``; a killed ``write`` first writes half its bytes), for every k, then run the recovery command
+and report what was on disk after the kill and after the recovery.
+
+Used by ``tests/test_faults.py`` as ``python tests/fault_runner.py SCENARIO WORKDIR``; prints one JSON object. The
+parent imports gptlab but runs no torch operation, so forking it is safe; each child starts its own threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+EVENTS = [("os", "replace"), ("os", "rename"), ("os", "fsync"), ("os", "write"), ("os", "mkdir"), ("os", "unlink"),
+          ("os", "rmdir"), ("shutil", "rmtree"), ("gptlab.files", "_exchange")]
+
+
+def arm(kill_at: int, count_file: Path | None = None, no_exchange: bool = False) -> None:
+    """Patch every mutation to count itself and SIGKILL the process at number ``kill_at`` (0: never)."""
+    n = [0]
+    for mod_name, name in EVENTS:
+        mod = importlib.import_module(mod_name)
+        real = getattr(mod, name)
+
+        def wrapped(*a, _real=real, _name=name, **kw):
+            if _name == "_exchange" and no_exchange:
+                return False
+            n[0] += 1
+            if count_file is not None:
+                count_file.write_text(str(n[0]))  # plain open/write: not counted
+            if n[0] == kill_at:
+                if _name == "write" and len(a) == 2:
+                    _real(a[0], bytes(a[1])[: len(a[1]) // 2])  # a torn write
+                os.kill(os.getpid(), signal.SIGKILL)
+            return _real(*a, **kw)
+
+        setattr(mod, name, wrapped)
+
+
+def in_child(argv: list[str], kill_at: int = 0, count_file: Path | None = None, no_exchange: bool = False,
+             kill_after: float | None = None) -> int:
+    """Run ``gptlab argv`` in a forked child; its exit status, or -9 when it was killed."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            from gptlab.cli import main
+
+            arm(kill_at, count_file, no_exchange)
+            os._exit(main(argv))
+        except BaseException:  # noqa: BLE001
+            os._exit(99)
+    if kill_after is not None:
+        time.sleep(kill_after)
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def digest(folder: Path) -> str | None:
+    """A hash of every file's name and content in ``folder`` (None if it is missing)."""
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.is_dir() else []
+
+
+def count_events(argv: list[str], work: Path, prepare_state) -> int:
+    prepare_state()
+    counter = work / "count.txt"
+    counter.write_text("0")
+    assert in_child(argv, count_file=counter) == 0, argv
+    return int(counter.read_text())
+
+
+def scenario_prepare(work: Path) -> dict:
+    (work / "old.txt").write_text("the old corpus. " * 2000)
+    (work / "new.txt").write_text("a new and different corpus! " * 3000)
+    pristine, ref, out = work / "pristine", work / "ref", work / "data" / "ds"
+    cmd = lambda src, dst: ["prepare", str(src), "--out", str(dst), "--tokenizer", "char"]  # noqa: E731
+    assert in_child(cmd(work / "old.txt", pristine)) == 0 and in_child(cmd(work / "new.txt", ref)) == 0
+    old_d, new_d = digest(pristine), digest(ref)
+
+    def reset():
+        shutil.rmtree(out.parent, ignore_errors=True)
+        out.parent.mkdir()
+        shutil.copytree(pristine, out)
+
+    results = []
+    for no_exchange in (False, True):
+        n = count_events(cmd(work / "new.txt", out), work, reset)
+        for k in range(1, n + 1):
+            reset()
+            rc = in_child(cmd(work / "new.txt", out), kill_at=k, no_exchange=no_exchange)
+            after_kill = {old_d: "old", new_d: "new", None: "missing"}.get(digest(out), "other")
+            rc2 = in_child(cmd(work / "new.txt", out))
+            results.append({"k": k, "of": n, "no_exchange": no_exchange, "rc": rc, "after_kill": after_kill,
+                            "recovery_rc": rc2, "after_recovery": "new" if digest(out) == new_d else "other",
+                            "leftovers": leftovers(out.parent)})
+    return {"cases": results}
+
+
+def metrics_losses(run: Path) -> dict[int, float]:
+    from gptlab.metrics import read_rows
+
+    return {r["step"]: r["loss"] for r in read_rows(run / "metrics.jsonl") if "loss" in r}
+
+
+def checkpoints_ok(run: Path) -> bool:
+    """Every checkpoint the run lists verifies and loads (checked in a child: no torch work in this process)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            from gptlab.train import checkpoint as ckpt_io
+
+            for ck in ckpt_io.list_checkpoints(run):
+                state = ckpt_io.read_state(ck)
+                ckpt_io.load_weights(ck, state)
+                ckpt_io.load_training_state(ck, state)
+            os._exit(0)
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+    return os.waitpid(pid, 0)[1] == 0
+
+
+def scenario_train(work: Path, n_kills: int = 20, n_random: int = 4) -> dict:
+    (work / "c.txt").write_text(" ".join(random.Random(0).choice(["to", "be", "or", "not", "that", "is", "the",
+                                                                  "question"]) for _ in range(20000)))
+    data = work / "data"
+    assert in_child(["prepare", str(work / "c.txt"), "--out", str(data), "--tokenizer", "char"]) == 0
+
+    def cmd(run: Path, resume: bool) -> list[str]:
+        return ["train", "--data", str(data), "--out-dir", str(run), "--model", "tiny", "--block-size", "16",
+                "--batch-size", "4", "--max-iters", "12", "--ckpt-interval", "4", "--eval-interval", "4",
+                "--eval-iters", "1", "--log-interval", "2", "--final-eval-tokens", "256", "--keep-last", "1",
+                "--warmup-iters", "2", "--threads", "1", "--device", "cpu", "--json"] + (["--resume"] if resume
+                                                                                        else [])
+
+    ref = work / "ref"
+    t0 = time.perf_counter()
+    assert in_child(cmd(ref, False)) == 0
+    seconds = time.perf_counter() - t0
+    ref_losses = metrics_losses(ref)
+    run = work / "run"
+    n = count_events(cmd(run, False), work, lambda: shutil.rmtree(run, ignore_errors=True))
+    ks = sorted({round(1 + i * (n - 1) / (n_kills - 1)) for i in range(n_kills)})
+    rng = random.Random(1)
+    plans = [("event", k) for k in ks] + [("time", rng.uniform(0.1, 0.9) * seconds) for _ in range(n_random)]
+    results = []
+    for how, at in plans:
+        shutil.rmtree(run, ignore_errors=True)
+        if how == "event":
+            rc = in_child(cmd(run, False), kill_at=int(at))
+        else:
+            rc = in_child(cmd(run, False), kill_after=at)
+        from gptlab.train.checkpoint import list_checkpoints
+
+        resumed = bool(list_checkpoints(run))
+        rc2 = in_child(cmd(run, resumed))
+        results.append({"how": how, "at": at, "of": n, "rc": rc, "resumed": resumed, "recovery_rc": rc2,
+                        "losses_equal": metrics_losses(run) == ref_losses, "checkpoints_ok": checkpoints_ok(run),
+                        "leftovers": leftovers(run) + leftovers(run / "checkpoints")})
+    return {"cases": results, "reference_steps": len(ref_losses)}
+
+
+if __name__ == "__main__":
+    import gptlab.cli  # noqa: F401 - imported once here, so that each forked child starts at once
+    import gptlab.data.prepare  # noqa: F401
+    import gptlab.train.trainer  # noqa: F401
+
+    scenario, work = sys.argv[1], Path(sys.argv[2])
+    print(json.dumps({"prepare": scenario_prepare, "train": scenario_train}[scenario](work)))
