@@ -178,6 +178,21 @@ def scenario_train(work: Path, n_kills: int = 20, n_random: int = 4) -> dict:
         results.append({"how": how, "at": at, "of": n, "rc": rc, "resumed": resumed, "recovery_rc": rc2,
                         "losses_equal": metrics_losses(run) == ref_losses, "checkpoints_ok": checkpoints_ok(run),
                         "leftovers": leftovers(run) + leftovers(run / "checkpoints")})
+    # a kill early in a resumed run, where it rewrites metrics.jsonl and clears leftovers: the history survives
+    first_ckpt = next(r["at"] for r in results if r["how"] == "event" and r["resumed"])
+    for k in range(1, 9):
+        shutil.rmtree(run, ignore_errors=True)
+        in_child(cmd(run, False), kill_at=int(first_ckpt))
+        from gptlab.train.checkpoint import list_checkpoints
+
+        step = int(list_checkpoints(run)[-1].name.split("-")[1])
+        rc = in_child(cmd(run, True), kill_at=k)
+        kept = {s for s in metrics_losses(run) if s <= step} == {s for s in ref_losses if s <= step}
+        rc2 = in_child(cmd(run, True))
+        results.append({"how": "resume-event", "at": k, "of": n, "rc": rc, "resumed": True, "recovery_rc": rc2,
+                        "history_kept": kept, "losses_equal": metrics_losses(run) == ref_losses,
+                        "checkpoints_ok": checkpoints_ok(run),
+                        "leftovers": leftovers(run) + leftovers(run / "checkpoints")})
     return {"cases": results, "reference_steps": len(ref_losses)}
 
 

@@ -51,6 +51,8 @@ def test_training_killed_anywhere_resumes_to_the_same_losses(tmp_path):
         assert c["losses_equal"] and c["checkpoints_ok"] and c["leftovers"] == [], c
     assert any(c["resumed"] for c in cases) and any(not c["resumed"] for c in cases)
     assert any(c["how"] == "time" and c["rc"] == -9 for c in cases)
+    resumes = [c for c in cases if c["how"] == "resume-event"]
+    assert len(resumes) == 8 and all(c["rc"] == -9 and c["history_kept"] for c in resumes), resumes
 
 
 def _train_argv(data, run, *extra):
