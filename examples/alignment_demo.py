@@ -115,7 +115,7 @@ def main() -> None:
     if not Path(args.base).exists():
         subprocess.run([sys.executable, "-m", "gptlab", "train", "--recipe", "recipes/demo.toml", "--data", str(data),
                         "--out-dir", args.base], check=True)
-    common = dict(init=args.base, device="cpu", threads=2, eval_interval=1000, log_interval=5, ckpt_interval=1000)
+    common = dict(model=args.base, device="cpu", threads=2, eval_interval=1000, log_interval=5, ckpt_interval=1000)
 
     # 2. SFT
     pairs = openings(data, "train", 1200, seed=0)
@@ -136,7 +136,7 @@ def main() -> None:
     pref_data = write_jsonl(out / "prefs.jsonl", prefs)
     # 4. reward model
     rm_run = stage(stage="reward", data=pref_data, out_dir=str(out / "reward"), max_iters=400, batch_size=16,
-                   lr=1e-4, val_frac=0.2, center_rewards=0.01, **{**common, "init": sft["out_dir"]})
+                   lr=1e-4, val_frac=0.2, center_rewards=0.01, **{**common, "model": sft["out_dir"]})
     # 5. PPO for several betas, DPO
     heldout = [p for p, _ in openings(data, "val", 128, seed=2)]
     prompt_data = write_jsonl(out / "prompts.jsonl", [{"prompt": p} for p in prompts])
@@ -150,12 +150,12 @@ def main() -> None:
         run = stage(stage="ppo", data=prompt_data, out_dir=str(out / f"ppo-beta{beta:g}"),
                     reward_model=rm_run["out_dir"], kl_coef=beta, max_iters=args.ppo_steps, batch_size=32,
                     max_new_tokens=RESPONSE, lr=1e-4, warmup_iters=3, val_frac=0.0,
-                    **{**common, "init": sft["out_dir"], "log_interval": 1})
+                    **{**common, "model": sft["out_dir"], "log_interval": 1})
         rows = [json.loads(r) for r in open(run["metrics"])]
         curves[beta] = [(r["kl"], r["score"]) for r in rows if "score" in r]
         results[f"ppo beta={beta:g}"] = judge(run["out_dir"], ref, rm, tok, heldout)
     dpo = stage(stage="dpo", data=pref_data, out_dir=str(out / "dpo"), max_iters=150, batch_size=16, lr=3e-5,
-                beta=0.1, val_frac=0.2, **{**common, "init": sft["out_dir"]})
+                beta=0.1, val_frac=0.2, **{**common, "model": sft["out_dir"]})
     results["dpo beta=0.1"] = {**judge(dpo["out_dir"], ref, rm, tok, heldout), "heldout_pairs": dpo["eval"]}
     (out / "summary.json").write_text(json.dumps(results, indent=1))
 

@@ -95,7 +95,7 @@ def scenario_prepare(work: Path) -> dict:
     (work / "old.txt").write_text("the old corpus. " * 2000)
     (work / "new.txt").write_text("a new and different corpus! " * 3000)
     pristine, ref, out = work / "pristine", work / "ref", work / "data" / "ds"
-    cmd = lambda src, dst: ["prepare", str(src), "--out", str(dst), "--tokenizer", "char"]  # noqa: E731
+    cmd = lambda src, dst: ["prepare", str(src), "--out-dir", str(dst), "--tokenizer", "char"]  # noqa: E731
     assert in_child(cmd(work / "old.txt", pristine)) == 0 and in_child(cmd(work / "new.txt", ref)) == 0
     old_d, new_d = digest(pristine), digest(ref)
 
@@ -129,7 +129,7 @@ def checkpoints_ok(run: Path) -> bool:
     pid = os.fork()
     if pid == 0:
         try:
-            from gptlab.train import checkpoint as ckpt_io
+            from gptlab import checkpoint as ckpt_io
 
             for ck in ckpt_io.list_checkpoints(run):
                 state = ckpt_io.read_state(ck)
@@ -145,7 +145,7 @@ def scenario_train(work: Path, n_kills: int = 20, n_random: int = 4) -> dict:
     (work / "c.txt").write_text(" ".join(random.Random(0).choice(["to", "be", "or", "not", "that", "is", "the",
                                                                   "question"]) for _ in range(20000)))
     data = work / "data"
-    assert in_child(["prepare", str(work / "c.txt"), "--out", str(data), "--tokenizer", "char"]) == 0
+    assert in_child(["prepare", str(work / "c.txt"), "--out-dir", str(data), "--tokenizer", "char"]) == 0
 
     def cmd(run: Path, resume: bool) -> list[str]:
         return ["train", "--data", str(data), "--out-dir", str(run), "--model", "tiny", "--block-size", "16",
@@ -171,7 +171,7 @@ def scenario_train(work: Path, n_kills: int = 20, n_random: int = 4) -> dict:
             rc = in_child(cmd(run, False), kill_at=int(at))
         else:
             rc = in_child(cmd(run, False), kill_after=at)
-        from gptlab.train.checkpoint import list_checkpoints
+        from gptlab.checkpoint import list_checkpoints
 
         resumed = bool(list_checkpoints(run))
         rc2 = in_child(cmd(run, resumed))
@@ -183,7 +183,7 @@ def scenario_train(work: Path, n_kills: int = 20, n_random: int = 4) -> dict:
     for k in range(1, 9):
         shutil.rmtree(run, ignore_errors=True)
         in_child(cmd(run, False), kill_at=int(first_ckpt))
-        from gptlab.train.checkpoint import list_checkpoints
+        from gptlab.checkpoint import list_checkpoints
 
         step = int(list_checkpoints(run)[-1].name.split("-")[1])
         rc = in_child(cmd(run, True), kill_at=k)

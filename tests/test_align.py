@@ -23,7 +23,7 @@ from gptlab.align.trainer import train_stage
 from gptlab.cli import main
 from gptlab.errors import GptlabError
 from gptlab.tokenizer import CharTokenizer
-from gptlab.train.checkpoint import list_checkpoints
+from gptlab.checkpoint import list_checkpoints
 from gptlab.train.distributed import Dist
 from gptlab.train.config import TrainConfig
 from gptlab.train.trainer import train
@@ -152,7 +152,7 @@ def base_run(char_data, tmp_path_factory):  # noqa: F811
 
 
 def cfg(root, stage, **kw):
-    base = dict(stage=stage, init=str(root / "base"), out_dir=str(root / kw.pop("name", stage)), device="cpu",
+    base = dict(stage=stage, model=str(root / "base"), out_dir=str(root / kw.pop("name", stage)), device="cpu",
                 threads=1, lr=1e-3, warmup_iters=2, eval_interval=1000, log_interval=1, ckpt_interval=1000)
     return AlignConfig(**{**base, **kw})
 
@@ -206,7 +206,7 @@ def test_gpt1_similarity_is_order_symmetric_and_tasks_train(base_run, tmp_path):
     s = train_stage(cfg(base_run, "finetune", name="ft", data=str(tmp_path / "cls.jsonl"), max_iters=60,
                         batch_size=16, val_frac=0.25), progress=False)
     assert s["eval"]["accuracy"] >= 0.85
-    assert main(["sample", "--checkpoint", s["out_dir"], "--prompt", "the", "--max-new-tokens", "5"]) == 0
+    assert main(["sample", s["out_dir"], "--prompt", "the", "--max-new-tokens", "5"]) == 0
 
 
 def interrupted_and_resumed(c):
@@ -258,7 +258,7 @@ def test_torchrun_matches_one_process_with_the_same_global_batch(base_run):
                           batch_size=8, val_frac=0.25), progress=False)
     out = base_run / "rm-ddp"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "gptlab", "align", "reward", "--init", str(base_run / "base"), "--data",
+                          "-m", "gptlab", "align", "reward", str(base_run / "base"), "--data",
                           str(base_run / "prefs.jsonl"), "--out-dir", str(out), "--max-iters", "6", "--batch-size",
                           "4", "--val-frac", "0.25", "--device", "cpu", "--threads", "1", "--lr", "1e-3",
                           "--warmup-iters", "2", "--log-interval", "1", "--eval-interval", "1000", "--json"],
@@ -283,7 +283,7 @@ def test_bad_alignment_input_is_a_clear_error(base_run, tmp_path, capsys):
     with pytest.raises(GptlabError, match="needs \"chosen\" and \"rejected\""):
         preferences(tmp_path / "bad.jsonl", CharTokenizer("x"), 64)
     with pytest.raises(GptlabError, match="ppo needs reward_model"):
-        AlignConfig(stage="ppo", data="d.jsonl", init="m")
-    assert main(["align", "ppo", "--data", str(base_run / "prompts.jsonl"), "--init", str(base_run / "base"),
+        AlignConfig(stage="ppo", data="d.jsonl", model="m")
+    assert main(["align", "ppo", str(base_run / "base"), "--data", str(base_run / "prompts.jsonl"),
                  "--reward-model", str(base_run / "base"), "--out-dir", str(tmp_path / "p")]) == 2
     assert "is not a reward model" in capsys.readouterr().err

@@ -19,8 +19,8 @@ def gptlab(*args):
     (["train", "--recipe", "/nonexistent.toml"], "recipe /nonexistent.toml does not exist"),
     (["train", "--batch-size", "0"], "--batch-size: 0 is out of range (valid: >= 1)"),
     (["train", "--set", "n_heads=3"], "unknown model config field"),
-    (["prepare", "/nonexistent.txt", "--out", "/tmp/x"], "not a file, folder, URL or named corpus"),
-    (["sample", "--checkpoint", "/nonexistent"], "does not exist"),
+    (["prepare", "/nonexistent.txt", "--out-dir", "/tmp/x"], "not a file, folder, URL or named corpus"),
+    (["sample", "/nonexistent"], "does not exist"),
 ])
 def test_user_mistakes_are_one_line_errors(args, needle):
     r = gptlab(*args)
@@ -32,7 +32,7 @@ def test_user_mistakes_are_one_line_errors(args, needle):
 def test_prepare_train_sample_round_trip_with_json(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("to be or not to be, that is the question.\n" * 300)
-    r = gptlab("prepare", str(corpus), "--out", str(tmp_path / "d"), "--tokenizer", "char", "--json")
+    r = gptlab("prepare", str(corpus), "--out-dir", str(tmp_path / "d"), "--tokenizer", "char", "--json")
     assert r.returncode == 0, r.stderr
     meta = json.loads(r.stdout)
     assert meta["tokens"]["train"] + meta["tokens"]["val"] == len(corpus.read_text())
@@ -41,13 +41,13 @@ def test_prepare_train_sample_round_trip_with_json(tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["steps"] == 40 and summary["final_val_loss"] < 3.0
-    r = gptlab("sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "to be", "--max-new-tokens", "20",
+    r = gptlab("sample", str(tmp_path / "run"), "--prompt", "to be", "--max-new-tokens", "20",
                "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["samples"]) == 1 and len(out["samples"][0]) == out["new_tokens"][0]  # one char per token
     assert out["new_tokens"][0] == 20 or out["finish_reasons"][0] == "stop_token"  # or it sampled end-of-text
-    r = gptlab("exposure", "--checkpoint", str(tmp_path / "run"), "--text", "to be or not to be, that is", "--json")
+    r = gptlab("eval", "exposure", str(tmp_path / "run"), "--text", "to be or not to be, that is", "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["tokens"] == 26 and rep["teacher_forcing_loss"] > 0
@@ -65,3 +65,42 @@ def test_every_training_option_is_documented():
     r = gptlab("train", "--help")
     assert r.returncode == 0 and "--ss-schedule" in r.stdout and "peak learning rate" in r.stdout
     assert "(valid: [0, 1); default 0.9)" in " ".join(r.stdout.split())  # --beta1
+
+
+def test_old_flags_still_work_for_one_release_with_a_warning(tmp_path):
+    """--checkpoint, --out, --init, `gptlab exposure` and convert's positional output folder are deprecated
+    aliases: each still works and prints one warning line naming the new spelling."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("to be or not to be, that is the question.\n" * 200)
+    r = gptlab("prepare", str(corpus), "--out", str(tmp_path / "d"), "--tokenizer", "char")
+    assert r.returncode == 0 and "--out is deprecated" in r.stderr and "use --out-dir" in r.stderr
+    r = gptlab("train", "--data", str(tmp_path / "d"), "--out-dir", str(tmp_path / "run"), "--model", "tiny",
+               "--block-size", "16", "--max-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--threads", "1",
+               "--final-eval-tokens", "64", "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    new = gptlab("sample", str(tmp_path / "run"), "--prompt", "to", "--max-new-tokens", "5", "--temperature", "0",
+                 "--json")
+    old = gptlab("sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "to", "--max-new-tokens", "5",
+                 "--temperature", "0", "--json")
+    assert new.returncode == old.returncode == 0 and "--checkpoint is deprecated" in old.stderr
+    assert json.loads(new.stdout)["samples"] == json.loads(old.stdout)["samples"]
+    (tmp_path / "t.txt").write_text("to be or not to be")
+    new = gptlab("eval", "perplexity", str(tmp_path / "run"), str(tmp_path / "t.txt"), "--json")
+    old = gptlab("eval", "perplexity", str(tmp_path / "t.txt"), "--checkpoint", str(tmp_path / "run"), "--json")
+    assert new.returncode == old.returncode == 0, old.stderr
+    assert json.loads(new.stdout)["nll"] == json.loads(old.stdout)["nll"]
+    r = gptlab("exposure", "--checkpoint", str(tmp_path / "run"), "--text", "to be or not", "--json")
+    assert r.returncode == 0 and "`gptlab exposure` is deprecated" in r.stderr
+    r = gptlab("convert", str(tmp_path / "run"), str(tmp_path / "hf"))
+    assert r.returncode == 0 and "positional output folder is deprecated" in r.stderr and (tmp_path / "hf").is_dir()
+    r = gptlab("sample", str(tmp_path / "run"), "--checkpoint", str(tmp_path / "d"))
+    assert r.returncode == 2 and "contradicts" in r.stderr
+
+
+def test_defaults_come_from_the_library():
+    from gptlab.generate import Sampling
+
+    r = gptlab("sample", "--help")
+    text = " ".join(r.stdout.split())
+    assert f"default {Sampling().temperature:g})" in text and f"default {Sampling().seed})" in text
+    assert "--device" in text and "(default auto)" in text

@@ -3,12 +3,14 @@ libraries), hand-worked values, and invariants (batch size changes no score)."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from gptlab.config import GPTConfig
 from gptlab.errors import GptlabError
+from gptlab.generate import Engine, Sampling
 from gptlab.eval import fewshot, fewshot_prompt, lambada, loglikelihoods, multiple_choice, perplexity, read_jsonl, \
     rolling_nll, wilson_interval
 from gptlab.tokenizer import GPT2Tokenizer
@@ -87,12 +89,13 @@ def test_perplexity_task_reports_per_token_word_and_byte(pair, tmp_path):
     _, ours = pair
     text = "The quick brown fox jumps over the lazy dog. " * 20 + "Ünïcödé bytes count."
     (tmp_path / "a.txt").write_text(text, encoding="utf-8")
-    r = perplexity(ours, GPT2Tokenizer(), [str(tmp_path)], stride=32)
+    r = perplexity(ours, GPT2Tokenizer(), paths=[str(tmp_path)], stride=32)
     ids = GPT2Tokenizer().encode(text)
-    nll, n = rolling_nll(ours, ids, 32)
-    assert r["tokens"] == n == len(ids) - 1 and r["nll"] == pytest.approx(nll)
-    assert r["words"] == len(text.split()) and r["bytes"] == len(text.encode())
-    assert r["word_perplexity"] == pytest.approx(math.exp(nll / len(text.split())))
+    nll, n = rolling_nll(ours, [GPT2Tokenizer().eot_id] + ids, 32)  # the first token is scored too (lm-eval)
+    words = len(re.split(r"\s+", text))  # lm-eval's wikitext count: the trailing space makes one more
+    assert r["tokens"] == n == len(ids) and r["nll"] == pytest.approx(nll)
+    assert r["words"] == words == len(text.split()) + 1 and r["bytes"] == len(text.encode())
+    assert r["word_perplexity"] == pytest.approx(math.exp(nll / words))
     assert r["bits_per_byte"] == pytest.approx(nll / len(text.encode()) / math.log(2))
 
 
@@ -111,7 +114,7 @@ def test_lambada_equals_a_transformers_computation(pair, tmp_path):
         lls.append(lp[-len(t):].sum().item())
         hits += bool((am[-len(t):] == torch.tensor(t)).all())
     for bs in (1, 2):
-        r = lambada(ours, tok, str(tmp_path / "l.jsonl"), batch_size=bs)
+        r = lambada(ours, tok, path=str(tmp_path / "l.jsonl"), batch_size=bs)
         assert r["n"] == 3 and r["acc"] == hits / 3
         assert r["perplexity"] == pytest.approx(math.exp(-sum(lls) / 3), rel=1e-4)
 
@@ -129,7 +132,7 @@ def test_lambada_test_set_from_shared_reads_all_passages(pair, tmp_path, monkeyp
     (cache / "lambada_test.jsonl").write_bytes(path.read_bytes())
     monkeypatch.setenv("GPTLAB_CACHE", str(cache))
     assert lambada_path(None) == cache / "lambada_test.jsonl"
-    r = lambada(pair[1], GPT2Tokenizer(), str(path), limit=4)
+    r = lambada(pair[1], GPT2Tokenizer(), path=str(path), limit=4)
     assert r["n"] == 4 and r["data_sha256"].startswith("4aa8d02c")
 
 
@@ -153,7 +156,7 @@ def test_multiple_choice_equals_a_transformers_computation(pair, tmp_path):
         acc_norm += best([v / len(ch) for v, ch in zip(ll, d["choices"])]) == d["label"]
         acc_tok += best([v / n for v, n in zip(ll, lens)]) == d["label"]
     for bs in (1, 4):
-        r = multiple_choice(ours, tok, str(tmp_path / "mc.jsonl"), batch_size=bs)
+        r = multiple_choice(ours, tok, path=str(tmp_path / "mc.jsonl"), batch_size=bs)
         assert (r["acc"], r["acc_norm"], r["acc_norm_tokens"]) == (acc / 3, acc_norm / 3, acc_tok / 3)
 
 
@@ -161,8 +164,17 @@ def test_hellaswag_format_is_preprocessed_like_lm_eval(pair, tmp_path):
     rec = {"ctx_a": "A man is standing in a kitchen.", "ctx_b": "he", "activity_label": "Cooking",
            "endings": ["picks up a knife [title] and cuts.", "flies away.", "eats the sink.", "sings."], "label": 0}
     (tmp_path / "h.jsonl").write_text(json.dumps(rec))
-    r = multiple_choice(pair[1], GPT2Tokenizer(), str(tmp_path / "h.jsonl"))
+    r = multiple_choice(pair[1], GPT2Tokenizer(), path=str(tmp_path / "h.jsonl"))
     assert r["task"] == "hellaswag" and r["n"] == 1
+    # the strings themselves, against lm-eval's own HellaSwag preprocessing
+    datasets = pytest.importorskip("datasets", reason="lm-eval's hellaswag utils need datasets")
+    utils = pytest.importorskip("lm_eval.tasks.hellaswag.utils")
+    from gptlab.eval.tasks import hellaswag_doc
+
+    tricky = [rec, {"ctx_a": "  [header] How to fix a bike.  ", "ctx_b": "first [step] you", "activity_label": "Bikes",
+                    "endings": [" remove the wheel [title] Then.", "[substeps] Pump  it.", "x", "y"], "label": 1}]
+    for doc, ref in zip(tricky, utils.process_docs(datasets.Dataset.from_list(tricky))):
+        assert hellaswag_doc(doc) == (ref["query"], ref["choices"])
 
 
 def test_fewshot_prompts_exclude_the_query_and_score_whole_labels(pair, tmp_path):
@@ -172,7 +184,7 @@ def test_fewshot_prompts_exclude_the_query_and_score_whole_labels(pair, tmp_path
         "Input: good\nLabel: positive\n\nInput: bad\nLabel:"
     rows = [{"text": f"example {i}", "label": lab} for i, lab in enumerate(["yes", "no", "maybe so"] * 3)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    r = fewshot(ours, tok, str(tmp_path / "d.jsonl"), shots=[0, 8])
+    r = fewshot(ours, tok, path=str(tmp_path / "d.jsonl"), shots=[0, 8])
     assert r["labels"] == ["maybe so", "no", "yes"] and [x["shots"] for x in r["results"]] == [0, 8]
     # zero-shot, by hand with transformers: the label whose full token sequence is most likely after the prompt
     correct = 0
@@ -185,7 +197,7 @@ def test_fewshot_prompts_exclude_the_query_and_score_whole_labels(pair, tmp_path
         correct += max(scores, key=scores.get) == row["label"]
     assert r["results"][0]["acc"] == correct / len(rows)
     with pytest.raises(GptlabError, match="9 shots need at least 10 training examples"):
-        fewshot(ours, tok, str(tmp_path / "d.jsonl"), shots=[9])
+        fewshot(ours, tok, path=str(tmp_path / "d.jsonl"), shots=[9])
 
 
 def test_wilson_interval_textbook_value():
@@ -211,13 +223,13 @@ def test_eval_cli_fewshot_on_the_shipped_set_with_plot(tmp_path):
 
     model = gpt2_shaped()
     save_hf(model.state_dict(), model.config, {"kind": "gpt2"}, tmp_path / "hf")
-    r = run_cli("eval", "fewshot", "--checkpoint", str(tmp_path / "hf"), "--shots", "0,2", "--limit", "6",
+    r = run_cli("eval", "fewshot", str(tmp_path / "hf"), "--shots", "0,2", "--limit", "6",
                 "--plot", str(tmp_path / "fs.png"), "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["labels"] == ["negative", "positive"] and [x["n"] for x in out["results"]] == [6, 6]
     assert (tmp_path / "fs.png").read_bytes()[:4] == b"\x89PNG"
-    r = run_cli("eval", "mc", str(tmp_path / "missing.jsonl"), "--checkpoint", str(tmp_path / "hf"))
+    r = run_cli("eval", "mc", str(tmp_path / "hf"), str(tmp_path / "missing.jsonl"))
     assert r.returncode == 2 and r.stderr.startswith("gptlab: error: cannot read") and r.stderr.count("\n") == 1
 
 
@@ -245,7 +257,7 @@ def test_generation_tasks_equal_transformers_generate_scored_by_the_libraries(pa
             "qa": [{"question": "What is the capital of France?", "answers": ["Paris"]},
                    {"question": "How many legs has a spider?", "answers": ["eight", "8"]}]}[kind]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    r = generation_task(ours, tok, kind, str(tmp_path / "d.jsonl"), max_new_tokens=12, batch_size=2)
+    r = generation_task(ours, tok, task=kind, path=str(tmp_path / "d.jsonl"), max_new_tokens=12, batch_size=2)
     preds = []
     for row in rows:
         prompt = GENERATION_TASKS[kind]["template"].format(source_lang="English", target_lang="French", **row)
@@ -272,7 +284,7 @@ def test_lm_eval_harness_runs_local_tasks_on_a_gptlab_model(pair, tmp_path, monk
     from lm_eval.tasks import TaskManager
 
     from gptlab.eval.lm_eval_adapter import GptlabLM
-    from gptlab.train.checkpoint import save_model_checkpoint
+    from gptlab.checkpoint import save_model_checkpoint
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -283,7 +295,12 @@ def test_lm_eval_harness_runs_local_tasks_on_a_gptlab_model(pair, tmp_path, monk
           {"context": "In the morning I drink", "choices": ["coffee with milk", "tea", "the ocean"], "label": 1},
           {"context": "Water boils at one hundred", "choices": ["degrees", "bananas"], "label": 0}]
     texts = [{"text": "A short document about the weather in spring. " * 12}, {"text": "Another one, shorter."}]
-    qa = [{"question": "What is two plus two?", "answer": "four"}]
+    # generate_until: the first answer is what the engine generates greedily (cut at the newline), the second
+    # is not; lm-eval's exact match through the adapter must then be exactly 1/2
+    engine_answer = Engine(ours, GPT2Tokenizer()).generate(["Q: What is two plus two?\nA:"], 8,
+                                                           Sampling(temperature=0), stop=["\n"])[0].text
+    qa = [{"question": "What is two plus two?", "answer": engine_answer},
+          {"question": "What is two plus two?", "answer": engine_answer + " not this"}]
     for name, rows in (("mc", mc), ("ppl", texts), ("qa", qa)):
         (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n"
@@ -304,14 +321,21 @@ def test_lm_eval_harness_runs_local_tasks_on_a_gptlab_model(pair, tmp_path, monk
     out = lm_eval.simple_evaluate(model=lm, tasks=["gl_mc", "gl_ppl", "gl_qa"],
                                   task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
     res = out["results"]
-    ours_mc = multiple_choice(ours, GPT2Tokenizer(), str(tmp_path / "mc.jsonl"))
+    ours_mc = multiple_choice(ours, GPT2Tokenizer(), path=str(tmp_path / "mc.jsonl"))
     assert res["gl_mc"]["acc,none"] == pytest.approx(ours_mc["acc"])
     assert res["gl_mc"]["acc_norm,none"] == pytest.approx(ours_mc["acc_norm"])
     tok = GPT2Tokenizer()
     nll = sum(rolling_nll(ours, [tok.eot_id] + tok.encode(t["text"]), 64)[0] for t in texts)
     n_bytes = sum(len(t["text"].encode()) for t in texts)
     assert res["gl_ppl"]["bits_per_byte,none"] == pytest.approx(nll / n_bytes / math.log(2), rel=1e-5)
-    assert 0.0 <= res["gl_qa"]["exact_match,none"] <= 1.0
+    # `gptlab eval perplexity` at stride = context is lm-eval's rolling task, word and byte counts included
+    for i, t in enumerate(texts):
+        (tmp_path / "docs").mkdir(exist_ok=True)
+        (tmp_path / "docs" / f"{i}.txt").write_text(t["text"])
+    ppl = perplexity(ours, tok, paths=[str(tmp_path / "docs")], stride=64)
+    assert ppl["word_perplexity"] == pytest.approx(res["gl_ppl"]["word_perplexity,none"], rel=1e-5)
+    assert ppl["bits_per_byte"] == pytest.approx(res["gl_ppl"]["bits_per_byte,none"], rel=1e-5)
+    assert res["gl_qa"]["exact_match,none"] == pytest.approx(0.5)
 
 
 def test_stopword_filter_changes_only_the_first_greedy_choice(pair, tmp_path):
@@ -322,7 +346,7 @@ def test_stopword_filter_changes_only_the_first_greedy_choice(pair, tmp_path):
     assert loglikelihoods(ours, [(ctx, [top2[1]])])[0][1] is False
     assert loglikelihoods(ours, [(ctx, [top2[1]])], not_first={top2[0]})[0][1] is True
     (tmp_path / "l.jsonl").write_text(json.dumps({"text": "It was cold so she closed the window"}))
-    r = lambada(ours, GPT2Tokenizer(), str(tmp_path / "l.jsonl"), stopword_filter=True)
+    r = lambada(ours, GPT2Tokenizer(), path=str(tmp_path / "l.jsonl"), stopword_filter=True)
     assert r["task"] == "lambada_openai_stopword_filter" and r["n"] == 1
 
 
@@ -332,5 +356,6 @@ def test_perplexity_of_a_prepared_shard_equals_that_of_its_tokens(pair, tmp_path
     _, ours = pair
     ids = torch.randint(0, 50257, (200,), generator=torch.Generator().manual_seed(6)).numpy().astype("uint16")
     write_shard(tmp_path / "val_000.bin", ids)
-    r = perplexity(ours, GPT2Tokenizer(), [str(tmp_path / "val_000.bin")], stride=32)
-    assert r["tokens"] == 199 and r["nll"] == pytest.approx(rolling_nll(ours, ids.tolist(), 32)[0])
+    r = perplexity(ours, GPT2Tokenizer(), paths=[str(tmp_path / "val_000.bin")], stride=32)
+    eot = GPT2Tokenizer().eot_id
+    assert r["tokens"] == 200 and r["nll"] == pytest.approx(rolling_nll(ours, [eot] + ids.tolist(), 32)[0])

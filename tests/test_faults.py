@@ -17,7 +17,7 @@ import pytest
 from gptlab.cli import main
 from gptlab.data.prepare import prepare
 from gptlab.metrics import read_rows
-from gptlab.train import checkpoint as ckpt_io
+from gptlab import checkpoint as ckpt_io
 
 from .test_train import ENV, REPO, synthetic_text
 
@@ -117,7 +117,7 @@ def test_a_full_disk_stops_cleanly_and_the_run_resumes_once_space_is_freed(small
         big = tmp_path / "big.txt"
         big.write_text(synthetic_text(60000))
         capsys.readouterr()
-        one_error_line(capsys, main(["prepare", str(big), "--out", str(disk / "ds"), "--tokenizer", "char"]))
+        one_error_line(capsys, main(["prepare", str(big), "--out-dir", str(disk / "ds"), "--tokenizer", "char"]))
         assert sorted(p.name for p in disk.iterdir()) == ["ds", "run"]
         assert {p.name: p.read_bytes() for p in (disk / "ds").iterdir()} == before
 
@@ -162,7 +162,7 @@ def test_a_second_run_on_the_same_folder_is_refused(small_data, tmp_path):
                                 env=ENV, capture_output=True, text=True, cwd=REPO)
         assert second.returncode == 2 and "is in use by another gptlab process" in second.stderr
         assert f"pid {first.pid}" in second.stderr and second.stderr.count("\n") == 1
-        prep = subprocess.run([sys.executable, "-m", "gptlab", "prepare", str(small_data / "c.txt"), "--out",
+        prep = subprocess.run([sys.executable, "-m", "gptlab", "prepare", str(small_data / "c.txt"), "--out-dir",
                                str(run), "--tokenizer", "char"], env=ENV, capture_output=True, text=True, cwd=REPO)
         assert prep.returncode == 2 and "not a gptlab dataset" in prep.stderr
     finally:

@@ -6,7 +6,8 @@ import torch
 
 from gptlab.config import GPTConfig
 from gptlab.errors import GptlabError
-from gptlab.generate import Engine, Sampling, _TextStream, filter_logits, next_tokens
+from gptlab.generate import Engine, Sampling, filter_logits, next_tokens
+from gptlab.generate.engine import _TextStream
 from gptlab.model import GPT, KVCache
 from gptlab.tokenizer import CharTokenizer
 

@@ -12,12 +12,12 @@ from safetensors.torch import save_file
 from gptlab.config import GPTConfig
 from gptlab.errors import GptlabError
 from gptlab.generate import Engine, Sampling
-from gptlab.interop import load_any
+from gptlab.loader import load_model
 from gptlab.interop.hf import save_hf, to_hf_state_dict
 from gptlab.interop.openai import from_openai_variables
 from gptlab.model import GPT
 from gptlab.tokenizer import BPETokenizer, GPT2Tokenizer
-from gptlab.train.checkpoint import load_model
+from gptlab.checkpoint import load_checkpoint
 
 from .test_model import hf_pair
 from .test_train import ENV, REPO
@@ -88,19 +88,20 @@ def test_import_transformers_folder_and_convert_both_ways(tmp_path):
     hf, _ = hf_pair(cfg)
     hf.save_pretrained(tmp_path / "hf")
     copy_gpt2_tokenizer_files(tmp_path / "hf")
-    model, meta = load_any(tmp_path / "hf")
+    loaded = load_model(tmp_path / "hf")
+    model, meta = loaded.model, loaded.meta
     assert meta["tokenizer"] == {"kind": "gpt2"}
     idx = torch.randint(0, 50257, (2, 30))
     logits_equal(model, hf, idx)
-    r = run_cli("convert", str(tmp_path / "hf"), str(tmp_path / "ours"), "--json")
+    r = run_cli("convert", str(tmp_path / "hf"), "--out-dir", str(tmp_path / "ours"), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["to"] == "gptlab"
-    ours, _ = load_model(tmp_path / "ours")
+    ours, _ = load_checkpoint(tmp_path / "ours")
     logits_equal(ours, hf, idx)
-    r = run_cli("convert", str(tmp_path / "ours"), str(tmp_path / "back"), "--json")
+    r = run_cli("convert", str(tmp_path / "ours"), "--out-dir", str(tmp_path / "back"), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["to"] == "hf", r.stderr
     logits_equal(ours, transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval(), idx)
-    r = run_cli("convert", str(tmp_path / "ours"), str(tmp_path / "back"))
+    r = run_cli("convert", str(tmp_path / "ours"), "--out-dir", str(tmp_path / "back"))
     assert r.returncode == 2 and "already exists" in r.stderr
 
 
@@ -110,7 +111,8 @@ def test_gpt1_round_trip_through_openai_gpt_lm_head_model(tmp_path):
     hf.save_pretrained(tmp_path / "gpt1")
     tok = BPETokenizer.train(["a few words of training text for a tiny tokenizer"] * 20, vocab_size=300)
     tok.tok.save(str(tmp_path / "gpt1" / "tokenizer.json"))
-    model, meta = load_any(tmp_path / "gpt1")
+    loaded = load_model(tmp_path / "gpt1")
+    model, meta = loaded.model, loaded.meta
     idx = torch.randint(0, 300, (2, 30))
     logits_equal(model, hf, idx)
     save_hf(model.state_dict(), model.config, meta["tokenizer"], tmp_path / "back")
@@ -129,7 +131,7 @@ def test_hub_layout_with_bare_names_and_mask_buffers(tmp_path):
     save_file(sd, str(tmp_path / "d" / "model.safetensors"))
     hf.config.to_json_file(tmp_path / "d" / "config.json")
     copy_gpt2_tokenizer_files(tmp_path / "d")
-    model, _ = load_any(tmp_path / "d")
+    model = load_model(tmp_path / "d").model
     logits_equal(model, hf, torch.randint(0, 50257, (1, 20)))
 
 
@@ -140,12 +142,12 @@ def test_truncated_or_mismatched_weights_are_clear_errors(tmp_path):
     data = f.read_bytes()
     f.write_bytes(data[: len(data) - 1000])
     with pytest.raises(GptlabError, match=r"truncated: tensor '[\w.]+' needs bytes"):
-        load_any(tmp_path / "hf")
+        load_model(tmp_path / "hf")
     f.write_bytes(data)
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**conf, "n_embd": 32, "n_head": 2}))
     with pytest.raises(GptlabError, match=r"tensor '[\w.]+' has shape"):
-        load_any(tmp_path / "hf")
+        load_model(tmp_path / "hf")
 
 
 def test_openai_release_layout(tmp_path):
@@ -175,7 +177,7 @@ def test_openai_release_layout(tmp_path):
         import tensorflow  # noqa: F401
     except ImportError:
         with pytest.raises(GptlabError, match="pip install tensorflow-cpu"):
-            load_any(tmp_path / "rel")
+            load_model(tmp_path / "rel")
 
 
 def run_cli(*args, env=None, stdin=None):
@@ -186,7 +188,7 @@ def run_cli(*args, env=None, stdin=None):
 def test_sample_cli_on_a_hugging_face_folder_stream_and_interactive(tmp_path):
     model = gpt2_shaped()
     save_hf(model.state_dict(), model.config, {"kind": "gpt2"}, tmp_path / "hf")
-    r = run_cli("sample", "--checkpoint", str(tmp_path / "hf"), "--prompt", "Hello", "--max-new-tokens", "12",
+    r = run_cli("sample", str(tmp_path / "hf"), "--prompt", "Hello", "--max-new-tokens", "12",
                 "--num-samples", "3", "--temperature", "0", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -196,16 +198,16 @@ def test_sample_cli_on_a_hugging_face_folder_stream_and_interactive(tmp_path):
     ref = Engine(model, tok).generate_tokens([prompt], 12, Sampling(temperature=0), stop_ids=[tok.eot_id])[0]
     assert out["samples"][0] == tok.decode(ref.tokens)
     assert out["kv_cache_bytes"] == 2 * 2 * 3 * 2 * 32 * (len(prompt) + 12) * 4
-    r = run_cli("sample", "--checkpoint", str(tmp_path / "hf"), "--prompt", "Hello", "--max-new-tokens", "12",
+    r = run_cli("sample", str(tmp_path / "hf"), "--prompt", "Hello", "--max-new-tokens", "12",
                 "--temperature", "0", "--stream")
     assert r.returncode == 0 and r.stdout.rstrip("\n") == "Hello" + out["samples"][0], r.stderr
-    r = run_cli("sample", "--checkpoint", str(tmp_path / "hf"), "--interactive", "--max-new-tokens", "5",
+    r = run_cli("sample", str(tmp_path / "hf"), "--interactive", "--max-new-tokens", "5",
                 stdin="Hello\n/reset\nagain\n/quit\n")
     assert r.returncode == 0 and r.stdout.count("> ") >= 3, r.stderr
 
 
 def test_hub_name_offline_is_a_clear_error():
-    r = run_cli("sample", "--checkpoint", "openai-community/gpt2-does-not-exist", env={"HF_HUB_OFFLINE": "1"})
+    r = run_cli("sample", "openai-community/gpt2-does-not-exist", env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2
     assert r.stderr.startswith("gptlab: error: ") and "pass a local folder" in r.stderr and r.stderr.count("\n") == 1
 

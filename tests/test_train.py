@@ -18,7 +18,7 @@ from gptlab.data.prepare import prepare
 from gptlab.data.shards import read_shard
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
-from gptlab.train import checkpoint as ckpt_io
+from gptlab import checkpoint as ckpt_io
 from gptlab.train.config import TrainConfig
 from gptlab.train.optim import lr_at, make_optimizer
 from gptlab.train.scheduled_sampling import exposure_report, mix_in_predictions, ss_probability
@@ -97,8 +97,8 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_bit_for_bit(char_dat
                              text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(tmp_path / "killed") == losses(tmp_path / "full")  # every step, exactly
-    a = ckpt_io.load_model(tmp_path / "full")[0].state_dict()
-    b = ckpt_io.load_model(tmp_path / "killed")[0].state_dict()
+    a = ckpt_io.load_checkpoint(tmp_path / "full")[0].state_dict()
+    b = ckpt_io.load_checkpoint(tmp_path / "killed")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads(resumed.stdout)["final_val_loss"] == json.loads(full.stdout)["final_val_loss"]
 
@@ -120,8 +120,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(char_data, t
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 31))
     np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=2e-5)
     assert json.loads(ddp.stdout.strip().splitlines()[-1])["world_size"] == 2
-    a = ckpt_io.load_model(tmp_path / "one")[0].state_dict()  # the full (gathered) weights were checkpointed
-    b = ckpt_io.load_model(tmp_path / "two")[0].state_dict()
+    a = ckpt_io.load_checkpoint(tmp_path / "one")[0].state_dict()  # the full (gathered) weights were checkpointed
+    b = ckpt_io.load_checkpoint(tmp_path / "two")[0].state_dict()
     bad = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5)}
     assert not bad, bad
 
@@ -155,15 +155,15 @@ def test_checkpoint_errors_are_clear(char_data, tmp_path):
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(GptlabError, match="corrupt"):
-        ckpt_io.load_model(run)
+        ckpt_io.load_checkpoint(run)
     weights.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(GptlabError, match="corrupt"):
-        ckpt_io.load_model(latest)
+        ckpt_io.load_checkpoint(latest)
     (latest / "state.json").write_text('{"format": "gptlab-checkpoint", "vers')
     with pytest.raises(GptlabError, match="missing or corrupt"):
-        ckpt_io.load_model(latest)
+        ckpt_io.load_checkpoint(latest)
     with pytest.raises(GptlabError, match="does not exist"):
-        ckpt_io.load_model(tmp_path / "nowhere")
+        ckpt_io.load_checkpoint(tmp_path / "nowhere")
 
 
 def test_checkpoint_shape_mismatch_names_the_tensor(char_data, tmp_path):
@@ -174,7 +174,7 @@ def test_checkpoint_shape_mismatch_names_the_tensor(char_data, tmp_path):
     state["model_config"]["n_embd"] = 32
     (ck / "state.json").write_text(json.dumps(state))
     with pytest.raises(GptlabError, match=r"tensor 'wte.weight' has shape \(\d+, 64\), the config needs \(\d+, 32\)"):
-        ckpt_io.load_model(ck)
+        ckpt_io.load_checkpoint(ck)
 
 
 def test_keep_last_and_best(char_data, tmp_path):

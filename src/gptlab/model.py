@@ -257,9 +257,15 @@ class GPT(nn.Module):
         self.ln_f = (nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
                      if cfg.norm == "pre" else nn.Identity())
         self.lm_head = Linear(cfg.n_embd, V, bias=False)
-        if cfg.tie_weights:
-            self.lm_head.weight = self.wte.weight
+        self.tie_()
         self.reset_parameters()
+
+    def tie_(self) -> "GPT":
+        """Share the token embedding with the output head when the config ties them (GPT-2: Press & Wolf 2017).
+        Call again after replacing either module."""
+        if self.config.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        return self
 
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02) weights, zero biases, unit LayerNorms, and the two residual output projections
@@ -361,3 +367,15 @@ class GPT(nn.Module):
                    * (cfg.n_experts - cfg.experts_per_token) // cfg.n_experts for m in self.moe_layers())
         return {**parts, "total": total, "non_embedding": total - parts["token_embedding"] - parts["position_embedding"],
                 "active": total - idle}
+
+
+def drop_tied(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """A state dict without the tied head (it is the token embedding): how checkpoints store it."""
+    return {k: v for k, v in state.items() if not (cfg.tie_weights and k == "lm_head.weight")}
+
+
+def with_tied(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """A state dict completed with the tied head, the inverse of :func:`drop_tied`."""
+    if cfg.tie_weights and "wte.weight" in state:
+        return {**state, "lm_head.weight": state["wte.weight"]}
+    return state

@@ -107,3 +107,70 @@ def add_config_flags(p: argparse.ArgumentParser, fields: list[dataclasses.Field]
         else:
             p.add_argument(flag, default=None, choices=choices, metavar=type(default).__name__.upper() if not choices
                            else None, help=text)
+
+
+MODEL_HELP = ("the model: a gptlab run folder (its latest checkpoint), RUN/best, a checkpoint folder, a Hugging Face "
+              "model folder or Hub name (gpt2, distilgpt2, ...), or an OpenAI GPT-2 release folder")
+
+
+def add_alias(p: argparse.ArgumentParser, old: str, dest: str, hint: str, **kwargs: Any) -> None:
+    """A deprecated spelling of an option, kept for one release: hidden from --help, a warning when used, and its
+    value moved to ``dest`` (see :func:`apply_aliases`)."""
+    alias_dest = "_alias_" + old.lstrip("-").replace("-", "_")
+    p.add_argument(old, dest=alias_dest, default=None, help=argparse.SUPPRESS, **kwargs)
+    aliases = list(p.get_default("_aliases") or [])
+    p.set_defaults(_aliases=aliases + [(alias_dest, dest, old, hint)])
+
+
+def add_model(p: argparse.ArgumentParser, verb: str, required: bool = True, old: tuple[str, ...] = ("--checkpoint",),
+              help: str = MODEL_HELP) -> None:
+    """The model source as the first positional argument (LitGPT's convention), with the old flags as aliases."""
+    p.add_argument("model", nargs=None if not old and required else "?", help=help)
+    for flag in old:
+        add_alias(p, flag, "model", f"pass the model as the first argument: gptlab {verb} MODEL")
+    if required and old:
+        p.set_defaults(_required=list(p.get_default("_required") or []) + [("model", f"gptlab {verb} MODEL")])
+
+
+def add_out_dir(p: argparse.ArgumentParser, help: str, required: bool = False, old: tuple[str, ...] = ("--out",),
+                default: str | None = None) -> None:
+    """``--out-dir``, the one name of every output folder, with the old spellings as aliases."""
+    p.add_argument("--out-dir", default=default, help=help)
+    for flag in old:
+        add_alias(p, flag, "out_dir", "use --out-dir")
+    if required:
+        p.set_defaults(_required=list(p.get_default("_required") or []) + [("out_dir", "--out-dir DIR")])
+
+
+def apply_aliases(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Move deprecated options' values to their new names (warning once each), then check required values."""
+    for alias_dest, dest, flag, hint in getattr(args, "_aliases", None) or []:
+        value = getattr(args, alias_dest, None)
+        if value is None:
+            continue
+        print(f"gptlab: warning: {flag} is deprecated and will be removed in the next release; {hint}",
+              file=sys.stderr)
+        shift = getattr(args, "_shift", None)  # `eval perplexity a.txt --checkpoint M`: a.txt was taken as the model
+        if shift and getattr(args, dest, None) is not None:
+            setattr(args, shift, [getattr(args, dest)] + list(getattr(args, shift)))
+            setattr(args, dest, None)
+        if getattr(args, dest, None) not in (None, value):
+            parser.error(f"{flag} {value} contradicts {getattr(args, dest)}; give one of them")
+        setattr(args, dest, value)
+    for dest, usage in getattr(args, "_required", None) or []:
+        if getattr(args, dest, None) in (None, ""):
+            parser.error(f"the {dest.replace('_', '-')} is required: {usage}")
+
+
+def add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
+    """The verb's result: one JSON object with ``--json``, else the human summary."""
+    print(json.dumps(result, default=str) if args.json else human, flush=True)
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps "
+                                                    "(default auto)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ NON_NEGATIVE = Range(0)
 UNIT = Range(0, 1)  # [0, 1]
 PROBABILITY_BELOW_1 = Range(0, 1, hi_open=True)  # [0, 1)
 COUNT = Range(1)
+DEFAULT_SEED = 1337  # every seed option's default, library and CLI alike
 SEED = Range(0, 2**63 - 1)  # numpy's and torch's generators take non-negative 64-bit seeds
 
 
@@ -83,6 +85,7 @@ class RecipeConfig:
 
     help_hint = "`gptlab --help`"
     what = "config"
+    renamed: dict[str, str] = {}  # old recipe key -> field, accepted with a warning for one release
 
     def __post_init__(self) -> None:
         problems = []
@@ -115,7 +118,7 @@ class RecipeConfig:
     @classmethod
     def from_sources(cls, recipe: str | Path | None = None, /, **overrides: Any):
         """Defaults <- TOML recipe <- ``overrides`` (CLI flags; ``None`` values are ignored)."""
-        return cls(**recipe_values(recipe, overrides, {f.name for f in cls.fields()}, cls.help_hint))
+        return cls(**recipe_values(recipe, overrides, {f.name for f in cls.fields()}, cls.help_hint, cls.renamed))
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:
@@ -133,10 +136,16 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
         raise GptlabError(f"{what} {path} is not valid TOML: {e}") from None
 
 
-def recipe_values(recipe: str | Path | None, overrides: dict[str, Any], known: set[str], help_hint: str
-                  ) -> dict[str, Any]:
-    """A TOML recipe's keys updated by ``overrides`` (``None`` values ignored); unknown keys are one clear error."""
+def recipe_values(recipe: str | Path | None, overrides: dict[str, Any], known: set[str], help_hint: str,
+                  renamed: dict[str, str] | None = None) -> dict[str, Any]:
+    """A TOML recipe's keys updated by ``overrides`` (``None`` values ignored); unknown keys are one clear error,
+    ``renamed`` old keys are moved to their new names with a warning."""
     values = read_toml(recipe, "recipe") if recipe else {}
+    for old, new in (renamed or {}).items():
+        if old in values:
+            print(f"gptlab: warning: the recipe key {old!r} is deprecated and will be removed in the next release; "
+                  f"call it {new!r}", file=sys.stderr)
+            values.setdefault(new, values.pop(old))
     values.update({k: v for k, v in overrides.items() if v is not None})
     unknown = sorted(set(values) - known)
     if unknown:

@@ -17,9 +17,11 @@ TASK_NAMES = ("classification", "entailment", "similarity", "multiple_choice")
 class AlignConfig(RecipeConfig):
     help_hint = "`gptlab align <stage> --help`"
     what = "alignment config"
+    renamed = {"init": "model"}
     stage: str = opt("sft", "the stage", choices=STAGES)
     data: str = opt("", "JSON-lines training data (format per stage: docs/alignment.md)")
-    init: str = opt("", "model to start from: a gptlab run/checkpoint or a Hugging Face folder")
+    model: str = opt("", "model to start from: a gptlab run/checkpoint or a Hugging Face folder (on the command "
+                         "line, the first argument)")
     out_dir: str = opt("runs/align", "run folder: checkpoints/, metrics.jsonl, loss.png")
     val_data: str = opt("", "held-out JSON-lines file; default: the last val_frac of data")
     val_frac: float = opt(0.1, "fraction of data held out when val_data is not given", PROBABILITY_BELOW_1)
@@ -52,7 +54,7 @@ class AlignConfig(RecipeConfig):
     center_rewards: float = opt(0.0, "reward: weight of the mean-reward-squared penalty that centres rewards at 0",
                                 NON_NEGATIVE)
     # dpo, ppo
-    reference: str = opt("", "dpo/ppo: frozen reference model (default: init)")
+    reference: str = opt("", "dpo/ppo: frozen reference model (default: the model tuned)")
     beta: float = opt(0.1, "dpo: beta of the sigmoid loss", POSITIVE)
     # ppo
     reward_model: str = opt("", "ppo: a `gptlab align reward` run")
@@ -75,8 +77,8 @@ class AlignConfig(RecipeConfig):
     def checks(self) -> list[tuple[bool, str]]:
         return [
             (bool(self.data), "data (a JSON-lines file) is required"),
-            (bool(self.init), "init (the model to start from: a gptlab run or checkpoint, or a Hugging Face folder) "
-                              "is required"),
+            (bool(self.model), "the model to start from (a gptlab run or checkpoint, or a Hugging Face folder) is "
+                               "required: gptlab align STAGE MODEL"),
             (self.stage != "ppo" or bool(self.reward_model), "ppo needs reward_model (a `gptlab align reward` run)"),
             (self.min_lr <= self.lr, f"min_lr = {self.min_lr} must not exceed lr = {self.lr}"),
             (self.ptx_coef == 0 or bool(self.ptx_data), "ptx_coef > 0 needs ptx_data (a `gptlab prepare` folder)"),

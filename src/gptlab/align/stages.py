@@ -26,10 +26,9 @@ from torch import nn
 from ..files import atomic_write_bytes
 from ..errors import GptlabError
 from ..generate import Engine, Sampling
-from ..interop import load_any
+from ..loader import load_model
 from ..model import GPT
-from ..tokenizer import from_spec
-from ..train import checkpoint as ckpt_io
+from .. import checkpoint as ckpt_io
 from ..train.distributed import Dist, mean_across_ranks
 from .config import AlignConfig
 from .data import (Example, Preference, TaskItem, batch_examples, pack_examples, pad, preferences, prompts,
@@ -41,9 +40,8 @@ Update = Callable[[torch.Tensor], None]
 
 def load_init(spec: str, device: torch.device) -> tuple[GPT, Any]:
     """(trainable model, tokenizer) from a gptlab run/checkpoint or a Hugging Face folder."""
-    model, meta = load_any(spec, device)
-    model.train()
-    return model, from_spec(meta["tokenizer"])
+    loaded = load_model(spec, device)
+    return loaded.model.train(), loaded.tokenizer
 
 
 def frozen(model: nn.Module) -> nn.Module:
@@ -91,7 +89,7 @@ def extend_vocab(gpt: GPT, n: int) -> list[int]:
             wte.weight[:old_rows] = gpt.wte.weight
         gpt.wte = wte
         if cfg.tie_weights:
-            gpt.lm_head.weight = gpt.wte.weight
+            gpt.tie_()
         else:
             head = nn.Linear(cfg.n_embd, new.padded_vocab_size, bias=False, device=wte.weight.device)
             with torch.no_grad():
@@ -124,7 +122,7 @@ class Stage:
 
     def __init__(self, cfg: AlignConfig, d: Dist) -> None:
         self.cfg, self.dist, self.device = cfg, d, d.device
-        self.gpt, self.tok = load_init(cfg.init, self.device)
+        self.gpt, self.tok = load_init(cfg.model, self.device)
         self.block = self.gpt.config.block_size
 
     def pick(self, step: int, items: Sequence) -> list:

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from tqdm import tqdm
 
 from ..errors import GptlabError
-from ..train import checkpoint as ckpt_io
+from .. import checkpoint as ckpt_io
 from ..train import distributed
 from ..train.optim import lr_at, make_optimizer
 from ..files import run_folder
@@ -164,6 +164,6 @@ def _train_stage(cfg: AlignConfig, d: distributed.Dist, resume: bool, progress: 
     summary.update(stage.summary())
     rows = [r for r in metrics.rows() if "loss" in r or "val_loss" in r]
     if rows:
-        plot_losses(rows, out / "loss.png", f"{cfg.stage}: {Path(cfg.init).name} on {Path(cfg.data).name}")
+        plot_losses(rows, out / "loss.png", f"{cfg.stage}: {Path(cfg.model).name} on {Path(cfg.data).name}")
         summary["loss_plot"] = str(out / "loss.png")
     return summary

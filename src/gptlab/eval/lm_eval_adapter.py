@@ -21,8 +21,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ..generate import Engine, Sampling
-from ..interop import load_any
-from ..tokenizer import from_spec
+from ..loader import load_model
 from .scoring import loglikelihoods, rolling_nll
 
 
@@ -31,8 +30,8 @@ class GptlabLM(LM):
     def __init__(self, checkpoint: str, batch_size: int | str = 8, device: str = "cpu",
                  max_gen_toks: int = 256) -> None:
         super().__init__()
-        self.model, meta = load_any(checkpoint, device)
-        self.tok = from_spec(meta["tokenizer"])
+        loaded = load_model(checkpoint, device)
+        self.model, self.tok = loaded.model, loaded.tokenizer
         self.batch_size = int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         self.engine = Engine(self.model, self.tok)

@@ -15,6 +15,7 @@ from ..files import atomic_write_bytes
 from ..errors import GptlabError
 from ..model import GPT
 from ..tokenizer import Tokenizer
+from ..recipe import DEFAULT_SEED
 from .scoring import loglikelihoods, perplexity_report, rolling_nll
 
 LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
@@ -51,11 +52,15 @@ def _data_info(path: Path) -> dict[str, str]:
     return {"data": str(path), "data_sha256": sha256_of(path)}
 
 
-def perplexity(model: GPT, tok: Tokenizer, paths: Sequence[str], stride: int | None = None, batch_size: int = 8,
-               limit: int | None = None) -> dict[str, Any]:
+def perplexity(model: GPT, tok: Tokenizer, *, paths: Sequence[str], stride: int | None = None,
+               batch_size: int = 8, limit: int | None = None) -> dict[str, Any]:
     """Sliding-window perplexity of text files (folders: their ``*.txt``) or prepared token shards (``*.bin``
     from ``gptlab prepare``, made with the model's tokenizer), per token, per word and per byte (of the decoded
-    text). Each document is scored from its own start; ``limit`` caps the tokens per document."""
+    text), defined as lm-evaluation-harness's ``loglikelihood_rolling`` tasks (``wikitext``) define them: each
+    document is scored from its own start after an end-of-text token, so its first token counts too; words are
+    ``len(re.split(r"\s+", text))``; bytes are its UTF-8 length. At ``stride`` = the context this is lm-eval's
+    figure exactly; a smaller stride (default half the context) gives each token more left context.
+    ``limit`` caps the tokens per document."""
     from ..data.shards import read_shard
 
     files: list[Path] = []
@@ -79,9 +84,9 @@ def perplexity(model: GPT, tok: Tokenizer, paths: Sequence[str], stride: int | N
             ids = tok.encode(text)[:limit] if limit else tok.encode(text)
         if limit and f.suffix != ".bin":
             text = tok.decode(ids)
-        d_nll, d_tok = rolling_nll(model, ids, stride, batch_size)
+        d_nll, d_tok = rolling_nll(model, [tok.eot_id] + list(ids), stride, batch_size)
         nll, n_tok = nll + d_nll, n_tok + d_tok
-        words += len(re.findall(r"\S+", text))
+        words += len(re.split(r"\s+", text))
         n_bytes += len(text.encode("utf-8"))
     return {"task": "perplexity", "version": 1, "files": [str(f) for f in files], "stride": stride or
             model.config.block_size // 2, **perplexity_report(nll, n_tok, words, n_bytes)}
@@ -109,7 +114,7 @@ STOP_WORDS = ("a an the and or but if of to in on at by for with from as is are 
               "again further once about against between through during before after above below up down out off")
 
 
-def lambada(model: GPT, tok: Tokenizer, path: str | None = None, limit: int | None = None,
+def lambada(model: GPT, tok: Tokenizer, *, path: str | None = None, limit: int | None = None,
             batch_size: int = 8, stopword_filter: bool = False) -> dict[str, Any]:
     """OpenAI's LAMBADA as lm-eval's ``lambada_openai``: context = the passage up to its last space, target = " " +
     the last word; ``acc`` = every target token is the greedy choice; ``perplexity`` = exp(-mean log p(target)).
@@ -142,7 +147,13 @@ def _hellaswag_text(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def multiple_choice(model: GPT, tok: Tokenizer, path: str, limit: int | None = None,
+def hellaswag_doc(d: dict[str, Any]) -> tuple[str, list[str]]:
+    """(context, endings) of a HellaSwag record, preprocessed as lm-eval's ``hellaswag`` task does."""
+    ctx = _hellaswag_text(d["activity_label"] + ": " + d["ctx_a"] + " " + d["ctx_b"].capitalize())
+    return ctx, [_hellaswag_text(e) for e in d["endings"]]
+
+
+def multiple_choice(model: GPT, tok: Tokenizer, *, path: str, limit: int | None = None,
                     batch_size: int = 8) -> dict[str, Any]:
     """Each choice scored as a continuation (" " + choice) of the context. ``acc``: the highest log-likelihood;
     ``acc_norm``: the highest log-likelihood per character of the choice (lm-eval); ``acc_norm_tokens``: per token
@@ -162,8 +173,7 @@ def multiple_choice(model: GPT, tok: Tokenizer, path: str, limit: int | None = N
             raise GptlabError(f"{p}: record {n + 1} needs text fields, a list of 2+ string choices and an integer "
                               f"label; fix or remove it")
         if hellaswag:
-            ctx = _hellaswag_text(d["activity_label"] + ": " + d["ctx_a"] + " " + d["ctx_b"].capitalize())
-            choices = [_hellaswag_text(e) for e in d["endings"]]
+            ctx, choices = hellaswag_doc(d)
         else:
             ctx, choices = d["context"], list(d["choices"])
         label = int(d["label"])
@@ -198,9 +208,9 @@ def fewshot_prompt(shots: Sequence[dict[str, Any]], query: str, template: str, s
         head.format(text=query)
 
 
-def fewshot(model: GPT, tok: Tokenizer, path: str | None = None, train_path: str | None = None,
+def fewshot(model: GPT, tok: Tokenizer, *, path: str | None = None, train_path: str | None = None,
             shots: Sequence[int] = (0, 1, 5, 10), template: str = "Input: {text}\nLabel: {label}",
-            seed: int = 0, calibrate: bool = False, limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+            seed: int = DEFAULT_SEED, calibrate: bool = False, limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
     """Seed 002's in-context learning experiment, generalised. For each k, every query gets k examples drawn
     (seeded, per query) from the training pool without the query itself; each label is scored by the
     log-probability of its whole token sequence (" " + label) after the prompt, and the most likely label is the
@@ -319,7 +329,8 @@ def squad_scores(prediction: str, answers: Sequence[str]) -> tuple[float, float]
     return em, max(f1(prediction, a) for a in answers)
 
 
-def generation_task(model: GPT, tok: Tokenizer, task: str, path: str, shots: int = 0, seed: int = 0,
+def generation_task(model: GPT, tok: Tokenizer, *, task: str, path: str, shots: int = 0,
+                    seed: int = DEFAULT_SEED,
                     max_new_tokens: int = 64, source_lang: str = "English", target_lang: str = "French",
                     limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
     """Generate greedily from the task's template (``shots`` solved examples first, drawn from the other records)

@@ -18,8 +18,13 @@ from typing import Any
 
 import torch
 
+from safetensors.torch import save_file
+
+from ..checkpoint import check_weights, read_safetensors
 from ..config import GPTConfig
 from ..errors import GptlabError
+from ..files import atomic_dir, honour_umask
+from ..model import with_tied
 from ..tokenizer import EOT_TEXT, BPETokenizer, GPT2Tokenizer, Tokenizer, from_spec, gpt2_ranks, \
     ranks_to_vocab_merges, vocab_to_ranks
 
@@ -83,9 +88,7 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[s
         if ours == "wte.weight" or ours == "lm_head.weight":
             t = torch.cat([t, t.new_zeros(cfg.padded_vocab_size - cfg.vocab_size, t.size(1))])
         out[ours] = t.contiguous()
-    if cfg.tie_weights:
-        out["lm_head.weight"] = out["wte.weight"]
-    return out
+    return with_tied(out, cfg)
 
 
 def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
@@ -159,10 +162,6 @@ def _tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, str]:
 def save_hf(model_state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer_spec: dict[str, Any], out: Path,
             source: str = "") -> Path:
     """Write a Hugging Face model folder (atomically; an existing folder is not replaced)."""
-    from safetensors.torch import save_file
-
-    from ..files import atomic_dir, honour_umask
-
     tok = from_spec(tokenizer_spec)
     hf_config = config_to_hf(cfg, tok.eot_id)
     with atomic_dir(Path(out), replace=False) as tmp:
@@ -201,8 +200,6 @@ def hub_snapshot(name: str) -> Path:
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    from ..train.checkpoint import read_safetensors
-
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -262,8 +259,6 @@ def _hf_tokenizer(path: Path) -> Tokenizer | None:
 def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], GPTConfig,
                                                                      dict[str, Any] | None]:
     """(gptlab state dict, config, tokenizer spec or None) of a local HF GPT-2 / GPT-1 folder."""
-    from ..train.checkpoint import check_weights
-
     try:
         hf_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

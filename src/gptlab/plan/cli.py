@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from ..errors import GptlabError
-from ..options import count, number, number_list, parse_number, parse_set
+from ..config import PRESETS
+from ..options import add_json, count, emit, number, number_list, parse_number, parse_set
 from ..recipe import NON_NEGATIVE, POSITIVE, Range
 from .hardware import HARDWARE, PF_DAY, hardware, training_time
 from .memory import DTYPE_BYTES, OPTIMIZERS, RECOMPUTE, inference, kv_cache_bytes, training_memory, weights_bytes
@@ -33,8 +33,13 @@ def gb(x: float) -> str:
     return f"{x / 1e9:,.2f} GB"
 
 
+# `--set` takes the planner's names and, as `gptlab train --set` does, the model config's
+CONFIG_NAMES = {"n_embd": "d_model", "block_size": "n_ctx"}
+
+
 def _shape(args: argparse.Namespace) -> Shape:
-    return resolve(args.model, **parse_set(args.set, "n_ctx=4096"))
+    changes = {CONFIG_NAMES.get(k, k): v for k, v in parse_set(args.set, "n_ctx=4096").items()}
+    return resolve(args.model, **changes)
 
 
 def _hw(args: argparse.Namespace):
@@ -171,8 +176,6 @@ def plan_mfu(args: argparse.Namespace) -> tuple[dict, str]:
 
 
 def plan_compare(args: argparse.Namespace) -> tuple[dict, str]:
-    from ..config import PRESETS
-
     hw = _hw(args)
     rows = []
     for name in args.models or list(PRESETS):
@@ -196,7 +199,25 @@ def plan_compare(args: argparse.Namespace) -> tuple[dict, str]:
     return r, "\n".join(lines)
 
 
+def cmd_presets(args: argparse.Namespace) -> None:
+    rows = []
+    for name, cfg in PRESETS.items():
+        n = params(Shape.from_config(cfg))
+        rows.append({"name": name, **{k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size",
+                                                                   "vocab_size", "norm")},
+                     "params": n["total"], "non_embedding": n["non_embedding"]})
+    lines = [f"{'preset':<12}{'layers':>7}{'heads':>6}{'d_model':>8}{'context':>8}{'vocab':>7}{'norm':>6}"
+             f"{'params':>16}{'non-embedding':>16}"]
+    lines += [f"{r['name']:<12}{r['n_layer']:>7}{r['n_head']:>6}{r['n_embd']:>8}{r['block_size']:>8}"
+              f"{r['vocab_size']:>7}{r['norm']:>6}{r['params']:>16,}{r['non_embedding']:>16,}" for r in rows]
+    emit(args, {"presets": rows}, "\n".join(lines))
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser("presets", help="list the model presets with exact parameter counts")
+    add_json(q)
+    q.set_defaults(func=cmd_presets)
+
     p = sub.add_parser("plan", help="sizes, FLOPs, memory, time, cost, scaling laws, inference sizing",
                        description="The planner. Models are presets (gptlab presets) changed with --set, e.g. "
                                    "--set n_ctx=4096 --set n_kv_head=8 --set n_experts=8 --set experts_per_token=2.")
@@ -284,10 +305,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(plan=plan_compare)
 
     for q in what.choices.values():
-        q.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+        add_json(q)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     result, text = args.plan(args)
-    print(json.dumps(result, default=str) if args.json else text, flush=True)
+    emit(args, result, text)

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..plan.scaling import APPROACH_EXPONENTS, BESIROGLU, HOFFMANN, KAPLAN_D, KAPLAN_N, KAPLAN_N_OPT
 from ..plotting import pyplot, save_png
+from .analysis import largest_budget, predictions
 
 CAVEATS = """Published constants come from other data, tokenizers and scales (Kaplan et al.: WebText2, BPE, models
 to 1.5B trained near convergence; Hoffmann et al.: MassiveText, SentencePiece, 70M-16B parameters). Losses are in
@@ -87,8 +88,6 @@ def report(rows: list[dict[str, Any]], fits: dict[str, Any], sweep: dict[str, An
 
 def loss_plot(path: Path, rows: list[dict[str, Any]], fits: dict[str, Any]) -> Path:
     """Log-log loss against non-embedding N at the largest token budget, with the fits and the held-out point."""
-    from .sweep import largest_budget
-
     top = largest_budget(rows)
     n = np.array([r["non_embedding"] for r in top], dtype=float)
     grid = np.logspace(np.log10(n.min() / 1.5), np.log10(n.max() * 1.5), 100)
@@ -140,8 +139,6 @@ def isoflop_plot(path: Path, rows: list[dict[str, Any]], fits: dict[str, Any]) -
 
 def predicted_plot(path: Path, rows: list[dict[str, Any]], fits: dict[str, Any]) -> Path:
     """Each run's loss as the fit predicts it against the measured loss, and the held-out prediction."""
-    from .sweep import predictions
-
     label, covered, pred = predictions(rows, fits)
     actual = [r["final_val_loss"] for r in covered]
     fig, ax = pyplot().subplots(figsize=(5.5, 5))

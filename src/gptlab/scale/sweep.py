@@ -42,11 +42,12 @@ from ..config import preset
 from ..data.loader import read_meta
 from ..errors import GptlabError
 from ..plan.shape import Shape, params
-from ..train.checkpoint import list_checkpoints
+from ..checkpoint import list_checkpoints
 from ..recipe import RecipeConfig
 from ..train.config import TrainConfig
 from ..train.trainer import train
-from .fit import fit_chinchilla, fit_power_law, isoflop_profile
+from .analysis import fit_rows, predictions
+from .report import isoflop_plot, loss_plot, predicted_plot, report
 
 MIN_STEPS = 10
 
@@ -59,9 +60,10 @@ class Sweep(RecipeConfig):
 
     help_hint = "`gptlab scale --help`"
     what = "sweep"
+    renamed = {"out": "out_dir"}
 
     data: str = ""
-    out: str = ""
+    out_dir: str = ""
     recipe: str | None = None
     depths: list[int] | None = None  # default 1, 2, 3, 4, 6 when no shapes are given
     shapes: list[list[int]] | None = None
@@ -99,7 +101,7 @@ class Sweep(RecipeConfig):
         given = self._both_sizes
         return [(not bad, msg) for bad, msg in [
             (not self.data, "the sweep needs `data` (flag --data or a key in the sweep file)"),
-            (not self.out, "the sweep needs `out` (flag --out or a key in the sweep file)"),
+            (not self.out_dir, "the sweep needs `out_dir` (flag --out-dir or a key in the sweep file)"),
             (given, "give depths (a dial) or shapes, not both"),
             (any(len(x) != 2 or min(x) < 1 for x in self.shapes), "each shape is [n_layer, n_embd], both >= 1"),
             (not sizes, "the size list is empty; give at least 3 depths (--depths 1,2,3) or shapes"),
@@ -166,7 +168,7 @@ def run_config(sw: Sweep, base: TrainConfig, pt: dict[str, Any]) -> TrainConfig:
     warmup = int(sw.warmup_frac * pt["steps"]) if sw.warmup_frac else min(base.warmup_iters, pt["steps"] // 2)
     shape = {k: pt[k] for k in ("n_layer", "n_embd", "n_head")}
     threads = base.threads or (max(1, (os.cpu_count() or 1) // (sw.jobs * sw.nproc_per_node)) if sw.jobs > 1 else 0)
-    return TrainConfig(**{**base.to_dict(), "out_dir": str(Path(sw.out) / pt["name"]), "max_iters": pt["steps"],
+    return TrainConfig(**{**base.to_dict(), "out_dir": str(Path(sw.out_dir) / pt["name"]), "max_iters": pt["steps"],
                           "lr": lr, "min_lr": base.min_lr * lr / base.lr, "warmup_iters": warmup,
                           "ckpt_interval": max(1, pt["steps"] // 4), "threads": threads,
                           "model_overrides": {**base.model_overrides, **shape}})
@@ -201,12 +203,12 @@ def run_sweep(sw: Sweep, progress: bool = False) -> dict[str, Any]:
     """Train every unfinished point, then fit and report. The sweep folder is locked throughout (each run
     folder is locked by its own run as well)."""
     base, points = plan_runs(sw)
-    with run_folder(Path(sw.out), "sweep folder"):
+    with run_folder(Path(sw.out_dir), "sweep folder"):
         return _run_sweep(sw, base, points, progress)
 
 
 def _run_sweep(sw: Sweep, base: TrainConfig, points: list[dict[str, Any]], progress: bool) -> dict[str, Any]:
-    root = Path(sw.out)
+    root = Path(sw.out_dir)
     todo = []
     for pt in points:
         run = root / pt["name"]
@@ -234,84 +236,6 @@ def _run_sweep(sw: Sweep, base: TrainConfig, points: list[dict[str, Any]], progr
     return {"runs": rows, "fits": fits, "out": str(root)}
 
 
-def largest_budget(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The runs of the largest budget, smallest model first (what L(N) and its held-out check are fitted on)."""
-    top = max(r["budget"] for r in rows)
-    return sorted((r for r in rows if r["budget"] == top), key=lambda r: r["params"])
-
-
-def fit_rows(rows: list[dict[str, Any]], isoflop: bool = False) -> dict[str, Any]:
-    """The fits the runs support:
-
-    - token mode, at the largest token budget: L(N) = a·N^-α over non-embedding N (and with E from 4 runs), and
-      the held-out prediction: fitted on all but the largest model, its predicted loss for the largest;
-    - token mode with 3+ budgets: L(D) = b·D^-β for the largest model (and with E from 4 budgets);
-    - IsoFLOP mode: the per-budget parabolas, N_opt ∝ C^a and D_opt ∝ C^b (from 2 budgets), and a held-out
-      check: the minimum loss per budget as a power law in C, fitted without the largest budget, predicting it;
-    - 5+ runs over 2+ sizes and 2+ token counts: the Chinchilla L(N, D) = E + A/N^α + B/D^β (total N), which
-      ``gptlab plan scaling --law fits.json`` uses.
-    """
-    out: dict[str, Any] = {}
-    if isoflop:
-        try:
-            out["isoflop"] = isoflop_profile([r["budget"] for r in rows], [r["params"] for r in rows],
-                                             [r["final_val_loss"] for r in rows])
-        except GptlabError as e:  # the runs and other fits are still worth writing; the report says why
-            out["isoflop_error"] = str(e)
-        b = out.get("isoflop", {}).get("budgets", [])
-        if len(b) >= 3:
-            held = fit_power_law([o["compute"] for o in b[:-1]], [o["loss_min"] for o in b[:-1]], bootstrap=0)
-            pred = held.params["a"] * b[-1]["compute"] ** -held.params["alpha"]
-            out["held_out"] = {"what": "minimum loss of the largest budget from L_min(C) fitted on the others",
-                               "fit_on": len(b) - 1, "params": held.params, "predicted_loss": pred,
-                               "actual_loss": b[-1]["loss_min"], "relative_error": (pred - b[-1]["loss_min"])
-                               / b[-1]["loss_min"]}
-    else:
-        top = largest_budget(rows)
-        n, loss = [r["non_embedding"] for r in top], [r["final_val_loss"] for r in top]
-        out["power_law"] = fit_power_law(n, loss).to_dict()
-        if len(top) >= 4:
-            out["power_law_with_E"] = fit_power_law(n, loss, irreducible=True, bootstrap=50).to_dict()
-        held = fit_power_law(n[:-1], loss[:-1], bootstrap=0).params
-        pred = held["a"] * n[-1] ** -held["alpha"]
-        out["held_out"] = {"what": "largest model's loss from L(N) fitted on the smaller ones", "fit_on": len(top) - 1,
-                           "params": held, "largest_non_embedding": n[-1], "predicted_loss": pred,
-                           "actual_loss": loss[-1], "relative_error": (pred - loss[-1]) / loss[-1]}
-        if len(top) >= 5:  # the same check for the law with a floor, E + a·N^-α
-            q = fit_power_law(n[:-1], loss[:-1], irreducible=True, bootstrap=0).params
-            pred_e = q["E"] + q["a"] * n[-1] ** -q["alpha"]
-            out["held_out"].update(params_with_E=q, predicted_loss_with_E=pred_e,
-                                   relative_error_with_E=(pred_e - loss[-1]) / loss[-1])
-        if len({r["budget"] for r in rows}) >= 3:
-            big = [r for r in rows if r["params"] == max(x["params"] for x in rows)]
-            d, ld = [r["tokens"] for r in big], [r["final_val_loss"] for r in big]
-            out["data_law"] = fit_power_law(d, ld).to_dict()
-            if len(big) >= 4:
-                out["data_law_with_E"] = fit_power_law(d, ld, irreducible=True, bootstrap=50).to_dict()
-    if len(rows) >= 5 and len({r["params"] for r in rows}) >= 2 and len({r["tokens"] for r in rows}) >= 2:
-        _, fit = fit_chinchilla([r["params"] for r in rows], [r["tokens"] for r in rows],
-                                [r["final_val_loss"] for r in rows], bootstrap=30)
-        out["chinchilla"] = fit.to_dict()
-    return out
-
-
-def predictions(rows: list[dict[str, Any]], fits: dict[str, Any]
-                ) -> tuple[str, list[dict[str, Any]], list[float]] | None:
-    """The runs a fit covers and their losses as it predicts them: Chinchilla L(N, D) when fitted, else L(N)
-    (with E when fitted) over the largest token budget."""
-    if "chinchilla" in fits:
-        p = fits["chinchilla"]["params"]
-        return "L = E + A/N^α + B/D^β", rows, [p["E"] + p["A"] / r["params"] ** p["alpha"]
-                                              + p["B"] / r["tokens"] ** p["beta"] for r in rows]
-    key = "power_law_with_E" if "power_law_with_E" in fits else "power_law"
-    if key not in fits:
-        return None
-    p = fits[key]["params"]
-    top = largest_budget(rows)
-    return ("L = E + a·N^-α" if "E" in p else "L = a·N^-α"), top, [p.get("E", 0.0) + p["a"] * r["non_embedding"]
-                                                                  ** -p["alpha"] for r in top]
-
-
 def write_outputs(root: Path, rows: list[dict[str, Any]], fits: dict[str, Any], sw: Sweep) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -320,7 +244,6 @@ def write_outputs(root: Path, rows: list[dict[str, Any]], fits: dict[str, Any], 
     atomic_write_bytes(root / "results.csv", buf.getvalue().encode())
     atomic_write_bytes(root / "results.json", json.dumps(rows, indent=1).encode())
     atomic_write_bytes(root / "fits.json", json.dumps(fits, indent=1).encode())
-    from .report import isoflop_plot, loss_plot, predicted_plot, report
 
     if "power_law" in fits:
         loss_plot(root / "loss_vs_n.png", rows, fits)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..recipe import DEFAULT_SEED
 import torch.nn.functional as F
 
 
@@ -52,7 +54,7 @@ def mix_in_predictions(model: torch.nn.Module, x: torch.Tensor, p: float, genera
 
 
 @torch.no_grad()
-def exposure_report(model: torch.nn.Module, tokens: list[int], p: float, seed: int = 0,
+def exposure_report(model: torch.nn.Module, tokens: list[int], p: float, seed: int = DEFAULT_SEED,
                     max_windows: int = 64) -> dict[str, float]:
     """Mean per-token loss of ``tokens`` under teacher forcing and under sequential scheduled sampling at rate ``p``
     (each input is, with probability p, the model's own greedy prediction given the *mixed* history so far, as in

@@ -28,17 +28,18 @@ from ..errors import GptlabError
 from ..model import GPT
 from ..files import run_folder
 from ..metrics import METRICS, Metrics, plot_losses
-from . import checkpoint as ckpt_io
+from .. import checkpoint as ckpt_io
 from . import distributed
 from .config import TrainConfig
 from .optim import lr_at, make_optimizer
 from .scheduled_sampling import mix_in_predictions, ss_probability
 
 def model_config_for(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    """The model config of a run: the preset, then the shortcut fields ``block_size`` (if set) and ``dropout``, then
+    ``model_overrides``. One rule: a field named in ``model_overrides`` (``--set``) wins over its shortcut."""
     base = preset(cfg.model)
-    overrides = {"vocab_size": vocab_size, "dropout": cfg.dropout, **cfg.model_overrides}
-    if cfg.block_size:
-        overrides["block_size"] = cfg.block_size
+    shortcuts = {"dropout": cfg.dropout, **({"block_size": cfg.block_size} if cfg.block_size else {})}
+    overrides = {"vocab_size": vocab_size, **shortcuts, **cfg.model_overrides}
     mcfg = base.replace(**overrides)
     if mcfg.vocab_size < vocab_size:
         raise GptlabError(f"vocab_size = {mcfg.vocab_size} is smaller than the dataset's tokenizer vocabulary "

@@ -21,11 +21,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..assets import sha256_of
-from ..config import GPTConfig
-from ..errors import GptlabError
-from ..files import atomic_dir, atomic_write_text, honour_umask, remove_dir
-from ..model import GPT
+from .assets import sha256_of
+from .config import GPTConfig
+from .errors import GptlabError
+from .files import atomic_dir, atomic_write_text, honour_umask, remove_dir
+from .model import GPT, drop_tied, with_tied
 
 FORMAT = "gptlab-checkpoint"
 VERSION = 1
@@ -47,7 +47,7 @@ def save_model_checkpoint(out: Path, model_state: dict[str, torch.Tensor], cfg: 
     """A weights-only checkpoint folder (no optimizer state: for inference, evaluation or fine-tuning), written
     atomically; refuses to replace an existing folder."""
     with atomic_dir(out, replace=False) as tmp:
-        sha = _save_tensors(weights_for_saving(model_state, cfg), tmp / "model.safetensors")
+        sha = _save_tensors(drop_tied(model_state, cfg), tmp / "model.safetensors")
         meta = dict(extra, format=FORMAT, version=VERSION, step=extra.get("step", 0), model_config=cfg.to_dict(),
                     tokenizer=tokenizer_spec, sha256={"model.safetensors": sha})
         atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1))
@@ -95,11 +95,6 @@ def check_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, where: str) -> No
         raise GptlabError(f"{where}: unexpected tensors {sorted(extra)[:3]}")
 
 
-def weights_for_saving(state_dict: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    """The model's tensors with the tied head dropped (it is the token embedding)."""
-    return {k: v for k, v in state_dict.items() if not (cfg.tie_weights and k == "lm_head.weight")}
-
-
 def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor],
                     optim_state: dict[str, Any], state: dict[str, Any], keep_last: int,
                     extra: dict[str, torch.Tensor] | None = None) -> Path:
@@ -118,7 +113,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
         for k, v in state.pop("rng").items():
             tensors[f"rng/{k}"] = v
         meta = dict(state, format=FORMAT, version=VERSION, step=step, param_groups=groups,
-                    sha256={"model.safetensors": _save_tensors(weights_for_saving(model_state, cfg),
+                    sha256={"model.safetensors": _save_tensors(drop_tied(model_state, cfg),
                                                                tmp / "model.safetensors"),
                             "optimizer.safetensors": _save_tensors(tensors, tmp / "optimizer.safetensors")})
         if extra:
@@ -205,8 +200,7 @@ def load_weights(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The full model state dict of a checkpoint, checked against its model config tensor by tensor."""
     cfg = GPTConfig.from_dict(meta["model_config"])
     sd = _load_tensors(ckpt, "model.safetensors", meta)
-    if cfg.tie_weights and "wte.weight" in sd:
-        sd["lm_head.weight"] = sd["wte.weight"]
+    sd = with_tied(sd, cfg)
     check_weights(sd, cfg, f"{ckpt}/model.safetensors")
     return sd
 
@@ -216,7 +210,7 @@ def load_extra(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     return _load_tensors(ckpt, "heads.safetensors", meta) if "heads.safetensors" in meta["sha256"] else {}
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
     """A model ready for inference from a run folder or checkpoint folder, and the checkpoint's metadata."""
     ckpt = resolve(path)
     meta = read_state(ckpt)

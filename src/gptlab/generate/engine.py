@@ -23,8 +23,9 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from .errors import GptlabError
-from .model import GPT, KVCache
+from ..errors import GptlabError
+from ..model import GPT, KVCache
+from ..recipe import DEFAULT_SEED
 
 CACHE_BUCKET = 256  # compiled decode: cache lengths are rounded up to a multiple of this (fewer recompiles)
 # Materialize every intermediate instead of fusing LayerNorm/GELU into the matrix-vector reductions that read
@@ -41,7 +42,7 @@ class Sampling:
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float = 1.0
-    seed: int = 0
+    seed: int = DEFAULT_SEED
 
     def __post_init__(self) -> None:
         problems = []

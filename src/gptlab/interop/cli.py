@@ -1,0 +1,47 @@
+"""``gptlab convert MODEL --out-dir DIR``: gptlab checkpoints <-> Hugging Face folders; OpenAI releases -> gptlab."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import GptlabError
+from ..options import add_json, add_model, add_out_dir, emit
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from ..checkpoint import save_model_checkpoint  # here, not at the top: torch and safetensors load slowly
+    from ..loader import load_model
+    from .hf import save_hf
+
+    if args.out:  # the old positional output folder
+        print("gptlab: warning: the positional output folder is deprecated and will be removed in the next release; "
+              "use --out-dir", file=sys.stderr)
+        if args.out_dir not in (None, args.out):
+            raise GptlabError(f"the output folder {args.out} contradicts --out-dir {args.out_dir}; give one of them")
+        args.out_dir = args.out
+    if not args.out_dir:
+        raise GptlabError("give the output folder: gptlab convert MODEL --out-dir DIR")
+    loaded = load_model(args.model, "cpu")
+    model, meta = loaded.model, loaded.meta
+    to = args.to or ("hf" if meta.get("format") == "gptlab-checkpoint" else "gptlab")
+    if to == "hf":
+        out = save_hf(model.state_dict(), model.config, meta["tokenizer"], Path(args.out_dir), source=str(args.model))
+    else:
+        out = save_model_checkpoint(Path(args.out_dir), model.state_dict(), model.config, meta["tokenizer"],
+                                    source=str(args.model))
+    result = {"model": str(args.model), "out_dir": str(out), "to": to, "params": model.num_params(),
+              "files": sorted(p.name for p in out.iterdir())}
+    emit(args, result, f"wrote {to} model ({result['params']:,} parameters) to {out}: {', '.join(result['files'])}")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert between gptlab checkpoints and Hugging Face / OpenAI models")
+    add_model(p, "convert", old=())
+    p.add_argument("out", nargs="?", help=argparse.SUPPRESS)  # deprecated: the output folder as a second argument
+    add_out_dir(p, "new output folder (never overwritten)", old=())
+    p.add_argument("--to", choices=["hf", "gptlab"],
+                   help="output format (default: hf for a gptlab checkpoint, gptlab for anything else)")
+    add_json(p)
+    p.set_defaults(func=cmd_convert)

@@ -1,0 +1,76 @@
+"""The one loader: any model source to a model, its tokenizer and its config, ready for inference.
+
+Every verb that reads a model (``sample``, ``eval``, ``serve``-style uses, ``convert``, fine-tuning's ``--init``) and
+the notebook API (:func:`gptlab.load`) go through :func:`load_model`. A source is:
+
+- a gptlab run folder (its latest complete checkpoint), ``RUN/best``, or a ``checkpoints/step-*`` folder;
+- a Hugging Face GPT-2 / GPT-1 model folder (``config.json`` + safetensors or ``pytorch_model.bin``), or a Hub name
+  (``gpt2``, ``distilgpt2``; fetched through ``huggingface_hub`` and its cache);
+- an OpenAI GPT-2 release folder (``hparams.json``, ``encoder.json``, ``vocab.bpe``, the TF checkpoint).
+
+Pickles are never executed: weights come from safetensors, or from ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from .checkpoint import list_checkpoints, load_checkpoint
+from .config import GPTConfig
+from .errors import GptlabError
+from .interop.hf import hub_snapshot, is_hf_dir, load_hf
+from .interop.openai import is_openai_dir, load_openai
+from .model import GPT
+from .tokenizer import Tokenizer, from_spec
+from .train.distributed import pick_device
+
+
+class Loaded(NamedTuple):
+    """What :func:`load_model` returns (nanochat's checkpoint manager returns the same three things)."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    config: GPTConfig
+    source: str
+    meta: dict[str, Any]  # ``model_config``, ``tokenizer`` (its spec), ``source``, and a checkpoint's state
+
+
+def is_gptlab(path: Path) -> bool:
+    return (path / "state.json").is_file() or bool(list_checkpoints(path)) or path.name == "best"
+
+
+def load_model(source: str | Path, device: str | torch.device = "auto") -> Loaded:
+    """The model of ``source`` in eval mode on ``device`` (``auto``: CUDA, else MPS, else CPU), with its tokenizer."""
+    device = pick_device(device)
+    path = Path(source)
+    if is_gptlab(path):
+        model, meta = load_checkpoint(path, device)
+    else:
+        if not path.exists():
+            if str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
+                raise GptlabError(f"model {source} does not exist")
+            path = hub_snapshot(str(source))
+        if is_hf_dir(path):
+            sd, cfg, tok = load_hf(path)
+        elif is_openai_dir(path):
+            sd, cfg, tok = load_openai(path)
+        else:
+            raise GptlabError(f"{source} is not a gptlab run or checkpoint, a Hugging Face model folder (config.json) "
+                              f"or an OpenAI GPT-2 folder (hparams.json)")
+        if tok is None:
+            raise GptlabError(f"{path} has no tokenizer files (vocab.json + merges.txt, or tokenizer.json); copy "
+                              f"them from the model's source")
+        model, meta = build(sd, cfg, device), {"model_config": cfg.to_dict(), "tokenizer": tok}
+    meta = {**meta, "source": str(source)}
+    return Loaded(model, from_spec(meta["tokenizer"]), model.config, str(source), meta)
+
+
+def build(sd: dict[str, torch.Tensor], cfg: GPTConfig, device: str | torch.device = "cpu") -> GPT:
+    """A model in eval mode holding the tensors of ``sd`` (no copy: they are assigned)."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.load_state_dict(sd, assign=True)
+    return model.tie_().to(device).eval()
