@@ -24,7 +24,11 @@ def synthetic_dataset(path: Path, vocab_size: int, tokens: int = 2_000_000, seed
     for split, n in (("train", tokens), ("val", tokens // 10)):
         write_shard(path / f"{split}_000.bin", rng.integers(0, vocab_size, n).astype(dtype))
         files[split] = [f"{split}_000.bin"]
-    spec = {"kind": "gpt2"} if vocab_size == 50257 else {"kind": "char", "chars": "".join(map(chr, range(33, 32 + vocab_size)))}
+    spec = (
+        {"kind": "gpt2"}
+        if vocab_size == 50257
+        else {"kind": "char", "chars": "".join(map(chr, range(33, 32 + vocab_size)))}
+    )
     (path / "meta.json").write_text(json.dumps({"tokenizer": spec, "vocab_size": vocab_size, "files": files}))
     return path
 
@@ -34,8 +38,11 @@ def gptlab_train(args: list[str], nproc: int = 1, threads: int | None = None) ->
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
     r = subprocess.run([*launcher, "-m", "gptlab", "train", "--json", *args], env=env, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"gptlab train failed:\n{r.stderr[-3000:]}")

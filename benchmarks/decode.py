@@ -56,8 +56,15 @@ def main() -> None:
     def hf_run(batch: int, cache: bool = True):
         x = torch.randint(0, 50257, (batch, P), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            return hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=N, min_new_tokens=N,
-                               do_sample=False, use_cache=cache, pad_token_id=50256)[:, P:].tolist()
+            return hf.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=N,
+                min_new_tokens=N,
+                do_sample=False,
+                use_cache=cache,
+                pad_token_id=50256,
+            )[:, P:].tolist()
 
     def ours_run(engine: Engine, batch: int):
         x = torch.randint(0, 50257, (batch, P), generator=torch.Generator().manual_seed(1))
@@ -72,36 +79,51 @@ def main() -> None:
         return idx[:, P:].tolist()
 
     eager, compiled = Engine(ours), Engine(ours, compile=True)
-    r: dict[str, float | str | bool] = {"model": "gpt2 (124M, random weights)", "dtype": "float32",
-                                        "threads": args.threads, "prompt_tokens": P, "new_tokens": N,
-                                        "torch": torch.__version__, "transformers": transformers.__version__,
-                                        "cpu": platform.processor() or platform.machine()}
+    r: dict[str, float | str | bool] = {
+        "model": "gpt2 (124M, random weights)",
+        "dtype": "float32",
+        "threads": args.threads,
+        "prompt_tokens": P,
+        "new_tokens": N,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
     same = hf_run(1) == ours_run(eager, 1)
     t0 = time.perf_counter()
     same &= ours_run(compiled, 1) == ours_run(eager, 1)
     r["compile_seconds"] = round(time.perf_counter() - t0, 1)
     r["greedy_tokens_identical"] = same
-    for name, fn in [("hf_b1", lambda: hf_run(1)), ("gptlab_eager_b1", lambda: ours_run(eager, 1)),
-                     ("gptlab_compiled_b1", lambda: ours_run(compiled, 1))]:
+    for name, fn in [
+        ("hf_b1", lambda: hf_run(1)),
+        ("gptlab_eager_b1", lambda: ours_run(eager, 1)),
+        ("gptlab_compiled_b1", lambda: ours_run(compiled, 1)),
+    ]:
         r[f"{name}_tok_s"] = round(N / timed(fn, args.repeats), 2)
         print(f"{name:<22} {r[f'{name}_tok_s']:>8.2f} tok/s", flush=True)
     r["hf_no_cache_b1_tok_s"] = round(N / timed(lambda: hf_run(1, cache=False), 1), 2)
     r["gptlab_no_cache_b1_tok_s"] = round(N / timed(ours_no_cache, 1), 2)
     print(f"no cache: hf {r['hf_no_cache_b1_tok_s']:.2f}, gptlab {r['gptlab_no_cache_b1_tok_s']:.2f} tok/s", flush=True)
     ours_run(compiled, B)  # compile the batch shape
-    for name, fn in [(f"hf_b{B}", lambda: hf_run(B)), (f"gptlab_eager_b{B}", lambda: ours_run(eager, B)),
-                     (f"gptlab_compiled_b{B}", lambda: ours_run(compiled, B))]:
+    for name, fn in [
+        (f"hf_b{B}", lambda: hf_run(B)),
+        (f"gptlab_eager_b{B}", lambda: ours_run(eager, B)),
+        (f"gptlab_compiled_b{B}", lambda: ours_run(compiled, B)),
+    ]:
         r[f"{name}_tok_s"] = round(B * N / timed(fn, args.repeats), 2)
         print(f"{name:<22} {r[f'{name}_tok_s']:>8.2f} tok/s (all rows)", flush=True)
     r["speedup_compiled_vs_hf_b1"] = round(r["gptlab_compiled_b1_tok_s"] / r["hf_b1_tok_s"], 2)
     r["speedup_eager_vs_hf_b1"] = round(r["gptlab_eager_b1_tok_s"] / r["hf_b1_tok_s"], 2)
     r["kv_cache_speedup_eager"] = round(r["gptlab_eager_b1_tok_s"] / r["gptlab_no_cache_b1_tok_s"], 2)
     r["kv_cache_speedup_compiled"] = round(r["gptlab_compiled_b1_tok_s"] / r["gptlab_no_cache_b1_tok_s"], 2)
-    r[f"speedup_best_vs_hf_b{B}"] = round(max(r[f"gptlab_eager_b{B}_tok_s"], r[f"gptlab_compiled_b{B}_tok_s"])
-                                          / r[f"hf_b{B}_tok_s"], 2)
-    print(f"batch 1: compiled {r['speedup_compiled_vs_hf_b1']}x HF, eager {r['speedup_eager_vs_hf_b1']}x HF; "
-          f"KV cache {r['kv_cache_speedup_eager']}x (eager) / {r['kv_cache_speedup_compiled']}x (compiled) over "
-          f"no cache; batch {B}: {r[f'speedup_best_vs_hf_b{B}']}x HF; greedy tokens identical: {same}")
+    r[f"speedup_best_vs_hf_b{B}"] = round(
+        max(r[f"gptlab_eager_b{B}_tok_s"], r[f"gptlab_compiled_b{B}_tok_s"]) / r[f"hf_b{B}_tok_s"], 2
+    )
+    print(
+        f"batch 1: compiled {r['speedup_compiled_vs_hf_b1']}x HF, eager {r['speedup_eager_vs_hf_b1']}x HF; "
+        f"KV cache {r['kv_cache_speedup_eager']}x (eager) / {r['kv_cache_speedup_compiled']}x (compiled) over "
+        f"no cache; batch {B}: {r[f'speedup_best_vs_hf_b{B}']}x HF; greedy tokens identical: {same}"
+    )
     print(json.dumps(r))
 
 

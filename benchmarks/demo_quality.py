@@ -35,15 +35,45 @@ def main() -> None:
         data = Path(tmp) / "tinyshakespeare-char"
         prepare([source], data, tokenizer="char", progress=False)
         for seed in map(int, args.seeds.split(",")):
-            s = gptlab_train(["--recipe", str(REPO / "recipes" / "tinyshakespeare.toml"), "--data", str(data),
-                              "--out-dir", str(Path(tmp) / f"run{seed}"), "--seed", str(seed)])
-            runs.append({"seed": seed, "final_val_loss": s["final_val_loss"], "train_seconds": s["train_seconds"],
-                         "tokens_per_second": s["tokens_per_second"]})
-            print(f"seed {seed}: val loss {s['final_val_loss']:.4f} (nanoGPT {NANOGPT_VAL}, target <= {TARGET}) "
-                  f"in {s['train_seconds']}s", flush=True)
+            s = gptlab_train(
+                [
+                    "--recipe",
+                    str(REPO / "recipes" / "tinyshakespeare.toml"),
+                    "--data",
+                    str(data),
+                    "--out-dir",
+                    str(Path(tmp) / f"run{seed}"),
+                    "--seed",
+                    str(seed),
+                ]
+            )
+            runs.append(
+                {
+                    "seed": seed,
+                    "final_val_loss": s["final_val_loss"],
+                    "train_seconds": s["train_seconds"],
+                    "tokens_per_second": s["tokens_per_second"],
+                }
+            )
+            print(
+                f"seed {seed}: val loss {s['final_val_loss']:.4f} (nanoGPT {NANOGPT_VAL}, target <= {TARGET}) "
+                f"in {s['train_seconds']}s",
+                flush=True,
+            )
     worst = max(r["final_val_loss"] for r in runs)
-    print(json.dumps({"benchmark": "demo_quality", "data": source, "nanogpt_val_loss": NANOGPT_VAL,
-                      "target": TARGET, "runs": runs, "worst_val_loss": worst, "meets_target": worst <= TARGET}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "demo_quality",
+                "data": source,
+                "nanogpt_val_loss": NANOGPT_VAL,
+                "target": TARGET,
+                "runs": runs,
+                "worst_val_loss": worst,
+                "meets_target": worst <= TARGET,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

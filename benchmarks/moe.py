@@ -71,22 +71,52 @@ def main() -> None:
         run = out / name
         if iters is None:  # as many steps as dense's throughput buys in moe's training time
             iters = round(args.max_iters * results["moe"]["train_seconds"] / results["dense"]["train_seconds"])
-        s = gptlab_train(["--recipe", str(REPO / "recipes" / "demo.toml"), "--data", str(data), "--out-dir", str(run),
-                          "--max-iters", str(iters), "--ckpt-interval", "0", *flags])
+        s = gptlab_train(
+            [
+                "--recipe",
+                str(REPO / "recipes" / "demo.toml"),
+                "--data",
+                str(data),
+                "--out-dir",
+                str(run),
+                "--max-iters",
+                str(iters),
+                "--ckpt-interval",
+                "0",
+                *flags,
+            ]
+        )
         overrides = {flags[i + 1].split("=")[0]: int(flags[i + 1].split("=")[1]) for i in range(0, len(flags), 2)}
         shape = Shape.from_config(preset("baby", vocab_size=vocab, **overrides))
         p = params(shape)
-        results[name] = {"max_iters": iters, "final_val_loss": s["final_val_loss"], "tokens_per_second": s["tokens_per_second"],
-                         "train_seconds": s["train_seconds"], "params_total": p["total"], "params_active": p["active"],
-                         "forward_flops_per_token": forward_flops_per_token(shape)["total"]}
-        print(f"{name:<11} val {s['final_val_loss']:.4f}  {s['tokens_per_second']:,} tok/s  total {p['total']:,}  "
-              f"active {p['active']:,}", flush=True)
+        results[name] = {
+            "max_iters": iters,
+            "final_val_loss": s["final_val_loss"],
+            "tokens_per_second": s["tokens_per_second"],
+            "train_seconds": s["train_seconds"],
+            "params_total": p["total"],
+            "params_active": p["active"],
+            "forward_flops_per_token": forward_flops_per_token(shape)["total"],
+        }
+        print(
+            f"{name:<11} val {s['final_val_loss']:.4f}  {s['tokens_per_second']:,} tok/s  total {p['total']:,}  "
+            f"active {p['active']:,}",
+            flush=True,
+        )
     utilization_plot(out / "moe" / "metrics.jsonl", out / "moe_utilization.png")
     last = [json.loads(r) for r in (out / "moe" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in last if "moe_expert_fraction" in r][-1]
-    print(json.dumps({"benchmark": "moe", "max_iters": args.max_iters, "runs": results,
-                      "final_expert_fraction": last["moe_expert_fraction"],
-                      "utilization_plot": str(out / "moe_utilization.png")}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "moe",
+                "max_iters": args.max_iters,
+                "runs": results,
+                "final_expert_fraction": last["moe_expert_fraction"],
+                "utilization_plot": str(out / "moe_utilization.png"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

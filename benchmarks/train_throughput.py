@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import gptlab_train, synthetic_dataset
 
 CASES = {  # preset, vocab, batch, context, also try torch.compile
@@ -40,13 +39,29 @@ def hf_tokens_per_second(preset_name: str, vocab: int, B: int, T: int, steps: in
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     c = preset(preset_name)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=T, vocab_size=vocab,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)).train()
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            n_embd=c.n_embd,
+            n_positions=T,
+            vocab_size=vocab,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    ).train()
     params = list(model.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=1e-3,
+        betas=(0.9, 0.99),
+    )
     data = torch.randint(0, vocab, (steps + 1, B, T))
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     t = None
@@ -62,13 +77,57 @@ def hf_tokens_per_second(preset_name: str, vocab: int, B: int, T: int, steps: in
     return steps * B * T / (time.perf_counter() - t)
 
 
-def gptlab_tokens_per_second(preset_name: str, vocab: int, B: int, T: int, steps: int, data: Path, out: Path,
-                             nproc: int, threads: int, extra: list[str]) -> float:
-    args = ["--data", str(data), "--out-dir", str(out), "--model", preset_name, "--block-size", str(T),
-            "--batch-size", str(B // nproc), "--max-iters", str(steps + 1), "--eval-interval", str(10**9),
-            "--eval-iters", "1", "--final-eval-tokens", str(T * 4), "--ckpt-interval", "0", "--log-interval",
-            str(10**9), "--lr", "1e-3", "--beta2", "0.99", "--weight-decay", "0.1", "--grad-clip", "1.0",
-            "--warmup-iters", "0", "--threads", str(threads), "--device", "cpu", *extra]
+def gptlab_tokens_per_second(
+    preset_name: str,
+    vocab: int,
+    B: int,
+    T: int,
+    steps: int,
+    data: Path,
+    out: Path,
+    nproc: int,
+    threads: int,
+    extra: list[str],
+) -> float:
+    args = [
+        "--data",
+        str(data),
+        "--out-dir",
+        str(out),
+        "--model",
+        preset_name,
+        "--block-size",
+        str(T),
+        "--batch-size",
+        str(B // nproc),
+        "--max-iters",
+        str(steps + 1),
+        "--eval-interval",
+        str(10**9),
+        "--eval-iters",
+        "1",
+        "--final-eval-tokens",
+        str(T * 4),
+        "--ckpt-interval",
+        "0",
+        "--log-interval",
+        str(10**9),
+        "--lr",
+        "1e-3",
+        "--beta2",
+        "0.99",
+        "--weight-decay",
+        "0.1",
+        "--grad-clip",
+        "1.0",
+        "--warmup-iters",
+        "0",
+        "--threads",
+        str(threads),
+        "--device",
+        "cpu",
+        *extra,
+    ]
     return gptlab_train(args, nproc=nproc, threads=threads)["tokens_per_second"]
 
 
@@ -90,12 +149,18 @@ def main() -> None:
             extra = ["--dtype", args.dtype]
 
             def ours(name: str, nproc: int, threads: int, flags: list[str]) -> float:
-                return gptlab_tokens_per_second(preset_name, vocab, B, T, steps, data, Path(tmp) / f"{case}-{name}",
-                                                nproc, threads, extra + flags)
+                return gptlab_tokens_per_second(
+                    preset_name, vocab, B, T, steps, data, Path(tmp) / f"{case}-{name}", nproc, threads, extra + flags
+                )
 
-            r = {"batch": B, "context": T, "steps": steps, "dtype": args.dtype,
-                 "hf": hf_tokens_per_second(preset_name, vocab, B, T, steps, cores, args.dtype),
-                 "gptlab": ours("one", 1, cores, [])}
+            r = {
+                "batch": B,
+                "context": T,
+                "steps": steps,
+                "dtype": args.dtype,
+                "hf": hf_tokens_per_second(preset_name, vocab, B, T, steps, cores, args.dtype),
+                "gptlab": ours("one", 1, cores, []),
+            }
             if try_compile:
                 r["gptlab_compile"] = ours("compile", 1, cores, ["--compile"])
             r["gptlab_ddp2"] = ours("ddp2", 2, half, [])
@@ -103,11 +168,23 @@ def main() -> None:
             r["best"] = max(contestants, key=r.get)
             r["ratio_vs_hf"] = r[r["best"]] / r["hf"]
             results[case] = r
-            print(f"{case:5s} B={B} T={T} {args.dtype}: hf {r['hf']:,.0f} tok/s | " + " | ".join(
-                f"{k} {r[k]:,.0f} ({r[k] / r['hf']:.2f}x)" for k in contestants), flush=True)
-    print(json.dumps({"benchmark": "train_throughput", "torch": torch.__version__, "threads": cores,
-                      **{c: {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
-                         for c, r in results.items()}}))
+            print(
+                f"{case:5s} B={B} T={T} {args.dtype}: hf {r['hf']:,.0f} tok/s | "
+                + " | ".join(f"{k} {r[k]:,.0f} ({r[k] / r['hf']:.2f}x)" for k in contestants),
+                flush=True,
+            )
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_throughput",
+                "torch": torch.__version__,
+                "threads": cores,
+                **{
+                    c: {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for c, r in results.items()
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

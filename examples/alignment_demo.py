@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from gptlab.align.config import AlignConfig
-from gptlab.align.stages import load_init, load_scalar_model, last_token_scalar, token_logprobs
+from gptlab.align.stages import last_token_scalar, load_init, load_scalar_model, token_logprobs
 from gptlab.align.trainer import train_stage
 from gptlab.data.loader import TokenWindows, read_meta
 from gptlab.data.prepare import prepare
@@ -52,7 +52,7 @@ def openings(data: Path, split: str, n: int, seed: int) -> list[tuple[str, str]]
     text = tok.decode(ids[ids != tok.eot_id].tolist())  # documents joined, without end-of-text markers
     starts = [m.end() for m in re.finditer(r"\n", text) if m.end() + PROMPT + RESPONSE < len(text)]
     pick = np.random.default_rng(seed).choice(len(starts), n, replace=False)
-    return [(text[s:s + PROMPT], text[s + PROMPT:s + PROMPT + RESPONSE]) for s in (starts[i] for i in pick)]
+    return [(text[s : s + PROMPT], text[s + PROMPT : s + PROMPT + RESPONSE]) for s in (starts[i] for i in pick)]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -74,11 +74,11 @@ def samples(model, tok, prompts: list[str], k: int, seed: int) -> list[list[str]
     engine = Engine(model, tok)
     out = []
     for i in range(0, len(prompts), 64):
-        part = prompts[i:i + 64]
+        part = prompts[i : i + 64]
         ids = [tok.encode(p) for p in part for _ in range(k)]
         done = engine.generate_tokens(ids, RESPONSE, Sampling(temperature=1.0, seed=seed + i), stop_ids=[tok.eot_id])
         texts = [tok.decode(c.tokens) for c in done]
-        out += [texts[j * k:(j + 1) * k] for j in range(len(part))]
+        out += [texts[j * k : (j + 1) * k] for j in range(len(part))]
     return out
 
 
@@ -94,9 +94,13 @@ def judge(policy_dir: str, ref, rm, tok, prompts: list[str]) -> dict:
         x, y = torch.tensor([s[:-1]]), torch.tensor([s[1:]])
         n = len(tok.encode(p)) - 1
         kl.append((token_logprobs(policy, x, y)[0][0, n:] - token_logprobs(ref, x, y)[0][0, n:]).sum().item())
-    rm_scores = torch.cat([last_token_scalar(*rm, seqs[i:i + 64], "cpu") for i in range(0, len(seqs), 64)])
-    return {"rule": float(np.mean([rule(t) for t in texts])), "reward_model": rm_scores.mean().item(),
-            "kl": float(np.mean(kl)), "examples": [p + " | " + t for p, t in zip(prompts[:4], texts[:4])]}
+    rm_scores = torch.cat([last_token_scalar(*rm, seqs[i : i + 64], "cpu") for i in range(0, len(seqs), 64)])
+    return {
+        "rule": float(np.mean([rule(t) for t in texts])),
+        "reward_model": rm_scores.mean().item(),
+        "kl": float(np.mean(kl)),
+        "examples": [p + " | " + t for p, t in zip(prompts[:4], texts[:4])],
+    }
 
 
 def main() -> None:
@@ -113,15 +117,27 @@ def main() -> None:
     if not (data / "meta.json").exists():
         prepare(["shakespeare"], data, tokenizer="char", progress=False)
     if not Path(args.base).exists():
-        subprocess.run([sys.executable, "-m", "gptlab", "train", "--recipe", "recipes/demo.toml", "--data", str(data),
-                        "--out-dir", args.base], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gptlab",
+                "train",
+                "--recipe",
+                "recipes/demo.toml",
+                "--data",
+                str(data),
+                "--out-dir",
+                args.base,
+            ],
+            check=True,
+        )
     common = dict(model=args.base, device="cpu", threads=2, eval_interval=1000, log_interval=5, ckpt_interval=1000)
 
     # 2. SFT
     pairs = openings(data, "train", 1200, seed=0)
     sft_data = write_jsonl(out / "sft.jsonl", [{"prompt": p, "response": r} for p, r in pairs])
-    sft = stage(stage="sft", data=sft_data, out_dir=str(out / "sft"), max_iters=150, batch_size=32, lr=3e-4,
-                **common)
+    sft = stage(stage="sft", data=sft_data, out_dir=str(out / "sft"), max_iters=150, batch_size=32, lr=3e-4, **common)
     # 3. preferences from the SFT model's own samples, ranked by the rule
     model, tok = load_init(sft["out_dir"], "cpu")
     model.eval()
@@ -135,27 +151,58 @@ def main() -> None:
             prefs.append({"prompt": p, "ranked": [by_score[s] for s in sorted(by_score, reverse=True)]})
     pref_data = write_jsonl(out / "prefs.jsonl", prefs)
     # 4. reward model
-    rm_run = stage(stage="reward", data=pref_data, out_dir=str(out / "reward"), max_iters=400, batch_size=16,
-                   lr=1e-4, val_frac=0.2, center_rewards=0.01, **{**common, "model": sft["out_dir"]})
+    rm_run = stage(
+        stage="reward",
+        data=pref_data,
+        out_dir=str(out / "reward"),
+        max_iters=400,
+        batch_size=16,
+        lr=1e-4,
+        val_frac=0.2,
+        center_rewards=0.01,
+        **{**common, "model": sft["out_dir"]},
+    )
     # 5. PPO for several betas, DPO
     heldout = [p for p, _ in openings(data, "val", 128, seed=2)]
     prompt_data = write_jsonl(out / "prompts.jsonl", [{"prompt": p} for p in prompts])
     ref, _ = load_init(sft["out_dir"], "cpu")
     ref.eval()
     rm = load_scalar_model(rm_run["out_dir"], "cpu")
-    results = {"sft": judge(sft["out_dir"], ref, rm, tok, heldout), "reward_model": rm_run["eval"],
-               "preference_records": len(prefs)}
+    results = {
+        "sft": judge(sft["out_dir"], ref, rm, tok, heldout),
+        "reward_model": rm_run["eval"],
+        "preference_records": len(prefs),
+    }
     curves = {}
     for beta in map(float, args.betas.split(",")):
-        run = stage(stage="ppo", data=prompt_data, out_dir=str(out / f"ppo-beta{beta:g}"),
-                    reward_model=rm_run["out_dir"], kl_coef=beta, max_iters=args.ppo_steps, batch_size=32,
-                    max_new_tokens=RESPONSE, lr=1e-4, warmup_iters=3, val_frac=0.0,
-                    **{**common, "model": sft["out_dir"], "log_interval": 1})
-        rows = [json.loads(r) for r in open(run["metrics"])]
+        run = stage(
+            stage="ppo",
+            data=prompt_data,
+            out_dir=str(out / f"ppo-beta{beta:g}"),
+            reward_model=rm_run["out_dir"],
+            kl_coef=beta,
+            max_iters=args.ppo_steps,
+            batch_size=32,
+            max_new_tokens=RESPONSE,
+            lr=1e-4,
+            warmup_iters=3,
+            val_frac=0.0,
+            **{**common, "model": sft["out_dir"], "log_interval": 1},
+        )
+        rows = [json.loads(r) for r in Path(run["metrics"]).read_text().splitlines()]
         curves[beta] = [(r["kl"], r["score"]) for r in rows if "score" in r]
         results[f"ppo beta={beta:g}"] = judge(run["out_dir"], ref, rm, tok, heldout)
-    dpo = stage(stage="dpo", data=pref_data, out_dir=str(out / "dpo"), max_iters=150, batch_size=16, lr=3e-5,
-                beta=0.1, val_frac=0.2, **{**common, "model": sft["out_dir"]})
+    dpo = stage(
+        stage="dpo",
+        data=pref_data,
+        out_dir=str(out / "dpo"),
+        max_iters=150,
+        batch_size=16,
+        lr=3e-5,
+        beta=0.1,
+        val_frac=0.2,
+        **{**common, "model": sft["out_dir"]},
+    )
     results["dpo beta=0.1"] = {**judge(dpo["out_dir"], ref, rm, tok, heldout), "heldout_pairs": dpo["eval"]}
     (out / "summary.json").write_text(json.dumps(results, indent=1))
 
@@ -163,15 +210,20 @@ def main() -> None:
     for beta, pts in curves.items():
         k, s = zip(*pts)
         ax.plot(k, s, ".-", lw=0.8, label=f"PPO β = {beta:g}")
-    ax.set(xlabel="KL(policy ‖ SFT) per response (nats, rollout estimate)", ylabel="reward-model score",
-           title="PPO training: reward vs KL")
+    ax.set(
+        xlabel="KL(policy ‖ SFT) per response (nats, rollout estimate)",
+        ylabel="reward-model score",
+        title="PPO training: reward vs KL",
+    )
     for name, r in results.items():
         if isinstance(r, dict) and "rule" in r:
             bx.plot(r["kl"], r["rule"], "o")
             bx.annotate(name, (r["kl"], r["rule"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    bx.set(xlabel="KL(policy ‖ SFT) per response, held-out prompts",
-           ylabel="true reward (pleasant words per response)",
-           title="Final policies on held-out prompts")
+    bx.set(
+        xlabel="KL(policy ‖ SFT) per response, held-out prompts",
+        ylabel="true reward (pleasant words per response)",
+        title="Final policies on held-out prompts",
+    )
     for a in (ax, bx):
         a.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -180,8 +232,9 @@ def main() -> None:
     lines = ["| policy | rule score | reward model | KL | sample |", "|---|---|---|---|---|"]
     for name, r in results.items():
         if isinstance(r, dict) and "rule" in r:
-            lines.append(f"| {name} | {r['rule']:.2f} | {r['reward_model']:.2f} | {r['kl']:.1f} | "
-                         f"`{r['examples'][0]!r}` |")
+            lines.append(
+                f"| {name} | {r['rule']:.2f} | {r['reward_model']:.2f} | {r['kl']:.1f} | `{r['examples'][0]!r}` |"
+            )
     (out / "samples.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"reward model held-out: {rm_run['eval']}; preference records: {len(prefs)}")

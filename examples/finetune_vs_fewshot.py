@@ -14,11 +14,10 @@ import argparse
 import json
 from pathlib import Path
 
+import gptlab
 from gptlab.align.config import AlignConfig
 from gptlab.align.trainer import train_stage
 from gptlab.eval.tasks import SENTIMENT, fewshot, read_jsonl
-import gptlab
-from gptlab.tokenizer import from_spec
 
 
 def main() -> None:
@@ -31,19 +30,39 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = read_jsonl(SENTIMENT, ["text", "label", "split"])
     for split in ("train", "test"):
-        (out / f"{split}.jsonl").write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n"
-                                                    for r in rows if r["split"] == split))
+        (out / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in rows if r["split"] == split)
+        )
     results = {}
     for lm_weight in (0.5, 0.0):
-        run = train_stage(AlignConfig(stage="finetune", task="classification", data=str(out / "train.jsonl"),
-                                      val_data=str(out / "test.jsonl"), model=args.model, lm_weight=lm_weight,
-                                      out_dir=str(out / f"finetune-lm{lm_weight:g}"), max_iters=args.steps,
-                                      batch_size=16, lr=3e-4, eval_interval=50, ckpt_interval=1000, device="cpu"),
-                          progress=False)
+        run = train_stage(
+            AlignConfig(
+                stage="finetune",
+                task="classification",
+                data=str(out / "train.jsonl"),
+                val_data=str(out / "test.jsonl"),
+                model=args.model,
+                lm_weight=lm_weight,
+                out_dir=str(out / f"finetune-lm{lm_weight:g}"),
+                max_iters=args.steps,
+                batch_size=16,
+                lr=3e-4,
+                eval_interval=50,
+                ckpt_interval=1000,
+                device="cpu",
+            ),
+            progress=False,
+        )
         results[f"fine-tuned, lambda={lm_weight:g}"] = run["eval"]["accuracy"]
     lm = gptlab.load(args.model, device="cpu")
-    shots = fewshot(lm.model, lm.tokenizer, path=str(out / "test.jsonl"), train_path=str(out / "train.jsonl"),
-                    shots=(0, 1, 5, 10), seed=0)
+    shots = fewshot(
+        lm.model,
+        lm.tokenizer,
+        path=str(out / "test.jsonl"),
+        train_path=str(out / "train.jsonl"),
+        shots=(0, 1, 5, 10),
+        seed=0,
+    )
     for r in shots["results"]:
         results[f"{r['shots']}-shot prompting"] = r["acc"]
     (out / "summary.json").write_text(json.dumps(results, indent=1))

@@ -20,8 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-EVENTS = [("os", "replace"), ("os", "rename"), ("os", "fsync"), ("os", "write"), ("os", "mkdir"), ("os", "unlink"),
-          ("os", "rmdir"), ("shutil", "rmtree"), ("gptlab.files", "_exchange")]
+EVENTS = [
+    ("os", "replace"),
+    ("os", "rename"),
+    ("os", "fsync"),
+    ("os", "write"),
+    ("os", "mkdir"),
+    ("os", "unlink"),
+    ("os", "rmdir"),
+    ("shutil", "rmtree"),
+    ("gptlab.files", "_exchange"),
+]
 
 
 def arm(kill_at: int, count_file: Path | None = None, no_exchange: bool = False) -> None:
@@ -46,8 +55,13 @@ def arm(kill_at: int, count_file: Path | None = None, no_exchange: bool = False)
         setattr(mod, name, wrapped)
 
 
-def in_child(argv: list[str], kill_at: int = 0, count_file: Path | None = None, no_exchange: bool = False,
-             kill_after: float | None = None) -> int:
+def in_child(
+    argv: list[str],
+    kill_at: int = 0,
+    count_file: Path | None = None,
+    no_exchange: bool = False,
+    kill_after: float | None = None,
+) -> int:
     """Run ``gptlab argv`` in a forked child; its exit status, or -9 when it was killed."""
     pid = os.fork()
     if pid == 0:
@@ -59,7 +73,7 @@ def in_child(argv: list[str], kill_at: int = 0, count_file: Path | None = None, 
 
             arm(kill_at, count_file, no_exchange)
             os._exit(main(argv))
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             os._exit(99)
     if kill_after is not None:
         time.sleep(kill_after)
@@ -95,7 +109,7 @@ def scenario_prepare(work: Path) -> dict:
     (work / "old.txt").write_text("the old corpus. " * 2000)
     (work / "new.txt").write_text("a new and different corpus! " * 3000)
     pristine, ref, out = work / "pristine", work / "ref", work / "data" / "ds"
-    cmd = lambda src, dst: ["prepare", str(src), "--out-dir", str(dst), "--tokenizer", "char"]  # noqa: E731
+    cmd = lambda src, dst: ["prepare", str(src), "--out-dir", str(dst), "--tokenizer", "char"]
     assert in_child(cmd(work / "old.txt", pristine)) == 0 and in_child(cmd(work / "new.txt", ref)) == 0
     old_d, new_d = digest(pristine), digest(ref)
 
@@ -112,9 +126,18 @@ def scenario_prepare(work: Path) -> dict:
             rc = in_child(cmd(work / "new.txt", out), kill_at=k, no_exchange=no_exchange)
             after_kill = {old_d: "old", new_d: "new", None: "missing"}.get(digest(out), "other")
             rc2 = in_child(cmd(work / "new.txt", out))
-            results.append({"k": k, "of": n, "no_exchange": no_exchange, "rc": rc, "after_kill": after_kill,
-                            "recovery_rc": rc2, "after_recovery": "new" if digest(out) == new_d else "other",
-                            "leftovers": leftovers(out.parent)})
+            results.append(
+                {
+                    "k": k,
+                    "of": n,
+                    "no_exchange": no_exchange,
+                    "rc": rc,
+                    "after_kill": after_kill,
+                    "recovery_rc": rc2,
+                    "after_recovery": "new" if digest(out) == new_d else "other",
+                    "leftovers": leftovers(out.parent),
+                }
+            )
     return {"cases": results}
 
 
@@ -136,23 +159,55 @@ def checkpoints_ok(run: Path) -> bool:
                 ckpt_io.load_weights(ck, state)
                 ckpt_io.load_training_state(ck, state)
             os._exit(0)
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             os._exit(1)
     return os.waitpid(pid, 0)[1] == 0
 
 
 def scenario_train(work: Path, n_kills: int = 20, n_random: int = 4) -> dict:
-    (work / "c.txt").write_text(" ".join(random.Random(0).choice(["to", "be", "or", "not", "that", "is", "the",
-                                                                  "question"]) for _ in range(20000)))
+    (work / "c.txt").write_text(
+        " ".join(
+            random.Random(0).choice(["to", "be", "or", "not", "that", "is", "the", "question"]) for _ in range(20000)
+        )
+    )
     data = work / "data"
     assert in_child(["prepare", str(work / "c.txt"), "--out-dir", str(data), "--tokenizer", "char"]) == 0
 
     def cmd(run: Path, resume: bool) -> list[str]:
-        return ["train", "--data", str(data), "--out-dir", str(run), "--model", "tiny", "--block-size", "16",
-                "--batch-size", "4", "--max-iters", "12", "--ckpt-interval", "4", "--eval-interval", "4",
-                "--eval-iters", "1", "--log-interval", "2", "--final-eval-tokens", "256", "--keep-last", "1",
-                "--warmup-iters", "2", "--threads", "1", "--device", "cpu", "--json"] + (["--resume"] if resume
-                                                                                        else [])
+        return [
+            "train",
+            "--data",
+            str(data),
+            "--out-dir",
+            str(run),
+            "--model",
+            "tiny",
+            "--block-size",
+            "16",
+            "--batch-size",
+            "4",
+            "--max-iters",
+            "12",
+            "--ckpt-interval",
+            "4",
+            "--eval-interval",
+            "4",
+            "--eval-iters",
+            "1",
+            "--log-interval",
+            "2",
+            "--final-eval-tokens",
+            "256",
+            "--keep-last",
+            "1",
+            "--warmup-iters",
+            "2",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+        ] + (["--resume"] if resume else [])
 
     ref = work / "ref"
     t0 = time.perf_counter()
@@ -175,9 +230,19 @@ def scenario_train(work: Path, n_kills: int = 20, n_random: int = 4) -> dict:
 
         resumed = bool(list_checkpoints(run))
         rc2 = in_child(cmd(run, resumed))
-        results.append({"how": how, "at": at, "of": n, "rc": rc, "resumed": resumed, "recovery_rc": rc2,
-                        "losses_equal": metrics_losses(run) == ref_losses, "checkpoints_ok": checkpoints_ok(run),
-                        "leftovers": leftovers(run) + leftovers(run / "checkpoints")})
+        results.append(
+            {
+                "how": how,
+                "at": at,
+                "of": n,
+                "rc": rc,
+                "resumed": resumed,
+                "recovery_rc": rc2,
+                "losses_equal": metrics_losses(run) == ref_losses,
+                "checkpoints_ok": checkpoints_ok(run),
+                "leftovers": leftovers(run) + leftovers(run / "checkpoints"),
+            }
+        )
     # a kill early in a resumed run, where it rewrites metrics.jsonl and clears leftovers: the history survives
     first_ckpt = next(r["at"] for r in results if r["how"] == "event" and r["resumed"])
     for k in range(1, 9):
@@ -189,16 +254,26 @@ def scenario_train(work: Path, n_kills: int = 20, n_random: int = 4) -> dict:
         rc = in_child(cmd(run, True), kill_at=k)
         kept = {s for s in metrics_losses(run) if s <= step} == {s for s in ref_losses if s <= step}
         rc2 = in_child(cmd(run, True))
-        results.append({"how": "resume-event", "at": k, "of": n, "rc": rc, "resumed": True, "recovery_rc": rc2,
-                        "history_kept": kept, "losses_equal": metrics_losses(run) == ref_losses,
-                        "checkpoints_ok": checkpoints_ok(run),
-                        "leftovers": leftovers(run) + leftovers(run / "checkpoints")})
+        results.append(
+            {
+                "how": "resume-event",
+                "at": k,
+                "of": n,
+                "rc": rc,
+                "resumed": True,
+                "recovery_rc": rc2,
+                "history_kept": kept,
+                "losses_equal": metrics_losses(run) == ref_losses,
+                "checkpoints_ok": checkpoints_ok(run),
+                "leftovers": leftovers(run) + leftovers(run / "checkpoints"),
+            }
+        )
     return {"cases": results, "reference_steps": len(ref_losses)}
 
 
 if __name__ == "__main__":
-    import gptlab.cli  # noqa: F401 - imported once here, so that each forked child starts at once
-    import gptlab.data.prepare  # noqa: F401
+    import gptlab.cli
+    import gptlab.data.prepare
     import gptlab.train.trainer  # noqa: F401
 
     scenario, work = sys.argv[1], Path(sys.argv[2])

@@ -16,16 +16,16 @@ import torch
 
 from gptlab.align.config import AlignConfig
 from gptlab.align.data import batch_examples, pack_examples, preferences, sft_examples
-from gptlab.align.losses import (AdaptiveKL, bradley_terry_loss, dpo_loss, gae, kl_penalty, ppo_losses,
-                                 ranking_pairs)
+from gptlab.align.losses import AdaptiveKL, bradley_terry_loss, dpo_loss, gae, kl_penalty, ppo_losses, ranking_pairs
 from gptlab.align.stages import Finetune, load_init
 from gptlab.align.trainer import train_stage
+from gptlab.checkpoint import list_checkpoints
 from gptlab.cli import main
 from gptlab.errors import GptlabError
+from gptlab.metrics import read_rows
 from gptlab.tokenizer import CharTokenizer
-from gptlab.checkpoint import list_checkpoints
-from gptlab.train.distributed import Dist
 from gptlab.train.config import TrainConfig
+from gptlab.train.distributed import Dist
 from gptlab.train.trainer import train
 
 from .test_train import ENV, char_data  # noqa: F401 - fixture
@@ -44,7 +44,7 @@ def test_bradley_terry_and_ranking_pairs():
 def test_dpo_loss_matches_the_formula():
     pc, pr, rc, rr = (torch.tensor(v) for v in ([-10.0, -4.0], [-12.0, -3.0], [-11.0, -4.5], [-11.5, -3.5]))
     beta = 0.3
-    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta)
+    loss, chosen, _rejected = dpo_loss(pc, pr, rc, rr, beta)
     z = [beta * ((a - c) - (b - d)) for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())]
     assert loss.item() == pytest.approx(np.mean([-math.log(1 / (1 + math.exp(-x))) for x in z]), rel=1e-6)
     assert chosen.tolist() == pytest.approx([beta * (a - c) for a, c in zip(pc.tolist(), rc.tolist())])
@@ -118,9 +118,20 @@ def test_adaptive_kl_controller():
 # ----------------------------------------------------------------------------- data, masks, packing
 def test_sft_masks_prompt_and_chat_template(tmp_path):
     tok = CharTokenizer("abcdefghijklmnopqrstuvwxyzSUA: \n.")
-    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "ab ", "response": "cd."}) + "\n" + json.dumps(
-        {"messages": [{"role": "system", "content": "be"}, {"role": "user", "content": "hi"},
-                      {"role": "assistant", "content": "yo"}]}) + "\n")
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"prompt": "ab ", "response": "cd."})
+        + "\n"
+        + json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "be"},
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "yo"},
+                ]
+            }
+        )
+        + "\n"
+    )
     plain, chat = sft_examples(tmp_path / "d.jsonl", tok, 64)
     assert plain.ids == tok.encode("ab cd.") + [tok.eot_id] and plain.loss_mask == [0, 0, 0, 1, 1, 1, 1]
     assert tok.decode(chat.ids[:-1]) == "System: be\nUser: hi\nAssistant: yo\n" and chat.ids[-1] == tok.eot_id
@@ -134,11 +145,28 @@ def test_sft_masks_prompt_and_chat_template(tmp_path):
 def base_run(char_data, tmp_path_factory):  # noqa: F811
     """A tiny char-level model pre-trained briefly on the synthetic corpus, and data files in its alphabet."""
     root = tmp_path_factory.mktemp("align")
-    train(TrainConfig(data=str(char_data), out_dir=str(root / "base"), model="tiny", block_size=64, batch_size=16,
-                      max_iters=120, lr=3e-3, min_lr=3e-4, warmup_iters=10, eval_interval=60, eval_iters=2,
-                      ckpt_interval=120, device="cpu", threads=1, final_eval_tokens=2000), progress=False)
+    train(
+        TrainConfig(
+            data=str(char_data),
+            out_dir=str(root / "base"),
+            model="tiny",
+            block_size=64,
+            batch_size=16,
+            max_iters=120,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_iters=10,
+            eval_interval=60,
+            eval_iters=2,
+            ckpt_interval=120,
+            device="cpu",
+            threads=1,
+            final_eval_tokens=2000,
+        ),
+        progress=False,
+    )
     rng = np.random.default_rng(0)
-    say = lambda k: " ".join(rng.choice(WORDS, k))  # noqa: E731
+    say = lambda k: " ".join(rng.choice(WORDS, k))
     rows = [{"prompt": say(3) + " ", "response": say(2) + "."} for _ in range(48)]
     (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     prefs = []
@@ -152,8 +180,18 @@ def base_run(char_data, tmp_path_factory):  # noqa: F811
 
 
 def cfg(root, stage, **kw):
-    base = dict(stage=stage, model=str(root / "base"), out_dir=str(root / kw.pop("name", stage)), device="cpu",
-                threads=1, lr=1e-3, warmup_iters=2, eval_interval=1000, log_interval=1, ckpt_interval=1000)
+    base = dict(
+        stage=stage,
+        model=str(root / "base"),
+        out_dir=str(root / kw.pop("name", stage)),
+        device="cpu",
+        threads=1,
+        lr=1e-3,
+        warmup_iters=2,
+        eval_interval=1000,
+        log_interval=1,
+        ckpt_interval=1000,
+    )
     return AlignConfig(**{**base, **kw})
 
 
@@ -162,6 +200,7 @@ def test_prompt_tokens_get_zero_gradient(base_run):
     ex = sft_examples(base_run / "sft.jsonl", tok, 64)[:3]
     b = batch_examples(ex)
     grads = {}
+
     def keep_grad(module, inputs, out):
         out.register_hook(lambda g: grads.setdefault("h", g))
 
@@ -187,7 +226,8 @@ def test_packed_examples_do_not_attend_across_boundaries(base_run):
             torch.testing.assert_close(logits[row, pos], alone[0], atol=1e-5, rtol=1e-5)
     padded = batch_examples(ex)
     assert model(packed["x"], packed["y"], doc_ids=packed["doc_ids"])[1].item() == pytest.approx(
-        model(padded["x"], padded["y"])[1].item(), rel=1e-5)
+        model(padded["x"], padded["y"])[1].item(), rel=1e-5
+    )
 
 
 def test_gpt1_similarity_is_order_symmetric_and_tasks_train(base_run, tmp_path):
@@ -203,8 +243,18 @@ def test_gpt1_similarity_is_order_symmetric_and_tasks_train(base_run, tmp_path):
     rng = np.random.default_rng(1)
     cls = [" ".join(rng.choice(WORDS, 4)) for _ in range(80)]
     (tmp_path / "cls.jsonl").write_text("".join(json.dumps({"text": t, "label": "war" in t}) + "\n" for t in cls))
-    s = train_stage(cfg(base_run, "finetune", name="ft", data=str(tmp_path / "cls.jsonl"), max_iters=60,
-                        batch_size=16, val_frac=0.25), progress=False)
+    s = train_stage(
+        cfg(
+            base_run,
+            "finetune",
+            name="ft",
+            data=str(tmp_path / "cls.jsonl"),
+            max_iters=60,
+            batch_size=16,
+            val_frac=0.25,
+        ),
+        progress=False,
+    )
     assert s["eval"]["accuracy"] >= 0.85
     assert main(["sample", s["out_dir"], "--prompt", "the", "--max-new-tokens", "5"]) == 0
 
@@ -218,53 +268,129 @@ def interrupted_and_resumed(c):
 
 
 def test_sft_resumes_exactly_and_packing_changes_nothing(base_run):
-    full = train_stage(cfg(base_run, "sft", name="sft-full", data=str(base_run / "sft.jsonl"), max_iters=8,
-                           ckpt_interval=4), progress=False)
-    again = interrupted_and_resumed(cfg(base_run, "sft", name="sft-cut", data=str(base_run / "sft.jsonl"),
-                                        max_iters=8, ckpt_interval=4))
-    packed = train_stage(cfg(base_run, "sft", name="sft-pack", data=str(base_run / "sft.jsonl"), max_iters=8,
-                             pack=True), progress=False)
-    rows = lambda s: [r["loss"] for r in map(json.loads, open(s["metrics"])) if "loss" in r]  # noqa: E731
+    full = train_stage(
+        cfg(base_run, "sft", name="sft-full", data=str(base_run / "sft.jsonl"), max_iters=8, ckpt_interval=4),
+        progress=False,
+    )
+    again = interrupted_and_resumed(
+        cfg(base_run, "sft", name="sft-cut", data=str(base_run / "sft.jsonl"), max_iters=8, ckpt_interval=4)
+    )
+    packed = train_stage(
+        cfg(base_run, "sft", name="sft-pack", data=str(base_run / "sft.jsonl"), max_iters=8, pack=True), progress=False
+    )
+    rows = lambda s: [r["loss"] for r in read_rows(Path(s["metrics"])) if "loss" in r]
     assert again["resumed_from"] == 4 and rows(again) == rows(full)
     assert rows(packed) == pytest.approx(rows(full), rel=1e-4)
 
 
 def test_reward_model_learns_the_rule_then_ppo_and_dpo(base_run, char_data):  # noqa: F811
-    rm = train_stage(cfg(base_run, "reward", data=str(base_run / "prefs.jsonl"), max_iters=60, batch_size=8,
-                         val_frac=0.25, center_rewards=0.01), progress=False)
+    rm = train_stage(
+        cfg(
+            base_run,
+            "reward",
+            data=str(base_run / "prefs.jsonl"),
+            max_iters=60,
+            batch_size=8,
+            val_frac=0.25,
+            center_rewards=0.01,
+        ),
+        progress=False,
+    )
     assert rm["eval"]["pair_accuracy"] >= 0.85  # held-out pairs ranked by the rule
-    kw = dict(data=str(base_run / "prompts.jsonl"), reward_model=rm["out_dir"], batch_size=16, max_new_tokens=16,
-              max_iters=10, lr=5e-4, val_frac=0.25)
+    kw = dict(
+        data=str(base_run / "prompts.jsonl"),
+        reward_model=rm["out_dir"],
+        batch_size=16,
+        max_new_tokens=16,
+        max_iters=10,
+        lr=5e-4,
+        val_frac=0.25,
+    )
     free = train_stage(cfg(base_run, "ppo", name="ppo-free", kl_coef=0.0, **kw), progress=False)
     pinned = train_stage(cfg(base_run, "ppo", name="ppo-pinned", kl_coef=1e3, **kw), progress=False)
-    rows = lambda s: [r for r in map(json.loads, open(s["metrics"])) if "score" in r]  # noqa: E731
+    rows = lambda s: [r for r in read_rows(Path(s["metrics"])) if "score" in r]
     assert rows(free)[-1]["score"] > rows(free)[0]["score"]  # PPO raises the reward
     # with a huge coefficient the policy stays at the reference: the KL is far below the unpenalised run's
     assert abs(pinned["eval"]["kl"]) < 0.25 * abs(free["eval"]["kl"])
     # exact resume, including the rollouts and the adaptive KL coefficient
-    adapt = dict(kw, kl_coef=0.05, kl_target=0.5, kl_horizon=100, max_iters=4, ckpt_interval=2, ptx_coef=0.5,
-                 ptx_data=str(char_data))
+    adapt = dict(
+        kw,
+        kl_coef=0.05,
+        kl_target=0.5,
+        kl_horizon=100,
+        max_iters=4,
+        ckpt_interval=2,
+        ptx_coef=0.5,
+        ptx_data=str(char_data),
+    )
     a = train_stage(cfg(base_run, "ppo", name="ppo-a", **adapt), progress=False)
     b = interrupted_and_resumed(cfg(base_run, "ppo", name="ppo-b", **adapt))
     assert b["resumed_from"] == 2 and rows(a) == rows(b) and rows(a)[-1]["kl_coef"] != 0.05
     assert all(r["ptx_loss"] > 0 for r in rows(a))  # PPO-ptx mixes in the pre-training loss
-    dpo = train_stage(cfg(base_run, "dpo", data=str(base_run / "prefs.jsonl"), max_iters=30, batch_size=8,
-                          val_frac=0.25, beta=0.5), progress=False)
+    dpo = train_stage(
+        cfg(base_run, "dpo", data=str(base_run / "prefs.jsonl"), max_iters=30, batch_size=8, val_frac=0.25, beta=0.5),
+        progress=False,
+    )
     assert dpo["eval"]["pair_accuracy"] >= 0.7
 
 
 def test_torchrun_matches_one_process_with_the_same_global_batch(base_run):
-    one = train_stage(cfg(base_run, "reward", name="rm-one", data=str(base_run / "prefs.jsonl"), max_iters=6,
-                          batch_size=8, val_frac=0.25), progress=False)
+    one = train_stage(
+        cfg(
+            base_run,
+            "reward",
+            name="rm-one",
+            data=str(base_run / "prefs.jsonl"),
+            max_iters=6,
+            batch_size=8,
+            val_frac=0.25,
+        ),
+        progress=False,
+    )
     out = base_run / "rm-ddp"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "gptlab", "align", "reward", str(base_run / "base"), "--data",
-                          str(base_run / "prefs.jsonl"), "--out-dir", str(out), "--max-iters", "6", "--batch-size",
-                          "4", "--val-frac", "0.25", "--device", "cpu", "--threads", "1", "--lr", "1e-3",
-                          "--warmup-iters", "2", "--log-interval", "1", "--eval-interval", "1000", "--json"],
-                         capture_output=True, text=True, env=ENV)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "gptlab",
+            "align",
+            "reward",
+            str(base_run / "base"),
+            "--data",
+            str(base_run / "prefs.jsonl"),
+            "--out-dir",
+            str(out),
+            "--max-iters",
+            "6",
+            "--batch-size",
+            "4",
+            "--val-frac",
+            "0.25",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--lr",
+            "1e-3",
+            "--warmup-iters",
+            "2",
+            "--log-interval",
+            "1",
+            "--eval-interval",
+            "1000",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = lambda m: [r["loss"] for r in map(json.loads, open(m)) if "loss" in r]  # noqa: E731
+    rows = lambda m: [r["loss"] for r in read_rows(Path(m)) if "loss" in r]
     assert rows(out / "metrics.jsonl") == pytest.approx(rows(one["metrics"]), rel=1e-4)
     assert json.loads(run.stdout.strip().splitlines()[-1])["world_size"] == 2
 
@@ -280,10 +406,24 @@ def test_hh_rlhf_layout_splits_the_shared_prompt(tmp_path):
 
 def test_bad_alignment_input_is_a_clear_error(base_run, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x"}) + "\n")
-    with pytest.raises(GptlabError, match="needs \"chosen\" and \"rejected\""):
+    with pytest.raises(GptlabError, match='needs "chosen" and "rejected"'):
         preferences(tmp_path / "bad.jsonl", CharTokenizer("x"), 64)
     with pytest.raises(GptlabError, match="ppo needs reward_model"):
         AlignConfig(stage="ppo", data="d.jsonl", model="m")
-    assert main(["align", "ppo", str(base_run / "base"), "--data", str(base_run / "prompts.jsonl"),
-                 "--reward-model", str(base_run / "base"), "--out-dir", str(tmp_path / "p")]) == 2
+    assert (
+        main(
+            [
+                "align",
+                "ppo",
+                str(base_run / "base"),
+                "--data",
+                str(base_run / "prompts.jsonl"),
+                "--reward-model",
+                str(base_run / "base"),
+                "--out-dir",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
     assert "is not a reward model" in capsys.readouterr().err

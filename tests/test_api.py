@@ -35,8 +35,20 @@ def hf_logprob(hf, ids, n_cont):
 
 
 def test_entry_points_are_exported():
-    for name in ("load", "LM", "load_model", "train", "prepare", "Engine", "Sampling", "TrainConfig", "AlignConfig",
-                 "GPTConfig", "GPT", "preset"):
+    for name in (
+        "load",
+        "LM",
+        "load_model",
+        "train",
+        "prepare",
+        "Engine",
+        "Sampling",
+        "TrainConfig",
+        "AlignConfig",
+        "GPTConfig",
+        "GPT",
+        "preset",
+    ):
         assert hasattr(gptlab, name), name
     assert callable(gptlab.train) and gptlab.train.trainer.train  # the package is callable and still a package
 
@@ -47,10 +59,10 @@ def test_greedy_generate_equals_transformers(lm_and_hf):
     prompt = "The meaning of life is"
     text = lm.generate(prompt, max_new_tokens=20, temperature=0)
     ids = enc.encode(prompt)
-    ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=50256)[0, len(ids):]
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=50256)[0, len(ids) :]
     ref = ref.tolist()
     if 50256 in ref:  # HF stops at end-of-text and includes it; gptlab stops before it
-        ref = ref[:ref.index(50256)]
+        ref = ref[: ref.index(50256)]
     assert text == enc.decode(ref)
 
 
@@ -60,8 +72,10 @@ def test_batched_streamed_and_alone_agree(lm_and_hf):
     together = lm.generate(prompts, max_new_tokens=12, temperature=0.9, top_k=50, seed=7)
     alone = [lm.generate(p, max_new_tokens=12, temperature=0.9, top_k=50, seed=7 + i) for i, p in enumerate(prompts)]
     assert together == alone
-    assert "".join(lm.generate(prompts[1], max_new_tokens=12, temperature=0.9, top_k=50, seed=8,
-                               stream=True)) == together[1]
+    assert (
+        "".join(lm.generate(prompts[1], max_new_tokens=12, temperature=0.9, top_k=50, seed=8, stream=True))
+        == together[1]
+    )
     # no max_new_tokens: to the end of the context
     full = lm.generate("Hi", temperature=0)
     assert len(lm.tokenizer.encode("Hi")) + len(lm.tokenizer.encode(full)) <= lm.config.block_size
@@ -75,16 +89,16 @@ def test_loglikelihood_and_perplexity_equal_transformers(lm_and_hf):
     assert lm.loglikelihood(ctx, cont) == pytest.approx(hf_logprob(hf, ids, len(tok.encode(cont))), abs=1e-4)
     pairs = [(ctx, cont), ("", "Hello")]
     both = lm.loglikelihood(pairs)
-    assert both[1] == pytest.approx(hf_logprob(hf, [tok.eot_id] + tok.encode("Hello"), len(tok.encode("Hello"))),
-                                    abs=1e-4)
+    assert both[1] == pytest.approx(
+        hf_logprob(hf, [tok.eot_id] + tok.encode("Hello"), len(tok.encode("Hello"))), abs=1e-4
+    )
     text = "A short text to score, scored in one window."
     ids = [tok.eot_id] + tok.encode(text)
-    assert lm.perplexity(text) == pytest.approx(math.exp(-hf_logprob(hf, ids, len(ids) - 1) / (len(ids) - 1)),
-                                                rel=1e-4)
+    assert lm.perplexity(text) == pytest.approx(math.exp(-hf_logprob(hf, ids, len(ids) - 1) / (len(ids) - 1)), rel=1e-4)
 
 
 def test_save_both_formats_round_trip(lm_and_hf, tmp_path):
-    lm, hf, root = lm_and_hf
+    lm, hf, _ = lm_and_hf
     idx = torch.randint(0, 50257, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(lm.model(idx)[0], hf(idx).logits, atol=1e-5, rtol=1e-5)

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from .test_train import ENV, REPO
 
@@ -14,14 +13,17 @@ def gptlab(*args):
     return subprocess.run([sys.executable, "-m", "gptlab", *args], env=ENV, capture_output=True, text=True, cwd=REPO)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["train", "--data", "/nonexistent", "--out-dir", "/tmp/x"], "is not a prepared dataset"),
-    (["train", "--recipe", "/nonexistent.toml"], "recipe /nonexistent.toml does not exist"),
-    (["train", "--batch-size", "0"], "--batch-size: 0 is out of range (valid: >= 1)"),
-    (["train", "--set", "n_heads=3"], "unknown model config field"),
-    (["prepare", "/nonexistent.txt", "--out-dir", "/tmp/x"], "not a file, folder, URL or named corpus"),
-    (["sample", "/nonexistent"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["train", "--data", "/nonexistent", "--out-dir", "/tmp/x"], "is not a prepared dataset"),
+        (["train", "--recipe", "/nonexistent.toml"], "recipe /nonexistent.toml does not exist"),
+        (["train", "--batch-size", "0"], "--batch-size: 0 is out of range (valid: >= 1)"),
+        (["train", "--set", "n_heads=3"], "unknown model config field"),
+        (["prepare", "/nonexistent.txt", "--out-dir", "/tmp/x"], "not a file, folder, URL or named corpus"),
+        (["sample", "/nonexistent"], "does not exist"),
+    ],
+)
 def test_user_mistakes_are_one_line_errors(args, needle):
     r = gptlab(*args)
     assert r.returncode == 2
@@ -36,13 +38,28 @@ def test_prepare_train_sample_round_trip_with_json(tmp_path):
     assert r.returncode == 0, r.stderr
     meta = json.loads(r.stdout)
     assert meta["tokens"]["train"] + meta["tokens"]["val"] == len(corpus.read_text())
-    r = gptlab("train", "--data", str(tmp_path / "d"), "--out-dir", str(tmp_path / "run"), "--model", "tiny",
-               "--block-size", "32", "--max-iters", "40", "--eval-interval", "20", "--threads", "1", "--json")
+    r = gptlab(
+        "train",
+        "--data",
+        str(tmp_path / "d"),
+        "--out-dir",
+        str(tmp_path / "run"),
+        "--model",
+        "tiny",
+        "--block-size",
+        "32",
+        "--max-iters",
+        "40",
+        "--eval-interval",
+        "20",
+        "--threads",
+        "1",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["steps"] == 40 and summary["final_val_loss"] < 3.0
-    r = gptlab("sample", str(tmp_path / "run"), "--prompt", "to be", "--max-new-tokens", "20",
-               "--json")
+    r = gptlab("sample", str(tmp_path / "run"), "--prompt", "to be", "--max-new-tokens", "20", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["samples"]) == 1 and len(out["samples"][0]) == out["new_tokens"][0]  # one char per token
@@ -74,14 +91,46 @@ def test_old_flags_still_work_for_one_release_with_a_warning(tmp_path):
     corpus.write_text("to be or not to be, that is the question.\n" * 200)
     r = gptlab("prepare", str(corpus), "--out", str(tmp_path / "d"), "--tokenizer", "char")
     assert r.returncode == 0 and "--out is deprecated" in r.stderr and "use --out-dir" in r.stderr
-    r = gptlab("train", "--data", str(tmp_path / "d"), "--out-dir", str(tmp_path / "run"), "--model", "tiny",
-               "--block-size", "16", "--max-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--threads", "1",
-               "--final-eval-tokens", "64", "--device", "cpu", "--json")
+    r = gptlab(
+        "train",
+        "--data",
+        str(tmp_path / "d"),
+        "--out-dir",
+        str(tmp_path / "run"),
+        "--model",
+        "tiny",
+        "--block-size",
+        "16",
+        "--max-iters",
+        "4",
+        "--eval-interval",
+        "2",
+        "--eval-iters",
+        "1",
+        "--threads",
+        "1",
+        "--final-eval-tokens",
+        "64",
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
-    new = gptlab("sample", str(tmp_path / "run"), "--prompt", "to", "--max-new-tokens", "5", "--temperature", "0",
-                 "--json")
-    old = gptlab("sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "to", "--max-new-tokens", "5",
-                 "--temperature", "0", "--json")
+    new = gptlab(
+        "sample", str(tmp_path / "run"), "--prompt", "to", "--max-new-tokens", "5", "--temperature", "0", "--json"
+    )
+    old = gptlab(
+        "sample",
+        "--checkpoint",
+        str(tmp_path / "run"),
+        "--prompt",
+        "to",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--json",
+    )
     assert new.returncode == old.returncode == 0 and "--checkpoint is deprecated" in old.stderr
     assert json.loads(new.stdout)["samples"] == json.loads(old.stdout)["samples"]
     (tmp_path / "t.txt").write_text("to be or not to be")

@@ -50,11 +50,14 @@ def test_jsonl_field_and_char_tokenizer(tmp_path):
     assert np.concatenate([train, val]).tolist() == tok.encode("abc") + [tok.eot_id] + tok.encode("cab")
 
 
-@pytest.mark.parametrize("content,needle", [
-    (b"", "no text found"),
-    (b"\xff\xfe bad utf8 here", "not valid UTF-8"),
-    (b"PK\x03\x04\x00\x00binary", "looks binary"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"", "no text found"),
+        (b"\xff\xfe bad utf8 here", "not valid UTF-8"),
+        (b"PK\x03\x04\x00\x00binary", "looks binary"),
+    ],
+)
 def test_bad_input_is_one_clear_error_and_leaves_nothing(tmp_path, content, needle):
     f = tmp_path / "in.txt"
     f.write_bytes(content)
@@ -159,8 +162,10 @@ def test_url_source_from_a_local_server(tmp_path):
         prepare([url], tmp_path / "o", tokenizer="char", val_fraction=0.2, progress=False)
         train, meta = _tokens(tmp_path / "o", "train")
         val, _ = _tokens(tmp_path / "o", "val")
-        assert CharTokenizer(meta["tokenizer"]["chars"]).decode(np.concatenate([train, val]).tolist()) == \
-            "served over http"
+        assert (
+            CharTokenizer(meta["tokenizer"]["chars"]).decode(np.concatenate([train, val]).tolist())
+            == "served over http"
+        )
         with pytest.raises(GptlabError, match="could not download .*missing.txt"):
             prepare([url.replace("doc.jsonl", "missing.txt")], tmp_path / "o2", progress=False)
     finally:

@@ -10,9 +10,18 @@ import torch
 
 from gptlab.config import GPTConfig
 from gptlab.errors import GptlabError
+from gptlab.eval import (
+    fewshot,
+    fewshot_prompt,
+    lambada,
+    loglikelihoods,
+    multiple_choice,
+    perplexity,
+    read_jsonl,
+    rolling_nll,
+    wilson_interval,
+)
 from gptlab.generate import Engine, Sampling
-from gptlab.eval import fewshot, fewshot_prompt, lambada, loglikelihoods, multiple_choice, perplexity, read_jsonl, \
-    rolling_nll, wilson_interval
 from gptlab.tokenizer import GPT2Tokenizer
 
 from .test_interop import run_cli
@@ -74,7 +83,7 @@ def test_rolling_perplexity_scores_each_token_once_with_its_window(pair):
     total = 0.0
     for i in range(1, len(ids)):
         end = next(x for x in ends if x > i)
-        lp, _ = hf_logprobs(hf, ids[max(0, end - block - 1):i + 1])
+        lp, _ = hf_logprobs(hf, ids[max(0, end - block - 1) : i + 1])
         total -= lp[-1].item()
     for bs in (1, 4):
         nll, n = rolling_nll(ours, ids, stride, bs)
@@ -92,9 +101,11 @@ def test_perplexity_task_reports_per_token_word_and_byte(pair, tmp_path):
     r = perplexity(ours, GPT2Tokenizer(), paths=[str(tmp_path)], stride=32)
     ids = GPT2Tokenizer().encode(text)
     nll, n = rolling_nll(ours, [GPT2Tokenizer().eot_id] + ids, 32)  # the first token is scored too (lm-eval)
-    words = len(re.split(r"\s+", text))  # lm-eval's wikitext count: the trailing space makes one more
+    words = len(re.split(r"\s+", text))  # lm-eval's wikitext count
     assert r["tokens"] == n == len(ids) and r["nll"] == pytest.approx(nll)
-    assert r["words"] == words == len(text.split()) + 1 and r["bytes"] == len(text.encode())
+    assert r["words"] == words == len(text.split()) and r["bytes"] == len(text.encode())
+    (tmp_path / "a.txt").write_text(" " + text + "\n", encoding="utf-8")  # leading/trailing space: 2 more "words"
+    assert perplexity(ours, GPT2Tokenizer(), paths=[str(tmp_path)], stride=32)["words"] == words + 2
     assert r["word_perplexity"] == pytest.approx(math.exp(nll / words))
     assert r["bits_per_byte"] == pytest.approx(nll / len(text.encode()) / math.log(2))
 
@@ -102,17 +113,19 @@ def test_perplexity_task_reports_per_token_word_and_byte(pair, tmp_path):
 def test_lambada_equals_a_transformers_computation(pair, tmp_path):
     hf, ours = pair
     tok = GPT2Tokenizer()
-    passages = ["He opened the door and saw his old friend standing there with a smile",
-                "The recipe calls for two cups of flour and a pinch of salt",
-                "She looked at the sky and said it would rain before noon"]
+    passages = [
+        "He opened the door and saw his old friend standing there with a smile",
+        "The recipe calls for two cups of flour and a pinch of salt",
+        "She looked at the sky and said it would rain before noon",
+    ]
     (tmp_path / "l.jsonl").write_text("\n".join(json.dumps({"text": p}) for p in passages))
     lls, hits = [], 0
     for p in passages:
         ctx, word = p.rsplit(" ", 1)
         c, t = tok.encode(ctx), tok.encode(" " + word)
         lp, am = hf_logprobs(hf, c + t)
-        lls.append(lp[-len(t):].sum().item())
-        hits += bool((am[-len(t):] == torch.tensor(t)).all())
+        lls.append(lp[-len(t) :].sum().item())
+        hits += bool((am[-len(t) :] == torch.tensor(t)).all())
     for bs in (1, 2):
         r = lambada(ours, tok, path=str(tmp_path / "l.jsonl"), batch_size=bs)
         assert r["n"] == 3 and r["acc"] == hits / 3
@@ -139,9 +152,11 @@ def test_lambada_test_set_from_shared_reads_all_passages(pair, tmp_path, monkeyp
 def test_multiple_choice_equals_a_transformers_computation(pair, tmp_path):
     hf, ours = pair
     tok = GPT2Tokenizer()
-    docs = [{"context": "The cat sat on the", "choices": ["mat", "quantum chromodynamics", "sofa"], "label": 0},
-            {"context": "Water boils at one hundred", "choices": ["degrees", "bananas", "ways to sing"], "label": 0},
-            {"context": "In the morning I drink", "choices": ["coffee with milk", "tea", "the ocean"], "label": 1}]
+    docs = [
+        {"context": "The cat sat on the", "choices": ["mat", "quantum chromodynamics", "sofa"], "label": 0},
+        {"context": "Water boils at one hundred", "choices": ["degrees", "bananas", "ways to sing"], "label": 0},
+        {"context": "In the morning I drink", "choices": ["coffee with milk", "tea", "the ocean"], "label": 1},
+    ]
     (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
     acc = acc_norm = acc_tok = 0
     for d in docs:
@@ -149,9 +164,9 @@ def test_multiple_choice_equals_a_transformers_computation(pair, tmp_path):
         ll, lens = [], []
         for ch in d["choices"]:
             t = tok.encode(" " + ch)
-            ll.append(hf_logprobs(hf, c + t)[0][-len(t):].sum().item())
+            ll.append(hf_logprobs(hf, c + t)[0][-len(t) :].sum().item())
             lens.append(len(t))
-        best = lambda xs: max(range(len(xs)), key=xs.__getitem__)  # noqa: E731
+        best = lambda xs: max(range(len(xs)), key=xs.__getitem__)
         acc += best(ll) == d["label"]
         acc_norm += best([v / len(ch) for v, ch in zip(ll, d["choices"])]) == d["label"]
         acc_tok += best([v / n for v, n in zip(ll, lens)]) == d["label"]
@@ -161,8 +176,13 @@ def test_multiple_choice_equals_a_transformers_computation(pair, tmp_path):
 
 
 def test_hellaswag_format_is_preprocessed_like_lm_eval(pair, tmp_path):
-    rec = {"ctx_a": "A man is standing in a kitchen.", "ctx_b": "he", "activity_label": "Cooking",
-           "endings": ["picks up a knife [title] and cuts.", "flies away.", "eats the sink.", "sings."], "label": 0}
+    rec = {
+        "ctx_a": "A man is standing in a kitchen.",
+        "ctx_b": "he",
+        "activity_label": "Cooking",
+        "endings": ["picks up a knife [title] and cuts.", "flies away.", "eats the sink.", "sings."],
+        "label": 0,
+    }
     (tmp_path / "h.jsonl").write_text(json.dumps(rec))
     r = multiple_choice(pair[1], GPT2Tokenizer(), path=str(tmp_path / "h.jsonl"))
     assert r["task"] == "hellaswag" and r["n"] == 1
@@ -171,8 +191,16 @@ def test_hellaswag_format_is_preprocessed_like_lm_eval(pair, tmp_path):
     utils = pytest.importorskip("lm_eval.tasks.hellaswag.utils")
     from gptlab.eval.tasks import hellaswag_doc
 
-    tricky = [rec, {"ctx_a": "  [header] How to fix a bike.  ", "ctx_b": "first [step] you", "activity_label": "Bikes",
-                    "endings": [" remove the wheel [title] Then.", "[substeps] Pump  it.", "x", "y"], "label": 1}]
+    tricky = [
+        rec,
+        {
+            "ctx_a": "  [header] How to fix a bike.  ",
+            "ctx_b": "first [step] you",
+            "activity_label": "Bikes",
+            "endings": [" remove the wheel [title] Then.", "[substeps] Pump  it.", "x", "y"],
+            "label": 1,
+        },
+    ]
     for doc, ref in zip(tricky, utils.process_docs(datasets.Dataset.from_list(tricky))):
         assert hellaswag_doc(doc) == (ref["query"], ref["choices"])
 
@@ -180,8 +208,10 @@ def test_hellaswag_format_is_preprocessed_like_lm_eval(pair, tmp_path):
 def test_fewshot_prompts_exclude_the_query_and_score_whole_labels(pair, tmp_path):
     hf, ours = pair
     tok = GPT2Tokenizer()
-    assert fewshot_prompt([{"text": "good", "label": "positive"}], "bad", "Input: {text}\nLabel: {label}") == \
-        "Input: good\nLabel: positive\n\nInput: bad\nLabel:"
+    assert (
+        fewshot_prompt([{"text": "good", "label": "positive"}], "bad", "Input: {text}\nLabel: {label}")
+        == "Input: good\nLabel: positive\n\nInput: bad\nLabel:"
+    )
     rows = [{"text": f"example {i}", "label": lab} for i, lab in enumerate(["yes", "no", "maybe so"] * 3)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     r = fewshot(ours, tok, path=str(tmp_path / "d.jsonl"), shots=[0, 8])
@@ -193,7 +223,7 @@ def test_fewshot_prompts_exclude_the_query_and_score_whole_labels(pair, tmp_path
         scores = {}
         for lab in r["labels"]:
             t = tok.encode(" " + lab)
-            scores[lab] = hf_logprobs(hf, prompt + t)[0][-len(t):].sum().item()
+            scores[lab] = hf_logprobs(hf, prompt + t)[0][-len(t) :].sum().item()
         correct += max(scores, key=scores.get) == row["label"]
     assert r["results"][0]["acc"] == correct / len(rows)
     with pytest.raises(GptlabError, match="9 shots need at least 10 training examples"):
@@ -219,12 +249,23 @@ def test_bad_jsonl_names_the_line(tmp_path):
 
 def test_eval_cli_fewshot_on_the_shipped_set_with_plot(tmp_path):
     from gptlab.interop.hf import save_hf
+
     from .test_interop import gpt2_shaped
 
     model = gpt2_shaped()
     save_hf(model.state_dict(), model.config, {"kind": "gpt2"}, tmp_path / "hf")
-    r = run_cli("eval", "fewshot", str(tmp_path / "hf"), "--shots", "0,2", "--limit", "6",
-                "--plot", str(tmp_path / "fs.png"), "--json")
+    r = run_cli(
+        "eval",
+        "fewshot",
+        str(tmp_path / "hf"),
+        "--shots",
+        "0,2",
+        "--limit",
+        "6",
+        "--plot",
+        str(tmp_path / "fs.png"),
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["labels"] == ["negative", "positive"] and [x["n"] for x in out["results"]] == [6, 6]
@@ -251,26 +292,39 @@ def test_generation_tasks_equal_transformers_generate_scored_by_the_libraries(pa
 
     hf, ours = pair
     tok = GPT2Tokenizer()
-    rows = {"summarize": [{"document": "The council met on Monday and approved the new park.", "summary": "Park ok."},
-                          {"document": "Rain is expected all week across the north.", "summary": "Wet week."}],
-            "translate": [{"source": "the cat", "target": "le chat"}, {"source": "good day", "target": "bonjour"}],
-            "qa": [{"question": "What is the capital of France?", "answers": ["Paris"]},
-                   {"question": "How many legs has a spider?", "answers": ["eight", "8"]}]}[kind]
+    rows = {
+        "summarize": [
+            {"document": "The council met on Monday and approved the new park.", "summary": "Park ok."},
+            {"document": "Rain is expected all week across the north.", "summary": "Wet week."},
+        ],
+        "translate": [{"source": "the cat", "target": "le chat"}, {"source": "good day", "target": "bonjour"}],
+        "qa": [
+            {"question": "What is the capital of France?", "answers": ["Paris"]},
+            {"question": "How many legs has a spider?", "answers": ["eight", "8"]},
+        ],
+    }[kind]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     r = generation_task(ours, tok, task=kind, path=str(tmp_path / "d.jsonl"), max_new_tokens=12, batch_size=2)
     preds = []
     for row in rows:
         prompt = GENERATION_TASKS[kind]["template"].format(source_lang="English", target_lang="French", **row)
         ids = tok.encode(prompt)
-        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          max_new_tokens=12, do_sample=False, eos_token_id=tok.eot_id, pad_token_id=tok.eot_id)
-        text = tok.decode([t for t in out[0, len(ids):].tolist() if t != tok.eot_id])
+        out = hf.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=tok.eot_id,
+            pad_token_id=tok.eot_id,
+        )
+        text = tok.decode([t for t in out[0, len(ids) :].tolist() if t != tok.eot_id])
         preds.append(text.split("\n")[0].strip())
     assert [e["prediction"] for e in r["examples"]] == preds
     if kind == "summarize":
         s = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        assert r["rougeL"] == pytest.approx(sum(s.score(x["summary"], p)["rougeL"].fmeasure
-                                                for x, p in zip(rows, preds)) / 2)
+        assert r["rougeL"] == pytest.approx(
+            sum(s.score(x["summary"], p)["rougeL"].fmeasure for x, p in zip(rows, preds)) / 2
+        )
     elif kind == "translate":
         assert r["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [[x["target"] for x in rows]]).score)
     else:
@@ -283,24 +337,31 @@ def test_lm_eval_harness_runs_local_tasks_on_a_gptlab_model(pair, tmp_path, monk
     lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval extra is part of the dev install")
     from lm_eval.tasks import TaskManager
 
-    from gptlab.eval.lm_eval_adapter import GptlabLM
     from gptlab.checkpoint import save_model_checkpoint
+    from gptlab.eval.lm_eval_adapter import GptlabLM
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     _, ours = pair
     save_model_checkpoint(tmp_path / "ck", ours.state_dict(), ours.config, {"kind": "gpt2"})
-    mc = [{"context": "The cat sat on the", "choices": ["mat", "quantum chromodynamics", "sofa"], "label": 0},
-          {"context": "In the morning I drink", "choices": ["coffee with milk", "tea", "the ocean"], "label": 1},
-          {"context": "Water boils at one hundred", "choices": ["degrees", "bananas"], "label": 0}]
+    mc = [
+        {"context": "The cat sat on the", "choices": ["mat", "quantum chromodynamics", "sofa"], "label": 0},
+        {"context": "In the morning I drink", "choices": ["coffee with milk", "tea", "the ocean"], "label": 1},
+        {"context": "Water boils at one hundred", "choices": ["degrees", "bananas"], "label": 0},
+    ]
     texts = [{"text": "A short document about the weather in spring. " * 12}, {"text": "Another one, shorter."}]
     # generate_until: the first answer is what the engine generates greedily (cut at the newline), the second
     # is not; lm-eval's exact match through the adapter must then be exactly 1/2
-    engine_answer = Engine(ours, GPT2Tokenizer()).generate(["Q: What is two plus two?\nA:"], 8,
-                                                           Sampling(temperature=0), stop=["\n"])[0].text
-    qa = [{"question": "What is two plus two?", "answer": engine_answer},
-          {"question": "What is two plus two?", "answer": engine_answer + " not this"}]
+    engine_answer = (
+        Engine(ours, GPT2Tokenizer())
+        .generate(["Q: What is two plus two?\nA:"], 8, Sampling(temperature=0), stop=["\n"])[0]
+        .text
+    )
+    qa = [
+        {"question": "What is two plus two?", "answer": engine_answer},
+        {"question": "What is two plus two?", "answer": engine_answer + " not this"},
+    ]
     for name, rows in (("mc", mc), ("ppl", texts), ("qa", qa)):
         (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n"
@@ -308,18 +369,22 @@ def test_lm_eval_harness_runs_local_tasks_on_a_gptlab_model(pair, tmp_path, monk
     (tmp_path / "tasks" / "mc.yaml").write_text(
         "task: gl_mc\n" + common.format(path=tmp_path / "mc.jsonl") + "output_type: multiple_choice\n"
         "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
     (tmp_path / "tasks" / "ppl.yaml").write_text(
         "task: gl_ppl\n" + common.format(path=tmp_path / "ppl.jsonl") + "output_type: loglikelihood_rolling\n"
         "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n"
-        "  - metric: bits_per_byte\n")
+        "  - metric: bits_per_byte\n"
+    )
     (tmp_path / "tasks" / "qa.yaml").write_text(
         "task: gl_qa\n" + common.format(path=tmp_path / "qa.jsonl") + "output_type: generate_until\n"
         "doc_to_text: 'Q: {{question}}\\nA:'\ndoc_to_target: '{{answer}}'\n"
-        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\n")
+        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\n"
+    )
     lm = GptlabLM(str(tmp_path / "ck"), batch_size=2)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["gl_mc", "gl_ppl", "gl_qa"],
-                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=["gl_mc", "gl_ppl", "gl_qa"], task_manager=TaskManager(include_path=str(tmp_path / "tasks"))
+    )
     res = out["results"]
     ours_mc = multiple_choice(ours, GPT2Tokenizer(), path=str(tmp_path / "mc.jsonl"))
     assert res["gl_mc"]["acc,none"] == pytest.approx(ours_mc["acc"])

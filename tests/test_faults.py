@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from gptlab import checkpoint as ckpt_io
 from gptlab.cli import main
 from gptlab.data.prepare import prepare
 from gptlab.metrics import read_rows
-from gptlab import checkpoint as ckpt_io
 
 from .test_train import ENV, REPO, synthetic_text
 
@@ -25,8 +25,13 @@ pytestmark = pytest.mark.slow
 
 
 def run_scenario(name, tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "tests" / "fault_runner.py"), name, str(tmp_path)], env=ENV,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "fault_runner.py"), name, str(tmp_path)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)["cases"]
 
@@ -56,10 +61,39 @@ def test_training_killed_anywhere_resumes_to_the_same_losses(tmp_path):
 
 
 def _train_argv(data, run, *extra):
-    return ["train", "--data", str(data), "--out-dir", str(run), "--model", "tiny", "--block-size", "16",
-            "--batch-size", "4", "--max-iters", "12", "--ckpt-interval", "4", "--eval-interval", "4",
-            "--eval-iters", "1", "--log-interval", "1", "--final-eval-tokens", "256", "--keep-last", "1",
-            "--threads", "1", "--device", "cpu", "--json", *extra]
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out-dir",
+        str(run),
+        "--model",
+        "tiny",
+        "--block-size",
+        "16",
+        "--batch-size",
+        "4",
+        "--max-iters",
+        "12",
+        "--ckpt-interval",
+        "4",
+        "--eval-interval",
+        "4",
+        "--eval-iters",
+        "1",
+        "--log-interval",
+        "1",
+        "--final-eval-tokens",
+        "256",
+        "--keep-last",
+        "1",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +156,7 @@ def test_a_full_disk_stops_cleanly_and_the_run_resumes_once_space_is_freed(small
         assert {p.name: p.read_bytes() for p in (disk / "ds").iterdir()} == before
 
 
-def test_enospc_inside_a_metrics_line_leaves_a_torn_tail_that_resume_repairs(small_data, tmp_path, capsys,
-                                                                             monkeypatch):
+def test_enospc_inside_a_metrics_line_leaves_a_torn_tail_that_resume_repairs(small_data, tmp_path, capsys, monkeypatch):
     import gptlab.metrics as metrics_mod
 
     run = tmp_path / "run"
@@ -158,12 +191,32 @@ def test_a_second_run_on_the_same_folder_is_refused(small_data, tmp_path):
         t0 = time.time()
         while not (run / ".lock").exists() and time.time() - t0 < deadline:
             time.sleep(0.05)
-        second = subprocess.run([sys.executable, "-m", "gptlab"] + _train_argv(small_data / "data", run, "--resume"),
-                                env=ENV, capture_output=True, text=True, cwd=REPO)
+        second = subprocess.run(
+            [sys.executable, "-m", "gptlab"] + _train_argv(small_data / "data", run, "--resume"),
+            env=ENV,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         assert second.returncode == 2 and "is in use by another gptlab process" in second.stderr
         assert f"pid {first.pid}" in second.stderr and second.stderr.count("\n") == 1
-        prep = subprocess.run([sys.executable, "-m", "gptlab", "prepare", str(small_data / "c.txt"), "--out-dir",
-                               str(run), "--tokenizer", "char"], env=ENV, capture_output=True, text=True, cwd=REPO)
+        prep = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gptlab",
+                "prepare",
+                str(small_data / "c.txt"),
+                "--out-dir",
+                str(run),
+                "--tokenizer",
+                "char",
+            ],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         assert prep.returncode == 2 and "not a gptlab dataset" in prep.stderr
     finally:
         first.kill()

@@ -20,8 +20,9 @@ GREEDY = Sampling(temperature=0)
 
 def small_model(norm="pre", block_size=64, vocab_size=97, seed=0):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size, norm=norm,
-                          init_std=0.2)).eval()
+    model = GPT(
+        GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size, norm=norm, init_std=0.2)
+    ).eval()
     return model
 
 
@@ -50,8 +51,15 @@ def hf_generate(hf, prompts, n, pad_id=0):
     ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          pad_token_id=pad_id, eos_token_id=None)
+        out = hf.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=None,
+        )
     return out[:, T:].tolist()
 
 
@@ -69,8 +77,14 @@ def test_greedy_equals_transformers_generate_single_and_left_padded_batch(norm):
 
 
 def test_filters_equal_transformers_logits_processors():
-    from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
     logits = torch.randn(4, 1000) * 3
     ids = torch.randint(0, 1000, (4, 30))
     for k in (1, 5, 50):
@@ -85,13 +99,14 @@ def test_filters_equal_transformers_logits_processors():
         ref = proc(ids, ref)
     seen = torch.zeros(4, 1000, dtype=torch.bool).scatter_(1, ids, True)
     from gptlab.generate import apply_repetition_penalty
+
     ours = filter_logits(apply_repetition_penalty(logits, seen, 1.3) / 0.7, 40, 0.8, 0.1)
     torch.testing.assert_close(ours, ref)
 
 
 def test_filters_on_a_hand_computed_case():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    kept = lambda **kw: torch.isfinite(filter_logits(logits, **kw))[0].tolist()  # noqa: E731
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, **kw))[0].tolist()
     assert kept(top_k=3) == [True, True, True, False]
     assert kept(top_p=0.75) == [True, True, False, False]  # 0.5 < 0.75, 0.5 + 0.3 >= 0.75
     assert kept(top_p=0.4) == [True, False, False, False]
@@ -106,8 +121,9 @@ def test_samples_follow_the_filtered_distribution():
     counts = torch.bincount(torch.cat([next_tokens(logits, Sampling(), None, g) for _ in range(n)]), minlength=4)
     expected = torch.tensor([0.5, 0.3, 0.15, 0.05]) * n
     assert ((counts - expected).abs() < 4 * (expected * (1 - expected / n)).sqrt()).all(), counts
-    counts = torch.bincount(torch.cat([next_tokens(logits, Sampling(top_p=0.75), None, g) for _ in range(n)]),
-                            minlength=4)
+    counts = torch.bincount(
+        torch.cat([next_tokens(logits, Sampling(top_p=0.75), None, g) for _ in range(n)]), minlength=4
+    )
     assert counts[2:].sum() == 0 and abs(counts[0] / n - 0.5 / 0.8) < 0.03
 
 

@@ -9,23 +9,28 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from gptlab.checkpoint import load_checkpoint
 from gptlab.config import GPTConfig
 from gptlab.errors import GptlabError
 from gptlab.generate import Engine, Sampling
-from gptlab.loader import load_model
 from gptlab.interop.hf import save_hf, to_hf_state_dict
 from gptlab.interop.openai import from_openai_variables
+from gptlab.loader import load_model
 from gptlab.model import GPT
 from gptlab.tokenizer import BPETokenizer, GPT2Tokenizer
-from gptlab.checkpoint import load_checkpoint
 
 from .test_model import hf_pair
 from .test_train import ENV, REPO
 
 transformers = pytest.importorskip("transformers")
 
-TEXTS = ["Hello world! It's 2026, isn't it?", "  leading spaces\nand\ttabs", "naïve café 日本語 🙂",
-         "<|endoftext|> is text here", "1234567 numbers, and 'quotes'"]
+TEXTS = [
+    "Hello world! It's 2026, isn't it?",
+    "  leading spaces\nand\ttabs",
+    "naïve café 日本語 🙂",
+    "<|endoftext|> is text here",
+    "1234567 numbers, and 'quotes'",
+]
 
 
 def gpt2_shaped(**kw):
@@ -60,14 +65,20 @@ def test_export_loads_in_transformers_with_same_logits_greedy_text_and_tokens(tm
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     tok = GPT2Tokenizer()
     for text in TEXTS:
-        ids = tok.enc.encode(text, allowed_special="all")
+        ids = tok.encode(text)  # <|endoftext|> read as the end-of-text id by both
         assert hf_tok(text)["input_ids"] == ids, text
         assert hf_tok.decode(ids) == text
     prompt = tok.encode("The meaning of life is")
-    ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                      max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=tok.eot_id)
+    ref = hf.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=40,
+        min_new_tokens=40,
+        do_sample=False,
+        pad_token_id=tok.eot_id,
+    )
     ours = Engine(model, tok).generate_tokens([prompt], 40, Sampling(temperature=0), stop_ids=[])[0].tokens
-    assert ours == ref[0, len(prompt):].tolist()
+    assert ours == ref[0, len(prompt) :].tolist()
     assert hf_tok.decode(ours) == tok.decode(ours)
 
 
@@ -156,13 +167,13 @@ def test_openai_release_layout(tmp_path):
     # openai/gpt-2 model.py names: model/h<i>/<sub>/{g,b,w}; conv weights [1, in, out]; no lm_head (tied)
     variables = {}
     for k, v in hf.state_dict().items():
-        if k == "lm_head.weight" or k.endswith(".attn.bias") and v.dim() > 1:
+        if k == "lm_head.weight" or (k.endswith(".attn.bias") and v.dim() > 1):
             continue
         name = k.removeprefix("transformer.").replace(".weight", "/w").replace(".bias", "/b")
         name = "model/" + name.replace("h.", "h", 1).replace(".", "/")
         if "ln_" in name:
             name = name.replace("/w", "/g")
-        if name.endswith("wte/w") or name.endswith("wpe/w"):
+        if name.endswith(("wte/w", "wpe/w")):
             name = name[:-2]
         arr = v.numpy()
         variables[name] = arr[None] if name.endswith("/w") else arr
@@ -171,8 +182,9 @@ def test_openai_release_layout(tmp_path):
     model.load_state_dict(from_openai_variables(variables, cfg))
     logits_equal(model, hf, torch.randint(0, 50257, (1, 20)))
     (tmp_path / "rel").mkdir()
-    (tmp_path / "rel" / "hparams.json").write_text(json.dumps({"n_vocab": 50257, "n_ctx": 64, "n_embd": 64,
-                                                               "n_head": 2, "n_layer": 2}))
+    (tmp_path / "rel" / "hparams.json").write_text(
+        json.dumps({"n_vocab": 50257, "n_ctx": 64, "n_embd": 64, "n_head": 2, "n_layer": 2})
+    )
     try:
         import tensorflow  # noqa: F401
     except ImportError:
@@ -181,15 +193,32 @@ def test_openai_release_layout(tmp_path):
 
 
 def run_cli(*args, env=None, stdin=None):
-    return subprocess.run([sys.executable, "-m", "gptlab", *args], env={**ENV, **(env or {})}, capture_output=True,
-                          text=True, cwd=REPO, input=stdin)
+    return subprocess.run(
+        [sys.executable, "-m", "gptlab", *args],
+        env={**ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        input=stdin,
+    )
 
 
 def test_sample_cli_on_a_hugging_face_folder_stream_and_interactive(tmp_path):
     model = gpt2_shaped()
     save_hf(model.state_dict(), model.config, {"kind": "gpt2"}, tmp_path / "hf")
-    r = run_cli("sample", str(tmp_path / "hf"), "--prompt", "Hello", "--max-new-tokens", "12",
-                "--num-samples", "3", "--temperature", "0", "--json")
+    r = run_cli(
+        "sample",
+        str(tmp_path / "hf"),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "12",
+        "--num-samples",
+        "3",
+        "--temperature",
+        "0",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["samples"]) == 3 and len(set(out["samples"])) == 1  # greedy: identical rows
@@ -198,11 +227,13 @@ def test_sample_cli_on_a_hugging_face_folder_stream_and_interactive(tmp_path):
     ref = Engine(model, tok).generate_tokens([prompt], 12, Sampling(temperature=0), stop_ids=[tok.eot_id])[0]
     assert out["samples"][0] == tok.decode(ref.tokens)
     assert out["kv_cache_bytes"] == 2 * 2 * 3 * 2 * 32 * (len(prompt) + 12) * 4
-    r = run_cli("sample", str(tmp_path / "hf"), "--prompt", "Hello", "--max-new-tokens", "12",
-                "--temperature", "0", "--stream")
+    r = run_cli(
+        "sample", str(tmp_path / "hf"), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0", "--stream"
+    )
     assert r.returncode == 0 and r.stdout.rstrip("\n") == "Hello" + out["samples"][0], r.stderr
-    r = run_cli("sample", str(tmp_path / "hf"), "--interactive", "--max-new-tokens", "5",
-                stdin="Hello\n/reset\nagain\n/quit\n")
+    r = run_cli(
+        "sample", str(tmp_path / "hf"), "--interactive", "--max-new-tokens", "5", stdin="Hello\n/reset\nagain\n/quit\n"
+    )
     assert r.returncode == 0 and r.stdout.count("> ") >= 3, r.stderr
 
 
@@ -217,3 +248,23 @@ def test_to_hf_state_dict_has_no_shared_tensors():
     sd = to_hf_state_dict(model.state_dict(), model.config)
     assert "lm_head.weight" not in sd and sd["transformer.wte.weight"].shape == (50257, 64)
     assert torch.equal(sd["transformer.h.0.attn.c_attn.weight"], model.h[0].attn.c_attn.weight.t())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "char", "bpe"])
+def test_literal_end_of_text_means_the_same_to_gptlab_and_to_its_exported_tokenizer(tmp_path, kind):
+    """gptlab reads the text <|endoftext|> as the end-of-text id; so does transformers with the files gptlab
+    exports, for every tokenizer kind."""
+    from gptlab.tokenizer import CharTokenizer
+
+    text = "first document.<|endoftext|>second, and <|endoftext|> once more"
+    tok = {
+        "gpt2": GPT2Tokenizer,
+        "char": lambda: CharTokenizer.train([text.replace("<|endoftext|>", "")]),
+        "bpe": lambda: BPETokenizer.train([text.replace("<|endoftext|>", "")] * 20, vocab_size=300),
+    }[kind]()
+    cfg = GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=64, vocab_size=tok.vocab_size)
+    save_hf(GPT(cfg).state_dict(), cfg, tok.spec(), tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok.encode(text)
+    assert ids.count(tok.eot_id) == 2
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids

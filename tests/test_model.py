@@ -19,14 +19,34 @@ def hf_pair(cfg: GPTConfig):
     HF's GPT-1 ``afn="gelu"`` is the tanh approximation (gptlab's ``gelu_new``); HF's GPT-2
     ``activation_function="gelu"`` is the exact erf GELU, so both gptlab activations are checked."""
     if cfg.norm == "post":
-        hf = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(
-            n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.block_size,
-            vocab_size=cfg.vocab_size, afn="gelu", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+        hf = transformers.OpenAIGPTLMHeadModel(
+            transformers.OpenAIGPTConfig(
+                n_layer=cfg.n_layer,
+                n_head=cfg.n_head,
+                n_embd=cfg.n_embd,
+                n_positions=cfg.block_size,
+                vocab_size=cfg.vocab_size,
+                afn="gelu",
+                resid_pdrop=0,
+                embd_pdrop=0,
+                attn_pdrop=0,
+            )
+        )
     else:
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.block_size,
-            vocab_size=cfg.vocab_size, activation_function=cfg.activation, resid_pdrop=0, embd_pdrop=0,
-            attn_pdrop=0, tie_word_embeddings=cfg.tie_weights))
+        hf = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                n_layer=cfg.n_layer,
+                n_head=cfg.n_head,
+                n_embd=cfg.n_embd,
+                n_positions=cfg.block_size,
+                vocab_size=cfg.vocab_size,
+                activation_function=cfg.activation,
+                resid_pdrop=0,
+                embd_pdrop=0,
+                attn_pdrop=0,
+                tie_word_embeddings=cfg.tie_weights,
+            )
+        )
     hf.eval()
     with torch.no_grad():  # HF's init is tiny; perturb every weight so LayerNorms and biases matter
         for p in hf.parameters():
@@ -40,10 +60,17 @@ def random_configs(norm):
     rng = random.Random(1234 if norm == "pre" else 4321)
     for i in range(3):
         n_head = rng.choice([1, 2, 4])
-        yield GPTConfig(n_layer=rng.randint(1, 3), n_head=n_head, n_embd=n_head * rng.choice([8, 16]),
-                        block_size=rng.choice([16, 32]), vocab_size=rng.randint(50, 300), norm=norm,
-                        activation="gelu" if norm == "pre" and i == 1 else "gelu_new",
-                        pad_vocab_multiple=rng.choice([1, 64]), tie_weights=rng.random() < 0.7 or norm == "post")
+        yield GPTConfig(
+            n_layer=rng.randint(1, 3),
+            n_head=n_head,
+            n_embd=n_head * rng.choice([8, 16]),
+            block_size=rng.choice([16, 32]),
+            vocab_size=rng.randint(50, 300),
+            norm=norm,
+            activation="gelu" if norm == "pre" and i == 1 else "gelu_new",
+            pad_vocab_multiple=rng.choice([1, 64]),
+            tie_weights=rng.random() < 0.7 or norm == "post",
+        )
 
 
 @pytest.mark.parametrize("norm", ["pre", "post"])
@@ -53,7 +80,7 @@ def test_logits_and_loss_match_transformers(norm):
         idx = torch.randint(0, cfg.vocab_size, (3, cfg.block_size))
         with torch.no_grad():
             ref = hf(idx, labels=idx)
-            logits, loss = ours(idx[:, :-1], idx[:, 1:])  # HF shifts labels inside; we pass targets
+            _, loss = ours(idx[:, :-1], idx[:, 1:])  # HF shifts labels inside; we pass targets
             full, _ = ours(idx)
         assert full.shape == ref.logits.shape
         torch.testing.assert_close(full, ref.logits, atol=1e-5, rtol=1e-5)
@@ -81,8 +108,9 @@ def test_gpt2_param_counts_equal_hf():
     for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
         cfg = PRESETS[name]
         with torch.device("meta"):
-            hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+            hf = transformers.GPT2LMHeadModel(
+                transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+            )
             ours = GPT(cfg)
         assert ours.num_params() == hf.num_parameters(), name
     # the well-known published totals (HF model cards): 124,439,808 / 354,823,168 / 774,030,080 / 1,557,611,200
@@ -98,8 +126,9 @@ def test_gpt1_param_count_equals_hf_and_breakdown_sums():
     assert ours.num_params() == hf.num_parameters()
     b = ours.num_params(breakdown=True)
     assert b["head"] == 0 and b["token_embedding"] == 40478 * 768 and b["position_embedding"] == 512 * 768
-    assert sum(b[k] for k in ("token_embedding", "position_embedding", "attention", "mlp", "norms", "head")) \
-        == b["total"]
+    assert (
+        sum(b[k] for k in ("token_embedding", "position_embedding", "attention", "mlp", "norms", "head")) == b["total"]
+    )
 
 
 def test_gpt2_init_scales_residual_projections():
@@ -110,8 +139,10 @@ def test_gpt2_init_scales_residual_projections():
     assert m.h[0].attn.c_attn.bias.abs().max() == 0
 
 
-@pytest.mark.parametrize("bad", [dict(n_embd=100, n_head=3), dict(block_size=0), dict(norm="sandwich"),
-                                 dict(activation="relu"), dict(dropout=1.5)])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(n_embd=100, n_head=3), dict(block_size=0), dict(norm="sandwich"), dict(activation="relu"), dict(dropout=1.5)],
+)
 def test_invalid_configs_raise_one_clear_error(bad):
     with pytest.raises(GptlabError) as e:
         GPTConfig(**bad)
@@ -165,8 +196,9 @@ def test_export_to_transformers_and_config_round_trip(norm):
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
     # The tied head is stored once; transformers >= 5 lists it as missing, and it stays tied to the embedding.
     assert hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
-    assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight"
-                                  for k in missing)
+    assert not unexpected and all(
+        k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight" for k in missing
+    )
     idx = torch.randint(0, 90, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf.eval()(idx).logits, ours(idx)[0], atol=1e-5, rtol=1e-5)

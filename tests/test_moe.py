@@ -78,7 +78,7 @@ def test_capacity_drops_exactly_what_the_policy_drops():
     top = F.softmax(x[0] @ m.router.weight.t(), -1).topk(k).indices
     # Policy: every token's first choice, in token order, before any second choice; each expert keeps its first
     # `cap` assignments.
-    taken, keep = {e: 0 for e in range(E)}, set()
+    taken, keep = dict.fromkeys(range(E), 0), set()
     for slot in range(k):
         for t in range(N):
             e = top[t, slot].item()
@@ -129,8 +129,7 @@ def test_router_gets_gradients_and_the_model_counts_total_and_active():
     model.train()
     _, train_loss = model(idx, idx)
     # dropless and without dropout, training only adds the routers' weighted auxiliary losses (mean over layers)
-    assert train_loss.item() == pytest.approx(eval_loss.item() + sum(m.aux_loss.item() for m in routed) / 2,
-                                              rel=1e-6)
+    assert train_loss.item() == pytest.approx(eval_loss.item() + sum(m.aux_loss.item() for m in routed) / 2, rel=1e-6)
     counted = model.num_params(breakdown=True)
     planned = params(Shape.from_config(cfg))
     assert {k: planned[k] for k in counted} == counted
@@ -151,7 +150,7 @@ def test_generation_with_moe_uses_the_cache_exactly():
     seq = prompts[0] + alone[0]
     with torch.no_grad():
         full, _ = model(torch.tensor([seq[:-1]]))
-    assert full[0, len(prompts[0]) - 1:].argmax(-1).tolist() == alone[0]
+    assert full[0, len(prompts[0]) - 1 :].argmax(-1).tolist() == alone[0]
 
 
 def test_hf_export_of_moe_is_a_clear_error(tmp_path):
@@ -168,8 +167,17 @@ def test_seed_003_gpt4_arithmetic():
     # a quarter of the expert weights are active, so 1.8T total means >= 450B active minus nothing shared: the two
     # numbers cannot both hold. A stated 16-expert top-2 config (120 layers, d 12288, 8 kv heads, d_ff 3d,
     # 100k vocabulary) gives ~1.8T total and ~0.26T active, the ballpark of the reports.
-    s = Shape(n_layer=120, d_model=12288, n_head=96, n_kv_head=8, d_ff=3 * 12288, n_ctx=8192, vocab_size=100_000,
-              n_experts=16, experts_per_token=2)
+    s = Shape(
+        n_layer=120,
+        d_model=12288,
+        n_head=96,
+        n_kv_head=8,
+        d_ff=3 * 12288,
+        n_ctx=8192,
+        vocab_size=100_000,
+        n_experts=16,
+        experts_per_token=2,
+    )
     p = params(s)
     assert 1.7e12 < p["total"] < 1.85e12 and 0.24e12 < p["active"] < 0.28e12
     eight = s.replace(n_experts=8)
@@ -183,8 +191,13 @@ def _moe_flags(**kw):
 
 
 def test_resumed_moe_run_equals_the_uninterrupted_one(char_data, tmp_path):  # noqa: F811
-    kw = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, ckpt_interval=10,
-              model_overrides=_moe_flags(capacity_factor=1.5))  # the same schedule whatever max_iters
+    kw = dict(
+        max_iters=20,
+        lr_decay_iters=20,
+        eval_interval=10,
+        ckpt_interval=10,
+        model_overrides=_moe_flags(capacity_factor=1.5),
+    )  # the same schedule whatever max_iters
     train(tiny_cfg(char_data, tmp_path / "full", **kw), progress=False)
     train(tiny_cfg(char_data, tmp_path / "part", **{**kw, "max_iters": 10}), progress=False)
     train(tiny_cfg(char_data, tmp_path / "part", **kw), resume=True, progress=False)
@@ -195,28 +208,79 @@ def test_resumed_moe_run_equals_the_uninterrupted_one(char_data, tmp_path):  # n
 
 
 def test_two_process_ddp_moe_matches_one_process(char_data, tmp_path):  # noqa: F811
-    common = ["--data", str(char_data), "--model", "tiny", "--block-size", "32", "--max-iters", "10",
-              "--log-interval", "1", "--eval-interval", "10", "--eval-iters", "2", "--threads", "1",
-              "--device", "cpu", "--final-eval-tokens", "2000", "--json", "--set", "n_experts=4",
-              "--set", "experts_per_token=2", "--set", "aux_loss_weight=0"]  # the balance loss is per batch
-    one = subprocess.run([sys.executable, "-m", "gptlab", "train", "--out-dir", str(tmp_path / "one"),
-                          "--batch-size", "8", *common], env=ENV, capture_output=True, text=True)
+    common = [
+        "--data",
+        str(char_data),
+        "--model",
+        "tiny",
+        "--block-size",
+        "32",
+        "--max-iters",
+        "10",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "10",
+        "--eval-iters",
+        "2",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--final-eval-tokens",
+        "2000",
+        "--json",
+        "--set",
+        "n_experts=4",
+        "--set",
+        "experts_per_token=2",
+        "--set",
+        "aux_loss_weight=0",
+    ]  # the balance loss is per batch
+    one = subprocess.run(
+        [sys.executable, "-m", "gptlab", "train", "--out-dir", str(tmp_path / "one"), "--batch-size", "8", *common],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "gptlab", "train", "--out-dir", str(tmp_path / "two"), "--batch-size", "4", *common],
-                         env=ENV, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "gptlab",
+            "train",
+            "--out-dir",
+            str(tmp_path / "two"),
+            "--batch-size",
+            "4",
+            *common,
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    np.testing.assert_allclose([v for _, v in losses(tmp_path / "two")], [v for _, v in losses(tmp_path / "one")],
-                               rtol=2e-5)
+    np.testing.assert_allclose(
+        [v for _, v in losses(tmp_path / "two")], [v for _, v in losses(tmp_path / "one")], rtol=2e-5
+    )
 
 
 def test_compiled_and_bf16_moe_training_run(char_data, tmp_path):  # noqa: F811
-    kw = dict(max_iters=3, eval_interval=3, eval_iters=1, ckpt_interval=0, final_eval_tokens=500,
-              model_overrides=_moe_flags())
+    kw = dict(
+        max_iters=3, eval_interval=3, eval_iters=1, ckpt_interval=0, final_eval_tokens=500, model_overrides=_moe_flags()
+    )
     train(tiny_cfg(char_data, tmp_path / "eager", **kw), progress=False)
     train(tiny_cfg(char_data, tmp_path / "compiled", compile=True, **kw), progress=False)
-    np.testing.assert_allclose([v for _, v in losses(tmp_path / "compiled")],
-                               [v for _, v in losses(tmp_path / "eager")], rtol=1e-4)
+    np.testing.assert_allclose(
+        [v for _, v in losses(tmp_path / "compiled")], [v for _, v in losses(tmp_path / "eager")], rtol=1e-4
+    )
     torch.manual_seed(0)
     model = GPT(preset("tiny", n_experts=4, experts_per_token=2)).train()
     idx = torch.randint(0, 256, (2, 16))

@@ -10,10 +10,30 @@ import torch
 from gptlab.config import PRESETS, GPTConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, KVCache
-from gptlab.plan import (BESIROGLU, HARDWARE, HOFFMANN, PF_DAY, Shape, activation_bytes_per_layer, allocate,
-                         attention_cost, attention_crossover, forward_flops_per_token, inference, kaplan_loss_n,
-                         kaplan_loss_nd, kv_cache_bytes, mfu, palm_flops_per_token, params, resolve,
-                         size_for_loss_ratio, training_flops_per_token, training_memory, training_time)
+from gptlab.plan import (
+    BESIROGLU,
+    HARDWARE,
+    HOFFMANN,
+    PF_DAY,
+    Shape,
+    activation_bytes_per_layer,
+    allocate,
+    attention_cost,
+    attention_crossover,
+    forward_flops_per_token,
+    inference,
+    kaplan_loss_n,
+    kaplan_loss_nd,
+    kv_cache_bytes,
+    mfu,
+    palm_flops_per_token,
+    params,
+    resolve,
+    size_for_loss_ratio,
+    training_flops_per_token,
+    training_memory,
+    training_time,
+)
 
 from .test_interop import run_cli
 
@@ -30,21 +50,42 @@ def test_params_equal_the_instantiated_model_for_every_preset(name):
 
 def test_params_equal_published_counts():
     # Hugging Face model cards / num_parameters() of the released checkpoints (GPT-2, openai-gpt).
-    hf = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200,
-          "gpt1": 116_534_784}
+    hf = {
+        "gpt2": 124_439_808,
+        "gpt2-medium": 354_823_168,
+        "gpt2-large": 774_030_080,
+        "gpt2-xl": 1_557_611_200,
+        "gpt1": 116_534_784,
+    }
     for name, n in hf.items():
         assert params(resolve(name))["total"] == n, name
     # Brown et al. 2020, Table 2.1 (rounded in the paper): within 2 %.
-    table = {"gpt3-small": 125e6, "gpt3-medium": 350e6, "gpt3-large": 760e6, "gpt3-xl": 1.3e9, "gpt3-2.7b": 2.7e9,
-             "gpt3-6.7b": 6.7e9, "gpt3-13b": 13e9, "gpt3-175b": 175e9}
+    table = {
+        "gpt3-small": 125e6,
+        "gpt3-medium": 350e6,
+        "gpt3-large": 760e6,
+        "gpt3-xl": 1.3e9,
+        "gpt3-2.7b": 2.7e9,
+        "gpt3-6.7b": 6.7e9,
+        "gpt3-13b": 13e9,
+        "gpt3-175b": 175e9,
+    }
     for name, n in table.items():
         assert abs(params(resolve(name))["total"] / n - 1) < 0.02, name
 
 
 def test_gpt3_training_compute_equals_appendix_d():
     # Brown et al. 2020, Table D.1: total train compute in PF-days, 6·N·D with D = 300B tokens.
-    pf_days = {"gpt3-small": 2.60, "gpt3-medium": 7.42, "gpt3-large": 15.8, "gpt3-xl": 27.5, "gpt3-2.7b": 55.2,
-               "gpt3-6.7b": 139, "gpt3-13b": 268, "gpt3-175b": 3640}
+    pf_days = {
+        "gpt3-small": 2.60,
+        "gpt3-medium": 7.42,
+        "gpt3-large": 15.8,
+        "gpt3-xl": 27.5,
+        "gpt3-2.7b": 55.2,
+        "gpt3-6.7b": 139,
+        "gpt3-13b": 268,
+        "gpt3-175b": 3640,
+    }
     for name, ref in pf_days.items():
         ours = 6 * params(resolve(name))["total"] * 300e9 / PF_DAY
         assert abs(ours / ref - 1) < 0.01, (name, ours, ref)
@@ -110,7 +151,7 @@ def test_seed_002_gpt3_training_exercise():
     # 175B params, 300B tokens, batch 512 x 2048, 1024 A100 (312 TFLOP/s) at 45 %, $2 per GPU-hour.
     flops = 6 * 175e9 * 300e9
     assert flops == pytest.approx(315e21)  # "315 ZFLOPs"
-    assert 2 * 512 * 2048 * 175e9 == pytest.approx(367e15, rel=1e-3)  # "367 PFLOPs" per batch (forward)
+    assert pytest.approx(367e15, rel=1e-3) == 2 * 512 * 2048 * 175e9  # "367 PFLOPs" per batch (forward)
     t = training_time(flops, HARDWARE["a100"], 1024, 0.45, 2.0, 300e9, 512 * 2048)
     assert t["steps"] == math.ceil(300e9 / (512 * 2048)) == 286_103  # the seed floors it to 286,102
     assert round(t["days"], 1) == 25.4  # the seed's 25.3 truncates 25.36
@@ -122,8 +163,16 @@ def test_seed_002_gpt3_training_exercise():
 def test_chinchilla_approach_1_matches_table_3():
     # Hoffmann et al. 2022, Table 3 (Approach 1): compute -> parameters, tokens. The allocation is anchored at the
     # 67B row; the other rows test it.
-    rows = [(1.92e19, 400e6, 8.0e9), (1.21e20, 1e9, 20.2e9), (1.23e22, 10e9, 205.1e9), (3.85e24, 175e9, 3.7e12),
-            (9.90e24, 280e9, 5.9e12), (3.43e25, 520e9, 11.0e12), (1.27e26, 1e12, 21.2e12), (1.30e28, 10e12, 216.2e12)]
+    rows = [
+        (1.92e19, 400e6, 8.0e9),
+        (1.21e20, 1e9, 20.2e9),
+        (1.23e22, 10e9, 205.1e9),
+        (3.85e24, 175e9, 3.7e12),
+        (9.90e24, 280e9, 5.9e12),
+        (3.43e25, 520e9, 11.0e12),
+        (1.27e26, 1e12, 21.2e12),
+        (1.30e28, 10e12, 216.2e12),
+    ]
     for c, n, d in rows:
         n_opt, d_opt = allocate(c, "approach1")
         assert abs(n_opt / n - 1) < 0.04 and abs(d_opt / d - 1) < 0.05, (c, n_opt, d_opt)
@@ -162,12 +211,12 @@ def test_allocation_at_gpt3_compute_answers_seed_002():
 
 def test_kaplan_laws_and_the_seeds_arithmetic():
     # Kaplan et al. 2020: L(N) = (8.8e13/N)^0.076. Doubling N multiplies the loss by 0.949 (seed 002: "0.95").
-    assert kaplan_loss_n(2e9) / kaplan_loss_n(1e9) == pytest.approx(2 ** -0.076)
+    assert kaplan_loss_n(2e9) / kaplan_loss_n(1e9) == pytest.approx(2**-0.076)
     # Halving the loss takes 2^(1/0.076) = 9,139x the parameters; seed 002 says "~150" in one place and
     # "~2000x" in another.
     assert round(size_for_loss_ratio(0.5)) == 9139
     # GPT-3 vs GPT-2 XL (116x): loss x 0.70, i.e. ~30 % lower, not the seed's "~20 %".
-    assert 116 ** -0.076 == pytest.approx(0.697, abs=1e-3)
+    assert pytest.approx(0.697, abs=1e-3) == 116**-0.076
     # The joint L(N, D) has its own N_c (6.4e13, Table 2), not L(N)'s 8.8e13: with unlimited data it tends to
     # (6.4e13/N)^0.076.
     assert kaplan_loss_nd(1e9, 1e30) == pytest.approx((6.4e13 / 1e9) ** 0.076, rel=1e-6)
@@ -185,7 +234,8 @@ def test_inference_sizing_checks_the_seeds_claims():
     # fp16 weights and cache read per token, ~262 tok/s, so 50 is 19 % of it; and 39 sequences of 1024 fit.
     r = inference(resolve("gpt2-xl"), HARDWARE["v100-16gb"], 1024, 1, "fp16")
     assert r["decode_tokens_per_second_bandwidth_bound"] == pytest.approx(
-        900e9 / (1_557_611_200 * 2 + 2 * 48 * 1600 * 1024 * 2))
+        900e9 / (1_557_611_200 * 2 + 2 * 48 * 1600 * 1024 * 2)
+    )
     assert r["max_batch"] >= 8 and r["fits"]
 
 
@@ -212,8 +262,21 @@ def test_moe_and_gqa_shapes():
 
 
 def test_plan_cli_json_text_and_errors(tmp_path):
-    r = run_cli("plan", "train", "gpt3-175b", "--tokens", "300B", "--devices", "1024", "--mfu", "0.45",
-                "--price", "2", "--six-nd", "--json")
+    r = run_cli(
+        "plan",
+        "train",
+        "gpt3-175b",
+        "--tokens",
+        "300B",
+        "--devices",
+        "1024",
+        "--mfu",
+        "0.45",
+        "--price",
+        "2",
+        "--six-nd",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["params"] == params(resolve("gpt3-175b"))["total"]
@@ -222,15 +285,30 @@ def test_plan_cli_json_text_and_errors(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(list(tmp_path.iterdir())) == 1
     assert "besiroglu" in r.stdout and "gpt3" in r.stdout
-    r = run_cli("plan", "infer", "gpt2", "--hardware", "custom", "--peak-tflops", "1", "--bandwidth-gbs", "10",
-                "--memory-gib", "1", "--json")
+    r = run_cli(
+        "plan",
+        "infer",
+        "gpt2",
+        "--hardware",
+        "custom",
+        "--peak-tflops",
+        "1",
+        "--bandwidth-gbs",
+        "10",
+        "--memory-gib",
+        "1",
+        "--json",
+    )
     assert json.loads(r.stdout)["decode_tokens_per_second_bandwidth_bound"] == pytest.approx(
-        10e9 / (124_439_808 * 2 + kv_cache_bytes(resolve("gpt2"), 1024)))
-    for args, msg in [(["plan", "model", "gpt5"], "unknown model preset"),
-                      (["plan", "model", "gpt2", "--set", "n_head=5"], "not divisible"),
-                      (["plan", "scaling"], "give a budget"),
-                      (["plan", "infer", "gpt2", "--hardware", "custom"], "custom hardware needs"),
-                      (["plan", "train", "gpt2", "--tokens", "1B", "--mfu", "2"], "--mfu: 2 is out of range (valid: (0, 1])")]:
+        10e9 / (124_439_808 * 2 + kv_cache_bytes(resolve("gpt2"), 1024))
+    )
+    for args, msg in [
+        (["plan", "model", "gpt5"], "unknown model preset"),
+        (["plan", "model", "gpt2", "--set", "n_head=5"], "not divisible"),
+        (["plan", "scaling"], "give a budget"),
+        (["plan", "infer", "gpt2", "--hardware", "custom"], "custom hardware needs"),
+        (["plan", "train", "gpt2", "--tokens", "1B", "--mfu", "2"], "--mfu: 2 is out of range (valid: (0, 1])"),
+    ]:
         r = run_cli(*args)
         assert r.returncode == 2 and r.stderr.startswith("gptlab: error: ") and msg in r.stderr, (args, r.stderr)
         assert r.stderr.count("\n") == 1

@@ -32,8 +32,18 @@ def sandbox(tmp_path_factory):
     (root / "texts").mkdir()
     (root / "texts" / "a.txt").write_text(TEXT)
     prepare([str(root / "corpus.txt")], root / "data", tokenizer="char", progress=False)
-    train(tiny_cfg(root / "data", root / "run", max_iters=4, ckpt_interval=4, eval_interval=4, eval_iters=1,
-                   final_eval_tokens=512), progress=False)
+    train(
+        tiny_cfg(
+            root / "data",
+            root / "run",
+            max_iters=4,
+            ckpt_interval=4,
+            eval_interval=4,
+            eval_iters=1,
+            final_eval_tokens=512,
+        ),
+        progress=False,
+    )
     assert main(["convert", str(root / "run"), str(root / "hf")]) == 0
     (root / "mine").mkdir()
     (root / "mine" / "notes.md").write_text("my own notes\n")
@@ -47,19 +57,28 @@ def sandbox(tmp_path_factory):
     (root / "unknown.toml").write_text("learning_rate = 1\n")
     (root / "wrongtype.toml").write_text("max_iters = 'many'\n")
     (root / "sweep_bad.toml").write_text("depths = 'abc'\n")
-    for name, lines in {"array.jsonl": ["[1, 2, 3]"], "number.jsonl": ["42"], "string.jsonl": ['"text"'],
-                        "broken.jsonl": ['{"text": "a"', ], "nofield.jsonl": ['{"body": "x"}'],
-                        "same.jsonl": [json.dumps({"prompt": "Q:", "chosen": " yes", "rejected": " yes"})],
-                        "prefs.jsonl": [json.dumps({"prompt": "Q:", "chosen": " yes", "rejected": " no"})] * 4,
-                        "chats.jsonl": [json.dumps({"prompt": "Q:", "response": " yes"})] * 4,
-                        "mc_bad.jsonl": [json.dumps({"context": "a", "choices": "b", "label": 0})]}.items():
+    for name, lines in {
+        "array.jsonl": ["[1, 2, 3]"],
+        "number.jsonl": ["42"],
+        "string.jsonl": ['"text"'],
+        "broken.jsonl": [
+            '{"text": "a"',
+        ],
+        "nofield.jsonl": ['{"body": "x"}'],
+        "same.jsonl": [json.dumps({"prompt": "Q:", "chosen": " yes", "rejected": " yes"})],
+        "prefs.jsonl": [json.dumps({"prompt": "Q:", "chosen": " yes", "rejected": " no"})] * 4,
+        "chats.jsonl": [json.dumps({"prompt": "Q:", "response": " yes"})] * 4,
+        "mc_bad.jsonl": [json.dumps({"context": "a", "choices": "b", "label": 0})],
+    }.items():
         (root / name).write_text("\n".join(lines) + "\n")
     ck = sorted((root / "run" / "checkpoints").glob("step-*"))[-1]
     state = json.loads((ck / "state.json").read_text())
-    damaged = {"no_sha": {k: v for k, v in state.items() if k != "sha256"},
-               "no_config": {k: v for k, v in state.items() if k != "model_config"},
-               "bad_config": {**state, "model_config": {**state["model_config"], "n_head": 3}},
-               "wrong_format": {**state, "format": "other"}}
+    damaged = {
+        "no_sha": {k: v for k, v in state.items() if k != "sha256"},
+        "no_config": {k: v for k, v in state.items() if k != "model_config"},
+        "bad_config": {**state, "model_config": {**state["model_config"], "n_head": 3}},
+        "wrong_format": {**state, "format": "other"},
+    }
     for name, st_ in damaged.items():
         shutil.copytree(ck, root / f"ck_{name}")
         (root / f"ck_{name}" / "state.json").write_text(json.dumps(st_))
@@ -69,8 +88,11 @@ def sandbox(tmp_path_factory):
     w = root / "ck_truncated" / "model.safetensors"
     w.write_bytes(w.read_bytes()[:-100])
     hf_cfg = json.loads((root / "hf" / "config.json").read_text())
-    for name, change in {"no_nlayer": lambda c: c.pop("n_layer"), "relu": lambda c: c.update(activation_function="relu"),
-                         "llama": lambda c: c.update(model_type="llama")}.items():
+    for name, change in {
+        "no_nlayer": lambda c: c.pop("n_layer"),
+        "relu": lambda c: c.update(activation_function="relu"),
+        "llama": lambda c: c.update(model_type="llama"),
+    }.items():
         shutil.copytree(root / "hf", root / f"hf_{name}")
         c = dict(hf_cfg)
         change(c)
@@ -117,8 +139,7 @@ def assert_one_line_error(argv, capsys, root, needle=""):
 
 R = "{root}"
 RUN, DATA, HF = f"{R}/run", f"{R}/data", f"{R}/hf"
-TRAIN = ["train", "--data", DATA, "--out-dir", f"{R}/new_run", "--model", "tiny", "--max-iters", "2",
-         "--device", "cpu"]
+TRAIN = ["train", "--data", DATA, "--out-dir", f"{R}/new_run", "--model", "tiny", "--max-iters", "2", "--device", "cpu"]
 SAMPLE = ["sample", RUN, "--max-new-tokens", "2"]
 PLAN_TRAIN = ["plan", "train", "gpt2", "--tokens", "1B"]
 
@@ -144,10 +165,17 @@ CASES = [
     (["prepare", f"{R}/corpus.txt", "--out-dir", f"{R}/x", "--tokenizer", "bpe"], "needs --vocab-size"),
     (["prepare", f"{R}/corpus.txt", "--out-dir", f"{R}/x", "--tokenizer", "sentencepiece"], "invalid choice"),
     (["prepare", f"{R}/corpus.txt", "--out-dir", "/proc/gptlab/x", "--tokenizer", "char"], "/proc/gptlab"),
-    *[(["prepare", f"{R}/corpus.txt", "--out-dir", f"{R}/x", "--tokenizer", "char", "--val-fraction", v],
-       "--val-fraction") for v in ("0", "1", "-0.1", "1.5", "nan", "abc", "inf")],
-    *[(["prepare", f"{R}/corpus.txt", "--out-dir", f"{R}/x", "--tokenizer", "bpe", "--vocab-size", v], "--vocab-size")
-      for v in ("0", "1", "-5", "x", "2.5")],
+    *[
+        (
+            ["prepare", f"{R}/corpus.txt", "--out-dir", f"{R}/x", "--tokenizer", "char", "--val-fraction", v],
+            "--val-fraction",
+        )
+        for v in ("0", "1", "-0.1", "1.5", "nan", "abc", "inf")
+    ],
+    *[
+        (["prepare", f"{R}/corpus.txt", "--out-dir", f"{R}/x", "--tokenizer", "bpe", "--vocab-size", v], "--vocab-size")
+        for v in ("0", "1", "-5", "x", "2.5")
+    ],
     # train: recipes
     (["train", "--recipe", f"{R}/missing.toml"], "does not exist"),
     (["train", "--recipe", f"{R}/recipe_dir"], "is not a file"),
@@ -171,26 +199,70 @@ CASES = [
     (TRAIN + ["--block-size", "100000"], "fewer than one window"),
     (TRAIN + ["--min-lr", "0.5", "--lr", "0.1"], "min_lr = 0.5 must not exceed lr"),
     (TRAIN + ["--ss-schedule", "exponential"], "ss_k must be < 1"),
-    *[(TRAIN + [flag, "bogus"], "invalid choice") for flag in ("--schedule", "--dtype", "--parallel",
-                                                               "--ss-schedule")],
-    *[(TRAIN + [flag, v], flag) for flag, v in [
-        ("--batch-size", "0"), ("--batch-size", "-3"), ("--batch-size", "1.5"), ("--grad-accum", "0"),
-        ("--max-iters", "0"), ("--lr", "0"), ("--lr", "-1"), ("--lr", "nan"), ("--lr", "inf"), ("--lr", "1e4"),
-        ("--min-lr", "-1"), ("--warmup-iters", "-1"), ("--lr-decay-iters", "-1"), ("--decay-frac", "0"),
-        ("--decay-frac", "2"), ("--weight-decay", "-1"), ("--beta1", "2"), ("--beta1", "-0.1"), ("--beta2", "1"),
-        ("--grad-clip", "-1"), ("--dropout", "1"), ("--dropout", "-0.5"), ("--eval-interval", "0"),
-        ("--eval-iters", "0"), ("--final-eval-tokens", "-1"), ("--log-interval", "0"), ("--ckpt-interval", "-1"),
-        ("--keep-last", "0"), ("--seed", "-1"), ("--threads", "-1"), ("--threads", "100000"), ("--ss-max-prob", "2"),
-        ("--ss-k", "0"), ("--block-size", "-1"), ("--max-iters", "ten")]],
-    *[(TRAIN + ["--set", s], needle) for s, needle in [
-        ("vocab_size=10", "smaller than the dataset's tokenizer vocabulary"), ("layer_norm_eps=-1", "layer_norm_eps"),
-        ("layer_norm_eps=0", "layer_norm_eps"), ("init_std=-0.1", "init_std"), ("n_heads=3", "unknown model config"),
-        ("n_head=3", "not divisible"), ("dropout=2", "dropout"), ("norm=mid", "norm must be one of"),
-        ("activation=relu", "activation must be one of"), ("n_layer=0", "n_layer must be >= 1"),
-        ("n_layer=x", "n_layer must be of type int"), ("n_layer=2.5", "n_layer must be of type int"),
-        ("bias=3", "bias must be of type bool"), ("novalue", "expected key=value"), ("experts_per_token=3", "exceeds"),
-        ("capacity_factor=-1", "capacity_factor"), ("aux_loss_weight=NaN", "aux_loss_weight"),
-        ("block_size=0", "block_size must be >= 1")]],
+    *[(TRAIN + [flag, "bogus"], "invalid choice") for flag in ("--schedule", "--dtype", "--parallel", "--ss-schedule")],
+    *[
+        (TRAIN + [flag, v], flag)
+        for flag, v in [
+            ("--batch-size", "0"),
+            ("--batch-size", "-3"),
+            ("--batch-size", "1.5"),
+            ("--grad-accum", "0"),
+            ("--max-iters", "0"),
+            ("--lr", "0"),
+            ("--lr", "-1"),
+            ("--lr", "nan"),
+            ("--lr", "inf"),
+            ("--lr", "1e4"),
+            ("--min-lr", "-1"),
+            ("--warmup-iters", "-1"),
+            ("--lr-decay-iters", "-1"),
+            ("--decay-frac", "0"),
+            ("--decay-frac", "2"),
+            ("--weight-decay", "-1"),
+            ("--beta1", "2"),
+            ("--beta1", "-0.1"),
+            ("--beta2", "1"),
+            ("--grad-clip", "-1"),
+            ("--dropout", "1"),
+            ("--dropout", "-0.5"),
+            ("--eval-interval", "0"),
+            ("--eval-iters", "0"),
+            ("--final-eval-tokens", "-1"),
+            ("--log-interval", "0"),
+            ("--ckpt-interval", "-1"),
+            ("--keep-last", "0"),
+            ("--seed", "-1"),
+            ("--threads", "-1"),
+            ("--threads", "100000"),
+            ("--ss-max-prob", "2"),
+            ("--ss-k", "0"),
+            ("--block-size", "-1"),
+            ("--max-iters", "ten"),
+        ]
+    ],
+    *[
+        (TRAIN + ["--set", s], needle)
+        for s, needle in [
+            ("vocab_size=10", "smaller than the dataset's tokenizer vocabulary"),
+            ("layer_norm_eps=-1", "layer_norm_eps"),
+            ("layer_norm_eps=0", "layer_norm_eps"),
+            ("init_std=-0.1", "init_std"),
+            ("n_heads=3", "unknown model config"),
+            ("n_head=3", "not divisible"),
+            ("dropout=2", "dropout"),
+            ("norm=mid", "norm must be one of"),
+            ("activation=relu", "activation must be one of"),
+            ("n_layer=0", "n_layer must be >= 1"),
+            ("n_layer=x", "n_layer must be of type int"),
+            ("n_layer=2.5", "n_layer must be of type int"),
+            ("bias=3", "bias must be of type bool"),
+            ("novalue", "expected key=value"),
+            ("experts_per_token=3", "exceeds"),
+            ("capacity_factor=-1", "capacity_factor"),
+            ("aux_loss_weight=NaN", "aux_loss_weight"),
+            ("block_size=0", "block_size must be >= 1"),
+        ]
+    ],
     # sample
     (["sample", f"{R}/missing"], "does not exist"),
     (["sample", f"{R}/mine"], "is not a gptlab run or checkpoint"),
@@ -202,11 +274,26 @@ CASES = [
     (SAMPLE + ["--stream", "--json"], "pick one"),
     (SAMPLE + ["--device", "bogus"], "is not a device"),
     (SAMPLE + ["--prompt", "the king " * 10, "--max-new-tokens", "200"], "context"),
-    *[(SAMPLE + [flag, v], flag) for flag, v in [
-        ("--max-new-tokens", "0"), ("--max-new-tokens", "-1"), ("--temperature", "-1"), ("--temperature", "nan"),
-        ("--temperature", "101"), ("--top-k", "-1"), ("--top-p", "0"), ("--top-p", "1.5"), ("--min-p", "2"),
-        ("--min-p", "-0.1"), ("--repetition-penalty", "0"), ("--num-samples", "0"), ("--num-samples", "100000"),
-        ("--seed", "-1"), ("--seed", "1.5")]],
+    *[
+        (SAMPLE + [flag, v], flag)
+        for flag, v in [
+            ("--max-new-tokens", "0"),
+            ("--max-new-tokens", "-1"),
+            ("--temperature", "-1"),
+            ("--temperature", "nan"),
+            ("--temperature", "101"),
+            ("--top-k", "-1"),
+            ("--top-p", "0"),
+            ("--top-p", "1.5"),
+            ("--min-p", "2"),
+            ("--min-p", "-0.1"),
+            ("--repetition-penalty", "0"),
+            ("--num-samples", "0"),
+            ("--num-samples", "100000"),
+            ("--seed", "-1"),
+            ("--seed", "1.5"),
+        ]
+    ],
     (SAMPLE + ["--num-samples", "0", "--stream"], "--num-samples"),
     # convert: damaged checkpoints and Hugging Face folders
     (["convert", f"{R}/missing", "--out-dir", f"{R}/out"], "does not exist"),
@@ -252,8 +339,7 @@ CASES = [
     (["eval", "fewshot", RUN, "--seed", "-1"], "--seed"),
     (["eval", "fewshot", RUN, "--path", f"{R}/string.jsonl"], "not a JSON object"),
     (["eval", "generate", RUN, "poetry", f"{R}/chats.jsonl"], "invalid choice"),
-    (["eval", "generate", RUN, "qa", f"{R}/chats.jsonl", "--max-new-tokens", "0"],
-     "--max-new-tokens"),
+    (["eval", "generate", RUN, "qa", f"{R}/chats.jsonl", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["eval", "generate", RUN, "qa", f"{R}/chats.jsonl", "--shots", "-2"], "--shots"),
     (["eval", "bogus"], "invalid choice"),
     # plan
@@ -264,13 +350,40 @@ CASES = [
     (["plan", "model", "gpt2", "--set", "bias=3"], "bias must be true or false"),
     (["plan", "model", "gpt2", "--set", "norm=mid"], "norm must be pre or post"),
     (["plan", "model", "gpt2", "--set", "depth=3"], "unknown shape field"),
-    *[(PLAN_TRAIN + [flag, v], flag) for flag, v in [
-        ("--tokens", "-1"), ("--tokens", "0"), ("--tokens", "nan"), ("--tokens", "1Q"), ("--devices", "0"),
-        ("--mfu", "0"), ("--mfu", "2"), ("--mfu", "-0.5"), ("--price", "-1"), ("--micro-batch", "0"), ("--dp", "0"),
-        ("--tp", "0"), ("--pp", "-1"), ("--seq-len", "0"), ("--batch-tokens", "0"), ("--peak-tflops", "-1"),
-        ("--bandwidth-gbs", "0"), ("--memory-gib", "-1"), ("--zero", "4")]],
-    *[(["plan", "infer", "gpt2", flag, v], flag) for flag, v in [
-        ("--batch", "0"), ("--context", "0"), ("--devices", "0"), ("--prompt-tokens", "0"), ("--batch", "-2")]],
+    *[
+        (PLAN_TRAIN + [flag, v], flag)
+        for flag, v in [
+            ("--tokens", "-1"),
+            ("--tokens", "0"),
+            ("--tokens", "nan"),
+            ("--tokens", "1Q"),
+            ("--devices", "0"),
+            ("--mfu", "0"),
+            ("--mfu", "2"),
+            ("--mfu", "-0.5"),
+            ("--price", "-1"),
+            ("--micro-batch", "0"),
+            ("--dp", "0"),
+            ("--tp", "0"),
+            ("--pp", "-1"),
+            ("--seq-len", "0"),
+            ("--batch-tokens", "0"),
+            ("--peak-tflops", "-1"),
+            ("--bandwidth-gbs", "0"),
+            ("--memory-gib", "-1"),
+            ("--zero", "4"),
+        ]
+    ],
+    *[
+        (["plan", "infer", "gpt2", flag, v], flag)
+        for flag, v in [
+            ("--batch", "0"),
+            ("--context", "0"),
+            ("--devices", "0"),
+            ("--prompt-tokens", "0"),
+            ("--batch", "-2"),
+        ]
+    ],
     (["plan", "scaling"], "give a budget"),
     (["plan", "scaling", "--compute", "-1"], "--compute"),
     (["plan", "scaling", "--compare", "gpt3"], "expected NAME=PARAMS:TOKENS"),
@@ -303,22 +416,40 @@ CASES = [
     (["align", "sft", RUN, "--out-dir", f"{R}/a"], "data (a JSON-lines file) is required"),
     (["align", "sft", "--data", f"{R}/chats.jsonl", "--out-dir", f"{R}/a"], "the model to start from"),
     (["align", "ppo", RUN, "--data", f"{R}/chats.jsonl", "--out-dir", f"{R}/a"], "needs reward_model"),
-    (["align", "dpo", RUN, "--data", f"{R}/same.jsonl", "--out-dir", f"{R}/a", "--device", "cpu"],
-     "two of its responses are identical"),
-    (["align", "reward", RUN, "--data", f"{R}/same.jsonl", "--out-dir", f"{R}/a", "--device", "cpu"],
-     "two of its responses are identical"),
-    (["align", "sft", RUN, "--data", f"{R}/number.jsonl", "--out-dir", f"{R}/a", "--device", "cpu"],
-     "line 1"),
-    (["align", "sft", f"{R}/missing", "--data", f"{R}/chats.jsonl", "--out-dir", f"{R}/a",
-      "--device", "cpu"], "does not exist"),
-    (["align", "sft", RUN, "--data", f"{R}/chats.jsonl", "--out-dir", f"{R}/a", "--device", "tpu"],
-     "is not a device"),
+    (
+        ["align", "dpo", RUN, "--data", f"{R}/same.jsonl", "--out-dir", f"{R}/a", "--device", "cpu"],
+        "two of its responses are identical",
+    ),
+    (
+        ["align", "reward", RUN, "--data", f"{R}/same.jsonl", "--out-dir", f"{R}/a", "--device", "cpu"],
+        "two of its responses are identical",
+    ),
+    (["align", "sft", RUN, "--data", f"{R}/number.jsonl", "--out-dir", f"{R}/a", "--device", "cpu"], "line 1"),
+    (
+        ["align", "sft", f"{R}/missing", "--data", f"{R}/chats.jsonl", "--out-dir", f"{R}/a", "--device", "cpu"],
+        "does not exist",
+    ),
+    (["align", "sft", RUN, "--data", f"{R}/chats.jsonl", "--out-dir", f"{R}/a", "--device", "tpu"], "is not a device"),
     (["align", "sft", "--recipe", f"{R}/latin1.toml"], "is not UTF-8"),
     (["align", "finetune", RUN, "--data", f"{R}/chats.jsonl", "--task", "poetry"], "invalid choice"),
-    *[(["align", "dpo", RUN, "--data", f"{R}/prefs.jsonl", "--out-dir", f"{R}/a", flag, v], flag)
-      for flag, v in [("--lr", "0"), ("--beta", "0"), ("--beta", "-1"), ("--gamma", "0"), ("--lam", "2"),
-                      ("--val-frac", "1"), ("--temperature", "0"), ("--batch-size", "0"), ("--clip", "0"),
-                      ("--kl-coef", "-1"), ("--ppo-epochs", "0"), ("--weight-decay", "-0.1"), ("--beta2", "1")]],
+    *[
+        (["align", "dpo", RUN, "--data", f"{R}/prefs.jsonl", "--out-dir", f"{R}/a", flag, v], flag)
+        for flag, v in [
+            ("--lr", "0"),
+            ("--beta", "0"),
+            ("--beta", "-1"),
+            ("--gamma", "0"),
+            ("--lam", "2"),
+            ("--val-frac", "1"),
+            ("--temperature", "0"),
+            ("--batch-size", "0"),
+            ("--clip", "0"),
+            ("--kl-coef", "-1"),
+            ("--ppo-epochs", "0"),
+            ("--weight-decay", "-0.1"),
+            ("--beta2", "1"),
+        ]
+    ],
     (["bogus-verb"], "invalid choice"),
     (["train", "--no-such-flag"], "unrecognized arguments"),
 ]
@@ -354,8 +485,11 @@ def _out_of_range(r: Range, integer: bool):
     return values if integer else values + [math.nan, math.inf, -math.inf]
 
 
-RANGED = [(f.name, f.metadata["range"], isinstance(f.default, int)) for f in TrainConfig.fields()
-          if f.metadata.get("range") is not None]
+RANGED = [
+    (f.name, f.metadata["range"], isinstance(f.default, int))
+    for f in TrainConfig.fields()
+    if f.metadata.get("range") is not None
+]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -368,27 +502,52 @@ def test_every_out_of_range_training_value_is_refused(sandbox, capsys, monkeypat
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.one_of(st.integers(), st.floats(allow_nan=True), st.text(max_size=8), st.none(),
-                          st.lists(st.integers(), max_size=3)), min_size=1, max_size=4))
+@given(
+    st.lists(
+        st.one_of(
+            st.integers(),
+            st.floats(allow_nan=True),
+            st.text(max_size=8),
+            st.none(),
+            st.lists(st.integers(), max_size=3),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_malformed_jsonl_records_are_one_line(sandbox, capsys, monkeypatch, tmp_path_factory, records):
     """JSON values that are not objects with a string ``text`` field: prepare refuses them with the line number."""
     monkeypatch.chdir(sandbox)
     src = tmp_path_factory.mktemp("jsonl") / "bad.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    assert_one_line_error(["prepare", str(src), "--out-dir", str(sandbox / "x"), "--tokenizer", "char"], capsys,
-                          sandbox, "line 1")
+    assert_one_line_error(
+        ["prepare", str(src), "--out-dir", str(sandbox / "x"), "--tokenizer", "char"], capsys, sandbox, "line 1"
+    )
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.dictionaries(st.sampled_from(["lr", "batch_size", "beta1", "dropout", "seed", "max_iters"]),
-                       st.one_of(st.text("abc xyz_-", max_size=5), st.booleans(), st.lists(st.integers(), max_size=2),
-                                 st.floats(min_value=-1e9, max_value=-1e-9)), min_size=1))
+@given(
+    st.dictionaries(
+        st.sampled_from(["lr", "batch_size", "beta1", "dropout", "seed", "max_iters"]),
+        st.one_of(
+            st.text("abc xyz_-", max_size=5),
+            st.booleans(),
+            st.lists(st.integers(), max_size=2),
+            st.floats(min_value=-1e9, max_value=-1e-9),
+        ),
+        min_size=1,
+    )
+)
 def test_malformed_recipes_are_one_line(sandbox, capsys, monkeypatch, tmp_path_factory, values):
     monkeypatch.chdir(sandbox)
     recipe = tmp_path_factory.mktemp("toml") / "r.toml"
     recipe.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))  # JSON scalars are TOML
-    assert_one_line_error(["train", "--recipe", str(recipe), "--data", str(sandbox / "data"), "--out-dir",
-                           str(sandbox / "new_run")], capsys, sandbox, "invalid training config")
+    assert_one_line_error(
+        ["train", "--recipe", str(recipe), "--data", str(sandbox / "data"), "--out-dir", str(sandbox / "new_run")],
+        capsys,
+        sandbox,
+        "invalid training config",
+    )
 
 
 def test_broken_pipe_is_quiet(tmp_path):
@@ -397,8 +556,14 @@ def test_broken_pipe_is_quiet(tmp_path):
 
     from .test_train import ENV, REPO
 
-    r = subprocess.run(f"{sys.executable} -m gptlab plan compare | head -1", shell=True, env=ENV, cwd=REPO,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        f"{sys.executable} -m gptlab plan compare | head -1",
+        shell=True,
+        env=ENV,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.stdout.count("\n") == 1 and "Traceback" not in r.stderr and r.stderr == "", r.stderr
 
 
@@ -408,11 +573,22 @@ def test_a_folder_in_use_is_refused_naming_the_holder(sandbox, capsys, monkeypat
 
     monkeypatch.chdir(sandbox)
     target = sandbox / "busy"
-    argv = {"train": ["train", "--data", str(sandbox / "data"), "--out-dir", str(target), "--model", "tiny"],
-            "align": ["align", "sft", str(sandbox / "run"), "--data", str(sandbox / "chats.jsonl"),
-                      "--out-dir", str(target), "--device", "cpu"],
-            "scale": ["scale", "--data", str(sandbox / "data"), "--out-dir", str(target), "--tokens", "1e4"],
-            "prepare": ["prepare", str(sandbox / "corpus.txt"), "--out-dir", str(target), "--tokenizer", "char"]}[verb]
+    argv = {
+        "train": ["train", "--data", str(sandbox / "data"), "--out-dir", str(target), "--model", "tiny"],
+        "align": [
+            "align",
+            "sft",
+            str(sandbox / "run"),
+            "--data",
+            str(sandbox / "chats.jsonl"),
+            "--out-dir",
+            str(target),
+            "--device",
+            "cpu",
+        ],
+        "scale": ["scale", "--data", str(sandbox / "data"), "--out-dir", str(target), "--tokens", "1e4"],
+        "prepare": ["prepare", str(sandbox / "corpus.txt"), "--out-dir", str(target), "--tokenizer", "char"],
+    }[verb]
     lock = sandbox / ".busy.lock" if verb == "prepare" else target / ".lock"
     target.mkdir()
     try:
@@ -427,19 +603,53 @@ def test_files_follow_the_umask(sandbox, tmp_path):
     old = os.umask(0o002)
     try:
         prepare([str(sandbox / "corpus.txt")], tmp_path / "d", tokenizer="char", progress=False)
-        train(tiny_cfg(tmp_path / "d", tmp_path / "run", max_iters=2, ckpt_interval=2, eval_interval=2, eval_iters=1,
-                       final_eval_tokens=256), progress=False)
+        train(
+            tiny_cfg(
+                tmp_path / "d",
+                tmp_path / "run",
+                max_iters=2,
+                ckpt_interval=2,
+                eval_interval=2,
+                eval_iters=1,
+                final_eval_tokens=256,
+            ),
+            progress=False,
+        )
     finally:
         os.umask(old)
-    files = [p for p in (tmp_path / "d").iterdir()] + [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    files = list((tmp_path / "d").iterdir()) + [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert files and {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o664)}
 
 
 def test_an_error_during_training_is_on_its_own_line_after_the_bar(sandbox, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(sandbox)
-    rc = main(["train", "--data", str(sandbox / "data"), "--out-dir", str(tmp_path / "r"), "--model", "tiny",
-               "--block-size", "32", "--max-iters", "40", "--lr", "10", "--warmup-iters", "0", "--grad-clip", "0",
-               "--log-interval", "1", "--device", "cpu", "--threads", "1"])
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(sandbox / "data"),
+            "--out-dir",
+            str(tmp_path / "r"),
+            "--model",
+            "tiny",
+            "--block-size",
+            "32",
+            "--max-iters",
+            "40",
+            "--lr",
+            "10",
+            "--warmup-iters",
+            "0",
+            "--grad-clip",
+            "0",
+            "--log-interval",
+            "1",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.endswith("\n")
     last = err.splitlines()[-1]

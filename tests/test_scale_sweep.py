@@ -11,18 +11,28 @@ import time
 
 import pytest
 
+from gptlab.checkpoint import list_checkpoints
 from gptlab.cli import main
 from gptlab.errors import GptlabError
 from gptlab.plan.scaling import HOFFMANN
-from gptlab.scale.fit import fit_power_law
 from gptlab.scale.analysis import fit_rows
+from gptlab.scale.fit import fit_power_law
 from gptlab.scale.sweep import Sweep, run_sweep
-from gptlab.checkpoint import list_checkpoints
 
 from .test_train import char_data  # noqa: F401 - fixture
 
-TRAIN = dict(batch_size=8, block_size=32, eval_interval=10, eval_iters=2, final_eval_tokens=2000, threads=1,
-             device="cpu", log_interval=5, warmup_iters=2, lr=3e-3)
+TRAIN = dict(
+    batch_size=8,
+    block_size=32,
+    eval_interval=10,
+    eval_iters=2,
+    final_eval_tokens=2000,
+    threads=1,
+    device="cpu",
+    log_interval=5,
+    warmup_iters=2,
+    lr=3e-3,
+)
 SHAPE = dict(width_per_layer=16, head_dim=8)
 
 
@@ -52,25 +62,40 @@ def test_tiny_sweep_fits_resumes_and_skips(char_data, tmp_path):  # noqa: F811
     with pytest.raises(GptlabError, match="started with other settings"):
         run_sweep(sweep(char_data, out, tokens=[8 * 32 * 20], head_dim=16))
     # a second sweep, of explicit shapes, fits its runs together with the first sweep's
-    both = run_sweep(Sweep(data=str(char_data), out_dir=str(tmp_path / "narrow"), train=TRAIN, tokens=[8 * 32 * 20],
-                           shapes=[[1, 8], [2, 8], [1, 24]], head_dim=8, include=[str(out)]))
+    both = run_sweep(
+        Sweep(
+            data=str(char_data),
+            out_dir=str(tmp_path / "narrow"),
+            train=TRAIN,
+            tokens=[8 * 32 * 20],
+            shapes=[[1, 8], [2, 8], [1, 24]],
+            head_dim=8,
+            include=[str(out)],
+        )
+    )
     assert [(r["n_layer"], r["n_embd"]) for r in both["runs"][:3]] == [(1, 8), (2, 8), (1, 24)]  # by size
     assert [r["name"] for r in both["runs"]] == ["l1w8", "l2w8", "l1w24", "sweep/d1", "sweep/d2", "sweep/d3"]
     assert both["fits"]["held_out"]["fit_on"] == 5
     assert both["fits"]["held_out"]["actual_loss"] == r["runs"][-1]["final_val_loss"]  # the widest model overall
     with pytest.raises(GptlabError, match="no results.json"):
-        run_sweep(sweep(char_data, tmp_path / "other", tokens=[8 * 32 * 20], width_per_layer=8,
-                        include=[str(tmp_path)]))
+        run_sweep(
+            sweep(char_data, tmp_path / "other", tokens=[8 * 32 * 20], width_per_layer=8, include=[str(tmp_path)])
+        )
 
 
 def test_sigkilled_sweep_resumes_without_rerunning_finished_models(char_data, tmp_path):  # noqa: F811
     out = tmp_path / "killed"
     recipe = tmp_path / "sweep.toml"
-    recipe.write_text(f'data = "{char_data}"\nout = "{out}"\ndepths = [1, 2, 3]\ntokens = [{8 * 32 * 200}]\n'
-                      f"width_per_layer = 16\nhead_dim = 8\n[train]\n"
-                      + "".join(f"{k} = {json.dumps(v)}\n" for k, v in TRAIN.items()))
-    proc = subprocess.Popen([sys.executable, "-m", "gptlab", "scale", "--sweep", str(recipe), "--json"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    recipe.write_text(
+        f'data = "{char_data}"\nout = "{out}"\ndepths = [1, 2, 3]\ntokens = [{8 * 32 * 200}]\n'
+        f"width_per_layer = 16\nhead_dim = 8\n[train]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in TRAIN.items())
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptlab", "scale", "--sweep", str(recipe), "--json"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while not list_checkpoints(out / "d2"):
         assert proc.poll() is None and time.time() < deadline, "the sweep ended before its second run checkpointed"
@@ -120,11 +145,20 @@ def test_token_budget_grid_fits_data_law_and_chinchilla():
     rows = []
     for depth, n in enumerate((1e6, 3e6, 1e7, 3e7, 1e8), 1):
         for d in (2e8, 8e8, 3.2e9, 1.28e10):
-            rows.append({"name": f"t{d:.3g}-d{depth}", "budget": d, "depth": depth, "params": n,
-                         "non_embedding": n, "tokens": d, "compute": 6 * n * d,
-                         "final_val_loss": HOFFMANN.loss(n, d)})
+            rows.append(
+                {
+                    "name": f"t{d:.3g}-d{depth}",
+                    "budget": d,
+                    "depth": depth,
+                    "params": n,
+                    "non_embedding": n,
+                    "tokens": d,
+                    "compute": 6 * n * d,
+                    "final_val_loss": HOFFMANN.loss(n, d),
+                }
+            )
     fits = fit_rows(rows)
-    floor = HOFFMANN.E + HOFFMANN.A / 1e8 ** HOFFMANN.alpha
+    floor = HOFFMANN.E + HOFFMANN.A / 1e8**HOFFMANN.alpha
     assert fits["data_law_with_E"]["params"]["alpha"] == pytest.approx(HOFFMANN.beta, abs=0.01)
     assert fits["data_law_with_E"]["params"]["E"] == pytest.approx(floor, rel=0.01)
     assert fits["chinchilla"]["params"]["alpha"] == pytest.approx(HOFFMANN.alpha, abs=0.01)

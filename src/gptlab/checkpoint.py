@@ -10,9 +10,9 @@ leaves either the whole checkpoint or none. The last ``keep_last`` checkpoints a
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
-import json
 import struct
 from pathlib import Path
 from typing import Any
@@ -42,14 +42,22 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
     return sha256_of(path)
 
 
-def save_model_checkpoint(out: Path, model_state: dict[str, torch.Tensor], cfg: GPTConfig,
-                          tokenizer_spec: dict[str, Any], **extra: Any) -> Path:
+def save_model_checkpoint(
+    out: Path, model_state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer_spec: dict[str, Any], **extra: Any
+) -> Path:
     """A weights-only checkpoint folder (no optimizer state: for inference, evaluation or fine-tuning), written
     atomically; refuses to replace an existing folder."""
     with atomic_dir(out, replace=False) as tmp:
         sha = _save_tensors(drop_tied(model_state, cfg), tmp / "model.safetensors")
-        meta = dict(extra, format=FORMAT, version=VERSION, step=extra.get("step", 0), model_config=cfg.to_dict(),
-                    tokenizer=tokenizer_spec, sha256={"model.safetensors": sha})
+        meta = dict(
+            extra,
+            format=FORMAT,
+            version=VERSION,
+            step=extra.get("step", 0),
+            model_config=cfg.to_dict(),
+            tokenizer=tokenizer_spec,
+            sha256={"model.safetensors": sha},
+        )
         atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1))
     return Path(out)
 
@@ -72,8 +80,9 @@ def _diagnose_safetensors(path: Path) -> str | None:
         return "not a safetensors file (no readable header)"
     if header is None:
         return f"the file is truncated inside its header ({size} bytes)"
-    for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                             key=lambda kv: kv[1]["data_offsets"][1]):
+    for name, info in sorted(
+        ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][1]
+    ):
         end = 8 + n + info["data_offsets"][1]
         if end > size:
             return f"the file is truncated: tensor {name!r} needs bytes up to {end:,}, the file has {size:,}"
@@ -88,16 +97,23 @@ def check_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, where: str) -> No
         if name not in sd:
             raise GptlabError(f"{where}: tensor {name!r} is missing")
         if sd[name].shape != t.shape:
-            raise GptlabError(f"{where}: tensor {name!r} has shape {tuple(sd[name].shape)}, the config needs "
-                              f"{tuple(t.shape)}")
+            raise GptlabError(
+                f"{where}: tensor {name!r} has shape {tuple(sd[name].shape)}, the config needs {tuple(t.shape)}"
+            )
     extra = set(sd) - set(expected)
     if extra:
         raise GptlabError(f"{where}: unexpected tensors {sorted(extra)[:3]}")
 
 
-def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor],
-                    optim_state: dict[str, Any], state: dict[str, Any], keep_last: int,
-                    extra: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optim_state: dict[str, Any],
+    state: dict[str, Any],
+    keep_last: int,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write checkpoint ``step`` atomically and prune old ones. ``optim_state`` is a name-keyed optimizer state
     dict (``torch.distributed.checkpoint.state_dict`` layout); ``state`` is JSON-able metadata; ``extra`` tensors
     (task, reward and value heads) go to ``heads.safetensors`` beside the GPT's ``model.safetensors``."""
@@ -112,10 +128,17 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
             groups.append({k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])})
         for k, v in state.pop("rng").items():
             tensors[f"rng/{k}"] = v
-        meta = dict(state, format=FORMAT, version=VERSION, step=step, param_groups=groups,
-                    sha256={"model.safetensors": _save_tensors(drop_tied(model_state, cfg),
-                                                               tmp / "model.safetensors"),
-                            "optimizer.safetensors": _save_tensors(tensors, tmp / "optimizer.safetensors")})
+        meta = dict(
+            state,
+            format=FORMAT,
+            version=VERSION,
+            step=step,
+            param_groups=groups,
+            sha256={
+                "model.safetensors": _save_tensors(drop_tied(model_state, cfg), tmp / "model.safetensors"),
+                "optimizer.safetensors": _save_tensors(tensors, tmp / "optimizer.safetensors"),
+            },
+        )
         if extra:
             meta["sha256"]["heads.safetensors"] = _save_tensors(extra, tmp / "heads.safetensors")
         atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1))
@@ -140,8 +163,9 @@ def checkpoints_for(run_dir: Path, resume: bool) -> list[Path]:
     """The run's complete checkpoints, after checking they suit the request: none for a fresh run, some to resume."""
     existing = list_checkpoints(run_dir)
     if existing and not resume:
-        raise GptlabError(f"{run_dir} already holds checkpoints; pass --resume to continue that run, or choose "
-                          f"another --out-dir")
+        raise GptlabError(
+            f"{run_dir} already holds checkpoints; pass --resume to continue that run, or choose another --out-dir"
+        )
     if resume and not existing:
         raise GptlabError(f"--resume: {run_dir} holds no complete checkpoint to resume from")
     return existing
@@ -173,13 +197,19 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise GptlabError(f"{ckpt} is not a gptlab v{VERSION} checkpoint")
     sha = meta.get("sha256")
-    problems = [what for ok, what in (
-        (isinstance(sha, dict) and isinstance(sha.get("model.safetensors"), str), "sha256 of model.safetensors"),
-        (isinstance(meta.get("model_config"), dict), "model_config"),
-        (isinstance(meta.get("tokenizer"), dict), "tokenizer")) if not ok]
+    problems = [
+        what
+        for ok, what in (
+            (isinstance(sha, dict) and isinstance(sha.get("model.safetensors"), str), "sha256 of model.safetensors"),
+            (isinstance(meta.get("model_config"), dict), "model_config"),
+            (isinstance(meta.get("tokenizer"), dict), "tokenizer"),
+        )
+        if not ok
+    ]
     if problems:
-        raise GptlabError(f"{ckpt}/state.json lacks {' and '.join(problems)}; the checkpoint is damaged, use "
-                          f"another one")
+        raise GptlabError(
+            f"{ckpt}/state.json lacks {' and '.join(problems)}; the checkpoint is damaged, use another one"
+        )
     try:
         GPTConfig.from_dict(meta["model_config"])
     except (TypeError, ValueError, GptlabError) as e:

@@ -21,6 +21,7 @@ One vocabulary across verbs: the model is the first argument of every verb that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -33,8 +34,10 @@ SUBSYSTEMS = ("data", "train", "generate", "interop", "eval", "scale", "align", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="gptlab", description="Build, pre-train, sample, evaluate, scale, align and plan "
-                                                       "GPT-style language models.")
+    parser = ArgumentParser(
+        prog="gptlab",
+        description="Build, pre-train, sample, evaluate, scale, align and plan GPT-style language models.",
+    )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name in SUBSYSTEMS:
         importlib.import_module(f"gptlab.{name}.cli").add_parser(sub)
@@ -71,10 +74,8 @@ def _fail(message: str) -> int:
 
 def _silence_stdout() -> None:
     """After a broken pipe, point stdout at /dev/null so the interpreter's final flush does not fail again."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
 
 
 if __name__ == "__main__":

@@ -61,13 +61,24 @@ class GPTConfig:
                 problems.append(f"{f.name} must be of type {want.__name__} (got {value!r})")
         if problems:
             raise GptlabError("invalid model config: " + "; ".join(problems))
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple", "n_experts",
-                     "experts_per_token", "moe_every"):
+        for name in (
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "block_size",
+            "vocab_size",
+            "pad_vocab_multiple",
+            "n_experts",
+            "experts_per_token",
+            "moe_every",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)!r})")
         if not problems and self.n_embd % self.n_head:
-            problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                            f"pick n_head among {[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:12]}")
+            problems.append(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                f"pick n_head among {[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:12]}"
+            )
         if self.norm not in NORMS:
             problems.append(f"norm must be one of {NORMS} (got {self.norm!r})")
         if self.activation not in ACTIVATIONS:
@@ -75,12 +86,17 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1) (got {self.dropout!r})")
         if not (0.0 < self.layer_norm_eps <= 1.0 and 0.0 < self.init_std <= 1.0):
-            problems.append(f"layer_norm_eps and init_std must be in (0, 1] (got {self.layer_norm_eps!r}, "
-                            f"{self.init_std!r})")
+            problems.append(
+                f"layer_norm_eps and init_std must be in (0, 1] (got {self.layer_norm_eps!r}, {self.init_std!r})"
+            )
         if not problems and self.experts_per_token > self.n_experts:
             problems.append(f"experts_per_token={self.experts_per_token} exceeds n_experts={self.n_experts}")
-        if not all(math.isfinite(v) and v >= 0 for v in (self.capacity_factor, self.aux_loss_weight,
-                                                          self.z_loss_weight)) or self.expert_ff < 0:
+        if (
+            not all(
+                math.isfinite(v) and v >= 0 for v in (self.capacity_factor, self.aux_loss_weight, self.z_loss_weight)
+            )
+            or self.expert_ff < 0
+        ):
             problems.append("capacity_factor, aux_loss_weight, z_loss_weight and expert_ff must be finite and >= 0")
         if problems:
             raise GptlabError("invalid model config: " + "; ".join(problems))
@@ -98,18 +114,19 @@ class GPTConfig:
         m = self.pad_vocab_multiple
         return -(-self.vocab_size // m) * m
 
-    def replace(self, **changes: Any) -> "GPTConfig":
+    def replace(self, **changes: Any) -> GPTConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise GptlabError(f"unknown model config field(s) {sorted(unknown)}; "
-                              f"known: {[f.name for f in dataclasses.fields(self)]}")
+            raise GptlabError(
+                f"unknown model config field(s) {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(self)]}"
+            )
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
         return cls().replace(**d)
 
 
@@ -119,8 +136,9 @@ def _gpt3(n_layer: int, n_embd: int, n_head: int) -> GPTConfig:
 
 PRESETS: dict[str, GPTConfig] = {
     # GPT-1: post-norm, exact GELU, 512 context, 40,478-token BPE.
-    "gpt1": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=512, vocab_size=40478,
-                      norm="post", activation="gelu_new"),
+    "gpt1": GPTConfig(
+        n_layer=12, n_head=12, n_embd=768, block_size=512, vocab_size=40478, norm="post", activation="gelu_new"
+    ),
     # GPT-2 family (released checkpoints).
     "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),

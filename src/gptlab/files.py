@@ -19,8 +19,9 @@ import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from .errors import GptlabError
 
@@ -192,8 +193,10 @@ def folder_lock(lock_file: Path, what: str) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise GptlabError(f"{what} is in use by another gptlab process (pid {holder}); wait for it to finish, "
-                              f"or choose another folder") from None
+            raise GptlabError(
+                f"{what} is in use by another gptlab process (pid {holder}); wait for it to finish, "
+                f"or choose another folder"
+            ) from None
         try:
             same = os.stat(lock_file).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -236,8 +239,10 @@ def describe_os_error(e: OSError) -> str:
     """One line for an operating-system error: what failed, on which path, and what to do."""
     where = e.filename or "a file"
     if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
-        return (f"no space left on the device while writing {where}; free some space and run the command again "
-                f"(nothing complete was lost; a training run continues with --resume)")
+        return (
+            f"no space left on the device while writing {where}; free some space and run the command again "
+            f"(nothing complete was lost; a training run continues with --resume)"
+        )
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {where} ({e.strerror}); choose a folder you can write to"
     if e.errno == errno.ENOENT:

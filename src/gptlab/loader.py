@@ -58,11 +58,15 @@ def load_model(source: str | Path, device: str | torch.device = "auto") -> Loade
         elif is_openai_dir(path):
             sd, cfg, tok = load_openai(path)
         else:
-            raise GptlabError(f"{source} is not a gptlab run or checkpoint, a Hugging Face model folder (config.json) "
-                              f"or an OpenAI GPT-2 folder (hparams.json)")
+            raise GptlabError(
+                f"{source} is not a gptlab run or checkpoint, a Hugging Face model folder (config.json) "
+                f"or an OpenAI GPT-2 folder (hparams.json)"
+            )
         if tok is None:
-            raise GptlabError(f"{path} has no tokenizer files (vocab.json + merges.txt, or tokenizer.json); copy "
-                              f"them from the model's source")
+            raise GptlabError(
+                f"{path} has no tokenizer files (vocab.json + merges.txt, or tokenizer.json); copy "
+                f"them from the model's source"
+            )
         model, meta = build(sd, cfg, device), {"model_config": cfg.to_dict(), "tokenizer": tok}
     meta = {**meta, "source": str(source)}
     return Loaded(model, from_spec(meta["tokenizer"]), model.config, str(source), meta)

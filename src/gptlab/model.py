@@ -44,7 +44,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.promote_types(x.dtype, torch.float32)  # the softmax in fp32 at least, also under autocast
         total = torch.zeros((), device=x.device, dtype=dtype)
         for s in range(0, x.size(0), chunk_rows):
-            xc, t = x[s:s + chunk_rows], targets[s:s + chunk_rows]
+            xc, t = x[s : s + chunk_rows], targets[s : s + chunk_rows]
             logits = F.linear(xc, weight).to(dtype)
             logits[:, vocab_size:] = float("-inf")  # vocabulary padding, if any
             lse = torch.logsumexp(logits, dim=1)
@@ -54,7 +54,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
             probs[torch.arange(len(t), device=t.device), t] -= 1.0
             probs *= valid[:, None]
-            grad_x[s:s + chunk_rows] = probs.to(x.dtype) @ weight
+            grad_x[s : s + chunk_rows] = probs.to(x.dtype) @ weight
             grad_w.addmm_(probs.t().to(weight.dtype), xc)
         ctx.save_for_backward(grad_x / count, grad_w / count)
         return total / count
@@ -83,13 +83,22 @@ class KVCache:
     head_dim] tensors (separate tensors, so a compiled step updates each in place). ``pad`` [B] is each row's count
     of left-padding slots, which are never attended to."""
 
-    def __init__(self, cfg: GPTConfig, batch: int, length: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32, pad: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        cfg: GPTConfig,
+        batch: int,
+        length: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        pad: torch.Tensor | None = None,
+    ) -> None:
         if length > cfg.block_size:
             raise GptlabError(f"a cache of {length} positions exceeds the model's context of {cfg.block_size}")
         shape = (batch, cfg.n_head, length, cfg.n_embd // cfg.n_head)
-        self.layers = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-                       for _ in range(cfg.n_layer)]
+        self.layers = [
+            (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            for _ in range(cfg.n_layer)
+        ]
         self.length = length
         self.pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad.to(device)
 
@@ -126,16 +135,18 @@ class CausalSelfAttention(nn.Module):
         # [B, T, C] -> [B, n_head, T, head_dim]
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )
         else:
             k_cache, v_cache, slots, mask = cache
             if k_cache is not None:
                 k_cache.index_copy_(2, slots, k)
                 v_cache.index_copy_(2, slots, v)
                 k, v = k_cache, v_cache
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -211,18 +222,28 @@ class MoE(nn.Module):
             slots = int(counts.max())
         xe = x2.new_zeros(E, slots, C)
         xe[e, pos] = x2[tok]
-        h = torch.bmm(xe, self.fc_weight) if self.fc_bias is None else torch.baddbmm(self.fc_bias[:, None], xe,
-                                                                                      self.fc_weight)
+        h = (
+            torch.bmm(xe, self.fc_weight)
+            if self.fc_bias is None
+            else torch.baddbmm(self.fc_bias[:, None], xe, self.fc_weight)
+        )
         h = F.gelu(h, approximate=self.approximate)
-        ye = torch.bmm(h, self.proj_weight) if self.proj_bias is None else torch.baddbmm(self.proj_bias[:, None], h,
-                                                                                         self.proj_weight)
+        ye = (
+            torch.bmm(h, self.proj_weight)
+            if self.proj_bias is None
+            else torch.baddbmm(self.proj_bias[:, None], h, self.proj_weight)
+        )
         out = torch.zeros_like(x2).index_add_(0, tok, (ye[e, pos] * w[:, None]).to(x2.dtype))
         fraction = counts.float() / (N * self.k)
         balance = E * (fraction * probs.mean(0)).sum()
         z = torch.logsumexp(logits, -1).pow(2).mean()
         self.aux_loss = self.weights[0] * balance + self.weights[1] * z
-        self.stats = {"balance_loss": balance.detach(), "z_loss": z.detach(), "expert_fraction": fraction.detach(),
-                      "dropped_fraction": 1.0 - torch.tensor(float(e.numel()), device=x.device) / (N * self.k)}
+        self.stats = {
+            "balance_loss": balance.detach(),
+            "z_loss": z.detach(),
+            "expert_fraction": fraction.detach(),
+            "dropped_fraction": 1.0 - torch.tensor(float(e.numel()), device=x.device) / (N * self.k),
+        }
         out = self.dropout(out.view(B, T, C))
         return out if self.shared is None else out + self.shared(x)
 
@@ -254,13 +275,14 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         # GPT-1 (post-norm) ends on the last block's LayerNorm; pre-norm models need a final one.
-        self.ln_f = (nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
-                     if cfg.norm == "pre" else nn.Identity())
+        self.ln_f = (
+            nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias) if cfg.norm == "pre" else nn.Identity()
+        )
         self.lm_head = Linear(cfg.n_embd, V, bias=False)
         self.tie_()
         self.reset_parameters()
 
-    def tie_(self) -> "GPT":
+    def tie_(self) -> GPT:
         """Share the token embedding with the output head when the config ties them (GPT-2: Press & Wolf 2017).
         Call again after replacing either module."""
         if self.config.tie_weights:
@@ -283,9 +305,15 @@ class GPT(nn.Module):
             else:
                 nn.init.zeros_(p)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                slots: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, hidden: bool = False
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        hidden: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``idx`` [B, T] token ids -> ``(logits [B, T, vocab_size], None)``, or with ``targets`` [B, T]
         ``(None, mean cross-entropy)`` computed by :class:`LinearCrossEntropy` without materialising the logits.
         Targets equal to -1 are ignored (masked tokens). ``hidden=True`` returns the final hidden states
@@ -298,9 +326,11 @@ class GPT(nn.Module):
         last position's logits are returned, [B, 1, vocab_size]: all that sampling needs."""
         T = idx.size(1)
         if cache is None:
-            if T > self.config.block_size:
-                raise GptlabError(f"sequence of {T} tokens exceeds the model's context of {self.config.block_size}; "
-                                  f"crop the input to the last {self.config.block_size} tokens")
+            if self.config.block_size < T:
+                raise GptlabError(
+                    f"sequence of {T} tokens exceeds the model's context of {self.config.block_size}; "
+                    f"crop the input to the last {self.config.block_size} tokens"
+                )
             pos, layers = torch.arange(T, device=idx.device), [None] * len(self.h)
             if doc_ids is not None:
                 t = torch.arange(T, device=idx.device)
@@ -363,10 +393,18 @@ class GPT(nn.Module):
         total = sum(parts.values())
         if not breakdown:
             return total
-        idle = sum(sum(p.numel() for p in (m.fc_weight, m.proj_weight, m.fc_bias, m.proj_bias) if p is not None)
-                   * (cfg.n_experts - cfg.experts_per_token) // cfg.n_experts for m in self.moe_layers())
-        return {**parts, "total": total, "non_embedding": total - parts["token_embedding"] - parts["position_embedding"],
-                "active": total - idle}
+        idle = sum(
+            sum(p.numel() for p in (m.fc_weight, m.proj_weight, m.fc_bias, m.proj_bias) if p is not None)
+            * (cfg.n_experts - cfg.experts_per_token)
+            // cfg.n_experts
+            for m in self.moe_layers()
+        )
+        return {
+            **parts,
+            "total": total,
+            "non_embedding": total - parts["token_embedding"] - parts["position_embedding"],
+            "active": total - idle,
+        }
 
 
 def drop_tied(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ import dataclasses
 import json
 import math
 import sys
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from .errors import GptlabError
 from .recipe import Range
@@ -102,15 +103,27 @@ def add_config_flags(p: argparse.ArgumentParser, fields: list[dataclasses.Field]
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif isinstance(default, (int, float)):
-            p.add_argument(flag, type=number(valid, integer=isinstance(default, int)), default=None,
-                           metavar=type(default).__name__.upper(), help=text)
+            p.add_argument(
+                flag,
+                type=number(valid, integer=isinstance(default, int)),
+                default=None,
+                metavar=type(default).__name__.upper(),
+                help=text,
+            )
         else:
-            p.add_argument(flag, default=None, choices=choices, metavar=type(default).__name__.upper() if not choices
-                           else None, help=text)
+            p.add_argument(
+                flag,
+                default=None,
+                choices=choices,
+                metavar=type(default).__name__.upper() if not choices else None,
+                help=text,
+            )
 
 
-MODEL_HELP = ("the model: a gptlab run folder (its latest checkpoint), RUN/best, a checkpoint folder, a Hugging Face "
-              "model folder or Hub name (gpt2, distilgpt2, ...), or an OpenAI GPT-2 release folder")
+MODEL_HELP = (
+    "the model: a gptlab run folder (its latest checkpoint), RUN/best, a checkpoint folder, a Hugging Face "
+    "model folder or Hub name (gpt2, distilgpt2, ...), or an OpenAI GPT-2 release folder"
+)
 
 
 def add_alias(p: argparse.ArgumentParser, old: str, dest: str, hint: str, **kwargs: Any) -> None:
@@ -122,8 +135,13 @@ def add_alias(p: argparse.ArgumentParser, old: str, dest: str, hint: str, **kwar
     p.set_defaults(_aliases=aliases + [(alias_dest, dest, old, hint)])
 
 
-def add_model(p: argparse.ArgumentParser, verb: str, required: bool = True, old: tuple[str, ...] = ("--checkpoint",),
-              help: str = MODEL_HELP) -> None:
+def add_model(
+    p: argparse.ArgumentParser,
+    verb: str,
+    required: bool = True,
+    old: tuple[str, ...] = ("--checkpoint",),
+    help: str = MODEL_HELP,
+) -> None:
     """The model source as the first positional argument (LitGPT's convention), with the old flags as aliases."""
     p.add_argument("model", nargs=None if not old and required else "?", help=help)
     for flag in old:
@@ -132,8 +150,13 @@ def add_model(p: argparse.ArgumentParser, verb: str, required: bool = True, old:
         p.set_defaults(_required=list(p.get_default("_required") or []) + [("model", f"gptlab {verb} MODEL")])
 
 
-def add_out_dir(p: argparse.ArgumentParser, help: str, required: bool = False, old: tuple[str, ...] = ("--out",),
-                default: str | None = None) -> None:
+def add_out_dir(
+    p: argparse.ArgumentParser,
+    help: str,
+    required: bool = False,
+    old: tuple[str, ...] = ("--out",),
+    default: str | None = None,
+) -> None:
     """``--out-dir``, the one name of every output folder, with the old spellings as aliases."""
     p.add_argument("--out-dir", default=default, help=help)
     for flag in old:
@@ -148,8 +171,7 @@ def apply_aliases(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         value = getattr(args, alias_dest, None)
         if value is None:
             continue
-        print(f"gptlab: warning: {flag} is deprecated and will be removed in the next release; {hint}",
-              file=sys.stderr)
+        print(f"gptlab: warning: {flag} is deprecated and will be removed in the next release; {hint}", file=sys.stderr)
         shift = getattr(args, "_shift", None)  # `eval perplexity a.txt --checkpoint M`: a.txt was taken as the model
         if shift and getattr(args, dest, None) is not None:
             setattr(args, shift, [getattr(args, dest)] + list(getattr(args, shift)))
@@ -172,5 +194,6 @@ def emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps "
-                                                    "(default auto)")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps (default auto)"
+    )

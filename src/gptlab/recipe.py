@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+import tomllib
 
 from .errors import GptlabError
 
@@ -64,8 +66,9 @@ def opt(default: Any, help: str, range: Range | None = None, choices: Sequence[s
     return dataclasses.field(default=default, metadata=meta)
 
 
-def check_value(name: str, value: Any, want: type, range: Range | None = None,
-                choices: Sequence[str] | None = None) -> tuple[Any, str | None]:
+def check_value(
+    name: str, value: Any, want: type, range: Range | None = None, choices: Sequence[str] | None = None
+) -> tuple[Any, str | None]:
     """(value converted to ``want`` where that is lossless, or the problem with it)."""
     ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
     if want is float and isinstance(value, int) and not isinstance(value, bool):
@@ -93,8 +96,9 @@ class RecipeConfig:
             want = type(f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
             if want not in (bool, int, float, str, dict):  # optional and list fields: the subclass checks them
                 continue
-            value, problem = check_value(f.name, getattr(self, f.name), want, f.metadata.get("range"),
-                                         f.metadata.get("choices"))
+            value, problem = check_value(
+                f.name, getattr(self, f.name), want, f.metadata.get("range"), f.metadata.get("choices")
+            )
             if problem:
                 problems.append(problem)
             else:
@@ -136,15 +140,23 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
         raise GptlabError(f"{what} {path} is not valid TOML: {e}") from None
 
 
-def recipe_values(recipe: str | Path | None, overrides: dict[str, Any], known: set[str], help_hint: str,
-                  renamed: dict[str, str] | None = None) -> dict[str, Any]:
+def recipe_values(
+    recipe: str | Path | None,
+    overrides: dict[str, Any],
+    known: set[str],
+    help_hint: str,
+    renamed: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """A TOML recipe's keys updated by ``overrides`` (``None`` values ignored); unknown keys are one clear error,
     ``renamed`` old keys are moved to their new names with a warning."""
     values = read_toml(recipe, "recipe") if recipe else {}
     for old, new in (renamed or {}).items():
         if old in values:
-            print(f"gptlab: warning: the recipe key {old!r} is deprecated and will be removed in the next release; "
-                  f"call it {new!r}", file=sys.stderr)
+            print(
+                f"gptlab: warning: the recipe key {old!r} is deprecated and will be removed in the next release; "
+                f"call it {new!r}",
+                file=sys.stderr,
+            )
             values.setdefault(new, values.pop(old))
     values.update({k: v for k, v in overrides.items() if v is not None})
     unknown = sorted(set(values) - known)

@@ -11,8 +11,9 @@ openaipublic); the sdist of ``openai-whisper`` on the package index, which carri
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -46,21 +47,31 @@ def _gpt2_encoding():
     if not assets.verified(cached, GPT2_RANKS_SHA256):
         try:  # tiktoken's own cache or download; r50k_base is GPT-2's ranks, pattern and <|endoftext|>
             return tiktoken.get_encoding("r50k_base")
-        except Exception:  # noqa: BLE001 - offline: fall back to the package index
+        except Exception:
             package, version, member = WHISPER
             try:
                 data = assets.sdist_files(package, version, lambda p: p == member)[member]
             except GptlabError as e:
-                raise GptlabError(f"GPT-2 BPE ranks unavailable: tiktoken could not download r50k_base and {e}; "
-                                  f"or copy a gpt2.tiktoken file (sha256 {GPT2_RANKS_SHA256[:12]}...) to "
-                                  f"{cached}") from None
+                raise GptlabError(
+                    f"GPT-2 BPE ranks unavailable: tiktoken could not download r50k_base and {e}; "
+                    f"or copy a gpt2.tiktoken file (sha256 {GPT2_RANKS_SHA256[:12]}...) to "
+                    f"{cached}"
+                ) from None
             files.atomic_write_bytes(cached, assets.check_sha256(data, GPT2_RANKS_SHA256, f"{package} {member}"))
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=load_tiktoken_bpe(str(cached)),
-                             special_tokens={EOT_TEXT: GPT2_EOT})
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=load_tiktoken_bpe(str(cached)),
+        special_tokens={EOT_TEXT: GPT2_EOT},
+    )
 
 
 class GPT2Tokenizer:
-    """GPT-2's byte-level BPE: exactly GPT-2's ids, 50,257 tokens, ``<|endoftext|>`` = 50256."""
+    """GPT-2's byte-level BPE: exactly GPT-2's ids, 50,257 tokens, ``<|endoftext|>`` = 50256.
+
+    Every gptlab tokenizer reads the literal text ``<|endoftext|>`` as the end-of-text token, as the Hugging Face
+    tokenizers gptlab exports do, and as OpenAI's completions API and vLLM do with prompts; corpora that separate
+    documents with it (TinyStories, many web dumps) are split there."""
 
     vocab_size = 50257
     eot_id = GPT2_EOT
@@ -69,10 +80,10 @@ class GPT2Tokenizer:
         self.enc = _gpt2_encoding()
 
     def encode(self, text: str) -> list[int]:
-        return self.enc.encode_ordinary(text)
+        return self.enc.encode(text, allowed_special={EOT_TEXT})
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.enc.encode_ordinary_batch(texts)
+        return self.enc.encode_batch(texts, allowed_special={EOT_TEXT})
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode(list(ids))
@@ -92,19 +103,24 @@ class CharTokenizer:
         self._lut[[ord(c) for c in self.chars]] = np.arange(len(self.chars))
 
     @classmethod
-    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
+    def train(cls, texts: Iterable[str]) -> CharTokenizer:
         alphabet: set[str] = set()
         for t in texts:
             alphabet.update(t)
         return cls("".join(alphabet))
 
     def encode(self, text: str) -> list[int]:
+        if EOT_TEXT in text:  # the literal end-of-text text is the end-of-text id (see GPT2Tokenizer)
+            parts = [self.encode(t) for t in text.split(EOT_TEXT)]
+            return [i for k, part in enumerate(parts) for i in ([self.eot_id] if k else []) + part]
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
         ids = np.where(codes < len(self._lut), self._lut[np.minimum(codes, len(self._lut) - 1)], -1)
         if (ids < 0).any():
             bad = sorted({text[i] for i in np.flatnonzero(ids < 0)[:20]})
-            raise GptlabError(f"characters {bad!r} are not in this character-level vocabulary; remove them, or "
-                              f"prepare the data with a corpus that contains them")
+            raise GptlabError(
+                f"characters {bad!r} are not in this character-level vocabulary; remove them, or "
+                f"prepare the data with a corpus that contains them"
+            )
         return ids.tolist()
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -127,17 +143,24 @@ class BPETokenizer:
         self.eot_id = tok.token_to_id(EOT_TEXT)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
 
         if vocab_size < 257 + 1:
-            raise GptlabError(f"--vocab-size {vocab_size} is too small for a byte-level BPE; use at least 258 "
-                              f"(256 bytes + end-of-text + merges)")
+            raise GptlabError(
+                f"--vocab-size {vocab_size} is too small for a byte-level BPE; use at least 258 "
+                f"(256 bytes + end-of-text + merges)"
+            )
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TEXT], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT_TEXT],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tok.train_from_iterator(texts, trainer)
         return cls(tok)
 
@@ -175,11 +198,11 @@ def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[byt
     """``token`` split by byte-pair merging with only the merges ranked below ``max_rank``."""
     parts = [bytes([b]) for b in token]
     while len(parts) > 1:
-        best = min(((ranks.get(parts[i] + parts[i + 1], max_rank), i) for i in range(len(parts) - 1)))
+        best = min((ranks.get(parts[i] + parts[i + 1], max_rank), i) for i in range(len(parts) - 1))
         if best[0] >= max_rank:
             break
         i = best[1]
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
     return parts
 
 
@@ -187,15 +210,17 @@ def ranks_to_vocab_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list
     """tiktoken ranks -> (``vocab.json`` dict, ``merges.txt`` lines). Each multi-byte token's merge is the pair that
     byte-pair merging with the lower-ranked merges leaves, so GPT-2's own files come back exactly."""
     enc = byte_to_unicode()
-    show = lambda b: "".join(enc[x] for x in b)  # noqa: E731
+    show = lambda b: "".join(enc[x] for x in b)
     vocab = {show(tok): rank for tok, rank in ranks.items()}
     merges = []
     for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(tok) > 1:
             parts = _bpe_parts(ranks, tok, rank)
             if len(parts) != 2:
-                raise GptlabError(f"token {tok!r} (rank {rank}) is not one merge of lower-ranked tokens; these "
-                                  f"ranks cannot be written as a merges.txt")
+                raise GptlabError(
+                    f"token {tok!r} (rank {rank}) is not one merge of lower-ranked tokens; these "
+                    f"ranks cannot be written as a merges.txt"
+                )
             merges.append(f"{show(parts[0])} {show(parts[1])}")
     return vocab, merges
 

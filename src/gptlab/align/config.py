@@ -20,8 +20,11 @@ class AlignConfig(RecipeConfig):
     renamed = {"init": "model"}
     stage: str = opt("sft", "the stage", choices=STAGES)
     data: str = opt("", "JSON-lines training data (format per stage: docs/alignment.md)")
-    model: str = opt("", "model to start from: a gptlab run/checkpoint or a Hugging Face folder (on the command "
-                         "line, the first argument)")
+    model: str = opt(
+        "",
+        "model to start from: a gptlab run/checkpoint or a Hugging Face folder (on the command "
+        "line, the first argument)",
+    )
     out_dir: str = opt("runs/align", "run folder: checkpoints/, metrics.jsonl, loss.png")
     val_data: str = opt("", "held-out JSON-lines file; default: the last val_frac of data")
     val_frac: float = opt(0.1, "fraction of data held out when val_data is not given", PROBABILITY_BELOW_1)
@@ -51,16 +54,18 @@ class AlignConfig(RecipeConfig):
     # sft
     pack: bool = opt(False, "sft: pack several examples per row (attention never crosses examples)")
     # reward
-    center_rewards: float = opt(0.0, "reward: weight of the mean-reward-squared penalty that centres rewards at 0",
-                                NON_NEGATIVE)
+    center_rewards: float = opt(
+        0.0, "reward: weight of the mean-reward-squared penalty that centres rewards at 0", NON_NEGATIVE
+    )
     # dpo, ppo
     reference: str = opt("", "dpo/ppo: frozen reference model (default: the model tuned)")
     beta: float = opt(0.1, "dpo: beta of the sigmoid loss", POSITIVE)
     # ppo
     reward_model: str = opt("", "ppo: a `gptlab align reward` run")
     kl_coef: float = opt(0.1, "ppo: KL penalty coefficient (initial value when kl_target is set)", NON_NEGATIVE)
-    kl_target: float = opt(0.0, "ppo: target KL per response for the adaptive controller; 0 keeps kl_coef fixed",
-                           NON_NEGATIVE)
+    kl_target: float = opt(
+        0.0, "ppo: target KL per response for the adaptive controller; 0 keeps kl_coef fixed", NON_NEGATIVE
+    )
     kl_horizon: int = opt(10_000, "ppo: adaptive KL controller horizon (responses)", COUNT)
     gamma: float = opt(1.0, "ppo: discount", Range(0, 1, lo_open=True))
     lam: float = opt(0.95, "ppo: GAE lambda", UNIT)
@@ -77,8 +82,11 @@ class AlignConfig(RecipeConfig):
     def checks(self) -> list[tuple[bool, str]]:
         return [
             (bool(self.data), "data (a JSON-lines file) is required"),
-            (bool(self.model), "the model to start from (a gptlab run or checkpoint, or a Hugging Face folder) is "
-                               "required: gptlab align STAGE MODEL"),
+            (
+                bool(self.model),
+                "the model to start from (a gptlab run or checkpoint, or a Hugging Face folder) is "
+                "required: gptlab align STAGE MODEL",
+            ),
             (self.stage != "ppo" or bool(self.reward_model), "ppo needs reward_model (a `gptlab align reward` run)"),
             (self.min_lr <= self.lr, f"min_lr = {self.min_lr} must not exceed lr = {self.lr}"),
             (self.ptx_coef == 0 or bool(self.ptx_data), "ptx_coef > 0 needs ptx_data (a `gptlab prepare` folder)"),

@@ -21,9 +21,10 @@ An example longer than the model's context is an error naming it, never silently
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -41,8 +42,10 @@ class Example:
 
 def _fits(ids: list[int], block: int, where: str) -> None:
     if len(ids) > block:
-        raise GptlabError(f"{where} is {len(ids)} tokens, longer than the model's context of {block}; shorten it "
-                          f"or start from a model with a longer context")
+        raise GptlabError(
+            f"{where} is {len(ids)} tokens, longer than the model's context of {block}; shorten it "
+            f"or start from a model with a longer context"
+        )
 
 
 def chat_prompt(messages: Sequence[dict[str, str]]) -> str:
@@ -58,8 +61,9 @@ def sft_examples(path: str | Path, tok: Any, block: int) -> list[Example]:
             ids, mask = [], []
             for m in rec["messages"]:
                 if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                    raise GptlabError(f"{path} record {i + 1}: each message needs a role in {sorted(ROLES)} and a "
-                                      f"string content")
+                    raise GptlabError(
+                        f"{path} record {i + 1}: each message needs a role in {sorted(ROLES)} and a string content"
+                    )
                 head = tok.encode(f"{ROLES[m['role']]}: ")
                 body = tok.encode(m["content"] + "\n")
                 train = m["role"] == "assistant"
@@ -85,7 +89,7 @@ def prompts(path: str | Path) -> list[str]:
     recs = read_jsonl(path, ())
     bad = [i + 1 for i, r in enumerate(recs) if not ("messages" in r or isinstance(r.get("prompt"), str))]
     if bad:
-        raise GptlabError(f"{path} record {bad[0]} has no prompt; each line needs \"prompt\" (or \"messages\")")
+        raise GptlabError(f'{path} record {bad[0]} has no prompt; each line needs "prompt" (or "messages")')
     return [prompt_text(r) for r in recs]
 
 
@@ -101,19 +105,23 @@ def preferences(path: str | Path, tok: Any, block: int) -> list[Preference]:
 
     out = []
     for i, rec in enumerate(read_jsonl(path, ())):
-        ranked = rec.get("ranked") or ([rec["chosen"], rec["rejected"]] if "chosen" in rec and "rejected" in rec
-                                       else None)
+        ranked = rec.get("ranked") or (
+            [rec["chosen"], rec["rejected"]] if "chosen" in rec and "rejected" in rec else None
+        )
         if not ranked or len(ranked) < 2 or not all(isinstance(r, str) for r in ranked):
-            raise GptlabError(f"{path} record {i + 1}: needs \"chosen\" and \"rejected\", or \"ranked\": a list of "
-                              f"2+ responses, best first")
+            raise GptlabError(
+                f'{path} record {i + 1}: needs "chosen" and "rejected", or "ranked": a list of 2+ responses, best first'
+            )
         if len(set(ranked)) < len(ranked):  # identical responses carry no preference (the loss is stuck at ln 2)
-            raise GptlabError(f"{path} record {i + 1}: two of its responses are identical; a preference needs "
-                              f"different responses (fix or remove that record)")
+            raise GptlabError(
+                f"{path} record {i + 1}: two of its responses are identical; a preference needs "
+                f"different responses (fix or remove that record)"
+            )
         if "prompt" in rec or "messages" in rec:
             prompt = prompt_text(rec)
         else:  # whole conversations (Anthropic HH-RLHF): the prompt is the shared part up to the last turn
             prompt = shared_prompt(ranked)
-            ranked = [r[len(prompt):] for r in ranked]
+            ranked = [r[len(prompt) :] for r in ranked]
         p = tok.encode(prompt)
         resp = [tok.encode(r) + [tok.eot_id] for r in ranked]
         for r in resp:
@@ -129,7 +137,7 @@ def shared_prompt(texts: Sequence[str], turn: str = "Assistant:") -> str:
         n = next((k for k, (a, b) in enumerate(zip(common, t)) if a != b), min(len(common), len(t)))
         common = common[:n]
     cut = common.rfind(turn)
-    return common[:cut + len(turn)] if cut >= 0 else common
+    return common[: cut + len(turn)] if cut >= 0 else common
 
 
 def pad(rows: Sequence[Sequence[int]], value: int = 0) -> torch.Tensor:
@@ -172,8 +180,12 @@ def pack_examples(examples: Sequence[Example], block: int) -> dict[str, torch.Te
 
 
 # ----------------------------------------------------------------------------- GPT-1 task formats
-TASKS = {"classification": ("text", "label"), "entailment": ("premise", "hypothesis", "label"),
-         "similarity": ("a", "b", "label"), "multiple_choice": ("context", "options", "label")}
+TASKS = {
+    "classification": ("text", "label"),
+    "entailment": ("premise", "hypothesis", "label"),
+    "similarity": ("a", "b", "label"),
+    "multiple_choice": ("context", "options", "label"),
+}
 
 
 @dataclass
@@ -182,8 +194,9 @@ class TaskItem:
     label: int
 
 
-def task_items(path: str | Path, task: str, tok: Any, special: dict[str, int], block: int,
-               labels: list[str] | None = None) -> tuple[list[TaskItem], list[str]]:
+def task_items(
+    path: str | Path, task: str, tok: Any, special: dict[str, int], block: int, labels: list[str] | None = None
+) -> tuple[list[TaskItem], list[str]]:
     """GPT-1's input transformations (Radford et al. 2018, Figure 1): ``start text extract``; ``start premise
     delim hypothesis extract``; similarity in both orders; multiple choice as ``start context delim option
     extract`` per option. Class labels are mapped to indices (``labels`` fixes the order, e.g. from training)."""
@@ -205,7 +218,7 @@ def task_items(path: str | Path, task: str, tok: Any, special: dict[str, int], b
             seqs = [[s, *a, d, *b, e], [s, *b, d, *a, e]]
         else:
             if not isinstance(r["options"], list) or not 0 <= int(r["label"]) < len(r["options"]):
-                raise GptlabError(f"{where}: \"options\" must be a list and \"label\" an index into it")
+                raise GptlabError(f'{where}: "options" must be a list and "label" an index into it')
             ctx = tok.encode(r["context"])
             seqs = [[s, *ctx, d, *tok.encode(o), e] for o in r["options"]]
         for q in seqs:

@@ -33,16 +33,22 @@ def ranking_pairs(k: int) -> list[tuple[int, int]]:
     return list(itertools.combinations(range(k), 2))
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean loss, implicit reward of the chosen, of the rejected), from summed response log-probabilities."""
     chosen = beta * (policy_chosen - ref_chosen)
     rejected = beta * (policy_rejected - ref_rejected)
     return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns) [B, T] for per-token ``rewards`` and ``values`` at positions where ``mask`` is 1 (the
     response tokens, contiguous per row); the value after a row's last response token is 0 (the episode ends)."""
     adv = torch.zeros_like(rewards)
@@ -57,9 +63,17 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-def ppo_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
-               old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float, value_clip: float
-               ) -> dict[str, torch.Tensor]:
+def ppo_losses(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    value_clip: float,
+) -> dict[str, torch.Tensor]:
     """Per-token clipped objectives, averaged over ``mask``: policy loss −min(ρ·A, clip(ρ, 1±ε)·A) with
     ρ = exp(logp − old_logp), and value loss ½·max((V − R)², (clip(V, V_old ± ε_v) − R)²)."""
     ratio = torch.exp(logp - old_logp)

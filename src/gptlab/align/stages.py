@@ -15,24 +15,35 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..files import atomic_write_bytes
+from .. import checkpoint as ckpt_io
 from ..errors import GptlabError
+from ..files import atomic_write_bytes
 from ..generate import Engine, Sampling
 from ..loader import load_model
 from ..model import GPT
-from .. import checkpoint as ckpt_io
 from ..train.distributed import Dist, mean_across_ranks
 from .config import AlignConfig
-from .data import (Example, Preference, TaskItem, batch_examples, pack_examples, pad, preferences, prompts,
-                   sft_examples, task_items)
+from .data import (
+    Example,
+    Preference,
+    TaskItem,
+    batch_examples,
+    pack_examples,
+    pad,
+    preferences,
+    prompts,
+    sft_examples,
+    task_items,
+)
 from .losses import AdaptiveKL, bradley_terry_loss, dpo_loss, gae, masked_mean, ppo_losses
 
 Update = Callable[[torch.Tensor], None]
@@ -69,8 +80,7 @@ def token_logprobs(gpt: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Te
     return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
-def last_token_scalar(gpt: GPT, head: nn.Linear, seqs: Sequence[Sequence[int]], device: torch.device
-                      ) -> torch.Tensor:
+def last_token_scalar(gpt: GPT, head: nn.Linear, seqs: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
     """The head's scalar on the final hidden state of each sequence's last token, [len(seqs)]."""
     x = pad(seqs).to(device)
     h = gpt(x, hidden=True)[0]
@@ -97,7 +107,7 @@ def extend_vocab(gpt: GPT, n: int) -> list[int]:
                 head.weight[:old_rows] = gpt.lm_head.weight
             gpt.lm_head.weight = head.weight
     with torch.no_grad():
-        gpt.wte.weight[cfg.vocab_size:new.vocab_size].normal_(0.0, cfg.init_std)
+        gpt.wte.weight[cfg.vocab_size : new.vocab_size].normal_(0.0, cfg.init_std)
     gpt.config = new
     return list(range(cfg.vocab_size, new.vocab_size))
 
@@ -112,7 +122,7 @@ def split(cfg: AlignConfig, load: Callable[[str], list]) -> tuple[list, list]:
 
 
 def chunks(items: Sequence, size: int) -> list[Sequence]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 class Stage:
@@ -129,11 +139,13 @@ class Stage:
         """This rank's share of the step's global batch (``batch_size`` per rank, drawn without replacement)."""
         n = self.cfg.batch_size * self.dist.world_size
         if len(items) < n:
-            raise GptlabError(f"{self.cfg.data} has {len(items)} training examples after holding out val_frac "
-                              f"{self.cfg.val_frac}, fewer than one batch of {n}; add data or lower --batch-size")
+            raise GptlabError(
+                f"{self.cfg.data} has {len(items)} training examples after holding out val_frac "
+                f"{self.cfg.val_frac}, fewer than one batch of {n}; add data or lower --batch-size"
+            )
         idx = np.random.default_rng([self.cfg.seed, step]).choice(len(items), n, replace=False)
         r = self.dist.rank * self.cfg.batch_size
-        return [items[i] for i in idx[r:r + self.cfg.batch_size]]
+        return [items[i] for i in idx[r : r + self.cfg.batch_size]]
 
     def clip_groups(self) -> list[list[nn.Parameter]]:
         """Parameter sets whose gradient norms are clipped separately (default: all together)."""
@@ -186,10 +198,16 @@ class SFT(Stage):
             room = self.block - len(prompt)
             if room < 1:
                 continue
-            out = engine.generate_tokens([prompt], min(room, len(ref) + 16), Sampling(temperature=0),
-                                         stop_ids=[self.tok.eot_id])[0]
-            rows.append({"prompt": self.tok.decode(prompt), "reference": self.tok.decode(ref[:-1]),
-                         "generated": self.tok.decode(out.tokens)})
+            out = engine.generate_tokens(
+                [prompt], min(room, len(ref) + 16), Sampling(temperature=0), stop_ids=[self.tok.eot_id]
+            )[0]
+            rows.append(
+                {
+                    "prompt": self.tok.decode(prompt),
+                    "reference": self.tok.decode(ref[:-1]),
+                    "generated": self.tok.decode(out.tokens),
+                }
+            )
         path = Path(self.cfg.out_dir) / "samples.jsonl"
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
         return {"samples": str(path)}
@@ -222,23 +240,27 @@ class Finetune(Stage):
         last = h[torch.arange(len(seqs), device=self.device), ends]
         y = x[:, 1:].masked_fill(x[:, 1:] >= self.base_vocab, -1)  # no LM targets on special tokens or padding
         y = y.masked_fill(torch.arange(y.size(1), device=self.device)[None] >= ends[:, None], -1)
-        logits_lm = F.linear(h[:, :-1], self.gpt.lm_head.weight)[..., :self.gpt.config.vocab_size]
+        logits_lm = F.linear(h[:, :-1], self.gpt.lm_head.weight)[..., : self.gpt.config.vocab_size]
         lm = F.cross_entropy(logits_lm.flatten(0, 1).float(), y.flatten(), ignore_index=-1)
         head = self.module["head"]
         out, i = [], 0
         for it in items:
             k = len(it.sequences)
             if self.cfg.task == "multiple_choice":
-                out.append(head(last[i:i + k]).squeeze(-1))  # one score per option
+                out.append(head(last[i : i + k]).squeeze(-1))  # one score per option
             else:  # similarity: both orders' representations added (GPT-1 section 3.3)
-                out.append(head(last[i:i + k].sum(0)))
+                out.append(head(last[i : i + k].sum(0)))
             i += k
         return out, lm
 
     def loss(self, items: Sequence[TaskItem]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         logits, lm = self.forward(items)
-        task = torch.stack([F.cross_entropy(lg[None].float(), torch.tensor([it.label], device=self.device))
-                            for lg, it in zip(logits, items)]).mean()
+        task = torch.stack(
+            [
+                F.cross_entropy(lg[None].float(), torch.tensor([it.label], device=self.device))
+                for lg, it in zip(logits, items)
+            ]
+        ).mean()
         return task + self.cfg.lm_weight * lm, task, logits
 
     def step(self, step: int, update: Update) -> dict[str, float]:
@@ -274,8 +296,9 @@ class Reward(Stage):
 
     def loss(self, prefs: Sequence[Preference]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         rewards = self.rewards(prefs)
-        per_prompt = [bradley_terry_loss(r[[i for i, _ in p.pairs]], r[[j for _, j in p.pairs]])
-                      for r, p in zip(rewards, prefs)]
+        per_prompt = [
+            bradley_terry_loss(r[[i for i, _ in p.pairs]], r[[j for _, j in p.pairs]]) for r, p in zip(rewards, prefs)
+        ]
         loss = torch.stack(per_prompt).mean()
         if self.cfg.center_rewards:
             loss = loss + self.cfg.center_rewards * torch.cat(rewards).mean() ** 2
@@ -326,14 +349,17 @@ class DPO(Stage):
             ref = response_logprob(self.ref, prefs, self.device)
         w = [(k, i) for k, p in enumerate(prefs) for i, _ in p.pairs]
         lo = [(k, j) for k, p in enumerate(prefs) for _, j in p.pairs]
-        pick = lambda src, idx: torch.stack([src[k][i] for k, i in idx])  # noqa: E731
+        pick = lambda src, idx: torch.stack([src[k][i] for k, i in idx])
         return dpo_loss(pick(pol, w), pick(pol, lo), pick(ref, w), pick(ref, lo), self.cfg.beta)
 
     def step(self, step: int, update: Update) -> dict[str, float]:
         loss, chosen, rejected = self.loss(self.pick(step, self.train))
         update(loss)
-        return {"loss": loss.item(), "reward_margin": (chosen - rejected).mean().item(),
-                "pair_accuracy": (chosen > rejected).float().mean().item()}
+        return {
+            "loss": loss.item(),
+            "reward_margin": (chosen - rejected).mean().item(),
+            "pair_accuracy": (chosen > rejected).float().mean().item(),
+        }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -341,8 +367,11 @@ class DPO(Stage):
             return {}
         out = [self.loss(part) for part in chunks(self.val, self.cfg.batch_size)]
         margin = torch.cat([c - r for _, c, r in out])
-        return {"pair_accuracy": (margin > 0).float().mean().item(), "reward_margin": margin.mean().item(),
-                "loss": float(np.mean([loss.item() for loss, _, _ in out]))}
+        return {
+            "pair_accuracy": (margin > 0).float().mean().item(),
+            "reward_margin": margin.mean().item(),
+            "loss": float(np.mean([loss.item() for loss, _, _ in out])),
+        }
 
 
 class PPO(Stage):
@@ -368,8 +397,9 @@ class PPO(Stage):
             raise GptlabError(f"a prompt fills the model's context of {self.block}; shorten the prompts")
         eot = self.tok.eot_id
         mode = self.gpt.training
-        done = Engine(self.gpt).generate_tokens(prompt_ids, room, Sampling(self.cfg.temperature, seed=seed),
-                                                stop_ids=[eot])
+        done = Engine(self.gpt).generate_tokens(
+            prompt_ids, room, Sampling(self.cfg.temperature, seed=seed), stop_ids=[eot]
+        )
         self.gpt.train(mode)
         responses = [c.tokens + ([eot] if c.finish_reason == "stop_token" else []) for c in done]
         seqs = [p + r for p, r in zip(prompt_ids, responses)]
@@ -384,9 +414,17 @@ class PPO(Stage):
             ref_logp, _ = token_logprobs(self.ref, x, y)
             values = self.values(x)
             score = last_token_scalar(self.rm_gpt, self.rm_head, seqs, self.device)
-        return {"x": x, "y": y, "mask": mask, "old_logp": old_logp, "ref_logp": ref_logp, "values": values,
-                "score": score, "last": end.squeeze(1) - 1, "lengths": torch.tensor([len(r) for r in responses],
-                                                                                      dtype=torch.float)}
+        return {
+            "x": x,
+            "y": y,
+            "mask": mask,
+            "old_logp": old_logp,
+            "ref_logp": ref_logp,
+            "values": values,
+            "score": score,
+            "last": end.squeeze(1) - 1,
+            "lengths": torch.tensor([len(r) for r in responses], dtype=torch.float),
+        }
 
     def values(self, x: torch.Tensor) -> torch.Tensor:
         return self.module["value_head"](self.module["value"](x, hidden=True)[0]).squeeze(-1)
@@ -408,12 +446,22 @@ class PPO(Stage):
         for _ in range(cfg.ppo_epochs):
             for mb in torch.randperm(B, generator=gen).chunk(cfg.minibatches):
                 logp, entropy = token_logprobs(self.gpt, ro["x"][mb], ro["y"][mb])
-                out = ppo_losses(logp, ro["old_logp"][mb], adv[mb], self.values(ro["x"][mb]), ro["values"][mb],
-                                 returns[mb], mask[mb], cfg.clip, cfg.value_clip)
+                out = ppo_losses(
+                    logp,
+                    ro["old_logp"][mb],
+                    adv[mb],
+                    self.values(ro["x"][mb]),
+                    ro["values"][mb],
+                    returns[mb],
+                    mask[mb],
+                    cfg.clip,
+                    cfg.value_clip,
+                )
                 loss = out["policy_loss"] + cfg.vf_coef * out["value_loss"]
                 if self.ptx is not None:  # PPO-ptx: keep the pre-training distribution's likelihood
-                    px, py = self.ptx.batch(len(mb), step, len(stats.get("loss", [])), self.dist.rank,
-                                            self.dist.world_size)
+                    px, py = self.ptx.batch(
+                        len(mb), step, len(stats.get("loss", [])), self.dist.rank, self.dist.world_size
+                    )
                     out["ptx_loss"] = self.gpt(px.to(self.device), py.to(self.device))[1]
                     loss = loss + cfg.ptx_coef * out["ptx_loss"]
                 out["entropy"] = masked_mean(entropy.detach(), mask[mb])
@@ -421,8 +469,13 @@ class PPO(Stage):
                 for k, v in {"loss": loss, **out}.items():
                     stats.setdefault(k, []).append(float(v.detach()))
         seq_kl = kl_tok.sum(1)
-        row = {"score": ro["score"].mean().item(), "kl": seq_kl.mean().item(), "kl_coef": self.kl.coef,
-               "response_length": ro["lengths"].mean().item(), **{k: float(np.mean(v)) for k, v in stats.items()}}
+        row = {
+            "score": ro["score"].mean().item(),
+            "kl": seq_kl.mean().item(),
+            "kl_coef": self.kl.coef,
+            "response_length": ro["lengths"].mean().item(),
+            **{k: float(np.mean(v)) for k, v in stats.items()},
+        }
         kl_all = mean_across_ranks(seq_kl.mean()[None], self.dist).item()  # one β on every rank
         self.kl.update(kl_all, B * self.dist.world_size)
         return row
@@ -430,7 +483,7 @@ class PPO(Stage):
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Reward-model score and KL to the reference of responses to the held-out prompts (fixed seed)."""
-        prompts_ = self.val or self.train[:self.cfg.batch_size]
+        prompts_ = self.val or self.train[: self.cfg.batch_size]
         scores, kls = [], []
         for k, part in enumerate(chunks(prompts_, self.cfg.batch_size)):
             ro = self.rollout(part, seed=self.cfg.seed + k)

@@ -25,12 +25,12 @@ import torch.distributed as tdist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm import tqdm
 
-from ..errors import GptlabError
 from .. import checkpoint as ckpt_io
-from ..train import distributed
-from ..train.optim import lr_at, make_optimizer
+from ..errors import GptlabError
 from ..files import run_folder
 from ..metrics import METRICS, Metrics, plot_losses
+from ..train import distributed
+from ..train.optim import lr_at, make_optimizer
 from .config import AlignConfig
 from .stages import STAGES
 
@@ -64,9 +64,8 @@ def train_stage(cfg: AlignConfig, resume: bool = False, progress: bool = True) -
     """Run (or resume) one stage; returns its summary (what ``gptlab align <stage> --json`` prints). Under
     torchrun every rank takes its slice of each step's examples (the global batch is the single-process one with
     ``batch_size`` x ranks) and gradients are averaged across ranks before clipping."""
-    with distributed.session(cfg.device) as d:
-        with run_folder(Path(cfg.out_dir)) if d.is_main else contextlib.nullcontext():
-            return _train_stage(cfg, d, resume, progress)
+    with distributed.session(cfg.device) as d, run_folder(Path(cfg.out_dir)) if d.is_main else contextlib.nullcontext():
+        return _train_stage(cfg, d, resume, progress)
 
 
 def _train_stage(cfg: AlignConfig, d: distributed.Dist, resume: bool, progress: bool) -> dict[str, Any]:
@@ -85,8 +84,13 @@ def _train_stage(cfg: AlignConfig, d: distributed.Dist, resume: bool, progress: 
         state = ckpt_io.read_state(ck)
         weights = {f"gpt.{k}": v for k, v in ckpt_io.load_weights(ck, state).items()}
         optim_sd, rng = ckpt_io.load_training_state(ck, state)
-        set_state_dict(module, optimizer, model_state_dict=retie(module, {**weights, **ckpt_io.load_extra(ck, state)}),
-                       optim_state_dict=optim_sd, options=StateDictOptions(full_state_dict=True))
+        set_state_dict(
+            module,
+            optimizer,
+            model_state_dict=retie(module, {**weights, **ckpt_io.load_extra(ck, state)}),
+            optim_state_dict=optim_sd,
+            options=StateDictOptions(full_state_dict=True),
+        )
         torch.set_rng_state(rng["torch_rank0"])
         stage.load_state(state["align"])
         start = state["step"]
@@ -98,8 +102,10 @@ def _train_stage(cfg: AlignConfig, d: distributed.Dist, resume: bool, progress: 
 
     def update(loss: torch.Tensor) -> None:
         if not math.isfinite(loss.item()):
-            raise GptlabError(f"the {cfg.stage} loss became {loss.item()} at step {step + 1}; lower --lr or raise "
-                              f"--warmup-iters, then --resume from the last checkpoint")
+            raise GptlabError(
+                f"the {cfg.stage} loss became {loss.item()} at step {step + 1}; lower --lr or raise "
+                f"--warmup-iters, then --resume from the last checkpoint"
+            )
         loss.backward()
         if d.enabled:
             for p in module.parameters():
@@ -117,16 +123,36 @@ def _train_stage(cfg: AlignConfig, d: distributed.Dist, resume: bool, progress: 
         gpt = {k[4:]: v for k, v in sd.items() if k.startswith("gpt.")}
         extra = untie({k: v for k, v in sd.items() if not k.startswith("gpt.")})
         if d.is_main:
-            ckpt_io.save_checkpoint(out, done, gpt, optim_sd, {
-                "model_config": stage.gpt.config.to_dict(), "train_config": cfg.to_dict(),
-                "tokenizer": stage.tok.spec(), "align": stage.state(), "val_loss": None, "best_val": None,
-                "best_step": None, "rng": {"torch_rank0": torch.get_rng_state()}}, cfg.keep_last, extra)
+            ckpt_io.save_checkpoint(
+                out,
+                done,
+                gpt,
+                optim_sd,
+                {
+                    "model_config": stage.gpt.config.to_dict(),
+                    "train_config": cfg.to_dict(),
+                    "tokenizer": stage.tok.spec(),
+                    "align": stage.state(),
+                    "val_loss": None,
+                    "best_val": None,
+                    "best_step": None,
+                    "rng": {"torch_rank0": torch.get_rng_state()},
+                },
+                cfg.keep_last,
+                extra,
+            )
         if d.enabled:
             tdist.barrier()
 
-    bar = tqdm(total=cfg.max_iters, initial=start, desc=cfg.stage, disable=not (progress and d.is_main),
-               dynamic_ncols=True,
-               file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    bar = tqdm(
+        total=cfg.max_iters,
+        initial=start,
+        desc=cfg.stage,
+        disable=not (progress and d.is_main),
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
     t0 = time.perf_counter()
     last_eval: dict[str, float] = {}
     module.train()
@@ -150,15 +176,23 @@ def _train_stage(cfg: AlignConfig, d: distributed.Dist, resume: bool, progress: 
                 module.train()
                 metrics.write(step=done, **{f"val_{k}": v for k, v in last_eval.items()})
                 if d.is_main:
-                    bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items()),
-                              file=sys.stderr)
+                    bar.write(
+                        f"step {done}: " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items()), file=sys.stderr
+                    )
             if is_ckpt:
                 save(done)
     finally:
         bar.close()  # before any error line, so that it never shares a line with the bar
-    summary = {"stage": cfg.stage, "out_dir": str(out), "steps": cfg.max_iters, "resumed_from": start if resume
-               else None, "train_seconds": round(time.perf_counter() - t0, 1), "eval": last_eval,
-               "metrics": str(out / METRICS), "world_size": d.world_size}
+    summary = {
+        "stage": cfg.stage,
+        "out_dir": str(out),
+        "steps": cfg.max_iters,
+        "resumed_from": start if resume else None,
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        "eval": last_eval,
+        "metrics": str(out / METRICS),
+        "world_size": d.world_size,
+    }
     if not d.is_main:
         return summary
     summary.update(stage.summary())

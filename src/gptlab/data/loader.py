@@ -9,8 +9,9 @@ B/N see the same global batch as one process with batch B. Windows never cross a
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,8 +44,10 @@ class TokenWindows:
         span = block_size + 1
         valid = np.array([max(len(s) - span + 1, 0) for s in self.shards], dtype=np.int64)
         if valid.sum() == 0:
-            raise GptlabError(f"the {split} split of {data_dir} has {sum(map(len, self.shards))} tokens, fewer "
-                              f"than one window of block_size+1 = {span}; use more data or a smaller block_size")
+            raise GptlabError(
+                f"the {split} split of {data_dir} has {sum(map(len, self.shards))} tokens, fewer "
+                f"than one window of block_size+1 = {span}; use more data or a smaller block_size"
+            )
         self._cum_valid = np.cumsum(valid)
         self.num_tokens = int(sum(len(s) for s in self.shards))
 
@@ -52,19 +55,19 @@ class TokenWindows:
         shard_idx = np.searchsorted(self._cum_valid, starts, side="right")
         offsets = starts - np.concatenate([[0], self._cum_valid[:-1]])[shard_idx]
         span = self.block_size + 1
-        rows = np.stack([self.shards[s][o:o + span] for s, o in zip(shard_idx, offsets)]).astype(np.int64)
+        rows = np.stack([self.shards[s][o : o + span] for s, o in zip(shard_idx, offsets)]).astype(np.int64)
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
 
-    def batch(self, batch_size: int, step: int, micro_step: int = 0, rank: int = 0,
-              world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, batch_size: int, step: int, micro_step: int = 0, rank: int = 0, world_size: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank ``rank``'s ``batch_size`` rows of the global batch for ``(step, micro_step)``: (inputs, targets)."""
         rng = np.random.default_rng([self.seed, self.split_id, step, micro_step])
         starts = rng.integers(0, self._cum_valid[-1], size=batch_size * world_size)
-        return self._windows(starts[rank * batch_size:(rank + 1) * batch_size])
+        return self._windows(starts[rank * batch_size : (rank + 1) * batch_size])
 
-    def sequential(self, batch_size: int, max_tokens: int | None = None
-                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def sequential(self, batch_size: int, max_tokens: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Non-overlapping windows covering the split once (up to ``max_tokens``), for a full evaluation."""
         starts = []
         for i, shard in enumerate(self.shards):
@@ -75,4 +78,4 @@ class TokenWindows:
         if max_tokens:
             starts = starts[: max(1, max_tokens // self.block_size)]
         for i in range(0, len(starts), batch_size):
-            yield self._windows(starts[i:i + batch_size])
+            yield self._windows(starts[i : i + batch_size])

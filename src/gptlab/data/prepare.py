@@ -22,8 +22,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -44,8 +45,10 @@ def _decode(data: bytes, origin: str) -> str:
     try:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
-        raise GptlabError(f"{origin} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r}); "
-                          f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+        raise GptlabError(
+            f"{origin} is not valid UTF-8 (byte {e.start}: {data[e.start : e.start + 4]!r}); "
+            f"convert it, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
 
 
 def jsonl_records(data: bytes, origin: str) -> Iterator[tuple[int, Any]]:
@@ -105,8 +108,11 @@ def iter_documents(sources: list[str], field: str, downloads: Path) -> Iterator[
         else:
             path = Path(src)
             if path.is_dir():
-                files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                               and p.suffix not in TEXT_SUFFIXES_SKIPPED)
+                files = sorted(
+                    p
+                    for p in path.rglob("*")
+                    if p.is_file() and not p.name.startswith(".") and p.suffix not in TEXT_SUFFIXES_SKIPPED
+                )
                 if not files:
                     raise GptlabError(f"folder {path} holds no text files")
                 for f in files:
@@ -127,9 +133,17 @@ def make_tokenizer(kind: str, texts: Iterator[str], vocab_size: int | None) -> T
     raise GptlabError(f"unknown tokenizer {kind!r}; choose gpt2, char or bpe")
 
 
-def prepare(sources: list[str], out_dir: str | Path, tokenizer: str = "gpt2", vocab_size: int | None = None,
-            val_fraction: float = 0.1, field: str = "text", shard_tokens: int = 100_000_000,
-            batch_bytes: int = 4 << 20, progress: bool = True) -> dict[str, Any]:
+def prepare(
+    sources: list[str],
+    out_dir: str | Path,
+    tokenizer: str = "gpt2",
+    vocab_size: int | None = None,
+    val_fraction: float = 0.1,
+    field: str = "text",
+    shard_tokens: int = 100_000_000,
+    batch_bytes: int = 4 << 20,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Tokenize ``sources`` into ``out_dir`` (``train_000.bin``..., ``val_000.bin``..., ``meta.json``)."""
     if not sources:
         raise GptlabError("no sources given; name a file, folder, URL or corpus (e.g. `gptlab prepare shakespeare`)")
@@ -148,8 +162,7 @@ def prepare(sources: list[str], out_dir: str | Path, tokenizer: str = "gpt2", vo
         tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
         tmp.mkdir()
         try:
-            meta = _build(sources, tmp, tokenizer, vocab_size, val_fraction, field, shard_tokens, batch_bytes,
-                          progress)
+            meta = _build(sources, tmp, tokenizer, vocab_size, val_fraction, field, shard_tokens, batch_bytes, progress)
             replace_dir(tmp / "out", out_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -174,23 +187,35 @@ def check_output_folder(out_dir: Path, sources: list[str]) -> None:
             continue
         s = Path(src).resolve()
         if s == out or out in s.parents or s in out.parents:
-            raise GptlabError(f"--out {out_dir} overlaps the source {src}; choose an output folder outside the "
-                              f"inputs (nothing was written)")
+            raise GptlabError(
+                f"--out {out_dir} overlaps the source {src}; choose an output folder outside the "
+                f"inputs (nothing was written)"
+            )
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
-        raise GptlabError(f"--out {out_dir} exists and is not a folder; choose a new folder name (nothing was "
-                          f"written)")
+        raise GptlabError(f"--out {out_dir} exists and is not a folder; choose a new folder name (nothing was written)")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_dataset(out_dir):
-        raise GptlabError(f"--out {out_dir} is a folder that is not a gptlab dataset (no gptlab meta.json); "
-                          f"prepare only replaces its own datasets: choose a new or empty folder (nothing was "
-                          f"written)")
+        raise GptlabError(
+            f"--out {out_dir} is a folder that is not a gptlab dataset (no gptlab meta.json); "
+            f"prepare only replaces its own datasets: choose a new or empty folder (nothing was "
+            f"written)"
+        )
 
 
-def _build(sources: list[str], tmp: Path, tokenizer: str, vocab_size: int | None, val_fraction: float, field: str,
-           shard_tokens: int, batch_bytes: int, progress: bool) -> dict[str, Any]:
+def _build(
+    sources: list[str],
+    tmp: Path,
+    tokenizer: str,
+    vocab_size: int | None,
+    val_fraction: float,
+    field: str,
+    shard_tokens: int,
+    batch_bytes: int,
+    progress: bool,
+) -> dict[str, Any]:
     """Tokenize into ``tmp/out`` (using ``tmp`` for downloads and the token stream); returns the metadata."""
     downloads = tmp / "downloads"
     downloads.mkdir()
-    docs = lambda: iter_documents(sources, field, downloads)  # noqa: E731 - re-iterable source
+    docs = lambda: iter_documents(sources, field, downloads)
     tok = make_tokenizer(tokenizer, (text for _, text in docs()), vocab_size)
     dtype = token_dtype(tok.vocab_size)
     stream = tmp / "all.tokens"
@@ -209,9 +234,16 @@ def _build(sources: list[str], tmp: Path, tokenizer: str, vocab_size: int | None
 
     eot = np.array([tok.eot_id], dtype=dtype).tobytes()
     n_docs = n_tokens = n_chars = 0
-    with open(stream, "wb") as out, tqdm(desc="tokenizing", unit="char", unit_scale=True,
-                                         disable=None if progress else True,  # None: only on a terminal
-                                         leave=False) as bar:
+    with (
+        open(stream, "wb") as out,
+        tqdm(
+            desc="tokenizing",
+            unit="char",
+            unit_scale=True,
+            disable=None if progress else True,  # None: only on a terminal
+            leave=False,
+        ) as bar,
+    ):
         for batch, size in batches():
             for ids in tok.encode_batch(batch):
                 if n_docs:  # end-of-text between documents
@@ -225,22 +257,33 @@ def _build(sources: list[str], tmp: Path, tokenizer: str, vocab_size: int | None
     if n_tokens < 2:
         raise GptlabError(f"no text found in {sources}; the sources are empty")
     all_tokens = np.memmap(stream, dtype=dtype, mode="r")
-    n_val = max(1, int(round(n_tokens * val_fraction)))
+    n_val = max(1, round(n_tokens * val_fraction))
     n_val = min(n_val, n_tokens - 1)
     build = tmp / "out"
     build.mkdir()
-    splits = {"train": all_tokens[: n_tokens - n_val], "val": all_tokens[n_tokens - n_val:]}
+    splits = {"train": all_tokens[: n_tokens - n_val], "val": all_tokens[n_tokens - n_val :]}
     files = {}
     for split, toks in splits.items():
         files[split] = []
         for i, start in enumerate(range(0, max(len(toks), 1), shard_tokens)):
             name = f"{split}_{i:03d}.bin"
-            write_shard(build / name, np.asarray(toks[start:start + shard_tokens]))
+            write_shard(build / name, np.asarray(toks[start : start + shard_tokens]))
             files[split].append(name)
-    meta = {"format": "gptlab-tokens", "version": 1, "tokenizer": tok.spec(), "vocab_size": tok.vocab_size,
-            "eot_id": tok.eot_id, "dtype": dtype.name, "documents": n_docs, "text_chars": n_chars,
-            "tokens": {"train": int(n_tokens - n_val), "val": int(n_val)}, "files": files,
-            "val_fraction": val_fraction, "sources": sources, "field": field}
+    meta = {
+        "format": "gptlab-tokens",
+        "version": 1,
+        "tokenizer": tok.spec(),
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "dtype": dtype.name,
+        "documents": n_docs,
+        "text_chars": n_chars,
+        "tokens": {"train": int(n_tokens - n_val), "val": int(n_val)},
+        "files": files,
+        "val_fraction": val_fraction,
+        "sources": sources,
+        "field": field,
+    }
     atomic_write_text(build / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False))
     del all_tokens
     return meta

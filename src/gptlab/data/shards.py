@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_file
 from ..errors import GptlabError
+from ..files import atomic_file
 
 MAGIC = b"GPTLABTK"
 VERSION = 1
@@ -47,10 +47,14 @@ def read_shard(path: Path) -> np.memmap:
         raise GptlabError(f"{path} is not a gptlab token shard (bad magic); re-run `gptlab prepare`")
     _, version, itemsize, count = _HEADER.unpack(head)
     if version != VERSION or itemsize not in (2, 4):
-        raise GptlabError(f"{path} has shard format version {version} / {itemsize}-byte tokens, which this gptlab "
-                          f"cannot read; re-run `gptlab prepare`")
+        raise GptlabError(
+            f"{path} has shard format version {version} / {itemsize}-byte tokens, which this gptlab "
+            f"cannot read; re-run `gptlab prepare`"
+        )
     if size != HEADER_BYTES + count * itemsize:
-        raise GptlabError(f"{path} is truncated or corrupt: header says {count} tokens but the file holds "
-                          f"{(size - HEADER_BYTES) // itemsize}; re-run `gptlab prepare`")
+        raise GptlabError(
+            f"{path} is truncated or corrupt: header says {count} tokens but the file holds "
+            f"{(size - HEADER_BYTES) // itemsize}; re-run `gptlab prepare`"
+        )
     dtype = np.dtype("<u2" if itemsize == 2 else "<u4")
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))

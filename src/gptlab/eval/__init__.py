@@ -4,5 +4,15 @@ on log-likelihoods defined as lm-evaluation-harness defines them (:mod:`gptlab.e
 from .scoring import loglikelihoods, perplexity_report, rolling_nll
 from .tasks import fewshot, fewshot_prompt, lambada, multiple_choice, perplexity, read_jsonl, wilson_interval
 
-__all__ = ["loglikelihoods", "perplexity_report", "rolling_nll", "fewshot", "fewshot_prompt", "lambada",
-           "multiple_choice", "perplexity", "read_jsonl", "wilson_interval"]
+__all__ = [
+    "fewshot",
+    "fewshot_prompt",
+    "lambada",
+    "loglikelihoods",
+    "multiple_choice",
+    "perplexity",
+    "perplexity_report",
+    "read_jsonl",
+    "rolling_nll",
+    "wilson_interval",
+]

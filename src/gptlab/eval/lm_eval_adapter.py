@@ -27,8 +27,9 @@ from .scoring import loglikelihoods, rolling_nll
 
 @register_model("gptlab")
 class GptlabLM(LM):
-    def __init__(self, checkpoint: str, batch_size: int | str = 8, device: str = "cpu",
-                 max_gen_toks: int = 256) -> None:
+    def __init__(
+        self, checkpoint: str, batch_size: int | str = 8, device: str = "cpu", max_gen_toks: int = 256
+    ) -> None:
         super().__init__()
         loaded = load_model(checkpoint, device)
         self.model, self.tok = loaded.model, loaded.tokenizer
@@ -45,8 +46,10 @@ class GptlabLM(LM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         block = self.model.config.block_size
-        return [-rolling_nll(self.model, [self.tok.eot_id] + self.tok.encode(text), block, self.batch_size)[0]
-                for (text,) in (r.args for r in requests)]
+        return [
+            -rolling_nll(self.model, [self.tok.eot_id] + self.tok.encode(text), block, self.batch_size)[0]
+            for (text,) in (r.args for r in requests)
+        ]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
@@ -54,7 +57,12 @@ class GptlabLM(LM):
             kwargs: dict[str, Any] = dict(gen_kwargs or {})
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            completion = self.engine.generate([context], int(kwargs.get("max_gen_toks", self.max_gen_toks)),
-                                              Sampling(temperature=0), stop=until, sliding_window=True)[0]
+            completion = self.engine.generate(
+                [context],
+                int(kwargs.get("max_gen_toks", self.max_gen_toks)),
+                Sampling(temperature=0),
+                stop=until,
+                sliding_window=True,
+            )[0]
             out.append(completion.text)
         return out

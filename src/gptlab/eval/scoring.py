@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Collection, Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from tqdm import tqdm
@@ -21,8 +21,12 @@ from ..model import GPT
 
 
 @torch.no_grad()
-def loglikelihoods(model: GPT, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8,
-                   not_first: Collection[int] = ()) -> list[tuple[float, bool]]:
+def loglikelihoods(
+    model: GPT,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 8,
+    not_first: Collection[int] = (),
+) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), greedy?) per request, in the order given. ``not_first``: token ids
     left out of the argmax at the first continuation position (the GPT-2 paper's LAMBADA stop-word filter). A
     progress bar goes to stderr on a terminal."""
@@ -37,9 +41,10 @@ def loglikelihoods(model: GPT, requests: Sequence[tuple[Sequence[int], Sequence[
         if not ctx:
             raise GptlabError(f"request {i} has an empty context; start it with the end-of-text token")
         if len(cont) > block:
-            raise GptlabError(f"request {i}'s continuation has {len(cont)} tokens, more than the model's context "
-                              f"of {block}")
-        whole = (list(ctx) + list(cont))[-(block + 1):]
+            raise GptlabError(
+                f"request {i}'s continuation has {len(cont)} tokens, more than the model's context of {block}"
+            )
+        whole = (list(ctx) + list(cont))[-(block + 1) :]
         rows.append((i, whole[:-1], list(cont)))
     order = sorted(rows, key=lambda r: -len(r[1]))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
@@ -47,15 +52,15 @@ def loglikelihoods(model: GPT, requests: Sequence[tuple[Sequence[int], Sequence[
     bar = tqdm(total=len(order), desc="scoring", unit="req", disable=None, leave=False, file=sys.stderr)
     banned = torch.tensor(sorted(not_first), dtype=torch.long, device=device)
     for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
+        chunk = order[s : s + batch_size]
         T = max(len(r[1]) for r in chunk)
         idx = torch.zeros(len(chunk), T, dtype=torch.long)
         for j, (_, inp, _) in enumerate(chunk):
-            idx[j, :len(inp)] = torch.tensor(inp)
+            idx[j, : len(inp)] = torch.tensor(inp)
         logits, _ = model(idx.to(device))
         for j, (i, inp, cont) in enumerate(chunk):
             n = len(cont)
-            logp = logits[j, len(inp) - n:len(inp)].float().log_softmax(-1)
+            logp = logits[j, len(inp) - n : len(inp)].float().log_softmax(-1)
             target = torch.tensor(cont, device=logp.device)
             choice = logp.argmax(-1)
             if len(banned):
@@ -67,8 +72,7 @@ def loglikelihoods(model: GPT, requests: Sequence[tuple[Sequence[int], Sequence[
 
 
 @torch.no_grad()
-def rolling_nll(model: GPT, tokens: Sequence[int], stride: int | None = None, batch_size: int = 8
-                ) -> tuple[float, int]:
+def rolling_nll(model: GPT, tokens: Sequence[int], stride: int | None = None, batch_size: int = 8) -> tuple[float, int]:
     """(total negative log-likelihood in nats, tokens scored) of ``tokens`` with a sliding window. The first window
     scores tokens 1..context; each later one scores the next ``stride`` tokens (default half the context) and sees
     the ``context`` tokens before each of them it can, its window ending where its span ends. So every token after
@@ -91,8 +95,9 @@ def rolling_nll(model: GPT, tokens: Sequence[int], stride: int | None = None, ba
     return -total, len(tokens) - 1
 
 
-def perplexity_report(nll: float, tokens: int, words: int | None = None, n_bytes: int | None = None
-                      ) -> dict[str, float]:
+def perplexity_report(
+    nll: float, tokens: int, words: int | None = None, n_bytes: int | None = None
+) -> dict[str, float]:
     """Per-token loss and perplexity, and (given the text's word and byte counts) word perplexity and bits per
     byte, as lm-eval's ``wikitext`` task reports them."""
     r = {"nll": nll, "tokens": tokens, "loss": nll / tokens, "token_perplexity": math.exp(nll / tokens)}

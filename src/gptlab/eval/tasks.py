@@ -7,15 +7,16 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..assets import cache_dir, fetch_url, sha256_of, verified
-from ..files import atomic_write_bytes
 from ..errors import GptlabError
+from ..files import atomic_write_bytes
 from ..model import GPT
-from ..tokenizer import Tokenizer
 from ..recipe import DEFAULT_SEED
+from ..tokenizer import Tokenizer
 from .scoring import loglikelihoods, perplexity_report, rolling_nll
 
 LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
@@ -35,8 +36,10 @@ def read_jsonl(path: str | Path, fields: Sequence[str], limit: int | None = None
     out = []
     for n, rec in jsonl_records(data, str(path)):
         if not isinstance(rec, dict):
-            raise GptlabError(f"{path} line {n} is {type(rec).__name__}, not a JSON object; each line needs an "
-                              f"object" + (f" with {list(fields)}" if fields else ""))
+            raise GptlabError(
+                f"{path} line {n} is {type(rec).__name__}, not a JSON object; each line needs an "
+                f"object" + (f" with {list(fields)}" if fields else "")
+            )
         missing = [f for f in fields if f not in rec]
         if missing:
             raise GptlabError(f"{path} line {n}: missing field(s) {missing}; each line needs {list(fields)}")
@@ -52,9 +55,16 @@ def _data_info(path: Path) -> dict[str, str]:
     return {"data": str(path), "data_sha256": sha256_of(path)}
 
 
-def perplexity(model: GPT, tok: Tokenizer, *, paths: Sequence[str], stride: int | None = None,
-               batch_size: int = 8, limit: int | None = None) -> dict[str, Any]:
-    """Sliding-window perplexity of text files (folders: their ``*.txt``) or prepared token shards (``*.bin``
+def perplexity(
+    model: GPT,
+    tok: Tokenizer,
+    *,
+    paths: Sequence[str],
+    stride: int | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    r"""Sliding-window perplexity of text files (folders: their ``*.txt``) or prepared token shards (``*.bin``
     from ``gptlab prepare``, made with the model's tokenizer), per token, per word and per byte (of the decoded
     text), defined as lm-evaluation-harness's ``loglikelihood_rolling`` tasks (``wikitext``) define them: each
     document is scored from its own start after an end-of-text token, so its first token counts too; words are
@@ -73,8 +83,9 @@ def perplexity(model: GPT, tok: Tokenizer, *, paths: Sequence[str], stride: int 
         if f.suffix == ".bin":
             ids = [int(t) for t in read_shard(f)[:limit]]
             if max(ids, default=0) >= model.config.vocab_size:
-                raise GptlabError(f"{f} holds token ids beyond the model's vocabulary; it was prepared with "
-                                  f"another tokenizer")
+                raise GptlabError(
+                    f"{f} holds token ids beyond the model's vocabulary; it was prepared with another tokenizer"
+                )
             text = tok.decode(ids)
         else:
             try:
@@ -88,8 +99,13 @@ def perplexity(model: GPT, tok: Tokenizer, *, paths: Sequence[str], stride: int 
         nll, n_tok = nll + d_nll, n_tok + d_tok
         words += len(re.split(r"\s+", text))
         n_bytes += len(text.encode("utf-8"))
-    return {"task": "perplexity", "version": 1, "files": [str(f) for f in files], "stride": stride or
-            model.config.block_size // 2, **perplexity_report(nll, n_tok, words, n_bytes)}
+    return {
+        "task": "perplexity",
+        "version": 1,
+        "files": [str(f) for f in files],
+        "stride": stride or model.config.block_size // 2,
+        **perplexity_report(nll, n_tok, words, n_bytes),
+    }
 
 
 def lambada_path(path: str | None) -> Path:
@@ -101,21 +117,32 @@ def lambada_path(path: str | None) -> Path:
         try:
             atomic_write_bytes(cached, fetch_url(LAMBADA_URL, LAMBADA_SHA256))
         except GptlabError as e:
-            raise GptlabError(f"{e}. LAMBADA is not on the package index: download {LAMBADA_URL} once where the "
-                              f"internet is reachable and pass it with --path") from None
+            raise GptlabError(
+                f"{e}. LAMBADA is not on the package index: download {LAMBADA_URL} once where the "
+                f"internet is reachable and pass it with --path"
+            ) from None
     return cached
 
 
 # Function words that cannot end a LAMBADA passage's target (the GPT-2 paper's filter; its list is unpublished).
-STOP_WORDS = ("a an the and or but if of to in on at by for with from as is are was were be been am it its he she "
-              "they them his her their we us our you your i me my this that these those there here not no so than "
-              "then too very can will would should could do does did have has had what which who whom whose when "
-              "where why how all any both each few more most other some such only own same just into over under "
-              "again further once about against between through during before after above below up down out off")
+STOP_WORDS = (
+    "a an the and or but if of to in on at by for with from as is are was were be been am it its he she "
+    "they them his her their we us our you your i me my this that these those there here not no so than "
+    "then too very can will would should could do does did have has had what which who whom whose when "
+    "where why how all any both each few more most other some such only own same just into over under "
+    "again further once about against between through during before after above below up down out off"
+)
 
 
-def lambada(model: GPT, tok: Tokenizer, *, path: str | None = None, limit: int | None = None,
-            batch_size: int = 8, stopword_filter: bool = False) -> dict[str, Any]:
+def lambada(
+    model: GPT,
+    tok: Tokenizer,
+    *,
+    path: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    stopword_filter: bool = False,
+) -> dict[str, Any]:
     """OpenAI's LAMBADA as lm-eval's ``lambada_openai``: context = the passage up to its last space, target = " " +
     the last word; ``acc`` = every target token is the greedy choice; ``perplexity`` = exp(-mean log p(target)).
     ``stopword_filter``: the GPT-2 paper's variant, in which the first target token's greedy choice may not be a
@@ -135,9 +162,14 @@ def lambada(model: GPT, tok: Tokenizer, *, path: str | None = None, limit: int |
                     banned.add(ids[0])
     scores = loglikelihoods(model, requests, batch_size, banned)
     lls = [lp for lp, _ in scores]
-    return {"task": "lambada_openai" + ("_stopword_filter" if stopword_filter else ""), "version": 1,
-            **_data_info(p), "n": len(docs), "acc": sum(g for _, g in scores) / len(scores),
-            "perplexity": math.exp(-sum(lls) / len(lls))}
+    return {
+        "task": "lambada_openai" + ("_stopword_filter" if stopword_filter else ""),
+        "version": 1,
+        **_data_info(p),
+        "n": len(docs),
+        "acc": sum(g for _, g in scores) / len(scores),
+        "perplexity": math.exp(-sum(lls) / len(lls)),
+    }
 
 
 def _hellaswag_text(text: str) -> str:
@@ -153,8 +185,9 @@ def hellaswag_doc(d: dict[str, Any]) -> tuple[str, list[str]]:
     return ctx, [_hellaswag_text(e) for e in d["endings"]]
 
 
-def multiple_choice(model: GPT, tok: Tokenizer, *, path: str, limit: int | None = None,
-                    batch_size: int = 8) -> dict[str, Any]:
+def multiple_choice(
+    model: GPT, tok: Tokenizer, *, path: str, limit: int | None = None, batch_size: int = 8
+) -> dict[str, Any]:
     """Each choice scored as a continuation (" " + choice) of the context. ``acc``: the highest log-likelihood;
     ``acc_norm``: the highest log-likelihood per character of the choice (lm-eval); ``acc_norm_tokens``: per token
     (llm.c's HellaSwag). Reads HellaSwag's jsonl (``ctx_a``, ``ctx_b``, ``activity_label``, ``endings``,
@@ -162,16 +195,26 @@ def multiple_choice(model: GPT, tok: Tokenizer, *, path: str, limit: int | None 
     p = Path(path)
     first = read_jsonl(p, [], 1)[0]
     hellaswag = "endings" in first
-    docs = read_jsonl(p, ["ctx_a", "ctx_b", "activity_label", "endings", "label"] if hellaswag
-                      else ["context", "choices", "label"], limit)
+    docs = read_jsonl(
+        p,
+        ["ctx_a", "ctx_b", "activity_label", "endings", "label"] if hellaswag else ["context", "choices", "label"],
+        limit,
+    )
     items = []
     for n, d in enumerate(docs):
         texts = [d[k] for k in ("activity_label", "ctx_a", "ctx_b")] if hellaswag else [d["context"]]
         options = d["endings" if hellaswag else "choices"]
-        if not (all(isinstance(t, str) for t in texts) and isinstance(options, list) and len(options) >= 2
-                and all(isinstance(c, str) for c in options) and str(d["label"]).lstrip("-").isdigit()):
-            raise GptlabError(f"{p}: record {n + 1} needs text fields, a list of 2+ string choices and an integer "
-                              f"label; fix or remove it")
+        if not (
+            all(isinstance(t, str) for t in texts)
+            and isinstance(options, list)
+            and len(options) >= 2
+            and all(isinstance(c, str) for c in options)
+            and str(d["label"]).lstrip("-").isdigit()
+        ):
+            raise GptlabError(
+                f"{p}: record {n + 1} needs text fields, a list of 2+ string choices and an integer "
+                f"label; fix or remove it"
+            )
         if hellaswag:
             ctx, choices = hellaswag_doc(d)
         else:
@@ -183,14 +226,21 @@ def multiple_choice(model: GPT, tok: Tokenizer, *, path: str, limit: int | None 
     requests = [(ctx, c) for ctx, conts, _, _ in items for c in conts]
     lls = iter(lp for lp, _ in loglikelihoods(model, requests, batch_size))
     acc = acc_norm = acc_tok = 0
-    for ctx, conts, chars, label in items:
+    for _ctx, conts, chars, label in items:
         ll = [next(lls) for _ in conts]
         acc += max(range(len(ll)), key=lambda i: ll[i]) == label
         acc_norm += max(range(len(ll)), key=lambda i: ll[i] / chars[i]) == label
         acc_tok += max(range(len(ll)), key=lambda i: ll[i] / len(conts[i])) == label
     n = len(items)
-    return {"task": "hellaswag" if hellaswag else "multiple_choice", "version": 1, **_data_info(p), "n": n,
-            "acc": acc / n, "acc_norm": acc_norm / n, "acc_norm_tokens": acc_tok / n}
+    return {
+        "task": "hellaswag" if hellaswag else "multiple_choice",
+        "version": 1,
+        **_data_info(p),
+        "n": n,
+        "acc": acc / n,
+        "acc_norm": acc_norm / n,
+        "acc_norm_tokens": acc_tok / n,
+    }
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -204,13 +254,24 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
 def fewshot_prompt(shots: Sequence[dict[str, Any]], query: str, template: str, separator: str = "\n\n") -> str:
     """The examples, filled into ``template`` ({text}, {label}), then the query with the label left out."""
     head = template.split("{label}")[0].rstrip(" ")
-    return "".join(template.format(text=s["text"], label=s["label"]) + separator for s in shots) + \
-        head.format(text=query)
+    return "".join(template.format(text=s["text"], label=s["label"]) + separator for s in shots) + head.format(
+        text=query
+    )
 
 
-def fewshot(model: GPT, tok: Tokenizer, *, path: str | None = None, train_path: str | None = None,
-            shots: Sequence[int] = (0, 1, 5, 10), template: str = "Input: {text}\nLabel: {label}",
-            seed: int = DEFAULT_SEED, calibrate: bool = False, limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+def fewshot(
+    model: GPT,
+    tok: Tokenizer,
+    *,
+    path: str | None = None,
+    train_path: str | None = None,
+    shots: Sequence[int] = (0, 1, 5, 10),
+    template: str = "Input: {text}\nLabel: {label}",
+    seed: int = DEFAULT_SEED,
+    calibrate: bool = False,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
     """Seed 002's in-context learning experiment, generalised. For each k, every query gets k examples drawn
     (seeded, per query) from the training pool without the query itself; each label is scored by the
     log-probability of its whole token sequence (" " + label) after the prompt, and the most likely label is the
@@ -245,22 +306,32 @@ def fewshot(model: GPT, tok: Tokenizer, *, path: str | None = None, train_path: 
         if calibrate:
             cf = _label_probs(model, tok, cf_prompts, label_ids, batch_size)
             probs = [[p_ / c for p_, c in zip(row, cfr)] for row, cfr in zip(probs, cf)]
-        correct = sum(labels[max(range(len(labels)), key=row.__getitem__)] == str(q["label"])
-                      for row, q in zip(probs, test))
+        correct = sum(
+            labels[max(range(len(labels)), key=row.__getitem__)] == str(q["label"]) for row, q in zip(probs, test)
+        )
         lo, hi = wilson_interval(correct, len(test))
         results.append({"shots": k, "acc": correct / len(test), "ci95": [lo, hi], "n": len(test)})
-    return {"task": "fewshot", "version": 1, **_data_info(p), "labels": labels, "template": template, "seed": seed,
-            "calibrated": calibrate, "results": results}
+    return {
+        "task": "fewshot",
+        "version": 1,
+        **_data_info(p),
+        "labels": labels,
+        "template": template,
+        "seed": seed,
+        "calibrated": calibrate,
+        "results": results,
+    }
 
 
-def _label_probs(model: GPT, tok: Tokenizer, prompts: list[str], label_ids: list[list[int]],
-                 batch_size: int) -> list[list[float]]:
+def _label_probs(
+    model: GPT, tok: Tokenizer, prompts: list[str], label_ids: list[list[int]], batch_size: int
+) -> list[list[float]]:
     """Per prompt, each label's probability normalised over the labels."""
     requests = [(tok.encode(pr), ids) for pr in prompts for ids in label_ids]
     lls = [lp for lp, _ in loglikelihoods(model, requests, batch_size)]
     out = []
     for i in range(len(prompts)):
-        row = lls[i * len(label_ids):(i + 1) * len(label_ids)]
+        row = lls[i * len(label_ids) : (i + 1) * len(label_ids)]
         m = max(row)
         z = sum(math.exp(v - m) for v in row)
         out.append([math.exp(v - m) / z for v in row])
@@ -289,8 +360,11 @@ def fewshot_plot(result: dict[str, Any], out: Path, title: str) -> Path:
 # Prompted generation (seed 000): "TL;DR:" summaries, "English: ... French:" translation, "Q: ... A:" answers.
 GENERATION_TASKS = {
     "summarize": {"fields": ("document", "summary"), "template": "{document}\nTL;DR:", "metric": "rouge"},
-    "translate": {"fields": ("source", "target"), "template": "{source_lang}: {source}\n{target_lang}:",
-                  "metric": "bleu"},
+    "translate": {
+        "fields": ("source", "target"),
+        "template": "{source_lang}: {source}\n{target_lang}:",
+        "metric": "bleu",
+    },
     "qa": {"fields": ("question", "answers"), "template": "Q: {question}\nA:", "metric": "squad"},
 }
 
@@ -329,10 +403,20 @@ def squad_scores(prediction: str, answers: Sequence[str]) -> tuple[float, float]
     return em, max(f1(prediction, a) for a in answers)
 
 
-def generation_task(model: GPT, tok: Tokenizer, *, task: str, path: str, shots: int = 0,
-                    seed: int = DEFAULT_SEED,
-                    max_new_tokens: int = 64, source_lang: str = "English", target_lang: str = "French",
-                    limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+def generation_task(
+    model: GPT,
+    tok: Tokenizer,
+    *,
+    task: str,
+    path: str,
+    shots: int = 0,
+    seed: int = DEFAULT_SEED,
+    max_new_tokens: int = 64,
+    source_lang: str = "English",
+    target_lang: str = "French",
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
     """Generate greedily from the task's template (``shots`` solved examples first, drawn from the other records)
     until a newline or the end-of-text token, then score: ROUGE-1/2/L F-measure (``rouge-score``) for
     summaries, corpus BLEU and chrF (``sacrebleu``) for translation, SQuAD exact match and F1 for answers
@@ -362,8 +446,9 @@ def generation_task(model: GPT, tok: Tokenizer, *, task: str, path: str, shots: 
     engine = Engine(model, tok)
     preds = []
     for s in range(0, len(prompts), batch_size):
-        outs = engine.generate(prompts[s:s + batch_size], max_new_tokens, Sampling(temperature=0), stop=["\n"],
-                               sliding_window=True)
+        outs = engine.generate(
+            prompts[s : s + batch_size], max_new_tokens, Sampling(temperature=0), stop=["\n"], sliding_window=True
+        )
         preds += [o.text.strip() for o in outs]
     refs = [d[out_field] for d in test]
     scores: dict[str, float] = {}
@@ -374,10 +459,22 @@ def generation_task(model: GPT, tok: Tokenizer, *, task: str, path: str, shots: 
         scores = {k: sum(x[k].fmeasure for x in per) / len(per) for k in ("rouge1", "rouge2", "rougeL")}
     elif spec["metric"] == "bleu":
         sacrebleu = _library("sacrebleu")
-        scores = {"bleu": sacrebleu.corpus_bleu(preds, [refs]).score, "chrf": sacrebleu.corpus_chrf(preds, [refs]).score}
+        scores = {
+            "bleu": sacrebleu.corpus_bleu(preds, [refs]).score,
+            "chrf": sacrebleu.corpus_chrf(preds, [refs]).score,
+        }
     else:
         pairs = [squad_scores(pr, r if isinstance(r, list) else [r]) for pr, r in zip(preds, refs)]
         scores = {"exact_match": sum(e for e, _ in pairs) / len(pairs), "f1": sum(f for _, f in pairs) / len(pairs)}
-    return {"task": task, "version": 1, **_data_info(p), "n": len(test), "shots": shots, "template":
-            spec["template"], **scores, "examples": [{"prompt": pr[-300:], "prediction": x, "reference": r}
-                                                     for pr, x, r in list(zip(prompts, preds, refs))[:3]]}
+    return {
+        "task": task,
+        "version": 1,
+        **_data_info(p),
+        "n": len(test),
+        "shots": shots,
+        "template": spec["template"],
+        **scores,
+        "examples": [
+            {"prompt": pr[-300:], "prediction": x, "reference": r} for pr, x, r in list(zip(prompts, preds, refs))[:3]
+        ],
+    }

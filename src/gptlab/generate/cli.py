@@ -17,8 +17,14 @@ DEFAULTS = Sampling()  # the CLI's sampling defaults are the library's
 
 
 def sampling(args: argparse.Namespace, seed: int | None = None) -> Sampling:
-    return Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, min_p=args.min_p,
-                    repetition_penalty=args.repetition_penalty, seed=args.seed if seed is None else seed)
+    return Sampling(
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed if seed is None else seed,
+    )
 
 
 def _engine(args: argparse.Namespace):
@@ -39,9 +45,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     try:
         prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
     except (OSError, UnicodeDecodeError) as e:
-        raise GptlabError(f"cannot read --prompt-file {args.prompt_file}: {getattr(e, 'strerror', None) or e}"
-                          ) from None
-    engine, loaded = _engine(args)
+        raise GptlabError(
+            f"cannot read --prompt-file {args.prompt_file}: {getattr(e, 'strerror', None) or e}"
+        ) from None
+    engine, _ = _engine(args)
     t0 = time.perf_counter()
     if args.stream:
         decode_seconds, steps = 0.0, 0
@@ -49,37 +56,56 @@ def cmd_sample(args: argparse.Namespace) -> None:
             if i:
                 print("\n" + "-" * 40)
             print(prompt, end="", flush=True)
-            for piece in engine.stream(prompt, args.max_new_tokens, sampling(args, args.seed + i), args.stop,
-                                       sliding_window=args.sliding_window):
+            for piece in engine.stream(
+                prompt,
+                args.max_new_tokens,
+                sampling(args, args.seed + i),
+                args.stop,
+                sliding_window=args.sliding_window,
+            ):
                 print(piece, end="", flush=True)
             decode_seconds += engine.stats["decode_seconds"]
             steps += engine.stats["decode_steps"]
         print(f"\n[{steps / max(decode_seconds, 1e-9):,.1f} tok/s decoding]", file=sys.stderr)
         return
     s = sampling(args)
-    out = engine.generate([prompt] * args.num_samples, args.max_new_tokens, s, args.stop,
-                          sliding_window=args.sliding_window)
+    out = engine.generate(
+        [prompt] * args.num_samples, args.max_new_tokens, s, args.stop, sliding_window=args.sliding_window
+    )
     seconds = time.perf_counter() - t0
     st = engine.stats
     new = sum(len(c.tokens) for c in out)
-    result = {"model": str(args.model), "prompt": prompt, "samples": [c.text for c in out],
-              "finish_reasons": [c.finish_reason for c in out], "new_tokens": [len(c.tokens) for c in out],
-              "tokens_per_second": round(new / seconds, 2),
-              "decode_tokens_per_second": round(st["decode_steps"] * args.num_samples
-                                                / max(st["decode_seconds"], 1e-9), 2),
-              "prefill_seconds": round(st["prefill_seconds"], 4), "kv_cache_bytes": st["cache_bytes"],
-              "sampling": dataclasses.asdict(s), "compile": args.compile}
+    result = {
+        "model": str(args.model),
+        "prompt": prompt,
+        "samples": [c.text for c in out],
+        "finish_reasons": [c.finish_reason for c in out],
+        "new_tokens": [len(c.tokens) for c in out],
+        "tokens_per_second": round(new / seconds, 2),
+        "decode_tokens_per_second": round(st["decode_steps"] * args.num_samples / max(st["decode_seconds"], 1e-9), 2),
+        "prefill_seconds": round(st["prefill_seconds"], 4),
+        "kv_cache_bytes": st["cache_bytes"],
+        "sampling": dataclasses.asdict(s),
+        "compile": args.compile,
+    }
     sep = "\n" + "-" * 40 + "\n"
-    emit(args, result, sep.join(prompt + c.text for c in out) +
-         f"\n[{new} tokens in {seconds:.2f}s: {result['tokens_per_second']:,.1f} tok/s; decoding "
-         f"{result['decode_tokens_per_second']:,.1f} tok/s; KV cache {st['cache_bytes'] / 2**20:,.1f} MiB]")
+    emit(
+        args,
+        result,
+        sep.join(prompt + c.text for c in out)
+        + f"\n[{new} tokens in {seconds:.2f}s: {result['tokens_per_second']:,.1f} tok/s; decoding "
+        f"{result['decode_tokens_per_second']:,.1f} tok/s; KV cache {st['cache_bytes'] / 2**20:,.1f} MiB]",
+    )
 
 
 def _repl(args: argparse.Namespace) -> None:
     """Continue-the-text loop: each line typed is appended to the running text and the model continues it."""
     engine, loaded = _engine(args)
-    print(f"gptlab: {loaded.source} ({engine.model.num_params():,} parameters). Type text and press Enter; the "
-          f"model continues it. /reset clears the text, /quit (or Ctrl-D) leaves.", file=sys.stderr)
+    print(
+        f"gptlab: {loaded.source} ({engine.model.num_params():,} parameters). Type text and press Enter; the "
+        f"model continues it. /reset clears the text, /quit (or Ctrl-D) leaves.",
+        file=sys.stderr,
+    )
     text, turn = "", 0
     while True:
         try:
@@ -93,8 +119,9 @@ def _repl(args: argparse.Namespace) -> None:
             text = ""
             continue
         text += line if not text else "\n" + line
-        for piece in engine.stream(text, args.max_new_tokens, sampling(args, args.seed + turn), args.stop,
-                                   sliding_window=True):
+        for piece in engine.stream(
+            text, args.max_new_tokens, sampling(args, args.seed + turn), args.stop, sliding_window=True
+        ):
             print(piece, end="", flush=True)
             text += piece
         print(flush=True)
@@ -104,38 +131,78 @@ def _repl(args: argparse.Namespace) -> None:
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """The sampling options, with the library's defaults (:class:`gptlab.generate.Sampling`) and ranges."""
     d = DEFAULTS
-    p.add_argument("--temperature", type=number(Range(0, 100)), default=d.temperature,
-                   help=f"0 = greedy (valid: [0, 100]; default {d.temperature:g})")
-    p.add_argument("--top-k", type=count(0), default=d.top_k or 0,
-                   help=f"keep the k most likely tokens; 0 = off (>= 0; default {d.top_k or 0})")
-    p.add_argument("--top-p", type=number(Range(0, 1, lo_open=True)), default=d.top_p,
-                   help="nucleus: keep the most likely tokens up to this probability mass (valid: (0, 1]; default off)")
-    p.add_argument("--min-p", type=number(UNIT), default=d.min_p,
-                   help="keep tokens at least this fraction as likely as the top one (valid: [0, 1]; default off)")
-    p.add_argument("--repetition-penalty", type=number(Range(0, 100, lo_open=True)), default=d.repetition_penalty,
-                   help=f"> 1 discourages repeats (CTRL; 1 = off; valid: (0, 100]; default {d.repetition_penalty:g})")
-    p.add_argument("--seed", type=number(SEED, integer=True), default=d.seed,
-                   help=f"sample i uses seed + i (reproducible, batch-independent; >= 0; default {d.seed})")
+    p.add_argument(
+        "--temperature",
+        type=number(Range(0, 100)),
+        default=d.temperature,
+        help=f"0 = greedy (valid: [0, 100]; default {d.temperature:g})",
+    )
+    p.add_argument(
+        "--top-k",
+        type=count(0),
+        default=d.top_k or 0,
+        help=f"keep the k most likely tokens; 0 = off (>= 0; default {d.top_k or 0})",
+    )
+    p.add_argument(
+        "--top-p",
+        type=number(Range(0, 1, lo_open=True)),
+        default=d.top_p,
+        help="nucleus: keep the most likely tokens up to this probability mass (valid: (0, 1]; default off)",
+    )
+    p.add_argument(
+        "--min-p",
+        type=number(UNIT),
+        default=d.min_p,
+        help="keep tokens at least this fraction as likely as the top one (valid: [0, 1]; default off)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=number(Range(0, 100, lo_open=True)),
+        default=d.repetition_penalty,
+        help=f"> 1 discourages repeats (CTRL; 1 = off; valid: (0, 100]; default {d.repetition_penalty:g})",
+    )
+    p.add_argument(
+        "--seed",
+        type=number(SEED, integer=True),
+        default=d.seed,
+        help=f"sample i uses seed + i (reproducible, batch-independent; >= 0; default {d.seed})",
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="generate text (KV-cached, batched, streaming)",
-                       description="Sample continuations of a prompt. The empty prompt samples unconditionally.")
+    p = sub.add_parser(
+        "sample",
+        help="generate text (KV-cached, batched, streaming)",
+        description="Sample continuations of a prompt. The empty prompt samples unconditionally.",
+    )
     add_model(p, "sample")
     p.add_argument("--prompt", default="")
     p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     p.add_argument("--max-new-tokens", type=count(1), default=200, help="tokens to generate (>= 1; default 200)")
     add_sampling_args(p)
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end a sample before this text (repeatable); the end-of-text token always ends it")
-    p.add_argument("--num-samples", type=count(1, 1024), default=1,
-                   help="samples decoded together as one batch (valid: [1, 1024]; default 1)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="end a sample before this text (repeatable); the end-of-text token always ends it",
+    )
+    p.add_argument(
+        "--num-samples",
+        type=count(1, 1024),
+        default=1,
+        help="samples decoded together as one batch (valid: [1, 1024]; default 1)",
+    )
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--interactive", action="store_true", help="a continue-the-text loop on the terminal")
-    p.add_argument("--sliding-window", action="store_true",
-                   help="allow prompt + new tokens beyond the context: the oldest tokens are dropped")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (one-off compile; then ~2x faster on CPU)")
+    p.add_argument(
+        "--sliding-window",
+        action="store_true",
+        help="allow prompt + new tokens beyond the context: the oldest tokens are dropped",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode step (one-off compile; then ~2x faster on CPU)"
+    )
     add_device(p)
     add_json(p)
     p.set_defaults(func=cmd_sample)

@@ -18,8 +18,8 @@ so one compiled graph serves many calls). On CPU that is where the speed is: see
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -69,8 +69,9 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalized, logits)
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None,
-                  min_p: float | None = None) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None, min_p: float | None = None
+) -> torch.Tensor:
     """Set to -inf the logits [B, V] that top-k, then top-p, then min-p exclude. Always keeps the most likely token.
 
     - top-k: the k largest logits (ties at the k-th value all kept).
@@ -93,11 +94,18 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def next_tokens(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | None = None,
-                generators: Sequence[torch.Generator] = ()) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor,
+    sampling: Sampling,
+    seen: torch.Tensor | None = None,
+    generators: Sequence[torch.Generator] = (),
+) -> torch.Tensor:
     """Choose one token per row from ``logits`` [B, V] (float32 math) -> [B] ids."""
-    logits = apply_repetition_penalty(logits.float(), seen, sampling.repetition_penalty) if seen is not None \
+    logits = (
+        apply_repetition_penalty(logits.float(), seen, sampling.repetition_penalty)
+        if seen is not None
         else logits.float()
+    )
     if sampling.temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
@@ -123,8 +131,9 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.compile = compile
-        self._decode = (torch.compile(model, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
-                        if compile else model)
+        self._decode = (
+            torch.compile(model, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS) if compile else model
+        )
         self.stats: dict[str, float] = {}
 
     @property
@@ -140,8 +149,14 @@ class Engine:
         return KVCache(self.model.config, batch, length, self.device, self.model.wte.weight.dtype)
 
     @torch.no_grad()
-    def stream_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-                      stop_ids: Iterable[int] = (), sliding_window: bool = False) -> Iterator[list[int | None]]:
+    def stream_tokens(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        stop_ids: Iterable[int] = (),
+        sliding_window: bool = False,
+    ) -> Iterator[list[int | None]]:
         """Yield, per decode step, each row's new token (``None`` for rows already finished by a stop id)."""
         block = self.model.config.block_size
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -150,10 +165,15 @@ class Engine:
             raise GptlabError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         longest = max(len(p) for p in prompts)
         if not sliding_window and longest + max_new_tokens > block:
-            what = (f"the longest prompt has {longest} tokens" if longest > block else
-                    f"{longest} prompt tokens + {max_new_tokens} new tokens")
-            raise GptlabError(f"{what}, more than the model's context of {block}; shorten the prompt or "
-                              f"max_new_tokens, or allow a sliding window (--sliding-window)")
+            what = (
+                f"the longest prompt has {longest} tokens"
+                if longest > block
+                else f"{longest} prompt tokens + {max_new_tokens} new tokens"
+            )
+            raise GptlabError(
+                f"{what}, more than the model's context of {block}; shorten the prompt or "
+                f"max_new_tokens, or allow a sliding window (--sliding-window)"
+            )
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for p in prompts for t in p):
             raise GptlabError(f"a prompt holds a token id outside the model's vocabulary of {vocab}")
@@ -209,9 +229,14 @@ class Engine:
         self.stats["cache_bytes"] = cache.nbytes
         return logits, cache, T
 
-    def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                        sampling: Sampling = Sampling(), stop_ids: Iterable[int] = (),
-                        sliding_window: bool = False) -> list[Completion]:
+    def generate_tokens(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        stop_ids: Iterable[int] = (),
+        sliding_window: bool = False,
+    ) -> list[Completion]:
         """Every row's new tokens (a stop id ends its row and is not included)."""
         stop = set(stop_ids)
         out = [Completion() for _ in prompts]
@@ -236,9 +261,15 @@ class Engine:
         tok = self._tok()
         return tok.encode(prompt) if prompt else [tok.eot_id]
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 stop: Sequence[str] = (), stop_ids: Iterable[int] | None = None,
-                 sliding_window: bool = False) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        stop: Sequence[str] = (),
+        stop_ids: Iterable[int] | None = None,
+        sliding_window: bool = False,
+    ) -> list[Completion]:
         """Text completions for a batch of prompts, each cut before the first stop string it produces.
         ``stop_ids`` defaults to the tokenizer's end-of-text token."""
         tok = self._tok()
@@ -265,15 +296,23 @@ class Engine:
             c.text = s.text()
         return out
 
-    def stream(self, prompt: str, max_new_tokens: int, sampling: Sampling = Sampling(), stop: Sequence[str] = (),
-               stop_ids: Iterable[int] | None = None, sliding_window: bool = False) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        stop: Sequence[str] = (),
+        stop_ids: Iterable[int] | None = None,
+        sliding_window: bool = False,
+    ) -> Iterator[str]:
         """Yield the completion of one prompt as text pieces, as soon as they are whole characters (a multi-byte
         character split across tokens is held back until complete) and cannot be the start of a stop string."""
         tok = self._tok()
         stop_ids = {tok.eot_id} if stop_ids is None else set(stop_ids)
         s = _TextStream(tok, stop)
-        for step in self.stream_tokens([self.encode_prompt(prompt)], max_new_tokens, sampling, stop_ids,
-                                       sliding_window):
+        for step in self.stream_tokens(
+            [self.encode_prompt(prompt)], max_new_tokens, sampling, stop_ids, sliding_window
+        ):
             if step[0] is None or step[0] in stop_ids:
                 break
             s.push(step[0])
@@ -303,7 +342,7 @@ class _TextStream:
         text = self.tokenizer.decode(self.ids)
         hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         if hits:
-            text, self.stopped = text[:min(hits)], True
+            text, self.stopped = text[: min(hits)], True
         self._text = text
 
     def text(self) -> str:
@@ -317,9 +356,9 @@ class _TextStream:
                 end = len(self._text.rstrip("\ufffd"))
             for s in self.stop:  # hold back a tail that may grow into a stop string
                 for k in range(min(len(s) - 1, end), 0, -1):
-                    if self._text[end - k:end] == s[:k]:
+                    if self._text[end - k : end] == s[:k]:
                         end -= k
                         break
         end = max(end, self.sent)
-        piece, self.sent = self._text[self.sent:end], end
+        piece, self.sent = self._text[self.sent : end], end
         return piece

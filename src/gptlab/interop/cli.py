@@ -16,8 +16,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .hf import save_hf
 
     if args.out:  # the old positional output folder
-        print("gptlab: warning: the positional output folder is deprecated and will be removed in the next release; "
-              "use --out-dir", file=sys.stderr)
+        print(
+            "gptlab: warning: the positional output folder is deprecated and will be removed in the next release; "
+            "use --out-dir",
+            file=sys.stderr,
+        )
         if args.out_dir not in (None, args.out):
             raise GptlabError(f"the output folder {args.out} contradicts --out-dir {args.out_dir}; give one of them")
         args.out_dir = args.out
@@ -29,10 +32,16 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if to == "hf":
         out = save_hf(model.state_dict(), model.config, meta["tokenizer"], Path(args.out_dir), source=str(args.model))
     else:
-        out = save_model_checkpoint(Path(args.out_dir), model.state_dict(), model.config, meta["tokenizer"],
-                                    source=str(args.model))
-    result = {"model": str(args.model), "out_dir": str(out), "to": to, "params": model.num_params(),
-              "files": sorted(p.name for p in out.iterdir())}
+        out = save_model_checkpoint(
+            Path(args.out_dir), model.state_dict(), model.config, meta["tokenizer"], source=str(args.model)
+        )
+    result = {
+        "model": str(args.model),
+        "out_dir": str(out),
+        "to": to,
+        "params": model.num_params(),
+        "files": sorted(p.name for p in out.iterdir()),
+    }
     emit(args, result, f"wrote {to} model ({result['params']:,} parameters) to {out}: {', '.join(result['files'])}")
 
 
@@ -41,7 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model(p, "convert", old=())
     p.add_argument("out", nargs="?", help=argparse.SUPPRESS)  # deprecated: the output folder as a second argument
     add_out_dir(p, "new output folder (never overwritten)", old=())
-    p.add_argument("--to", choices=["hf", "gptlab"],
-                   help="output format (default: hf for a gptlab checkpoint, gptlab for anything else)")
+    p.add_argument(
+        "--to",
+        choices=["hf", "gptlab"],
+        help="output format (default: hf for a gptlab checkpoint, gptlab for anything else)",
+    )
     add_json(p)
     p.set_defaults(func=cmd_convert)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from safetensors.torch import save_file
 
 from ..checkpoint import check_weights, read_safetensors
@@ -25,8 +24,16 @@ from ..config import GPTConfig
 from ..errors import GptlabError
 from ..files import atomic_dir, honour_umask
 from ..model import with_tied
-from ..tokenizer import EOT_TEXT, BPETokenizer, GPT2Tokenizer, Tokenizer, from_spec, gpt2_ranks, \
-    ranks_to_vocab_merges, vocab_to_ranks
+from ..tokenizer import (
+    EOT_TEXT,
+    BPETokenizer,
+    GPT2Tokenizer,
+    Tokenizer,
+    from_spec,
+    gpt2_ranks,
+    ranks_to_vocab_merges,
+    vocab_to_ranks,
+)
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -34,40 +41,65 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
     """gptlab config from a HF ``config.json`` dict (model_type ``gpt2`` or ``openai-gpt``)."""
     if hf.get("model_type") not in ("gpt2", "openai-gpt"):
-        raise GptlabError(f"model_type {hf.get('model_type')!r} is not supported; gptlab imports GPT-2 (gpt2, "
-                          f"distilgpt2, ...) and GPT-1 (openai-gpt) models")
+        raise GptlabError(
+            f"model_type {hf.get('model_type')!r} is not supported; gptlab imports GPT-2 (gpt2, "
+            f"distilgpt2, ...) and GPT-1 (openai-gpt) models"
+        )
     gpt1 = hf.get("model_type") == "openai-gpt"
     # HF's GPT-1 maps afn="gelu" to the tanh approximation, i.e. gptlab's "gelu_new".
     act = "gelu_new" if gpt1 and hf.get("afn", "gelu") == "gelu" else hf.get("activation_function", "gelu_new")
     act = {"gelu_pytorch_tanh": "gelu_new"}.get(act, act)  # the same tanh approximation, computed by PyTorch
     if act not in ("gelu_new", "gelu"):
-        raise GptlabError(f"unsupported activation {act!r} in the Hugging Face config; gptlab supports gelu_new "
-                          f"(= gelu_pytorch_tanh) and gelu")
+        raise GptlabError(
+            f"unsupported activation {act!r} in the Hugging Face config; gptlab supports gelu_new "
+            f"(= gelu_pytorch_tanh) and gelu"
+        )
     missing = [k for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size") if k not in hf]
     if missing:
         raise GptlabError(f"the Hugging Face config.json lacks {missing}; it is not a complete GPT-2 config")
-    return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                     block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                     norm="post" if gpt1 else "pre", activation=act,
-                     layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                     tie_weights=hf.get("tie_word_embeddings", True))
+    return GPTConfig(
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        block_size=hf["n_positions"],
+        vocab_size=hf["vocab_size"],
+        norm="post" if gpt1 else "pre",
+        activation=act,
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        tie_weights=hf.get("tie_word_embeddings", True),
+    )
 
 
 def _names(cfg: GPTConfig) -> list[tuple[str, str]]:
     """(gptlab name, HF name) pairs for every weight of a model with this config."""
     gpt1 = cfg.norm == "post"
-    pairs = [("wte.weight", "transformer.tokens_embed.weight" if gpt1 else "transformer.wte.weight"),
-             ("wpe.weight", "transformer.positions_embed.weight" if gpt1 else "transformer.wpe.weight")]
-    per_block = ["ln_1.weight", "attn.c_attn.weight", "attn.c_proj.weight", "ln_2.weight",
-                 "mlp.c_fc.weight", "mlp.c_proj.weight"]
+    pairs = [
+        ("wte.weight", "transformer.tokens_embed.weight" if gpt1 else "transformer.wte.weight"),
+        ("wpe.weight", "transformer.positions_embed.weight" if gpt1 else "transformer.wpe.weight"),
+    ]
+    per_block = [
+        "ln_1.weight",
+        "attn.c_attn.weight",
+        "attn.c_proj.weight",
+        "ln_2.weight",
+        "mlp.c_fc.weight",
+        "mlp.c_proj.weight",
+    ]
     if cfg.bias:
-        per_block += ["ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.bias",
-                      "mlp.c_fc.bias", "mlp.c_proj.bias"]
+        per_block += [
+            "ln_1.bias",
+            "attn.c_attn.bias",
+            "attn.c_proj.bias",
+            "ln_2.bias",
+            "mlp.c_fc.bias",
+            "mlp.c_proj.bias",
+        ]
     for i in range(cfg.n_layer):
         pairs += [(f"h.{i}.{n}", f"transformer.h.{i}.{n}") for n in per_block]
     if not gpt1:
-        pairs += [("ln_f.weight", "transformer.ln_f.weight")] + ([("ln_f.bias", "transformer.ln_f.bias")]
-                                                               if cfg.bias else [])
+        pairs += [("ln_f.weight", "transformer.ln_f.weight")] + (
+            [("ln_f.bias", "transformer.ln_f.bias")] if cfg.bias else []
+        )
     if not cfg.tie_weights:
         pairs.append(("lm_head.weight", "lm_head.weight"))
     return pairs
@@ -78,8 +110,10 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[s
     out = {}
     for ours, theirs in _names(cfg):
         if theirs not in hf_sd:
-            raise GptlabError(f"tensor {theirs!r} is missing from the Hugging Face weights; "
-                              f"the file is truncated or not a {'GPT-1' if cfg.norm == 'post' else 'GPT-2'} model")
+            raise GptlabError(
+                f"tensor {theirs!r} is missing from the Hugging Face weights; "
+                f"the file is truncated or not a {'GPT-1' if cfg.norm == 'post' else 'GPT-2'} model"
+            )
         t = hf_sd[theirs]
         if theirs.endswith(_CONV1D):
             if t.dim() != 2:
@@ -112,24 +146,46 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, t
 def config_to_hf(cfg: GPTConfig, eot_id: int | None) -> dict[str, Any]:
     """A HF ``config.json`` for ``cfg`` (dropout 0: these are inference settings)."""
     if cfg.n_experts > 1:
-        raise GptlabError("this is a mixture-of-experts model, which Hugging Face's GPT-2 layout cannot hold; keep it "
-                          "as a gptlab checkpoint")
-    common = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.block_size,
-              "vocab_size": cfg.vocab_size, "layer_norm_epsilon": cfg.layer_norm_eps, "initializer_range": cfg.init_std,
-              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "torch_dtype": "float32"}
+        raise GptlabError(
+            "this is a mixture-of-experts model, which Hugging Face's GPT-2 layout cannot hold; keep it "
+            "as a gptlab checkpoint"
+        )
+    common = {
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_embd": cfg.n_embd,
+        "n_positions": cfg.block_size,
+        "vocab_size": cfg.vocab_size,
+        "layer_norm_epsilon": cfg.layer_norm_eps,
+        "initializer_range": cfg.init_std,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "torch_dtype": "float32",
+    }
     if cfg.norm == "post":
         if cfg.activation != "gelu_new" or not cfg.tie_weights:
-            raise GptlabError("Hugging Face's GPT-1 (openai-gpt) layout has only the tanh GELU and a tied head; "
-                              "this model cannot be exported to it")
+            raise GptlabError(
+                "Hugging Face's GPT-1 (openai-gpt) layout has only the tanh GELU and a tied head; "
+                "this model cannot be exported to it"
+            )
         return {"architectures": ["OpenAIGPTLMHeadModel"], "model_type": "openai-gpt", "afn": "gelu", **common}
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_ctx": cfg.block_size,
-            "activation_function": cfg.activation, "tie_word_embeddings": cfg.tie_weights,
-            "bos_token_id": eot_id, "eos_token_id": eot_id, **common}
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_ctx": cfg.block_size,
+        "activation_function": cfg.activation,
+        "tie_word_embeddings": cfg.tie_weights,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        **common,
+    }
 
 
 def _tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, str]:
     """The HF tokenizer files for a gptlab tokenizer, as {file name: text}."""
-    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
 
     files = {}
     if isinstance(tok, GPT2Tokenizer):
@@ -154,13 +210,15 @@ def _tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, str]:
     files["tokenizer.json"] = hf.to_str()
     special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT} if tok.eot_id is not None else {}
     files["special_tokens_map.json"] = json.dumps(special)
-    files["tokenizer_config.json"] = json.dumps({"tokenizer_class": cls, "model_max_length": block_size,
-                                                 "add_prefix_space": False, **special})
+    files["tokenizer_config.json"] = json.dumps(
+        {"tokenizer_class": cls, "model_max_length": block_size, "add_prefix_space": False, **special}
+    )
     return files
 
 
-def save_hf(model_state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer_spec: dict[str, Any], out: Path,
-            source: str = "") -> Path:
+def save_hf(
+    model_state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer_spec: dict[str, Any], out: Path, source: str = ""
+) -> Path:
     """Write a Hugging Face model folder (atomically; an existing folder is not replaced)."""
     tok = from_spec(tokenizer_spec)
     hf_config = config_to_hf(cfg, tok.eot_id)
@@ -185,18 +243,21 @@ def hub_snapshot(name: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise GptlabError(f"{name!r} is neither a local folder nor a gptlab checkpoint; to fetch it from the Hugging "
-                          f"Face Hub install the hf extra (pip install 'gptlab[hf]'), or pass a local folder") from None
+        raise GptlabError(
+            f"{name!r} is neither a local folder nor a gptlab checkpoint; to fetch it from the Hugging "
+            f"Face Hub install the hf extra (pip install 'gptlab[hf]'), or pass a local folder"
+        ) from None
     patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "*.json", "merges.txt", "*.txt"]
     try:
         return Path(snapshot_download(name, allow_patterns=patterns))
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated...: one message for all
+    except Exception as e:
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise GptlabError(f"{name!r} is not a local folder and could not be fetched from the Hugging Face Hub "
-                          f"({reason}); if you are offline, pass a "
-                          f"local folder instead: one with config.json and model.safetensors, e.g. made on a "
-                          f"connected machine by `huggingface-cli download {name} --local-dir {name.split('/')[-1]}`"
-                          ) from None
+        raise GptlabError(
+            f"{name!r} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({reason}); if you are offline, pass a "
+            f"local folder instead: one with config.json and model.safetensors, e.g. made on a "
+            f"connected machine by `huggingface-cli download {name} --local-dir {name.split('/')[-1]}`"
+        ) from None
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -213,7 +274,7 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     elif (path / "pytorch_model.bin").is_file():
         try:
             return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - truncated or not a state dict
+        except Exception as e:
             raise GptlabError(f"{path / 'pytorch_model.bin'} cannot be read ({e})") from None
     else:
         raise GptlabError(f"{path} has a config.json but no model.safetensors or pytorch_model.bin")
@@ -250,14 +311,16 @@ def _hf_tokenizer(path: Path) -> Tokenizer | None:
 
         try:
             return BPETokenizer(HFTokenizer.from_file(str(path / "tokenizer.json")))
-        except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
-            raise GptlabError(f"{path / 'tokenizer.json'} cannot be read ({str(e)[:120]}); re-download the "
-                              f"model's tokenizer files") from None
+        except Exception as e:
+            raise GptlabError(
+                f"{path / 'tokenizer.json'} cannot be read ({str(e)[:120]}); re-download the model's tokenizer files"
+            ) from None
     return None
 
 
-def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], GPTConfig,
-                                                                     dict[str, Any] | None]:
+def load_hf(
+    path: Path, dtype: torch.dtype = torch.float32
+) -> tuple[dict[str, torch.Tensor], GPTConfig, dict[str, Any] | None]:
     """(gptlab state dict, config, tokenizer spec or None) of a local HF GPT-2 / GPT-1 folder."""
     try:
         hf_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -268,10 +331,12 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[dict[str, t
     cfg = config_from_hf(hf_config)
     hf_sd = _normalize_names(_read_hf_weights(path))
     hf_sd = {k: v.to(dtype) for k, v in hf_sd.items()}
-    for ours, theirs in _names(cfg)[:1] + ([] if cfg.tie_weights else _names(cfg)[-1:]):
+    for _ours, theirs in _names(cfg)[:1] + ([] if cfg.tie_weights else _names(cfg)[-1:]):
         if theirs in hf_sd and hf_sd[theirs].size(0) != cfg.vocab_size:
-            raise GptlabError(f"{path}: tensor {theirs!r} has {hf_sd[theirs].size(0)} rows, config.json says "
-                              f"vocab_size {cfg.vocab_size}")
+            raise GptlabError(
+                f"{path}: tensor {theirs!r} has {hf_sd[theirs].size(0)} rows, config.json says "
+                f"vocab_size {cfg.vocab_size}"
+            )
     sd = from_hf_state_dict(hf_sd, cfg)
     check_weights(sd, cfg, str(path))
     tok = _hf_tokenizer(path)

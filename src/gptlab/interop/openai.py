@@ -9,8 +9,9 @@ The weights are a TensorFlow checkpoint, read with TensorFlow's own checkpoint r
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,11 +29,14 @@ def is_openai_dir(path: Path) -> bool:
 
 
 def config_from_hparams(h: Mapping[str, Any]) -> GPTConfig:
-    missing = [k for k in ("n_layer", "n_head", "n_embd", "n_ctx", "n_vocab") if not isinstance(h, Mapping) or k not in h]
+    missing = [
+        k for k in ("n_layer", "n_head", "n_embd", "n_ctx", "n_vocab") if not isinstance(h, Mapping) or k not in h
+    ]
     if missing:
         raise GptlabError(f"hparams.json lacks {missing}; it is not an OpenAI GPT-2 release folder")
-    return GPTConfig(n_layer=h["n_layer"], n_head=h["n_head"], n_embd=h["n_embd"], block_size=h["n_ctx"],
-                     vocab_size=h["n_vocab"])
+    return GPTConfig(
+        n_layer=h["n_layer"], n_head=h["n_head"], n_embd=h["n_embd"], block_size=h["n_ctx"], vocab_size=h["n_vocab"]
+    )
 
 
 def from_openai_variables(variables: Mapping[str, np.ndarray], cfg: GPTConfig) -> dict[str, torch.Tensor]:
@@ -59,16 +63,18 @@ def _read_tf_checkpoint(path: Path) -> dict[str, np.ndarray]:
     try:
         import tensorflow as tf  # type: ignore[import-not-found]
     except ImportError:
-        raise GptlabError(f"{path} is an OpenAI TensorFlow checkpoint; reading it needs TensorFlow's checkpoint "
-                          f"reader: pip install tensorflow-cpu (or convert it once elsewhere with `gptlab convert`)"
-                          ) from None
+        raise GptlabError(
+            f"{path} is an OpenAI TensorFlow checkpoint; reading it needs TensorFlow's checkpoint "
+            f"reader: pip install tensorflow-cpu (or convert it once elsewhere with `gptlab convert`)"
+        ) from None
     prefix = tf.train.latest_checkpoint(str(path)) or str(path / "model.ckpt")
     try:
         reader = tf.train.load_checkpoint(prefix)
         return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
-    except Exception as e:  # noqa: BLE001 - TF raises many kinds for a damaged checkpoint
-        raise GptlabError(f"{prefix} cannot be read as a TensorFlow checkpoint ({str(e).splitlines()[0][:160]})"
-                          ) from None
+    except Exception as e:
+        raise GptlabError(
+            f"{prefix} cannot be read as a TensorFlow checkpoint ({str(e).splitlines()[0][:160]})"
+        ) from None
 
 
 def load_openai(path: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, dict[str, Any]]:

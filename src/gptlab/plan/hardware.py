@@ -28,19 +28,23 @@ class Hardware:
     source: str = ""
 
 
-HARDWARE: dict[str, Hardware] = {h.name: h for h in [
-    Hardware("v100-16gb", 125e12, 15.7e12, 16 * GIB, 900e9, "NVIDIA V100 SXM2 data sheet"),
-    Hardware("v100", 125e12, 15.7e12, 32 * GIB, 900e9, "NVIDIA V100 SXM2 32 GB data sheet"),
-    Hardware("a100-40gb", 312e12, 19.5e12, 40 * GIB, 1555e9, "NVIDIA A100 data sheet (SXM, 40 GB)"),
-    Hardware("a100", 312e12, 19.5e12, 80 * GIB, 2039e9, "NVIDIA A100 data sheet (SXM, 80 GB)"),
-    Hardware("h100", 989e12, 67e12, 80 * GIB, 3.35e12, "NVIDIA H100 SXM data sheet (dense bf16)"),
-    Hardware("h200", 989e12, 67e12, 141e9, 4.8e12, "NVIDIA H200 SXM data sheet (dense bf16)"),
-    Hardware("tpu-v3", 123e12, 123e12 / 16, 32 * GIB, 900e9, "Google Cloud TPU v3 chip (2 cores, 16 GiB each)"),
-]}
+HARDWARE: dict[str, Hardware] = {
+    h.name: h
+    for h in [
+        Hardware("v100-16gb", 125e12, 15.7e12, 16 * GIB, 900e9, "NVIDIA V100 SXM2 data sheet"),
+        Hardware("v100", 125e12, 15.7e12, 32 * GIB, 900e9, "NVIDIA V100 SXM2 32 GB data sheet"),
+        Hardware("a100-40gb", 312e12, 19.5e12, 40 * GIB, 1555e9, "NVIDIA A100 data sheet (SXM, 40 GB)"),
+        Hardware("a100", 312e12, 19.5e12, 80 * GIB, 2039e9, "NVIDIA A100 data sheet (SXM, 80 GB)"),
+        Hardware("h100", 989e12, 67e12, 80 * GIB, 3.35e12, "NVIDIA H100 SXM data sheet (dense bf16)"),
+        Hardware("h200", 989e12, 67e12, 141e9, 4.8e12, "NVIDIA H200 SXM data sheet (dense bf16)"),
+        Hardware("tpu-v3", 123e12, 123e12 / 16, 32 * GIB, 900e9, "Google Cloud TPU v3 chip (2 cores, 16 GiB each)"),
+    ]
+}
 
 
-def hardware(name: str, peak_tflops: float | None = None, bandwidth_gbs: float | None = None,
-             memory_gib: float | None = None) -> Hardware:
+def hardware(
+    name: str, peak_tflops: float | None = None, bandwidth_gbs: float | None = None, memory_gib: float | None = None
+) -> Hardware:
     """A named preset, optionally with figures replaced; ``custom`` needs all three figures; ``cpu`` measures this
     machine (:func:`measure_cpu`), given figures replacing the measured ones."""
     if name == "cpu":
@@ -54,9 +58,13 @@ def hardware(name: str, peak_tflops: float | None = None, bandwidth_gbs: float |
     else:
         raise GptlabError(f"unknown hardware {name!r}; choose one of: {', '.join([*HARDWARE, 'cpu', 'custom'])}")
     peak = peak_tflops * 1e12 if peak_tflops else base.peak_flops
-    return dataclasses.replace(base, peak_flops=peak, fp32_flops=base.fp32_flops or peak,
-                               memory_bytes=memory_gib * GIB if memory_gib else base.memory_bytes,
-                               bandwidth=bandwidth_gbs * 1e9 if bandwidth_gbs else base.bandwidth)
+    return dataclasses.replace(
+        base,
+        peak_flops=peak,
+        fp32_flops=base.fp32_flops or peak,
+        memory_bytes=memory_gib * GIB if memory_gib else base.memory_bytes,
+        bandwidth=bandwidth_gbs * 1e9 if bandwidth_gbs else base.bandwidth,
+    )
 
 
 def measure_cpu(seconds: float = 0.5) -> Hardware:
@@ -84,8 +92,15 @@ def measure_cpu(seconds: float = 0.5) -> Hardware:
     return Hardware("cpu", flops, flops, float(ram), bw, f"measured here ({torch.get_num_threads()} threads)")
 
 
-def training_time(flops: float, hw: Hardware, devices: int, mfu: float, price_per_device_hour: float = 0.0,
-                  tokens: float | None = None, batch_tokens: float | None = None) -> dict[str, float]:
+def training_time(
+    flops: float,
+    hw: Hardware,
+    devices: int,
+    mfu: float,
+    price_per_device_hour: float = 0.0,
+    tokens: float | None = None,
+    batch_tokens: float | None = None,
+) -> dict[str, float]:
     """Wall-clock and cost of ``flops`` of training on ``devices`` at model FLOPs utilization ``mfu``:
     seconds = flops / (devices · peak · mfu); device-hours = devices · hours; cost = device-hours · price.
     With ``tokens`` and ``batch_tokens`` also the optimizer steps."""
@@ -94,9 +109,15 @@ def training_time(flops: float, hw: Hardware, devices: int, mfu: float, price_pe
     if devices < 1:
         raise GptlabError(f"the device count must be >= 1, got {devices}")
     seconds = flops / (devices * hw.peak_flops * mfu)
-    out = {"flops": flops, "pf_days": flops / PF_DAY, "effective_flops_per_second": devices * hw.peak_flops * mfu,
-           "seconds": seconds, "days": seconds / 86400, "device_hours": devices * seconds / 3600,
-           "cost": devices * seconds / 3600 * price_per_device_hour}
+    out = {
+        "flops": flops,
+        "pf_days": flops / PF_DAY,
+        "effective_flops_per_second": devices * hw.peak_flops * mfu,
+        "seconds": seconds,
+        "days": seconds / 86400,
+        "device_hours": devices * seconds / 3600,
+        "cost": devices * seconds / 3600 * price_per_device_hour,
+    }
     if tokens and batch_tokens:
         out["steps"] = math.ceil(tokens / batch_tokens)
     return out

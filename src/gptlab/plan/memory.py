@@ -49,8 +49,9 @@ def kv_cache_bytes(s: Shape, seq_len: int, batch: int = 1, dtype: str = "bf16") 
     return 2.0 * s.n_layer * s.kv_heads * s.head_dim * seq_len * batch * dtype_bytes(dtype)
 
 
-def activation_bytes_per_layer(s: Shape, seq_len: int, micro_batch: int, tp: int = 1,
-                               sequence_parallel: bool = False, recompute: str = "none") -> float:
+def activation_bytes_per_layer(
+    s: Shape, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False, recompute: str = "none"
+) -> float:
     """Korthikanti et al. 2022, eqs. 1–5 (see the module docstring): bytes of activations one layer keeps for the
     backward pass, per device."""
     if recompute not in RECOMPUTE:
@@ -63,14 +64,26 @@ def activation_bytes_per_layer(s: Shape, seq_len: int, micro_batch: int, tp: int
     return sbh * (linear + attention_scores)
 
 
-def training_memory(s: Shape, micro_batch: int = 1, seq_len: int | None = None, optimizer: str = "adamw",
-                    precision: str = "mixed", dp: int = 1, tp: int = 1, pp: int = 1, zero: int = 0,
-                    sequence_parallel: bool = False, recompute: str = "none") -> dict[str, float]:
+def training_memory(
+    s: Shape,
+    micro_batch: int = 1,
+    seq_len: int | None = None,
+    optimizer: str = "adamw",
+    precision: str = "mixed",
+    dp: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    zero: int = 0,
+    sequence_parallel: bool = False,
+    recompute: str = "none",
+) -> dict[str, float]:
     """Bytes per device while training: weights, gradients, optimizer state (each split over tp·pp model-parallel
     ranks, then over the dp data-parallel ranks per the ZeRO stage) and activations (Korthikanti)."""
     if (optimizer, precision) not in OPTIMIZERS:
-        raise GptlabError(f"unknown optimizer/precision {optimizer}/{precision}; choose optimizer from "
-                          f"{sorted({o for o, _ in OPTIMIZERS})} and precision from mixed, fp32")
+        raise GptlabError(
+            f"unknown optimizer/precision {optimizer}/{precision}; choose optimizer from "
+            f"{sorted({o for o, _ in OPTIMIZERS})} and precision from mixed, fp32"
+        )
     if zero not in (0, 1, 2, 3):
         raise GptlabError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero}")
     if s.n_head % tp:
@@ -80,19 +93,30 @@ def training_memory(s: Shape, micro_batch: int = 1, seq_len: int | None = None, 
     seq_len = seq_len or s.n_ctx
     w, g, k = OPTIMIZERS[(optimizer, precision)]
     n = params(s)["total"] / (tp * pp)
-    out = {"weights": n * w / (dp if zero >= 3 else 1), "gradients": n * g / (dp if zero >= 2 else 1),
-           "optimizer": n * k / (dp if zero >= 1 else 1),
-           "activations": s.n_layer * activation_bytes_per_layer(s, seq_len, micro_batch, tp, sequence_parallel,
-                                                                 recompute)}
+    out = {
+        "weights": n * w / (dp if zero >= 3 else 1),
+        "gradients": n * g / (dp if zero >= 2 else 1),
+        "optimizer": n * k / (dp if zero >= 1 else 1),
+        "activations": s.n_layer
+        * activation_bytes_per_layer(s, seq_len, micro_batch, tp, sequence_parallel, recompute),
+    }
     if precision == "fp32":
         out["activations"] *= 2  # the formula counts 16-bit activations
     out["total"] = sum(out.values())
     return out
 
 
-def inference(s: Shape, hw: Hardware, context: int, batch: int = 1, dtype: str = "bf16",
-              kv_dtype: str | None = None, devices: int | None = None, usable: float = 0.9,
-              prompt_tokens: int | None = None) -> dict[str, float]:
+def inference(
+    s: Shape,
+    hw: Hardware,
+    context: int,
+    batch: int = 1,
+    dtype: str = "bf16",
+    kv_dtype: str | None = None,
+    devices: int | None = None,
+    usable: float = 0.9,
+    prompt_tokens: int | None = None,
+) -> dict[str, float]:
     """Serving ``s`` with ``batch`` sequences of ``context`` tokens on ``hw``:
 
     - memory: weights + KV cache (+ the largest transient activation, the [batch, vocab] logits in fp32);
@@ -110,8 +134,7 @@ def inference(s: Shape, hw: Hardware, context: int, batch: int = 1, dtype: str =
     need = wbytes + batch * kv_seq + logits
     per_device = hw.memory_bytes * usable
     min_devices = max(1, math.ceil(need / per_device))
-    min_tp = next(t for t in range(min_devices, s.n_head + 1) if s.n_head % t == 0) \
-        if min_devices <= s.n_head else None
+    min_tp = next(t for t in range(min_devices, s.n_head + 1) if s.n_head % t == 0) if min_devices <= s.n_head else None
     n_dev = devices or min_devices
     max_batch = max(0, math.floor((n_dev * per_device - wbytes) / (kv_seq + s.vocab_size * 4.0)))
     flops_token = 2.0 * matmul_params(s) + 4.0 * s.n_layer * s.d_model * context
@@ -119,14 +142,23 @@ def inference(s: Shape, hw: Hardware, context: int, batch: int = 1, dtype: str =
     bw_bound = n_dev * hw.bandwidth / step_bytes  # steps per second = tokens/s per sequence
     compute_bound = n_dev * hw.peak_flops / (flops_token * batch)
     prompt = prompt_tokens or context
-    prefill_flops = prompt * batch * 2.0 * matmul_params(s) + batch * 2.0 * s.n_layer * s.d_model * prompt ** 2
-    return {"weights_bytes": wbytes, "kv_cache_bytes_per_sequence": kv_seq, "kv_cache_bytes": batch * kv_seq,
-            "logits_bytes": logits, "memory_needed": need, "device_memory": hw.memory_bytes,
-            "min_devices": min_devices, "min_tensor_parallel": min_tp, "devices": n_dev, "max_batch": max_batch,
-            "fits": need <= n_dev * per_device,
-            "decode_tokens_per_second_bandwidth_bound": bw_bound,
-            "decode_tokens_per_second_compute_bound": compute_bound,
-            "decode_tokens_per_second_bound": min(bw_bound, compute_bound),
-            "decode_ms_per_token_bound": 1000.0 / min(bw_bound, compute_bound),
-            "batch_tokens_per_second_bound": batch * min(bw_bound, compute_bound),
-            "prefill_seconds_bound": max(prefill_flops / (n_dev * hw.peak_flops), wbytes / (n_dev * hw.bandwidth))}
+    prefill_flops = prompt * batch * 2.0 * matmul_params(s) + batch * 2.0 * s.n_layer * s.d_model * prompt**2
+    return {
+        "weights_bytes": wbytes,
+        "kv_cache_bytes_per_sequence": kv_seq,
+        "kv_cache_bytes": batch * kv_seq,
+        "logits_bytes": logits,
+        "memory_needed": need,
+        "device_memory": hw.memory_bytes,
+        "min_devices": min_devices,
+        "min_tensor_parallel": min_tp,
+        "devices": n_dev,
+        "max_batch": max_batch,
+        "fits": need <= n_dev * per_device,
+        "decode_tokens_per_second_bandwidth_bound": bw_bound,
+        "decode_tokens_per_second_compute_bound": compute_bound,
+        "decode_tokens_per_second_bound": min(bw_bound, compute_bound),
+        "decode_ms_per_token_bound": 1000.0 / min(bw_bound, compute_bound),
+        "batch_tokens_per_second_bound": batch * min(bw_bound, compute_bound),
+        "prefill_seconds_bound": max(prefill_flops / (n_dev * hw.peak_flops), wbytes / (n_dev * hw.bandwidth)),
+    }

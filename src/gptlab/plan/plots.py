@@ -9,8 +9,9 @@ import numpy as np
 from .scaling import HOFFMANN, METHODS, ChinchillaLaw, allocate, kaplan_loss_n
 
 
-def scaling_figure(out: Path, budgets: list[float], law: ChinchillaLaw = HOFFMANN,
-                   marks: dict[str, tuple[float, float]] | None = None) -> Path:
+def scaling_figure(
+    out: Path, budgets: list[float], law: ChinchillaLaw = HOFFMANN, marks: dict[str, tuple[float, float]] | None = None
+) -> Path:
     """Three panels: (1) Kaplan's L(N) and ``law`` at 20 tokens/parameter against N; (2) IsoFLOP curves,
     ``law``'s L(N, C/6N) against N for each budget, their minima marked; (3) N_opt against C for every allocation
     method, with ``marks`` (name -> (N, D)) placed at their compute. Written atomically."""
@@ -24,7 +25,7 @@ def scaling_figure(out: Path, budgets: list[float], law: ChinchillaLaw = HOFFMAN
     for c in budgets:
         ns = np.logspace(np.log10((c / 6e4) ** 0.5), np.log10((c / 0.6) ** 0.5), 200)  # 0.1 to 10^4 tokens/param
         losses = [law.loss(x, c / (6 * x)) for x in ns]
-        line, = axes[1].semilogx(ns, losses, label=f"C = {c:.0e}")
+        (line,) = axes[1].semilogx(ns, losses, label=f"C = {c:.0e}")
         n_opt, d_opt = law.optimal(c)
         axes[1].plot(n_opt, law.loss(n_opt, d_opt), "o", color=line.get_color())
     axes[1].set(xlabel="parameters N", ylabel="loss (nats/token)", title=f"IsoFLOP curves ({law.source})")

@@ -52,7 +52,7 @@ class ChinchillaLaw:
     source: str = ""
 
     def loss(self, n: float, d: float) -> float:
-        return self.E + self.A / n ** self.alpha + self.B / d ** self.beta
+        return self.E + self.A / n**self.alpha + self.B / d**self.beta
 
     @property
     def a(self) -> float:
@@ -77,8 +77,10 @@ def load_law(spec: str) -> ChinchillaLaw:
         return LAWS[spec]
     path = Path(spec)
     if not path.is_file():
-        raise GptlabError(f"--law {spec!r} is neither {' nor '.join(LAWS)} nor a JSON file; give a name or the "
-                          f"fits.json of a `gptlab scale` sweep")
+        raise GptlabError(
+            f"--law {spec!r} is neither {' nor '.join(LAWS)} nor a JSON file; give a name or the "
+            f"fits.json of a `gptlab scale` sweep"
+        )
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -86,8 +88,10 @@ def load_law(spec: str) -> ChinchillaLaw:
     consts = data.get("chinchilla", {}).get("params", data) if isinstance(data, dict) else {}
     keys = ("E", "A", "B", "alpha", "beta")
     if not all(isinstance(consts.get(k), (int, float)) for k in keys):
-        raise GptlabError(f"--law {path} holds no L(N, D) constants (E, A, B, alpha, beta); a sweep fits them when "
-                          f"its runs vary both N and D: `gptlab scale --flops ...` or several --tokens budgets")
+        raise GptlabError(
+            f"--law {path} holds no L(N, D) constants (E, A, B, alpha, beta); a sweep fits them when "
+            f"its runs vary both N and D: `gptlab scale --flops ...` or several --tokens budgets"
+        )
     return ChinchillaLaw(*(float(consts[k]) for k in keys), source=f"fitted ({path})")
 
 
@@ -134,21 +138,34 @@ def allocate(compute: float, method: str) -> tuple[float, float]:
     elif method == "kaplan":
         n = KAPLAN_N_OPT[0] * (compute / PF_DAY) ** KAPLAN_N_OPT[1]
     else:
-        raise GptlabError(f"unknown allocation {method!r}; choose one of: "
-                          f"{', '.join([*LAWS, *APPROACH_EXPONENTS, 'tokens20', 'kaplan'])}")
+        raise GptlabError(
+            f"unknown allocation {method!r}; choose one of: "
+            f"{', '.join([*LAWS, *APPROACH_EXPONENTS, 'tokens20', 'kaplan'])}"
+        )
     return n, compute / (6 * n)
 
 
 METHODS = ("hoffmann", "besiroglu", "approach1", "approach2", "tokens20", "kaplan")
 
 
-def compare_allocations(compute: float, extra: dict[str, tuple[float, float]] | None = None,
-                        law: ChinchillaLaw = HOFFMANN) -> list[dict[str, float | str]]:
+def compare_allocations(
+    compute: float, extra: dict[str, tuple[float, float]] | None = None, law: ChinchillaLaw = HOFFMANN
+) -> list[dict[str, float | str]]:
     """Every allocation of ``compute`` (plus ``extra`` named (N, D) pairs, e.g. GPT-3's 175B / 300B) with the loss
     that ``law`` and Kaplan's joint L(N, D) predict for it; a fitted ``law`` (not a published one) adds its own
     optimum as the first row, ``fitted``."""
     rows = [(m, *allocate(compute, m)) for m in METHODS] + [(k, n, d) for k, (n, d) in (extra or {}).items()]
     if law not in LAWS.values():  # constants fitted on the user's data: their own compute-optimal split first
         rows.insert(0, ("fitted", *law.optimal(compute)))
-    return [{"allocation": m, "params": n, "tokens": d, "tokens_per_param": d / n, "compute": 6 * n * d,
-             "loss_chinchilla": law.loss(n, d), "loss_kaplan_nd": kaplan_loss_nd(n, d)} for m, n, d in rows]
+    return [
+        {
+            "allocation": m,
+            "params": n,
+            "tokens": d,
+            "tokens_per_param": d / n,
+            "compute": 6 * n * d,
+            "loss_chinchilla": law.loss(n, d),
+            "loss_kaplan_nd": kaplan_loss_nd(n, d),
+        }
+        for m, n, d in rows
+    ]

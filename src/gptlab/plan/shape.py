@@ -35,17 +35,31 @@ class Shape:
     shared_expert: bool = False  # an always-on MLP beside the routed experts in MoE layers
 
     def __post_init__(self) -> None:
-        problems = [f"{k} must be a positive integer (got {getattr(self, k)!r})"
-                    for k in ("n_layer", "d_model", "n_head", "n_ctx", "vocab_size", "n_experts", "experts_per_token",
-                              "moe_every")
-                    if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool)
-                    or getattr(self, k) < 1]
-        problems += [f"{k} must be a positive integer or unset (got {getattr(self, k)!r})"
-                     for k in ("d_ff", "n_kv_head", "expert_ff") if getattr(self, k) is not None
-                     and (not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool)
-                          or getattr(self, k) < 1)]
-        problems += [f"{k} must be true or false (got {getattr(self, k)!r})"
-                     for k in ("bias", "tie_weights", "shared_expert") if not isinstance(getattr(self, k), bool)]
+        problems = [
+            f"{k} must be a positive integer (got {getattr(self, k)!r})"
+            for k in (
+                "n_layer",
+                "d_model",
+                "n_head",
+                "n_ctx",
+                "vocab_size",
+                "n_experts",
+                "experts_per_token",
+                "moe_every",
+            )
+            if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool) or getattr(self, k) < 1
+        ]
+        problems += [
+            f"{k} must be a positive integer or unset (got {getattr(self, k)!r})"
+            for k in ("d_ff", "n_kv_head", "expert_ff")
+            if getattr(self, k) is not None
+            and (not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool) or getattr(self, k) < 1)
+        ]
+        problems += [
+            f"{k} must be true or false (got {getattr(self, k)!r})"
+            for k in ("bias", "tie_weights", "shared_expert")
+            if not isinstance(getattr(self, k), bool)
+        ]
         if self.norm not in ("pre", "post"):
             problems.append(f"norm must be pre or post (got {self.norm!r})")
         if not problems and self.d_model % self.n_head:
@@ -74,13 +88,24 @@ class Shape:
         return self.n_layer // self.moe_every if self.n_experts > 1 else 0
 
     @classmethod
-    def from_config(cls, cfg: GPTConfig) -> "Shape":
-        return cls(n_layer=cfg.n_layer, d_model=cfg.n_embd, n_head=cfg.n_head, n_ctx=cfg.block_size,
-                   vocab_size=cfg.vocab_size, bias=cfg.bias, tie_weights=cfg.tie_weights, norm=cfg.norm,
-                   n_experts=cfg.n_experts, experts_per_token=cfg.experts_per_token,
-                   expert_ff=cfg.expert_ff or None, moe_every=cfg.moe_every, shared_expert=cfg.shared_expert)
+    def from_config(cls, cfg: GPTConfig) -> Shape:
+        return cls(
+            n_layer=cfg.n_layer,
+            d_model=cfg.n_embd,
+            n_head=cfg.n_head,
+            n_ctx=cfg.block_size,
+            vocab_size=cfg.vocab_size,
+            bias=cfg.bias,
+            tie_weights=cfg.tie_weights,
+            norm=cfg.norm,
+            n_experts=cfg.n_experts,
+            experts_per_token=cfg.experts_per_token,
+            expert_ff=cfg.expert_ff or None,
+            moe_every=cfg.moe_every,
+            shared_expert=cfg.shared_expert,
+        )
 
-    def replace(self, **changes: Any) -> "Shape":
+    def replace(self, **changes: Any) -> Shape:
         return dataclasses.replace(self, **changes)
 
 
@@ -91,8 +116,9 @@ def resolve(model: str | GPTConfig | Shape, **changes: Any) -> Shape:
     shape = Shape.from_config(model) if isinstance(model, GPTConfig) else model
     unknown = set(changes) - {f.name for f in dataclasses.fields(Shape)}
     if unknown:
-        raise GptlabError(f"unknown shape field(s) {sorted(unknown)}; known: "
-                          f"{[f.name for f in dataclasses.fields(Shape)]}")
+        raise GptlabError(
+            f"unknown shape field(s) {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(Shape)]}"
+        )
     return shape.replace(**changes) if changes else shape
 
 
@@ -111,14 +137,22 @@ def params(s: Shape) -> dict[str, int]:
     M = s.moe_layers  # routed layers: n_experts experts, a router, maybe a shared (dense-width) expert
     mlp = (L - M) * dense + M * (s.n_experts * expert + d * s.n_experts + (dense if s.shared_expert else 0))
     norm = d * (1 + b)
-    parts = {"token_embedding": s.vocab_size * d, "position_embedding": s.n_ctx * d, "attention": attention,
-             "mlp": mlp,
-             "norms": L * 2 * norm + (norm if s.norm == "pre" else 0),
-             "head": 0 if s.tie_weights else s.vocab_size * d}
+    parts = {
+        "token_embedding": s.vocab_size * d,
+        "position_embedding": s.n_ctx * d,
+        "attention": attention,
+        "mlp": mlp,
+        "norms": L * 2 * norm + (norm if s.norm == "pre" else 0),
+        "head": 0 if s.tie_weights else s.vocab_size * d,
+    }
     total = sum(parts.values())
     inactive = M * (s.n_experts - s.experts_per_token) * expert
-    return {**parts, "total": total, "non_embedding": total - parts["token_embedding"] - parts["position_embedding"],
-            "active": total - inactive}
+    return {
+        **parts,
+        "total": total,
+        "non_embedding": total - parts["token_embedding"] - parts["position_embedding"],
+        "active": total - inactive,
+    }
 
 
 def forward_flops_per_token(s: Shape, n_ctx: int | None = None) -> dict[str, float]:
@@ -139,8 +173,14 @@ def forward_flops_per_token(s: Shape, n_ctx: int | None = None) -> dict[str, flo
     M = s.moe_layers
     dense_runs = (L - M) + (M if s.shared_expert else 0)  # dense-width MLPs a token runs through
     mlp = 2 * 2 * d * (s.ff * dense_runs + (s.expert_ff or s.ff) * M * s.experts_per_token) + 2 * M * d * s.n_experts
-    out = {"embed": 4.0 * d, "attention_qkv": 2.0 * L * d * (d + 2 * kv * hd), "attention_mask": 2.0 * L * n_ctx * d,
-           "attention_project": 2.0 * L * d * d, "mlp": float(mlp), "de_embed": 2.0 * d * s.vocab_size}
+    out = {
+        "embed": 4.0 * d,
+        "attention_qkv": 2.0 * L * d * (d + 2 * kv * hd),
+        "attention_mask": 2.0 * L * n_ctx * d,
+        "attention_project": 2.0 * L * d * d,
+        "mlp": float(mlp),
+        "de_embed": 2.0 * d * s.vocab_size,
+    }
     active_non_embedding = p["active"] - p["token_embedding"] - p["position_embedding"]
     out["kaplan_total"] = 2.0 * active_non_embedding + out["attention_mask"]
     out["total"] = sum(out[k] for k in ("attention_qkv", "attention_mask", "attention_project", "mlp", "de_embed"))
@@ -186,9 +226,17 @@ def attention_cost(s: Shape, contexts: list[int], bytes_per_element: float = 2.0
     rows = []
     for n in contexts:
         attn = 4.0 * n * n * s.d_model
-        rows.append({"context": n, "scores_flops": attn / 2, "av_flops": attn / 2, "rest_flops": per_token_rest * n,
-                     "attention_share": attn / (attn + per_token_rest * n),
-                     "score_bytes": s.n_head * n * n * bytes_per_element, "flash_bytes": s.n_head * n * 4.0})
+        rows.append(
+            {
+                "context": n,
+                "scores_flops": attn / 2,
+                "av_flops": attn / 2,
+                "rest_flops": per_token_rest * n,
+                "attention_share": attn / (attn + per_token_rest * n),
+                "score_bytes": s.n_head * n * n * bytes_per_element,
+                "flash_bytes": s.n_head * n * 4.0,
+            }
+        )
     return rows
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,8 +34,11 @@ class Fit:
     residual: float  # RMS error of log L
 
     def to_dict(self) -> dict:
-        return {"params": self.params, "ci95": {k: list(v) for k, v in self.intervals.items()},
-                "rms_log_residual": self.residual}
+        return {
+            "params": self.params,
+            "ci95": {k: list(v) for k, v in self.intervals.items()},
+            "rms_log_residual": self.residual,
+        }
 
 
 def _check(x: Sequence[float], y: Sequence[float], need: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,8 +50,9 @@ def _check(x: Sequence[float], y: Sequence[float], need: int) -> tuple[np.ndarra
     return x, y
 
 
-def _bootstrap(fit_once: Callable[[np.ndarray], dict[str, float]], n: int, samples: int, seed: int
-               ) -> dict[str, tuple[float, float]]:
+def _bootstrap(
+    fit_once: Callable[[np.ndarray], dict[str, float]], n: int, samples: int, seed: int
+) -> dict[str, tuple[float, float]]:
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {}
     for _ in range(samples):
@@ -60,8 +64,7 @@ def _bootstrap(fit_once: Callable[[np.ndarray], dict[str, float]], n: int, sampl
     return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items()}
 
 
-def _lbfgs(loss_fn: Callable[[torch.Tensor], torch.Tensor], starts: list[list[float]], keep: int = 12
-           ) -> np.ndarray:
+def _lbfgs(loss_fn: Callable[[torch.Tensor], torch.Tensor], starts: list[list[float]], keep: int = 12) -> np.ndarray:
     """The best L-BFGS optimum from the ``keep`` starting points with the lowest initial loss."""
     with torch.no_grad():
         first = [loss_fn(torch.tensor(s, dtype=torch.float64)).item() for s in starts]
@@ -69,8 +72,9 @@ def _lbfgs(loss_fn: Callable[[torch.Tensor], torch.Tensor], starts: list[list[fl
     best, best_loss = None, math.inf
     for start in [starts[i] for i in order[:keep]]:
         p = torch.tensor(start, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([p], lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
-                                line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            [p], lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+        )
 
         def closure():
             opt.zero_grad()
@@ -88,15 +92,15 @@ def _lbfgs(loss_fn: Callable[[torch.Tensor], torch.Tensor], starts: list[list[fl
     return best
 
 
-def fit_power_law(x: Sequence[float], loss: Sequence[float], irreducible: bool = False, bootstrap: int = 200,
-                  seed: int = 0) -> Fit:
+def fit_power_law(
+    x: Sequence[float], loss: Sequence[float], irreducible: bool = False, bootstrap: int = 200, seed: int = 0
+) -> Fit:
     """L = a·x^(−α) (``irreducible=False``) or L = E + a·x^(−α), with 95 % bootstrap intervals."""
     x, y = _check(x, loss, 4 if irreducible else 2)
     lx, ly = np.log(x), np.log(y)
 
     lo = float(np.log(y.min()))
-    grid = [[la, al, lo + dl] for la, al, dl in itertools.product((0.0, 2.0, 5.0), (0.1, 0.3, 0.7),
-                                                                  (-3.0, -1.0, -0.2))]
+    grid = [[la, al, lo + dl] for la, al, dl in itertools.product((0.0, 2.0, 5.0), (0.1, 0.3, 0.7), (-3.0, -1.0, -0.2))]
 
     def once(idx: np.ndarray, starts: list[list[float]] | None = None) -> dict[str, float]:
         if not irreducible:
@@ -114,23 +118,35 @@ def fit_power_law(x: Sequence[float], loss: Sequence[float], irreducible: bool =
     params = once(np.arange(len(x)))
     if irreducible:  # resamples start from the full fit (Hoffmann et al. refit their bootstrap the same way)
         full = [[math.log(params["a"]), params["alpha"], math.log(params["E"])]]
-        resample = lambda idx: once(idx, full)  # noqa: E731
+        resample = lambda idx: once(idx, full)
     else:
         resample = once
     pred = np.log((params.get("E", 0.0)) + params["a"] * x ** -params["alpha"])
-    return Fit(params, _bootstrap(resample, len(x), bootstrap, seed) if bootstrap else {},
-               float(np.sqrt(np.mean((pred - ly) ** 2))))
+    return Fit(
+        params,
+        _bootstrap(resample, len(x), bootstrap, seed) if bootstrap else {},
+        float(np.sqrt(np.mean((pred - ly) ** 2))),
+    )
 
 
-def fit_chinchilla(n: Sequence[float], d: Sequence[float], loss: Sequence[float], bootstrap: int = 100,
-                   seed: int = 0, delta: float = 1e-3) -> tuple[ChinchillaLaw, Fit]:
+def fit_chinchilla(
+    n: Sequence[float],
+    d: Sequence[float],
+    loss: Sequence[float],
+    bootstrap: int = 100,
+    seed: int = 0,
+    delta: float = 1e-3,
+) -> tuple[ChinchillaLaw, Fit]:
     """Hoffmann et al. 2022's Approach 3 fit (see the module docstring), with bootstrap intervals."""
     n_arr, y = _check(n, loss, 5)
     d_arr, _ = _check(d, loss, 5)
     ln, ld, ly = np.log(n_arr), np.log(d_arr), np.log(y)
-    grid = [[a, b, e, al, be] for a, b, e, al, be in itertools.product((0.0, 10.0, 20.0), (0.0, 10.0, 20.0),
-                                                                         (-1.0, 0.5), (0.0, 0.5, 1.0),
-                                                                         (0.0, 0.5, 1.0))]
+    grid = [
+        [a, b, e, al, be]
+        for a, b, e, al, be in itertools.product(
+            (0.0, 10.0, 20.0), (0.0, 10.0, 20.0), (-1.0, 0.5), (0.0, 0.5, 1.0), (0.0, 0.5, 1.0)
+        )
+    ]
 
     def once(idx: np.ndarray, starts: list[list[float]] = grid) -> dict[str, float]:
         N, D, Y = torch.tensor(ln[idx]), torch.tensor(ld[idx]), torch.tensor(ly[idx])
@@ -140,15 +156,23 @@ def fit_chinchilla(n: Sequence[float], d: Sequence[float], loss: Sequence[float]
             return torch.nn.functional.huber_loss(pred, Y, delta=delta, reduction="sum")
 
         p = _lbfgs(objective, starts)
-        return {"E": float(math.exp(p[2])), "A": float(math.exp(p[0])), "B": float(math.exp(p[1])),
-                "alpha": float(p[3]), "beta": float(p[4])}
+        return {
+            "E": float(math.exp(p[2])),
+            "A": float(math.exp(p[0])),
+            "B": float(math.exp(p[1])),
+            "alpha": float(p[3]),
+            "beta": float(p[4]),
+        }
 
     params = once(np.arange(len(y)))
     law = ChinchillaLaw(params["E"], params["A"], params["B"], params["alpha"], params["beta"], "fitted here")
     pred = np.log([law.loss(a, b) for a, b in zip(n_arr, d_arr)])
     full = [[math.log(params["A"]), math.log(params["B"]), math.log(params["E"]), params["alpha"], params["beta"]]]
-    fit = Fit(params, _bootstrap(lambda idx: once(idx, full), len(y), bootstrap, seed) if bootstrap else {},
-              float(np.sqrt(np.mean((pred - ly) ** 2))))
+    fit = Fit(
+        params,
+        _bootstrap(lambda idx: once(idx, full), len(y), bootstrap, seed) if bootstrap else {},
+        float(np.sqrt(np.mean((pred - ly) ** 2))),
+    )
     return law, fit
 
 
@@ -160,15 +184,24 @@ def _vertex(c: float, n: np.ndarray, loss: np.ndarray) -> dict:
     i = int(np.argmin(mean))
     if i in (0, len(sizes) - 1):
         where = "smallest" if i == 0 else "largest"
-        return {"compute": c, "reason": f"the lowest loss is at the {where} size, so the optimum lies beyond the "
-                                        f"sizes run; add {where[:-3]}er models"}
+        return {
+            "compute": c,
+            "reason": f"the lowest loss is at the {where} size, so the optimum lies beyond the "
+            f"sizes run; add {where[:-3]}er models",
+        }
     lo, hi = max(0, i - 2), min(len(sizes), i + 3)
     q2, q1, q0 = np.polyfit(np.log(sizes[lo:hi]), mean[lo:hi], 2)
     if q2 <= 0:
         return {"compute": c, "reason": "the losses around the minimum do not curve upward"}
     n_opt = math.exp(-q1 / (2 * q2))
-    return {"compute": c, "n_opt": n_opt, "loss_min": float(q0 - q1 * q1 / (4 * q2)), "d_opt": c / (6 * n_opt),
-            "parabola": [float(q2), float(q1), float(q0)], "n_range": [float(sizes[lo]), float(sizes[hi - 1])]}
+    return {
+        "compute": c,
+        "n_opt": n_opt,
+        "loss_min": float(q0 - q1 * q1 / (4 * q2)),
+        "d_opt": c / (6 * n_opt),
+        "parabola": [float(q2), float(q1), float(q0)],
+        "n_range": [float(sizes[lo]), float(sizes[hi - 1])],
+    }
 
 
 def _exponents(optima: list[dict]) -> dict[str, float]:
@@ -178,8 +211,9 @@ def _exponents(optima: list[dict]) -> dict[str, float]:
     return {"a": float(a), "b": float(b), "k_n": float(math.exp(log_kn)), "k_d": float(math.exp(log_kd))}
 
 
-def isoflop_profile(compute: Sequence[float], n: Sequence[float], loss: Sequence[float], bootstrap: int = 200,
-                    seed: int = 0) -> dict:
+def isoflop_profile(
+    compute: Sequence[float], n: Sequence[float], loss: Sequence[float], bootstrap: int = 200, seed: int = 0
+) -> dict:
     """Per budget (runs grouped by equal ``compute``, >= 3 sizes each), the vertex of a parabola in log N fitted to
     the lowest-loss run and up to two neighbours on each side. A budget whose lowest loss is at its smallest or
     largest size has its optimum outside the sizes run; it is listed under ``skipped`` with the reason, not
@@ -190,14 +224,17 @@ def isoflop_profile(compute: Sequence[float], n: Sequence[float], loss: Sequence
     budgets = sorted(set(c_arr.tolist()))
     for c in budgets:
         if len(np.unique(n_arr[c_arr == c])) < 3:
-            raise GptlabError(f"the budget {c:.3g} FLOPs has {int((c_arr == c).sum())} run(s) of "
-                              f"{len(np.unique(n_arr[c_arr == c]))} size(s); an IsoFLOP parabola needs >= 3 model "
-                              f"sizes per budget")
+            raise GptlabError(
+                f"the budget {c:.3g} FLOPs has {int((c_arr == c).sum())} run(s) of "
+                f"{len(np.unique(n_arr[c_arr == c]))} size(s); an IsoFLOP parabola needs >= 3 model "
+                f"sizes per budget"
+            )
     fits = [_vertex(c, n_arr[c_arr == c], y[c_arr == c]) for c in budgets]
     optima = [f for f in fits if "n_opt" in f]
     if not optima:
-        raise GptlabError("no budget brackets its optimum: " + "; ".join(f"{f['compute']:.3g} FLOPs: {f['reason']}"
-                                                                       for f in fits))
+        raise GptlabError(
+            "no budget brackets its optimum: " + "; ".join(f"{f['compute']:.3g} FLOPs: {f['reason']}" for f in fits)
+        )
     out: dict = {"budgets": optima, "skipped": [f for f in fits if "reason" in f]}
     if len(optima) >= 2:
         out.update(_exponents(optima))

@@ -28,15 +28,27 @@ def report(rows: list[dict[str, Any]], fits: dict[str, Any], sweep: dict[str, An
     """``report.md``: the runs, each fitted constant with its 95 % interval next to the published values, the
     held-out check and the caveats."""
     mode = "IsoFLOP (FLOP budgets)" if sweep.get("flops") else "token budgets"
-    out = [f"# Scaling sweep: {sweep['out']}", "",
-           f"Data `{sweep['data']}`, base recipe `{sweep.get('recipe')}`, {len(rows)} runs, {mode}; depth dial with "
-           f"width = {sweep['width_per_layer']}·depth, head_dim {sweep['head_dim']}. C = 6·N·D with total N.", "",
-           "| run | N (total) | N (non-emb.) | D (tokens) | C (FLOPs) | val loss |", "|---|---|---|---|---|---|"]
-    out += [f"| {r['name']} | {r['params']:,} | {r['non_embedding']:,} | {r['tokens']:,} | {r['compute']:.3g} | "
-            f"{r['final_val_loss']:.4f} |" for r in rows]
-    out += ["", "## Fitted constants (95 % bootstrap intervals) and published values", "",
-            "| quantity | this sweep | Kaplan et al. 2020 | Hoffmann et al. 2022 | Besiroglu et al. 2024 |",
-            "|---|---|---|---|---|"]
+    out = [
+        f"# Scaling sweep: {sweep['out']}",
+        "",
+        f"Data `{sweep['data']}`, base recipe `{sweep.get('recipe')}`, {len(rows)} runs, {mode}; depth dial with "
+        f"width = {sweep['width_per_layer']}·depth, head_dim {sweep['head_dim']}. C = 6·N·D with total N.",
+        "",
+        "| run | N (total) | N (non-emb.) | D (tokens) | C (FLOPs) | val loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    out += [
+        f"| {r['name']} | {r['params']:,} | {r['non_embedding']:,} | {r['tokens']:,} | {r['compute']:.3g} | "
+        f"{r['final_val_loss']:.4f} |"
+        for r in rows
+    ]
+    out += [
+        "",
+        "## Fitted constants (95 % bootstrap intervals) and published values",
+        "",
+        "| quantity | this sweep | Kaplan et al. 2020 | Hoffmann et al. 2022 | Besiroglu et al. 2024 |",
+        "|---|---|---|---|---|",
+    ]
     if "power_law" in fits:
         out.append(f"| α in L(N) = a·N^-α (non-emb. N) | {_ci(fits['power_law'], 'alpha')} | {KAPLAN_N[1]} | | |")
     if "power_law_with_E" in fits:
@@ -52,36 +64,51 @@ def report(rows: list[dict[str, Any]], fits: dict[str, Any], sweep: dict[str, An
         for k, pub in (("E", "E"), ("A", "A"), ("B", "B"), ("alpha", "alpha"), ("beta", "beta")):
             out.append(f"| L(N, D): {k} | {_ci(f, k)} | | {getattr(HOFFMANN, pub)} | {getattr(BESIROGLU, pub)} |")
         p = f["params"]
-        out.append(f"| N_opt ∝ C^a from L(N, D): a = β/(α+β) | {p['beta'] / (p['alpha'] + p['beta']):.3f} | "
-                   f"{KAPLAN_N_OPT[1]} | {HOFFMANN.a:.2f} (Approach 3) | {BESIROGLU.a:.2f} |")
+        out.append(
+            f"| N_opt ∝ C^a from L(N, D): a = β/(α+β) | {p['beta'] / (p['alpha'] + p['beta']):.3f} | "
+            f"{KAPLAN_N_OPT[1]} | {HOFFMANN.a:.2f} (Approach 3) | {BESIROGLU.a:.2f} |"
+        )
     if "isoflop" in fits and "a" in fits["isoflop"]:
         iso = fits["isoflop"]
         ci = iso.get("ci95", {})
-        span = lambda k: f" [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if k in ci else ""  # noqa: E731
-        out.append(f"| IsoFLOP: N_opt ∝ C^a, D_opt ∝ C^b | a = {iso['a']:.3f}{span('a')}, b = {iso['b']:.3f}"
-                   f"{span('b')} | a = {KAPLAN_N_OPT[1]} | a = {APPROACH_EXPONENTS['approach2']} (Approach 2) | |")
+        span = lambda k: f" [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if k in ci else ""
+        out.append(
+            f"| IsoFLOP: N_opt ∝ C^a, D_opt ∝ C^b | a = {iso['a']:.3f}{span('a')}, b = {iso['b']:.3f}"
+            f"{span('b')} | a = {KAPLAN_N_OPT[1]} | a = {APPROACH_EXPONENTS['approach2']} (Approach 2) | |"
+        )
     if "isoflop" in fits:
         ci = fits["isoflop"].get("ci95", {})
         out += ["", "| budget C | N_opt [95 % bootstrap] | D_opt | D_opt/N_opt | min loss |", "|---|---|---|---|---|"]
         for o in fits["isoflop"]["budgets"]:
             lo, hi = ci.get(f"n_opt@{o['compute']:.3g}", (None, None))
             span = f" [{lo:,.0f}, {hi:,.0f}]" if lo is not None else ""
-            out.append(f"| {o['compute']:.3g} | {o['n_opt']:,.0f}{span} | {o['d_opt']:,.0f} | "
-                       f"{o['d_opt'] / o['n_opt']:.1f} | {o['loss_min']:.4f} |")
+            out.append(
+                f"| {o['compute']:.3g} | {o['n_opt']:,.0f}{span} | {o['d_opt']:,.0f} | "
+                f"{o['d_opt'] / o['n_opt']:.1f} | {o['loss_min']:.4f} |"
+            )
         if "bootstrap_kept" in fits["isoflop"]:
-            out.append(f"\nIsoFLOP intervals: {fits['isoflop']['bootstrap_kept']} of 200 resamples of the runs "
-                       f"within each budget still bracketed every budget; the intervals are over those.")
+            out.append(
+                f"\nIsoFLOP intervals: {fits['isoflop']['bootstrap_kept']} of 200 resamples of the runs "
+                f"within each budget still bracketed every budget; the intervals are over those."
+            )
         out += [f"| {o['compute']:.3g} | not bracketed: {o['reason']} | | | |" for o in fits["isoflop"]["skipped"]]
     if "isoflop_error" in fits:
         out += ["", f"No IsoFLOP optimum: {fits['isoflop_error']}."]
     if "held_out" in fits:
         h = fits["held_out"]
-        out += ["", "## Held-out prediction", "",
-                f"{h['what']} (fitted on {h['fit_on']}): predicted {h['predicted_loss']:.4f}, actual "
-                f"{h['actual_loss']:.4f}, error {h['relative_error']:+.2%}." + (
-                    f" With an irreducible term (E + a·N^-α, fitted on the same runs): predicted "
-                    f"{h['predicted_loss_with_E']:.4f}, error {h['relative_error_with_E']:+.2%}."
-                    if "predicted_loss_with_E" in h else "")]
+        out += [
+            "",
+            "## Held-out prediction",
+            "",
+            f"{h['what']} (fitted on {h['fit_on']}): predicted {h['predicted_loss']:.4f}, actual "
+            f"{h['actual_loss']:.4f}, error {h['relative_error']:+.2%}."
+            + (
+                f" With an irreducible term (E + a·N^-α, fitted on the same runs): predicted "
+                f"{h['predicted_loss_with_E']:.4f}, error {h['relative_error_with_E']:+.2%}."
+                if "predicted_loss_with_E" in h
+                else ""
+            ),
+        ]
     out += ["", "## Caveats", "", CAVEATS, ""]
     return "\n".join(out)
 
@@ -97,13 +124,25 @@ def loss_plot(path: Path, rows: list[dict[str, Any]], fits: dict[str, Any]) -> P
     ax.loglog(grid, p["a"] * grid ** -p["alpha"], "-", label=f"L = {p['a']:.3g}·N^-{p['alpha']:.3f}")
     if "power_law_with_E" in fits:
         q = fits["power_law_with_E"]["params"]
-        ax.loglog(grid, q["E"] + q["a"] * grid ** -q["alpha"], "--",
-                  label=f"L = {q['E']:.3g} + {q['a']:.3g}·N^-{q['alpha']:.3f}")
+        ax.loglog(
+            grid,
+            q["E"] + q["a"] * grid ** -q["alpha"],
+            "--",
+            label=f"L = {q['E']:.3g} + {q['a']:.3g}·N^-{q['alpha']:.3f}",
+        )
     h = fits["held_out"]
-    ax.loglog([h["largest_non_embedding"]], [h["predicted_loss"]], "x", ms=10,
-              label=f"held-out prediction ({h['relative_error']:+.1%})")
-    ax.set(xlabel="non-embedding parameters N", ylabel="final val loss (nats/token)",
-           title=f"Loss vs model size ({top[0]['tokens']:,} tokens each)")
+    ax.loglog(
+        [h["largest_non_embedding"]],
+        [h["predicted_loss"]],
+        "x",
+        ms=10,
+        label=f"held-out prediction ({h['relative_error']:+.1%})",
+    )
+    ax.set(
+        xlabel="non-embedding parameters N",
+        ylabel="final val loss (nats/token)",
+        title=f"Loss vs model size ({top[0]['tokens']:,} tokens each)",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -116,8 +155,13 @@ def isoflop_plot(path: Path, rows: list[dict[str, Any]], fits: dict[str, Any]) -
     kept = {o["compute"]: o for o in fits["isoflop"]["budgets"]}
     for c in sorted({r["budget"] for r in rows}):
         sel = sorted((r for r in rows if r["budget"] == c), key=lambda r: r["params"])
-        line, = ax.semilogx([r["params"] for r in sel], [r["final_val_loss"] for r in sel], "o--", lw=0.6,
-                            label=f"C = {c:.2g}" + ("" if c in kept else " (optimum not bracketed)"))
+        (line,) = ax.semilogx(
+            [r["params"] for r in sel],
+            [r["final_val_loss"] for r in sel],
+            "o--",
+            lw=0.6,
+            label=f"C = {c:.2g}" + ("" if c in kept else " (optimum not bracketed)"),
+        )
         if c in kept:
             o = kept[c]
             grid = np.logspace(*np.log10(o["n_range"]), 100)
@@ -146,13 +190,24 @@ def predicted_plot(path: Path, rows: list[dict[str, Any]], fits: dict[str, Any])
     h = fits.get("held_out")
     extremes = actual + pred
     if h:
-        ax.plot([h["actual_loss"]], [h["predicted_loss"]], "x", ms=10, mew=2,
-                label=f"held out, power law without it ({h['relative_error']:+.1%})")
+        ax.plot(
+            [h["actual_loss"]],
+            [h["predicted_loss"]],
+            "x",
+            ms=10,
+            mew=2,
+            label=f"held out, power law without it ({h['relative_error']:+.1%})",
+        )
         extremes += [h["actual_loss"], h["predicted_loss"]]
     lo, hi = min(extremes) * 0.98, max(extremes) * 1.02
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="predicted = actual")
-    ax.set(xlabel="measured val loss", ylabel="predicted val loss", xlim=(lo, hi), ylim=(lo, hi),
-           title="Predicted vs actual")
+    ax.set(
+        xlabel="measured val loss",
+        ylabel="predicted val loss",
+        xlim=(lo, hi),
+        ylim=(lo, hi),
+        title="Predicted vs actual",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -37,12 +37,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write_bytes, run_folder
+from ..checkpoint import list_checkpoints
 from ..config import preset
 from ..data.loader import read_meta
 from ..errors import GptlabError
+from ..files import atomic_write_bytes, run_folder
 from ..plan.shape import Shape, params
-from ..checkpoint import list_checkpoints
 from ..recipe import RecipeConfig
 from ..train.config import TrainConfig
 from ..train.trainer import train
@@ -90,8 +90,10 @@ class Sweep(RecipeConfig):
             self.flops = [float(x) for x in self.flops]
             self.include = [str(x) for x in self.include]
         except (TypeError, ValueError):
-            raise GptlabError("invalid sweep: depths, shapes, tokens, flops and include must be lists (of integers, "
-                              "[n_layer, n_embd] pairs, numbers and folders)") from None
+            raise GptlabError(
+                "invalid sweep: depths, shapes, tokens, flops and include must be lists (of integers, "
+                "[n_layer, n_embd] pairs, numbers and folders)"
+            ) from None
         if not self.tokens and not self.flops:
             self.tokens = [1e6]
         super().__post_init__()
@@ -99,23 +101,31 @@ class Sweep(RecipeConfig):
     def checks(self) -> list[tuple[bool, str]]:
         sizes = self.shapes or self.depths
         given = self._both_sizes
-        return [(not bad, msg) for bad, msg in [
-            (not self.data, "the sweep needs `data` (flag --data or a key in the sweep file)"),
-            (not self.out_dir, "the sweep needs `out_dir` (flag --out-dir or a key in the sweep file)"),
-            (given, "give depths (a dial) or shapes, not both"),
-            (any(len(x) != 2 or min(x) < 1 for x in self.shapes), "each shape is [n_layer, n_embd], both >= 1"),
-            (not sizes, "the size list is empty; give at least 3 depths (--depths 1,2,3) or shapes"),
-            (len(sizes) < 3 or len({tuple(x) if isinstance(x, list) else x for x in sizes}) != len(sizes)
-             or (bool(self.depths) and self.depths[0] < 1),
-             f"a sweep needs at least 3 distinct positive sizes, got {sizes}"),
-            (bool(self.tokens) and bool(self.flops), "give token budgets or FLOP budgets (IsoFLOP mode), not both"),
-            (any(not 0 < x < 1e30 for x in self.tokens + self.flops), "budgets must be positive and finite"),
-            (self.jobs < 1 or self.nproc_per_node < 1, "jobs and nproc_per_node must be >= 1"),
-            (self.launcher not in ("process", "torchrun"), "launcher must be process or torchrun"),
-            (not 0 <= self.warmup_frac < 1, "warmup_frac must be in [0, 1)"),
-            (self.width_per_layer < 1 or self.head_dim < 1 or self.base_width < 1,
-             "width_per_layer, head_dim and base_width must be >= 1"),
-        ]]
+        return [
+            (not bad, msg)
+            for bad, msg in [
+                (not self.data, "the sweep needs `data` (flag --data or a key in the sweep file)"),
+                (not self.out_dir, "the sweep needs `out_dir` (flag --out-dir or a key in the sweep file)"),
+                (given, "give depths (a dial) or shapes, not both"),
+                (any(len(x) != 2 or min(x) < 1 for x in self.shapes), "each shape is [n_layer, n_embd], both >= 1"),
+                (not sizes, "the size list is empty; give at least 3 depths (--depths 1,2,3) or shapes"),
+                (
+                    len(sizes) < 3
+                    or len({tuple(x) if isinstance(x, list) else x for x in sizes}) != len(sizes)
+                    or (bool(self.depths) and self.depths[0] < 1),
+                    f"a sweep needs at least 3 distinct positive sizes, got {sizes}",
+                ),
+                (bool(self.tokens) and bool(self.flops), "give token budgets or FLOP budgets (IsoFLOP mode), not both"),
+                (any(not 0 < x < 1e30 for x in self.tokens + self.flops), "budgets must be positive and finite"),
+                (self.jobs < 1 or self.nproc_per_node < 1, "jobs and nproc_per_node must be >= 1"),
+                (self.launcher not in ("process", "torchrun"), "launcher must be process or torchrun"),
+                (not 0 <= self.warmup_frac < 1, "warmup_frac must be in [0, 1)"),
+                (
+                    self.width_per_layer < 1 or self.head_dim < 1 or self.base_width < 1,
+                    "width_per_layer, head_dim and base_width must be >= 1",
+                ),
+            ]
+        ]
 
 
 def shape(n_layer: int, width: int, head_dim: int) -> dict[str, int]:
@@ -144,16 +154,20 @@ def plan_runs(sw: Sweep) -> tuple[TrainConfig, list[dict[str, Any]]]:
             fits = [(s, k) for s, k in fits if k >= MIN_STEPS]
             if len(fits) < 3:
                 need = 6 * sizes[2]["params"] * MIN_STEPS * per_step
-                raise GptlabError(f"the budget {c:.3g} FLOPs gives fewer than 3 sizes {MIN_STEPS}+ steps of "
-                                  f"{per_step:,} tokens; it is too small for these models (3 sizes need at least "
-                                  f"{need:.3g} FLOPs); raise it or add smaller depths")
+                raise GptlabError(
+                    f"the budget {c:.3g} FLOPs gives fewer than 3 sizes {MIN_STEPS}+ steps of "
+                    f"{per_step:,} tokens; it is too small for these models (3 sizes need at least "
+                    f"{need:.3g} FLOPs); raise it or add smaller depths"
+                )
             points += [{"name": f"c{c:.3g}-{s['tag']}", "budget": c, **s, "steps": k} for s, k in fits]
     else:
         for t in sorted(sw.tokens):
             steps = int(t // per_step)
             if steps < MIN_STEPS:
-                raise GptlabError(f"{t:,.0f} tokens are {steps} steps of {per_step:,} tokens; give at least "
-                                  f"{MIN_STEPS * per_step:,} tokens per model")
+                raise GptlabError(
+                    f"{t:,.0f} tokens are {steps} steps of {per_step:,} tokens; give at least "
+                    f"{MIN_STEPS * per_step:,} tokens per model"
+                )
             for s in sizes:
                 name = s["tag"] if len(sw.tokens) == 1 else f"t{t:.3g}-{s['tag']}"
                 points.append({"name": name, "budget": t, **s, "steps": steps})
@@ -168,10 +182,19 @@ def run_config(sw: Sweep, base: TrainConfig, pt: dict[str, Any]) -> TrainConfig:
     warmup = int(sw.warmup_frac * pt["steps"]) if sw.warmup_frac else min(base.warmup_iters, pt["steps"] // 2)
     shape = {k: pt[k] for k in ("n_layer", "n_embd", "n_head")}
     threads = base.threads or (max(1, (os.cpu_count() or 1) // (sw.jobs * sw.nproc_per_node)) if sw.jobs > 1 else 0)
-    return TrainConfig(**{**base.to_dict(), "out_dir": str(Path(sw.out_dir) / pt["name"]), "max_iters": pt["steps"],
-                          "lr": lr, "min_lr": base.min_lr * lr / base.lr, "warmup_iters": warmup,
-                          "ckpt_interval": max(1, pt["steps"] // 4), "threads": threads,
-                          "model_overrides": {**base.model_overrides, **shape}})
+    return TrainConfig(
+        **{
+            **base.to_dict(),
+            "out_dir": str(Path(sw.out_dir) / pt["name"]),
+            "max_iters": pt["steps"],
+            "lr": lr,
+            "min_lr": base.min_lr * lr / base.lr,
+            "warmup_iters": warmup,
+            "ckpt_interval": max(1, pt["steps"] // 4),
+            "threads": threads,
+            "model_overrides": {**base.model_overrides, **shape},
+        }
+    )
 
 
 def run_one(run_dir: str | Path, progress: bool = False) -> dict[str, Any]:
@@ -190,13 +213,23 @@ def _launch(sw: Sweep, run_dir: Path, progress: bool) -> None:
         return
     cmd = [sys.executable, "-m", "gptlab.scale.sweep", str(run_dir)]
     if sw.launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={sw.nproc_per_node}", "-m", "gptlab.scale.sweep", str(run_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={sw.nproc_per_node}",
+            "-m",
+            "gptlab.scale.sweep",
+            str(run_dir),
+        ]
     with open(run_dir / "log.txt", "ab") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc:
-        raise GptlabError(f"run {run_dir.name} failed (exit {rc}); see {run_dir / 'log.txt'}, fix, and re-run the "
-                          f"sweep (finished runs are kept)")
+        raise GptlabError(
+            f"run {run_dir.name} failed (exit {rc}); see {run_dir / 'log.txt'}, fix, and re-run the "
+            f"sweep (finished runs are kept)"
+        )
 
 
 def run_sweep(sw: Sweep, progress: bool = False) -> dict[str, Any]:
@@ -214,8 +247,9 @@ def _run_sweep(sw: Sweep, base: TrainConfig, points: list[dict[str, Any]], progr
         run = root / pt["name"]
         cfg = run_config(sw, base, pt).to_dict()
         if (run / "run.json").exists() and json.loads((run / "run.json").read_text()) != cfg:
-            raise GptlabError(f"{run} was started with other settings (see its run.json); use another --out or "
-                              f"delete that run")
+            raise GptlabError(
+                f"{run} was started with other settings (see its run.json); use another --out or delete that run"
+            )
         if not (run / "summary.json").exists():
             run.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(run / "run.json", json.dumps(cfg, indent=1).encode())
@@ -225,8 +259,13 @@ def _run_sweep(sw: Sweep, base: TrainConfig, points: list[dict[str, Any]], progr
     rows = []
     for pt in points:
         s = json.loads((root / pt["name"] / "summary.json").read_text())
-        rows.append({**{k: v for k, v in pt.items() if k not in ("steps", "tag")},
-                     "final_val_loss": s["final_val_loss"], "tokens_per_second": s["tokens_per_second"]})
+        rows.append(
+            {
+                **{k: v for k, v in pt.items() if k not in ("steps", "tag")},
+                "final_val_loss": s["final_val_loss"],
+                "tokens_per_second": s["tokens_per_second"],
+            }
+        )
     for other in map(Path, sw.include):  # finished runs of other sweeps on the same data, e.g. other sizes
         if not (other / "results.json").is_file():
             raise GptlabError(f"--include {other}: no results.json there; run that sweep to the end first")

@@ -12,23 +12,32 @@ from .config import TrainConfig
 def cmd_train(args: argparse.Namespace) -> None:
     from .trainer import train  # here, not at the top: torch.distributed and the loop load slowly
 
-    overrides: dict[str, Any] = {f.name: getattr(args, f.name) for f in TrainConfig.fields()
-                                 if f.name != "model_overrides"}
+    overrides: dict[str, Any] = {
+        f.name: getattr(args, f.name) for f in TrainConfig.fields() if f.name != "model_overrides"
+    }
     if args.set:
         overrides["model_overrides"] = parse_set(args.set)
     cfg = TrainConfig.from_sources(args.recipe, **overrides)
     s = train(cfg, resume=args.resume, progress=not args.json)
-    emit(args, s, f"final val loss {s['final_val_loss']:.4f} (best periodic {s['best_val_loss']:.4f}) after "
-                  f"{s['steps']} steps, {s['tokens']:,} tokens, {s['tokens_per_second'] or 0:,} tok/s, "
-                  f"{s['train_seconds']}s\ncheckpoints: {s['out_dir']}/checkpoints  loss curve: {s['loss_plot']}")
+    emit(
+        args,
+        s,
+        f"final val loss {s['final_val_loss']:.4f} (best periodic {s['best_val_loss']:.4f}) after "
+        f"{s['steps']} steps, {s['tokens']:,} tokens, {s['tokens_per_second'] or 0:,} tok/s, "
+        f"{s['train_seconds']}s\ncheckpoints: {s['out_dir']}/checkpoints  loss curve: {s['loss_plot']}",
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="pre-train a model (torchrun for several processes)",
-                       description="Train from a TOML recipe and/or flags. Flags override the recipe; --set "
-                                   "overrides model config fields and wins over --block-size and --dropout.")
-    p.add_argument("--recipe", help="TOML recipe (top-level keys = the flags below, [model_overrides] = model config "
-                                    "fields)")
+    p = sub.add_parser(
+        "train",
+        help="pre-train a model (torchrun for several processes)",
+        description="Train from a TOML recipe and/or flags. Flags override the recipe; --set "
+        "overrides model config fields and wins over --block-size and --dropout.",
+    )
+    p.add_argument(
+        "--recipe", help="TOML recipe (top-level keys = the flags below, [model_overrides] = model config fields)"
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override, e.g. n_layer=6")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
     add_config_flags(p, TrainConfig.fields(), ("model_overrides",))

@@ -25,8 +25,9 @@ class TrainConfig(RecipeConfig):
     data: str = opt("data/shakespeare-char", "a folder made by `gptlab prepare`")
     out_dir: str = opt("runs/baby", "run folder: checkpoints/, metrics.jsonl, loss.png")
     model: str = opt("baby", "model preset (`gptlab presets`)")
-    model_overrides: dict[str, Any] = opt({}, "model config fields replacing the preset's (recipe table "
-                                              "[model_overrides], flag --set)")
+    model_overrides: dict[str, Any] = opt(
+        {}, "model config fields replacing the preset's (recipe table [model_overrides], flag --set)"
+    )
     block_size: int = opt(0, "context length; 0 keeps the preset's", NON_NEGATIVE)
     batch_size: int = opt(12, "sequences per process per micro-step", COUNT)
     grad_accum: int = opt(1, "micro-steps per optimizer step", COUNT)
@@ -35,8 +36,9 @@ class TrainConfig(RecipeConfig):
     min_lr: float = opt(1e-4, "learning rate at the end of the decay (<= lr)", NON_NEGATIVE)
     warmup_iters: int = opt(100, "linear warmup steps", NON_NEGATIVE)
     lr_decay_iters: int = opt(0, "step where the decay ends; 0 means max_iters", NON_NEGATIVE)
-    schedule: str = opt("cosine", "cosine | wsd (flat at lr, then linear decay over the last decay_frac)",
-                        choices=("cosine", "wsd"))
+    schedule: str = opt(
+        "cosine", "cosine | wsd (flat at lr, then linear decay over the last decay_frac)", choices=("cosine", "wsd")
+    )
     decay_frac: float = opt(0.2, "wsd: fraction of the post-warmup steps spent decaying", Range(0, 1, lo_open=True))
     weight_decay: float = opt(0.1, "AdamW decoupled weight decay (matrices and embeddings only)", Range(0, 10))
     beta1: float = opt(0.9, "AdamW beta1", PROBABILITY_BELOW_1)
@@ -45,23 +47,29 @@ class TrainConfig(RecipeConfig):
     dropout: float = opt(0.0, "dropout probability in the model", PROBABILITY_BELOW_1)
     eval_interval: int = opt(250, "steps between validation evaluations", COUNT)
     eval_iters: int = opt(20, "val batches per periodic evaluation (the same batches every time)", COUNT)
-    final_eval_tokens: int = opt(1_000_000, "val tokens covered by the final evaluation (non-overlapping "
-                                            "windows); 0 = the whole val split", NON_NEGATIVE)
+    final_eval_tokens: int = opt(
+        1_000_000,
+        "val tokens covered by the final evaluation (non-overlapping windows); 0 = the whole val split",
+        NON_NEGATIVE,
+    )
     log_interval: int = opt(10, "steps between loss logs (each step's loss is recorded)", COUNT)
     ckpt_interval: int = opt(500, "steps between checkpoints; 0 saves only at the end", NON_NEGATIVE)
     keep_last: int = opt(2, "checkpoints kept besides the best one", COUNT)
     seed: int = opt(1337, "seed for initialisation, batches, dropout and scheduled sampling", SEED)
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
-    dtype: str = opt("auto", "auto (bf16 on capable GPUs, else fp32) | float32 | bfloat16 | float16",
-                     choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = opt(
+        "auto",
+        "auto (bf16 on capable GPUs, else fp32) | float32 | bfloat16 | float16",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
     compile: bool = opt(False, "wrap the model in torch.compile")
     threads: int = opt(0, "torch intra-op threads per process; 0 keeps torch's default", Range(0, 1024))
     parallel: str = opt("ddp", "under torchrun: ddp | fsdp", choices=("ddp", "fsdp"))
     ss_schedule: str = opt("none", "scheduled sampling: " + " | ".join(SS_SCHEDULES), choices=SS_SCHEDULES)
-    ss_max_prob: float = opt(0.25, "scheduled sampling: highest probability of feeding the model's own prediction",
-                             UNIT)
-    ss_k: float = opt(500.0, "scheduled sampling: inverse_sigmoid k (steps) or exponential decay base (< 1)",
-                      POSITIVE)
+    ss_max_prob: float = opt(
+        0.25, "scheduled sampling: highest probability of feeding the model's own prediction", UNIT
+    )
+    ss_k: float = opt(500.0, "scheduled sampling: inverse_sigmoid k (steps) or exponential decay base (< 1)", POSITIVE)
 
     def checks(self) -> list[tuple[bool, str]]:
         unknown = sorted(set(self.model_overrides) - MODEL_FIELDS)

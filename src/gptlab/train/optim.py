@@ -16,8 +16,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     decay = [p.dim() >= 2 and not n.endswith("bias") for n, p in named]
-    groups = [{"params": [p for p, d in zip(params, decay) if d], "weight_decay": cfg.weight_decay},
-              {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p, d in zip(params, decay) if d], "weight_decay": cfg.weight_decay},
+        {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0},
+    ]
     fused = device_type in ("cpu", "cuda") and all(type(p) is torch.nn.Parameter for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 

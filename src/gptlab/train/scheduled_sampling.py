@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..recipe import DEFAULT_SEED
-import torch.nn.functional as F
 
 
 def ss_probability(schedule: str, step: int, max_iters: int, p_max: float, k: float) -> float:
@@ -31,13 +31,12 @@ def ss_probability(schedule: str, step: int, max_iters: int, p_max: float, k: fl
     if schedule == "inverse_sigmoid":
         return p_max * (1.0 - k / (k + math.exp(min(step / k, 700.0))))
     if schedule == "exponential":
-        return p_max * (1.0 - k ** step)
+        return p_max * (1.0 - k**step)
     raise ValueError(schedule)
 
 
 @torch.no_grad()
-def mix_in_predictions(model: torch.nn.Module, x: torch.Tensor, p: float, generator: torch.Generator
-                       ) -> torch.Tensor:
+def mix_in_predictions(model: torch.nn.Module, x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """Inputs ``x`` [B, T] with each token after the first replaced, with probability ``p``, by the model's greedy
     prediction of it from the ground-truth prefix."""
     if p <= 0.0:
@@ -54,14 +53,15 @@ def mix_in_predictions(model: torch.nn.Module, x: torch.Tensor, p: float, genera
 
 
 @torch.no_grad()
-def exposure_report(model: torch.nn.Module, tokens: list[int], p: float, seed: int = DEFAULT_SEED,
-                    max_windows: int = 64) -> dict[str, float]:
+def exposure_report(
+    model: torch.nn.Module, tokens: list[int], p: float, seed: int = DEFAULT_SEED, max_windows: int = 64
+) -> dict[str, float]:
     """Mean per-token loss of ``tokens`` under teacher forcing and under sequential scheduled sampling at rate ``p``
     (each input is, with probability p, the model's own greedy prediction given the *mixed* history so far, as in
     seed 002's example), over up to ``max_windows`` non-overlapping windows of the model's context."""
     model.eval()
     span = model.config.block_size + 1
-    windows = [tokens[i:i + span] for i in range(0, max(len(tokens) - 1, 1), span)][:max_windows]
+    windows = [tokens[i : i + span] for i in range(0, max(len(tokens) - 1, 1), span)][:max_windows]
     windows = [w for w in windows if len(w) > 1]
     g = torch.Generator().manual_seed(seed)
     tf_sum = ss_sum = 0.0
@@ -73,12 +73,18 @@ def exposure_report(model: torch.nn.Module, tokens: list[int], p: float, seed: i
         history = [w[0]]
         for i in range(1, len(w)):
             logits, _ = model(torch.tensor([history]))
-            ss_sum += F.cross_entropy(logits[0, -1:], x[0, i:i + 1]).item()
+            ss_sum += F.cross_entropy(logits[0, -1:], x[0, i : i + 1]).item()
             if torch.rand((), generator=g).item() < p:
                 history.append(int(logits[0, -1].argmax()))
                 replaced += 1
             else:
                 history.append(w[i])
         n += len(w) - 1
-    return {"tokens": n, "windows": len(windows), "teacher_forcing_loss": tf_sum / n,
-            "scheduled_sampling_loss": ss_sum / n, "p": p, "replaced_fraction": replaced / n}
+    return {
+        "tokens": n,
+        "windows": len(windows),
+        "teacher_forcing_loss": tf_sum / n,
+        "scheduled_sampling_loss": ss_sum / n,
+        "p": p,
+        "replaced_fraction": replaced / n,
+    }

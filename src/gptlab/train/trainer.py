@@ -22,17 +22,18 @@ import torch.distributed as tdist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm import tqdm
 
+from .. import checkpoint as ckpt_io
 from ..config import GPTConfig, preset
 from ..data.loader import TokenWindows, read_meta
 from ..errors import GptlabError
-from ..model import GPT
 from ..files import run_folder
 from ..metrics import METRICS, Metrics, plot_losses
-from .. import checkpoint as ckpt_io
+from ..model import GPT
 from . import distributed
 from .config import TrainConfig
 from .optim import lr_at, make_optimizer
 from .scheduled_sampling import mix_in_predictions, ss_probability
+
 
 def model_config_for(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     """The model config of a run: the preset, then the shortcut fields ``block_size`` (if set) and ``dropout``, then
@@ -42,8 +43,10 @@ def model_config_for(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     overrides = {"vocab_size": vocab_size, **shortcuts, **cfg.model_overrides}
     mcfg = base.replace(**overrides)
     if mcfg.vocab_size < vocab_size:
-        raise GptlabError(f"vocab_size = {mcfg.vocab_size} is smaller than the dataset's tokenizer vocabulary "
-                          f"({vocab_size}); drop the override (the dataset's size is used) or raise it")
+        raise GptlabError(
+            f"vocab_size = {mcfg.vocab_size} is smaller than the dataset's tokenizer vocabulary "
+            f"({vocab_size}); drop the override (the dataset's size is used) or raise it"
+        )
     return mcfg
 
 
@@ -126,21 +129,31 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
         val = state.get("val_loss")
         if isinstance(val, (int, float)) and diverged(val, mcfg.vocab_size):
             good = last_good_checkpoint(out, mcfg.vocab_size)
-            raise GptlabError(f"--resume: the latest checkpoint {ck} recorded a diverged val loss ({val:.4g}); move "
-                              f"it out of {out / 'checkpoints'} to resume from "
-                              + (f"the last good one, {good}" if good else "an earlier one (none is good: start "
-                                                                            "a new run)"))
+            raise GptlabError(
+                f"--resume: the latest checkpoint {ck} recorded a diverged val loss ({val:.4g}); move "
+                f"it out of {out / 'checkpoints'} to resume from "
+                + (f"the last good one, {good}" if good else "an earlier one (none is good: start a new run)")
+            )
         if state["model_config"] != mcfg.to_dict():
             diff = {k: (v, mcfg.to_dict()[k]) for k, v in state["model_config"].items() if mcfg.to_dict()[k] != v}
-            raise GptlabError(f"--resume: the checkpoint's model differs from this run's (checkpoint, now): {diff}; "
-                              f"resume with the original settings")
+            raise GptlabError(
+                f"--resume: the checkpoint's model differs from this run's (checkpoint, now): {diff}; "
+                f"resume with the original settings"
+            )
         optim_sd, rng = ckpt_io.load_training_state(ck, state)
-        set_state_dict(raw, optimizer, model_state_dict=ckpt_io.load_weights(ck, state), optim_state_dict=optim_sd,
-                       options=StateDictOptions(full_state_dict=True))
+        set_state_dict(
+            raw,
+            optimizer,
+            model_state_dict=ckpt_io.load_weights(ck, state),
+            optim_state_dict=optim_sd,
+            options=StateDictOptions(full_state_dict=True),
+        )
         saved_ranks = sum(k.startswith("torch_rank") for k in rng)
         if saved_ranks != d.world_size:  # the same answer on every rank, so all of them stop
-            raise GptlabError(f"--resume: the checkpoint was written by {saved_ranks} process(es), not "
-                              f"{d.world_size}; resume with the same number of processes")
+            raise GptlabError(
+                f"--resume: the checkpoint was written by {saved_ranks} process(es), not "
+                f"{d.world_size}; resume with the same number of processes"
+            )
         torch.set_rng_state(rng[f"torch_rank{d.rank}"])
         if d.device.type == "cuda" and f"cuda_rank{d.rank}" in rng:
             torch.cuda.set_rng_state(rng[f"cuda_rank{d.rank}"])
@@ -187,10 +200,23 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
             rng = {k: v for r in gathered for k, v in r.items()}
         path = out / "checkpoints" / f"step-{step:07d}"
         if d.is_main:
-            path = ckpt_io.save_checkpoint(out, step, model_sd, optim_sd, {
-                "model_config": mcfg.to_dict(), "train_config": cfg.to_dict(), "tokenizer": meta["tokenizer"],
-                "val_loss": val, "best_val": best_val, "best_step": best_step, "rng": rng,
-                "tokens_seen": step * tokens_per_step}, cfg.keep_last)
+            path = ckpt_io.save_checkpoint(
+                out,
+                step,
+                model_sd,
+                optim_sd,
+                {
+                    "model_config": mcfg.to_dict(),
+                    "train_config": cfg.to_dict(),
+                    "tokenizer": meta["tokenizer"],
+                    "val_loss": val,
+                    "best_val": best_val,
+                    "best_step": best_step,
+                    "rng": rng,
+                    "tokens_seen": step * tokens_per_step,
+                },
+                cfg.keep_last,
+            )
         if d.enabled:
             tdist.barrier()
         return path
@@ -200,16 +226,26 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
         if bad:
             good = last_good_checkpoint(out, mcfg.vocab_size)
             latest = (ckpt_io.list_checkpoints(out) or [None])[-1]
-            kept = (f"the last good checkpoint is {good}" if good else "no good checkpoint was written yet")
+            kept = f"the last good checkpoint is {good}" if good else "no good checkpoint was written yet"
             if good and latest != good:
                 kept += f" (move the later ones out of {out / 'checkpoints'} first, --resume takes the latest)"
-            raise GptlabError(f"the loss diverged to {bad[0]:.4g} at step {step}; training stopped and {kept}. "
-                              f"Lower --lr, raise --warmup-iters or lower --grad-clip, then --resume"
-                              if good else f"the loss diverged to {bad[0]:.4g} at step {step}; training stopped "
-                              f"and {kept}. Lower --lr or raise --warmup-iters and start again")
+            raise GptlabError(
+                f"the loss diverged to {bad[0]:.4g} at step {step}; training stopped and {kept}. "
+                f"Lower --lr, raise --warmup-iters or lower --grad-clip, then --resume"
+                if good
+                else f"the loss diverged to {bad[0]:.4g} at step {step}; training stopped "
+                f"and {kept}. Lower --lr or raise --warmup-iters and start again"
+            )
 
-    bar = tqdm(total=cfg.max_iters, initial=start, desc="train", disable=not (progress and d.is_main),
-               dynamic_ncols=True, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    bar = tqdm(
+        total=cfg.max_iters,
+        initial=start,
+        desc="train",
+        disable=not (progress and d.is_main),
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
     pending: list[torch.Tensor] = []
     t_log, step_log, t0 = time.perf_counter(), start, time.perf_counter()
     t_first = None  # throughput excludes the first step (allocations, compilation), evals and checkpoints
@@ -229,7 +265,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
                 if ss_gen is not None:
                     x = mix_in_predictions(raw, x, p_ss, ss_gen)
                 sync = micro == cfg.grad_accum - 1
-                with (contextlib.nullcontext() if sync or not ddp else model.no_sync()), amp:
+                with contextlib.nullcontext() if sync or not ddp else model.no_sync(), amp:
                     _, loss = model(x, y)
                 scaler.scale(loss / cfg.grad_accum).backward()
                 pending.append(loss.detach())
@@ -262,8 +298,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
                     last_val = periodic_eval()
                     metrics.write(step=done, val_loss=last_val, tok_per_s=tps, lr=lr)
                     if d.is_main:
-                        bar.write(f"step {done}: train {losses[-1]:.4f}  val {last_val:.4f}  {tps:,.0f} tok/s",
-                                  file=sys.stderr)
+                        bar.write(
+                            f"step {done}: train {losses[-1]:.4f}  val {last_val:.4f}  {tps:,.0f} tok/s",
+                            file=sys.stderr,
+                        )
                     check_loss([last_val], done)  # the update may have broken the weights: never save those
                 if is_ckpt:
                     save(done, last_val)
@@ -272,15 +310,27 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
     finally:
         bar.close()  # before any error line, so that it never shares a line with the bar
     train_seconds = time.perf_counter() - t0
-    steady = (cfg.max_iters - start - 1) * tokens_per_step / max(time.perf_counter() - t_first - side_seconds, 1e-9) \
-        if t_first is not None and cfg.max_iters - start > 1 else None
+    steady = (
+        (cfg.max_iters - start - 1) * tokens_per_step / max(time.perf_counter() - t_first - side_seconds, 1e-9)
+        if t_first is not None and cfg.max_iters - start > 1
+        else None
+    )
     final_val = evaluate(val_windows.sequential(cfg.batch_size * 4, cfg.final_eval_tokens))
-    summary = {"out_dir": str(out), "steps": cfg.max_iters, "resumed_from": start if resume else None,
-               "tokens": cfg.max_iters * tokens_per_step, "params": n_params, "final_val_loss": round(final_val, 4),
-               "best_val_loss": round(best_val, 4), "best_checkpoint": str(out / "checkpoints" / f"step-{best_step:07d}")
-               if best_step is not None else None, "train_seconds": round(train_seconds, 1),
-               "tokens_per_second": round(steady) if steady else None,
-               "world_size": d.world_size, "device": str(d.device), "dtype": str(dtype).replace("torch.", "")}
+    summary = {
+        "out_dir": str(out),
+        "steps": cfg.max_iters,
+        "resumed_from": start if resume else None,
+        "tokens": cfg.max_iters * tokens_per_step,
+        "params": n_params,
+        "final_val_loss": round(final_val, 4),
+        "best_val_loss": round(best_val, 4),
+        "best_checkpoint": str(out / "checkpoints" / f"step-{best_step:07d}") if best_step is not None else None,
+        "train_seconds": round(train_seconds, 1),
+        "tokens_per_second": round(steady) if steady else None,
+        "world_size": d.world_size,
+        "device": str(d.device),
+        "dtype": str(dtype).replace("torch.", ""),
+    }
     if d.is_main:
         metrics.write(step=cfg.max_iters, final_val_loss=final_val)
         plot_losses(metrics.rows(), out / "loss.png", f"{cfg.model} on {Path(cfg.data).name}")
