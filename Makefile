@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install install-dev bench clean
+.PHONY: demo test test-fast lint install install-dev bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,13 +28,22 @@ install: $(VENV)/.core
 install-dev: $(VENV)/.dev
 
 demo: $(VENV)/.core
-	$(PY) -m gptlab prepare shakespeare --tokenizer char --out data/shakespeare-char
+	$(PY) -m gptlab prepare shakespeare --tokenizer char --out-dir data/shakespeare-char
 	rm -rf runs/demo
 	$(PY) -m gptlab train --recipe recipes/demo.toml
-	$(PY) -m gptlab sample --checkpoint runs/demo --prompt "ROMEO:" --max-new-tokens 300 --sliding-window
+	$(PY) -m gptlab sample runs/demo --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --top-k 200 \
+		--seed 1337 --sliding-window
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.dev  # for editing: everything but the tests marked slow
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
+	$(PY) -m mypy
 
 bench: $(VENV)/.dev
 	$(PY) benchmarks/train_throughput.py

@@ -378,8 +378,9 @@ def test_lm_eval_harness_runs_local_tasks_on_a_gptlab_model(pair, tmp_path, monk
     )
     (tmp_path / "tasks" / "qa.yaml").write_text(
         "task: gl_qa\n" + common.format(path=tmp_path / "qa.jsonl") + "output_type: generate_until\n"
-        "doc_to_text: 'Q: {{question}}\\nA:'\ndoc_to_target: '{{answer}}'\n"
-        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\n"
+        # double-quoted YAML, so that \\n is a newline in the prompt and the stop string
+        'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: "{{answer}}"\n'
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\n'
     )
     lm = GptlabLM(str(tmp_path / "ck"), batch_size=2)
     out = lm_eval.simple_evaluate(

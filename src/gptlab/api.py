@@ -69,7 +69,7 @@ class LM:
     @overload
     def generate(
         self,
-        prompt: Sequence[str],
+        prompt: list[str],
         *,
         max_new_tokens: int | None = ...,
         temperature: float = ...,
@@ -133,7 +133,7 @@ class LM:
         pairs = [(context, continuation)] if isinstance(context, str) else list(context)
         if isinstance(context, str) and continuation is None:
             raise GptlabError("loglikelihood(context, continuation): give the continuation to score")
-        requests = [(self.engine.encode_prompt(c), self.tokenizer.encode(x)) for c, x in pairs]
+        requests = [(self.engine.encode_prompt(c), self.tokenizer.encode(x or "")) for c, x in pairs]
         scores = [lp for lp, _ in loglikelihoods(self.model, requests, batch_size)]
         return scores[0] if isinstance(context, str) else scores
 

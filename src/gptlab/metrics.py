@@ -21,7 +21,7 @@ METRICS = "metrics.jsonl"
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Every readable row of a metrics file (a JSON object with an integer ``step``); torn lines are skipped."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         text = Path(path).read_bytes().decode("utf-8", errors="replace")
     except FileNotFoundError:

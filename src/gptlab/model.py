@@ -331,7 +331,8 @@ class GPT(nn.Module):
                     f"sequence of {T} tokens exceeds the model's context of {self.config.block_size}; "
                     f"crop the input to the last {self.config.block_size} tokens"
                 )
-            pos, layers = torch.arange(T, device=idx.device), [None] * len(self.h)
+            pos = torch.arange(T, device=idx.device)
+            layers: list[tuple[torch.Tensor | None, ...] | None] = [None] * len(self.h)
             if doc_ids is not None:
                 t = torch.arange(T, device=idx.device)
                 starts = torch.ones_like(doc_ids, dtype=torch.bool)
@@ -340,6 +341,7 @@ class GPT(nn.Module):
                 mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (t[:, None] >= t[None, :])
                 layers = [(None, None, None, mask[:, None])] * len(self.h)
         else:
+            assert slots is not None, "a cache needs the slots to fill"
             pos, mask = cache.positions_and_mask(slots)
             layers = [(k, v, slots, mask) for k, v in cache.layers]
         x = self.drop(self.wte(idx) + self.wpe(pos))
@@ -355,7 +357,7 @@ class GPT(nn.Module):
             loss = LinearCrossEntropy.apply(x, self.lm_head.weight, targets.reshape(-1), V, chunk_rows)
             moe = self.moe_layers()
             if moe and self.training:  # the routers' auxiliary losses, averaged over the MoE layers
-                loss = loss + sum(m.aux_loss for m in moe) / len(moe)
+                loss = loss + sum(m.aux_loss for m in moe if m.aux_loss is not None) / len(moe)
             return None, loss
         logits = self.lm_head(x)
         if logits.size(-1) != V:  # padded rows: never sampled

@@ -93,7 +93,8 @@ class RecipeConfig:
     def __post_init__(self) -> None:
         problems = []
         for f in self.fields():
-            want = type(f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+            factory = f.default_factory
+            want = type(f.default if f.default is not dataclasses.MISSING else factory())  # type: ignore[operator]
             if want not in (bool, int, float, str, dict):  # optional and list fields: the subclass checks them
                 continue
             value, problem = check_value(

@@ -225,7 +225,7 @@ def task_items(
             _fits(q, block, where)
         if task == "multiple_choice":
             label = int(r["label"])
-        elif str(r["label"]) in labels:
+        elif labels is not None and str(r["label"]) in labels:
             label = labels.index(str(r["label"]))
         else:
             raise GptlabError(f"{where}: label {r['label']!r} was not seen in training (labels: {labels})")

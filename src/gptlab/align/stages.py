@@ -17,7 +17,7 @@ import copy
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -55,7 +55,11 @@ def load_init(spec: str, device: torch.device) -> tuple[GPT, Any]:
     return loaded.model.train(), loaded.tokenizer
 
 
-def frozen(model: nn.Module) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def frozen(model: M) -> M:
+    """A copy of ``model`` in eval mode whose parameters take no gradient (a reference or reward model)."""
     model = copy.deepcopy(model).eval()
     return model.requires_grad_(False)
 
@@ -146,6 +150,15 @@ class Stage:
         idx = np.random.default_rng([self.cfg.seed, step]).choice(len(items), n, replace=False)
         r = self.dist.rank * self.cfg.batch_size
         return [items[i] for i in idx[r : r + self.cfg.batch_size]]
+
+    def step(self, step: int, update: Callable[[torch.Tensor], None]) -> dict[str, float]:
+        """Draw this step's data, compute the loss, call ``update(loss)`` (PPO: once per minibatch and epoch);
+        return the metrics row."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics."""
+        raise NotImplementedError
 
     def clip_groups(self) -> list[list[nn.Parameter]]:
         """Parameter sets whose gradient norms are clipped separately (default: all together)."""
@@ -291,7 +304,7 @@ class Reward(Stage):
 
     def rewards(self, prefs: Sequence[Preference]) -> list[torch.Tensor]:
         seqs = [p.prompt + r for p in prefs for r in p.responses]  # each response scored once (InstructGPT)
-        flat = last_token_scalar(self.gpt, self.module["head"], seqs, self.device)
+        flat = last_token_scalar(self.gpt, cast(nn.Linear, self.module["head"]), seqs, self.device)
         return list(flat.split([len(p.responses) for p in prefs]))
 
     def loss(self, prefs: Sequence[Preference]) -> tuple[torch.Tensor, list[torch.Tensor]]:

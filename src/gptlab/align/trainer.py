@@ -1,11 +1,12 @@
-"""The one loop behind every fine-tuning and alignment stage.
+"""Every fine-tuning and alignment stage as a job on the one training loop (:mod:`gptlab.train.loop`), the loop
+``gptlab train`` runs too.
 
 A stage (:mod:`gptlab.align.stages`) owns a ``module`` (an ``nn.ModuleDict`` whose ``gpt`` entry is the model
 being tuned, plus any heads or a value model) and a ``step(step, update)`` that draws its data for that step,
 computes a loss and calls ``update(loss)`` once (PPO: once per minibatch and epoch). The loop supplies what
 ``gptlab train`` supplies, from the same code: AdamW with the same parameter groups and learning-rate schedule,
 gradient clipping (per model: PPO's policy and value model are clipped apart, so the value loss's scale
-never throttles the policy), ``metrics.jsonl``, atomic checkpoints (``model.safetensors`` holds the GPT, so ``gptlab
+never throttles the policy), ``metrics.jsonl``, the log/eval/checkpoint cadence, atomic checkpoints (``model.safetensors`` holds the GPT, so ``gptlab
 sample`` and ``gptlab eval`` read a tuned run directly; heads go to ``heads.safetensors``) and exact resume:
 weights, optimizer, RNG, the step and the stage's own state (e.g. the adaptive KL coefficient), with data that
 is a pure function of the step.
@@ -15,22 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as tdist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from tqdm import tqdm
 
 from .. import checkpoint as ckpt_io
 from ..errors import GptlabError
 from ..files import run_folder
 from ..metrics import METRICS, Metrics, plot_losses
 from ..train import distributed
-from ..train.optim import lr_at, make_optimizer
+from ..train.loop import FitStats, fit, restore_state, save_state, state_dicts
+from ..train.optim import make_optimizer
 from .config import AlignConfig
 from .stages import STAGES
 
@@ -69,135 +66,110 @@ def train_stage(cfg: AlignConfig, resume: bool = False, progress: bool = True) -
 
 
 def _train_stage(cfg: AlignConfig, d: distributed.Dist, resume: bool, progress: bool) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
-    existing = ckpt_io.checkpoints_for(out, resume)
-    torch.manual_seed(cfg.seed)
-    stage = STAGES[cfg.stage](cfg, d)
-    module = stage.module
-    optimizer = make_optimizer(module, cfg, d.device.type)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    start = 0
-    if resume:
-        ck = existing[-1]
-        state = ckpt_io.read_state(ck)
-        weights = {f"gpt.{k}": v for k, v in ckpt_io.load_weights(ck, state).items()}
-        optim_sd, rng = ckpt_io.load_training_state(ck, state)
-        set_state_dict(
-            module,
-            optimizer,
-            model_state_dict=retie(module, {**weights, **ckpt_io.load_extra(ck, state)}),
-            optim_state_dict=optim_sd,
-            options=StateDictOptions(full_state_dict=True),
-        )
-        torch.set_rng_state(rng["torch_rank0"])
-        stage.load_state(state["align"])
-        start = state["step"]
-        if d.is_main:
-            print(f"resuming from {ck} (step {start})", file=sys.stderr, flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = Metrics(out / METRICS, start if resume else None, d.is_main)
-    groups = [[p for p in g if p.requires_grad] for g in stage.clip_groups()]
+    job = StageJob(cfg, d, resume)
+    stats = fit(job, cfg, job.start, cfg.stage, progress, d.is_main)
+    return job.finish(stats)
 
-    def update(loss: torch.Tensor) -> None:
+
+class StageJob:
+    """A stage on the shared loop: its steps call :meth:`update` for each loss; rows and evaluations go to
+    ``metrics.jsonl``; checkpoints hold the GPT in ``model.safetensors`` and the heads in ``heads.safetensors``."""
+
+    def __init__(self, cfg: AlignConfig, d: distributed.Dist, resume: bool) -> None:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg, self.d, self.resume = cfg, d, resume
+        self.out = Path(cfg.out_dir)
+        existing = ckpt_io.checkpoints_for(self.out, resume)
+        torch.manual_seed(cfg.seed)
+        self.stage = STAGES[cfg.stage](cfg, d)
+        self.module = self.stage.module
+        self.optimizer = make_optimizer(self.module, cfg, d.device.type)
+        self.start = 0
+        if resume:
+            ck = existing[-1]
+            state = ckpt_io.read_state(ck)
+            weights = {f"gpt.{k}": v for k, v in ckpt_io.load_weights(ck, state).items()}
+            weights = retie(self.module, {**weights, **ckpt_io.load_extra(ck, state)})
+            self.start = restore_state(ck, state, self.module, self.optimizer, weights, d)
+            self.stage.load_state(state["align"])
+        self.metrics = Metrics(self.out / METRICS, self.start if resume else None, d.is_main)
+        self.groups = [[p for p in g if p.requires_grad] for g in self.stage.clip_groups()]
+        self.row: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+        self.step_now = 0
+        self.module.train()
+
+    def update(self, loss: torch.Tensor) -> None:
+        """Backward, average gradients across ranks, clip each model's group, step."""
+        cfg, d = self.cfg, self.d
         if not math.isfinite(loss.item()):
             raise GptlabError(
-                f"the {cfg.stage} loss became {loss.item()} at step {step + 1}; lower --lr or raise "
+                f"the {cfg.stage} loss became {loss.item()} at step {self.step_now + 1}; lower --lr or raise "
                 f"--warmup-iters, then --resume from the last checkpoint"
             )
         loss.backward()
         if d.enabled:
-            for p in module.parameters():
+            for p in self.module.parameters():
                 if p.grad is not None:
                     p.grad.copy_(distributed.mean_across_ranks(p.grad, d))
         if cfg.grad_clip:
-            for g in groups:
+            for g in self.groups:
                 torch.nn.utils.clip_grad_norm_(g, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
-    def save(done: int) -> None:
-        _, optim_sd = get_state_dict(module, optimizer, options=opts)
-        sd = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    def train_step(self, step: int) -> None:
+        self.step_now = step
+        row = self.stage.step(step, self.update)
+        if self.d.enabled:  # every rank's share of the global batch, averaged
+            row = dict(zip(row, distributed.mean_across_ranks(torch.tensor(list(row.values())), self.d).tolist()))
+        self.row = row
+
+    def log(self, done: int, lr: float, seconds: float, steps: int) -> dict[str, str]:
+        self.metrics.write(step=done, lr=lr, **self.row)
+        return {k: f"{v:.4g}" for k, v in list(self.row.items())[:3]}
+
+    def evaluate(self, done: int) -> str:
+        self.module.eval()
+        self.last_eval = self.stage.evaluate()
+        self.module.train()
+        self.metrics.write(step=done, **{f"val_{k}": v for k, v in self.last_eval.items()})
+        return f"step {done}: " + "  ".join(f"{k} {v:.4g}" for k, v in self.last_eval.items())
+
+    def save(self, done: int) -> None:
+        _, optim_sd = state_dicts(self.module, self.optimizer)
+        sd = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         gpt = {k[4:]: v for k, v in sd.items() if k.startswith("gpt.")}
         extra = untie({k: v for k, v in sd.items() if not k.startswith("gpt.")})
-        if d.is_main:
-            ckpt_io.save_checkpoint(
-                out,
-                done,
-                gpt,
-                optim_sd,
-                {
-                    "model_config": stage.gpt.config.to_dict(),
-                    "train_config": cfg.to_dict(),
-                    "tokenizer": stage.tok.spec(),
-                    "align": stage.state(),
-                    "val_loss": None,
-                    "best_val": None,
-                    "best_step": None,
-                    "rng": {"torch_rank0": torch.get_rng_state()},
-                },
-                cfg.keep_last,
-                extra,
-            )
-        if d.enabled:
-            tdist.barrier()
+        meta = {
+            "model_config": self.stage.gpt.config.to_dict(),
+            "train_config": self.cfg.to_dict(),
+            "tokenizer": self.stage.tok.spec(),
+            "align": self.stage.state(),
+            "val_loss": None,
+            "best_val": None,
+            "best_step": None,
+        }
+        save_state(self.out, done, self.d, gpt, optim_sd, meta, self.cfg.keep_last, extra)
 
-    bar = tqdm(
-        total=cfg.max_iters,
-        initial=start,
-        desc=cfg.stage,
-        disable=not (progress and d.is_main),
-        dynamic_ncols=True,
-        file=sys.stderr,
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,
-    )
-    t0 = time.perf_counter()
-    last_eval: dict[str, float] = {}
-    module.train()
-    try:
-        for step in range(start, cfg.max_iters):
-            lr = lr_at(step, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            row = stage.step(step, update)
-            if d.enabled:  # every rank's share of the global batch, averaged
-                row = dict(zip(row, distributed.mean_across_ranks(torch.tensor(list(row.values())), d).tolist()))
-            done = step + 1
-            bar.update(1)
-            is_ckpt = done == cfg.max_iters or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0)
-            if done % cfg.log_interval == 0 or is_ckpt:
-                metrics.write(step=done, lr=lr, **row)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in list(row.items())[:3]})
-            if done % cfg.eval_interval == 0 or done == cfg.max_iters:
-                module.eval()
-                last_eval = stage.evaluate()
-                module.train()
-                metrics.write(step=done, **{f"val_{k}": v for k, v in last_eval.items()})
-                if d.is_main:
-                    bar.write(
-                        f"step {done}: " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items()), file=sys.stderr
-                    )
-            if is_ckpt:
-                save(done)
-    finally:
-        bar.close()  # before any error line, so that it never shares a line with the bar
-    summary = {
-        "stage": cfg.stage,
-        "out_dir": str(out),
-        "steps": cfg.max_iters,
-        "resumed_from": start if resume else None,
-        "train_seconds": round(time.perf_counter() - t0, 1),
-        "eval": last_eval,
-        "metrics": str(out / METRICS),
-        "world_size": d.world_size,
-    }
-    if not d.is_main:
+    def finish(self, stats: FitStats) -> dict[str, Any]:
+        cfg, d, out, stage, metrics = self.cfg, self.d, self.out, self.stage, self.metrics
+        summary = {
+            "stage": cfg.stage,
+            "out_dir": str(out),
+            "steps": cfg.max_iters,
+            "resumed_from": self.start if self.resume else None,
+            "train_seconds": stats.seconds,
+            "eval": self.last_eval,
+            "metrics": str(out / METRICS),
+            "world_size": d.world_size,
+        }
+        if not d.is_main:
+            return summary
+        summary.update(stage.summary())
+        rows = [r for r in metrics.rows() if "loss" in r or "val_loss" in r]
+        if rows:
+            plot_losses(rows, out / "loss.png", f"{cfg.stage}: {Path(cfg.model).name} on {Path(cfg.data).name}")
+            summary["loss_plot"] = str(out / "loss.png")
         return summary
-    summary.update(stage.summary())
-    rows = [r for r in metrics.rows() if "loss" in r or "val_loss" in r]
-    if rows:
-        plot_losses(rows, out / "loss.png", f"{cfg.stage}: {Path(cfg.model).name} on {Path(cfg.data).name}")
-        summary["loss_plot"] = str(out / "loss.png")
-    return summary

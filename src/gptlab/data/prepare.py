@@ -262,7 +262,7 @@ def _build(
     build = tmp / "out"
     build.mkdir()
     splits = {"train": all_tokens[: n_tokens - n_val], "val": all_tokens[n_tokens - n_val :]}
-    files = {}
+    files: dict[str, list[str]] = {}
     for split, toks in splits.items():
         files[split] = []
         for i, start in enumerate(range(0, max(len(toks), 1), shard_tokens)):

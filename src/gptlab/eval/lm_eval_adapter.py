@@ -64,5 +64,5 @@ class GptlabLM(LM):
                 stop=until,
                 sliding_window=True,
             )[0]
-            out.append(completion.text)
+            out.append(completion.text or "")
         return out

@@ -346,7 +346,11 @@ def fewshot_plot(result: dict[str, Any], out: Path, title: str) -> Path:
     rows = result["results"]
     k = [r["shots"] for r in rows]
     acc = [r["acc"] for r in rows]
-    err = [[a - r["ci95"][0] for a, r in zip(acc, rows)], [r["ci95"][1] - a for a, r in zip(acc, rows)]]
+    # max(0, ...): at acc = 0 or 1 the Wilson bound equals it up to rounding
+    err = [
+        [max(0.0, a - r["ci95"][0]) for a, r in zip(acc, rows)],
+        [max(0.0, r["ci95"][1] - a) for a, r in zip(acc, rows)],
+    ]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar(k, acc, yerr=err, fmt="o-", capsize=4)
     ax.axhline(1 / len(result["labels"]), color="gray", ls="--", label="chance")
@@ -358,7 +362,7 @@ def fewshot_plot(result: dict[str, Any], out: Path, title: str) -> Path:
 
 
 # Prompted generation (seed 000): "TL;DR:" summaries, "English: ... French:" translation, "Q: ... A:" answers.
-GENERATION_TASKS = {
+GENERATION_TASKS: dict[str, dict[str, Any]] = {
     "summarize": {"fields": ("document", "summary"), "template": "{document}\nTL;DR:", "metric": "rouge"},
     "translate": {
         "fields": ("source", "target"),
@@ -449,7 +453,7 @@ def generation_task(
         outs = engine.generate(
             prompts[s : s + batch_size], max_new_tokens, Sampling(temperature=0), stop=["\n"], sliding_window=True
         )
-        preds += [o.text.strip() for o in outs]
+        preds += [(o.text or "").strip() for o in outs]
     refs = [d[out_field] for d in test]
     scores: dict[str, float] = {}
     if spec["metric"] == "rouge":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ from ..recipe import DEFAULT_SEED
 CACHE_BUCKET = 256  # compiled decode: cache lengths are rounded up to a multiple of this (fewer recompiles)
 # Materialize every intermediate instead of fusing LayerNorm/GELU into the matrix-vector reductions that read
 # them: fused, inductor recomputes the producer once per output row (3x slower decode on CPU).
-COMPILE_OPTIONS = {"realize_opcount_threshold": 0}
+COMPILE_OPTIONS: dict[str, Any] = {"realize_opcount_threshold": 0}
 
 
 @dataclass(frozen=True)

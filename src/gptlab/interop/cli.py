@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..errors import GptlabError
 from ..options import add_json, add_model, add_out_dir, emit
@@ -35,7 +36,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         out = save_model_checkpoint(
             Path(args.out_dir), model.state_dict(), model.config, meta["tokenizer"], source=str(args.model)
         )
-    result = {
+    result: dict[str, Any] = {
         "model": str(args.model),
         "out_dir": str(out),
         "to": to,

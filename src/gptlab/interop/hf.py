@@ -27,6 +27,7 @@ from ..model import with_tied
 from ..tokenizer import (
     EOT_TEXT,
     BPETokenizer,
+    CharTokenizer,
     GPT2Tokenizer,
     Tokenizer,
     from_spec,
@@ -193,7 +194,8 @@ def _tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, str]:
         vocab[EOT_TEXT] = tok.eot_id
         files["vocab.json"] = json.dumps(vocab, ensure_ascii=False)
         files["merges.txt"] = "#version: 0.2\n" + "\n".join(merges) + "\n"
-        hf = HFTokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges]))
+        pairs = [m.split(" ") for m in merges]
+        hf = HFTokenizer(models.BPE(vocab, [(a, b) for a, b in pairs]))
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
         hf.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -202,6 +204,7 @@ def _tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, str]:
     elif isinstance(tok, BPETokenizer):
         hf, cls = tok.tok, "PreTrainedTokenizerFast"
     else:  # character-level: one token per character, the end-of-text token after them
+        assert isinstance(tok, CharTokenizer)
         hf = HFTokenizer(models.WordLevel({c: i for i, c in enumerate(tok.chars)}, unk_token=None))
         hf.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
         hf.decoder = decoders.Fuse()

@@ -61,7 +61,7 @@ def from_openai_variables(variables: Mapping[str, np.ndarray], cfg: GPTConfig) -
 
 def _read_tf_checkpoint(path: Path) -> dict[str, np.ndarray]:
     try:
-        import tensorflow as tf  # type: ignore[import-not-found]
+        import tensorflow as tf  # here, not at the top: optional, and only OpenAI TF checkpoints need it
     except ImportError:
         raise GptlabError(
             f"{path} is an OpenAI TensorFlow checkpoint; reading it needs TensorFlow's checkpoint "

@@ -57,7 +57,7 @@ def _hw(args: argparse.Namespace):
 def plan_model(args: argparse.Namespace) -> tuple[dict, str]:
     s = _shape(args)
     p, f = params(s), forward_flops_per_token(s)
-    r = {
+    r: dict[str, Any] = {
         "shape": s.__dict__,
         "params": p,
         "forward_flops_per_token": f,
@@ -200,7 +200,7 @@ def plan_scaling(args: argparse.Namespace) -> tuple[dict, str]:
         f"{'allocation':<12}{'params':>12}{'tokens':>12}{'tok/param':>10}{'L chinchilla':>14}{'L kaplan':>10}",
     ]
     lines += [
-        f"{x['allocation']:<12}{si(x['params']):>12}{si(x['tokens']):>12}{x['tokens_per_param']:>10.1f}"
+        f"{x['allocation']:<12}{si(float(x['params'])):>12}{si(float(x['tokens'])):>12}{x['tokens_per_param']:>10.1f}"
         f"{x['loss_chinchilla']:>14.4f}{x['loss_kaplan_nd']:>10.4f}"
         for x in rows
     ]

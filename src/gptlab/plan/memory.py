@@ -16,6 +16,7 @@ Sources, per formula:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from ..errors import GptlabError
 from .hardware import Hardware
@@ -116,7 +117,7 @@ def inference(
     devices: int | None = None,
     usable: float = 0.9,
     prompt_tokens: int | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Serving ``s`` with ``batch`` sequences of ``context`` tokens on ``hw``:
 
     - memory: weights + KV cache (+ the largest transient activation, the [batch, vocab] logits in fp32);

@@ -92,7 +92,7 @@ def load_law(spec: str) -> ChinchillaLaw:
             f"--law {path} holds no L(N, D) constants (E, A, B, alpha, beta); a sweep fits them when "
             f"its runs vary both N and D: `gptlab scale --flops ...` or several --tokens budgets"
         )
-    return ChinchillaLaw(*(float(consts[k]) for k in keys), source=f"fitted ({path})")
+    return ChinchillaLaw(**{k: float(consts[k]) for k in keys}, source=f"fitted ({path})")
 
 
 def kaplan_loss_n(n: float) -> float:

@@ -52,12 +52,12 @@ def fit_rows(rows: list[dict[str, Any]], isoflop: bool = False) -> dict[str, Any
         out["power_law"] = fit_power_law(n, loss).to_dict()
         if len(top) >= 4:
             out["power_law_with_E"] = fit_power_law(n, loss, irreducible=True, bootstrap=50).to_dict()
-        held = fit_power_law(n[:-1], loss[:-1], bootstrap=0).params
-        pred = held["a"] * n[-1] ** -held["alpha"]
+        held_params = fit_power_law(n[:-1], loss[:-1], bootstrap=0).params
+        pred = held_params["a"] * n[-1] ** -held_params["alpha"]
         out["held_out"] = {
             "what": "largest model's loss from L(N) fitted on the smaller ones",
             "fit_on": len(top) - 1,
-            "params": held,
+            "params": held_params,
             "largest_non_embedding": n[-1],
             "predicted_loss": pred,
             "actual_loss": loss[-1],

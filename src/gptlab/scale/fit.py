@@ -7,7 +7,8 @@
   B = e^b, E = e^e), by L-BFGS from a grid of initialisations (the 12 with the lowest starting loss), keeping the
   best.
 - :func:`isoflop_profile`: per compute budget, a parabola in log N through the runs around that budget's lowest loss;
-  its vertex is the budget's optimal N (budgets whose minimum is not bracketed are skipped, not extrapolated); then N_opt ∝ C^a and D_opt ∝ C^b fitted across budgets (Approach 2).
+  its vertex is the budget's optimal N (budgets whose minimum is not bracketed are skipped, not extrapolated);
+  then N_opt ∝ C^a and D_opt ∝ C^b fitted across budgets (Approach 2).
 - Intervals: percentile bootstrap over the runs (``bootstrap`` resamples, seeded).
 
 All fits use torch in float64 (no extra dependency); the tests recover known constants from synthetic data.
@@ -41,8 +42,8 @@ class Fit:
         }
 
 
-def _check(x: Sequence[float], y: Sequence[float], need: int) -> tuple[np.ndarray, np.ndarray]:
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+def _check(xs: Sequence[float], ys: Sequence[float], need: int) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1 or len(x) < need:
         raise GptlabError(f"a fit needs at least {need} (x, loss) points of equal count, got {len(x)} and {len(y)}")
     if (x <= 0).any() or (y <= 0).any():
@@ -93,10 +94,10 @@ def _lbfgs(loss_fn: Callable[[torch.Tensor], torch.Tensor], starts: list[list[fl
 
 
 def fit_power_law(
-    x: Sequence[float], loss: Sequence[float], irreducible: bool = False, bootstrap: int = 200, seed: int = 0
+    size: Sequence[float], loss: Sequence[float], irreducible: bool = False, bootstrap: int = 200, seed: int = 0
 ) -> Fit:
     """L = a·x^(−α) (``irreducible=False``) or L = E + a·x^(−α), with 95 % bootstrap intervals."""
-    x, y = _check(x, loss, 4 if irreducible else 2)
+    x, y = _check(size, loss, 4 if irreducible else 2)
     lx, ly = np.log(x), np.log(y)
 
     lo = float(np.log(y.min()))

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import GptlabError
 from ..plan.scaling import APPROACH_EXPONENTS, BESIROGLU, HOFFMANN, KAPLAN_D, KAPLAN_N, KAPLAN_N_OPT
 from ..plotting import pyplot, save_png
 from .analysis import largest_budget, predictions
@@ -29,7 +30,7 @@ def report(rows: list[dict[str, Any]], fits: dict[str, Any], sweep: dict[str, An
     held-out check and the caveats."""
     mode = "IsoFLOP (FLOP budgets)" if sweep.get("flops") else "token budgets"
     out = [
-        f"# Scaling sweep: {sweep['out']}",
+        f"# Scaling sweep: {sweep['out_dir']}",
         "",
         f"Data `{sweep['data']}`, base recipe `{sweep.get('recipe')}`, {len(rows)} runs, {mode}; depth dial with "
         f"width = {sweep['width_per_layer']}·depth, head_dim {sweep['head_dim']}. C = 6·N·D with total N.",
@@ -81,9 +82,9 @@ def report(rows: list[dict[str, Any]], fits: dict[str, Any], sweep: dict[str, An
         out += ["", "| budget C | N_opt [95 % bootstrap] | D_opt | D_opt/N_opt | min loss |", "|---|---|---|---|---|"]
         for o in fits["isoflop"]["budgets"]:
             lo, hi = ci.get(f"n_opt@{o['compute']:.3g}", (None, None))
-            span = f" [{lo:,.0f}, {hi:,.0f}]" if lo is not None else ""
+            interval = f" [{lo:,.0f}, {hi:,.0f}]" if lo is not None else ""
             out.append(
-                f"| {o['compute']:.3g} | {o['n_opt']:,.0f}{span} | {o['d_opt']:,.0f} | "
+                f"| {o['compute']:.3g} | {o['n_opt']:,.0f}{interval} | {o['d_opt']:,.0f} | "
                 f"{o['d_opt'] / o['n_opt']:.1f} | {o['loss_min']:.4f} |"
             )
         if "bootstrap_kept" in fits["isoflop"]:
@@ -164,7 +165,8 @@ def isoflop_plot(path: Path, rows: list[dict[str, Any]], fits: dict[str, Any]) -
         )
         if c in kept:
             o = kept[c]
-            grid = np.logspace(*np.log10(o["n_range"]), 100)
+            lo, hi = np.log10(o["n_range"])
+            grid = np.logspace(lo, hi, 100)
             ax.semilogx(grid, np.polyval(o["parabola"], np.log(grid)), "-", color=line.get_color(), lw=1.5)
             ax.plot(o["n_opt"], o["loss_min"], "*", ms=12, color=line.get_color())
     ax.set(xlabel="parameters N (total)", ylabel="final val loss (nats/token)", title="IsoFLOP profiles")
@@ -183,7 +185,10 @@ def isoflop_plot(path: Path, rows: list[dict[str, Any]], fits: dict[str, Any]) -
 
 def predicted_plot(path: Path, rows: list[dict[str, Any]], fits: dict[str, Any]) -> Path:
     """Each run's loss as the fit predicts it against the measured loss, and the held-out prediction."""
-    label, covered, pred = predictions(rows, fits)
+    predicted = predictions(rows, fits)
+    if predicted is None:
+        raise GptlabError("no fit predicts these runs' losses; nothing to plot")
+    label, covered, pred = predicted
     actual = [r["final_val_loss"] for r in covered]
     fig, ax = pyplot().subplots(figsize=(5.5, 5))
     ax.plot(actual, pred, "o", label=f"runs, fit {label}")

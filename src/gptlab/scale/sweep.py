@@ -99,7 +99,8 @@ class Sweep(RecipeConfig):
         super().__post_init__()
 
     def checks(self) -> list[tuple[bool, str]]:
-        sizes = self.shapes or self.depths
+        shapes, depths = self.shapes or [], self.depths or []
+        sizes: list[Any] = shapes or depths
         given = self._both_sizes
         return [
             (not bad, msg)
@@ -107,12 +108,12 @@ class Sweep(RecipeConfig):
                 (not self.data, "the sweep needs `data` (flag --data or a key in the sweep file)"),
                 (not self.out_dir, "the sweep needs `out_dir` (flag --out-dir or a key in the sweep file)"),
                 (given, "give depths (a dial) or shapes, not both"),
-                (any(len(x) != 2 or min(x) < 1 for x in self.shapes), "each shape is [n_layer, n_embd], both >= 1"),
+                (any(len(x) != 2 or min(x) < 1 for x in shapes), "each shape is [n_layer, n_embd], both >= 1"),
                 (not sizes, "the size list is empty; give at least 3 depths (--depths 1,2,3) or shapes"),
                 (
                     len(sizes) < 3
                     or len({tuple(x) if isinstance(x, list) else x for x in sizes}) != len(sizes)
-                    or (bool(self.depths) and self.depths[0] < 1),
+                    or (bool(depths) and depths[0] < 1),
                     f"a sweep needs at least 3 distinct positive sizes, got {sizes}",
                 ),
                 (bool(self.tokens) and bool(self.flops), "give token budgets or FLOP budgets (IsoFLOP mode), not both"),
@@ -140,10 +141,12 @@ def plan_runs(sw: Sweep) -> tuple[TrainConfig, list[dict[str, Any]]]:
     vocab = read_meta(base.data)["vocab_size"]
     block = base.block_size or preset(base.model).block_size
     per_step = base.batch_size * base.grad_accum * block * sw.nproc_per_node
-    sizes = []
-    dims = [(f"l{n}w{w}", n, w) for n, w in sw.shapes] or [(f"d{d}", d, sw.width_per_layer * d) for d in sw.depths]
+    sizes: list[dict[str, Any]] = []
+    dims = [(f"l{n}w{w}", n, w) for n, w in sw.shapes or []] or [
+        (f"d{d}", d, sw.width_per_layer * d) for d in sw.depths or []
+    ]
     for tag, n_layer, width in dims:
-        s = shape(n_layer, width, sw.head_dim)
+        s: dict[str, Any] = shape(n_layer, width, sw.head_dim)
         p = params(Shape.from_config(preset(base.model, vocab_size=vocab, **{**base.model_overrides, **s})))
         sizes.append({"tag": tag, "depth": n_layer, **s, "params": p["total"], "non_embedding": p["non_embedding"]})
     sizes.sort(key=lambda x: x["params"])

@@ -19,6 +19,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides["model_overrides"] = parse_set(args.set)
     cfg = TrainConfig.from_sources(args.recipe, **overrides)
     s = train(cfg, resume=args.resume, progress=not args.json)
+    if "loss_plot" not in s:  # under torchrun only rank 0 reports
+        return
     emit(
         args,
         s,

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import GptlabError
+from ..model import GPT
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,13 @@ def session(device_pref: str) -> Iterator[Dist]:
         teardown()
 
 
-def wrap(model: torch.nn.Module, d: Dist, parallel: str) -> torch.nn.Module:
+def wrap(model: GPT, d: Dist, parallel: str) -> torch.nn.Module:
     """DDP (every rank holds the whole model) or FSDP2 (parameters, gradients and optimizer state sharded per
     block). FSDP shards in place, so it must run before the optimizer is built."""
     if not d.enabled:
         return model
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # here, not at the top: only FSDP runs need it
 
         for block in model.h:
             fully_shard(block)

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 
-from .config import TrainConfig
+
+class OptimizerSettings(Protocol):
+    """The optimizer and schedule fields that ``gptlab train`` and every ``gptlab align`` stage share (both configs
+    declare them with the same names and meanings; see :mod:`gptlab.train.config`)."""
+
+    lr: float
+    min_lr: float
+    warmup_iters: int
+    lr_decay_iters: int
+    max_iters: int
+    schedule: str
+    decay_frac: float
+    weight_decay: float
+    beta1: float
+    beta2: float
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: OptimizerSettings, device_type: str) -> torch.optim.AdamW:
     """AdamW; weight decay on >= 2-D tensors (matmul weights, embeddings), none on biases (also the experts' stacked
     [n_experts, features] biases) and LayerNorm gains. Uses the fused single-kernel implementation (CPU and CUDA)
     when torch offers it."""
@@ -24,7 +39,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: OptimizerSettings) -> float:
     """Linear warmup from 0 over ``warmup_iters`` steps, then either cosine decay to ``min_lr`` at
     ``lr_decay_iters`` (default ``max_iters``; GPT-3 appendix B, nanoGPT) or, for ``schedule="wsd"``
     (warmup-stable-decay, Hu et al. 2024 / Hägele et al. 2024), ``lr`` held flat and then decayed linearly to

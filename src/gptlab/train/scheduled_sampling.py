@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..model import GPT
 from ..recipe import DEFAULT_SEED
 
 
@@ -54,7 +55,7 @@ def mix_in_predictions(model: torch.nn.Module, x: torch.Tensor, p: float, genera
 
 @torch.no_grad()
 def exposure_report(
-    model: torch.nn.Module, tokens: list[int], p: float, seed: int = DEFAULT_SEED, max_windows: int = 64
+    model: GPT, tokens: list[int], p: float, seed: int = DEFAULT_SEED, max_windows: int = 64
 ) -> dict[str, float]:
     """Mean per-token loss of ``tokens`` under teacher forcing and under sequential scheduled sampling at rate ``p``
     (each input is, with probability p, the model's own greedy prediction given the *mixed* history so far, as in

@@ -1,10 +1,13 @@
-"""The pre-training loop: next-token cross-entropy with teacher forcing (optionally scheduled sampling).
+"""Pre-training: next-token cross-entropy with teacher forcing (optionally scheduled sampling), as a job on the
+shared loop (:mod:`gptlab.train.loop`).
 
-One loop serves one CPU process, a torchrun DDP/FSDP job, CUDA, bf16 autocast and torch.compile. Per step:
-``grad_accum`` micro-batches (gradients synchronised only on the last), clipping, one fused AdamW step. The hot loop
-does no host syncs except at log, eval and checkpoint steps. Resuming restores weights, AdamW state, every rank's
-RNG state and the step; the loader is a pure function of the step, so a resumed run repeats the uninterrupted run's
-losses bit for bit on CPU.
+:class:`Pretraining` is set up once (model, optimizer, resume), then :func:`~gptlab.train.loop.fit` drives its
+steps, logs, evaluations and checkpoints, then it runs the final evaluation and writes the summary. One job serves
+one CPU process, a torchrun DDP/FSDP job, CUDA, bf16 autocast and torch.compile. Per step: ``grad_accum``
+micro-batches (gradients synchronised only on the last), clipping, one fused AdamW step. The hot loop does no host
+syncs except at log, eval and checkpoint steps. Resuming restores weights, AdamW state, every rank's RNG state and
+the step; the loader is a pure function of the step, so a resumed run repeats the uninterrupted run's losses bit for
+bit on CPU.
 """
 
 from __future__ import annotations
@@ -12,15 +15,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as tdist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from tqdm import tqdm
 
 from .. import checkpoint as ckpt_io
 from ..config import GPTConfig, preset
@@ -31,7 +29,8 @@ from ..metrics import METRICS, Metrics, plot_losses
 from ..model import GPT
 from . import distributed
 from .config import TrainConfig
-from .optim import lr_at, make_optimizer
+from .loop import FitStats, fit, restore_state, save_state, state_dicts
+from .optim import make_optimizer
 from .scheduled_sampling import mix_in_predictions, ss_probability
 
 
@@ -102,29 +101,50 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
 
 def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if d.device.type == "cpu":
-        keep_freed_memory_in_heap()
-    out = Path(cfg.out_dir)
-    existing = ckpt_io.checkpoints_for(out, resume)
-    meta = read_meta(cfg.data)
-    mcfg = model_config_for(cfg, meta["vocab_size"])
-    train_windows = TokenWindows(cfg.data, "train", mcfg.block_size, cfg.seed)
-    val_windows = TokenWindows(cfg.data, "val", mcfg.block_size, cfg.seed)
+    job = Pretraining(cfg, d, resume)
+    stats = fit(job, cfg, job.start, "train", progress, d.is_main)
+    return job.finish(stats)
 
-    with torch.device("meta"):
-        n_params = GPT(mcfg).num_params()
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP does not broadcast them)
-    raw = GPT(mcfg).to(d.device)
-    torch.manual_seed(cfg.seed + d.rank)  # distinct dropout masks per rank
-    model = distributed.wrap(raw, d, cfg.parallel)  # FSDP shards `raw` in place
-    optimizer = make_optimizer(raw, cfg, d.device.type)
-    sd_opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
-    start, best_val, best_step = 0, math.inf, None
-    if resume:
-        ck = existing[-1]
+class Pretraining:
+    """Setup, one step, logging, evaluation and checkpoints of a pre-training run (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, d: distributed.Dist, resume: bool) -> None:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if d.device.type == "cpu":
+            keep_freed_memory_in_heap()
+        self.cfg, self.d, self.resume = cfg, d, resume
+        self.out = out = Path(cfg.out_dir)
+        existing = ckpt_io.checkpoints_for(out, resume)
+        self.data_meta = read_meta(cfg.data)
+        self.mcfg = mcfg = model_config_for(cfg, self.data_meta["vocab_size"])
+        self.train_windows = TokenWindows(cfg.data, "train", mcfg.block_size, cfg.seed)
+        self.val_windows = TokenWindows(cfg.data, "val", mcfg.block_size, cfg.seed)
+        with torch.device("meta"):
+            self.n_params = GPT(mcfg).num_params()
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP does not broadcast them)
+        self.raw = GPT(mcfg).to(d.device)
+        torch.manual_seed(cfg.seed + d.rank)  # distinct dropout masks per rank
+        self.model: Any = distributed.wrap(self.raw, d, cfg.parallel)  # FSDP shards `raw` in place; DDP wraps it
+        self.optimizer = make_optimizer(self.raw, cfg, d.device.type)
+        self.start, self.best_val, self.best_step = 0, math.inf, None
+        if resume:
+            self._resume(existing[-1])
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.dtype = autocast_dtype(cfg.dtype, d.device)
+        self.amp = torch.autocast(d.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.dtype == torch.float16)
+        self.metrics = Metrics(out / METRICS, self.start if resume else None, d.is_main)
+        self.tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * d.world_size
+        self.ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        self.pending: list[torch.Tensor] = []  # per-micro-batch losses on the device since the last log
+        self.last_loss, self.last_val, self.last_tps = math.nan, math.nan, 0.0
+        self.model.train()
+
+    def _resume(self, ck: Path) -> None:
+        out, mcfg = self.out, self.mcfg
         state = ckpt_io.read_state(ck)
         val = state.get("val_loss")
         if isinstance(val, (int, float)) and diverged(val, mcfg.vocab_size):
@@ -140,200 +160,124 @@ def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) 
                 f"--resume: the checkpoint's model differs from this run's (checkpoint, now): {diff}; "
                 f"resume with the original settings"
             )
-        optim_sd, rng = ckpt_io.load_training_state(ck, state)
-        set_state_dict(
-            raw,
-            optimizer,
-            model_state_dict=ckpt_io.load_weights(ck, state),
-            optim_state_dict=optim_sd,
-            options=StateDictOptions(full_state_dict=True),
-        )
-        saved_ranks = sum(k.startswith("torch_rank") for k in rng)
-        if saved_ranks != d.world_size:  # the same answer on every rank, so all of them stop
-            raise GptlabError(
-                f"--resume: the checkpoint was written by {saved_ranks} process(es), not "
-                f"{d.world_size}; resume with the same number of processes"
-            )
-        torch.set_rng_state(rng[f"torch_rank{d.rank}"])
-        if d.device.type == "cuda" and f"cuda_rank{d.rank}" in rng:
-            torch.cuda.set_rng_state(rng[f"cuda_rank{d.rank}"])
-        start, best_val, best_step = state["step"], state.get("best_val") or math.inf, state.get("best_step")
-        if d.is_main:
-            print(f"resuming from {ck} (step {start})", file=sys.stderr, flush=True)
-    if cfg.compile:
-        model = torch.compile(model)
+        self.start = restore_state(ck, state, self.raw, self.optimizer, ckpt_io.load_weights(ck, state), self.d)
+        self.best_val, self.best_step = state.get("best_val") or math.inf, state.get("best_step")
 
-    dtype = autocast_dtype(cfg.dtype, d.device)
-    amp = torch.autocast(d.device.type, dtype=dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = Metrics(out / METRICS, start if resume else None, d.is_main)
-    tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * d.world_size
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    def train_step(self, step: int) -> None:
+        cfg, d = self.cfg, self.d
+        p_ss = ss_probability(cfg.ss_schedule, step, cfg.max_iters, cfg.ss_max_prob, cfg.ss_k)
+        ss_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step) if p_ss > 0 else None
+        for micro in range(cfg.grad_accum):
+            x, y = self.train_windows.batch(cfg.batch_size, step, micro, d.rank, d.world_size)
+            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            if ss_gen is not None:
+                x = mix_in_predictions(self.raw, x, p_ss, ss_gen)
+            sync = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if sync or not self.ddp else self.model.no_sync(), self.amp:
+                _, loss = self.model(x, y)
+            self.scaler.scale(loss / cfg.grad_accum).backward()
+            self.pending.append(loss.detach())
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def log(self, done: int, lr: float, seconds: float, steps: int) -> dict[str, str]:
+        micro_losses = distributed.mean_across_ranks(torch.stack(self.pending).float(), self.d)
+        losses = micro_losses.view(-1, self.cfg.grad_accum).mean(1).tolist()
+        self.pending.clear()
+        self.check_loss(losses, done)
+        self.last_loss, self.last_tps = losses[-1], steps * self.tokens_per_step / max(seconds, 1e-9)
+        for i, loss_i in enumerate(losses):
+            self.metrics.write(step=done - len(losses) + i + 1, loss=loss_i)
+        if self.raw.moe_layers():
+            self.metrics.write(step=done, **moe_stats(self.raw))
+        return {"loss": f"{self.last_loss:.4f}", "tok_s": f"{self.last_tps:,.0f}", "lr": f"{lr:.2e}"}
 
     @torch.no_grad()
-    def evaluate(batches) -> float:
-        model.eval()
+    def mean_loss(self, batches) -> float:
+        """Mean loss over ``batches`` (every rank's share), in eval mode."""
+        d = self.d
+        self.model.eval()
         total = torch.zeros(2, device=d.device)
         for x, y in batches:
-            with amp:
-                _, loss = model(x.to(d.device), y.to(d.device))
+            with self.amp:
+                _, loss = self.model(x.to(d.device), y.to(d.device))
             total += torch.stack([loss.float() * y.numel(), torch.tensor(float(y.numel()), device=d.device)])
-        model.train()
+        self.model.train()
         total = distributed.mean_across_ranks(total, d)
         return (total[0] / total[1]).item()
 
-    def periodic_eval() -> float:
-        return evaluate(val_windows.batch(cfg.batch_size, i, 0, d.rank, d.world_size) for i in range(cfg.eval_iters))
+    def evaluate(self, done: int) -> str:
+        cfg, d = self.cfg, self.d
+        self.last_val = self.mean_loss(
+            self.val_windows.batch(cfg.batch_size, i, 0, d.rank, d.world_size) for i in range(cfg.eval_iters)
+        )
+        self.metrics.write(
+            step=done, val_loss=self.last_val, tok_per_s=self.last_tps, lr=self.optimizer.param_groups[0]["lr"]
+        )
+        self.check_loss([self.last_val], done)  # the update may have broken the weights: never save those
+        return f"step {done}: train {self.last_loss:.4f}  val {self.last_val:.4f}  {self.last_tps:,.0f} tok/s"
 
-    def save(step: int, val: float) -> Path:
-        nonlocal best_val, best_step
-        if val < best_val:
-            best_val, best_step = val, step
-        model_sd, optim_sd = get_state_dict(raw, optimizer, options=sd_opts)
-        rng = {f"torch_rank{d.rank}": torch.get_rng_state()}
-        if d.device.type == "cuda":
-            rng[f"cuda_rank{d.rank}"] = torch.cuda.get_rng_state()
-        if d.enabled:
-            gathered: list[Any] = [None] * d.world_size
-            tdist.all_gather_object(gathered, rng)
-            rng = {k: v for r in gathered for k, v in r.items()}
-        path = out / "checkpoints" / f"step-{step:07d}"
+    def save(self, done: int) -> None:
+        if self.last_val < self.best_val:
+            self.best_val, self.best_step = self.last_val, done
+        model_sd, optim_sd = state_dicts(self.raw, self.optimizer)
+        meta = {
+            "model_config": self.mcfg.to_dict(),
+            "train_config": self.cfg.to_dict(),
+            "tokenizer": self.data_meta["tokenizer"],
+            "val_loss": self.last_val,
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "tokens_seen": done * self.tokens_per_step,
+        }
+        save_state(self.out, done, self.d, model_sd, optim_sd, meta, self.cfg.keep_last)
+
+    def check_loss(self, losses: list[float], step: int) -> None:
+        out = self.out
+        bad = [v for v in losses if diverged(v, self.mcfg.vocab_size)]
+        if not bad:
+            return
+        good = last_good_checkpoint(out, self.mcfg.vocab_size)
+        listed = ckpt_io.list_checkpoints(out)
+        latest = listed[-1] if listed else None
+        kept = f"the last good checkpoint is {good}" if good else "no good checkpoint was written yet"
+        if good and latest != good:
+            kept += f" (move the later ones out of {out / 'checkpoints'} first, --resume takes the latest)"
+        advice = (
+            "Lower --lr, raise --warmup-iters or lower --grad-clip, then --resume"
+            if good
+            else "Lower --lr or raise --warmup-iters and start again"
+        )
+        raise GptlabError(f"the loss diverged to {bad[0]:.4g} at step {step}; training stopped and {kept}. {advice}")
+
+    def finish(self, stats: FitStats) -> dict[str, Any]:
+        """The final evaluation (non-overlapping windows over the val split), the loss plot and the summary."""
+        cfg, d, out = self.cfg, self.d, self.out
+        steady = stats.work_steps * self.tokens_per_step / max(stats.work_seconds, 1e-9) if stats.work_steps else None
+        final_val = self.mean_loss(self.val_windows.sequential(cfg.batch_size * 4, cfg.final_eval_tokens))
+        best = out / "checkpoints" / f"step-{self.best_step:07d}" if self.best_step is not None else None
+        summary: dict[str, Any] = {
+            "out_dir": str(out),
+            "steps": cfg.max_iters,
+            "resumed_from": self.start if self.resume else None,
+            "tokens": cfg.max_iters * self.tokens_per_step,
+            "params": self.n_params,
+            "final_val_loss": round(final_val, 4),
+            "best_val_loss": round(self.best_val, 4),
+            "best_checkpoint": str(best) if best else None,
+            "train_seconds": stats.seconds,
+            "tokens_per_second": round(steady) if steady else None,
+            "world_size": d.world_size,
+            "device": str(d.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
         if d.is_main:
-            path = ckpt_io.save_checkpoint(
-                out,
-                step,
-                model_sd,
-                optim_sd,
-                {
-                    "model_config": mcfg.to_dict(),
-                    "train_config": cfg.to_dict(),
-                    "tokenizer": meta["tokenizer"],
-                    "val_loss": val,
-                    "best_val": best_val,
-                    "best_step": best_step,
-                    "rng": rng,
-                    "tokens_seen": step * tokens_per_step,
-                },
-                cfg.keep_last,
-            )
-        if d.enabled:
-            tdist.barrier()
-        return path
-
-    def check_loss(losses: list[float], step: int) -> None:
-        bad = [v for v in losses if diverged(v, mcfg.vocab_size)]
-        if bad:
-            good = last_good_checkpoint(out, mcfg.vocab_size)
-            latest = (ckpt_io.list_checkpoints(out) or [None])[-1]
-            kept = f"the last good checkpoint is {good}" if good else "no good checkpoint was written yet"
-            if good and latest != good:
-                kept += f" (move the later ones out of {out / 'checkpoints'} first, --resume takes the latest)"
-            raise GptlabError(
-                f"the loss diverged to {bad[0]:.4g} at step {step}; training stopped and {kept}. "
-                f"Lower --lr, raise --warmup-iters or lower --grad-clip, then --resume"
-                if good
-                else f"the loss diverged to {bad[0]:.4g} at step {step}; training stopped "
-                f"and {kept}. Lower --lr or raise --warmup-iters and start again"
-            )
-
-    bar = tqdm(
-        total=cfg.max_iters,
-        initial=start,
-        desc="train",
-        disable=not (progress and d.is_main),
-        dynamic_ncols=True,
-        file=sys.stderr,
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,
-    )
-    pending: list[torch.Tensor] = []
-    t_log, step_log, t0 = time.perf_counter(), start, time.perf_counter()
-    t_first = None  # throughput excludes the first step (allocations, compilation), evals and checkpoints
-    side_seconds = 0.0
-    model.train()
-    last_val = math.nan
-    try:
-        for step in range(start, cfg.max_iters):
-            lr = lr_at(step, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            p_ss = ss_probability(cfg.ss_schedule, step, cfg.max_iters, cfg.ss_max_prob, cfg.ss_k)
-            ss_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step) if p_ss > 0 else None
-            for micro in range(cfg.grad_accum):
-                x, y = train_windows.batch(cfg.batch_size, step, micro, d.rank, d.world_size)
-                x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-                if ss_gen is not None:
-                    x = mix_in_predictions(raw, x, p_ss, ss_gen)
-                sync = micro == cfg.grad_accum - 1
-                with contextlib.nullcontext() if sync or not ddp else model.no_sync(), amp:
-                    _, loss = model(x, y)
-                scaler.scale(loss / cfg.grad_accum).backward()
-                pending.append(loss.detach())
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            bar.update(1)
-            if t_first is None:
-                t_first = time.perf_counter()
-            is_ckpt = done == cfg.max_iters or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0)
-            if done % cfg.log_interval == 0 or is_ckpt or done % cfg.eval_interval == 0:
-                micro_losses = distributed.mean_across_ranks(torch.stack(pending).float(), d)
-                losses = micro_losses.view(-1, cfg.grad_accum).mean(1).tolist()
-                pending.clear()
-                check_loss(losses, done)
-                now = time.perf_counter()
-                tps = (done - step_log) * tokens_per_step / max(now - t_log, 1e-9)
-                t_log, step_log = now, done
-                for i, loss_i in enumerate(losses):
-                    metrics.write(step=done - len(losses) + i + 1, loss=loss_i)
-                if raw.moe_layers():
-                    metrics.write(step=done, **moe_stats(raw))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
-                t_side = time.perf_counter()
-                if done % cfg.eval_interval == 0 or is_ckpt:
-                    last_val = periodic_eval()
-                    metrics.write(step=done, val_loss=last_val, tok_per_s=tps, lr=lr)
-                    if d.is_main:
-                        bar.write(
-                            f"step {done}: train {losses[-1]:.4f}  val {last_val:.4f}  {tps:,.0f} tok/s",
-                            file=sys.stderr,
-                        )
-                    check_loss([last_val], done)  # the update may have broken the weights: never save those
-                if is_ckpt:
-                    save(done, last_val)
-                side_seconds += time.perf_counter() - t_side
-                t_log += time.perf_counter() - t_side
-    finally:
-        bar.close()  # before any error line, so that it never shares a line with the bar
-    train_seconds = time.perf_counter() - t0
-    steady = (
-        (cfg.max_iters - start - 1) * tokens_per_step / max(time.perf_counter() - t_first - side_seconds, 1e-9)
-        if t_first is not None and cfg.max_iters - start > 1
-        else None
-    )
-    final_val = evaluate(val_windows.sequential(cfg.batch_size * 4, cfg.final_eval_tokens))
-    summary = {
-        "out_dir": str(out),
-        "steps": cfg.max_iters,
-        "resumed_from": start if resume else None,
-        "tokens": cfg.max_iters * tokens_per_step,
-        "params": n_params,
-        "final_val_loss": round(final_val, 4),
-        "best_val_loss": round(best_val, 4),
-        "best_checkpoint": str(out / "checkpoints" / f"step-{best_step:07d}") if best_step is not None else None,
-        "train_seconds": round(train_seconds, 1),
-        "tokens_per_second": round(steady) if steady else None,
-        "world_size": d.world_size,
-        "device": str(d.device),
-        "dtype": str(dtype).replace("torch.", ""),
-    }
-    if d.is_main:
-        metrics.write(step=cfg.max_iters, final_val_loss=final_val)
-        plot_losses(metrics.rows(), out / "loss.png", f"{cfg.model} on {Path(cfg.data).name}")
-        summary["loss_plot"] = str(out / "loss.png")
-        summary["metrics"] = str(out / METRICS)
-    return summary
+            self.metrics.write(step=cfg.max_iters, final_val_loss=final_val)
+            plot_losses(self.metrics.rows(), out / "loss.png", f"{cfg.model} on {Path(cfg.data).name}")
+            summary["loss_plot"] = str(out / "loss.png")
+            summary["metrics"] = str(out / METRICS)
+        return summary

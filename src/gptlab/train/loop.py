@@ -1,0 +1,182 @@
+"""The one training loop behind ``gptlab train`` and every ``gptlab align`` stage, and the checkpoint state they
+share.
+
+A job (:class:`Job`: pre-training in :mod:`gptlab.train.trainer`, a stage in :mod:`gptlab.align.trainer`) says how
+to take one optimizer step, what to log, how to evaluate and how to save. :func:`fit` owns what is common:
+
+- the learning rate of every step (:func:`gptlab.train.optim.lr_at`);
+- the cadence: metric rows every ``log_interval`` steps, evaluation every ``eval_interval`` steps, checkpoints every
+  ``ckpt_interval`` steps, and all three at the last step. Every checkpoint step is also an evaluation step, so
+  each checkpoint records a validation figure, and every evaluation step is a log step;
+- the progress bar (closed before any error line);
+- the clock: throughput leaves out the first step (allocation, compilation) and the time spent evaluating and
+  saving.
+
+:func:`save_state` and :func:`restore_state` write and read what exact resume needs: weights, AdamW state, every
+rank's RNG state and the step.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import torch
+import torch.distributed as tdist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from tqdm import tqdm
+
+from .. import checkpoint as ckpt_io
+from ..errors import GptlabError
+from . import distributed
+from .optim import OptimizerSettings, lr_at
+
+
+class LoopSettings(OptimizerSettings, Protocol):
+    """The config fields :func:`fit` reads (``TrainConfig`` and ``AlignConfig`` both have them)."""
+
+    log_interval: int
+    eval_interval: int
+    ckpt_interval: int
+
+
+class Job(Protocol):
+    """One kind of training, as :func:`fit` drives it."""
+
+    optimizer: torch.optim.Optimizer
+
+    def train_step(self, step: int) -> None:
+        """Forward, backward and optimizer update(s) for step ``step`` (0-based)."""
+
+    def log(self, done: int, lr: float, seconds: float, steps: int) -> dict[str, str]:
+        """Write the metric rows of the steps since the last log (``steps`` of them, ``seconds`` of work);
+        return the progress bar's postfix."""
+        ...
+
+    def evaluate(self, done: int) -> str:
+        """Evaluate, write the metric row, return the line to print."""
+        ...
+
+    def save(self, done: int) -> None:
+        """Write checkpoint ``done``."""
+
+
+@dataclass
+class FitStats:
+    seconds: float  # the whole loop
+    work_seconds: float  # steps after the first, without evaluation and checkpoint time
+    work_steps: int
+
+
+def fit(job: Job, cfg: LoopSettings, start: int, desc: str, progress: bool, is_main: bool) -> FitStats:
+    """Run steps ``start`` .. ``cfg.max_iters - 1`` of ``job``."""
+    bar = tqdm(
+        total=cfg.max_iters,
+        initial=start,
+        desc=desc,
+        disable=not (progress and is_main),
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
+    t0 = time.perf_counter()
+    t_first: float | None = None  # end of the first step: the work clock starts there
+    side = 0.0  # evaluation and checkpoint seconds since t_first
+    log_work, log_step = 0.0, start  # work clock and step at the last log
+    try:
+        for step in range(start, cfg.max_iters):
+            lr = lr_at(step, cfg)
+            for g in job.optimizer.param_groups:
+                g["lr"] = lr
+            job.train_step(step)
+            done = step + 1
+            bar.update(1)
+            now = time.perf_counter()
+            if t_first is None:
+                t_first, log_work = now, 0.0
+            is_ckpt = done == cfg.max_iters or bool(cfg.ckpt_interval and done % cfg.ckpt_interval == 0)
+            is_eval = is_ckpt or done % cfg.eval_interval == 0
+            if is_eval or done % cfg.log_interval == 0:
+                work = now - t_first - side
+                bar.set_postfix(job.log(done, lr, max(work - log_work, 0.0), done - log_step))
+                log_work, log_step = work, done
+            t_side = time.perf_counter()
+            if is_eval:
+                line = job.evaluate(done)
+                if is_main:
+                    bar.write(line, file=sys.stderr)
+            if is_ckpt:
+                job.save(done)
+            side += time.perf_counter() - t_side
+    finally:
+        bar.close()  # before any error line, so that it never shares a line with the bar
+    end = time.perf_counter()
+    work = end - t_first - side if t_first is not None else 0.0
+    return FitStats(round(end - t0, 1), work, max(cfg.max_iters - start - 1, 0))
+
+
+def state_dicts(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
+    """Full (gathered across FSDP shards), CPU-resident model and name-keyed optimizer state dicts."""
+    model_sd, optim_sd = get_state_dict(
+        module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    return cast(dict[str, torch.Tensor], model_sd), optim_sd
+
+
+def save_state(
+    run_dir: Path,
+    step: int,
+    d: distributed.Dist,
+    model_state: dict[str, torch.Tensor],
+    optim_state: Any,
+    meta: dict[str, Any],
+    keep_last: int,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Checkpoint ``step`` with every rank's RNG state (rank 0 writes; all ranks wait for it)."""
+    rng = {f"torch_rank{d.rank}": torch.get_rng_state()}
+    if d.device.type == "cuda":
+        rng[f"cuda_rank{d.rank}"] = torch.cuda.get_rng_state()
+    if d.enabled:
+        gathered: list[Any] = [None] * d.world_size
+        tdist.all_gather_object(gathered, rng)
+        rng = {k: v for r in gathered for k, v in r.items()}
+    if d.is_main:
+        ckpt_io.save_checkpoint(run_dir, step, model_state, optim_state, {**meta, "rng": rng}, keep_last, extra)
+    if d.enabled:
+        tdist.barrier()
+
+
+def restore_state(
+    ck: Path,
+    state: dict[str, Any],
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    d: distributed.Dist,
+) -> int:
+    """Load a checkpoint's weights (``weights``, already named as ``module`` names them), optimizer state and this
+    rank's RNG state; returns the step to continue from."""
+    optim_sd, rng = ckpt_io.load_training_state(ck, state)
+    set_state_dict(
+        module,
+        optimizer,
+        model_state_dict=cast(Any, weights),
+        optim_state_dict=optim_sd,
+        options=StateDictOptions(full_state_dict=True),
+    )
+    saved_ranks = sum(k.startswith("torch_rank") for k in rng)
+    if saved_ranks != d.world_size:  # the same answer on every rank, so all of them stop
+        raise GptlabError(
+            f"--resume: the checkpoint was written by {saved_ranks} process(es), not {d.world_size}; "
+            f"resume with the same number of processes"
+        )
+    torch.set_rng_state(rng[f"torch_rank{d.rank}"])
+    if d.device.type == "cuda" and f"cuda_rank{d.rank}" in rng:
+        torch.cuda.set_rng_state(rng[f"cuda_rank{d.rank}"])
+    if d.is_main:
+        print(f"resuming from {ck} (step {state['step']})", file=sys.stderr, flush=True)
+    return int(state["step"])
