@@ -6,8 +6,9 @@ being tuned, plus any heads or a value model) and a ``step(step, update)`` that 
 computes a loss and calls ``update(loss)`` once (PPO: once per minibatch and epoch). The loop supplies what
 ``gptlab train`` supplies, from the same code: AdamW with the same parameter groups and learning-rate schedule,
 gradient clipping (per model: PPO's policy and value model are clipped apart, so the value loss's scale
-never throttles the policy), ``metrics.jsonl``, the log/eval/checkpoint cadence, atomic checkpoints (``model.safetensors`` holds the GPT, so ``gptlab
-sample`` and ``gptlab eval`` read a tuned run directly; heads go to ``heads.safetensors``) and exact resume:
+never throttles the policy), ``metrics.jsonl``, the log/eval/checkpoint cadence, atomic checkpoints
+(``model.safetensors`` holds the GPT, so ``gptlab sample`` and ``gptlab eval`` read a tuned run directly; heads go
+to ``heads.safetensors``) and exact resume:
 weights, optimizer, RNG, the step and the stage's own state (e.g. the adaptive KL coefficient), with data that
 is a pure function of the step.
 """

@@ -46,7 +46,8 @@ class LoopSettings(OptimizerSettings, Protocol):
 class Job(Protocol):
     """One kind of training, as :func:`fit` drives it."""
 
-    optimizer: torch.optim.Optimizer
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
 
     def train_step(self, step: int) -> None:
         """Forward, backward and optimizer update(s) for step ``step`` (0-based)."""

@@ -128,7 +128,8 @@ class Pretraining:
         torch.manual_seed(cfg.seed + d.rank)  # distinct dropout masks per rank
         self.model: Any = distributed.wrap(self.raw, d, cfg.parallel)  # FSDP shards `raw` in place; DDP wraps it
         self.optimizer = make_optimizer(self.raw, cfg, d.device.type)
-        self.start, self.best_val, self.best_step = 0, math.inf, None
+        self.start, self.best_val = 0, math.inf
+        self.best_step: int | None = None
         if resume:
             self._resume(existing[-1])
         if cfg.compile:
