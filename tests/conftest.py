@@ -1,8 +1,20 @@
+"""Shared fixtures and helpers: the repository and a subprocess environment, the synthetic corpus and the tiny
+training config most tests train on, a prepared character-level dataset, and the HF/gptlab model pairs."""
+
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from gptlab.config import GPTConfig
+from gptlab.data.prepare import prepare
+from gptlab.metrics import read_rows
+from gptlab.model import GPT
+from gptlab.train.config import TrainConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -27,3 +39,140 @@ def _offline_tiktoken():
     if cache.is_dir() and "TIKTOKEN_CACHE_DIR" not in os.environ:
         os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
     yield
+
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+
+
+def synthetic_text(n_sentences=6000, seed=0):
+    """Sentences from a fixed word list: far more structure than unigram character frequencies."""
+    rng = np.random.default_rng(seed)
+    words = [
+        "the",
+        "king",
+        "queen",
+        "doth",
+        "speak",
+        "of",
+        "love",
+        "and",
+        "war",
+        "my",
+        "lord",
+        "good",
+        "night",
+        "sweet",
+        "prince",
+        "what",
+        "say",
+        "you",
+        "thou",
+        "art",
+        "noble",
+        "fair",
+        "heaven",
+        "blood",
+    ]
+    return "\n".join(
+        " ".join(rng.choice(words, rng.integers(3, 9))) + rng.choice([".", "!", "?"]) for _ in range(n_sentences)
+    )
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "corpus.txt").write_text(synthetic_text())
+    prepare([str(root / "corpus.txt")], root / "char", tokenizer="char", progress=False)
+    return root / "char"
+
+
+def tiny_cfg(data, out, **kw):
+    base = dict(
+        data=str(data),
+        out_dir=str(out),
+        model="tiny",
+        block_size=32,
+        batch_size=8,
+        max_iters=60,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_iters=5,
+        eval_interval=30,
+        eval_iters=4,
+        log_interval=1,
+        ckpt_interval=30,
+        device="cpu",
+        threads=1,
+        final_eval_tokens=20_000,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(run_dir):
+    """(step, training loss) rows of a run's metrics.jsonl."""
+    return [(r["step"], r["loss"]) for r in read_rows(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+
+
+def gpt2_shaped(**kw):
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=96, vocab_size=50257, init_std=0.1, **kw)
+    return GPT(cfg).eval()
+
+
+def run_cli(*args, env=None, stdin=None):
+    return subprocess.run(
+        [sys.executable, "-m", "gptlab", *args],
+        env={**ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        input=stdin,
+    )
+
+
+def hf_pair(cfg: GPTConfig):
+    """A random-weight HF model and a gptlab model holding the same weights.
+
+    HF's GPT-1 ``afn="gelu"`` is the tanh approximation (gptlab's ``gelu_new``); HF's GPT-2
+    ``activation_function="gelu"`` is the exact erf GELU, so both gptlab activations are checked."""
+    transformers = pytest.importorskip("transformers")
+    from gptlab.interop.hf import from_hf_state_dict
+
+    if cfg.norm == "post":
+        hf = transformers.OpenAIGPTLMHeadModel(
+            transformers.OpenAIGPTConfig(
+                n_layer=cfg.n_layer,
+                n_head=cfg.n_head,
+                n_embd=cfg.n_embd,
+                n_positions=cfg.block_size,
+                vocab_size=cfg.vocab_size,
+                afn="gelu",
+                resid_pdrop=0,
+                embd_pdrop=0,
+                attn_pdrop=0,
+            )
+        )
+    else:
+        hf = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                n_layer=cfg.n_layer,
+                n_head=cfg.n_head,
+                n_embd=cfg.n_embd,
+                n_positions=cfg.block_size,
+                vocab_size=cfg.vocab_size,
+                activation_function=cfg.activation,
+                resid_pdrop=0,
+                embd_pdrop=0,
+                attn_pdrop=0,
+                tie_word_embeddings=cfg.tie_weights,
+            )
+        )
+    hf.eval()
+    with torch.no_grad():  # HF's init is tiny; perturb every weight so LayerNorms and biases matter
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ours = GPT(cfg).eval()
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg))
+    return hf, ours

@@ -164,6 +164,17 @@ def checkpoints_ok(run: Path) -> bool:
     return os.waitpid(pid, 0)[1] == 0
 
 
+TINY_RUN = (
+    "--model tiny --block-size 16 --batch-size 4 --max-iters 12 --ckpt-interval 4 --eval-interval 4 "
+    "--eval-iters 1 --final-eval-tokens 256 --keep-last 1 --threads 1 --device cpu --json"
+).split()
+
+
+def train_argv(data: Path, run: Path, *extra: str) -> list[str]:
+    """A 12-step tiny run with three checkpoints: what the crash tests train."""
+    return ["train", "--data", str(data), "--out-dir", str(run), *TINY_RUN, *extra]
+
+
 def scenario_train(work: Path, n_kills: int = 20, n_random: int = 4) -> dict:
     (work / "c.txt").write_text(
         " ".join(
@@ -174,40 +185,7 @@ def scenario_train(work: Path, n_kills: int = 20, n_random: int = 4) -> dict:
     assert in_child(["prepare", str(work / "c.txt"), "--out-dir", str(data), "--tokenizer", "char"]) == 0
 
     def cmd(run: Path, resume: bool) -> list[str]:
-        return [
-            "train",
-            "--data",
-            str(data),
-            "--out-dir",
-            str(run),
-            "--model",
-            "tiny",
-            "--block-size",
-            "16",
-            "--batch-size",
-            "4",
-            "--max-iters",
-            "12",
-            "--ckpt-interval",
-            "4",
-            "--eval-interval",
-            "4",
-            "--eval-iters",
-            "1",
-            "--log-interval",
-            "2",
-            "--final-eval-tokens",
-            "256",
-            "--keep-last",
-            "1",
-            "--warmup-iters",
-            "2",
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-            "--json",
-        ] + (["--resume"] if resume else [])
+        return train_argv(data, run, "--log-interval", "2", "--warmup-iters", "2", *(["--resume"] if resume else []))
 
     ref = work / "ref"
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from gptlab.train.config import TrainConfig
 from gptlab.train.distributed import Dist
 from gptlab.train.trainer import train
 
-from .test_train import ENV, char_data  # noqa: F401 - fixture
+from .conftest import ENV
 
 WORDS = ["the", "king", "queen", "doth", "speak", "of", "love", "and", "war", "my", "lord"]
 
@@ -142,7 +142,7 @@ def test_sft_masks_prompt_and_chat_template(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def base_run(char_data, tmp_path_factory):  # noqa: F811
+def base_run(char_data, tmp_path_factory):
     """A tiny char-level model pre-trained briefly on the synthetic corpus, and data files in its alphabet."""
     root = tmp_path_factory.mktemp("align")
     train(
@@ -283,7 +283,8 @@ def test_sft_resumes_exactly_and_packing_changes_nothing(base_run):
     assert rows(packed) == pytest.approx(rows(full), rel=1e-4)
 
 
-def test_reward_model_learns_the_rule_then_ppo_and_dpo(base_run, char_data):  # noqa: F811
+@pytest.mark.slow
+def test_reward_model_learns_the_rule_then_ppo_and_dpo(base_run, char_data):
     rm = train_stage(
         cfg(
             base_run,
@@ -334,6 +335,7 @@ def test_reward_model_learns_the_rule_then_ppo_and_dpo(base_run, char_data):  # 
     assert dpo["eval"]["pair_accuracy"] >= 0.7
 
 
+@pytest.mark.slow
 def test_torchrun_matches_one_process_with_the_same_global_batch(base_run):
     one = train_stage(
         cfg(

@@ -11,7 +11,7 @@ import torch
 import gptlab
 from gptlab.checkpoint import save_model_checkpoint
 
-from .test_interop import gpt2_shaped
+from .conftest import gpt2_shaped
 
 transformers = pytest.importorskip("transformers")
 tiktoken = pytest.importorskip("tiktoken")
@@ -108,3 +108,23 @@ def test_save_both_formats_round_trip(lm_and_hf, tmp_path):
     with pytest.raises(gptlab.GptlabError, match="format must be"):
         lm.save(tmp_path / "x", format="onnx")
     assert "parameters" in repr(lm)
+
+
+def test_the_readme_notebook_example_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ENV, REPO
+
+    r = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "notebook_api.py"), "--out", str(tmp_path), "--steps", "20"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "greedy:" in r.stdout and "nats" in r.stdout and (tmp_path / "exported-hf" / "config.json").is_file()
+    again = gptlab.load(str(tmp_path / "exported-hf"), device="cpu")  # the HF export loads back through the loader
+    assert again.config.n_layer == 2

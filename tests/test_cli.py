@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from .test_train import ENV, REPO
+from .conftest import ENV, REPO
 
 
 def gptlab(*args):
@@ -31,6 +31,7 @@ def test_user_mistakes_are_one_line_errors(args, needle):
     assert len(lines) == 1 and lines[0].startswith("gptlab: error: ") and needle in lines[0], r.stderr
 
 
+@pytest.mark.slow
 def test_prepare_train_sample_round_trip_with_json(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("to be or not to be, that is the question.\n" * 300)
@@ -84,6 +85,7 @@ def test_every_training_option_is_documented():
     assert "(valid: [0, 1); default 0.9)" in " ".join(r.stdout.split())  # --beta1
 
 
+@pytest.mark.slow
 def test_old_flags_still_work_for_one_release_with_a_warning(tmp_path):
     """--checkpoint, --out, --init, `gptlab exposure` and convert's positional output folder are deprecated
     aliases: each still works and prints one warning line naming the new spelling."""

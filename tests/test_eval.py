@@ -24,8 +24,7 @@ from gptlab.eval import (
 from gptlab.generate import Engine, Sampling
 from gptlab.tokenizer import GPT2Tokenizer
 
-from .test_interop import run_cli
-from .test_model import hf_pair
+from .conftest import hf_pair, run_cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -250,7 +249,7 @@ def test_bad_jsonl_names_the_line(tmp_path):
 def test_eval_cli_fewshot_on_the_shipped_set_with_plot(tmp_path):
     from gptlab.interop.hf import save_hf
 
-    from .test_interop import gpt2_shaped
+    from .conftest import gpt2_shaped
 
     model = gpt2_shaped()
     save_hf(model.state_dict(), model.config, {"kind": "gpt2"}, tmp_path / "hf")
@@ -331,6 +330,7 @@ def test_generation_tasks_equal_transformers_generate_scored_by_the_libraries(pa
         assert r["f1"] == pytest.approx(sum(squad_scores(p, x["answers"])[1] for x, p in zip(rows, preds)) / 2)
 
 
+@pytest.mark.slow
 def test_lm_eval_harness_runs_local_tasks_on_a_gptlab_model(pair, tmp_path, monkeypatch):
     """lm-eval's own evaluator, offline, on tasks defined here: its multiple-choice acc/acc_norm equal gptlab's,
     its rolling log-likelihood equals gptlab's, and generate_until goes through the engine."""

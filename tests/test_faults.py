@@ -19,7 +19,8 @@ from gptlab.cli import main
 from gptlab.data.prepare import prepare
 from gptlab.metrics import read_rows
 
-from .test_train import ENV, REPO, synthetic_text
+from .conftest import ENV, REPO, synthetic_text
+from .fault_runner import train_argv
 
 pytestmark = pytest.mark.slow
 
@@ -61,39 +62,7 @@ def test_training_killed_anywhere_resumes_to_the_same_losses(tmp_path):
 
 
 def _train_argv(data, run, *extra):
-    return [
-        "train",
-        "--data",
-        str(data),
-        "--out-dir",
-        str(run),
-        "--model",
-        "tiny",
-        "--block-size",
-        "16",
-        "--batch-size",
-        "4",
-        "--max-iters",
-        "12",
-        "--ckpt-interval",
-        "4",
-        "--eval-interval",
-        "4",
-        "--eval-iters",
-        "1",
-        "--log-interval",
-        "1",
-        "--final-eval-tokens",
-        "256",
-        "--keep-last",
-        "1",
-        "--threads",
-        "1",
-        "--device",
-        "cpu",
-        "--json",
-        *extra,
-    ]
+    return train_argv(data, run, "--log-interval", "1", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +150,7 @@ def test_enospc_inside_a_metrics_line_leaves_a_torn_tail_that_resume_repairs(sma
 
 def test_a_second_run_on_the_same_folder_is_refused(small_data, tmp_path):
     run = tmp_path / "run"
-    argv = [sys.executable, "-m", "gptlab"] + _train_argv(small_data / "data", run)[:-1]
+    argv = [sys.executable, "-m", "gptlab"] + [a for a in _train_argv(small_data / "data", run) if a != "--json"]
     argv[argv.index("--max-iters") + 1] = "400"
     first = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     try:

@@ -11,7 +11,7 @@ from gptlab.generate.engine import _TextStream
 from gptlab.model import GPT, KVCache
 from gptlab.tokenizer import CharTokenizer
 
-from .test_model import hf_pair
+from .conftest import hf_pair
 
 transformers = pytest.importorskip("transformers")
 

@@ -2,8 +2,6 @@
 ``from_pretrained`` / ``AutoTokenizer`` and give the same logits, greedy text and token ids; imported ones too."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,8 +17,7 @@ from gptlab.loader import load_model
 from gptlab.model import GPT
 from gptlab.tokenizer import BPETokenizer, GPT2Tokenizer
 
-from .test_model import hf_pair
-from .test_train import ENV, REPO
+from .conftest import gpt2_shaped, hf_pair, run_cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,12 +28,6 @@ TEXTS = [
     "<|endoftext|> is text here",
     "1234567 numbers, and 'quotes'",
 ]
-
-
-def gpt2_shaped(**kw):
-    torch.manual_seed(0)
-    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=96, vocab_size=50257, init_std=0.1, **kw)
-    return GPT(cfg).eval()
 
 
 def copy_gpt2_tokenizer_files(dest):
@@ -192,17 +183,7 @@ def test_openai_release_layout(tmp_path):
             load_model(tmp_path / "rel")
 
 
-def run_cli(*args, env=None, stdin=None):
-    return subprocess.run(
-        [sys.executable, "-m", "gptlab", *args],
-        env={**ENV, **(env or {})},
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        input=stdin,
-    )
-
-
+@pytest.mark.slow
 def test_sample_cli_on_a_hugging_face_folder_stream_and_interactive(tmp_path):
     model = gpt2_shaped()
     save_hf(model.state_dict(), model.config, {"kind": "gpt2"}, tmp_path / "hf")

@@ -7,53 +7,11 @@ import torch
 
 from gptlab.config import PRESETS, GPTConfig, preset
 from gptlab.errors import GptlabError
-from gptlab.interop.hf import from_hf_state_dict
 from gptlab.model import GPT
 
+from .conftest import hf_pair
+
 transformers = pytest.importorskip("transformers")
-
-
-def hf_pair(cfg: GPTConfig):
-    """A random-weight HF model and a gptlab model holding the same weights.
-
-    HF's GPT-1 ``afn="gelu"`` is the tanh approximation (gptlab's ``gelu_new``); HF's GPT-2
-    ``activation_function="gelu"`` is the exact erf GELU, so both gptlab activations are checked."""
-    if cfg.norm == "post":
-        hf = transformers.OpenAIGPTLMHeadModel(
-            transformers.OpenAIGPTConfig(
-                n_layer=cfg.n_layer,
-                n_head=cfg.n_head,
-                n_embd=cfg.n_embd,
-                n_positions=cfg.block_size,
-                vocab_size=cfg.vocab_size,
-                afn="gelu",
-                resid_pdrop=0,
-                embd_pdrop=0,
-                attn_pdrop=0,
-            )
-        )
-    else:
-        hf = transformers.GPT2LMHeadModel(
-            transformers.GPT2Config(
-                n_layer=cfg.n_layer,
-                n_head=cfg.n_head,
-                n_embd=cfg.n_embd,
-                n_positions=cfg.block_size,
-                vocab_size=cfg.vocab_size,
-                activation_function=cfg.activation,
-                resid_pdrop=0,
-                embd_pdrop=0,
-                attn_pdrop=0,
-                tie_word_embeddings=cfg.tie_weights,
-            )
-        )
-    hf.eval()
-    with torch.no_grad():  # HF's init is tiny; perturb every weight so LayerNorms and biases matter
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    ours = GPT(cfg).eval()
-    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg))
-    return hf, ours
 
 
 def random_configs(norm):

@@ -19,7 +19,7 @@ from gptlab.model import GPT, MLP, MoE
 from gptlab.plan import Shape, params, resolve
 from gptlab.train.trainer import train
 
-from .test_train import ENV, char_data, losses, tiny_cfg  # noqa: F401 - char_data is a fixture
+from .conftest import ENV, losses, tiny_cfg
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=50, n_experts=4, experts_per_token=2)
 
@@ -190,7 +190,7 @@ def _moe_flags(**kw):
     return {"n_experts": 4, "experts_per_token": 2, **kw}
 
 
-def test_resumed_moe_run_equals_the_uninterrupted_one(char_data, tmp_path):  # noqa: F811
+def test_resumed_moe_run_equals_the_uninterrupted_one(char_data, tmp_path):
     kw = dict(
         max_iters=20,
         lr_decay_iters=20,
@@ -207,7 +207,8 @@ def test_resumed_moe_run_equals_the_uninterrupted_one(char_data, tmp_path):  # n
     assert fractions and len(fractions[-1]) == 2 and all(sum(f) == pytest.approx(1) for f in fractions[-1])
 
 
-def test_two_process_ddp_moe_matches_one_process(char_data, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_two_process_ddp_moe_matches_one_process(char_data, tmp_path):
     common = [
         "--data",
         str(char_data),
@@ -272,7 +273,8 @@ def test_two_process_ddp_moe_matches_one_process(char_data, tmp_path):  # noqa: 
     )
 
 
-def test_compiled_and_bf16_moe_training_run(char_data, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_compiled_and_bf16_moe_training_run(char_data, tmp_path):
     kw = dict(
         max_iters=3, eval_interval=3, eval_iters=1, ckpt_interval=0, final_eval_tokens=500, model_overrides=_moe_flags()
     )

@@ -35,7 +35,7 @@ from gptlab.plan import (
     training_time,
 )
 
-from .test_interop import run_cli
+from .conftest import run_cli
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -261,6 +261,7 @@ def test_moe_and_gqa_shapes():
         resolve("gpt2", n_kv_head=5)
 
 
+@pytest.mark.slow
 def test_plan_cli_json_text_and_errors(tmp_path):
     r = run_cli(
         "plan",

@@ -19,7 +19,7 @@ from gptlab.recipe import Range
 from gptlab.train.config import TrainConfig
 from gptlab.train.trainer import train
 
-from .test_train import synthetic_text, tiny_cfg
+from .conftest import synthetic_text, tiny_cfg
 
 TEXT = synthetic_text(400)
 
@@ -554,7 +554,7 @@ def test_broken_pipe_is_quiet(tmp_path):
     import subprocess
     import sys
 
-    from .test_train import ENV, REPO
+    from .conftest import ENV, REPO
 
     r = subprocess.run(
         f"{sys.executable} -m gptlab plan compare | head -1",

@@ -19,8 +19,6 @@ from gptlab.scale.analysis import fit_rows
 from gptlab.scale.fit import fit_power_law
 from gptlab.scale.sweep import Sweep, run_sweep
 
-from .test_train import char_data  # noqa: F401 - fixture
-
 TRAIN = dict(
     batch_size=8,
     block_size=32,
@@ -40,7 +38,7 @@ def sweep(data, out, **kw):
     return Sweep(data=str(data), out_dir=str(out), train=TRAIN, **{"depths": [1, 2, 3], **SHAPE, **kw})
 
 
-def test_tiny_sweep_fits_resumes_and_skips(char_data, tmp_path):  # noqa: F811
+def test_tiny_sweep_fits_resumes_and_skips(char_data, tmp_path):
     out = tmp_path / "sweep"
     r = run_sweep(sweep(char_data, out, tokens=[8 * 32 * 20]))
     assert [x["n_embd"] for x in r["runs"]] == [16, 32, 48] and all(x["tokens"] == 5120 for x in r["runs"])
@@ -83,7 +81,7 @@ def test_tiny_sweep_fits_resumes_and_skips(char_data, tmp_path):  # noqa: F811
         )
 
 
-def test_sigkilled_sweep_resumes_without_rerunning_finished_models(char_data, tmp_path):  # noqa: F811
+def test_sigkilled_sweep_resumes_without_rerunning_finished_models(char_data, tmp_path):
     out = tmp_path / "killed"
     recipe = tmp_path / "sweep.toml"
     recipe.write_text(
@@ -110,7 +108,7 @@ def test_sigkilled_sweep_resumes_without_rerunning_finished_models(char_data, tm
     assert len(r["runs"]) == 3 and (out / "report.md").exists()
 
 
-def test_isoflop_sweep_in_parallel_processes(char_data, tmp_path):  # noqa: F811
+def test_isoflop_sweep_in_parallel_processes(char_data, tmp_path):
     out = tmp_path / "iso"
     budgets = [2e9, 4e9]
     r = run_sweep(sweep(char_data, out, flops=budgets, jobs=2))
@@ -180,7 +178,7 @@ def test_plan_uses_fitted_constants(tmp_path, capsys):
     assert "holds no L(N, D) constants" in capsys.readouterr().err
 
 
-def test_bad_sweeps_are_clear_errors(char_data, tmp_path):  # noqa: F811
+def test_bad_sweeps_are_clear_errors(char_data, tmp_path):
     with pytest.raises(GptlabError, match="size list is empty"):
         sweep(char_data, tmp_path / "s", depths=[])
     with pytest.raises(GptlabError, match="at least 3 distinct positive sizes"):

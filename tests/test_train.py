@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ import torch
 
 from gptlab import checkpoint as ckpt_io
 from gptlab.config import preset
-from gptlab.data.prepare import prepare
 from gptlab.data.shards import read_shard
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
@@ -24,78 +22,7 @@ from gptlab.train.optim import lr_at, make_optimizer
 from gptlab.train.scheduled_sampling import exposure_report, mix_in_predictions, ss_probability
 from gptlab.train.trainer import train
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-
-
-def synthetic_text(n_sentences=6000, seed=0):
-    """Sentences from a fixed word list: far more structure than unigram character frequencies."""
-    rng = np.random.default_rng(seed)
-    words = [
-        "the",
-        "king",
-        "queen",
-        "doth",
-        "speak",
-        "of",
-        "love",
-        "and",
-        "war",
-        "my",
-        "lord",
-        "good",
-        "night",
-        "sweet",
-        "prince",
-        "what",
-        "say",
-        "you",
-        "thou",
-        "art",
-        "noble",
-        "fair",
-        "heaven",
-        "blood",
-    ]
-    return "\n".join(
-        " ".join(rng.choice(words, rng.integers(3, 9))) + rng.choice([".", "!", "?"]) for _ in range(n_sentences)
-    )
-
-
-@pytest.fixture(scope="session")
-def char_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "corpus.txt").write_text(synthetic_text())
-    prepare([str(root / "corpus.txt")], root / "char", tokenizer="char", progress=False)
-    return root / "char"
-
-
-def tiny_cfg(data, out, **kw):
-    base = dict(
-        data=str(data),
-        out_dir=str(out),
-        model="tiny",
-        block_size=32,
-        batch_size=8,
-        max_iters=60,
-        lr=3e-3,
-        min_lr=3e-4,
-        warmup_iters=5,
-        eval_interval=30,
-        eval_iters=4,
-        log_interval=1,
-        ckpt_interval=30,
-        device="cpu",
-        threads=1,
-        final_eval_tokens=20_000,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+from .conftest import ENV, losses, tiny_cfg
 
 
 def test_training_beats_the_unigram_entropy(char_data, tmp_path):
@@ -156,6 +83,7 @@ def _train_cmd(data, out, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_repeats_the_uninterrupted_run_bit_for_bit(char_data, tmp_path):
     full = subprocess.run(_train_cmd(char_data, tmp_path / "full"), env=ENV, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr[-2000:]
@@ -184,6 +112,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_bit_for_bit(char_dat
     assert json.loads(resumed.stdout)["final_val_loss"] == json.loads(full.stdout)["final_val_loss"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one_process_with_the_same_global_batch(char_data, tmp_path, parallel):
     common = [

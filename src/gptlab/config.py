@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import GptlabError
 
-ACTIVATIONS = ("gelu_new", "gelu")  # tanh approximation (GPT-2/3), exact erf (HF's GPT-1)
+ACTIVATIONS = ("gelu_new", "gelu")  # tanh approximation (GPT-1/2/3; HF's gelu_new = gelu_pytorch_tanh), exact erf
 NORMS = ("pre", "post")  # pre-norm (GPT-2/3: LN inside the residual branch), post-norm (GPT-1)
 
 
@@ -135,7 +135,7 @@ def _gpt3(n_layer: int, n_embd: int, n_head: int) -> GPTConfig:
 
 
 PRESETS: dict[str, GPTConfig] = {
-    # GPT-1: post-norm, exact GELU, 512 context, 40,478-token BPE.
+    # GPT-1: post-norm, tanh-approximated GELU (see the module docstring), 512 context, 40,478-token BPE.
     "gpt1": GPTConfig(
         n_layer=12, n_head=12, n_embd=768, block_size=512, vocab_size=40478, norm="post", activation="gelu_new"
     ),

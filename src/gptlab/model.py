@@ -4,7 +4,7 @@ One class covers GPT-1, GPT-2 and GPT-3 (dense attention). The differences are c
 
 - ``norm="pre"`` (GPT-2/3): ``x = x + f(LN(x))`` for attention and MLP, then a final LayerNorm before the head.
 - ``norm="post"`` (GPT-1): ``x = LN(x + f(x))``, and no final LayerNorm.
-- ``activation``: ``"gelu_new"`` (GPT-2's tanh approximation) or ``"gelu"`` (exact erf, HF's GPT-1).
+- ``activation``: ``"gelu_new"`` (the tanh approximation of GPT-1, GPT-2 and GPT-3) or ``"gelu"`` (exact erf).
 
 Weights use ``nn.Linear``'s [out, in] layout; :mod:`gptlab.interop.hf` transposes Hugging Face's Conv1D [in, out].
 Attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
@@ -164,7 +164,7 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed feed-forward (Shazeer et al. 2017; GShard; Switch; seed 003's GPT-4 sketch): a linear router, softmax
+    """Routed feed-forward (Shazeer et al. 2017; Lepikhin et al. 2020, GShard; Fedus et al. 2021, Switch): a linear router, softmax
     over ``n_experts``, each token sent to its top-k experts with the chosen probabilities renormalized to sum to 1,
     and the experts' outputs summed with those weights. The experts are GELU MLPs stored stacked ([E, in, out]), so
     all of them run as one batched matmul over their tokens: assignments are sorted by expert (stably, first choices

@@ -1,6 +1,6 @@
 """Evaluation tasks, defined as EleutherAI's lm-evaluation-harness defines them so numbers compare with published
 ones: perplexity with a sliding window, LAMBADA (OpenAI's version), multiple choice (HellaSwag and a generic format)
-and the zero/one/few-shot in-context classification harness of seed 002."""
+and the zero/one/few-shot in-context classification harness of Brown et al. 2020 (GPT-3, section 2)."""
 
 from __future__ import annotations
 
@@ -361,7 +361,7 @@ def fewshot_plot(result: dict[str, Any], out: Path, title: str) -> Path:
     return save_png(fig, out)
 
 
-# Prompted generation (seed 000): "TL;DR:" summaries, "English: ... French:" translation, "Q: ... A:" answers.
+# Prompted generation (Radford et al. 2019, GPT-2, section 3): "TL;DR:" summaries, "English: ... French:" translation, "Q: ... A:" answers.
 GENERATION_TASKS: dict[str, dict[str, Any]] = {
     "summarize": {"fields": ("document", "summary"), "template": "{document}\nTL;DR:", "metric": "rouge"},
     "translate": {

@@ -1,6 +1,6 @@
 """The planner: exact sizes, FLOPs, memory, time and cost, scaling laws and inference sizing (``gptlab plan``).
 
-Every formula cites its source in its docstring; ``docs/planning.md`` works the seeds' examples and says where they
+Every formula cites its source in its docstring; ``docs/planning.md`` works published examples and says where they
 are off.
 """
 
