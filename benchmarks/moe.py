@@ -81,7 +81,7 @@ def main() -> None:
                 str(run),
                 "--max-iters",
                 str(iters),
-                "--ckpt-interval",
+                "--checkpoint-interval",
                 "0",
                 *flags,
             ]

@@ -108,7 +108,7 @@ def gptlab_tokens_per_second(
         "1",
         "--final-eval-tokens",
         str(T * 4),
-        "--ckpt-interval",
+        "--checkpoint-interval",
         "0",
         "--log-interval",
         str(10**9),

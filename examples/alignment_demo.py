@@ -132,7 +132,9 @@ def main() -> None:
             ],
             check=True,
         )
-    common = dict(model=args.base, device="cpu", threads=2, eval_interval=1000, log_interval=5, ckpt_interval=1000)
+    common = dict(
+        model=args.base, device="cpu", threads=2, eval_interval=1000, log_interval=5, checkpoint_interval=1000
+    )
 
     # 2. SFT
     pairs = openings(data, "train", 1200, seed=0)

@@ -48,7 +48,7 @@ def main() -> None:
                 batch_size=16,
                 lr=3e-4,
                 eval_interval=50,
-                ckpt_interval=1000,
+                checkpoint_interval=1000,
                 device="cpu",
             ),
             progress=False,

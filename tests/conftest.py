@@ -101,7 +101,7 @@ def tiny_cfg(data, out, **kw):
         eval_interval=30,
         eval_iters=4,
         log_interval=1,
-        ckpt_interval=30,
+        checkpoint_interval=30,
         device="cpu",
         threads=1,
         final_eval_tokens=20_000,

@@ -152,12 +152,12 @@ def checkpoints_ok(run: Path) -> bool:
     pid = os.fork()
     if pid == 0:
         try:
-            from gptlab import checkpoint as ckpt_io
+            from gptlab import checkpoint
 
-            for ck in ckpt_io.list_checkpoints(run):
-                state = ckpt_io.read_state(ck)
-                ckpt_io.load_weights(ck, state)
-                ckpt_io.load_training_state(ck, state)
+            for checkpoint_dir in checkpoint.list_checkpoints(run):
+                state = checkpoint.read_state(checkpoint_dir)
+                checkpoint.load_weights(checkpoint_dir, state)
+                checkpoint.load_training_state(checkpoint_dir, state)
             os._exit(0)
         except BaseException:
             os._exit(1)
@@ -165,7 +165,7 @@ def checkpoints_ok(run: Path) -> bool:
 
 
 TINY_RUN = (
-    "--model tiny --block-size 16 --batch-size 4 --max-iters 12 --ckpt-interval 4 --eval-interval 4 "
+    "--model tiny --block-size 16 --batch-size 4 --max-iters 12 --checkpoint-interval 4 --eval-interval 4 "
     "--eval-iters 1 --final-eval-tokens 256 --keep-last 1 --threads 1 --device cpu --json"
 ).split()
 

@@ -158,7 +158,7 @@ def base_run(char_data, tmp_path_factory):
             warmup_iters=10,
             eval_interval=60,
             eval_iters=2,
-            ckpt_interval=120,
+            checkpoint_interval=120,
             device="cpu",
             threads=1,
             final_eval_tokens=2000,
@@ -190,7 +190,7 @@ def cfg(root, stage, **kw):
         warmup_iters=2,
         eval_interval=1000,
         log_interval=1,
-        ckpt_interval=1000,
+        checkpoint_interval=1000,
     )
     return AlignConfig(**{**base, **kw})
 
@@ -262,18 +262,18 @@ def test_gpt1_similarity_is_order_symmetric_and_tasks_train(base_run, tmp_path):
 def interrupted_and_resumed(c):
     """Run ``c``, lose everything after its first checkpoint (as a crash would), resume it."""
     train_stage(c, progress=False)
-    for ck in list_checkpoints(Path(c.out_dir))[1:]:
-        shutil.rmtree(ck)
+    for checkpoint_dir in list_checkpoints(Path(c.out_dir))[1:]:
+        shutil.rmtree(checkpoint_dir)
     return train_stage(c, resume=True, progress=False)
 
 
 def test_sft_resumes_exactly_and_packing_changes_nothing(base_run):
     full = train_stage(
-        cfg(base_run, "sft", name="sft-full", data=str(base_run / "sft.jsonl"), max_iters=8, ckpt_interval=4),
+        cfg(base_run, "sft", name="sft-full", data=str(base_run / "sft.jsonl"), max_iters=8, checkpoint_interval=4),
         progress=False,
     )
     again = interrupted_and_resumed(
-        cfg(base_run, "sft", name="sft-cut", data=str(base_run / "sft.jsonl"), max_iters=8, ckpt_interval=4)
+        cfg(base_run, "sft", name="sft-cut", data=str(base_run / "sft.jsonl"), max_iters=8, checkpoint_interval=4)
     )
     packed = train_stage(
         cfg(base_run, "sft", name="sft-pack", data=str(base_run / "sft.jsonl"), max_iters=8, pack=True), progress=False
@@ -320,7 +320,7 @@ def test_reward_model_learns_the_rule_then_ppo_and_dpo(base_run, char_data):
         kl_target=0.5,
         kl_horizon=100,
         max_iters=4,
-        ckpt_interval=2,
+        checkpoint_interval=2,
         ptx_coef=0.5,
         ptx_data=str(char_data),
     )

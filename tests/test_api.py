@@ -21,8 +21,8 @@ tiktoken = pytest.importorskip("tiktoken")
 def lm_and_hf(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
     model = gpt2_shaped()
-    save_model_checkpoint(root / "ck", model.state_dict(), model.config, {"kind": "gpt2"})
-    lm = gptlab.load(str(root / "ck"), device="cpu")
+    save_model_checkpoint(root / "checkpoint_dir", model.state_dict(), model.config, {"kind": "gpt2"})
+    lm = gptlab.load(str(root / "checkpoint_dir"), device="cpu")
     lm.save(root / "hf", format="hf")
     hf = transformers.GPT2LMHeadModel.from_pretrained(root / "hf").eval()
     return lm, hf, root

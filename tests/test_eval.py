@@ -344,7 +344,7 @@ def test_lm_eval_harness_runs_local_tasks_on_a_gptlab_model(pair, tmp_path, monk
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     _, ours = pair
-    save_model_checkpoint(tmp_path / "ck", ours.state_dict(), ours.config, {"kind": "gpt2"})
+    save_model_checkpoint(tmp_path / "checkpoint_dir", ours.state_dict(), ours.config, {"kind": "gpt2"})
     mc = [
         {"context": "The cat sat on the", "choices": ["mat", "quantum chromodynamics", "sofa"], "label": 0},
         {"context": "In the morning I drink", "choices": ["coffee with milk", "tea", "the ocean"], "label": 1},
@@ -382,7 +382,7 @@ def test_lm_eval_harness_runs_local_tasks_on_a_gptlab_model(pair, tmp_path, monk
         'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: "{{answer}}"\n'
         'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\n'
     )
-    lm = GptlabLM(str(tmp_path / "ck"), batch_size=2)
+    lm = GptlabLM(str(tmp_path / "checkpoint_dir"), batch_size=2)
     out = lm_eval.simple_evaluate(
         model=lm, tasks=["gl_mc", "gl_ppl", "gl_qa"], task_manager=TaskManager(include_path=str(tmp_path / "tasks"))
     )

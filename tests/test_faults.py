@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gptlab import checkpoint as ckpt_io
+from gptlab import checkpoint
 from gptlab.cli import main
 from gptlab.data.prepare import prepare
 from gptlab.metrics import read_rows
@@ -104,10 +104,10 @@ def test_a_full_disk_stops_cleanly_and_the_run_resumes_once_space_is_freed(small
     with tmpfs(tmp_path / "disk", "2m") as disk:
         run = disk / "run"
         one_error_line(capsys, main(_train_argv(small_data / "data", run)))
-        done = ckpt_io.list_checkpoints(run)
+        done = checkpoint.list_checkpoints(run)
         assert [p.name for p in done] == ["step-0000004"]  # the complete one survives, verified below
-        state = ckpt_io.read_state(done[0])
-        ckpt_io.load_weights(done[0], state)
+        state = checkpoint.read_state(done[0])
+        checkpoint.load_weights(done[0], state)
         assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no partial folder
         subprocess.run(["mount", "-o", "remount,size=50m", str(disk)], check=True)  # the user frees space
         assert main(_train_argv(small_data / "data", run, "--resume")) == 0

@@ -195,7 +195,7 @@ def test_resumed_moe_run_equals_the_uninterrupted_one(char_data, tmp_path):
         max_iters=20,
         lr_decay_iters=20,
         eval_interval=10,
-        ckpt_interval=10,
+        checkpoint_interval=10,
         model_overrides=_moe_flags(capacity_factor=1.5),
     )  # the same schedule whatever max_iters
     train(tiny_cfg(char_data, tmp_path / "full", **kw), progress=False)
@@ -276,7 +276,12 @@ def test_two_process_ddp_moe_matches_one_process(char_data, tmp_path):
 @pytest.mark.slow
 def test_compiled_and_bf16_moe_training_run(char_data, tmp_path):
     kw = dict(
-        max_iters=3, eval_interval=3, eval_iters=1, ckpt_interval=0, final_eval_tokens=500, model_overrides=_moe_flags()
+        max_iters=3,
+        eval_interval=3,
+        eval_iters=1,
+        checkpoint_interval=0,
+        final_eval_tokens=500,
+        model_overrides=_moe_flags(),
     )
     train(tiny_cfg(char_data, tmp_path / "eager", **kw), progress=False)
     train(tiny_cfg(char_data, tmp_path / "compiled", compile=True, **kw), progress=False)

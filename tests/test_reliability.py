@@ -37,7 +37,7 @@ def sandbox(tmp_path_factory):
             root / "data",
             root / "run",
             max_iters=4,
-            ckpt_interval=4,
+            checkpoint_interval=4,
             eval_interval=4,
             eval_iters=1,
             final_eval_tokens=512,
@@ -71,8 +71,8 @@ def sandbox(tmp_path_factory):
         "mc_bad.jsonl": [json.dumps({"context": "a", "choices": "b", "label": 0})],
     }.items():
         (root / name).write_text("\n".join(lines) + "\n")
-    ck = sorted((root / "run" / "checkpoints").glob("step-*"))[-1]
-    state = json.loads((ck / "state.json").read_text())
+    checkpoint_dir = sorted((root / "run" / "checkpoints").glob("step-*"))[-1]
+    state = json.loads((checkpoint_dir / "state.json").read_text())
     damaged = {
         "no_sha": {k: v for k, v in state.items() if k != "sha256"},
         "no_config": {k: v for k, v in state.items() if k != "model_config"},
@@ -80,11 +80,11 @@ def sandbox(tmp_path_factory):
         "wrong_format": {**state, "format": "other"},
     }
     for name, st_ in damaged.items():
-        shutil.copytree(ck, root / f"ck_{name}")
+        shutil.copytree(checkpoint_dir, root / f"ck_{name}")
         (root / f"ck_{name}" / "state.json").write_text(json.dumps(st_))
-    shutil.copytree(ck, root / "ck_notjson")
+    shutil.copytree(checkpoint_dir, root / "ck_notjson")
     (root / "ck_notjson" / "state.json").write_text("{not json")
-    shutil.copytree(ck, root / "ck_truncated")
+    shutil.copytree(checkpoint_dir, root / "ck_truncated")
     w = root / "ck_truncated" / "model.safetensors"
     w.write_bytes(w.read_bytes()[:-100])
     hf_cfg = json.loads((root / "hf" / "config.json").read_text())
@@ -229,7 +229,7 @@ CASES = [
             ("--eval-iters", "0"),
             ("--final-eval-tokens", "-1"),
             ("--log-interval", "0"),
-            ("--ckpt-interval", "-1"),
+            ("--checkpoint-interval", "-1"),
             ("--keep-last", "0"),
             ("--seed", "-1"),
             ("--threads", "-1"),
@@ -608,7 +608,7 @@ def test_files_follow_the_umask(sandbox, tmp_path):
                 tmp_path / "d",
                 tmp_path / "run",
                 max_iters=2,
-                ckpt_interval=2,
+                checkpoint_interval=2,
                 eval_interval=2,
                 eval_iters=1,
                 final_eval_tokens=256,

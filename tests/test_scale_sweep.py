@@ -19,6 +19,8 @@ from gptlab.scale.analysis import fit_rows
 from gptlab.scale.fit import fit_power_law
 from gptlab.scale.sweep import Sweep, run_sweep
 
+pytestmark = pytest.mark.slow  # every test here trains several runs
+
 TRAIN = dict(
     batch_size=8,
     block_size=32,

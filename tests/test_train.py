@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptlab import checkpoint as ckpt_io
+from gptlab import checkpoint
 from gptlab.config import preset
 from gptlab.data.shards import read_shard
 from gptlab.errors import GptlabError
@@ -62,7 +62,7 @@ def _train_cmd(data, out, *extra):
         "0.3",
         "--max-iters",
         "400",
-        "--ckpt-interval",
+        "--checkpoint-interval",
         "50",
         "--eval-interval",
         "50",
@@ -98,7 +98,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_bit_for_bit(char_dat
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    done = [p.name for p in ckpt_io.list_checkpoints(tmp_path / "killed")]
+    done = [p.name for p in checkpoint.list_checkpoints(tmp_path / "killed")]
     assert done and done[-1] < "step-0000400"
 
     resumed = subprocess.run(
@@ -106,8 +106,8 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_bit_for_bit(char_dat
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(tmp_path / "killed") == losses(tmp_path / "full")  # every step, exactly
-    a = ckpt_io.load_checkpoint(tmp_path / "full")[0].state_dict()
-    b = ckpt_io.load_checkpoint(tmp_path / "killed")[0].state_dict()
+    a = checkpoint.load_checkpoint(tmp_path / "full")[0].state_dict()
+    b = checkpoint.load_checkpoint(tmp_path / "killed")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads(resumed.stdout)["final_val_loss"] == json.loads(full.stdout)["final_val_loss"]
 
@@ -174,69 +174,71 @@ def test_two_processes_match_one_process_with_the_same_global_batch(char_data, t
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 31))
     np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=2e-5)
     assert json.loads(ddp.stdout.strip().splitlines()[-1])["world_size"] == 2
-    a = ckpt_io.load_checkpoint(tmp_path / "one")[0].state_dict()  # the full (gathered) weights were checkpointed
-    b = ckpt_io.load_checkpoint(tmp_path / "two")[0].state_dict()
+    a = checkpoint.load_checkpoint(tmp_path / "one")[0].state_dict()  # the full (gathered) weights were checkpointed
+    b = checkpoint.load_checkpoint(tmp_path / "two")[0].state_dict()
     bad = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5)}
     assert not bad, bad
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(char_data, tmp_path):
     run = tmp_path / "run"
-    train(tiny_cfg(char_data, run, max_iters=4, ckpt_interval=2, eval_interval=2), progress=False)
-    good = ckpt_io.list_checkpoints(run)
+    train(tiny_cfg(char_data, run, max_iters=4, checkpoint_interval=2, eval_interval=2), progress=False)
+    good = checkpoint.list_checkpoints(run)
     assert [p.name for p in good] == ["step-0000002", "step-0000004"]
     diverging = tiny_cfg(
-        char_data, run, max_iters=40, ckpt_interval=2, eval_interval=2, lr=10.0, warmup_iters=0, grad_clip=0.0
+        char_data, run, max_iters=40, checkpoint_interval=2, eval_interval=2, lr=10.0, warmup_iters=0, grad_clip=0.0
     )
     with pytest.raises(GptlabError, match=r"loss diverged to \S+ at step \d+") as e:
         train(diverging, resume=True, progress=False)
     assert f"the last good checkpoint is {good[-1]}" in str(e.value)
-    assert math.isfinite(ckpt_io.read_state(good[-1])["val_loss"]) and ckpt_io.read_state(good[-1])["val_loss"] < 5
-    assert ckpt_io.list_checkpoints(run) == good  # nothing written after the loss broke
-    state = ckpt_io.read_state(good[-1])
-    assert all(torch.isfinite(t).all() for t in ckpt_io.load_weights(good[-1], state).values())
+    assert (
+        math.isfinite(checkpoint.read_state(good[-1])["val_loss"]) and checkpoint.read_state(good[-1])["val_loss"] < 5
+    )
+    assert checkpoint.list_checkpoints(run) == good  # nothing written after the loss broke
+    state = checkpoint.read_state(good[-1])
+    assert all(torch.isfinite(t).all() for t in checkpoint.load_weights(good[-1], state).values())
 
 
 def test_checkpoint_errors_are_clear(char_data, tmp_path):
     run = tmp_path / "run"
-    train(tiny_cfg(char_data, run, max_iters=4, ckpt_interval=2, eval_interval=2), progress=False)
+    train(tiny_cfg(char_data, run, max_iters=4, checkpoint_interval=2, eval_interval=2), progress=False)
     with pytest.raises(GptlabError, match="already holds checkpoints; pass --resume"):
         train(tiny_cfg(char_data, run, max_iters=4), progress=False)
     with pytest.raises(GptlabError, match="model differs"):
         train(tiny_cfg(char_data, run, max_iters=8, model_overrides={"n_layer": 3}), resume=True, progress=False)
-    latest = ckpt_io.resolve(run)
+    latest = checkpoint.resolve(run)
     weights = latest / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(GptlabError, match="corrupt"):
-        ckpt_io.load_checkpoint(run)
+        checkpoint.load_checkpoint(run)
     weights.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(GptlabError, match="corrupt"):
-        ckpt_io.load_checkpoint(latest)
+        checkpoint.load_checkpoint(latest)
     (latest / "state.json").write_text('{"format": "gptlab-checkpoint", "vers')
     with pytest.raises(GptlabError, match="missing or corrupt"):
-        ckpt_io.load_checkpoint(latest)
+        checkpoint.load_checkpoint(latest)
     with pytest.raises(GptlabError, match="does not exist"):
-        ckpt_io.load_checkpoint(tmp_path / "nowhere")
+        checkpoint.load_checkpoint(tmp_path / "nowhere")
 
 
 def test_checkpoint_shape_mismatch_names_the_tensor(char_data, tmp_path):
     run = tmp_path / "run"
-    train(tiny_cfg(char_data, run, max_iters=2, ckpt_interval=2, eval_interval=2), progress=False)
-    ck = ckpt_io.resolve(run)
-    state = json.loads((ck / "state.json").read_text())
+    train(tiny_cfg(char_data, run, max_iters=2, checkpoint_interval=2, eval_interval=2), progress=False)
+    checkpoint_dir = checkpoint.resolve(run)
+    state = json.loads((checkpoint_dir / "state.json").read_text())
     state["model_config"]["n_embd"] = 32
-    (ck / "state.json").write_text(json.dumps(state))
+    (checkpoint_dir / "state.json").write_text(json.dumps(state))
     with pytest.raises(GptlabError, match=r"tensor 'wte.weight' has shape \(\d+, 64\), the config needs \(\d+, 32\)"):
-        ckpt_io.load_checkpoint(ck)
+        checkpoint.load_checkpoint(checkpoint_dir)
 
 
 def test_keep_last_and_best(char_data, tmp_path):
     run = tmp_path / "run"
-    train(tiny_cfg(char_data, run, max_iters=50, ckpt_interval=10, eval_interval=10, keep_last=2), progress=False)
-    names = [p.name for p in ckpt_io.list_checkpoints(run)]
-    state = ckpt_io.read_state(ckpt_io.resolve(run))
+    train(tiny_cfg(char_data, run, max_iters=50, checkpoint_interval=10, eval_interval=10, keep_last=2), progress=False)
+    names = [p.name for p in checkpoint.list_checkpoints(run)]
+    state = checkpoint.read_state(checkpoint.resolve(run))
     vals = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -245,7 +247,7 @@ def test_keep_last_and_best(char_data, tmp_path):
     best = min(vals, key=vals.get)
     assert state["best_step"] == best
     assert names == sorted({f"step-{best:07d}", "step-0000040", "step-0000050"})
-    assert ckpt_io.resolve(run / "best").name == f"step-{best:07d}"  # `--checkpoint RUN/best`
+    assert checkpoint.resolve(run / "best").name == f"step-{best:07d}"  # `--checkpoint RUN/best`
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
 
@@ -317,7 +319,7 @@ def test_recipe_then_flags_precedence(tmp_path):
 
 def test_compiled_training_matches_eager(char_data, tmp_path):
     """--compile (inductor on CPU) trains the same model: per-step losses equal the eager run's to fp32 noise."""
-    kw = dict(model="tiny", max_iters=4, eval_interval=2, eval_iters=1, ckpt_interval=0, final_eval_tokens=500)
+    kw = dict(model="tiny", max_iters=4, eval_interval=2, eval_iters=1, checkpoint_interval=0, final_eval_tokens=500)
     train(tiny_cfg(char_data, tmp_path / "eager", **kw), progress=False)
     train(tiny_cfg(char_data, tmp_path / "compiled", compile=True, **kw), progress=False)
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")

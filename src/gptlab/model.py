@@ -164,11 +164,12 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed feed-forward (Shazeer et al. 2017; Lepikhin et al. 2020, GShard; Fedus et al. 2021, Switch): a linear router, softmax
-    over ``n_experts``, each token sent to its top-k experts with the chosen probabilities renormalized to sum to 1,
-    and the experts' outputs summed with those weights. The experts are GELU MLPs stored stacked ([E, in, out]), so
-    all of them run as one batched matmul over their tokens: assignments are sorted by expert (stably, first choices
-    of all tokens before second choices), scattered into an [E, slots, d] buffer and gathered back with index_add.
+    """Routed feed-forward (Shazeer et al. 2017; Lepikhin et al. 2020, GShard; Fedus et al. 2021, Switch): a linear
+    router, softmax over ``n_experts``, each token sent to its top-k experts with the chosen probabilities
+    renormalized to sum to 1, and the experts' outputs summed with those weights. The experts are GELU MLPs stored
+    stacked ([E, in, out]), so all of them run as one batched matmul over their tokens: assignments are sorted by
+    expert (stably, first choices of all tokens before second choices), scattered into an [E, slots, d] buffer and
+    gathered back with index_add.
 
     In training with ``capacity_factor > 0`` an expert keeps at most ceil(factor * tokens * k / E) assignments, in
     that priority order; the rest are dropped (their share is 0, so the token passes through the residual).

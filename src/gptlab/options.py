@@ -89,9 +89,15 @@ def parse_set(items: list[str] | None, example: str = "n_layer=6") -> dict[str, 
     return out
 
 
-def add_config_flags(p: argparse.ArgumentParser, fields: list[dataclasses.Field], skip: tuple[str, ...]) -> None:
+def add_config_flags(
+    p: argparse.ArgumentParser,
+    fields: list[dataclasses.Field],
+    skip: tuple[str, ...],
+    renamed: dict[str, str] | None = None,
+) -> None:
     """One ``--flag`` per config field (default None, so a recipe's value stands unless the flag is given), with
-    the help text, range and choices declared on the field (:func:`gptlab.recipe.opt`)."""
+    the help text, range and choices declared on the field (:func:`gptlab.recipe.opt`); ``renamed`` fields keep
+    their old flag as a deprecated alias."""
     for f in fields:
         if f.name in skip:
             continue
@@ -118,6 +124,13 @@ def add_config_flags(p: argparse.ArgumentParser, fields: list[dataclasses.Field]
                 metavar=type(default).__name__.upper() if not choices else None,
                 help=text,
             )
+    by_name = {f.name: f for f in fields}
+    for old, new in (renamed or {}).items():
+        if new in by_name and new not in skip:
+            default = by_name[new].default
+            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+            kwargs = {"type": number(by_name[new].metadata.get("range"), isinstance(default, int))} if numeric else {}
+            add_alias(p, "--" + old.replace("_", "-"), new, f"use --{new.replace('_', '-')}", **kwargs)
 
 
 MODEL_HELP = (

@@ -10,7 +10,7 @@ from .files import atomic_file
 
 def pyplot() -> Any:
     """``matplotlib.pyplot`` on the non-interactive Agg backend (works on servers and in CI)."""
-    import matplotlib
+    import matplotlib  # here, not at the top: matplotlib loads slowly and most verbs plot nothing
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -40,7 +40,7 @@ class Tokenizer(Protocol):
 
 @lru_cache(maxsize=1)
 def _gpt2_encoding():
-    import tiktoken
+    import tiktoken  # here, not at the top: loading its ranks is the slow part, and char/bpe never need it
     from tiktoken.load import load_tiktoken_bpe
 
     cached = assets.cache_dir() / "gpt2.tiktoken"

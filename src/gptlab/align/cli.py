@@ -50,6 +50,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         )
         q.add_argument("--recipe", help="TOML file of these options (flags override it)")
         q.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
-        add_config_flags(q, AlignConfig.fields(), ("stage", "model"))
+        add_config_flags(q, AlignConfig.fields(), ("stage", "model"), AlignConfig.renamed)
         add_json(q)
         q.set_defaults(func=cmd_align)

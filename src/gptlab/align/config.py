@@ -17,7 +17,7 @@ TASK_NAMES = ("classification", "entailment", "similarity", "multiple_choice")
 class AlignConfig(RecipeConfig):
     help_hint = "`gptlab align <stage> --help`"
     what = "alignment config"
-    renamed = {"init": "model"}
+    renamed = {"init": "model", "ckpt_interval": "checkpoint_interval"}
     stage: str = opt("sft", "the stage", choices=STAGES)
     data: str = opt("", "JSON-lines training data (format per stage: docs/alignment.md)")
     model: str = opt(
@@ -43,7 +43,7 @@ class AlignConfig(RecipeConfig):
     grad_clip: float = opt(1.0, "clip each model's gradient norm to this; 0 disables", NON_NEGATIVE)
     eval_interval: int = opt(50, "steps between held-out evaluations", COUNT)
     log_interval: int = opt(10, "steps between metric rows", COUNT)
-    ckpt_interval: int = opt(100, "steps between checkpoints; 0 saves only at the end", NON_NEGATIVE)
+    checkpoint_interval: int = opt(100, "steps between checkpoints; 0 saves only at the end", NON_NEGATIVE)
     keep_last: int = opt(2, "checkpoints kept", COUNT)
     seed: int = opt(1337, "seed for initialisation, batches and sampling", SEED)
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import GptlabError
 from ..eval.tasks import read_jsonl
+from .losses import ranking_pairs
 
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
@@ -101,8 +102,6 @@ class Preference:
 
 
 def preferences(path: str | Path, tok: Any, block: int) -> list[Preference]:
-    from .losses import ranking_pairs
-
     out = []
     for i, rec in enumerate(read_jsonl(path, ())):
         ranked = rec.get("ranked") or (

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import checkpoint as ckpt_io
+from .. import checkpoint
 from ..errors import GptlabError
 from ..files import atomic_write_bytes
 from ..generate import Engine, Sampling
@@ -66,13 +66,13 @@ def frozen(model: M) -> M:
 
 def load_scalar_model(spec: str, device: torch.device) -> tuple[GPT, nn.Linear]:
     """A reward model written by ``gptlab align reward``: its GPT and its scalar head."""
-    ckpt = ckpt_io.resolve(spec)
-    meta = ckpt_io.read_state(ckpt)
+    ckpt = checkpoint.resolve(spec)
+    meta = checkpoint.read_state(ckpt)
     if meta.get("train_config", {}).get("stage") != "reward":
         raise GptlabError(f"{spec} is not a reward model; train one with `gptlab align reward`")
     gpt, _ = load_init(str(ckpt), device)
     head = nn.Linear(gpt.config.n_embd, 1).to(device)
-    heads = ckpt_io.load_extra(ckpt, meta)
+    heads = checkpoint.load_extra(ckpt, meta)
     head.load_state_dict({k.split(".", 1)[1]: v for k, v in heads.items() if k.startswith("head.")})
     return gpt, head
 
@@ -399,7 +399,7 @@ class PPO(Stage):
         self.kl = AdaptiveKL(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
         self.ptx = None
         if cfg.ptx_coef:
-            from ..data.loader import TokenWindows
+            from ..data.loader import TokenWindows  # here: only PPO-ptx reads pre-training shards
 
             self.ptx = TokenWindows(cfg.ptx_data, "train", self.block, cfg.seed)
 

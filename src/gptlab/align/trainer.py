@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint as ckpt_io
+from .. import checkpoint
 from ..errors import GptlabError
 from ..files import run_folder
 from ..metrics import METRICS, Metrics, plot_losses
@@ -81,18 +81,18 @@ class StageJob:
             torch.set_num_threads(cfg.threads)
         self.cfg, self.d, self.resume = cfg, d, resume
         self.out = Path(cfg.out_dir)
-        existing = ckpt_io.checkpoints_for(self.out, resume)
+        existing = checkpoint.checkpoints_for(self.out, resume)
         torch.manual_seed(cfg.seed)
         self.stage = STAGES[cfg.stage](cfg, d)
         self.module = self.stage.module
         self.optimizer = make_optimizer(self.module, cfg, d.device.type)
         self.start = 0
         if resume:
-            ck = existing[-1]
-            state = ckpt_io.read_state(ck)
-            weights = {f"gpt.{k}": v for k, v in ckpt_io.load_weights(ck, state).items()}
-            weights = retie(self.module, {**weights, **ckpt_io.load_extra(ck, state)})
-            self.start = restore_state(ck, state, self.module, self.optimizer, weights, d)
+            checkpoint_dir = existing[-1]
+            state = checkpoint.read_state(checkpoint_dir)
+            weights = {f"gpt.{k}": v for k, v in checkpoint.load_weights(checkpoint_dir, state).items()}
+            weights = retie(self.module, {**weights, **checkpoint.load_extra(checkpoint_dir, state)})
+            self.start = restore_state(checkpoint_dir, state, self.module, self.optimizer, weights, d)
             self.stage.load_state(state["align"])
         self.metrics = Metrics(self.out / METRICS, self.start if resume else None, d.is_main)
         self.groups = [[p for p in g if p.requires_grad] for g in self.stage.clip_groups()]

@@ -71,7 +71,7 @@ def _jsonl_docs(data: bytes, origin: str, field: str) -> Iterator[tuple[str, str
 
 def _parquet_docs(path: Path, field: str) -> Iterator[tuple[str, str]]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional (the parquet extra): only parquet sources need it
     except ImportError:
         raise GptlabError(f"reading {path} needs pyarrow; install it with `pip install 'gptlab[parquet]'`") from None
     table = pq.read_table(path)

@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import GptlabError
 from ..options import add_device, add_json, add_model, count, emit, number, number_list
 from ..recipe import NON_NEGATIVE, SEED, UNIT
+from ..train.scheduled_sampling import exposure_report
 from . import tasks
 
 
@@ -89,7 +90,6 @@ def _generate(model, tok, args):
 
 
 def _exposure(model, tok, args):
-    from ..train.scheduled_sampling import exposure_report
 
     if args.text_file:
         try:
@@ -115,8 +115,6 @@ def _exposure_summary(r: dict[str, Any]) -> str:
 
 
 def add_exposure_args(q: argparse.ArgumentParser) -> None:
-    from ..train.scheduled_sampling import exposure_report
-
     q.add_argument("--text")
     q.add_argument("--text-file", help="read the text from this UTF-8 file")
     q.add_argument(

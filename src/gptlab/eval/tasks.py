@@ -4,16 +4,21 @@ and the zero/one/few-shot in-context classification harness of Brown et al. 2020
 
 from __future__ import annotations
 
+import importlib
 import math
 import random
 import re
+import string
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..assets import cache_dir, fetch_url, sha256_of, verified
+from ..data.prepare import jsonl_records
+from ..data.shards import read_shard
 from ..errors import GptlabError
 from ..files import atomic_write_bytes
+from ..generate import Engine, Sampling
 from ..model import GPT
 from ..recipe import DEFAULT_SEED
 from ..tokenizer import Tokenizer
@@ -26,8 +31,6 @@ SENTIMENT = Path(__file__).with_name("data") / "sentiment.jsonl"
 
 def read_jsonl(path: str | Path, fields: Sequence[str], limit: int | None = None) -> list[dict[str, Any]]:
     """Records of a JSON-lines file, each required to hold ``fields``; a bad line is one error naming it."""
-    from ..data.prepare import jsonl_records
-
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -71,8 +74,6 @@ def perplexity(
     ``len(re.split(r"\s+", text))``; bytes are its UTF-8 length. At ``stride`` = the context this is lm-eval's
     figure exactly; a smaller stride (default half the context) gives each token more left context.
     ``limit`` caps the tokens per document."""
-    from ..data.shards import read_shard
-
     files: list[Path] = []
     for p in map(Path, paths):
         files += sorted(p.rglob("*.txt")) if p.is_dir() else [p]
@@ -340,7 +341,7 @@ def _label_probs(
 
 def fewshot_plot(result: dict[str, Any], out: Path, title: str) -> Path:
     """Accuracy against the number of shots, with the 95 % intervals, as PNG (written atomically)."""
-    from ..plotting import pyplot, save_png
+    from ..plotting import pyplot, save_png  # here, not at the top: matplotlib loads slowly
 
     plt = pyplot()
     rows = result["results"]
@@ -361,7 +362,8 @@ def fewshot_plot(result: dict[str, Any], out: Path, title: str) -> Path:
     return save_png(fig, out)
 
 
-# Prompted generation (Radford et al. 2019, GPT-2, section 3): "TL;DR:" summaries, "English: ... French:" translation, "Q: ... A:" answers.
+# Prompted generation (Radford et al. 2019, GPT-2, section 3):
+# "TL;DR:" summaries, "English: ... French:" translation, "Q: ... A:" answers.
 GENERATION_TASKS: dict[str, dict[str, Any]] = {
     "summarize": {"fields": ("document", "summary"), "template": "{document}\nTL;DR:", "metric": "rouge"},
     "translate": {
@@ -375,8 +377,6 @@ GENERATION_TASKS: dict[str, dict[str, Any]] = {
 
 def _library(module: str):
     """A metric library from the ``eval`` extra, or one clear error saying how to install it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -385,8 +385,6 @@ def _library(module: str):
 
 def squad_normalize(text: str) -> str:
     """SQuAD v1.1's answer normalisation: lower case, no punctuation, no articles, single spaces."""
-    import string
-
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
@@ -425,8 +423,6 @@ def generation_task(
     until a newline or the end-of-text token, then score: ROUGE-1/2/L F-measure (``rouge-score``) for
     summaries, corpus BLEU and chrF (``sacrebleu``) for translation, SQuAD exact match and F1 for answers
     (``answers``: a list of acceptable strings)."""
-    from ..generate import Engine, Sampling
-
     spec = GENERATION_TASKS[task]
     p = Path(path)
     docs = read_jsonl(p, spec["fields"])

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import GptlabError
 from ..options import add_device, add_json, add_model, count, emit, number
 from ..recipe import SEED, UNIT, Range
-from .engine import Sampling
+from .engine import Engine, Sampling
 
 DEFAULTS = Sampling()  # the CLI's sampling defaults are the library's
 
@@ -29,7 +29,6 @@ def sampling(args: argparse.Namespace, seed: int | None = None) -> Sampling:
 
 def _engine(args: argparse.Namespace):
     from ..loader import load_model  # here, not at the top: loading pulls in the interop formats
-    from .engine import Engine
 
     loaded = load_model(args.model, args.device)
     return Engine(loaded.model, loaded.tokenizer, compile=args.compile), loaded

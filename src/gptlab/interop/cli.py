@@ -14,7 +14,7 @@ from ..options import add_json, add_model, add_out_dir, emit
 def cmd_convert(args: argparse.Namespace) -> None:
     from ..checkpoint import save_model_checkpoint  # here, not at the top: torch and safetensors load slowly
     from ..loader import load_model
-    from .hf import save_hf
+    from .hf import save_hf  # (the three: torch, safetensors and the tokenizer libraries load slowly)
 
     if args.out:  # the old positional output folder
         print(

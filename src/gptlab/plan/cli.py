@@ -205,7 +205,7 @@ def plan_scaling(args: argparse.Namespace) -> tuple[dict, str]:
         for x in rows
     ]
     if args.plot:
-        from .plots import scaling_figure
+        from .plots import scaling_figure  # here, not at the top: matplotlib loads slowly
 
         budgets = [10**e for e in range(math.floor(math.log10(compute)) - 4, math.floor(math.log10(compute)) + 2)]
         r["plot"] = str(scaling_figure(Path(args.plot), budgets, law, marks))
@@ -356,7 +356,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--price", type=number(NON_NEGATIVE), default=0.0, help="dollars per device-hour (>= 0)")
     q.add_argument("--batch-tokens", type=number(Range(1)), help="tokens per optimizer step, for the step count")
     q.add_argument("--seq-len", type=count(1), help="training sequence length (>= 1; default the context)")
-    q.add_argument("--six-nd", action="store_true", help="time the run on 6·N·D alone (Kaplan et al. 2020's approximation, without attention)")
+    q.add_argument(
+        "--six-nd",
+        action="store_true",
+        help="time the run on 6·N·D alone (Kaplan et al. 2020's approximation, without attention)",
+    )
     q.add_argument("--micro-batch", type=count(1), default=1, help="sequences per device per micro-step (activations)")
     q.add_argument("--optimizer", default="adamw", choices=sorted({o for o, _ in OPTIMIZERS}))
     q.add_argument("--precision", default="mixed", choices=["mixed", "fp32"])

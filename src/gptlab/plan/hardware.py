@@ -72,7 +72,7 @@ def measure_cpu(seconds: float = 0.5) -> Hardware:
     and total RAM. Measured, so it reflects the threads torch uses here."""
     import os
 
-    import torch
+    import torch  # here, not at the top: the planner otherwise runs without torch
 
     a = torch.randn(2048, 2048)
     b = torch.randn(2048, 2048)

@@ -15,7 +15,7 @@ def scaling_figure(
     """Three panels: (1) Kaplan's L(N) and ``law`` at 20 tokens/parameter against N; (2) IsoFLOP curves,
     ``law``'s L(N, C/6N) against N for each budget, their minima marked; (3) N_opt against C for every allocation
     method, with ``marks`` (name -> (N, D)) placed at their compute. Written atomically."""
-    from ..plotting import pyplot, save_png
+    from ..plotting import pyplot, save_png  # here: `gptlab plan` without --plot never loads matplotlib
 
     fig, axes = pyplot().subplots(1, 3, figsize=(16, 4.8))
     n = np.logspace(6, 13, 200)

@@ -193,7 +193,7 @@ def run_config(sw: Sweep, base: TrainConfig, pt: dict[str, Any]) -> TrainConfig:
             "lr": lr,
             "min_lr": base.min_lr * lr / base.lr,
             "warmup_iters": warmup,
-            "ckpt_interval": max(1, pt["steps"] // 4),
+            "checkpoint_interval": max(1, pt["steps"] // 4),
             "threads": threads,
             "model_overrides": {**base.model_overrides, **shape},
         }

@@ -42,6 +42,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override, e.g. n_layer=6")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
-    add_config_flags(p, TrainConfig.fields(), ("model_overrides",))
+    add_config_flags(p, TrainConfig.fields(), ("model_overrides",), TrainConfig.renamed)
     add_json(p)
     p.set_defaults(func=cmd_train)

@@ -22,6 +22,7 @@ SS_SCHEDULES = ("none", "constant", "linear", "inverse_sigmoid", "exponential")
 class TrainConfig(RecipeConfig):
     help_hint = "`gptlab train --help`"
     what = "training config"
+    renamed = {"ckpt_interval": "checkpoint_interval"}
     data: str = opt("data/shakespeare-char", "a folder made by `gptlab prepare`")
     out_dir: str = opt("runs/baby", "run folder: checkpoints/, metrics.jsonl, loss.png")
     model: str = opt("baby", "model preset (`gptlab presets`)")
@@ -53,7 +54,7 @@ class TrainConfig(RecipeConfig):
         NON_NEGATIVE,
     )
     log_interval: int = opt(10, "steps between loss logs (each step's loss is recorded)", COUNT)
-    ckpt_interval: int = opt(500, "steps between checkpoints; 0 saves only at the end", NON_NEGATIVE)
+    checkpoint_interval: int = opt(500, "steps between checkpoints; 0 saves only at the end", NON_NEGATIVE)
     keep_last: int = opt(2, "checkpoints kept besides the best one", COUNT)
     seed: int = opt(1337, "seed for initialisation, batches, dropout and scheduled sampling", SEED)
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")

@@ -6,7 +6,7 @@ to take one optimizer step, what to log, how to evaluate and how to save. :func:
 
 - the learning rate of every step (:func:`gptlab.train.optim.lr_at`);
 - the cadence: metric rows every ``log_interval`` steps, evaluation every ``eval_interval`` steps, checkpoints every
-  ``ckpt_interval`` steps, and all three at the last step. Every checkpoint step is also an evaluation step, so
+  ``checkpoint_interval`` steps, and all three at the last step. Every checkpoint step is also an evaluation step, so
   each checkpoint records a validation figure, and every evaluation step is a log step;
 - the progress bar (closed before any error line);
 - the clock: throughput leaves out the first step (allocation, compilation) and the time spent evaluating and
@@ -29,7 +29,7 @@ import torch.distributed as tdist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm import tqdm
 
-from .. import checkpoint as ckpt_io
+from .. import checkpoint
 from ..errors import GptlabError
 from . import distributed
 from .optim import OptimizerSettings, lr_at
@@ -40,7 +40,7 @@ class LoopSettings(OptimizerSettings, Protocol):
 
     log_interval: int
     eval_interval: int
-    ckpt_interval: int
+    checkpoint_interval: int
 
 
 class Job(Protocol):
@@ -98,7 +98,7 @@ def fit(job: Job, cfg: LoopSettings, start: int, desc: str, progress: bool, is_m
             now = time.perf_counter()
             if t_first is None:
                 t_first, log_work = now, 0.0
-            is_ckpt = done == cfg.max_iters or bool(cfg.ckpt_interval and done % cfg.ckpt_interval == 0)
+            is_ckpt = done == cfg.max_iters or bool(cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0)
             is_eval = is_ckpt or done % cfg.eval_interval == 0
             if is_eval or done % cfg.log_interval == 0:
                 work = now - t_first - side
@@ -146,13 +146,13 @@ def save_state(
         tdist.all_gather_object(gathered, rng)
         rng = {k: v for r in gathered for k, v in r.items()}
     if d.is_main:
-        ckpt_io.save_checkpoint(run_dir, step, model_state, optim_state, {**meta, "rng": rng}, keep_last, extra)
+        checkpoint.save_checkpoint(run_dir, step, model_state, optim_state, {**meta, "rng": rng}, keep_last, extra)
     if d.enabled:
         tdist.barrier()
 
 
 def restore_state(
-    ck: Path,
+    checkpoint_dir: Path,
     state: dict[str, Any],
     module: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -161,7 +161,7 @@ def restore_state(
 ) -> int:
     """Load a checkpoint's weights (``weights``, already named as ``module`` names them), optimizer state and this
     rank's RNG state; returns the step to continue from."""
-    optim_sd, rng = ckpt_io.load_training_state(ck, state)
+    optim_sd, rng = checkpoint.load_training_state(checkpoint_dir, state)
     set_state_dict(
         module,
         optimizer,
@@ -179,5 +179,5 @@ def restore_state(
     if d.device.type == "cuda" and f"cuda_rank{d.rank}" in rng:
         torch.cuda.set_rng_state(rng[f"cuda_rank{d.rank}"])
     if d.is_main:
-        print(f"resuming from {ck} (step {state['step']})", file=sys.stderr, flush=True)
+        print(f"resuming from {checkpoint_dir} (step {state['step']})", file=sys.stderr, flush=True)
     return int(state["step"])

@@ -59,7 +59,8 @@ def exposure_report(
 ) -> dict[str, float]:
     """Mean per-token loss of ``tokens`` under teacher forcing and under sequential scheduled sampling at rate ``p``
     (each input is, with probability p, the model's own greedy prediction given the *mixed* history so far, as in
-    Bengio et al. 2015's scheduled sampling), over up to ``max_windows`` non-overlapping windows of the model's context."""
+    Bengio et al. 2015's scheduled sampling), over up to ``max_windows`` non-overlapping windows of the model's
+    context."""
     model.eval()
     span = model.config.block_size + 1
     windows = [tokens[i : i + span] for i in range(0, max(len(tokens) - 1, 1), span)][:max_windows]

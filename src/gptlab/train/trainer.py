@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint as ckpt_io
+from .. import checkpoint
 from ..config import GPTConfig, preset
 from ..data.loader import TokenWindows, read_meta
 from ..errors import GptlabError
@@ -57,10 +57,10 @@ def diverged(loss: float, vocab_size: int) -> bool:
 
 def last_good_checkpoint(out: Path, vocab_size: int) -> Path | None:
     """The newest checkpoint whose recorded validation loss is finite and not diverged."""
-    for ck in reversed(ckpt_io.list_checkpoints(out)):
-        val = ckpt_io.read_state(ck).get("val_loss")
+    for checkpoint_dir in reversed(checkpoint.list_checkpoints(out)):
+        val = checkpoint.read_state(checkpoint_dir).get("val_loss")
         if isinstance(val, (int, float)) and not diverged(val, vocab_size):
-            return ck
+            return checkpoint_dir
     return None
 
 
@@ -116,7 +116,7 @@ class Pretraining:
             keep_freed_memory_in_heap()
         self.cfg, self.d, self.resume = cfg, d, resume
         self.out = out = Path(cfg.out_dir)
-        existing = ckpt_io.checkpoints_for(out, resume)
+        existing = checkpoint.checkpoints_for(out, resume)
         self.data_meta = read_meta(cfg.data)
         self.mcfg = mcfg = model_config_for(cfg, self.data_meta["vocab_size"])
         self.train_windows = TokenWindows(cfg.data, "train", mcfg.block_size, cfg.seed)
@@ -144,14 +144,14 @@ class Pretraining:
         self.last_loss, self.last_val, self.last_tps = math.nan, math.nan, 0.0
         self.model.train()
 
-    def _resume(self, ck: Path) -> None:
+    def _resume(self, checkpoint_dir: Path) -> None:
         out, mcfg = self.out, self.mcfg
-        state = ckpt_io.read_state(ck)
+        state = checkpoint.read_state(checkpoint_dir)
         val = state.get("val_loss")
         if isinstance(val, (int, float)) and diverged(val, mcfg.vocab_size):
             good = last_good_checkpoint(out, mcfg.vocab_size)
             raise GptlabError(
-                f"--resume: the latest checkpoint {ck} recorded a diverged val loss ({val:.4g}); move "
+                f"--resume: the latest checkpoint {checkpoint_dir} recorded a diverged val loss ({val:.4g}); move "
                 f"it out of {out / 'checkpoints'} to resume from "
                 + (f"the last good one, {good}" if good else "an earlier one (none is good: start a new run)")
             )
@@ -161,7 +161,9 @@ class Pretraining:
                 f"--resume: the checkpoint's model differs from this run's (checkpoint, now): {diff}; "
                 f"resume with the original settings"
             )
-        self.start = restore_state(ck, state, self.raw, self.optimizer, ckpt_io.load_weights(ck, state), self.d)
+        self.start = restore_state(
+            checkpoint_dir, state, self.raw, self.optimizer, checkpoint.load_weights(checkpoint_dir, state), self.d
+        )
         self.best_val, self.best_step = state.get("best_val") or math.inf, state.get("best_step")
 
     def train_step(self, step: int) -> None:
@@ -243,7 +245,7 @@ class Pretraining:
         if not bad:
             return
         good = last_good_checkpoint(out, self.mcfg.vocab_size)
-        listed = ckpt_io.list_checkpoints(out)
+        listed = checkpoint.list_checkpoints(out)
         latest = listed[-1] if listed else None
         kept = f"the last good checkpoint is {good}" if good else "no good checkpoint was written yet"
         if good and latest != good:
