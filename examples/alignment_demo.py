@@ -65,7 +65,7 @@ def stage(**kw) -> dict:
     done = Path(kw["out_dir"]) / "summary.json"
     if done.exists():
         return json.loads(done.read_text())
-    summary = train_stage(AlignConfig(**kw), progress=False)
+    summary = train_stage(AlignConfig.from_sources(None, **kw), progress=False)
     done.write_text(json.dumps(summary))
     return summary
 

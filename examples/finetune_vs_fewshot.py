@@ -36,7 +36,8 @@ def main() -> None:
     results = {}
     for lm_weight in (0.5, 0.0):
         run = train_stage(
-            AlignConfig(
+            AlignConfig.from_sources(
+                None,
                 stage="finetune",
                 task="classification",
                 data=str(out / "train.jsonl"),

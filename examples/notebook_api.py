@@ -41,7 +41,7 @@ def main() -> None:
         block_size=64,
         max_iters=args.steps,
         eval_interval=max(args.steps // 2, 1),
-        warmup_iters=10,
+        optim=gptlab.OptimConfig(warmup_iters=10),
         final_eval_tokens=2048,
         device="cpu",
     )

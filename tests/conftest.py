@@ -107,7 +107,7 @@ def tiny_cfg(data, out, **kw):
         final_eval_tokens=20_000,
     )
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_sources(None, **base)  # optimizer fields flat, as flags give them
 
 
 def losses(run_dir):

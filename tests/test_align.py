@@ -146,7 +146,8 @@ def base_run(char_data, tmp_path_factory):
     """A tiny char-level model pre-trained briefly on the synthetic corpus, and data files in its alphabet."""
     root = tmp_path_factory.mktemp("align")
     train(
-        TrainConfig(
+        TrainConfig.from_sources(
+            None,
             data=str(char_data),
             out_dir=str(root / "base"),
             model="tiny",
@@ -192,7 +193,7 @@ def cfg(root, stage, **kw):
         log_interval=1,
         checkpoint_interval=1000,
     )
-    return AlignConfig(**{**base, **kw})
+    return AlignConfig.from_sources(None, **{**base, **kw})
 
 
 def test_prompt_tokens_get_zero_gradient(base_run):

@@ -541,12 +541,16 @@ def test_malformed_jsonl_records_are_one_line(sandbox, capsys, monkeypatch, tmp_
 def test_malformed_recipes_are_one_line(sandbox, capsys, monkeypatch, tmp_path_factory, values):
     monkeypatch.chdir(sandbox)
     recipe = tmp_path_factory.mktemp("toml") / "r.toml"
-    recipe.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))  # JSON scalars are TOML
+    optim = {k: v for k, v in values.items() if k in ("lr", "beta1")}  # these live in the [optim] table
+    top = "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items() if k not in optim)  # JSON scalars are TOML
+    recipe.write_text(
+        top + ("[optim]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in optim.items()) if optim else "")
+    )
     assert_one_line_error(
         ["train", "--recipe", str(recipe), "--data", str(sandbox / "data"), "--out-dir", str(sandbox / "new_run")],
         capsys,
         sandbox,
-        "invalid training config",
+        "gptlab: error: invalid",  # the training config or its nested optimizer config
     )
 
 

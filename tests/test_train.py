@@ -1,5 +1,6 @@
 """The trainer: learning, exact resume after SIGKILL, DDP equivalence, checkpoint safety, schedules."""
 
+import dataclasses
 import json
 import math
 import os
@@ -13,12 +14,13 @@ import pytest
 import torch
 
 from gptlab import checkpoint
+from gptlab.align.config import AlignConfig
 from gptlab.config import preset
 from gptlab.data.shards import read_shard
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.train.config import TrainConfig
-from gptlab.train.optim import lr_at, make_optimizer
+from gptlab.train.optim import FINETUNE_OPTIM, OptimConfig, lr_at, make_optimizer
 from gptlab.train.scheduled_sampling import exposure_report, mix_in_predictions, ss_probability
 from gptlab.train.trainer import train
 
@@ -252,17 +254,21 @@ def test_keep_last_and_best(char_data, tmp_path):
 
 
 def test_lr_schedule_hand_computed():
-    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
-    assert lr_at(0, cfg) == pytest.approx(1e-3 * 1 / 11)
-    assert lr_at(9, cfg) == pytest.approx(1e-3 * 10 / 11)
-    assert lr_at(10, cfg) == pytest.approx(1e-3)
-    assert lr_at(60, cfg) == pytest.approx(1e-4 + 0.5 * 9e-4)  # half-way: cos(pi/2) = 0
-    assert lr_at(110, cfg) == pytest.approx(1e-4) and lr_at(500, cfg) == pytest.approx(1e-4)
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10)
+    assert lr_at(0, cfg, 110) == pytest.approx(1e-3 * 1 / 11)
+    assert lr_at(9, cfg, 110) == pytest.approx(1e-3 * 10 / 11)
+    assert lr_at(10, cfg, 110) == pytest.approx(1e-3)
+    assert lr_at(60, cfg, 110) == pytest.approx(1e-4 + 0.5 * 9e-4)  # half-way: cos(pi/2) = 0
+    assert lr_at(110, cfg, 110) == pytest.approx(1e-4) and lr_at(500, cfg, 110) == pytest.approx(1e-4)
+    # one config type, nested in both; recipes give it as a table, flags flat
+    assert TrainConfig.from_sources(None, lr=2e-3).optim == OptimConfig(lr=2e-3)
+    tuned = AlignConfig.from_sources(None, data="d.jsonl", model="m", lr=3e-4).optim
+    assert tuned == dataclasses.replace(FINETUNE_OPTIM, lr=3e-4) and type(tuned) is type(TrainConfig().optim)
 
 
 def test_weight_decay_only_on_matrices():
     model = GPT(preset("tiny"))
-    opt = make_optimizer(model, TrainConfig(weight_decay=0.1), "cpu")
+    opt = make_optimizer(model, OptimConfig(weight_decay=0.1), "cpu")
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
@@ -302,10 +308,20 @@ def test_exposure_report_without_sampling_equals_teacher_forcing():
 
 def test_recipe_then_flags_precedence(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text('model = "baby"\nlr = 0.002\nmax_iters = 50\n[model_overrides]\nn_layer = 3\ndropout = 0.1\n')
-    cfg = TrainConfig.from_sources(recipe, max_iters=70, lr=None)
-    assert (cfg.model, cfg.lr, cfg.max_iters) == ("baby", 0.002, 70)  # flag wins, unset flag keeps the recipe
+    recipe.write_text(
+        'model = "baby"\nmax_iters = 50\n[optim]\nlr = 0.002\nbeta2 = 0.9\n'
+        "[model_overrides]\nn_layer = 3\ndropout = 0.1\n"
+    )
+    cfg = TrainConfig.from_sources(recipe, max_iters=70, lr=None, beta2=0.95)
+    # a flag wins, an unset flag keeps the recipe, an optimizer flag goes to the nested [optim]
+    assert (cfg.model, cfg.optim.lr, cfg.optim.beta2, cfg.max_iters) == ("baby", 0.002, 0.95, 70)
+    assert cfg.optim.weight_decay == TrainConfig().optim.weight_decay  # untouched fields keep their defaults
     assert cfg.model_overrides == {"n_layer": 3, "dropout": 0.1}
+    recipe.write_text("lr = 0.003\n")  # the old flat layout: still read, with a warning
+    assert TrainConfig.from_sources(recipe).optim.lr == 0.003
+    recipe.write_text("[optim]\nlearning_rate = 1\n")
+    with pytest.raises(GptlabError, match=r"unknown option\(s\) \['learning_rate'\] in \[optim\]"):
+        TrainConfig.from_sources(recipe)
     recipe.write_text("lr = 0.002\nlearning_rate = 1\n")
     with pytest.raises(GptlabError, match=r"unknown option\(s\) \['learning_rate'\]"):
         TrainConfig.from_sources(recipe)

@@ -26,6 +26,7 @@ _LAZY = {
     "Sampling": "generate",
     "prepare": "data.prepare",
     "TrainConfig": "train.config",
+    "OptimConfig": "train.optim",
     "AlignConfig": "align.config",
     "train_stage": "align.trainer",
 }

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from .errors import GptlabError
-from .recipe import Range
+from .recipe import Range, RecipeConfig
 
 SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
 
@@ -89,20 +89,34 @@ def parse_set(items: list[str] | None, example: str = "n_layer=6") -> dict[str, 
     return out
 
 
-def add_config_flags(
-    p: argparse.ArgumentParser,
-    fields: list[dataclasses.Field],
-    skip: tuple[str, ...],
-    renamed: dict[str, str] | None = None,
-) -> None:
-    """One ``--flag`` per config field (default None, so a recipe's value stands unless the flag is given), with
-    the help text, range and choices declared on the field (:func:`gptlab.recipe.opt`); ``renamed`` fields keep
-    their old flag as a deprecated alias."""
-    for f in fields:
+def config_flags(cls: type[RecipeConfig], skip: tuple[str, ...]) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, default) for every flag of a config: its plain fields, and the fields of its nested configs
+    (``optim``) flat, with the defaults the config gives them."""
+    out: list[tuple[dataclasses.Field, Any]] = []
+    for f in cls.fields():
         if f.name in skip:
             continue
+        nested = cls.nested_default(f)
+        if nested is None:
+            out.append((f, f.default))
+        else:
+            out += [(g, getattr(nested, g.name)) for g in nested.fields()]
+    return out
+
+
+def config_flag_values(args: argparse.Namespace, cls: type[RecipeConfig], skip: tuple[str, ...]) -> dict[str, Any]:
+    """The values of a config's flags as parsed (None where not given), flat; ``from_sources`` nests them."""
+    return {f.name: getattr(args, f.name, None) for f, _ in config_flags(cls, skip)}
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls: type[RecipeConfig], skip: tuple[str, ...]) -> None:
+    """One ``--flag`` per config field, nested configs' fields included (default None, so a recipe's value stands
+    unless the flag is given), with the help text, range and choices declared on the field
+    (:func:`gptlab.recipe.opt`); renamed fields keep their old flag as a deprecated alias."""
+    flags = config_flags(cls, skip)
+    for f, default in flags:
         flag = "--" + f.name.replace("_", "-")
-        default, meta = f.default, f.metadata
+        meta = f.metadata
         valid, choices = meta.get("range"), meta.get("choices")
         text = meta.get("help", f.name.replace("_", " "))
         text += f" (valid: {valid}; default {default!r})" if valid else f" (default {default!r})"
@@ -124,9 +138,9 @@ def add_config_flags(
                 metavar=type(default).__name__.upper() if not choices else None,
                 help=text,
             )
-    by_name = {f.name: f for f in fields}
-    for old, new in (renamed or {}).items():
-        if new in by_name and new not in skip:
+    by_name = {f.name: f for f, _ in flags}
+    for old, new in cls.renamed.items():
+        if new in by_name:
             default = by_name[new].default
             numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
             kwargs = {"type": number(by_name[new].metadata.get("range"), isinstance(default, int))} if numeric else {}

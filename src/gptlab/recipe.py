@@ -63,6 +63,8 @@ def opt(default: Any, help: str, range: Range | None = None, choices: Sequence[s
     meta = {"help": help, "range": range, "choices": tuple(choices) if choices else None}
     if isinstance(default, (dict, list)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    if dataclasses.is_dataclass(default):  # a nested config: each instance gets its own copy
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(default), metadata=meta)  # type: ignore[type-var]
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -93,6 +95,17 @@ class RecipeConfig:
     def __post_init__(self) -> None:
         problems = []
         for f in self.fields():
+            nested = self.nested_default(f)
+            if nested is not None:  # a nested config (``optim``): built from a table, checked by its own type
+                value = getattr(self, f.name)
+                if isinstance(value, dict):
+                    unknown = sorted(set(value) - {g.name for g in nested.fields()})
+                    if unknown:
+                        raise GptlabError(f"unknown option(s) {unknown} in [{f.name}]; see {self.help_hint}")
+                    setattr(self, f.name, dataclasses.replace(nested, **value))  # type: ignore[type-var]
+                elif not isinstance(value, type(nested)):
+                    problems.append(f"{f.name} should be a table of {sorted(g.name for g in nested.fields())}")
+                continue
             factory = f.default_factory
             want = type(f.default if f.default is not dataclasses.MISSING else factory())  # type: ignore[operator]
             if want not in (bool, int, float, str, dict):  # optional and list fields: the subclass checks them
@@ -120,10 +133,48 @@ class RecipeConfig:
     def fields(cls) -> list[dataclasses.Field]:
         return list(dataclasses.fields(cls))  # type: ignore[arg-type]
 
+    @staticmethod
+    def nested_default(f: dataclasses.Field) -> RecipeConfig | None:
+        """The default of a field that holds a nested config (``optim``), or None for a plain field."""
+        if f.default_factory is dataclasses.MISSING:
+            return None
+        value = f.default_factory()
+        return value if isinstance(value, RecipeConfig) else None
+
+    @classmethod
+    def nested_fields(cls) -> dict[str, RecipeConfig]:
+        return {f.name: d for f in cls.fields() if (d := cls.nested_default(f)) is not None}
+
     @classmethod
     def from_sources(cls, recipe: str | Path | None = None, /, **overrides: Any):
-        """Defaults <- TOML recipe <- ``overrides`` (CLI flags; ``None`` values are ignored)."""
-        return cls(**recipe_values(recipe, overrides, {f.name for f in cls.fields()}, cls.help_hint, cls.renamed))
+        """Defaults <- TOML recipe <- ``overrides`` (CLI flags; ``None`` values are ignored). A nested config's fields
+        may be given flat among the flags (``lr=...`` for ``optim.lr``, as ``--lr`` is); in a recipe they belong in
+        their table (``[optim]``), and flat keys there are accepted with a warning for one release."""
+        file_values = recipe_values(recipe, {}, None, cls.help_hint, cls.renamed)
+        flags = {k: v for k, v in overrides.items() if v is not None}
+        for name, default in cls.nested_fields().items():
+            sub = {f.name for f in default.fields()}
+            table = file_values.pop(name, {})
+            if not isinstance(table, dict):
+                raise GptlabError(f"recipe key {name!r} should be a table [{name}]; see {cls.help_hint}")
+            flat = {k: file_values.pop(k) for k in list(file_values) if k in sub}
+            if flat:
+                print(
+                    f"gptlab: warning: recipe keys {sorted(flat)} at the top level are deprecated and will be refused "
+                    f"in the next release; put them in the [{name}] table",
+                    file=sys.stderr,
+                )
+            given = flags.pop(name, None)
+            if isinstance(given, RecipeConfig):
+                given = given.to_dict()
+            merged = {**table, **flat, **(given or {}), **{k: flags.pop(k) for k in list(flags) if k in sub}}
+            if merged:
+                file_values[name] = merged
+        values = {**file_values, **flags}
+        unknown = sorted(set(values) - {f.name for f in cls.fields()})
+        if unknown:
+            raise GptlabError(f"unknown option(s) {unknown}; see {cls.help_hint}")
+        return cls(**values)
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:
@@ -144,7 +195,7 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
 def recipe_values(
     recipe: str | Path | None,
     overrides: dict[str, Any],
-    known: set[str],
+    known: set[str] | None,
     help_hint: str,
     renamed: dict[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -160,7 +211,7 @@ def recipe_values(
             )
             values.setdefault(new, values.pop(old))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - known) if known is not None else []
     if unknown:
         raise GptlabError(f"unknown option(s) {unknown}; see {help_hint}")
     return values

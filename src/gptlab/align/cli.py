@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import add_config_flags, add_json, add_model, emit
+from ..options import add_config_flags, add_json, add_model, config_flag_values, emit
 from .config import STAGES, AlignConfig
 
 STAGE_HELP = {
@@ -19,7 +19,7 @@ STAGE_HELP = {
 def cmd_align(args: argparse.Namespace) -> None:
     from .trainer import train_stage  # here, not at the top: the stages load torch.distributed and the loop
 
-    values = {f.name: getattr(args, f.name, None) for f in AlignConfig.fields() if f.name != "stage"}
+    values = config_flag_values(args, AlignConfig, ("stage",))
     cfg = AlignConfig.from_sources(args.recipe, **values, stage=args.stage)
     s = train_stage(cfg, resume=args.resume, progress=not args.json)
     metrics = "  ".join(f"{k} {v:.4g}" for k, v in s["eval"].items())
@@ -50,6 +50,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         )
         q.add_argument("--recipe", help="TOML file of these options (flags override it)")
         q.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
-        add_config_flags(q, AlignConfig.fields(), ("stage", "model"), AlignConfig.renamed)
+        add_config_flags(q, AlignConfig, ("stage", "model"))
         add_json(q)
         q.set_defaults(func=cmd_align)

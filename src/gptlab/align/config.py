@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..recipe import COUNT, NON_NEGATIVE, POSITIVE, PROBABILITY_BELOW_1, SEED, UNIT, Range, RecipeConfig, opt
+from ..train.optim import FINETUNE_OPTIM, OptimConfig
 
 STAGES = ("finetune", "sft", "reward", "dpo", "ppo")
 TASK_NAMES = ("classification", "entailment", "similarity", "multiple_choice")
@@ -31,16 +32,10 @@ class AlignConfig(RecipeConfig):
     # optimisation (as in gptlab train)
     batch_size: int = opt(8, "examples (finetune, sft), prompts (reward, dpo) or rollouts (ppo) per step", COUNT)
     max_iters: int = opt(200, "optimizer steps", COUNT)
-    lr: float = opt(1e-4, "peak learning rate", Range(0, 10, lo_open=True))
-    min_lr: float = opt(1e-5, "learning rate at the end of the decay (<= lr)", NON_NEGATIVE)
-    warmup_iters: int = opt(10, "linear warmup steps", NON_NEGATIVE)
-    lr_decay_iters: int = opt(0, "step where the decay ends; 0 means max_iters", NON_NEGATIVE)
-    schedule: str = opt("cosine", "cosine | wsd", choices=("cosine", "wsd"))
-    decay_frac: float = opt(0.2, "wsd: fraction of the post-warmup steps spent decaying", Range(0, 1, lo_open=True))
-    weight_decay: float = opt(0.0, "AdamW decoupled weight decay", Range(0, 10))
-    beta1: float = opt(0.9, "AdamW beta1", PROBABILITY_BELOW_1)
-    beta2: float = opt(0.95, "AdamW beta2", PROBABILITY_BELOW_1)
-    grad_clip: float = opt(1.0, "clip each model's gradient norm to this; 0 disables", NON_NEGATIVE)
+    optim: OptimConfig = opt(
+        FINETUNE_OPTIM,
+        "AdamW and the learning-rate schedule, with fine-tuning's defaults (recipe table [optim]; flags --lr, ...)",
+    )
     eval_interval: int = opt(50, "steps between held-out evaluations", COUNT)
     log_interval: int = opt(10, "steps between metric rows", COUNT)
     checkpoint_interval: int = opt(100, "steps between checkpoints; 0 saves only at the end", NON_NEGATIVE)
@@ -88,6 +83,5 @@ class AlignConfig(RecipeConfig):
                 "required: gptlab align STAGE MODEL",
             ),
             (self.stage != "ppo" or bool(self.reward_model), "ppo needs reward_model (a `gptlab align reward` run)"),
-            (self.min_lr <= self.lr, f"min_lr = {self.min_lr} must not exceed lr = {self.lr}"),
             (self.ptx_coef == 0 or bool(self.ptx_data), "ptx_coef > 0 needs ptx_data (a `gptlab prepare` folder)"),
         ]

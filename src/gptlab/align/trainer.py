@@ -85,7 +85,7 @@ class StageJob:
         torch.manual_seed(cfg.seed)
         self.stage = STAGES[cfg.stage](cfg, d)
         self.module = self.stage.module
-        self.optimizer = make_optimizer(self.module, cfg, d.device.type)
+        self.optimizer = make_optimizer(self.module, cfg.optim, d.device.type)
         self.start = 0
         if resume:
             checkpoint_dir = existing[-1]
@@ -114,9 +114,9 @@ class StageJob:
             for p in self.module.parameters():
                 if p.grad is not None:
                     p.grad.copy_(distributed.mean_across_ranks(p.grad, d))
-        if cfg.grad_clip:
+        if cfg.optim.grad_clip:
             for g in self.groups:
-                torch.nn.utils.clip_grad_norm_(g, cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(g, cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -181,8 +181,9 @@ def plan_runs(sw: Sweep) -> tuple[TrainConfig, list[dict[str, Any]]]:
 
 
 def run_config(sw: Sweep, base: TrainConfig, pt: dict[str, Any]) -> TrainConfig:
-    lr = base.lr * (sw.base_width / pt["n_embd"]) ** 0.5
-    warmup = int(sw.warmup_frac * pt["steps"]) if sw.warmup_frac else min(base.warmup_iters, pt["steps"] // 2)
+    lr = base.optim.lr * (sw.base_width / pt["n_embd"]) ** 0.5
+    warmup = int(sw.warmup_frac * pt["steps"]) if sw.warmup_frac else min(base.optim.warmup_iters, pt["steps"] // 2)
+    optim = {**base.optim.to_dict(), "lr": lr, "min_lr": base.optim.min_lr * lr / base.optim.lr, "warmup_iters": warmup}
     shape = {k: pt[k] for k in ("n_layer", "n_embd", "n_head")}
     threads = base.threads or (max(1, (os.cpu_count() or 1) // (sw.jobs * sw.nproc_per_node)) if sw.jobs > 1 else 0)
     return TrainConfig(
@@ -190,9 +191,7 @@ def run_config(sw: Sweep, base: TrainConfig, pt: dict[str, Any]) -> TrainConfig:
             **base.to_dict(),
             "out_dir": str(Path(sw.out_dir) / pt["name"]),
             "max_iters": pt["steps"],
-            "lr": lr,
-            "min_lr": base.min_lr * lr / base.lr,
-            "warmup_iters": warmup,
+            "optim": optim,
             "checkpoint_interval": max(1, pt["steps"] // 4),
             "threads": threads,
             "model_overrides": {**base.model_overrides, **shape},

@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..options import add_config_flags, add_json, emit, parse_set
+from ..options import add_config_flags, add_json, config_flag_values, emit, parse_set
 from .config import TrainConfig
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .trainer import train  # here, not at the top: torch.distributed and the loop load slowly
 
-    overrides: dict[str, Any] = {
-        f.name: getattr(args, f.name) for f in TrainConfig.fields() if f.name != "model_overrides"
-    }
+    overrides: dict[str, Any] = config_flag_values(args, TrainConfig, ("model_overrides",))
     if args.set:
         overrides["model_overrides"] = parse_set(args.set)
     cfg = TrainConfig.from_sources(args.recipe, **overrides)
@@ -42,6 +40,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override, e.g. n_layer=6")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
-    add_config_flags(p, TrainConfig.fields(), ("model_overrides",), TrainConfig.renamed)
+    add_config_flags(p, TrainConfig, ("model_overrides",))
     add_json(p)
     p.set_defaults(func=cmd_train)

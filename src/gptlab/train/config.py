@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config import GPTConfig
 from ..recipe import COUNT, NON_NEGATIVE, POSITIVE, PROBABILITY_BELOW_1, SEED, UNIT, Range, RecipeConfig, opt
+from .optim import OptimConfig
 
 MODEL_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)}
 SS_SCHEDULES = ("none", "constant", "linear", "inverse_sigmoid", "exponential")
@@ -33,18 +34,9 @@ class TrainConfig(RecipeConfig):
     batch_size: int = opt(12, "sequences per process per micro-step", COUNT)
     grad_accum: int = opt(1, "micro-steps per optimizer step", COUNT)
     max_iters: int = opt(2000, "optimizer steps", COUNT)
-    lr: float = opt(1e-3, "peak learning rate", Range(0, 10, lo_open=True))
-    min_lr: float = opt(1e-4, "learning rate at the end of the decay (<= lr)", NON_NEGATIVE)
-    warmup_iters: int = opt(100, "linear warmup steps", NON_NEGATIVE)
-    lr_decay_iters: int = opt(0, "step where the decay ends; 0 means max_iters", NON_NEGATIVE)
-    schedule: str = opt(
-        "cosine", "cosine | wsd (flat at lr, then linear decay over the last decay_frac)", choices=("cosine", "wsd")
+    optim: OptimConfig = opt(
+        OptimConfig(), "AdamW and the learning-rate schedule (recipe table [optim]; flags --lr, ...)"
     )
-    decay_frac: float = opt(0.2, "wsd: fraction of the post-warmup steps spent decaying", Range(0, 1, lo_open=True))
-    weight_decay: float = opt(0.1, "AdamW decoupled weight decay (matrices and embeddings only)", Range(0, 10))
-    beta1: float = opt(0.9, "AdamW beta1", PROBABILITY_BELOW_1)
-    beta2: float = opt(0.99, "AdamW beta2", PROBABILITY_BELOW_1)
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 disables", NON_NEGATIVE)
     dropout: float = opt(0.0, "dropout probability in the model", PROBABILITY_BELOW_1)
     eval_interval: int = opt(250, "steps between validation evaluations", COUNT)
     eval_iters: int = opt(20, "val batches per periodic evaluation (the same batches every time)", COUNT)
@@ -75,7 +67,6 @@ class TrainConfig(RecipeConfig):
     def checks(self) -> list[tuple[bool, str]]:
         unknown = sorted(set(self.model_overrides) - MODEL_FIELDS)
         return [
-            (self.min_lr <= self.lr, f"min_lr = {self.min_lr} must not exceed lr = {self.lr}"),
             (self.ss_schedule != "exponential" or self.ss_k < 1, "ss_k must be < 1 for the exponential schedule"),
             (not unknown, f"unknown model config field(s) {unknown}; known: {sorted(MODEL_FIELDS)}"),
         ]

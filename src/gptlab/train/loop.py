@@ -32,12 +32,14 @@ from tqdm import tqdm
 from .. import checkpoint
 from ..errors import GptlabError
 from . import distributed
-from .optim import OptimizerSettings, lr_at
+from .optim import OptimConfig, lr_at
 
 
-class LoopSettings(OptimizerSettings, Protocol):
+class LoopSettings(Protocol):
     """The config fields :func:`fit` reads (``TrainConfig`` and ``AlignConfig`` both have them)."""
 
+    optim: OptimConfig
+    max_iters: int
     log_interval: int
     eval_interval: int
     checkpoint_interval: int
@@ -89,7 +91,7 @@ def fit(job: Job, cfg: LoopSettings, start: int, desc: str, progress: bool, is_m
     log_work, log_step = 0.0, start  # work clock and step at the last log
     try:
         for step in range(start, cfg.max_iters):
-            lr = lr_at(step, cfg)
+            lr = lr_at(step, cfg.optim, cfg.max_iters)
             for g in job.optimizer.param_groups:
                 g["lr"] = lr
             job.train_step(step)

@@ -127,7 +127,7 @@ class Pretraining:
         self.raw = GPT(mcfg).to(d.device)
         torch.manual_seed(cfg.seed + d.rank)  # distinct dropout masks per rank
         self.model: Any = distributed.wrap(self.raw, d, cfg.parallel)  # FSDP shards `raw` in place; DDP wraps it
-        self.optimizer = make_optimizer(self.raw, cfg, d.device.type)
+        self.optimizer = make_optimizer(self.raw, cfg.optim, d.device.type)
         self.start, self.best_val = 0, math.inf
         self.best_step: int | None = None
         if resume:
@@ -180,9 +180,9 @@ class Pretraining:
                 _, loss = self.model(x, y)
             self.scaler.scale(loss / cfg.grad_accum).backward()
             self.pending.append(loss.detach())
-        if cfg.grad_clip:
+        if cfg.optim.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
