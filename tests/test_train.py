@@ -341,3 +341,14 @@ def test_compiled_training_matches_eager(char_data, tmp_path):
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert [s for s, _ in compiled] == [1, 2, 3, 4]
     np.testing.assert_allclose([v for _, v in compiled], [v for _, v in eager], rtol=1e-4)
+
+
+def test_configs_written_by_the_previous_layout_still_read(tmp_path):
+    """A sweep's run.json from before the nested optimizer config (flat lr, ckpt_interval) reads as the same config."""
+    from gptlab.scale.sweep import read_run_config
+
+    new = TrainConfig.from_sources(None, lr=2e-3, min_lr=2e-4, warmup_iters=7, checkpoint_interval=9, max_iters=30)
+    old = {k: v for k, v in new.to_dict().items() if k not in ("optim", "checkpoint_interval")}
+    old.update(new.optim.to_dict(), ckpt_interval=9)
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    assert read_run_config(tmp_path) == new

@@ -199,10 +199,19 @@ def run_config(sw: Sweep, base: TrainConfig, pt: dict[str, Any]) -> TrainConfig:
     )
 
 
+def read_run_config(run: Path) -> TrainConfig:
+    """A run's ``run.json`` as a config; written by earlier versions too (flat optimizer keys, ``ckpt_interval``)."""
+    values = json.loads((run / "run.json").read_text())
+    for old, new in TrainConfig.renamed.items():
+        if old in values:
+            values.setdefault(new, values.pop(old))
+    return TrainConfig.from_sources(None, **values)
+
+
 def run_one(run_dir: str | Path, progress: bool = False) -> dict[str, Any]:
     """Train (or resume) the run whose ``run.json`` is in ``run_dir``; write ``summary.json`` when done."""
     run = Path(run_dir)
-    cfg = TrainConfig(**json.loads((run / "run.json").read_text()))
+    cfg = read_run_config(run)
     summary = train(cfg, resume=bool(list_checkpoints(run)), progress=progress)
     if int(os.environ.get("RANK", "0")) == 0:
         atomic_write_bytes(run / "summary.json", json.dumps(summary).encode())
@@ -248,9 +257,9 @@ def _run_sweep(sw: Sweep, base: TrainConfig, points: list[dict[str, Any]], progr
     for pt in points:
         run = root / pt["name"]
         cfg = run_config(sw, base, pt).to_dict()
-        if (run / "run.json").exists() and json.loads((run / "run.json").read_text()) != cfg:
+        if (run / "run.json").exists() and read_run_config(run).to_dict() != cfg:
             raise GptlabError(
-                f"{run} was started with other settings (see its run.json); use another --out or delete that run"
+                f"{run} was started with other settings (see its run.json); use another --out-dir or delete that run"
             )
         if not (run / "summary.json").exists():
             run.mkdir(parents=True, exist_ok=True)
