@@ -150,7 +150,7 @@ class RecipeConfig:
         """Defaults <- TOML recipe <- ``overrides`` (CLI flags; ``None`` values are ignored). A nested config's fields
         may be given flat among the flags (``lr=...`` for ``optim.lr``, as ``--lr`` is); in a recipe they belong in
         their table (``[optim]``), and flat keys there are accepted with a warning for one release."""
-        file_values = recipe_values(recipe, {}, None, cls.help_hint, cls.renamed)
+        file_values = read_recipe(recipe, cls.renamed)
         flags = {k: v for k, v in overrides.items() if v is not None}
         for name, default in cls.nested_fields().items():
             sub = {f.name for f in default.fields()}
@@ -192,15 +192,9 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
         raise GptlabError(f"{what} {path} is not valid TOML: {e}") from None
 
 
-def recipe_values(
-    recipe: str | Path | None,
-    overrides: dict[str, Any],
-    known: set[str] | None,
-    help_hint: str,
-    renamed: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """A TOML recipe's keys updated by ``overrides`` (``None`` values ignored); unknown keys are one clear error,
-    ``renamed`` old keys are moved to their new names with a warning."""
+def read_recipe(recipe: str | Path | None, renamed: dict[str, str] | None = None) -> dict[str, Any]:
+    """A TOML recipe's keys (none without a recipe), with ``renamed`` old keys moved to their new names (a warning
+    each)."""
     values = read_toml(recipe, "recipe") if recipe else {}
     for old, new in (renamed or {}).items():
         if old in values:
@@ -210,8 +204,4 @@ def recipe_values(
                 file=sys.stderr,
             )
             values.setdefault(new, values.pop(old))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = sorted(set(values) - known) if known is not None else []
-    if unknown:
-        raise GptlabError(f"unknown option(s) {unknown}; see {help_hint}")
     return values
