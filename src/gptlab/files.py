@@ -111,8 +111,9 @@ def replace_dir(new: Path, final: Path) -> None:
     place; the old folder is deleted afterwards."""
     if not final.exists():
         os.replace(new, final)
-    elif _exchange(new, final):  # `new` now holds the old folder
         fsync_dir(final.parent)
+    elif _exchange(new, final):  # `new` now holds the old folder
+        fsync_dir(final.parent)  # the swap is durable before the old copy goes
         shutil.rmtree(new, ignore_errors=True)
     else:
         old = sibling(final, "old")
@@ -120,7 +121,6 @@ def replace_dir(new: Path, final: Path) -> None:
         os.replace(new, final)
         fsync_dir(final.parent)
         shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(final.parent)
 
 
 @contextlib.contextmanager

@@ -45,10 +45,6 @@ class Range:
         return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
 
 
-def at_least(x: float) -> Range:
-    return Range(x)
-
-
 POSITIVE = Range(0, lo_open=True)
 NON_NEGATIVE = Range(0)
 UNIT = Range(0, 1)  # [0, 1]
@@ -151,7 +147,7 @@ class RecipeConfig:
         may be given flat among the flags (``lr=...`` for ``optim.lr``, as ``--lr`` is); in a recipe they belong in
         their table (``[optim]``), and flat keys there are accepted with a warning for one release."""
         file_values = read_recipe(recipe, cls.renamed)
-        flags = {k: v for k, v in overrides.items() if v is not None}
+        flags = renamed_keys({k: v for k, v in overrides.items() if v is not None}, cls.renamed, "option")
         for name, default in cls.nested_fields().items():
             sub = {f.name for f in default.fields()}
             table = file_values.pop(name, {})
@@ -192,16 +188,20 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
         raise GptlabError(f"{what} {path} is not valid TOML: {e}") from None
 
 
-def read_recipe(recipe: str | Path | None, renamed: dict[str, str] | None = None) -> dict[str, Any]:
-    """A TOML recipe's keys (none without a recipe), with ``renamed`` old keys moved to their new names (a warning
-    each)."""
-    values = read_toml(recipe, "recipe") if recipe else {}
-    for old, new in (renamed or {}).items():
+def renamed_keys(values: dict[str, Any], renamed: dict[str, str], what: str) -> dict[str, Any]:
+    """``values`` with ``renamed`` old keys moved to their new names, a warning for each."""
+    for old, new in renamed.items():
         if old in values:
             print(
-                f"gptlab: warning: the recipe key {old!r} is deprecated and will be removed in the next release; "
+                f"gptlab: warning: the {what} {old!r} is deprecated and will be removed in the next release; "
                 f"call it {new!r}",
                 file=sys.stderr,
             )
             values.setdefault(new, values.pop(old))
     return values
+
+
+def read_recipe(recipe: str | Path | None, renamed: dict[str, str] | None = None) -> dict[str, Any]:
+    """A TOML recipe's keys (none without a recipe), with ``renamed`` old keys moved to their new names (a warning
+    each)."""
+    return renamed_keys(read_toml(recipe, "recipe") if recipe else {}, renamed or {}, "recipe key")

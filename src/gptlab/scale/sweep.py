@@ -201,11 +201,7 @@ def run_config(sw: Sweep, base: TrainConfig, pt: dict[str, Any]) -> TrainConfig:
 
 def read_run_config(run: Path) -> TrainConfig:
     """A run's ``run.json`` as a config; written by earlier versions too (flat optimizer keys, ``ckpt_interval``)."""
-    values = json.loads((run / "run.json").read_text())
-    for old, new in TrainConfig.renamed.items():
-        if old in values:
-            values.setdefault(new, values.pop(old))
-    return TrainConfig.from_sources(None, **values)
+    return TrainConfig.from_sources(None, **json.loads((run / "run.json").read_text()))
 
 
 def run_one(run_dir: str | Path, progress: bool = False) -> dict[str, Any]:
