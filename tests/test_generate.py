@@ -7,7 +7,7 @@ import torch
 from gptlab.config import GPTConfig
 from gptlab.errors import GptlabError
 from gptlab.generate import Engine, Sampling, filter_logits, next_tokens
-from gptlab.generate.engine import _TextStream
+from gptlab.generate.engine import TextStream
 from gptlab.model import GPT, KVCache
 from gptlab.tokenizer import CharTokenizer
 
@@ -156,7 +156,7 @@ def test_stop_ids_end_rows_independently():
 
 def test_stop_strings_and_held_back_text():
     tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz .")
-    s = _TextStream(tok, ["the end"])
+    s = TextStream(tok, ["the end"])
     pieces = []
     for ch in "once upon a time. the end. more":
         s.push(tok.encode(ch)[0])
@@ -175,7 +175,7 @@ def test_streaming_is_utf8_safe_across_multibyte_tokens():
     text = "naïve café 日本語のテキスト 🙂🚀 ok"
     ids = tok.encode(text)
     assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens are partial characters
-    s = _TextStream(tok, [])
+    s = TextStream(tok, [])
     pieces = []
     for i in ids:
         s.push(i)

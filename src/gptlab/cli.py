@@ -6,6 +6,7 @@ verb       module                  what
 prepare    ``data/cli.py``         text -> token shards
 train      ``train/cli.py``        pre-training (torchrun for several processes)
 sample     ``generate/cli.py``     KV-cached, batched, streaming generation
+serve      ``serve/cli.py``        OpenAI-compatible HTTP server with continuous batching
 convert    ``interop/cli.py``      gptlab <-> Hugging Face, OpenAI release -> gptlab
 eval       ``eval/cli.py``         perplexity, LAMBADA, multiple choice, few-shot, generation, exposure
 scale      ``scale/cli.py``        scaling-law sweeps and fits
@@ -30,7 +31,7 @@ from .errors import GptlabError
 from .files import describe_os_error
 from .options import ArgumentParser, apply_aliases
 
-SUBSYSTEMS = ("data", "train", "generate", "interop", "eval", "scale", "align", "plan")
+SUBSYSTEMS = ("data", "train", "generate", "serve", "interop", "eval", "scale", "align", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

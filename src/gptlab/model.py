@@ -81,7 +81,10 @@ class Linear(nn.Linear):
 class KVCache:
     """Keys and values of every layer for a batch of sequences, preallocated: per layer, two [B, n_head, length,
     head_dim] tensors (separate tensors, so a compiled step updates each in place). ``pad`` [B] is each row's count
-    of left-padding slots, which are never attended to."""
+    of left-padding slots, which are never attended to.
+
+    A forward pass fills cache ``slots``: [T] when every row writes the same slots (a batch that started together),
+    or [B, T] when each row is at its own length (continuous batching: :mod:`gptlab.serve.scheduler`)."""
 
     def __init__(
         self,
@@ -107,15 +110,33 @@ class KVCache:
         """2 (keys and values) x layers x batch x heads x head_dim x length x bytes per element."""
         return sum(k.nbytes + v.nbytes for k, v in self.layers)
 
+    def view(self, rows: slice, length: int) -> KVCache:
+        """The same storage seen as rows ``rows`` and the first ``length`` slots: writes land in this cache, and
+        attention reads only ``length`` slots (a pool's rows are rarely all full)."""
+        out = object.__new__(KVCache)
+        out.layers = [(k[rows, :, :length], v[rows, :, :length]) for k, v in self.layers]
+        out.length, out.pad = length, self.pad[rows]
+        return out
+
     def positions_and_mask(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For queries in cache ``slots`` [T]: positions [B, T] (counted from each row's first real token) and the
-        attention mask [B, 1, T, length]: a query sees the real tokens at or before its slot. A padding query sees
-        itself only, so its (unused) output stays finite."""
+        """For queries in cache ``slots`` ([T] or [B, T]): positions [B, T] (counted from each row's first real
+        token) and the attention mask [B, 1, T, length]: a query sees the real tokens at or before its slot. A
+        padding query sees itself only, so its (unused) output stays finite."""
+        slots = slots.expand(self.pad.size(0), -1)  # [B, T]
         key = torch.arange(self.length, device=slots.device)
-        causal = key[None, :] <= slots[:, None]  # [T, length]
-        real = key[None, None, :] >= self.pad[:, None, None]  # [B, 1, length]
-        mask = causal & (real | (key[None, :] == slots[:, None]))
-        return (slots[None, :] - self.pad[:, None]).clamp(min=0), mask[:, None]
+        at_or_before = key <= slots[..., None]  # [B, T, length]
+        real = key >= self.pad[:, None, None]
+        mask = at_or_before & (real | (key == slots[..., None]))
+        return (slots - self.pad[:, None]).clamp(min=0), mask[:, None]
+
+
+def write_cache(cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Write ``new`` [B, H, T, hd] into ``cache`` [B, H, L, hd] at ``slots`` ([T] shared, or [B, T] per row)."""
+    if slots.dim() == 1:
+        return cache.index_copy_(2, slots, new)
+    rows = torch.arange(cache.size(0), device=cache.device)[:, None]
+    cache[rows, :, slots] = new.transpose(1, 2)  # advanced indices first: [B, T, H, hd]
+    return cache
 
 
 class CausalSelfAttention(nn.Module):
@@ -141,9 +162,7 @@ class CausalSelfAttention(nn.Module):
         else:
             k_cache, v_cache, slots, mask = cache
             if k_cache is not None:
-                k_cache.index_copy_(2, slots, k)
-                v_cache.index_copy_(2, slots, v)
-                k, v = k_cache, v_cache
+                k, v = write_cache(k_cache, slots, k), write_cache(v_cache, slots, v)
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
             )
@@ -323,8 +342,9 @@ class GPT(nn.Module):
         ``doc_ids`` [B, T] marks packed sequences: positions restart at each new id and a token attends only to
         earlier tokens with its own id, so packed examples never see each other.
 
-        With a ``cache``, ``idx`` fills cache ``slots`` [T] (consecutive, after those already filled) and only the
-        last position's logits are returned, [B, 1, vocab_size]: all that sampling needs."""
+        With a ``cache``, ``idx`` fills cache ``slots`` ([T] for every row, or [B, T] per row; consecutive, after
+        those already filled) and only the last position's logits are returned, [B, 1, vocab_size]: all that
+        sampling needs."""
         T = idx.size(1)
         if cache is None:
             if self.config.block_size < T:

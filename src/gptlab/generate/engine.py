@@ -276,7 +276,7 @@ class Engine:
         tok = self._tok()
         stop_ids = {tok.eot_id} if stop_ids is None else set(stop_ids)
         ids = [self.encode_prompt(p) for p in prompts]
-        streams = [_TextStream(tok, stop) for _ in prompts]
+        streams = [TextStream(tok, stop) for _ in prompts]
         out = [Completion() for _ in prompts]
         live = list(range(len(prompts)))
         for step in self.stream_tokens(ids, max_new_tokens, sampling, stop_ids, sliding_window):
@@ -310,7 +310,7 @@ class Engine:
         character split across tokens is held back until complete) and cannot be the start of a stop string."""
         tok = self._tok()
         stop_ids = {tok.eot_id} if stop_ids is None else set(stop_ids)
-        s = _TextStream(tok, stop)
+        s = TextStream(tok, stop)
         for step in self.stream_tokens(
             [self.encode_prompt(prompt)], max_new_tokens, sampling, stop_ids, sliding_window
         ):
@@ -327,7 +327,7 @@ class Engine:
             yield piece
 
 
-class _TextStream:
+class TextStream:
     """Incremental detokenization of one row: whole characters only, cut at the first stop string."""
 
     def __init__(self, tokenizer, stop: Sequence[str]) -> None:

@@ -1,0 +1,483 @@
+"""Continuous batching: one pool of KV-cache rows, every running request decoded together, newcomers joining
+between decode steps (Yu et al. 2022, Orca: iteration-level scheduling; vLLM and TGI serve this way).
+
+The pool is a :class:`~gptlab.model.KVCache` of ``max_batch`` rows, each as long as the model's context. A request
+with ``n`` choices takes ``n`` rows. Its prompt is prefilled into the first one alone (chunk by chunk, at most
+``prefill_chunk`` prompt tokens per scheduler iteration across all newcomers, so a long prompt never stalls the
+running streams for more than one chunk), then copied into the other rows (the prompt is read once). Each row keeps
+its own length: a decode step writes row ``r``'s new key and value at that row's own slot, and the positions and
+masks follow from those slots (:meth:`KVCache.positions_and_mask` with [B, 1] slots). A row that finishes or is
+cancelled is free for the next request at once.
+
+A row's tokens do not depend on the other rows: its prompt is prefilled alone, its attention sees only its own
+slots, and it samples from its own random stream (seeded ``seed + choice``, as :class:`~gptlab.generate.Engine`
+seeds ``seed + row``), so a completion is the same whether it runs alone or joins a busy batch.
+
+Library use, without HTTP::
+
+    sched = Scheduler(model, tokenizer)
+    async for chunk in sched.submit(Request(prompt=tokenizer.encode("Hello"), max_tokens=20)):
+        print(chunk.text, end="")
+
+The scheduler runs in one background thread (PyTorch releases the GIL in its kernels); ``submit`` and ``cancel``
+may be called from any thread, and chunks are handed to the caller's asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import GptlabError
+from ..generate.engine import Sampling, TextStream, next_tokens
+from ..model import GPT, KVCache
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class Request:
+    """One completion request: ``n`` choices of at most ``max_tokens`` new tokens after ``prompt`` (token ids).
+
+    ``max_tokens=None`` generates to the end of the context. ``seed`` seeds choice ``j``'s random stream with
+    ``seed + j`` (``None``: a fresh random seed; ``sampling.seed`` is not used). ``logprobs=k`` reports, per new token, its log-probability under
+    the model (before temperature and filters, as OpenAI and vLLM report it) and the ``k`` most likely tokens'
+    (0: the chosen token's only); ``echo_logprobs`` also scores the prompt's tokens."""
+
+    prompt: list[int]
+    max_tokens: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    seed: int | None = None
+    n: int = 1
+    stop: Sequence[str] = ()
+    stop_ids: frozenset[int] | None = None  # None: the tokenizer's end-of-text token
+    logprobs: int | None = None
+    echo_logprobs: bool = False
+    id: str = field(default_factory=lambda: secrets.token_hex(12))
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens at this position, best first
+
+
+@dataclass
+class Chunk:
+    """What one choice produced since its last chunk: whole-character ``text`` (held back while it could still
+    become a stop string or is an incomplete UTF-8 sequence), the new ``tokens`` and, if asked, their logprobs.
+    ``finish_reason`` is set on a choice's last chunk: ``"stop"`` (end-of-text token or stop string) or
+    ``"length"``. The first chunk of a request with ``echo_logprobs`` has index -1 and the prompt's logprobs (the
+    first token's is None)."""
+
+    index: int
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+
+class Cancelled(Exception):
+    """The stream of a request that was cancelled (or whose server is stopping)."""
+
+
+@dataclass
+class _Choice:
+    index: int
+    row: int
+    stream: TextStream
+    generator: torch.Generator
+    seen: torch.Tensor | None  # tokens seen so far, for the repetition penalty
+    filled: int = 0  # slots of this row holding keys and values
+    last: int | None = None  # the newest token, not yet in the cache
+    produced: int = 0
+    last_time: float = 0.0
+    done: bool = False
+
+
+@dataclass
+class _Job:
+    request: Request
+    emit: Callable[[Any], None]  # thread-safe: hands a Chunk, an exception or None (the end) to the consumer
+    arrived: float
+    max_tokens: int
+    stop_ids: frozenset[int]
+    choices: list[_Choice] = field(default_factory=list)
+    prefilled: int = 0
+    first_token_time: float | None = None
+
+
+class Scheduler:
+    """Continuous batching over one model. ``metrics`` (optional) receives the events of :class:`ServeMetrics`."""
+
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Any,
+        max_batch: int = 16,
+        max_queue: int = 256,
+        prefill_chunk: int = 512,
+        metrics: Any = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise GptlabError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.metrics = metrics
+        cfg = model.config
+        self.block, self.vocab = cfg.block_size, cfg.vocab_size
+        device, dtype = model.wte.weight.device, model.wte.weight.dtype
+        self.device = device
+        self.pool = KVCache(cfg, max_batch, cfg.block_size, device, dtype)
+        self.rows: list[_Choice | None] = [None] * max_batch
+        self.waiting: deque[_Job] = deque()  # accepted, not yet given rows
+        self.prefilling: deque[_Job] = deque()  # given rows, prompt not yet fully in the cache
+        self.running: list[_Job] = []
+        self._cancel: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self.steps = 0  # decode steps so far (tests count steps with it)
+        self._thread = threading.Thread(target=self._loop, name="gptlab-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- the caller's side
+    def check(self, request: Request) -> int:
+        """Validate a request; return its max_tokens (a missing one: to the end of the context)."""
+        p = request.prompt
+        if not p:
+            raise InvalidRequest(
+                "the prompt is empty; send at least one token (the end-of-text token for none)", "prompt"
+            )
+        if any(not 0 <= t < self.vocab for t in p):
+            raise InvalidRequest(f"the prompt holds a token id outside the model's vocabulary of {self.vocab}", "prompt")
+        if len(p) > self.block:
+            raise InvalidRequest(
+                f"the prompt has {len(p)} tokens, more than the model's context of {self.block}", "prompt"
+            )
+        if not 1 <= request.n <= self.max_batch:
+            raise InvalidRequest(f"n must be in [1, {self.max_batch}] (the server's --max-batch), got {request.n}", "n")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}", "logprobs")
+        max_tokens = self.block - len(p) if request.max_tokens is None else request.max_tokens
+        if max_tokens < 0 or len(p) + max_tokens > self.block:
+            raise InvalidRequest(
+                f"the prompt has {len(p)} tokens and max_tokens is {max_tokens}: {len(p) + max_tokens} in all, "
+                f"more than the model's context of {self.block}; shorten the prompt or lower max_tokens",
+                "max_tokens",
+            )
+        return max_tokens
+
+    def submit(self, request: Request) -> AsyncIterator[Chunk]:
+        """The chunks of ``request`` as they are produced (call from a running asyncio loop). Raises
+        :class:`GptlabError` for an invalid request and :class:`QueueFull` when the queue is full. Closing the
+        iterator early (``break``, a dropped client) cancels the request."""
+        max_tokens = self.check(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        def emit(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the caller's loop has closed: nobody is listening any more
+                self.cancel(request.id)
+
+        job = _Job(
+            request,
+            emit,
+            time.perf_counter(),
+            max_tokens,
+            request.stop_ids if request.stop_ids is not None else frozenset({self.tokenizer.eot_id}),
+        )
+        with self._lock:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(
+                    f"the queue is full ({self.max_queue} requests waiting for a row); retry later"
+                )
+            self.waiting.append(job)
+        self._wake.set()
+        self._event("queued", job)
+        return self._stream(request.id, queue)
+
+    async def _stream(self, rid: str, queue: asyncio.Queue[Any]) -> AsyncIterator[Chunk]:
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+        finally:
+            if not finished:
+                self.cancel(rid)
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request: its rows are freed before the next decode step."""
+        with self._lock:
+            self._cancel.add(request_id)
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stop the scheduler thread; requests still running end with :class:`Cancelled`."""
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def counts(self) -> dict[str, int]:
+        """Requests waiting for rows and running (prefilling or decoding), and rows in use."""
+        with self._lock:
+            return {
+                "waiting": len(self.waiting),
+                "running": len(self.prefilling) + len(self.running),
+                "rows": sum(r is not None for r in self.rows),
+            }
+
+    # ---------------------------------------------------------------- the scheduler thread
+    def _event(self, name: str, job: _Job, **kw: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.event(name, job, **kw)
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._lock:
+                stopping, cancel, self._cancel = self._stopping, self._cancel, set()
+            if stopping:
+                for job in [*self.waiting, *self.prefilling, *self.running]:
+                    job.emit(Cancelled("the server is shutting down"))
+                return
+            if cancel:
+                self._drop(cancel)
+            try:
+                self._admit()
+                self._prefill()
+                self._decode()
+            except Exception as e:  # a failed step fails the requests in it, not the server
+                jobs = [*self.prefilling, *self.running]
+                for job in jobs:
+                    job.emit(e)
+                self._drop({j.request.id for j in jobs}, "failed")
+            with self._lock:
+                idle = not (self.waiting or self.prefilling or self.running or self._cancel or self._stopping)
+                if idle:
+                    self._wake.clear()
+            if idle:
+                self._wake.wait()
+
+    def _drop(self, ids: set[str], why: str = "cancelled") -> None:
+        with self._lock:
+            gone = [j for j in self.waiting if j.request.id in ids]
+            for j in gone:
+                self.waiting.remove(j)
+        for j in [j for j in self.prefilling if j.request.id in ids]:
+            self.prefilling.remove(j)
+            gone.append(j)
+        for j in [j for j in self.running if j.request.id in ids]:
+            self.running.remove(j)
+            gone.append(j)
+        for j in gone:
+            for c in j.choices:
+                self._free(c)
+            if why == "cancelled":  # end the stream of a caller that may still be listening
+                j.emit(Cancelled("the request was cancelled"))
+            self._event(why, j)
+
+    def _free(self, c: _Choice) -> None:
+        if self.rows[c.row] is c:
+            self.rows[c.row] = None
+
+    def _admit(self) -> None:
+        """Give rows to waiting requests, first come first served (a request waits until all its n fit)."""
+        while True:
+            with self._lock:
+                if not self.waiting:
+                    return
+                job = self.waiting[0]
+                free = [i for i, r in enumerate(self.rows) if r is None]
+                if len(free) < job.request.n:
+                    return
+                self.waiting.popleft()
+            r = job.request
+            seed = r.seed if r.seed is not None else secrets.randbits(62)
+            for j, row in zip(range(r.n), free):
+                seen = None
+                if r.sampling.repetition_penalty != 1.0:
+                    seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+                    seen[r.prompt] = True
+                c = _Choice(
+                    j, row, TextStream(self.tokenizer, r.stop), torch.Generator(self.device).manual_seed((seed + j) % 2**64), seen
+                )
+                job.choices.append(c)
+                self.rows[row] = c
+            self.prefilling.append(job)
+            self._event("admitted", job)
+
+    def _prefill(self) -> None:
+        """Up to ``prefill_chunk`` prompt tokens into the cache, oldest newcomer first; a prompt completed here
+        samples its first tokens."""
+        budget = self.prefill_chunk
+        while self.prefilling and budget > 0:
+            job = self.prefilling[0]
+            first = job.choices[0]
+            prompt = job.request.prompt
+            start, end = job.prefilled, min(len(prompt), job.prefilled + budget)
+            view = self.pool.view(slice(first.row, first.row + 1), end)
+            idx = torch.tensor([prompt[start:end]], device=self.device)
+            logits, _ = self.model(idx, cache=view, slots=torch.arange(start, end, device=self.device))
+            budget -= end - start
+            job.prefilled = first.filled = end
+            if end < len(prompt):
+                continue
+            self.prefilling.popleft()
+            for c in job.choices[1:]:  # the other choices share the prompt: copy its keys and values
+                for k, v in self.pool.layers:
+                    k[c.row, :, :end] = k[first.row, :, :end]
+                    v[c.row, :, :end] = v[first.row, :, :end]
+                c.filled = end
+            if job.request.echo_logprobs:
+                job.emit(Chunk(-1, logprobs=self._prompt_logprobs(job.request)))
+            if job.max_tokens == 0:
+                for c in job.choices:
+                    self._finish(job, c, "length")
+                self._retire(job)
+                continue
+            self.running.append(job)
+            self._sample([(job, c) for c in job.choices], logits[:, -1].expand(len(job.choices), -1))
+
+    def _decode(self) -> None:
+        """One decode step for every row with a token to feed."""
+        live = [(job, c) for job in self.running for c in job.choices if not c.done]
+        if not live:
+            return
+        hi = 1 + max(c.row for _, c in live)
+        tokens = [0] * hi
+        slots = [0] * hi  # idle and prefilling rows write at their first unfilled slot, overwritten later
+        for i in range(hi):
+            row = self.rows[i]
+            if row is not None:
+                slots[i] = row.filled
+        for _, c in live:
+            tokens[c.row] = c.last  # type: ignore[call-overload]
+        view = self.pool.view(slice(0, hi), max(slots) + 1)
+        idx = torch.tensor(tokens, device=self.device)[:, None]
+        logits, _ = self.model(idx, cache=view, slots=torch.tensor(slots, device=self.device)[:, None])
+        self.steps += 1
+        for _, c in live:
+            c.filled += 1
+        rows = torch.tensor([c.row for _, c in live], device=self.device)
+        self._sample(live, logits[rows, -1])
+
+    def _sample(self, live: list[tuple[_Job, _Choice]], logits: torch.Tensor) -> None:
+        """Choose each row's next token (rows with the same settings sampled together), report it, retire rows."""
+        now = time.perf_counter()
+        chosen: list[int] = [0] * len(live)
+        groups: dict[Sampling, list[int]] = {}  # rows with the same settings (their seeds aside) sample together
+        for i, (job, _) in enumerate(live):
+            groups.setdefault(dataclasses.replace(job.request.sampling, seed=0), []).append(i)
+        for s, members in groups.items():
+            at = torch.tensor(members, device=logits.device)
+            seen = None
+            if s.repetition_penalty != 1.0:
+                seen = torch.stack([live[i][1].seen for i in members])  # type: ignore[misc]
+            toks = next_tokens(logits[at], s, seen, [live[i][1].generator for i in members])
+            for i, t in zip(members, toks.tolist()):
+                chosen[i] = t
+        want = [i for i, (job, _) in enumerate(live) if job.request.logprobs is not None]
+        reports: dict[int, TokenLogprob] = {}
+        if want:
+            lp = logits[torch.tensor(want, device=logits.device)].float().log_softmax(-1)
+            k = max(live[i][0].request.logprobs or 0 for i in want)
+            top_v, top_i = lp.topk(max(k, 1), dim=-1)
+            for j, i in enumerate(want):
+                kk = live[i][0].request.logprobs or 0
+                reports[i] = TokenLogprob(
+                    chosen[i],
+                    float(lp[j, chosen[i]]),
+                    list(zip(top_i[j, :kk].tolist(), top_v[j, :kk].tolist())),
+                )
+        jobs_done: list[_Job] = []
+        for i, (job, c) in enumerate(live):
+            t = chosen[i]
+            c.produced += 1
+            self._event("token", job, gap=None if c.last is None else now - c.last_time)
+            if job.first_token_time is None:
+                job.first_token_time = now
+                self._event("first_token", job, ttft=now - job.arrived)
+            c.last, c.last_time = t, now
+            if c.seen is not None:
+                c.seen[t] = True
+            lps = [reports[i]] if i in reports else None
+            if t in job.stop_ids:
+                self._finish(job, c, "stop", tokens=[t], logprobs=lps, text=False)
+            else:
+                c.stream.push(t)
+                if c.stream.stopped:
+                    self._finish(job, c, "stop", tokens=[t], logprobs=lps)
+                elif c.produced >= job.max_tokens:
+                    self._finish(job, c, "length", tokens=[t], logprobs=lps)
+                else:
+                    job.emit(Chunk(c.index, c.stream.take(), [t], lps))
+            if all(x.done for x in job.choices):
+                jobs_done.append(job)
+        for job in jobs_done:
+            self.running.remove(job)
+            self._retire(job)
+
+    def _finish(
+        self,
+        job: _Job,
+        c: _Choice,
+        reason: str,
+        tokens: list[int] | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+        text: bool = True,
+    ) -> None:
+        c.done = True
+        self._free(c)
+        job.emit(Chunk(c.index, c.stream.take(final=True) if text else "", tokens or [], logprobs, reason))
+
+    def _retire(self, job: _Job) -> None:
+        job.emit(None)
+        self._event("finished", job, seconds=time.perf_counter() - job.arrived)
+
+    @torch.no_grad()
+    def _prompt_logprobs(self, request: Request) -> list[TokenLogprob]:
+        """Each prompt token's log-probability given the tokens before it (one forward pass without the cache)."""
+        p = request.prompt
+        logits, _ = self.model(torch.tensor([p], device=self.device))
+        lp = logits[0, :-1].float().log_softmax(-1)
+        k = request.logprobs or 0
+        top_v, top_i = lp.topk(max(k, 1), dim=-1)
+        out = [TokenLogprob(p[0], float("nan"), [])]
+        for j, t in enumerate(p[1:]):
+            out.append(TokenLogprob(t, float(lp[j, t]), list(zip(top_i[j, :k].tolist(), top_v[j, :k].tolist()))))
+        return out
+
+
+class InvalidRequest(GptlabError):
+    """A request the scheduler cannot run (HTTP 400); ``param`` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFull(GptlabError):
+    """No room in the queue (HTTP 429), or the server is stopping."""

@@ -1,0 +1,202 @@
+"""Continuous batching (gptlab.serve.scheduler): a request's tokens do not depend on when it joins or what runs
+beside it (checked against the static-batch Engine), cancellation frees rows at once, and a newcomer's prefill is
+chunked so that running streams are never stalled for more than one chunk."""
+
+import asyncio
+
+import pytest
+import torch
+
+from gptlab.config import GPTConfig
+from gptlab.generate import Engine, Sampling
+from gptlab.model import GPT
+from gptlab.serve.scheduler import Cancelled, InvalidRequest, QueueFull, Request, Scheduler
+from gptlab.tokenizer import CharTokenizer
+
+GREEDY = Sampling(temperature=0)
+SAMPLED = Sampling(temperature=1.0, top_k=40, top_p=0.95)
+TEXTS = ["the king", "a", "sweet prince of the night", "and", "my lord speaks of war and love", "thou", "xy z", "good"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,!?")
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=tok.vocab_size, init_std=0.2))
+    return model.eval(), tok
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(sched, request, delay=0.0):
+    await asyncio.sleep(delay)
+    out: dict[int, list[int]] = {}
+    async for c in sched.submit(request):
+        out.setdefault(c.index, []).extend(c.tokens)
+    return [out[i] for i in sorted(out)]
+
+
+def engine_tokens(lm, prompts, n_new, sampling, seed=0):
+    model, tok = lm
+    s = Sampling(**{**sampling.__dict__, "seed": seed})
+    return [c.tokens for c in Engine(model, tok).generate_tokens(prompts, n_new, s, stop_ids=())]
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+def test_tokens_do_not_depend_on_joining_a_running_batch(lm, sampling):
+    model, tok = lm
+    prompts = [tok.encode(t) for t in TEXTS]
+    alone = [engine_tokens(lm, [p], 40, sampling, seed=7)[0] for p in prompts]
+    if sampling is GREEDY:  # the static batch of the Engine gives the same (it left-pads the rows)
+        assert engine_tokens(lm, prompts, 40, sampling) == alone
+    sched = Scheduler(model, tok, max_batch=8, prefill_chunk=5)  # small chunks: long prompts prefill in pieces
+
+    async def main():
+        # staggered arrivals: each request joins while the earlier ones are mid-decode
+        return await asyncio.gather(
+            *[
+                collect(sched, Request(p, 40, sampling, seed=7, stop_ids=frozenset()), delay=0.004 * i)
+                for i, p in enumerate(prompts)
+            ]
+        )
+
+    try:
+        joined = [r[0] for r in run(main())]
+    finally:
+        sched.close()
+    assert joined == alone
+    assert sched.steps < 8 * 40  # they really were decoded together
+
+
+def test_n_choices_share_the_prompt_and_match_engine_rows(lm):
+    model, tok = lm
+    p = tok.encode("the queen doth speak")
+    sched = Scheduler(model, tok, max_batch=4)
+    try:
+        choices = run(collect(sched, Request(p, 30, SAMPLED, seed=11, n=3, stop_ids=frozenset())))
+    finally:
+        sched.close()
+    # Engine row r uses seed + r; choice j uses seed + j
+    assert choices == engine_tokens(lm, [p] * 3, 30, SAMPLED, seed=11)
+    assert len({tuple(c) for c in choices}) == 3
+
+
+def test_stop_token_and_stop_string_end_a_choice(lm):
+    model, tok = lm
+    p = tok.encode("the king")
+    ref = engine_tokens(lm, [p], 60, GREEDY)[0]
+    text = tok.decode(ref)
+    stop_id = ref[10]
+    sched = Scheduler(model, tok)
+
+    async def chunks(request):
+        return [c async for c in sched.submit(request)]
+
+    try:
+        by_id = run(chunks(Request(p, 60, GREEDY, stop_ids=frozenset({stop_id}))))
+        stop = text[15:18]
+        by_text = run(chunks(Request(p, 60, GREEDY, stop=[stop], stop_ids=frozenset())))
+    finally:
+        sched.close()
+    toks = [t for c in by_id for t in c.tokens]
+    assert toks == ref[: ref.index(stop_id) + 1] and by_id[-1].finish_reason == "stop"
+    assert "".join(c.text for c in by_text) == text[: text.index(stop)]
+    assert by_text[-1].finish_reason == "stop" and sum(c.finish_reason is not None for c in by_text) == 1
+
+
+def test_cancel_frees_the_row_before_the_next_step_and_others_continue(lm):
+    model, tok = lm
+    prompts = [tok.encode(t) for t in TEXTS[:4]]
+    alone = [engine_tokens(lm, [p], 100, GREEDY)[0] for p in prompts]
+    sched = Scheduler(model, tok, max_batch=4)
+    seen = []
+    sched.metrics = type("M", (), {"event": lambda self, name, job, **kw: seen.append((name, sched.steps))})()
+
+    async def quit_early(p):
+        stream = sched.submit(Request(p, 100, GREEDY, stop_ids=frozenset()))
+        got = []
+        async for c in stream:
+            got += c.tokens
+            if len(got) >= 3:
+                break  # leaving the loop closes the stream: the request is cancelled
+        await stream.aclose()
+        return sched.steps
+
+    async def main():
+        return await asyncio.gather(
+            quit_early(prompts[0]),
+            *[collect(sched, Request(p, 100, GREEDY, stop_ids=frozenset())) for p in prompts[1:]],
+        )
+
+    try:
+        at_cancel, *rest = run(main())
+    finally:
+        sched.close()
+    assert [r[0] for r in rest] == alone[1:]
+    dropped = [s for name, s in seen if name == "cancelled"]
+    assert len(dropped) == 1 and dropped[0] - at_cancel <= 2
+
+
+def test_newcomer_prefill_is_chunked_so_running_streams_keep_going(lm):
+    model, tok = lm
+    calls = []  # (tokens per row, rows) of every forward pass
+    hook = model.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
+    sched = Scheduler(model, tok, max_batch=4, prefill_chunk=8)
+
+    async def main():
+        short = asyncio.ensure_future(collect(sched, Request(tok.encode("a"), 60, GREEDY, stop_ids=frozenset())))
+        await asyncio.sleep(0.01)
+        long = tok.encode("the king and the queen doth speak of love and war, my lord " * 2)[:100]
+        await collect(sched, Request(long, 5, GREEDY, stop_ids=frozenset()))
+        return await short
+
+    try:
+        run(main())
+    finally:
+        hook.remove()
+        sched.close()
+    between, worst = 0, 0  # prompt tokens prefilled between two decode steps (one token per row)
+    for _, tokens in calls:
+        if tokens == 1:
+            worst, between = max(worst, between), 0
+        else:
+            between += tokens
+    assert sum(t for _, t in calls if t > 1) >= 99  # the long prompt went through, in chunks of at most 8
+    assert max(t for _, t in calls) <= 8 and worst <= 8
+
+
+def test_bad_requests_and_a_full_queue(lm):
+    model, tok = lm
+    sched = Scheduler(model, tok, max_batch=1, max_queue=1)
+    try:
+        with pytest.raises(InvalidRequest, match="100 tokens and max_tokens is 29: 129 in all.*context of 128"):
+            sched.check(Request([1] * 100, 29))
+        with pytest.raises(InvalidRequest, match="vocabulary"):
+            sched.check(Request([10_000]))
+        assert sched.check(Request([1] * 100)) == 28  # no max_tokens: to the end of the context
+
+        async def main():
+            first = sched.submit(Request([1], 120, GREEDY, stop_ids=frozenset()))
+            await first.__anext__()  # running
+            second = sched.submit(Request([1], 5, GREEDY))  # waiting
+            with pytest.raises(QueueFull):
+                sched.submit(Request([1], 5, GREEDY))
+            await first.aclose()
+            return [c async for c in second]
+
+        assert run(main())[-1].finish_reason == "length"
+    finally:
+        sched.close()
+    with pytest.raises(Cancelled):
+
+        async def after_close():
+            s = Scheduler(model, tok)
+            stream = s.submit(Request([1], 120, GREEDY, stop_ids=frozenset()))
+            await stream.__anext__()
+            s.close()
+            async for _ in stream:
+                pass
+
+        run(after_close())
