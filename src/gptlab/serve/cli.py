@@ -18,15 +18,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from .app import ServeConfig, create_app
     except ImportError as e:
         raise GptlabError(f"gptlab serve needs the serve extra ({e.name} is missing): pip install 'gptlab[serve]'") from None
-    if args.max_n > args.max_batch:
-        raise GptlabError(f"--max-n {args.max_n} is more than --max-batch {args.max_batch}; n choices need n rows")
+    max_n = min(16, args.max_batch) if args.max_n is None else args.max_n
+    if max_n > args.max_batch:
+        raise GptlabError(f"--max-n {max_n} is more than --max-batch {args.max_batch}; n choices need n rows")
     cfg = ServeConfig(
         model=args.model,
         served_model_name=args.served_model_name,
         device=args.device,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
-        max_n=args.max_n,
+        max_n=max_n,
         prefill_chunk=args.prefill_chunk,
         max_body_bytes=args.max_body_bytes,
         api_key=args.api_key or os.environ.get("GPTLAB_API_KEY") or None,
@@ -81,7 +82,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=256,
         help="requests that may wait for a row; more get 429 ([0, 100000]; default 256)",
     )
-    p.add_argument("--max-n", type=count(1, 128), default=16, help="largest n (choices) per request ([1, 128], <= --max-batch; default 16)")
+    p.add_argument(
+        "--max-n",
+        type=count(1, 128),
+        help="largest n (choices) per request ([1, 128], at most --max-batch; default the smaller of 16 and --max-batch)",
+    )
     p.add_argument(
         "--prefill-chunk",
         type=count(1, 1 << 20),

@@ -1,0 +1,463 @@
+"""``gptlab serve`` against the official ``openai`` client and raw HTTP, on a real uvicorn at 127.0.0.1: the
+OpenAI schemas, usage counts, streaming, logprobs (against log_softmax of the model's own logits), every
+parameter's bounds, the server's output against the Engine's, disconnects, limits, and a bounded load test."""
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import ENV, REPO
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from gptlab.align.data import chat_prompt  # noqa: E402
+from gptlab.checkpoint import save_model_checkpoint  # noqa: E402
+from gptlab.config import GPTConfig  # noqa: E402
+from gptlab.generate import Engine, Sampling  # noqa: E402
+from gptlab.loader import load_model  # noqa: E402
+from gptlab.model import GPT  # noqa: E402
+
+BLOCK = 128
+PROMPTS = ["Hello, my name is", "The capital of France", "naïve café 日本語", "1 2 3", "Once upon a time", "x"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A random-weight GPT with GPT-2's tokenizer (byte-level BPE: multi-byte characters split across tokens)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=BLOCK, vocab_size=50257, init_std=0.1)
+    path = tmp_path_factory.mktemp("serve") / "tiny-gpt2"
+    save_model_checkpoint(path, GPT(cfg).state_dict(), cfg, {"kind": "gpt2"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    return load_model(ckpt, "cpu")
+
+
+class Served:
+    def __init__(self, ckpt, *flags):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gptlab", "serve", str(ckpt), "--port", "0", "--device", "cpu", *flags],
+            env={**ENV, "OMP_NUM_THREADS": "2", **{k: v for k, v in os.environ.items() if k == "TIKTOKEN_CACHE_DIR"}},
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            m = re.search(r"at http://127\.0\.0\.1:(\d+)/v1", line)
+            if m:
+                self.url = f"http://127.0.0.1:{m.group(1)}"
+                break
+        else:
+            self.stop()
+            raise RuntimeError("server did not start")
+        if not hasattr(self, "url"):
+            raise RuntimeError("server did not start: " + "".join(self.lines))
+        threading.Thread(target=lambda: [self.lines.append(x) for x in self.proc.stderr], daemon=True).start()
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, timeout=60, **kw)
+
+    def metrics(self):
+        text = httpx.get(self.url + "/metrics").text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def rss_mb(self):
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    s = Served(ckpt, "--max-batch", "8", "--served-model-name", "tiny")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+def engine_text(loaded, prompt, max_tokens, sampling):
+    e = Engine(loaded.model, loaded.tokenizer)
+    return e.generate([prompt], max_tokens, sampling)[0]
+
+
+def test_models_health_and_tokenize(server, client, loaded):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"] and models.data[0].object == "model"
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    tok = loaded.tokenizer
+    r = httpx.post(server.url + "/tokenize", json={"prompt": PROMPTS[2]}).json()
+    assert r == {"tokens": tok.encode(PROMPTS[2]), "count": len(tok.encode(PROMPTS[2])), "max_model_len": BLOCK}
+    r = httpx.post(server.url + "/detokenize", json={"tokens": tok.encode(PROMPTS[2])}).json()
+    assert r == {"prompt": PROMPTS[2]}
+    msgs = [{"role": "user", "content": "hi"}]
+    assert httpx.post(server.url + "/tokenize", json={"messages": msgs}).json()["tokens"] == tok.encode(chat_prompt(msgs))
+
+
+def test_completion_schema_and_exact_usage(client, loaded):
+    r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=7, temperature=0)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == "tiny"
+    assert abs(r.created - time.time()) < 60
+    assert len(r.choices) == 1 and r.choices[0].index == 0 and r.choices[0].finish_reason == "length"
+    prompt_tokens = len(loaded.tokenizer.encode(PROMPTS[0]))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        prompt_tokens,
+        7,
+        prompt_tokens + 7,
+    )
+    # several prompts: prompt i's choice j has index i * n + j; prompt tokens are counted once per prompt
+    r = client.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=3, n=2, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text != r.choices[2].text == r.choices[3].text
+    assert r.usage.prompt_tokens == sum(len(loaded.tokenizer.encode(p)) for p in PROMPTS[:2])
+    assert r.usage.completion_tokens == 12
+
+
+def test_token_id_prompts_and_echo(client, loaded):
+    ids = loaded.tokenizer.encode(PROMPTS[4])
+    a = client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0)
+    b = client.completions.create(model="tiny", prompt=PROMPTS[4], max_tokens=5, temperature=0, echo=True)
+    assert b.choices[0].text == PROMPTS[4] + a.choices[0].text
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_server_equals_engine_and_stream_equals_whole(client, loaded, prompt):
+    want = engine_text(loaded, prompt, 20, Sampling(temperature=0))
+    whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0)
+    assert whole.choices[0].text == want.text
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    pieces = [c.choices[0].text for c in chunks if c.choices]
+    # UTF-8 whole: a piece never ends inside a character (it would show as U+FFFD where the whole text has the
+    # character); a random model may also emit byte tokens that never complete, which the whole text shows too
+    assert "".join(pieces) == want.text
+    assert sum(p.count("\ufffd") for p in pieces) == want.text.count("\ufffd")
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_seeded_sampling_equals_engine_and_n_gives_indices(client, loaded):
+    s = dict(temperature=0.9, top_k=50, top_p=0.9)
+    r = client.completions.create(
+        model="tiny", prompt=PROMPTS[1], max_tokens=15, n=3, seed=5, extra_body={"top_k": 50}, temperature=0.9,
+        top_p=0.9,
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    e = Engine(loaded.model, loaded.tokenizer).generate([PROMPTS[1]] * 3, 15, Sampling(**s, seed=5))
+    assert [c.text for c in r.choices] == [c.text for c in e]
+    again = client.completions.create(
+        model="tiny", prompt=PROMPTS[1], max_tokens=15, n=3, seed=5, extra_body={"top_k": 50}, temperature=0.9,
+        top_p=0.9,
+    )
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]
+
+
+def test_stop_strings_are_excluded(client, loaded):
+    full = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=0).choices[0].text
+    stop = full[12:15]
+    r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=[stop, "zzzz"])
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=0,
+                                            stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+
+
+def test_logprobs_equal_log_softmax_of_the_model(client, loaded):
+    tok, model = loaded.tokenizer, loaded.model
+    r = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=8, temperature=0, logprobs=5)
+    lp = r.choices[0].logprobs
+    ids = tok.encode(PROMPTS[3]) + tok.encode(r.choices[0].text)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0][0].log_softmax(-1)
+    n = len(tok.encode(PROMPTS[3]))
+    assert len(lp.token_logprobs) == 8
+    for j, got in enumerate(lp.token_logprobs):
+        row = ref[n - 1 + j]
+        assert abs(got - float(row.max())) < 1e-4  # greedy: the chosen token is the most likely
+        top = row.topk(5)
+        want = {tok.decode([int(i)]): float(v) for i, v in zip(top.indices, top.values)}
+        assert lp.top_logprobs[j].keys() == want.keys()
+        assert all(abs(lp.top_logprobs[j][k] - want[k]) < 1e-4 for k in want)
+    # echo with logprobs scores the prompt too (its first token has none)
+    e = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=1, temperature=0, logprobs=1, echo=True)
+    scored = e.choices[0].logprobs.token_logprobs
+    assert scored[0] is None and len(scored) == n + 1
+    for j in range(1, n):
+        assert abs(scored[j] - float(ref[j - 1, ids[j]])) < 1e-4
+
+
+def test_chat_completions(client, loaded):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    c = r.choices[0]
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and c.message.role == "assistant"
+    assert r.usage.prompt_tokens == len(loaded.tokenizer.encode(chat_prompt(msgs)))
+    want = engine_text(loaded, chat_prompt(msgs), 6, Sampling(temperature=0))
+    assert c.message.content == want.text.split("\nUser:")[0].split("\nSystem:")[0]
+    assert len(c.logprobs.content) == r.usage.completion_tokens and len(c.logprobs.content[0].top_logprobs) == 2
+    assert bytes(b for t in c.logprobs.content for b in t.bytes).decode("utf-8", "replace").startswith(c.message.content)
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == c.message.content
+    assert [ch.choices[0].finish_reason for ch in chunks].count(c.finish_reason) == 1
+
+
+def test_context_limit(client, loaded):
+    long = "word " * 120  # 120 tokens
+    n = len(loaded.tokenizer.encode(long))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=long, max_tokens=20)
+    body = e.value.body
+    assert body["param"] == "max_tokens"
+    assert f"{n} tokens" in body["message"] and "max_tokens is 20" in body["message"] and str(BLOCK) in body["message"]
+    r = client.completions.create(model="tiny", prompt=long, temperature=0)  # no max_tokens: to the end
+    assert r.choices[0].finish_reason == "stop" or r.usage.completion_tokens == BLOCK - n
+
+
+BAD = [
+    ("temperature", -0.1), ("temperature", 2.5), ("top_p", 0), ("top_p", 1.5), ("top_k", -2), ("min_p", 1.5),
+    ("n", 0), ("n", 999), ("max_tokens", -1), ("logprobs", -1), ("logprobs", 21), ("seed", "x"),
+    ("repetition_penalty", 0), ("stop", ["s"] * 17), ("presence_penalty", 0.5), ("logit_bias", {"1": 5}),
+    ("prompt", []), ("prompt", [[-1]]), ("prompt", [99_999_999]), ("stream", "maybe"),
+]
+
+
+@pytest.mark.parametrize(("param", "value"), BAD, ids=[f"{p}={v!r}"[:40] for p, v in BAD])
+def test_every_bound_is_a_400_naming_the_param(server, param, value):
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, param: value}
+    r = httpx.post(server.url + "/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
+
+
+def test_logprobs_21_then_the_next_request_succeeds(client):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, logprobs=21)
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text is not None
+
+
+def test_error_statuses(server, client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    assert e.value.body["param"] == "model"
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x" * 2_000_000})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "robot",
+                                                                                            "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
+
+
+def metric(server, name):
+    return server.metrics().get(name, 0.0)
+
+
+def wait_idle(server, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metric(server, "gptlab_requests_running") == 0 and metric(server, "gptlab_requests_waiting") == 0:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_dropped_stream_is_cancelled(server):
+    assert wait_idle(server)
+    before = metric(server, 'gptlab_requests_total{outcome="cancelled"}')
+    tokens_before = metric(server, "gptlab_generation_tokens_total")
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 120, "stream": True, "temperature": 1}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # one chunk, then hang up
+    assert wait_idle(server, 5)
+    assert metric(server, 'gptlab_requests_total{outcome="cancelled"}') == before + 1
+    assert metric(server, "gptlab_generation_tokens_total") - tokens_before < 120
+
+
+def test_a_dropped_non_streaming_request_is_cancelled(server):
+    assert wait_idle(server)
+    before = metric(server, 'gptlab_requests_total{outcome="cancelled"}')
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 120, "n": 8}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.05)
+    assert wait_idle(server, 5)
+    assert metric(server, 'gptlab_requests_total{outcome="cancelled"}') == before + 1
+
+
+def test_eight_streams_four_dropped_the_rest_unchanged(server, loaded):
+    prompts = PROMPTS[:4] + ["The king", "And so", "Why", "Of"]
+    alone = [engine_text(loaded, p, 40, Sampling(temperature=0)).text for p in prompts[:4]]
+
+    async def one(ac, p, drop):
+        body = {"model": "tiny", "prompt": p, "max_tokens": 40, "temperature": 0, "stream": True}
+        text = ""
+        async with ac.stream("POST", server.url + "/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                text += json.loads(line[6:])["choices"][0]["text"]
+                if drop:
+                    return None
+        return text
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as ac:
+            return await asyncio.gather(*[one(ac, p, i >= 4) for i, p in enumerate(prompts)])
+
+    out = asyncio.run(main())
+    assert out[:4] == alone
+    assert wait_idle(server, 5)
+
+
+def test_api_key_queue_limit_and_loading(ckpt):
+    s = Served(ckpt, "--api-key", "sekret", "--max-batch", "1", "--max-queue", "1", "--max-n", "1")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client(api_key="wrong").completions.create(model="tiny-gpt2", prompt="hi", max_tokens=2)
+        assert httpx.get(s.url + "/metrics").status_code == 401
+        assert httpx.get(s.url + "/health").status_code == 200  # health is open to probes
+        c = s.client(api_key="sekret")
+        assert c.completions.create(model="tiny-gpt2", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+        auth = {"Authorization": "Bearer sekret"}
+
+        async def main():
+            async with httpx.AsyncClient(timeout=60, headers=auth) as ac:
+                body = {"prompt": "x", "max_tokens": 120, "stream": True}
+                running = ac.stream("POST", s.url + "/v1/completions", json=body)
+                r1 = await running.__aenter__()
+                waiting = asyncio.ensure_future(ac.post(s.url + "/v1/completions", json={**body, "stream": False}))
+                while metric_of(await ac.get(s.url + "/metrics"), "gptlab_requests_waiting") < 1:
+                    await asyncio.sleep(0.005)
+                full = await ac.post(s.url + "/v1/completions", json={**body, "stream": False})
+                await running.__aexit__(None, None, None)
+                assert r1.status_code == 200
+                return full, await waiting
+
+        full, waited = asyncio.run(main())
+        assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+        assert waited.status_code == 200
+    finally:
+        s.stop()
+
+
+def metric_of(response, name):
+    for line in response.text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_health_is_503_while_loading_and_a_bad_model_exits_2(tmp_path, monkeypatch, ckpt):
+    from fastapi.testclient import TestClient
+
+    import gptlab.loader
+    from gptlab.serve.app import ServeConfig, create_app
+
+    gate = threading.Event()
+    real = gptlab.loader.load_model
+    monkeypatch.setattr(gptlab.loader, "load_model", lambda *a, **k: (gate.wait(30), real(*a, **k))[1])
+    with TestClient(create_app(ServeConfig(model=str(ckpt), device="cpu"))) as tc:
+        r = tc.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+        assert tc.post("/v1/completions", json={"prompt": "hi"}).status_code == 503
+        gate.set()
+        deadline = time.time() + 30
+        while tc.get("/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        assert tc.get("/health").status_code == 200
+    r = subprocess.run(
+        [sys.executable, "-m", "gptlab", "serve", str(tmp_path / "nope"), "--port", "0"],
+        env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("gptlab: error: ")
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_load_32_streams_for_60_seconds(ckpt):
+    """32 concurrent streaming clients for 60 s on loopback: no failed request, memory flat."""
+    s = Served(ckpt, "--max-batch", "16")
+    try:
+        stop_at = time.time() + 60
+        failures, done, rss = [], [0], []
+
+        async def client_loop(ac, k):
+            i = 0
+            while time.time() < stop_at:
+                body = {"prompt": PROMPTS[(k + i) % len(PROMPTS)], "max_tokens": 8 + (k * 7 + i) % 40,
+                        "stream": True, "temperature": 0.8, "seed": k * 1000 + i}
+                try:
+                    async with ac.stream("POST", s.url + "/v1/completions", json=body) as r:
+                        lines = [x async for x in r.aiter_lines() if x.startswith("data: ")]
+                    if r.status_code != 200 or lines[-1] != "data: [DONE]":
+                        failures.append((r.status_code, lines[-2:]))
+                    else:
+                        done[0] += 1
+                except httpx.HTTPError as e:
+                    failures.append(repr(e))
+                i += 1
+
+        async def sample_rss():
+            while time.time() < stop_at:
+                rss.append((time.time(), s.rss_mb()))
+                await asyncio.sleep(2)
+
+        async def main():
+            limits = httpx.Limits(max_connections=64)
+            async with httpx.AsyncClient(timeout=60, limits=limits) as ac:
+                await asyncio.gather(sample_rss(), *[client_loop(ac, k) for k in range(32)])
+
+        asyncio.run(main())
+        assert not failures, failures[:3]
+        assert done[0] > 100
+        start = time.time()
+        warm = [m for t, m in rss if t > stop_at - 45]  # after the first 15 s
+        assert max(warm) - min(warm) < 40, rss  # MiB: no growth with the number of requests served
+        assert time.time() - start < 5
+    finally:
+        s.stop()
