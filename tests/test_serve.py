@@ -75,7 +75,9 @@ class Served:
         threading.Thread(target=lambda: [self.lines.append(x) for x in self.proc.stderr], daemon=True).start()
 
     def client(self, **kw):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, timeout=60, **kw)
+        return openai.OpenAI(
+            base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, timeout=60, **kw
+        )
 
     def metrics(self):
         text = httpx.get(self.url + "/metrics").text
@@ -125,7 +127,9 @@ def test_models_health_and_tokenize(server, client, loaded):
     r = httpx.post(server.url + "/detokenize", json={"tokens": tok.encode(PROMPTS[2])}).json()
     assert r == {"prompt": PROMPTS[2]}
     msgs = [{"role": "user", "content": "hi"}]
-    assert httpx.post(server.url + "/tokenize", json={"messages": msgs}).json()["tokens"] == tok.encode(chat_prompt(msgs))
+    assert httpx.post(server.url + "/tokenize", json={"messages": msgs}).json()["tokens"] == tok.encode(
+        chat_prompt(msgs)
+    )
 
 
 def test_completion_schema_and_exact_usage(client, loaded):
@@ -161,7 +165,11 @@ def test_server_equals_engine_and_stream_equals_whole(client, loaded, prompt):
     assert whole.choices[0].text == want.text
     chunks = list(
         client.completions.create(
-            model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True,
+            model="tiny",
+            prompt=prompt,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -177,14 +185,26 @@ def test_server_equals_engine_and_stream_equals_whole(client, loaded, prompt):
 def test_seeded_sampling_equals_engine_and_n_gives_indices(client, loaded):
     s = dict(temperature=0.9, top_k=50, top_p=0.9)
     r = client.completions.create(
-        model="tiny", prompt=PROMPTS[1], max_tokens=15, n=3, seed=5, extra_body={"top_k": 50}, temperature=0.9,
+        model="tiny",
+        prompt=PROMPTS[1],
+        max_tokens=15,
+        n=3,
+        seed=5,
+        extra_body={"top_k": 50},
+        temperature=0.9,
         top_p=0.9,
     )
     assert [c.index for c in r.choices] == [0, 1, 2]
     e = Engine(loaded.model, loaded.tokenizer).generate([PROMPTS[1]] * 3, 15, Sampling(**s, seed=5))
     assert [c.text for c in r.choices] == [c.text for c in e]
     again = client.completions.create(
-        model="tiny", prompt=PROMPTS[1], max_tokens=15, n=3, seed=5, extra_body={"top_k": 50}, temperature=0.9,
+        model="tiny",
+        prompt=PROMPTS[1],
+        max_tokens=15,
+        n=3,
+        seed=5,
+        extra_body={"top_k": 50},
+        temperature=0.9,
         top_p=0.9,
     )
     assert [c.text for c in again.choices] == [c.text for c in r.choices]
@@ -195,8 +215,9 @@ def test_stop_strings_are_excluded(client, loaded):
     stop = full[12:15]
     r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=[stop, "zzzz"])
     assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
-    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=0,
-                                            stop=stop, stream=True))
+    chunks = list(
+        client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=stop, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
 
 
@@ -226,17 +247,19 @@ def test_logprobs_equal_log_softmax_of_the_model(client, loaded):
 
 def test_chat_completions(client, loaded):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
-    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
-                                       top_logprobs=2)
+    r = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+    )
     c = r.choices[0]
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and c.message.role == "assistant"
     assert r.usage.prompt_tokens == len(loaded.tokenizer.encode(chat_prompt(msgs)))
     want = engine_text(loaded, chat_prompt(msgs), 6, Sampling(temperature=0))
     assert c.message.content == want.text.split("\nUser:")[0].split("\nSystem:")[0]
     assert len(c.logprobs.content) == r.usage.completion_tokens and len(c.logprobs.content[0].top_logprobs) == 2
-    assert bytes(b for t in c.logprobs.content for b in t.bytes).decode("utf-8", "replace").startswith(c.message.content)
-    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0,
-                                                 stream=True))
+    assert (
+        bytes(b for t in c.logprobs.content for b in t.bytes).decode("utf-8", "replace").startswith(c.message.content)
+    )
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == c.message.content
     assert [ch.choices[0].finish_reason for ch in chunks].count(c.finish_reason) == 1
@@ -255,10 +278,26 @@ def test_context_limit(client, loaded):
 
 
 BAD = [
-    ("temperature", -0.1), ("temperature", 2.5), ("top_p", 0), ("top_p", 1.5), ("top_k", -2), ("min_p", 1.5),
-    ("n", 0), ("n", 999), ("max_tokens", -1), ("logprobs", -1), ("logprobs", 21), ("seed", "x"),
-    ("repetition_penalty", 0), ("stop", ["s"] * 17), ("presence_penalty", 0.5), ("logit_bias", {"1": 5}),
-    ("prompt", []), ("prompt", [[-1]]), ("prompt", [99_999_999]), ("stream", "maybe"),
+    ("temperature", -0.1),
+    ("temperature", 2.5),
+    ("top_p", 0),
+    ("top_p", 1.5),
+    ("top_k", -2),
+    ("min_p", 1.5),
+    ("n", 0),
+    ("n", 999),
+    ("max_tokens", -1),
+    ("logprobs", -1),
+    ("logprobs", 21),
+    ("seed", "x"),
+    ("repetition_penalty", 0),
+    ("stop", ["s"] * 17),
+    ("presence_penalty", 0.5),
+    ("logit_bias", {"1": 5}),
+    ("prompt", []),
+    ("prompt", [[-1]]),
+    ("prompt", [99_999_999]),
+    ("stream", "maybe"),
 ]
 
 
@@ -287,8 +326,9 @@ def test_error_statuses(server, client):
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x" * 2_000_000})
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
-    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "robot",
-                                                                                            "content": "x"}]})
+    r = httpx.post(
+        server.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}
+    )
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
 
 
@@ -412,7 +452,11 @@ def test_health_is_503_while_loading_and_a_bad_model_exits_2(tmp_path, monkeypat
         assert tc.get("/health").status_code == 200
     r = subprocess.run(
         [sys.executable, "-m", "gptlab", "serve", str(tmp_path / "nope"), "--port", "0"],
-        env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120,
+        env=ENV,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("gptlab: error: ")
     assert "Traceback" not in r.stderr
@@ -429,8 +473,13 @@ def test_load_32_streams_for_60_seconds(ckpt):
         async def client_loop(ac, k):
             i = 0
             while time.time() < stop_at:
-                body = {"prompt": PROMPTS[(k + i) % len(PROMPTS)], "max_tokens": 8 + (k * 7 + i) % 40,
-                        "stream": True, "temperature": 0.8, "seed": k * 1000 + i}
+                body = {
+                    "prompt": PROMPTS[(k + i) % len(PROMPTS)],
+                    "max_tokens": 8 + (k * 7 + i) % 40,
+                    "stream": True,
+                    "temperature": 0.8,
+                    "seed": k * 1000 + i,
+                }
                 try:
                     async with ac.stream("POST", s.url + "/v1/completions", json=body) as r:
                         lines = [x async for x in r.aiter_lines() if x.startswith("data: ")]

@@ -139,8 +139,12 @@ class Server:
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.cfg.name:
-            raise ApiError(404, f"model {model!r} is not served here; this server serves {self.cfg.name!r}", "model",
-                           "model_not_found")
+            raise ApiError(
+                404,
+                f"model {model!r} is not served here; this server serves {self.cfg.name!r}",
+                "model",
+                "model_not_found",
+            )
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text) if text else [self.tokenizer.eot_id]
@@ -163,7 +167,8 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         too_big = error_response(
-            413, f"the request body is larger than this server's limit of {self.limit} bytes (--max-body-bytes)",
+            413,
+            f"the request body is larger than this server's limit of {self.limit} bytes (--max-body-bytes)",
             code="body_too_large",
         )
         headers = dict(scope.get("headers") or [])
@@ -240,8 +245,9 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
                 given = request.headers.get("authorization", "")
                 token = given[7:].encode() if given[:7].lower() == "bearer " else b""
                 if not hmac.compare_digest(token, key):
-                    return error_response(401, "missing or wrong API key: send Authorization: Bearer <key>",
-                                          code="invalid_api_key")
+                    return error_response(
+                        401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key"
+                    )
             return await call_next(request)
 
     @app.get("/health")
@@ -252,10 +258,20 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> Response:
         server.ready()
-        return JSONResponse({"object": "list", "data": [{
-            "id": cfg.name, "object": "model", "created": server.created, "owned_by": "gptlab",
-            "max_model_len": server.block,
-        }]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": cfg.name,
+                        "object": "model",
+                        "created": server.created,
+                        "owned_by": "gptlab",
+                        "max_model_len": server.block,
+                    }
+                ],
+            }
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -265,8 +281,10 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
     async def tokenize(body: TokenizeRequest) -> Response:
         server.ready()
         server.check_model(body.model)
-        text = body.prompt if body.prompt is not None else server.template.render(
-            [{"role": m.role, "content": m.text()} for m in body.messages or []]
+        text = (
+            body.prompt
+            if body.prompt is not None
+            else server.template.render([{"role": m.role, "content": m.text()} for m in body.messages or []])
         )
         ids = server.tokenizer.encode(text)
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": server.block})
@@ -334,8 +352,12 @@ class _Run:
         if refused:
             raise ApiError(400, refused[1], refused[0], "unsupported_parameter")
         if body.n > min(server.cfg.max_n, server.cfg.max_batch):
-            raise ApiError(400, f"n must be at most {min(server.cfg.max_n, server.cfg.max_batch)} on this server "
-                                f"(--max-n), got {body.n}", "n")
+            raise ApiError(
+                400,
+                f"n must be at most {min(server.cfg.max_n, server.cfg.max_batch)} on this server "
+                f"(--max-n), got {body.n}",
+                "n",
+            )
         sampling = Sampling(
             temperature=body.temperature,
             top_k=body.top_k if body.top_k > 0 else None,
@@ -349,8 +371,17 @@ class _Run:
             max_tokens = body.max_tokens
             if server.cfg.clamp_max_tokens and max_tokens is not None and len(p) + max_tokens > server.block:
                 max_tokens = max(0, server.block - len(p))
-            r = GenRequest(p, max_tokens, sampling, body.seed, body.n, stop, None, logprobs,
-                           echo is not None and logprobs is not None)
+            r = GenRequest(
+                p,
+                max_tokens,
+                sampling,
+                body.seed,
+                body.n,
+                stop,
+                None,
+                logprobs,
+                echo is not None and logprobs is not None,
+            )
             try:
                 r.max_tokens = sched.check(r)
             except InvalidRequest as e:
@@ -435,8 +466,14 @@ class _Run:
                         yield _sse({**head, "object": fmt.chunk_object, **piece})
                     async for i, base, c in gen:
                         for piece in fmt.stream_pieces(i, base, counted(c), self.body.n):
-                            yield _sse({**head, "object": fmt.chunk_object, **piece,
-                                        **({"usage": None} if self.body.include_usage else {})})
+                            yield _sse(
+                                {
+                                    **head,
+                                    "object": fmt.chunk_object,
+                                    **piece,
+                                    **({"usage": None} if self.body.include_usage else {}),
+                                }
+                            )
                     if self.body.include_usage:
                         yield _sse({**head, "object": fmt.chunk_object, "choices": [], "usage": usage_dict()})
                 except Exception as e:  # the stream has started: report in the stream, as OpenAI does
@@ -446,8 +483,12 @@ class _Run:
                     await gen.aclose()
                 yield "data: [DONE]\n\n"
 
-            return _Stream(events(), self._cancel_all, media_type="text/event-stream",
-                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _Stream(
+                events(),
+                self._cancel_all,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
 
         collected: list[tuple[int, int, Chunk]] = []
 
@@ -465,8 +506,9 @@ class _Run:
             task.cancel()
             return Response(status_code=499)
         task.result()  # re-raise a failure (an ApiError from submit becomes its status)
-        return JSONResponse({**head, "choices": fmt.choices(collected, len(self.prompts), self.body.n),
-                             "usage": usage_dict()})
+        return JSONResponse(
+            {**head, "choices": fmt.choices(collected, len(self.prompts), self.body.n), "usage": usage_dict()}
+        )
 
 
 class _Stream(StreamingResponse):
@@ -536,13 +578,17 @@ class _CompletionFormat(_Format):
         if self.echo is None or self.logprobs is not None:
             return []  # with logprobs the prompt is echoed when its logprobs arrive
         n = choices // len(self.echo)
-        return [{"choices": [{"index": i, "text": self.echo[i // n], "logprobs": None, "finish_reason": None}]}
-                for i in range(choices)]
+        return [
+            {"choices": [{"index": i, "text": self.echo[i // n], "logprobs": None, "finish_reason": None}]}
+            for i in range(choices)
+        ]
 
     def _echo_choices(self, i: int, base: int, c: Chunk, n: int) -> list[dict[str, Any]]:
         assert self.echo is not None
-        return [{"index": base + j, "text": self.echo[i], "logprobs": self._lp(base + j, c.logprobs),
-                 "finish_reason": None} for j in range(n)]
+        return [
+            {"index": base + j, "text": self.echo[i], "logprobs": self._lp(base + j, c.logprobs), "finish_reason": None}
+            for j in range(n)
+        ]
 
     def stream_pieces(self, i: int, base: int, c: Chunk, n: int) -> list[dict[str, Any]]:
         if c.index < 0:
@@ -550,12 +596,29 @@ class _CompletionFormat(_Format):
         if not (c.text or c.finish_reason or (self.logprobs is not None and c.tokens)):
             return []
         index = base + c.index
-        return [{"choices": [{"index": index, "text": c.text, "logprobs": self._lp(index, c.logprobs),
-                              "finish_reason": c.finish_reason}]}]
+        return [
+            {
+                "choices": [
+                    {
+                        "index": index,
+                        "text": c.text,
+                        "logprobs": self._lp(index, c.logprobs),
+                        "finish_reason": c.finish_reason,
+                    }
+                ]
+            }
+        ]
 
     def choices(self, collected: list[tuple[int, int, Chunk]], prompts: int, n: int) -> list[dict[str, Any]]:
-        out = [{"index": k, "text": self.echo[k // n] if self.echo and self.logprobs is None else "",
-                "logprobs": None, "finish_reason": None} for k in range(prompts * n)]
+        out = [
+            {
+                "index": k,
+                "text": self.echo[k // n] if self.echo and self.logprobs is None else "",
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            for k in range(prompts * n)
+        ]
         for i, base, c in collected:
             for piece in self.stream_pieces(i, base, c, n):
                 for p in piece["choices"]:
@@ -585,29 +648,42 @@ class _ChatFormat(_Format):
     def _lp(self, lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
         if not self.logprobs or lps is None:
             return None
-        return {"content": [{**self._entry(t.token, t.logprob),
-                             "top_logprobs": [self._entry(a, v) for a, v in t.top]} for t in lps]}
+        return {
+            "content": [
+                {**self._entry(t.token, t.logprob), "top_logprobs": [self._entry(a, v) for a, v in t.top]} for t in lps
+            ]
+        }
 
     def opening(self, choices: int) -> list[dict[str, Any]]:
-        return [{"choices": [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}]} for k in range(choices)]
+        return [
+            {
+                "choices": [
+                    {"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                ]
+            }
+            for k in range(choices)
+        ]
 
     def stream_pieces(self, i: int, base: int, c: Chunk, n: int) -> list[dict[str, Any]]:
         index = base + c.index
         out = []
         lp = self._lp(c.logprobs)
         if c.text or lp is not None:
-            out.append({"choices": [{"index": index, "delta": {"content": c.text}, "logprobs": lp,
-                                     "finish_reason": None}]})
+            out.append(
+                {"choices": [{"index": index, "delta": {"content": c.text}, "logprobs": lp, "finish_reason": None}]}
+            )
         if c.finish_reason:
-            out.append({"choices": [{"index": index, "delta": {}, "logprobs": None,
-                                     "finish_reason": c.finish_reason}]})
+            out.append({"choices": [{"index": index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}]})
         return out
 
     def choices(self, collected: list[tuple[int, int, Chunk]], prompts: int, n: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = [
-            {"index": k, "message": {"role": "assistant", "content": ""},
-             "logprobs": {"content": []} if self.logprobs else None, "finish_reason": None}
+            {
+                "index": k,
+                "message": {"role": "assistant", "content": ""},
+                "logprobs": {"content": []} if self.logprobs else None,
+                "finish_reason": None,
+            }
             for k in range(prompts * n)
         ]
         for _, base, c in collected:

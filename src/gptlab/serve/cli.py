@@ -17,7 +17,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         from .app import ServeConfig, create_app
     except ImportError as e:
-        raise GptlabError(f"gptlab serve needs the serve extra ({e.name} is missing): pip install 'gptlab[serve]'") from None
+        raise GptlabError(
+            f"gptlab serve needs the serve extra ({e.name} is missing): pip install 'gptlab[serve]'"
+        ) from None
     max_n = min(16, args.max_batch) if args.max_n is None else args.max_n
     if max_n > args.max_batch:
         raise GptlabError(f"--max-n {max_n} is more than --max-batch {args.max_batch}; n choices need n rows")
@@ -71,10 +73,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_model(p, "serve", old=())
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=count(0, 65535), default=8000, help="TCP port; 0 picks a free one ([0, 65535]; default 8000)")
+    p.add_argument(
+        "--port", type=count(0, 65535), default=8000, help="TCP port; 0 picks a free one ([0, 65535]; default 8000)"
+    )
     p.add_argument("--served-model-name", help="the model id clients send and /v1/models lists (default: MODEL's name)")
     p.add_argument(
-        "--max-batch", type=count(1, 1024), default=16, help="KV-cache rows: sequences decoded together ([1, 1024]; default 16)"
+        "--max-batch",
+        type=count(1, 1024),
+        default=16,
+        help="KV-cache rows: sequences decoded together ([1, 1024]; default 16)",
     )
     p.add_argument(
         "--max-queue",
@@ -85,13 +92,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-n",
         type=count(1, 128),
-        help="largest n (choices) per request ([1, 128], at most --max-batch; default the smaller of 16 and --max-batch)",
+        help="largest n (choices) per request ([1, 128], at most --max-batch; default: 16 or --max-batch if less)",
     )
     p.add_argument(
         "--prefill-chunk",
         type=count(1, 1 << 20),
         default=512,
-        help="prompt tokens prefilled per scheduling step; bounds the stall a newcomer causes ([1, 1048576]; default 512)",
+        help="prompt tokens prefilled per scheduling step: the most a newcomer stalls the others ([1, 1048576]; "
+        "default 512)",
     )
     p.add_argument(
         "--max-body-bytes",
@@ -100,7 +108,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="largest request body; larger get 413 ([1024, 1073741824]; default 1048576)",
     )
     p.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $GPTLAB_API_KEY, else none)")
-    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template (default: the one gptlab align sft trains with)")
+    p.add_argument(
+        "--chat-template", metavar="FILE", help="a Jinja chat template (default: the one gptlab align sft trains with)"
+    )
     p.add_argument(
         "--clamp-max-tokens",
         action="store_true",

@@ -18,7 +18,9 @@ class ServeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.running = Gauge("gptlab_requests_running", "Requests holding cache rows (prefilling or decoding)", registry=r)
+        self.running = Gauge(
+            "gptlab_requests_running", "Requests holding cache rows (prefilling or decoding)", registry=r
+        )
         self.waiting = Gauge("gptlab_requests_waiting", "Requests queued for cache rows", registry=r)
         self.rows = Gauge("gptlab_cache_rows_used", "KV-cache rows in use", registry=r)
         self.prompt_tokens = Counter("gptlab_prompt_tokens", "Prompt tokens prefilled", registry=r)

@@ -49,9 +49,9 @@ class Request:
     """One completion request: ``n`` choices of at most ``max_tokens`` new tokens after ``prompt`` (token ids).
 
     ``max_tokens=None`` generates to the end of the context. ``seed`` seeds choice ``j``'s random stream with
-    ``seed + j`` (``None``: a fresh random seed; ``sampling.seed`` is not used). ``logprobs=k`` reports, per new token, its log-probability under
-    the model (before temperature and filters, as OpenAI and vLLM report it) and the ``k`` most likely tokens'
-    (0: the chosen token's only); ``echo_logprobs`` also scores the prompt's tokens."""
+    ``seed + j`` (``None``: a fresh random seed; ``sampling.seed`` is not used). ``logprobs=k`` reports, per new
+    token, its log-probability under the model (before temperature and filters, as OpenAI and vLLM report it) and
+    the ``k`` most likely tokens' (0: the chosen token's only); ``echo_logprobs`` also scores the prompt's tokens."""
 
     prompt: list[int]
     max_tokens: int | None = None
@@ -161,7 +161,9 @@ class Scheduler:
                 "the prompt is empty; send at least one token (the end-of-text token for none)", "prompt"
             )
         if any(not 0 <= t < self.vocab for t in p):
-            raise InvalidRequest(f"the prompt holds a token id outside the model's vocabulary of {self.vocab}", "prompt")
+            raise InvalidRequest(
+                f"the prompt holds a token id outside the model's vocabulary of {self.vocab}", "prompt"
+            )
         if len(p) > self.block:
             raise InvalidRequest(
                 f"the prompt has {len(p)} tokens, more than the model's context of {self.block}", "prompt"
@@ -186,6 +188,7 @@ class Scheduler:
         max_tokens = self.check(request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
+
         def emit(item: Any) -> None:
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
@@ -203,9 +206,7 @@ class Scheduler:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
-                raise QueueFull(
-                    f"the queue is full ({self.max_queue} requests waiting for a row); retry later"
-                )
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting for a row); retry later")
             self.waiting.append(job)
         self._wake.set()
         self._event("queued", job)
@@ -322,7 +323,11 @@ class Scheduler:
                     seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
                     seen[r.prompt] = True
                 c = _Choice(
-                    j, row, TextStream(self.tokenizer, r.stop), torch.Generator(self.device).manual_seed((seed + j) % 2**64), seen
+                    j,
+                    row,
+                    TextStream(self.tokenizer, r.stop),
+                    torch.Generator(self.device).manual_seed((seed + j) % 2**64),
+                    seen,
                 )
                 job.choices.append(c)
                 self.rows[row] = c
@@ -330,27 +335,49 @@ class Scheduler:
             self._event("admitted", job)
 
     def _prefill(self) -> None:
-        """Up to ``prefill_chunk`` prompt tokens into the cache, oldest newcomer first; a prompt completed here
-        samples its first tokens."""
+        """Prompt tokens into the cache, oldest newcomer first, as one forward pass whose padded size (rows x
+        longest chunk) stays within ``prefill_chunk``; a prompt completed here samples its first tokens.
+
+        The newcomers' rows are scattered over the pool, so they are prefilled in a small cache of their own and
+        copied in. Shorter chunks are padded at the end: a padding token only writes slots after its row's real
+        ones (overwritten later) and no real token attends to it."""
         budget = self.prefill_chunk
-        while self.prefilling and budget > 0:
-            job = self.prefilling[0]
-            first = job.choices[0]
-            prompt = job.request.prompt
-            start, end = job.prefilled, min(len(prompt), job.prefilled + budget)
-            view = self.pool.view(slice(first.row, first.row + 1), end)
-            idx = torch.tensor([prompt[start:end]], device=self.device)
-            logits, _ = self.model(idx, cache=view, slots=torch.arange(start, end, device=self.device))
-            budget -= end - start
-            job.prefilled = first.filled = end
-            if end < len(prompt):
+        group: list[tuple[_Job, int, int]] = []  # (job, start, end): only the first may continue a chunked prompt
+        longest = 0
+        for job in self.prefilling:
+            start, left = job.prefilled, len(job.request.prompt) - job.prefilled
+            take = min(left, budget) if not group else left
+            if group and (len(group) + 1) * max(longest, take) > budget:
+                break
+            group.append((job, start, start + take))
+            longest = max(longest, take)
+        if not group:
+            return
+        T, rows = longest, len(group)
+        scratch = KVCache(
+            self.model.config, rows, max(s + T for _, s, _ in group), self.device, self.pool.layers[0][0].dtype
+        )
+        job0, start0, _ = group[0]
+        if start0:  # the earlier chunks of a long prompt
+            for (k, v), (sk, sv) in zip(self.pool.layers, scratch.layers):
+                sk[0, :, :start0] = k[job0.choices[0].row, :, :start0]
+                sv[0, :, :start0] = v[job0.choices[0].row, :, :start0]
+        idx = torch.tensor([j.request.prompt[a:b] + [0] * (T - (b - a)) for j, a, b in group], device=self.device)
+        slots = torch.tensor([[a + t for t in range(T)] for _, a, _ in group], device=self.device)
+        hidden, _ = self.model(idx, cache=scratch, slots=slots, hidden=True)
+        last = hidden[torch.arange(rows, device=self.device), torch.tensor([b - a - 1 for _, a, b in group])]
+        logits = self.model.lm_head(last)[:, : self.vocab]
+        for i, (job, a, b) in enumerate(group):
+            for (k, v), (sk, sv) in zip(self.pool.layers, scratch.layers):
+                for c in job.choices:  # every choice shares the prompt's keys and values
+                    k[c.row, :, a:b] = sk[i, :, a:b]
+                    v[c.row, :, a:b] = sv[i, :, a:b]
+            job.prefilled = b
+            for c in job.choices:
+                c.filled = b
+            if b < len(job.request.prompt):
                 continue
-            self.prefilling.popleft()
-            for c in job.choices[1:]:  # the other choices share the prompt: copy its keys and values
-                for k, v in self.pool.layers:
-                    k[c.row, :, :end] = k[first.row, :, :end]
-                    v[c.row, :, :end] = v[first.row, :, :end]
-                c.filled = end
+            self.prefilling.remove(job)
             if job.request.echo_logprobs:
                 job.emit(Chunk(-1, logprobs=self._prompt_logprobs(job.request)))
             if job.max_tokens == 0:
@@ -359,7 +386,7 @@ class Scheduler:
                 self._retire(job)
                 continue
             self.running.append(job)
-            self._sample([(job, c) for c in job.choices], logits[:, -1].expand(len(job.choices), -1))
+            self._sample([(job, c) for c in job.choices], logits[i : i + 1].expand(len(job.choices), -1))
 
     def _decode(self) -> None:
         """One decode step for every row with a token to feed."""

@@ -1,0 +1,335 @@
+"""Serving under load: a vLLM-style load generator for any OpenAI-compatible server, and the suite that compares
+`gptlab serve` with llama.cpp's server (llama-cpp-python) on the same GPT-2 weights.
+
+``load``: streaming completions from ``--num-prompts`` clients, arriving all at once (``--request-rate inf``) or as
+a Poisson process, at most ``--max-concurrency`` in flight. Per request: TTFT (request sent -> first text), TPOT
+((end - first text) / (tokens - 1)), ITL (gaps between text chunks) and end-to-end latency; p50/p90/p99 of each,
+request and output-token throughput. Ends with one JSON line.
+
+    python benchmarks/serve.py load --url http://127.0.0.1:8000 --model NAME --max-concurrency 8
+
+``suite``: GPT-2 124M (random weights: speed does not depend on them) and ``baby`` (with GPT-2's tokenizer),
+each served by ``gptlab serve`` at 1, 8 and 32 concurrent streams; ``baby`` also one request at a time
+(``--max-batch 1``) for TTFT under load; then the same GPT-2 weights exported to Hugging Face format
+(``gptlab convert``), converted to GGUF f32 with llama.cpp's ``convert_hf_to_gguf.py`` and served by
+``python -m llama_cpp.server``. Ends with one JSON line of every figure.
+
+    python benchmarks/serve.py suite --llama-python VENV/bin/python --llama-convert llama.cpp/convert_hf_to_gguf.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "the king queen of love and war my lord good night sweet prince what say you thou art noble fair".split()
+
+
+def percentiles(xs: list[float]) -> dict[str, float]:
+    if not xs:
+        return {"p50": math.nan, "p90": math.nan, "p99": math.nan, "mean": math.nan}
+    s = sorted(xs)
+
+    def q(p: float) -> float:  # nearest-rank
+        return s[min(len(s) - 1, max(0, math.ceil(p * len(s)) - 1))]
+
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": sum(s) / len(s)}
+
+
+async def one_request(ac: httpx.AsyncClient, url: str, body: dict) -> dict:
+    t0 = time.perf_counter()
+    first, times, tokens, usage = None, [], 0, None
+    async with ac.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"ok": False, "status": r.status_code, "error": (await r.aread()).decode()[:200]}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for c in chunk.get("choices") or []:
+                if c.get("text"):
+                    now = time.perf_counter()
+                    first = first or now
+                    times.append(now)
+                    tokens += 1
+    end = time.perf_counter()
+    out = usage["completion_tokens"] if usage else tokens  # a text chunk per token where usage is not streamed
+    return {
+        "ok": first is not None,
+        "ttft": (first or end) - t0,
+        "e2e": end - t0,
+        "tokens": out,
+        "tpot": (end - first) / (out - 1) if first and out > 1 else None,
+        "itl": [b - a for a, b in itertools.pairwise(times)],
+    }
+
+
+async def run_load(args: argparse.Namespace) -> dict:
+    rng = random.Random(args.seed)
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(args.prompt_tokens)) for _ in range(args.num_prompts)]
+    sem = asyncio.Semaphore(args.max_concurrency)
+    results: list[dict] = []
+
+    async def client(ac: httpx.AsyncClient, i: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        async with sem:
+            body = {
+                "model": args.model,
+                "prompt": prompts[i],
+                "max_tokens": args.max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            try:
+                results.append(await one_request(ac, args.url, body))
+            except httpx.HTTPError as e:
+                results.append({"ok": False, "error": repr(e)})
+
+    arrivals, t = [], 0.0
+    for _ in range(args.num_prompts):
+        arrivals.append(t)
+        if args.request_rate != math.inf:
+            t += rng.expovariate(args.request_rate)
+    limits = httpx.Limits(max_connections=args.max_concurrency + 8)
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, limits=limits) as ac:
+        await asyncio.gather(*[client(ac, i, d) for i, d in enumerate(arrivals)])
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r["ok"]]
+    tokens = sum(r["tokens"] for r in ok)
+    return {
+        "url": args.url,
+        "model": args.model,
+        "max_concurrency": args.max_concurrency,
+        "request_rate": str(args.request_rate),
+        "num_prompts": args.num_prompts,
+        "prompt_words": args.prompt_tokens,
+        "max_tokens": args.max_tokens,
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "seconds": round(wall, 3),
+        "request_throughput": round(len(ok) / wall, 3),
+        "output_tok_s": round(tokens / wall, 2),
+        "ttft_s": {k: round(v, 4) for k, v in percentiles([r["ttft"] for r in ok]).items()},
+        "tpot_s": {k: round(v, 4) for k, v in percentiles([r["tpot"] for r in ok if r["tpot"]]).items()},
+        "itl_s": {k: round(v, 4) for k, v in percentiles([x for r in ok for x in r["itl"]]).items()},
+        "e2e_s": {k: round(v, 4) for k, v in percentiles([r["e2e"] for r in ok]).items()},
+    }
+
+
+def cmd_load(args: argparse.Namespace) -> None:
+    result = asyncio.run(run_load(args))
+    print(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------------- the suite
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A server subprocess, ready when ``url``/health (or /v1/models) answers 200."""
+
+    def __init__(self, cmd: list[str], url: str, env: dict, health: str) -> None:
+        self.url = url
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited: {' '.join(cmd)}\n{self.proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(url + health, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit(f"server did not become ready: {' '.join(cmd)}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def make_models(root: Path) -> dict[str, Path]:
+    sys.path.insert(0, str(REPO / "src"))
+    import torch
+
+    from gptlab.checkpoint import save_model_checkpoint
+    from gptlab.config import preset
+    from gptlab.model import GPT
+
+    out = {}
+    for name, cfg in (("gpt2", preset("gpt2")), ("baby", preset("baby", vocab_size=50257, block_size=256))):
+        torch.manual_seed(0)
+        path = root / name
+        save_model_checkpoint(path, GPT(cfg).state_dict(), cfg, {"kind": "gpt2"})
+        out[name] = path
+    return out
+
+
+def load(url: str, model: str, concurrency: int, num: int, max_tokens: int, prompt_words: int) -> dict:
+    ns = argparse.Namespace(
+        url=url,
+        model=model,
+        max_concurrency=concurrency,
+        num_prompts=num,
+        max_tokens=max_tokens,
+        prompt_tokens=prompt_words,
+        request_rate=math.inf,
+        seed=0,
+    )
+    r = asyncio.run(run_load(ns))
+    print(
+        f"  {model} c={concurrency}: {r['output_tok_s']} tok/s, TTFT p50 {r['ttft_s']['p50']} s, "
+        f"p99 {r['ttft_s']['p99']} s, TPOT p50 {r['tpot_s']['p50']} s, failed {r['failed']}",
+        file=sys.stderr,
+    )
+    return r
+
+
+def cmd_suite(args: argparse.Namespace) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": str(args.threads)}
+    root = Path(tempfile.mkdtemp(prefix="gptlab-serve-bench-"))
+    models = make_models(root)
+    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads}}
+    levels = [(1, args.num_single), (8, args.num_8), (32, args.num_32)]
+
+    def gptlab_server(name: str, max_batch: int) -> Process:
+        port = free_port()
+        cmd = [
+            sys.executable,
+            "-m",
+            "gptlab",
+            "serve",
+            str(models[name]),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--max-batch",
+            str(max_batch),
+            "--served-model-name",
+            name,
+        ]
+        return Process(cmd, f"http://127.0.0.1:{port}", env, "/health")
+
+    for name in ("gpt2", "baby"):
+        srv = gptlab_server(name, 32)
+        try:
+            load(srv.url, name, 1, 2, 8, args.prompt_words)  # warm-up
+            results[f"gptlab_{name}"] = {
+                f"c{c}": load(srv.url, name, c, n, args.max_tokens, args.prompt_words) for c, n in levels
+            }
+        finally:
+            srv.stop()
+    srv = gptlab_server("baby", 1)
+    try:
+        load(srv.url, "baby", 1, 2, 8, args.prompt_words)
+        results["gptlab_baby_one_at_a_time"] = {
+            "c32": load(srv.url, "baby", 32, args.num_32, args.max_tokens, args.prompt_words)
+        }
+    finally:
+        srv.stop()
+    if args.llama_python and args.llama_convert:
+        hf, gguf = root / "gpt2-hf", root / "gpt2-f32.gguf"
+        subprocess.run(
+            [sys.executable, "-m", "gptlab", "convert", str(models["gpt2"]), "--to", "hf", "--out-dir", str(hf)],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        lcpp = Path(args.llama_convert).parent
+        conv_env = {**env, "PYTHONPATH": f"{lcpp / 'gguf-py'}:{lcpp}:{env['PYTHONPATH']}"}
+        subprocess.run(
+            [sys.executable, args.llama_convert, str(hf), "--outtype", "f32", "--outfile", str(gguf)],
+            env=conv_env,
+            check=True,
+            capture_output=True,
+        )
+        port = free_port()
+        # --interrupt_requests False: by default llama-cpp-python's server aborts the running request whenever
+        # another arrives; it serves one request at a time, the others wait
+        cmd = f"{args.llama_python} -m llama_cpp.server --model {gguf} --port {port} --n_ctx 1024 --n_threads "
+        cmd += f"{args.threads} --model_alias gpt2 --interrupt_requests False"
+        cmd = cmd.split()
+        srv = Process(cmd, f"http://127.0.0.1:{port}", env, "/v1/models")
+        try:
+            version = subprocess.run(
+                [args.llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            load(srv.url, "gpt2", 1, 2, 8, args.prompt_words)
+            results["llama_cpp_gpt2"] = {
+                "version": version,
+                **{f"c{c}": load(srv.url, "gpt2", c, n, args.max_tokens, args.prompt_words) for c, n in levels},
+            }
+        finally:
+            srv.stop()
+    g = results["gptlab_gpt2"]
+    results["ratios"] = {
+        "gptlab_gpt2_c32_over_c1": round(g["c32"]["output_tok_s"] / g["c1"]["output_tok_s"], 2),
+        "baby_ttft_p99_c32_s": results["gptlab_baby"]["c32"]["ttft_s"]["p99"],
+        "baby_ttft_p99_c32_one_at_a_time_s": results["gptlab_baby_one_at_a_time"]["c32"]["ttft_s"]["p99"],
+    }
+    if "llama_cpp_gpt2" in results:
+        lc = results["llama_cpp_gpt2"]
+        for c, _ in levels:
+            results["ratios"][f"gptlab_over_llama_cpp_c{c}"] = round(
+                g[f"c{c}"]["output_tok_s"] / lc[f"c{c}"]["output_tok_s"], 2
+            )
+    print(json.dumps(results))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("load", help="load one OpenAI-compatible server")
+    p.add_argument("--url", required=True, help="the server's base URL, without /v1")
+    p.add_argument("--model", required=True)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--max-concurrency", type=int, default=8)
+    p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson; inf = all at once")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in words (one GPT-2 token each)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_load)
+    p = sub.add_parser("suite", help="gptlab serve (GPT-2 124M, baby) and llama.cpp at 1, 8, 32 streams")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt-words", type=int, default=32)
+    p.add_argument("--num-single", type=int, default=8, help="requests at concurrency 1")
+    p.add_argument("--num-8", type=int, default=32, help="requests at concurrency 8")
+    p.add_argument("--num-32", type=int, default=64, help="requests at concurrency 32")
+    p.add_argument("--llama-python", help="a Python with llama-cpp-python[server] installed")
+    p.add_argument("--llama-convert", help="llama.cpp's convert_hf_to_gguf.py (its gguf-py beside it)")
+    p.set_defaults(func=cmd_suite)
+    args = ap.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
