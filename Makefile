@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-fast lint install install-dev bench clean
+.PHONY: demo test test-fast lint install install-dev bench clean chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,19 @@ demo: $(VENV)/.core
 	$(PY) -m gptlab sample runs/demo --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --top-k 200 \
 		--seed 1337 --sliding-window
 
-test: $(VENV)/.dev
+# The browser tests drive Debian's chromium through Playwright (`playwright install` cannot download here).
+# Installed when missing and possible (root with apt); without it those tests skip with the reason.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get install -y -q chromium >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)); } || \
+	  echo "make: no chromium (apt-get install chromium): the browser tests will skip"
+
+test: $(VENV)/.dev chromium
 	$(PY) -m pytest -q
 
-test-fast: $(VENV)/.dev  # for editing: everything but the tests marked slow
+test-fast: $(VENV)/.dev chromium  # for editing: everything but the tests marked slow
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.dev
@@ -50,6 +59,7 @@ bench: $(VENV)/.dev
 	$(PY) benchmarks/demo_quality.py
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/moe.py
+	$(PY) benchmarks/serve.py suite
 
 clean:
 	rm -rf runs data .pytest_cache

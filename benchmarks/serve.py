@@ -53,6 +53,12 @@ def percentiles(xs: list[float]) -> dict[str, float]:
 
 async def one_request(ac: httpx.AsyncClient, url: str, body: dict) -> dict:
     t0 = time.perf_counter()
+    if not body["stream"]:  # one response at the end: no TTFT, TPOT or ITL to measure
+        r = await ac.post(url + "/v1/completions", json=body)
+        if r.status_code != 200:
+            return {"ok": False, "status": r.status_code, "error": r.text[:200]}
+        out = r.json()["usage"]["completion_tokens"]
+        return {"ok": True, "ttft": None, "e2e": time.perf_counter() - t0, "tokens": out, "tpot": None, "itl": []}
     first, times, tokens, usage = None, [], 0, None
     async with ac.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
@@ -95,8 +101,8 @@ async def run_load(args: argparse.Namespace) -> dict:
                 "prompt": prompts[i],
                 "max_tokens": args.max_tokens,
                 "temperature": 0,
-                "stream": True,
-                "stream_options": {"include_usage": True},
+                "stream": args.stream,
+                **({"stream_options": {"include_usage": True}} if args.stream else {}),
             }
             try:
                 results.append(await one_request(ac, args.url, body))
@@ -128,7 +134,8 @@ async def run_load(args: argparse.Namespace) -> dict:
         "seconds": round(wall, 3),
         "request_throughput": round(len(ok) / wall, 3),
         "output_tok_s": round(tokens / wall, 2),
-        "ttft_s": {k: round(v, 4) for k, v in percentiles([r["ttft"] for r in ok]).items()},
+        "stream": args.stream,
+        "ttft_s": {k: round(v, 4) for k, v in percentiles([r["ttft"] for r in ok if r["ttft"] is not None]).items()},
         "tpot_s": {k: round(v, 4) for k, v in percentiles([r["tpot"] for r in ok if r["tpot"]]).items()},
         "itl_s": {k: round(v, 4) for k, v in percentiles([x for r in ok for x in r["itl"]]).items()},
         "e2e_s": {k: round(v, 4) for k, v in percentiles([r["e2e"] for r in ok]).items()},
@@ -190,8 +197,9 @@ def make_models(root: Path) -> dict[str, Path]:
     return out
 
 
-def load(url: str, model: str, concurrency: int, num: int, max_tokens: int, prompt_words: int) -> dict:
+def load(url: str, model: str, concurrency: int, num: int, max_tokens: int, prompt_words: int, stream=True) -> dict:
     ns = argparse.Namespace(
+        stream=stream,
         url=url,
         model=model,
         max_concurrency=concurrency,
@@ -243,6 +251,11 @@ def cmd_suite(args: argparse.Namespace) -> None:
             results[f"gptlab_{name}"] = {
                 f"c{c}": load(srv.url, name, c, n, args.max_tokens, args.prompt_words) for c, n in levels
             }
+            if name == "gpt2" and args.llama_python:  # plain responses, as llama.cpp's server is measured
+                results["gptlab_gpt2_plain"] = {
+                    f"c{c}": load(srv.url, name, c, n, args.max_tokens, args.prompt_words, stream=False)
+                    for c, n in levels
+                }
         finally:
             srv.stop()
     srv = gptlab_server("baby", 1)
@@ -282,10 +295,15 @@ def cmd_suite(args: argparse.Namespace) -> None:
                 capture_output=True,
                 text=True,
             ).stdout.strip()
-            load(srv.url, "gpt2", 1, 2, 8, args.prompt_words)
+            # Plain (non-streaming) responses: its server stops answering after a few streamed requests
+            # (abetlen/llama-cpp-python#1861, "The current task is not holding this lock" with stream: true).
+            load(srv.url, "gpt2", 1, 2, 8, args.prompt_words, stream=False)
             results["llama_cpp_gpt2"] = {
                 "version": version,
-                **{f"c{c}": load(srv.url, "gpt2", c, n, args.max_tokens, args.prompt_words) for c, n in levels},
+                **{
+                    f"c{c}": load(srv.url, "gpt2", c, n, args.max_tokens, args.prompt_words, stream=False)
+                    for c, n in levels
+                },
             }
         finally:
             srv.stop()
@@ -296,10 +314,10 @@ def cmd_suite(args: argparse.Namespace) -> None:
         "baby_ttft_p99_c32_one_at_a_time_s": results["gptlab_baby_one_at_a_time"]["c32"]["ttft_s"]["p99"],
     }
     if "llama_cpp_gpt2" in results:
-        lc = results["llama_cpp_gpt2"]
+        lc, plain = results["llama_cpp_gpt2"], results["gptlab_gpt2_plain"]
         for c, _ in levels:
             results["ratios"][f"gptlab_over_llama_cpp_c{c}"] = round(
-                g[f"c{c}"]["output_tok_s"] / lc[f"c{c}"]["output_tok_s"], 2
+                plain[f"c{c}"]["output_tok_s"] / lc[f"c{c}"]["output_tok_s"], 2
             )
     print(json.dumps(results))
 
@@ -316,6 +334,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in words (one GPT-2 token each)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-stream", dest="stream", action="store_false", help="plain responses (no TTFT/ITL)")
     p.set_defaults(func=cmd_load)
     p = sub.add_parser("suite", help="gptlab serve (GPT-2 124M, baby) and llama.cpp at 1, 8, 32 streams")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)

@@ -2,8 +2,11 @@
 training config most tests train on, a prepared character-level dataset, and the HF/gptlab model pairs."""
 
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +179,74 @@ def hf_pair(cfg: GPTConfig):
     ours = GPT(cfg).eval()
     ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg))
     return hf, ours
+
+
+def random_gpt2_checkpoint(path: Path, block_size: int) -> Path:
+    """A small random-weight GPT with GPT-2's tokenizer (byte-level BPE: multi-byte characters split across
+    tokens), saved as a gptlab checkpoint."""
+    from gptlab.checkpoint import save_model_checkpoint
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=block_size, vocab_size=50257, init_std=0.1)
+    save_model_checkpoint(path, GPT(cfg).state_dict(), cfg, {"kind": "gpt2"})
+    return path
+
+
+class Served:
+    """A real ``gptlab serve`` subprocess on 127.0.0.1 (a free port), its URL, metrics and memory."""
+
+    def __init__(self, ckpt, *flags):
+        env = {**ENV, "OMP_NUM_THREADS": "2", **{k: v for k, v in os.environ.items() if k == "TIKTOKEN_CACHE_DIR"}}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gptlab", "serve", str(ckpt), "--port", "0", "--device", "cpu", *flags],
+            env=env,
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            m = re.search(r"at http://127\.0\.0\.1:(\d+)/v1", line)
+            if m:
+                self.url = f"http://127.0.0.1:{m.group(1)}"
+                break
+        else:
+            self.stop()
+            raise RuntimeError("server did not start")
+        if not hasattr(self, "url"):
+            raise RuntimeError("server did not start: " + "".join(self.lines))
+        threading.Thread(target=lambda: [self.lines.append(x) for x in self.proc.stderr], daemon=True).start()
+
+    def client(self, **kw):
+        import openai
+
+        return openai.OpenAI(
+            base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, timeout=60, **kw
+        )
+
+    def metrics(self):
+        import httpx
+
+        text = httpx.get(self.url + "/metrics").text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def rss_mb(self):
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

@@ -112,7 +112,7 @@ def test_cancel_frees_the_row_before_the_next_step_and_others_continue(lm):
     alone = [engine_tokens(lm, [p], 100, GREEDY)[0] for p in prompts]
     sched = Scheduler(model, tok, max_batch=4)
     seen = []
-    sched.metrics = type("M", (), {"event": lambda self, name, job, **kw: seen.append((name, sched.steps))})()
+    sched.metrics = type("M", (), {"event": lambda self, name, job, **kw: seen.append((name, sched.steps, kw))})()
 
     async def quit_early(p):
         stream = sched.submit(Request(p, 100, GREEDY, stop_ids=frozenset()))
@@ -135,8 +135,34 @@ def test_cancel_frees_the_row_before_the_next_step_and_others_continue(lm):
     finally:
         sched.close()
     assert [r[0] for r in rest] == alone[1:]
-    dropped = [s for name, s in seen if name == "cancelled"]
-    assert len(dropped) == 1 and dropped[0] - at_cancel <= 2
+    dropped = [(s, kw["steps"]) for name, s, kw in seen if name == "cancelled"]
+    assert len(dropped) == 1 and dropped[0][0] - at_cancel <= 2 and dropped[0][1] <= 2
+
+
+def test_cancel_during_prefill(lm):
+    model, tok = lm
+    sched = Scheduler(model, tok, max_batch=2, prefill_chunk=2)  # a 100-token prompt takes 50 scheduling steps
+    seen = []
+    sched.metrics = type("M", (), {"event": lambda self, name, job, **kw: seen.append(name)})()
+
+    async def main():
+        running = asyncio.ensure_future(collect(sched, Request(tok.encode("a"), 100, GREEDY, stop_ids=frozenset())))
+        await asyncio.sleep(0.01)
+        stream = sched.submit(Request([1] * 100, 5, GREEDY))
+        task = asyncio.ensure_future(stream.__anext__())
+        while seen.count("admitted") < 2:
+            await asyncio.sleep(0.001)
+        task.cancel()  # the client leaves while its prompt is being prefilled
+        await asyncio.sleep(0)
+        await stream.aclose()
+        return await running
+
+    try:
+        out = run(main())
+    finally:
+        sched.close()
+    assert "cancelled" in seen and len(out[0]) == 100  # the other request went on to the end
+    assert sched.counts() == {"waiting": 0, "running": 0, "rows": 0}
 
 
 def test_newcomer_prefill_is_chunked_so_running_streams_keep_going(lm):

@@ -4,29 +4,23 @@ parameter's bounds, the server's output against the Engine's, disconnects, limit
 
 import asyncio
 import json
-import os
-import re
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from .conftest import ENV, REPO
+from .conftest import ENV, REPO, Served, random_gpt2_checkpoint
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from gptlab.align.data import chat_prompt  # noqa: E402
-from gptlab.checkpoint import save_model_checkpoint  # noqa: E402
-from gptlab.config import GPTConfig  # noqa: E402
 from gptlab.generate import Engine, Sampling  # noqa: E402
 from gptlab.loader import load_model  # noqa: E402
-from gptlab.model import GPT  # noqa: E402
 
 BLOCK = 128
 PROMPTS = ["Hello, my name is", "The capital of France", "naïve café 日本語", "1 2 3", "Once upon a time", "x"]
@@ -34,70 +28,12 @@ PROMPTS = ["Hello, my name is", "The capital of France", "naïve café 日本語
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A random-weight GPT with GPT-2's tokenizer (byte-level BPE: multi-byte characters split across tokens)."""
-    torch.manual_seed(0)
-    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=BLOCK, vocab_size=50257, init_std=0.1)
-    path = tmp_path_factory.mktemp("serve") / "tiny-gpt2"
-    save_model_checkpoint(path, GPT(cfg).state_dict(), cfg, {"kind": "gpt2"})
-    return path
+    return random_gpt2_checkpoint(tmp_path_factory.mktemp("serve") / "tiny-gpt2", BLOCK)
 
 
 @pytest.fixture(scope="module")
 def loaded(ckpt):
     return load_model(ckpt, "cpu")
-
-
-class Served:
-    def __init__(self, ckpt, *flags):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gptlab", "serve", str(ckpt), "--port", "0", "--device", "cpu", *flags],
-            env={**ENV, "OMP_NUM_THREADS": "2", **{k: v for k, v in os.environ.items() if k == "TIKTOKEN_CACHE_DIR"}},
-            cwd=REPO,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            m = re.search(r"at http://127\.0\.0\.1:(\d+)/v1", line)
-            if m:
-                self.url = f"http://127.0.0.1:{m.group(1)}"
-                break
-        else:
-            self.stop()
-            raise RuntimeError("server did not start")
-        if not hasattr(self, "url"):
-            raise RuntimeError("server did not start: " + "".join(self.lines))
-        threading.Thread(target=lambda: [self.lines.append(x) for x in self.proc.stderr], daemon=True).start()
-
-    def client(self, **kw):
-        return openai.OpenAI(
-            base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, timeout=60, **kw
-        )
-
-    def metrics(self):
-        text = httpx.get(self.url + "/metrics").text
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
-
-    def rss_mb(self):
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -357,6 +293,14 @@ def test_a_dropped_stream_is_cancelled(server):
     assert wait_idle(server, 5)
     assert metric(server, 'gptlab_requests_total{outcome="cancelled"}') == before + 1
     assert metric(server, "gptlab_generation_tokens_total") - tokens_before < 120
+    assert_freed_within_two_steps(server)
+
+
+def assert_freed_within_two_steps(server):
+    """Every cancelled request so far had its rows freed within 2 decode steps of the cancel."""
+    m = server.metrics()
+    assert m["gptlab_cancel_delay_steps_count"] >= 1
+    assert m['gptlab_cancel_delay_steps_bucket{le="2.0"}'] == m["gptlab_cancel_delay_steps_count"]
 
 
 def test_a_dropped_non_streaming_request_is_cancelled(server):
@@ -367,6 +311,7 @@ def test_a_dropped_non_streaming_request_is_cancelled(server):
         httpx.post(server.url + "/v1/completions", json=body, timeout=0.05)
     assert wait_idle(server, 5)
     assert metric(server, 'gptlab_requests_total{outcome="cancelled"}') == before + 1
+    assert_freed_within_two_steps(server)
 
 
 def test_eight_streams_four_dropped_the_rest_unchanged(server, loaded):
@@ -389,9 +334,12 @@ def test_eight_streams_four_dropped_the_rest_unchanged(server, loaded):
         async with httpx.AsyncClient(timeout=60) as ac:
             return await asyncio.gather(*[one(ac, p, i >= 4) for i, p in enumerate(prompts)])
 
+    before = metric(server, 'gptlab_requests_total{outcome="cancelled"}')
     out = asyncio.run(main())
     assert out[:4] == alone
     assert wait_idle(server, 5)
+    assert metric(server, 'gptlab_requests_total{outcome="cancelled"}') == before + 4
+    assert_freed_within_two_steps(server)
 
 
 def test_api_key_queue_limit_and_loading(ckpt):
@@ -460,6 +408,32 @@ def test_health_is_503_while_loading_and_a_bad_model_exits_2(tmp_path, monkeypat
     )
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("gptlab: error: ")
     assert "Traceback" not in r.stderr
+
+
+def test_clamp_max_tokens_and_a_jinja_chat_template(tmp_path, ckpt, loaded):
+    from fastapi.testclient import TestClient
+
+    from gptlab.serve.app import ServeConfig, create_app
+
+    template = tmp_path / "chat.jinja"
+    template.write_text(
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    cfg = ServeConfig(model=str(ckpt), device="cpu", clamp_max_tokens=True, chat_template=str(template))
+    with TestClient(create_app(cfg)) as tc:
+        deadline = time.time() + 60
+        while tc.get("/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        long = "word " * 120
+        n = len(loaded.tokenizer.encode(long))
+        r = tc.post("/v1/completions", json={"prompt": long, "max_tokens": 50, "temperature": 0}).json()
+        assert r["usage"]["completion_tokens"] <= BLOCK - n  # cut to the room left instead of a 400
+        msgs = [{"role": "user", "content": "hi"}]
+        want = "<user>hi<|endoftext|><assistant>"
+        assert tc.post("/tokenize", json={"messages": msgs}).json()["tokens"] == loaded.tokenizer.encode(want)
+        r = tc.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 3}).json()
+        assert r["usage"]["prompt_tokens"] == len(loaded.tokenizer.encode(want))
 
 
 @pytest.mark.slow

@@ -25,13 +25,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import GptlabError
@@ -40,6 +40,7 @@ from ..generate.engine import Sampling
 from .chat import ChatTemplate
 from .metrics import ServeMetrics
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Common, error_body
+from .runs import add_routes as add_runs
 from .scheduler import Chunk, InvalidRequest, QueueFull, Scheduler, TokenLogprob
 from .scheduler import Request as GenRequest
 
@@ -53,6 +54,8 @@ ERROR_TYPES = {
     503: "service_unavailable",
 }
 DISCONNECT_POLL = 0.02  # seconds between checks that a client is still there
+PAGE = Path(__file__).with_name("static") / "index.html"  # the playground and run viewer (docs/serving.md)
+OPEN_PATHS = ("/", "/health")  # answered without the API key: the page asks for it, probes need health
 
 
 @dataclass
@@ -70,7 +73,7 @@ class ServeConfig:
     api_key: str | None = None
     chat_template: str | None = None
     clamp_max_tokens: bool = False
-    extra_routes: list[Callable[[FastAPI], None]] = field(default_factory=list)
+    runs: str | None = None  # a folder of training runs for the page's Runs view
 
     @property
     def name(self) -> str:
@@ -241,7 +244,7 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
 
         @app.middleware("http")
         async def _auth(request: Request, call_next: Callable) -> Response:
-            if request.url.path != "/health":
+            if request.url.path not in OPEN_PATHS:
                 given = request.headers.get("authorization", "")
                 token = given[7:].encode() if given[:7].lower() == "bearer " else b""
                 if not hmac.compare_digest(token, key):
@@ -316,8 +319,12 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
         job = _Run(server, body, prompts, stop=body.stop_list() + server.template.stop, logprobs=lp)
         return await job.respond(request, "chatcmpl", _ChatFormat(server, body))
 
-    for add in cfg.extra_routes:
-        add(app)
+    @app.get("/")
+    async def page() -> Response:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    if cfg.runs is not None:
+        add_runs(app, Path(cfg.runs), error_response)
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     return app
 

@@ -6,6 +6,7 @@ import argparse
 import os
 import socket
 import sys
+from pathlib import Path
 
 from ..errors import GptlabError
 from ..options import add_device, add_model, count
@@ -20,6 +21,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise GptlabError(
             f"gptlab serve needs the serve extra ({e.name} is missing): pip install 'gptlab[serve]'"
         ) from None
+    if args.runs is not None and not Path(args.runs).is_dir():
+        raise GptlabError(f"--runs {args.runs} is not a folder; give the folder that holds your run folders")
     max_n = min(16, args.max_batch) if args.max_n is None else args.max_n
     if max_n > args.max_batch:
         raise GptlabError(f"--max-n {max_n} is more than --max-batch {args.max_batch}; n choices need n rows")
@@ -35,6 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         api_key=args.api_key or os.environ.get("GPTLAB_API_KEY") or None,
         chat_template=args.chat_template,
         clamp_max_tokens=args.clamp_max_tokens,
+        runs=args.runs,
     )
     app = create_app(cfg)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
@@ -116,6 +120,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="cut max_tokens to the room left in the context instead of answering 400",
     )
+    p.add_argument("--runs", metavar="DIR", help="show the training runs under DIR in the page's Runs view (read-only)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     add_device(p)
     p.set_defaults(func=cmd_serve)

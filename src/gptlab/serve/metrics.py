@@ -32,6 +32,12 @@ class ServeMetrics:
         self.itl = Histogram(
             "gptlab_inter_token_latency_seconds", "Time between a choice's tokens", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.cancel_steps = Histogram(
+            "gptlab_cancel_delay_steps",
+            "Decode steps between a request's cancellation (its client left) and its rows being freed",
+            buckets=(0, 1, 2, 3, 5, 10),
+            registry=r,
+        )
         self.e2e = Histogram(
             "gptlab_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -57,6 +63,8 @@ class ServeMetrics:
             self.requests.labels("finished").inc()
         elif name in ("cancelled", "failed"):
             self.requests.labels(name).inc()
+            if name == "cancelled":
+                self.cancel_steps.observe(kw["steps"])
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -144,7 +144,7 @@ class Scheduler:
         self.waiting: deque[_Job] = deque()  # accepted, not yet given rows
         self.prefilling: deque[_Job] = deque()  # given rows, prompt not yet fully in the cache
         self.running: list[_Job] = []
-        self._cancel: set[str] = set()
+        self._cancel: dict[str, int] = {}  # request id -> decode steps done when it was cancelled
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -231,7 +231,7 @@ class Scheduler:
     def cancel(self, request_id: str) -> None:
         """Stop a request: its rows are freed before the next decode step."""
         with self._lock:
-            self._cancel.add(request_id)
+            self._cancel.setdefault(request_id, self.steps)
         self._wake.set()
 
     def close(self) -> None:
@@ -259,7 +259,7 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             with self._lock:
-                stopping, cancel, self._cancel = self._stopping, self._cancel, set()
+                stopping, cancel, self._cancel = self._stopping, self._cancel, {}
             if stopping:
                 for job in [*self.waiting, *self.prefilling, *self.running]:
                     job.emit(Cancelled("the server is shutting down"))
@@ -274,7 +274,7 @@ class Scheduler:
                 jobs = [*self.prefilling, *self.running]
                 for job in jobs:
                     job.emit(e)
-                self._drop({j.request.id for j in jobs}, "failed")
+                self._drop({j.request.id: self.steps for j in jobs}, "failed")
             with self._lock:
                 idle = not (self.waiting or self.prefilling or self.running or self._cancel or self._stopping)
                 if idle:
@@ -282,7 +282,8 @@ class Scheduler:
             if idle:
                 self._wake.wait()
 
-    def _drop(self, ids: set[str], why: str = "cancelled") -> None:
+    def _drop(self, ids: dict[str, int], why: str = "cancelled") -> None:
+        """Free the rows of requests ``ids`` (id -> decode steps done when they were cancelled)."""
         with self._lock:
             gone = [j for j in self.waiting if j.request.id in ids]
             for j in gone:
@@ -298,7 +299,7 @@ class Scheduler:
                 self._free(c)
             if why == "cancelled":  # end the stream of a caller that may still be listening
                 j.emit(Cancelled("the request was cancelled"))
-            self._event(why, j)
+            self._event(why, j, steps=self.steps - ids[j.request.id])
 
     def _free(self, c: _Choice) -> None:
         if self.rows[c.row] is c:
