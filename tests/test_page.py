@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gptlab.metrics import read_rows
-from gptlab.train import train
+from gptlab.train.trainer import train
 
 from .conftest import REPO, Served, random_gpt2_checkpoint, tiny_cfg
 
@@ -35,9 +35,17 @@ def chromium_path():
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory, char_data):
     root = tmp_path_factory.mktemp("runs")
-    train(tiny_cfg(char_data, root / "small", max_iters=30, eval_interval=10, checkpoint_interval=30))
+    train(tiny_cfg(char_data, root / "small", max_iters=30, eval_interval=10, checkpoint_interval=30), progress=False)
     train(
-        tiny_cfg(char_data, root / "group" / "wide", max_iters=20, eval_interval=10, checkpoint_interval=20, n_embd=96)
+        tiny_cfg(
+            char_data,
+            root / "group" / "wide",
+            max_iters=20,
+            eval_interval=10,
+            checkpoint_interval=20,
+            model_overrides={"n_embd": 96},
+        ),
+        progress=False,
     )
     (root / "not-a-run").mkdir()
     (root / "not-a-run" / "notes.txt").write_text("secret")
@@ -70,7 +78,7 @@ def test_runs_endpoints_list_runs_and_refuse_other_paths(server, runs_dir, tmp_p
         ("small/../../outside", 400),
         ("%2e%2e/outside", 400),
         (str(outside), 400),
-        ("link", 404),
+        ("link", 400),
         ("not-a-run", 404),
         ("nothing", 404),
         ("small/checkpoints", 404),

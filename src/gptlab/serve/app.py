@@ -23,7 +23,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +227,7 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
         param = ".".join(loc) or None
         if err.get("type") == "json_invalid":
             return error_response(400, "the request body is not valid JSON", None, "invalid_json")
-        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
         return error_response(400, f"{param}: {msg}" if param else msg, loc[0] if loc else None, "invalid_parameter")
 
     @app.exception_handler(StarletteHTTPException)
@@ -408,7 +408,7 @@ class _Run:
             raise ApiError(400, str(e), e.param) from None
         return streams
 
-    async def chunks(self, streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, int, Chunk]]:
+    async def chunks(self, streams: list[AsyncIterator[Chunk]]) -> AsyncGenerator[tuple[int, int, Chunk], None]:
         """(prompt number, first choice index of that prompt, chunk) in the order they are produced."""
         if len(streams) == 1:
             async for c in streams[0]:

@@ -402,7 +402,7 @@ class Scheduler:
             if row is not None:
                 slots[i] = row.filled
         for _, c in live:
-            tokens[c.row] = c.last  # type: ignore[call-overload]
+            tokens[c.row] = c.last or 0  # every live choice has a last token
         view = self.pool.view(slice(0, hi), max(slots) + 1)
         idx = torch.tensor(tokens, device=self.device)[:, None]
         logits, _ = self.model(idx, cache=view, slots=torch.tensor(slots, device=self.device)[:, None])
