@@ -241,46 +241,22 @@ def test_runs_view_draws_every_point(server, page, runs_dir):
 
 
 # ---------------------------------------------------------------------------------------------- mocked responses
+def api_error(route, status, message, type, param=None, code=None):
+    """Answer a routed request with OpenAI's error object, as the server would."""
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    route.fulfill(status=status, content_type="application/json", body=json.dumps(body))
+
+
 def test_loading_banner_api_errors_and_an_unreachable_server(server, page):
-    page.route(
-        "**/health",
-        lambda r: r.fulfill(
-            status=503,
-            content_type="application/json",
-            body=json.dumps(
-                {
-                    "error": {
-                        "message": "the model is still loading; retry shortly",
-                        "type": "service_unavailable",
-                        "param": None,
-                        "code": "loading",
-                    }
-                }
-            ),
-        ),
-    )
+    loading = "the model is still loading; retry shortly"
+    page.route("**/health", lambda r: api_error(r, 503, loading, "service_unavailable", code="loading"))
     page.goto(server.url + "/")
     page.wait_for_function("document.getElementById('banner').textContent.includes('loading')")
     shot(page, "loading")
     page.unroute("**/health")
     page.wait_for_function("document.getElementById('banner').style.display == 'none'", timeout=10_000)
-    page.route(
-        "**/v1/completions",
-        lambda r: r.fulfill(
-            status=400,
-            content_type="application/json",
-            body=json.dumps(
-                {
-                    "error": {
-                        "message": "temperature: Input should be less than or equal to 2",
-                        "type": "invalid_request_error",
-                        "param": "temperature",
-                        "code": "invalid_parameter",
-                    }
-                }
-            ),
-        ),
-    )
+    too_hot = "temperature: Input should be less than or equal to 2"
+    page.route("**/v1/completions", lambda r: api_error(r, 400, too_hot, "invalid_request_error", "temperature"))
     page.click("#generate")
     page.wait_for_function("document.getElementById('play-error').textContent.includes('less than or equal to 2')")
     assert "param: temperature" in page.text_content("#play-error")

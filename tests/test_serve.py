@@ -119,31 +119,24 @@ def test_server_equals_engine_and_stream_equals_whole(client, loaded, prompt):
 
 
 def test_seeded_sampling_equals_engine_and_n_gives_indices(client, loaded):
-    s = dict(temperature=0.9, top_k=50, top_p=0.9)
-    r = client.completions.create(
-        model="tiny",
-        prompt=PROMPTS[1],
-        max_tokens=15,
-        n=3,
-        seed=5,
-        extra_body={"top_k": 50},
-        temperature=0.9,
-        top_p=0.9,
-    )
+    def sample():
+        return client.completions.create(
+            model="tiny",
+            prompt=PROMPTS[1],
+            max_tokens=15,
+            n=3,
+            seed=5,
+            temperature=0.9,
+            top_p=0.9,
+            extra_body={"top_k": 50},
+        )
+
+    r = sample()
     assert [c.index for c in r.choices] == [0, 1, 2]
-    e = Engine(loaded.model, loaded.tokenizer).generate([PROMPTS[1]] * 3, 15, Sampling(**s, seed=5))
+    s = Sampling(temperature=0.9, top_k=50, top_p=0.9, seed=5)
+    e = Engine(loaded.model, loaded.tokenizer).generate([PROMPTS[1]] * 3, 15, s)
     assert [c.text for c in r.choices] == [c.text for c in e]
-    again = client.completions.create(
-        model="tiny",
-        prompt=PROMPTS[1],
-        max_tokens=15,
-        n=3,
-        seed=5,
-        extra_body={"top_k": 50},
-        temperature=0.9,
-        top_p=0.9,
-    )
-    assert [c.text for c in again.choices] == [c.text for c in r.choices]
+    assert [c.text for c in sample().choices] == [c.text for c in r.choices]  # a seed reproduces
 
 
 def test_stop_strings_are_excluded(client, loaded):
