@@ -410,7 +410,8 @@ def test_clamp_max_tokens_and_a_jinja_chat_template(tmp_path, ckpt, loaded):
 
     template = tmp_path / "chat.jinja"
     template.write_text(
-        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% for m in messages %}{% if m.role == 'system' %}{{ m.no.such.field }}{% endif %}"
+        "<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
     cfg = ServeConfig(model=str(ckpt), device="cpu", clamp_max_tokens=True, chat_template=str(template))
@@ -427,6 +428,8 @@ def test_clamp_max_tokens_and_a_jinja_chat_template(tmp_path, ckpt, loaded):
         assert tc.post("/tokenize", json={"messages": msgs}).json()["tokens"] == loaded.tokenizer.encode(want)
         r = tc.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 3}).json()
         assert r["usage"]["prompt_tokens"] == len(loaded.tokenizer.encode(want))
+        bad = tc.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}, *msgs]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"  # the template failed
 
 
 @pytest.mark.slow

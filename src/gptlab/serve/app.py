@@ -152,6 +152,13 @@ class Server:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text) if text else [self.tokenizer.eot_id]
 
+    def render(self, messages: Sequence[Any]) -> str:
+        """The chat template's text for ``messages``; a template that fails on them is the client's 400."""
+        try:
+            return self.template.render([{"role": m.role, "content": m.text()} for m in messages])
+        except GptlabError as e:
+            raise ApiError(400, str(e), "messages") from None
+
     def token_text(self, t: int) -> str:
         return self.tokenizer.decode([t])
 
@@ -284,11 +291,7 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
     async def tokenize(body: TokenizeRequest) -> Response:
         server.ready()
         server.check_model(body.model)
-        text = (
-            body.prompt
-            if body.prompt is not None
-            else server.template.render([{"role": m.role, "content": m.text()} for m in body.messages or []])
-        )
+        text = body.prompt if body.prompt is not None else server.render(body.messages or [])
         ids = server.tokenizer.encode(text)
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": server.block})
 
@@ -310,11 +313,7 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:
         server.ready()
-        text = server.template.render([{"role": m.role, "content": m.text()} for m in body.messages])
-        try:
-            prompts = [server.encode(text)]
-        except GptlabError as e:
-            raise ApiError(400, str(e), "messages") from None
+        prompts = [server.encode(server.render(body.messages))]
         lp = (body.top_logprobs or 0) if body.logprobs else None
         job = _Run(server, body, prompts, stop=body.stop_list() + server.template.stop, logprobs=lp)
         return await job.respond(request, "chatcmpl", _ChatFormat(server, body))
