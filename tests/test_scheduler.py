@@ -226,3 +226,28 @@ def test_bad_requests_and_a_full_queue(lm):
                 pass
 
         run(after_close())
+
+
+@pytest.mark.slow
+def test_compiled_single_stream_step_gives_the_same_tokens(lm):
+    """``compile=True`` runs a lone stream through a compiled step (static shapes, bucketed cache length); its
+    greedy tokens equal the eager Engine's, and with two streams the ordinary batched step takes over."""
+    model, tok = lm
+    prompts = [tok.encode(t) for t in TEXTS[:2]]
+    alone = [engine_tokens(lm, [p], 100, GREEDY)[0] for p in prompts]
+    sched = Scheduler(model, tok, max_batch=4, compile=True)
+    try:
+        one = run(collect(sched, Request(prompts[0], 100, GREEDY, stop_ids=frozenset())))[0]
+
+        async def both():
+            return await asyncio.gather(
+                *[
+                    collect(sched, Request(p, 100, GREEDY, stop_ids=frozenset()), delay=0.01 * i)
+                    for i, p in enumerate(prompts)
+                ]
+            )
+
+        two = [r[0] for r in run(both())]
+    finally:
+        sched.close()
+    assert one == alone[0] and two == alone

@@ -74,6 +74,7 @@ class ServeConfig:
     chat_template: str | None = None
     clamp_max_tokens: bool = False
     runs: str | None = None  # a folder of training runs for the page's Runs view
+    compile: bool = False  # compile the single-stream decode step at start-up
 
     @property
     def name(self) -> str:
@@ -121,6 +122,7 @@ class Server:
                 self.cfg.max_queue,
                 self.cfg.prefill_chunk,
                 self.metrics,
+                compile=self.cfg.compile,
             )
             self.metrics.watch(sched)
             self.scheduler = sched

@@ -39,6 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         chat_template=args.chat_template,
         clamp_max_tokens=args.clamp_max_tokens,
         runs=args.runs,
+        compile=args.compile,
     )
     app = create_app(cfg)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
@@ -123,6 +124,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="cut max_tokens to the room left in the context instead of answering 400",
     )
     p.add_argument("--runs", metavar="DIR", help="show the training runs under DIR in the page's Runs view (read-only)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step used when one stream runs alone (~1.7x faster on CPU); compiled at "
+        "start-up, one graph per 256 slots of context (GPT-2: ~2 min), while /health answers 503",
+    )
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     add_device(p)
     p.set_defaults(func=cmd_serve)

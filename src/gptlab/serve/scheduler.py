@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from ..errors import GptlabError
-from ..generate.engine import Sampling, TextStream, next_tokens
+from ..generate.engine import CACHE_BUCKET, COMPILE_OPTIONS, Sampling, TextStream, next_tokens
 from ..model import GPT, KVCache
 
 MAX_LOGPROBS = 20
@@ -128,6 +128,7 @@ class Scheduler:
         max_queue: int = 256,
         prefill_chunk: int = 512,
         metrics: Any = None,
+        compile: bool = False,
     ) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise GptlabError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
@@ -149,6 +150,9 @@ class Scheduler:
         self._wake = threading.Event()
         self._stopping = False
         self.steps = 0  # decode steps so far (tests count steps with it)
+        self._single: Callable[..., Any] | None = None  # compile=True: the compiled single-row step
+        if compile:
+            self._compile_single()
         self._thread = threading.Thread(target=self._loop, name="gptlab-scheduler", daemon=True)
         self._thread.start()
 
@@ -389,10 +393,36 @@ class Scheduler:
             self.running.append(job)
             self._sample([(job, c) for c in job.choices], logits[i : i + 1].expand(len(job.choices), -1))
 
+    def _compile_single(self) -> None:
+        """``compile=True``: the decode step of a single live row, compiled with static shapes as the Engine's
+        (the multiply-and-sum matrix-vector form of :class:`~gptlab.model.Linear`), one graph per
+        ``CACHE_BUCKET`` slots of attended length, all compiled here, before the first request."""
+        self._single = torch.compile(self.model, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
+        with torch.no_grad():
+            for length in sorted(
+                {min(b, self.block) for b in range(CACHE_BUCKET, self.block + CACHE_BUCKET, CACHE_BUCKET)}
+            ):
+                view = self.pool.view(slice(0, 1), length)
+                self._single(
+                    torch.zeros(1, 1, dtype=torch.long, device=self.device),
+                    cache=view,
+                    slots=torch.zeros(1, dtype=torch.long, device=self.device),
+                )
+
     def _decode(self) -> None:
         """One decode step for every row with a token to feed."""
         live = [(job, c) for job in self.running for c in job.choices if not c.done]
         if not live:
+            return
+        if self._single is not None and len(live) == 1:  # one stream: the compiled step on that row alone
+            c = live[0][1]
+            length = min(-(-(c.filled + 1) // CACHE_BUCKET) * CACHE_BUCKET, self.block)
+            view = self.pool.view(slice(c.row, c.row + 1), length)
+            idx = torch.tensor([[c.last or 0]], device=self.device)
+            logits, _ = self._single(idx, cache=view, slots=torch.tensor([c.filled], device=self.device))
+            self.steps += 1
+            c.filled += 1
+            self._sample(live, logits[:, -1])
             return
         hi = 1 + max(c.row for _, c in live)
         tokens = [0] * hi
