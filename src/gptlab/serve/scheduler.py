@@ -397,7 +397,14 @@ class Scheduler:
         """``compile=True``: the decode step of a single live row, compiled with static shapes as the Engine's
         (the multiply-and-sum matrix-vector form of :class:`~gptlab.model.Linear`), one graph per
         ``CACHE_BUCKET`` slots of attended length, all compiled here, before the first request."""
-        self._single = torch.compile(self.model, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
+        model = self.model
+
+        def step(idx: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> tuple[Any, Any]:
+            return model(idx, cache=cache, slots=slots)
+
+        # a function of its own, not the module: compiled GPT.forward frames of other models in this process
+        # (an Engine(compile=True)) then cannot make Dynamo fail on this one (seen with torch 2.13)
+        self._single = torch.compile(step, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
         with torch.no_grad():
             for length in sorted(
                 {min(b, self.block) for b in range(CACHE_BUCKET, self.block + CACHE_BUCKET, CACHE_BUCKET)}
