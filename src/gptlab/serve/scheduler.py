@@ -387,7 +387,7 @@ class Scheduler:
                 job.emit(Chunk(-1, logprobs=self._prompt_logprobs(job.request)))
             if job.max_tokens == 0:
                 for c in job.choices:
-                    self._finish(job, c, "length")
+                    self._finish(job, c, "length", [], None)
                 self._retire(job)
                 continue
             self.running.append(job)
@@ -490,13 +490,13 @@ class Scheduler:
                 c.seen[t] = True
             lps = [reports[i]] if i in reports else None
             if t in job.stop_ids:
-                self._finish(job, c, "stop", tokens=[t], logprobs=lps, text=False)
+                self._finish(job, c, "stop", [t], lps)  # the stop token adds no text
             else:
                 c.stream.push(t)
                 if c.stream.stopped:
-                    self._finish(job, c, "stop", tokens=[t], logprobs=lps)
+                    self._finish(job, c, "stop", [t], lps)
                 elif c.produced >= job.max_tokens:
-                    self._finish(job, c, "length", tokens=[t], logprobs=lps)
+                    self._finish(job, c, "length", [t], lps)
                 else:
                     job.emit(Chunk(c.index, c.stream.take(), [t], lps))
             if all(x.done for x in job.choices):
@@ -506,17 +506,12 @@ class Scheduler:
             self._retire(job)
 
     def _finish(
-        self,
-        job: _Job,
-        c: _Choice,
-        reason: str,
-        tokens: list[int] | None = None,
-        logprobs: list[TokenLogprob] | None = None,
-        text: bool = True,
+        self, job: _Job, c: _Choice, reason: str, tokens: list[int], logprobs: list[TokenLogprob] | None
     ) -> None:
+        """End a choice: free its row and hand out its last chunk, with any text held back so far."""
         c.done = True
         self._free(c)
-        job.emit(Chunk(c.index, c.stream.take(final=True) if text else "", tokens or [], logprobs, reason))
+        job.emit(Chunk(c.index, c.stream.take(final=True), tokens, logprobs, reason))
 
     def _retire(self, job: _Job) -> None:
         job.emit(None)
