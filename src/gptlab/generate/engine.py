@@ -34,6 +34,12 @@ CACHE_BUCKET = 256  # compiled decode: cache lengths are rounded up to a multipl
 COMPILE_OPTIONS: dict[str, Any] = {"realize_opcount_threshold": 0}
 
 
+def bucketed(length: int, block: int) -> int:
+    """``length`` rounded up to a multiple of ``CACHE_BUCKET``, capped at the context ``block``: the cache lengths
+    a compiled decode step is built for."""
+    return min(-(-length // CACHE_BUCKET) * CACHE_BUCKET, block)
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How the next token is chosen. ``temperature=0`` is greedy; ``None`` / 1.0 disable a filter."""
@@ -144,9 +150,8 @@ class Engine:
     # ---------------------------------------------------------------- token level
     def cache_for(self, batch: int, length: int) -> KVCache:
         """The cache a generation of ``length`` total slots uses (rounded up when compiling, capped at context)."""
-        if self.compile:
-            length = -(-length // CACHE_BUCKET) * CACHE_BUCKET
-        length = min(length, self.model.config.block_size)
+        block = self.model.config.block_size
+        length = bucketed(length, block) if self.compile else min(length, block)
         return KVCache(self.model.config, batch, length, self.device, self.model.wte.weight.dtype)
 
     @torch.no_grad()

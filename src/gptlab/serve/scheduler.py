@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from ..errors import GptlabError
-from ..generate.engine import CACHE_BUCKET, COMPILE_OPTIONS, Sampling, TextStream, next_tokens
+from ..generate.engine import COMPILE_OPTIONS, Sampling, TextStream, bucketed, next_tokens
 from ..model import GPT, KVCache
 
 MAX_LOGPROBS = 20
@@ -112,6 +112,7 @@ class _Job:
     arrived: float
     max_tokens: int
     stop_ids: frozenset[int]
+    group: Sampling  # the request's sampling without its seed: rows with the same one sample together
     choices: list[_Choice] = field(default_factory=list)
     prefilled: int = 0
     first_token_time: float | None = None
@@ -138,9 +139,8 @@ class Scheduler:
         self.metrics = metrics
         cfg = model.config
         self.block, self.vocab = cfg.block_size, cfg.vocab_size
-        device, dtype = model.wte.weight.device, model.wte.weight.dtype
-        self.device = device
-        self.pool = KVCache(cfg, max_batch, cfg.block_size, device, dtype)
+        self.device, self.dtype = model.wte.weight.device, model.wte.weight.dtype
+        self.pool = KVCache(cfg, max_batch, cfg.block_size, self.device, self.dtype)
         self.rows: list[_Choice | None] = [None] * max_batch
         self.waiting: deque[_Job] = deque()  # accepted, not yet given rows
         self.prefilling: deque[_Job] = deque()  # given rows, prompt not yet fully in the cache
@@ -205,6 +205,7 @@ class Scheduler:
             time.perf_counter(),
             max_tokens,
             request.stop_ids if request.stop_ids is not None else frozenset({self.tokenizer.eot_id}),
+            dataclasses.replace(request.sampling, seed=0),
         )
         with self._lock:
             if self._stopping:
@@ -359,9 +360,7 @@ class Scheduler:
         if not group:
             return
         T, rows = longest, len(group)
-        scratch = KVCache(
-            self.model.config, rows, max(s + T for _, s, _ in group), self.device, self.pool.layers[0][0].dtype
-        )
+        scratch = KVCache(self.model.config, rows, max(s + T for _, s, _ in group), self.device, self.dtype)
         job0, start0, _ = group[0]
         if start0:  # the earlier chunks of a long prompt
             for (k, v), (sk, sv) in zip(self.pool.layers, scratch.layers):
@@ -370,7 +369,8 @@ class Scheduler:
         idx = torch.tensor([j.request.prompt[a:b] + [0] * (T - (b - a)) for j, a, b in group], device=self.device)
         slots = torch.tensor([[a + t for t in range(T)] for _, a, _ in group], device=self.device)
         hidden, _ = self.model(idx, cache=scratch, slots=slots, hidden=True)
-        last = hidden[torch.arange(rows, device=self.device), torch.tensor([b - a - 1 for _, a, b in group])]
+        ends = torch.tensor([b - a - 1 for _, a, b in group], device=self.device)
+        last = hidden[torch.arange(rows, device=self.device), ends]
         logits = self.model.lm_head(last)[:, : self.vocab]
         for i, (job, a, b) in enumerate(group):
             for (k, v), (sk, sv) in zip(self.pool.layers, scratch.layers):
@@ -396,7 +396,7 @@ class Scheduler:
     def _compile_single(self) -> None:
         """``compile=True``: the decode step of a single live row, compiled with static shapes as the Engine's
         (the multiply-and-sum matrix-vector form of :class:`~gptlab.model.Linear`), one graph per
-        ``CACHE_BUCKET`` slots of attended length, all compiled here, before the first request."""
+        ``CACHE_BUCKET`` slots of attended length (:func:`bucketed`), all compiled here, before the first request."""
         model = self.model
 
         def step(idx: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> tuple[Any, Any]:
@@ -406,9 +406,7 @@ class Scheduler:
         # (an Engine(compile=True)) then cannot make Dynamo fail on this one (seen with torch 2.13)
         self._single = torch.compile(step, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
         with torch.no_grad():
-            for length in sorted(
-                {min(b, self.block) for b in range(CACHE_BUCKET, self.block + CACHE_BUCKET, CACHE_BUCKET)}
-            ):
+            for length in sorted({bucketed(n, self.block) for n in range(1, self.block + 1)}):
                 view = self.pool.view(slice(0, 1), length)
                 self._single(
                     torch.zeros(1, 1, dtype=torch.long, device=self.device),
@@ -423,8 +421,7 @@ class Scheduler:
             return
         if self._single is not None and len(live) == 1:  # one stream: the compiled step on that row alone
             c = live[0][1]
-            length = min(-(-(c.filled + 1) // CACHE_BUCKET) * CACHE_BUCKET, self.block)
-            view = self.pool.view(slice(c.row, c.row + 1), length)
+            view = self.pool.view(slice(c.row, c.row + 1), bucketed(c.filled + 1, self.block))
             idx = torch.tensor([[c.last or 0]], device=self.device)
             logits, _ = self._single(idx, cache=view, slots=torch.tensor([c.filled], device=self.device))
             self.steps += 1
@@ -453,9 +450,9 @@ class Scheduler:
         """Choose each row's next token (rows with the same settings sampled together), report it, retire rows."""
         now = time.perf_counter()
         chosen: list[int] = [0] * len(live)
-        groups: dict[Sampling, list[int]] = {}  # rows with the same settings (their seeds aside) sample together
+        groups: dict[Sampling, list[int]] = {}
         for i, (job, _) in enumerate(live):
-            groups.setdefault(dataclasses.replace(job.request.sampling, seed=0), []).append(i)
+            groups.setdefault(job.group, []).append(i)
         for s, members in groups.items():
             at = torch.tensor(members, device=logits.device)
             seen = None
