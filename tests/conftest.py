@@ -119,9 +119,10 @@ def losses(run_dir):
 
 
 def gpt2_shaped(**kw):
+    """A small random GPT with GPT-2's vocabulary (seed 0); ``kw`` replaces config fields."""
     torch.manual_seed(0)
-    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=96, vocab_size=50257, init_std=0.1, **kw)
-    return GPT(cfg).eval()
+    base = dict(n_layer=2, n_head=2, n_embd=64, block_size=96, vocab_size=50257, init_std=0.1)
+    return GPT(GPTConfig(**{**base, **kw})).eval()
 
 
 def run_cli(*args, env=None, stdin=None):
@@ -186,10 +187,19 @@ def random_gpt2_checkpoint(path: Path, block_size: int) -> Path:
     tokens), saved as a gptlab checkpoint."""
     from gptlab.checkpoint import save_model_checkpoint
 
-    torch.manual_seed(0)
-    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=block_size, vocab_size=50257, init_std=0.1)
-    save_model_checkpoint(path, GPT(cfg).state_dict(), cfg, {"kind": "gpt2"})
+    model = gpt2_shaped(block_size=block_size)
+    save_model_checkpoint(path, model.state_dict(), model.config, {"kind": "gpt2"})
     return path
+
+
+def prometheus(text: str) -> dict[str, float]:
+    """The samples of a Prometheus text exposition, by name with labels: ``{'a_total{x="y"}': 1.0}``."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
 
 
 class Served:
@@ -232,13 +242,7 @@ class Served:
     def metrics(self):
         import httpx
 
-        text = httpx.get(self.url + "/metrics").text
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
+        return prometheus(httpx.get(self.url + "/metrics").text)
 
     def rss_mb(self):
         status = Path(f"/proc/{self.proc.pid}/status").read_text()

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from .conftest import ENV, REPO, Served, random_gpt2_checkpoint
+from .conftest import ENV, REPO, Served, prometheus, random_gpt2_checkpoint
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -352,7 +352,7 @@ def test_api_key_queue_limit_and_loading(ckpt):
                 running = ac.stream("POST", s.url + "/v1/completions", json=body)
                 r1 = await running.__aenter__()
                 waiting = asyncio.ensure_future(ac.post(s.url + "/v1/completions", json={**body, "stream": False}))
-                while metric_of(await ac.get(s.url + "/metrics"), "gptlab_requests_waiting") < 1:
+                while prometheus((await ac.get(s.url + "/metrics")).text).get("gptlab_requests_waiting", 0) < 1:
                     await asyncio.sleep(0.005)
                 full = await ac.post(s.url + "/v1/completions", json={**body, "stream": False})
                 await running.__aexit__(None, None, None)
@@ -364,13 +364,6 @@ def test_api_key_queue_limit_and_loading(ckpt):
         assert waited.status_code == 200
     finally:
         s.stop()
-
-
-def metric_of(response, name):
-    for line in response.text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def test_health_is_503_while_loading_and_a_bad_model_exits_2(tmp_path, monkeypatch, ckpt):

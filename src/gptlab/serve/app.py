@@ -359,13 +359,9 @@ class _Run:
         refused = body.refused()
         if refused:
             raise ApiError(400, refused[1], refused[0], "unsupported_parameter")
-        if body.n > min(server.cfg.max_n, server.cfg.max_batch):
-            raise ApiError(
-                400,
-                f"n must be at most {min(server.cfg.max_n, server.cfg.max_batch)} on this server "
-                f"(--max-n), got {body.n}",
-                "n",
-            )
+        most = min(server.cfg.max_n, server.cfg.max_batch)
+        if body.n > most:
+            raise ApiError(400, f"n must be at most {most} on this server (--max-n), got {body.n}", "n")
         sampling = Sampling(
             temperature=body.temperature,
             top_k=body.top_k if body.top_k > 0 else None,
@@ -401,12 +397,9 @@ class _Run:
         try:
             for r in self.requests:
                 streams.append(self.sched.submit(r))
-        except QueueFull as e:
-            for r in self.requests:
-                self.sched.cancel(r.id)
+        except QueueFull as e:  # (the requests were checked in __init__: nothing else can be refused here)
+            self._cancel_all()
             raise ApiError(429, str(e), code="queue_full") from None
-        except InvalidRequest as e:
-            raise ApiError(400, str(e), e.param) from None
         return streams
 
     async def chunks(self, streams: list[AsyncIterator[Chunk]]) -> AsyncGenerator[tuple[int, int, Chunk], None]:
