@@ -38,25 +38,37 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size: int, chunk_rows: int):
+        # Under autocast the three matmuls run in the autocast dtype (bf16 on GPU: tensor cores), chosen here
+        # explicitly: autocast does not apply to in-place ops, so an fp32 `addmm_` into the fp32 weight gradient
+        # would silently run the largest matmul of the step at fp32 speed. The softmax and both gradients
+        # accumulate in fp32 at least.
+        device = x.device.type
+        mm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        acc = torch.promote_types(x.dtype, torch.float32)
         count = (targets >= 0).sum().clamp(min=1)
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(weight)
-        dtype = torch.promote_types(x.dtype, torch.float32)  # the softmax in fp32 at least, also under autocast
-        total = torch.zeros((), device=x.device, dtype=dtype)
-        for s in range(0, x.size(0), chunk_rows):
-            xc, t = x[s : s + chunk_rows], targets[s : s + chunk_rows]
-            logits = F.linear(xc, weight).to(dtype)
-            logits[:, vocab_size:] = float("-inf")  # vocabulary padding, if any
-            lse = torch.logsumexp(logits, dim=1)
-            valid = t >= 0
-            t = t.clamp(min=0)
-            total += ((lse - logits.gather(1, t[:, None])[:, 0]) * valid).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-            probs[torch.arange(len(t), device=t.device), t] -= 1.0
-            probs *= valid[:, None]
-            grad_x[s : s + chunk_rows] = probs.to(x.dtype) @ weight
-            grad_w.addmm_(probs.t().to(weight.dtype), xc)
-        ctx.save_for_backward(grad_x / count, grad_w / count)
+        grad_x = torch.empty(x.shape, device=x.device, dtype=acc)
+        grad_w = torch.zeros(weight.shape, device=x.device, dtype=torch.promote_types(weight.dtype, acc))
+        total = torch.zeros((), device=x.device, dtype=acc)
+        with torch.autocast(device, enabled=False):
+            x_mm, w_mm = x.to(mm), weight.to(mm)
+            for s in range(0, x.size(0), chunk_rows):
+                xc, t = x_mm[s : s + chunk_rows], targets[s : s + chunk_rows]
+                logits = F.linear(xc, w_mm).to(acc)
+                logits[:, vocab_size:] = float("-inf")  # vocabulary padding, if any
+                lse = torch.logsumexp(logits, dim=1)
+                valid = t >= 0
+                t = t.clamp(min=0)
+                total += ((lse - logits.gather(1, t[:, None])[:, 0]) * valid).sum()
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                probs *= valid[:, None]
+                probs_mm = probs.to(mm)
+                grad_x[s : s + chunk_rows] = probs_mm @ w_mm
+                if mm == grad_w.dtype:
+                    grad_w.addmm_(probs_mm.t(), xc)
+                else:
+                    grad_w += probs_mm.t() @ xc  # a low-precision product, accumulated in fp32
+        ctx.save_for_backward((grad_x / count).to(x.dtype), (grad_w / count).to(weight.dtype))
         return total / count
 
     @staticmethod
@@ -232,15 +244,18 @@ class MoE(nn.Module):
         w = weight.t().reshape(-1)[order]
         counts = torch.bincount(e, minlength=E)
         pos = torch.arange(e.numel(), device=x.device) - (counts.cumsum(0) - counts)[e]  # slot within its expert
+        keep = torch.ones_like(pos, dtype=torch.bool)
         if self.training and self.capacity_factor > 0:
+            # Static shapes, no host sync: a dropped assignment keeps its place in the lists but writes to a spare
+            # slot (index `slots`) and carries weight 0, so it adds nothing and gets no gradient.
             slots = math.ceil(self.capacity_factor * N * self.k / E)
             keep = pos < slots
-            e, tok, w, pos = e[keep], tok[keep], w[keep], pos[keep]
+            w, pos = w * keep, torch.where(keep, pos, slots)
         elif not self.training and torch.compiler.is_compiling():  # static shapes (compiled decoding): room for all
             slots = N
-        else:
+        else:  # dropless: as long as the busiest expert's list (on CUDA, one host sync per MoE layer)
             slots = int(counts.max())
-        xe = x2.new_zeros(E, slots, C)
+        xe = x2.new_zeros(E, slots + 1, C)
         xe[e, pos] = x2[tok]
         h = (
             torch.bmm(xe, self.fc_weight)
@@ -262,7 +277,7 @@ class MoE(nn.Module):
             "balance_loss": balance.detach(),
             "z_loss": z.detach(),
             "expert_fraction": fraction.detach(),
-            "dropped_fraction": 1.0 - torch.tensor(float(e.numel()), device=x.device) / (N * self.k),
+            "dropped_fraction": 1.0 - keep.float().mean(),
         }
         out = self.dropout(out.view(B, T, C))
         return out if self.shared is None else out + self.shared(x)

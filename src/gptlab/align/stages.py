@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -47,6 +47,9 @@ from .data import (
 from .losses import AdaptiveKL, bradley_terry_loss, dpo_loss, gae, masked_mean, ppo_losses
 
 Update = Callable[[torch.Tensor], None]
+# A step's metric row: values may stay on the device (detached tensors) until the row is logged, so that a step
+# needs no host sync; StageJob converts them at log steps.
+Row = Mapping[str, "torch.Tensor | float"]
 
 
 def load_init(spec: str, device: torch.device) -> tuple[GPT, Any]:
@@ -151,7 +154,7 @@ class Stage:
         r = self.dist.rank * self.cfg.batch_size
         return [items[i] for i in idx[r : r + self.cfg.batch_size]]
 
-    def step(self, step: int, update: Callable[[torch.Tensor], None]) -> dict[str, float]:
+    def step(self, step: int, update: Update) -> Row:
         """Draw this step's data, compute the loss, call ``update(loss)`` (PPO: once per minibatch and epoch);
         return the metrics row."""
         raise NotImplementedError
@@ -185,10 +188,10 @@ class SFT(Stage):
         b = {k: v.to(self.device) for k, v in b.items()}
         return self.gpt(b["x"], b["y"], doc_ids=b.get("doc_ids"))[1]
 
-    def step(self, step: int, update: Update) -> dict[str, float]:
+    def step(self, step: int, update: Update) -> Row:
         loss = self.loss(self.pick(step, self.train))
         update(loss)
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -276,10 +279,10 @@ class Finetune(Stage):
         ).mean()
         return task + self.cfg.lm_weight * lm, task, logits
 
-    def step(self, step: int, update: Update) -> dict[str, float]:
+    def step(self, step: int, update: Update) -> Row:
         loss, task, _ = self.loss(self.pick(step, self.train))
         update(loss)
-        return {"loss": loss.item(), "task_loss": task.item()}
+        return {"loss": loss.detach(), "task_loss": task.detach()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -317,10 +320,10 @@ class Reward(Stage):
             loss = loss + self.cfg.center_rewards * torch.cat(rewards).mean() ** 2
         return loss, rewards
 
-    def step(self, step: int, update: Update) -> dict[str, float]:
+    def step(self, step: int, update: Update) -> Row:
         loss, rewards = self.loss(self.pick(step, self.train))
         update(loss)
-        return {"loss": loss.item(), "reward_mean": torch.cat(rewards).mean().item()}
+        return {"loss": loss.detach(), "reward_mean": torch.cat(rewards).mean().detach()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -365,13 +368,13 @@ class DPO(Stage):
         pick = lambda src, idx: torch.stack([src[k][i] for k, i in idx])
         return dpo_loss(pick(pol, w), pick(pol, lo), pick(ref, w), pick(ref, lo), self.cfg.beta)
 
-    def step(self, step: int, update: Update) -> dict[str, float]:
+    def step(self, step: int, update: Update) -> Row:
         loss, chosen, rejected = self.loss(self.pick(step, self.train))
         update(loss)
         return {
-            "loss": loss.item(),
-            "reward_margin": (chosen - rejected).mean().item(),
-            "pair_accuracy": (chosen > rejected).float().mean().item(),
+            "loss": loss.detach(),
+            "reward_margin": (chosen - rejected).mean().detach(),
+            "pair_accuracy": (chosen > rejected).float().mean(),
         }
 
     @torch.no_grad()
@@ -442,7 +445,7 @@ class PPO(Stage):
     def values(self, x: torch.Tensor) -> torch.Tensor:
         return self.module["value_head"](self.module["value"](x, hidden=True)[0]).squeeze(-1)
 
-    def step(self, step: int, update: Update) -> dict[str, float]:
+    def step(self, step: int, update: Update) -> Row:
         cfg = self.cfg
         ro = self.rollout(self.pick(step, self.train), seed=(cfg.seed * 1_000_003 + step) * 64 + self.dist.rank)
         mask = ro["mask"]

@@ -30,7 +30,7 @@ from ..train import distributed
 from ..train.loop import FitStats, fit, restore_state, save_state, state_dicts
 from ..train.optim import make_optimizer
 from .config import AlignConfig
-from .stages import STAGES
+from .stages import STAGES, Row
 
 
 def untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -96,19 +96,14 @@ class StageJob:
             self.stage.load_state(state["align"])
         self.metrics = Metrics(self.out / METRICS, self.start if resume else None, d.is_main)
         self.groups = [[p for p in g if p.requires_grad] for g in self.stage.clip_groups()]
+        self.stage_row: Row = {}
         self.row: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
-        self.step_now = 0
         self.module.train()
 
     def update(self, loss: torch.Tensor) -> None:
         """Backward, average gradients across ranks, clip each model's group, step."""
         cfg, d = self.cfg, self.d
-        if not math.isfinite(loss.item()):
-            raise GptlabError(
-                f"the {cfg.stage} loss became {loss.item()} at step {self.step_now + 1}; lower --lr or raise "
-                f"--warmup-iters, then --resume from the last checkpoint"
-            )
         loss.backward()
         if d.enabled:
             for p in self.module.parameters():
@@ -121,13 +116,20 @@ class StageJob:
         self.optimizer.zero_grad(set_to_none=True)
 
     def train_step(self, step: int) -> None:
-        self.step_now = step
-        row = self.stage.step(step, self.update)
-        if self.d.enabled:  # every rank's share of the global batch, averaged
-            row = dict(zip(row, distributed.mean_across_ranks(torch.tensor(list(row.values())), self.d).tolist()))
-        self.row = row
+        self.stage_row = self.stage.step(step, self.update)  # may hold device tensors: read at the next log step
 
     def log(self, done: int, lr: float, seconds: float, steps: int) -> dict[str, str]:
+        """The last step's row, read from the device in one copy (averaged across ranks under torchrun). A loss
+        that is not finite stops the run here, before any checkpoint of the broken weights (a checkpoint step is
+        always a log step)."""
+        raw = self.stage_row
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.d.device) for v in raw.values()])
+        self.row = dict(zip(raw, distributed.mean_across_ranks(values, self.d).tolist()))
+        if not math.isfinite(self.row.get("loss", 0.0)):
+            raise GptlabError(
+                f"the {self.cfg.stage} loss became {self.row['loss']} at step {done}; lower --lr or raise "
+                f"--warmup-iters, then --resume from the last checkpoint"
+            )
         self.metrics.write(step=done, lr=lr, **self.row)
         return {k: f"{v:.4g}" for k, v in list(self.row.items())[:3]}
 

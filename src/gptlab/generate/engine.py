@@ -134,13 +134,16 @@ class Completion:
 class Engine:
     """KV-cached generation for one model (and optionally its tokenizer, for text in and out, and stop strings)."""
 
-    def __init__(self, model: GPT, tokenizer=None, compile: bool = False) -> None:
+    def __init__(
+        self, model: GPT, tokenizer=None, compile: bool = False, compile_options: dict[str, Any] | None = None
+    ) -> None:
+        """``compile_options`` add inductor options to the compiled decode step, e.g. ``{"triton.cudagraphs":
+        True}`` to replay it as a CUDA graph (one launch per token instead of one per kernel)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.compile = compile
-        self._decode = (
-            torch.compile(model, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS) if compile else model
-        )
+        options = {**COMPILE_OPTIONS, **(compile_options or {})}
+        self._decode = torch.compile(model, dynamic=False, fullgraph=True, options=options) if compile else model
         self.stats: dict[str, float] = {}
 
     @property
@@ -192,29 +195,33 @@ class Engine:
             seen = torch.zeros(B, vocab, dtype=torch.bool, device=self.device)
             for r, p in enumerate(histories):
                 seen[r, p] = True
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        stop_set = set(stop_ids)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)  # on the device, for the step's masking
+        finished = [False] * B  # the same on the host: one device-to-host copy per step (the new tokens)
         self.stats = {"prefill_seconds": 0.0, "prefill_tokens": 0, "decode_seconds": 0.0, "decode_steps": 0}
         logits, cache, slot = self._prefill(histories, max_new_tokens)
+        all_slots = torch.arange(cache.length, device=self.device)  # a step's slot is a view: no host-to-device copy
         for step in range(max_new_tokens):
             tok = next_tokens(logits[:, -1], sampling, seen, generators)
             tok = torch.where(done, tok.new_zeros(()), tok)
             if seen is not None:
                 seen[torch.arange(B), tok] = True
             new = tok.tolist()
-            finished = done.tolist()
             yield [None if f else t for t, f in zip(new, finished)]
             done |= torch.isin(tok, stop)
-            for h, t, f in zip(histories, new, finished):
-                if not f:
+            for r, (h, t) in enumerate(zip(histories, new)):
+                if not finished[r]:
                     h.append(t)
-            if bool(done.all()) or step == max_new_tokens - 1:
+                    finished[r] = t in stop_set
+            if all(finished) or step == max_new_tokens - 1:
                 return
             if slot == cache.length:  # the context is full (only with a sliding window)
                 keep = block - max(1, block // 4)
                 logits, cache, slot = self._prefill([h[-keep:] for h in histories], max_new_tokens - step - 1)
+                all_slots = torch.arange(cache.length, device=self.device)
                 continue
             t0 = time.perf_counter()
-            logits, _ = self._decode(tok[:, None], cache=cache, slots=torch.tensor([slot], device=self.device))
+            logits, _ = self._decode(tok[:, None], cache=cache, slots=all_slots[slot : slot + 1])
             self.stats["decode_seconds"] += time.perf_counter() - t0
             self.stats["decode_steps"] += 1
             slot += 1

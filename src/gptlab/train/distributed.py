@@ -59,6 +59,15 @@ def pick_device(pref: str | torch.device, local_rank: int = 0) -> torch.device:
     return dev
 
 
+def allow_tf32(device: torch.device) -> None:
+    """Training on CUDA: fp32 matmuls (those autocast leaves in fp32, and every one of an fp32 run) may use TF32
+    tensor cores, 10-bit mantissa products accumulated in fp32 (PyTorch docs, "TensorFloat-32 (TF32) on Ampere (and
+    later) devices"); nanoGPT and llm.c train this way. A process-wide setting, so it is made only by
+    training on CUDA; inference and the parity tests keep full fp32."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+
+
 def setup(device_pref: str) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:

@@ -22,7 +22,7 @@ import torch
 
 from .. import checkpoint
 from ..config import GPTConfig, preset
-from ..data.loader import TokenWindows, read_meta
+from ..data.loader import TokenWindows, read_meta, to_device
 from ..errors import GptlabError
 from ..files import run_folder
 from ..metrics import METRICS, Metrics, plot_losses
@@ -114,6 +114,7 @@ class Pretraining:
             torch.set_num_threads(cfg.threads)
         if d.device.type == "cpu":
             keep_freed_memory_in_heap()
+        distributed.allow_tf32(d.device)
         self.cfg, self.d, self.resume = cfg, d, resume
         self.out = out = Path(cfg.out_dir)
         existing = checkpoint.checkpoints_for(out, resume)
@@ -171,8 +172,7 @@ class Pretraining:
         p_ss = ss_probability(cfg.ss_schedule, step, cfg.max_iters, cfg.ss_max_prob, cfg.ss_k)
         ss_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step) if p_ss > 0 else None
         for micro in range(cfg.grad_accum):
-            x, y = self.train_windows.batch(cfg.batch_size, step, micro, d.rank, d.world_size)
-            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            x, y = to_device(self.train_windows.batch(cfg.batch_size, step, micro, d.rank, d.world_size), d.device)
             if ss_gen is not None:
                 x = mix_in_predictions(self.raw, x, p_ss, ss_gen)
             sync = micro == cfg.grad_accum - 1
@@ -206,8 +206,9 @@ class Pretraining:
         self.model.eval()
         total = torch.zeros(2, device=d.device)
         for x, y in batches:
+            x, y = to_device((x, y), d.device)
             with self.amp:
-                _, loss = self.model(x.to(d.device), y.to(d.device))
+                _, loss = self.model(x, y)
             total += torch.stack([loss.float() * y.numel(), torch.tensor(float(y.numel()), device=d.device)])
         self.model.train()
         total = distributed.mean_across_ranks(total, d)
