@@ -155,6 +155,7 @@ class LM:
         return save_model_checkpoint(Path(out_dir), state, self.config, self._meta["tokenizer"], source=self.source)
 
 
-def load(source: str | Path, device: str = "auto", compile: bool = False) -> LM:
-    """Load any model source (see :mod:`gptlab.loader`) as an :class:`LM`; ``compile=True`` compiles its decode step."""
-    return LM(load_model(source, device), compile=compile)
+def load(source: str | Path, device: str = "auto", compile: bool = False, quantize: str | None = None) -> LM:
+    """Load any model source (see :mod:`gptlab.loader`) as an :class:`LM`; ``compile=True`` compiles its decode step,
+    ``quantize="int8" | "int4"`` quantizes its weights (:mod:`gptlab.quant`)."""
+    return LM(load_model(source, device, quantize=quantize), compile=compile)

@@ -89,10 +89,24 @@ def _diagnose_safetensors(path: Path) -> str | None:
     return None
 
 
-def check_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, where: str) -> None:
-    """Every tensor a model with ``cfg`` needs is in ``sd`` with the right shape, and nothing else is."""
+def skeleton(cfg: GPTConfig, quantization: dict[str, Any] | None = None) -> GPT:
+    """The model of a checkpoint on the meta device (no memory): the GPT of ``cfg``, with the quantized layers of
+    ``quantization`` (a checkpoint's record, :mod:`gptlab.quant.quantize`) in place."""
     with torch.device("meta"):
-        expected = GPT(cfg).state_dict()
+        model = GPT(cfg)
+    if quantization:
+        from .quant.quantize import empty_quantized
+
+        empty_quantized(model, quantization)
+    return model
+
+
+def check_weights(
+    sd: dict[str, torch.Tensor], cfg: GPTConfig, where: str, quantization: dict[str, Any] | None = None
+) -> None:
+    """Every tensor a model with ``cfg`` (quantized as recorded) needs is in ``sd`` with the right shape, and nothing
+    else is."""
+    expected = skeleton(cfg, quantization).state_dict()
     for name, t in expected.items():
         if name not in sd:
             raise GptlabError(f"{where}: tensor {name!r} is missing")
@@ -231,7 +245,7 @@ def load_weights(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     cfg = GPTConfig.from_dict(meta["model_config"])
     sd = _load_tensors(ckpt, "model.safetensors", meta)
     sd = with_tied(sd, cfg)
-    check_weights(sd, cfg, f"{ckpt}/model.safetensors")
+    check_weights(sd, cfg, f"{ckpt}/model.safetensors", meta.get("quantization"))
     return sd
 
 
@@ -244,9 +258,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """A model ready for inference from a run folder or checkpoint folder, and the checkpoint's metadata."""
     ckpt = resolve(path)
     meta = read_state(ckpt)
-    model = GPT(GPTConfig.from_dict(meta["model_config"]))
-    model.load_state_dict(load_weights(ckpt, meta))
-    return model.to(device).eval(), meta
+    quantization = meta.get("quantization")
+    model = skeleton(GPTConfig.from_dict(meta["model_config"]), quantization)
+    model.load_state_dict(load_weights(ckpt, meta), assign=True)
+    if isinstance(model.lm_head, torch.nn.Linear):  # a float head: tied again (a quantized one feeds the embedding)
+        model.tie_()
+    model = model.to(device).eval()
+    if quantization:
+        from .quant.quantize import prepare
+
+        prepare(model)
+    return model, meta
 
 
 def load_training_state(ckpt: Path, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

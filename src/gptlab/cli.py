@@ -5,8 +5,10 @@ verb       module                  what
 =========  ======================  =========================================================================
 prepare    ``data/cli.py``         text -> token shards
 train      ``train/cli.py``        pre-training (torchrun for several processes)
+distill    ``distill/cli.py``      knowledge distillation, teacher -> student, on the training loop
 sample     ``generate/cli.py``     KV-cached, batched, streaming generation
 serve      ``serve/cli.py``        OpenAI-compatible HTTP server with continuous batching
+quantize   ``quant/cli.py``        weight-only int8 / int4 quantization, saved as a checkpoint
 convert    ``interop/cli.py``      gptlab <-> Hugging Face, OpenAI release -> gptlab
 eval       ``eval/cli.py``         perplexity, LAMBADA, multiple choice, few-shot, generation, exposure
 scale      ``scale/cli.py``        scaling-law sweeps and fits
@@ -31,7 +33,7 @@ from .errors import GptlabError
 from .files import describe_os_error
 from .options import ArgumentParser, apply_aliases
 
-SUBSYSTEMS = ("data", "train", "generate", "serve", "interop", "eval", "scale", "align", "plan")
+SUBSYSTEMS = ("data", "train", "distill", "generate", "serve", "quant", "interop", "eval", "scale", "align", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,8 +42,9 @@ def is_gptlab(path: Path) -> bool:
     return (path / "state.json").is_file() or bool(list_checkpoints(path)) or path.name == "best"
 
 
-def load_model(source: str | Path, device: str | torch.device = "auto") -> Loaded:
-    """The model of ``source`` in eval mode on ``device`` (``auto``: CUDA, else MPS, else CPU), with its tokenizer."""
+def load_model(source: str | Path, device: str | torch.device = "auto", quantize: str | None = None) -> Loaded:
+    """The model of ``source`` in eval mode on ``device`` (``auto``: CUDA, else MPS, else CPU), with its tokenizer;
+    ``quantize="int8" | "int4"`` quantizes its linear layers on the fly (:mod:`gptlab.quant.quantize`, defaults)."""
     device = pick_device(device)
     path = Path(source)
     if is_gptlab(path):
@@ -69,6 +70,13 @@ def load_model(source: str | Path, device: str | torch.device = "auto") -> Loade
             )
         model, meta = build(sd, cfg, device), {"model_config": cfg.to_dict(), "tokenizer": tok}
     meta = {**meta, "source": str(source)}
+    if quantize:
+        from .quant.quantize import DEFAULT_GROUP_SIZE, prepare, quantization_record, quantize_model
+
+        if meta.get("quantization"):
+            raise GptlabError(f"{source} is already quantized ({meta['quantization']['mode']}); drop --quantize")
+        prepare(quantize_model(model, quantize, DEFAULT_GROUP_SIZE))
+        meta["quantization"] = quantization_record(quantize, DEFAULT_GROUP_SIZE, ())
     return Loaded(model, from_spec(meta["tokenizer"]), model.config, str(source), meta)
 
 

@@ -317,6 +317,14 @@ class GPT(nn.Module):
         self.tie_()
         self.reset_parameters()
 
+    @property
+    def device(self) -> torch.device:
+        return self.wpe.weight.device  # the position embedding: float in every model, quantized ones included
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wpe.weight.dtype
+
     def tie_(self) -> GPT:
         """Share the token embedding with the output head when the config ties them (GPT-2: Press & Wolf 2017).
         Call again after replacing either module."""
@@ -348,6 +356,7 @@ class GPT(nn.Module):
         slots: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         hidden: bool = False,
+        logits_for: int = 1,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``idx`` [B, T] token ids -> ``(logits [B, T, vocab_size], None)``, or with ``targets`` [B, T]
         ``(None, mean cross-entropy)`` computed by :class:`LinearCrossEntropy` without materialising the logits.
@@ -358,8 +367,8 @@ class GPT(nn.Module):
         earlier tokens with its own id, so packed examples never see each other.
 
         With a ``cache``, ``idx`` fills cache ``slots`` ([T] for every row, or [B, T] per row; consecutive, after
-        those already filled) and only the last position's logits are returned, [B, 1, vocab_size]: all that
-        sampling needs."""
+        those already filled) and only the last ``logits_for`` positions' logits are returned, [B, logits_for,
+        vocab_size]: one is all that sampling needs; speculative decoding scores its proposals with more."""
         T = idx.size(1)
         if cache is None:
             if self.config.block_size < T:
@@ -383,14 +392,18 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block, layer_cache in zip(self.h, layers):
             x = block(x, layer_cache)
-        x = self.ln_f(x if cache is None or hidden else x[:, -1:])
+        x = self.ln_f(x if cache is None or hidden else x[:, -logits_for:])
         if hidden:
             return x, None
         V = self.config.vocab_size
         if targets is not None:
             x = x.reshape(-1, x.size(-1))
-            chunk_rows = max(1, 2**26 // self.lm_head.weight.size(0))  # <= 256 MB of fp32 logits at a time
-            loss = LinearCrossEntropy.apply(x, self.lm_head.weight, targets.reshape(-1), V, chunk_rows)
+            if isinstance(self.lm_head, nn.Linear):
+                chunk_rows = max(1, 2**26 // self.lm_head.weight.size(0))  # <= 256 MB of fp32 logits at a time
+                loss = LinearCrossEntropy.apply(x, self.lm_head.weight, targets.reshape(-1), V, chunk_rows)
+            else:  # a quantized head (gptlab.quant): no weight matrix to fuse with, plain logits
+                logits = self.lm_head(x)[:, :V].float()
+                loss = F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1)
             moe = self.moe_layers()
             if moe and self.training:  # the routers' auxiliary losses, averaged over the MoE layers
                 loss = loss + sum(m.aux_loss for m in moe if m.aux_loss is not None) / len(moe)

@@ -220,6 +220,28 @@ def emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
     print(json.dumps(result, default=str) if args.json else human, flush=True)
 
 
+def add_quantize(p: argparse.ArgumentParser) -> None:
+    """``--quantize``: weight-only quantization on the fly when the model is loaded (gptlab.quant)."""
+    p.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="quantize the weights when loading: int8 per channel or int4 in groups of 64 (`gptlab quantize` saves it)",
+    )
+
+
+def add_draft(p: argparse.ArgumentParser) -> None:
+    """``--draft`` and ``--spec-k``: speculative decoding (gptlab.quant.speculative)."""
+    p.add_argument(
+        "--draft",
+        metavar="MODEL|ngram|int8|int4",
+        help="speculative decoding: a smaller model with the same tokenizer, ngram (prompt lookup), or the model's "
+        "own int8/int4 copy; output as without it (greedy: identical tokens)",
+    )
+    p.add_argument(
+        "--spec-k", type=count(1, 16), default=4, help="tokens the draft proposes per round (valid: [1, 16]; default 4)"
+    )
+
+
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device", default="auto", help="auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps (default auto)"

@@ -251,3 +251,15 @@ def from_spec(spec: dict[str, Any]) -> Tokenizer:
 
         return BPETokenizer(HFTokenizer.from_str(spec["tokenizer_json"]))
     raise GptlabError(f"unknown tokenizer kind {kind!r} in the saved spec; known: {TOKENIZER_KINDS}")
+
+
+PROBE = "Hello, world! The quick brown fox: naïve café, 1234 → ok\n\tend of text."
+
+
+def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two tokenizer specs tokenize alike: equal specs, or the same vocabulary size and the same ids for a
+    probe text (a Hugging Face GPT-2 folder and gptlab's tiktoken GPT-2 are one tokenizer under two specs)."""
+    if a == b:
+        return True
+    ta, tb = from_spec(a), from_spec(b)
+    return ta.vocab_size == tb.vocab_size and ta.encode(PROBE) == tb.encode(PROBE)

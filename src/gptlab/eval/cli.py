@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GptlabError
-from ..options import add_device, add_json, add_model, count, emit, number, number_list
+from ..options import add_device, add_json, add_model, add_quantize, count, emit, number, number_list
 from ..recipe import NON_NEGATIVE, SEED, UNIT
 from ..train.scheduled_sampling import exposure_report
 from . import tasks
@@ -26,7 +26,7 @@ def default(fn: Any, name: str) -> Any:
 def _run(args: argparse.Namespace) -> None:
     from ..loader import load_model  # here, not at the top: loading pulls in torch and the interop formats
 
-    loaded = load_model(args.model, args.device)
+    loaded = load_model(args.model, args.device, quantize=args.quantize)
     t0 = time.perf_counter()
     result: dict[str, Any] = args.task(loaded.model, loaded.tokenizer, args)
     result.update(
@@ -262,6 +262,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             help="sequences per forward pass (valid: [1, 4096]; default 8)",
         )
         add_device(q)
+        add_quantize(q)
         add_json(q)
     p.set_defaults(func=_run)
 

@@ -33,7 +33,7 @@ def loglikelihoods(
     if batch_size < 1:
         raise GptlabError(f"--batch-size must be >= 1, got {batch_size}")
     block = model.config.block_size
-    device = model.wte.weight.device
+    device = model.device
     rows = []
     for i, (ctx, cont) in enumerate(requests):
         if not cont:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import GptlabError
-from ..options import add_device, add_json, add_model, count, emit, number
+from ..options import add_device, add_draft, add_json, add_model, add_quantize, count, emit, number
 from ..recipe import SEED, UNIT, Range
 from .engine import Engine, Sampling
 
@@ -30,8 +30,34 @@ def sampling(args: argparse.Namespace, seed: int | None = None) -> Sampling:
 def _engine(args: argparse.Namespace):
     from ..loader import load_model  # here, not at the top: loading pulls in the interop formats
 
-    loaded = load_model(args.model, args.device)
-    return Engine(loaded.model, loaded.tokenizer, compile=args.compile), loaded
+    loaded = load_model(args.model, args.device, quantize=args.quantize)
+    draft = load_draft(args.draft, loaded) if args.draft else None
+    engine = Engine(loaded.model, loaded.tokenizer, compile=args.compile, draft=draft, spec_k=args.spec_k)
+    return engine, loaded
+
+
+def load_draft(source: str, target):
+    """``--draft``: ``ngram`` (prompt lookup), ``int4`` / ``int8`` (the target's own quantized copy) or a model with
+    the target's tokenizer."""
+    from ..loader import load_model
+    from ..quant.quantize import prepare, quantize_model
+    from ..quant.speculative import ModelDraft, NgramDraft
+    from ..tokenizer import same_tokenizer
+
+    if source == "ngram":
+        return NgramDraft()
+    if source in ("int8", "int4"):
+        copy = load_model(target.source, target.model.device).model
+        return ModelDraft(prepare(quantize_model(copy, source)))
+    draft = load_model(source, target.model.device)
+    if not same_tokenizer(draft.meta["tokenizer"], target.meta["tokenizer"]):
+        raise GptlabError(f"--draft {source} has another tokenizer than {target.source}; drafts must share it")
+    if draft.config.block_size < target.config.block_size:
+        raise GptlabError(
+            f"--draft {source} has a context of {draft.config.block_size}, shorter than the target's "
+            f"{target.config.block_size}; use a draft with at least the target's context"
+        )
+    return ModelDraft(draft.model)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -87,6 +113,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         "sampling": dataclasses.asdict(s),
         "compile": args.compile,
     }
+    if "speculative" in st:
+        result["speculative"] = st["speculative"]
     sep = "\n" + "-" * 40 + "\n"
     emit(
         args,
@@ -202,6 +230,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the decode step (one-off compile; then ~2x faster on CPU)"
     )
+    add_draft(p)
     add_device(p)
+    add_quantize(p)
     add_json(p)
     p.set_defaults(func=cmd_sample)

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import GptlabError
 from ..model import GPT, KVCache
+from ..quant.speculative import Draft, SpeculativeStats, as_steps, speculative_rounds
 from ..recipe import DEFAULT_SEED
 
 CACHE_BUCKET = 256  # compiled decode: cache lengths are rounded up to a multiple of this (fewer recompiles)
@@ -135,27 +136,38 @@ class Engine:
     """KV-cached generation for one model (and optionally its tokenizer, for text in and out, and stop strings)."""
 
     def __init__(
-        self, model: GPT, tokenizer=None, compile: bool = False, compile_options: dict[str, Any] | None = None
+        self,
+        model: GPT,
+        tokenizer=None,
+        compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
+        draft: Draft | None = None,
+        spec_k: int = 4,
     ) -> None:
         """``compile_options`` add inductor options to the compiled decode step, e.g. ``{"triton.cudagraphs":
-        True}`` to replay it as a CUDA graph (one launch per token instead of one per kernel)."""
+        True}`` to replay it as a CUDA graph (one launch per token instead of one per kernel). ``draft`` turns on
+        speculative decoding with ``spec_k`` proposals per round (:mod:`gptlab.quant.speculative`): same tokens
+        as plain greedy decoding, samples distributed as plain sampling's; statistics in ``stats["speculative"]``."""
+        if draft is not None and not 1 <= spec_k <= 16:
+            raise GptlabError(f"spec_k must be in [1, 16], got {spec_k}")
+        self.draft, self.spec_k = draft, spec_k
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.compile = compile
         options = {**COMPILE_OPTIONS, **(compile_options or {})}
         self._decode = torch.compile(model, dynamic=False, fullgraph=True, options=options) if compile else model
-        self.stats: dict[str, float] = {}
+        self.stats: dict[str, Any] = {}
 
     @property
     def device(self) -> torch.device:
-        return self.model.wte.weight.device
+        return self.model.device
 
     # ---------------------------------------------------------------- token level
     def cache_for(self, batch: int, length: int) -> KVCache:
         """The cache a generation of ``length`` total slots uses (rounded up when compiling, capped at context)."""
         block = self.model.config.block_size
         length = bucketed(length, block) if self.compile else min(length, block)
-        return KVCache(self.model.config, batch, length, self.device, self.model.wte.weight.dtype)
+        return KVCache(self.model.config, batch, length, self.device, self.model.dtype)
 
     @torch.no_grad()
     def stream_tokens(
@@ -186,6 +198,26 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for p in prompts for t in p):
             raise GptlabError(f"a prompt holds a token id outside the model's vocabulary of {vocab}")
+        if self.draft is not None:
+            if sliding_window:
+                raise GptlabError("speculative decoding has no sliding window; drop --sliding-window or the draft")
+            stats = SpeculativeStats(self.spec_k)
+            rounds = speculative_rounds(
+                self.model, self.draft, prompts, max_new_tokens, self.spec_k, sampling, set(stop_ids), stats
+            )
+            steps = 0
+            for row_tokens in as_steps(rounds, len(prompts)):
+                steps += 1
+                yield row_tokens
+            self.stats = {
+                "prefill_seconds": 0.0,  # inside the first round
+                "prefill_tokens": sum(len(p) for p in prompts),
+                "decode_seconds": stats.round_seconds + (stats.plain_step_seconds or 0.0),
+                "decode_steps": steps,
+                "cache_bytes": 0,
+                "speculative": stats.report(),
+            }
+            return
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=self.device)
         histories = [list(p) for p in prompts]
         B = len(histories)

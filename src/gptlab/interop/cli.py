@@ -16,6 +16,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from ..loader import load_model
     from .hf import save_hf  # (the three: torch, safetensors and the tokenizer libraries load slowly)
 
+    if (args.out or "").endswith(".gguf") or (args.out_dir or "").endswith(".gguf") or args.to == "gguf":
+        return _convert_gguf(args)
     if args.out:  # the old positional output folder
         print(
             "gptlab: warning: the positional output folder is deprecated and will be removed in the next release; "
@@ -46,15 +48,39 @@ def cmd_convert(args: argparse.Namespace) -> None:
     emit(args, result, f"wrote {to} model ({result['params']:,} parameters) to {out}: {', '.join(result['files'])}")
 
 
+def _convert_gguf(args: argparse.Namespace) -> None:
+    """``gptlab convert MODEL out.gguf [--gguf-type f32|f16|q8_0]``: llama.cpp's format (:mod:`gptlab.interop.gguf`)."""
+    from ..loader import load_model
+    from .gguf import save_gguf
+
+    target = args.out or args.out_dir
+    if not target:
+        raise GptlabError("give the output file: gptlab convert MODEL out.gguf")
+    loaded = load_model(args.model, "cpu")
+    if loaded.meta.get("quantization"):
+        raise GptlabError(f"{args.model} is quantized by gptlab; export the float model (--gguf-type q8_0 quantizes)")
+    path = save_gguf(loaded.model.state_dict(), loaded.config, loaded.meta["tokenizer"], Path(target), args.gguf_type)
+    result = {"model": str(args.model), "out": str(path), "to": "gguf", "type": args.gguf_type,
+              "bytes": path.stat().st_size, "params": loaded.model.num_params()}  # fmt: skip
+    emit(args, result, f"wrote GGUF {args.gguf_type} ({result['bytes'] / 2**20:,.1f} MiB) to {path}")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert between gptlab checkpoints and Hugging Face / OpenAI models")
     add_model(p, "convert", old=())
-    p.add_argument("out", nargs="?", help=argparse.SUPPRESS)  # deprecated: the output folder as a second argument
+    p.add_argument("out", nargs="?", help="out.gguf: a GGUF file (a folder here is deprecated: use --out-dir)")
     add_out_dir(p, "new output folder (never overwritten)", old=())
     p.add_argument(
         "--to",
-        choices=["hf", "gptlab"],
-        help="output format (default: hf for a gptlab checkpoint, gptlab for anything else)",
+        choices=["hf", "gptlab", "gguf"],
+        help="output format (default: gguf for an output ending in .gguf, else hf for a gptlab checkpoint, gptlab for "
+        "anything else)",
+    )
+    p.add_argument(
+        "--gguf-type",
+        choices=["f32", "f16", "q8_0", "q4_0"],
+        default="f32",
+        help="GGUF tensor type of the matrices (f32)",
     )
     add_json(p)
     p.set_defaults(func=cmd_convert)

@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import GptlabError
 from ..files import describe_os_error
 from ..generate.engine import Sampling
+from ..quant.speculative import NgramDraft
 from .chat import ChatTemplate
 from .metrics import ServeMetrics
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Common, error_body
@@ -65,6 +66,7 @@ class ServeConfig:
     model: str
     served_model_name: str | None = None
     device: str = "auto"
+    quantize: str | None = None
     max_batch: int = 16
     max_queue: int = 256
     max_n: int = 16
@@ -75,6 +77,8 @@ class ServeConfig:
     clamp_max_tokens: bool = False
     runs: str | None = None  # a folder of training runs for the page's Runs view
     compile: bool = False  # compile the single-stream decode step at start-up
+    draft: str | None = None  # "ngram": speculative decoding with prompt-lookup proposals
+    spec_k: int = 4
 
     @property
     def name(self) -> str:
@@ -112,7 +116,7 @@ class Server:
             if loaded is None:
                 from ..loader import load_model
 
-                loaded = load_model(self.cfg.model, self.cfg.device)
+                loaded = load_model(self.cfg.model, self.cfg.device, quantize=self.cfg.quantize)
             self.tokenizer = loaded.tokenizer
             self.block = loaded.model.config.block_size
             sched = Scheduler(
@@ -123,6 +127,8 @@ class Server:
                 self.cfg.prefill_chunk,
                 self.metrics,
                 compile=self.cfg.compile,
+                draft=NgramDraft() if self.cfg.draft == "ngram" else None,
+                spec_k=self.cfg.spec_k,
             )
             self.metrics.watch(sched)
             self.scheduler = sched

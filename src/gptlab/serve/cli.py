@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import GptlabError
-from ..options import add_device, add_model, count
+from ..options import add_device, add_model, add_quantize, count
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -30,6 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         model=args.model,
         served_model_name=args.served_model_name,
         device=args.device,
+        quantize=args.quantize,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_n=max_n,
@@ -40,6 +41,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         clamp_max_tokens=args.clamp_max_tokens,
         runs=args.runs,
         compile=args.compile,
+        draft=args.draft,
+        spec_k=args.spec_k,
     )
     app = create_app(cfg)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
@@ -130,6 +133,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="torch.compile the decode step used when one stream runs alone (~1.7x faster on CPU); compiled at "
         "start-up, one graph per 256 slots of context (GPT-2: ~2 min), while /health answers 503",
     )
+    p.add_argument(
+        "--draft",
+        choices=["ngram"],
+        help="speculative decoding with prompt-lookup proposals (same greedy tokens, same sampling distribution; "
+        "paused while it makes decoding slower)",
+    )
+    p.add_argument(
+        "--spec-k", type=count(1, 16), default=4, help="proposals per row and step (valid: [1, 16]; default 4)"
+    )
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     add_device(p)
+    add_quantize(p)
     p.set_defaults(func=cmd_serve)

@@ -38,6 +38,12 @@ class ServeMetrics:
             buckets=(0, 1, 2, 3, 5, 10),
             registry=r,
         )
+        self.spec_proposed = Counter(
+            "gptlab_spec_proposed_tokens", "Speculative decoding: draft tokens proposed", registry=r
+        )
+        self.spec_accepted = Counter(
+            "gptlab_spec_accepted_tokens", "Speculative decoding: draft tokens the target accepted", registry=r
+        )
         self.e2e = Histogram(
             "gptlab_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -56,6 +62,9 @@ class ServeMetrics:
             self.generation_tokens.inc()
             if kw.get("gap") is not None:
                 self.itl.observe(kw["gap"])
+        elif name == "speculative":
+            self.spec_proposed.inc(kw["proposed"])
+            self.spec_accepted.inc(kw["accepted"])
         elif name == "first_token":
             self.ttft.observe(kw["ttft"])
         elif name == "finished":

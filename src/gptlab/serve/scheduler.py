@@ -40,6 +40,7 @@ import torch
 from ..errors import GptlabError
 from ..generate.engine import COMPILE_OPTIONS, Sampling, TextStream, bucketed, next_tokens
 from ..model import GPT, KVCache
+from ..quant.speculative import NgramDraft, SpeculativeStats, target_probs, verify
 
 MAX_LOGPROBS = 20
 
@@ -103,6 +104,7 @@ class _Choice:
     produced: int = 0
     last_time: float = 0.0
     done: bool = False
+    history: list[int] = field(default_factory=list)  # prompt and tokens so far (speculative proposals read it)
 
 
 @dataclass
@@ -130,7 +132,11 @@ class Scheduler:
         prefill_chunk: int = 512,
         metrics: Any = None,
         compile: bool = False,
+        draft: NgramDraft | None = None,
+        spec_k: int = 4,
     ) -> None:
+        """``draft`` (prompt lookup) turns on speculative decoding: up to ``spec_k`` proposals per row and step,
+        verified in one forward pass (:mod:`gptlab.quant.speculative`); paused while it makes decoding slower."""
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise GptlabError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model = model.eval()
@@ -139,7 +145,7 @@ class Scheduler:
         self.metrics = metrics
         cfg = model.config
         self.block, self.vocab = cfg.block_size, cfg.vocab_size
-        self.device, self.dtype = model.wte.weight.device, model.wte.weight.dtype
+        self.device, self.dtype = model.device, model.dtype
         self.pool = KVCache(cfg, max_batch, cfg.block_size, self.device, self.dtype)
         self.rows: list[_Choice | None] = [None] * max_batch
         self.waiting: deque[_Job] = deque()  # accepted, not yet given rows
@@ -150,6 +156,11 @@ class Scheduler:
         self._wake = threading.Event()
         self._stopping = False
         self.steps = 0  # decode steps so far (tests count steps with it)
+        self.draft, self.spec_k = draft, spec_k
+        self.spec = SpeculativeStats(spec_k)
+        self._rates = {"plain": [0.0, 0.0], "spec": [0.0, 0.0]}  # recent (row-tokens, seconds) of each kind of step
+        self._spec_paused_until = 0
+        self._last_spec_tokens = 0
         self._single: Callable[..., Any] | None = None  # compile=True: the compiled single-row step
         if compile:
             self._compile_single()
@@ -334,6 +345,7 @@ class Scheduler:
                     TextStream(self.tokenizer, r.stop),
                     torch.Generator(self.device).manual_seed((seed + j) % 2**64),
                     seen,
+                    history=list(r.prompt),
                 )
                 job.choices.append(c)
                 self.rows[row] = c
@@ -419,6 +431,83 @@ class Scheduler:
         live = [(job, c) for job in self.running for c in job.choices if not c.done]
         if not live:
             return
+        t0 = time.perf_counter()
+        if self._speculate(live):
+            self._rate("spec", t0, live)
+            return
+        self._plain_decode(live)
+        self._rate("plain", t0, live)
+
+    def _rate(self, kind: str, t0: float, live: list[tuple[_Job, _Choice]]) -> None:
+        """Keep recent throughput of plain and speculative steps (decayed sums); pause drafting for 256 steps when
+        speculative steps produce fewer tokens per second than plain ones."""
+        r = self._rates[kind]
+        tokens = sum(1 for _, c in live) if kind == "plain" else self._last_spec_tokens
+        r[0], r[1] = 0.9 * r[0] + tokens, 0.9 * r[1] + (time.perf_counter() - t0)
+        plain, spec = self._rates["plain"], self._rates["spec"]
+        if kind == "spec" and plain[1] > 0 and spec[1] > 0 and spec[0] / spec[1] < plain[0] / plain[1]:
+            self._spec_paused_until = self.steps + 256
+            self.spec.disabled_at_round = self.spec.rounds
+            self._rates["spec"] = [0.0, 0.0]
+
+    def _speculate(self, live: list[tuple[_Job, _Choice]]) -> bool:
+        """One speculative step (prompt-lookup proposals, verified together); False when this step should be a
+        plain one (no draft, paused, nothing proposed, or a row that wants logprobs or a repetition penalty)."""
+        if self.draft is None or self.steps < self._spec_paused_until:
+            return False
+        if any(job.request.logprobs is not None or job.group.repetition_penalty != 1.0 for job, _ in live):
+            return False
+        hi = 1 + max(c.row for _, c in live)
+        filled = [row.filled if row is not None else 0 for row in self.rows[:hi]]
+        room = min(self.spec_k, self.block - 1 - max(filled), *(job.max_tokens - c.produced - 1 for job, c in live))
+        if room <= 0:
+            return False
+        proposals, _ = self.draft.propose([c.history for _, c in live], room, {}, [])
+        width = max(len(p) for p in proposals)
+        if width == 0:
+            return False
+        tokens = [[0] * (width + 1) for _ in range(hi)]
+        for (_, c), prop in zip(live, proposals):
+            tokens[c.row] = [c.last or 0] + prop + [0] * (width - len(prop))
+        slots = torch.tensor([[f + j for j in range(width + 1)] for f in filled], device=self.device)
+        view = self.pool.view(slice(0, hi), int(slots.max()) + 1)
+        logits, _ = self.model(torch.tensor(tokens, device=self.device), cache=view, slots=slots, logits_for=width + 1)
+        self.steps += 1
+        rows = torch.tensor([c.row for _, c in live], device=self.device)
+        picked = logits[rows].float()
+        probs = torch.stack(
+            [target_probs(picked[i], job.group.temperature, job.group.top_k, job.group.top_p, job.group.min_p)
+             for i, (job, _) in enumerate(live)]
+        ).cpu().double()  # fmt: skip
+        counts = torch.tensor([len(p) for p in proposals])
+        props = torch.tensor([p + [0] * (width - len(p)) for p in proposals], dtype=torch.long)
+        uniforms = torch.stack(
+            [torch.rand(width + 1, generator=c.generator, device=c.generator.device).cpu().double() for _, c in live]
+        )
+        greedy = torch.tensor([job.group.temperature == 0 for job, _ in live])
+        n_s, nxt_s = verify(probs, None, props, counts, uniforms, greedy=False)
+        n_g, nxt_g = verify(probs, None, props, counts, uniforms, greedy=True)
+        n_acc, nxt = torch.where(greedy, n_g, n_s), torch.where(greedy, nxt_g, nxt_s)
+        now = time.perf_counter()
+        produced = 0
+        for i, (job, c) in enumerate(live):
+            n = int(n_acc[i])
+            self.spec.record(len(proposals[i]), n)
+            self._event("speculative", job, proposed=len(proposals[i]), accepted=n)
+            c.filled += 1 + n  # the fed token and the accepted proposals are in the cache now
+            for t in proposals[i][:n] + [int(nxt[i])]:
+                produced += 1
+                if self._take(job, c, t, None, now) or c.done:
+                    break
+        self.spec.rounds += 1
+        self.spec.tokens += produced
+        self._last_spec_tokens = produced
+        for job in [j for j in self.running if all(x.done for x in j.choices)]:
+            self.running.remove(job)
+            self._retire(job)
+        return True
+
+    def _plain_decode(self, live: list[tuple[_Job, _Choice]]) -> None:
         if self._single is not None and len(live) == 1:  # one stream: the compiled step on that row alone
             c = live[0][1]
             view = self.pool.view(slice(c.row, c.row + 1), bucketed(c.filled + 1, self.block))
@@ -476,31 +565,36 @@ class Scheduler:
                 )
         jobs_done: list[_Job] = []
         for i, (job, c) in enumerate(live):
-            t = chosen[i]
-            c.produced += 1
-            self._event("token", job, gap=None if c.last is None else now - c.last_time)
-            if job.first_token_time is None:
-                job.first_token_time = now
-                self._event("first_token", job, ttft=now - job.arrived)
-            c.last, c.last_time = t, now
-            if c.seen is not None:
-                c.seen[t] = True
-            lps = [reports[i]] if i in reports else None
-            if t in job.stop_ids:
-                self._finish(job, c, "stop", [t], lps)  # the stop token adds no text
-            else:
-                c.stream.push(t)
-                if c.stream.stopped:
-                    self._finish(job, c, "stop", [t], lps)
-                elif c.produced >= job.max_tokens:
-                    self._finish(job, c, "length", [t], lps)
-                else:
-                    job.emit(Chunk(c.index, c.stream.take(), [t], lps))
+            self._take(job, c, chosen[i], [reports[i]] if i in reports else None, now)
             if all(x.done for x in job.choices):
                 jobs_done.append(job)
         for job in jobs_done:
             self.running.remove(job)
             self._retire(job)
+
+    def _take(self, job: _Job, c: _Choice, t: int, lps: list[TokenLogprob] | None, now: float) -> bool:
+        """Record choice ``c``'s next token ``t``: metrics, stop checks, the chunk to hand out. True when it ended
+        the choice."""
+        c.produced += 1
+        self._event("token", job, gap=None if c.last is None else now - c.last_time)
+        if job.first_token_time is None:
+            job.first_token_time = now
+            self._event("first_token", job, ttft=now - job.arrived)
+        c.last, c.last_time = t, now
+        c.history.append(t)
+        if c.seen is not None:
+            c.seen[t] = True
+        if t in job.stop_ids:
+            self._finish(job, c, "stop", [t], lps)  # the stop token adds no text
+        else:
+            c.stream.push(t)
+            if c.stream.stopped:
+                self._finish(job, c, "stop", [t], lps)
+            elif c.produced >= job.max_tokens:
+                self._finish(job, c, "length", [t], lps)
+            else:
+                job.emit(Chunk(c.index, c.stream.take(), [t], lps))
+        return c.done
 
     def _finish(
         self, job: _Job, c: _Choice, reason: str, tokens: list[int], logprobs: list[TokenLogprob] | None

@@ -94,20 +94,40 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     """Run (or resume) a training run; returns the summary that ``gptlab train --json`` prints. The run folder
     is locked for the duration (a second run on it is refused) and is created only once the data and the model
     config have been checked."""
+    return run(Pretraining, cfg, resume, progress)
+
+
+def run(job_type: type[Pretraining], cfg: TrainConfig, resume: bool, progress: bool) -> dict[str, Any]:
+    """Check, lock the folder, set up ``job_type`` (pre-training or a subclass: distillation) and drive it."""
     with distributed.session(cfg.device) as d:
-        model_config_for(cfg, read_meta(cfg.data)["vocab_size"])  # every check before the folder exists
+        job_type.check(cfg)  # every check before the folder exists
         with run_folder(Path(cfg.out_dir)) if d.is_main else contextlib.nullcontext():
-            return _train(cfg, d, resume, progress)
-
-
-def _train(cfg: TrainConfig, d: distributed.Dist, resume: bool, progress: bool) -> dict[str, Any]:
-    job = Pretraining(cfg, d, resume)
-    stats = fit(job, cfg, job.start, "train", progress, d.is_main)
-    return job.finish(stats)
+            job = job_type(cfg, d, resume)
+            stats = fit(job, cfg, job.start, job.name, progress, d.is_main)
+            return job.finish(stats)
 
 
 class Pretraining:
-    """Setup, one step, logging, evaluation and checkpoints of a pre-training run (see the module docstring)."""
+    """Setup, one step, logging, evaluation and checkpoints of a pre-training run (see the module docstring).
+    Subclasses (:class:`gptlab.distill.trainer.Distillation`) change the model config, the initial weights and the
+    loss of a micro-batch; everything else is this job's."""
+
+    name = "train"
+
+    @classmethod
+    def check(cls, cfg: TrainConfig) -> None:
+        """What can be refused before the run folder exists."""
+        model_config_for(cfg, read_meta(cfg.data)["vocab_size"])
+
+    def model_config(self) -> GPTConfig:
+        return model_config_for(self.cfg, self.data_meta["vocab_size"])
+
+    def init_weights(self, model: GPT) -> None:
+        """Replace the seeded initial weights (before wrapping and the optimizer); pre-training keeps them."""
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        """The training loss of micro-batch ``micro`` of step ``step`` (inside autocast)."""
+        return self.model(x, y)[1]
 
     def __init__(self, cfg: TrainConfig, d: distributed.Dist, resume: bool) -> None:
         if cfg.threads:
@@ -119,13 +139,15 @@ class Pretraining:
         self.out = out = Path(cfg.out_dir)
         existing = checkpoint.checkpoints_for(out, resume)
         self.data_meta = read_meta(cfg.data)
-        self.mcfg = mcfg = model_config_for(cfg, self.data_meta["vocab_size"])
+        self.mcfg = mcfg = self.model_config()
         self.train_windows = TokenWindows(cfg.data, "train", mcfg.block_size, cfg.seed)
         self.val_windows = TokenWindows(cfg.data, "val", mcfg.block_size, cfg.seed)
         with torch.device("meta"):
             self.n_params = GPT(mcfg).num_params()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP does not broadcast them)
         self.raw = GPT(mcfg).to(d.device)
+        if not resume:
+            self.init_weights(self.raw)
         torch.manual_seed(cfg.seed + d.rank)  # distinct dropout masks per rank
         self.model: Any = distributed.wrap(self.raw, d, cfg.parallel)  # FSDP shards `raw` in place; DDP wraps it
         self.optimizer = make_optimizer(self.raw, cfg.optim, d.device.type)
@@ -177,7 +199,7 @@ class Pretraining:
                 x = mix_in_predictions(self.raw, x, p_ss, ss_gen)
             sync = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync or not self.ddp else self.model.no_sync(), self.amp:
-                _, loss = self.model(x, y)
+                loss = self.loss(x, y, step, micro)
             self.scaler.scale(loss / cfg.grad_accum).backward()
             self.pending.append(loss.detach())
         if cfg.optim.grad_clip:

@@ -1,0 +1,250 @@
+"""Quantization and speculative decoding, measured (docs/benchmarks.md, "Past the fp32 roofline").
+
+``accuracy``: held-out perplexity (the first ``--eval-tokens`` of a prepared dataset's validation split, in
+non-overlapping windows) of trained
+models in fp32, int8, int4 with groups of 32/64/128, and int4 g64 with the tied head kept in float; the minimum and
+mean SQNR over the quantized layers.
+
+``speed``: GPT-2 124M (random weights: speed does not depend on them), batch 1 and 8, a 16-token prompt and 64 new
+tokens greedy, 2 threads, each configuration in its own process (weight bytes, peak resident memory, tok/s): gptlab
+fp32 / int8 / int4 g64, eager and compiled; llama.cpp (llama-cpp-python, same threads) on the same weights exported by
+``gptlab convert`` as f32 / q8_0 / q4_0, batch 1. Also the memory bandwidth measured here and the bound it sets,
+bytes read per token / bandwidth.
+
+``speculative``: a trained model decoding a copy-heavy prompt and prose, plain vs the n-gram draft, and with a draft
+model (``--draft``), tok/s and acceptance.
+
+    python benchmarks/quant.py accuracy --model runs/demo --data data/shakespeare-char ...
+    python benchmarks/quant.py speed
+    python benchmarks/quant.py speculative --model RUN --draft-model RUN2 --prompt-file F
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from gptlab.checkpoint import save_model_checkpoint  # noqa: E402
+from gptlab.config import preset  # noqa: E402
+from gptlab.data.loader import TokenWindows  # noqa: E402
+from gptlab.generate.engine import Engine, Sampling  # noqa: E402
+from gptlab.loader import load_model  # noqa: E402
+from gptlab.model import GPT  # noqa: E402
+from gptlab.quant.quantize import QuantLinear, quantize_model, sqnr_db, weight_bytes  # noqa: E402
+
+VARIANTS = {  # name: (mode, group size, excluded layers)
+    "fp32": (None, 0, ()),
+    "int8": ("int8", 0, ()),
+    "int4-g32": ("int4", 32, ()),
+    "int4-g64": ("int4", 64, ()),
+    "int4-g128": ("int4", 128, ()),
+    "int4-g64-float-head": ("int4", 64, ("lm_head",)),
+}
+
+
+@torch.no_grad()
+def perplexity(model: GPT, data: str, max_tokens: int) -> float:
+    windows = TokenWindows(data, "val", model.config.block_size)
+    total = count = 0.0
+    for x, y in windows.sequential(16, max_tokens):
+        _, loss = model(x, y)
+        total += float(loss) * y.numel()
+        count += y.numel()
+    return math.exp(total / count)
+
+
+def accuracy(args) -> dict:
+    out = {}
+    for source, data in zip(args.model, args.data):
+        rows = {}
+        for name, (mode, group, exclude) in VARIANTS.items():
+            model = load_model(source, "cpu").model
+            floats = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            row: dict = {}
+            if mode:
+                quantize_model(model, mode, group or 64, exclude)
+                sq = [
+                    sqnr_db(floats[n], m.dequantized()) for n, m in model.named_modules() if isinstance(m, QuantLinear)
+                ]
+                row["sqnr_db_min"], row["sqnr_db_mean"] = round(min(sq), 2), round(sum(sq) / len(sq), 2)
+            row["perplexity"] = round(perplexity(model, data, args.eval_tokens), 4)
+            row["weight_bytes"] = weight_bytes(model)
+            rows[name] = row
+        base = rows["fp32"]["perplexity"]
+        for row in rows.values():
+            row["delta_ppl_percent"] = round(100 * (row["perplexity"] / base - 1), 3)
+        out[str(source)] = {"params": load_model(source, "cpu").model.num_params(), "data": data, "variants": rows}
+    return out
+
+
+def _one(args) -> None:
+    """A child process: decode with one configuration, print one JSON line."""
+    torch.set_num_threads(args.threads)
+    cfg = preset("gpt2")
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    if args.mode != "fp32":
+        mode, _, group = args.mode.partition("-g")
+        quantize_model(model, mode, int(group or 64))
+    engine = Engine(model, compile=args.compile)
+    prompts = [[int(t) for t in torch.randint(0, 50257, (16,))] for _ in range(args.batch)]
+    engine.generate_tokens(prompts, 8, Sampling(temperature=0))  # warm-up (and compilation)
+    best = math.inf
+    for _ in range(2):
+        engine.generate_tokens(prompts, args.new, Sampling(temperature=0))
+        best = min(best, engine.stats["decode_seconds"] / max(1, engine.stats["decode_steps"]))
+    print(json.dumps({
+        "tok_s": args.batch / best,
+        "weight_bytes": weight_bytes(model),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }))  # fmt: skip
+
+
+def _llama_one(args) -> None:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(args.gguf, n_ctx=256, n_threads=args.threads, n_batch=64, verbose=False)
+    prompt = [int(t) for t in torch.randint(0, 50256, (16,), generator=torch.Generator().manual_seed(0))]
+    best = math.inf
+    for _ in range(3):
+        llm.reset()
+        llm.eval(prompt)
+        t0 = time.perf_counter()
+        for _, _tok in zip(range(args.new), llm.generate(prompt, temp=0.0, top_k=1, reset=False)):
+            pass
+        best = min(best, (time.perf_counter() - t0) / args.new)
+    print(json.dumps({"tok_s": 1 / best, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "file_bytes": os.path.getsize(args.gguf)}))  # fmt: skip
+
+
+def _child(*argv: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": str(ARGS.threads)}
+    r = subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True)
+    if r.returncode:
+        return {"error": r.stderr[-600:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bandwidth() -> float:
+    """Bytes per second of a large copy (read + written), best of 5."""
+    a, b = torch.empty(64 * 2**20), torch.empty(64 * 2**20)
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.nbytes / best
+
+
+def speed(args) -> dict:
+    rows = []
+    for mode in ("fp32", "int8", "int4-g64"):
+        for compiled in (False, True):
+            for batch in (1, 8):
+                flags = ["--mode", mode, "--batch", str(batch), "--new", str(args.new), "--threads", str(args.threads)]
+                r = _child("one", *flags, *(["--compile"] if compiled else []))
+                rows.append({"engine": "gptlab", "mode": mode, "compiled": compiled, "batch": batch, **r})
+    try:
+        import llama_cpp  # noqa: F401
+
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.manual_seed(0)
+            model = GPT(preset("gpt2")).eval()
+            save_model_checkpoint(Path(tmp) / "ck", model.state_dict(), model.config, {"kind": "gpt2"})
+            for t in ("f32", "q8_0", "q4_0"):
+                f = Path(tmp) / f"m-{t}.gguf"
+                env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+                subprocess.run([sys.executable, "-m", "gptlab", "convert", str(Path(tmp) / "ck"), str(f),
+                                "--gguf-type", t], env=env, check=True, capture_output=True)  # fmt: skip
+                r = _child("llama", "--gguf", str(f), "--new", str(args.new), "--threads", str(args.threads))
+                rows.append({"engine": "llama.cpp", "mode": t, "compiled": None, "batch": 1, **r})
+    except ImportError:
+        rows.append({"engine": "llama.cpp", "skipped": "llama-cpp-python is not installed"})
+    bw = bandwidth()
+    for r in rows:
+        nbytes = r.get("weight_bytes") or r.get("file_bytes")
+        if nbytes and "tok_s" in r:
+            r["bound_tok_s"] = round(r["batch"] * bw / nbytes, 1)  # every weight read once per step
+            r["of_bound"] = round(r["tok_s"] / r["bound_tok_s"], 3)
+    fp32c = {r["batch"]: r["tok_s"] for r in rows if r.get("mode") == "fp32" and r.get("compiled") and "tok_s" in r}
+    for r in rows:
+        if r.get("engine") == "gptlab" and "tok_s" in r:
+            r["vs_fp32_compiled"] = round(r["tok_s"] / fp32c[r["batch"]], 3)
+    return {"threads": args.threads, "new_tokens": args.new, "bandwidth_bytes_per_s": bw, "rows": rows}
+
+
+def speculative(args) -> dict:
+    from gptlab.quant.speculative import ModelDraft, NgramDraft
+
+    loaded = load_model(args.model[0], "cpu")
+    tok = loaded.tokenizer
+    text = Path(args.prompt_file).read_text(encoding="utf-8")
+    block = loaded.config.block_size
+    prose = tok.encode(text[: 4 * block])[: block // 2]
+    copy = (prose[: block // 6] * 3)[: block // 2]  # a passage repeated: what a lookup draft feeds on
+    drafts = {"ngram": NgramDraft()}
+    if args.draft_model:
+        drafts["model"] = ModelDraft(load_model(args.draft_model, "cpu").model)
+    out = {}
+    for pname, prompt in (("copy-heavy", copy), ("prose", prose)):
+        new = min(args.new, block - len(prompt) - 8)
+        plain = Engine(loaded.model)
+        t0 = time.perf_counter()
+        ref = plain.generate_tokens([prompt], new, Sampling(temperature=0))[0].tokens
+        base = len(ref) / (time.perf_counter() - t0)
+        row = {"plain_tok_s": round(base, 2)}
+        for dname, draft in drafts.items():
+            e = Engine(loaded.model, draft=draft, spec_k=args.spec_k)
+            t0 = time.perf_counter()
+            got = e.generate_tokens([prompt], new, Sampling(temperature=0))[0].tokens
+            tps = len(got) / (time.perf_counter() - t0)
+            row[dname] = {"tok_s": round(tps, 2), "speedup": round(tps / base, 3), "identical": got == ref,
+                          **e.stats["speculative"]}  # fmt: skip
+        out[pname] = row
+    return {"model": str(args.model[0]), "spec_k": args.spec_k, "prompts": out}
+
+
+ARGS: argparse.Namespace
+
+
+def main() -> None:
+    global ARGS
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("part", choices=["accuracy", "speed", "speculative", "one", "llama"])
+    ap.add_argument("--model", action="append", default=[])
+    ap.add_argument("--data", action="append", default=[])
+    ap.add_argument("--draft-model")
+    ap.add_argument("--prompt-file", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    ap.add_argument("--spec-k", type=int, default=4)
+    ap.add_argument("--eval-tokens", type=int, default=32768, help="accuracy: held-out tokens per model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--mode", default="fp32")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--gguf")
+    ARGS = args = ap.parse_args()
+    if args.part == "one":
+        return _one(args)
+    if args.part == "llama":
+        return _llama_one(args)
+    torch.set_num_threads(args.threads)
+    result = {"accuracy": accuracy, "speed": speed, "speculative": speculative}[args.part](args)
+    print(json.dumps({"benchmark": f"quant-{args.part}", **result}, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Knowledge distillation: a teacher's distributions taught to a smaller student (``gptlab distill``)."""

@@ -1,0 +1,133 @@
+"""GGUF export: a GPT-2-architecture gptlab model as one llama.cpp / Ollama file, written with the ``gguf`` package.
+
+The layout follows llama.cpp's ``gpt2`` architecture (``src/llama-model.cpp``, and its ``convert_hf_to_gguf.py`` for
+GPT-2): ``token_embd``, ``position_embd``, per block ``attn_norm``, ``attn_qkv`` (q, k, v stacked, as gptlab's
+``c_attn``), ``attn_output``, ``ffn_norm``, ``ffn_up``, ``ffn_down``, then ``output_norm`` and, for an untied head,
+``output`` (a tied head is left out: llama.cpp then reads ``token_embd``). Matrices keep PyTorch's [out, in] order,
+which is what gguf's writer expects. ``f32`` and ``f16`` store matrices as they say; ``q8_0`` and ``q4_0`` store them
+in blocks of 32 weights with one fp16 scale each (``gguf.quants``: llama.cpp's own reference quantizers); vectors
+(norms, biases) and the position table stay f32.
+
+GPT-2's tokenizer goes in as llama.cpp's ``gpt2`` BPE: the byte-level vocabulary and merges of ``vocab.json`` and
+``merges.txt`` (recovered from tiktoken's ranks), end-of-text as BOS and EOS. What llama.cpp has no architecture for
+(post-norm GPT-1, exact-erf GELU, no biases, untied padded vocabularies, mixture of experts, other tokenizers) is
+refused in one line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import GPTConfig
+from ..errors import GptlabError
+from ..files import fsync_dir, sibling
+
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+
+def _check(cfg: GPTConfig, tokenizer: dict[str, Any]) -> None:
+    problems = []
+    if cfg.norm != "pre":
+        problems.append("post-norm (GPT-1) blocks")
+    if cfg.activation != "gelu_new":
+        problems.append("exact-erf GELU (llama.cpp's gpt2 uses the tanh approximation)")
+    if not cfg.bias:
+        problems.append("layers without biases")
+    if cfg.n_experts > 1:
+        problems.append("mixture-of-experts layers")
+    if tokenizer.get("kind") != "gpt2" or cfg.vocab_size != 50257:
+        problems.append(f"the {tokenizer.get('kind')} tokenizer (only GPT-2's BPE maps to llama.cpp's gpt2 vocabulary)")
+    if problems:
+        raise GptlabError(f"GGUF export writes llama.cpp's gpt2 architecture, which has no {', '.join(problems)}")
+
+
+def _tensors(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> list[tuple[str, torch.Tensor]]:
+    V = cfg.vocab_size
+    out = [("token_embd.weight", sd["wte.weight"][:V]), ("position_embd.weight", sd["wpe.weight"])]
+    names = {
+        "ln_1": "attn_norm",
+        "attn.c_attn": "attn_qkv",
+        "attn.c_proj": "attn_output",
+        "ln_2": "ffn_norm",
+        "mlp.c_fc": "ffn_up",
+        "mlp.c_proj": "ffn_down",
+    }
+    for i in range(cfg.n_layer):
+        for ours, theirs in names.items():
+            for kind in ("weight", "bias"):
+                out.append((f"blk.{i}.{theirs}.{kind}", sd[f"h.{i}.{ours}.{kind}"]))
+    out += [("output_norm.weight", sd["ln_f.weight"]), ("output_norm.bias", sd["ln_f.bias"])]
+    if not cfg.tie_weights:
+        out.append(("output.weight", sd["lm_head.weight"][:V]))
+    return out
+
+
+def save_gguf(
+    state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer: dict[str, Any], path: Path, ftype: str = "f32"
+) -> Path:
+    """Write ``path`` (new; written under a temporary name, then renamed)."""
+    import gguf
+
+    from ..tokenizer import gpt2_ranks, ranks_to_vocab_merges
+
+    _check(cfg, tokenizer)
+    if ftype not in GGUF_TYPES:
+        raise GptlabError(f"unknown GGUF type {ftype!r}; choose one of {', '.join(GGUF_TYPES)}")
+    if path.exists():
+        raise GptlabError(f"{path} exists; give a new file name (nothing is overwritten)")
+    if not path.parent.is_dir():
+        raise GptlabError(f"the folder {path.parent} does not exist")
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    }[ftype]
+    tmp = sibling(path, "tmp")
+    w = gguf.GGUFWriter(str(tmp), "gpt2")
+    w.add_name("gptlab GPT-2")
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(4 * cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_head_count(cfg.n_head)
+    w.add_layer_norm_eps(cfg.layer_norm_eps)
+    w.add_file_type(file_type)
+    vocab, merges = ranks_to_vocab_merges(gpt2_ranks())
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])] + ["<|endoftext|>"]
+    eot = len(tokens) - 1  # 50256, after the 50,256 byte-level tokens
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if i == eot else gguf.TokenType.NORMAL for i in range(len(tokens))])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(eot)
+    w.add_eos_token_id(eot)
+    for name, t in _tensors(state, cfg):
+        data = t.detach().float().cpu().numpy()
+        if data.ndim == 2 and name != "position_embd.weight" and ftype != "f32":
+            if ftype == "f16":
+                w.add_tensor(name, data.astype(np.float16))
+            else:
+                kind = gguf.GGMLQuantizationType.Q8_0 if ftype == "q8_0" else gguf.GGMLQuantizationType.Q4_0
+                packed = gguf.quants.quantize(data, kind)
+                w.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=kind)
+        else:
+            w.add_tensor(name, data.astype(np.float32))
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

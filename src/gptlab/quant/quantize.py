@@ -1,0 +1,273 @@
+"""Weight-only quantization of a GPT's linear layers (int8 per output channel, int4 per group), gpt-fast's recipe.
+
+Activations stay in the compute dtype; only the weights are stored in fewer bits and expanded inside the matmul:
+
+- **int8**: symmetric, one scale per output row: ``scale = max|w_row| / 127``, ``q = round(w / scale)`` in
+  [-127, 127]. Matmul: PyTorch's ``_weight_int8pack_mm`` on the CPU; elsewhere ``F.linear(x, q) * scale``, which
+  ``torch.compile`` fuses into one kernel reading int8 (gpt-fast's CUDA path).
+- **int4**: asymmetric, one scale and one offset per group of ``group_size`` input columns: ``scale = (max - min) /
+  15``, ``q = round((w - min) / scale)`` in [0, 15], and ``w ≈ (q - 8) * scale + zero`` with ``zero = min + 8 *
+  scale`` (the convention of PyTorch's int4 "tinygemm" kernels). Two codes per byte, the even column in the high
+  nibble. Matmul: ``_weight_int4pack_mm_for_cpu`` on the CPU, ``_weight_int4pack_mm`` on CUDA (bf16), each from a
+  kernel-specific layout built by :meth:`QuantLinear.prepare` when the model reaches its device. Another device is
+  refused in one line.
+
+Checkpoints store the portable form (codes, scales, zeros) in safetensors, next to a ``quantization`` record in
+``state.json`` (:func:`quantization_record`); :func:`quantize_model` and :func:`empty_quantized` rebuild the modules.
+A tied embedding + head (GPT-2) is quantized once: the head's codes also serve the embedding lookup
+(:class:`QuantEmbedding`), so the weights are stored and read once, as in llama.cpp's GPT-2 files.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import GptlabError
+from ..model import GPT
+
+M = TypeVar("M", bound=nn.Module)
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_GROUP_SIZE = 64
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8 [n, k], scales fp32 [n]) with w ≈ codes * scales[:, None]."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return codes.float() * scales.float()[:, None]
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes in [0, 15] [n, k] -> bytes [n, k / 2], column 2j in the high nibble of byte j."""
+    q = q.to(torch.uint8)
+    return (q[:, ::2] << 4) | q[:, 1::2]
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack_int4`: int32 codes [n, 2 * bytes]."""
+    hi, lo = (packed >> 4).to(torch.int32), (packed & 15).to(torch.int32)
+    return torch.stack([hi, lo], dim=-1).flatten(-2)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed uint8 [n, k / 2], scales [n, k / g], zeros [n, k / g]) with w ≈ (q - 8) * scale + zero per group."""
+    n, k = w.shape
+    if k % group_size:
+        raise GptlabError(f"int4: a layer has {k} input features, not a multiple of --group-size {group_size}")
+    g = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).reshape(n, k)
+    return pack_int4(q), scales, lo + 8 * scales
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    q = unpack_int4(packed).float()
+    n, k = q.shape
+    groups = scales.size(1)
+    w = (q.reshape(n, groups, k // groups) - 8) * scales.float()[..., None] + zeros.float()[..., None]
+    return w.reshape(n, k)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio, 10 log10(‖w‖² / ‖w - ŵ‖²)."""
+    noise = (reference.float() - approx.float()).pow(2).sum().clamp(min=1e-30)
+    return float(10 * torch.log10(reference.float().pow(2).sum() / noise))
+
+
+class QuantLinear(nn.Module):
+    """A bias-optional linear layer with int8 or int4 weights (see the module docstring)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, mode: str, group_size: int = 64) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise GptlabError(f"unknown quantization mode {mode!r}; choose int8 or int4")
+        self.in_features, self.out_features, self.mode, self.group_size = in_features, out_features, mode, group_size
+        n, k = out_features, in_features
+        if mode == "int8":
+            self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8))
+            self.register_buffer("scales", torch.ones(n))
+        else:
+            if k % group_size:
+                raise GptlabError(f"int4: {k} input features are not a multiple of --group-size {group_size}")
+            self.register_buffer("qweight", torch.zeros(n, k // 2, dtype=torch.uint8))
+            self.register_buffer("scales", torch.ones(n, k // group_size))
+            self.register_buffer("zeros", torch.zeros(n, k // group_size))
+        self.register_buffer("bias", torch.zeros(n) if bias else None)
+        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # int4: the kernel's layout, per device
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, mode: str, group_size: int = 64
+    ) -> QuantLinear:
+        n, k = weight.shape
+        m = cls(k, n, bias is not None, mode, group_size)
+        with torch.no_grad():
+            if mode == "int8":
+                m.qweight, m.scales = quantize_int8(weight)
+            else:
+                m.qweight, m.scales, m.zeros = quantize_int4(weight, group_size)
+            if bias is not None:
+                m.bias = bias.detach().float().clone()
+        return m.to(weight.device)
+
+    def dequantized(self) -> torch.Tensor:
+        if self.mode == "int8":
+            return dequantize_int8(self.qweight, self.scales)
+        return dequantize_int4(self.qweight, self.scales, self.zeros)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows ``idx`` of the weight (the embedding lookup of a tied head), fp32."""
+        if self.mode == "int8":
+            return self.qweight[idx].float() * self.scales[idx, None]
+        q = unpack_int4(self.qweight[idx].reshape(-1, self.qweight.size(1))).float()
+        s, z = self.scales[idx].reshape(-1, self.scales.size(1)), self.zeros[idx].reshape(-1, self.zeros.size(1))
+        w = (q.reshape(q.size(0), s.size(1), -1) - 8) * s[..., None] + z[..., None]
+        return w.reshape(*idx.shape, self.in_features)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in (self.qweight, self.scales, getattr(self, "zeros", None)) if t is not None)
+
+    def prepare(self) -> None:
+        """Build the int4 kernel's weight layout for the device the module is on (rows padded to a multiple of
+        16, as the CPU kernel needs); int8 needs none."""
+        if self.mode != "int4":
+            return
+        dev, n = self.qweight.device, self.out_features
+        pad = -n % 16
+        q = unpack_int4(self.qweight)
+        s, z = self.scales, self.zeros
+        if pad:
+            q = torch.cat([q, q.new_full((pad, q.size(1)), 8)])
+            s, z = torch.cat([s, s.new_ones(pad, s.size(1))]), torch.cat([z, z.new_zeros(pad, z.size(1))])
+        scales_and_zeros = torch.stack([s, z], dim=-1).transpose(0, 1).contiguous()  # [k / g, n, 2]
+        if dev.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+        elif dev.type == "cuda":
+            packed = torch.ops.aten._convert_weight_to_int4pack(pack_int4(q).contiguous(), 8)
+            scales_and_zeros = scales_and_zeros.to(torch.bfloat16)
+        else:
+            raise GptlabError(f"int4 has a kernel on CPU and CUDA only, not on {dev.type}; use --mode int8")
+        self._kernel = (packed, scales_and_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.mode == "int8":
+            if x2.device.type == "cpu":
+                y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x2.dtype))
+            else:
+                y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
+        else:
+            if self._kernel is None or self._kernel[0].device != x2.device:
+                self.prepare()
+            assert self._kernel is not None
+            packed, sz = self._kernel
+            if x2.device.type == "cpu":
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    x2.contiguous(), packed, self.group_size, sz.to(x2.dtype)
+                )
+            else:
+                y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), packed, self.group_size, sz).to(x2.dtype)
+            y = y[:, : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+class QuantEmbedding(nn.Module):
+    """The token embedding of a model whose tied head is quantized: rows dequantized from the head's codes (the
+    head is held by reference, not registered, so its tensors are stored once)."""
+
+    def __init__(self, head: QuantLinear) -> None:
+        super().__init__()
+        self._head = [head]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self._head[0].rows(idx)
+
+
+def linear_names(model: GPT, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The quantizable linear layers: attention and MLP projections, and the head unless excluded (MoE experts are
+    stacked matmuls and stay in float)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("router")]
+    return [n for n in names if not any(n == e or n.startswith(e + ".") or n.endswith("." + e) for e in exclude)]
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_model(model: GPT, mode: str, group_size: int = 64, exclude: tuple[str, ...] = ()) -> GPT:
+    """Replace ``model``'s linear layers by :class:`QuantLinear` in place (round to nearest) and return it."""
+    if mode not in MODES:
+        raise GptlabError(f"unknown quantization mode {mode!r}; choose int8 or int4")
+    if mode == "int4" and group_size not in GROUP_SIZES:
+        raise GptlabError(f"--group-size {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
+    if getattr(model, "quantization", None):
+        raise GptlabError("the model is already quantized")
+    for name in linear_names(model, exclude):
+        lin = model.get_submodule(name)
+        assert isinstance(lin, nn.Linear)
+        _set(model, name, QuantLinear.from_weight(lin.weight.detach(), lin.bias, mode, group_size))
+    if model.config.tie_weights and isinstance(model.lm_head, QuantLinear):
+        model.wte = QuantEmbedding(model.lm_head)
+    model.quantization = quantization_record(mode, group_size, exclude)  # type: ignore[assignment]
+    return model
+
+
+def quantization_record(mode: str, group_size: int, exclude: tuple[str, ...]) -> dict[str, Any]:
+    return {"mode": mode, "group_size": group_size if mode == "int4" else None, "exclude": list(exclude)}
+
+
+def empty_quantized(model: GPT, record: dict[str, Any]) -> GPT:
+    """``model`` (any weights, e.g. on the meta device) with the quantized modules of ``record`` in place, ready to
+    receive a quantized checkpoint's tensors."""
+    mode, group = record["mode"], record.get("group_size") or 64
+    for name in linear_names(model, tuple(record.get("exclude", ()))):
+        lin = model.get_submodule(name)
+        assert isinstance(lin, nn.Linear)
+        _set(model, name, QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, mode, group))
+    if model.config.tie_weights and isinstance(model.lm_head, QuantLinear):
+        model.wte = QuantEmbedding(model.lm_head)
+    model.quantization = dict(record)  # type: ignore[assignment]
+    return model
+
+
+def prepare(model: M) -> M:
+    """Build every int4 kernel layout for the device the model is on (call after moving it)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.prepare()
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight the model reads per token: quantized codes and scales, float parameters, each once."""
+    seen: set[int] = set()
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += m.weight_bytes
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.nbytes
+    return total

@@ -1,0 +1,167 @@
+"""Weight-only quantization: the codes against a by-hand reference, pack/unpack, the kernels against dequantized
+matmuls, SQNR per layer, checkpoints that every verb loads, and the one-line refusals."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptlab.checkpoint import load_checkpoint, save_model_checkpoint
+from gptlab.loader import load_model
+from gptlab.quant.quantize import (
+    QuantEmbedding,
+    QuantLinear,
+    dequantize_int4,
+    dequantize_int8,
+    pack_int4,
+    quantization_record,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+    sqnr_db,
+    unpack_int4,
+)
+
+from .conftest import gpt2_shaped, run_cli
+
+
+def test_int8_codes_by_hand():
+    w = torch.tensor([[0.5, -1.0, 0.25], [2.0, 1.0, -0.02]])
+    codes, scales = quantize_int8(w)
+    assert scales.tolist() == pytest.approx([1 / 127, 2 / 127])
+    assert codes.tolist() == [[64, -127, 32], [127, 64, -1]]  # round(w / scale): 63.5 -> 64 (half to even: 64)
+
+
+def test_int4_codes_by_hand_and_the_pack_round_trip():
+    w = torch.arange(32, dtype=torch.float32).reshape(1, 32) / 31  # one group of 32 from 0 to 1
+    packed, scales, zeros = quantize_int4(w, 32)
+    assert scales.item() == pytest.approx(1 / 15) and zeros.item() == pytest.approx(8 / 15)
+    q = unpack_int4(packed)
+    assert q.tolist()[0] == [round(i * 15 / 31) for i in range(32)]
+    assert int(packed[0, 0]) == (q[0, 0] << 4 | q[0, 1])  # even column in the high nibble
+    every = torch.arange(16).repeat(4, 2)  # every code in every position
+    assert torch.equal(unpack_int4(pack_int4(every)), every)
+
+
+@pytest.mark.parametrize("mode,floor", [("int8", 35.0), ("int4", 15.0)])
+def test_every_layer_of_a_gpt2_shaped_model_keeps_its_sqnr(mode, floor):
+    model = gpt2_shaped(n_embd=128)
+    floats = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    quantize_model(model, mode, 64)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert set(layers) == set(floats)  # the head too (tied: it also feeds the embedding)
+    for name, m in layers.items():
+        assert sqnr_db(floats[name], m.dequantized()) >= floor, name
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_kernels_compute_the_dequantized_matmul(mode):
+    torch.manual_seed(0)
+    w, b = torch.randn(100, 256) * 0.05, torch.randn(100)  # 100 rows: the int4 kernel's padding to 16 is exercised
+    layer = QuantLinear.from_weight(w, b, mode, 64)
+    x = torch.randn(3, 5, 256)
+    ref = F.linear(x, layer.dequantized(), b)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+    deq = (
+        dequantize_int8(layer.qweight, layer.scales)
+        if mode == "int8"
+        else dequantize_int4(layer.qweight, layer.scales, layer.zeros)
+    )
+    idx = torch.tensor([[3, 99], [0, 50]])
+    torch.testing.assert_close(layer.rows(idx), deq[idx])
+
+
+@pytest.mark.parametrize("mode,tol", [("int8", 0.02), ("int4", 0.3)])
+def test_a_saved_quantized_checkpoint_loads_everywhere_with_the_same_logits(tmp_path, mode, tol):
+    model = gpt2_shaped()
+    idx = torch.randint(0, 50257, (2, 24))
+    with torch.no_grad():
+        ref = model(idx)[0]
+        quantize_model(model, mode, 64)
+        want = model(idx)[0]
+    assert isinstance(model.wte, QuantEmbedding)
+    save_model_checkpoint(
+        tmp_path / "q",
+        model.state_dict(),
+        model.config,
+        {"kind": "gpt2"},
+        quantization=quantization_record(mode, 64, ()),
+    )
+    loaded, meta = load_checkpoint(tmp_path / "q")
+    assert meta["quantization"]["mode"] == mode
+    with torch.no_grad():
+        got = loaded(idx)[0]
+        torch.testing.assert_close(got, want)  # the checkpoint is exactly the quantized model
+        assert ((got - ref).norm() / ref.norm()).item() < tol
+        loss = loaded(idx, idx)[1]  # a quantized head: the unfused loss path
+    assert torch.isfinite(loss)
+
+
+def test_excluding_the_tied_head_keeps_it_float_and_tied(tmp_path):
+    model = quantize_model(gpt2_shaped(), "int4", 64, exclude=("lm_head",))
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is model.wte.weight
+    save_model_checkpoint(
+        tmp_path / "q", model.state_dict(), model.config, {"kind": "gpt2"},
+        quantization=quantization_record("int4", 64, ("lm_head",)),
+    )  # fmt: skip
+    loaded, _ = load_checkpoint(tmp_path / "q")
+    assert loaded.lm_head.weight is loaded.wte.weight
+
+
+def test_the_cli_quantizes_and_sample_loads_it(tmp_path):
+    from .conftest import random_gpt2_checkpoint
+
+    random_gpt2_checkpoint(tmp_path / "f", 64)
+    r = run_cli("quantize", str(tmp_path / "f"), "--mode", "int8", "--out-dir", str(tmp_path / "q"), "--json")
+    assert r.returncode == 0, r.stderr
+    s = run_cli("sample", str(tmp_path / "q"), "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "0")
+    f = run_cli("sample", str(tmp_path / "f"), "--quantize", "int8", "--prompt", "Hi", "--max-new-tokens", "4",
+                "--temperature", "0")  # fmt: skip
+    assert s.returncode == 0 and f.returncode == 0 and s.stdout.split("\n")[0] == f.stdout.split("\n")[0]
+    again = run_cli("quantize", str(tmp_path / "f"), "--mode", "int8", "--out-dir", str(tmp_path / "q"))
+    assert again.returncode == 2 and again.stderr.startswith("gptlab: error:") and "exists" in again.stderr
+    twice = run_cli("quantize", str(tmp_path / "q"), "--mode", "int4", "--out-dir", str(tmp_path / "q2"))
+    assert twice.returncode == 2 and "already quantized" in twice.stderr
+    on_top = load_model
+    with pytest.raises(Exception, match="already quantized"):
+        on_top(tmp_path / "q", "cpu", quantize="int4")
+
+
+# ------------------------------------------------------------------ GGUF export, checked by llama.cpp itself
+
+
+@pytest.mark.parametrize("ftype", ["f32", "q8_0"])
+def test_a_gguf_export_decodes_the_same_greedy_tokens_in_llama_cpp(tmp_path, ftype):
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)"
+    )
+    from gptlab.generate.engine import Engine, Sampling
+
+    from .conftest import random_gpt2_checkpoint
+
+    random_gpt2_checkpoint(tmp_path / "f", 96)
+    r = run_cli("convert", str(tmp_path / "f"), str(tmp_path / "m.gguf"), "--gguf-type", ftype, "--json")
+    assert r.returncode == 0, r.stderr
+    loaded = load_model(tmp_path / "f", "cpu")
+    prompt = "Hello world, the king"
+    ids = loaded.tokenizer.encode(prompt)
+    ours = Engine(loaded.model).generate_tokens([ids], 24, Sampling(temperature=0))[0].tokens
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=96, n_threads=1, verbose=False)
+    assert llm.tokenize(prompt.encode(), add_bos=False) == ids  # the vocabulary and merges went in intact
+    theirs = []
+    for t in llm.generate(ids, temp=0.0, top_k=1):
+        theirs.append(t)
+        if len(theirs) == len(ours):
+            break
+    if ftype == "f32":
+        assert theirs == ours
+    else:  # q8_0 rounds the weights: the first tokens still agree on this model
+        assert theirs[:4] == ours[:4]
+    again = run_cli("convert", str(tmp_path / "f"), str(tmp_path / "m.gguf"))
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_gguf_refuses_what_llama_cpps_gpt2_cannot_hold(tmp_path):
+    model = gpt2_shaped(norm="post")
+    save_model_checkpoint(tmp_path / "g1", model.state_dict(), model.config, {"kind": "gpt2"})
+    r = run_cli("convert", str(tmp_path / "g1"), str(tmp_path / "x.gguf"))
+    assert r.returncode == 2 and "post-norm" in r.stderr and not (tmp_path / "x.gguf").exists()
