@@ -23,7 +23,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +49,37 @@ def n_params(model_config: dict) -> int:
         return int(GPT(GPTConfig.from_dict(model_config)).num_params())
 
 
+def finished(run: Path) -> dict | None:
+    """The summary of a run this script finished earlier (rerunning the script reuses it), or None."""
+    if not (run / "metrics.jsonl").exists():
+        return None
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    final = [r["final_val_loss"] for r in rows if "final_val_loss" in r]
+    if not final:
+        return None
+    state = json.loads(
+        (run / "checkpoints" / sorted(p.name for p in (run / "checkpoints").iterdir())[-1] / "state.json").read_text()
+    )
+    tps = [r["tok_per_s"] for r in rows if "tok_per_s" in r]
+    return {"final_val_loss": final[-1], "params": n_params(state["model_config"]), "tokens_per_second": tps[-1]}
+
+
+def teacher_val_loss(teacher: Path, data: Path) -> float:
+    """The teacher's cross-entropy over the whole validation split (what ``gptlab distill`` reports)."""
+    import torch
+
+    from gptlab.data.loader import TokenWindows
+    from gptlab.loader import load_model
+
+    model = load_model(teacher, "cpu").model
+    total = count = 0.0
+    with torch.no_grad():
+        for x, y in TokenWindows(data, "val", model.config.block_size).sequential(64):
+            total += float(model(x, y)[1]) * y.numel()
+            count += y.numel()
+    return total / count
+
+
 def val_curve(run: Path) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
@@ -62,6 +92,9 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=300)
     ap.add_argument("--student-steps", type=int, default=600)
     ap.add_argument("--plot", help="write the validation curves here (PNG)")
+    ap.add_argument(
+        "--clock-cap", type=int, default=3, help="the same wall-clock run: at most this many times the steps (0: none)"
+    )
     args = ap.parse_args()
     work = Path(args.work)
     data = work / "data"
@@ -78,18 +111,22 @@ def main() -> None:
         )  # fmt: skip
     student = [*common, *STUDENT, "--max-iters", str(args.student_steps), "--eval-interval", "50"]
     student += ["--checkpoint-interval", "0", "--lr", "3e-3", "--min-lr", "3e-4"]
-    t0 = time.perf_counter()
-    runs["distilled"] = gptlab(
+    runs["distilled"] = finished(work / "distilled") or gptlab(
         "distill", *student, "--teacher", str(work / "teacher" / "best"), "--out-dir", str(work / "distilled"),
-        "--kd-loss", "forward_kl", "--temperature", "2", "--kd-weight", "0.5",
+        "--kd-loss", "forward_kl", "--temperature", "1", "--kd-weight", "0.8",
     )  # fmt: skip
-    distill_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    runs["scratch"] = gptlab("train", *student, "--out-dir", str(work / "scratch"))
-    scratch_seconds = time.perf_counter() - t0
-    same_clock = max(args.student_steps, round(args.student_steps * distill_seconds / scratch_seconds))
+    runs["scratch"] = finished(work / "scratch") or gptlab("train", *student, "--out-dir", str(work / "scratch"))
+    # the same wall-clock: the scratch student's steady throughput over the distilled one's (both leave out
+    # evaluation and the first step), capped at --clock-cap times the steps
+    ratio = runs["scratch"]["tokens_per_second"] / runs["distilled"]["tokens_per_second"]
+    same_clock = min(round(args.student_steps * ratio), args.clock_cap * args.student_steps)
     clock = [a if a != str(args.student_steps) else str(same_clock) for a in student]
-    runs["scratch_same_wallclock"] = gptlab("train", *clock, "--out-dir", str(work / "scratch_clock"))
+    if same_clock > 0:
+        runs["scratch_same_wallclock"] = finished(work / "scratch_clock") or gptlab(
+            "train", *clock, "--out-dir", str(work / "scratch_clock")
+        )
+    if "teacher_val_loss" not in runs["distilled"]:
+        runs["distilled"]["teacher_val_loss"] = teacher_val_loss(work / "teacher" / "best", data)
 
     teacher_loss = runs["distilled"]["teacher_val_loss"]
     ppl = {k: math.exp(v["final_val_loss"]) for k, v in runs.items()}
@@ -104,7 +141,7 @@ def main() -> None:
         "student_over_teacher_ppl": {k: round(ppl[k] / ppl["teacher"], 3) for k in runs},
         "gap_closed": round((ppl["scratch"] - ppl["distilled"]) / (ppl["scratch"] - ppl["teacher"]), 3),
         "distilled_beats_scratch": ppl["distilled"] < ppl["scratch"],
-        "seconds": {"distill": round(distill_seconds, 1), "scratch": round(scratch_seconds, 1)},
+        "tokens_per_second": {k: v["tokens_per_second"] for k, v in runs.items()},
         "scratch_same_wallclock_steps": same_clock,
         "teacher_best_step": teacher_state.get("step"),
     }
@@ -117,6 +154,8 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for name, folder in (("distilled", "distilled"), ("scratch, same tokens", "scratch"),
                              ("scratch, same wall-clock", "scratch_clock")):  # fmt: skip
+            if not (work / folder).exists():
+                continue
             steps, vals = zip(*val_curve(work / folder))
             ax.plot(steps, vals, marker=".", label=f"student {name}")
         ax.axhline(teacher_loss, color="k", ls="--", lw=1, label=f"teacher (best, {teacher_state.get('step')} steps)")

@@ -118,6 +118,19 @@ def losses(run_dir):
     return [(r["step"], r["loss"]) for r in read_rows(Path(run_dir) / "metrics.jsonl") if "loss" in r]
 
 
+def kill_once_written(cmd, target: Path) -> None:
+    """Run ``cmd`` and SIGKILL it as soon as ``target`` exists (a checkpoint it writes); fail if it finished first."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
 def gpt2_shaped(**kw):
     """A small random GPT with GPT-2's vocabulary (seed 0); ``kw`` replaces config fields."""
     torch.manual_seed(0)

@@ -3,11 +3,8 @@ gradients; a student that is the teacher's copy; the job on the training loop (r
 cache, on-policy steps, the refusals)."""
 
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from gptlab.metrics import read_rows
 from gptlab.train import distributed
 from gptlab.train.trainer import train
 
-from .conftest import ENV, run_cli, tiny_cfg
+from .conftest import ENV, kill_once_written, run_cli, tiny_cfg
 from .conftest import losses as run_losses
 
 P = [0.7, 0.2, 0.1]  # teacher
@@ -256,14 +253,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_distillation(char_data, 
 
     full = subprocess.run(cmd(tmp_path / "full"), env=ENV, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr[-2000:]
-    proc = subprocess.Popen(cmd(tmp_path / "killed"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = tmp_path / "killed" / "checkpoints" / "step-0000040" / "state.json"
-    deadline = time.time() + 300
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_once_written(cmd(tmp_path / "killed"), tmp_path / "killed" / "checkpoints" / "step-0000040" / "state.json")
     resumed = subprocess.run(cmd(tmp_path / "killed", "--resume"), env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert run_losses(tmp_path / "killed") == run_losses(tmp_path / "full")

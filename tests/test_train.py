@@ -3,11 +3,8 @@
 import dataclasses
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +21,7 @@ from gptlab.train.optim import FINETUNE_OPTIM, OptimConfig, lr_at, make_optimize
 from gptlab.train.scheduled_sampling import exposure_report, mix_in_predictions, ss_probability
 from gptlab.train.trainer import train
 
-from .conftest import ENV, losses, tiny_cfg
+from .conftest import ENV, kill_once_written, losses, tiny_cfg
 
 
 def test_training_beats_the_unigram_entropy(char_data, tmp_path):
@@ -90,16 +87,9 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_bit_for_bit(char_dat
     full = subprocess.run(_train_cmd(char_data, tmp_path / "full"), env=ENV, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr[-2000:]
 
-    proc = subprocess.Popen(
-        _train_cmd(char_data, tmp_path / "killed"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    kill_once_written(
+        _train_cmd(char_data, tmp_path / "killed"), tmp_path / "killed/checkpoints/step-0000100/state.json"
     )
-    target = tmp_path / "killed" / "checkpoints" / "step-0000100" / "state.json"
-    deadline = time.time() + 300
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     done = [p.name for p in checkpoint.list_checkpoints(tmp_path / "killed")]
     assert done and done[-1] < "step-0000400"
 

@@ -71,11 +71,11 @@ def load_model(source: str | Path, device: str | torch.device = "auto", quantize
         model, meta = build(sd, cfg, device), {"model_config": cfg.to_dict(), "tokenizer": tok}
     meta = {**meta, "source": str(source)}
     if quantize:
-        from .quant.quantize import DEFAULT_GROUP_SIZE, prepare, quantization_record, quantize_model
+        from .quant.quantize import DEFAULT_GROUP_SIZE, quantization_record, quantize_model
 
         if meta.get("quantization"):
             raise GptlabError(f"{source} is already quantized ({meta['quantization']['mode']}); drop --quantize")
-        prepare(quantize_model(model, quantize, DEFAULT_GROUP_SIZE))
+        quantize_model(model, quantize, DEFAULT_GROUP_SIZE)
         meta["quantization"] = quantization_record(quantize, DEFAULT_GROUP_SIZE, ())
     return Loaded(model, from_spec(meta["tokenizer"]), model.config, str(source), meta)
 

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from ..options import add_config_flags, add_json, config_flag_values, emit, parse_set
+from ..options import emit
+from ..train.cli import add_run_flags, config_from_args
 from .config import DistillConfig
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
     from .trainer import distill  # here, not at the top: torch.distributed and the loop load slowly
 
-    overrides: dict[str, Any] = config_flag_values(args, DistillConfig, ("model_overrides",))
-    if args.set:
-        overrides["model_overrides"] = parse_set(args.set)
-    cfg = DistillConfig.from_sources(args.recipe, **overrides)
-    s = distill(cfg, resume=args.resume, progress=not args.json)
+    s = distill(config_from_args(args, DistillConfig), resume=args.resume, progress=not args.json)
     if "loss_plot" not in s:  # under torchrun only rank 0 reports
         return
     emit(
@@ -36,9 +32,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "next-token distributions (forward KL, reverse KL or generalized JSD, mixed with the next-token loss). "
         "Every `gptlab train` flag applies; a recipe is a train recipe with the distillation keys added.",
     )
-    p.add_argument("--recipe", help="TOML recipe (top-level keys = the flags below)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="student model config override, e.g. n_layer=2")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
-    add_config_flags(p, DistillConfig, ("model_overrides",))
-    add_json(p)
+    add_run_flags(p, DistillConfig, "student model")
     p.set_defaults(func=cmd_distill)

@@ -40,7 +40,7 @@ def load_draft(source: str, target):
     """``--draft``: ``ngram`` (prompt lookup), ``int4`` / ``int8`` (the target's own quantized copy) or a model with
     the target's tokenizer."""
     from ..loader import load_model
-    from ..quant.quantize import prepare, quantize_model
+    from ..quant.quantize import quantize_model
     from ..quant.speculative import ModelDraft, NgramDraft
     from ..tokenizer import same_tokenizer
 
@@ -48,7 +48,7 @@ def load_draft(source: str, target):
         return NgramDraft()
     if source in ("int8", "int4"):
         copy = load_model(target.source, target.model.device).model
-        return ModelDraft(prepare(quantize_model(copy, source)))
+        return ModelDraft(quantize_model(copy, source))
     draft = load_model(source, target.model.device)
     if not same_tokenizer(draft.meta["tokenizer"], target.meta["tokenizer"]):
         raise GptlabError(f"--draft {source} has another tokenizer than {target.source}; drafts must share it")

@@ -216,7 +216,8 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_model(model: GPT, mode: str, group_size: int = 64, exclude: tuple[str, ...] = ()) -> GPT:
-    """Replace ``model``'s linear layers by :class:`QuantLinear` in place (round to nearest) and return it."""
+    """Replace ``model``'s linear layers by :class:`QuantLinear` in place (round to nearest) and return it, its
+    kernel layouts built for the device it is on (call :func:`prepare` again after moving it)."""
     if mode not in MODES:
         raise GptlabError(f"unknown quantization mode {mode!r}; choose int8 or int4")
     if mode == "int4" and group_size not in GROUP_SIZES:
@@ -230,7 +231,7 @@ def quantize_model(model: GPT, mode: str, group_size: int = 64, exclude: tuple[s
     if model.config.tie_weights and isinstance(model.lm_head, QuantLinear):
         model.wte = QuantEmbedding(model.lm_head)
     model.quantization = quantization_record(mode, group_size, exclude)  # type: ignore[assignment]
-    return model
+    return prepare(model)
 
 
 def quantization_record(mode: str, group_size: int, exclude: tuple[str, ...]) -> dict[str, Any]:

@@ -6,17 +6,33 @@ import argparse
 from typing import Any
 
 from ..options import add_config_flags, add_json, config_flag_values, emit, parse_set
+from ..recipe import RecipeConfig
 from .config import TrainConfig
+
+
+def config_from_args(args: argparse.Namespace, cls: type[RecipeConfig]) -> Any:
+    """The run config of ``gptlab train`` or a verb built on it (``distill``): defaults <- recipe <- flags."""
+    overrides: dict[str, Any] = config_flag_values(args, cls, ("model_overrides",))
+    if args.set:
+        overrides["model_overrides"] = parse_set(args.set)
+    return cls.from_sources(args.recipe, **overrides)
+
+
+def add_run_flags(p: argparse.ArgumentParser, cls: type[RecipeConfig], what: str) -> None:
+    """``--recipe``, ``--set``, ``--resume``, every field of ``cls`` as a flag, and ``--json``."""
+    p.add_argument(
+        "--recipe", help="TOML recipe (top-level keys = the flags below, [model_overrides] = model config fields)"
+    )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"{what} config override, e.g. n_layer=6")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
+    add_config_flags(p, cls, ("model_overrides",))
+    add_json(p)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .trainer import train  # here, not at the top: torch.distributed and the loop load slowly
 
-    overrides: dict[str, Any] = config_flag_values(args, TrainConfig, ("model_overrides",))
-    if args.set:
-        overrides["model_overrides"] = parse_set(args.set)
-    cfg = TrainConfig.from_sources(args.recipe, **overrides)
-    s = train(cfg, resume=args.resume, progress=not args.json)
+    s = train(config_from_args(args, TrainConfig), resume=args.resume, progress=not args.json)
     if "loss_plot" not in s:  # under torchrun only rank 0 reports
         return
     emit(
@@ -35,11 +51,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Train from a TOML recipe and/or flags. Flags override the recipe; --set "
         "overrides model config fields and wins over --block-size and --dropout.",
     )
-    p.add_argument(
-        "--recipe", help="TOML recipe (top-level keys = the flags below, [model_overrides] = model config fields)"
-    )
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override, e.g. n_layer=6")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
-    add_config_flags(p, TrainConfig, ("model_overrides",))
-    add_json(p)
+    add_run_flags(p, TrainConfig, "model")
     p.set_defaults(func=cmd_train)
