@@ -132,7 +132,9 @@ def main() -> None:
     ppl = {k: math.exp(v["final_val_loss"]) for k, v in runs.items()}
     ppl["teacher"] = math.exp(teacher_loss)
     params = {k: v["params"] for k, v in runs.items()}
-    teacher_state = json.loads((work / "teacher" / "best" / "state.json").read_text())
+    from gptlab.checkpoint import read_state, resolve
+
+    teacher_state = read_state(resolve(work / "teacher" / "best"))
     report = {
         "benchmark": "distill",
         "teacher_params": n_params(teacher_state["model_config"]),
@@ -152,9 +154,13 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for name, folder in (("distilled", "distilled"), ("scratch, same tokens", "scratch"),
-                             ("scratch, same wall-clock", "scratch_clock")):  # fmt: skip
-            if not (work / folder).exists():
+        curves = (
+            ("distilled", "distilled", "distilled"),
+            ("scratch, same tokens", "scratch", "scratch"),
+            ("scratch, same wall-clock", "scratch_same_wallclock", "scratch_clock"),
+        )
+        for name, key, folder in curves:
+            if key not in runs:
                 continue
             steps, vals = zip(*val_curve(work / folder))
             ax.plot(steps, vals, marker=".", label=f"student {name}")
