@@ -270,7 +270,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("exposure", help="deprecated: use `gptlab eval exposure MODEL`")
     add_model(q, "eval exposure")
     add_exposure_args(q)
-    q.set_defaults(func=_deprecated_exposure, limit=None, batch_size=1, device="auto")
+    q.set_defaults(func=_deprecated_exposure, limit=None, batch_size=1, device="auto", quantize=None)
     add_json(q)
 
 

@@ -143,14 +143,17 @@ class Engine:
         compile_options: dict[str, Any] | None = None,
         draft: Draft | None = None,
         spec_k: int = 4,
+        spec_min_speedup: float = 1.0,
     ) -> None:
         """``compile_options`` add inductor options to the compiled decode step, e.g. ``{"triton.cudagraphs":
         True}`` to replay it as a CUDA graph (one launch per token instead of one per kernel). ``draft`` turns on
         speculative decoding with ``spec_k`` proposals per round (:mod:`gptlab.quant.speculative`): same tokens
-        as plain greedy decoding, samples distributed as plain sampling's; statistics in ``stats["speculative"]``."""
+        as plain greedy decoding, samples distributed as plain sampling's; statistics in ``stats["speculative"]``.
+        Drafting stops after 8 rounds that produce less than ``spec_min_speedup`` times plain decoding's tokens per
+        second (0: never)."""
         if draft is not None and not 1 <= spec_k <= 16:
             raise GptlabError(f"spec_k must be in [1, 16], got {spec_k}")
-        self.draft, self.spec_k = draft, spec_k
+        self.draft, self.spec_k, self.spec_min_speedup = draft, spec_k, spec_min_speedup
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.compile = compile
@@ -203,7 +206,15 @@ class Engine:
                 raise GptlabError("speculative decoding has no sliding window; drop --sliding-window or the draft")
             stats = SpeculativeStats(self.spec_k)
             rounds = speculative_rounds(
-                self.model, self.draft, prompts, max_new_tokens, self.spec_k, sampling, set(stop_ids), stats
+                self.model,
+                self.draft,
+                prompts,
+                max_new_tokens,
+                self.spec_k,
+                sampling,
+                set(stop_ids),
+                stats,
+                self.spec_min_speedup,
             )
             steps = 0
             for row_tokens in as_steps(rounds, len(prompts)):

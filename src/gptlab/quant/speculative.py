@@ -254,7 +254,7 @@ def speculative_rounds(
     sampling,
     stop_ids: set[int],
     stats: SpeculativeStats,
-    auto_disable: bool = True,
+    min_speedup: float = 1.0,
 ) -> Iterator[tuple[list[list[int]], list[bool]]]:
     """Yield, per round, each row's new tokens (0 to k + 1 of them; a stop id ends the row and is yielded last)
     and whether the row has ended.
@@ -341,9 +341,10 @@ def speculative_rounds(
             stats.tokens += sum(len(o) for o in out)
             stats.round_seconds += seconds
         yield out, list(done)
-        slow = stats.round_seconds > 0 and stats.tokens / stats.round_seconds < len(live) / stats.plain_step_seconds
-        if auto_disable and stats.disabled_at_round is None and stats.rounds >= 8 and slow:
-            stats.disabled_at_round = stats.rounds  # slower than plain steps: plain steps from here on
+        rate = stats.tokens / stats.round_seconds if stats.round_seconds > 0 else float("inf")
+        slow = rate < min_speedup * len(live) / (stats.plain_step_seconds or float("inf"))
+        if stats.disabled_at_round is None and stats.rounds >= 8 and slow:
+            stats.disabled_at_round = stats.rounds  # slower than plain steps (by min_speedup): plain from here on
 
 
 def as_steps(rounds: Iterator[tuple[list[list[int]], list[bool]]], rows: int) -> Iterator[list[int | None]]:

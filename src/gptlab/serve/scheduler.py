@@ -134,9 +134,11 @@ class Scheduler:
         compile: bool = False,
         draft: NgramDraft | None = None,
         spec_k: int = 4,
+        spec_min_speedup: float = 1.0,
     ) -> None:
         """``draft`` (prompt lookup) turns on speculative decoding: up to ``spec_k`` proposals per row and step,
-        verified in one forward pass (:mod:`gptlab.quant.speculative`); paused while it makes decoding slower."""
+        verified in one forward pass (:mod:`gptlab.quant.speculative`); paused for 256 steps whenever speculative
+        steps produce less than ``spec_min_speedup`` times the tokens per second of plain ones (0: never)."""
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise GptlabError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model = model.eval()
@@ -156,7 +158,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._stopping = False
         self.steps = 0  # decode steps so far (tests count steps with it)
-        self.draft, self.spec_k = draft, spec_k
+        self.draft, self.spec_k, self.spec_min_speedup = draft, spec_k, spec_min_speedup
         self.spec = SpeculativeStats(spec_k)
         self._rates = {"plain": [0.0, 0.0], "spec": [0.0, 0.0]}  # recent (row-tokens, seconds) of each kind of step
         self._spec_paused_until = 0
@@ -445,7 +447,12 @@ class Scheduler:
         tokens = sum(1 for _, c in live) if kind == "plain" else self._last_spec_tokens
         r[0], r[1] = 0.9 * r[0] + tokens, 0.9 * r[1] + (time.perf_counter() - t0)
         plain, spec = self._rates["plain"], self._rates["spec"]
-        if kind == "spec" and plain[1] > 0 and spec[1] > 0 and spec[0] / spec[1] < plain[0] / plain[1]:
+        if (
+            kind == "spec"
+            and plain[1] > 0
+            and spec[1] > 0
+            and spec[0] / spec[1] < self.spec_min_speedup * plain[0] / plain[1]
+        ):
             self._spec_paused_until = self.steps + 256
             self.spec.disabled_at_round = self.spec.rounds
             self._rates["spec"] = [0.0, 0.0]
