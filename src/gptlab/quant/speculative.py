@@ -283,8 +283,8 @@ def speculative_rounds(
     done = [False] * B
     stats.rows = B
     if longest > 1:  # the target's cache holds every token but each row's last ("pending")
-        idx = torch.tensor([[0] * (longest - len(p)) + list(p[:-1]) + [0] for p in prompts], device=dev)
-        model(idx[:, :-1], cache=cache, slots=torch.arange(longest - 1, device=dev))
+        idx = torch.tensor([[0] * (longest - len(p)) + list(p[:-1]) for p in prompts], device=dev)
+        model(idx, cache=cache, slots=torch.arange(longest - 1, device=dev))
     draft.start(prompts, pad, length)
     while not all(done):
         t0 = time.perf_counter()

@@ -491,10 +491,9 @@ class Scheduler:
         uniforms = torch.stack(
             [torch.rand(width + 1, generator=c.generator, device=c.generator.device).cpu().double() for _, c in live]
         )
-        greedy = torch.tensor([job.group.temperature == 0 for job, _ in live])
-        n_s, nxt_s = verify(probs, None, props, counts, uniforms, greedy=False)
-        n_g, nxt_g = verify(probs, None, props, counts, uniforms, greedy=True)
-        n_acc, nxt = torch.where(greedy, n_g, n_s), torch.where(greedy, nxt_g, nxt_s)
+        # One rule for every row: at temperature 0 target_probs is one-hot at the argmax, and the sampling rule with a
+        # one-hot p (and the draft's one-hot q) accepts exactly the argmax proposals and then takes the argmax.
+        n_acc, nxt = verify(probs, None, props, counts, uniforms, greedy=False)
         now = time.perf_counter()
         produced = 0
         for i, (job, c) in enumerate(live):
