@@ -28,6 +28,7 @@ from .generate import Engine, Sampling
 from .interop.hf import save_hf
 from .loader import Loaded, load_model
 from .recipe import DEFAULT_SEED
+from .vision.images import as_images
 
 
 class LM:
@@ -64,6 +65,7 @@ class LM:
         seed: int = ...,
         stream: bool = ...,
         sliding_window: bool = ...,
+        image=...,
     ) -> str | Iterator[str]: ...
 
     @overload
@@ -81,6 +83,7 @@ class LM:
         seed: int = ...,
         stream: bool = ...,
         sliding_window: bool = ...,
+        image=...,
     ) -> list[str]: ...
 
     def generate(
@@ -97,11 +100,13 @@ class LM:
         seed=DEFAULT_SEED,
         stream=False,
         sliding_window=False,
+        image=None,
     ):
         """The continuation of ``prompt`` (a string: a string back; a list: a list, decoded as one batch, prompt
         ``i`` with seed ``seed + i``). ``max_new_tokens=None`` generates to the end of the context (or to the
         end-of-text token). ``temperature=0`` is greedy. ``stream=True`` (one prompt) yields text pieces as they
-        are decoded, whole characters only."""
+        are decoded, whole characters only. ``image`` (a model trained on images): a file path, encoded bytes, a
+        uint8 array or a float tensor, one image or one per prompt, placed before the prompt (docs/vision.md)."""
         sampling = Sampling(
             temperature=temperature,
             top_k=top_k,
@@ -113,16 +118,24 @@ class LM:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise GptlabError("generate needs a prompt (a string) or a non-empty list of prompts")
+        images = None if image is None else as_images(image, self.config)
+        if images is not None and len(images) == 1:
+            images = images.expand(len(prompts), -1, -1, -1)
         if max_new_tokens is None:
-            longest = max(len(self.engine.encode_prompt(p)) for p in prompts)
+            with_image = images is not None
+            longest = max(len(self.engine.encode_prompt(p, with_image)) for p in prompts)
+            longest += self.config.image_tokens if with_image else 0
             max_new_tokens = max(self.config.block_size - longest, 1) if not sliding_window else self.config.block_size
         if stream:
             if not isinstance(prompt, str):
                 raise GptlabError("stream=True streams one prompt; pass a string")
-            return self.engine.stream(prompt, max_new_tokens, sampling, stop, sliding_window=sliding_window)
-        out = [
-            c.text for c in self.engine.generate(prompts, max_new_tokens, sampling, stop, sliding_window=sliding_window)
-        ]
+            return self.engine.stream(
+                prompt, max_new_tokens, sampling, stop, sliding_window=sliding_window, image=images
+            )
+        done = self.engine.generate(
+            prompts, max_new_tokens, sampling, stop, sliding_window=sliding_window, images=images
+        )
+        out = [c.text for c in done]
         return out[0] if isinstance(prompt, str) else out
 
     def loglikelihood(

@@ -22,6 +22,8 @@ from .errors import GptlabError
 
 ACTIVATIONS = ("gelu_new", "gelu")  # tanh approximation (GPT-1/2/3; HF's gelu_new = gelu_pytorch_tanh), exact erf
 NORMS = ("pre", "post")  # pre-norm (GPT-2/3: LN inside the residual branch), post-norm (GPT-1)
+IMAGE_ENCODERS = ("linear", "cnn")  # Fuyu's linear map of raw patches; a small conv encoder (gptlab.vision)
+PROJECTORS = ("linear", "mlp")  # patch features -> n_embd: one linear map (Fuyu, LLaVA-1) or LLaVA-1.5's 2-layer MLP
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,18 @@ class GPTConfig:
     capacity_factor: float = 0.0  # training only: keep <= factor * tokens * k / n_experts per expert; 0 = dropless
     aux_loss_weight: float = 0.01  # Switch/GShard load-balancing loss weight
     z_loss_weight: float = 0.0  # router z-loss weight (ST-MoE)
+    # Image input (image_size > 0): a prefix of (image_size / patch_size)^2 image tokens, see gptlab.vision.
+    image_size: int = 0  # side of the square input image in pixels; 0 = a text-only model
+    image_channels: int = 3  # 3 = RGB, 1 = grey
+    patch_size: int = 4  # side of one patch: one image token per patch
+    image_encoder: str = "linear"  # "linear" (raw patches) or "cnn" (two 3x3 convolutions first)
+    encoder_width: int = 0  # channels of the cnn encoder; 0 = image_channels (the linear prefix's parameters)
+    projector: str = "linear"  # "linear" or "mlp" (Linear-GELU-Linear)
+
+    @property
+    def image_tokens(self) -> int:
+        """Length of the image prefix: one token per patch (0 for a text-only model)."""
+        return (self.image_size // self.patch_size) ** 2 if self.image_size else 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -71,6 +85,8 @@ class GPTConfig:
             "n_experts",
             "experts_per_token",
             "moe_every",
+            "image_channels",
+            "patch_size",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)!r})")
@@ -98,6 +114,17 @@ class GPTConfig:
             or self.expert_ff < 0
         ):
             problems.append("capacity_factor, aux_loss_weight, z_loss_weight and expert_ff must be finite and >= 0")
+        if self.image_size < 0 or self.encoder_width < 0:
+            problems.append("image_size and encoder_width must be >= 0")
+        elif self.image_size and self.image_size % self.patch_size:
+            problems.append(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        elif self.image_tokens >= self.block_size:
+            problems.append(
+                f"the image prefix ({self.image_tokens} tokens) leaves no room for text in block_size="
+                f"{self.block_size}; raise block_size or patch_size"
+            )
+        if self.image_encoder not in IMAGE_ENCODERS or self.projector not in PROJECTORS:
+            problems.append(f"image_encoder must be one of {IMAGE_ENCODERS} and projector one of {PROJECTORS}")
         if problems:
             raise GptlabError("invalid model config: " + "; ".join(problems))
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .config import GPTConfig
 from .errors import GptlabError
+from .vision.encoder import ImagePrefix
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -314,6 +315,8 @@ class GPT(nn.Module):
             nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias) if cfg.norm == "pre" else nn.Identity()
         )
         self.lm_head = Linear(cfg.n_embd, V, bias=False)
+        # Image input (cfg.image_size > 0): a prefix of patch embeddings before the text (gptlab.vision).
+        self.vision = ImagePrefix(cfg) if cfg.image_size else None
         self.tie_()
         self.reset_parameters()
 
@@ -337,6 +340,8 @@ class GPT(nn.Module):
         of each block scaled by 1/sqrt(2 * n_layer) (Radford et al. 2019, section 2.3)."""
         std = self.config.init_std
         for name, p in self.named_parameters():
+            if name.startswith("vision."):
+                continue  # the image prefix initializes itself (ImagePrefix.reset_parameters)
             if name.endswith(("c_proj.weight", "mlp.proj_weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
             elif name.endswith("bias"):
@@ -347,6 +352,8 @@ class GPT(nn.Module):
                 nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
             else:
                 nn.init.zeros_(p)
+        if self.vision is not None:
+            self.vision.reset_parameters(std)
 
     def forward(
         self,
@@ -357,6 +364,7 @@ class GPT(nn.Module):
         doc_ids: torch.Tensor | None = None,
         hidden: bool = False,
         logits_for: int = 1,
+        images: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``idx`` [B, T] token ids -> ``(logits [B, T, vocab_size], None)``, or with ``targets`` [B, T]
         ``(None, mean cross-entropy)`` computed by :class:`LinearCrossEntropy` without materialising the logits.
@@ -368,8 +376,19 @@ class GPT(nn.Module):
 
         With a ``cache``, ``idx`` fills cache ``slots`` ([T] for every row, or [B, T] per row; consecutive, after
         those already filled) and only the last ``logits_for`` positions' logits are returned, [B, logits_for,
-        vocab_size]: one is all that sampling needs; speculative decoding scores its proposals with more."""
-        T = idx.size(1)
+        vocab_size]: one is all that sampling needs; speculative decoding scores its proposals with more.
+
+        ``images`` [B, channels, size, size] (a model with ``image_size > 0``) go first, as a prefix of
+        ``config.image_tokens`` positions (:mod:`gptlab.vision`); logits, loss and hidden states are those of the
+        text positions. With a cache, ``slots`` then covers the prefix and the text."""
+        x = self.wte(idx)
+        if images is not None:
+            if self.vision is None:
+                raise GptlabError("this model takes no images (its config has image_size = 0); drop the image")
+            if doc_ids is not None:
+                raise GptlabError("packed sequences (doc_ids) cannot carry an image prefix")
+            x = ImagePrefix.prepend(self.vision(images), x, None if cache is None else cache.pad)
+        T = x.size(1)
         if cache is None:
             if self.config.block_size < T:
                 raise GptlabError(
@@ -389,9 +408,11 @@ class GPT(nn.Module):
             assert slots is not None, "a cache needs the slots to fill"
             pos, mask = cache.positions_and_mask(slots)
             layers = [(k, v, slots, mask) for k, v in cache.layers]
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.drop(x + self.wpe(pos))
         for block, layer_cache in zip(self.h, layers):
             x = block(x, layer_cache)
+        if images is not None and cache is None:
+            x = x[:, -idx.size(1) :]  # the text positions: the image prefix has no loss and no logits
         x = self.ln_f(x if cache is None or hidden else x[:, -logits_for:])
         if hidden:
             return x, None
@@ -424,6 +445,8 @@ class GPT(nn.Module):
         cfg = self.config
         pad_rows = cfg.padded_vocab_size - cfg.vocab_size
         parts = {"token_embedding": 0, "position_embedding": 0, "attention": 0, "mlp": 0, "norms": 0, "head": 0}
+        if self.vision is not None:
+            parts["vision"] = 0
         seen: set[int] = set()
         for name, p in self.named_parameters(remove_duplicate=False):
             if id(p) in seen:
@@ -439,6 +462,8 @@ class GPT(nn.Module):
                 parts["mlp"] += p.numel()
             elif name.startswith("lm_head."):
                 parts["head"] += p.numel() - pad_rows * cfg.n_embd
+            elif name.startswith("vision."):
+                parts["vision"] += p.numel()
             else:
                 parts["norms"] += p.numel()
         total = sum(parts.values())

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +152,35 @@ def prepare(
     for src in sources:
         if src not in CORPORA and not src.startswith(("http://", "https://")) and not Path(src).exists():
             raise GptlabError(f"source {src!r} is not a file, folder, URL or named corpus ({', '.join(CORPORA)})")
-    out_dir = Path(out_dir)
+    meta = write_dataset(
+        Path(out_dir),
+        sources,
+        lambda tmp: _build(
+            sources, tmp, tokenizer, vocab_size, val_fraction, field, shard_tokens, batch_bytes, progress
+        ),
+    )
+    meta.pop("tokenizer")
+    return meta
+
+
+def prepare_images(source: str, out_dir: str | Path, images: int = 10_000, image_size: int = 32, seed: int = 0):
+    """``gptlab prepare shapes|digits``: an image-text dataset (:mod:`gptlab.vision.data`) in ``out_dir``."""
+    from ..vision import data as vision_data
+
+    def build(tmp: Path) -> dict[str, Any]:
+        made = (
+            vision_data.build_shapes(images, image_size, seed) if source == "shapes" else vision_data.build_digits(seed)
+        )
+        (tmp / "out").mkdir()
+        return vision_data.write_image_dataset(tmp / "out", source, made["splits"], made["info"], seed)
+
+    meta = write_dataset(Path(out_dir), [], build)
+    return {k: v for k, v in meta.items() if k not in ("tokenizer", "files", "questions", "answers")}
+
+
+def write_dataset(out_dir: Path, sources: list[str], build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``build(tmp)``, which writes a dataset into ``tmp / "out"`` and returns its metadata, then swap it in as
+    ``out_dir`` (see the module docstring: locked, checked, atomic, leftovers of killed runs removed)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with folder_lock(out_dir.parent / f".{out_dir.name}.lock", f"dataset folder {out_dir}"):
@@ -162,19 +190,19 @@ def prepare(
         tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
         tmp.mkdir()
         try:
-            meta = _build(sources, tmp, tokenizer, vocab_size, val_fraction, field, shard_tokens, batch_bytes, progress)
+            meta = build(tmp)
             replace_dir(tmp / "out", out_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     meta["seconds"] = round(time.time() - t0, 2)
     meta["out_dir"] = str(out_dir)
-    meta.pop("tokenizer")
     return meta
 
 
 def is_dataset(path: Path) -> bool:
     try:
-        return json.loads((path / "meta.json").read_text(encoding="utf-8")).get("format") == "gptlab-tokens"
+        fmt = json.loads((path / "meta.json").read_text(encoding="utf-8")).get("format")
+        return fmt in ("gptlab-tokens", "gptlab-images")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return False
 

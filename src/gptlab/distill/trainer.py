@@ -45,6 +45,7 @@ from ..tokenizer import same_tokenizer
 from ..train import distributed
 from ..train.loop import FitStats
 from ..train.trainer import Pretraining, model_config_for, run
+from ..vision.data import is_image_dataset
 from . import losses
 from .config import DistillConfig
 
@@ -126,14 +127,16 @@ class Distillation(Pretraining):
     @classmethod
     def check(cls, cfg: DistillConfig) -> None:  # type: ignore[override]
         data = read_meta(cfg.data)
+        if is_image_dataset(data):
+            raise GptlabError(f"{cfg.data} is an image dataset; gptlab distills text models only")
         teacher = load_model(cfg.teacher, "cpu")
-        cls.check_pair(cfg, data, teacher, cls.student_config(cfg, data["vocab_size"]))
+        cls.check_pair(cfg, data, teacher, cls.student_config(cfg, data))
 
     @staticmethod
-    def student_config(cfg: DistillConfig, vocab_size: int) -> GPTConfig:
+    def student_config(cfg: DistillConfig, data: dict[str, Any]) -> GPTConfig:
         if cfg.init:
             return load_model(cfg.init, "cpu").config
-        return model_config_for(cfg, vocab_size)
+        return model_config_for(cfg, data)
 
     @staticmethod
     def check_pair(cfg: DistillConfig, data: dict[str, Any], teacher: Loaded, student: GPTConfig) -> None:
@@ -190,7 +193,7 @@ class Distillation(Pretraining):
     def model_config(self) -> GPTConfig:
         if self.init is not None:
             return self.init.config
-        return model_config_for(self.cfg, self.data_meta["vocab_size"])
+        return model_config_for(self.cfg, self.data_meta)
 
     def init_weights(self, model: GPT) -> None:
         if self.init is not None:
@@ -234,7 +237,9 @@ class Distillation(Pretraining):
             self.cache.put(step, micro, self.d.rank, values, indices)
         return values, indices
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+    def loss(
+        self, x: torch.Tensor, y: torch.Tensor, step: int, micro: int, images: torch.Tensor | None = None
+    ) -> torch.Tensor:  # `images` is always None: check() refuses image datasets
         cfg, raw = self.cfg, self.raw
         mask = None
         on_policy = self.on_policy_step(step)

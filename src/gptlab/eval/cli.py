@@ -89,6 +89,31 @@ def _generate(model, tok, args):
     )
 
 
+def _vision(model, tok, args):
+    from ..data.loader import read_meta
+    from ..generate.engine import Engine
+    from ..vision.evaluate import BLIND, evaluate_split
+
+    engine = Engine(model, tok)
+    names = args.split or [s for s in ("val", "holdout") if s in read_meta(args.data).get("files", {})]
+    blind = args.blind or BLIND
+    splits = [evaluate_split(engine, args.data, s, blind, args.limit, args.batch_size) for s in names]
+    return {"task": "vision", "data": args.data, "splits": splits}
+
+
+def _vision_summary(r: dict[str, Any]) -> str:
+    lines = []
+    for s in r["splits"]:
+        for attribute, row in s.items():
+            if isinstance(row, dict):
+                blind = "  ".join(f"{k} {row[k]:.3f}" for k in ("zero", "shuffle") if k in row)
+                lines.append(
+                    f"{s['split']:>8} {attribute:<9} accuracy {row['image']:.3f}   blind: {blind}   chance: "
+                    f"uniform {row['uniform']:.3f}, majority {row['majority']:.3f}"
+                )
+    return "\n".join(lines)
+
+
 def _exposure(model, tok, args):
 
     if args.text_file:
@@ -250,6 +275,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q = what.add_parser("exposure", help="exposure bias: teacher-forcing vs scheduled-sampling loss on a text")
     add_model(q, "eval exposure")
     add_exposure_args(q)
+
+    q = what.add_parser(
+        "vision", help="image datasets: per-attribute answer accuracy, with the image and blind (docs/vision.md)"
+    )
+    add_model(q, "eval vision")
+    q.add_argument("--data", required=True, help="an image dataset folder (`gptlab prepare shapes|digits`)")
+    q.add_argument(
+        "--split",
+        action="append",
+        help="split(s) to evaluate, repeatable (default val, and holdout when the dataset has one)",
+    )
+    q.add_argument(
+        "--blind",
+        action="append",
+        choices=("zero", "shuffle"),
+        help="blind baselines to run beside (repeatable; default both)",
+    )
+    q.set_defaults(task=_vision, summary=_vision_summary)
 
     for q in what.choices.values():
         q.add_argument(

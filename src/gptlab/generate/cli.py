@@ -60,8 +60,17 @@ def load_draft(source: str, target):
     return ModelDraft(draft.model)
 
 
+def read_image(path: str, cfg):
+    """``--image``: a file as the model's image input [1, channels, size, size]."""
+    from ..vision.images import as_images
+
+    return as_images(path, cfg)
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     if args.interactive:
+        if args.image:
+            raise GptlabError("--interactive continues text only; drop --image or --interactive")
         return _repl(args)
     if args.prompt_file and args.prompt:
         raise GptlabError("give --prompt or --prompt-file, not both")
@@ -73,7 +82,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise GptlabError(
             f"cannot read --prompt-file {args.prompt_file}: {getattr(e, 'strerror', None) or e}"
         ) from None
-    engine, _ = _engine(args)
+    engine, loaded = _engine(args)
+    image = read_image(args.image, loaded.config) if args.image else None
     t0 = time.perf_counter()
     if args.stream:
         decode_seconds, steps = 0.0, 0
@@ -87,6 +97,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
                 sampling(args, args.seed + i),
                 args.stop,
                 sliding_window=args.sliding_window,
+                image=image,
             ):
                 print(piece, end="", flush=True)
             decode_seconds += engine.stats["decode_seconds"]
@@ -94,8 +105,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"\n[{steps / max(decode_seconds, 1e-9):,.1f} tok/s decoding]", file=sys.stderr)
         return
     s = sampling(args)
+    images = None if image is None else image.expand(args.num_samples, -1, -1, -1)
     out = engine.generate(
-        [prompt] * args.num_samples, args.max_new_tokens, s, args.stop, sliding_window=args.sliding_window
+        [prompt] * args.num_samples,
+        args.max_new_tokens,
+        s,
+        args.stop,
+        sliding_window=args.sliding_window,
+        images=images,
     )
     seconds = time.perf_counter() - t0
     st = engine.stats
@@ -205,6 +222,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model(p, "sample")
     p.add_argument("--prompt", default="")
     p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument(
+        "--image",
+        help="an image file (PNG, JPEG, ...) placed before the prompt, for a model trained on images; resized to "
+        "the model's size (docs/vision.md)",
+    )
     p.add_argument("--max-new-tokens", type=count(1), default=200, help="tokens to generate (>= 1; default 200)")
     add_sampling_args(p)
     p.add_argument(

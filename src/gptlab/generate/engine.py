@@ -180,14 +180,26 @@ class Engine:
         sampling: Sampling = Sampling(),
         stop_ids: Iterable[int] = (),
         sliding_window: bool = False,
+        images: torch.Tensor | None = None,
     ) -> Iterator[list[int | None]]:
-        """Yield, per decode step, each row's new token (``None`` for rows already finished by a stop id)."""
+        """Yield, per decode step, each row's new token (``None`` for rows already finished by a stop id).
+        ``images`` [B, channels, size, size], one per prompt, are prefilled once as each row's image prefix."""
         block = self.model.config.block_size
         if not prompts or any(len(p) == 0 for p in prompts):
             raise GptlabError("every prompt needs at least one token (use the end-of-text id for an empty prompt)")
         if max_new_tokens < 0:
             raise GptlabError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        longest = max(len(p) for p in prompts)
+        prefix = 0
+        if images is not None:
+            if self.model.vision is None:
+                raise GptlabError("this model takes no images (its config has image_size = 0); drop the image")
+            if len(images) != len(prompts):
+                raise GptlabError(f"{len(images)} images for {len(prompts)} prompts; give one image per prompt")
+            if sliding_window or self.draft is not None:
+                raise GptlabError("an image prompt has no sliding window or speculative decoding; drop those")
+            self.model.vision.check(images)
+            prefix = self.model.config.image_tokens
+        longest = max(len(p) for p in prompts) + prefix
         if not sliding_window and longest + max_new_tokens > block:
             what = (
                 f"the longest prompt has {longest} tokens"
@@ -242,7 +254,7 @@ class Engine:
         done = torch.zeros(B, dtype=torch.bool, device=self.device)  # on the device, for the step's masking
         finished = [False] * B  # the same on the host: one device-to-host copy per step (the new tokens)
         self.stats = {"prefill_seconds": 0.0, "prefill_tokens": 0, "decode_seconds": 0.0, "decode_steps": 0}
-        logits, cache, slot = self._prefill(histories, max_new_tokens)
+        logits, cache, slot = self._prefill(histories, max_new_tokens, images)
         all_slots = torch.arange(cache.length, device=self.device)  # a step's slot is a view: no host-to-device copy
         for step in range(max_new_tokens):
             tok = next_tokens(logits[:, -1], sampling, seen, generators)
@@ -269,21 +281,26 @@ class Engine:
             self.stats["decode_steps"] += 1
             slot += 1
 
-    def _prefill(self, histories: list[list[int]], remaining: int) -> tuple[torch.Tensor, KVCache, int]:
-        """Left-pad the rows, run them through the model in one pass, return (last logits, cache, next slot)."""
+    def _prefill(
+        self, histories: list[list[int]], remaining: int, images: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, KVCache, int]:
+        """Left-pad the rows, run them (after their image prefix, if any) through the model in one pass, return
+        (last logits, cache, next slot)."""
         block = self.model.config.block_size
         rows = [h[-block:] for h in histories]
         T = max(len(r) for r in rows)
+        P = 0 if images is None else self.model.config.image_tokens
         pad = torch.tensor([T - len(r) for r in rows], device=self.device)
         idx = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=self.device)
-        cache = self.cache_for(len(rows), T + remaining)
+        cache = self.cache_for(len(rows), P + T + remaining)
         cache.pad = pad
         t0 = time.perf_counter()
-        logits, _ = self.model(idx, cache=cache, slots=torch.arange(T, device=self.device))
+        images = None if images is None else images.to(self.device)
+        logits, _ = self.model(idx, cache=cache, slots=torch.arange(P + T, device=self.device), images=images)
         self.stats["prefill_seconds"] += time.perf_counter() - t0
-        self.stats["prefill_tokens"] += T * len(rows)
+        self.stats["prefill_tokens"] += (P + T) * len(rows)
         self.stats["cache_bytes"] = cache.nbytes
-        return logits, cache, T
+        return logits, cache, P + T
 
     def generate_tokens(
         self,
@@ -292,11 +309,12 @@ class Engine:
         sampling: Sampling = Sampling(),
         stop_ids: Iterable[int] = (),
         sliding_window: bool = False,
+        images: torch.Tensor | None = None,
     ) -> list[Completion]:
         """Every row's new tokens (a stop id ends its row and is not included)."""
         stop = set(stop_ids)
         out = [Completion() for _ in prompts]
-        for step in self.stream_tokens(prompts, max_new_tokens, sampling, stop, sliding_window):
+        for step in self.stream_tokens(prompts, max_new_tokens, sampling, stop, sliding_window, images):
             for c, t in zip(out, step):
                 if t is None or c.finish_reason != "length":
                     continue
@@ -312,9 +330,13 @@ class Engine:
             raise GptlabError("this engine has no tokenizer; pass one to work with text")
         return self.tokenizer
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """Token ids of a prompt; the empty prompt becomes the end-of-text token (unconditional sampling)."""
+    def encode_prompt(self, prompt: str, image: bool = False) -> list[int]:
+        """Token ids of a prompt; the empty prompt becomes the end-of-text token (unconditional sampling). After an
+        image the text always starts with the end-of-text token, as image-text training examples do
+        (:mod:`gptlab.vision.data`)."""
         tok = self._tok()
+        if image:
+            return [tok.eot_id, *tok.encode(prompt)]
         return tok.encode(prompt) if prompt else [tok.eot_id]
 
     def generate(
@@ -325,16 +347,18 @@ class Engine:
         stop: Sequence[str] = (),
         stop_ids: Iterable[int] | None = None,
         sliding_window: bool = False,
+        images: torch.Tensor | None = None,
     ) -> list[Completion]:
         """Text completions for a batch of prompts, each cut before the first stop string it produces.
-        ``stop_ids`` defaults to the tokenizer's end-of-text token."""
+        ``stop_ids`` defaults to the tokenizer's end-of-text token; ``images``: one per prompt (see
+        :meth:`stream_tokens`)."""
         tok = self._tok()
         stop_ids = {tok.eot_id} if stop_ids is None else set(stop_ids)
-        ids = [self.encode_prompt(p) for p in prompts]
+        ids = [self.encode_prompt(p, images is not None) for p in prompts]
         streams = [TextStream(tok, stop) for _ in prompts]
         out = [Completion() for _ in prompts]
         live = list(range(len(prompts)))
-        for step in self.stream_tokens(ids, max_new_tokens, sampling, stop_ids, sliding_window):
+        for step in self.stream_tokens(ids, max_new_tokens, sampling, stop_ids, sliding_window, images):
             for r in list(live):
                 t = step[r]
                 if t is None or t in stop_ids:
@@ -360,15 +384,16 @@ class Engine:
         stop: Sequence[str] = (),
         stop_ids: Iterable[int] | None = None,
         sliding_window: bool = False,
+        image: torch.Tensor | None = None,
     ) -> Iterator[str]:
         """Yield the completion of one prompt as text pieces, as soon as they are whole characters (a multi-byte
-        character split across tokens is held back until complete) and cannot be the start of a stop string."""
+        character split across tokens is held back until complete) and cannot be the start of a stop string.
+        ``image`` [1, channels, size, size] goes before the prompt."""
         tok = self._tok()
         stop_ids = {tok.eot_id} if stop_ids is None else set(stop_ids)
         s = TextStream(tok, stop)
-        for step in self.stream_tokens(
-            [self.encode_prompt(prompt)], max_new_tokens, sampling, stop_ids, sliding_window
-        ):
+        ids = self.encode_prompt(prompt, image is not None)
+        for step in self.stream_tokens([ids], max_new_tokens, sampling, stop_ids, sliding_window, image):
             if step[0] is None or step[0] in stop_ids:
                 break
             s.push(step[0])

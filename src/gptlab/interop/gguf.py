@@ -40,6 +40,8 @@ def _check(cfg: GPTConfig, tokenizer: dict[str, Any]) -> None:
         problems.append("layers without biases")
     if cfg.n_experts > 1:
         problems.append("mixture-of-experts layers")
+    if cfg.image_size:
+        problems.append("image prefix (gptlab's patch embedding has no llama.cpp counterpart)")
     if tokenizer.get("kind") != "gpt2" or cfg.vocab_size != 50257:
         problems.append(f"the {tokenizer.get('kind')} tokenizer (only GPT-2's BPE maps to llama.cpp's gpt2 vocabulary)")
     if problems:

@@ -151,6 +151,12 @@ def config_to_hf(cfg: GPTConfig, eot_id: int | None) -> dict[str, Any]:
             "this is a mixture-of-experts model, which Hugging Face's GPT-2 layout cannot hold; keep it "
             "as a gptlab checkpoint"
         )
+    if cfg.image_size:
+        raise GptlabError(
+            "this model takes images (an image prefix), which Hugging Face's text-only GPT-2 and GPT-1 layouts "
+            "cannot hold (its multimodal models pair other decoders with other vision towers); keep it as a "
+            "gptlab checkpoint"
+        )
     common = {
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,

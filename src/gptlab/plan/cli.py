@@ -20,6 +20,7 @@ from .shape import (
     attention_cost,
     attention_crossover,
     forward_flops_per_token,
+    image_flops,
     matmul_params,
     mfu,
     params,
@@ -66,6 +67,8 @@ def plan_model(args: argparse.Namespace) -> tuple[dict, str]:
         "weights_bytes": {d: weights_bytes(s, d) for d in DTYPE_BYTES},
         "kv_cache_bytes_per_token": {d: kv_cache_bytes(s, 1, 1, d) for d in ("fp32", "bf16", "int8")},
     }
+    if s.image_size:
+        r["image_flops"] = image_flops(s)
     lines = [
         f"{args.model}: {s.n_layer} layers, d_model {s.d_model}, {s.n_head} heads"
         f"{f' ({s.kv_heads} kv)' if s.kv_heads != s.n_head else ''}, d_ff {s.ff}, context {s.n_ctx}, "
@@ -84,6 +87,15 @@ def plan_model(args: argparse.Namespace) -> tuple[dict, str]:
         "KV cache per token per sequence: "
         + ", ".join(f"{d} {v / 1024:,.1f} KiB" for d, v in r["kv_cache_bytes_per_token"].items()),
     ]
+    if s.image_size:
+        fl = r["image_flops"]
+        lines += [
+            "",
+            f"image prefix: {s.image_tokens} tokens of the {s.n_ctx}-token context ({s.image_size}x{s.image_size}x"
+            f"{s.image_channels}, {s.patch_size}x{s.patch_size} patches, {s.image_encoder} encoder, {s.projector} "
+            f"projector); forward FLOPs per image:",
+        ]
+        lines += [f"  {k:<20}{si(v, 'FLOP'):>20}" for k, v in fl.items() if k != "image_tokens"]
     return r, "\n".join(lines)
 
 

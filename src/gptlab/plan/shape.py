@@ -15,6 +15,8 @@ from typing import Any
 from ..config import GPTConfig, preset
 from ..errors import GptlabError
 
+VISION_FIELDS = ("image_size", "image_channels", "patch_size", "image_encoder", "encoder_width", "projector")
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -33,6 +35,13 @@ class Shape:
     expert_ff: int | None = None  # hidden width of a routed expert; default d_ff
     moe_every: int = 1  # every moe_every-th layer is routed (when n_experts > 1)
     shared_expert: bool = False  # an always-on MLP beside the routed experts in MoE layers
+    # image prefix (gptlab.vision; image_size 0 = text only): the GPTConfig fields of the same names
+    image_size: int = 0
+    image_channels: int = 3
+    patch_size: int = 4
+    image_encoder: str = "linear"
+    encoder_width: int = 0
+    projector: str = "linear"
 
     def __post_init__(self) -> None:
         problems = [
@@ -68,6 +77,8 @@ class Shape:
             problems.append(f"n_head={self.n_head} is not a multiple of n_kv_head={self.kv_heads}")
         if not problems and self.experts_per_token > self.n_experts:
             problems.append(f"experts_per_token={self.experts_per_token} exceeds n_experts={self.n_experts}")
+        if self.image_size and (self.patch_size < 1 or self.image_size % self.patch_size):
+            problems.append(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
         if problems:
             raise GptlabError("invalid model shape: " + "; ".join(problems))
 
@@ -82,6 +93,10 @@ class Shape:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 if self.image_size else 0
 
     @property
     def moe_layers(self) -> int:
@@ -103,6 +118,7 @@ class Shape:
             expert_ff=cfg.expert_ff or None,
             moe_every=cfg.moe_every,
             shared_expert=cfg.shared_expert,
+            **{k: getattr(cfg, k) for k in VISION_FIELDS},
         )
 
     def replace(self, **changes: Any) -> Shape:
@@ -144,6 +160,7 @@ def params(s: Shape) -> dict[str, int]:
         "mlp": mlp,
         "norms": L * 2 * norm + (norm if s.norm == "pre" else 0),
         "head": 0 if s.tie_weights else s.vocab_size * d,
+        **({"vision": vision_params(s)} if s.image_size else {}),
     }
     total = sum(parts.values())
     inactive = M * (s.n_experts - s.experts_per_token) * expert
@@ -184,6 +201,41 @@ def forward_flops_per_token(s: Shape, n_ctx: int | None = None) -> dict[str, flo
     active_non_embedding = p["active"] - p["token_embedding"] - p["position_embedding"]
     out["kaplan_total"] = 2.0 * active_non_embedding + out["attention_mask"]
     out["total"] = sum(out[k] for k in ("attention_qkv", "attention_mask", "attention_project", "mlp", "de_embed"))
+    return out
+
+
+def _vision_widths(s: Shape) -> tuple[int, int]:
+    """(channels of the features that are patched, width of one flattened patch)."""
+    w = (s.encoder_width or s.image_channels) if s.image_encoder == "cnn" else s.image_channels
+    return w, w * s.patch_size**2
+
+
+def vision_params(s: Shape) -> int:
+    """Exact parameters of the image prefix (:class:`gptlab.vision.encoder.ImagePrefix`): the cnn encoder's two
+    3x3 convolutions, the projector (linear, or Linear-GELU-Linear) and the row and column positions."""
+    if not s.image_size:
+        return 0
+    c, d = s.image_channels, s.d_model
+    w, d_in = _vision_widths(s)
+    conv = (9 * c * w + w + 9 * w * w + w) if s.image_encoder == "cnn" else 0
+    proj = d_in * d + d + ((d * d + d) if s.projector == "mlp" else 0)
+    return conv + proj + 2 * (s.image_size // s.patch_size) * d
+
+
+def image_flops(s: Shape) -> dict[str, float]:
+    """Forward FLOPs per image: ``encoder`` (the cnn's convolutions, 2·S²·9·(c·w + w²)), ``projector``
+    (2·P·d_in·d, plus 2·P·d² for the MLP's second layer) and ``decoder`` (the P prefix positions through every
+    block at the model's context, as text tokens cost, less the de-embedding: they have no logits)."""
+    P, d = s.image_tokens, s.d_model
+    w, d_in = _vision_widths(s)
+    per_token = forward_flops_per_token(s)
+    out = {
+        "image_tokens": float(P),
+        "encoder": 2.0 * s.image_size**2 * 9 * (s.image_channels * w + w * w) if s.image_encoder == "cnn" else 0.0,
+        "projector": 2.0 * P * (d_in * d + (d * d if s.projector == "mlp" else 0)),
+        "decoder": P * (per_token["total"] - per_token["de_embed"]),
+    }
+    out["total"] = out["encoder"] + out["projector"] + out["decoder"]
     return out
 
 

@@ -167,6 +167,24 @@ class Server:
         except GptlabError as e:
             raise ApiError(400, str(e), "messages") from None
 
+    def image(self, messages: Sequence[Any]):
+        """The request's image (OpenAI's ``image_url`` content part, as a base64 data URI) as the model's input
+        [1, channels, size, size], or None. A gptlab model reads one image, before the whole conversation."""
+        urls = [u for m in messages for u in m.image_urls()]
+        if not urls:
+            return None
+        cfg = self.ready().model.config
+        if not cfg.image_size:
+            raise ApiError(400, "this model takes no images; send text content only", "messages")
+        if len(urls) > 1:
+            raise ApiError(400, f"{len(urls)} images in one request; a gptlab model reads one", "messages")
+        from ..vision.images import decode_data_uri, to_tensor
+
+        try:
+            return to_tensor(decode_data_uri(urls[0], cfg.image_size, cfg.image_channels))
+        except GptlabError as e:
+            raise ApiError(400, str(e), "messages") from None
+
     def token_text(self, t: int) -> str:
         return self.tokenizer.decode([t])
 
@@ -321,9 +339,12 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:
         server.ready()
-        prompts = [server.encode(server.render(body.messages))]
+        image = server.image(body.messages)
+        text = server.render(body.messages)
+        # after an image the text starts with the end-of-text token, as the image-text training examples do
+        prompts = [server.encode(text) if image is None else [server.tokenizer.eot_id, *server.tokenizer.encode(text)]]
         lp = (body.top_logprobs or 0) if body.logprobs else None
-        job = _Run(server, body, prompts, stop=body.stop_list() + server.template.stop, logprobs=lp)
+        job = _Run(server, body, prompts, stop=body.stop_list() + server.template.stop, logprobs=lp, image=image)
         return await job.respond(request, "chatcmpl", _ChatFormat(server, body))
 
     @app.get("/")
@@ -359,6 +380,7 @@ class _Run:
         stop: Sequence[str],
         logprobs: int | None,
         echo: list[str] | None = None,
+        image: Any = None,
     ) -> None:
         sched = server.ready()
         server.check_model(body.model)
@@ -379,8 +401,9 @@ class _Run:
         self.requests = []
         for p in prompts:
             max_tokens = body.max_tokens
-            if server.cfg.clamp_max_tokens and max_tokens is not None and len(p) + max_tokens > server.block:
-                max_tokens = max(0, server.block - len(p))
+            used = len(p) + (0 if image is None else sched.model.config.image_tokens)
+            if server.cfg.clamp_max_tokens and max_tokens is not None and used + max_tokens > server.block:
+                max_tokens = max(0, server.block - used)
             r = GenRequest(
                 p,
                 max_tokens,
@@ -391,6 +414,7 @@ class _Run:
                 None,
                 logprobs,
                 echo is not None and logprobs is not None,
+                image=image,
             )
             try:
                 r.max_tokens = sched.check(r)

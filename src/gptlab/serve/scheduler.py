@@ -64,6 +64,7 @@ class Request:
     logprobs: int | None = None
     echo_logprobs: bool = False
     id: str = field(default_factory=lambda: secrets.token_hex(12))
+    image: torch.Tensor | None = None  # [1, channels, size, size]: an image prefix before the prompt (gptlab.vision)
 
 
 @dataclass
@@ -118,6 +119,7 @@ class _Job:
     choices: list[_Choice] = field(default_factory=list)
     prefilled: int = 0
     first_token_time: float | None = None
+    offset: int = 0  # cache slots before the prompt's: the image prefix, if any
 
 
 class Scheduler:
@@ -181,18 +183,34 @@ class Scheduler:
             raise InvalidRequest(
                 f"the prompt holds a token id outside the model's vocabulary of {self.vocab}", "prompt"
             )
-        if len(p) > self.block:
+        prefix = 0
+        if request.image is not None:
+            if self.model.vision is None:
+                raise InvalidRequest("this model takes no images (its config has image_size = 0)", "messages")
+            try:
+                self.model.vision.check(request.image)
+            except GptlabError as e:
+                raise InvalidRequest(str(e), "messages") from None
+            if len(request.image) != 1:
+                raise InvalidRequest("one image per request", "messages")
+            if request.echo_logprobs:
+                raise InvalidRequest("prompt logprobs (echo) are for text prompts", "echo")
+            prefix = self.model.config.image_tokens
+        if prefix + len(p) > self.block:
             raise InvalidRequest(
-                f"the prompt has {len(p)} tokens, more than the model's context of {self.block}", "prompt"
+                f"the prompt has {len(p)} tokens{f' after {prefix} image tokens' if prefix else ''}, more than "
+                f"the model's context of {self.block}",
+                "prompt",
             )
         if not 1 <= request.n <= self.max_batch:
             raise InvalidRequest(f"n must be in [1, {self.max_batch}] (the server's --max-batch), got {request.n}", "n")
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
             raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}", "logprobs")
-        max_tokens = self.block - len(p) if request.max_tokens is None else request.max_tokens
-        if max_tokens < 0 or len(p) + max_tokens > self.block:
+        used = prefix + len(p)
+        max_tokens = self.block - used if request.max_tokens is None else request.max_tokens
+        if max_tokens < 0 or used + max_tokens > self.block:
             raise InvalidRequest(
-                f"the prompt has {len(p)} tokens and max_tokens is {max_tokens}: {len(p) + max_tokens} in all, "
+                f"the prompt has {used} tokens and max_tokens is {max_tokens}: {used + max_tokens} in all, "
                 f"more than the model's context of {self.block}; shorten the prompt or lower max_tokens",
                 "max_tokens",
             )
@@ -219,6 +237,7 @@ class Scheduler:
             max_tokens,
             request.stop_ids if request.stop_ids is not None else frozenset({self.tokenizer.eot_id}),
             dataclasses.replace(request.sampling, seed=0),
+            offset=0 if request.image is None else self.model.config.image_tokens,
         )
         with self._lock:
             if self._stopping:
@@ -364,36 +383,46 @@ class Scheduler:
         budget = self.prefill_chunk
         group: list[tuple[_Job, int, int]] = []  # (job, start, end): only the first may continue a chunked prompt
         longest = 0
+        image = None  # a request's image prefix is prefilled with its first chunk, in a pass of its own
         for job in self.prefilling:
             start, left = job.prefilled, len(job.request.prompt) - job.prefilled
+            fresh = job.request.image if start == 0 else None
+            if fresh is not None and group:
+                break
             take = min(left, budget) if not group else left
             if group and (len(group) + 1) * max(longest, take) > budget:
                 break
             group.append((job, start, start + take))
             longest = max(longest, take)
+            if fresh is not None:
+                image = fresh.to(self.device)
+                break
         if not group:
             return
         T, rows = longest, len(group)
-        scratch = KVCache(self.model.config, rows, max(s + T for _, s, _ in group), self.device, self.dtype)
+        P = 0 if image is None else self.model.config.image_tokens
+        lows = [0 if image is not None else job.offset + a for job, a, _ in group]  # first slot each row writes
+        scratch = KVCache(self.model.config, rows, max(lows) + P + T, self.device, self.dtype)
         job0, start0, _ = group[0]
-        if start0:  # the earlier chunks of a long prompt
+        if start0:  # the earlier chunks of a long prompt (and its image prefix)
             for (k, v), (sk, sv) in zip(self.pool.layers, scratch.layers):
-                sk[0, :, :start0] = k[job0.choices[0].row, :, :start0]
-                sv[0, :, :start0] = v[job0.choices[0].row, :, :start0]
+                sk[0, :, : lows[0]] = k[job0.choices[0].row, :, : lows[0]]
+                sv[0, :, : lows[0]] = v[job0.choices[0].row, :, : lows[0]]
         idx = torch.tensor([j.request.prompt[a:b] + [0] * (T - (b - a)) for j, a, b in group], device=self.device)
-        slots = torch.tensor([[a + t for t in range(T)] for _, a, _ in group], device=self.device)
-        hidden, _ = self.model(idx, cache=scratch, slots=slots, hidden=True)
-        ends = torch.tensor([b - a - 1 for _, a, b in group], device=self.device)
+        slots = torch.tensor([[lo + t for t in range(P + T)] for lo in lows], device=self.device)
+        hidden, _ = self.model(idx, cache=scratch, slots=slots, hidden=True, images=image)
+        ends = torch.tensor([P + b - a - 1 for _, a, b in group], device=self.device)
         last = hidden[torch.arange(rows, device=self.device), ends]
         logits = self.model.lm_head(last)[:, : self.vocab]
-        for i, (job, a, b) in enumerate(group):
+        for i, (job, _, b) in enumerate(group):
+            lo, hi = lows[i], job.offset + b
             for (k, v), (sk, sv) in zip(self.pool.layers, scratch.layers):
                 for c in job.choices:  # every choice shares the prompt's keys and values
-                    k[c.row, :, a:b] = sk[i, :, a:b]
-                    v[c.row, :, a:b] = sv[i, :, a:b]
+                    k[c.row, :, lo:hi] = sk[i, :, lo:hi]
+                    v[c.row, :, lo:hi] = sv[i, :, lo:hi]
             job.prefilled = b
             for c in job.choices:
-                c.filled = b
+                c.filled = job.offset + b
             if b < len(job.request.prompt):
                 continue
             self.prefilling.remove(job)

@@ -27,6 +27,7 @@ from ..errors import GptlabError
 from ..files import run_folder
 from ..metrics import METRICS, Metrics, plot_losses
 from ..model import GPT
+from ..vision.data import ImageExamples, is_image_dataset
 from . import distributed
 from .config import TrainConfig
 from .loop import FitStats, fit, restore_state, save_state, state_dicts
@@ -34,19 +35,46 @@ from .optim import make_optimizer
 from .scheduled_sampling import mix_in_predictions, ss_probability
 
 
-def model_config_for(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
-    """The model config of a run: the preset, then the shortcut fields ``block_size`` (if set) and ``dropout``, then
+def model_config_for(cfg: TrainConfig, data: dict[str, Any]) -> GPTConfig:
+    """The model config of a run on the dataset whose ``meta.json`` is ``data``: the preset, then the dataset's
+    fields (its vocabulary; for an image dataset its image size and channels, and a context that holds the image
+    prefix and the longest text), then the shortcut fields ``block_size`` (if set) and ``dropout``, then
     ``model_overrides``. One rule: a field named in ``model_overrides`` (``--set``) wins over its shortcut."""
     base = preset(cfg.model)
+    vocab_size = data["vocab_size"]
     shortcuts = {"dropout": cfg.dropout, **({"block_size": cfg.block_size} if cfg.block_size else {})}
-    overrides = {"vocab_size": vocab_size, **shortcuts, **cfg.model_overrides}
-    mcfg = base.replace(**overrides)
+    from_data: dict[str, Any] = {"vocab_size": vocab_size}
+    images = is_image_dataset(data)
+    if images:
+        from_data |= {"image_size": data["image_size"], "image_channels": data["image_channels"]}
+        patch = cfg.model_overrides.get("patch_size", base.patch_size)
+        if isinstance(patch, int) and patch > 0:
+            from_data["block_size"] = (data["image_size"] // patch) ** 2 + data["text_tokens"] - 1
+    mcfg = base.replace(**{**from_data, **shortcuts, **cfg.model_overrides})
     if mcfg.vocab_size < vocab_size:
         raise GptlabError(
             f"vocab_size = {mcfg.vocab_size} is smaller than the dataset's tokenizer vocabulary "
             f"({vocab_size}); drop the override (the dataset's size is used) or raise it"
         )
+    if images and (mcfg.image_size, mcfg.image_channels) != (data["image_size"], data["image_channels"]):
+        raise GptlabError(
+            f"the dataset's images are {data['image_size']}x{data['image_size']} with {data['image_channels']} "
+            f"channel(s), the model's {mcfg.image_size}x{mcfg.image_size} with {mcfg.image_channels}; drop the "
+            f"image_size / image_channels override"
+        )
+    if not images and mcfg.image_size:
+        raise GptlabError(
+            f"image_size = {mcfg.image_size} asks for an image model, but {cfg.data} is a text dataset; prepare an "
+            f"image dataset (`gptlab prepare shapes`) or drop the override"
+        )
     return mcfg
+
+
+def open_split(cfg: TrainConfig, data: dict[str, Any], mcfg: GPTConfig, split: str) -> TokenWindows | ImageExamples:
+    """The loader of one split: token windows, or (image, text) examples for an image dataset."""
+    if is_image_dataset(data):
+        return ImageExamples(cfg.data, split, mcfg.block_size, cfg.seed, mcfg.image_tokens)
+    return TokenWindows(cfg.data, split, mcfg.block_size, cfg.seed)
 
 
 def diverged(loss: float, vocab_size: int) -> bool:
@@ -117,17 +145,23 @@ class Pretraining:
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
         """What can be refused before the run folder exists."""
-        model_config_for(cfg, read_meta(cfg.data)["vocab_size"])
+        data = read_meta(cfg.data)
+        model_config_for(cfg, data)
+        if is_image_dataset(data) and cfg.ss_schedule != "none":
+            raise GptlabError("scheduled sampling is for text datasets; drop --ss-schedule for an image dataset")
 
     def model_config(self) -> GPTConfig:
-        return model_config_for(self.cfg, self.data_meta["vocab_size"])
+        return model_config_for(self.cfg, self.data_meta)
 
     def init_weights(self, model: GPT) -> None:
         """Replace the seeded initial weights (before wrapping and the optimizer); pre-training keeps them."""
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, step: int, micro: int) -> torch.Tensor:
-        """The training loss of micro-batch ``micro`` of step ``step`` (inside autocast)."""
-        return self.model(x, y)[1]
+    def loss(
+        self, x: torch.Tensor, y: torch.Tensor, step: int, micro: int, images: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The training loss of micro-batch ``micro`` of step ``step`` (inside autocast); ``images`` for an image
+        dataset."""
+        return self.model(x, y, images=images)[1]
 
     def __init__(self, cfg: TrainConfig, d: distributed.Dist, resume: bool) -> None:
         if cfg.threads:
@@ -140,8 +174,8 @@ class Pretraining:
         existing = checkpoint.checkpoints_for(out, resume)
         self.data_meta = read_meta(cfg.data)
         self.mcfg = mcfg = self.model_config()
-        self.train_windows = TokenWindows(cfg.data, "train", mcfg.block_size, cfg.seed)
-        self.val_windows = TokenWindows(cfg.data, "val", mcfg.block_size, cfg.seed)
+        self.train_windows = open_split(cfg, self.data_meta, mcfg, "train")
+        self.val_windows = open_split(cfg, self.data_meta, mcfg, "val")
         with torch.device("meta"):
             self.n_params = GPT(mcfg).num_params()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP does not broadcast them)
@@ -194,12 +228,14 @@ class Pretraining:
         p_ss = ss_probability(cfg.ss_schedule, step, cfg.max_iters, cfg.ss_max_prob, cfg.ss_k)
         ss_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step) if p_ss > 0 else None
         for micro in range(cfg.grad_accum):
-            x, y = to_device(self.train_windows.batch(cfg.batch_size, step, micro, d.rank, d.world_size), d.device)
+            x, y, *images = to_device(
+                self.train_windows.batch(cfg.batch_size, step, micro, d.rank, d.world_size), d.device
+            )
             if ss_gen is not None:
                 x = mix_in_predictions(self.raw, x, p_ss, ss_gen)
             sync = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync or not self.ddp else self.model.no_sync(), self.amp:
-                loss = self.loss(x, y, step, micro)
+                loss = self.loss(x, y, step, micro, *images)
             self.scaler.scale(loss / cfg.grad_accum).backward()
             self.pending.append(loss.detach())
         if cfg.optim.grad_clip:
@@ -227,11 +263,12 @@ class Pretraining:
         d = self.d
         self.model.eval()
         total = torch.zeros(2, device=d.device)
-        for x, y in batches:
-            x, y = to_device((x, y), d.device)
+        for batch in batches:
+            x, y, *images = to_device(batch, d.device)
             with self.amp:
-                _, loss = self.model(x, y)
-            total += torch.stack([loss.float() * y.numel(), torch.tensor(float(y.numel()), device=d.device)])
+                _, loss = self.model(x, y, images=images[0] if images else None)
+            n = (y >= 0).sum()  # target tokens (an image dataset pads its texts with -1)
+            total += torch.stack([loss.float() * n, n.float()])
         self.model.train()
         total = distributed.mean_across_ranks(total, d)
         return (total[0] / total[1]).item()
