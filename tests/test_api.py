@@ -3,6 +3,7 @@ random-weight GPT-2-shaped model: generation equals HF's greedy ``generate``, lo
 HF's log-softmax, ``save`` round-trips through ``from_pretrained``; plus the invariants (batched = alone, streamed =
 whole)."""
 
+import importlib
 import math
 
 import pytest
@@ -50,6 +51,7 @@ def test_entry_points_are_exported():
         "preset",
     ):
         assert hasattr(gptlab, name), name
+    importlib.import_module("gptlab.train.trainer")  # a submodule is an attribute once imported, as in any package
     assert callable(gptlab.train) and gptlab.train.trainer.train  # the package is callable and still a package
 
 

@@ -70,6 +70,33 @@ def test_the_kernels_compute_the_dequantized_matmul(mode):
     torch.testing.assert_close(layer.rows(idx), deq[idx])
 
 
+def test_the_avx2_int8_kernel_equals_pytorch_s_eager_and_compiled():
+    from gptlab.generate import Engine, Sampling
+    from gptlab.quant import kernels
+
+    mm = kernels.load()
+    if mm is None:
+        cap = torch.backends.cpu.get_cpu_capability()
+        pytest.skip(f"gptlab's int8 kernel serves AVX2-only CPUs with a C++ compiler; this CPU reports {cap}")
+    torch.manual_seed(0)
+    for n, k in ((100, 256), (37, 100), (3, 33)):  # input widths that are not multiples of 32: the tail loop
+        q, s = quantize_int8(torch.randn(n, k))
+        for m in (1, 2, 7, 16):
+            x = torch.randn(m, k)
+            torch.testing.assert_close(mm(x, q, s), torch.ops.aten._weight_int8pack_mm(x, q, s), rtol=1e-5, atol=1e-5)
+    model = quantize_model(gpt2_shaped(), "int8")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert all(m._int8_mm is mm for m in layers)
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    greedy = Sampling(temperature=0)
+    ours = [c.tokens for c in Engine(model).generate_tokens(prompts, 12, greedy)]
+    compiled = [c.tokens for c in Engine(model, compile=True).generate_tokens(prompts, 12, greedy)]
+    for m in layers:
+        m._int8_mm = None  # PyTorch's kernel
+    theirs = [c.tokens for c in Engine(model).generate_tokens(prompts, 12, greedy)]
+    assert ours == compiled == theirs
+
+
 @pytest.mark.parametrize("mode,tol", [("int8", 0.02), ("int4", 0.3)])
 def test_a_saved_quantized_checkpoint_loads_everywhere_with_the_same_logits(tmp_path, mode, tol):
     model = gpt2_shaped()

@@ -101,6 +101,21 @@ def test_image_tokens_carry_no_loss_and_come_first(meta, images):
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("width", [0, 5])
+def test_the_cnn_prefix_is_two_convolutions_then_the_projector(meta, images, width):
+    """Width 0 (the image's channels): a residual block, pixels plus conv(gelu(conv(pixels))); another width: the
+    block's output alone. Then 4x4 patches through the LLaVA-1.5 MLP, plus the row and column positions."""
+    model = vision_model(meta, image_encoder="cnn", projector="mlp", encoder_width=width)
+    v = model.vision
+    c1, c2 = v.encoder[0], v.encoder[2]
+    y = F.conv2d(F.gelu(F.conv2d(images, c1.weight, c1.bias, padding=1)), c2.weight, c2.bias, padding=1)
+    feats = images + y if width == 0 else y
+    l1, l2 = v.proj[0], v.proj[2]
+    want = F.linear(F.gelu(F.linear(patchify(feats, 4), l1.weight, l1.bias)), l2.weight, l2.bias)
+    want = want + (v.row[:, None] + v.col[None, :]).flatten(0, 1)
+    torch.testing.assert_close(v(images), want, rtol=1e-5, atol=1e-5)
+
+
 def uncached_greedy(model, ids, image, n):
     ids = list(ids)
     for _ in range(n):
@@ -109,9 +124,9 @@ def uncached_greedy(model, ids, image, n):
     return ids[-n:]
 
 
-@pytest.mark.parametrize("encoder,projector", [("linear", "linear"), ("cnn", "mlp")])
-def test_cached_greedy_equals_uncached_and_a_batch_equals_each_alone(meta, images, encoder, projector):
-    model = vision_model(meta, image_encoder=encoder, projector=projector, encoder_width=4)
+@pytest.mark.parametrize("encoder,projector,width", [("linear", "linear", 0), ("cnn", "mlp", 4), ("cnn", "linear", 0)])
+def test_cached_greedy_equals_uncached_and_a_batch_equals_each_alone(meta, images, encoder, projector, width):
+    model = vision_model(meta, image_encoder=encoder, projector=projector, encoder_width=width)
     tok = from_spec(meta["tokenizer"])
     engine = Engine(model, tok)
     prompts = [[tok.eot_id, *tok.encode(t)] for t in ("Q: what colour? A:", "Q: where? A:", "", "Q: how many?")]
@@ -349,7 +364,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_image_run(shapes, meta, 
     b = checkpoint.load_checkpoint(tmp_path / "killed")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     cfg = checkpoint.load_checkpoint(tmp_path / "full")[0].config
-    assert (cfg.image_size, cfg.image_encoder, cfg.block_size) == (16, "cnn", 16 + meta["text_tokens"] - 1)
+    assert (cfg.image_size, cfg.image_encoder, cfg.block_size) == (16, "cnn", 16 + meta["text_tokens"])
 
 
 def test_image_datasets_are_refused_where_they_do_not_apply(shapes, tmp_path):

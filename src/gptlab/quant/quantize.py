@@ -3,8 +3,10 @@
 Activations stay in the compute dtype; only the weights are stored in fewer bits and expanded inside the matmul:
 
 - **int8**: symmetric, one scale per output row: ``scale = max|w_row| / 127``, ``q = round(w / scale)`` in
-  [-127, 127]. Matmul: PyTorch's ``_weight_int8pack_mm`` on the CPU; elsewhere ``F.linear(x, q) * scale``, which
-  ``torch.compile`` fuses into one kernel reading int8 (gpt-fast's CUDA path).
+  [-127, 127]. Matmul: PyTorch's ``_weight_int8pack_mm`` on the CPU, except on AVX2-only CPUs, where that kernel is
+  scalar and gptlab's :mod:`.kernels` serves up to 16 rows (longer inputs: ``F.linear(x, q) * scale`` in BLAS);
+  elsewhere ``F.linear(x, q) * scale``, which ``torch.compile`` fuses into one kernel reading int8 (gpt-fast's
+  CUDA path).
 - **int4**: asymmetric, one scale and one offset per group of ``group_size`` input columns: ``scale = (max - min) /
   15``, ``q = round((w - min) / scale)`` in [0, 15], and ``w ≈ (q - 8) * scale + zero`` with ``zero = min + 8 *
   scale`` (the convention of PyTorch's int4 "tinygemm" kernels). Two codes per byte, the even column in the high
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import GptlabError
 from ..model import GPT
+from . import kernels
 
 M = TypeVar("M", bound=nn.Module)
 MODES = ("int8", "int4")
@@ -110,6 +113,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("zeros", torch.zeros(n, k // group_size))
         self.register_buffer("bias", torch.zeros(n) if bias else None)
         self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # int4: the kernel's layout, per device
+        self._int8_mm: Any = None  # int8 on an AVX2 CPU: gptlab's kernel (gptlab.quant.kernels), set by prepare()
 
     @classmethod
     def from_weight(
@@ -146,8 +150,9 @@ class QuantLinear(nn.Module):
 
     def prepare(self) -> None:
         """Build the int4 kernel's weight layout for the device the module is on (rows padded to a multiple of
-        16, as the CPU kernel needs); int8 needs none."""
-        if self.mode != "int4":
+        16, as the CPU kernel needs); for int8 on the CPU, pick gptlab's AVX2 kernel where it applies."""
+        if self.mode == "int8":
+            self._int8_mm = kernels.load() if self.qweight.device.type == "cpu" else None
             return
         dev, n = self.qweight.device, self.out_features
         pad = -n % 16
@@ -170,7 +175,12 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.mode == "int8":
-            if x2.device.type == "cpu":
+            if self._int8_mm is not None and x2.device.type == "cpu" and x2.dtype == torch.float32:  # AVX2 (kernels)
+                if x2.size(0) <= kernels.MAX_ROWS:
+                    y = self._int8_mm(x2, self.qweight, self.scales)
+                else:
+                    y = F.linear(x2, self.qweight.float()) * self.scales
+            elif x2.device.type == "cpu":
                 y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x2.dtype))
             else:
                 y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)

@@ -49,7 +49,8 @@ def model_config_for(cfg: TrainConfig, data: dict[str, Any]) -> GPTConfig:
         from_data |= {"image_size": data["image_size"], "image_channels": data["image_channels"]}
         patch = cfg.model_overrides.get("patch_size", base.patch_size)
         if isinstance(patch, int) and patch > 0:
-            from_data["block_size"] = (data["image_size"] // patch) ** 2 + data["text_tokens"] - 1
+            # the prefix and a whole text, final end-of-text included: generating an answer to its end fits
+            from_data["block_size"] = (data["image_size"] // patch) ** 2 + data["text_tokens"]
     mcfg = base.replace(**{**from_data, **shortcuts, **cfg.model_overrides})
     if mcfg.vocab_size < vocab_size:
         raise GptlabError(

@@ -3,7 +3,9 @@
 The default follows Fuyu (Bavishi et al. 2023, "Fuyu-8B"): the image is cut into ``patch_size`` x ``patch_size``
 patches, each patch's raw pixels are mapped by one linear layer into the decoder's embedding space, and a learned
 2-D position (a row vector plus a column vector) tells the decoder where each patch sits. There is no vision tower.
-``image_encoder="cnn"`` first runs two 3x3 convolutions over the pixels (a minimal encoder); ``projector="mlp"``
+``image_encoder="cnn"`` first runs a residual block of two 3x3 convolutions over the pixels (He et al. 2016; at the
+default width, the image's channels, the block adds its output to the pixels, so the patches still see them);
+``projector="mlp"``
 swaps the linear map for LLaVA-1.5's Linear-GELU-Linear projector (Liu et al. 2023, "Improved Baselines with
 Visual Instruction Tuning").
 
@@ -51,7 +53,6 @@ class ImagePrefix(nn.Module):
                 nn.Conv2d(cfg.image_channels, feat, 3, padding=1),
                 nn.GELU(),
                 nn.Conv2d(feat, feat, 3, padding=1),
-                nn.GELU(),
             )
         d_in = feat * cfg.patch_size**2
         self.proj = (
@@ -85,7 +86,8 @@ class ImagePrefix(nn.Module):
         self.check(images)
         x = images.to(self.row.dtype)
         if self.encoder is not None:
-            x = self.encoder(x)
+            y = self.encoder(x)
+            x = x + y if y.shape == x.shape else y  # residual where the widths match
         pos = (self.row[:, None] + self.col[None, :]).flatten(0, 1)  # [grid * grid, C], raster order
         return self.proj(patchify(x, self.patch)) + pos
 
