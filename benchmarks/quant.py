@@ -164,7 +164,7 @@ def bandwidth() -> float:
 
 def speed(args) -> dict:
     rows = []
-    for mode in ("fp32", "int8", "int4-g64"):
+    for mode in args.modes.split(","):
         for compiled in (False, True):
             for batch in (1, 8):
                 flags = ["--mode", mode, "--batch", str(batch), "--new", str(args.new), "--threads", str(args.threads)]
@@ -246,6 +246,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--mode", default="fp32")
+    ap.add_argument("--modes", default="fp32,int8,int4-g64", help="speed: the gptlab weight formats to measure")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--gguf")

@@ -2,10 +2,11 @@
 
 PyTorch's ``_weight_int8pack_mm`` has vectorized CPU paths for AVX-512 and NEON. On an AVX2-only CPU it runs a
 scalar loop at about 1 GB/s, slower than fp32, and inductor's own int8 code is no faster (docs/benchmarks.md).
-Batch-1 decoding is a matrix-vector product bound by reading the weights. The kernel below streams each int8 row
-once per batch row. It widens 32 codes at a time to fp32 (``vpmovsxbd``, ``vcvtdq2ps``) and accumulates with FMA,
-row blocks spread over PyTorch's intra-op threads, then applies the row's scale. This is the structure of
-llama.cpp's q8_0 dot product with fp32 activations, and the activations stay fp32 as the int8 scheme requires.
+Batch-1 decoding is a matrix-vector product bound by reading the weights. The kernel below reads each int8 row
+once per call, for up to 16 batch rows. It widens 32 codes at a time to fp32 (``vpmovsxbd``, ``vcvtdq2ps``) and
+accumulates with FMA into four independent accumulators per batch row, then applies the row's scale; blocks of rows
+are spread over PyTorch's intra-op threads. The activations stay fp32, as the weight-only scheme specifies; llama.cpp's
+q8_0 path also rounds the activations to 8 bits and multiplies integers, which is cheaper per weight.
 
 It is compiled once per machine with the system C++ compiler, against the installed torch, into
 ``$XDG_CACHE_HOME/gptlab/kernels``; the library is written under a temporary name and renamed, so a crash leaves no
@@ -49,10 +50,11 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   float* op = out.data_ptr<float>();
   TORCH_CHECK(M <= 16, "int8_mm: at most 16 rows");
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    __m256 acc[16];
+    __m256 acc[16][4];  // four independent accumulators per batch row: FMA latency, not a dependency chain
     for (int64_t n = n0; n < n1; ++n) {
       const int8_t* row = wp + n * K;
-      for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+      for (int64_t m = 0; m < M; ++m)
+        for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
       int64_t k = 0;
       for (; k + 32 <= K; k += 32) {  // 32 codes widened to fp32 once, then used by every batch row
         __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
@@ -63,14 +65,15 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
         __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
         for (int64_t m = 0; m < M; ++m) {
           const float* xr = xp + m * K + k;
-          __m256 a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[m]);
-          a = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), a);
-          a = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), a);
-          acc[m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), a);
+          acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[m][0]);
+          acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[m][1]);
+          acc[m][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[m][2]);
+          acc[m][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[m][3]);
         }
       }
       for (int64_t m = 0; m < M; ++m) {
-        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
+        __m256 a = _mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3]));
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
         s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
         s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
         float sum = _mm_cvtss_f32(s4);
