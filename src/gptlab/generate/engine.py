@@ -158,7 +158,15 @@ class Engine:
         self.tokenizer = tokenizer
         self.compile = compile
         options = {**COMPILE_OPTIONS, **(compile_options or {})}
-        self._decode = torch.compile(model, dynamic=False, fullgraph=True, options=options) if compile else model
+        self._decode: Any = model
+        if compile:
+
+            def step(idx: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> tuple[Any, Any]:
+                return model(idx, cache=cache, slots=slots)
+
+            # a function of its own, not the module: Dynamo then cannot fail on this model because compiled
+            # GPT.forward frames of other models ran in this process (seen with torch 2.13; see the scheduler)
+            self._decode = torch.compile(step, dynamic=False, fullgraph=True, options=options)
         self.stats: dict[str, Any] = {}
 
     @property
