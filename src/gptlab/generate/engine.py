@@ -28,6 +28,7 @@ from ..errors import GptlabError
 from ..model import GPT, KVCache
 from ..quant.speculative import Draft, SpeculativeStats, as_steps, speculative_rounds
 from ..recipe import DEFAULT_SEED
+from ..vision.data import image_text_ids
 
 CACHE_BUCKET = 256  # compiled decode: cache lengths are rounded up to a multiple of this (fewer recompiles)
 # Materialize every intermediate instead of fusing LayerNorm/GELU into the matrix-vector reductions that read
@@ -39,6 +40,17 @@ def bucketed(length: int, block: int) -> int:
     """``length`` rounded up to a multiple of ``CACHE_BUCKET``, capped at the context ``block``: the cache lengths
     a compiled decode step is built for."""
     return min(-(-length // CACHE_BUCKET) * CACHE_BUCKET, block)
+
+
+def compiled_step(model: GPT, options: dict[str, Any]) -> Any:
+    """``model(idx, cache=, slots=)`` compiled with static shapes, for the Engine's and the scheduler's decode steps.
+    A function of its own, not the module: compiled GPT.forward frames of other models in this process then cannot
+    make Dynamo fail on this one (seen with torch 2.13)."""
+
+    def step(idx: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> tuple[Any, Any]:
+        return model(idx, cache=cache, slots=slots)
+
+    return torch.compile(step, dynamic=False, fullgraph=True, options=options)
 
 
 @dataclass(frozen=True)
@@ -158,15 +170,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.compile = compile
         options = {**COMPILE_OPTIONS, **(compile_options or {})}
-        self._decode: Any = model
-        if compile:
-
-            def step(idx: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> tuple[Any, Any]:
-                return model(idx, cache=cache, slots=slots)
-
-            # a function of its own, not the module: Dynamo then cannot fail on this model because compiled
-            # GPT.forward frames of other models ran in this process (seen with torch 2.13; see the scheduler)
-            self._decode = torch.compile(step, dynamic=False, fullgraph=True, options=options)
+        self._decode: Any = compiled_step(model, options) if compile else model
         self.stats: dict[str, Any] = {}
 
     @property
@@ -344,7 +348,7 @@ class Engine:
         (:mod:`gptlab.vision.data`)."""
         tok = self._tok()
         if image:
-            return [tok.eot_id, *tok.encode(prompt)]
+            return image_text_ids(tok, prompt)
         return tok.encode(prompt) if prompt else [tok.eot_id]
 
     def generate(

@@ -38,6 +38,7 @@ from ..errors import GptlabError
 from ..files import describe_os_error
 from ..generate.engine import Sampling
 from ..quant.speculative import NgramDraft
+from ..vision.data import image_text_ids
 from .chat import ChatTemplate
 from .metrics import ServeMetrics
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Common, error_body
@@ -341,8 +342,7 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
         server.ready()
         image = server.image(body.messages)
         text = server.render(body.messages)
-        # after an image the text starts with the end-of-text token, as the image-text training examples do
-        prompts = [server.encode(text) if image is None else [server.tokenizer.eot_id, *server.tokenizer.encode(text)]]
+        prompts = [server.encode(text) if image is None else image_text_ids(server.tokenizer, text)]
         lp = (body.top_logprobs or 0) if body.logprobs else None
         job = _Run(server, body, prompts, stop=body.stop_list() + server.template.stop, logprobs=lp, image=image)
         return await job.respond(request, "chatcmpl", _ChatFormat(server, body))

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from ..errors import GptlabError
-from ..generate.engine import COMPILE_OPTIONS, Sampling, TextStream, bucketed, next_tokens
+from ..generate.engine import COMPILE_OPTIONS, Sampling, TextStream, bucketed, compiled_step, next_tokens
 from ..model import GPT, KVCache
 from ..quant.speculative import NgramDraft, SpeculativeStats, target_probs, verify
 
@@ -440,14 +440,7 @@ class Scheduler:
         """``compile=True``: the decode step of a single live row, compiled with static shapes as the Engine's
         (the multiply-and-sum matrix-vector form of :class:`~gptlab.model.Linear`), one graph per
         ``CACHE_BUCKET`` slots of attended length (:func:`bucketed`), all compiled here, before the first request."""
-        model = self.model
-
-        def step(idx: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> tuple[Any, Any]:
-            return model(idx, cache=cache, slots=slots)
-
-        # a function of its own, not the module: compiled GPT.forward frames of other models in this process
-        # (an Engine(compile=True)) then cannot make Dynamo fail on this one (seen with torch 2.13)
-        self._single = torch.compile(step, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
+        self._single = compiled_step(self.model, COMPILE_OPTIONS)
         with torch.no_grad():
             for length in sorted({bucketed(n, self.block) for n in range(1, self.block + 1)}):
                 view = self.pool.view(slice(0, 1), length)

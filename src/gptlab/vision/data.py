@@ -165,7 +165,7 @@ def write_image_dataset(
     """Tokenize the texts (a character vocabulary over every split's texts) and write the arrays and meta.json."""
     tok = CharTokenizer.train(t for _, texts, _ in splits.values() for row in texts for t in row)
     encoded = {
-        s: [[[tok.eot_id, *tok.encode(t), tok.eot_id] for t in row] for row in texts]
+        s: [[[*image_text_ids(tok, t), tok.eot_id] for t in row] for row in texts]
         for s, (_, texts, _) in splits.items()
     }
     length = max(len(t) for rows in encoded.values() for row in rows for t in row)
@@ -201,6 +201,11 @@ def write_image_dataset(
     }
     atomic_write_text(build / "meta.json", json.dumps(meta, indent=1))
     return meta
+
+
+def image_text_ids(tok: Any, text: str) -> list[int]:
+    """A text that follows an image, as the examples store it: the end-of-text token, then the text."""
+    return [tok.eot_id, *tok.encode(text)]
 
 
 def is_image_dataset(meta: dict[str, Any]) -> bool:
