@@ -60,7 +60,10 @@ def test_the_kernels_compute_the_dequantized_matmul(mode):
     layer = QuantLinear.from_weight(w, b, mode, 64)
     x = torch.randn(3, 5, 256)
     ref = F.linear(x, layer.dequantized(), b)
-    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+    # exact up to fp32 sums, or (gptlab's AVX2 kernels) up to the int16 rounding of the activations: half a step
+    # of max|x_row| / 32767 per element, times sum_k |w_k|
+    bound = x.abs().amax(-1, keepdim=True) / 65534 * layer.dequantized().abs().sum(1)
+    assert ((layer(x) - ref).abs() <= bound * 1.001 + 1e-4).all()
     deq = (
         dequantize_int8(layer.qweight, layer.scales)
         if mode == "int8"
@@ -70,31 +73,59 @@ def test_the_kernels_compute_the_dequantized_matmul(mode):
     torch.testing.assert_close(layer.rows(idx), deq[idx])
 
 
-def test_the_avx2_int8_kernel_equals_pytorch_s_eager_and_compiled():
+def int16_rows(x):
+    """The kernels' activations, computed as they compute them (float32): each row rounded to int16 fixed point
+    with scale xs = max|x_row| / 32767. Returns (the rounded rows, xs), float64."""
+    xs = x.abs().amax(-1, keepdim=True) / 32767
+    return torch.round(x * (1 / xs)).double() * xs.double(), xs.double()
+
+
+def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
+    """gptlab's AVX2 int8 and int4 kernels against a float64 computation of their scheme (int16 activations per
+    row, the dequantized weights), within the hand bound of that rounding against fp32 activations; and the same
+    greedy tokens eager, compiled, and through PyTorch's kernels."""
     from gptlab.generate import Engine, Sampling
     from gptlab.quant import kernels
 
-    mm = kernels.load()
-    if mm is None:
+    ops = kernels.load()
+    if ops is None:
         cap = torch.backends.cpu.get_cpu_capability()
-        pytest.skip(f"gptlab's int8 kernel serves AVX2-only CPUs with a C++ compiler; this CPU reports {cap}")
+        pytest.skip(f"gptlab's kernels serve AVX2-only CPUs with a C++ compiler; this CPU reports {cap}")
     torch.manual_seed(0)
-    for n, k in ((100, 256), (37, 100), (3, 33)):  # input widths that are not multiples of 32: the tail loop
+    for n, k in ((100, 256), (37, 100), (3, 33), (5, 4608)):  # tails of 16 columns; over 2048 columns (flushes)
         q, s = quantize_int8(torch.randn(n, k))
+        w = dequantize_int8(q, s).double()
         for m in (1, 2, 7, 16):
+            x = torch.randn(m, k) * 3
+            xh, xs = int16_rows(x)
+            got = ops.int8_mm(x, q, s).double()
+            torch.testing.assert_close(got, xh @ w.T, rtol=1e-5, atol=1e-4)
+            bound = (xs / 2) * (q.abs().double().sum(1) * s.double())[None]  # sum_k |w_k| |x_k - x̂_k|
+            assert ((got - x.double() @ w.T).abs() <= bound * 1.001 + 1e-4).all()
+    for n, k, g in ((100, 256, 64), (19, 96, 32), (7, 512, 128)):
+        layer = QuantLinear.from_weight(torch.randn(n, k), None, "int4", g)
+        w = layer.dequantized().double()
+        offsets = (layer.zeros - 8 * layer.scales).contiguous()
+        for m in (1, 3, 16):
             x = torch.randn(m, k)
-            torch.testing.assert_close(mm(x, q, s), torch.ops.aten._weight_int8pack_mm(x, q, s), rtol=1e-5, atol=1e-5)
-    model = quantize_model(gpt2_shaped(), "int8")
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    assert all(m._int8_mm is mm for m in layers)
+            xh, xs = int16_rows(x)
+            got = ops.int4_mm(x, layer.qweight, layer.scales, offsets, g).double()
+            # the codes' part uses x̂, the offsets' part the group sums of x itself
+            codes = w - offsets.double().repeat_interleave(g, 1)
+            torch.testing.assert_close(got, xh @ codes.T + x.double() @ (w - codes).T, rtol=1e-5, atol=1e-4)
+            assert ((got - x.double() @ w.T).abs() <= (xs / 2) * codes.abs().sum(1)[None] * 1.001 + 1e-4).all()
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
     greedy = Sampling(temperature=0)
-    ours = [c.tokens for c in Engine(model).generate_tokens(prompts, 12, greedy)]
-    compiled = [c.tokens for c in Engine(model, compile=True).generate_tokens(prompts, 12, greedy)]
-    for m in layers:
-        m._int8_mm = None  # PyTorch's kernel
-    theirs = [c.tokens for c in Engine(model).generate_tokens(prompts, 12, greedy)]
-    assert ours == compiled == theirs
+    for mode in ("int8", "int4"):
+        model = quantize_model(gpt2_shaped(), mode, 64)
+        layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        assert all(m._ops is ops for m in layers)
+        ours = [c.tokens for c in Engine(model).generate_tokens(prompts, 12, greedy)]
+        compiled = [c.tokens for c in Engine(model, compile=True).generate_tokens(prompts, 12, greedy)]
+        for m in layers:
+            m._ops = None  # PyTorch's kernels
+        theirs = [c.tokens for c in Engine(model).generate_tokens(prompts, 12, greedy)]
+        assert ours == compiled == theirs, mode
 
 
 @pytest.mark.parametrize("mode,tol", [("int8", 0.02), ("int4", 0.3)])

@@ -253,16 +253,27 @@ def test_compiled_single_stream_step_gives_the_same_tokens(lm):
     assert one == alone[0] and two == alone
 
 
-def test_speculative_serving_gives_the_same_greedy_tokens_batched_and_staggered(lm):
-    """With prompt-lookup speculation the scheduler's greedy tokens equal plain decoding's, for rows that join at
-    different times and accept different numbers of proposals; the draft is used (accepted tokens counted)."""
-    from gptlab.quant.speculative import NgramDraft
+@pytest.mark.parametrize("draft", ["ngram", "self", "other"])
+def test_speculative_serving_gives_the_same_greedy_tokens_batched_and_staggered(lm, draft):
+    """With speculation (prompt lookup; a model draft that is the target itself, accepting everything; another
+    model, accepting some) the scheduler's greedy tokens equal plain decoding's, for rows that join at different
+    times, accept different numbers of proposals, and reuse rows freed by earlier requests (6 requests, 4 rows);
+    the draft is used (accepted tokens counted)."""
+    from gptlab.quant.speculative import ModelDraft, NgramDraft
 
     model, tok = lm
-    texts = ["the king the king the king the", "a b a b a b a", "sweet prince", "and and and and and"]
+    texts = ["the king the king the king the", "a b a b a b a", "sweet prince", "and and and and and", "xy", "b"]
     prompts = [tok.encode(t) for t in texts]
     alone = [engine_tokens(lm, [p], 40, GREEDY, seed=7)[0] for p in prompts]
-    sched = Scheduler(model, tok, max_batch=4, draft=NgramDraft(), spec_k=4, spec_min_speedup=0.0)  # never paused
+    if draft == "ngram":
+        d = NgramDraft()
+    elif draft == "self":
+        d = ModelDraft(model)
+    else:
+        torch.manual_seed(1)
+        cfg = model.config
+        d = ModelDraft(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128, vocab_size=cfg.vocab_size)))
+    sched = Scheduler(model, tok, max_batch=4, draft=d, spec_k=4, spec_min_speedup=0.0)  # never paused
 
     async def main():
         return await asyncio.gather(
@@ -278,3 +289,5 @@ def test_speculative_serving_gives_the_same_greedy_tokens_batched_and_staggered(
         sched.close()
     assert [g[0] for g in got] == alone
     assert sched.spec.rounds > 0 and sum(sched.spec.accepted_at) > 0
+    if draft == "self":
+        assert sched.spec.acceptance_rate == 1.0

@@ -473,3 +473,25 @@ def test_load_32_streams_for_60_seconds(ckpt):
         assert time.time() - start < 5
     finally:
         s.stop()
+
+
+def test_a_model_draft_serves_the_same_greedy_text(ckpt, loaded):
+    """``serve --draft int8`` (the model's own int8 copy as the draft, in the scheduler): concurrent greedy
+    completions equal the Engine's text without a draft, and /metrics counts the accepted proposals."""
+    s = Served(ckpt, "--draft", "int8", "--spec-k", "4", "--served-model-name", "tiny")
+    try:
+        client = s.client()
+
+        async def main():
+            ac = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+            return await asyncio.gather(
+                *[ac.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0) for p in PROMPTS]
+            )
+
+        got = [r.choices[0].text for r in asyncio.run(main())]
+        assert got == [engine_text(loaded, p, 24, Sampling(temperature=0)).text for p in PROMPTS]
+        one = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=24, temperature=0)
+        assert one.choices[0].text == got[0]
+        assert metric(s, "gptlab_spec_accepted_tokens_total") > 0
+    finally:
+        s.stop()

@@ -86,3 +86,26 @@ def build(sd: dict[str, torch.Tensor], cfg: GPTConfig, device: str | torch.devic
         model = GPT(cfg)
     model.load_state_dict(sd, assign=True)
     return model.tie_().to(device).eval()
+
+
+def load_draft(source: str, target: Loaded) -> Any:
+    """``--draft``: ``ngram`` (prompt lookup), ``int4`` / ``int8`` (the target's own quantized copy) or a model with
+    the target's tokenizer."""
+    from .quant.quantize import quantize_model
+    from .quant.speculative import ModelDraft, NgramDraft
+    from .tokenizer import same_tokenizer
+
+    if source == "ngram":
+        return NgramDraft()
+    if source in ("int8", "int4"):
+        copy = load_model(target.source, target.model.device).model
+        return ModelDraft(quantize_model(copy, source))
+    draft = load_model(source, target.model.device)
+    if not same_tokenizer(draft.meta["tokenizer"], target.meta["tokenizer"]):
+        raise GptlabError(f"--draft {source} has another tokenizer than {target.source}; drafts must share it")
+    if draft.config.block_size < target.config.block_size:
+        raise GptlabError(
+            f"--draft {source} has a context of {draft.config.block_size}, shorter than the target's "
+            f"{target.config.block_size}; use a draft with at least the target's context"
+        )
+    return ModelDraft(draft.model)

@@ -28,36 +28,12 @@ def sampling(args: argparse.Namespace, seed: int | None = None) -> Sampling:
 
 
 def _engine(args: argparse.Namespace):
-    from ..loader import load_model  # here, not at the top: loading pulls in the interop formats
+    from ..loader import load_draft, load_model  # here, not at the top: loading pulls in the interop formats
 
     loaded = load_model(args.model, args.device, quantize=args.quantize)
     draft = load_draft(args.draft, loaded) if args.draft else None
     engine = Engine(loaded.model, loaded.tokenizer, compile=args.compile, draft=draft, spec_k=args.spec_k)
     return engine, loaded
-
-
-def load_draft(source: str, target):
-    """``--draft``: ``ngram`` (prompt lookup), ``int4`` / ``int8`` (the target's own quantized copy) or a model with
-    the target's tokenizer."""
-    from ..loader import load_model
-    from ..quant.quantize import quantize_model
-    from ..quant.speculative import ModelDraft, NgramDraft
-    from ..tokenizer import same_tokenizer
-
-    if source == "ngram":
-        return NgramDraft()
-    if source in ("int8", "int4"):
-        copy = load_model(target.source, target.model.device).model
-        return ModelDraft(quantize_model(copy, source))
-    draft = load_model(source, target.model.device)
-    if not same_tokenizer(draft.meta["tokenizer"], target.meta["tokenizer"]):
-        raise GptlabError(f"--draft {source} has another tokenizer than {target.source}; drafts must share it")
-    if draft.config.block_size < target.config.block_size:
-        raise GptlabError(
-            f"--draft {source} has a context of {draft.config.block_size}, shorter than the target's "
-            f"{target.config.block_size}; use a draft with at least the target's context"
-        )
-    return ModelDraft(draft.model)
 
 
 def read_image(path: str, cfg):

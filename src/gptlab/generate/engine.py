@@ -247,7 +247,7 @@ class Engine:
             self.stats = {
                 "prefill_seconds": 0.0,  # inside the first round
                 "prefill_tokens": sum(len(p) for p in prompts),
-                "decode_seconds": stats.round_seconds + (stats.plain_step_seconds or 0.0),
+                "decode_seconds": stats.round_seconds + stats.plain_seconds,
                 "decode_steps": steps,
                 "cache_bytes": 0,
                 "speculative": stats.report(),

@@ -1,18 +1,19 @@
 """Weight-only quantization of a GPT's linear layers (int8 per output channel, int4 per group), gpt-fast's recipe.
 
-Activations stay in the compute dtype; only the weights are stored in fewer bits and expanded inside the matmul:
+Only the weights are stored in fewer bits and expanded inside the matmul; activations stay in the compute dtype,
+except inside gptlab's AVX2 kernels (:mod:`.kernels`), which round them to int16 per row (2^-16 of the row's
+largest value) for integer multiply-adds. On an AVX2-only CPU, where PyTorch's int8 and int4 kernels are scalar,
+those serve up to 16 rows, and longer inputs (prefill) use the BLAS GEMM on the dequantized weight.
 
 - **int8**: symmetric, one scale per output row: ``scale = max|w_row| / 127``, ``q = round(w / scale)`` in
-  [-127, 127]. Matmul: PyTorch's ``_weight_int8pack_mm`` on the CPU, except on AVX2-only CPUs, where that kernel is
-  scalar and gptlab's :mod:`.kernels` serves up to 16 rows (longer inputs: ``F.linear(x, q) * scale`` in BLAS);
-  elsewhere ``F.linear(x, q) * scale``, which ``torch.compile`` fuses into one kernel reading int8 (gpt-fast's
-  CUDA path).
+  [-127, 127]. Matmul: PyTorch's ``_weight_int8pack_mm`` on the CPU (gptlab's kernel on AVX2); elsewhere
+  ``F.linear(x, q) * scale``, which ``torch.compile`` fuses into one kernel reading int8 (gpt-fast's CUDA path).
 - **int4**: asymmetric, one scale and one offset per group of ``group_size`` input columns: ``scale = (max - min) /
   15``, ``q = round((w - min) / scale)`` in [0, 15], and ``w ≈ (q - 8) * scale + zero`` with ``zero = min + 8 *
   scale`` (the convention of PyTorch's int4 "tinygemm" kernels). Two codes per byte, the even column in the high
-  nibble. Matmul: ``_weight_int4pack_mm_for_cpu`` on the CPU, ``_weight_int4pack_mm`` on CUDA (bf16), each from a
-  kernel-specific layout built by :meth:`QuantLinear.prepare` when the model reaches its device. Another device is
-  refused in one line.
+  nibble. Matmul: ``_weight_int4pack_mm_for_cpu`` on the CPU (gptlab's kernel on AVX2), ``_weight_int4pack_mm`` on
+  CUDA (bf16), each from a kernel-specific layout built by :meth:`QuantLinear.prepare` when the model reaches its
+  device. Another device is refused in one line.
 
 Checkpoints store the portable form (codes, scales, zeros) in safetensors, next to a ``quantization`` record in
 ``state.json`` (:func:`quantization_record`); :func:`quantize_model` and :func:`empty_quantized` rebuild the modules.
@@ -112,8 +113,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.ones(n, k // group_size))
             self.register_buffer("zeros", torch.zeros(n, k // group_size))
         self.register_buffer("bias", torch.zeros(n) if bias else None)
-        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # int4: the kernel's layout, per device
-        self._int8_mm: Any = None  # int8 on an AVX2 CPU: gptlab's kernel (gptlab.quant.kernels), set by prepare()
+        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # int4: PyTorch's kernel layout, per device
+        self._ops: Any = None  # on an AVX2 CPU: gptlab's kernels (gptlab.quant.kernels), set by prepare()
+        self._offsets: torch.Tensor | None = None  # int4 with gptlab's kernel: zero - 8 * scale per group
+        self._prepared_for: torch.device | None = None
 
     @classmethod
     def from_weight(
@@ -149,11 +152,21 @@ class QuantLinear(nn.Module):
         return sum(t.nbytes for t in (self.qweight, self.scales, getattr(self, "zeros", None)) if t is not None)
 
     def prepare(self) -> None:
-        """Build the int4 kernel's weight layout for the device the module is on (rows padded to a multiple of
-        16, as the CPU kernel needs); for int8 on the CPU, pick gptlab's AVX2 kernel where it applies."""
+        """Get the kernels ready for the device the module is on: on an AVX2 CPU gptlab's (:mod:`.kernels`);
+        otherwise, for int4, PyTorch's weight layout."""
+        dev = self.qweight.device
+        self._prepared_for, self._kernel, self._offsets = dev, None, None
+        self._ops = kernels.load() if dev.type == "cpu" else None
         if self.mode == "int8":
-            self._int8_mm = kernels.load() if self.qweight.device.type == "cpu" else None
             return
+        if self._ops is not None:
+            self._offsets = (self.zeros.float() - 8 * self.scales.float()).contiguous()
+        else:
+            self._kernel = self._pytorch_int4_layout()
+
+    def _pytorch_int4_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed weight and scales-and-zeros of PyTorch's int4 kernels (rows padded to a multiple of 16, as
+        its CPU kernel needs)."""
         dev, n = self.qweight.device, self.out_features
         pad = -n % 16
         q = unpack_int4(self.qweight)
@@ -169,25 +182,28 @@ class QuantLinear(nn.Module):
             scales_and_zeros = scales_and_zeros.to(torch.bfloat16)
         else:
             raise GptlabError(f"int4 has a kernel on CPU and CUDA only, not on {dev.type}; use --mode int8")
-        self._kernel = (packed, scales_and_zeros)
+        return packed, scales_and_zeros
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.mode == "int8":
-            if self._int8_mm is not None and x2.device.type == "cpu" and x2.dtype == torch.float32:  # AVX2 (kernels)
-                if x2.size(0) <= kernels.MAX_ROWS:
-                    y = self._int8_mm(x2, self.qweight, self.scales)
-                else:
-                    y = F.linear(x2, self.qweight.float()) * self.scales
-            elif x2.device.type == "cpu":
+        if self._prepared_for != self.qweight.device:
+            self.prepare()
+        if self._ops is not None and x2.dtype == torch.float32:  # an AVX2 CPU: gptlab's kernels
+            if x2.size(0) > kernels.MAX_ROWS:  # prefill: dequantize once, then the BLAS GEMM
+                y = F.linear(x2, self.dequantized())
+            elif self.mode == "int8":
+                y = self._ops.int8_mm(x2, self.qweight, self.scales.float())
+            else:
+                y = self._ops.int4_mm(x2, self.qweight, self.scales.float(), self._offsets, self.group_size)
+        elif self.mode == "int8":
+            if x2.device.type == "cpu":
                 y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x2.dtype))
             else:
                 y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
         else:
-            if self._kernel is None or self._kernel[0].device != x2.device:
-                self.prepare()
-            assert self._kernel is not None
+            if self._kernel is None:  # an AVX2 CPU computing in another dtype than float32
+                self._kernel = self._pytorch_int4_layout()
             packed, sz = self._kernel
             if x2.device.type == "cpu":
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -92,16 +92,28 @@ def verify(
 
 
 class Draft(Protocol):
-    def start(self, prompts: Sequence[Sequence[int]], pad: torch.Tensor, length: int) -> None: ...
+    def start(self, prompts: Sequence[Sequence[int]], pad: torch.Tensor, length: int) -> None:
+        """The Engine: a batch of ``prompts``, left-padded by ``pad``, in caches of ``length`` slots."""
+
+    def attach(self, rows: int, length: int) -> None:
+        """The serving scheduler: its pool of ``rows`` rows of ``length`` slots."""
 
     def propose(
-        self, histories: Sequence[Sequence[int]], k: int, sampling_args: dict, generators: Sequence[torch.Generator]
+        self,
+        histories: Sequence[Sequence[int] | None],
+        k: int,
+        sampling_args: dict,
+        generators: Sequence[torch.Generator],
     ) -> tuple[list[list[int]], torch.Tensor | None]:
-        """Up to ``k`` tokens per row, and their distributions [B, k, V] (None for a deterministic draft)."""
+        """Up to ``k`` tokens per row (none for a ``None`` row), and their distributions [B, k, V] (None for a
+        deterministic draft)."""
         ...
 
-    def accepted(self, lengths: Sequence[int]) -> None:
-        """Each row's history now has this many valid tokens (the draft's cache beyond is stale)."""
+    def accepted(self, lengths: Sequence[int | None]) -> None:
+        """Each row's history now has this many valid tokens (the draft's cache beyond is stale; None: unchanged)."""
+
+    def reset(self, row: int) -> None:
+        """The serving scheduler gave row ``row`` to a new request."""
 
 
 class NgramDraft:
@@ -116,59 +128,100 @@ class NgramDraft:
     def start(self, prompts, pad, length) -> None:
         pass
 
+    def attach(self, rows: int, length: int) -> None:
+        pass
+
     def propose(self, histories, k, sampling_args, generators):
         out = []
         for h in histories:
             found: list[int] = []
-            for n in range(min(self.max_n, len(h) - 1), 0, -1):
-                tail = list(h[-n:])
-                for s in range(len(h) - n - 1, -1, -1):
-                    if list(h[s : s + n]) == tail:
-                        found = list(h[s + n : s + n + k])
+            if h is not None:
+                for n in range(min(self.max_n, len(h) - 1), 0, -1):
+                    tail = list(h[-n:])
+                    for s in range(len(h) - n - 1, -1, -1):
+                        if list(h[s : s + n]) == tail:
+                            # copy what followed, LZ77-style: a match close to the end runs on into the tokens
+                            # being proposed, so a period shorter than k still yields k proposals
+                            seq = list(h)
+                            for j in range(s + n, s + n + k):
+                                seq.append(seq[j])
+                            found = seq[len(h) :]
+                            break
+                    if found:
                         break
-                if found:
-                    break
             out.append(found)
         return out, None
 
     def accepted(self, lengths) -> None:
         pass
 
+    def reset(self, row: int) -> None:
+        pass
+
 
 class ModelDraft:
-    """A smaller GPT with the same tokenizer, with its own KV cache laid out like the target's (same left padding),
-    so that each row feeds the draft only the tokens it has not seen (one or two per round)."""
+    """A smaller GPT with the same tokenizer, with its own KV cache laid out like the target's (the Engine's left
+    padding, or the serving scheduler's rows), so that each row feeds the draft only the tokens it has not seen (one
+    or two per round; a row far behind, a new request's prompt, catches up alone first)."""
 
     def __init__(self, model: GPT) -> None:
         self.model = model.eval()
         self.cache: KVCache | None = None
         self.seen: list[int] = []
+        self.pad: list[int] = []
+
+    def _open(self, rows: int, length: int, pad: torch.Tensor) -> None:
+        m = self.model
+        self.cache = KVCache(m.config, rows, length, m.device, m.dtype, pad=pad)
+        self.pad, self.seen = pad.tolist(), [0] * rows
 
     def start(self, prompts, pad, length) -> None:
-        m = self.model
-        self.cache = KVCache(m.config, len(prompts), length, m.device, m.dtype, pad=pad)
-        self.pad = pad.tolist()
+        """The Engine's batch: rows left-padded by ``pad``, prefilled together."""
+        self._open(len(prompts), length, pad)
         longest = max(len(p) for p in prompts)
-        idx = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=m.device)
-        self.model(idx, cache=self.cache, slots=torch.arange(longest, device=m.device))
+        dev = self.model.device
+        idx = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=dev)
+        self.model(idx, cache=self.cache, slots=torch.arange(longest, device=dev))
         self.seen = [len(p) for p in prompts]
 
-    def _feed(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+    def attach(self, rows: int, length: int) -> None:
+        """The serving scheduler's ``rows`` (no padding), each filled as its row first proposes."""
+        self._open(rows, length, torch.zeros(rows, dtype=torch.long, device=self.model.device))
+
+    def reset(self, row: int) -> None:
+        """Row ``row`` holds a new request now."""
+        self.seen[row] = 0
+
+    def _feed(self, histories: Sequence[Sequence[int] | None]) -> torch.Tensor:
         """Feed every row the tokens it has not seen (a row needing fewer re-feeds its last ones, which writes the
-        same keys and values again); the logits [B, V] after each row's last token."""
+        same keys and values again; a ``None`` row, one the scheduler does not decode now, writes a dummy token after
+        its real ones); the logits [B, V] after each row's last token."""
         assert self.cache is not None
-        dev = self.model.device
-        T = max(1, max(len(h) - s for h, s in zip(histories, self.seen)))
-        idx = [list(h[-T:]) for h in histories]
-        slots = torch.tensor([[p + len(h) - T + j for j in range(T)] for h, p in zip(histories, self.pad)], device=dev)
-        logits, _ = self.model(torch.tensor(idx, device=dev), cache=self.cache, slots=slots)
-        self.seen = [len(h) for h in histories]
+        dev, end = self.model.device, self.cache.length - 1
+        for r, h in enumerate(histories):
+            if h is not None and len(h) - self.seen[r] > 2:  # far behind: all but its last token, alone
+                lo, hi, at = self.seen[r], len(h) - 1, self.pad[r]
+                view = self.cache.view(slice(r, r + 1), at + hi)
+                ahead = torch.arange(at + lo, at + hi, device=dev)
+                self.model(torch.tensor([list(h[lo:hi])], device=dev), cache=view, slots=ahead)
+                self.seen[r] = hi
+        T = max([1] + [len(h) - s for h, s in zip(histories, self.seen) if h is not None])
+        idx: list[list[int]] = []
+        slots: list[list[int]] = []
+        for r, h in enumerate(histories):
+            first = self.pad[r] + (self.seen[r] if h is None else len(h) - T)
+            idx.append([0] * T if h is None else list(h[-T:]))
+            slots.append([min(first + j, end) for j in range(T)])
+        B = len(histories)  # the first B rows of the cache
+        view = self.cache.view(slice(0, B), self.cache.length)
+        logits, _ = self.model(torch.tensor(idx, device=dev), cache=view, slots=torch.tensor(slots, device=dev))
+        self.seen[:B] = [s if h is None else len(h) for h, s in zip(histories, self.seen)]
         return logits[:, -1]
 
     def propose(self, histories, k, sampling_args, generators):
         assert self.cache is not None
-        hist = [list(h) for h in histories]
-        k = min(k, self.cache.length - max(p + len(h) for h, p in zip(hist, self.pad)))
+        hist = [None if h is None else list(h) for h in histories]
+        k = min(k, self.cache.length - max(p + len(h) for h, p in zip(hist, self.pad) if h is not None))
         if k <= 0:
             return [[] for _ in hist], None
         tokens: list[list[int]] = [[] for _ in hist]
@@ -182,13 +235,14 @@ class ModelDraft:
             else:
                 new = [_draw(pr, g) for pr, g in zip(probs, generators)]
             for h, t, n in zip(hist, tokens, new):
-                h.append(n)
-                t.append(n)
-        self.seen = [len(h) - 1 for h in hist]  # the last proposal was never fed
+                if h is not None:
+                    h.append(n)
+                    t.append(n)
+        self.seen[: len(hist)] = [s if h is None else len(h) - 1 for h, s in zip(hist, self.seen)]  # last: never fed
         return tokens, torch.stack(dists, dim=1)
 
     def accepted(self, lengths) -> None:
-        self.seen = [min(s, n) for s, n in zip(self.seen, lengths)]
+        self.seen[: len(lengths)] = [s if n is None else min(s, n) for s, n in zip(self.seen, lengths)]
 
 
 @dataclass
@@ -202,7 +256,9 @@ class SpeculativeStats:
     tokens: int = 0
     round_seconds: float = 0.0
     draft_seconds: float = 0.0
-    plain_step_seconds: float | None = None  # one ordinary decode step, measured
+    plain_step_seconds: float | None = None  # one ordinary decode step: the fastest of the probe rounds
+    plain_rounds: int = 0  # plain probe rounds before drafting starts
+    plain_seconds: float = 0.0
     disabled_at_round: int | None = None
     rows: int = 1
 
@@ -245,6 +301,9 @@ class SpeculativeStats:
         return out
 
 
+PROBE_ROUNDS = 3  # plain rounds that measure a plain step first (the fastest counts: the first one warms up)
+
+
 def speculative_rounds(
     model: GPT,
     draft: Draft,
@@ -259,6 +318,7 @@ def speculative_rounds(
     """Yield, per round, each row's new tokens (0 to k + 1 of them; a stop id ends the row and is yielded last)
     and whether the row has ended.
     ``sampling`` is a :class:`gptlab.generate.engine.Sampling` without repetition penalty."""
+    from ..generate.engine import next_tokens
     if sampling.repetition_penalty != 1.0:
         raise GptlabError("speculative decoding does not support --repetition-penalty; drop one of them")
     block = model.config.block_size
@@ -296,8 +356,10 @@ def speculative_rounds(
         )
         proposals: list[list[int]] = [[] for _ in range(B)]
         q = None
-        # the first round is a plain step (it measures one), and so is every round once drafting is disabled
-        if stats.plain_step_seconds is not None and stats.disabled_at_round is None and room > 0:
+        # the first PROBE_ROUNDS rounds are plain steps (they measure one), and so is every round once drafting is
+        # disabled
+        probing = stats.plain_rounds < PROBE_ROUNDS
+        if not probing and stats.disabled_at_round is None and room > 0:
             t_d = time.perf_counter()
             proposals, q = draft.propose(hist, room, args, generators)
             stats.draft_seconds += time.perf_counter() - t_d
@@ -307,14 +369,17 @@ def speculative_rounds(
         slots = torch.tensor([[b + j for j in range(width + 1)] for b in base], device=dev)
         logits, _ = model(torch.tensor(feed, device=dev), cache=cache, slots=slots, logits_for=width + 1)
         assert logits is not None
-        p_all = target_probs(logits.reshape(B * (width + 1), -1), **args).view(B, width + 1, -1).cpu()
-        q_all = None if q is None else q.float().cpu()
-        counts = torch.tensor([len(p) for p in proposals])
-        props = torch.tensor([p + [0] * (width - len(p)) for p in proposals], dtype=torch.long).view(B, width)
-        uniforms = torch.stack([torch.rand(width + 1, generator=g, dtype=torch.float64) for g in generators])
-        n_acc, nxt_all = verify(
-            p_all.double(), None if q_all is None else q_all.double(), props, counts, uniforms, greedy
-        )
+        if width == 0:  # a plain step: the plain sampler, as cheap as the Engine's own step
+            n_acc, nxt_all = torch.zeros(B, dtype=torch.long), next_tokens(logits[:, -1], sampling, None, generators)
+        else:
+            p_all = target_probs(logits.reshape(B * (width + 1), -1), **args).view(B, width + 1, -1).cpu()
+            q_all = None if q is None else q.float().cpu()
+            counts = torch.tensor([len(p) for p in proposals])
+            props = torch.tensor([p + [0] * (width - len(p)) for p in proposals], dtype=torch.long).view(B, width)
+            uniforms = torch.stack([torch.rand(width + 1, generator=g, dtype=torch.float64) for g in generators])
+            n_acc, nxt_all = verify(
+                p_all.double(), None if q_all is None else q_all.double(), props, counts, uniforms, greedy
+            )
         out: list[list[int]] = []
         for r in range(B):
             if done[r]:
@@ -334,8 +399,10 @@ def speculative_rounds(
             out.append(new)
         draft.accepted([len(h) for h in hist])
         seconds = time.perf_counter() - t0
-        if stats.plain_step_seconds is None:
-            stats.plain_step_seconds = seconds
+        if probing:
+            stats.plain_rounds += 1
+            stats.plain_seconds += seconds
+            stats.plain_step_seconds = min(seconds, stats.plain_step_seconds or seconds)
         else:
             stats.rounds += 1
             stats.tokens += sum(len(o) for o in out)

@@ -37,7 +37,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import GptlabError
 from ..files import describe_os_error
 from ..generate.engine import Sampling
-from ..quant.speculative import NgramDraft
 from ..vision.data import image_text_ids
 from .chat import ChatTemplate
 from .metrics import ServeMetrics
@@ -78,7 +77,7 @@ class ServeConfig:
     clamp_max_tokens: bool = False
     runs: str | None = None  # a folder of training runs for the page's Runs view
     compile: bool = False  # compile the single-stream decode step at start-up
-    draft: str | None = None  # "ngram": speculative decoding with prompt-lookup proposals
+    draft: str | None = None  # speculative decoding: ngram, int8, int4 or a draft model (gptlab.loader.load_draft)
     spec_k: int = 4
 
     @property
@@ -114,9 +113,9 @@ class Server:
     def load(self, loaded: Any = None) -> None:
         """Load the model (in the background while ``/health`` answers 503), then start the scheduler."""
         try:
-            if loaded is None:
-                from ..loader import load_model
+            from ..loader import load_draft, load_model
 
+            if loaded is None:
                 loaded = load_model(self.cfg.model, self.cfg.device, quantize=self.cfg.quantize)
             self.tokenizer = loaded.tokenizer
             self.block = loaded.model.config.block_size
@@ -128,7 +127,7 @@ class Server:
                 self.cfg.prefill_chunk,
                 self.metrics,
                 compile=self.cfg.compile,
-                draft=NgramDraft() if self.cfg.draft == "ngram" else None,
+                draft=load_draft(self.cfg.draft, loaded) if self.cfg.draft else None,
                 spec_k=self.cfg.spec_k,
             )
             self.metrics.watch(sched)

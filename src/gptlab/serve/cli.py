@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import GptlabError
-from ..options import add_device, add_model, add_quantize, count
+from ..options import add_device, add_draft, add_model, add_quantize, count
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -133,15 +133,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="torch.compile the decode step used when one stream runs alone (~1.7x faster on CPU); compiled at "
         "start-up, one graph per 256 slots of context (GPT-2: ~2 min), while /health answers 503",
     )
-    p.add_argument(
-        "--draft",
-        choices=["ngram"],
-        help="speculative decoding with prompt-lookup proposals (same greedy tokens, same sampling distribution; "
-        "paused while it makes decoding slower)",
-    )
-    p.add_argument(
-        "--spec-k", type=count(1, 16), default=4, help="proposals per row and step (valid: [1, 16]; default 4)"
-    )
+    add_draft(p)
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     add_device(p)
     add_quantize(p)

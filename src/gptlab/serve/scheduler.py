@@ -40,7 +40,7 @@ import torch
 from ..errors import GptlabError
 from ..generate.engine import COMPILE_OPTIONS, Sampling, TextStream, bucketed, compiled_step, next_tokens
 from ..model import GPT, KVCache
-from ..quant.speculative import NgramDraft, SpeculativeStats, target_probs, verify
+from ..quant.speculative import Draft, SpeculativeStats, target_probs, verify
 
 MAX_LOGPROBS = 20
 
@@ -134,13 +134,15 @@ class Scheduler:
         prefill_chunk: int = 512,
         metrics: Any = None,
         compile: bool = False,
-        draft: NgramDraft | None = None,
+        draft: Draft | None = None,
         spec_k: int = 4,
         spec_min_speedup: float = 1.0,
     ) -> None:
-        """``draft`` (prompt lookup) turns on speculative decoding: up to ``spec_k`` proposals per row and step,
-        verified in one forward pass (:mod:`gptlab.quant.speculative`); paused for 256 steps whenever speculative
-        steps produce less than ``spec_min_speedup`` times the tokens per second of plain ones (0: never)."""
+        """``draft`` (prompt lookup, or a smaller model with its own cache of these rows) turns on speculative
+        decoding: up to ``spec_k`` proposals per row and step, verified in one forward pass
+        (:mod:`gptlab.quant.speculative`); paused for 256 steps whenever speculative steps produce less than
+        ``spec_min_speedup`` times the tokens per second of plain ones (0: never). A model draft proposes its
+        argmax whatever a request's sampling: a deterministic draft, exact under the same rejection rule."""
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise GptlabError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model = model.eval()
@@ -162,6 +164,8 @@ class Scheduler:
         self.steps = 0  # decode steps so far (tests count steps with it)
         self.draft, self.spec_k, self.spec_min_speedup = draft, spec_k, spec_min_speedup
         self.spec = SpeculativeStats(spec_k)
+        if draft is not None:
+            draft.attach(max_batch, cfg.block_size)
         self._rates = {"plain": [0.0, 0.0], "spec": [0.0, 0.0]}  # recent (row-tokens, seconds) of each kind of step
         self._spec_paused_until = 0
         self._last_spec_tokens = 0
@@ -370,6 +374,8 @@ class Scheduler:
                 )
                 job.choices.append(c)
                 self.rows[row] = c
+                if self.draft is not None:
+                    self.draft.reset(row)
             self.prefilling.append(job)
             self._event("admitted", job)
 
@@ -491,7 +497,11 @@ class Scheduler:
         room = min(self.spec_k, self.block - 1 - max(filled), *(job.max_tokens - c.produced - 1 for job, c in live))
         if room <= 0:
             return False
-        proposals, _ = self.draft.propose([c.history for _, c in live], room, {}, [])
+        histories: list[list[int] | None] = [None] * hi
+        for _, c in live:
+            histories[c.row] = c.history
+        by_row, _ = self.draft.propose(histories, room, {"temperature": 0.0}, [])
+        proposals = [by_row[c.row] for _, c in live]
         width = max(len(p) for p in proposals)
         if width == 0:
             return False
@@ -527,6 +537,7 @@ class Scheduler:
                 produced += 1
                 if self._take(job, c, t, None, now) or c.done:
                     break
+        self.draft.accepted([None if h is None else len(h) for h in histories])
         self.spec.rounds += 1
         self.spec.tokens += produced
         self._last_spec_tokens = produced
