@@ -319,6 +319,7 @@ def speculative_rounds(
     and whether the row has ended.
     ``sampling`` is a :class:`gptlab.generate.engine.Sampling` without repetition penalty."""
     from ..generate.engine import next_tokens
+
     if sampling.repetition_penalty != 1.0:
         raise GptlabError("speculative decoding does not support --repetition-penalty; drop one of them")
     block = model.config.block_size
