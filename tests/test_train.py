@@ -159,7 +159,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(char_data, t
         env=ENV,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=300,  # ~10 s here; a hang at exit (a deadlock in the process group teardown, fixed) shows as a timeout
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")

@@ -94,6 +94,8 @@ def session(device_pref: str) -> Iterator[Dist]:
     d = setup(device_pref)
     try:
         yield d
+        if d.enabled:  # every rank past its last collective before any rank destroys the group
+            dist.barrier()
     finally:
         teardown()
 

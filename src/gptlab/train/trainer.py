@@ -132,8 +132,10 @@ def run(job_type: type[Pretraining], cfg: TrainConfig, resume: bool, progress: b
         job_type.check(cfg)  # every check before the folder exists
         with run_folder(Path(cfg.out_dir)) if d.is_main else contextlib.nullcontext():
             job = job_type(cfg, d, resume)
-            stats = fit(job, cfg, job.start, job.name, progress, d.is_main)
-            return job.finish(stats)
+            try:
+                return job.finish(fit(job, cfg, job.start, job.name, progress, d.is_main))
+            finally:
+                job.release()
 
 
 class Pretraining:
@@ -317,6 +319,14 @@ class Pretraining:
             else "Lower --lr or raise --warmup-iters and start again"
         )
         raise GptlabError(f"the loss diverged to {bad[0]:.4g} at step {step}; training stopped and {kept}. {advice}")
+
+    def release(self) -> None:
+        """Drop the wrapped model while the process group is still registered. DDP's C++ reducer holds a reference
+        to the gloo group; were it the last one, freeing the reducer (with the GIL held) would run the group's
+        destructor, which joins gloo's worker threads, while a worker waits for the GIL to free a finished
+        all-reduce's tensors: a deadlock at exit (seen under torchrun with torch 2.13, and pytorch/pytorch#56297
+        describes the blocking destructor)."""
+        self.model = self.raw
 
     def finish(self, stats: FitStats) -> dict[str, Any]:
         """The final evaluation (non-overlapping windows over the val split), the loss plot and the summary."""
