@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -213,6 +214,12 @@ def apply_aliases(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 def add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def reports() -> bool:
+    """Whether this process reports a verb's result: always, except under torchrun, where only rank 0 does (every
+    rank's stdout goes to the same stream, and two summaries written at once interleave)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import add_config_flags, add_json, add_model, config_flag_values, emit
+from ..options import add_config_flags, add_json, add_model, config_flag_values, emit, reports
 from .config import STAGES, AlignConfig
 
 STAGE_HELP = {
@@ -22,6 +22,8 @@ def cmd_align(args: argparse.Namespace) -> None:
     values = config_flag_values(args, AlignConfig, ("stage",))
     cfg = AlignConfig.from_sources(args.recipe, **values, stage=args.stage)
     s = train_stage(cfg, resume=args.resume, progress=not args.json)
+    if not reports():
+        return
     metrics = "  ".join(f"{k} {v:.4g}" for k, v in s["eval"].items())
     emit(
         args,

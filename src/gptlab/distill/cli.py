@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import emit
+from ..options import emit, reports
 from ..train.cli import add_run_flags, config_from_args
 from .config import DistillConfig
 
@@ -13,7 +13,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from .trainer import distill  # here, not at the top: torch.distributed and the loop load slowly
 
     s = distill(config_from_args(args, DistillConfig), resume=args.resume, progress=not args.json)
-    if "loss_plot" not in s:  # under torchrun only rank 0 reports
+    if not reports():
         return
     emit(
         args,

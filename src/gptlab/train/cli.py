@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..options import add_config_flags, add_json, config_flag_values, emit, parse_set
+from ..options import add_config_flags, add_json, config_flag_values, emit, parse_set, reports
 from ..recipe import RecipeConfig
 from .config import TrainConfig
 
@@ -33,7 +33,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .trainer import train  # here, not at the top: torch.distributed and the loop load slowly
 
     s = train(config_from_args(args, TrainConfig), resume=args.resume, progress=not args.json)
-    if "loss_plot" not in s:  # under torchrun only rank 0 reports
+    if not reports():
         return
     emit(
         args,
