@@ -90,7 +90,7 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
     ops = kernels.load()
     if ops is None:
         cap = torch.backends.cpu.get_cpu_capability()
-        pytest.skip(f"gptlab's kernels serve AVX2-only CPUs with a C++ compiler; this CPU reports {cap}")
+        pytest.skip(f"gptlab's kernels need an x86 CPU with AVX2 and a C++ compiler; this CPU reports {cap}")
     torch.manual_seed(0)
     for n, k in ((100, 256), (37, 100), (3, 33), (5, 4608)):  # tails of 16 columns; over 2048 columns (flushes)
         q, s = quantize_int8(torch.randn(n, k))

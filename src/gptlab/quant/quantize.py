@@ -2,16 +2,17 @@
 
 Only the weights are stored in fewer bits and expanded inside the matmul; activations stay in the compute dtype,
 except inside gptlab's AVX2 kernels (:mod:`.kernels`), which round them to int16 per row (2^-16 of the row's
-largest value) for integer multiply-adds. On an AVX2-only CPU, where PyTorch's int8 and int4 kernels are scalar,
-those serve up to 16 rows, and longer inputs (prefill) use the BLAS GEMM on the dequantized weight.
+largest value) for integer multiply-adds. On any x86 CPU with AVX2 (AVX-512 ones included), where PyTorch's
+int8 and int4 kernels decode slower than fp32, those serve up to 16 rows, and longer inputs (prefill) use the BLAS
+GEMM on the dequantized weight.
 
 - **int8**: symmetric, one scale per output row: ``scale = max|w_row| / 127``, ``q = round(w / scale)`` in
-  [-127, 127]. Matmul: PyTorch's ``_weight_int8pack_mm`` on the CPU (gptlab's kernel on AVX2); elsewhere
+  [-127, 127]. Matmul: PyTorch's ``_weight_int8pack_mm`` on the CPU (gptlab's kernel where AVX2 is); elsewhere
   ``F.linear(x, q) * scale``, which ``torch.compile`` fuses into one kernel reading int8 (gpt-fast's CUDA path).
 - **int4**: asymmetric, one scale and one offset per group of ``group_size`` input columns: ``scale = (max - min) /
   15``, ``q = round((w - min) / scale)`` in [0, 15], and ``w ≈ (q - 8) * scale + zero`` with ``zero = min + 8 *
   scale`` (the convention of PyTorch's int4 "tinygemm" kernels). Two codes per byte, the even column in the high
-  nibble. Matmul: ``_weight_int4pack_mm_for_cpu`` on the CPU (gptlab's kernel on AVX2), ``_weight_int4pack_mm`` on
+  nibble. Matmul: ``_weight_int4pack_mm_for_cpu`` on the CPU (gptlab's kernel where AVX2 is), ``_weight_int4pack_mm`` on
   CUDA (bf16), each from a kernel-specific layout built by :meth:`QuantLinear.prepare` when the model reaches its
   device. Another device is refused in one line.
 
