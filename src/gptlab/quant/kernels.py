@@ -158,15 +158,20 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
       for (int64_t m0 = 0; m0 < M; m0 += 4) {  // the row stays in L1 across the blocks of 4 activation rows
         const int64_t R = std::min<int64_t>(4, M - m0);
         const int16_t* xb = xqp + m0 * K;
-        switch (R + (wide ? 4 : 0)) {
-          case 1: int8_dots<1>(row, xb, K, K32, d); break;
-          case 2: int8_dots<2>(row, xb, K, K32, d); break;
-          case 3: int8_dots<3>(row, xb, K, K32, d); break;
-          case 4: int8_dots<4>(row, xb, K, K32, d); break;
-          case 5: int8_dots512<1>(row, xb, K, d); break;
-          case 6: int8_dots512<2>(row, xb, K, d); break;
-          case 7: int8_dots512<3>(row, xb, K, d); break;
-          default: int8_dots512<4>(row, xb, K, d);
+        if (wide) {
+          switch (R) {
+            case 1: int8_dots512<1>(row, xb, K, d); break;
+            case 2: int8_dots512<2>(row, xb, K, d); break;
+            case 3: int8_dots512<3>(row, xb, K, d); break;
+            default: int8_dots512<4>(row, xb, K, d);
+          }
+        } else {
+          switch (R) {
+            case 1: int8_dots<1>(row, xb, K, K32, d); break;
+            case 2: int8_dots<2>(row, xb, K, K32, d); break;
+            case 3: int8_dots<3>(row, xb, K, K32, d); break;
+            default: int8_dots<4>(row, xb, K, K32, d);
+          }
         }
         for (int64_t r = 0; r < R; ++r) op[(m0 + r) * N + n] = d[r] * xs[m0 + r] * sp[n];
       }
