@@ -149,6 +149,19 @@ def run_cli(*args, env=None, stdin=None):
     )
 
 
+def torchrun(*args, nproc: int = 2, timeout: float = 600, env=None):
+    """``torchrun --standalone --nproc_per_node NPROC -m gptlab ARGS``, as a user runs it, captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "gptlab",
+         *args],
+        env={**ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )  # fmt: skip
+
+
 def hf_pair(cfg: GPTConfig):
     """A random-weight HF model and a gptlab model holding the same weights.
 

@@ -6,8 +6,6 @@ import itertools
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ from gptlab.train.config import TrainConfig
 from gptlab.train.distributed import Dist
 from gptlab.train.trainer import train
 
-from .conftest import ENV
+from .conftest import torchrun
 
 WORDS = ["the", "king", "queen", "doth", "speak", "of", "love", "and", "war", "my", "lord"]
 
@@ -351,46 +349,33 @@ def test_torchrun_matches_one_process_with_the_same_global_batch(base_run):
         progress=False,
     )
     out = base_run / "rm-ddp"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "gptlab",
-            "align",
-            "reward",
-            str(base_run / "base"),
-            "--data",
-            str(base_run / "prefs.jsonl"),
-            "--out-dir",
-            str(out),
-            "--max-iters",
-            "6",
-            "--batch-size",
-            "4",
-            "--val-frac",
-            "0.25",
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-            "--lr",
-            "1e-3",
-            "--warmup-iters",
-            "2",
-            "--log-interval",
-            "1",
-            "--eval-interval",
-            "1000",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
+    run = torchrun(
+        "align",
+        "reward",
+        str(base_run / "base"),
+        "--data",
+        str(base_run / "prefs.jsonl"),
+        "--out-dir",
+        str(out),
+        "--max-iters",
+        "6",
+        "--batch-size",
+        "4",
+        "--val-frac",
+        "0.25",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--lr",
+        "1e-3",
+        "--warmup-iters",
+        "2",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "1000",
+        "--json",
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = lambda m: [r["loss"] for r in read_rows(Path(m)) if "loss" in r]

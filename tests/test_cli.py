@@ -1,6 +1,7 @@
 """The command line: one-line errors with exit status 2, machine-readable --json, sampling against HF."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -59,7 +60,9 @@ def test_prepare_train_sample_round_trip_with_json(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
-    assert summary["steps"] == 40 and summary["final_val_loss"] < 3.0
+    # it learned: below the uniform guess over the corpus's characters (ln 17 = 2.83 nats here), where an
+    # untrained model starts
+    assert summary["steps"] == 40 and summary["final_val_loss"] < math.log(meta["vocab_size"]) - 0.5
     r = gptlab("sample", str(tmp_path / "run"), "--prompt", "to be", "--max-new-tokens", "20", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)

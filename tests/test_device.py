@@ -203,9 +203,9 @@ def test_cached_decoding_equals_the_full_forward_on_the_device(device, dtype):
     seq = torch.randint(0, 512, (2, 24), device=device)
     cache = KVCache(model.config, 2, 24, device, dtype)
     with torch.no_grad():
-        model(seq[:, :8], cache=cache, slots=torch.arange(8, device=device))
+        model.decode(seq[:, :8], cache, torch.arange(8, device=device))
         for t in range(8, 24):
-            step = model(seq[:, t : t + 1], cache=cache, slots=torch.tensor([t], device=device))[0][:, -1]
+            step = model.decode(seq[:, t : t + 1], cache, torch.tensor([t], device=device))[:, -1]
             full = model(seq[:, : t + 1])[0][:, -1]
             tol = 1e-4 if dtype == torch.float32 else 3e-2
             assert (step.float() - full.float()).abs().max().item() <= tol * max(1.0, full.abs().max().item())

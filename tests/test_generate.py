@@ -35,14 +35,14 @@ def test_kv_cache_logits_equal_full_forward_at_every_step(norm):
     cache = KVCache(model.config, len(prompts), T + 20, pad=torch.tensor([T - len(p) for p in prompts]))
     idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
     with torch.no_grad():
-        logits, _ = model(idx, cache=cache, slots=torch.arange(T))
+        logits = model.decode(idx, cache, torch.arange(T))
         for step in range(21):
             for r, p in enumerate(prompts):  # row r alone, no cache, all positions
                 full, _ = model(torch.tensor([p + new[r][:step]]))
                 torch.testing.assert_close(logits[r, -1], full[0, -1], atol=1e-5, rtol=1e-5)
             if step < 20:
                 tok = torch.tensor([[n[step]] for n in new])
-                logits, _ = model(tok, cache=cache, slots=torch.tensor([T + step]))
+                logits = model.decode(tok, cache, torch.tensor([T + step]))
     assert cache.nbytes == 2 * 2 * 3 * 2 * 16 * (T + 20) * 4  # 2 (k, v) x layers x batch x heads x hd x len x 4 B
 
 
@@ -208,7 +208,7 @@ def test_prompt_longer_than_context_is_an_error_or_a_sliding_window():
 
 
 def test_bad_settings_are_clear_errors():
-    with pytest.raises(GptlabError, match="top_p must be in"):
+    with pytest.raises(GptlabError, match=r"top_p = 1.5 is out of range \(valid: \(0, 1\]\)"):
         Sampling(top_p=1.5)
     with pytest.raises(GptlabError, match="outside the model's vocabulary"):
         Engine(small_model()).generate_tokens([[500]], 3)

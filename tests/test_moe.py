@@ -19,7 +19,7 @@ from gptlab.model import GPT, MLP, MoE
 from gptlab.plan import Shape, params, resolve
 from gptlab.train.trainer import train
 
-from .conftest import ENV, losses, tiny_cfg
+from .conftest import ENV, losses, tiny_cfg, torchrun
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=50, n_experts=4, experts_per_token=2)
 
@@ -245,28 +245,7 @@ def test_two_process_ddp_moe_matches_one_process(char_data, tmp_path):
         text=True,
     )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "gptlab",
-            "train",
-            "--out-dir",
-            str(tmp_path / "two"),
-            "--batch-size",
-            "4",
-            *common,
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    two = torchrun("train", "--out-dir", str(tmp_path / "two"), "--batch-size", "4", *common, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     np.testing.assert_allclose(
         [v for _, v in losses(tmp_path / "two")], [v for _, v in losses(tmp_path / "one")], rtol=2e-5

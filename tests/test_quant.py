@@ -1,6 +1,11 @@
 """Weight-only quantization: the codes against a by-hand reference, pack/unpack, the kernels against dequantized
 matmuls, SQNR per layer, checkpoints that every verb loads, and the one-line refusals."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,10 +92,11 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
     from gptlab.generate import Engine, Sampling
     from gptlab.quant import kernels
 
-    ops = kernels.load()
-    if ops is None:
-        cap = torch.backends.cpu.get_cpu_capability()
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX2", "AVX512") or kernels.compiler() is None or kernels.mode() == "off":
         pytest.skip(f"gptlab's kernels need an x86 CPU with AVX2 and a C++ compiler; this CPU reports {cap}")
+    ops = kernels.load()  # an AVX2 CPU with a compiler: a build that fails is a failure here, not a skip
+    assert ops is not None, "gptlab's kernels did not build or load (their compiler error is printed above)"
     torch.manual_seed(0)
     for n, k in ((100, 256), (37, 100), (3, 33), (5, 4608)):  # tails of 16 columns; over 2048 columns (flushes)
         q, s = quantize_int8(torch.randn(n, k))
@@ -126,6 +132,43 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
             m._ops = None  # PyTorch's kernels
         theirs = [c.tokens for c in Engine(model).generate_tokens(prompts, 12, greedy)]
         assert ours == compiled == theirs, mode
+
+
+@pytest.mark.slow
+def test_the_256_bit_int8_loop_also_runs_under_test_on_avx512_cpus():
+    """On an AVX-512 CPU the int8 kernel takes its 512-bit loop; built with GPTLAB_KERNELS=avx2 it takes the 256-bit
+    one, which AVX2-only CPUs run: the same checks, in a process of its own (a process loads one build)."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or os.environ.get("GPTLAB_KERNELS") == "avx2":
+        pytest.skip("an AVX-512 CPU runs the 256-bit loop only when built for it; AVX2-only CPUs run it above")
+    test = "tests/test_quant.py::test_the_avx2_kernels_compute_their_scheme_eager_and_compiled"
+    env = {**os.environ, "GPTLAB_KERNELS": "avx2"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_a_kernel_build_that_fails_is_one_warning_or_with_required_an_error(tmp_path):
+    """A compiler that fails: its error is printed once and PyTorch's kernels take over; GPTLAB_KERNELS=required
+    (what CI sets) makes it an error."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the kernels are built only on x86 CPUs with AVX2")
+    bad = tmp_path / "cxx"
+    bad.write_text("#!/bin/sh\necho 'kernels.cpp:1: error: no such compiler' >&2\nexit 3\n")
+    bad.chmod(0o755)
+    code = "from gptlab.quant import kernels; print(kernels.load())"
+    for how, rc in (("auto", 0), ("required", 1)):
+        env = {**os.environ, "CXX": str(bad), "GPTLAB_CACHE": str(tmp_path / "cache"), "GPTLAB_KERNELS": how}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == rc, done.stderr
+        assert "no such compiler" in done.stderr
+        if how == "auto":
+            assert done.stdout.strip() == "None" and done.stderr.count("warning") == 1
 
 
 @pytest.mark.parametrize("mode,tol", [("int8", 0.02), ("int4", 0.3)])
@@ -223,3 +266,39 @@ def test_gguf_refuses_what_llama_cpps_gpt2_cannot_hold(tmp_path):
     save_model_checkpoint(tmp_path / "g1", model.state_dict(), model.config, {"kind": "gpt2"})
     r = run_cli("convert", str(tmp_path / "g1"), str(tmp_path / "x.gguf"))
     assert r.returncode == 2 and "post-norm" in r.stderr and not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["gptlab", "hf"])
+def test_saving_a_loaded_quantized_model_round_trips_in_every_format(tmp_path, mode, fmt):
+    """``gptlab.load(quantized).save(out)`` and ``gptlab convert Q --to hf``: a gptlab checkpoint keeps the codes
+    (it loads back quantized, logits identical); a Hugging Face folder holds the dequantized weights, which
+    transformers loads (logits equal to a float model holding the same dequantized weights)."""
+    import gptlab
+
+    from .conftest import random_gpt2_checkpoint
+
+    random_gpt2_checkpoint(tmp_path / "f", 64)
+    r = run_cli("quantize", str(tmp_path / "f"), "--mode", mode, "--out-dir", str(tmp_path / "q"))
+    assert r.returncode == 0, r.stderr
+    lm = gptlab.load(tmp_path / "q", device="cpu")
+    idx = torch.randint(0, 50257, (1, 16))
+    with torch.no_grad():
+        want = lm.model(idx)[0]
+    out = lm.save(tmp_path / "saved", format=fmt)
+    if fmt == "gptlab":
+        back = gptlab.load(out, device="cpu")
+        assert back.model.quantization["mode"] == mode
+        with torch.no_grad():
+            torch.testing.assert_close(back.model(idx)[0], want)
+        return
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    float_model = gptlab.load(out, device="cpu").model  # the same folder through gptlab's own HF reader
+    with torch.no_grad():
+        theirs = hf(idx).logits
+        torch.testing.assert_close(theirs, float_model(idx)[0], atol=1e-4, rtol=1e-4)
+        assert ((theirs - want).norm() / want.norm()).item() < 0.02  # the kernels round activations; nothing else
+    r = run_cli("convert", str(tmp_path / "q"), "--to", "hf", "--out-dir", str(tmp_path / "cli"))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "dequantized" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -168,7 +168,8 @@ def test_cancel_during_prefill(lm):
 def test_newcomer_prefill_is_chunked_so_running_streams_keep_going(lm):
     model, tok = lm
     calls = []  # (tokens per row, rows) of every forward pass
-    hook = model.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
+    # every pass embeds its tokens first: the embedding sees (rows, tokens per row) of every forward pass
+    hook = model.wte.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
     sched = Scheduler(model, tok, max_batch=4, prefill_chunk=8)
 
     async def main():
@@ -259,7 +260,7 @@ def test_speculative_serving_gives_the_same_greedy_tokens_batched_and_staggered(
     model, accepting some) the scheduler's greedy tokens equal plain decoding's, for rows that join at different
     times, accept different numbers of proposals, and reuse rows freed by earlier requests (6 requests, 4 rows);
     the draft is used (accepted tokens counted)."""
-    from gptlab.quant.speculative import ModelDraft, NgramDraft
+    from gptlab.generate.speculative import ModelDraft, NgramDraft
 
     model, tok = lm
     texts = ["the king the king the king the", "a b a b a b a", "sweet prince", "and and and and and", "xy", "b"]

@@ -18,7 +18,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from gptlab.align.data import chat_prompt  # noqa: E402
+from gptlab.chat import chat_prompt  # noqa: E402
 from gptlab.generate import Engine, Sampling  # noqa: E402
 from gptlab.loader import load_model  # noqa: E402
 

@@ -15,13 +15,14 @@ from gptlab.align.config import AlignConfig
 from gptlab.config import preset
 from gptlab.data.shards import read_shard
 from gptlab.errors import GptlabError
+from gptlab.eval.exposure import exposure_report
 from gptlab.model import GPT
 from gptlab.train.config import TrainConfig
 from gptlab.train.optim import FINETUNE_OPTIM, OptimConfig, lr_at, make_optimizer
-from gptlab.train.scheduled_sampling import exposure_report, mix_in_predictions, ss_probability
+from gptlab.train.scheduled_sampling import mix_in_predictions, ss_probability
 from gptlab.train.trainer import train
 
-from .conftest import ENV, kill_once_written, losses, tiny_cfg
+from .conftest import ENV, kill_once_written, losses, tiny_cfg, torchrun
 
 
 def test_training_beats_the_unigram_entropy(char_data, tmp_path):
@@ -137,30 +138,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(char_data, t
         text=True,
     )
     assert single.returncode == 0, single.stderr[-2000:]
-    ddp = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "gptlab",
-            "train",
-            "--out-dir",
-            str(tmp_path / "two"),
-            "--batch-size",
-            "4",
-            "--parallel",
-            parallel,
-            *common,
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,  # ~10 s here; a hang at exit (a deadlock in the process group teardown, fixed) shows as a timeout
-    )
+    ddp = torchrun(
+        "train", "--out-dir", str(tmp_path / "two"), "--batch-size", "4", "--parallel", parallel, *common, timeout=300
+    )  # ~10 s here; a hang at exit (a deadlock in the process group teardown, fixed) shows as a timeout
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 31))

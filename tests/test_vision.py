@@ -18,17 +18,17 @@ from PIL import Image
 
 from gptlab import checkpoint
 from gptlab.config import GPTConfig, preset
+from gptlab.data.image_files import MAX_PIXELS, decode_data_uri, to_tensor
+from gptlab.data.images import HOLDOUT, ImageExamples
 from gptlab.data.prepare import prepare_images
 from gptlab.errors import GptlabError
+from gptlab.eval.vision import derangement
 from gptlab.generate import Engine, Sampling
+from gptlab.image_prefix import ImagePrefix, patchify, unpatchify
 from gptlab.model import GPT
 from gptlab.plan.shape import Shape, image_flops, params
 from gptlab.serve.scheduler import InvalidRequest, Request, Scheduler
 from gptlab.tokenizer import from_spec
-from gptlab.vision.data import HOLDOUT, ImageExamples
-from gptlab.vision.encoder import ImagePrefix, patchify, unpatchify
-from gptlab.vision.evaluate import derangement
-from gptlab.vision.images import MAX_PIXELS, decode_data_uri, to_tensor
 
 from .conftest import ENV, Served, kill_once_written, losses, run_cli
 

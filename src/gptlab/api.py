@@ -19,16 +19,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import overload
 
-import torch
-
 from .checkpoint import save_model_checkpoint
+from .data.image_files import as_images
 from .errors import GptlabError
 from .eval.scoring import loglikelihoods, perplexity_report, rolling_nll
 from .generate import Engine, Sampling
 from .interop.hf import save_hf
 from .loader import Loaded, load_model
 from .recipe import DEFAULT_SEED
-from .vision.images import as_images
 
 
 class LM:
@@ -159,13 +157,18 @@ class LM:
 
     def save(self, out_dir: str | Path, format: str = "gptlab") -> Path:
         """Write the model and tokenizer to a new folder: a gptlab checkpoint, or (``format="hf"``) a Hugging Face
-        folder that ``transformers`` loads with ``from_pretrained``."""
+        folder that ``transformers`` loads with ``from_pretrained``. A quantized model is saved quantized (it loads
+        back as it is), or dequantized into a Hugging Face folder."""
         if format not in ("gptlab", "hf"):
             raise GptlabError(f"format must be gptlab or hf, not {format!r}")
-        state = {k: v.detach().to("cpu", torch.float32) for k, v in self.model.state_dict().items()}
+        from .quant.quantize import export_state
+
+        state, extra = export_state(self.model, format)
         if format == "hf":
             return save_hf(state, self.config, self._meta["tokenizer"], Path(out_dir), source=self.source)
-        return save_model_checkpoint(Path(out_dir), state, self.config, self._meta["tokenizer"], source=self.source)
+        return save_model_checkpoint(
+            Path(out_dir), state, self.config, self._meta["tokenizer"], source=self.source, **extra
+        )
 
 
 def load(source: str | Path, device: str = "auto", compile: bool = False, quantize: str | None = None) -> LM:

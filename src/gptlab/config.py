@@ -22,7 +22,7 @@ from .errors import GptlabError
 
 ACTIVATIONS = ("gelu_new", "gelu")  # tanh approximation (GPT-1/2/3; HF's gelu_new = gelu_pytorch_tanh), exact erf
 NORMS = ("pre", "post")  # pre-norm (GPT-2/3: LN inside the residual branch), post-norm (GPT-1)
-IMAGE_ENCODERS = ("linear", "cnn")  # Fuyu's linear map of raw patches; a small conv encoder (gptlab.vision)
+IMAGE_ENCODERS = ("linear", "cnn")  # Fuyu's linear map of raw patches; a small conv encoder (gptlab.image_prefix)
 PROJECTORS = ("linear", "mlp")  # patch features -> n_embd: one linear map (Fuyu, LLaVA-1) or LLaVA-1.5's 2-layer MLP
 
 
@@ -50,7 +50,7 @@ class GPTConfig:
     capacity_factor: float = 0.0  # training only: keep <= factor * tokens * k / n_experts per expert; 0 = dropless
     aux_loss_weight: float = 0.01  # Switch/GShard load-balancing loss weight
     z_loss_weight: float = 0.0  # router z-loss weight (ST-MoE)
-    # Image input (image_size > 0): a prefix of (image_size / patch_size)^2 image tokens, see gptlab.vision.
+    # Image input (image_size > 0): a prefix of (image_size / patch_size)^2 image tokens, see gptlab.image_prefix.
     image_size: int = 0  # side of the square input image in pixels; 0 = a text-only model
     image_channels: int = 3  # 3 = RGB, 1 = grey
     patch_size: int = 4  # side of one patch: one image token per patch
@@ -131,6 +131,11 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads, what the KV cache stores per layer (every query head has its own in this block)."""
+        return self.n_head
 
     def is_moe_layer(self, i: int) -> bool:
         """Block ``i`` (0-based) is routed when ``n_experts > 1`` and ``i + 1`` is a multiple of ``moe_every``."""

@@ -20,12 +20,12 @@ import torch
 
 from .checkpoint import list_checkpoints, load_checkpoint
 from .config import GPTConfig
+from .device import pick_device
 from .errors import GptlabError
 from .interop.hf import hub_snapshot, is_hf_dir, load_hf
 from .interop.openai import is_openai_dir, load_openai
 from .model import GPT
 from .tokenizer import Tokenizer, from_spec
-from .train.distributed import pick_device
 
 
 class Loaded(NamedTuple):
@@ -91,8 +91,8 @@ def build(sd: dict[str, torch.Tensor], cfg: GPTConfig, device: str | torch.devic
 def load_draft(source: str, target: Loaded) -> Any:
     """``--draft``: ``ngram`` (prompt lookup), ``int4`` / ``int8`` (the target's own quantized copy) or a model with
     the target's tokenizer."""
+    from .generate.speculative import ModelDraft, NgramDraft
     from .quant.quantize import quantize_model
-    from .quant.speculative import ModelDraft, NgramDraft
     from .tokenizer import same_tokenizer
 
     if source == "ngram":

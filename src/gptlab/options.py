@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from .errors import GptlabError
-from .recipe import Range, RecipeConfig
+from .recipe import Range, RecipeConfig, field_default, field_kind
 
 SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
 
@@ -99,7 +99,7 @@ def config_flags(cls: type[RecipeConfig], skip: tuple[str, ...]) -> list[tuple[d
             continue
         nested = cls.nested_default(f)
         if nested is None:
-            out.append((f, f.default))
+            out.append((f, field_default(f)))
         else:
             out += [(g, getattr(nested, g.name)) for g in nested.fields()]
     return out
@@ -110,6 +110,16 @@ def config_flag_values(args: argparse.Namespace, cls: type[RecipeConfig], skip: 
     return {f.name: getattr(args, f.name, None) for f, _ in config_flags(cls, skip)}
 
 
+def flag_type(f: dataclasses.Field) -> Callable[[str], Any] | None:
+    """How a field's flag reads its text: the field's own parser, a number inside its range, or plain text."""
+    meta, kind = f.metadata, field_kind(f)
+    if meta.get("parse") is not None:
+        return meta["parse"]
+    if kind in (int, float):
+        return number(meta.get("range"), integer=kind is int)
+    return None
+
+
 def add_config_flags(p: argparse.ArgumentParser, cls: type[RecipeConfig], skip: tuple[str, ...]) -> None:
     """One ``--flag`` per config field, nested configs' fields included (default None, so a recipe's value stands
     unless the flag is given), with the help text, range and choices declared on the field
@@ -117,35 +127,38 @@ def add_config_flags(p: argparse.ArgumentParser, cls: type[RecipeConfig], skip: 
     flags = config_flags(cls, skip)
     for f, default in flags:
         flag = "--" + f.name.replace("_", "-")
-        meta = f.metadata
+        meta, kind = f.metadata, field_kind(f)
         valid, choices = meta.get("range"), meta.get("choices")
         text = meta.get("help", f.name.replace("_", " "))
-        text += f" (valid: {valid}; default {default!r})" if valid else f" (default {default!r})"
-        if isinstance(default, bool):
+        shown = "" if default is None or default == "" or default == [] else f"default {default!r}"
+        text += f" (valid: {valid}{'; ' + shown if shown else ''})" if valid else f" ({shown})" if shown else ""
+        if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif isinstance(default, (int, float)):
-            p.add_argument(
-                flag,
-                type=number(valid, integer=isinstance(default, int)),
-                default=None,
-                metavar=type(default).__name__.upper(),
-                help=text,
-            )
-        else:
-            p.add_argument(
-                flag,
-                default=None,
-                choices=choices,
-                metavar=type(default).__name__.upper() if not choices else None,
-                help=text,
-            )
+            continue
+        if kind is list and meta.get("parse") is None:  # a repeatable flag, each use one item
+            p.add_argument(flag, action="append", default=None, metavar=meta.get("metavar"), help=text)
+            continue
+        parse = flag_type(f)
+        metavar = meta.get("metavar") or (None if choices else kind.__name__.upper())
+        kwargs: dict[str, Any] = {} if parse is None else {"type": parse}
+        p.add_argument(flag, default=None, choices=choices, metavar=metavar, help=text, **kwargs)
     by_name = {f.name: f for f, _ in flags}
     for old, new in cls.renamed.items():
         if new in by_name:
-            default = by_name[new].default
-            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
-            kwargs = {"type": number(by_name[new].metadata.get("range"), isinstance(default, int))} if numeric else {}
+            kwargs = {"type": t} if (t := flag_type(by_name[new])) is not None else {}
             add_alias(p, "--" + old.replace("_", "-"), new, f"use --{new.replace('_', '-')}", **kwargs)
+
+
+def config_from_flags(
+    args: argparse.Namespace,
+    cls: type[RecipeConfig],
+    skip: tuple[str, ...] = (),
+    file: str | None = None,
+    **given: Any,
+) -> Any:
+    """A config from the defaults, a TOML ``file`` if any, its generated flags (those given) and ``given`` values
+    (positional arguments, values the verb resolves itself), in that order of precedence."""
+    return cls.from_sources(file, **{**config_flag_values(args, cls, skip), **given})
 
 
 MODEL_HELP = (
@@ -229,15 +242,20 @@ def emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
 
 def add_quantize(p: argparse.ArgumentParser) -> None:
     """``--quantize``: weight-only quantization on the fly when the model is loaded (gptlab.quant)."""
+    from .quant.config import QUANTIZE_MODES, QuantizeConfig
+
     p.add_argument(
         "--quantize",
-        choices=("int8", "int4"),
-        help="quantize the weights when loading: int8 per channel or int4 in groups of 64 (`gptlab quantize` saves it)",
+        choices=QUANTIZE_MODES,
+        help=f"quantize the weights when loading: int8 per channel or int4 in groups of {QuantizeConfig.group_size} "
+        "(`gptlab quantize` saves it)",
     )
 
 
 def add_draft(p: argparse.ArgumentParser) -> None:
-    """``--draft`` and ``--spec-k``: speculative decoding (gptlab.quant.speculative)."""
+    """``--draft`` and ``--spec-k``: speculative decoding (gptlab.generate.speculative)."""
+    from .generate.speculative import SPEC_K, SPEC_K_RANGE  # here: options stays free of torch
+
     p.add_argument(
         "--draft",
         metavar="MODEL|ngram|int8|int4",
@@ -245,7 +263,10 @@ def add_draft(p: argparse.ArgumentParser) -> None:
         "own int8/int4 copy; output as without it (greedy: identical tokens)",
     )
     p.add_argument(
-        "--spec-k", type=count(1, 16), default=4, help="tokens the draft proposes per round (valid: [1, 16]; default 4)"
+        "--spec-k",
+        type=count(*SPEC_K_RANGE),
+        default=SPEC_K,
+        help=f"tokens the draft proposes per round (valid: [{SPEC_K_RANGE[0]}, {SPEC_K_RANGE[1]}]; default {SPEC_K})",
     )
 
 

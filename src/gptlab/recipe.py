@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tomllib
 
 from .errors import GptlabError
@@ -38,11 +40,19 @@ class Range:
         return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
 
     def __str__(self) -> str:
+        lo, hi = _num(self.lo), _num(self.hi)
         if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}" if self.lo is not None else "any finite number"
+            return f"{'>' if self.lo_open else '>='} {lo}" if self.lo is not None else "any finite number"
         if self.lo is None:
-            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
-        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+            return f"{'<' if self.hi_open else '<='} {hi}"
+        return f"{'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+
+def _num(x: float | None) -> str:
+    """A bound as people write it: whole numbers in full (1048576), others as %g."""
+    if x is not None and float(x).is_integer() and abs(x) < 1e19:
+        return str(int(x))
+    return f"{x:g}" if x is not None else ""
 
 
 POSITIVE = Range(0, lo_open=True)
@@ -54,9 +64,35 @@ DEFAULT_SEED = 1337  # every seed option's default, library and CLI alike
 SEED = Range(0, 2**63 - 1)  # numpy's and torch's generators take non-negative 64-bit seeds
 
 
-def opt(default: Any, help: str, range: Range | None = None, choices: Sequence[str] | None = None) -> Any:
-    """A config field with its help text and its valid range or choices (checked at construction)."""
-    meta = {"help": help, "range": range, "choices": tuple(choices) if choices else None}
+def derive_seed(seed: int, *keys: int | str) -> int:
+    """The one way gptlab derives a seed from a run's ``seed`` and what a stream is for (a name, a step, a rank):
+    numpy's SeedSequence over them (strings by their CRC-32), 63 bits, so distinct keys give independent streams and
+    the same keys the same stream (numpy.random.SeedSequence; O'Neill 2014 on seeding PRNG families). Where rows
+    of a batch must sample as they would alone, their seeds are this plus the row index (row r: ``seed + r``)."""
+    entropy = [seed, *(zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+
+
+def opt(
+    default: Any,
+    help: str,
+    range: Range | None = None,
+    choices: Sequence[Any] | None = None,
+    kind: type | None = None,
+    parse: Callable[[str], Any] | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """A config field with its help text and its valid range or choices (checked at construction). ``kind``: the
+    type of an optional field (default None; None stays allowed). ``parse``: how its command-line flag reads text
+    (lists, pairs), with ``metavar`` to show in ``--help``."""
+    meta = {
+        "help": help,
+        "range": range,
+        "choices": tuple(choices) if choices else None,
+        "kind": kind,
+        "parse": parse,
+        "metavar": metavar,
+    }
     if isinstance(default, (dict, list)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     if dataclasses.is_dataclass(default):  # a nested config: each instance gets its own copy
@@ -64,8 +100,18 @@ def opt(default: Any, help: str, range: Range | None = None, choices: Sequence[s
     return dataclasses.field(default=default, metadata=meta)
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (a fresh copy of a list or dict)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def field_kind(f: dataclasses.Field) -> type:
+    """The type of a field's values: its declared ``kind``, else its default's type."""
+    return f.metadata.get("kind") or type(field_default(f))
+
+
 def check_value(
-    name: str, value: Any, want: type, range: Range | None = None, choices: Sequence[str] | None = None
+    name: str, value: Any, want: type, range: Range | None = None, choices: Sequence[Any] | None = None
 ) -> tuple[Any, str | None]:
     """(value converted to ``want`` where that is lossless, or the problem with it)."""
     ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
@@ -98,21 +144,20 @@ class RecipeConfig:
                     unknown = sorted(set(value) - {g.name for g in nested.fields()})
                     if unknown:
                         raise GptlabError(f"unknown option(s) {unknown} in [{f.name}]; see {self.help_hint}")
-                    setattr(self, f.name, dataclasses.replace(nested, **value))  # type: ignore[type-var]
+                    object.__setattr__(self, f.name, dataclasses.replace(nested, **value))  # type: ignore[type-var]
                 elif not isinstance(value, type(nested)):
                     problems.append(f"{f.name} should be a table of {sorted(g.name for g in nested.fields())}")
                 continue
-            factory = f.default_factory
-            want = type(f.default if f.default is not dataclasses.MISSING else factory())  # type: ignore[operator]
-            if want not in (bool, int, float, str, dict):  # optional and list fields: the subclass checks them
+            want, value = field_kind(f), getattr(self, f.name)
+            if want not in (bool, int, float, str, dict):  # list fields: the subclass checks them
                 continue
-            value, problem = check_value(
-                f.name, getattr(self, f.name), want, f.metadata.get("range"), f.metadata.get("choices")
-            )
+            if value is None and f.metadata.get("kind") is not None:  # an optional field left unset
+                continue
+            value, problem = check_value(f.name, value, want, f.metadata.get("range"), f.metadata.get("choices"))
             if problem:
                 problems.append(problem)
             else:
-                setattr(self, f.name, value)
+                object.__setattr__(self, f.name, value)  # frozen configs (Sampling) too
         if not problems:
             problems = [msg for ok, msg in self.checks() if not ok]
         if problems:
@@ -124,6 +169,11 @@ class RecipeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of field ``name``: library functions that take the same setting share it."""
+        return field_default(next(f for f in cls.fields() if f.name == name))
 
     @classmethod
     def fields(cls) -> list[dataclasses.Field]:

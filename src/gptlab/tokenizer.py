@@ -239,6 +239,16 @@ def gpt2_ranks() -> dict[bytes, int]:
     return _gpt2_encoding()._mergeable_ranks
 
 
+def prompt_ids(tok: Tokenizer, text: str, after_image: bool = False) -> list[int]:
+    """The token ids of a prompt, one rule for every place that encodes one (the Engine, the server, the lm-eval
+    adapter, image-text datasets): the empty prompt is the end-of-text token (sampling unconditionally, as GPT-2's
+    samples start); after an image prefix the text always starts with the end-of-text token, as the image-text
+    training examples store it."""
+    if after_image:
+        return [tok.eot_id, *tok.encode(text)]
+    return tok.encode(text) if text else [tok.eot_id]
+
+
 def from_spec(spec: dict[str, Any]) -> Tokenizer:
     """Rebuild the tokenizer a checkpoint or prepared dataset was made with."""
     kind = spec.get("kind")

@@ -28,11 +28,10 @@ from typing import Any
 
 import torch
 
+from ..chat import ROLES, chat_prompt
+from ..data.jsonl import read_jsonl
 from ..errors import GptlabError
-from ..eval.tasks import read_jsonl
 from .losses import ranking_pairs
-
-ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
 @dataclass
@@ -47,11 +46,6 @@ def _fits(ids: list[int], block: int, where: str) -> None:
             f"{where} is {len(ids)} tokens, longer than the model's context of {block}; shorten it "
             f"or start from a model with a longer context"
         )
-
-
-def chat_prompt(messages: Sequence[dict[str, str]]) -> str:
-    """The text of ``messages`` in the chat template, ending with ``"Assistant: "`` for generation."""
-    return "".join(f"{ROLES[m['role']]}: {m['content']}\n" for m in messages) + f"{ROLES['assistant']}: "
 
 
 def sft_examples(path: str | Path, tok: Any, block: int) -> list[Example]:

@@ -30,6 +30,7 @@ from ..files import atomic_write_bytes
 from ..generate import Engine, Sampling
 from ..loader import load_model
 from ..model import GPT
+from ..recipe import derive_seed
 from ..train.distributed import Dist, mean_across_ranks
 from .config import AlignConfig
 from .data import (
@@ -90,33 +91,9 @@ def token_logprobs(gpt: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Te
 def last_token_scalar(gpt: GPT, head: nn.Linear, seqs: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
     """The head's scalar on the final hidden state of each sequence's last token, [len(seqs)]."""
     x = pad(seqs).to(device)
-    h = gpt(x, hidden=True)[0]
+    h = gpt.hidden_states(x)
     last = torch.tensor([len(s) - 1 for s in seqs], device=device)
     return head(h[torch.arange(len(seqs), device=device), last]).squeeze(-1)
-
-
-def extend_vocab(gpt: GPT, n: int) -> list[int]:
-    """Append ``n`` new token ids to the model (new embedding rows, N(0, init_std)); returns their ids."""
-    cfg = gpt.config
-    new = cfg.replace(vocab_size=cfg.vocab_size + n)
-    old_rows = gpt.wte.weight.size(0)
-    if new.padded_vocab_size > old_rows:
-        wte = nn.Embedding(new.padded_vocab_size, cfg.n_embd, device=gpt.wte.weight.device)
-        with torch.no_grad():
-            wte.weight[:old_rows] = gpt.wte.weight
-        gpt.wte = wte
-        if cfg.tie_weights:
-            gpt.tie_()
-        else:
-            head = nn.Linear(cfg.n_embd, new.padded_vocab_size, bias=False, device=wte.weight.device)
-            with torch.no_grad():
-                head.weight.zero_()
-                head.weight[:old_rows] = gpt.lm_head.weight
-            gpt.lm_head.weight = head.weight
-    with torch.no_grad():
-        gpt.wte.weight[cfg.vocab_size : new.vocab_size].normal_(0.0, cfg.init_std)
-    gpt.config = new
-    return list(range(cfg.vocab_size, new.vocab_size))
 
 
 def split(cfg: AlignConfig, load: Callable[[str], list]) -> tuple[list, list]:
@@ -233,7 +210,7 @@ class Finetune(Stage):
     def __init__(self, cfg: AlignConfig, d: Dist) -> None:
         super().__init__(cfg, d)
         self.base_vocab = self.gpt.config.vocab_size
-        start, delim, extract = extend_vocab(self.gpt, 3)
+        start, delim, extract = self.gpt.extend_vocab(3)
         self.special = {"start": start, "delim": delim, "extract": extract}
         self.train, labels = task_items(cfg.data, cfg.task, self.tok, self.special, self.block)
         self.labels = labels
@@ -251,12 +228,12 @@ class Finetune(Stage):
         """(per-item logits over its classes or options, the auxiliary LM loss on the items' text)."""
         seqs = [s for it in items for s in it.sequences]
         x = pad(seqs).to(self.device)
-        h = self.gpt(x, hidden=True)[0]
+        h = self.gpt.hidden_states(x)
         ends = torch.tensor([len(s) - 1 for s in seqs], device=self.device)
         last = h[torch.arange(len(seqs), device=self.device), ends]
         y = x[:, 1:].masked_fill(x[:, 1:] >= self.base_vocab, -1)  # no LM targets on special tokens or padding
         y = y.masked_fill(torch.arange(y.size(1), device=self.device)[None] >= ends[:, None], -1)
-        logits_lm = F.linear(h[:, :-1], self.gpt.lm_head.weight)[..., : self.gpt.config.vocab_size]
+        logits_lm = self.gpt.logits(h[:, :-1])
         lm = F.cross_entropy(logits_lm.flatten(0, 1).float(), y.flatten(), ignore_index=-1)
         head = self.module["head"]
         out, i = [], 0
@@ -443,11 +420,12 @@ class PPO(Stage):
         }
 
     def values(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module["value_head"](self.module["value"](x, hidden=True)[0]).squeeze(-1)
+        value = cast(GPT, self.module["value"])
+        return self.module["value_head"](value.hidden_states(x)).squeeze(-1)
 
     def step(self, step: int, update: Update) -> Row:
         cfg = self.cfg
-        ro = self.rollout(self.pick(step, self.train), seed=(cfg.seed * 1_000_003 + step) * 64 + self.dist.rank)
+        ro = self.rollout(self.pick(step, self.train), seed=derive_seed(cfg.seed, "rollout", step, self.dist.rank))
         mask = ro["mask"]
         kl_tok = (ro["old_logp"] - ro["ref_logp"]) * mask  # k1, the estimator in InstructGPT's reward
         rewards = -self.kl.coef * kl_tok
@@ -457,7 +435,7 @@ class PPO(Stage):
         mean, std = masked_mean(adv, mask), masked_mean((adv - masked_mean(adv, mask)) ** 2, mask).sqrt()
         adv = (adv - mean) / (std + 1e-8) * mask
         stats: dict[str, list[float]] = {}
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatches", step))
         B = mask.size(0)
         for _ in range(cfg.ppo_epochs):
             for mb in torch.randperm(B, generator=gen).chunk(cfg.minibatches):
@@ -502,7 +480,7 @@ class PPO(Stage):
         prompts_ = self.val or self.train[: self.cfg.batch_size]
         scores, kls = [], []
         for k, part in enumerate(chunks(prompts_, self.cfg.batch_size)):
-            ro = self.rollout(part, seed=self.cfg.seed + k)
+            ro = self.rollout(part, seed=derive_seed(self.cfg.seed, "evaluation", k))
             scores.append(ro["score"])
             kls.append(((ro["old_logp"] - ro["ref_logp"]) * ro["mask"]).sum(1))
         return {"score": torch.cat(scores).mean().item(), "kl": torch.cat(kls).mean().item()}

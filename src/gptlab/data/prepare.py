@@ -33,33 +33,12 @@ from .. import assets
 from ..errors import GptlabError
 from ..files import atomic_write_text, folder_lock, recover, remove_leftovers, replace_dir
 from ..tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
+from .config import PrepareConfig
 from .corpora import CORPORA, load_corpus
+from .jsonl import decode_text, jsonl_records
 from .shards import token_dtype, write_shard
 
 TEXT_SUFFIXES_SKIPPED = {".bin", ".gz", ".zip", ".png", ".jpg", ".pdf", ".pt", ".safetensors"}
-
-
-def _decode(data: bytes, origin: str) -> str:
-    if b"\x00" in data[:8192]:
-        raise GptlabError(f"{origin} looks binary (contains NUL bytes); pass text, .jsonl or .parquet files")
-    try:
-        return data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        raise GptlabError(
-            f"{origin} is not valid UTF-8 (byte {e.start}: {data[e.start : e.start + 4]!r}); "
-            f"convert it, e.g. `iconv -f latin1 -t utf-8`"
-        ) from None
-
-
-def jsonl_records(data: bytes, origin: str) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) for each non-blank line of a JSON-lines file; a bad line is one clear error."""
-    for n, line in enumerate(_decode(data, origin).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GptlabError(f"{origin} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
 
 
 def _jsonl_docs(data: bytes, origin: str, field: str) -> Iterator[tuple[str, str]]:
@@ -92,7 +71,7 @@ def _file_docs(path: Path, field: str, origin: str | None = None) -> Iterator[tu
     if path.suffix == ".jsonl":
         yield from _jsonl_docs(data, origin, field)
     else:
-        yield origin, _decode(data, origin)
+        yield origin, decode_text(data, origin)
 
 
 def iter_documents(sources: list[str], field: str, downloads: Path) -> Iterator[tuple[str, str]]:
@@ -136,10 +115,10 @@ def make_tokenizer(kind: str, texts: Iterator[str], vocab_size: int | None) -> T
 def prepare(
     sources: list[str],
     out_dir: str | Path,
-    tokenizer: str = "gpt2",
+    tokenizer: str = PrepareConfig.tokenizer,
     vocab_size: int | None = None,
-    val_fraction: float = 0.1,
-    field: str = "text",
+    val_fraction: float = PrepareConfig.val_fraction,
+    field: str = PrepareConfig.field,
     shard_tokens: int = 100_000_000,
     batch_bytes: int = 4 << 20,
     progress: bool = True,
@@ -163,9 +142,15 @@ def prepare(
     return meta
 
 
-def prepare_images(source: str, out_dir: str | Path, images: int = 10_000, image_size: int = 32, seed: int = 0):
-    """``gptlab prepare shapes|digits``: an image-text dataset (:mod:`gptlab.vision.data`) in ``out_dir``."""
-    from ..vision import data as vision_data
+def prepare_images(
+    source: str,
+    out_dir: str | Path,
+    images: int = PrepareConfig.images,
+    image_size: int = PrepareConfig.image_size,
+    seed: int = PrepareConfig.seed,
+):
+    """``gptlab prepare shapes|digits``: an image-text dataset (:mod:`gptlab.data.images`) in ``out_dir``."""
+    from . import images as vision_data
 
     def build(tmp: Path) -> dict[str, Any]:
         made = (

@@ -35,17 +35,18 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from ..config import GPTConfig
+from ..data.images import is_image_dataset
 from ..data.loader import read_meta
 from ..errors import GptlabError
 from ..files import atomic_write_bytes, atomic_write_text
 from ..generate.engine import Engine, Sampling
 from ..loader import Loaded, load_model
 from ..model import GPT
+from ..recipe import derive_seed
 from ..tokenizer import same_tokenizer
 from ..train import distributed
 from ..train.loop import FitStats
 from ..train.trainer import Pretraining, model_config_for, run
-from ..vision.data import is_image_dataset
 from . import losses
 from .config import DistillConfig
 
@@ -210,7 +211,7 @@ class Distillation(Pretraining):
         seeded by the step and the rank), and the mask of the positions whose next token it sampled."""
         B, T = x.shape
         half = T // 2
-        seed = (self.cfg.seed * 1_000_003 + step * 7919 + self.d.rank * B) % 2**62
+        seed = derive_seed(self.cfg.seed, "on-policy", step) % 2**62 + self.d.rank * B  # rows: seed + global row
         sampling = Sampling(temperature=self.cfg.on_policy_temperature, seed=seed)
         out = Engine(self.raw).generate_tokens(x[:, :half].tolist(), T - half, sampling)
         self.raw.train()  # the engine put it in eval mode
@@ -248,8 +249,7 @@ class Distillation(Pretraining):
         want_hidden = cfg.hidden_weight > 0
         student_layers = list(range(self.mcfg.n_layer)) if want_hidden else []
         with block_outputs(raw, student_layers) as s_hidden:
-            h, _ = self.model(x, hidden=True)
-        logits = F.linear(h, raw.lm_head.weight)[..., : self.mcfg.vocab_size]
+            logits, _ = self.model(x)  # through the (possibly wrapped) model's forward
         with block_outputs(self.teacher, self.layer_map if want_hidden else []) as t_hidden:
             t_out, t_idx = self.teacher_targets(x, step, micro)
         T = cfg.temperature

@@ -1,40 +1,50 @@
-"""``gptlab eval <task> MODEL ...``: perplexity, lambada, mc, fewshot, generate, exposure. Each prints a summary, or
-with ``--json`` one JSON object with the model, the task and its version, the data's sha256, the settings and the
-scores. Option defaults are the task functions' own (:mod:`gptlab.eval.tasks`)."""
+"""``gptlab eval <task> MODEL ...``: perplexity, lambada, mc, fewshot, generate, exposure, vision. Each prints a
+summary, or with ``--json`` one JSON object with the model, the task and its version, the data's sha256, the
+settings and the scores. Each task's flags are the fields of its config (:mod:`gptlab.eval.config`), whose defaults
+the library's task functions share."""
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import GptlabError
-from ..options import add_device, add_json, add_model, add_quantize, count, emit, number, number_list
-from ..recipe import NON_NEGATIVE, SEED, UNIT
-from ..train.scheduled_sampling import exposure_report
+from ..options import add_config_flags, add_json, add_model, config_from_flags, emit
 from . import tasks
-
-
-def default(fn: Any, name: str) -> Any:
-    """The default of parameter ``name`` of ``fn``: the CLI's defaults are the library's."""
-    return inspect.signature(fn).parameters[name].default
+from .config import (
+    EvalConfig,
+    ExposureConfig,
+    FewshotConfig,
+    GenerationConfig,
+    LambadaConfig,
+    MultipleChoiceConfig,
+    PerplexityConfig,
+    VisionConfig,
+)
+from .exposure import exposure_report
 
 
 def _run(args: argparse.Namespace) -> None:
+    import torch
+
     from ..loader import load_model  # here, not at the top: loading pulls in torch and the interop formats
 
-    loaded = load_model(args.model, args.device, quantize=args.quantize)
+    positional = {k: getattr(args, k) for k in args.positional}
+    cfg = config_from_flags(args, args.config, ("model", *positional), model=args.model, **positional)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    loaded = load_model(cfg.model, cfg.device, quantize=cfg.quantize)
     t0 = time.perf_counter()
-    result: dict[str, Any] = args.task(loaded.model, loaded.tokenizer, args)
+    result: dict[str, Any] = args.task(loaded.model, loaded.tokenizer, cfg)
     result.update(
-        model=str(args.model),
+        model=str(cfg.model),
         params=loaded.model.num_params(),
         seconds=round(time.perf_counter() - t0, 2),
-        batch_size=args.batch_size,
-        limit=args.limit,
+        batch_size=cfg.batch_size,
+        limit=cfg.limit,
     )
     emit(args, result, args.summary(result))
 
@@ -91,8 +101,9 @@ def _generate(model, tok, args):
 
 def _vision(model, tok, args):
     from ..data.loader import read_meta
-    from ..generate.engine import Engine
-    from ..vision.evaluate import BLIND, evaluate_split
+    from ..generate import Engine
+    from .config import BLIND
+    from .vision import evaluate_split
 
     engine = Engine(model, tok)
     names = args.split or [s for s in ("val", "holdout") if s in read_meta(args.data).get("files", {})]
@@ -139,95 +150,74 @@ def _exposure_summary(r: dict[str, Any]) -> str:
     )
 
 
-def add_exposure_args(q: argparse.ArgumentParser) -> None:
-    q.add_argument("--text")
-    q.add_argument("--text-file", help="read the text from this UTF-8 file")
-    q.add_argument(
-        "--p",
-        type=number(UNIT),
-        default=0.5,
-        help="probability of feeding the model's own prediction (valid: [0, 1]; default 0.5)",
-    )
-    q.add_argument(
-        "--seed", type=number(SEED, integer=True), default=default(exposure_report, "seed"), help="seed (>= 0)"
-    )
-    q.set_defaults(task=_exposure, summary=_exposure_summary)
+def add_task(
+    what: argparse._SubParsersAction,
+    name: str,
+    config: type[EvalConfig],
+    task: Any,
+    summary: Any,
+    help: str,
+    positional: dict[str, dict[str, Any]] | None = None,
+    parser: argparse._SubParsersAction | None = None,
+) -> argparse.ArgumentParser:
+    """One eval task's parser: MODEL, the task's positional arguments, then its config's fields as flags."""
+    q = (parser or what).add_parser(name, help=help)
+    add_model(q, "eval " + name.removeprefix("eval "))
+    for arg, kwargs in (positional or {}).items():
+        q.add_argument(arg, **kwargs)
+    add_config_flags(q, config, ("model", *(positional or {})))
+    add_json(q)
+    q.set_defaults(task=task, summary=summary, config=config, positional=tuple(positional or {}), func=_run)
+    return q
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="perplexity, LAMBADA, multiple choice, few-shot, generation, exposure bias",
+        help="perplexity, LAMBADA, multiple choice, few-shot, generation, exposure bias, vision",
         description="Evaluate a gptlab run/checkpoint or a Hugging Face GPT-2 folder / Hub name.",
     )
     what = p.add_subparsers(dest="what", required=True)
-
-    q = what.add_parser(
+    q = add_task(
+        what,
         "perplexity",
-        help="sliding-window perplexity per token, word and byte of text files "
-        "(lm-eval's rolling log-likelihood at --stride = context)",
-    )
-    add_model(q, "eval perplexity")
-    q.add_argument("paths", nargs="+", help="text files, folders of .txt files, or prepared .bin token shards")
-    q.add_argument(
-        "--stride", type=count(1), help="window step in tokens (>= 1, at most the context; default half the context)"
-    )
-    q.set_defaults(
-        task=_perplexity,
-        _shift="paths",
-        summary=lambda r: (
+        PerplexityConfig,
+        _perplexity,
+        lambda r: (
             f"{r['tokens']:,} tokens: loss {r['loss']:.4f} nats/token, perplexity {r['token_perplexity']:.3f}; "
             f"word perplexity {r['word_perplexity']:.3f}; {r['bits_per_byte']:.4f} bits/byte"
         ),
+        "sliding-window perplexity per token, word and byte of text files (lm-eval's rolling log-likelihood at "
+        "--stride = context)",
+        {"paths": {"nargs": "+", "help": "text files, folders of .txt files, or prepared .bin token shards"}},
     )
-
-    q = what.add_parser("lambada", help="OpenAI's LAMBADA: last-word accuracy and perplexity (lambada_openai)")
-    add_model(q, "eval lambada")
-    q.add_argument("--path", help="lambada_test.jsonl (default: cached download, sha256-checked)")
-    q.add_argument(
-        "--stopword-filter",
-        action="store_true",
-        help="the GPT-2 paper's variant: a stop word may not be the predicted last word",
+    q.set_defaults(_shift="paths")
+    add_task(
+        what,
+        "lambada",
+        LambadaConfig,
+        _lambada,
+        lambda r: f"LAMBADA ({r['n']:,} passages): acc {r['acc']:.4f}, perplexity {r['perplexity']:.3f}",
+        "OpenAI's LAMBADA: last-word accuracy and perplexity (lambada_openai)",
     )
-    q.set_defaults(
-        task=_lambada,
-        summary=lambda r: f"LAMBADA ({r['n']:,} passages): acc {r['acc']:.4f}, perplexity {r['perplexity']:.3f}",
-    )
-
-    q = what.add_parser("mc", help="multiple choice: HellaSwag jsonl or {context, choices, label} jsonl")
-    add_model(q, "eval mc")
-    q.add_argument("path")
-    q.set_defaults(
-        task=_mc,
-        summary=lambda r: (
+    add_task(
+        what,
+        "mc",
+        MultipleChoiceConfig,
+        _mc,
+        lambda r: (
             f"{r['task']} ({r['n']:,}): acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f} (chars), "
             f"{r['acc_norm_tokens']:.4f} (tokens)"
         ),
+        "multiple choice: HellaSwag jsonl or {context, choices, label} jsonl",
+        {"path": {"help": "HellaSwag jsonl or {context, choices, label} jsonl"}},
     )
-
-    q = what.add_parser("fewshot", help="zero/one/few-shot classification: accuracy vs number of examples")
-    add_model(q, "eval fewshot")
-    q.add_argument("--path", help="{text, label} jsonl to classify (default: gptlab's sentiment set)")
-    q.add_argument("--train", help="{text, label} jsonl to draw examples from (default: --path minus the query)")
-    shots = list(default(tasks.fewshot, "shots"))
-    q.add_argument(
-        "--shots",
-        type=number_list(NON_NEGATIVE, integer=True),
-        default=shots,
-        help=f"comma-separated k, each >= 0 (default {','.join(map(str, shots))})",
-    )
-    q.add_argument("--template", default=default(tasks.fewshot, "template"))
-    q.add_argument(
-        "--seed",
-        type=number(SEED, integer=True),
-        default=default(tasks.fewshot, "seed"),
-        help=f"seed for drawing the examples (>= 0; default {default(tasks.fewshot, 'seed')})",
-    )
-    q.add_argument("--calibrate", action="store_true", help="contextual calibration (Zhao et al. 2021)")
-    q.add_argument("--plot", metavar="PNG", help="write accuracy vs shots to this file")
-    q.set_defaults(
-        task=_fewshot,
-        summary=lambda r: "\n".join(
+    add_task(
+        what,
+        "fewshot",
+        FewshotConfig,
+        _fewshot,
+        lambda r: "\n".join(
             [f"labels {r['labels']}, template {r['template']!r}"]
             + [
                 f"{x['shots']:>3}-shot: acc {x['acc']:.3f} (95% CI {x['ci95'][0]:.3f}-{x['ci95'][1]:.3f}, n={x['n']})"
@@ -235,86 +225,54 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             ]
             + ([f"plot: {r['plot']}"] if "plot" in r else [])
         ),
+        "zero/one/few-shot classification: accuracy vs number of examples",
     )
-
-    q = what.add_parser(
+    add_task(
+        what,
         "generate",
-        help="prompted generation: TL;DR summaries (ROUGE), translation (BLEU, chrF), closed-book QA (exact match, F1)",
-    )
-    add_model(q, "eval generate")
-    q.add_argument("kind", choices=list(tasks.GENERATION_TASKS))
-    q.add_argument(
-        "path", help="jsonl: summarize {document, summary}; translate {source, target}; qa {question, answers: [...]}"
-    )
-    g = tasks.generation_task
-    q.add_argument(
-        "--shots",
-        type=count(0),
-        default=default(g, "shots"),
-        help="solved examples before each prompt (>= 0; default 0)",
-    )
-    q.add_argument("--seed", type=number(SEED, integer=True), default=default(g, "seed"), help="seed (>= 0)")
-    q.add_argument(
-        "--max-new-tokens",
-        type=count(1),
-        default=default(g, "max_new_tokens"),
-        help="tokens generated per prompt (>= 1)",
-    )
-    q.add_argument("--source-lang", default=default(g, "source_lang"))
-    q.add_argument("--target-lang", default=default(g, "target_lang"))
-    q.set_defaults(
-        task=_generate,
-        summary=lambda r: (
+        GenerationConfig,
+        _generate,
+        lambda r: (
             f"{r['task']} ({r['n']}, {r['shots']}-shot): "
             + ", ".join(
                 f"{k} {r[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match", "f1") if k in r
             )
         ),
+        "prompted generation: TL;DR summaries (ROUGE), translation (BLEU, chrF), closed-book QA (exact match, F1)",
+        {
+            "kind": {"choices": list(tasks.GENERATION_TASKS)},
+            "path": {
+                "help": "jsonl: summarize {document, summary}; translate {source, target}; qa {question, answers}"
+            },
+        },
     )
-
-    q = what.add_parser("exposure", help="exposure bias: teacher-forcing vs scheduled-sampling loss on a text")
-    add_model(q, "eval exposure")
-    add_exposure_args(q)
-
-    q = what.add_parser(
-        "vision", help="image datasets: per-attribute answer accuracy, with the image and blind (docs/vision.md)"
+    add_task(
+        what,
+        "exposure",
+        ExposureConfig,
+        _exposure,
+        _exposure_summary,
+        "exposure bias: teacher-forcing vs scheduled-sampling loss on a text",
     )
-    add_model(q, "eval vision")
-    q.add_argument("--data", required=True, help="an image dataset folder (`gptlab prepare shapes|digits`)")
-    q.add_argument(
-        "--split",
-        action="append",
-        help="split(s) to evaluate, repeatable (default val, and holdout when the dataset has one)",
+    add_task(
+        what,
+        "vision",
+        VisionConfig,
+        _vision,
+        _vision_summary,
+        "image datasets: per-attribute answer accuracy, with the image and blind (docs/vision.md)",
     )
-    q.add_argument(
-        "--blind",
-        action="append",
-        choices=("zero", "shuffle"),
-        help="blind baselines to run beside (repeatable; default both)",
-    )
-    q.set_defaults(task=_vision, summary=_vision_summary)
-
-    for q in what.choices.values():
-        q.add_argument(
-            "--limit", type=count(1), help="evaluate only the first N records (tokens, for perplexity; >= 1)"
-        )
-        q.add_argument(
-            "--batch-size",
-            type=count(1, 4096),
-            default=8,
-            help="sequences per forward pass (valid: [1, 4096]; default 8)",
-        )
-        add_device(q)
-        add_quantize(q)
-        add_json(q)
-    p.set_defaults(func=_run)
-
     # `gptlab exposure` (before `eval exposure`): kept for one release
-    q = sub.add_parser("exposure", help="deprecated: use `gptlab eval exposure MODEL`")
-    add_model(q, "eval exposure")
-    add_exposure_args(q)
-    q.set_defaults(func=_deprecated_exposure, limit=None, batch_size=1, device="auto", quantize=None)
-    add_json(q)
+    q = add_task(
+        what,
+        "exposure",
+        ExposureConfig,
+        _exposure,
+        _exposure_summary,
+        "deprecated: use `gptlab eval exposure MODEL`",
+        parser=sub,
+    )
+    q.set_defaults(func=_deprecated_exposure)
 
 
 def _deprecated_exposure(args: argparse.Namespace) -> None:

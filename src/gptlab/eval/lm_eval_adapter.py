@@ -22,6 +22,7 @@ from lm_eval.api.registry import register_model
 
 from ..generate import Engine, Sampling
 from ..loader import load_model
+from ..tokenizer import prompt_ids
 from .scoring import loglikelihoods, rolling_nll
 
 
@@ -38,7 +39,7 @@ class GptlabLM(LM):
         self.engine = Engine(self.model, self.tok)
 
     def _encode_context(self, text: str) -> list[int]:
-        return self.tok.encode(text) if text else [self.tok.eot_id]
+        return prompt_ids(self.tok, text)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [(self._encode_context(ctx), self.tok.encode(cont)) for ctx, cont in (r.args for r in requests)]

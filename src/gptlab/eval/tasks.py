@@ -14,44 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from ..assets import cache_dir, fetch_url, sha256_of, verified
-from ..data.prepare import jsonl_records
+from ..data.jsonl import read_jsonl
 from ..data.shards import read_shard
 from ..errors import GptlabError
 from ..files import atomic_write_bytes
 from ..generate import Engine, Sampling
 from ..model import GPT
-from ..recipe import DEFAULT_SEED
+from ..recipe import derive_seed
 from ..tokenizer import Tokenizer
+from .config import EvalConfig, FewshotConfig, GenerationConfig
 from .scoring import loglikelihoods, perplexity_report, rolling_nll
 
 LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
 LAMBADA_SHA256 = "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226"
 SENTIMENT = Path(__file__).with_name("data") / "sentiment.jsonl"
-
-
-def read_jsonl(path: str | Path, fields: Sequence[str], limit: int | None = None) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file, each required to hold ``fields``; a bad line is one error naming it."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise GptlabError(f"cannot read {path}: {e.strerror}") from None
-    out = []
-    for n, rec in jsonl_records(data, str(path)):
-        if not isinstance(rec, dict):
-            raise GptlabError(
-                f"{path} line {n} is {type(rec).__name__}, not a JSON object; each line needs an "
-                f"object" + (f" with {list(fields)}" if fields else "")
-            )
-        missing = [f for f in fields if f not in rec]
-        if missing:
-            raise GptlabError(f"{path} line {n}: missing field(s) {missing}; each line needs {list(fields)}")
-        out.append(rec)
-        if limit and len(out) >= limit:
-            break
-    if not out:
-        raise GptlabError(f"{path} holds no records")
-    return out
 
 
 def _data_info(path: Path) -> dict[str, str]:
@@ -64,7 +40,7 @@ def perplexity(
     *,
     paths: Sequence[str],
     stride: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = EvalConfig.batch_size,
     limit: int | None = None,
 ) -> dict[str, Any]:
     r"""Sliding-window perplexity of text files (folders: their ``*.txt``) or prepared token shards (``*.bin``
@@ -141,7 +117,7 @@ def lambada(
     *,
     path: str | None = None,
     limit: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = EvalConfig.batch_size,
     stopword_filter: bool = False,
 ) -> dict[str, Any]:
     """OpenAI's LAMBADA as lm-eval's ``lambada_openai``: context = the passage up to its last space, target = " " +
@@ -187,7 +163,7 @@ def hellaswag_doc(d: dict[str, Any]) -> tuple[str, list[str]]:
 
 
 def multiple_choice(
-    model: GPT, tok: Tokenizer, *, path: str, limit: int | None = None, batch_size: int = 8
+    model: GPT, tok: Tokenizer, *, path: str, limit: int | None = None, batch_size: int = EvalConfig.batch_size
 ) -> dict[str, Any]:
     """Each choice scored as a continuation (" " + choice) of the context. ``acc``: the highest log-likelihood;
     ``acc_norm``: the highest log-likelihood per character of the choice (lm-eval); ``acc_norm_tokens``: per token
@@ -266,14 +242,15 @@ def fewshot(
     *,
     path: str | None = None,
     train_path: str | None = None,
-    shots: Sequence[int] = (0, 1, 5, 10),
-    template: str = "Input: {text}\nLabel: {label}",
-    seed: int = DEFAULT_SEED,
+    shots: Sequence[int] = tuple(FewshotConfig.default("shots")),
+    template: str = FewshotConfig.template,
+    seed: int = FewshotConfig.seed,
     calibrate: bool = False,
     limit: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = EvalConfig.batch_size,
 ) -> dict[str, Any]:
-    """Seed 002's in-context learning experiment, generalised. For each k, every query gets k examples drawn
+    """In-context learning as GPT-3 measured it (Brown et al. 2020, "Language Models are Few-Shot Learners"), on
+    classification. For each k, every query gets k examples drawn
     (seeded, per query) from the training pool without the query itself; each label is scored by the
     log-probability of its whole token sequence (" " + label) after the prompt, and the most likely label is the
     prediction. ``calibrate`` divides each label's probability (normalised over the labels) by the same
@@ -298,7 +275,7 @@ def fewshot(
             raise GptlabError(f"{k} shots need at least {k + 1} training examples; the pool has {len(pool)}")
         prompts, cf_prompts = [], []
         for qi, q in enumerate(test):
-            rng = random.Random(seed * 1_000_003 + qi)
+            rng = random.Random(derive_seed(seed, "shots", qi))
             candidates = [d for d in pool if d["text"] != q["text"]]
             examples = rng.sample(candidates, k)
             prompts.append(fewshot_prompt(examples, q["text"], template))
@@ -411,13 +388,13 @@ def generation_task(
     *,
     task: str,
     path: str,
-    shots: int = 0,
-    seed: int = DEFAULT_SEED,
-    max_new_tokens: int = 64,
-    source_lang: str = "English",
-    target_lang: str = "French",
+    shots: int = GenerationConfig.shots,
+    seed: int = GenerationConfig.seed,
+    max_new_tokens: int = GenerationConfig.max_new_tokens,
+    source_lang: str = GenerationConfig.source_lang,
+    target_lang: str = GenerationConfig.target_lang,
     limit: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = EvalConfig.batch_size,
 ) -> dict[str, Any]:
     """Generate greedily from the task's template (``shots`` solved examples first, drawn from the other records)
     until a newline or the end-of-text token, then score: ROUGE-1/2/L F-measure (``rouge-score``) for
@@ -441,7 +418,7 @@ def generation_task(
         pool = [x for x in docs if x is not d]
         if shots > len(pool):
             raise GptlabError(f"{shots} shots need {shots + 1} records; {p} has {len(docs)}")
-        examples = random.Random(seed * 1_000_003 + qi).sample(pool, shots)
+        examples = random.Random(derive_seed(seed, "shots", qi)).sample(pool, shots)
         prompts.append("".join(fill(x, True) for x in examples) + fill(d, False))
     engine = Engine(model, tok)
     preds = []

@@ -9,22 +9,26 @@ import time
 from pathlib import Path
 
 from ..errors import GptlabError
-from ..options import add_device, add_draft, add_json, add_model, add_quantize, count, emit, number
-from ..recipe import SEED, UNIT, Range
-from .engine import Engine, Sampling
+from ..options import (
+    add_config_flags,
+    add_device,
+    add_draft,
+    add_json,
+    add_model,
+    add_quantize,
+    config_from_flags,
+    count,
+    emit,
+)
+from .engine import Engine
+from .sampling import Sampling
 
-DEFAULTS = Sampling()  # the CLI's sampling defaults are the library's
 
-
-def sampling(args: argparse.Namespace, seed: int | None = None) -> Sampling:
-    return Sampling(
-        temperature=args.temperature,
-        top_k=args.top_k or None,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed if seed is None else seed,
-    )
+def sampling(args: argparse.Namespace, offset: int = 0) -> Sampling:
+    """The sampling settings of the flags (the library's defaults where none is given), the seed moved by
+    ``offset`` (sample i of a streamed run, turn i of the loop: seed + i, as row i of a batch)."""
+    s = config_from_flags(args, Sampling)
+    return dataclasses.replace(s, seed=s.seed + offset) if offset else s
 
 
 def _engine(args: argparse.Namespace):
@@ -38,7 +42,7 @@ def _engine(args: argparse.Namespace):
 
 def read_image(path: str, cfg):
     """``--image``: a file as the model's image input [1, channels, size, size]."""
-    from ..vision.images import as_images
+    from ..data.image_files import as_images
 
     return as_images(path, cfg)
 
@@ -70,7 +74,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             for piece in engine.stream(
                 prompt,
                 args.max_new_tokens,
-                sampling(args, args.seed + i),
+                sampling(args, i),
                 args.stop,
                 sliding_window=args.sliding_window,
                 image=image,
@@ -139,9 +143,7 @@ def _repl(args: argparse.Namespace) -> None:
             text = ""
             continue
         text += line if not text else "\n" + line
-        for piece in engine.stream(
-            text, args.max_new_tokens, sampling(args, args.seed + turn), args.stop, sliding_window=True
-        ):
+        for piece in engine.stream(text, args.max_new_tokens, sampling(args, turn), args.stop, sliding_window=True):
             print(piece, end="", flush=True)
             text += piece
         print(flush=True)
@@ -149,44 +151,8 @@ def _repl(args: argparse.Namespace) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """The sampling options, with the library's defaults (:class:`gptlab.generate.Sampling`) and ranges."""
-    d = DEFAULTS
-    p.add_argument(
-        "--temperature",
-        type=number(Range(0, 100)),
-        default=d.temperature,
-        help=f"0 = greedy (valid: [0, 100]; default {d.temperature:g})",
-    )
-    p.add_argument(
-        "--top-k",
-        type=count(0),
-        default=d.top_k or 0,
-        help=f"keep the k most likely tokens; 0 = off (>= 0; default {d.top_k or 0})",
-    )
-    p.add_argument(
-        "--top-p",
-        type=number(Range(0, 1, lo_open=True)),
-        default=d.top_p,
-        help="nucleus: keep the most likely tokens up to this probability mass (valid: (0, 1]; default off)",
-    )
-    p.add_argument(
-        "--min-p",
-        type=number(UNIT),
-        default=d.min_p,
-        help="keep tokens at least this fraction as likely as the top one (valid: [0, 1]; default off)",
-    )
-    p.add_argument(
-        "--repetition-penalty",
-        type=number(Range(0, 100, lo_open=True)),
-        default=d.repetition_penalty,
-        help=f"> 1 discourages repeats (CTRL; 1 = off; valid: (0, 100]; default {d.repetition_penalty:g})",
-    )
-    p.add_argument(
-        "--seed",
-        type=number(SEED, integer=True),
-        default=d.seed,
-        help=f"sample i uses seed + i (reproducible, batch-independent; >= 0; default {d.seed})",
-    )
+    """The sampling options: the fields of :class:`gptlab.generate.Sampling`, with its defaults and ranges."""
+    add_config_flags(p, Sampling, ())
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

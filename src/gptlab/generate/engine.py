@@ -2,14 +2,10 @@
 
 A call prefills every prompt in one forward pass (rows left-padded to the longest prompt; each row's positions start
 at 0 on its own first token, so a row decodes exactly as it would alone), then decodes one token per row per step,
-each step reading the keys and values of earlier tokens from a preallocated :class:`~gptlab.model.KVCache` instead
-of recomputing them. Rows finish independently (stop token, stop string, or ``max_new_tokens``); the batch stops when
-every row has.
-
-Sampling, per step, in the order ``transformers`` applies the same filters: repetition penalty (on every token the
-row has seen), temperature, top-k, top-p (nucleus), min-p; then one draw from the remaining distribution, or the
-argmax when ``temperature == 0`` (greedy). Row ``r`` draws from its own random stream seeded with ``seed + r``, so a
-sample does not depend on the other rows of its batch.
+each step reading the keys and values of earlier tokens from a preallocated :class:`~gptlab.kv_cache.KVCache`
+instead of recomputing them. Rows finish independently (stop token, stop string, or ``max_new_tokens``); the batch
+stops when every row has. Tokens are chosen by :mod:`.sampling` (row ``r`` draws from its own stream seeded with
+``seed + r``); with a draft, by :mod:`.speculative`.
 
 ``compile=True`` compiles the decode step with static shapes (the cache length is rounded up to a multiple of 256,
 so one compiled graph serves many calls). On CPU that is where the speed is: see docs/generation.md.
@@ -25,10 +21,11 @@ from typing import Any
 import torch
 
 from ..errors import GptlabError
-from ..model import GPT, KVCache
-from ..quant.speculative import Draft, SpeculativeStats, as_steps, speculative_rounds
-from ..recipe import DEFAULT_SEED
-from ..vision.data import image_text_ids
+from ..kv_cache import KVCache
+from ..model import GPT
+from ..tokenizer import prompt_ids
+from .sampling import Sampling, next_tokens, row_generators
+from .speculative import SPEC_K, SPEC_K_RANGE, Draft, SpeculativeStats, as_steps, speculative_rounds
 
 CACHE_BUCKET = 256  # compiled decode: cache lengths are rounded up to a multiple of this (fewer recompiles)
 # Materialize every intermediate instead of fusing LayerNorm/GELU into the matrix-vector reductions that read
@@ -43,96 +40,14 @@ def bucketed(length: int, block: int) -> int:
 
 
 def compiled_step(model: GPT, options: dict[str, Any]) -> Any:
-    """``model(idx, cache=, slots=)`` compiled with static shapes, for the Engine's and the scheduler's decode steps.
-    A function of its own, not the module: compiled GPT.forward frames of other models in this process then cannot
+    """``model.decode(idx, cache, slots)`` compiled with static shapes, for the Engine's and the scheduler's decode
+    steps. A function of its own, not the module: compiled GPT frames of other models in this process then cannot
     make Dynamo fail on this one (seen with torch 2.13)."""
 
-    def step(idx: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> tuple[Any, Any]:
-        return model(idx, cache=cache, slots=slots)
+    def step(idx: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
+        return model.decode(idx, cache, slots)
 
     return torch.compile(step, dynamic=False, fullgraph=True, options=options)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen. ``temperature=0`` is greedy; ``None`` / 1.0 disable a filter."""
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int = DEFAULT_SEED
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.temperature >= 0:
-            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            problems.append(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            problems.append(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            problems.append(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
-        if problems:
-            raise GptlabError("invalid sampling settings: " + "; ".join(problems))
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty (Keskar et al. 2019), as ``transformers`` applies it: for tokens already seen (``seen`` [B, V]
-    bool), positive logits are divided by ``penalty`` and negative ones multiplied by it."""
-    if penalty == 1.0:
-        return logits
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def filter_logits(
-    logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None, min_p: float | None = None
-) -> torch.Tensor:
-    """Set to -inf the logits [B, V] that top-k, then top-p, then min-p exclude. Always keeps the most likely token.
-
-    - top-k: the k largest logits (ties at the k-th value all kept).
-    - top-p: the smallest set of most likely tokens whose probability sums to at least ``top_p``.
-    - min-p: tokens whose probability is at least ``min_p`` times the most likely one's.
-    """
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        before = probs.cumsum(-1) - probs  # probability mass of the tokens ranked above each one
-        drop_sorted = before >= top_p
-        drop_sorted[:, 0] = False
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    if min_p is not None and min_p > 0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
-    return logits
-
-
-def next_tokens(
-    logits: torch.Tensor,
-    sampling: Sampling,
-    seen: torch.Tensor | None = None,
-    generators: Sequence[torch.Generator] = (),
-) -> torch.Tensor:
-    """Choose one token per row from ``logits`` [B, V] (float32 math) -> [B] ids."""
-    logits = (
-        apply_repetition_penalty(logits.float(), seen, sampling.repetition_penalty)
-        if seen is not None
-        else logits.float()
-    )
-    if sampling.temperature == 0:
-        return logits.argmax(-1)
-    logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
-    probs = logits.softmax(-1)
-    # One draw per row from its own stream: argmax of p / Exp(1) noise is an exact sample from p.
-    noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in generators])
-    return (probs / noise).argmax(-1)
 
 
 @dataclass
@@ -154,23 +69,23 @@ class Engine:
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
         draft: Draft | None = None,
-        spec_k: int = 4,
+        spec_k: int = SPEC_K,
         spec_min_speedup: float = 1.0,
     ) -> None:
         """``compile_options`` add inductor options to the compiled decode step, e.g. ``{"triton.cudagraphs":
         True}`` to replay it as a CUDA graph (one launch per token instead of one per kernel). ``draft`` turns on
-        speculative decoding with ``spec_k`` proposals per round (:mod:`gptlab.quant.speculative`): same tokens
-        as plain greedy decoding, samples distributed as plain sampling's; statistics in ``stats["speculative"]``.
-        Drafting stops after 8 rounds that produce less than ``spec_min_speedup`` times plain decoding's tokens per
-        second (0: never)."""
-        if draft is not None and not 1 <= spec_k <= 16:
-            raise GptlabError(f"spec_k must be in [1, 16], got {spec_k}")
+        speculative decoding with ``spec_k`` proposals per round (:mod:`.speculative`): same tokens as plain
+        greedy decoding, samples distributed as plain sampling's; statistics in ``stats["speculative"]``. Drafting
+        pauses while it produces less than ``spec_min_speedup`` times plain decoding's tokens per second
+        (:class:`~.speculative.Throttle`; 0: never)."""
+        if draft is not None and not SPEC_K_RANGE[0] <= spec_k <= SPEC_K_RANGE[1]:
+            raise GptlabError(f"spec_k must be in [{SPEC_K_RANGE[0]}, {SPEC_K_RANGE[1]}], got {spec_k}")
         self.draft, self.spec_k, self.spec_min_speedup = draft, spec_k, spec_min_speedup
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.compile = compile
         options = {**COMPILE_OPTIONS, **(compile_options or {})}
-        self._decode: Any = compiled_step(model, options) if compile else model
+        self._decode: Any = compiled_step(model, options) if compile else model.decode
         self.stats: dict[str, Any] = {}
 
     @property
@@ -240,23 +155,29 @@ class Engine:
                 stats,
                 self.spec_min_speedup,
             )
+            # kept current as the rounds run: a caller may stop reading before the last one
             steps = 0
+
+            def report() -> dict[str, Any]:
+                return {
+                    "prefill_seconds": stats.prefill_seconds,
+                    "prefill_tokens": sum(len(p) for p in prompts),
+                    "decode_seconds": stats.round_seconds + stats.plain_seconds,
+                    "decode_steps": steps,
+                    "cache_bytes": stats.cache_bytes,
+                    "speculative": stats.report(),
+                }
+
+            self.stats = report()
             for row_tokens in as_steps(rounds, len(prompts)):
                 steps += 1
+                self.stats = report()
                 yield row_tokens
-            self.stats = {
-                "prefill_seconds": 0.0,  # inside the first round
-                "prefill_tokens": sum(len(p) for p in prompts),
-                "decode_seconds": stats.round_seconds + stats.plain_seconds,
-                "decode_steps": steps,
-                "cache_bytes": 0,
-                "speculative": stats.report(),
-            }
             return
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=self.device)
         histories = [list(p) for p in prompts]
         B = len(histories)
-        generators = [torch.Generator(device=self.device).manual_seed(sampling.seed + r) for r in range(B)]
+        generators = row_generators(sampling.seed, B, self.device)
         seen = None
         if sampling.repetition_penalty != 1.0:
             seen = torch.zeros(B, vocab, dtype=torch.bool, device=self.device)
@@ -288,7 +209,7 @@ class Engine:
                 all_slots = torch.arange(cache.length, device=self.device)
                 continue
             t0 = time.perf_counter()
-            logits, _ = self._decode(tok[:, None], cache=cache, slots=all_slots[slot : slot + 1])
+            logits = self._decode(tok[:, None], cache, all_slots[slot : slot + 1])
             self.stats["decode_seconds"] += time.perf_counter() - t0
             self.stats["decode_steps"] += 1
             slot += 1
@@ -308,7 +229,7 @@ class Engine:
         cache.pad = pad
         t0 = time.perf_counter()
         images = None if images is None else images.to(self.device)
-        logits, _ = self.model(idx, cache=cache, slots=torch.arange(P + T, device=self.device), images=images)
+        logits = self.model.decode(idx, cache, torch.arange(P + T, device=self.device), images=images)
         self.stats["prefill_seconds"] += time.perf_counter() - t0
         self.stats["prefill_tokens"] += (P + T) * len(rows)
         self.stats["cache_bytes"] = cache.nbytes
@@ -343,13 +264,8 @@ class Engine:
         return self.tokenizer
 
     def encode_prompt(self, prompt: str, image: bool = False) -> list[int]:
-        """Token ids of a prompt; the empty prompt becomes the end-of-text token (unconditional sampling). After an
-        image the text always starts with the end-of-text token, as image-text training examples do
-        (:mod:`gptlab.vision.data`)."""
-        tok = self._tok()
-        if image:
-            return image_text_ids(tok, prompt)
-        return tok.encode(prompt) if prompt else [tok.eot_id]
+        """Token ids of a prompt (:func:`gptlab.tokenizer.prompt_ids`)."""
+        return prompt_ids(self._tok(), prompt, image)
 
     def generate(
         self,

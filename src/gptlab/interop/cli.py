@@ -14,6 +14,7 @@ from ..options import add_json, add_model, add_out_dir, emit
 def cmd_convert(args: argparse.Namespace) -> None:
     from ..checkpoint import save_model_checkpoint  # here, not at the top: torch and safetensors load slowly
     from ..loader import load_model
+    from ..quant.quantize import export_state
     from .hf import save_hf  # (the three: torch, safetensors and the tokenizer libraries load slowly)
 
     if (args.out or "").endswith(".gguf") or (args.out_dir or "").endswith(".gguf") or args.to == "gguf":
@@ -32,11 +33,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, "cpu")
     model, meta = loaded.model, loaded.meta
     to = args.to or ("hf" if meta.get("format") == "gptlab-checkpoint" else "gptlab")
+    state, extra = export_state(model, to)
     if to == "hf":
-        out = save_hf(model.state_dict(), model.config, meta["tokenizer"], Path(args.out_dir), source=str(args.model))
+        out = save_hf(state, model.config, meta["tokenizer"], Path(args.out_dir), source=str(args.model))
     else:
         out = save_model_checkpoint(
-            Path(args.out_dir), model.state_dict(), model.config, meta["tokenizer"], source=str(args.model)
+            Path(args.out_dir), state, model.config, meta["tokenizer"], source=str(args.model), **extra
         )
     result: dict[str, Any] = {
         "model": str(args.model),

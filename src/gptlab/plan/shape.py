@@ -35,7 +35,7 @@ class Shape:
     expert_ff: int | None = None  # hidden width of a routed expert; default d_ff
     moe_every: int = 1  # every moe_every-th layer is routed (when n_experts > 1)
     shared_expert: bool = False  # an always-on MLP beside the routed experts in MoE layers
-    # image prefix (gptlab.vision; image_size 0 = text only): the GPTConfig fields of the same names
+    # image prefix (gptlab.image_prefix; image_size 0 = text only): the GPTConfig fields of the same names
     image_size: int = 0
     image_channels: int = 3
     patch_size: int = 4
@@ -211,7 +211,7 @@ def _vision_widths(s: Shape) -> tuple[int, int]:
 
 
 def vision_params(s: Shape) -> int:
-    """Exact parameters of the image prefix (:class:`gptlab.vision.encoder.ImagePrefix`): the cnn encoder's two
+    """Exact parameters of the image prefix (:class:`gptlab.image_prefix.ImagePrefix`): the cnn encoder's two
     3x3 convolutions, the projector (linear, or Linear-GELU-Linear) and the row and column positions."""
     if not s.image_size:
         return 0

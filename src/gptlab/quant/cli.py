@@ -7,7 +7,8 @@ import argparse
 import time
 from pathlib import Path
 
-from ..options import add_json, add_model, add_out_dir, emit
+from ..options import add_config_flags, add_json, add_model, add_out_dir, config_from_flags, emit
+from .config import QuantizeConfig
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -16,26 +17,27 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from ..loader import load_model
     from .quantize import QuantLinear, quantization_record, quantize_model, sqnr_db, weight_bytes
 
-    if Path(args.out_dir).exists():
-        raise GptlabError(f"--out-dir {args.out_dir} exists; give a new folder (nothing is overwritten)")
+    cfg = config_from_flags(args, QuantizeConfig, ("model", "out_dir"), model=args.model, out_dir=args.out_dir)
+    if Path(cfg.out_dir).exists():
+        raise GptlabError(f"--out-dir {cfg.out_dir} exists; give a new folder (nothing is overwritten)")
     t0 = time.perf_counter()
-    loaded = load_model(args.model, "cpu")
+    loaded = load_model(cfg.model, "cpu")
     if loaded.meta.get("quantization"):
-        raise GptlabError(f"{args.model} is already quantized; quantize the float model")
+        raise GptlabError(f"{cfg.model} is already quantized; quantize the float model")
     model = loaded.model
     before = weight_bytes(model)
     floats = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight") and n}
-    exclude = tuple(args.exclude or ())
-    quantize_model(model, args.mode, args.group_size, exclude)
+    exclude = tuple(cfg.exclude)
+    quantize_model(model, cfg.mode, cfg.group_size, exclude)
     sqnr = {n: sqnr_db(floats[n], m.dequantized()) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    record = quantization_record(args.mode, args.group_size, exclude)
+    record = quantization_record(cfg.mode, cfg.group_size, exclude)
     save_model_checkpoint(
-        Path(args.out_dir), model.state_dict(), model.config, loaded.tokenizer.spec(), quantization=record,
-        quantized_from=str(args.model),
+        Path(cfg.out_dir), model.state_dict(), model.config, loaded.tokenizer.spec(), quantization=record,
+        quantized_from=str(cfg.model),
     )  # fmt: skip
     after = weight_bytes(model)
     result = {
-        "out_dir": args.out_dir,
+        "out_dir": cfg.out_dir,
         "quantization": record,
         "layers": len(sqnr),
         "weight_bytes": {"before": before, "after": after, "ratio": round(before / after, 2)},
@@ -45,8 +47,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     emit(
         args,
         result,
-        f"{args.mode}: {len(sqnr)} layers, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB of weights, SQNR min "
-        f"{result['sqnr_db']['min']} dB, mean {result['sqnr_db']['mean']} dB -> {args.out_dir}",
+        f"{cfg.mode}: {len(sqnr)} layers, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB of weights, SQNR min "
+        f"{result['sqnr_db']['min']} dB, mean {result['sqnr_db']['mean']} dB -> {cfg.out_dir}",
     )
 
 
@@ -59,13 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "gptlab.load() read as any model. A tied embedding + head is quantized once unless excluded.",
     )
     add_model(p, "quantize", old=())
-    p.add_argument("--mode", choices=("int8", "int4"), required=True, help="int8 or int4")
-    p.add_argument(
-        "--group-size", type=int, choices=(32, 64, 128, 256), default=64, help="int4: columns per group (default 64)"
-    )
-    p.add_argument(
-        "--exclude", action="append", metavar="NAME", help="keep this layer in float (e.g. lm_head); repeatable"
-    )
+    add_config_flags(p, QuantizeConfig, ("model", "out_dir"))
     add_out_dir(p, "the new checkpoint folder", required=True, old=())
     add_json(p)
     p.set_defaults(func=cmd_quantize)

@@ -24,6 +24,7 @@ A tied embedding + head (GPT-2) is quantized once: the head's codes also serve t
 
 from __future__ import annotations
 
+import sys
 from typing import Any, TypeVar
 
 import torch
@@ -33,11 +34,11 @@ import torch.nn.functional as F
 from ..errors import GptlabError
 from ..model import GPT
 from . import kernels
+from .config import GROUP_SIZES, QuantizeConfig
 
 M = TypeVar("M", bound=nn.Module)
 MODES = ("int8", "int4")
-GROUP_SIZES = (32, 64, 128, 256)
-DEFAULT_GROUP_SIZE = 64
+DEFAULT_GROUP_SIZE = QuantizeConfig.group_size
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,6 +278,33 @@ def empty_quantized(model: GPT, record: dict[str, Any]) -> GPT:
         model.wte = QuantEmbedding(model.lm_head)
     model.quantization = dict(record)  # type: ignore[assignment]
     return model
+
+
+def export_state(model: GPT, to: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What to write when saving ``model`` as ``to`` ("gptlab" or "hf"): the state dict on the CPU (floats as
+    float32) and the checkpoint's extra metadata. A quantized model keeps its codes and its quantization record in
+    a gptlab checkpoint, so it loads back quantized; a Hugging Face folder holds float weights, so there it is
+    dequantized, with a one-line notice."""
+    record = getattr(model, "quantization", None)
+    cpu = lambda t: t.detach().to("cpu", torch.float32) if t.is_floating_point() else t.detach().cpu()
+    if not record:
+        return {k: cpu(v) for k, v in model.state_dict().items()}, {}
+    if to == "gptlab":
+        return {k: cpu(v) for k, v in model.state_dict().items()}, {"quantization": dict(record)}
+    print(
+        f"gptlab: note: a Hugging Face folder holds float weights; the {record['mode']} weights are dequantized to "
+        "float32 on export",
+        file=sys.stderr,
+    )
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    out = {k: cpu(v) for k, v in model.state_dict().items() if k.rpartition(".")[0] not in quant}
+    for n, m in quant.items():
+        out[f"{n}.weight"] = cpu(m.dequantized())
+        if m.bias is not None:
+            out[f"{n}.bias"] = cpu(m.bias)
+    if isinstance(model.wte, QuantEmbedding):
+        out["wte.weight"] = out["lm_head.weight"]
+    return out, {}
 
 
 def prepare(model: M) -> M:

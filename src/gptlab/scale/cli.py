@@ -4,36 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import add_json, add_out_dir, count, emit, number, number_list
-from ..recipe import POSITIVE, PROBABILITY_BELOW_1, Range
+from ..options import add_config_flags, add_json, add_out_dir, config_from_flags, emit
+from .config import Sweep
 
-FLAGS = (
-    "data",
-    "out_dir",
-    "recipe",
-    "depths",
-    "shapes",
-    "tokens",
-    "flops",
-    "width_per_layer",
-    "head_dim",
-    "warmup_frac",
-    "jobs",
-    "launcher",
-    "nproc_per_node",
-    "include",
-)
-
-
-def _shapes(text: str) -> list[list[int]]:
-    """``2x64,4x128``: [[n_layer, n_embd], ...]."""
-    try:
-        shapes = [[int(v) for v in x.split("x")] for x in text.split(",")]
-    except ValueError:
-        shapes = []
-    if not shapes or any(len(x) != 2 or min(x) < 1 for x in shapes):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected n_layer x n_embd pairs such as 2x64,4x128")
-    return shapes
+SKIP = ("out_dir", "train")  # --out-dir keeps its old spelling --out; [train] is a table of the sweep file
 
 
 def summary(r: dict) -> str:
@@ -73,9 +47,9 @@ def summary(r: dict) -> str:
 
 
 def cmd_scale(args: argparse.Namespace) -> None:
-    from .sweep import Sweep, run_sweep  # here, not at the top: the sweep loads the trainer and the fits
+    from .sweep import run_sweep  # here, not at the top: the sweep loads the trainer and the fits
 
-    sw = Sweep.from_sources(args.sweep, **{k: getattr(args, k) for k in FLAGS})
+    sw = config_from_flags(args, Sweep, SKIP, file=args.sweep, out_dir=args.out_dir)
     r = run_sweep(sw, progress=not args.json)
     emit(args, r, summary(r))
 
@@ -94,55 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="TOML",
         help="sweep file: these options as keys, a [train] table of training-recipe overrides",
     )
-    p.add_argument("--recipe", help="base training recipe (TOML); the sweep sets out_dir, max_iters, lr, model shape")
-    p.add_argument("--data", help="a folder made by `gptlab prepare`")
     add_out_dir(p, "sweep folder (one run folder per point inside)")
-    p.add_argument(
-        "--depths",
-        type=number_list(Range(1, 1000), integer=True),
-        help="comma-separated depths, each in [1, 1000] (default 1,2,3,4,6)",
-    )
-    p.add_argument(
-        "--shapes",
-        type=_shapes,
-        metavar="LxW[,LxW]",
-        help="explicit sizes instead of the dial, n_layer x n_embd: 2x64,4x128,6x192",
-    )
-    p.add_argument(
-        "--tokens",
-        type=number_list(POSITIVE),
-        help="training tokens per model (> 0), comma-separated for several (default 1e6)",
-    )
-    p.add_argument(
-        "--flops",
-        type=number_list(POSITIVE),
-        help="IsoFLOP mode: comma-separated FLOP budgets (> 0); each depth trains on C/(6N) tokens",
-    )
-    p.add_argument("--width-per-layer", type=count(1), help="width = this x depth (>= 1; default 64)")
-    p.add_argument("--head-dim", type=count(1), help="channels per head (>= 1; default 32)")
-    p.add_argument(
-        "--warmup-frac",
-        type=number(PROBABILITY_BELOW_1),
-        help="warmup as a fraction of each run, in [0, 1) (default: the recipe's warmup_iters, at most half the run)",
-    )
-    p.add_argument(
-        "--jobs",
-        type=count(1, 256),
-        help="runs at once in child processes, threads split between them (valid: [1, 256]; default 1)",
-    )
-    p.add_argument(
-        "--launcher",
-        choices=["process", "torchrun"],
-        help="torchrun: each run under torchrun --standalone --nproc-per-node",
-    )
-    p.add_argument(
-        "--nproc-per-node", type=count(1, 1024), help="processes per torchrun run (valid: [1, 1024]; default 1)"
-    )
-    p.add_argument(
-        "--include",
-        type=lambda t: t.split(","),
-        metavar="SWEEP[,SWEEP]",
-        help="also fit the finished runs of these sweep folders (same data; e.g. other sizes)",
-    )
+    add_config_flags(p, Sweep, SKIP)
     add_json(p)
     p.set_defaults(func=cmd_scale)

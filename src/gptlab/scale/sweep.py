@@ -33,7 +33,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -43,90 +43,13 @@ from ..data.loader import read_meta
 from ..errors import GptlabError
 from ..files import atomic_write_bytes, run_folder
 from ..plan.shape import Shape, params
-from ..recipe import RecipeConfig
 from ..train.config import TrainConfig
 from ..train.trainer import train
 from .analysis import fit_rows, predictions
+from .config import Sweep
 from .report import isoflop_plot, loss_plot, predicted_plot, report
 
 MIN_STEPS = 10
-
-
-@dataclass
-class Sweep(RecipeConfig):
-    """A sweep: the sizes (a depth dial, or explicit ``shapes`` of [n_layer, n_embd]), the budgets, how to launch.
-    ``train`` overrides the base recipe. Loaded like a training recipe: defaults <- TOML sweep file (these fields;
-    a ``[train]`` table) <- flags."""
-
-    help_hint = "`gptlab scale --help`"
-    what = "sweep"
-    renamed = {"out": "out_dir"}
-
-    data: str = ""
-    out_dir: str = ""
-    recipe: str | None = None
-    depths: list[int] | None = None  # default 1, 2, 3, 4, 6 when no shapes are given
-    shapes: list[list[int]] | None = None
-    tokens: list[float] = field(default_factory=list)
-    flops: list[float] = field(default_factory=list)
-    width_per_layer: int = 64
-    head_dim: int = 32
-    base_width: int = 128
-    warmup_frac: float = 0.0
-    jobs: int = 1
-    launcher: str = "process"
-    nproc_per_node: int = 1
-    include: list[str] = field(default_factory=list)
-    train: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self._both_sizes = self.depths is not None and self.shapes is not None
-        if self.depths is None and self.shapes is None:
-            self.depths = [1, 2, 3, 4, 6]
-        try:
-            self.depths = sorted(int(x) for x in self.depths or [])
-            self.shapes = [[int(v) for v in x] for x in self.shapes or []]
-            self.tokens = [float(x) for x in self.tokens]
-            self.flops = [float(x) for x in self.flops]
-            self.include = [str(x) for x in self.include]
-        except (TypeError, ValueError):
-            raise GptlabError(
-                "invalid sweep: depths, shapes, tokens, flops and include must be lists (of integers, "
-                "[n_layer, n_embd] pairs, numbers and folders)"
-            ) from None
-        if not self.tokens and not self.flops:
-            self.tokens = [1e6]
-        super().__post_init__()
-
-    def checks(self) -> list[tuple[bool, str]]:
-        shapes, depths = self.shapes or [], self.depths or []
-        sizes: list[Any] = shapes or depths
-        given = self._both_sizes
-        return [
-            (not bad, msg)
-            for bad, msg in [
-                (not self.data, "the sweep needs `data` (flag --data or a key in the sweep file)"),
-                (not self.out_dir, "the sweep needs `out_dir` (flag --out-dir or a key in the sweep file)"),
-                (given, "give depths (a dial) or shapes, not both"),
-                (any(len(x) != 2 or min(x) < 1 for x in shapes), "each shape is [n_layer, n_embd], both >= 1"),
-                (not sizes, "the size list is empty; give at least 3 depths (--depths 1,2,3) or shapes"),
-                (
-                    len(sizes) < 3
-                    or len({tuple(x) if isinstance(x, list) else x for x in sizes}) != len(sizes)
-                    or (bool(depths) and depths[0] < 1),
-                    f"a sweep needs at least 3 distinct positive sizes, got {sizes}",
-                ),
-                (bool(self.tokens) and bool(self.flops), "give token budgets or FLOP budgets (IsoFLOP mode), not both"),
-                (any(not 0 < x < 1e30 for x in self.tokens + self.flops), "budgets must be positive and finite"),
-                (self.jobs < 1 or self.nproc_per_node < 1, "jobs and nproc_per_node must be >= 1"),
-                (self.launcher not in ("process", "torchrun"), "launcher must be process or torchrun"),
-                (not 0 <= self.warmup_frac < 1, "warmup_frac must be in [0, 1)"),
-                (
-                    self.width_per_layer < 1 or self.head_dim < 1 or self.base_width < 1,
-                    "width_per_layer, head_dim and base_width must be >= 1",
-                ),
-            ]
-        ]
 
 
 def shape(n_layer: int, width: int, head_dim: int) -> dict[str, int]:

@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +33,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..chat import ChatTemplate
 from ..errors import GptlabError
 from ..files import describe_os_error
-from ..generate.engine import Sampling
-from ..vision.data import image_text_ids
-from .chat import ChatTemplate
+from ..generate import Sampling
+from ..tokenizer import prompt_ids
+from .config import ServeConfig
 from .metrics import ServeMetrics
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Common, error_body
 from .runs import add_routes as add_runs
@@ -57,32 +57,6 @@ ERROR_TYPES = {
 DISCONNECT_POLL = 0.02  # seconds between checks that a client is still there
 PAGE = Path(__file__).with_name("static") / "index.html"  # the playground and run viewer (docs/serving.md)
 OPEN_PATHS = ("/", "/health")  # answered without the API key: the page asks for it, probes need health
-
-
-@dataclass
-class ServeConfig:
-    """What ``gptlab serve`` was asked for (ranges are checked by the CLI)."""
-
-    model: str
-    served_model_name: str | None = None
-    device: str = "auto"
-    quantize: str | None = None
-    max_batch: int = 16
-    max_queue: int = 256
-    max_n: int = 16
-    prefill_chunk: int = 512
-    max_body_bytes: int = 1 << 20
-    api_key: str | None = None
-    chat_template: str | None = None
-    clamp_max_tokens: bool = False
-    runs: str | None = None  # a folder of training runs for the page's Runs view
-    compile: bool = False  # compile the single-stream decode step at start-up
-    draft: str | None = None  # speculative decoding: ngram, int8, int4 or a draft model (gptlab.loader.load_draft)
-    spec_k: int = 4
-
-    @property
-    def name(self) -> str:
-        return self.served_model_name or Path(self.model.rstrip("/")).name or self.model
 
 
 class ApiError(Exception):
@@ -157,8 +131,8 @@ class Server:
                 "model_not_found",
             )
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text) if text else [self.tokenizer.eot_id]
+    def encode(self, text: str, after_image: bool = False) -> list[int]:
+        return prompt_ids(self.tokenizer, text, after_image)
 
     def render(self, messages: Sequence[Any]) -> str:
         """The chat template's text for ``messages``; a template that fails on them is the client's 400."""
@@ -178,7 +152,7 @@ class Server:
             raise ApiError(400, "this model takes no images; send text content only", "messages")
         if len(urls) > 1:
             raise ApiError(400, f"{len(urls)} images in one request; a gptlab model reads one", "messages")
-        from ..vision.images import decode_data_uri, to_tensor
+        from ..data.image_files import decode_data_uri, to_tensor
 
         try:
             return to_tensor(decode_data_uri(urls[0], cfg.image_size, cfg.image_channels))
@@ -341,7 +315,7 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
         server.ready()
         image = server.image(body.messages)
         text = server.render(body.messages)
-        prompts = [server.encode(text) if image is None else image_text_ids(server.tokenizer, text)]
+        prompts = [server.encode(text, image is not None)]
         lp = (body.top_logprobs or 0) if body.logprobs else None
         job = _Run(server, body, prompts, stop=body.stop_list() + server.template.stop, logprobs=lp, image=image)
         return await job.respond(request, "chatcmpl", _ChatFormat(server, body))
@@ -386,7 +360,7 @@ class _Run:
         refused = body.refused()
         if refused:
             raise ApiError(400, refused[1], refused[0], "unsupported_parameter")
-        most = min(server.cfg.max_n, server.cfg.max_batch)
+        most = min(server.cfg.max_n or server.cfg.max_batch, server.cfg.max_batch)
         if body.n > most:
             raise ApiError(400, f"n must be at most {most} on this server (--max-n), got {body.n}", "n")
         sampling = Sampling(

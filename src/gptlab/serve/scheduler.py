@@ -38,9 +38,12 @@ from typing import Any
 import torch
 
 from ..errors import GptlabError
-from ..generate.engine import COMPILE_OPTIONS, Sampling, TextStream, bucketed, compiled_step, next_tokens
-from ..model import GPT, KVCache
-from ..quant.speculative import Draft, SpeculativeStats, target_probs, verify
+from ..generate.engine import COMPILE_OPTIONS, TextStream, bucketed, compiled_step
+from ..generate.sampling import GREEDY, Sampling, next_tokens
+from ..generate.speculative import SPEC_K, Draft, SpeculativeStats, Throttle, verify_step
+from ..kv_cache import KVCache
+from ..model import GPT
+from .config import ServeConfig
 
 MAX_LOGPROBS = 20
 
@@ -64,7 +67,7 @@ class Request:
     logprobs: int | None = None
     echo_logprobs: bool = False
     id: str = field(default_factory=lambda: secrets.token_hex(12))
-    image: torch.Tensor | None = None  # [1, channels, size, size]: an image prefix before the prompt (gptlab.vision)
+    image: torch.Tensor | None = None  # [1, channels, size, size]: an image prefix before the prompt
 
 
 @dataclass
@@ -129,20 +132,21 @@ class Scheduler:
         self,
         model: GPT,
         tokenizer: Any,
-        max_batch: int = 16,
-        max_queue: int = 256,
-        prefill_chunk: int = 512,
+        max_batch: int = ServeConfig.max_batch,
+        max_queue: int = ServeConfig.max_queue,
+        prefill_chunk: int = ServeConfig.prefill_chunk,
         metrics: Any = None,
         compile: bool = False,
         draft: Draft | None = None,
-        spec_k: int = 4,
+        spec_k: int = SPEC_K,
         spec_min_speedup: float = 1.0,
     ) -> None:
         """``draft`` (prompt lookup, or a smaller model with its own cache of these rows) turns on speculative
         decoding: up to ``spec_k`` proposals per row and step, verified in one forward pass
-        (:mod:`gptlab.quant.speculative`); paused for 256 steps whenever speculative steps produce less than
-        ``spec_min_speedup`` times the tokens per second of plain ones (0: never). A model draft proposes its
-        argmax whatever a request's sampling: a deterministic draft, exact under the same rejection rule."""
+        (:mod:`gptlab.generate.speculative`), paused while speculative steps produce less than ``spec_min_speedup``
+        times the tokens per second of plain ones (:class:`~gptlab.generate.speculative.Throttle`; 0: never). A
+        model draft proposes its argmax whatever a request's sampling: a deterministic draft, exact under the same
+        rejection rule."""
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise GptlabError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model = model.eval()
@@ -166,9 +170,10 @@ class Scheduler:
         self.spec = SpeculativeStats(spec_k)
         if draft is not None:
             draft.attach(max_batch, cfg.block_size)
-        self._rates = {"plain": [0.0, 0.0], "spec": [0.0, 0.0]}  # recent (row-tokens, seconds) of each kind of step
-        self._spec_paused_until = 0
-        self._last_spec_tokens = 0
+        self.throttle = Throttle(self.spec, spec_min_speedup)
+        self._spare = torch.Generator(
+            self.device
+        )  # the random stream of rows fed but not decoded in a speculative step
         self._single: Callable[..., Any] | None = None  # compile=True: the compiled single-row step
         if compile:
             self._compile_single()
@@ -411,21 +416,16 @@ class Scheduler:
         scratch = KVCache(self.model.config, rows, max(lows) + P + T, self.device, self.dtype)
         job0, start0, _ = group[0]
         if start0:  # the earlier chunks of a long prompt (and its image prefix)
-            for (k, v), (sk, sv) in zip(self.pool.layers, scratch.layers):
-                sk[0, :, : lows[0]] = k[job0.choices[0].row, :, : lows[0]]
-                sv[0, :, : lows[0]] = v[job0.choices[0].row, :, : lows[0]]
+            scratch.copy_rows(self.pool, job0.choices[0].row, 0, 0, lows[0])
         idx = torch.tensor([j.request.prompt[a:b] + [0] * (T - (b - a)) for j, a, b in group], device=self.device)
         slots = torch.tensor([[lo + t for t in range(P + T)] for lo in lows], device=self.device)
-        hidden, _ = self.model(idx, cache=scratch, slots=slots, hidden=True, images=image)
+        hidden = self.model.hidden_states(idx, images=image, cache=scratch, slots=slots)
         ends = torch.tensor([P + b - a - 1 for _, a, b in group], device=self.device)
-        last = hidden[torch.arange(rows, device=self.device), ends]
-        logits = self.model.lm_head(last)[:, : self.vocab]
+        logits = self.model.logits(hidden[torch.arange(rows, device=self.device), ends])
         for i, (job, _, b) in enumerate(group):
             lo, hi = lows[i], job.offset + b
-            for (k, v), (sk, sv) in zip(self.pool.layers, scratch.layers):
-                for c in job.choices:  # every choice shares the prompt's keys and values
-                    k[c.row, :, lo:hi] = sk[i, :, lo:hi]
-                    v[c.row, :, lo:hi] = sv[i, :, lo:hi]
+            for c in job.choices:  # every choice shares the prompt's keys and values
+                self.pool.copy_rows(scratch, i, c.row, lo, hi)
             job.prefilled = b
             for c in job.choices:
                 c.filled = job.offset + b
@@ -452,106 +452,78 @@ class Scheduler:
                 view = self.pool.view(slice(0, 1), length)
                 self._single(
                     torch.zeros(1, 1, dtype=torch.long, device=self.device),
-                    cache=view,
-                    slots=torch.zeros(1, dtype=torch.long, device=self.device),
+                    view,
+                    torch.zeros(1, dtype=torch.long, device=self.device),
                 )
 
     def _decode(self) -> None:
-        """One decode step for every row with a token to feed."""
+        """One decode step for every row with a token to feed: speculative when the draft proposes, else plain."""
         live = [(job, c) for job in self.running for c in job.choices if not c.done]
         if not live:
             return
         t0 = time.perf_counter()
-        if self._speculate(live):
-            self._rate("spec", t0, live)
+        made = self._speculate(live)
+        if made is not None:
+            self.throttle.speculative(made, len(live), time.perf_counter() - t0)
             return
         self._plain_decode(live)
-        self._rate("plain", t0, live)
+        if self.draft is not None:
+            self.throttle.plain(time.perf_counter() - t0)
 
-    def _rate(self, kind: str, t0: float, live: list[tuple[_Job, _Choice]]) -> None:
-        """Keep recent throughput of plain and speculative steps (decayed sums); pause drafting for 256 steps when
-        speculative steps produce fewer tokens per second than plain ones."""
-        r = self._rates[kind]
-        tokens = sum(1 for _, c in live) if kind == "plain" else self._last_spec_tokens
-        r[0], r[1] = 0.9 * r[0] + tokens, 0.9 * r[1] + (time.perf_counter() - t0)
-        plain, spec = self._rates["plain"], self._rates["spec"]
-        if (
-            kind == "spec"
-            and plain[1] > 0
-            and spec[1] > 0
-            and spec[0] / spec[1] < self.spec_min_speedup * plain[0] / plain[1]
-        ):
-            self._spec_paused_until = self.steps + 256
-            self.spec.disabled_at_round = self.spec.rounds
-            self._rates["spec"] = [0.0, 0.0]
-
-    def _speculate(self, live: list[tuple[_Job, _Choice]]) -> bool:
-        """One speculative step (prompt-lookup proposals, verified together); False when this step should be a
-        plain one (no draft, paused, nothing proposed, or a row that wants logprobs or a repetition penalty)."""
-        if self.draft is None or self.steps < self._spec_paused_until:
-            return False
+    def _speculate(self, live: list[tuple[_Job, _Choice]]) -> int | None:
+        """One speculative step (the draft's proposals, verified together by
+        :func:`~gptlab.generate.speculative.verify_step`): the tokens it produced, or None when this step should be
+        a plain one (no draft, throttled, nothing proposed, or a row that wants logprobs or a repetition penalty)."""
+        if self.draft is None or not self.throttle.drafting():
+            return None
         if any(job.request.logprobs is not None or job.group.repetition_penalty != 1.0 for job, _ in live):
-            return False
+            return None
         hi = 1 + max(c.row for _, c in live)
         filled = [row.filled if row is not None else 0 for row in self.rows[:hi]]
         room = min(self.spec_k, self.block - 1 - max(filled), *(job.max_tokens - c.produced - 1 for job, c in live))
         if room <= 0:
-            return False
+            return None
         histories: list[list[int] | None] = [None] * hi
         for _, c in live:
             histories[c.row] = c.history
-        by_row, _ = self.draft.propose(histories, room, {"temperature": 0.0}, [])
+        by_row, _ = self.draft.propose(histories, room, GREEDY, [])
         proposals = [by_row[c.row] for _, c in live]
-        width = max(len(p) for p in proposals)
-        if width == 0:
-            return False
-        tokens = [[0] * (width + 1) for _ in range(hi)]
-        for (_, c), prop in zip(live, proposals):
-            tokens[c.row] = [c.last or 0] + prop + [0] * (width - len(prop))
-        slots = torch.tensor([[f + j for j in range(width + 1)] for f in filled], device=self.device)
-        view = self.pool.view(slice(0, hi), int(slots.max()) + 1)
-        logits, _ = self.model(torch.tensor(tokens, device=self.device), cache=view, slots=slots, logits_for=width + 1)
+        if not any(proposals):
+            return None
+        # every row of the pool up to the last live one is fed (rows that are not decoding write a dummy token at
+        # their first unfilled slot, overwritten later; their outcome is ignored)
+        pending, props = [0] * hi, [list[int]() for _ in range(hi)]
+        samplings, generators = [GREEDY] * hi, [self._spare] * hi
+        for (job, c), prop in zip(live, proposals):
+            pending[c.row], props[c.row] = c.last or 0, prop
+            samplings[c.row], generators[c.row] = job.group, c.generator
+        view = self.pool.view(slice(0, hi), max(filled) + max(len(p) for p in proposals) + 1)
+        accepted, after = verify_step(self.model, view, pending, props, filled, samplings, generators)
+        n_acc, nxt = [accepted[c.row] for _, c in live], [after[c.row] for _, c in live]
         self.steps += 1
-        rows = torch.tensor([c.row for _, c in live], device=self.device)
-        picked = logits[rows].float()
-        probs = torch.stack(
-            [target_probs(picked[i], job.group.temperature, job.group.top_k, job.group.top_p, job.group.min_p)
-             for i, (job, _) in enumerate(live)]
-        ).cpu().double()  # fmt: skip
-        counts = torch.tensor([len(p) for p in proposals])
-        props = torch.tensor([p + [0] * (width - len(p)) for p in proposals], dtype=torch.long)
-        uniforms = torch.stack(
-            [torch.rand(width + 1, generator=c.generator, device=c.generator.device).cpu().double() for _, c in live]
-        )
-        # One rule for every row: at temperature 0 target_probs is one-hot at the argmax, and the sampling rule with a
-        # one-hot p (and the draft's one-hot q) accepts exactly the argmax proposals and then takes the argmax.
-        n_acc, nxt = verify(probs, None, props, counts, uniforms, greedy=False)
         now = time.perf_counter()
         produced = 0
         for i, (job, c) in enumerate(live):
-            n = int(n_acc[i])
+            n = n_acc[i]
             self.spec.record(len(proposals[i]), n)
             self._event("speculative", job, proposed=len(proposals[i]), accepted=n)
             c.filled += 1 + n  # the fed token and the accepted proposals are in the cache now
-            for t in proposals[i][:n] + [int(nxt[i])]:
+            for t in proposals[i][:n] + [nxt[i]]:
                 produced += 1
                 if self._take(job, c, t, None, now) or c.done:
                     break
         self.draft.accepted([None if h is None else len(h) for h in histories])
-        self.spec.rounds += 1
-        self.spec.tokens += produced
-        self._last_spec_tokens = produced
         for job in [j for j in self.running if all(x.done for x in j.choices)]:
             self.running.remove(job)
             self._retire(job)
-        return True
+        return produced
 
     def _plain_decode(self, live: list[tuple[_Job, _Choice]]) -> None:
         if self._single is not None and len(live) == 1:  # one stream: the compiled step on that row alone
             c = live[0][1]
             view = self.pool.view(slice(c.row, c.row + 1), bucketed(c.filled + 1, self.block))
             idx = torch.tensor([[c.last or 0]], device=self.device)
-            logits, _ = self._single(idx, cache=view, slots=torch.tensor([c.filled], device=self.device))
+            logits = self._single(idx, view, torch.tensor([c.filled], device=self.device))
             self.steps += 1
             c.filled += 1
             self._sample(live, logits[:, -1])
@@ -567,7 +539,7 @@ class Scheduler:
             tokens[c.row] = c.last or 0  # every live choice has a last token
         view = self.pool.view(slice(0, hi), max(slots) + 1)
         idx = torch.tensor(tokens, device=self.device)[:, None]
-        logits, _ = self.model(idx, cache=view, slots=torch.tensor(slots, device=self.device)[:, None])
+        logits = self.model.decode(idx, view, torch.tensor(slots, device=self.device)[:, None])
         self.steps += 1
         for _, c in live:
             c.filled += 1

@@ -1,4 +1,5 @@
-"""Scheduled sampling (Bengio et al. 2015), adapted to a parallel transformer, and the exposure-bias report.
+"""Scheduled sampling (Bengio et al. 2015), adapted to a parallel transformer (the exposure-bias report that measures
+its effect is :mod:`gptlab.eval.exposure`).
 
 Teacher forcing feeds ground truth at every position, so the model never sees its own mistakes (exposure bias).
 Scheduled sampling replaces each ground-truth *input* token, with probability p, by the model's own prediction of
@@ -16,10 +17,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
-
-from ..model import GPT
-from ..recipe import DEFAULT_SEED
 
 
 def ss_probability(schedule: str, step: int, max_iters: int, p_max: float, k: float) -> float:
@@ -51,42 +48,3 @@ def mix_in_predictions(model: torch.nn.Module, x: torch.Tensor, p: float, genera
     out = x.clone()
     out[:, 1:] = torch.where(use, pred, x[:, 1:])
     return out
-
-
-@torch.no_grad()
-def exposure_report(
-    model: GPT, tokens: list[int], p: float, seed: int = DEFAULT_SEED, max_windows: int = 64
-) -> dict[str, float]:
-    """Mean per-token loss of ``tokens`` under teacher forcing and under sequential scheduled sampling at rate ``p``
-    (each input is, with probability p, the model's own greedy prediction given the *mixed* history so far, as in
-    Bengio et al. 2015's scheduled sampling), over up to ``max_windows`` non-overlapping windows of the model's
-    context."""
-    model.eval()
-    span = model.config.block_size + 1
-    windows = [tokens[i : i + span] for i in range(0, max(len(tokens) - 1, 1), span)][:max_windows]
-    windows = [w for w in windows if len(w) > 1]
-    g = torch.Generator().manual_seed(seed)
-    tf_sum = ss_sum = 0.0
-    n = replaced = 0
-    for w in windows:
-        x = torch.tensor([w])
-        logits, _ = model(x[:, :-1])
-        tf_sum += F.cross_entropy(logits[0], x[0, 1:], reduction="sum").item()
-        history = [w[0]]
-        for i in range(1, len(w)):
-            logits, _ = model(torch.tensor([history]))
-            ss_sum += F.cross_entropy(logits[0, -1:], x[0, i : i + 1]).item()
-            if torch.rand((), generator=g).item() < p:
-                history.append(int(logits[0, -1].argmax()))
-                replaced += 1
-            else:
-                history.append(w[i])
-        n += len(w) - 1
-    return {
-        "tokens": n,
-        "windows": len(windows),
-        "teacher_forcing_loss": tf_sum / n,
-        "scheduled_sampling_loss": ss_sum / n,
-        "p": p,
-        "replaced_fraction": replaced / n,
-    }

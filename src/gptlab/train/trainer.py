@@ -22,12 +22,13 @@ import torch
 
 from .. import checkpoint
 from ..config import GPTConfig, preset
+from ..data.images import ImageExamples, is_image_dataset
 from ..data.loader import TokenWindows, read_meta, to_device
 from ..errors import GptlabError
 from ..files import run_folder
 from ..metrics import METRICS, Metrics, plot_losses
 from ..model import GPT
-from ..vision.data import ImageExamples, is_image_dataset
+from ..recipe import derive_seed
 from . import distributed
 from .config import TrainConfig
 from .loop import FitStats, fit, restore_state, save_state, state_dicts
@@ -229,7 +230,7 @@ class Pretraining:
     def train_step(self, step: int) -> None:
         cfg, d = self.cfg, self.d
         p_ss = ss_probability(cfg.ss_schedule, step, cfg.max_iters, cfg.ss_max_prob, cfg.ss_k)
-        ss_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step) if p_ss > 0 else None
+        ss_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "scheduled-sampling", step)) if p_ss > 0 else None
         for micro in range(cfg.grad_accum):
             x, y, *images = to_device(
                 self.train_windows.batch(cfg.batch_size, step, micro, d.rank, d.world_size), d.device

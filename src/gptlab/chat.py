@@ -1,6 +1,6 @@
 """Chat templates: messages to the prompt text a model was fine-tuned on.
 
-The default is the template ``gptlab align sft`` trains with (:func:`gptlab.align.data.chat_prompt`): each message
+The default is the template ``gptlab align sft`` trains with (:func:`chat_prompt`): each message
 as ``"<Role>: <content>\\n"``, then ``"Assistant: "``. A model tuned that way ends its turn with the end-of-text
 token, or starts the next turn itself, so generation also stops before a new ``"\\nUser:"`` or ``"\\nSystem:"``.
 
@@ -14,9 +14,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..align.data import ROLES, chat_prompt
-from ..errors import GptlabError
-from ..tokenizer import EOT_TEXT
+from .errors import GptlabError
+from .tokenizer import EOT_TEXT
+
+ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def chat_prompt(messages: Sequence[dict[str, str]]) -> str:
+    """The text of ``messages`` in the chat template, ending with ``"Assistant: "`` for generation."""
+    return "".join(f"{ROLES[m['role']]}: {m['content']}\n" for m in messages) + f"{ROLES['assistant']}: "
 
 
 class ChatTemplate:

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.image_files import to_tensor
+from ..data.images import is_image_dataset
 from ..data.loader import read_meta
 from ..errors import GptlabError
-from ..generate.engine import Engine, Sampling
-from .data import is_image_dataset
-from .images import to_tensor
+from ..generate import Engine, Sampling
 
 BLIND = ("zero", "shuffle")
 

@@ -31,8 +31,8 @@ import torch
 
 from ..errors import GptlabError
 from ..files import atomic_file, atomic_write_text
-from ..tokenizer import CharTokenizer
-from .images import to_tensor
+from ..tokenizer import CharTokenizer, prompt_ids
+from .image_files import to_tensor
 
 FORMAT = "gptlab-images"
 COLOURS = {
@@ -165,7 +165,7 @@ def write_image_dataset(
     """Tokenize the texts (a character vocabulary over every split's texts) and write the arrays and meta.json."""
     tok = CharTokenizer.train(t for _, texts, _ in splits.values() for row in texts for t in row)
     encoded = {
-        s: [[[*image_text_ids(tok, t), tok.eot_id] for t in row] for row in texts]
+        s: [[[*prompt_ids(tok, t, after_image=True), tok.eot_id] for t in row] for row in texts]
         for s, (_, texts, _) in splits.items()
     }
     length = max(len(t) for rows in encoded.values() for row in rows for t in row)
@@ -203,11 +203,6 @@ def write_image_dataset(
     return meta
 
 
-def image_text_ids(tok: Any, text: str) -> list[int]:
-    """A text that follows an image, as the examples store it: the end-of-text token, then the text."""
-    return [tok.eot_id, *tok.encode(text)]
-
-
 def is_image_dataset(meta: dict[str, Any]) -> bool:
     return meta.get("format") == FORMAT
 
@@ -218,7 +213,7 @@ class ImageExamples:
     ``block_size`` must hold the image prefix and the longest text."""
 
     def __init__(self, data_dir: str | Path, split: str, block_size: int, seed: int = 0, prefix: int = 0) -> None:
-        from ..data.loader import read_meta
+        from .loader import read_meta
 
         meta = read_meta(data_dir)
         if split not in meta["files"]:

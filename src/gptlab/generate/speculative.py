@@ -26,21 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import GptlabError
-from ..model import GPT, KVCache
-
-
-def target_probs(logits: torch.Tensor, temperature: float, top_k=None, top_p=None, min_p=None) -> torch.Tensor:
-    """The distribution the plain sampler draws from, [N, V] (one-hot at the argmax for temperature 0)."""
-    from ..generate.engine import filter_logits
-
-    logits = logits.float()
-    if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.size(-1)).float()
-    return filter_logits(logits / temperature, top_k, top_p, min_p).softmax(-1)
-
-
-def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator))
+from ..kv_cache import KVCache
+from ..model import GPT
+from .sampling import Sampling, draw, next_tokens, row_generators, target_probs
 
 
 def verify(
@@ -49,7 +37,6 @@ def verify(
     proposals: torch.Tensor,
     counts: torch.Tensor,
     uniforms: torch.Tensor,
-    greedy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Leviathan et al.'s acceptance rule for a batch of rows, without a Python loop.
 
@@ -58,22 +45,18 @@ def verify(
     ``counts[r]`` are real); ``uniforms`` [B, K+1] independent U[0, 1) draws (the row's own random stream). Returns
     (accepted counts n [B], the token after them [B]): proposal i is accepted if u_i q_i(x) < p_i(x) (probability
     min(1, p/q)) and all before it were; the next token is drawn, by inverse CDF with u_K, from norm(max(0, p_n -
-    q_n)) after a rejection and from p_n otherwise. Greedy: accept while the proposal is the argmax; then the argmax.
+    q_n)) after a rejection and from p_n otherwise. For greedy decoding p is one-hot at the target's argmax (and so
+    is a deterministic draft's q): the rule then accepts exactly the proposals that are the argmax, then takes it.
     """
     B, K = proposals.shape
     rows = torch.arange(B, device=p.device)
     x = proposals.long()
     px = p[:, :K].gather(-1, x[..., None])[..., 0]
-    if greedy:
-        ok = x == p[:, :K].argmax(-1)
-    else:
-        qx = torch.ones_like(px) if q is None else q.gather(-1, x[..., None])[..., 0]
-        ok = uniforms[:, :K] * qx < px
+    qx = torch.ones_like(px) if q is None else q.gather(-1, x[..., None])[..., 0]
+    ok = uniforms[:, :K] * qx < px
     ok &= torch.arange(K, device=p.device) < counts[:, None]
     n = ok.long().cumprod(-1).sum(-1)
     pn = p[rows, n]
-    if greedy:
-        return n, pn.argmax(-1)
     at = n.clamp(max=max(K - 1, 0))
     if K == 0:
         qn = torch.zeros_like(pn)
@@ -102,11 +85,11 @@ class Draft(Protocol):
         self,
         histories: Sequence[Sequence[int] | None],
         k: int,
-        sampling_args: dict,
+        sampling: Sampling,
         generators: Sequence[torch.Generator],
     ) -> tuple[list[list[int]], torch.Tensor | None]:
-        """Up to ``k`` tokens per row (none for a ``None`` row), and their distributions [B, k, V] (None for a
-        deterministic draft)."""
+        """Up to ``k`` tokens per row (none for a ``None`` row), drawn under ``sampling`` from each row's stream, and
+        their distributions [B, k, V] (None for a deterministic draft)."""
         ...
 
     def accepted(self, lengths: Sequence[int | None]) -> None:
@@ -131,7 +114,7 @@ class NgramDraft:
     def attach(self, rows: int, length: int) -> None:
         pass
 
-    def propose(self, histories, k, sampling_args, generators):
+    def propose(self, histories, k, sampling, generators):
         out = []
         for h in histories:
             found: list[int] = []
@@ -181,7 +164,8 @@ class ModelDraft:
         longest = max(len(p) for p in prompts)
         dev = self.model.device
         idx = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=dev)
-        self.model(idx, cache=self.cache, slots=torch.arange(longest, device=dev))
+        assert self.cache is not None
+        self.model.decode(idx, self.cache, torch.arange(longest, device=dev))
         self.seen = [len(p) for p in prompts]
 
     def attach(self, rows: int, length: int) -> None:
@@ -203,7 +187,7 @@ class ModelDraft:
                 lo, hi, at = self.seen[r], len(h) - 1, self.pad[r]
                 view = self.cache.view(slice(r, r + 1), at + hi)
                 ahead = torch.arange(at + lo, at + hi, device=dev)
-                self.model(torch.tensor([list(h[lo:hi])], device=dev), cache=view, slots=ahead)
+                self.model.decode(torch.tensor([list(h[lo:hi])], device=dev), view, ahead)
                 self.seen[r] = hi
         T = max([1] + [len(h) - s for h, s in zip(histories, self.seen) if h is not None])
         idx: list[list[int]] = []
@@ -214,11 +198,11 @@ class ModelDraft:
             slots.append([min(first + j, end) for j in range(T)])
         B = len(histories)  # the first B rows of the cache
         view = self.cache.view(slice(0, B), self.cache.length)
-        logits, _ = self.model(torch.tensor(idx, device=dev), cache=view, slots=torch.tensor(slots, device=dev))
+        logits = self.model.decode(torch.tensor(idx, device=dev), view, torch.tensor(slots, device=dev))
         self.seen[:B] = [s if h is None else len(h) for h, s in zip(histories, self.seen)]
         return logits[:, -1]
 
-    def propose(self, histories, k, sampling_args, generators):
+    def propose(self, histories, k, sampling, generators):
         assert self.cache is not None
         hist = [None if h is None else list(h) for h in histories]
         k = min(k, self.cache.length - max(p + len(h) for h, p in zip(hist, self.pad) if h is not None))
@@ -228,12 +212,9 @@ class ModelDraft:
         dists = []
         for _ in range(k):
             logits = self._feed(hist)
-            probs = target_probs(logits, **sampling_args)
+            probs = target_probs(logits, sampling)
             dists.append(probs)
-            if sampling_args["temperature"] == 0:
-                new = probs.argmax(-1).tolist()
-            else:
-                new = [_draw(pr, g) for pr, g in zip(probs, generators)]
+            new = (probs.argmax(-1) if sampling.greedy else draw(probs, generators)).tolist()
             for h, t, n in zip(hist, tokens, new):
                 if h is not None:
                     h.append(n)
@@ -257,10 +238,12 @@ class SpeculativeStats:
     round_seconds: float = 0.0
     draft_seconds: float = 0.0
     plain_step_seconds: float | None = None  # one ordinary decode step: the fastest of the probe rounds
-    plain_rounds: int = 0  # plain probe rounds before drafting starts
+    plain_rounds: int = 0  # plain steps (probes, pauses, rounds without proposals)
     plain_seconds: float = 0.0
     disabled_at_round: int | None = None
     rows: int = 1
+    prefill_seconds: float = 0.0  # the Engine's: the target's and the draft's prompt pass
+    cache_bytes: int = 0  # the Engine's: the target's KV cache
 
     def __post_init__(self) -> None:
         self.proposed_at = [0] * self.k
@@ -301,7 +284,104 @@ class SpeculativeStats:
         return out
 
 
-PROBE_ROUNDS = 3  # plain rounds that measure a plain step first (the fastest counts: the first one warms up)
+SPEC_K = 4  # proposals per round, by default (Engine, scheduler, --spec-k)
+SPEC_K_RANGE = (1, 16)
+
+
+class Throttle:
+    """When to draft, for the Engine and the serving scheduler alike. With ``min_speedup > 0`` the first
+    ``PROBE_STEPS`` steps are plain ones, timed (the fastest counts: the first one warms up); then drafting starts.
+    Once ``WINDOW`` speculative rounds since then produce, per row and second, fewer than ``min_speedup`` times a plain
+    step's tokens, drafting pauses for ``PAUSE`` steps and is then probed again. ``min_speedup = 0`` never pauses
+    (and needs no probe)."""
+
+    PROBE_STEPS = 3
+    WINDOW = 8
+    PAUSE = 256
+
+    def __init__(self, stats: SpeculativeStats, min_speedup: float = 1.0) -> None:
+        self.stats, self.min_speedup = stats, min_speedup
+        self.step = 0  # plain steps and speculative rounds so far
+        self.paused_until = 0
+        self.probed = 0  # plain steps timed since the last (re)start
+        self.plain_rate = 0.0  # the fastest plain step's tokens per row and second
+        self.spec = [0.0, 0.0]  # speculative rounds since the last (re)start: tokens per row, seconds
+        self.rounds = 0
+
+    def drafting(self) -> bool:
+        """Whether the next step drafts."""
+        if self.min_speedup <= 0:
+            return True
+        return self.step >= self.paused_until and self.probed >= self.PROBE_STEPS
+
+    def plain(self, seconds: float) -> None:
+        """A plain step (one token per live row) took ``seconds``."""
+        self.step += 1
+        self.stats.plain_rounds += 1
+        self.stats.plain_seconds += seconds
+        if self.probed < self.PROBE_STEPS:  # a probe: the fastest of them is the plain rate
+            self.plain_rate = max(self.plain_rate if self.probed else 0.0, 1.0 / max(seconds, 1e-9))
+            self.probed += 1
+            self.stats.plain_step_seconds = 1.0 / self.plain_rate
+
+    def speculative(self, tokens: int, rows: int, seconds: float) -> None:
+        """A speculative round produced ``tokens`` over ``rows`` live rows in ``seconds``."""
+        self.step += 1
+        self.stats.rounds += 1
+        self.stats.tokens += tokens
+        self.stats.round_seconds += seconds
+        self.spec[0] += tokens / max(rows, 1)
+        self.spec[1] += seconds
+        self.rounds += 1
+        if self.min_speedup <= 0 or self.rounds < self.WINDOW:
+            return
+        if self.spec[0] / self.spec[1] < self.min_speedup * self.plain_rate:
+            if self.stats.disabled_at_round is None:
+                self.stats.disabled_at_round = self.stats.rounds
+            self.paused_until = self.step + self.PAUSE
+            self.probed, self.rounds, self.spec = 0, 0, [0.0, 0.0]
+
+
+def verify_step(
+    model: GPT,
+    cache: KVCache,
+    pending: Sequence[int],
+    proposals: Sequence[Sequence[int]],
+    filled: Sequence[int],
+    samplings: Sequence[Sampling],
+    generators: Sequence[torch.Generator],
+    q: torch.Tensor | None = None,
+) -> tuple[list[int], list[int]]:
+    """One speculative round's target pass, for the Engine and the scheduler: row ``r`` feeds its pending token (the
+    newest, not yet in the cache) and its proposals at cache slots ``filled[r]``, ``filled[r] + 1``, ...; the
+    target scores them all in one forward pass, and :func:`verify` keeps each row's accepted prefix under its own
+    ``samplings[r]`` and random stream. Returns each row's accepted count and the token after them. Without
+    proposals, a plain step: the plain sampler, as cheap as the Engine's own step."""
+    B, dev = len(proposals), model.device
+    width = max(len(p) for p in proposals)
+    feed = torch.tensor([[t] + list(p) + [0] * (width - len(p)) for t, p in zip(pending, proposals)], device=dev)
+    slots = torch.tensor([[f + j for j in range(width + 1)] for f in filled], device=dev)
+    logits = model.decode(feed, cache, slots, last=width + 1)
+    groups: dict[Sampling, list[int]] = {}
+    for r, s in enumerate(samplings):
+        groups.setdefault(s, []).append(r)
+    if width == 0:
+        nxt = torch.zeros(B, dtype=torch.long, device=dev)
+        for s, rows in groups.items():
+            at = torch.tensor(rows, device=dev)
+            nxt[at] = next_tokens(logits[at, -1], s, None, [generators[r] for r in rows])
+        return [0] * B, nxt.tolist()
+    p = torch.empty(B, width + 1, logits.size(-1), dtype=torch.float64)
+    for s, rows in groups.items():
+        at = torch.tensor(rows, device=dev)
+        p[rows] = target_probs(logits[at].flatten(0, 1), s).view(len(rows), width + 1, -1).cpu().double()
+    counts = torch.tensor([len(x) for x in proposals])
+    props = torch.tensor([list(x) + [0] * (width - len(x)) for x in proposals], dtype=torch.long).view(B, width)
+    uniforms = torch.stack(
+        [torch.rand(width + 1, generator=g, device=g.device, dtype=torch.float64).cpu() for g in generators]
+    )
+    n, nxt = verify(p, None if q is None else q.cpu().double(), props, counts, uniforms)
+    return n.tolist(), nxt.tolist()
 
 
 def speculative_rounds(
@@ -310,16 +390,14 @@ def speculative_rounds(
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     k: int,
-    sampling,
+    sampling: Sampling,
     stop_ids: set[int],
     stats: SpeculativeStats,
     min_speedup: float = 1.0,
 ) -> Iterator[tuple[list[list[int]], list[bool]]]:
-    """Yield, per round, each row's new tokens (0 to k + 1 of them; a stop id ends the row and is yielded last)
-    and whether the row has ended.
-    ``sampling`` is a :class:`gptlab.generate.engine.Sampling` without repetition penalty."""
-    from ..generate.engine import next_tokens
-
+    """The Engine's speculative decoding: yield, per round, each row's new tokens (0 to k + 1 of them; a stop id
+    ends the row and is yielded last) and whether the row has ended. ``stats`` records the prefill, the cache and
+    every round as they happen, so a caller that stops reading early still has them."""
     if sampling.repetition_penalty != 1.0:
         raise GptlabError("speculative decoding does not support --repetition-penalty; drop one of them")
     block = model.config.block_size
@@ -336,17 +414,19 @@ def speculative_rounds(
     length = min(block, longest + max_new_tokens + k + 1)
     pad = torch.tensor([longest - len(p) for p in prompts], device=dev)
     cache = KVCache(model.config, B, length, dev, model.dtype, pad=pad)
-    generators = [torch.Generator().manual_seed(sampling.seed + r) for r in range(B)]
-    args = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p)
-    greedy = sampling.temperature == 0
+    stats.cache_bytes = cache.nbytes
+    generators = row_generators(sampling.seed, B, dev)
     hist = [list(p) for p in prompts]
     produced = [0] * B
     done = [False] * B
     stats.rows = B
+    throttle = Throttle(stats, min_speedup)
+    t0 = time.perf_counter()
     if longest > 1:  # the target's cache holds every token but each row's last ("pending")
         idx = torch.tensor([[0] * (longest - len(p)) + list(p[:-1]) for p in prompts], device=dev)
-        model(idx, cache=cache, slots=torch.arange(longest - 1, device=dev))
+        model.decode(idx, cache, torch.arange(longest - 1, device=dev))
     draft.start(prompts, pad, length)
+    stats.prefill_seconds = time.perf_counter() - t0
     while not all(done):
         t0 = time.perf_counter()
         live = [r for r in range(B) if not done[r]]
@@ -357,39 +437,20 @@ def speculative_rounds(
         )
         proposals: list[list[int]] = [[] for _ in range(B)]
         q = None
-        # the first PROBE_ROUNDS rounds are plain steps (they measure one), and so is every round once drafting is
-        # disabled
-        probing = stats.plain_rounds < PROBE_ROUNDS
-        if not probing and stats.disabled_at_round is None and room > 0:
+        if throttle.drafting() and room > 0:
             t_d = time.perf_counter()
-            proposals, q = draft.propose(hist, room, args, generators)
+            proposals, q = draft.propose(hist, room, sampling, generators)
             stats.draft_seconds += time.perf_counter() - t_d
-        width = max(len(p) for p in proposals)
-        feed = [[h[-1]] + p + [0] * (width - len(p)) for h, p in zip(hist, proposals)]
         base = [int(pd) + len(h) - 1 for h, pd in zip(hist, pad.tolist())]
-        slots = torch.tensor([[b + j for j in range(width + 1)] for b in base], device=dev)
-        logits, _ = model(torch.tensor(feed, device=dev), cache=cache, slots=slots, logits_for=width + 1)
-        assert logits is not None
-        if width == 0:  # a plain step: the plain sampler, as cheap as the Engine's own step
-            n_acc, nxt_all = torch.zeros(B, dtype=torch.long), next_tokens(logits[:, -1], sampling, None, generators)
-        else:
-            p_all = target_probs(logits.reshape(B * (width + 1), -1), **args).view(B, width + 1, -1).cpu()
-            q_all = None if q is None else q.float().cpu()
-            counts = torch.tensor([len(p) for p in proposals])
-            props = torch.tensor([p + [0] * (width - len(p)) for p in proposals], dtype=torch.long).view(B, width)
-            uniforms = torch.stack([torch.rand(width + 1, generator=g, dtype=torch.float64) for g in generators])
-            n_acc, nxt_all = verify(
-                p_all.double(), None if q_all is None else q_all.double(), props, counts, uniforms, greedy
-            )
+        n_acc, nxt = verify_step(model, cache, [h[-1] for h in hist], proposals, base, [sampling] * B, generators, q)
         out: list[list[int]] = []
         for r in range(B):
             if done[r]:
                 out.append([])
                 continue
             prop = proposals[r]
-            n, nxt = int(n_acc[r]), int(nxt_all[r])
-            stats.record(len(prop), n)
-            new = prop[:n] + [nxt]
+            stats.record(len(prop), n_acc[r])
+            new = prop[: n_acc[r]] + [nxt[r]]
             for j, t in enumerate(new):  # a stop id ends the row; so does max_new_tokens
                 if t in stop_ids or produced[r] + j + 1 >= max_new_tokens:
                     new = new[: j + 1]
@@ -400,19 +461,11 @@ def speculative_rounds(
             out.append(new)
         draft.accepted([len(h) for h in hist])
         seconds = time.perf_counter() - t0
-        if probing:
-            stats.plain_rounds += 1
-            stats.plain_seconds += seconds
-            stats.plain_step_seconds = min(seconds, stats.plain_step_seconds or seconds)
+        if any(proposals):
+            throttle.speculative(sum(len(o) for o in out), len(live), seconds)
         else:
-            stats.rounds += 1
-            stats.tokens += sum(len(o) for o in out)
-            stats.round_seconds += seconds
+            throttle.plain(seconds)
         yield out, list(done)
-        rate = stats.tokens / stats.round_seconds if stats.round_seconds > 0 else float("inf")
-        slow = rate < min_speedup * len(live) / (stats.plain_step_seconds or float("inf"))
-        if stats.disabled_at_round is None and stats.rounds >= 8 and slow:
-            stats.disabled_at_round = stats.rounds  # slower than plain steps (by min_speedup): plain from here on
 
 
 def as_steps(rounds: Iterator[tuple[list[list[int]], list[bool]]], rows: int) -> Iterator[list[int | None]]:

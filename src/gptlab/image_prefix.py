@@ -12,7 +12,7 @@ Visual Instruction Tuning").
 The decoder is unchanged: the prefix occupies the first ``image_tokens`` positions, patches in raster order, and
 is attended to causally like text; the model returns logits and loss for the text positions only, so image tokens
 carry no loss. Images enter as float tensors [B, channels, size, size] with values in [0, 1]
-(:func:`gptlab.vision.images.to_tensor` converts uint8 arrays).
+(:func:`gptlab.data.image_files.to_tensor` converts uint8 arrays).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import GPTConfig
-from ..errors import GptlabError
+from .config import GPTConfig
+from .errors import GptlabError
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -79,7 +79,7 @@ class ImagePrefix(nn.Module):
             raise GptlabError(
                 f"images of shape {list(images.shape)} do not fit this model, which takes [batch, {want[0]}, "
                 f"{want[1]}, {want[2]}] ({(self.size // self.patch) ** 2} patches of {self.patch}x{self.patch}); "
-                f"resize them (gptlab.vision.images.load_image does)"
+                f"resize them (gptlab.data.image_files.load_image does)"
             )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,58 @@
+"""JSON-lines files: records with their line numbers, every bad line one clear error."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import GptlabError
+
+
+def decode_text(data: bytes, origin: str) -> str:
+    if b"\x00" in data[:8192]:
+        raise GptlabError(f"{origin} looks binary (contains NUL bytes); pass text, .jsonl or .parquet files")
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise GptlabError(
+            f"{origin} is not valid UTF-8 (byte {e.start}: {data[e.start : e.start + 4]!r}); "
+            f"convert it, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+
+
+def jsonl_records(data: bytes, origin: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSON-lines file; a bad line is one clear error."""
+    for n, line in enumerate(decode_text(data, origin).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GptlabError(f"{origin} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+
+
+def read_jsonl(path: str | Path, fields: Sequence[str], limit: int | None = None) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file, each required to hold ``fields``; a bad line is one error naming it."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise GptlabError(f"cannot read {path}: {e.strerror}") from None
+    out = []
+    for n, rec in jsonl_records(data, str(path)):
+        if not isinstance(rec, dict):
+            raise GptlabError(
+                f"{path} line {n} is {type(rec).__name__}, not a JSON object; each line needs an "
+                f"object" + (f" with {list(fields)}" if fields else "")
+            )
+        missing = [f for f in fields if f not in rec]
+        if missing:
+            raise GptlabError(f"{path} line {n}: missing field(s) {missing}; each line needs {list(fields)}")
+        out.append(rec)
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise GptlabError(f"{path} holds no records")
+    return out

@@ -1,0 +1,32 @@
+"""What ``gptlab quantize`` is asked for: one config, whose fields are also the command's flags (:mod:`gptlab.recipe`).
+The modes and the group size are the defaults of on-the-fly quantization (``--quantize``) too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..recipe import RecipeConfig, opt
+
+QUANTIZE_MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclass
+class QuantizeConfig(RecipeConfig):
+    help_hint = "`gptlab quantize --help`"
+    what = "quantize settings"
+
+    model: str = opt("", "the float model to quantize (any source `gptlab.load` reads)")
+    mode: str | None = opt(
+        None, "int8: per output channel; int4: groups of --group-size input columns", choices=QUANTIZE_MODES, kind=str
+    )
+    group_size: int = opt(64, "int4: input columns per group, each with a scale and an offset", choices=GROUP_SIZES)
+    exclude: list[str] = opt([], "keep this layer in float (e.g. lm_head); repeatable", metavar="NAME")
+    out_dir: str = opt("", "the new checkpoint folder")
+
+    def checks(self) -> list[tuple[bool, str]]:
+        return [
+            (bool(self.model), "a model is required: gptlab quantize MODEL"),
+            (self.mode is not None, "--mode is required: int8 or int4"),
+            (bool(self.out_dir), "--out-dir is required: the new checkpoint folder"),
+        ]

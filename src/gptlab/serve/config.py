@@ -1,0 +1,78 @@
+"""What ``gptlab serve`` is asked for: one config, whose fields are also the command's flags (:mod:`gptlab.recipe`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..generate.speculative import SPEC_K, SPEC_K_RANGE
+from ..quant.config import QUANTIZE_MODES
+from ..recipe import Range, RecipeConfig, opt
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+MAX_N = 16  # the default largest n (choices) of a request, when --max-batch allows it
+
+
+@dataclass
+class ServeConfig(RecipeConfig):
+    help_hint = "`gptlab serve --help`"
+    what = "serve config"
+
+    model: str = opt("", "the model to serve (any source `gptlab.load` reads)")
+    host: str = opt("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
+    port: int = opt(8000, "TCP port; 0 picks a free one", Range(0, 65535))
+    served_model_name: str | None = opt(
+        None, "the model id clients send and /v1/models lists (default: MODEL's name)", kind=str
+    )
+    device: str = opt("auto", "auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps")
+    quantize: str | None = opt(
+        None, "quantize the weights when loading: int8 per channel or int4 in groups", choices=QUANTIZE_MODES, kind=str
+    )
+    max_batch: int = opt(16, "KV-cache rows: sequences decoded together", Range(1, 1024))
+    max_queue: int = opt(256, "requests that may wait for a row; more get 429", Range(0, 100_000))
+    max_n: int | None = opt(
+        None, f"largest n (choices) per request, at most --max-batch (default: {MAX_N}, or --max-batch if less)",
+        Range(1, 128), kind=int,
+    )  # fmt: skip
+    prefill_chunk: int = opt(
+        512, "prompt tokens prefilled per scheduling step: the most a newcomer stalls the others", Range(1, 1 << 20)
+    )
+    max_body_bytes: int = opt(1 << 20, "largest request body; larger get 413", Range(1024, 1 << 30))
+    api_key: str | None = opt(None, "require Authorization: Bearer KEY (default: $GPTLAB_API_KEY, else none)", kind=str)
+    chat_template: str | None = opt(
+        None, "a Jinja chat template file (default: the one gptlab align sft trains with)", kind=str, metavar="FILE"
+    )
+    clamp_max_tokens: bool = opt(False, "cut max_tokens to the room left in the context instead of answering 400")
+    runs: str | None = opt(
+        None, "show the training runs under this folder in the page's Runs view (read-only)", kind=str, metavar="DIR"
+    )
+    compile: bool = opt(
+        False,
+        "torch.compile the decode step used when one stream runs alone (~1.7x faster on CPU); compiled at start-up, "
+        "one graph per 256 slots of context (GPT-2: ~2 min), while /health answers 503",
+    )
+    draft: str | None = opt(
+        None,
+        "speculative decoding: a smaller model with the same tokenizer, ngram (prompt lookup), or the model's own "
+        "int8/int4 copy; output as without it (greedy: identical tokens)",
+        kind=str,
+        metavar="MODEL|ngram|int8|int4",
+    )
+    spec_k: int = opt(SPEC_K, "tokens the draft proposes per round", Range(*SPEC_K_RANGE))
+    log_level: str = opt("warning", "the server's log level", choices=LOG_LEVELS)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_n is None:
+            self.max_n = min(MAX_N, self.max_batch)
+
+    def checks(self) -> list[tuple[bool, str]]:
+        n = self.max_n if self.max_n is not None else min(MAX_N, self.max_batch)
+        return [
+            (bool(self.model), "model is required: gptlab serve MODEL"),
+            (n <= self.max_batch, f"max_n {n} is more than max_batch {self.max_batch}; n choices need n rows"),
+        ]
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or Path(self.model.rstrip("/")).name or self.model
