@@ -60,7 +60,7 @@ def finished(run: Path) -> dict | None:
     state = json.loads(
         (run / "checkpoints" / sorted(p.name for p in (run / "checkpoints").iterdir())[-1] / "state.json").read_text()
     )
-    tps = [r["tok_per_s"] for r in rows if "tok_per_s" in r]
+    tps = [r["tok_per_s"] for r in rows if r.get("tok_per_s") is not None]
     return {"final_val_loss": final[-1], "params": n_params(state["model_config"]), "tokens_per_second": tps[-1]}
 
 

@@ -1,4 +1,5 @@
-"""Seed 002's comparison on one dataset: GPT-1-style fine-tuning against k-shot prompting of the same model.
+"""GPT-1 against GPT-3 on one dataset (Radford et al. 2018; Brown et al. 2020): GPT-1-style fine-tuning against
+k-shot prompting of the same model.
 
     python examples/finetune_vs_fewshot.py [--model runs/demo] [--out runs/ft-vs-fewshot]
 

@@ -3,6 +3,7 @@ libraries), hand-worked values, and invariants (batch size changes no score)."""
 
 import json
 import math
+import random
 import re
 
 import pytest
@@ -22,6 +23,7 @@ from gptlab.eval import (
     wilson_interval,
 )
 from gptlab.generate import Engine, Sampling
+from gptlab.recipe import derive_seed
 from gptlab.tokenizer import GPT2Tokenizer
 
 from .conftest import hf_pair, run_cli
@@ -227,6 +229,32 @@ def test_fewshot_prompts_exclude_the_query_and_score_whole_labels(pair, tmp_path
     assert r["results"][0]["acc"] == correct / len(rows)
     with pytest.raises(GptlabError, match="9 shots need at least 10 training examples"):
         fewshot(ours, tok, path=str(tmp_path / "d.jsonl"), shots=[9])
+
+
+def test_fewshot_prompts_longer_than_the_context_keep_whole_examples_and_say_so(tmp_path):
+    """A 64-token context cannot hold 5 examples of ~20 tokens: each prompt keeps the examples nearest the query
+    that fit (whole), the result reports the shots actually used, and the scores equal those of the prompts built
+    with exactly those examples."""
+    from .conftest import gpt2_shaped
+
+    model, tok = gpt2_shaped(block_size=64), GPT2Tokenizer()
+    rows = [{"text": f"a rather long sentence number {i} about the weather today", "label": lab}
+            for i, lab in enumerate(["yes", "no"] * 6)]  # fmt: skip
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    r = fewshot(model, tok, path=str(tmp_path / "d.jsonl"), shots=[0, 5], limit=4)
+    zero, five = r["results"]
+    assert zero["fewer_shots"] == 0 and zero["shots_used"] == {"min": 0, "mean": 0.0}
+    assert five["fewer_shots"] == 4 and 0 < five["shots_used"]["mean"] < 5 and five["truncated"] == 0
+    template, expected = "Input: {text}\nLabel: {label}", []
+    for qi, q in enumerate(rows[:4]):  # by hand: the most of its 5 examples, nearest the query first, that fit
+        examples = random.Random(derive_seed(1337, "shots", qi)).sample([x for x in rows if x["text"] != q["text"]], 5)
+        room = 64 - 1  # both labels are one token
+        expected.append(
+            max(n for n in range(6) if len(tok.encode(fewshot_prompt(examples[5 - n :], q["text"], template))) <= room)
+        )
+    assert five["shots_used"] == {"min": min(expected), "mean": sum(expected) / 4} and max(expected) < 5
+    r2 = run_cli("eval", "fewshot", "--help")
+    assert "--threads" in r2.stdout  # one vocabulary with train, align and distill
 
 
 def test_wilson_interval_textbook_value():

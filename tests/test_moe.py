@@ -1,4 +1,4 @@
-"""Mixture-of-experts layers against independent references: the dense block, a naive per-token loop (seed 003's
+"""Mixture-of-experts layers against independent references: the dense block, a naive per-token loop (the definition's
 sketch), the documented capacity policy, hand-computed auxiliary losses, the planner's accounting, and training
 invariants (resume, two processes, compile)."""
 
@@ -34,7 +34,8 @@ def moe(**kw):
 
 
 def reference(m: MoE, x: torch.Tensor, keep=None) -> torch.Tensor:
-    """Seed 003's per-token loop: softmax over experts, top-k, renormalize, sum prob * expert(x). ``keep``:
+    """The definition as a per-token loop (Shazeer et al. 2017; GShard): softmax over experts, top-k, renormalize,
+    sum prob * expert(x). ``keep``:
     a set of (token, expert) assignments allowed (the rest contribute nothing)."""
     x2 = x.reshape(-1, x.size(-1))
     out = torch.zeros_like(x2)
@@ -162,7 +163,7 @@ def test_hf_export_of_moe_is_a_clear_error(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
-def test_seed_003_gpt4_arithmetic():
+def test_gpt4_leaked_figures_arithmetic():
     # The leaked GPT-4 figures are ~1.8T total, ~220B active, "8 experts, top-2". With 8 experts and top-2 at least
     # a quarter of the expert weights are active, so 1.8T total means >= 450B active minus nothing shared: the two
     # numbers cannot both hold. A stated 16-expert top-2 config (120 layers, d 12288, 8 kv heads, d_ff 3d,

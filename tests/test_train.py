@@ -16,6 +16,7 @@ from gptlab.config import preset
 from gptlab.data.shards import read_shard
 from gptlab.errors import GptlabError
 from gptlab.eval.exposure import exposure_report
+from gptlab.metrics import read_rows
 from gptlab.model import GPT
 from gptlab.train.config import TrainConfig
 from gptlab.train.optim import FINETUNE_OPTIM, OptimConfig, lr_at, make_optimizer
@@ -322,3 +323,15 @@ def test_configs_written_by_the_previous_layout_still_read(tmp_path):
     old.update(new.optim.to_dict(), ckpt_interval=9)
     (tmp_path / "run.json").write_text(json.dumps(old))
     assert read_run_config(tmp_path) == new
+
+
+def test_no_throughput_is_logged_for_the_untimed_first_step(char_data, tmp_path):
+    """The work clock starts at the end of the first step (compilation, warm-up): a log at step 1 has no elapsed
+    time to divide by, so it records no rate (null), not 10^11 tokens per second; later rows are real rates."""
+    train(tiny_cfg(char_data, tmp_path / "r", max_iters=3, eval_interval=1, checkpoint_interval=0), progress=False)
+    rows = [r for r in read_rows(tmp_path / "r" / "metrics.jsonl") if "tok_per_s" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["tok_per_s"] is None
+    tokens_per_step = 8 * 32
+    for r in rows[1:]:  # one step of 8 x 32 tokens takes more than a microsecond and less than a minute here
+        assert tokens_per_step / 60 < r["tok_per_s"] < tokens_per_step * 1e6

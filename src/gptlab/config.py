@@ -14,11 +14,11 @@ Sources for the presets:
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import GptlabError
+from .recipe import COUNT, NON_NEGATIVE, PROBABILITY_BELOW_1, Range, RecipeConfig, opt
 
 ACTIVATIONS = ("gelu_new", "gelu")  # tanh approximation (GPT-1/2/3; HF's gelu_new = gelu_pytorch_tanh), exact erf
 NORMS = ("pre", "post")  # pre-norm (GPT-2/3: LN inside the residual branch), post-norm (GPT-1)
@@ -27,106 +27,76 @@ PROJECTORS = ("linear", "mlp")  # patch features -> n_embd: one linear map (Fuyu
 
 
 @dataclass(frozen=True)
-class GPTConfig:
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024  # context length
-    vocab_size: int = 50257
-    norm: str = "pre"
-    activation: str = "gelu_new"
-    bias: bool = True
-    dropout: float = 0.0
-    tie_weights: bool = True
-    pad_vocab_multiple: int = 1  # e.g. 64: embedding/head rows padded for faster matmuls; never sampled
-    layer_norm_eps: float = 1e-5
-    init_std: float = 0.02
-    # Mixture of experts (n_experts > 1): routed feed-forward layers, see model.MoE and docs/moe.md.
-    n_experts: int = 1  # 1 = dense
-    experts_per_token: int = 1  # top-k
-    expert_ff: int = 0  # hidden width of each routed expert; 0 = 4 * n_embd (2 * n_embd with top-2 = dense cost)
-    moe_every: int = 1  # MoE in every moe_every-th block (the others stay dense)
-    shared_expert: bool = False  # an always-on dense MLP beside the routed experts
-    capacity_factor: float = 0.0  # training only: keep <= factor * tokens * k / n_experts per expert; 0 = dropless
-    aux_loss_weight: float = 0.01  # Switch/GShard load-balancing loss weight
-    z_loss_weight: float = 0.0  # router z-loss weight (ST-MoE)
+class GPTConfig(RecipeConfig):
+    """The model's shape and options. Every field carries its help text and valid range (:func:`gptlab.recipe.opt`),
+    checked when a config is built, wherever it is built (presets, recipes' ``[model_overrides]``, ``--set``,
+    checkpoints, converted models)."""
+
+    help_hint = "docs/model.md"
+    what = "model config"
+
+    n_layer: int = opt(12, "transformer blocks", COUNT)
+    n_head: int = opt(12, "attention heads per block", COUNT)
+    n_embd: int = opt(768, "model width (d_model)", COUNT)
+    block_size: int = opt(1024, "context length in tokens", COUNT)
+    vocab_size: int = opt(50257, "vocabulary size", COUNT)
+    norm: str = opt(
+        "pre", "pre (GPT-2/3: LN inside the residual branch) or post (GPT-1: LN after the add)", choices=NORMS
+    )
+    activation: str = opt("gelu_new", "gelu_new (tanh approximation) or gelu (exact erf)", choices=ACTIVATIONS)
+    bias: bool = opt(True, "biases in the linear layers and LayerNorms")
+    dropout: float = opt(0.0, "dropout probability", PROBABILITY_BELOW_1)
+    tie_weights: bool = opt(True, "the output head shares the token embedding (Press & Wolf 2017)")
+    pad_vocab_multiple: int = opt(1, "pad embedding/head rows to a multiple of this (faster matmuls)", COUNT)
+    layer_norm_eps: float = opt(1e-5, "LayerNorm epsilon", Range(0, 1, lo_open=True))
+    init_std: float = opt(0.02, "std of the N(0, std) weight init", Range(0, 1, lo_open=True))
+    # Mixture of experts (n_experts > 1): routed feed-forward layers, see gptlab.moe and docs/moe.md.
+    n_experts: int = opt(1, "routed experts per MoE layer; 1 = dense", COUNT)
+    experts_per_token: int = opt(1, "experts each token is routed to (top-k)", COUNT)
+    expert_ff: int = opt(0, "hidden width of each routed expert; 0 = 4 * n_embd", NON_NEGATIVE)
+    moe_every: int = opt(1, "MoE in every moe_every-th block (the others stay dense)", COUNT)
+    shared_expert: bool = opt(False, "an always-on dense MLP beside the routed experts")
+    capacity_factor: float = opt(
+        0.0, "training only: keep <= factor * tokens * k / n_experts per expert; 0 = dropless", NON_NEGATIVE
+    )
+    aux_loss_weight: float = opt(0.01, "Switch/GShard load-balancing loss weight", NON_NEGATIVE)
+    z_loss_weight: float = opt(0.0, "router z-loss weight (ST-MoE)", NON_NEGATIVE)
     # Image input (image_size > 0): a prefix of (image_size / patch_size)^2 image tokens, see gptlab.image_prefix.
-    image_size: int = 0  # side of the square input image in pixels; 0 = a text-only model
-    image_channels: int = 3  # 3 = RGB, 1 = grey
-    patch_size: int = 4  # side of one patch: one image token per patch
-    image_encoder: str = "linear"  # "linear" (raw patches) or "cnn" (two 3x3 convolutions first)
-    encoder_width: int = 0  # channels of the cnn encoder; 0 = image_channels (the linear prefix's parameters)
-    projector: str = "linear"  # "linear" or "mlp" (Linear-GELU-Linear)
+    image_size: int = opt(0, "side of the square input image in pixels; 0 = a text-only model", NON_NEGATIVE)
+    image_channels: int = opt(3, "3 = RGB, 1 = grey", COUNT)
+    patch_size: int = opt(4, "side of one patch: one image token per patch", COUNT)
+    image_encoder: str = opt(
+        "linear", "linear (raw patches) or cnn (two 3x3 convolutions first)", choices=IMAGE_ENCODERS
+    )
+    encoder_width: int = opt(0, "channels of the cnn encoder; 0 = image_channels", NON_NEGATIVE)
+    projector: str = opt("linear", "linear or mlp (Linear-GELU-Linear, LLaVA-1.5)", choices=PROJECTORS)
 
     @property
     def image_tokens(self) -> int:
         """Length of the image prefix: one token per patch (0 for a text-only model)."""
         return (self.image_size // self.patch_size) ** 2 if self.image_size else 0
 
-    def __post_init__(self) -> None:
-        problems = []
-        for f in dataclasses.fields(self):  # every field has its default's type (ints are fine where floats go)
-            value, want = getattr(self, f.name), type(f.default)
-            ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
-            if want is float and isinstance(value, int) and not isinstance(value, bool):
-                object.__setattr__(self, f.name, float(value))
-                ok = True
-            if not ok:
-                problems.append(f"{f.name} must be of type {want.__name__} (got {value!r})")
-        if problems:
-            raise GptlabError("invalid model config: " + "; ".join(problems))
-        for name in (
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "block_size",
-            "vocab_size",
-            "pad_vocab_multiple",
-            "n_experts",
-            "experts_per_token",
-            "moe_every",
-            "image_channels",
-            "patch_size",
-        ):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1 (got {getattr(self, name)!r})")
-        if not problems and self.n_embd % self.n_head:
-            problems.append(
-                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                f"pick n_head among {[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:12]}"
-            )
-        if self.norm not in NORMS:
-            problems.append(f"norm must be one of {NORMS} (got {self.norm!r})")
-        if self.activation not in ACTIVATIONS:
-            problems.append(f"activation must be one of {ACTIVATIONS} (got {self.activation!r})")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1) (got {self.dropout!r})")
-        if not (0.0 < self.layer_norm_eps <= 1.0 and 0.0 < self.init_std <= 1.0):
-            problems.append(
-                f"layer_norm_eps and init_std must be in (0, 1] (got {self.layer_norm_eps!r}, {self.init_std!r})"
-            )
-        if not problems and self.experts_per_token > self.n_experts:
-            problems.append(f"experts_per_token={self.experts_per_token} exceeds n_experts={self.n_experts}")
-        if (
-            not all(
-                math.isfinite(v) and v >= 0 for v in (self.capacity_factor, self.aux_loss_weight, self.z_loss_weight)
-            )
-            or self.expert_ff < 0
-        ):
-            problems.append("capacity_factor, aux_loss_weight, z_loss_weight and expert_ff must be finite and >= 0")
-        if self.image_size < 0 or self.encoder_width < 0:
-            problems.append("image_size and encoder_width must be >= 0")
-        elif self.image_size and self.image_size % self.patch_size:
-            problems.append(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
-        elif self.image_tokens >= self.block_size:
-            problems.append(
+    def checks(self) -> list[tuple[bool, str]]:
+        divisors = [h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:12]
+        return [
+            (
+                self.n_embd % self.n_head == 0,
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick n_head among {divisors}",
+            ),
+            (
+                self.experts_per_token <= self.n_experts,
+                f"experts_per_token={self.experts_per_token} exceeds n_experts={self.n_experts}",
+            ),
+            (
+                not self.image_size or self.image_size % self.patch_size == 0,
+                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}",
+            ),
+            (
+                self.image_tokens < self.block_size,
                 f"the image prefix ({self.image_tokens} tokens) leaves no room for text in block_size="
-                f"{self.block_size}; raise block_size or patch_size"
-            )
-        if self.image_encoder not in IMAGE_ENCODERS or self.projector not in PROJECTORS:
-            problems.append(f"image_encoder must be one of {IMAGE_ENCODERS} and projector one of {PROJECTORS}")
-        if problems:
-            raise GptlabError("invalid model config: " + "; ".join(problems))
+                f"{self.block_size}; raise block_size or patch_size",
+            ),
+        ]
 
     @property
     def head_dim(self) -> int:
@@ -153,9 +123,6 @@ class GPTConfig:
                 f"unknown model config field(s) {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(self)]}"
             )
         return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:

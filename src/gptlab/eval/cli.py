@@ -221,6 +221,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             [f"labels {r['labels']}, template {r['template']!r}"]
             + [
                 f"{x['shots']:>3}-shot: acc {x['acc']:.3f} (95% CI {x['ci95'][0]:.3f}-{x['ci95'][1]:.3f}, n={x['n']})"
+                + (
+                    f"; {x['fewer_shots']} of {x['n']} prompts too long for the context kept fewer examples (mean "
+                    f"{x['shots_used']['mean']:g} used)"
+                    if x["fewer_shots"]
+                    else ""
+                )
+                + (f"; {x['truncated']} queries cut to fit" if x["truncated"] else "")
                 for x in r["results"]
             ]
             + ([f"plot: {r['plot']}"] if "plot" in r else [])

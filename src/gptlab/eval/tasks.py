@@ -255,7 +255,12 @@ def fewshot(
     log-probability of its whole token sequence (" " + label) after the prompt, and the most likely label is the
     prediction. ``calibrate`` divides each label's probability (normalised over the labels) by the same
     probability for the content-free input "N/A" with the same examples (Zhao et al. 2021). Accuracy per k with a
-    95 % Wilson interval. Defaults to the sentiment set shipped with gptlab (split into train and test)."""
+    95 % Wilson interval. Defaults to the sentiment set shipped with gptlab (split into train and test).
+
+    A prompt longer than the model's context keeps its last examples that fit (the first ones are dropped, whole,
+    never cut): each k reports the shots actually used (``shots_used``: min and mean) and how many queries got
+    fewer than k (``fewer_shots``); a query that does not fit even alone is cut from the left and counted in
+    ``truncated``."""
     p = Path(path) if path else SENTIMENT
     docs = read_jsonl(p, ["text", "label"])
     if train_path:
@@ -269,16 +274,22 @@ def fewshot(
     if len(labels) < 2:
         raise GptlabError(f"{p}: the data has fewer than two labels; few-shot classification needs at least two")
     label_ids = [tok.encode(" " + lab) for lab in labels]
+    room = model.config.block_size - max(len(ids) for ids in label_ids)  # prompt tokens that fit before a label
     results = []
     for k in shots:
         if k > len(pool) - 1:
             raise GptlabError(f"{k} shots need at least {k + 1} training examples; the pool has {len(pool)}")
-        prompts, cf_prompts = [], []
+        prompts, cf_prompts, used, truncated = [], [], [], 0
         for qi, q in enumerate(test):
             rng = random.Random(derive_seed(seed, "shots", qi))
             candidates = [d for d in pool if d["text"] != q["text"]]
             examples = rng.sample(candidates, k)
-            prompts.append(fewshot_prompt(examples, q["text"], template))
+            while examples and len(tok.encode(fewshot_prompt(examples, q["text"], template))) > room:
+                examples = examples[1:]  # the first example, whole: the ones nearest the query stay
+            prompt = fewshot_prompt(examples, q["text"], template)
+            truncated += len(tok.encode(prompt)) > room
+            used.append(len(examples))
+            prompts.append(prompt)
             cf_prompts.append(fewshot_prompt(examples, "N/A", template))
         probs = _label_probs(model, tok, prompts, label_ids, batch_size)
         if calibrate:
@@ -288,10 +299,20 @@ def fewshot(
             labels[max(range(len(labels)), key=row.__getitem__)] == str(q["label"]) for row, q in zip(probs, test)
         )
         lo, hi = wilson_interval(correct, len(test))
-        results.append({"shots": k, "acc": correct / len(test), "ci95": [lo, hi], "n": len(test)})
+        results.append(
+            {
+                "shots": k,
+                "acc": correct / len(test),
+                "ci95": [lo, hi],
+                "n": len(test),
+                "shots_used": {"min": min(used), "mean": round(sum(used) / len(used), 3)},
+                "fewer_shots": sum(u < k for u in used),
+                "truncated": truncated,
+            }
+        )
     return {
         "task": "fewshot",
-        "version": 1,
+        "version": 2,  # 2: prompts that do not fit lose whole examples, reported (1 cut them silently)
         **_data_info(p),
         "labels": labels,
         "template": template,

@@ -1,7 +1,7 @@
 """Accelerators the planner knows, and the arithmetic of time and money.
 
 Peak figures are the vendors' dense (no structured sparsity) numbers from their data sheets: 16-bit matrix FLOP/s
-on tensor cores / MXUs, fp32 without tensor cores, memory size and bandwidth. Seed 001 credits the V100 with
+on tensor cores / MXUs, fp32 without tensor cores, memory size and bandwidth. A V100 is sometimes credited with
 "~312 TFLOP/s": that is the A100's bf16 peak; the V100's fp16 tensor-core peak is 125 TFLOP/s (15.7 fp32).
 """
 

@@ -265,7 +265,8 @@ def mfu(s: Shape, tokens_per_second: float, peak_flops: float, seq_len: int | No
 
 
 def attention_cost(s: Shape, contexts: list[int], bytes_per_element: float = 2.0) -> list[dict[str, float]]:
-    """Seed 001's lab 2 done per layer and per sequence of ``n`` tokens, forward pass, no causal skipping:
+    """Attention's cost (Vaswani et al. 2017, Table 1; Dao et al. 2022 for what a fused kernel keeps), per layer
+    and per sequence of ``n`` tokens, forward pass, no causal skipping:
 
     - ``scores_flops`` = 2·n²·d_attn (QKᵀ) and ``av_flops`` = 2·n²·d_attn (A·V);
     - ``rest_flops``: the projections and the MLPs a token runs through (2·n·(4·d² + 2·d·d_ff) when dense);

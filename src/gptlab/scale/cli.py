@@ -19,9 +19,10 @@ def summary(r: dict) -> str:
     ]
     if "power_law" in fits:
         f = fits["power_law"]
+        ci = f["ci95"].get("alpha")
+        interval = f"95% CI {ci[0]:.4f}-{ci[1]:.4f}" if ci else f"no interval: {f.get('ci95_note')}"
         lines.append(
-            f"L(N) = {f['params']['a']:.4g}·N^-{f['params']['alpha']:.4f} (alpha 95% CI "
-            f"{f['ci95']['alpha'][0]:.4f}-{f['ci95']['alpha'][1]:.4f}; Kaplan et al.: 0.076)"
+            f"L(N) = {f['params']['a']:.4g}·N^-{f['params']['alpha']:.4f} (alpha {interval}; Kaplan et al.: 0.076)"
         )
     if "isoflop" in fits and "a" in fits["isoflop"]:
         lines.append(

@@ -9,7 +9,10 @@
 - :func:`isoflop_profile`: per compute budget, a parabola in log N through the runs around that budget's lowest loss;
   its vertex is the budget's optimal N (budgets whose minimum is not bracketed are skipped, not extrapolated);
   then N_opt ∝ C^a and D_opt ∝ C^b fitted across budgets (Approach 2).
-- Intervals: percentile bootstrap over the runs (``bootstrap`` resamples, seeded).
+- Intervals: for L = a·x^(−α), the least-squares t-interval on log L (Student's t with n − 2 degrees of freedom:
+  exact under normal errors in log L, and estimable from 3 runs, where it is wide); for the fits with more
+  parameters, the percentile bootstrap over the runs (``bootstrap`` resamples, seeded). An interval that the data
+  cannot give (too few runs, or no spread) is left out, with ``note`` saying why, never reported as zero-width.
 
 All fits use torch in float64 (no extra dependency); the tests recover known constants from synthetic data.
 """
@@ -33,13 +36,59 @@ class Fit:
     params: dict[str, float]
     intervals: dict[str, tuple[float, float]]
     residual: float  # RMS error of log L
+    method: str = "bootstrap"  # how the intervals were computed
+    note: str | None = None  # why there are no intervals, when there are none
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "params": self.params,
             "ci95": {k: list(v) for k, v in self.intervals.items()},
+            "ci95_method": self.method,
             "rms_log_residual": self.residual,
         }
+        return out if self.note is None else {**out, "ci95_note": self.note}
+
+
+def student_t_quantile(p: float, dof: int) -> float:
+    """The ``p``-quantile of Student's t distribution with ``dof`` degrees of freedom: bisection on its CDF, the
+    density integrated by Simpson's rule (the tests compare it with ``scipy.stats.t.ppf``)."""
+    if not 0 < p < 1 or dof < 1:
+        raise GptlabError(f"a t quantile needs 0 < p < 1 and dof >= 1, got p={p}, dof={dof}")
+    c = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
+
+    def cdf(t: float) -> float:
+        u = np.linspace(0.0, abs(t), 4001)
+        f = np.exp(c - (dof + 1) / 2 * np.log1p(u * u / dof))
+        area = (u[1] - u[0]) / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+        return 0.5 + math.copysign(area, t)
+
+    lo, hi = -1.0, 1.0
+    while cdf(lo) > p:
+        lo *= 2
+    while cdf(hi) < p:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _ols_intervals(lx: np.ndarray, ly: np.ndarray) -> tuple[dict[str, tuple[float, float]], str | None]:
+    """95 % t-intervals of a and α for log L = log a − α·log x by least squares, or (none, why)."""
+    n = len(lx)
+    if len(np.unique(lx)) < 3:
+        return {}, f"an interval needs at least 3 distinct sizes; this fit has {len(np.unique(lx))}"
+    slope, intercept = np.polyfit(lx, ly, 1)
+    resid = ly - (intercept + slope * lx)
+    s2 = float((resid**2).sum()) / (n - 2)
+    if math.sqrt(s2) <= 1e-12 * (1 + float(np.abs(ly).max())):  # round-off, not spread
+        return {}, "the points lie exactly on the fitted line: there is no spread to estimate an interval from"
+    sxx = float(((lx - lx.mean()) ** 2).sum())
+    t = student_t_quantile(0.975, n - 2)
+    se_slope, se_int = math.sqrt(s2 / sxx), math.sqrt(s2 * (1 / n + lx.mean() ** 2 / sxx))
+    alpha = (float(-slope - t * se_slope), float(-slope + t * se_slope))
+    a = (math.exp(intercept - t * se_int), math.exp(intercept + t * se_int))
+    return {"a": a, "alpha": alpha}, None
 
 
 def _check(xs: Sequence[float], ys: Sequence[float], need: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,17 +101,24 @@ def _check(xs: Sequence[float], ys: Sequence[float], need: int) -> tuple[np.ndar
 
 
 def _bootstrap(
-    fit_once: Callable[[np.ndarray], dict[str, float]], n: int, samples: int, seed: int
-) -> dict[str, tuple[float, float]]:
+    fit_once: Callable[[np.ndarray], dict[str, float]], n: int, samples: int, seed: int, params: int
+) -> tuple[dict[str, tuple[float, float]], str | None]:
+    """Percentile intervals over resamples of the ``n`` runs that keep more distinct runs than the fit has
+    ``params``, or (none, why) when the runs are too few for resamples to vary."""
+    if n < params + 2:
+        return {}, f"a bootstrap interval for {params} parameters needs at least {params + 2} runs; this fit has {n}"
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {}
     for _ in range(samples):
         idx = rng.integers(0, n, n)
-        if len(set(idx.tolist())) < 3:
+        if len(set(idx.tolist())) <= params:
             continue
         for k, v in fit_once(idx).items():
             draws.setdefault(k, []).append(v)
-    return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items()}
+    out = {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items()}
+    if not out or all(lo == hi for lo, hi in out.values()):
+        return {}, "the resamples did not vary the fit; no interval can be estimated from these runs"
+    return out, None
 
 
 def _lbfgs(loss_fn: Callable[[torch.Tensor], torch.Tensor], starts: list[list[float]], keep: int = 12) -> np.ndarray:
@@ -117,17 +173,17 @@ def fit_power_law(
         return {"a": float(math.exp(p[0])), "alpha": float(p[1]), "E": float(math.exp(p[2]))}
 
     params = once(np.arange(len(x)))
-    if irreducible:  # resamples start from the full fit (Hoffmann et al. refit their bootstrap the same way)
-        full = [[math.log(params["a"]), params["alpha"], math.log(params["E"])]]
-        resample = lambda idx: once(idx, full)
-    else:
-        resample = once
     pred = np.log((params.get("E", 0.0)) + params["a"] * x ** -params["alpha"])
-    return Fit(
-        params,
-        _bootstrap(resample, len(x), bootstrap, seed) if bootstrap else {},
-        float(np.sqrt(np.mean((pred - ly) ** 2))),
-    )
+    residual = float(np.sqrt(np.mean((pred - ly) ** 2)))
+    if not irreducible:
+        intervals, note = _ols_intervals(lx, ly)
+        return Fit(params, intervals, residual, f"t-interval, {len(x) - 2} degrees of freedom", note)
+    if not bootstrap:
+        return Fit(params, {}, residual, "none", "bootstrap=0: no intervals asked for")
+    # resamples start from the full fit (Hoffmann et al. refit their bootstrap the same way)
+    full = [[math.log(params["a"]), params["alpha"], math.log(params["E"])]]
+    intervals, note = _bootstrap(lambda idx: once(idx, full), len(x), bootstrap, seed, 3)
+    return Fit(params, intervals, residual, f"bootstrap, {bootstrap} resamples", note)
 
 
 def fit_chinchilla(
@@ -169,12 +225,11 @@ def fit_chinchilla(
     law = ChinchillaLaw(params["E"], params["A"], params["B"], params["alpha"], params["beta"], "fitted here")
     pred = np.log([law.loss(a, b) for a, b in zip(n_arr, d_arr)])
     full = [[math.log(params["A"]), math.log(params["B"]), math.log(params["E"]), params["alpha"], params["beta"]]]
-    fit = Fit(
-        params,
-        _bootstrap(lambda idx: once(idx, full), len(y), bootstrap, seed) if bootstrap else {},
-        float(np.sqrt(np.mean((pred - ly) ** 2))),
-    )
-    return law, fit
+    residual = float(np.sqrt(np.mean((pred - ly) ** 2)))
+    if not bootstrap:
+        return law, Fit(params, {}, residual, "none", "bootstrap=0: no intervals asked for")
+    intervals, note = _bootstrap(lambda idx: once(idx, full), len(y), bootstrap, seed, 5)
+    return law, Fit(params, intervals, residual, f"bootstrap, {bootstrap} resamples", note)
 
 
 def _vertex(c: float, n: np.ndarray, loss: np.ndarray) -> dict:

@@ -21,8 +21,9 @@ the fit as a description of this setup and check any extrapolation against a hel
 
 
 def _ci(fit: dict[str, Any], key: str, fmt: str = ".4g") -> str:
+    """A fitted value with its 95 % interval, or with "(no interval)" where the runs cannot give one."""
     ci = fit.get("ci95", {}).get(key)
-    return f"{fit['params'][key]:{fmt}}" + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
+    return f"{fit['params'][key]:{fmt}}" + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else " (no interval)")
 
 
 def report(rows: list[dict[str, Any]], fits: dict[str, Any], sweep: dict[str, Any]) -> str:
@@ -45,7 +46,13 @@ def report(rows: list[dict[str, Any]], fits: dict[str, Any], sweep: dict[str, An
     ]
     out += [
         "",
-        "## Fitted constants (95 % bootstrap intervals) and published values",
+        "## Fitted constants (95 % intervals) and published values",
+        "",
+        "Intervals: a t-interval from least squares for the pure power laws (n − 2 degrees of freedom), a "
+        'percentile bootstrap over the runs for the fits with an irreducible term; "no interval" where the runs '
+        "are too few to estimate one"
+        + "".join(f" ({k}: {f['ci95_note']})" for k, f in fits.items() if isinstance(f, dict) and f.get("ci95_note"))
+        + ".",
         "",
         "| quantity | this sweep | Kaplan et al. 2020 | Hoffmann et al. 2022 | Besiroglu et al. 2024 |",
         "|---|---|---|---|---|",

@@ -98,8 +98,8 @@ def fit(job: Job, cfg: LoopSettings, start: int, desc: str, progress: bool, is_m
             done = step + 1
             bar.update(1)
             now = time.perf_counter()
-            if t_first is None:
-                t_first, log_work = now, 0.0
+            if t_first is None:  # the first step (compilation, warm-up) is not on the work clock: no rate from it
+                t_first, log_work, log_step = now, 0.0, done
             is_ckpt = done == cfg.max_iters or bool(cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0)
             is_eval = is_ckpt or done % cfg.eval_interval == 0
             if is_eval or done % cfg.log_interval == 0:

@@ -139,6 +139,10 @@ def run(job_type: type[Pretraining], cfg: TrainConfig, resume: bool, progress: b
                 job.release()
 
 
+def _rate(tps: float | None) -> str:
+    return "–" if tps is None else f"{tps:,.0f}"
+
+
 class Pretraining:
     """Setup, one step, logging, evaluation and checkpoints of a pre-training run (see the module docstring).
     Subclasses (:class:`gptlab.distill.trainer.Distillation`) change the model config, the initial weights and the
@@ -202,7 +206,8 @@ class Pretraining:
         self.tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * d.world_size
         self.ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
         self.pending: list[torch.Tensor] = []  # per-micro-batch losses on the device since the last log
-        self.last_loss, self.last_val, self.last_tps = math.nan, math.nan, 0.0
+        self.last_loss, self.last_val = math.nan, math.nan
+        self.last_tps: float | None = None  # tokens per second since the last log; None before any timed step
         self.model.train()
 
     def _resume(self, checkpoint_dir: Path) -> None:
@@ -254,12 +259,14 @@ class Pretraining:
         losses = micro_losses.view(-1, self.cfg.grad_accum).mean(1).tolist()
         self.pending.clear()
         self.check_loss(losses, done)
-        self.last_loss, self.last_tps = losses[-1], steps * self.tokens_per_step / max(seconds, 1e-9)
+        self.last_loss = losses[-1]
+        if steps > 0 and seconds > 0:  # else keep the last real figure (or None): no rate from an untimed step
+            self.last_tps = steps * self.tokens_per_step / seconds
         for i, loss_i in enumerate(losses):
             self.metrics.write(step=done - len(losses) + i + 1, loss=loss_i)
         if self.raw.moe_layers():
             self.metrics.write(step=done, **moe_stats(self.raw))
-        return {"loss": f"{self.last_loss:.4f}", "tok_s": f"{self.last_tps:,.0f}", "lr": f"{lr:.2e}"}
+        return {"loss": f"{self.last_loss:.4f}", "tok_s": _rate(self.last_tps), "lr": f"{lr:.2e}"}
 
     @torch.no_grad()
     def mean_loss(self, batches) -> float:
@@ -286,7 +293,7 @@ class Pretraining:
             step=done, val_loss=self.last_val, tok_per_s=self.last_tps, lr=self.optimizer.param_groups[0]["lr"]
         )
         self.check_loss([self.last_val], done)  # the update may have broken the weights: never save those
-        return f"step {done}: train {self.last_loss:.4f}  val {self.last_val:.4f}  {self.last_tps:,.0f} tok/s"
+        return f"step {done}: train {self.last_loss:.4f}  val {self.last_val:.4f}  {_rate(self.last_tps)} tok/s"
 
     def save(self, done: int) -> None:
         if self.last_val < self.best_val:
