@@ -92,6 +92,7 @@ def sandbox(tmp_path_factory):
         "no_nlayer": lambda c: c.pop("n_layer"),
         "relu": lambda c: c.update(activation_function="relu"),
         "llama": lambda c: c.update(model_type="llama"),
+        "mamba": lambda c: c.update(model_type="mamba"),
     }.items():
         shutil.copytree(root / "hf", root / f"hf_{name}")
         c = dict(hf_cfg)
@@ -306,7 +307,8 @@ CASES = [
     (["convert", f"{R}/ck_truncated", "--out-dir", f"{R}/out"], "corrupt"),
     (["convert", f"{R}/hf_no_nlayer", "--out-dir", f"{R}/out"], "lacks ['n_layer']"),
     (["convert", f"{R}/hf_relu", "--out-dir", f"{R}/out"], "unsupported activation 'relu'"),
-    (["convert", f"{R}/hf_llama", "--out-dir", f"{R}/out"], "model_type 'llama' is not supported"),
+    (["convert", f"{R}/hf_llama", "--out-dir", f"{R}/out"], "it is not a complete llama config"),
+    (["convert", f"{R}/hf_mamba", "--out-dir", f"{R}/out"], "model_type 'mamba' is not supported"),
     (["convert", f"{R}/hf_list_config", "--out-dir", f"{R}/out"], "is not a JSON object"),
     (["convert", f"{R}/hf_index", "--out-dir", f"{R}/out"], "is damaged"),
     (["convert", f"{R}/hf_tokjson", "--out-dir", f"{R}/out"], "tokenizer.json cannot be read"),

@@ -335,3 +335,25 @@ def test_no_throughput_is_logged_for_the_untimed_first_step(char_data, tmp_path)
     tokens_per_step = 8 * 32
     for r in rows[1:]:  # one step of 8 x 32 tokens takes more than a microsecond and less than a minute here
         assert tokens_per_step / 60 < r["tok_per_s"] < tokens_per_step * 1e6
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_the_modern_block_resumes_bit_for_bit_with_either_optimizer(char_data, tmp_path, optimizer):
+    """The modern preset (rotary positions, parameter-free RMSNorm, ReLU², QK-norm, untied soft-capped head) trains
+    with AdamW or Muon + AdamW, and resuming from a middle checkpoint repeats the uninterrupted run exactly (Muon's
+    momentum buffers and AdamW's moments are both in the checkpoint)."""
+    import shutil
+
+    kw = dict(model="baby-modern", max_iters=12, checkpoint_interval=6, eval_interval=6, optimizer=optimizer)
+    full = train(tiny_cfg(char_data, tmp_path / "full", **kw), progress=False)
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    for p in checkpoint.list_checkpoints(cut):
+        if p.name > "step-0000006":
+            shutil.rmtree(p)
+    again = train(tiny_cfg(char_data, cut, **kw), resume=True, progress=False)
+    assert again["final_val_loss"] == full["final_val_loss"]
+    a = checkpoint.load_checkpoint(tmp_path / "full")[0].state_dict()
+    b = checkpoint.load_checkpoint(cut)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(cut) == losses(tmp_path / "full")

@@ -12,7 +12,9 @@ transformers renders them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from .errors import GptlabError
 from .tokenizer import EOT_TEXT
@@ -25,31 +27,63 @@ def chat_prompt(messages: Sequence[dict[str, str]]) -> str:
     return "".join(f"{ROLES[m['role']]}: {m['content']}\n" for m in messages) + f"{ROLES['assistant']}: "
 
 
-class ChatTemplate:
-    def __init__(self, path: str | Path | None = None) -> None:
-        self.source = None if path is None else Path(path)
-        self._jinja = None
-        self.stop: list[str] = [f"\n{ROLES['user']}:", f"\n{ROLES['system']}:"] if path is None else []
-        if path is not None:
-            from jinja2 import TemplateError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+def _environment() -> Any:
+    """Jinja as ``transformers`` renders chat templates: an immutable sandbox, trim_blocks and lstrip_blocks, the
+    loop controls extension, and the ``raise_exception`` and ``strftime_now`` globals templates call."""
+    from jinja2 import TemplateError, ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+    return env
+
+
+class ChatTemplate:
+    """Messages to a prompt: gptlab's own template (none given), a ``--chat-template`` file, or a model's own
+    template ``text`` (its ``tokenizer_config.json``), rendered with the model's ``bos_token`` and ``eos_token``."""
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        text: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+    ) -> None:
+        from jinja2 import TemplateError
+
+        self.source = str(path) if path is not None else "of the model" if text is not None else None
+        self.tokens = {"bos_token": bos_token or EOT_TEXT, "eos_token": eos_token or EOT_TEXT}
+        self._jinja = None
+        self.stop: list[str] = [f"\n{ROLES['user']}:", f"\n{ROLES['system']}:"] if self.source is None else []
+        if path is not None:
             try:
                 text = Path(path).read_text(encoding="utf-8")
-                self._jinja = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(text)
             except (OSError, UnicodeDecodeError) as e:
                 raise GptlabError(f"cannot read --chat-template {path}: {getattr(e, 'strerror', None) or e}") from None
+        if text is not None:
+            try:
+                self._jinja = _environment().from_string(text)
             except TemplateError as e:
-                raise GptlabError(f"--chat-template {path} is not a valid Jinja template: {e}") from None
+                raise GptlabError(f"the chat template {self.source} is not a valid Jinja template: {e}") from None
 
-    def render(self, messages: Sequence[dict[str, str]]) -> str:
+    @classmethod
+    def of(cls, tokenizer: Any, path: str | Path | None = None) -> ChatTemplate:
+        """The template a server uses: ``path`` when given, else the tokenizer's own, else gptlab's."""
+        if path is None and getattr(tokenizer, "chat_template", None):
+            return cls(None, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+        return cls(path)
+
+    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if self._jinja is None:
             return chat_prompt(messages)
         from jinja2 import TemplateError
 
         try:
             return self._jinja.render(
-                messages=list(messages), add_generation_prompt=True, bos_token=EOT_TEXT, eos_token=EOT_TEXT
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **self.tokens
             )
         except TemplateError as e:
             raise GptlabError(f"the chat template {self.source} failed on these messages: {e}") from None

@@ -18,12 +18,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import GptlabError
-from .recipe import COUNT, NON_NEGATIVE, PROBABILITY_BELOW_1, Range, RecipeConfig, opt
+from .recipe import COUNT, NON_NEGATIVE, POSITIVE, PROBABILITY_BELOW_1, Range, RecipeConfig, opt
 
 ACTIVATIONS = ("gelu_new", "gelu")  # tanh approximation (GPT-1/2/3; HF's gelu_new = gelu_pytorch_tanh), exact erf
 NORMS = ("pre", "post")  # pre-norm (GPT-2/3: LN inside the residual branch), post-norm (GPT-1)
 IMAGE_ENCODERS = ("linear", "cnn")  # Fuyu's linear map of raw patches; a small conv encoder (gptlab.image_prefix)
 PROJECTORS = ("linear", "mlp")  # patch features -> n_embd: one linear map (Fuyu, LLaVA-1) or LLaVA-1.5's 2-layer MLP
+POSITIONS = ("learned", "rope")  # GPT-1/2/3's learned table; rotary (Su et al. 2021; Llama, Qwen, SmolLM2, nanochat)
+NORM_TYPES = ("layernorm", "rmsnorm")  # Ba et al. 2016; Zhang & Sennrich 2019 (Llama, Qwen, nanochat)
+MLPS = ("gelu", "swiglu", "relu2")  # GPT-2's; Shazeer 2020 (Llama, Qwen); ReLU squared (So et al. 2021; nanochat)
+ROPE_SCALINGS = ("none", "llama3")  # Llama 3.1's frequency-dependent scaling of the rotary frequencies
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,29 @@ class GPTConfig(RecipeConfig):
     )
     encoder_width: int = opt(0, "channels of the cnn encoder; 0 = image_channels", NON_NEGATIVE)
     projector: str = opt("linear", "linear or mlp (Linear-GELU-Linear, LLaVA-1.5)", choices=PROJECTORS)
+    # The modern block (Llama, Qwen, SmolLM2, nanochat): each option on its own, any combination (docs/model.md).
+    positions: str = opt("learned", "learned (GPT-1/2/3) or rope (rotary, on queries and keys)", choices=POSITIONS)
+    rope_theta: float = opt(10000.0, "rope: the base of the rotary frequencies", Range(1, lo_open=False))
+    rope_scaling: str = opt("none", "rope: none, or llama3 (Llama 3.1's long-context rescaling)", choices=ROPE_SCALINGS)
+    rope_factor: float = opt(8.0, "rope llama3: the factor low frequencies are divided by", Range(1))
+    rope_low_freq_factor: float = opt(1.0, "rope llama3: wavelengths above context / this are scaled", POSITIVE)
+    rope_high_freq_factor: float = opt(4.0, "rope llama3: wavelengths below context / this are kept", POSITIVE)
+    rope_original_context: int = opt(8192, "rope llama3: the context the frequencies were trained for", COUNT)
+    norm_type: str = opt("layernorm", "layernorm or rmsnorm", choices=NORM_TYPES)
+    norm_weight: bool = opt(True, "norms with a learned gain (false: parameter-free, as nanochat's RMSNorm)")
+    mlp: str = opt(
+        "gelu", "gelu (GPT-2, see activation), swiglu (gate, up, down) or relu2 (ReLU squared)", choices=MLPS
+    )
+    mlp_hidden: int = opt(0, "hidden width of the feed-forward layer; 0 = 4 * n_embd", NON_NEGATIVE)
+    n_kv_head: int = opt(
+        0, "key/value heads: fewer than n_head is grouped-query attention, 1 multi-query; 0 = n_head", NON_NEGATIVE
+    )
+    head_size: int = opt(0, "channels per attention head; 0 = n_embd / n_head", NON_NEGATIVE)
+    qk_norm: bool = opt(False, "normalise queries and keys per head before attention (Qwen3, nanochat)")
+    qkv_bias: bool = opt(False, "biases on the query, key and value projections only (Qwen2)")
+    logit_softcap: float = opt(
+        0.0, "cap the logits softly at +-c: c * tanh(logits / c) (Gemma 2, nanochat); 0 = off", NON_NEGATIVE
+    )
 
     @property
     def image_tokens(self) -> int:
@@ -78,10 +105,26 @@ class GPTConfig(RecipeConfig):
 
     def checks(self) -> list[tuple[bool, str]]:
         divisors = [h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:12]
+        kv = self.n_kv_head or self.n_head
         return [
             (
-                self.n_embd % self.n_head == 0,
-                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick n_head among {divisors}",
+                self.head_size > 0 or self.n_embd % self.n_head == 0,
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick n_head among {divisors} "
+                f"(or set head_size)",
+            ),
+            (
+                self.n_head % kv == 0,
+                f"n_head={self.n_head} is not a multiple of n_kv_head={kv}; each key/value head serves a whole group "
+                f"of query heads",
+            ),
+            (self.positions == "rope" or self.rope_scaling == "none", "rope_scaling needs positions = rope"),
+            (
+                self.positions != "rope" or self.head_dim % 2 == 0,
+                f"rotary positions rotate pairs of channels: the head size {self.head_dim} must be even",
+            ),
+            (
+                self.n_experts == 1 or self.mlp == "gelu",
+                f"the routed experts are GELU MLPs; mlp = {self.mlp} works in dense models only (n_experts = 1)",
             ),
             (
                 self.experts_per_token <= self.n_experts,
@@ -100,12 +143,17 @@ class GPTConfig(RecipeConfig):
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
     @property
     def n_kv_heads(self) -> int:
-        """Key/value heads, what the KV cache stores per layer (every query head has its own in this block)."""
-        return self.n_head
+        """Key/value heads, what the KV cache stores per layer: n_head, or fewer with grouped-query attention."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        """The feed-forward layer's hidden width."""
+        return self.mlp_hidden or 4 * self.n_embd
 
     def is_moe_layer(self, i: int) -> bool:
         """Block ``i`` (0-based) is routed when ``n_experts > 1`` and ``i + 1`` is a multiple of ``moe_every``."""
@@ -133,6 +181,11 @@ def _gpt3(n_layer: int, n_embd: int, n_head: int) -> GPTConfig:
     return GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=2048, vocab_size=50257)
 
 
+def _llama(**kw: Any) -> GPTConfig:
+    """The Llama block: rotary positions, RMSNorm, SwiGLU, no biases (Touvron et al. 2023)."""
+    return GPTConfig(positions="rope", norm_type="rmsnorm", mlp="swiglu", bias=False, **kw)
+
+
 PRESETS: dict[str, GPTConfig] = {
     # GPT-1: post-norm, tanh-approximated GELU (see the module docstring), 512 context, 40,478-token BPE.
     "gpt1": GPTConfig(
@@ -156,7 +209,31 @@ PRESETS: dict[str, GPTConfig] = {
     "baby": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=256),
     "tiny": GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=256),
     "mini": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=256),
-}
+    # The Llama family, as the models' Hugging Face config.json files give them (docs/model.md).
+    "smollm2-135m": _llama(
+        n_layer=30, n_head=9, n_kv_head=3, n_embd=576, mlp_hidden=1536, block_size=8192, vocab_size=49152,
+        rope_theta=100000.0, layer_norm_eps=1e-5, init_std=0.041666666666666664,
+    ),
+    "smollm2-360m": _llama(
+        n_layer=32, n_head=15, n_kv_head=5, n_embd=960, mlp_hidden=2560, block_size=8192, vocab_size=49152,
+        rope_theta=100000.0, layer_norm_eps=1e-5,
+    ),
+    "llama-3.2-1b": _llama(
+        n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, mlp_hidden=8192, block_size=131072, vocab_size=128256,
+        rope_theta=500000.0, rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0, rope_original_context=8192, layer_norm_eps=1e-5,
+    ),
+    "qwen2.5-0.5b": _llama(
+        n_layer=24, n_head=14, n_kv_head=2, n_embd=896, mlp_hidden=4864, block_size=32768, vocab_size=151936,
+        rope_theta=1000000.0, layer_norm_eps=1e-6, qkv_bias=True,
+    ),
+    # A small modern block for CPU training (nanochat's choices: parameter-free RMSNorm, ReLU², QK-norm, untied
+    # head, logits soft-capped at 15), the size of `baby`.
+    "baby-modern": GPTConfig(
+        n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=256, positions="rope", norm_type="rmsnorm",
+        norm_weight=False, mlp="relu2", bias=False, qk_norm=True, tie_weights=False, logit_softcap=15.0,
+    ),
+}  # fmt: skip
 
 
 def preset(name: str, **overrides: Any) -> GPTConfig:

@@ -1,21 +1,27 @@
-"""Building blocks the transformer uses but that are not the transformer: the fused head-and-loss and a
-compile-aware ``nn.Linear``."""
+"""Building blocks the transformer uses: the fused head-and-loss, a compile-aware ``nn.Linear``, the norms,
+rotary positions and logit soft-capping."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .config import GPTConfig
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``x @ weight.T`` against ``targets`` (-1 = ignored), computed chunk by chunk so the
     [N, vocab] logits never exist at once, with both gradients formed in the same pass (softmax minus one-hot) and
     handed to autograd in backward. Exact, not an approximation: tests compare it with ``F.cross_entropy``. It saves
-    the memory of the full logits and, on CPU, 30 % of the head-and-loss time of GPT-2 (no log_softmax round trip)."""
+    the memory of the full logits and, on CPU, 30 % of the head-and-loss time of GPT-2 (no log_softmax round trip).
+    With ``softcap`` c > 0 the logits are c·tanh(z / c) (:func:`softcap`), and the gradient takes the tanh's
+    derivative, 1 - tanh², into account."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size: int, chunk_rows: int):
+    def forward(ctx, x, weight, targets, vocab_size: int, chunk_rows: int, softcap: float = 0.0):
         # Under autocast the three matmuls run in the autocast dtype (bf16 on GPU: tensor cores), chosen here
         # explicitly: autocast does not apply to in-place ops, so an fp32 `addmm_` into the fp32 weight gradient
         # would silently run the largest matmul of the step at fp32 speed. The softmax and both gradients
@@ -32,6 +38,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             for s in range(0, x.size(0), chunk_rows):
                 xc, t = x_mm[s : s + chunk_rows], targets[s : s + chunk_rows]
                 logits = F.linear(xc, w_mm).to(acc)
+                if softcap > 0:
+                    tanh = torch.tanh(logits / softcap)
+                    logits = softcap * tanh
                 logits[:, vocab_size:] = float("-inf")  # vocabulary padding, if any
                 lse = torch.logsumexp(logits, dim=1)
                 valid = t >= 0
@@ -40,6 +49,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
                 probs *= valid[:, None]
+                if softcap > 0:  # through c·tanh(z / c): d/dz = 1 - tanh^2
+                    probs *= 1 - tanh * tanh
                 probs_mm = probs.to(mm)
                 grad_x[s : s + chunk_rows] = probs_mm @ w_mm
                 if mm == grad_w.dtype:
@@ -52,7 +63,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None
 
 
 class Linear(nn.Linear):
@@ -66,3 +77,54 @@ class Linear(nn.Linear):
             y = (x.unsqueeze(-2) * self.weight).sum(-1)
             return y if self.bias is None else y + self.bias
         return super().forward(x)
+
+
+def make_norm(cfg: GPTConfig, dim: int) -> nn.Module:
+    """The config's normalization over ``dim`` channels: LayerNorm (Ba et al. 2016; bias with ``cfg.bias``) or
+    RMSNorm (Zhang & Sennrich 2019: x / sqrt(mean(x^2) + eps), no centring), with a learned gain unless
+    ``norm_weight`` is off (nanochat's parameter-free norm)."""
+    if cfg.norm_type == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.layer_norm_eps, elementwise_affine=cfg.norm_weight)
+    return nn.LayerNorm(dim, eps=cfg.layer_norm_eps, elementwise_affine=cfg.norm_weight, bias=cfg.bias)
+
+
+def rope_frequencies(cfg: GPTConfig, device: torch.device | None = None) -> torch.Tensor:
+    """The rotary frequencies θ_i = theta^(-2i/d) of a head of d channels (Su et al. 2021, RoFormer, eq. 15), with
+    Llama 3.1's rescaling when ``rope_scaling == "llama3"``: wavelengths longer than original_context /
+    low_freq_factor are divided by ``rope_factor``, those shorter than original_context / high_freq_factor kept,
+    and those between interpolated smoothly (Meta's reference code; ``transformers``'
+    ``_compute_llama3_parameters``)."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    if cfg.rope_scaling == "llama3":
+        ctx, factor = cfg.rope_original_context, cfg.rope_factor
+        low, high = ctx / cfg.rope_low_freq_factor, ctx / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low, inv / factor, inv)
+        smooth = (ctx / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        inv = torch.where((wavelen >= high) & (wavelen <= low), mid, scaled)
+    return inv
+
+
+def rope_cos_sin(cfg: GPTConfig, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's rotation angles, [..., T, head_dim] for ``pos`` [..., T], computed in
+    float32 whatever the model's dtype (as ``transformers`` does), then cast."""
+    freqs = pos.float()[..., None] * rope_frequencies(cfg, pos.device)
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, heads, T, d] by the angles of ``cos``/``sin`` ([T, d] or [B, T, d]): each channel i of the
+    first half is paired with channel i + d/2 (the "rotate half" layout of GPT-NeoX, Llama and ``transformers``),
+    so the score between positions m and n depends on m - n only."""
+    if cos.dim() == 3:  # per-row positions: [B, 1, T, d] to broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """c * tanh(logits / c): logits kept within (-c, c), nearly unchanged where small (Gemma 2; nanochat's 15)."""
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits

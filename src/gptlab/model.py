@@ -1,10 +1,18 @@
 """The GPT: a decoder-only transformer, readable top to bottom.
 
-One class covers GPT-1, GPT-2 and GPT-3 (dense attention); what differs between them is configuration:
+One class covers GPT-1, GPT-2 and GPT-3 and the modern block of Llama, Qwen, SmolLM2 and nanochat; what differs
+between them is configuration (docs/model.md has the table):
 
-- ``norm="pre"`` (GPT-2/3): ``x = x + f(LN(x))`` for attention and MLP, then a final LayerNorm before the head.
-- ``norm="post"`` (GPT-1): ``x = LN(x + f(x))``, and no final LayerNorm.
-- ``activation``: ``"gelu_new"`` (the tanh approximation of GPT-1, GPT-2 and GPT-3) or ``"gelu"`` (exact erf).
+- ``norm="pre"`` (GPT-2/3, Llama): ``x = x + f(N(x))`` for attention and MLP, then a final norm before the head;
+  ``norm="post"`` (GPT-1): ``x = N(x + f(x))``, and no final norm. ``norm_type``: LayerNorm or RMSNorm.
+- Positions: a learned table added to the embeddings (GPT) or rotary (``positions="rope"``: queries and keys
+  rotated by their position, so attention scores depend on distance; Su et al. 2021).
+- Attention: ``n_kv_head`` key/value heads shared by groups of query heads (grouped-query attention, Ainslie et al.
+  2023; 1 = multi-query, Shazeer 2019), optional per-head RMSNorm of queries and keys (``qk_norm``), biases on
+  q/k/v only (``qkv_bias``, Qwen2), a head size of its own (``head_size``).
+- MLP: GELU (``activation``: ``"gelu_new"``, the tanh approximation of GPT-1/2/3, or exact ``"gelu"``), SwiGLU
+  (Shazeer 2020: ``down(silu(gate(x)) * up(x))``) or ReLU² (So et al. 2021), ``mlp_hidden`` wide.
+- Head: tied to the embedding or not; optional soft-capping of the logits (``logit_softcap``).
 
 The interface is gpt-fast's: ``forward(idx, targets=None)`` for training and scoring, and named methods for the
 rest: :meth:`GPT.hidden_states` (final hidden states, for task, reward and value heads), :meth:`GPT.logits` (the
@@ -33,7 +41,7 @@ from .config import GPTConfig
 from .errors import GptlabError
 from .image_prefix import ImagePrefix
 from .kv_cache import KVCache, LayerCache
-from .layers import Linear, LinearCrossEntropy
+from .layers import Linear, LinearCrossEntropy, apply_rotary, make_norm, rope_cos_sin, softcap
 from .moe import MoE
 
 __all__ = ["GPT", "MLP", "Block", "CausalSelfAttention", "KVCache", "LinearCrossEntropy", "MoE"]
@@ -42,54 +50,83 @@ __all__ = ["GPT", "MLP", "Block", "CausalSelfAttention", "KVCache", "LinearCross
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_heads, cfg.head_dim
         self.dropout = cfg.dropout
-        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v for all heads at once
-        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.sizes = (q, kv, kv)
+        self.c_attn = Linear(cfg.n_embd, q + 2 * kv, bias=cfg.bias or cfg.qkv_bias)  # q, k, v of every head at once
+        self.c_proj = Linear(q, cfg.n_embd, bias=cfg.bias)
+        self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
         self,
         x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
         cache: LayerCache | None = None,
         slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``mask`` [B, 1, T, S] (True: may attend), or None for plain causal attention over ``x``. With a
-        ``cache``, the new keys and values are written at ``slots`` and the queries attend over the whole cache."""
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # [B, T, C] -> [B, n_head, T, head_dim]
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        """``rotary``: (cos, sin) of the positions' angles, or None for learned positions. ``mask`` [B, 1, T, S]
+        (True: may attend), or None for plain causal attention over ``x``. With a ``cache``, the new keys and values
+        are written at ``slots`` and the queries attend over the whole cache."""
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.sizes, dim=2)
+        # [B, T, heads * head_dim] -> [B, heads, T, head_dim]
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             assert slots is not None, "a cache needs the slots to fill"
             k, v = cache.update(slots, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        hidden = cfg.ffn_hidden
+        self.kind = cfg.mlp
+        # SwiGLU's gate and up projections are one matrix, [gate; up]
+        self.c_fc = Linear(cfg.n_embd, 2 * hidden if cfg.mlp == "swiglu" else hidden, bias=cfg.bias)
+        self.c_proj = Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.approximate = "tanh" if cfg.activation == "gelu_new" else "none"
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate=self.approximate)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, index: int = 0) -> None:
         super().__init__()
         self.prenorm = cfg.norm == "pre"
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg, cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg, cfg.n_embd)
         if cfg.is_moe_layer(index):
             self.mlp: nn.Module = MoE(cfg, shared=MLP(cfg) if cfg.shared_expert else None)
         else:
@@ -98,14 +135,15 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
         cache: LayerCache | None = None,
         slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.prenorm:  # GPT-2/3
-            x = x + self.attn(self.ln_1(x), mask, cache, slots)
+        if self.prenorm:  # GPT-2/3, Llama
+            x = x + self.attn(self.ln_1(x), rotary, mask, cache, slots)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, mask, cache, slots))  # GPT-1
+        x = self.ln_1(x + self.attn(x, rotary, mask, cache, slots))  # GPT-1
         return self.ln_2(x + self.mlp(x))
 
 
@@ -115,13 +153,12 @@ class GPT(nn.Module):
         self.config = cfg
         V = cfg.padded_vocab_size
         self.wte = nn.Embedding(V, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        # learned positions (GPT); rotary ones have no parameters and are applied inside attention
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.positions == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        # GPT-1 (post-norm) ends on the last block's LayerNorm; pre-norm models need a final one.
-        self.ln_f = (
-            nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias) if cfg.norm == "pre" else nn.Identity()
-        )
+        # GPT-1 (post-norm) ends on the last block's norm; pre-norm models need a final one.
+        self.ln_f = make_norm(cfg, cfg.n_embd) if cfg.norm == "pre" else nn.Identity()
         self.lm_head = Linear(cfg.n_embd, V, bias=False)
         # Image input (cfg.image_size > 0): a prefix of patch embeddings before the text (gptlab.image_prefix).
         self.vision = ImagePrefix(cfg) if cfg.image_size else None
@@ -130,11 +167,16 @@ class GPT(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.wpe.weight.device  # the position embedding: float in every model, quantized ones included
+        return self._float_tensor().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.wpe.weight.dtype
+        """The dtype of the model's float weights (activations and the KV cache use it)."""
+        return self._float_tensor().dtype
+
+    def _float_tensor(self) -> torch.Tensor:
+        """A float parameter or buffer (a quantized model keeps some: norms, scales)."""
+        return next(t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point())
 
     def tie_(self) -> GPT:
         """Share the token embedding with the output head when the config ties them (GPT-2: Press & Wolf 2017).
@@ -152,14 +194,13 @@ class GPT(nn.Module):
                 continue  # the image prefix initializes itself (ImagePrefix.reset_parameters)
             if name.endswith(("c_proj.weight", "mlp.proj_weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
             elif p.dim() >= 2:
                 nn.init.normal_(p, 0.0, std)
-            elif ".ln_" in name or name.startswith("ln_f"):
-                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
-            else:
+            else:  # biases; norm gains are set to one below
                 nn.init.zeros_(p)
+        for m in self.modules():
+            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and m.weight is not None:
+                nn.init.ones_(m.weight)
         if self.vision is not None:
             self.vision.reset_parameters(std)
 
@@ -203,7 +244,7 @@ class GPT(nn.Module):
         """The head over hidden states ``h`` [..., n_embd] -> logits [..., vocab_size] (padding rows cut off)."""
         logits = self.lm_head(h)
         V = self.config.vocab_size
-        return logits[..., :V] if logits.size(-1) != V else logits
+        return softcap(logits[..., :V] if logits.size(-1) != V else logits, self.config.logit_softcap)
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the head over ``h`` [B, T, n_embd] against ``targets`` [B, T] (-1 ignored), plus
@@ -211,8 +252,9 @@ class GPT(nn.Module):
         x = h.reshape(-1, h.size(-1))
         if isinstance(self.lm_head, nn.Linear):
             chunk_rows = max(1, 2**26 // self.lm_head.weight.size(0))  # <= 256 MB of fp32 logits at a time
+            cfg = self.config
             loss = LinearCrossEntropy.apply(
-                x, self.lm_head.weight, targets.reshape(-1), self.config.vocab_size, chunk_rows
+                x, self.lm_head.weight, targets.reshape(-1), cfg.vocab_size, chunk_rows, cfg.logit_softcap
             )
         else:  # a quantized head (gptlab.quant): no weight matrix to fuse with, plain logits
             loss = F.cross_entropy(self.logits(x).float(), targets.reshape(-1), ignore_index=-1)
@@ -253,7 +295,7 @@ class GPT(nn.Module):
                 raise GptlabError("packed sequences (doc_ids) cannot carry an image prefix")
             x = ImagePrefix.prepend(self.vision(images), x, None if cache is None else cache.pad)
         T = x.size(1)
-        mask = None
+        mask: torch.Tensor | None = None
         if cache is not None:
             assert slots is not None, "a cache needs the slots to fill"
             pos, mask = cache.positions_and_mask(slots)
@@ -266,9 +308,14 @@ class GPT(nn.Module):
             pos = torch.arange(T, device=idx.device)
             if doc_ids is not None:
                 pos, mask = packed_positions_and_mask(doc_ids)
-        x = self.drop(x + self.wpe(pos))
+        rotary = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        else:
+            rotary = rope_cos_sin(self.config, pos, x.dtype)
+        x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, mask, None if cache is None else cache.layers[i], slots)
+            x = block(x, rotary, mask, None if cache is None else cache.layers[i], slots)
         if images is not None and cache is None:
             x = x[:, -idx.size(1) :]  # the text positions: the image prefix has no loss and no logits
         return x

@@ -135,12 +135,24 @@ class CharTokenizer:
 
 class BPETokenizer:
     """A byte-level BPE trained on the user's corpus with Hugging Face ``tokenizers`` (GPT-2's scheme), or any
-    ``tokenizer.json`` that came with an imported model (``eot_id`` is None when it has no ``<|endoftext|>``)."""
+    ``tokenizer.json`` that came with an imported model, with that model's special tokens: ``eos_token`` (the
+    end-of-text token generation stops at; default ``<|endoftext|>``, ``eot_id`` None when absent), ``bos_token``
+    and whether prompts start with it (``add_bos``), and its ``chat_template`` (Jinja, as in
+    ``tokenizer_config.json``)."""
 
-    def __init__(self, tok) -> None:
+    def __init__(
+        self,
+        tok,
+        eos_token: str | None = None,
+        bos_token: str | None = None,
+        add_bos: bool = False,
+        chat_template: str | None = None,
+    ) -> None:
         self.tok = tok
         self.vocab_size = tok.get_vocab_size()
-        self.eot_id = tok.token_to_id(EOT_TEXT)
+        self.eos_token, self.bos_token, self.add_bos, self.chat_template = eos_token, bos_token, add_bos, chat_template
+        self.eot_id = tok.token_to_id(eos_token or EOT_TEXT)
+        self.bos_id = tok.token_to_id(bos_token) if bos_token else None
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
@@ -174,7 +186,9 @@ class BPETokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "bpe", "tokenizer_json": self.tok.to_str()}
+        extra = {"eos_token": self.eos_token, "bos_token": self.bos_token, "add_bos": self.add_bos or None}
+        extra["chat_template"] = self.chat_template
+        return {"kind": "bpe", "tokenizer_json": self.tok.to_str(), **{k: v for k, v in extra.items() if v}}
 
 
 TOKENIZER_KINDS = ("gpt2", "char", "bpe")
@@ -243,7 +257,11 @@ def prompt_ids(tok: Tokenizer, text: str, after_image: bool = False) -> list[int
     """The token ids of a prompt, one rule for every place that encodes one (the Engine, the server, the lm-eval
     adapter, image-text datasets): the empty prompt is the end-of-text token (sampling unconditionally, as GPT-2's
     samples start); after an image prefix the text always starts with the end-of-text token, as the image-text
-    training examples store it."""
+    training examples store it. A tokenizer whose model starts every text with a beginning-of-text token
+    (``add_bos``: Llama 3's ``<|begin_of_text|>``) gets it first, the empty prompt included."""
+    bos = getattr(tok, "bos_id", None)
+    if getattr(tok, "add_bos", False) and bos is not None:
+        return [bos, *tok.encode(text)]
     if after_image:
         return [tok.eot_id, *tok.encode(text)]
     return tok.encode(text) if text else [tok.eot_id]
@@ -259,7 +277,13 @@ def from_spec(spec: dict[str, Any]) -> Tokenizer:
     if kind == "bpe":
         from tokenizers import Tokenizer as HFTokenizer
 
-        return BPETokenizer(HFTokenizer.from_str(spec["tokenizer_json"]))
+        return BPETokenizer(
+            HFTokenizer.from_str(spec["tokenizer_json"]),
+            spec.get("eos_token"),
+            spec.get("bos_token"),
+            bool(spec.get("add_bos")),
+            spec.get("chat_template"),
+        )
     raise GptlabError(f"unknown tokenizer kind {kind!r} in the saved spec; known: {TOKENIZER_KINDS}")
 
 

@@ -38,6 +38,10 @@ def _check(cfg: GPTConfig, tokenizer: dict[str, Any]) -> None:
         problems.append("exact-erf GELU (llama.cpp's gpt2 uses the tanh approximation)")
     if not cfg.bias:
         problems.append("layers without biases")
+    if cfg.positions != "learned" or cfg.norm_type != "layernorm" or cfg.mlp != "gelu":
+        problems.append("modern-block options (rotary positions, RMSNorm, SwiGLU or ReLU²: llama.cpp's llama layout)")
+    if cfg.n_kv_heads != cfg.n_head or cfg.qk_norm or cfg.qkv_bias or cfg.logit_softcap or not cfg.norm_weight:
+        problems.append("grouped-query attention, QK-norm, q/k/v-only biases, soft-capping or parameter-free norms")
     if cfg.n_experts > 1:
         problems.append("mixture-of-experts layers")
     if cfg.image_size:

@@ -1,4 +1,6 @@
-"""Hugging Face ``GPT2LMHeadModel`` / ``OpenAIGPTLMHeadModel`` <-> gptlab: weights, config and tokenizer files.
+"""Hugging Face model folders <-> gptlab: weights, config and tokenizer files. This module holds GPT-2
+(``GPT2LMHeadModel``) and GPT-1 (``OpenAIGPTLMHeadModel``); :mod:`.hf_llama` the Llama family (Llama, Mistral,
+Qwen2, Qwen3), to which the functions here hand the models with rotary positions.
 
 HF stores the projection matrices as Conv1D with [in, out] weights; gptlab uses nn.Linear's [out, in], so those four
 matrices per block are transposed. HF's GPT-1 names its embeddings ``tokens_embed`` / ``positions_embed`` and has no
@@ -35,16 +37,20 @@ from ..tokenizer import (
     ranks_to_vocab_merges,
     vocab_to_ranks,
 )
+from . import hf_llama
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
-    """gptlab config from a HF ``config.json`` dict (model_type ``gpt2`` or ``openai-gpt``)."""
+    """gptlab config from a HF ``config.json`` dict (model_type ``gpt2``, ``openai-gpt``, or one of the Llama
+    family's, :data:`.hf_llama.MODEL_TYPES`)."""
+    if hf.get("model_type") in hf_llama.MODEL_TYPES:
+        return hf_llama.config_from_hf(hf)
     if hf.get("model_type") not in ("gpt2", "openai-gpt"):
         raise GptlabError(
-            f"model_type {hf.get('model_type')!r} is not supported; gptlab imports GPT-2 (gpt2, "
-            f"distilgpt2, ...) and GPT-1 (openai-gpt) models"
+            f"model_type {hf.get('model_type')!r} is not supported; gptlab imports GPT-2 (gpt2, distilgpt2, ...), "
+            f"GPT-1 (openai-gpt) and the Llama family ({', '.join(hf_llama.MODEL_TYPES)}) models"
         )
     gpt1 = hf.get("model_type") == "openai-gpt"
     # HF's GPT-1 maps afn="gelu" to the tanh approximation, i.e. gptlab's "gelu_new".
@@ -108,6 +114,8 @@ def _names(cfg: GPTConfig) -> list[tuple[str, str]]:
 
 def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """Map a HF state dict to gptlab names and layouts (padding the vocabulary rows if the config asks for it)."""
+    if cfg.positions == "rope":
+        return with_tied(hf_llama.from_hf_state_dict(hf_sd, cfg), cfg)
     out = {}
     for ours, theirs in _names(cfg):
         if theirs not in hf_sd:
@@ -129,6 +137,8 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[s
 def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """Map a gptlab state dict to HF names and layouts (dropping vocabulary padding rows; a tied head is left out).
     A model without biases gets zero biases, which HF's layout requires and which change nothing."""
+    if cfg.positions == "rope":
+        return hf_llama.to_hf_state_dict(sd, cfg)
     out = {}
     full = cfg.replace(bias=True)
     for ours, theirs in _names(full):
@@ -144,8 +154,24 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, t
     return out
 
 
-def config_to_hf(cfg: GPTConfig, eot_id: int | None) -> dict[str, Any]:
+def config_to_hf(cfg: GPTConfig, eot_id: int | None, bos_id: int | None = None) -> dict[str, Any]:
     """A HF ``config.json`` for ``cfg`` (dropout 0: these are inference settings)."""
+    if cfg.positions == "rope":
+        return hf_llama.config_to_hf(cfg, bos_id if bos_id is not None else eot_id, eot_id)
+    modern = [
+        (cfg.norm_type != "layernorm" or not cfg.norm_weight, "norms other than LayerNorm with a gain"),
+        (cfg.mlp != "gelu", f"the {cfg.mlp} MLP"),
+        (cfg.n_kv_heads != cfg.n_head or cfg.head_dim * cfg.n_head != cfg.n_embd, "grouped-query attention"),
+        (cfg.qk_norm or cfg.qkv_bias, "QK-norm or q/k/v-only biases"),
+        (cfg.logit_softcap > 0, "logit soft-capping"),
+        (cfg.ffn_hidden != 4 * cfg.n_embd, "a feed-forward width other than 4 x n_embd"),
+    ]
+    if any(bad for bad, _ in modern):
+        raise GptlabError(
+            "Hugging Face's GPT-2 layout cannot hold "
+            + ", ".join(what for bad, what in modern if bad)
+            + "; use rotary positions for the Llama layout, or keep it as a gptlab checkpoint"
+        )
     if cfg.n_experts > 1:
         raise GptlabError(
             "this is a mixture-of-experts model, which Hugging Face's GPT-2 layout cannot hold; keep it "
@@ -218,9 +244,14 @@ def _tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, str]:
         cls = "PreTrainedTokenizerFast"
     files["tokenizer.json"] = hf.to_str()
     special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT} if tok.eot_id is not None else {}
+    extra: dict[str, Any] = {}
+    if isinstance(tok, BPETokenizer) and (tok.eos_token or tok.bos_token or tok.chat_template):  # a model's own
+        model_tokens = {"bos_token": tok.bos_token or EOT_TEXT, "eos_token": tok.eos_token or EOT_TEXT}
+        special = {k: v for k, v in model_tokens.items() if tok.tok.token_to_id(v) is not None}
+        extra = {"add_bos_token": tok.add_bos, **({"chat_template": tok.chat_template} if tok.chat_template else {})}
     files["special_tokens_map.json"] = json.dumps(special)
     files["tokenizer_config.json"] = json.dumps(
-        {"tokenizer_class": cls, "model_max_length": block_size, "add_prefix_space": False, **special}
+        {"tokenizer_class": cls, "model_max_length": block_size, "add_prefix_space": False, **special, **extra}
     )
     return files
 
@@ -230,7 +261,7 @@ def save_hf(
 ) -> Path:
     """Write a Hugging Face model folder (atomically; an existing folder is not replaced)."""
     tok = from_spec(tokenizer_spec)
-    hf_config = config_to_hf(cfg, tok.eot_id)
+    hf_config = config_to_hf(cfg, tok.eot_id, getattr(tok, "bos_id", None))
     with atomic_dir(Path(out), replace=False) as tmp:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in to_hf_state_dict(model_state, cfg).items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": source or "gptlab"})
@@ -319,18 +350,53 @@ def _hf_tokenizer(path: Path) -> Tokenizer | None:
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
-            return BPETokenizer(HFTokenizer.from_file(str(path / "tokenizer.json")))
+            tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as e:
             raise GptlabError(
                 f"{path / 'tokenizer.json'} cannot be read ({str(e)[:120]}); re-download the model's tokenizer files"
             ) from None
+        return BPETokenizer(tok, **_special_tokens(path, tok))
     return None
+
+
+def _special_tokens(path: Path, tok: Any) -> dict[str, Any]:
+    """The model's special tokens and chat template, from ``tokenizer_config.json`` (and ``chat_template.jinja``,
+    where newer ``transformers`` writes it; ``generation_config.json``'s eos id when the config names none), as
+    :class:`~gptlab.tokenizer.BPETokenizer` takes them."""
+
+    def read(name: str) -> dict[str, Any]:
+        try:
+            value = json.loads((path / name).read_text(encoding="utf-8")) if (path / name).is_file() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise GptlabError(f"{path / name} cannot be read ({e}); re-download the model's files") from None
+        return value if isinstance(value, dict) else {}
+
+    def token(value: Any) -> str | None:  # a string, or an AddedToken written as {"content": ...}
+        return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+    cfg = read("tokenizer_config.json")
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    eos = token(cfg.get("eos_token"))
+    if eos is None:
+        ids = read("generation_config.json").get("eos_token_id")
+        first = ids[0] if isinstance(ids, list) and ids else ids
+        eos = tok.id_to_token(first) if isinstance(first, int) else None
+    return {
+        "eos_token": eos if eos != EOT_TEXT else None,
+        "bos_token": token(cfg.get("bos_token")),
+        "add_bos": bool(cfg.get("add_bos_token", False)),
+        "chat_template": template if isinstance(template, str) else None,
+    }
 
 
 def load_hf(
     path: Path, dtype: torch.dtype = torch.float32
 ) -> tuple[dict[str, torch.Tensor], GPTConfig, dict[str, Any] | None]:
-    """(gptlab state dict, config, tokenizer spec or None) of a local HF GPT-2 / GPT-1 folder."""
+    """(gptlab state dict, config, tokenizer spec or None) of a local HF folder (GPT-2, GPT-1, Llama family)."""
     try:
         hf_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -338,9 +404,12 @@ def load_hf(
     if not isinstance(hf_config, dict):
         raise GptlabError(f"{path / 'config.json'} is not a JSON object; it is not a Hugging Face config")
     cfg = config_from_hf(hf_config)
-    hf_sd = _normalize_names(_read_hf_weights(path))
+    hf_sd = _read_hf_weights(path)
+    if cfg.positions == "learned":
+        hf_sd = _normalize_names(hf_sd)
     hf_sd = {k: v.to(dtype) for k, v in hf_sd.items()}
-    for _ours, theirs in _names(cfg)[:1] + ([] if cfg.tie_weights else _names(cfg)[-1:]):
+    embedding = hf_llama.names(cfg)["wte.weight"][0] if cfg.positions == "rope" else _names(cfg)[0][1]
+    for theirs in [embedding] + ([] if cfg.tie_weights else ["lm_head.weight"]):
         if theirs in hf_sd and hf_sd[theirs].size(0) != cfg.vocab_size:
             raise GptlabError(
                 f"{path}: tensor {theirs!r} has {hf_sd[theirs].size(0)} rows, config.json says "

@@ -2,8 +2,9 @@
 
 A :class:`Shape` is the planner's view of a model. It covers every gptlab config (:meth:`Shape.from_config`),
 routed mixture-of-experts layers included (``n_experts`` experts of which ``experts_per_token`` run per token, a
-linear router, optionally in every ``moe_every``-th layer and with a shared expert), and grouped-query attention
-(``n_kv_head < n_head``), which ``model.py`` does not build, so that Llama- or GPT-4-style models can be planned.
+linear router, optionally in every ``moe_every``-th layer and with a shared expert), and the modern block: grouped-
+query attention (``n_kv_head < n_head``), a head size of its own (``d_head``), rotary positions (no position table),
+gated MLPs (SwiGLU: three matrices), RMSNorm (no bias), parameter-free norms, q/k/v-only biases and QK-norm.
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ class Shape:
     image_encoder: str = "linear"
     encoder_width: int = 0
     projector: str = "linear"
+    # the modern block (the GPTConfig options of the same meaning)
+    d_head: int | None = None  # default d_model / n_head
+    positions: str = "learned"  # or "rope": no position table
+    gated_mlp: bool = False  # SwiGLU: gate, up and down matrices
+    norm_type: str = "layernorm"  # or "rmsnorm": no bias
+    norm_weight: bool = True  # False: parameter-free norms
+    qkv_bias: bool = False
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         problems = [
@@ -71,7 +80,7 @@ class Shape:
         ]
         if self.norm not in ("pre", "post"):
             problems.append(f"norm must be pre or post (got {self.norm!r})")
-        if not problems and self.d_model % self.n_head:
+        if not problems and self.d_head is None and self.d_model % self.n_head:
             problems.append(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if not problems and self.n_head % self.kv_heads:
             problems.append(f"n_head={self.n_head} is not a multiple of n_kv_head={self.kv_heads}")
@@ -92,7 +101,17 @@ class Shape:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.d_head or self.d_model // self.n_head
+
+    @property
+    def d_attn(self) -> int:
+        """Width of the queries (and of the attention output): n_head · head_dim."""
+        return self.n_head * self.head_dim
+
+    def norm_params(self, width: int) -> int:
+        """Parameters of one norm over ``width`` channels: a gain unless parameter-free, a bias for LayerNorm."""
+        gain = width if self.norm_weight else 0
+        return gain * (2 if self.bias and self.norm_type == "layernorm" else 1)
 
     @property
     def image_tokens(self) -> int:
@@ -118,6 +137,15 @@ class Shape:
             expert_ff=cfg.expert_ff or None,
             moe_every=cfg.moe_every,
             shared_expert=cfg.shared_expert,
+            d_ff=cfg.mlp_hidden or None,
+            n_kv_head=cfg.n_kv_head or None,
+            d_head=cfg.head_size or None,
+            positions=cfg.positions,
+            gated_mlp=cfg.mlp == "swiglu",
+            norm_type=cfg.norm_type,
+            norm_weight=cfg.norm_weight,
+            qkv_bias=cfg.qkv_bias,
+            qk_norm=cfg.qk_norm,
             **{k: getattr(cfg, k) for k in VISION_FIELDS},
         )
 
@@ -143,19 +171,20 @@ def params(s: Shape) -> dict[str, int]:
     counts 0, vocabulary padding is left out), plus ``non_embedding`` (Kaplan et al. 2020's N: total minus token
     and position embeddings) and ``active`` (parameters a token passes through: with MoE, only
     ``experts_per_token`` of the experts' feed-forward weights; equal to ``total`` for dense models)."""
-    d, L, hd, kv = s.d_model, s.n_layer, s.head_dim, s.kv_heads
-    qkv_out = d + 2 * kv * hd  # queries for every head, keys and values for the kv heads
-    b = 1 if s.bias else 0
-    attention = L * (d * qkv_out + b * qkv_out + d * d + b * d)
-    dense = 2 * d * s.ff + b * (s.ff + d)
+    d, L, hd, kv, da = s.d_model, s.n_layer, s.head_dim, s.kv_heads, s.d_attn
+    qkv_out = da + 2 * kv * hd  # queries for every head, keys and values for the kv heads
+    b, bq = int(s.bias), int(s.bias or s.qkv_bias)
+    attention = L * (d * qkv_out + bq * qkv_out + da * d + b * d + (2 * s.norm_params(hd) if s.qk_norm else 0))
+    up = 2 if s.gated_mlp else 1  # SwiGLU's gate and up
+    dense = (up + 1) * d * s.ff + b * (up * s.ff + d)
     ef = s.expert_ff or s.ff
     expert = 2 * d * ef + b * (ef + d)
     M = s.moe_layers  # routed layers: n_experts experts, a router, maybe a shared (dense-width) expert
     mlp = (L - M) * dense + M * (s.n_experts * expert + d * s.n_experts + (dense if s.shared_expert else 0))
-    norm = d * (1 + b)
+    norm = s.norm_params(d)
     parts = {
         "token_embedding": s.vocab_size * d,
-        "position_embedding": s.n_ctx * d,
+        "position_embedding": s.n_ctx * d if s.positions == "learned" else 0,
         "attention": attention,
         "mlp": mlp,
         "norms": L * 2 * norm + (norm if s.norm == "pre" else 0),
@@ -185,16 +214,17 @@ def forward_flops_per_token(s: Shape, n_ctx: int | None = None) -> dict[str, flo
     - ``total``: every matmul, the de-embedding included, and the attention term.
     """
     n_ctx = n_ctx or s.n_ctx
-    d, L, hd, kv = s.d_model, s.n_layer, s.head_dim, s.kv_heads
+    d, L, hd, kv, da = s.d_model, s.n_layer, s.head_dim, s.kv_heads, s.d_attn
     p = params(s)
     M = s.moe_layers
     dense_runs = (L - M) + (M if s.shared_expert else 0)  # dense-width MLPs a token runs through
-    mlp = 2 * 2 * d * (s.ff * dense_runs + (s.expert_ff or s.ff) * M * s.experts_per_token) + 2 * M * d * s.n_experts
+    dense = (3 if s.gated_mlp else 2) * d * s.ff
+    mlp = 2 * (dense * dense_runs + 2 * d * (s.expert_ff or s.ff) * M * s.experts_per_token) + 2 * M * d * s.n_experts
     out = {
         "embed": 4.0 * d,
-        "attention_qkv": 2.0 * L * d * (d + 2 * kv * hd),
-        "attention_mask": 2.0 * L * n_ctx * d,
-        "attention_project": 2.0 * L * d * d,
+        "attention_qkv": 2.0 * L * d * (da + 2 * kv * hd),
+        "attention_mask": 2.0 * L * n_ctx * da,
+        "attention_project": 2.0 * L * da * d,
         "mlp": float(mlp),
         "de_embed": 2.0 * d * s.vocab_size,
     }

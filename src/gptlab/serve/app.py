@@ -92,6 +92,7 @@ class Server:
             if loaded is None:
                 loaded = load_model(self.cfg.model, self.cfg.device, quantize=self.cfg.quantize)
             self.tokenizer = loaded.tokenizer
+            self.template = ChatTemplate.of(loaded.tokenizer, self.cfg.chat_template)  # the model's own, if any
             self.block = loaded.model.config.block_size
             sched = Scheduler(
                 loaded.model,

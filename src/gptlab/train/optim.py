@@ -1,9 +1,11 @@
-"""The optimizer config, AdamW with decoupled weight decay on matrices only, and the learning-rate schedule."""
+"""The optimizer config, AdamW with decoupled weight decay on matrices only, Muon for the hidden matrices beside
+AdamW for the rest, and the learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,6 +32,12 @@ class OptimConfig(RecipeConfig):
     beta1: float = opt(0.9, "AdamW beta1", PROBABILITY_BELOW_1)
     beta2: float = opt(0.99, "AdamW beta2", PROBABILITY_BELOW_1)
     grad_clip: float = opt(1.0, "clip the global gradient norm (per model in PPO) to this; 0 disables", NON_NEGATIVE)
+    optimizer: str = opt(
+        "adamw",
+        "adamw, or muon: Muon for the blocks' matrices, AdamW for embeddings, head, norms and biases",
+        choices=("adamw", "muon"),
+    )
+    muon_momentum: float = opt(0.95, "muon: momentum (Nesterov)", PROBABILITY_BELOW_1)
 
     def checks(self) -> list[tuple[bool, str]]:
         return [(self.min_lr <= self.lr, f"min_lr = {self.min_lr} must not exceed lr = {self.lr}")]
@@ -39,19 +47,70 @@ class OptimConfig(RecipeConfig):
 FINETUNE_OPTIM = OptimConfig(lr=1e-4, min_lr=1e-5, warmup_iters=10, weight_decay=0.0, beta2=0.95)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
     """AdamW; weight decay on >= 2-D tensors (matmul weights, embeddings), none on biases (also the experts' stacked
-    [n_experts, features] biases) and LayerNorm gains. Uses the fused single-kernel implementation (CPU and CUDA)
-    when torch offers it."""
+    [n_experts, features] biases) and norm gains. Uses the fused single-kernel implementation (CPU and CUDA) when
+    torch offers it. With ``optimizer="muon"``, the 2-D weights inside the blocks go to Muon instead
+    (:class:`MuonWithAdamW`)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    decay = [p.dim() >= 2 and not n.endswith("bias") for n, p in named]
+    hidden = [cfg.optimizer == "muon" and p.dim() == 2 and is_block_matrix(n) for n, p in named]
+    named_adam = [np_ for np_, h in zip(named, hidden) if not h]
+    params = [p for _, p in named_adam]
+    decay = [p.dim() >= 2 and not n.endswith("bias") for n, p in named_adam]
     groups = [
         {"params": [p for p, d in zip(params, decay) if d], "weight_decay": cfg.weight_decay},
         {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0},
     ]
     fused = device_type in ("cpu", "cuda") and all(type(p) is torch.nn.Parameter for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    if cfg.optimizer == "adamw":
+        return adamw
+    matrices = [p for (_, p), h in zip(named, hidden) if h]
+    muon = torch.optim.Muon(
+        [{"params": matrices, "weight_decay": cfg.weight_decay}],
+        lr=cfg.lr,
+        momentum=cfg.muon_momentum,
+        nesterov=True,
+        adjust_lr_fn="match_rms_adamw",
+    )
+    return MuonWithAdamW(muon, adamw)
+
+
+def is_block_matrix(name: str) -> bool:
+    """A weight matrix inside a transformer block (attention and MLP projections, routers): Muon's. Embeddings and
+    the head are not hidden layers, so AdamW keeps them (Jordan et al. 2024; nanochat, modded-nanogpt)."""
+    parts = name.split(".")
+    return "h" in parts and parts[-1] == "weight" and not any(p.startswith(("ln_", "q_norm", "k_norm")) for p in parts)
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024: momentum, then the update orthogonalised by Newton-Schulz iterations;
+    ``torch.optim.Muon``) for the blocks' matrices and AdamW for everything else, as one optimizer: one list of
+    param groups (the learning-rate schedule sets them all), one state (checkpoints and bit-exact resume through
+    torch.distributed.checkpoint's name-keyed state dicts, as for AdamW alone). Muon's step is scaled to match
+    AdamW's update RMS (Liu et al. 2025, "Muon is Scalable for LLM Training"), so one ``lr`` and one weight decay
+    serve both."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.muon, self.adamw = muon, adamw
+        super().__init__([*muon.param_groups, *adamw.param_groups], {})  # the same group dicts, shared
+        self._share()
+
+    def _share(self) -> None:
+        n = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.muon.state = self.adamw.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._share()
 
 
 def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
