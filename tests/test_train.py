@@ -107,13 +107,15 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_bit_for_bit(char_dat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one_process_with_the_same_global_batch(char_data, tmp_path, parallel):
+@pytest.mark.parametrize(
+    "parallel,model", [("ddp", "tiny"), ("fsdp", "tiny"), ("fsdp", "baby-modern")]
+)  # the modern block (rotary, RMSNorm, QK-norm, untied head) sharded too
+def test_two_processes_match_one_process_with_the_same_global_batch(char_data, tmp_path, parallel, model):
     common = [
         "--data",
         str(char_data),
         "--model",
-        "tiny",
+        model,
         "--block-size",
         "32",
         "--max-iters",
