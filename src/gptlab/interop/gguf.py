@@ -1,4 +1,8 @@
-"""GGUF export: a GPT-2-architecture gptlab model as one llama.cpp / Ollama file, written with the ``gguf`` package.
+"""GGUF export: a gptlab model as one llama.cpp / Ollama file, written with the ``gguf`` package: the GPT-2 block as
+llama.cpp's ``gpt2`` architecture (below), the modern block with rotary positions as its ``llama`` architecture
+(:func:`_llama_tensors`: q/k rows interleaved for llama.cpp's rotary pairing, the byte-level BPE of
+``tokenizer.json`` with its pre-tokenizer's llama.cpp name, special tokens and chat template). Reading GGUF files
+back is :mod:`.gguf_read`.
 
 The layout follows llama.cpp's ``gpt2`` architecture (``src/llama-model.cpp``, and its ``convert_hf_to_gguf.py`` for
 GPT-2): ``token_embd``, ``position_embd``, per block ``attn_norm``, ``attn_qkv`` (q, k, v stacked, as gptlab's
@@ -30,7 +34,25 @@ from ..files import fsync_dir, sibling
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
 
+def _check_llama(cfg: GPTConfig, tokenizer: dict[str, Any]) -> None:
+    problems = []
+    if cfg.norm_type != "rmsnorm" or not cfg.norm_weight or cfg.mlp != "swiglu" or cfg.norm != "pre":
+        problems.append("blocks other than pre-norm RMSNorm with a gain and SwiGLU")
+    if cfg.bias or cfg.qkv_bias or cfg.qk_norm or cfg.logit_softcap:
+        problems.append("biases, QK-norm or logit soft-capping")
+    if cfg.rope_scaling != "none":
+        problems.append("rescaled rotary frequencies")
+    if cfg.n_experts > 1 or cfg.image_size:
+        problems.append("mixture-of-experts layers or an image prefix")
+    if tokenizer.get("kind") != "bpe":
+        problems.append(f"the {tokenizer.get('kind')} tokenizer (a byte-level BPE maps to llama.cpp's gpt2 model)")
+    if problems:
+        raise GptlabError(f"GGUF export writes llama.cpp's llama architecture, which has no {', '.join(problems)}")
+
+
 def _check(cfg: GPTConfig, tokenizer: dict[str, Any]) -> None:
+    if cfg.positions == "rope":
+        return _check_llama(cfg, tokenizer)
     problems = []
     if cfg.norm != "pre":
         problems.append("post-norm (GPT-1) blocks")
@@ -73,6 +95,77 @@ def _tensors(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> list[tuple[str, tor
     return out
 
 
+def _llama_tensors(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> list[tuple[str, torch.Tensor]]:
+    """llama.cpp's llama layout: q, k, v and gate, up split out again, the q and k rows of each head interleaved
+    for llama.cpp's adjacent-pair rotary layout (the inverse of :func:`.gguf_read.unpermute`)."""
+    from .gguf_read import permute
+
+    V, q, kv, hidden = cfg.vocab_size, cfg.n_head * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_hidden
+    out = [("token_embd.weight", sd["wte.weight"][:V])]
+    for i in range(cfg.n_layer):
+        b, h = f"blk.{i}.", f"h.{i}."
+        wq, wk, wv = sd[h + "attn.c_attn.weight"].split([q, kv, kv])
+        gate, up = sd[h + "mlp.c_fc.weight"].split([hidden, hidden])
+        out += [
+            (b + "attn_norm.weight", sd[h + "ln_1.weight"]),
+            (b + "attn_q.weight", permute(wq, cfg.n_head)),
+            (b + "attn_k.weight", permute(wk, cfg.n_kv_heads)),
+            (b + "attn_v.weight", wv),
+            (b + "attn_output.weight", sd[h + "attn.c_proj.weight"]),
+            (b + "ffn_norm.weight", sd[h + "ln_2.weight"]),
+            (b + "ffn_gate.weight", gate),
+            (b + "ffn_up.weight", up),
+            (b + "ffn_down.weight", sd[h + "mlp.c_proj.weight"]),
+        ]
+    out.append(("output_norm.weight", sd["ln_f.weight"]))
+    if not cfg.tie_weights:
+        out.append(("output.weight", sd["lm_head.weight"][:V]))
+    return out
+
+
+def _llama_header(w: Any, cfg: GPTConfig, tokenizer: dict[str, Any]) -> None:
+    """The llama architecture's keys, and the byte-level BPE tokenizer of ``tokenizer.json`` with its special
+    tokens, BOS/EOS, the add-BOS rule and the chat template."""
+    import json
+
+    import gguf
+
+    from .gguf_read import pre_tokenizer_name
+
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(cfg.ffn_hidden)
+    w.add_block_count(cfg.n_layer)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.layer_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    data = json.loads(tokenizer["tokenizer_json"])
+    vocab: dict[str, int] = dict(data["model"]["vocab"])
+    special = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+    vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+    if sorted(vocab.values()) != list(range(cfg.vocab_size)):
+        raise GptlabError(f"the tokenizer's {len(vocab)} ids do not cover the model's vocabulary of {cfg.vocab_size}")
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre_tokenizer_name(data.get("pre_tokenizer")))
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    eos = vocab.get(tokenizer.get("eos_token") or "<|endoftext|>")
+    bos = vocab.get(tokenizer.get("bos_token") or "") if tokenizer.get("bos_token") else eos
+    if eos is not None:
+        w.add_eos_token_id(eos)
+    if bos is not None:
+        w.add_bos_token_id(bos)
+    w.add_add_bos_token(bool(tokenizer.get("add_bos")))
+    if tokenizer.get("chat_template"):
+        w.add_chat_template(tokenizer["chat_template"])
+
+
 def save_gguf(
     state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer: dict[str, Any], path: Path, ftype: str = "f32"
 ) -> Path:
@@ -95,26 +188,30 @@ def save_gguf(
         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     }[ftype]
     tmp = sibling(path, "tmp")
-    w = gguf.GGUFWriter(str(tmp), "gpt2")
-    w.add_name("gptlab GPT-2")
-    w.add_context_length(cfg.block_size)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_feed_forward_length(4 * cfg.n_embd)
-    w.add_block_count(cfg.n_layer)
-    w.add_head_count(cfg.n_head)
-    w.add_layer_norm_eps(cfg.layer_norm_eps)
+    llama = cfg.positions == "rope"
+    w = gguf.GGUFWriter(str(tmp), "llama" if llama else "gpt2")
+    w.add_name("gptlab llama" if llama else "gptlab GPT-2")
     w.add_file_type(file_type)
-    vocab, merges = ranks_to_vocab_merges(gpt2_ranks())
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])] + ["<|endoftext|>"]
-    eot = len(tokens) - 1  # 50256, after the 50,256 byte-level tokens
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if i == eot else gguf.TokenType.NORMAL for i in range(len(tokens))])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(eot)
-    w.add_eos_token_id(eot)
-    for name, t in _tensors(state, cfg):
+    if llama:
+        _llama_header(w, cfg, tokenizer)
+    else:
+        w.add_context_length(cfg.block_size)
+        w.add_embedding_length(cfg.n_embd)
+        w.add_feed_forward_length(4 * cfg.n_embd)
+        w.add_block_count(cfg.n_layer)
+        w.add_head_count(cfg.n_head)
+        w.add_layer_norm_eps(cfg.layer_norm_eps)
+        vocab, merges = ranks_to_vocab_merges(gpt2_ranks())
+        tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])] + ["<|endoftext|>"]
+        eot = len(tokens) - 1  # 50256, after the 50,256 byte-level tokens
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types([gguf.TokenType.CONTROL if i == eot else gguf.TokenType.NORMAL for i in range(len(tokens))])
+        w.add_token_merges(merges)
+        w.add_bos_token_id(eot)
+        w.add_eos_token_id(eot)
+    for name, t in (_llama_tensors if llama else _tensors)(state, cfg):
         data = t.detach().float().cpu().numpy()
         if data.ndim == 2 and name != "position_embd.weight" and ftype != "f32":
             if ftype == "f16":

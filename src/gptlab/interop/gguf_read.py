@@ -52,6 +52,24 @@ def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, w.size(0) // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """``convert_hf_to_gguf.py``'s ``permute``: the rows (i, i + d/2) of each head interleaved into (2i, 2i + 1)."""
+    return w.reshape(heads, 2, w.size(0) // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
+    """The ``tokenizer.ggml.pre`` of a ``tokenizer.json`` pre-tokenizer this module reads back the same way."""
+    kinds = [p.get("type") for p in pre.get("pretokenizers", [])] if pre and pre.get("type") == "Sequence" else []
+    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and pre and pre["pretokenizers"][0].get("individual_digits"):
+        return "smollm"
+    raise GptlabError(
+        f"the tokenizer's pre-tokenizer ({(pre or {}).get('type')}) has no llama.cpp name this export knows; GGUF "
+        f"export writes byte-level BPE tokenizers split as GPT-2's or SmolLM2's"
+    )
+
+
 def config_from_gguf(meta: dict[str, Any], tensors: set[str]) -> GPTConfig:
     arch = meta.get("general.architecture")
     if arch != "llama":
@@ -156,7 +174,7 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> dict[str, Any]:
     return {**spec, **{k: v for k, v in extra.items() if v}}
 
 
-def load_gguf(path: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, dict[str, Any]]:
+def load_gguf(path: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, dict[str, Any] | None]:
     """(gptlab state dict, config, tokenizer spec) of a llama GGUF file."""
     import gguf
 
