@@ -200,3 +200,106 @@ def test_logits_against_llama_cpp_differ_by_its_activation_rounding_and_greedy_d
             with torch.no_grad():
                 last = smol.model(torch.tensor([ids + mine[:first]]))[0][0, -1]
             assert (last[mine[first]] - last[cpp[first]]).item() < 0.5  # a near-tie for gptlab itself
+
+
+@pytest.mark.slow
+def test_lambada_and_perplexity_equal_lm_eval_hflm_per_example(smol, reference, tmp_path, monkeypatch):
+    """lm-eval's own HFLM on transformers' copy of the same file (its tokenizer given the pre-tokenizer the file
+    names) against gptlab's lambada and perplexity, document by document."""
+    import copy
+
+    lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval extra is part of the dev install")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from gptlab.eval.scoring import loglikelihoods
+    from gptlab.eval.tasks import lambada, perplexity
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    hf, theirs = reference
+    theirs = copy.deepcopy(theirs)
+    theirs.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    passages = [json.loads(line) for line in shared_file("data/lambada_test.jsonl").read_text().splitlines()[:40]]
+    texts = [{"text": p["text"]} for p in passages[:3]]
+    (tmp_path / "l.jsonl").write_text("\n".join(json.dumps(p) for p in passages))
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(t) for t in texts))
+    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n"
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "l.yaml").write_text(  # lm-eval's lambada_openai, on these passages
+        "task: gl_lambada\n" + common.format(path=tmp_path / "l.jsonl") + "output_type: loglikelihood\n"
+        "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\ndoc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
+        "metric_list:\n  - metric: perplexity\n  - metric: acc\n"
+    )
+    (tmp_path / "tasks" / "t.yaml").write_text(
+        "task: gl_ppl\n" + common.format(path=tmp_path / "t.jsonl") + "output_type: loglikelihood_rolling\n"
+        "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n"
+    )
+    out = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=hf, tokenizer=theirs, batch_size=4),
+        tasks=["gl_lambada", "gl_ppl"],
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        log_samples=True,
+    )
+    tok = smol.tokenizer
+    for sample in out["samples"]["gl_lambada"]:
+        ctx, word = sample["doc"]["text"].rsplit(" ", 1)
+        ll, greedy = loglikelihoods(smol.model, [(tok.encode(ctx), tok.encode(" " + word))])[0]
+        theirs_ll, theirs_greedy = sample["resps"][0][0]
+        assert ll == pytest.approx(float(theirs_ll), abs=1e-3) and greedy == bool(theirs_greedy)
+    ours = lambada(smol.model, tok, path=str(tmp_path / "l.jsonl"))
+    assert ours["acc"] == pytest.approx(out["results"]["gl_lambada"]["acc,none"])
+    assert ours["perplexity"] == pytest.approx(out["results"]["gl_lambada"]["perplexity,none"], rel=1e-4)
+    from gptlab.eval.scoring import rolling_nll
+    from gptlab.tokenizer import start_id
+
+    block = smol.config.block_size
+    for sample in out["samples"]["gl_ppl"]:
+        nll = rolling_nll(smol.model, [start_id(tok)] + tok.encode(sample["doc"]["text"]), block)[0]
+        assert -nll == pytest.approx(float(sample["resps"][0][0]), abs=1e-3)
+    for i, t in enumerate(texts):
+        (tmp_path / "docs").mkdir(exist_ok=True)
+        (tmp_path / "docs" / f"{i}.txt").write_text(t["text"])
+    ppl = perplexity(smol.model, tok, paths=[str(tmp_path / "docs")], stride=block)
+    assert ppl["word_perplexity"] == pytest.approx(out["results"]["gl_ppl"]["word_perplexity,none"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_distill_from_smollm2_and_align_it(tmp_path):
+    """The real model as a teacher (a dataset prepared with its tokenizer, a small modern student) and as the
+    model that SFT and DPO tune: each runs to the end and reports."""
+    text = shared_file("data/tinyshakespeare.txt").read_text()[:20_000]
+    (tmp_path / "t.txt").write_text(text)
+    r = run_cli(
+        "prepare", str(tmp_path / "t.txt"), "--tokenizer-from", NAME, "--out-dir", str(tmp_path / "d"), "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["vocab_size"] == 49152
+    r = run_cli(
+        "distill", "--teacher", NAME, "--data", str(tmp_path / "d"), "--model", "baby-modern", "--set", "n_layer=2",
+        "--block-size", "32", "--batch-size", "2", "--max-iters", "4", "--eval-interval", "4", "--eval-iters", "1",
+        "--final-eval-tokens", "2000", "--device", "cpu", "--out-dir", str(tmp_path / "student"), "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["steps"] == 4 and s["teacher_val_loss"] < s["final_val_loss"]  # the teacher knows Shakespeare better
+    (tmp_path / "sft.jsonl").write_text(
+        "\n".join(
+            json.dumps({"prompt": f"Q: {a} plus {b}?\nA:", "response": f" {a + b}"}) for a in range(4) for b in range(2)
+        )
+    )
+    (tmp_path / "pref.jsonl").write_text(
+        "\n".join(
+            json.dumps({"prompt": f"Say {w}:", "chosen": f" {w}", "rejected": " no"}) for w in ("yes", "ok", "hi", "go")
+        )
+    )
+    for stage, data in (("sft", "sft.jsonl"), ("dpo", "pref.jsonl")):
+        r = run_cli(
+            "align", stage, NAME, "--data", str(tmp_path / data), "--max-iters", "2", "--batch-size", "2",
+            "--eval-interval", "2", "--device", "cpu", "--out-dir", str(tmp_path / stage), "--json",
+        )  # fmt: skip
+        assert r.returncode == 0, (stage, r.stderr[-2000:])
+        assert json.loads(r.stdout)["steps"] == 2

@@ -27,6 +27,7 @@ from .generate import Engine, Sampling
 from .interop.hf import save_hf
 from .loader import Loaded, load_model
 from .recipe import DEFAULT_SEED
+from .tokenizer import start_id
 
 
 class LM:
@@ -151,7 +152,7 @@ class LM:
     def perplexity(self, text: str, *, stride: int | None = None, batch_size: int = 8) -> float:
         """Token perplexity of ``text`` with a sliding window, scored as ``gptlab eval perplexity`` does (every
         token, the first after an end-of-text token; ``stride`` defaults to half the context)."""
-        ids = [self.tokenizer.eot_id] + self.tokenizer.encode(text)
+        ids = [start_id(self.tokenizer)] + self.tokenizer.encode(text)
         nll, n = rolling_nll(self.model, ids, stride, batch_size)
         return perplexity_report(nll, n)["token_perplexity"]
 

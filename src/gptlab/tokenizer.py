@@ -253,18 +253,26 @@ def gpt2_ranks() -> dict[bytes, int]:
     return _gpt2_encoding()._mergeable_ranks
 
 
+def start_id(tok: Tokenizer) -> int:
+    """The token a document is scored after (perplexity's first window, an empty context): the tokenizer's
+    beginning-of-text token when it has one, else its end-of-text token (GPT-2's documents start after
+    ``<|endoftext|>``): lm-eval's ``prefix_token_id`` rule."""
+    bos = getattr(tok, "bos_id", None)
+    return bos if bos is not None else tok.eot_id
+
+
 def prompt_ids(tok: Tokenizer, text: str, after_image: bool = False) -> list[int]:
     """The token ids of a prompt, one rule for every place that encodes one (the Engine, the server, the lm-eval
-    adapter, image-text datasets): the empty prompt is the end-of-text token (sampling unconditionally, as GPT-2's
-    samples start); after an image prefix the text always starts with the end-of-text token, as the image-text
-    training examples store it. A tokenizer whose model starts every text with a beginning-of-text token
+    adapter, image-text datasets): the empty prompt is :func:`start_id` (sampling unconditionally, as GPT-2's
+    samples start after end-of-text); after an image prefix the text always starts with the end-of-text token, as
+    the image-text training examples store it. A tokenizer whose model starts every text with a beginning-of-text token
     (``add_bos``: Llama 3's ``<|begin_of_text|>``) gets it first, the empty prompt included."""
     bos = getattr(tok, "bos_id", None)
     if getattr(tok, "add_bos", False) and bos is not None:
         return [bos, *tok.encode(text)]
     if after_image:
         return [tok.eot_id, *tok.encode(text)]
-    return tok.encode(text) if text else [tok.eot_id]
+    return tok.encode(text) if text else [start_id(tok)]
 
 
 def from_spec(spec: dict[str, Any]) -> Tokenizer:

@@ -30,6 +30,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         vocab_size=cfg.vocab_size,
         val_fraction=cfg.val_fraction,
         field=cfg.field,
+        tokenizer_from=cfg.tokenizer_from,
         progress=not args.json,
     )
     emit(

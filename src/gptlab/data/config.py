@@ -24,6 +24,13 @@ class PrepareConfig(RecipeConfig):
     out_dir: str = opt("", "dataset folder to write")
     tokenizer: str = opt("gpt2", "gpt2 (tiktoken's GPT-2 BPE), char, or bpe (trained here)", choices=TOKENIZER_KINDS)
     vocab_size: int | None = opt(None, "vocabulary size of a trained bpe tokenizer", Range(2, 2**32 - 1), kind=int)
+    tokenizer_from: str | None = opt(
+        None,
+        "use this model's tokenizer instead (any model source: a run, a Hugging Face folder, a GGUF file, "
+        "smollm2-135m-instruct), e.g. to distill from it or fine-tune it",
+        kind=str,
+        metavar="MODEL",
+    )
     val_fraction: float = opt(0.1, "tail of the token stream held out", Range(0, 1, lo_open=True, hi_open=True))
     field: str = opt("text", "JSONL field / parquet column holding the text")
     images: int = opt(10_000, "shapes: training images; val and holdout get a tenth each", Range(10, 10_000_000))

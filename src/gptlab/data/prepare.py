@@ -100,7 +100,12 @@ def iter_documents(sources: list[str], field: str, downloads: Path) -> Iterator[
                 yield from _file_docs(path, field)
 
 
-def make_tokenizer(kind: str, texts: Iterator[str], vocab_size: int | None) -> Tokenizer:
+def make_tokenizer(kind: str, texts: Iterator[str], vocab_size: int | None, model: str | None = None) -> Tokenizer:
+    """The dataset's tokenizer: a model's (``model``, any source the loader reads), or one of ``kind``."""
+    if model is not None:
+        from ..loader import load_model
+
+        return load_model(model, "cpu").tokenizer
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "char":
@@ -119,6 +124,7 @@ def prepare(
     vocab_size: int | None = None,
     val_fraction: float = PrepareConfig.val_fraction,
     field: str = PrepareConfig.field,
+    tokenizer_from: str | None = None,
     shard_tokens: int = 100_000_000,
     batch_bytes: int = 4 << 20,
     progress: bool = True,
@@ -135,7 +141,16 @@ def prepare(
         Path(out_dir),
         sources,
         lambda tmp: _build(
-            sources, tmp, tokenizer, vocab_size, val_fraction, field, shard_tokens, batch_bytes, progress
+            sources,
+            tmp,
+            tokenizer,
+            vocab_size,
+            val_fraction,
+            field,
+            shard_tokens,
+            batch_bytes,
+            progress,
+            tokenizer_from,
         ),
     )
     meta.pop("tokenizer")
@@ -224,12 +239,13 @@ def _build(
     shard_tokens: int,
     batch_bytes: int,
     progress: bool,
+    tokenizer_from: str | None = None,
 ) -> dict[str, Any]:
     """Tokenize into ``tmp/out`` (using ``tmp`` for downloads and the token stream); returns the metadata."""
     downloads = tmp / "downloads"
     downloads.mkdir()
     docs = lambda: iter_documents(sources, field, downloads)
-    tok = make_tokenizer(tokenizer, (text for _, text in docs()), vocab_size)
+    tok = make_tokenizer(tokenizer, (text for _, text in docs()), vocab_size, tokenizer_from)
     dtype = token_dtype(tok.vocab_size)
     stream = tmp / "all.tokens"
 

@@ -22,7 +22,7 @@ from lm_eval.api.registry import register_model
 
 from ..generate import Engine, Sampling
 from ..loader import load_model
-from ..tokenizer import prompt_ids
+from ..tokenizer import prompt_ids, start_id
 from .scoring import loglikelihoods, rolling_nll
 
 
@@ -48,7 +48,7 @@ class GptlabLM(LM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         block = self.model.config.block_size
         return [
-            -rolling_nll(self.model, [self.tok.eot_id] + self.tok.encode(text), block, self.batch_size)[0]
+            -rolling_nll(self.model, [start_id(self.tok)] + self.tok.encode(text), block, self.batch_size)[0]
             for (text,) in (r.args for r in requests)
         ]
 

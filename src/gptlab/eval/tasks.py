@@ -21,7 +21,7 @@ from ..files import atomic_write_bytes
 from ..generate import Engine, Sampling
 from ..model import GPT
 from ..recipe import derive_seed
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, start_id
 from .config import EvalConfig, FewshotConfig, GenerationConfig
 from .scoring import loglikelihoods, perplexity_report, rolling_nll
 
@@ -72,7 +72,7 @@ def perplexity(
             ids = tok.encode(text)[:limit] if limit else tok.encode(text)
         if limit and f.suffix != ".bin":
             text = tok.decode(ids)
-        d_nll, d_tok = rolling_nll(model, [tok.eot_id] + list(ids), stride, batch_size)
+        d_nll, d_tok = rolling_nll(model, [start_id(tok)] + list(ids), stride, batch_size)
         nll, n_tok = nll + d_nll, n_tok + d_tok
         words += len(re.split(r"\s+", text))
         n_bytes += len(text.encode("utf-8"))
