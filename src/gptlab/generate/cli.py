@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import GptlabError
@@ -126,6 +127,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
     )
 
 
+def _lines(prompt: str) -> Iterator[str | None]:
+    """The lines typed at ``prompt`` (None for /reset), until /quit or Ctrl-D."""
+    while True:
+        try:
+            line = input(prompt)
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip() == "/quit":
+            return
+        yield None if line.strip() == "/reset" else line
+
+
 def _repl(args: argparse.Namespace) -> None:
     """Continue-the-text loop: each line typed is appended to the running text and the model continues it."""
     engine, loaded = _engine(args)
@@ -135,15 +149,8 @@ def _repl(args: argparse.Namespace) -> None:
         file=sys.stderr,
     )
     text, turn = "", 0
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        if line.strip() == "/quit":
-            return
-        if line.strip() == "/reset":
+    for line in _lines("> "):
+        if line is None:
             text = ""
             continue
         text += line if not text else "\n" + line
@@ -172,15 +179,8 @@ def _chat(args: argparse.Namespace) -> None:
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict[str, str]] = []
     turn = 0
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        if line.strip() == "/quit":
-            return
-        if line.strip() == "/reset":
+    for line in _lines("you> "):
+        if line is None:
             messages = []
             continue
         messages.append({"role": "user", "content": line})
