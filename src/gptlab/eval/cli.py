@@ -15,6 +15,8 @@ from ..errors import GptlabError
 from ..options import add_config_flags, add_json, add_model, config_from_flags, emit
 from . import tasks
 from .config import (
+    BLIND,
+    GENERATION_KINDS,
     EvalConfig,
     ExposureConfig,
     FewshotConfig,
@@ -102,7 +104,6 @@ def _generate(model, tok, args):
 def _vision(model, tok, args):
     from ..data.loader import read_meta
     from ..generate import Engine
-    from .config import BLIND
     from .vision import evaluate_split
 
     engine = Engine(model, tok)
@@ -247,7 +248,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
         "prompted generation: TL;DR summaries (ROUGE), translation (BLEU, chrF), closed-book QA (exact match, F1)",
         {
-            "kind": {"choices": list(tasks.GENERATION_TASKS)},
+            "kind": {"choices": list(GENERATION_KINDS)},
             "path": {
                 "help": "jsonl: summarize {document, summary}; translate {source, target}; qa {question, answers}"
             },

@@ -24,8 +24,7 @@ from ..data.images import is_image_dataset
 from ..data.loader import read_meta
 from ..errors import GptlabError
 from ..generate import Engine, Sampling
-
-BLIND = ("zero", "shuffle")
+from .config import BLIND
 
 
 def derangement(n: int, seed: int = 0) -> np.ndarray:

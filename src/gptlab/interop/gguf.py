@@ -60,7 +60,7 @@ def _check(cfg: GPTConfig, tokenizer: dict[str, Any]) -> None:
         problems.append("exact-erf GELU (llama.cpp's gpt2 uses the tanh approximation)")
     if not cfg.bias:
         problems.append("layers without biases")
-    if cfg.positions != "learned" or cfg.norm_type != "layernorm" or cfg.mlp != "gelu":
+    if cfg.norm_type != "layernorm" or cfg.mlp != "gelu":  # (rotary positions went to _check_llama)
         problems.append("modern-block options (rotary positions, RMSNorm, SwiGLU or ReLU²: llama.cpp's llama layout)")
     if cfg.n_kv_heads != cfg.n_head or cfg.qk_norm or cfg.qkv_bias or cfg.logit_softcap or not cfg.norm_weight:
         problems.append("grouped-query attention, QK-norm, q/k/v-only biases, soft-capping or parameter-free norms")
@@ -96,31 +96,43 @@ def _tensors(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> list[tuple[str, tor
 
 
 def _llama_tensors(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> list[tuple[str, torch.Tensor]]:
-    """llama.cpp's llama layout: q, k, v and gate, up split out again, the q and k rows of each head interleaved
-    for llama.cpp's adjacent-pair rotary layout (the inverse of :func:`.gguf_read.unpermute`)."""
-    from .gguf_read import permute
+    """llama.cpp's llama layout: Hugging Face's Llama tensors (:func:`.hf_llama.to_hf_state_dict`) under their GGUF
+    names, the q and k rows of each head interleaved for llama.cpp's adjacent-pair rotary layout (the inverse of
+    :func:`.gguf_read.unpermute`)."""
+    from .gguf_read import hf_names, permute, rotary_heads
+    from .hf_llama import to_hf_state_dict
 
-    V, q, kv, hidden = cfg.vocab_size, cfg.n_head * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_hidden
-    out = [("token_embd.weight", sd["wte.weight"][:V])]
-    for i in range(cfg.n_layer):
-        b, h = f"blk.{i}.", f"h.{i}."
-        wq, wk, wv = sd[h + "attn.c_attn.weight"].split([q, kv, kv])
-        gate, up = sd[h + "mlp.c_fc.weight"].split([hidden, hidden])
-        out += [
-            (b + "attn_norm.weight", sd[h + "ln_1.weight"]),
-            (b + "attn_q.weight", permute(wq, cfg.n_head)),
-            (b + "attn_k.weight", permute(wk, cfg.n_kv_heads)),
-            (b + "attn_v.weight", wv),
-            (b + "attn_output.weight", sd[h + "attn.c_proj.weight"]),
-            (b + "ffn_norm.weight", sd[h + "ln_2.weight"]),
-            (b + "ffn_gate.weight", gate),
-            (b + "ffn_up.weight", up),
-            (b + "ffn_down.weight", sd[h + "mlp.c_proj.weight"]),
-        ]
-    out.append(("output_norm.weight", sd["ln_f.weight"]))
-    if not cfg.tie_weights:
-        out.append(("output.weight", sd["lm_head.weight"][:V]))
+    hf = to_hf_state_dict(sd, cfg)
+    out = []
+    for name, hf_name in hf_names(cfg).items():
+        heads = rotary_heads(name, cfg)
+        out.append((name, permute(hf[hf_name], heads) if heads else hf[hf_name]))
     return out
+
+
+def _gpt2_header(w: Any, cfg: GPTConfig, tokenizer: dict[str, Any]) -> None:
+    """The gpt2 architecture's keys, and GPT-2's BPE (recovered from tiktoken's ranks) with end-of-text as BOS
+    and EOS."""
+    import gguf
+
+    from ..tokenizer import gpt2_ranks, ranks_to_vocab_merges
+
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(4 * cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_head_count(cfg.n_head)
+    w.add_layer_norm_eps(cfg.layer_norm_eps)
+    vocab, merges = ranks_to_vocab_merges(gpt2_ranks())
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])] + ["<|endoftext|>"]
+    eot = len(tokens) - 1  # 50256, after the 50,256 byte-level tokens
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if i == eot else gguf.TokenType.NORMAL for i in range(len(tokens))])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(eot)
+    w.add_eos_token_id(eot)
 
 
 def _llama_header(w: Any, cfg: GPTConfig, tokenizer: dict[str, Any]) -> None:
@@ -156,7 +168,7 @@ def _llama_header(w: Any, cfg: GPTConfig, tokenizer: dict[str, Any]) -> None:
     w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
     w.add_token_merges(merges)
     eos = vocab.get(tokenizer.get("eos_token") or "<|endoftext|>")
-    bos = vocab.get(tokenizer.get("bos_token") or "") if tokenizer.get("bos_token") else eos
+    bos = vocab.get(tokenizer["bos_token"]) if tokenizer.get("bos_token") else eos
     if eos is not None:
         w.add_eos_token_id(eos)
     if bos is not None:
@@ -171,8 +183,6 @@ def save_gguf(
 ) -> Path:
     """Write ``path`` (new; written under a temporary name, then renamed)."""
     import gguf
-
-    from ..tokenizer import gpt2_ranks, ranks_to_vocab_merges
 
     _check(cfg, tokenizer)
     if ftype not in GGUF_TYPES:
@@ -192,25 +202,7 @@ def save_gguf(
     w = gguf.GGUFWriter(str(tmp), "llama" if llama else "gpt2")
     w.add_name("gptlab llama" if llama else "gptlab GPT-2")
     w.add_file_type(file_type)
-    if llama:
-        _llama_header(w, cfg, tokenizer)
-    else:
-        w.add_context_length(cfg.block_size)
-        w.add_embedding_length(cfg.n_embd)
-        w.add_feed_forward_length(4 * cfg.n_embd)
-        w.add_block_count(cfg.n_layer)
-        w.add_head_count(cfg.n_head)
-        w.add_layer_norm_eps(cfg.layer_norm_eps)
-        vocab, merges = ranks_to_vocab_merges(gpt2_ranks())
-        tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])] + ["<|endoftext|>"]
-        eot = len(tokens) - 1  # 50256, after the 50,256 byte-level tokens
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")
-        w.add_token_list(tokens)
-        w.add_token_types([gguf.TokenType.CONTROL if i == eot else gguf.TokenType.NORMAL for i in range(len(tokens))])
-        w.add_token_merges(merges)
-        w.add_bos_token_id(eot)
-        w.add_eos_token_id(eot)
+    (_llama_header if llama else _gpt2_header)(w, cfg, tokenizer)
     for name, t in (_llama_tensors if llama else _tensors)(state, cfg):
         data = t.detach().float().cpu().numpy()
         if data.ndim == 2 and name != "position_embd.weight" and ftype != "f32":

@@ -8,7 +8,8 @@
   quantized would not be exact; ``--quantize`` requantizes the float weights.
 - **Layout**: llama.cpp's converter permutes the rows of the query and key matrices so that rotary pairs are
   adjacent channels (GPT-J style); gptlab, like ``transformers``, pairs channel i with i + d/2, so the permutation
-  is undone here (``unpermute``). q, k, v and SwiGLU's gate and up are stacked into ``c_attn`` and ``c_fc``.
+  is undone here (``unpermute``). The tensors are then renamed to transformers' Llama names (``hf_names``) and
+  stacked by :mod:`.hf_llama`, the one place that knows gptlab's ``c_attn`` / ``c_fc`` layout.
 - **Tokenizer**: the file's byte-level BPE (``tokenizer.ggml.model = gpt2``: tokens, merges, token types) becomes a
   ``tokenizers`` BPE with the pre-tokenizer its ``tokenizer.ggml.pre`` names (llama.cpp's ``llama-vocab.cpp``), the
   control tokens as special tokens, BOS/EOS and the add-BOS rule, and ``tokenizer.chat_template``. An architecture,
@@ -104,36 +105,48 @@ def config_from_gguf(meta: dict[str, Any], tensors: set[str]) -> GPTConfig:
     )
 
 
-def state_from_gguf(tensors: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    """gptlab's state dict from the dequantized GGUF tensors (vocabulary rows padded as the config asks)."""
+# llama.cpp's per-block tensor names -> transformers' Llama names (convert_hf_to_gguf.py's tensor map)
+_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 
-    def take(name: str) -> torch.Tensor:
+
+def hf_names(cfg: GPTConfig) -> dict[str, str]:
+    """Every GGUF tensor of a llama-architecture ``cfg`` -> its Hugging Face Llama name, in llama.cpp's order."""
+    out = {"token_embd.weight": "model.embed_tokens.weight"}
+    for i in range(cfg.n_layer):
+        out.update({f"blk.{i}.{g}.weight": f"model.layers.{i}.{h}.weight" for g, h in _BLOCK.items()})
+    out["output_norm.weight"] = "model.norm.weight"
+    if not cfg.tie_weights:
+        out["output.weight"] = "lm_head.weight"
+    return out
+
+
+def rotary_heads(name: str, cfg: GPTConfig) -> int:
+    """The heads whose rows llama.cpp's converter permutes in GGUF tensor ``name`` (0: not a query or key)."""
+    return cfg.n_head if name.endswith("attn_q.weight") else cfg.n_kv_heads if name.endswith("attn_k.weight") else 0
+
+
+def state_from_gguf(tensors: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """gptlab's state dict from the dequantized GGUF tensors: renamed to Hugging Face's Llama layout with q and k
+    unpermuted, then read as :mod:`.hf_llama` reads that layout."""
+    from .hf_llama import from_hf_state_dict
+
+    hf = {}
+    for name, hf_name in hf_names(cfg).items():
         if name not in tensors:
             raise GptlabError(f"tensor {name!r} is missing from the GGUF file; it is truncated or not a llama model")
-        return tensors[name]
-
-    out = {"wte.weight": take("token_embd.weight"), "ln_f.weight": take("output_norm.weight")}
-    if not cfg.tie_weights:
-        out["lm_head.weight"] = take("output.weight")
-    for i in range(cfg.n_layer):
-        b = f"blk.{i}."
-        q = unpermute(take(b + "attn_q.weight"), cfg.n_head)
-        k = unpermute(take(b + "attn_k.weight"), cfg.n_kv_heads)
-        out.update(
-            {
-                f"h.{i}.ln_1.weight": take(b + "attn_norm.weight"),
-                f"h.{i}.attn.c_attn.weight": torch.cat([q, k, take(b + "attn_v.weight")]),
-                f"h.{i}.attn.c_proj.weight": take(b + "attn_output.weight"),
-                f"h.{i}.ln_2.weight": take(b + "ffn_norm.weight"),
-                f"h.{i}.mlp.c_fc.weight": torch.cat([take(b + "ffn_gate.weight"), take(b + "ffn_up.weight")]),
-                f"h.{i}.mlp.c_proj.weight": take(b + "ffn_down.weight"),
-            }
-        )
-    pad = cfg.padded_vocab_size - cfg.vocab_size
-    for name in ("wte.weight", "lm_head.weight"):
-        if name in out and pad:
-            out[name] = torch.cat([out[name], out[name].new_zeros(pad, out[name].size(1))])
-    return with_tied(out, cfg)
+        heads = rotary_heads(name, cfg)
+        hf[hf_name] = unpermute(tensors[name], heads) if heads else tensors[name]
+    return with_tied(from_hf_state_dict(hf, cfg), cfg)
 
 
 def tokenizer_from_gguf(meta: dict[str, Any]) -> dict[str, Any]:
