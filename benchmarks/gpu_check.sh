@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared device check: benchmarks/gpu_check.py's parts (the CUDA tests, the chip's measured peaks, GPT-2 124M
-# bf16 training against nanoGPT, decoding against the bandwidth roofline, serving) in one run, one JSON file.
+# and modern-block bf16 training against nanoGPT, decoding (GPT-2, the modern block, SmolLM2, int8/int4) against the
+# bandwidth roofline, serving, DDP/FSDP on NCCL) in one run, one JSON file.
 #
 #   benchmarks/gpu_check.sh [--cpu-dry-run] [--nanogpt DIR] [--out FILE] [--parts tests,peaks,...]
 #

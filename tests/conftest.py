@@ -138,7 +138,7 @@ def gpt2_shaped(**kw):
     return GPT(GPTConfig(**{**base, **kw})).eval()
 
 
-def run_cli(*args, env=None, stdin=None):
+def run_cli(*args, env=None, stdin=None, timeout=600):
     return subprocess.run(
         [sys.executable, "-m", "gptlab", *args],
         env={**ENV, **(env or {})},
@@ -146,6 +146,7 @@ def run_cli(*args, env=None, stdin=None):
         text=True,
         cwd=REPO,
         input=stdin,
+        timeout=timeout,  # a command that hangs fails its test instead of stalling the suite
     )
 
 

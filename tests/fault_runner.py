@@ -9,11 +9,13 @@ parent imports gptlab but runs no torch operation, so forking it is safe; each c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -33,9 +35,24 @@ EVENTS = [
 ]
 
 
-def arm(kill_at: int, count_file: Path | None = None, no_exchange: bool = False) -> None:
-    """Patch every mutation to count itself and SIGKILL the process at number ``kill_at`` (0: never)."""
+def describe(name: str, args: tuple) -> str:
+    """One line for a mutation: its name and the paths it touches (a file descriptor as the path it is open on)."""
+    parts = [name]
+    for a in args:
+        if isinstance(a, int) and name in ("write", "fsync"):
+            with contextlib.suppress(OSError):
+                a = os.readlink(f"/proc/self/fd/{a}")  # not a mutation: not counted
+        if isinstance(a, (str, os.PathLike)):
+            parts.append(str(a))
+    return " ".join(parts)
+
+
+def arm(kill_at: int, count_file: Path | None = None, no_exchange: bool = False, kill_on: str | None = None) -> None:
+    """Patch every mutation to count itself and SIGKILL the process at number ``kill_at`` (0: never), or at the
+    first mutation whose :func:`describe` line matches the regular expression ``kill_on`` (a named window, such as
+    the final rename of a checkpoint folder)."""
     n = [0]
+    pattern = re.compile(kill_on) if kill_on else None
     for mod_name, name in EVENTS:
         mod = importlib.import_module(mod_name)
         real = getattr(mod, name)
@@ -46,7 +63,7 @@ def arm(kill_at: int, count_file: Path | None = None, no_exchange: bool = False)
             n[0] += 1
             if count_file is not None:
                 count_file.write_text(str(n[0]))  # plain open/write: not counted
-            if n[0] == kill_at:
+            if n[0] == kill_at or (pattern is not None and pattern.search(describe(_name, a))):
                 if _name == "write" and len(a) == 2:
                     _real(a[0], bytes(a[1])[: len(a[1]) // 2])  # a torn write
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -61,6 +78,7 @@ def in_child(
     count_file: Path | None = None,
     no_exchange: bool = False,
     kill_after: float | None = None,
+    kill_on: str | None = None,
 ) -> int:
     """Run ``gptlab argv`` in a forked child; its exit status, or -9 when it was killed."""
     pid = os.fork()
@@ -71,7 +89,7 @@ def in_child(
             os.dup2(devnull, 2)
             from gptlab.cli import main
 
-            arm(kill_at, count_file, no_exchange)
+            arm(kill_at, count_file, no_exchange, kill_on)
             os._exit(main(argv))
         except BaseException:
             os._exit(99)
@@ -94,7 +112,10 @@ def digest(folder: Path) -> str | None:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.is_dir() else []
+    """Hidden names in ``folder`` other than the run marker gptlab keeps in a run folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != ".gptlab-run")
 
 
 def count_events(argv: list[str], work: Path, prepare_state) -> int:
@@ -246,13 +267,96 @@ def scenario_train(work: Path, n_kills: int = 20, n_random: int = 4) -> dict:
                 "leftovers": leftovers(run) + leftovers(run / "checkpoints"),
             }
         )
+    # named windows: the final rename of a checkpoint folder; in a resumed run's rewrite of metrics.jsonl, the fsync
+    # of the new file and its rename
+    windows = [
+        ("checkpoint-rename", False, r"^replace \S+ \S+/checkpoints/step-0000008$"),
+        ("metrics-fsync", True, r"^fsync \S*/\.metrics\.jsonl\.tmp-"),
+        ("metrics-rename", True, r"^replace \S+ \S+/metrics\.jsonl$"),
+    ]
+    for name, resume, pattern in windows:
+        shutil.rmtree(run, ignore_errors=True)
+        if resume:
+            in_child(cmd(run, False), kill_at=int(first_ckpt))
+        from gptlab.checkpoint import list_checkpoints
+
+        step = int(list_checkpoints(run)[-1].name.split("-")[1]) if list_checkpoints(run) else 0
+        rc = in_child(cmd(run, resume), kill_on=pattern)
+        kept = {s for s in metrics_losses(run) if s <= step} == {s for s in ref_losses if s <= step}
+        resumed = bool(list_checkpoints(run))
+        rc2 = in_child(cmd(run, resumed))
+        results.append(
+            {
+                "how": "window",
+                "at": name,
+                "of": n,
+                "rc": rc,
+                "resumed": resumed,
+                "recovery_rc": rc2,
+                "history_kept": kept,
+                "losses_equal": metrics_losses(run) == ref_losses,
+                "checkpoints_ok": checkpoints_ok(run),
+                "leftovers": leftovers(run) + leftovers(run / "checkpoints"),
+            }
+        )
     return {"cases": results, "reference_steps": len(ref_losses)}
+
+
+def scenario_outputs(work: Path) -> dict:
+    """``quantize`` and ``convert`` (a Hugging Face folder, a GGUF file) killed at every one of their mutations, the
+    final rename included: the output is absent or complete, never partial, and the next run of the same command
+    succeeds with nothing left beside its output."""
+    run = work / "model"  # a small GPT-2-shaped checkpoint the test made (GGUF's gpt2 layout needs GPT-2's BPE)
+    out = work / "out"
+    commands = {
+        "quantize": (["quantize", str(run), "--mode", "int8", "--out-dir", str(out / "q")], out / "q"),
+        "convert-hf": (["convert", str(run), "--to", "hf", "--out-dir", str(out / "hf")], out / "hf"),
+        "convert-gguf": (["convert", str(run), str(out / "m.gguf")], out / "m.gguf"),
+    }
+    results = []
+    for name, (argv, target) in commands.items():
+
+        def state(target: Path = target) -> str | None:
+            if target.is_file():
+                return hashlib.sha256(target.read_bytes()).hexdigest()
+            return digest(target)
+
+        def reset() -> None:
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+
+        n = count_events(argv, work, reset)
+        complete = state()
+        for k in range(1, n + 1):
+            reset()
+            counter = work / "k.txt"
+            rc = in_child(argv, kill_at=k, count_file=counter)
+            after_kill = {complete: "complete", None: "absent"}.get(state(), "partial")
+            left_by_kill = leftovers(out)
+            rc2 = in_child(argv) if after_kill == "absent" else 0
+            results.append(
+                {
+                    "command": name,
+                    "k": k,
+                    "of": n,
+                    "rc": rc,
+                    "after_kill": after_kill,
+                    "left_by_kill": left_by_kill,
+                    "recovery_rc": rc2,
+                    "after_recovery": "complete" if state() == complete else "other",
+                    "leftovers": leftovers(out),
+                }
+            )
+    return {"cases": results}
 
 
 if __name__ == "__main__":
     import gptlab.cli
     import gptlab.data.prepare
+    import gptlab.interop.cli
+    import gptlab.quant.cli
     import gptlab.train.trainer  # noqa: F401
 
     scenario, work = sys.argv[1], Path(sys.argv[2])
-    print(json.dumps({"prepare": scenario_prepare, "train": scenario_train}[scenario](work)))
+    scenarios = {"prepare": scenario_prepare, "train": scenario_train, "outputs": scenario_outputs}
+    print(json.dumps(scenarios[scenario](work)))

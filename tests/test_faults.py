@@ -59,6 +59,33 @@ def test_training_killed_anywhere_resumes_to_the_same_losses(tmp_path):
     assert any(c["how"] == "time" and c["rc"] == -9 for c in cases)
     resumes = [c for c in cases if c["how"] == "resume-event"]
     assert len(resumes) == 8 and all(c["rc"] == -9 and c["history_kept"] for c in resumes), resumes
+    windows = [c for c in cases if c["how"] == "window"]  # each named window was really hit
+    assert [c["at"] for c in windows] == ["checkpoint-rename", "metrics-fsync", "metrics-rename"], windows
+    assert all(c["rc"] == -9 and c["history_kept"] for c in windows), windows
+
+
+def test_quantize_and_convert_killed_at_every_mutation_leave_no_partial_output(tmp_path):
+    """Every mutation of ``quantize`` and of ``convert`` to a Hugging Face folder and to a GGUF file, the final
+    rename included: after the kill the output is absent or complete; the next run of the same command removes what
+    the killed one left (temporary siblings) and writes the complete output."""
+    from .conftest import random_gpt2_checkpoint
+
+    random_gpt2_checkpoint(tmp_path / "model", 32)
+    cases = run_scenario("outputs", tmp_path)
+    for name in ("quantize", "convert-hf", "convert-gguf"):
+        mine = [c for c in cases if c["command"] == name]
+        assert len(mine) >= 5, (name, len(mine))
+        assert any(c["after_kill"] == "absent" and c["left_by_kill"] for c in mine), name  # leftovers were made
+        assert any(c["after_kill"] == "complete" for c in mine), name  # a kill after the final rename
+    for c in cases:
+        assert c["rc"] == -9 and c["after_kill"] in ("absent", "complete"), c
+        assert c["recovery_rc"] == 0 and c["after_recovery"] == "complete", c
+        # a kill after the final rename can only leave the released lock's file (harmless: a lock dies with its
+        # process); anything else is removed by the next run
+        stale = (
+            [f for f in c["leftovers"] if not f.endswith(".lock")] if c["after_kill"] == "complete" else c["leftovers"]
+        )
+        assert stale == [], c
 
 
 def _train_argv(data, run, *extra):

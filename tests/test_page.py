@@ -83,12 +83,16 @@ def test_runs_endpoints_list_runs_and_refuse_other_paths(server, runs_dir, tmp_p
         ("nothing", 404),
         ("small/checkpoints", 404),
         ("small%00", 400),
+        ("x" * 5000, 400),  # longer than any name a filesystem takes: still a 400, never a 500 naming a path
+        ("a/" * 300 + "b", 400),
+        ("y" * 300, 400),
     ]:
         resp = httpx.get(server.url + "/api/runs/" + bad)  # (httpx removes a literal ../ itself: then a 404)
         assert resp.status_code in (status, 404), (bad, resp.status_code, resp.text)
         if "%" in bad:
             assert resp.status_code == status, (bad, resp.text)
         assert "secret" not in resp.text and "loss" not in resp.text.replace("metrics", "")
+        assert str(runs_dir) not in resp.text and str(tmp_path) not in resp.text
         assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
     (runs_dir / "link").unlink()
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -302,3 +303,10 @@ def test_saving_a_loaded_quantized_model_round_trips_in_every_format(tmp_path, m
     r = run_cli("convert", str(tmp_path / "q"), "--to", "hf", "--out-dir", str(tmp_path / "cli"))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "dequantized" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # and to GGUF: dequantized with the same notice; the f32 file holds exactly the dequantized weights
+    r = run_cli("convert", str(tmp_path / "q"), str(tmp_path / "q.gguf"))
+    assert r.returncode == 0 and "dequantized" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    gguf = pytest.importorskip("gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors}
+    embd = np.asarray(tensors["token_embd.weight"].data).reshape(float_model.wte.weight.shape)
+    np.testing.assert_array_equal(embd, float_model.wte.weight.detach().numpy())

@@ -10,11 +10,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptlab.cli import main
 from gptlab.data.prepare import prepare
+from gptlab.errors import GptlabError
 from gptlab.recipe import Range
 from gptlab.train.config import TrainConfig
 from gptlab.train.trainer import train
@@ -103,6 +105,44 @@ def sandbox(tmp_path_factory):
     shutil.copytree(root / "hf", root / "hf_index")
     (root / "hf_index" / "model.safetensors").rename(root / "hf_index" / "model-00001.safetensors")
     (root / "hf_index" / "model.safetensors.index.json").write_text('{"weight_map": 5}')
+    # a folder of the user's own files named like a run's, and a link to it; a dataset someone trained into
+    (root / "mine_run").mkdir()
+    (root / "mine_run" / "metrics.jsonl").write_text('{"my": "own numbers"}\n')
+    (root / "mine_run" / "loss.png").write_bytes(b"my own picture")
+    (root / "mine_link").symlink_to(root / "mine_run")
+    shutil.copytree(root / "data", root / "data_with_run")
+    (root / "data_with_run" / "checkpoints").mkdir()
+    (root / "data_with_run" / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    shutil.copytree(root / "data", root / "data_nokey")
+    meta = json.loads((root / "data" / "meta.json").read_text())
+    (root / "data_nokey" / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "vocab_size"}))
+    (root / "x.parquet").write_text("not parquet at all\n")
+    # quantized checkpoints with a damaged record or tensor
+    assert main(["quantize", str(root / "run"), "--mode", "int8", "--out-dir", str(root / "q8")]) == 0
+    q_state = json.loads((root / "q8" / "state.json").read_text())
+    for name, record in {
+        "q_badmode": {"mode": 5},
+        "q_string": "int8",
+        "q_group": {"mode": "int4", "group_size": "x"},
+    }.items():
+        shutil.copytree(root / "q8", root / name)
+        (root / name / "state.json").write_text(json.dumps({**q_state, "quantization": record}))
+    shutil.copytree(root / "q8", root / "q_dtype")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(root / "q8" / "model.safetensors")
+    codes = next(k for k, v in weights.items() if v.dtype == torch.int8)
+    save_file({**weights, codes: weights[codes].float()}, root / "q_dtype" / "model.safetensors")
+    digest = hashlib.sha256((root / "q_dtype" / "model.safetensors").read_bytes()).hexdigest()
+    (root / "q_dtype" / "state.json").write_text(json.dumps({**q_state, "sha256": {"model.safetensors": digest}}))
+    for name, record in {
+        "lambada_int.jsonl": {"text": 5},
+        "sft_msgs.jsonl": {"messages": 5},
+        "sft_msgs_list.jsonl": {"messages": [5]},
+        "dpo_prompt.jsonl": {"prompt": 5, "chosen": "a", "rejected": "b"},
+        "fewshot_label.jsonl": {"text": "x", "label": [1]},
+    }.items():
+        (root / name).write_text(json.dumps(record) + "\n")
     shutil.copytree(root / "hf", root / "hf_tokjson")
     for f in ("vocab.json", "merges.txt"):
         (root / "hf_tokjson" / f).unlink(missing_ok=True)
@@ -334,7 +374,7 @@ CASES = [
     (["eval", "lambada", RUN, "--path", f"{R}/number.jsonl"], "not a JSON object"),
     (["eval", "lambada", RUN, "--path", f"{R}/broken.jsonl"], "is not valid JSON"),
     (["eval", "mc", RUN, f"{R}/number.jsonl"], "line 1"),
-    (["eval", "mc", RUN, f"{R}/mc_bad.jsonl"], "a list of 2+ string choices"),
+    (["eval", "mc", RUN, f"{R}/mc_bad.jsonl"], "field 'choices' is str, not a list"),
     (["eval", "fewshot", RUN, "--shots", "-1"], "--shots"),
     (["eval", "fewshot", RUN, "--shots", "a,b"], "--shots"),
     (["eval", "fewshot", RUN, "--shots", ","], "--shots"),
@@ -452,6 +492,50 @@ CASES = [
             ("--beta2", "1"),
         ]
     ],
+    # a run folder must be new, empty or a gptlab run; a dataset is replaced only when it holds nothing else
+    ([*TRAIN[:3], "--out-dir", f"{R}/mine_run", *TRAIN[5:]], "holds files gptlab did not write (loss.png, metrics"),
+    ([*TRAIN[:3], "--out-dir", f"{R}/mine_link", *TRAIN[5:]], "holds files gptlab did not write"),
+    ([*TRAIN[:3], "--out-dir", f"{R}/file.txt", *TRAIN[5:]], "is a file, not a folder"),
+    (["align", "sft", RUN, "--data", f"{R}/chats.jsonl", "--out-dir", f"{R}/mine_run"], "did not write"),
+    (["prepare", f"{R}/corpus.txt", "--out-dir", f"{R}/data_with_run", "--tokenizer", "char"], "and other things"),
+    (["eval", "fewshot", RUN, "--plot", f"{R}/file.txt"], "already exists"),
+    (["convert", RUN, f"{R}/file.txt", "--to", "gguf"], "already exists"),
+    # values of the wrong type where they enter
+    (["prepare", f"{R}/x.parquet", "--out-dir", f"{R}/x", "--tokenizer", "char"], "not a readable Parquet file"),
+    (["train", "--data", f"{R}/data_nokey", *TRAIN[3:]], "lacks 'vocab_size'"),
+    (["eval", "lambada", RUN, "--path", f"{R}/lambada_int.jsonl"], "field 'text' is int, not a string"),
+    (["eval", "fewshot", RUN, "--path", f"{R}/fewshot_label.jsonl"], "field 'label' is list"),
+    (["eval", "fewshot", RUN, "--template", "{text} {foo}"], "unknown placeholders ['foo']"),
+    (["eval", "fewshot", RUN, "--template", "{label} {text}"], "end its placeholders with {label}"),
+    (["eval", "fewshot", RUN, "--template", "{text"], "not a valid template"),
+    (["align", "sft", RUN, "--data", f"{R}/sft_msgs.jsonl", "--out-dir", f"{R}/x"], "messages must be"),
+    (["align", "sft", RUN, "--data", f"{R}/sft_msgs_list.jsonl", "--out-dir", f"{R}/x"], "messages must"),
+    (["align", "dpo", RUN, "--data", f"{R}/dpo_prompt.jsonl", "--out-dir", f"{R}/x"], 'prompt" must be'),
+    ([*SAMPLE[:1], f"{R}/q_badmode", *SAMPLE[2:]], "quantization record"),
+    ([*SAMPLE[:1], f"{R}/q_string", *SAMPLE[2:]], "quantization record"),
+    ([*SAMPLE[:1], f"{R}/q_group", *SAMPLE[2:]], "quantization record"),
+    ([*SAMPLE[:1], f"{R}/q_dtype", *SAMPLE[2:]], "is float32, the model needs int8"),
+    (["prepare", "shapes", "--image-size", "8", "--out-dir", f"{R}/x"], "out of range"),
+    (["sample", RUN, "--image", "/dev/zero", "--max-new-tokens", "1"], "takes no images"),
+    (
+        [
+            "train",
+            "--resume",
+            "--data",
+            DATA,
+            "--out-dir",
+            RUN,
+            "--model",
+            "tiny",
+            "--block-size",
+            "32",
+            "--max-iters",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        "already at step 4",
+    ),
     (["bogus-verb"], "invalid choice"),
     (["train", "--no-such-flag"], "unrecognized arguments"),
 ]
@@ -660,3 +744,52 @@ def test_an_error_during_training_is_on_its_own_line_after_the_bar(sandbox, caps
     assert rc == 2 and err.endswith("\n")
     last = err.splitlines()[-1]
     assert last.startswith("gptlab: error: the loss diverged to") and "\r" not in last, err[-500:]
+
+
+def test_a_run_goes_into_a_new_or_empty_folder_a_run_or_a_dataset_of_its_own(sandbox, tmp_path):
+    """What a run may write into: a new folder, an empty one, an earlier gptlab run, or a dataset folder holding
+    only the dataset's files (then it becomes a run too, and prepare no longer replaces it)."""
+    (tmp_path / "empty").mkdir()
+    shutil.copytree(sandbox / "data", tmp_path / "data")
+    for out in (tmp_path / "new", tmp_path / "empty", tmp_path / "data"):
+        cfg = tiny_cfg(tmp_path / "data", out, max_iters=2, eval_interval=2, eval_iters=1, final_eval_tokens=256)
+        train(cfg, progress=False)
+        assert (out / "checkpoints").is_dir() and (out / ".gptlab-run").is_file()
+    assert (tmp_path / "data" / "train_000.bin").is_file()  # the dataset's files are still there
+    with pytest.raises(GptlabError, match="and other things"):
+        prepare([str(sandbox / "corpus.txt")], tmp_path / "data", tokenizer="char", progress=False)
+
+
+def test_a_second_writer_of_one_output_file_is_refused(sandbox, tmp_path, capsys):
+    """Single-file outputs are locked as folders are: while one process writes x.gguf (here: holds its lock), a
+    second `convert ... x.gguf` (and a --plot of the same name) is refused at once, and nothing is written."""
+    from gptlab.files import folder_lock
+
+    from .conftest import random_gpt2_checkpoint
+
+    model = random_gpt2_checkpoint(tmp_path / "gpt2", 64)
+    target = tmp_path / "x.png"
+    with folder_lock(tmp_path / ".x.png.lock", "the output"):
+        rc = main(["eval", "fewshot", str(model), "--shots", "0", "--limit", "2", "--plot", str(target)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "in use by another gptlab process" in err and not target.exists(), err
+    with folder_lock(tmp_path / ".x.gguf.lock", "the output"):
+        rc = main(["convert", str(model), str(tmp_path / "x.gguf")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "in use by another gptlab process" in err and not (tmp_path / "x.gguf").exists(), err
+    assert main(["convert", str(model), str(tmp_path / "x.gguf")]) == 0  # once the other writer is gone
+
+
+def test_the_python_api_refuses_a_source_that_is_not_a_path(sandbox):
+    import gptlab
+
+    for bad in (None, 5, 3.5, b"run", "", ["run"]):
+        with pytest.raises(GptlabError, match="a model source is a path or a model name"):
+            gptlab.load(bad, device="cpu")
+
+
+def test_a_character_level_hugging_face_folder_drafts_for_its_own_run(sandbox, capsys):
+    """The HF export of a character-level run has a word-level tokenizer without an unknown token, so the
+    tokenizer probe text cannot be encoded: the tokenizers are compared token by token instead, and agree."""
+    argv = ["sample", str(sandbox / "run"), "--draft", str(sandbox / "hf"), "--max-new-tokens", "4", "--prompt", "ab"]
+    assert main([*argv, "--temperature", "0"]) == 0, capsys.readouterr().err

@@ -495,3 +495,201 @@ def test_a_model_draft_serves_the_same_greedy_text(ckpt, loaded):
         assert metric(s, "gptlab_spec_accepted_tokens_total") > 0
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------- real clients: hostile ids, limits, fairness,
+# sockets that close, SIGTERM, and a fuzzer over the OpenAPI document
+
+
+@pytest.mark.parametrize("bad", [-1, 50257, 2**63, 2**64 + 5])
+@pytest.mark.parametrize("shape", ["ids", "lists"])
+def test_token_ids_outside_the_vocabulary_are_a_400_even_with_echo(server, bad, shape):
+    prompt = [1, bad] if shape == "ids" else [[1, 2], [bad]]
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 2, "echo": True, "logprobs": 1}
+    r = httpx.post(server.url + "/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt"
+
+
+def test_a_request_asking_for_more_choices_than_the_limit_is_a_400(server):
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": ["a"] * 100, "max_tokens": 1})
+    assert r.status_code == 400 and "--max-choices" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "prompt"
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": ["a"] * 8, "n": 8, "max_tokens": 1})
+    assert r.status_code == 200, r.text  # 64 choices: the default limit, accepted
+    assert len(r.json()["choices"]) == 64
+
+
+def test_a_client_that_closes_its_socket_mid_request_frees_every_row(server):
+    """A plain (non-streaming) request for 4 prompts x n=2 from a client that closes its TCP socket (not a
+    timeout): every row is freed within 2 decode steps and the 4 requests count as cancelled."""
+    import socket
+
+    assert wait_idle(server)
+    before = metric(server, 'gptlab_requests_total{outcome="cancelled"}')
+    body = json.dumps({"model": "tiny", "prompt": ["a b"] * 4, "n": 2, "max_tokens": 120}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+    deadline = time.time() + 10
+    while metric(server, "gptlab_requests_running") == 0 and time.time() < deadline:
+        time.sleep(0.005)
+    assert metric(server, "gptlab_requests_running") > 0
+    sock.close()
+    assert wait_idle(server, 5)
+    assert metric(server, 'gptlab_requests_total{outcome="cancelled"}') == before + 4
+    assert_freed_within_two_steps(server)
+
+
+def test_one_huge_request_does_not_starve_small_ones(ckpt):
+    """With 2 rows, one request of 16 prompts and then 6 small requests one after another: rows go to the client
+    holding the fewest, so each small request waits for at most one of the huge request's prompts, not all 16."""
+    s = Served(ckpt, "--max-batch", "2", "--served-model-name", "tiny")
+    try:
+        huge = {"model": "tiny", "prompt": [f"story {i}:" for i in range(16)], "max_tokens": 60, "temperature": 0}
+        done: dict[str, float] = {}
+
+        def big():
+            t0 = time.perf_counter()
+            r = httpx.post(s.url + "/v1/completions", json=huge, timeout=120)
+            assert r.status_code == 200, r.text
+            done["huge"] = time.perf_counter() - t0
+            done["huge_end"] = time.perf_counter()
+
+        t = threading.Thread(target=big)
+        t.start()
+        deadline = time.time() + 10
+        while metric(s, "gptlab_requests_running") < 2 and time.time() < deadline:
+            time.sleep(0.005)
+        small = []
+        for i in range(6):
+            t0 = time.perf_counter()
+            r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": f"hi {i}", "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            small.append((time.perf_counter() - t0, time.perf_counter()))
+        t.join(120)
+        assert all(end < done["huge_end"] for _, end in small), (small, done)  # none waited for the whole request
+        assert max(lat for lat, _ in small) < 0.35 * done["huge"], (small, done)
+    finally:
+        s.stop()
+
+
+def _stream(url, body, events, started):
+    lines = []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                lines.append(line[6:])
+                started.release()
+    events.append(lines)
+
+
+def test_sigterm_lets_running_requests_finish_then_exits_0(ckpt):
+    """SIGTERM with a grace period: the streams in flight finish whole (every token, then [DONE]), a plain request
+    in flight gets its 200, a new request is refused (503, or no listener at all), and the process exits 0."""
+    import signal
+
+    s = Served(ckpt, "--max-batch", "4", "--served-model-name", "tiny", "--shutdown-grace", "30")
+    events: list[list[str]] = []
+    started = threading.Semaphore(0)
+    body = {"model": "tiny", "prompt": "Once", "max_tokens": 100, "temperature": 0, "stream": True}
+    threads = [threading.Thread(target=_stream, args=(s.url, body, events, started)) for _ in range(3)]
+    plain: list[httpx.Response] = []
+    threads.append(
+        threading.Thread(
+            target=lambda: plain.append(
+                httpx.post(s.url + "/v1/completions", json={**body, "stream": False}, timeout=60)
+            )
+        )
+    )
+    for t in threads:
+        t.start()
+    for _ in range(3):
+        assert started.acquire(timeout=30)
+    s.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    try:
+        late = httpx.post(s.url + "/v1/completions", json={**body, "stream": False}, timeout=10).status_code
+    except httpx.TransportError:
+        late = "refused"
+    for t in threads:
+        t.join(60)
+    assert s.proc.wait(30) == 0
+    assert late in (503, "refused"), late
+    assert len(events) == 3
+    for lines in events:
+        assert lines[-1] == "[DONE]"
+        chunks = [json.loads(x) for x in lines[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop"), chunks[-1]
+        assert not any("error" in c for c in chunks)
+    assert plain and plain[0].status_code == 200, plain
+
+
+def test_sigterm_past_the_grace_period_ends_every_stream_cleanly(ckpt):
+    """With no grace, what is still running or waiting ends with an error event (code shutting_down) and
+    [DONE], never a cut connection; the process exits 0."""
+    import signal
+
+    s = Served(ckpt, "--max-batch", "1", "--served-model-name", "tiny", "--shutdown-grace", "0")
+    events: list[list[str]] = []
+    started = threading.Semaphore(0)
+    body = {"model": "tiny", "prompt": "Once", "max_tokens": 120, "temperature": 0, "stream": True}
+    threads = [threading.Thread(target=_stream, args=(s.url, body, events, started)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    assert started.acquire(timeout=30)  # the first stream runs; the other three wait for the one row
+    time.sleep(0.05)
+    s.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    assert s.proc.wait(30) == 0
+    assert len(events) == 4 and all(lines[-1] == "[DONE]" for lines in events), events
+    ended = [json.loads(lines[-2]) for lines in events]
+    assert sum(e.get("error", {}).get("code") == "shutting_down" for e in ended) >= 3, ended
+
+
+def test_fuzzing_the_openapi_document_never_gets_a_500(ckpt, tmp_path):
+    """schemathesis generates requests for every operation of the server's own /openapi.json (valid bodies, and
+    bodies that break the schema, bounded per operation) against the real server: no answer is a 500, and every
+    error is OpenAI's error object."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n')
+    s = Served(
+        ckpt, "--max-batch", "4", "--max-choices", "8", "--served-model-name", "tiny", "--runs", str(tmp_path / "runs")
+    )
+    try:
+        schema = schemathesis.openapi.from_url(s.url + "/openapi.json")
+        seen: dict[str, int] = {}
+
+        def fuzz(operation, mode):
+            key = f"{operation.method.upper()} {operation.path} ({mode.value})"
+
+            @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            @given(case=operation.as_strategy(mode))
+            def check(case):
+                r = case.call(base_url=s.url, timeout=60)
+                seen[key] = seen.get(key, 0) + 1
+                assert r.status_code < 500, (key, case.body, r.text[:300])
+                if r.status_code >= 400 and "application/json" in str(r.headers.get("content-type")):
+                    assert set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text[:300]
+
+            check()
+
+        for op in (r.ok() for r in schema.get_all_operations()):
+            negative = op.method.lower() == "post"  # (a GET has no invalid form: any path is a name)
+            for mode in schemathesis.GenerationMode if negative else [schemathesis.GenerationMode.POSITIVE]:
+                fuzz(op, mode)  # valid requests, and requests that break the schema
+        assert {"POST /v1/completions (negative)", "POST /v1/chat/completions (positive)"} <= set(seen), seen
+        assert "GET /api/runs/{name} (positive)" in seen, seen
+        print("fuzzed:", json.dumps(seen))  # (docs/reliability.md quotes these counts)
+    finally:
+        s.stop()
+
+
+EXAMPLES = 40  # generated requests per operation

@@ -7,6 +7,7 @@ import base64
 import io
 import itertools
 import json
+import os
 import subprocess
 import sys
 
@@ -261,6 +262,8 @@ def test_sample_takes_an_image_file_and_bad_images_get_one_line(shapes, meta, tm
     bad_image_files(tmp_path)
     expect = {"cut.png": "damaged or truncated", "cmyk.jpg": "pixel mode CMYK", "huge.png": "over the limit"}
     expect |= {"text.png": "not an image Pillow can read", "missing.png": "cannot read the image"}
+    expect |= {"/dev/zero": "not a regular file", "fifo": "not a regular file", ".": "not a regular file"}
+    os.mkfifo(tmp_path / "fifo")  # a FIFO nobody writes: reading it would block forever
     for name, msg in expect.items():
         r = run_cli("sample", str(run), "--image", str(tmp_path / name), "--device", "cpu")
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

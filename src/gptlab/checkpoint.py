@@ -104,8 +104,8 @@ def skeleton(cfg: GPTConfig, quantization: dict[str, Any] | None = None) -> GPT:
 def check_weights(
     sd: dict[str, torch.Tensor], cfg: GPTConfig, where: str, quantization: dict[str, Any] | None = None
 ) -> None:
-    """Every tensor a model with ``cfg`` (quantized as recorded) needs is in ``sd`` with the right shape, and nothing
-    else is."""
+    """Every tensor a model with ``cfg`` (quantized as recorded) needs is in ``sd`` with the right shape and kind
+    (the integer type of quantized codes; any float type for the rest), and nothing else is."""
     expected = skeleton(cfg, quantization).state_dict()
     for name, t in expected.items():
         if name not in sd:
@@ -113,6 +113,13 @@ def check_weights(
         if sd[name].shape != t.shape:
             raise GptlabError(
                 f"{where}: tensor {name!r} has shape {tuple(sd[name].shape)}, the config needs {tuple(t.shape)}"
+            )
+        if sd[name].is_floating_point() != t.is_floating_point() or (
+            not t.is_floating_point() and sd[name].dtype != t.dtype
+        ):
+            raise GptlabError(
+                f"{where}: tensor {name!r} is {str(sd[name].dtype).removeprefix('torch.')}, the model needs "
+                f"{str(t.dtype).removeprefix('torch.') if not t.is_floating_point() else 'a float type'}"
             )
     extra = set(sd) - set(expected)
     if extra:

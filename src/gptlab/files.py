@@ -16,16 +16,20 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import GptlabError
 
-_LEFTOVER_TAGS = (".tmp-", ".old-", ".trash-")
+RUN_MARKER = ".gptlab-run"  # what marks a folder as a gptlab run (see check_run_folder)
+DATASET_FORMATS = ("gptlab-tokens", "gptlab-images")
+_LEFTOVER = re.compile(r"\..+\.(tmp|old|trash)-\d+")  # sibling() names and atomic_file's mkstemp names
 
 
 def _umask() -> int:
@@ -126,24 +130,21 @@ def replace_dir(new: Path, final: Path) -> None:
 @contextlib.contextmanager
 def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success every file in it is fsynced and it takes the place of
-    ``final`` (replacing an existing one if ``replace``, else refusing); on failure it is removed and ``final`` is
-    untouched."""
+    ``final`` (replacing an existing one if ``replace``; else ``final`` must be new, and a second writer of it is
+    refused: :func:`new_output`); on failure it is removed and ``final`` is untouched."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not replace:
-        raise GptlabError(f"{final} already exists; choose a new folder (nothing was overwritten)")
-    tmp = sibling(final, "tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if final.exists() and not replace:
-            raise GptlabError(f"{final} already exists; choose a new folder (nothing was overwritten)")
-        replace_dir(tmp, final)
-    except BaseException:
+    with contextlib.nullcontext() if replace else new_output(final):
+        tmp = sibling(final, "tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp.mkdir()
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+            replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def remove_dir(path: Path) -> None:
@@ -165,19 +166,70 @@ def recover(final: Path) -> None:
 
 def remove_leftovers(parent: Path, name: str | None = None) -> list[Path]:
     """Delete what killed gptlab processes left in ``parent`` (temporary, old or trashed copies of ``name``, or
-    of anything when ``name`` is None). Call it only while holding the lock that guards ``parent``."""
+    of anything when ``name`` is None). Call it only while holding the lock that guards ``parent`` (or ``name``)."""
     removed: list[Path] = []
     if not parent.is_dir():
         return removed
-    prefix = f".{name}." if name else "."
+    leftover = re.compile(rf"\.{re.escape(name)}\.(tmp|old|trash)-\d+") if name else _LEFTOVER
     for p in parent.iterdir():
-        if p.name.startswith(prefix) and any(tag in p.name for tag in _LEFTOVER_TAGS):
+        if leftover.match(p.name):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+def _string_leaves(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _string_leaves(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _string_leaves(v)
+
+
+def dataset_files(folder: Path) -> set[str] | None:
+    """The names a gptlab dataset in ``folder`` owns (``meta.json`` and every file its ``files`` lists), or None
+    when ``folder`` holds no gptlab dataset."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") not in DATASET_FORMATS:
+        return None
+    return {"meta.json", *(Path(f).name for f in _string_leaves(meta.get("files")))}
+
+
+def entries(folder: Path) -> list[str]:
+    """What a folder holds, less gptlab's lock and the leftovers of killed gptlab processes."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".lock" and not _LEFTOVER.match(p.name))
+
+
+def is_run(folder: Path) -> bool:
+    """A folder a gptlab run wrote: it holds the run marker, or (runs from before the marker) a gptlab checkpoint."""
+    if (folder / RUN_MARKER).is_file():
+        return True
+    return any((c / "state.json").is_file() for c in (folder / "checkpoints").glob("step-*"))
+
+
+def check_run_folder(out: Path) -> None:
+    """A run may write only into a new folder, an empty one, a gptlab run, or a gptlab dataset holding nothing but
+    its own files (people train into their data folder); anything else is refused before a byte is written."""
+    if out.exists() and not out.is_dir():
+        raise GptlabError(f"{out} is a file, not a folder; choose another --out-dir")
+    if not out.is_dir() or is_run(out):
+        return
+    others = [e for e in entries(out) if e not in (dataset_files(out) or set())]
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise GptlabError(
+            f"--out-dir {out} holds files gptlab did not write ({shown}); a run goes into a new or empty folder or "
+            f"an earlier gptlab run: choose another --out-dir (nothing was written)"
+        )
 
 
 @contextlib.contextmanager
@@ -214,25 +266,51 @@ def folder_lock(lock_file: Path, what: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def mark_run(folder: Path) -> bool:
+    """Mark ``folder`` as a gptlab run (what :func:`is_run` recognises); whether this call wrote the marker."""
+    if (folder / RUN_MARKER).is_file():
+        return False
+    atomic_write_text(folder / RUN_MARKER, json.dumps({"format": "gptlab-run", "version": 1}) + "\n")
+    return True
+
+
 @contextlib.contextmanager
 def run_folder(out: Path, what: str = "run folder") -> Iterator[Path]:
-    """Create (if needed) and lock a run folder for the block, removing leftovers of killed runs inside it; a folder
-    this call created is removed again if the block fails before writing anything into it."""
+    """Create (if needed) and lock a run folder for the block, after :func:`check_run_folder`; mark it as a gptlab
+    run and remove the leftovers of killed runs inside it. If the block fails before writing anything, the folder is
+    left as it was found: a folder this call created is removed, a marker it added (to a dataset folder) too."""
     out = Path(out)
+    check_run_folder(out)
     created = not out.exists()
-    if out.exists() and not out.is_dir():
-        raise GptlabError(f"{out} is a file, not a folder; choose another --out-dir")
     out.mkdir(parents=True, exist_ok=True)
-    lock = out / ".lock"
+    marked = False
     try:
-        with folder_lock(lock, f"{what} {out}"):
+        with folder_lock(out / ".lock", f"{what} {out}"):
+            check_run_folder(out)  # again under the lock: another process may have written since
             remove_leftovers(out)
             remove_leftovers(out / "checkpoints")
+            marked = mark_run(out)
             yield out
     except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        untouched = out.is_dir() and set(entries(out)) - {RUN_MARKER} <= (dataset_files(out) or set())
+        if created and untouched and set(entries(out)) <= {RUN_MARKER}:
+            shutil.rmtree(out, ignore_errors=True)
+        elif marked and untouched:
+            (out / RUN_MARKER).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def new_output(final: Path, what: str = "output") -> Iterator[Path]:
+    """Guard the writing of a new file or folder ``final``: hold ``.NAME.lock`` beside it (a second writer of the
+    same output is refused at once), remove what killed writers of it left, and refuse if it exists."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(final.parent / f".{final.name}.lock", f"{what} {final}"):
+        remove_leftovers(final.parent, final.name)
+        if final.exists() or final.is_symlink():
+            raise GptlabError(f"{final} already exists; choose a new name (nothing was overwritten)")
+        yield final
 
 
 def describe_os_error(e: OSError) -> str:

@@ -16,6 +16,7 @@ Pickles are never executed: weights come from safetensors, or from ``torch.load(
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -74,6 +75,10 @@ def is_gptlab(path: Path) -> bool:
 def load_model(source: str | Path, device: str | torch.device = "auto", quantize: str | None = None) -> Loaded:
     """The model of ``source`` in eval mode on ``device`` (``auto``: CUDA, else MPS, else CPU), with its tokenizer;
     ``quantize="int8" | "int4"`` quantizes its linear layers on the fly (:mod:`gptlab.quant.quantize`, defaults)."""
+    if not isinstance(source, (str, os.PathLike)) or not str(source):
+        raise GptlabError(
+            f"a model source is a path or a model name (a non-empty str or pathlib.Path), not {source!r:.60}"
+        )
     device = pick_device(device)
     path = installed_model(str(source)) if str(source) in INSTALLED else Path(source)
     if is_gptlab(path):

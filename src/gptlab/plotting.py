@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_file
+from .files import atomic_file, new_output
 
 
 def pyplot() -> Any:
@@ -18,10 +19,14 @@ def pyplot() -> Any:
     return plt
 
 
-def save_png(fig: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Write ``fig`` to ``path`` atomically and close it."""
+def save_png(fig: Any, path: str | Path, dpi: int = 120, new: bool = False) -> Path:
+    """Write ``fig`` to ``path`` atomically and close it. ``new``: the path is the user's (``--plot PNG``), so it
+    must not exist yet and a second writer of it is refused (:func:`gptlab.files.new_output`); else it is a plot
+    gptlab owns inside its own run folder, replaced each time."""
     path = Path(path)
-    with atomic_file(path) as f:
-        fig.savefig(f, dpi=dpi, format="png")
-    pyplot().close(fig)
+    try:
+        with new_output(path, "plot") if new else contextlib.nullcontext(), atomic_file(path) as f:
+            fig.savefig(f, dpi=dpi, format="png")
+    finally:
+        pyplot().close(fig)
     return path

@@ -54,11 +54,7 @@ def sft_examples(path: str | Path, tok: Any, block: int) -> list[Example]:
     for i, rec in enumerate(read_jsonl(path, ())):
         if "messages" in rec:
             ids, mask = [], []
-            for m in rec["messages"]:
-                if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                    raise GptlabError(
-                        f"{path} record {i + 1}: each message needs a role in {sorted(ROLES)} and a string content"
-                    )
+            for m in messages(rec, f"{path} record {i + 1}"):
                 head = tok.encode(f"{ROLES[m['role']]}: ")
                 body = tok.encode(m["content"] + "\n")
                 train = m["role"] == "assistant"
@@ -76,8 +72,27 @@ def sft_examples(path: str | Path, tok: Any, block: int) -> list[Example]:
     return out
 
 
-def prompt_text(rec: dict[str, Any]) -> str:
-    return chat_prompt(rec["messages"]) if "messages" in rec else rec["prompt"]
+def messages(rec: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """A record's ``messages``, checked: a non-empty list of {role, content} objects."""
+    msgs = rec["messages"]
+    if not (
+        isinstance(msgs, list)
+        and msgs
+        and all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs)
+    ):
+        raise GptlabError(
+            f"{where}: messages must be a list of {{role, content}} objects, each with a role in {sorted(ROLES)} "
+            f"and a string content"
+        )
+    return msgs
+
+
+def prompt_text(rec: dict[str, Any], where: str) -> str:
+    if "messages" in rec:
+        return chat_prompt(messages(rec, where))
+    if not isinstance(rec.get("prompt"), str):
+        raise GptlabError(f'{where}: "prompt" must be a string (or give "messages")')
+    return rec["prompt"]
 
 
 def prompts(path: str | Path) -> list[str]:
@@ -85,7 +100,7 @@ def prompts(path: str | Path) -> list[str]:
     bad = [i + 1 for i, r in enumerate(recs) if not ("messages" in r or isinstance(r.get("prompt"), str))]
     if bad:
         raise GptlabError(f'{path} record {bad[0]} has no prompt; each line needs "prompt" (or "messages")')
-    return [prompt_text(r) for r in recs]
+    return [prompt_text(r, f"{path} record {i + 1}") for i, r in enumerate(recs)]
 
 
 @dataclass
@@ -111,7 +126,7 @@ def preferences(path: str | Path, tok: Any, block: int) -> list[Preference]:
                 f"different responses (fix or remove that record)"
             )
         if "prompt" in rec or "messages" in rec:
-            prompt = prompt_text(rec)
+            prompt = prompt_text(rec, f"{path} record {i + 1}")
         else:  # whole conversations (Anthropic HH-RLHF): the prompt is the shared part up to the last turn
             prompt = shared_prompt(ranked)
             ranked = [r[len(prompt) :] for r in ranked]

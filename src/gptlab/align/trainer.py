@@ -92,7 +92,7 @@ class StageJob:
             state = checkpoint.read_state(checkpoint_dir)
             weights = {f"gpt.{k}": v for k, v in checkpoint.load_weights(checkpoint_dir, state).items()}
             weights = retie(self.module, {**weights, **checkpoint.load_extra(checkpoint_dir, state)})
-            self.start = restore_state(checkpoint_dir, state, self.module, self.optimizer, weights, d)
+            self.start = restore_state(checkpoint_dir, state, self.module, self.optimizer, weights, d, cfg.max_iters)
             self.stage.load_state(state["align"])
         self.metrics = Metrics(self.out / METRICS, self.start if resume else None, d.is_main)
         self.groups = [[p for p in g if p.requires_grad] for g in self.stage.clip_groups()]

@@ -34,7 +34,7 @@ class PrepareConfig(RecipeConfig):
     val_fraction: float = opt(0.1, "tail of the token stream held out", Range(0, 1, lo_open=True, hi_open=True))
     field: str = opt("text", "JSONL field / parquet column holding the text")
     images: int = opt(10_000, "shapes: training images; val and holdout get a tenth each", Range(10, 10_000_000))
-    image_size: int = opt(32, "shapes: side in pixels, a multiple of 8", Range(8, 512))
+    image_size: int = opt(32, "shapes: side in pixels, a multiple of 8", Range(16, 512))
     seed: int = opt(0, "shapes and digits: the seed of the drawing and of the held-out split", Range(0, 2**32 - 1))
 
     def checks(self) -> list[tuple[bool, str]]:

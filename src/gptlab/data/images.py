@@ -87,8 +87,8 @@ def render_shapes(
     """One uint8 [size, size, 3] image: ``count`` copies of the shape in distinct cells of a 2 x 2 grid inside
     ``quadrant`` (0 top left, 1 top right, 2 bottom left, 3 bottom right), on dark noise."""
     img = rng.integers(0, 36, size=(size, size, 3)).astype(np.int16)
-    cell = size // 4
-    d = cell - 1 if big else max(3, cell // 2 + 1)
+    cell = size // 4  # >= 4: the documented sizes start at 16 pixels
+    d = (cell - 1 if cell > 4 else cell) if big else max(3, cell // 2 + 1)  # big is always the larger
     qy, qx = divmod(quadrant, 2)
     for k in rng.permutation(4)[:count]:
         cy, cx = divmod(int(k), 2)
@@ -128,7 +128,9 @@ def shapes_split(
 
 def build_shapes(count: int, size: int, seed: int) -> dict[str, Any]:
     if size % 8:
-        raise GptlabError(f"--image-size {size} must be a multiple of 8 (four cells of at least 2 pixels per side)")
+        raise GptlabError(f"--image-size {size} must be a multiple of 8 (a grid of 4 x 4 cells)")
+    if size < 16:
+        raise GptlabError(f"--image-size {size} is too small: a big and a small shape need cells of 4 pixels (16)")
     rng = np.random.default_rng(seed)
     n_val = max(1, count // 10)
     splits = {

@@ -33,8 +33,16 @@ def jsonl_records(data: bytes, origin: str) -> Iterator[tuple[int, Any]]:
             raise GptlabError(f"{origin} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
 
 
+# the JSON type of each field gptlab reads from JSON lines; every other field is a string
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "label": (int, str, bool), "answers": (list,), "options": (list,), "choices": (list,), "endings": (list,),
+}  # fmt: skip
+_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", bool: "a boolean"}
+
+
 def read_jsonl(path: str | Path, fields: Sequence[str], limit: int | None = None) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file, each required to hold ``fields``; a bad line is one error naming it."""
+    """Records of a JSON-lines file, each required to hold ``fields`` of their JSON types (:data:`FIELD_TYPES`,
+    else a string); a bad line is one error naming it."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -50,6 +58,13 @@ def read_jsonl(path: str | Path, fields: Sequence[str], limit: int | None = None
         missing = [f for f in fields if f not in rec]
         if missing:
             raise GptlabError(f"{path} line {n}: missing field(s) {missing}; each line needs {list(fields)}")
+        for f in fields:
+            kinds = FIELD_TYPES.get(f, (str,))
+            if not isinstance(rec[f], kinds) or (isinstance(rec[f], bool) and bool not in kinds):
+                want = " or ".join(_TYPE_NAMES[k] for k in kinds)
+                raise GptlabError(
+                    f"{path} line {n}: field {f!r} is {type(rec[f]).__name__}, not {want}; fix or remove that line"
+                )
         out.append(rec)
         if limit and len(out) >= limit:
             break

@@ -32,14 +32,40 @@ def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[to
     return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
 
 
+# the keys every reader of a dataset's meta.json relies on, with their types, per format
+_META_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "gptlab-tokens": {"tokenizer": dict, "vocab_size": int, "eot_id": int, "dtype": str, "files": dict},
+    "gptlab-images": {
+        "tokenizer": dict, "vocab_size": int, "eot_id": int, "files": dict, "image_size": int,
+        "image_channels": int, "text_tokens": int,
+    },
+}  # fmt: skip
+
+
 def read_meta(data_dir: str | Path) -> dict[str, Any]:
+    """A dataset's ``meta.json``, checked: its format is known and every key its readers use has the right type."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise GptlabError(f"{data_dir} is not a prepared dataset (no meta.json); run `gptlab prepare` first")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise GptlabError(f"{path} is corrupt; re-run `gptlab prepare`") from None
+    keys = _META_KEYS.get(str(meta.get("format"))) if isinstance(meta, dict) else None
+    if keys is None:
+        raise GptlabError(f"{path} is not a gptlab dataset's meta.json (unknown format); re-run `gptlab prepare`")
+    for key, kind in keys.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise GptlabError(
+                f"{path} lacks {key!r} or it has the wrong type; the dataset is damaged: re-run `gptlab prepare`"
+            )
+    files = meta["files"]
+    for split in ("train", "val") if meta["format"] == "gptlab-tokens" else files:
+        names = files.get(split)
+        names = list(names.values()) if isinstance(names, dict) else names
+        if not isinstance(names, list) or not all(isinstance(f, str) for f in names):
+            raise GptlabError(f"{path} lists no {split} files; the dataset is damaged: re-run `gptlab prepare`")
+    return meta
 
 
 class TokenWindows:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .. import assets
 from ..errors import GptlabError
-from ..files import atomic_write_text, folder_lock, recover, remove_leftovers, replace_dir
+from ..files import atomic_write_text, dataset_files, entries, folder_lock, recover, remove_leftovers, replace_dir
 from ..tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 from .config import PrepareConfig
 from .corpora import CORPORA, load_corpus
@@ -53,7 +53,12 @@ def _parquet_docs(path: Path, field: str) -> Iterator[tuple[str, str]]:
         import pyarrow.parquet as pq  # optional (the parquet extra): only parquet sources need it
     except ImportError:
         raise GptlabError(f"reading {path} needs pyarrow; install it with `pip install 'gptlab[parquet]'`") from None
-    table = pq.read_table(path)
+    import pyarrow as pa
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise GptlabError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
     if field not in table.column_names:
         raise GptlabError(f"{path} has no column {field!r} (columns: {table.column_names}); choose it with --field")
     for n, text in enumerate(table.column(field).to_pylist()):
@@ -199,14 +204,6 @@ def write_dataset(out_dir: Path, sources: list[str], build: Callable[[Path], dic
     return meta
 
 
-def is_dataset(path: Path) -> bool:
-    try:
-        fmt = json.loads((path / "meta.json").read_text(encoding="utf-8")).get("format")
-        return fmt in ("gptlab-tokens", "gptlab-images")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return False
-
-
 def check_output_folder(out_dir: Path, sources: list[str]) -> None:
     """Refuse an output that would destroy data gptlab did not make: a file, a folder of other things, an input."""
     out = out_dir.resolve()
@@ -221,12 +218,21 @@ def check_output_folder(out_dir: Path, sources: list[str]) -> None:
             )
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise GptlabError(f"--out {out_dir} exists and is not a folder; choose a new folder name (nothing was written)")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_dataset(out_dir):
-        raise GptlabError(
-            f"--out {out_dir} is a folder that is not a gptlab dataset (no gptlab meta.json); "
-            f"prepare only replaces its own datasets: choose a new or empty folder (nothing was "
-            f"written)"
-        )
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        own = dataset_files(out_dir)
+        if own is None:
+            raise GptlabError(
+                f"--out {out_dir} is a folder that is not a gptlab dataset (no gptlab meta.json); "
+                f"prepare only replaces its own datasets: choose a new or empty folder (nothing was "
+                f"written)"
+            )
+        others = [e for e in entries(out_dir) if e not in own]
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise GptlabError(
+                f"--out {out_dir} holds a gptlab dataset and other things ({shown}); prepare replaces only a "
+                f"dataset's own files: move those away or choose another folder (nothing was written)"
+            )
 
 
 def _build(

@@ -228,6 +228,27 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return centre - half, centre + half
 
 
+def check_template(template: str) -> None:
+    """A few-shot template names {text} and then {label}, and nothing else (``str.format`` syntax)."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise GptlabError(
+            f"--template {template!r} is not a valid template ({e}); use {{text}} and {{label}}"
+        ) from None
+    unknown = sorted(set(names) - {"text", "label"})
+    if unknown or names[-1:] != ["label"] or "text" not in names:
+        raise GptlabError(
+            f"--template {template!r} "
+            + (
+                f"has unknown placeholders {unknown}"
+                if unknown
+                else "must hold {text} and end its placeholders with {label}"
+            )
+            + "; use only {text} and {label}, e.g. 'Input: {text}\\nLabel: {label}'"
+        )
+
+
 def fewshot_prompt(shots: Sequence[dict[str, Any]], query: str, template: str, separator: str = "\n\n") -> str:
     """The examples, filled into ``template`` ({text}, {label}), then the query with the label left out."""
     head = template.split("{label}")[0].rstrip(" ")
@@ -261,6 +282,7 @@ def fewshot(
     never cut): each k reports the shots actually used (``shots_used``: min and mean) and how many queries got
     fewer than k (``fewer_shots``); a query that does not fit even alone is cut from the left and counted in
     ``truncated``."""
+    check_template(template)
     p = Path(path) if path else SENTIMENT
     docs = read_jsonl(p, ["text", "label"])
     if train_path:
@@ -357,7 +379,7 @@ def fewshot_plot(result: dict[str, Any], out: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return save_png(fig, out)
+    return save_png(fig, out, new=True)
 
 
 # Prompted generation (Radford et al. 2019, GPT-2, section 3):

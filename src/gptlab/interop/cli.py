@@ -58,10 +58,13 @@ def _convert_gguf(args: argparse.Namespace) -> None:
     target = args.out or args.out_dir
     if not target:
         raise GptlabError("give the output file: gptlab convert MODEL out.gguf")
+    from ..quant.quantize import export_state
+
+    if Path(target).exists():  # before loading; save_gguf checks again under the output's lock
+        raise GptlabError(f"{target} already exists; choose a new name (nothing was overwritten)")
     loaded = load_model(args.model, "cpu")
-    if loaded.meta.get("quantization"):
-        raise GptlabError(f"{args.model} is quantized by gptlab; export the float model (--gguf-type q8_0 quantizes)")
-    path = save_gguf(loaded.model.state_dict(), loaded.config, loaded.meta["tokenizer"], Path(target), args.gguf_type)
+    state, _ = export_state(loaded.model, "gguf")
+    path = save_gguf(state, loaded.config, loaded.meta["tokenizer"], Path(target), args.gguf_type)
     result = {"model": str(args.model), "out": str(path), "to": "gguf", "type": args.gguf_type,
               "bytes": path.stat().st_size, "params": loaded.model.num_params()}  # fmt: skip
     emit(args, result, f"wrote GGUF {args.gguf_type} ({result['bytes'] / 2**20:,.1f} MiB) to {path}")

@@ -29,7 +29,7 @@ import torch
 
 from ..config import GPTConfig
 from ..errors import GptlabError
-from ..files import fsync_dir, sibling
+from ..files import fsync_dir, new_output, sibling
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
@@ -47,7 +47,7 @@ def _check_llama(cfg: GPTConfig, tokenizer: dict[str, Any]) -> None:
     if tokenizer.get("kind") != "bpe":
         problems.append(f"the {tokenizer.get('kind')} tokenizer (a byte-level BPE maps to llama.cpp's gpt2 model)")
     if problems:
-        raise GptlabError(f"GGUF export writes llama.cpp's llama architecture, which has no {', '.join(problems)}")
+        raise GptlabError(f"GGUF export writes llama.cpp's llama architecture, which cannot hold {', '.join(problems)}")
 
 
 def _check(cfg: GPTConfig, tokenizer: dict[str, Any]) -> None:
@@ -71,7 +71,7 @@ def _check(cfg: GPTConfig, tokenizer: dict[str, Any]) -> None:
     if tokenizer.get("kind") != "gpt2" or cfg.vocab_size != 50257:
         problems.append(f"the {tokenizer.get('kind')} tokenizer (only GPT-2's BPE maps to llama.cpp's gpt2 vocabulary)")
     if problems:
-        raise GptlabError(f"GGUF export writes llama.cpp's gpt2 architecture, which has no {', '.join(problems)}")
+        raise GptlabError(f"GGUF export writes llama.cpp's gpt2 architecture, which cannot hold {', '.join(problems)}")
 
 
 def _tensors(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> list[tuple[str, torch.Tensor]]:
@@ -187,8 +187,6 @@ def save_gguf(
     _check(cfg, tokenizer)
     if ftype not in GGUF_TYPES:
         raise GptlabError(f"unknown GGUF type {ftype!r}; choose one of {', '.join(GGUF_TYPES)}")
-    if path.exists():
-        raise GptlabError(f"{path} exists; give a new file name (nothing is overwritten)")
     if not path.parent.is_dir():
         raise GptlabError(f"the folder {path.parent} does not exist")
     file_type = {
@@ -197,32 +195,33 @@ def save_gguf(
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     }[ftype]
-    tmp = sibling(path, "tmp")
-    llama = cfg.positions == "rope"
-    w = gguf.GGUFWriter(str(tmp), "llama" if llama else "gpt2")
-    w.add_name("gptlab llama" if llama else "gptlab GPT-2")
-    w.add_file_type(file_type)
-    (_llama_header if llama else _gpt2_header)(w, cfg, tokenizer)
-    for name, t in (_llama_tensors if llama else _tensors)(state, cfg):
-        data = t.detach().float().cpu().numpy()
-        if data.ndim == 2 and name != "position_embd.weight" and ftype != "f32":
-            if ftype == "f16":
-                w.add_tensor(name, data.astype(np.float16))
+    with new_output(path, "GGUF file"):
+        tmp = sibling(path, "tmp")
+        llama = cfg.positions == "rope"
+        w = gguf.GGUFWriter(str(tmp), "llama" if llama else "gpt2")
+        w.add_name("gptlab llama" if llama else "gptlab GPT-2")
+        w.add_file_type(file_type)
+        (_llama_header if llama else _gpt2_header)(w, cfg, tokenizer)
+        for name, t in (_llama_tensors if llama else _tensors)(state, cfg):
+            data = t.detach().float().cpu().numpy()
+            if data.ndim == 2 and name != "position_embd.weight" and ftype != "f32":
+                if ftype == "f16":
+                    w.add_tensor(name, data.astype(np.float16))
+                else:
+                    kind = gguf.GGMLQuantizationType.Q8_0 if ftype == "q8_0" else gguf.GGMLQuantizationType.Q4_0
+                    packed = gguf.quants.quantize(data, kind)
+                    w.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=kind)
             else:
-                kind = gguf.GGMLQuantizationType.Q8_0 if ftype == "q8_0" else gguf.GGMLQuantizationType.Q4_0
-                packed = gguf.quants.quantize(data, kind)
-                w.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=kind)
-        else:
-            w.add_tensor(name, data.astype(np.float32))
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+                w.add_tensor(name, data.astype(np.float32))
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path

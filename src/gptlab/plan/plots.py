@@ -40,4 +40,4 @@ def scaling_figure(
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return save_png(fig, out)
+    return save_png(fig, out, new=True)

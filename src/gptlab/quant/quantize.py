@@ -266,9 +266,26 @@ def quantization_record(mode: str, group_size: int, exclude: tuple[str, ...]) ->
     return {"mode": mode, "group_size": group_size if mode == "int4" else None, "exclude": list(exclude)}
 
 
+def check_record(record: Any) -> dict[str, Any]:
+    """A checkpoint's quantization record, checked: {mode: int8|int4, group_size: one of GROUP_SIZES for int4 (None
+    or absent for int8), exclude: a list of layer names}."""
+    ok = isinstance(record, dict) and record.get("mode") in MODES
+    if ok:
+        group, exclude = record.get("group_size"), record.get("exclude", [])
+        ok = (group in GROUP_SIZES and not isinstance(group, bool)) or (group is None and record["mode"] == "int8")
+        ok = ok and isinstance(exclude, list) and all(isinstance(e, str) for e in exclude)
+    if not ok:
+        raise GptlabError(
+            f"the checkpoint's quantization record {str(record)[:120]} is damaged (it needs mode int8|int4, an int4 "
+            f"group_size in {list(GROUP_SIZES)}, exclude: a list of names); quantize the float model again"
+        )
+    return record
+
+
 def empty_quantized(model: GPT, record: dict[str, Any]) -> GPT:
     """``model`` (any weights, e.g. on the meta device) with the quantized modules of ``record`` in place, ready to
     receive a quantized checkpoint's tensors."""
+    record = check_record(record)
     mode, group = record["mode"], record.get("group_size") or 64
     for name in linear_names(model, tuple(record.get("exclude", ()))):
         lin = model.get_submodule(name)
@@ -281,10 +298,10 @@ def empty_quantized(model: GPT, record: dict[str, Any]) -> GPT:
 
 
 def export_state(model: GPT, to: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """What to write when saving ``model`` as ``to`` ("gptlab" or "hf"): the state dict on the CPU (floats as
-    float32) and the checkpoint's extra metadata. A quantized model keeps its codes and its quantization record in
-    a gptlab checkpoint, so it loads back quantized; a Hugging Face folder holds float weights, so there it is
-    dequantized, with a one-line notice."""
+    """What to write when saving ``model`` as ``to`` ("gptlab", "hf" or "gguf"): the state dict on the CPU (floats
+    as float32) and the checkpoint's extra metadata. A quantized model keeps its codes and its quantization record
+    in a gptlab checkpoint, so it loads back quantized; a Hugging Face folder or a GGUF file gets float weights (GGUF
+    re-quantizes them with ``--gguf-type``), so there it is dequantized, with a one-line notice."""
     record = getattr(model, "quantization", None)
     cpu = lambda t: t.detach().to("cpu", torch.float32) if t.is_floating_point() else t.detach().cpu()
     if not record:
@@ -292,8 +309,8 @@ def export_state(model: GPT, to: str) -> tuple[dict[str, torch.Tensor], dict[str
     if to == "gptlab":
         return {k: cpu(v) for k, v in model.state_dict().items()}, {"quantization": dict(record)}
     print(
-        f"gptlab: note: a Hugging Face folder holds float weights; the {record['mode']} weights are dequantized to "
-        "float32 on export",
+        f"gptlab: note: the {record['mode']} weights are dequantized to float32 for the "
+        f"{'Hugging Face folder' if to == 'hf' else 'GGUF file'}",
         file=sys.stderr,
     )
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}

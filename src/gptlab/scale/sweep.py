@@ -41,7 +41,7 @@ from ..checkpoint import list_checkpoints
 from ..config import preset
 from ..data.loader import read_meta
 from ..errors import GptlabError
-from ..files import atomic_write_bytes, run_folder
+from ..files import atomic_write_bytes, mark_run, run_folder
 from ..plan.shape import Shape, params
 from ..train.config import TrainConfig
 from ..train.trainer import train
@@ -182,6 +182,7 @@ def _run_sweep(sw: Sweep, base: TrainConfig, points: list[dict[str, Any]], progr
             )
         if not (run / "summary.json").exists():
             run.mkdir(parents=True, exist_ok=True)
+            mark_run(run)
             atomic_write_bytes(run / "run.json", json.dumps(cfg, indent=1).encode())
             todo.append(run)
     with ThreadPoolExecutor(sw.jobs) as pool:

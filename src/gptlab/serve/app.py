@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import secrets
 import threading
 import time
@@ -42,7 +43,7 @@ from .config import ServeConfig
 from .metrics import ServeMetrics
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Common, error_body
 from .runs import add_routes as add_runs
-from .scheduler import Chunk, InvalidRequest, QueueFull, Scheduler, TokenLogprob
+from .scheduler import Cancelled, Chunk, InvalidRequest, QueueFull, Scheduler, TokenLogprob
 from .scheduler import Request as GenRequest
 
 ERROR_TYPES = {
@@ -54,9 +55,11 @@ ERROR_TYPES = {
     500: "internal_error",
     503: "service_unavailable",
 }
+log = logging.getLogger("gptlab.serve")
 DISCONNECT_POLL = 0.02  # seconds between checks that a client is still there
 PAGE = Path(__file__).with_name("static") / "index.html"  # the playground and run viewer (docs/serving.md)
-OPEN_PATHS = ("/", "/health")  # answered without the API key: the page asks for it, probes need health
+OPEN_PATHS = ("/", "/health", "/openapi.json")  # answered without the API key: the page asks for it, probes need
+# health, and the API's description holds nothing secret
 
 
 class ApiError(Exception):
@@ -83,6 +86,22 @@ class Server:
         self.load_error: str | None = None
         self.on_loaded: Callable[[str | None], None] | None = None  # called with the error, or None when ready
         self.created = int(time.time())
+        self.draining = False
+
+    def drain(self, grace: float) -> None:
+        """Shut down gracefully (on SIGTERM): new requests get 503 from now on; the running ones may finish for
+        ``grace`` seconds, after which those still running end cleanly (a stream with an error event and
+        ``[DONE]``, a plain request with 503)."""
+        if self.draining:
+            return
+        self.draining = True
+
+        def end() -> None:
+            time.sleep(grace)
+            if self.scheduler is not None:
+                self.scheduler.close()
+
+        threading.Thread(target=end, name="gptlab-drain", daemon=True).start()
 
     def load(self, loaded: Any = None) -> None:
         """Load the model (in the background while ``/health`` answers 503), then start the scheduler."""
@@ -117,9 +136,13 @@ class Server:
             self.on_loaded(self.load_error)
 
     def ready(self) -> Scheduler:
+        if self.draining:
+            raise ApiError(
+                503, "the server is shutting down; send the request to another instance", code="shutting_down"
+            )
         if self.scheduler is None:
-            if self.load_error:
-                raise ApiError(503, f"the model failed to load: {self.load_error}", code="load_failed")
+            if self.load_error:  # (the message itself, which may name files, is on the server's console)
+                raise ApiError(503, "the model failed to load; the server's log says why", code="load_failed")
             raise ApiError(503, "the model is still loading; retry shortly", code="loading")
         return self.scheduler
 
@@ -221,7 +244,7 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
         if server.scheduler is not None:
             server.scheduler.close()
 
-    app = FastAPI(title="gptlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="gptlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = server
 
     @app.exception_handler(ApiError)
@@ -245,7 +268,9 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(e).__name__}: {e}", code="internal_error")
+        # the details (which may name files on this machine) go to the server's log, never to the client
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=e)
+        return error_response(500, "internal error; the server's log has the details", code="internal_error")
 
     if cfg.api_key:
         key = cfg.api_key.encode()
@@ -338,9 +363,19 @@ def _prompt_ids(server: Server, prompt: Any) -> list[list[int]]:
         return [server.encode(prompt)]
     if not prompt:
         raise ApiError(400, "prompt is an empty list; send a string or token ids", "prompt")
-    if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    return [server.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    ids = (
+        [list(prompt)]
+        if all(isinstance(p, int) for p in prompt)
+        else [server.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    )
+    vocab = server.ready().vocab
+    for p in ids:
+        bad = next((t for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(
+                400, f"prompt holds the token id {str(bad)[:40]}, outside the vocabulary [0, {vocab})", "prompt"
+            )
+    return ids
 
 
 class _Run:
@@ -364,6 +399,14 @@ class _Run:
         most = min(server.cfg.max_n or server.cfg.max_batch, server.cfg.max_batch)
         if body.n > most:
             raise ApiError(400, f"n must be at most {most} on this server (--max-n), got {body.n}", "n")
+        if len(prompts) * body.n > server.cfg.max_choices:
+            raise ApiError(
+                400,
+                f"{len(prompts)} prompt(s) x n={body.n} ask for {len(prompts) * body.n} choices, more than this "
+                f"server's limit of {server.cfg.max_choices} per request (--max-choices); split the request",
+                "prompt" if len(prompts) > 1 else "n",
+            )
+        client = secrets.token_hex(8)  # this request's prompts share rows fairly with other requests
         sampling = Sampling(
             temperature=body.temperature,
             top_k=body.top_k if body.top_k > 0 else None,
@@ -389,6 +432,7 @@ class _Run:
                 logprobs,
                 echo is not None and logprobs is not None,
                 image=image,
+                client=client,
             )
             try:
                 r.max_tokens = sched.check(r)
@@ -481,6 +525,8 @@ class _Run:
                             )
                     if self.body.include_usage:
                         yield _sse({**head, "object": fmt.chunk_object, "choices": [], "usage": usage_dict()})
+                except Cancelled as e:  # the server is shutting down and the grace period is over
+                    yield _sse(error_body(str(e), ERROR_TYPES[503], code="shutting_down"))
                 except Exception as e:  # the stream has started: report in the stream, as OpenAI does
                     yield _sse(error_body(f"generation failed: {e}", "internal_error"))
                 finally:
@@ -510,7 +556,10 @@ class _Run:
         if not task.done():  # the client left
             task.cancel()
             return Response(status_code=499)
-        task.result()  # re-raise a failure (an ApiError from submit becomes its status)
+        try:
+            task.result()  # re-raise a failure (an ApiError from submit becomes its status)
+        except Cancelled as e:  # the server is shutting down and the grace period is over
+            raise ApiError(503, str(e), code="shutting_down") from None
         return JSONResponse(
             {**head, "choices": fmt.choices(collected, len(self.prompts), self.body.n), "usage": usage_dict()}
         )

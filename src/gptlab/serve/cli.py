@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..errors import GptlabError
 from ..options import add_config_flags, add_model, config_from_flags
@@ -35,8 +39,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except OSError as e:
         raise GptlabError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}; pick another --port") from None
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=3))
     state = app.state.server
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM or Ctrl-C: drain, then stop
+            state.drain(cfg.shutdown_grace)
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            """uvicorn's, less re-raising the signal once it has shut down (which makes the exit status -15): a
+            server that drained cleanly exits 0."""
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    # uvicorn waits for the open connections up to its own timeout: past the grace period, by which they have ended
+    server = Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.shutdown_grace + 5))
 
     def loaded(error: str | None) -> None:
         if error:

@@ -34,6 +34,11 @@ class ServeConfig(RecipeConfig):
         None, f"largest n (choices) per request, at most --max-batch (default: {MAX_N}, or --max-batch if less)",
         Range(1, 128), kind=int,
     )  # fmt: skip
+    max_choices: int = opt(
+        64,
+        "most choices one request may ask for (prompts x n); more get 400. Rows are shared fairly among requests",
+        Range(1, 100_000),
+    )
     prefill_chunk: int = opt(
         512, "prompt tokens prefilled per scheduling step: the most a newcomer stalls the others", Range(1, 1 << 20)
     )
@@ -59,6 +64,11 @@ class ServeConfig(RecipeConfig):
         metavar="MODEL|ngram|int8|int4",
     )
     spec_k: int = opt(SPEC_K, "tokens the draft proposes per round", Range(*SPEC_K_RANGE))
+    shutdown_grace: float = opt(
+        30.0,
+        "seconds running requests may take to finish after SIGTERM (new ones get 503); then they end cleanly",
+        Range(0, 3600),
+    )
     log_level: str = opt("warning", "the server's log level", choices=LOG_LEVELS)
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ from ..metrics import METRICS, read_rows
 
 MAX_DEPTH = 4
 MAX_RUNS = 500
+MAX_NAME = 1024  # characters of a run name (a relative path)
 
 
 class RunsError(Exception):
@@ -52,11 +53,16 @@ def resolve_run(root: Path, name: str) -> Path:
     """The folder of run ``name`` under ``root``, or :class:`RunsError` (400 malformed, 404 not a run)."""
     if not name or "\x00" in name or "\\" in name or name.startswith("/") or ".." in Path(name).parts:
         raise RunsError(400, "a run is named by its path relative to the runs folder, without '..'")
-    path = (root / name).resolve()
-    if path != root and root not in path.parents:
-        raise RunsError(400, "that path is outside the runs folder")
-    if not (path / METRICS).is_file() or (path / METRICS).is_symlink():
-        raise RunsError(404, f"{name} is not a training run (no metrics.jsonl)")
+    if len(name) > MAX_NAME or any(len(part.encode()) > 255 for part in Path(name).parts):
+        raise RunsError(400, f"a run name has at most {MAX_NAME} characters and 255 bytes per folder")
+    try:
+        path = (root / name).resolve()
+        if path != root and root not in path.parents:
+            raise RunsError(400, "that path is outside the runs folder")
+        if not (path / METRICS).is_file() or (path / METRICS).is_symlink():
+            raise RunsError(404, f"{name[:200]} is not a training run (no metrics.jsonl)")
+    except OSError:  # (a loop of symlinks, a permission): say nothing of the server's paths
+        raise RunsError(404, "that run cannot be read") from None
     return path
 
 

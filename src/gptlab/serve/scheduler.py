@@ -68,6 +68,7 @@ class Request:
     echo_logprobs: bool = False
     id: str = field(default_factory=lambda: secrets.token_hex(12))
     image: torch.Tensor | None = None  # [1, channels, size, size]: an image prefix before the prompt
+    client: str | None = None  # who asked (one HTTP request's prompts share it); rows are shared fairly among them
 
 
 @dataclass
@@ -352,16 +353,18 @@ class Scheduler:
             self.rows[c.row] = None
 
     def _admit(self) -> None:
-        """Give rows to waiting requests, first come first served (a request waits until all its n fit)."""
+        """Give rows to waiting requests, fairly: the next one is the oldest waiting request of the client holding
+        the fewest rows (ties: the earliest), so one client's many prompts cannot starve the others; a request waits
+        until all its n rows are free."""
         while True:
             with self._lock:
                 if not self.waiting:
                     return
-                job = self.waiting[0]
+                job = self._next_fair()
                 free = [i for i, r in enumerate(self.rows) if r is None]
                 if len(free) < job.request.n:
                     return
-                self.waiting.popleft()
+                self.waiting.remove(job)
             r = job.request
             seed = r.seed if r.seed is not None else secrets.randbits(62)
             for j, row in zip(range(r.n), free):
@@ -383,6 +386,15 @@ class Scheduler:
                     self.draft.reset(row)
             self.prefilling.append(job)
             self._event("admitted", job)
+
+    def _next_fair(self) -> _Job:
+        held: dict[str, int] = {}
+        for j in [*self.prefilling, *self.running]:
+            held[_client(j)] = held.get(_client(j), 0) + len(j.choices)
+        first: dict[str, _Job] = {}
+        for j in self.waiting:  # in arrival order: each client's oldest
+            first.setdefault(_client(j), j)
+        return min(first.values(), key=lambda j: (held.get(_client(j), 0), j.arrived))
 
     def _prefill(self) -> None:
         """Prompt tokens into the cache, oldest newcomer first, as one forward pass whose padded size (rows x
@@ -631,6 +643,10 @@ class Scheduler:
         for j, t in enumerate(p[1:]):
             out.append(TokenLogprob(t, float(lp[j, t]), list(zip(top_i[j, :k].tolist(), top_v[j, :k].tolist()))))
         return out
+
+
+def _client(job: _Job) -> str:
+    return job.request.client or job.request.id
 
 
 class InvalidRequest(GptlabError):

@@ -160,9 +160,15 @@ def restore_state(
     optimizer: torch.optim.Optimizer,
     weights: dict[str, torch.Tensor],
     d: distributed.Dist,
+    max_iters: int,
 ) -> int:
     """Load a checkpoint's weights (``weights``, already named as ``module`` names them), optimizer state and this
-    rank's RNG state; returns the step to continue from."""
+    rank's RNG state; returns the step to continue from. A checkpoint already past ``max_iters`` is refused."""
+    if int(state["step"]) > max_iters:
+        raise GptlabError(
+            f"--resume: the run is already at step {state['step']} ({checkpoint_dir}), past --max-iters {max_iters}; "
+            f"give a --max-iters above {state['step']} to train further (nothing was changed)"
+        )
     optim_sd, rng = checkpoint.load_training_state(checkpoint_dir, state)
     set_state_dict(
         module,

@@ -228,7 +228,13 @@ class Pretraining:
                 f"resume with the original settings"
             )
         self.start = restore_state(
-            checkpoint_dir, state, self.raw, self.optimizer, checkpoint.load_weights(checkpoint_dir, state), self.d
+            checkpoint_dir,
+            state,
+            self.raw,
+            self.optimizer,
+            checkpoint.load_weights(checkpoint_dir, state),
+            self.d,
+            self.cfg.max_iters,
         )
         self.best_val, self.best_step = state.get("best_val") or math.inf, state.get("best_step")
 
