@@ -214,6 +214,16 @@ def scenario_train(work: Path, n_kills: int = 20, n_random: int = 4) -> dict:
     seconds = time.perf_counter() - t0
     ref_losses = metrics_losses(ref)
     run = work / "run"
+
+    def recovered(run: Path) -> dict:
+        return {
+            "losses_equal": metrics_losses(run) == ref_losses,
+            "checkpoints_ok": checkpoints_ok(run),
+            "leftovers": leftovers(run) + leftovers(run / "checkpoints"),
+        }
+
+    from gptlab.checkpoint import list_checkpoints
+
     n = count_events(cmd(run, False), work, lambda: shutil.rmtree(run, ignore_errors=True))
     ks = sorted({round(1 + i * (n - 1) / (n_kills - 1)) for i in range(n_kills)})
     rng = random.Random(1)
@@ -225,48 +235,29 @@ def scenario_train(work: Path, n_kills: int = 20, n_random: int = 4) -> dict:
             rc = in_child(cmd(run, False), kill_at=int(at))
         else:
             rc = in_child(cmd(run, False), kill_after=at)
-        from gptlab.checkpoint import list_checkpoints
-
         resumed = bool(list_checkpoints(run))
         rc2 = in_child(cmd(run, resumed))
         results.append(
-            {
-                "how": how,
-                "at": at,
-                "of": n,
-                "rc": rc,
-                "resumed": resumed,
-                "recovery_rc": rc2,
-                "losses_equal": metrics_losses(run) == ref_losses,
-                "checkpoints_ok": checkpoints_ok(run),
-                "leftovers": leftovers(run) + leftovers(run / "checkpoints"),
-            }
+            {"how": how, "at": at, "of": n, "rc": rc, "resumed": resumed, "recovery_rc": rc2, **recovered(run)}
         )
+
+    def killed_and_recovered(how: str, at: object, resume: bool, **kill) -> dict:
+        """Start afresh (or resume from the first checkpoint), kill as ``kill`` says, then run again."""
+        shutil.rmtree(run, ignore_errors=True)
+        if resume:
+            in_child(cmd(run, False), kill_at=int(first_ckpt))
+        ckpts = list_checkpoints(run)
+        step = int(ckpts[-1].name.split("-")[1]) if ckpts else 0
+        rc = in_child(cmd(run, resume), **kill)
+        kept = {s for s in metrics_losses(run) if s <= step} == {s for s in ref_losses if s <= step}
+        resumed = bool(list_checkpoints(run))
+        rc2 = in_child(cmd(run, resumed))
+        return {"how": how, "at": at, "of": n, "rc": rc, "resumed": resumed, "recovery_rc": rc2,
+                "history_kept": kept, **recovered(run)}  # fmt: skip
+
     # a kill early in a resumed run, where it rewrites metrics.jsonl and clears leftovers: the history survives
     first_ckpt = next(r["at"] for r in results if r["how"] == "event" and r["resumed"])
-    for k in range(1, 9):
-        shutil.rmtree(run, ignore_errors=True)
-        in_child(cmd(run, False), kill_at=int(first_ckpt))
-        from gptlab.checkpoint import list_checkpoints
-
-        step = int(list_checkpoints(run)[-1].name.split("-")[1])
-        rc = in_child(cmd(run, True), kill_at=k)
-        kept = {s for s in metrics_losses(run) if s <= step} == {s for s in ref_losses if s <= step}
-        rc2 = in_child(cmd(run, True))
-        results.append(
-            {
-                "how": "resume-event",
-                "at": k,
-                "of": n,
-                "rc": rc,
-                "resumed": True,
-                "recovery_rc": rc2,
-                "history_kept": kept,
-                "losses_equal": metrics_losses(run) == ref_losses,
-                "checkpoints_ok": checkpoints_ok(run),
-                "leftovers": leftovers(run) + leftovers(run / "checkpoints"),
-            }
-        )
+    results += [killed_and_recovered("resume-event", k, True, kill_at=k) for k in range(1, 9)]
     # named windows: the final rename of a checkpoint folder; in a resumed run's rewrite of metrics.jsonl, the fsync
     # of the new file and its rename
     windows = [
@@ -274,31 +265,7 @@ def scenario_train(work: Path, n_kills: int = 20, n_random: int = 4) -> dict:
         ("metrics-fsync", True, r"^fsync \S*/\.metrics\.jsonl\.tmp-"),
         ("metrics-rename", True, r"^replace \S+ \S+/metrics\.jsonl$"),
     ]
-    for name, resume, pattern in windows:
-        shutil.rmtree(run, ignore_errors=True)
-        if resume:
-            in_child(cmd(run, False), kill_at=int(first_ckpt))
-        from gptlab.checkpoint import list_checkpoints
-
-        step = int(list_checkpoints(run)[-1].name.split("-")[1]) if list_checkpoints(run) else 0
-        rc = in_child(cmd(run, resume), kill_on=pattern)
-        kept = {s for s in metrics_losses(run) if s <= step} == {s for s in ref_losses if s <= step}
-        resumed = bool(list_checkpoints(run))
-        rc2 = in_child(cmd(run, resumed))
-        results.append(
-            {
-                "how": "window",
-                "at": name,
-                "of": n,
-                "rc": rc,
-                "resumed": resumed,
-                "recovery_rc": rc2,
-                "history_kept": kept,
-                "losses_equal": metrics_losses(run) == ref_losses,
-                "checkpoints_ok": checkpoints_ok(run),
-                "leftovers": leftovers(run) + leftovers(run / "checkpoints"),
-            }
-        )
+    results += [killed_and_recovered("window", name, resume, kill_on=pattern) for name, resume, pattern in windows]
     return {"cases": results, "reference_steps": len(ref_losses)}
 
 
