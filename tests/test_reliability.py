@@ -141,6 +141,8 @@ def sandbox(tmp_path_factory):
         "sft_msgs_list.jsonl": {"messages": [5]},
         "dpo_prompt.jsonl": {"prompt": 5, "chosen": "a", "rejected": "b"},
         "fewshot_label.jsonl": {"text": "x", "label": [1]},
+        "qa_numbers.jsonl": {"question": "q", "answers": [1]},
+        "qa_none.jsonl": {"question": "q", "answers": []},
     }.items():
         (root / name).write_text(json.dumps(record) + "\n")
     shutil.copytree(root / "hf", root / "hf_tokjson")
@@ -505,6 +507,8 @@ CASES = [
     (["train", "--data", f"{R}/data_nokey", *TRAIN[3:]], "lacks 'vocab_size'"),
     (["eval", "lambada", RUN, "--path", f"{R}/lambada_int.jsonl"], "field 'text' is int, not a string"),
     (["eval", "fewshot", RUN, "--path", f"{R}/fewshot_label.jsonl"], "field 'label' is list"),
+    (["eval", "generate", RUN, "qa", f"{R}/qa_numbers.jsonl"], "'answers' must be a non-empty list of strings"),
+    (["eval", "generate", RUN, "qa", f"{R}/qa_none.jsonl"], "'answers' must be a non-empty list of strings"),
     (["eval", "fewshot", RUN, "--template", "{text} {foo}"], "unknown placeholders ['foo']"),
     (["eval", "fewshot", RUN, "--template", "{label} {text}"], "end its placeholders with {label}"),
     (["eval", "fewshot", RUN, "--template", "{text"], "not a valid template"),

@@ -33,7 +33,8 @@ def jsonl_records(data: bytes, origin: str) -> Iterator[tuple[int, Any]]:
             raise GptlabError(f"{origin} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
 
 
-# the JSON type of each field gptlab reads from JSON lines; every other field is a string
+# the JSON type of each field gptlab reads from JSON lines (a list: a non-empty list of strings); every other field
+# is a string
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "label": (int, str, bool), "answers": (list,), "options": (list,), "choices": (list,), "endings": (list,),
 }  # fmt: skip
@@ -65,6 +66,8 @@ def read_jsonl(path: str | Path, fields: Sequence[str], limit: int | None = None
                 raise GptlabError(
                     f"{path} line {n}: field {f!r} is {type(rec[f]).__name__}, not {want}; fix or remove that line"
                 )
+            if list in kinds and not (rec[f] and all(isinstance(x, str) for x in rec[f])):
+                raise GptlabError(f"{path} line {n}: field {f!r} must be a non-empty list of strings")
         out.append(rec)
         if limit and len(out) >= limit:
             break
