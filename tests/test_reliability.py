@@ -80,6 +80,9 @@ def sandbox(tmp_path_factory):
         "no_config": {k: v for k, v in state.items() if k != "model_config"},
         "bad_config": {**state, "model_config": {**state["model_config"], "n_head": 3}},
         "wrong_format": {**state, "format": "other"},
+        "text_step": {**state, "step": "x"},
+        "chars_number": {**state, "tokenizer": {"kind": "char", "chars": 5}},
+        "bpe_broken": {**state, "tokenizer": {"kind": "bpe", "tokenizer_json": "{x"}},
     }
     for name, st_ in damaged.items():
         shutil.copytree(checkpoint_dir, root / f"ck_{name}")
@@ -345,6 +348,9 @@ CASES = [
     (["convert", f"{R}/ck_no_config", "--out-dir", f"{R}/out"], "lacks model_config"),
     (["convert", f"{R}/ck_bad_config", "--out-dir", f"{R}/out"], "invalid model_config"),
     (["convert", f"{R}/ck_wrong_format", "--out-dir", f"{R}/out"], "is not a gptlab v1 checkpoint"),
+    ([*SAMPLE[:1], f"{R}/ck_text_step", *SAMPLE[2:]], "lacks an integer step"),
+    ([*SAMPLE[:1], f"{R}/ck_chars_number", *SAMPLE[2:]], "tokenizer's 'chars' is missing or of the wrong type"),
+    ([*SAMPLE[:1], f"{R}/ck_bpe_broken", *SAMPLE[2:]], "the saved bpe tokenizer cannot be read"),
     (["convert", f"{R}/ck_notjson", "--out-dir", f"{R}/out"], "missing or corrupt"),
     (["convert", f"{R}/ck_truncated", "--out-dir", f"{R}/out"], "corrupt"),
     (["convert", f"{R}/hf_no_nlayer", "--out-dir", f"{R}/out"], "lacks ['n_layer']"),

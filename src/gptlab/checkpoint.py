@@ -224,6 +224,7 @@ def read_state(ckpt: Path) -> dict[str, Any]:
             (isinstance(sha, dict) and isinstance(sha.get("model.safetensors"), str), "sha256 of model.safetensors"),
             (isinstance(meta.get("model_config"), dict), "model_config"),
             (isinstance(meta.get("tokenizer"), dict), "tokenizer"),
+            (type(meta.get("step", 0)) is int and meta.get("step", 0) >= 0, "an integer step"),
         )
         if not ok
     ]

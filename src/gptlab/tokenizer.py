@@ -279,24 +279,38 @@ def prompt_ids(tok: Tokenizer, text: str, after_image: bool = False) -> list[int
     return tok.encode(text) if text else [start_id(tok)]
 
 
+_SPEC_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "gpt2": {},
+    "char": {"chars": (str,)},
+    "bpe": {"tokenizer_json": (str,), "eos_token": (str, type(None)), "bos_token": (str, type(None)),
+            "chat_template": (str, type(None))},
+}  # fmt: skip
+
+
 def from_spec(spec: dict[str, Any]) -> Tokenizer:
-    """Rebuild the tokenizer a checkpoint or prepared dataset was made with."""
-    kind = spec.get("kind")
+    """Rebuild the tokenizer a checkpoint or prepared dataset was made with (its spec checked field by field)."""
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind not in _SPEC_FIELDS:
+        raise GptlabError(f"unknown tokenizer kind {kind!r} in the saved spec; known: {TOKENIZER_KINDS}")
+    required = {"chars", "tokenizer_json"}
+    for key, kinds in _SPEC_FIELDS[kind].items():
+        if (key in required or key in spec) and not isinstance(spec.get(key), kinds):
+            raise GptlabError(
+                f"the saved {kind} tokenizer's {key!r} is missing or of the wrong type; the file is damaged"
+            )
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "char":
         return CharTokenizer(spec["chars"])
-    if kind == "bpe":
-        from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import Tokenizer as HFTokenizer
 
-        return BPETokenizer(
-            HFTokenizer.from_str(spec["tokenizer_json"]),
-            spec.get("eos_token"),
-            spec.get("bos_token"),
-            bool(spec.get("add_bos")),
-            spec.get("chat_template"),
-        )
-    raise GptlabError(f"unknown tokenizer kind {kind!r} in the saved spec; known: {TOKENIZER_KINDS}")
+    try:
+        tok = HFTokenizer.from_str(spec["tokenizer_json"])
+    except Exception as e:  # the tokenizers library raises a plain Exception
+        raise GptlabError(f"the saved bpe tokenizer cannot be read ({str(e)[:120]}); the file is damaged") from None
+    return BPETokenizer(
+        tok, spec.get("eos_token"), spec.get("bos_token"), bool(spec.get("add_bos")), spec.get("chat_template")
+    )
 
 
 PROBE = "Hello, world! The quick brown fox: naïve café, 1234 → ok\n\tend of text."
