@@ -316,7 +316,7 @@ CASES = [
     (["sample"], "the model is required: gptlab sample MODEL"),
     (SAMPLE + ["--prompt", "a", "--prompt-file", f"{R}/file.txt"], "not both"),
     (SAMPLE + ["--prompt-file", f"{R}/missing.txt"], "cannot read --prompt-file"),
-    (SAMPLE + ["--prompt-file", f"{R}/recipe_dir"], "cannot read --prompt-file"),
+    (SAMPLE + ["--prompt-file", f"{R}/recipe_dir"], "--prompt-file"),
     (SAMPLE + ["--stream", "--json"], "pick one"),
     (SAMPLE + ["--device", "bogus"], "is not a device"),
     (SAMPLE + ["--prompt", "the king " * 10, "--max-new-tokens", "200"], "context"),
@@ -363,7 +363,7 @@ CASES = [
     (["convert", RUN, "--out-dir", f"{R}/out", "--to", "onnx"], "invalid choice"),
     (["convert", RUN, "--out-dir", "/proc/gptlab/out"], "/proc/gptlab"),
     # exposure
-    (["eval", "exposure", RUN, "--text-file", f"{R}/missing.txt"], "does not exist"),
+    (["eval", "exposure", RUN, "--text-file", f"{R}/missing.txt"], "No such file or directory"),
     (["eval", "exposure", RUN], "give a text"),
     (["eval", "exposure", RUN, "--text", "a"], "shorter than two tokens"),
     (["eval", "exposure", RUN, "--text", "the king", "--p", "2"], "--p"),
@@ -527,6 +527,12 @@ CASES = [
     ([*SAMPLE[:1], f"{R}/q_dtype", *SAMPLE[2:]], "is float32, the model needs int8"),
     (["prepare", "shapes", "--image-size", "8", "--out-dir", f"{R}/x"], "out of range"),
     (["sample", RUN, "--image", "/dev/zero", "--max-new-tokens", "1"], "takes no images"),
+    # devices and FIFOs are never read (they would never end): every input file must be a regular file
+    (["sample", RUN, "--prompt-file", "/dev/zero"], "is not a regular file"),
+    (["eval", "perplexity", RUN, "/dev/zero"], "is not a regular file"),
+    (["eval", "lambada", RUN, "--path", "/dev/zero"], "is not a regular file"),
+    (["prepare", "/dev/zero", "--out-dir", f"{R}/x", "--tokenizer", "char"], "is not a regular file"),
+    (["align", "sft", RUN, "--data", "/dev/zero", "--out-dir", f"{R}/x"], "is not a regular file"),
     (
         [
             "train",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GptlabError
+from .files import read_input
 from .tokenizer import EOT_TEXT
 
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -60,8 +61,8 @@ class ChatTemplate:
         self.stop: list[str] = [f"\n{ROLES['user']}:", f"\n{ROLES['system']}:"] if self.source is None else []
         if path is not None:
             try:
-                text = Path(path).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
+                text = read_input(path, "--chat-template").decode("utf-8")
+            except UnicodeDecodeError as e:
                 raise GptlabError(f"cannot read --chat-template {path}: {getattr(e, 'strerror', None) or e}") from None
         if text is not None:
             try:

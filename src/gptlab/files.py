@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -311,6 +312,27 @@ def new_output(final: Path, what: str = "output") -> Iterator[Path]:
         if final.exists() or final.is_symlink():
             raise GptlabError(f"{final} already exists; choose a new name (nothing was overwritten)")
         yield final
+
+
+def read_input(path: str | Path, what: str = "the file", limit: int | None = None) -> bytes:
+    """The bytes of a user's input file: a regular file only (a device such as /dev/zero, a FIFO or a folder is
+    refused at once: the open does not block and nothing is read), and at most ``limit`` bytes when given."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise GptlabError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise GptlabError(f"{what} {path} is not a regular file; pass a file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read() if limit is None else f.read(limit + 1)
+    except OSError as e:
+        raise GptlabError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if limit is not None and len(data) > limit:
+        raise GptlabError(f"{what} {path} is over {limit / 2**20:g} MiB; pass a smaller file")
+    return data
 
 
 def describe_os_error(e: OSError) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GptlabError
+from .files import read_input
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise GptlabError(f"{what} {path} is not a file; pass a TOML file")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(read_input(path, what).decode("utf-8"))
     except UnicodeDecodeError as e:
         raise GptlabError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:

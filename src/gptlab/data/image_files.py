@@ -11,14 +11,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import os
-import stat
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import GptlabError
+from ..files import read_input
 
 MAX_PIXELS = 4096 * 4096  # larger inputs are refused before decoding (a decompression bomb is far larger)
 MAX_FILE_BYTES = 64 * 2**20  # an image file over this is refused before it is read
@@ -65,20 +64,7 @@ def decode_image(data: bytes, size: int, channels: int, origin: str = "the image
 def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
     """An image file -> uint8 [size, size, channels] (see the module docstring). Only a regular file of at most
     ``MAX_FILE_BYTES`` is read (a device such as /dev/zero, a FIFO or a folder is refused at once)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
-    except OSError as e:
-        raise GptlabError(f"cannot read the image {path}: {e.strerror or e}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise GptlabError(f"the image {path} is not a regular file; pass an image file (PNG, JPEG, ...)")
-    try:
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except OSError as e:
-        raise GptlabError(f"cannot read the image {path}: {e.strerror or e}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise GptlabError(f"the image {path} is over {MAX_FILE_BYTES // 2**20} MiB; downscale or recompress it")
+    data = read_input(path, "the image", MAX_FILE_BYTES)
     return decode_image(data, size, channels, f"the image {path}")
 
 

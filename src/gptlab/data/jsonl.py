@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GptlabError
+from ..files import read_input
 
 
 def decode_text(data: bytes, origin: str) -> str:
@@ -45,10 +46,7 @@ def read_jsonl(path: str | Path, fields: Sequence[str], limit: int | None = None
     """Records of a JSON-lines file, each required to hold ``fields`` of their JSON types (:data:`FIELD_TYPES`,
     else a string); a bad line is one error naming it."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise GptlabError(f"cannot read {path}: {e.strerror}") from None
+    data = read_input(path)
     out = []
     for n, rec in jsonl_records(data, str(path)):
         if not isinstance(rec, dict):

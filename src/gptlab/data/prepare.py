@@ -31,7 +31,16 @@ from tqdm import tqdm
 
 from .. import assets
 from ..errors import GptlabError
-from ..files import atomic_write_text, dataset_files, entries, folder_lock, recover, remove_leftovers, replace_dir
+from ..files import (
+    atomic_write_text,
+    dataset_files,
+    entries,
+    folder_lock,
+    read_input,
+    recover,
+    remove_leftovers,
+    replace_dir,
+)
 from ..tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 from .config import PrepareConfig
 from .corpora import CORPORA, load_corpus
@@ -72,7 +81,7 @@ def _file_docs(path: Path, field: str, origin: str | None = None) -> Iterator[tu
     if path.suffix == ".parquet":
         yield from _parquet_docs(path, field)
         return
-    data = path.read_bytes()
+    data = read_input(path, "the source")
     if path.suffix == ".jsonl":
         yield from _jsonl_docs(data, origin, field)
     else:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GptlabError
+from ..files import read_input
 from ..options import add_config_flags, add_json, add_model, config_from_flags, emit
 from . import tasks
 from .config import (
@@ -132,7 +133,7 @@ def _exposure(model, tok, args):
 
     if args.text_file:
         try:
-            text = Path(args.text_file).read_text(encoding="utf-8")
+            text = read_input(args.text_file, "--text-file").decode("utf-8")
         except UnicodeDecodeError as e:
             raise GptlabError(f"--text-file {args.text_file} is not UTF-8 text (byte {e.start})") from None
     else:

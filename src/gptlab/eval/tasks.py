@@ -17,7 +17,7 @@ from ..assets import cache_dir, fetch_url, sha256_of, verified
 from ..data.jsonl import read_jsonl
 from ..data.shards import read_shard
 from ..errors import GptlabError
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, read_input
 from ..generate import Engine, Sampling
 from ..model import GPT
 from ..recipe import derive_seed
@@ -66,8 +66,8 @@ def perplexity(
             text = tok.decode(ids)
         else:
             try:
-                text = f.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
+                text = read_input(f).decode("utf-8")
+            except UnicodeDecodeError as e:
                 raise GptlabError(f"cannot read {f} as UTF-8 text ({e})") from None
             ids = tok.encode(text)[:limit] if limit else tok.encode(text)
         if limit and f.suffix != ".bin":

@@ -7,9 +7,9 @@ import dataclasses
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from ..errors import GptlabError
+from ..files import read_input
 from ..options import (
     add_config_flags,
     add_device,
@@ -62,8 +62,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.stream and args.json:
         raise GptlabError("--stream prints text as it comes; --json prints one object at the end: pick one")
     try:
-        prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
-    except (OSError, UnicodeDecodeError) as e:
+        prompt = read_input(args.prompt_file, "--prompt-file").decode("utf-8") if args.prompt_file else args.prompt
+    except UnicodeDecodeError as e:
         raise GptlabError(
             f"cannot read --prompt-file {args.prompt_file}: {getattr(e, 'strerror', None) or e}"
         ) from None
