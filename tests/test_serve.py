@@ -693,3 +693,67 @@ def test_fuzzing_the_openapi_document_never_gets_a_500(ckpt, tmp_path):
 
 
 EXAMPLES = 40  # generated requests per operation
+
+
+def test_lm_eval_local_completions_through_the_server_equals_gptlab_eval(server, loaded, tmp_path, monkeypatch):
+    """lm-evaluation-harness's own ``local-completions`` model (log-likelihoods from ``echo`` + ``logprobs`` on
+    ``/v1/completions``, the tokenizer read through ``/tokenizer_info`` and ``/tokenize``), 4 concurrent requests
+    of 3 prompts each, on a LAMBADA-style task and a multiple-choice task: every example's log-likelihood and
+    greedy flag equal gptlab's scoring of the same model, and the accuracies equal ``gptlab eval``'s."""
+    lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval extra is part of the dev install")
+    for module in ("aiohttp", "tenacity"):
+        pytest.importorskip(module, reason="lm-eval's API models need lm-eval[api]")
+    from lm_eval.tasks import TaskManager
+
+    from gptlab.eval.scoring import loglikelihoods
+    from gptlab.eval.tasks import lambada, multiple_choice
+
+    from .conftest import synthetic_text
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    sentences = [s.strip() for s in synthetic_text(200).split(".") if len(s.split()) >= 6][:14]
+    passages = [{"text": s} for s in sentences]
+    mc = [
+        {"context": "The cat sat on the", "choices": ["mat", "quantum chromodynamics", "sofa"], "label": 0},
+        {"context": "In the morning I drink", "choices": ["coffee with milk", "tea", "the ocean"], "label": 1},
+        {"context": "Water boils at one hundred", "choices": ["degrees", "bananas"], "label": 0},
+        {"context": "Once upon a", "choices": ["time", "spreadsheet", "river bank"], "label": 0},
+    ]
+    for name, rows in (("l", passages), ("mc", mc)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n"
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "l.yaml").write_text(  # lm-eval's lambada_openai, on these passages
+        "task: gl_lambada\n" + common.format(path=tmp_path / "l.jsonl") + "output_type: loglikelihood\n"
+        "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\ndoc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
+        "metric_list:\n  - metric: perplexity\n  - metric: acc\n"
+    )
+    (tmp_path / "tasks" / "mc.yaml").write_text(
+        "task: gl_mc\n" + common.format(path=tmp_path / "mc.jsonl") + "output_type: multiple_choice\n"
+        "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    args = f"base_url={server.url}/v1/completions,model=tiny,tokenizer_backend=remote,num_concurrent=4,batch_size=3"
+    out = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=args,
+        tasks=["gl_lambada", "gl_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        log_samples=True,
+    )
+    tok = loaded.tokenizer
+    samples = out["samples"]["gl_lambada"]
+    assert len(samples) == len(passages)
+    for sample in samples:
+        ctx, word = sample["doc"]["text"].rsplit(" ", 1)
+        ll, greedy = loglikelihoods(loaded.model, [(tok.encode(ctx), tok.encode(" " + word))])[0]
+        theirs_ll, theirs_greedy = sample["resps"][0][0]
+        assert ll == pytest.approx(float(theirs_ll), abs=1e-4) and greedy == bool(theirs_greedy)
+    ours = lambada(loaded.model, tok, path=str(tmp_path / "l.jsonl"))
+    assert ours["acc"] == pytest.approx(out["results"]["gl_lambada"]["acc,none"])
+    assert ours["perplexity"] == pytest.approx(out["results"]["gl_lambada"]["perplexity,none"], rel=1e-4)
+    ours_mc = multiple_choice(loaded.model, tok, path=str(tmp_path / "mc.jsonl"))
+    assert ours_mc["acc"] == pytest.approx(out["results"]["gl_mc"]["acc,none"])
+    assert ours_mc["acc_norm"] == pytest.approx(out["results"]["gl_mc"]["acc_norm,none"])

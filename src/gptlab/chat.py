@@ -64,6 +64,7 @@ class ChatTemplate:
                 text = read_input(path, "--chat-template").decode("utf-8")
             except UnicodeDecodeError as e:
                 raise GptlabError(f"cannot read --chat-template {path}: {getattr(e, 'strerror', None) or e}") from None
+        self.text = text  # the Jinja source (None: gptlab's own template, which is code)
         if text is not None:
             try:
                 self._jinja = _environment().from_string(text)

@@ -319,7 +319,27 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
         server.check_model(body.model)
         text = body.prompt if body.prompt is not None else server.render(body.messages or [])
         ids = server.tokenizer.encode(text)
+        bos = getattr(server.tokenizer, "bos_id", None)
+        if body.add_special_tokens and bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": server.block})
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> Response:
+        """vLLM's endpoint, which lm-eval's ``local-completions`` (``tokenizer_backend=remote``) reads."""
+        server.ready()
+        tok = server.tokenizer
+        bos = getattr(tok, "bos_id", None)
+        return JSONResponse(
+            {
+                "eos_token": tok.decode([tok.eot_id]),
+                "bos_token": tok.decode([bos]) if bos is not None else None,
+                "pad_token": None,
+                "chat_template": server.template.text,
+                "model_max_length": server.block,
+                "vocab_size": tok.vocab_size,
+            }
+        )
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> Response:

@@ -116,6 +116,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
+    add_special_tokens: bool = False  # (vLLM's field) the tokenizer's beginning-of-text token first, if it has one
 
     @model_validator(mode="after")
     def _one(self) -> TokenizeRequest:
