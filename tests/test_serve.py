@@ -340,8 +340,19 @@ def test_api_key_queue_limit_and_loading(ckpt):
     try:
         with pytest.raises(openai.AuthenticationError):
             s.client(api_key="wrong").completions.create(model="tiny-gpt2", prompt="hi", max_tokens=2)
-        assert httpx.get(s.url + "/metrics").status_code == 401
         assert httpx.get(s.url + "/health").status_code == 200  # health is open to probes
+        # every route that returns model output or the server's state needs the key, whatever the method
+        for method, path in [
+            ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/tokenizer_info"), ("POST", "/tokenize"),
+            ("POST", "/detokenize"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+            ("GET", "/api/runs"), ("GET", "/api/runs/x"),
+        ]:  # fmt: skip
+            r = httpx.request(method, s.url + path, json={"prompt": "hi"} if method == "POST" else None)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+        # CORS is closed: a browser on another origin gets no Access-Control-Allow-Origin, preflight or not
+        cross = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+        for r in (httpx.options(s.url + "/v1/completions", headers=cross), httpx.get(s.url + "/health", headers=cross)):
+            assert "access-control-allow-origin" not in r.headers, r.headers
         c = s.client(api_key="sekret")
         assert c.completions.create(model="tiny-gpt2", prompt="hi", max_tokens=2).usage.completion_tokens == 2
         auth = {"Authorization": "Bearer sekret"}
