@@ -24,7 +24,7 @@ import torch
 
 from .. import checkpoint
 from ..errors import GptlabError
-from ..files import run_folder
+from ..files import check_run_folder, run_folder
 from ..metrics import METRICS, Metrics, plot_losses
 from ..train import distributed
 from ..train.loop import FitStats, fit, restore_state, save_state, state_dicts
@@ -62,6 +62,7 @@ def train_stage(cfg: AlignConfig, resume: bool = False, progress: bool = True) -
     """Run (or resume) one stage; returns its summary (what ``gptlab align <stage> --json`` prints). Under
     torchrun every rank takes its slice of each step's examples (the global batch is the single-process one with
     ``batch_size`` x ranks) and gradients are averaged across ranks before clipping."""
+    check_run_folder(Path(cfg.out_dir))  # before the session: under torchrun every rank refuses alike
     with distributed.session(cfg.device) as d, run_folder(Path(cfg.out_dir)) if d.is_main else contextlib.nullcontext():
         return _train_stage(cfg, d, resume, progress)
 

@@ -25,7 +25,7 @@ from ..config import GPTConfig, preset
 from ..data.images import ImageExamples, is_image_dataset
 from ..data.loader import TokenWindows, read_meta, to_device
 from ..errors import GptlabError
-from ..files import run_folder
+from ..files import check_run_folder, run_folder
 from ..metrics import METRICS, Metrics, plot_losses
 from ..model import GPT
 from ..recipe import derive_seed
@@ -131,6 +131,7 @@ def run(job_type: type[Pretraining], cfg: TrainConfig, resume: bool, progress: b
     """Check, lock the folder, set up ``job_type`` (pre-training or a subclass: distillation) and drive it."""
     with distributed.session(cfg.device) as d:
         job_type.check(cfg)  # every check before the folder exists
+        check_run_folder(Path(cfg.out_dir))  # on every rank: under torchrun all of them refuse together
         with run_folder(Path(cfg.out_dir)) if d.is_main else contextlib.nullcontext():
             job = job_type(cfg, d, resume)
             try:
