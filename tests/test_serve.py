@@ -746,10 +746,14 @@ def test_lm_eval_local_completions_through_the_server_equals_gptlab_eval(server,
         "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
     )
-    args = f"base_url={server.url}/v1/completions,model=tiny,tokenizer_backend=remote,num_concurrent=4,batch_size=3"
+    from lm_eval.models.openai_completions import LocalCompletionsAPI  # what model="local-completions" names
+
+    lm = LocalCompletionsAPI(
+        base_url=f"{server.url}/v1/completions", model="tiny", tokenizer_backend="remote", num_concurrent=4,
+        batch_size=3,
+    )  # fmt: skip
     out = lm_eval.simple_evaluate(
-        model="local-completions",
-        model_args=args,
+        model=lm,
         tasks=["gl_lambada", "gl_mc"],
         task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
         log_samples=True,
