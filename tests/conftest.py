@@ -1,6 +1,7 @@
 """Shared fixtures and helpers: the repository and a subprocess environment, the synthetic corpus and the tiny
 training config most tests train on, a prepared character-level dataset, and the HF/gptlab model pairs."""
 
+import json
 import os
 import re
 import subprocess
@@ -217,6 +218,58 @@ def random_gpt2_checkpoint(path: Path, block_size: int) -> Path:
     model = gpt2_shaped(block_size=block_size)
     save_model_checkpoint(path, model.state_dict(), model.config, {"kind": "gpt2"})
     return path
+
+
+LM_EVAL_TASKS = {  # lm-eval task definitions over a local JSON-lines file (nothing is downloaded)
+    "lambada": (  # lm-eval's lambada_openai: the passage up to its last word, then " " + that word
+        "output_type: loglikelihood\ndoc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
+        "doc_to_target: \"{{' '+text.split(' ')[-1]}}\"\nmetric_list:\n  - metric: perplexity\n  - metric: acc\n"
+    ),
+    "mc": (
+        "output_type: multiple_choice\ndoc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    ),
+    "ppl": (
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n"
+        "  - metric: word_perplexity\n  - metric: bits_per_byte\n"
+    ),
+    "qa": (  # double-quoted YAML, so that \\n is a newline in the prompt and the stop string
+        'output_type: generate_until\ndoc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: "{{answer}}"\n'
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\n'
+    ),
+}
+
+
+def lm_eval_tasks(folder: Path, **rows: list[dict]):
+    """For each ``name=rows``: ``folder/name.jsonl`` and the lm-eval task ``gl_<name>`` over it
+    (:data:`LM_EVAL_TASKS`); returns lm-eval's TaskManager that finds them."""
+    from lm_eval.tasks import TaskManager
+
+    (folder / "tasks").mkdir(parents=True, exist_ok=True)
+    for name, records in rows.items():
+        data = folder / f"{name}.jsonl"
+        data.write_text("\n".join(json.dumps(r) for r in records))
+        (folder / "tasks" / f"{name}.yaml").write_text(
+            f"task: gl_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f"test_split: test\n" + LM_EVAL_TASKS[name]
+        )
+    return TaskManager(include_path=str(folder / "tasks"))
+
+
+def assert_lambada_equals_lm_eval(out: dict, model, tok, path: Path, tol: float) -> None:
+    """lm-eval's ``gl_lambada`` result ``out`` (with ``log_samples``) against gptlab's scoring of ``model``: each
+    example's log-likelihood (within ``tol``) and greedy flag, then accuracy and perplexity."""
+    from gptlab.eval.scoring import loglikelihoods
+    from gptlab.eval.tasks import lambada
+
+    for sample in out["samples"]["gl_lambada"]:
+        ctx, word = sample["doc"]["text"].rsplit(" ", 1)
+        ll, greedy = loglikelihoods(model, [(tok.encode(ctx), tok.encode(" " + word))])[0]
+        theirs_ll, theirs_greedy = sample["resps"][0][0]
+        assert ll == pytest.approx(float(theirs_ll), abs=tol) and greedy == bool(theirs_greedy)
+    ours = lambada(model, tok, path=str(path))
+    assert ours["acc"] == pytest.approx(out["results"]["gl_lambada"]["acc,none"])
+    assert ours["perplexity"] == pytest.approx(out["results"]["gl_lambada"]["perplexity,none"], rel=1e-4)
 
 
 def prometheus(text: str) -> dict[str, float]:

@@ -26,7 +26,7 @@ from gptlab.generate import Engine, Sampling
 from gptlab.recipe import derive_seed
 from gptlab.tokenizer import GPT2Tokenizer
 
-from .conftest import hf_pair, run_cli
+from .conftest import hf_pair, lm_eval_tasks, run_cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -363,7 +363,6 @@ def test_lm_eval_harness_runs_local_tasks_on_a_gptlab_model(pair, tmp_path, monk
     """lm-eval's own evaluator, offline, on tasks defined here: its multiple-choice acc/acc_norm equal gptlab's,
     its rolling log-likelihood equals gptlab's, and generate_until goes through the engine."""
     lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval extra is part of the dev install")
-    from lm_eval.tasks import TaskManager
 
     from gptlab.checkpoint import save_model_checkpoint
     from gptlab.eval.lm_eval_adapter import GptlabLM
@@ -390,30 +389,9 @@ def test_lm_eval_harness_runs_local_tasks_on_a_gptlab_model(pair, tmp_path, monk
         {"question": "What is two plus two?", "answer": engine_answer},
         {"question": "What is two plus two?", "answer": engine_answer + " not this"},
     ]
-    for name, rows in (("mc", mc), ("ppl", texts), ("qa", qa)):
-        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n"
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "mc.yaml").write_text(
-        "task: gl_mc\n" + common.format(path=tmp_path / "mc.jsonl") + "output_type: multiple_choice\n"
-        "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
-    )
-    (tmp_path / "tasks" / "ppl.yaml").write_text(
-        "task: gl_ppl\n" + common.format(path=tmp_path / "ppl.jsonl") + "output_type: loglikelihood_rolling\n"
-        "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n"
-        "  - metric: bits_per_byte\n"
-    )
-    (tmp_path / "tasks" / "qa.yaml").write_text(
-        "task: gl_qa\n" + common.format(path=tmp_path / "qa.jsonl") + "output_type: generate_until\n"
-        # double-quoted YAML, so that \\n is a newline in the prompt and the stop string
-        'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: "{{answer}}"\n'
-        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\n'
-    )
+    tasks = lm_eval_tasks(tmp_path, mc=mc, ppl=texts, qa=qa)
     lm = GptlabLM(str(tmp_path / "checkpoint_dir"), batch_size=2)
-    out = lm_eval.simple_evaluate(
-        model=lm, tasks=["gl_mc", "gl_ppl", "gl_qa"], task_manager=TaskManager(include_path=str(tmp_path / "tasks"))
-    )
+    out = lm_eval.simple_evaluate(model=lm, tasks=["gl_mc", "gl_ppl", "gl_qa"], task_manager=tasks)
     res = out["results"]
     ours_mc = multiple_choice(ours, GPT2Tokenizer(), path=str(tmp_path / "mc.jsonl"))
     assert res["gl_mc"]["acc,none"] == pytest.approx(ours_mc["acc"])

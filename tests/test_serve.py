@@ -714,12 +714,9 @@ def test_lm_eval_local_completions_through_the_server_equals_gptlab_eval(server,
     lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval extra is part of the dev install")
     for module in ("aiohttp", "tenacity"):
         pytest.importorskip(module, reason="lm-eval's API models need lm-eval[api]")
-    from lm_eval.tasks import TaskManager
+    from gptlab.eval.tasks import multiple_choice
 
-    from gptlab.eval.scoring import loglikelihoods
-    from gptlab.eval.tasks import lambada, multiple_choice
-
-    from .conftest import synthetic_text
+    from .conftest import assert_lambada_equals_lm_eval, lm_eval_tasks, synthetic_text
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -732,20 +729,7 @@ def test_lm_eval_local_completions_through_the_server_equals_gptlab_eval(server,
         {"context": "Water boils at one hundred", "choices": ["degrees", "bananas"], "label": 0},
         {"context": "Once upon a", "choices": ["time", "spreadsheet", "river bank"], "label": 0},
     ]
-    for name, rows in (("l", passages), ("mc", mc)):
-        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n"
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "l.yaml").write_text(  # lm-eval's lambada_openai, on these passages
-        "task: gl_lambada\n" + common.format(path=tmp_path / "l.jsonl") + "output_type: loglikelihood\n"
-        "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\ndoc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
-        "metric_list:\n  - metric: perplexity\n  - metric: acc\n"
-    )
-    (tmp_path / "tasks" / "mc.yaml").write_text(
-        "task: gl_mc\n" + common.format(path=tmp_path / "mc.jsonl") + "output_type: multiple_choice\n"
-        "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
-    )
+    tasks = lm_eval_tasks(tmp_path, lambada=passages, mc=mc)
     from lm_eval.models.openai_completions import LocalCompletionsAPI  # what model="local-completions" names
 
     lm = LocalCompletionsAPI(
@@ -755,20 +739,12 @@ def test_lm_eval_local_completions_through_the_server_equals_gptlab_eval(server,
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=["gl_lambada", "gl_mc"],
-        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        task_manager=tasks,
         log_samples=True,
     )
     tok = loaded.tokenizer
-    samples = out["samples"]["gl_lambada"]
-    assert len(samples) == len(passages)
-    for sample in samples:
-        ctx, word = sample["doc"]["text"].rsplit(" ", 1)
-        ll, greedy = loglikelihoods(loaded.model, [(tok.encode(ctx), tok.encode(" " + word))])[0]
-        theirs_ll, theirs_greedy = sample["resps"][0][0]
-        assert ll == pytest.approx(float(theirs_ll), abs=1e-4) and greedy == bool(theirs_greedy)
-    ours = lambada(loaded.model, tok, path=str(tmp_path / "l.jsonl"))
-    assert ours["acc"] == pytest.approx(out["results"]["gl_lambada"]["acc,none"])
-    assert ours["perplexity"] == pytest.approx(out["results"]["gl_lambada"]["perplexity,none"], rel=1e-4)
+    assert len(out["samples"]["gl_lambada"]) == len(passages)
+    assert_lambada_equals_lm_eval(out, loaded.model, tok, tmp_path / "lambada.jsonl", 1e-4)
     ours_mc = multiple_choice(loaded.model, tok, path=str(tmp_path / "mc.jsonl"))
     assert ours_mc["acc"] == pytest.approx(out["results"]["gl_mc"]["acc,none"])
     assert ours_mc["acc_norm"] == pytest.approx(out["results"]["gl_mc"]["acc_norm,none"])

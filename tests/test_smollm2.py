@@ -15,7 +15,7 @@ from gptlab.errors import GptlabError
 from gptlab.generate import Engine, Sampling
 from gptlab.loader import INSTALLED, installed_model, load_model
 
-from .conftest import Served, run_cli, shared_file
+from .conftest import Served, assert_lambada_equals_lm_eval, lm_eval_tasks, run_cli, shared_file
 
 NAME = "smollm2-135m-instruct"
 try:
@@ -210,10 +210,8 @@ def test_lambada_and_perplexity_equal_lm_eval_hflm_per_example(smol, reference, 
 
     lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval extra is part of the dev install")
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    from gptlab.eval.scoring import loglikelihoods
-    from gptlab.eval.tasks import lambada, perplexity
+    from gptlab.eval.tasks import perplexity
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -225,34 +223,15 @@ def test_lambada_and_perplexity_equal_lm_eval_hflm_per_example(smol, reference, 
     )
     passages = [json.loads(line) for line in shared_file("data/lambada_test.jsonl").read_text().splitlines()[:40]]
     texts = [{"text": p["text"]} for p in passages[:3]]
-    (tmp_path / "l.jsonl").write_text("\n".join(json.dumps(p) for p in passages))
-    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(t) for t in texts))
-    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n"
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "l.yaml").write_text(  # lm-eval's lambada_openai, on these passages
-        "task: gl_lambada\n" + common.format(path=tmp_path / "l.jsonl") + "output_type: loglikelihood\n"
-        "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\ndoc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
-        "metric_list:\n  - metric: perplexity\n  - metric: acc\n"
-    )
-    (tmp_path / "tasks" / "t.yaml").write_text(
-        "task: gl_ppl\n" + common.format(path=tmp_path / "t.jsonl") + "output_type: loglikelihood_rolling\n"
-        "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n"
-    )
+    tasks = lm_eval_tasks(tmp_path, lambada=passages, ppl=texts)
     out = lm_eval.simple_evaluate(
         model=HFLM(pretrained=hf, tokenizer=theirs, batch_size=4),
         tasks=["gl_lambada", "gl_ppl"],
-        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        task_manager=tasks,
         log_samples=True,
     )
     tok = smol.tokenizer
-    for sample in out["samples"]["gl_lambada"]:
-        ctx, word = sample["doc"]["text"].rsplit(" ", 1)
-        ll, greedy = loglikelihoods(smol.model, [(tok.encode(ctx), tok.encode(" " + word))])[0]
-        theirs_ll, theirs_greedy = sample["resps"][0][0]
-        assert ll == pytest.approx(float(theirs_ll), abs=1e-3) and greedy == bool(theirs_greedy)
-    ours = lambada(smol.model, tok, path=str(tmp_path / "l.jsonl"))
-    assert ours["acc"] == pytest.approx(out["results"]["gl_lambada"]["acc,none"])
-    assert ours["perplexity"] == pytest.approx(out["results"]["gl_lambada"]["perplexity,none"], rel=1e-4)
+    assert_lambada_equals_lm_eval(out, smol.model, tok, tmp_path / "lambada.jsonl", 1e-3)
     from gptlab.eval.scoring import rolling_nll
     from gptlab.tokenizer import start_id
 
