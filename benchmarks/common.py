@@ -35,6 +35,30 @@ def synthetic_dataset(path: Path, vocab_size: int, tokens: int = 2_000_000, seed
     return path
 
 
+def llama_model(path: str, n_ctx: int, threads: int, **kw):
+    """llama-cpp-python's ``Llama`` for ``path``, safe on AMX CPUs: ``use_extra_bufts=False`` keeps ggml off its AMX
+    kernel for quantized types, which crashes llama-cpp-python 0.3.36 there (f32 is unaffected)."""
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, verbose=False, use_extra_bufts=False, **kw)
+
+
+def llama_decode_seconds(llm, prompt: list[int], new: int, repeats: int = 3) -> float:
+    """llama.cpp's best time per token, over ``repeats``, decoding ``new`` greedy tokens after ``prompt``."""
+    import math
+    import time
+
+    best = math.inf
+    for _ in range(repeats):
+        llm.reset()
+        llm.eval(prompt)
+        t0 = time.perf_counter()
+        for _, _tok in zip(range(new), llm.generate(prompt, temp=0.0, top_k=1, reset=False)):
+            pass
+        best = min(best, (time.perf_counter() - t0) / new)
+    return best
+
+
 def gptlab_train(args: list[str], nproc: int = 1, threads: int | None = None) -> dict:
     """Run `gptlab train --json` (under torchrun when nproc > 1) and return its summary."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

@@ -37,6 +37,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from common import llama_decode_seconds, llama_model  # noqa: E402
+
 from gptlab.checkpoint import save_model_checkpoint  # noqa: E402
 from gptlab.config import preset  # noqa: E402
 from gptlab.data.loader import TokenWindows  # noqa: E402
@@ -156,18 +158,9 @@ def _one(args) -> None:
 
 
 def _llama_one(args) -> None:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(args.gguf, n_ctx=256, n_threads=args.threads, n_batch=64, verbose=False)
+    llm = llama_model(args.gguf, 256, args.threads, n_batch=64)
     prompt = [int(t) for t in torch.randint(0, 50256, (16,), generator=torch.Generator().manual_seed(0))]
-    best = math.inf
-    for _ in range(3):
-        llm.reset()
-        llm.eval(prompt)
-        t0 = time.perf_counter()
-        for _, _tok in zip(range(args.new), llm.generate(prompt, temp=0.0, top_k=1, reset=False)):
-            pass
-        best = min(best, (time.perf_counter() - t0) / args.new)
+    best = llama_decode_seconds(llm, prompt, args.new)
     print(json.dumps({"tok_s": 1 / best, "peak_rss_mb": peak_rss_mb(),
                       "file_bytes": os.path.getsize(args.gguf)}))  # fmt: skip
 

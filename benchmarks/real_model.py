@@ -19,6 +19,7 @@ import sys
 import time
 
 import numpy as np
+from common import llama_decode_seconds, llama_model
 
 from gptlab.loader import installed_model
 
@@ -51,20 +52,9 @@ def gptlab_one(args) -> dict:
 def llama_one(args) -> dict:
     import llama_cpp as lc
 
-    path = str(installed_model(NAME))
-    # use_extra_bufts=False: ggml's AMX kernel for quantized types crashes llama-cpp-python 0.3.36 on AMX CPUs
-    llm = lc.Llama(model_path=path, n_ctx=512, n_threads=args.threads, verbose=False, use_extra_bufts=False)
+    llm = llama_model(str(installed_model(NAME)), 512, args.threads)
     if args.batch == 1:
-        p = prompts(1)[0]
-        best = math.inf
-        for _ in range(3):
-            llm.reset()
-            llm.eval(p)
-            t0 = time.perf_counter()
-            for _, _tok in zip(range(args.new), llm.generate(p, temp=0.0, top_k=1, reset=False)):
-                pass
-            best = min(best, (time.perf_counter() - t0) / args.new)
-        return {"tok_s": 1 / best}
+        return {"tok_s": 1 / llama_decode_seconds(llm, prompts(1)[0], args.new)}
     cp = lc.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 1024, 512, 512, args.batch
     cp.n_threads = cp.n_threads_batch = args.threads
