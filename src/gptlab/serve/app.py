@@ -352,8 +352,8 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         prompts = _prompt_ids(server, body.prompt)
-        echo = [server.tokenizer.decode(p) for p in prompts] if body.echo else None
-        job = _Run(server, body, prompts, stop=body.stop_list(), logprobs=body.logprobs, echo=echo)
+        job = _Run(server, body, prompts, stop=body.stop_list(), logprobs=body.logprobs, echo=body.echo)
+        echo = [server.tokenizer.decode(p) for p in prompts] if body.echo else None  # ids checked by the _Run
         return await job.respond(request, "cmpl", _CompletionFormat(server, body, echo))
 
     @app.post("/v1/chat/completions")
@@ -383,19 +383,9 @@ def _prompt_ids(server: Server, prompt: Any) -> list[list[int]]:
         return [server.encode(prompt)]
     if not prompt:
         raise ApiError(400, "prompt is an empty list; send a string or token ids", "prompt")
-    ids = (
-        [list(prompt)]
-        if all(isinstance(p, int) for p in prompt)
-        else [server.encode(p) if isinstance(p, str) else list(p) for p in prompt]
-    )
-    vocab = server.ready().vocab
-    for p in ids:
-        bad = next((t for t in p if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ApiError(
-                400, f"prompt holds the token id {str(bad)[:40]}, outside the vocabulary [0, {vocab})", "prompt"
-            )
-    return ids
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [server.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
 class _Run:
@@ -408,7 +398,7 @@ class _Run:
         prompts: list[list[int]],
         stop: Sequence[str],
         logprobs: int | None,
-        echo: list[str] | None = None,
+        echo: bool = False,
         image: Any = None,
     ) -> None:
         sched = server.ready()
@@ -450,7 +440,7 @@ class _Run:
                 stop,
                 None,
                 logprobs,
-                echo is not None and logprobs is not None,
+                echo and logprobs is not None,
                 image=image,
                 client=client,
             )
