@@ -301,6 +301,16 @@ def run_folder(out: Path, what: str = "run folder") -> Iterator[Path]:
         raise
 
 
+def refuse_existing(path: str | Path, what: str = "") -> None:
+    """An output that must be new: one error if something is at ``path``. Commands call it before their work, so
+    nothing is computed for an output they will not write; :func:`new_output` calls it again under the lock."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise GptlabError(
+            f"{what + ' ' if what else ''}{path} already exists; choose a new name (nothing was overwritten)"
+        )
+
+
 @contextlib.contextmanager
 def new_output(final: Path, what: str = "output") -> Iterator[Path]:
     """Guard the writing of a new file or folder ``final``: hold ``.NAME.lock`` beside it (a second writer of the
@@ -309,8 +319,7 @@ def new_output(final: Path, what: str = "output") -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(final.parent / f".{final.name}.lock", f"{what} {final}"):
         remove_leftovers(final.parent, final.name)
-        if final.exists() or final.is_symlink():
-            raise GptlabError(f"{final} already exists; choose a new name (nothing was overwritten)")
+        refuse_existing(final)
         yield final
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GptlabError
-from ..files import read_input
+from ..files import read_input, refuse_existing
 from ..options import add_config_flags, add_json, add_model, config_from_flags, emit
 from . import tasks
 from .config import (
@@ -39,8 +39,8 @@ def _run(args: argparse.Namespace) -> None:
     cfg = config_from_flags(args, args.config, ("model", *positional), model=args.model, **positional)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if getattr(cfg, "plot", None) and Path(cfg.plot).exists():  # before the work; the write checks again, locked
-        raise GptlabError(f"--plot {cfg.plot} already exists; choose a new file name (nothing was overwritten)")
+    if getattr(cfg, "plot", None):
+        refuse_existing(cfg.plot, "--plot")
     loaded = load_model(cfg.model, cfg.device, quantize=cfg.quantize)
     t0 = time.perf_counter()
     result: dict[str, Any] = args.task(loaded.model, loaded.tokenizer, cfg)

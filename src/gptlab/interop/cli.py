@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GptlabError
+from ..files import refuse_existing
 from ..options import add_json, add_model, add_out_dir, emit
 
 
@@ -60,8 +61,7 @@ def _convert_gguf(args: argparse.Namespace) -> None:
         raise GptlabError("give the output file: gptlab convert MODEL out.gguf")
     from ..quant.quantize import export_state
 
-    if Path(target).exists():  # before loading; save_gguf checks again under the output's lock
-        raise GptlabError(f"{target} already exists; choose a new name (nothing was overwritten)")
+    refuse_existing(target)
     loaded = load_model(args.model, "cpu")
     state, _ = export_state(loaded.model, "gguf")
     path = save_gguf(state, loaded.config, loaded.meta["tokenizer"], Path(target), args.gguf_type)

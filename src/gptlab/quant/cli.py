@@ -7,6 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ..files import refuse_existing
 from ..options import add_config_flags, add_json, add_model, add_out_dir, config_from_flags, emit
 from .config import QuantizeConfig
 
@@ -18,8 +19,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from .quantize import QuantLinear, quantization_record, quantize_model, sqnr_db, weight_bytes
 
     cfg = config_from_flags(args, QuantizeConfig, ("model", "out_dir"), model=args.model, out_dir=args.out_dir)
-    if Path(cfg.out_dir).exists():
-        raise GptlabError(f"--out-dir {cfg.out_dir} exists; give a new folder (nothing is overwritten)")
+    refuse_existing(cfg.out_dir, "--out-dir")
     t0 = time.perf_counter()
     loaded = load_model(cfg.model, "cpu")
     if loaded.meta.get("quantization"):
