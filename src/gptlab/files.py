@@ -217,6 +217,11 @@ def is_run(folder: Path) -> bool:
     return any((c / "state.json").is_file() for c in (folder / "checkpoints").glob("step-*"))
 
 
+def some(names: list[str]) -> str:
+    """The first three of ``names`` and how many more: for an error line that says what is in the way."""
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def check_run_folder(out: Path) -> None:
     """A run may write only into a new folder, an empty one, a gptlab run, or a gptlab dataset holding nothing but
     its own files (people train into their data folder); anything else is refused before a byte is written."""
@@ -226,7 +231,7 @@ def check_run_folder(out: Path) -> None:
         return
     others = [e for e in entries(out) if e not in (dataset_files(out) or set())]
     if others:
-        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        shown = some(others)
         raise GptlabError(
             f"--out-dir {out} holds files gptlab did not write ({shown}); a run goes into a new or empty folder or "
             f"an earlier gptlab run: choose another --out-dir (nothing was written)"

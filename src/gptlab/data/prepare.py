@@ -40,6 +40,7 @@ from ..files import (
     recover,
     remove_leftovers,
     replace_dir,
+    some,
 )
 from ..tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 from .config import PrepareConfig
@@ -237,7 +238,7 @@ def check_output_folder(out_dir: Path, sources: list[str]) -> None:
             )
         others = [e for e in entries(out_dir) if e not in own]
         if others:
-            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            shown = some(others)
             raise GptlabError(
                 f"--out {out_dir} holds a gptlab dataset and other things ({shown}); prepare replaces only a "
                 f"dataset's own files: move those away or choose another folder (nothing was written)"
