@@ -358,10 +358,10 @@ class Scheduler:
         until all its n rows are free."""
         while True:
             with self._lock:
-                if not self.waiting:
+                free = [i for i, r in enumerate(self.rows) if r is None]
+                if not self.waiting or not free:  # (the common case in a busy decode loop: no fairness to compute)
                     return
                 job = self._next_fair()
-                free = [i for i, r in enumerate(self.rows) if r is None]
                 if len(free) < job.request.n:
                     return
                 self.waiting.remove(job)
