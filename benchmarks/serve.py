@@ -15,6 +15,14 @@ each served by ``gptlab serve`` at 1, 8 and 32 concurrent streams; ``baby`` also
 ``python -m llama_cpp.server``. Ends with one JSON line of every figure.
 
     python benchmarks/serve.py suite --llama-python VENV/bin/python --llama-convert llama.cpp/convert_hf_to_gguf.py
+
+``prefix``: the prefix cache on two workloads, GPT-2 124M (random weights) served three ways in interleaved rounds:
+with the cache (the default), ``--no-prefix-cache``, and ``--no-prefix-cache --prefix-block 512`` (prefill in
+512-token passes, what the block grid costs on a miss). *few-shot*: requests sharing a long header, then a question
+of their own; *chat*: conversations whose every turn resends the earlier turns and the answers. Per workload and
+server: TTFT p50/p90, output tokens/s, and the cache's hit tokens and blocks held (from /metrics). One JSON line.
+
+    python benchmarks/serve.py prefix --rounds 2
 """
 
 from __future__ import annotations
@@ -316,6 +324,120 @@ def cmd_suite(args: argparse.Namespace) -> None:
     print(json.dumps(results))
 
 
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return math.nan
+
+
+async def prefix_workload(url: str, kind: str, args: argparse.Namespace) -> dict:
+    """``few-shot``: ``--clients`` requests at once, each a shared header of ``--header-words`` and a question.
+    ``chat``: ``--clients`` conversations at once, ``--turns`` turns each, every turn the whole conversation so far."""
+    rng = random.Random(1)
+    words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))
+    header = words(args.header_words)
+    results: list[dict] = []
+
+    async def conversation(ac: httpx.AsyncClient, i: int) -> None:
+        text = header + f" question {i}: " + words(20) if kind == "few-shot" else words(args.header_words // 4)
+        for _ in range(1 if kind == "few-shot" else args.turns):
+            body = {
+                "model": "gpt2",
+                "prompt": text,
+                "max_tokens": args.max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            async with ac.stream("POST", url + "/v1/completions", json=body) as r:
+                t0, first, answer, n = time.perf_counter(), None, "", 0
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        d = json.loads(line[6:])
+                        if d.get("choices") and d["choices"][0]["text"]:
+                            first = first or time.perf_counter()
+                            answer += d["choices"][0]["text"]
+                        if d.get("usage"):
+                            n = d["usage"]["completion_tokens"]
+            results.append({"ttft": (first or time.perf_counter()) - t0, "tokens": n})
+            text += answer + " next: " + words(args.turn_words)
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600) as ac:
+        await asyncio.gather(*(conversation(ac, i) for i in range(args.clients)))
+    wall = time.perf_counter() - t0
+    ttft = percentiles([r["ttft"] for r in results])
+    return {
+        "ttft_p50_s": round(ttft["p50"], 4),
+        "ttft_p90_s": round(ttft["p90"], 4),
+        "output_tok_s": round(sum(r["tokens"] for r in results) / wall, 2),
+        "seconds": round(wall, 3),
+    }
+
+
+def cmd_prefix(args: argparse.Namespace) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": str(args.threads)}
+    root = Path(tempfile.mkdtemp(prefix="gptlab-prefix-bench-"))
+    model = make_models(root)["gpt2"]
+    kinds = {
+        "cache": [],
+        "no_cache": ["--no-prefix-cache"],
+        "no_cache_512": ["--no-prefix-cache", "--prefix-block", "512"],
+    }
+    results: dict = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
+        "header_words": args.header_words,
+        "clients": args.clients,
+        "turns": args.turns,
+    }
+    rows: dict = {k: {w: [] for w in ("few-shot", "chat")} for k in kinds}
+    for _ in range(args.rounds):
+        for name, flags in kinds.items():  # each server in its own process, one at a time, rounds interleaved
+            port = free_port()
+            cmd = [
+                sys.executable,
+                "-m",
+                "gptlab",
+                "serve",
+                str(model),
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--max-batch",
+                "16",
+                "--served-model-name",
+                "gpt2",
+                *flags,
+            ]
+            srv = Process(cmd, f"http://127.0.0.1:{port}", env, "/health")
+            try:
+                for workload in ("few-shot", "chat"):
+                    r = asyncio.run(prefix_workload(srv.url, workload, args))
+                    r["hit_tokens"] = metric(srv.url, "gptlab_prefix_cache_hits_tokens_total")
+                    r["asked_tokens"] = metric(srv.url, "gptlab_prefix_cache_queries_tokens_total")
+                    r["blocks_held"] = metric(srv.url, "gptlab_prefix_cache_blocks")
+                    rows[name][workload].append(r)
+                    print(f"  {name} {workload}: {r}", file=sys.stderr)
+            finally:
+                srv.stop()
+    best = lambda rs: min(rs, key=lambda r: r["ttft_p50_s"])
+    results["runs"] = rows
+    results["ratios"] = {
+        f"{w}_ttft_p50_no_cache_over_cache": round(
+            best(rows["no_cache"][w])["ttft_p50_s"] / best(rows["cache"][w])["ttft_p50_s"], 2
+        )
+        for w in ("few-shot", "chat")
+    } | {
+        f"{w}_ttft_p50_blocks_over_512": round(
+            best(rows["no_cache"][w])["ttft_p50_s"] / best(rows["no_cache_512"][w])["ttft_p50_s"], 2
+        )
+        for w in ("few-shot", "chat")
+    }
+    print(json.dumps(results))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -340,6 +462,15 @@ def main() -> None:
     p.add_argument("--llama-python", help="a Python with llama-cpp-python[server] installed")
     p.add_argument("--llama-convert", help="llama.cpp's convert_hf_to_gguf.py (its gguf-py beside it)")
     p.set_defaults(func=cmd_suite)
+    p = sub.add_parser("prefix", help="the prefix cache: shared few-shot header and multi-turn chat, on and off")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--clients", type=int, default=8, help="requests (few-shot) or conversations (chat) at once")
+    p.add_argument("--header-words", type=int, default=400, help="the shared few-shot header (one token each)")
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--turn-words", type=int, default=40, help="words a chat turn adds after the answer")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.set_defaults(func=cmd_prefix)
     args = ap.parse_args()
     args.func(args)
 

@@ -51,7 +51,7 @@ def test_tokens_do_not_depend_on_joining_a_running_batch(lm, sampling):
     alone = [engine_tokens(lm, [p], 40, sampling, seed=7)[0] for p in prompts]
     if sampling is GREEDY:  # the static batch of the Engine gives the same (it left-pads the rows)
         assert engine_tokens(lm, prompts, 40, sampling) == alone
-    sched = Scheduler(model, tok, max_batch=8, prefill_chunk=5)  # small chunks: long prompts prefill in pieces
+    sched = Scheduler(model, tok, max_batch=8, prefill_chunk=5, prefix_block=5)  # long prompts prefill in pieces
 
     async def main():
         # staggered arrivals: each request joins while the earlier ones are mid-decode
@@ -68,6 +68,49 @@ def test_tokens_do_not_depend_on_joining_a_running_batch(lm, sampling):
         sched.close()
     assert joined == alone
     assert sched.steps < 8 * 40  # they really were decoded together
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+def test_batch_invariance_alone_against_busy_batches_of_two_sizes(lm, sampling):
+    """Each request alone, then all of them at once in pools of 3 and 8 rows (other requests around them, of other
+    settings, joining and leaving): the same tokens, the first token's logprobs bit for bit (its prefill runs alone,
+    one block per pass), the later ones to float32 rounding (decode steps batch rows: docs/serving.md)."""
+    model, tok = lm
+    reqs = [
+        Request(
+            tok.encode(t), 24, sampling if i % 2 else SAMPLED, seed=i, n=1 + i % 2, logprobs=2, stop_ids=frozenset()
+        )
+        for i, t in enumerate(TEXTS)
+    ]
+
+    async def each(sched, r):
+        out: dict[int, list] = {}
+        async for c in sched.submit(r):
+            out.setdefault(c.index, []).extend((lp.token, lp.logprob, lp.top) for lp in c.logprobs or [])
+        return [out[i] for i in sorted(out)]
+
+    def results(max_batch, together):
+        sched = Scheduler(model, tok, max_batch=max_batch, prefill_chunk=8, prefix_block=8, prefix_cache_mb=0)
+        try:
+            if together:
+
+                async def everyone():
+                    return await asyncio.gather(*(each(sched, r) for r in reqs))
+
+                return run(everyone())
+            return [run(each(sched, r)) for r in reqs]
+        finally:
+            sched.close()
+
+    alone = results(8, together=False)
+    for max_batch in (3, 8):
+        busy = results(max_batch, together=True)
+        for a, b in zip(alone, busy):
+            assert [[t for t, _, _ in ch] for ch in a] == [[t for t, _, _ in ch] for ch in b]
+            assert [ch[0] for ch in a] == [ch[0] for ch in b]  # the prefill's token: same bits
+            la = torch.tensor([[lp for _, lp, top in ch for lp in (lp, *dict(top).values())] for ch in a])
+            lb = torch.tensor([[lp for _, lp, top in ch for lp in (lp, *dict(top).values())] for ch in b])
+            torch.testing.assert_close(la, lb, rtol=0, atol=1e-5)
 
 
 def test_n_choices_share_the_prompt_and_match_engine_rows(lm):
@@ -141,7 +184,7 @@ def test_cancel_frees_the_row_before_the_next_step_and_others_continue(lm):
 
 def test_cancel_during_prefill(lm):
     model, tok = lm
-    sched = Scheduler(model, tok, max_batch=2, prefill_chunk=2)  # a 100-token prompt takes 50 scheduling steps
+    sched = Scheduler(model, tok, max_batch=2, prefill_chunk=2, prefix_block=2)  # a 100-token prompt: 50 steps
     seen = []
     sched.metrics = type("M", (), {"event": lambda self, name, job, **kw: seen.append(name)})()
 
@@ -170,7 +213,7 @@ def test_newcomer_prefill_is_chunked_so_running_streams_keep_going(lm):
     calls = []  # (tokens per row, rows) of every forward pass
     # every pass embeds its tokens first: the embedding sees (rows, tokens per row) of every forward pass
     hook = model.wte.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
-    sched = Scheduler(model, tok, max_batch=4, prefill_chunk=8)
+    sched = Scheduler(model, tok, max_batch=4, prefill_chunk=8, prefix_block=8)
 
     async def main():
         short = asyncio.ensure_future(collect(sched, Request(tok.encode("a"), 60, GREEDY, stop_ids=frozenset())))

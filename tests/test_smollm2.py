@@ -106,6 +106,40 @@ def test_serve_answers_the_openai_client_in_the_models_template():
 
 
 @pytest.mark.slow
+def test_a_chat_reuses_its_earlier_turns_with_the_same_logprobs():
+    """Turn 2 of a chat starts with turn 1's prompt: the prefix cache serves those blocks, and both turns' tokens and
+    logprobs equal, bit for bit, those of a server started with --no-prefix-cache."""
+    pytest.importorskip("openai")
+    servers = [Served(NAME, "--prefix-block", "16", *flags) for flags in ((), ("--no-prefix-cache",))]
+    try:
+        got = []
+        for server in servers:
+            client, turns, replies = server.client(), list(QUESTION), []
+            for follow_up in ("And of Germany?", "Which one is larger?"):
+                r = client.chat.completions.create(
+                    model=NAME, messages=turns, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3
+                )
+                replies.append(
+                    [
+                        (t.token, t.logprob, [(x.token, x.logprob) for x in t.top_logprobs])
+                        for t in r.choices[0].logprobs.content
+                    ]
+                )
+                turns += [
+                    {"role": "assistant", "content": r.choices[0].message.content},
+                    {"role": "user", "content": follow_up},
+                ]
+            got.append((replies, server.metrics()))
+    finally:
+        for server in servers:
+            server.stop()
+    (cached, m), (plain, m0) = got
+    assert cached == plain
+    assert m["gptlab_prefix_cache_hits_tokens_total"] >= 32 and m0["gptlab_prefix_cache_hits_tokens_total"] == 0
+    assert m["gptlab_prefix_cache_blocks"] > 0 and m0["gptlab_prefix_cache_capacity_bytes"] == 0
+
+
+@pytest.mark.slow
 def test_quantized_and_speculative_decoding_on_the_real_model(smol):
     """int8 and int4 copies change the perplexity of a real text by a measured, small amount; speculative decoding
     with an n-gram draft and the model's own int8 copy gives plain greedy decoding's tokens."""

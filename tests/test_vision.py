@@ -282,7 +282,14 @@ def test_the_scheduler_prefills_an_image_with_chunks_like_the_engine(meta, image
     ]
     text = tok.encode("Q: what size? A:")
     plain = Engine(model, tok).generate_tokens([text], 8, GREEDY, stop_ids=())[0].tokens
-    sched = Scheduler(model, tok, max_batch=4, prefill_chunk=5)  # image prompts and a text one, chunked
+    hits = []  # prefix-cache hits, in slots, as admitted
+
+    class Spy:
+        def event(self, name, job, **kw):
+            if name == "prefix":
+                hits.append(kw["hit"])
+
+    sched = Scheduler(model, tok, max_batch=4, prefill_chunk=5, prefix_block=5, metrics=Spy())  # chunked
 
     async def collect(r):
         out = []
@@ -299,6 +306,12 @@ def test_the_scheduler_prefills_an_image_with_chunks_like_the_engine(meta, image
     try:
         got = asyncio.run(main())
         assert got == [*want, plain]
+        # the image is part of the prefix cache's key: the same image and text hit, another image with that text not
+        again = Request(prompts[0], 8, GREEDY, seed=0, stop_ids=frozenset(), image=images[:1])
+        other = Request(prompts[0], 8, GREEDY, seed=0, stop_ids=frozenset(), image=images[:1].flip(-1))
+        assert asyncio.run(collect(again)) == want[0] and hits[-1] >= model.config.image_tokens
+        asyncio.run(collect(other))
+        assert hits[-1] == 0
         with pytest.raises(InvalidRequest, match="do not fit"):
             sched.check(Request(prompts[0], 4, GREEDY, image=torch.zeros(1, 3, 8, 8)))
         with pytest.raises(InvalidRequest, match="after 16 image tokens"):

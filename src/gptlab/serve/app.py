@@ -123,6 +123,8 @@ class Server:
                 compile=self.cfg.compile,
                 draft=load_draft(self.cfg.draft, loaded) if self.cfg.draft else None,
                 spec_k=self.cfg.spec_k,
+                prefix_block=self.cfg.prefix_block,
+                prefix_cache_mb=self.cfg.prefix_cache_mb if self.cfg.prefix_cache else 0,
             )
             self.metrics.watch(sched)
             self.scheduler = sched

@@ -42,6 +42,17 @@ class ServeConfig(RecipeConfig):
     prefill_chunk: int = opt(
         512, "prompt tokens prefilled per scheduling step: the most a newcomer stalls the others", Range(1, 1 << 20)
     )
+    prefix_cache: bool = opt(
+        True, "reuse the keys and values of prompt prefixes earlier requests computed (exact: the same bits)"
+    )
+    prefix_block: int = opt(
+        128,
+        "slots per prefill pass and per prefix-cache block: larger prefills faster, reuses less (docs/serving.md)",
+        Range(1, 1 << 16),
+    )
+    prefix_cache_mb: float = opt(
+        512.0, "MiB of prefix-cache blocks kept (least recently used evicted)", Range(1, 1 << 20)
+    )
     max_body_bytes: int = opt(1 << 20, "largest request body; larger get 413", Range(1024, 1 << 30))
     api_key: str | None = opt(None, "require Authorization: Bearer KEY (default: $GPTLAB_API_KEY, else none)", kind=str)
     chat_template: str | None = opt(
@@ -81,6 +92,11 @@ class ServeConfig(RecipeConfig):
         return [
             (bool(self.model), "model is required: gptlab serve MODEL"),
             (n <= self.max_batch, f"max_n {n} is more than max_batch {self.max_batch}; n choices need n rows"),
+            (
+                self.prefix_block <= self.prefill_chunk,
+                f"prefix_block {self.prefix_block} is more than prefill_chunk {self.prefill_chunk}; a prompt is "
+                "prefilled one block per pass",
+            ),
         ]
 
     @property

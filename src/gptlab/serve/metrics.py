@@ -44,6 +44,19 @@ class ServeMetrics:
         self.spec_accepted = Counter(
             "gptlab_spec_accepted_tokens", "Speculative decoding: draft tokens the target accepted", registry=r
         )
+        self.prefix_asked = Counter(
+            "gptlab_prefix_cache_queries_tokens", "Prompt slots looked up in the prefix cache", registry=r
+        )
+        self.prefix_hit = Counter(
+            "gptlab_prefix_cache_hits_tokens", "Prompt slots taken from the prefix cache, not prefilled", registry=r
+        )
+        self.prefix_evicted = Counter(
+            "gptlab_prefix_cache_evicted_blocks", "Prefix-cache blocks evicted to make room", registry=r
+        )
+        self.prefix_blocks = Gauge("gptlab_prefix_cache_blocks", "Prefix-cache blocks held", registry=r)
+        self.prefix_bytes = Gauge(
+            "gptlab_prefix_cache_capacity_bytes", "Memory the prefix cache holds for its blocks", registry=r
+        )
         self.e2e = Histogram(
             "gptlab_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -53,6 +66,9 @@ class ServeMetrics:
         self.running.set_function(lambda: scheduler.counts()["running"])
         self.waiting.set_function(lambda: scheduler.counts()["waiting"])
         self.rows.set_function(lambda: scheduler.counts()["rows"])
+        prefix = scheduler.prefix
+        self.prefix_blocks.set_function(lambda: 0 if prefix is None else prefix.used)
+        self.prefix_bytes.set(0 if prefix is None else prefix.nbytes)
 
     def event(self, name: str, job: Any, **kw: Any) -> None:
         """Called by the scheduler thread (prometheus_client is thread-safe)."""
@@ -65,6 +81,11 @@ class ServeMetrics:
         elif name == "speculative":
             self.spec_proposed.inc(kw["proposed"])
             self.spec_accepted.inc(kw["accepted"])
+        elif name == "prefix":
+            self.prefix_asked.inc(kw["asked"])
+            self.prefix_hit.inc(kw["hit"])
+        elif name == "prefix_stored":
+            self.prefix_evicted.inc(kw["evicted"])
         elif name == "first_token":
             self.ttft.observe(kw["ttft"])
         elif name == "finished":

@@ -2,16 +2,19 @@
 between decode steps (Yu et al. 2022, Orca: iteration-level scheduling; vLLM and TGI serve this way).
 
 The pool is a :class:`~gptlab.model.KVCache` of ``max_batch`` rows, each as long as the model's context. A request
-with ``n`` choices takes ``n`` rows. Its prompt is prefilled into the first one alone (chunk by chunk, at most
-``prefill_chunk`` prompt tokens per scheduler iteration across all newcomers, so a long prompt never stalls the
-running streams for more than one chunk), then copied into the other rows (the prompt is read once). Each row keeps
+with ``n`` choices takes ``n`` rows. Its prompt is prefilled into the first one alone, one block of ``prefix_block``
+slots per forward pass (at most ``prefill_chunk`` prompt tokens per scheduler iteration across all newcomers, so a
+long prompt never stalls the running streams for more than that), then copied into the other rows (the prompt is
+read once). Blocks that earlier prompts computed are taken from the prefix cache instead
+(:mod:`gptlab.serve.prefix_cache`), bit for bit what the skipped passes would compute. Each row keeps
 its own length: a decode step writes row ``r``'s new key and value at that row's own slot, and the positions and
 masks follow from those slots (:meth:`KVCache.positions_and_mask` with [B, 1] slots). A row that finishes or is
 cancelled is free for the next request at once.
 
-A row's tokens do not depend on the other rows: its prompt is prefilled alone, its attention sees only its own
-slots, and it samples from its own random stream (seeded ``seed + choice``, as :class:`~gptlab.generate.Engine`
-seeds ``seed + row``), so a completion is the same whether it runs alone or joins a busy batch.
+A row's tokens do not depend on the other rows: its prompt is prefilled alone (bit for bit: the same passes, the same
+shapes), its attention sees only its own slots, and it samples from its own random stream (seeded ``seed + choice``, as
+:class:`~gptlab.generate.Engine` seeds ``seed + row``), so a completion is the same whether it runs alone or joins a
+busy batch.
 
 Library use, without HTTP::
 
@@ -44,6 +47,7 @@ from ..generate.speculative import SPEC_K, Draft, SpeculativeStats, Throttle, ve
 from ..kv_cache import KVCache
 from ..model import GPT
 from .config import ServeConfig
+from .prefix_cache import PrefixCache
 
 MAX_LOGPROBS = 20
 
@@ -121,9 +125,9 @@ class _Job:
     stop_ids: frozenset[int]
     group: Sampling  # the request's sampling without its seed: rows with the same one sample together
     choices: list[_Choice] = field(default_factory=list)
-    prefilled: int = 0
     first_token_time: float | None = None
     offset: int = 0  # cache slots before the prompt's: the image prefix, if any
+    names: list[bytes] | None = None  # the prefix cache's names of the prompt's whole blocks, once looked up
 
 
 class Scheduler:
@@ -141,15 +145,27 @@ class Scheduler:
         draft: Draft | None = None,
         spec_k: int = SPEC_K,
         spec_min_speedup: float = 1.0,
+        prefix_block: int = ServeConfig.prefix_block,
+        prefix_cache_mb: float = ServeConfig.prefix_cache_mb,
     ) -> None:
         """``draft`` (prompt lookup, or a smaller model with its own cache of these rows) turns on speculative
         decoding: up to ``spec_k`` proposals per row and step, verified in one forward pass
         (:mod:`gptlab.generate.speculative`), paused while speculative steps produce less than ``spec_min_speedup``
         times the tokens per second of plain ones (:class:`~gptlab.generate.speculative.Throttle`; 0: never). A
         model draft proposes its argmax whatever a request's sampling: a deterministic draft, exact under the same
-        rejection rule."""
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise GptlabError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
+        rejection rule.
+
+        Prompts are prefilled in blocks of ``prefix_block`` slots; ``prefix_cache_mb`` MiB keep the blocks of
+        earlier prompts for reuse (0: no prefix cache)."""
+        if min(max_batch, prefill_chunk, prefix_block) < 1 or min(max_queue, prefix_cache_mb) < 0:
+            raise GptlabError(
+                "max_batch, prefill_chunk and prefix_block must be >= 1, max_queue and prefix_cache_mb >= 0"
+            )
+        if prefill_chunk < prefix_block:
+            raise GptlabError(
+                f"prefill_chunk {prefill_chunk} is less than prefix_block {prefix_block}: a newcomer's prompt is "
+                "prefilled one block per pass; raise prefill_chunk or lower prefix_block"
+            )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
@@ -158,6 +174,9 @@ class Scheduler:
         self.block, self.vocab = cfg.block_size, cfg.vocab_size
         self.device, self.dtype = model.device, model.dtype
         self.pool = KVCache(cfg, max_batch, cfg.block_size, self.device, self.dtype)
+        self.prefix_block = prefix_block
+        blocks = int(prefix_cache_mb * 2**20) // PrefixCache.block_bytes(cfg, prefix_block, self.dtype)
+        self.prefix = PrefixCache(cfg, prefix_block, blocks, self.device, self.dtype) if blocks else None
         self.rows: list[_Choice | None] = [None] * max_batch
         self.waiting: deque[_Job] = deque()  # accepted, not yet given rows
         self.prefilling: deque[_Job] = deque()  # given rows, prompt not yet fully in the cache
@@ -387,6 +406,23 @@ class Scheduler:
             self.prefilling.append(job)
             self._event("admitted", job)
 
+    def _reuse(self, job: _Job) -> None:
+        """Name the prompt's blocks and copy those the prefix cache holds into the first choice's row, when the
+        prompt's prefill starts (so that requests admitted together find what the ones before them stored). At
+        least one prompt token is left to prefill (its logits give the first token), and an image prefix is reused
+        whole or not at all (its pass runs the image encoder)."""
+        r, B = job.request, self.prefix_block
+        if self.prefix is None or job.names is not None:
+            return
+        job.names = self.prefix.names(PrefixCache.root(r.image), [-1] * job.offset + r.prompt)
+        usable = (job.offset + len(r.prompt) - 1) // B
+        found = self.prefix.match(job.names[:usable])
+        if r.image is not None and len(found) * B < self._first_end(job):
+            found = []
+        self.prefix.load(found, self.pool, job.choices[0].row)
+        job.choices[0].filled = len(found) * B
+        self._event("prefix", job, hit=len(found) * B, asked=job.offset + len(r.prompt))
+
     def _next_fair(self) -> _Job:
         held: dict[str, int] = {}
         for j in [*self.prefilling, *self.running]:
@@ -396,63 +432,53 @@ class Scheduler:
             first.setdefault(_client(j), j)
         return min(first.values(), key=lambda j: (held.get(_client(j), 0), j.arrived))
 
-    def _prefill(self) -> None:
-        """Prompt tokens into the cache, oldest newcomer first, as one forward pass whose padded size (rows x
-        longest chunk) stays within ``prefill_chunk``; a prompt completed here samples its first tokens.
+    def _first_end(self, job: _Job) -> int:
+        """The end of an image request's first pass: the image and the prompt up to the next block boundary."""
+        return min(job.offset + len(job.request.prompt), (job.offset // self.prefix_block + 1) * self.prefix_block)
 
-        The newcomers' rows are scattered over the pool, so they are prefilled in a small cache of their own and
-        copied in. Shorter chunks are padded at the end: a padding token only writes slots after its row's real
-        ones (overwritten later) and no real token attends to it."""
-        budget = self.prefill_chunk
-        group: list[tuple[_Job, int, int]] = []  # (job, start, end): only the first may continue a chunked prompt
-        longest = 0
-        image = None  # a request's image prefix is prefilled with its first chunk, in a pass of its own
-        for job in self.prefilling:
-            start, left = job.prefilled, len(job.request.prompt) - job.prefilled
-            fresh = job.request.image if start == 0 else None
-            if fresh is not None and group:
-                break
-            take = min(left, budget) if not group else left
-            if group and (len(group) + 1) * max(longest, take) > budget:
-                break
-            group.append((job, start, start + take))
-            longest = max(longest, take)
-            if fresh is not None:
-                image = fresh.to(self.device)
-                break
-        if not group:
-            return
-        T, rows = longest, len(group)
-        P = 0 if image is None else self.model.config.image_tokens
-        lows = [0 if image is not None else job.offset + a for job, a, _ in group]  # first slot each row writes
-        scratch = KVCache(self.model.config, rows, max(lows) + P + T, self.device, self.dtype)
-        job0, start0, _ = group[0]
-        if start0:  # the earlier chunks of a long prompt (and its image prefix)
-            scratch.copy_rows(self.pool, job0.choices[0].row, 0, 0, lows[0])
-        idx = torch.tensor([j.request.prompt[a:b] + [0] * (T - (b - a)) for j, a, b in group], device=self.device)
-        slots = torch.tensor([[lo + t for t in range(P + T)] for lo in lows], device=self.device)
-        hidden = self.model.hidden_states(idx, images=image, cache=scratch, slots=slots)
-        ends = torch.tensor([P + b - a - 1 for _, a, b in group], device=self.device)
-        logits = self.model.logits(hidden[torch.arange(rows, device=self.device), ends])
-        for i, (job, _, b) in enumerate(group):
-            lo, hi = lows[i], job.offset + b
-            for c in job.choices:  # every choice shares the prompt's keys and values
-                self.pool.copy_rows(scratch, i, c.row, lo, hi)
-            job.prefilled = b
-            for c in job.choices:
-                c.filled = job.offset + b
-            if b < len(job.request.prompt):
+    def _prefill(self) -> None:
+        """Prompt tokens into the cache, oldest newcomer first, until ``prefill_chunk`` tokens went in this
+        iteration; a prompt completed here samples its first tokens.
+
+        One forward pass fills one block of one row: slots ``[a, b)`` with ``a`` on the grid of ``prefix_block``
+        and ``b`` the next boundary or the prompt's end (an image request's first pass: the image and the prompt up
+        to the next boundary). A prompt is thus always cut at the same slots, and each pass has the same inputs and
+        shapes whether the prompt runs alone, among newcomers, or after a prefix-cache hit: the keys, values and
+        logits are the same bits (:mod:`gptlab.serve.prefix_cache`)."""
+        budget, B = self.prefill_chunk, self.prefix_block
+        while self.prefilling:
+            job = self.prefilling[0]
+            self._reuse(job)
+            r, first = job.request, job.choices[0]
+            a, total = first.filled, job.offset + len(r.prompt)
+            b = self._first_end(job) if a == 0 and r.image is not None else min(total, a - a % B + B)
+            if b - a > budget and budget < self.prefill_chunk:  # (the first pass of an iteration always runs)
+                return
+            budget -= b - a
+            image = r.image.to(self.device) if a == 0 and r.image is not None else None
+            idx = torch.tensor([r.prompt[max(a - job.offset, 0) : b - job.offset]], device=self.device)
+            view = self.pool.view(slice(first.row, first.row + 1), b)
+            slots = torch.arange(a, b, device=self.device)
+            hidden = self.model.hidden_states(idx, images=image, cache=view, slots=slots)
+            first.filled = b
+            if b < total:
                 continue
-            self.prefilling.remove(job)
-            if job.request.echo_logprobs:
-                job.emit(Chunk(-1, logprobs=self._prompt_logprobs(job.request)))
+            self.prefilling.popleft()
+            for c in job.choices[1:]:  # every choice shares the prompt's keys and values
+                self.pool.copy_rows(self.pool, first.row, c.row, 0, total)
+                c.filled = total
+            if self.prefix is not None and job.names is not None:
+                self._event("prefix_stored", job, evicted=self.prefix.store(job.names, self.pool, first.row))
+            if r.echo_logprobs:
+                job.emit(Chunk(-1, logprobs=self._prompt_logprobs(r)))
             if job.max_tokens == 0:
                 for c in job.choices:
                     self._finish(job, c, "length", [], None)
                 self._retire(job)
                 continue
             self.running.append(job)
-            self._sample([(job, c) for c in job.choices], logits[i : i + 1].expand(len(job.choices), -1))
+            logits = self.model.logits(hidden[:, -1])
+            self._sample([(job, c) for c in job.choices], logits.expand(len(job.choices), -1))
 
     def _compile_single(self) -> None:
         """``compile=True``: the decode step of a single live row, compiled with static shapes as the Engine's
