@@ -36,11 +36,10 @@ def synthetic_dataset(path: Path, vocab_size: int, tokens: int = 2_000_000, seed
 
 
 def llama_model(path: str, n_ctx: int, threads: int, **kw):
-    """llama-cpp-python's ``Llama`` for ``path``, safe on AMX CPUs: ``use_extra_bufts=False`` keeps ggml off its AMX
-    kernel for quantized types, which crashes llama-cpp-python 0.3.36 there (f32 is unaffected)."""
-    import llama_cpp
+    """llama-cpp-python's ``Llama`` for ``path``, safe on AMX CPUs (:func:`gptlab.interop.llama_peer.open_llama`)."""
+    from gptlab.interop.llama_peer import open_llama
 
-    return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, verbose=False, use_extra_bufts=False, **kw)
+    return open_llama(path, n_ctx=n_ctx, n_threads=threads, **kw)
 
 
 def llama_decode_seconds(llm, prompt: list[int], new: int, repeats: int = 3) -> float:

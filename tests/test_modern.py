@@ -417,8 +417,10 @@ def test_gguf_export_of_the_llama_architecture_reads_back_exactly_and_llama_cpp_
         want = ours(idx)[0]
         torch.testing.assert_close(build(sd, cfg)(idx)[0], want, atol=0, rtol=0)
     assert spec is not None and spec["kind"] == "bpe"
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, verbose=False, use_extra_bufts=False)
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from gptlab.interop.llama_peer import open_llama
+
+    llm = open_llama(str(path), logits_all=True, n_ctx=64)
     llm.eval(idx[0].tolist())
     assert np.abs(np.array(llm.scores[:20]) - want[0].numpy()).max() < 1e-3
     assert llm.tokenize(b"hello world 123", add_bos=False) == tok.encode("hello world 123")

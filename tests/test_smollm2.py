@@ -179,11 +179,10 @@ def test_the_name_and_the_file_load_alike_and_convert_writes_a_checkpoint(tmp_pa
 
 
 def _llama(**kw):
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)"
-    )
-    # use_extra_bufts=False: ggml's AMX kernel for quantized types crashes llama-cpp-python 0.3.36 on AMX CPUs
-    return llama_cpp.Llama(model_path=str(GGUF), verbose=False, use_extra_bufts=False, **kw)
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+    from gptlab.interop.llama_peer import open_llama  # safe on AMX CPUs, where a quantized batch crashes llama.cpp
+
+    return open_llama(str(GGUF), **kw)
 
 
 def test_token_ids_equal_llama_cpps_on_12k_documents(smol):

@@ -38,6 +38,7 @@ from ..chat import ChatTemplate
 from ..errors import GptlabError
 from ..files import describe_os_error
 from ..generate import Sampling
+from ..generate.constraint import Grammar, compile_constraint
 from ..tokenizer import prompt_ids
 from .config import ServeConfig
 from .metrics import ServeMetrics
@@ -418,6 +419,7 @@ class _Run:
                 f"server's limit of {server.cfg.max_choices} per request (--max-choices); split the request",
                 "prompt" if len(prompts) > 1 else "n",
             )
+        grammar = self._grammar(server, body, sched.vocab)
         client = secrets.token_hex(8)  # this request's prompts share rows fairly with other requests
         sampling = Sampling(
             temperature=body.temperature,
@@ -445,12 +447,32 @@ class _Run:
                 echo and logprobs is not None,
                 image=image,
                 client=client,
+                grammar=grammar,
             )
             try:
                 r.max_tokens = sched.check(r)
             except InvalidRequest as e:
                 raise ApiError(400, str(e), e.param) from None
             self.requests.append(r)
+
+    @staticmethod
+    def _grammar(server: Server, body: _Common, vocab: int) -> Grammar | None:
+        """The request's structured-output constraint, compiled; anything that cannot be enforced is a 400."""
+        try:
+            asked = body.constraint()
+        except ValueError as e:  # (a string given as a JSON schema that is not JSON, too)
+            raise ApiError(400, str(e).splitlines()[0], "structured_outputs") from None
+        if asked is None:
+            return None
+        kind, spec, param = asked
+        if body.stop_list():
+            raise ApiError(
+                400, "stop strings would cut a structured output; its grammar ends it, leave stop unset", "stop"
+            )
+        try:
+            return compile_constraint(kind, spec, server.tokenizer, vocab)
+        except GptlabError as e:
+            raise ApiError(400, str(e), param) from None
 
     def _start(self) -> list[AsyncIterator[Chunk]]:
         streams: list[AsyncIterator[Chunk]] = []

@@ -3,11 +3,13 @@ extra ``top_k``, ``min_p`` and ``repetition_penalty`` are vLLM's names for them)
 
 Every numeric field's range is declared here, once; a value outside it is a 400 whose ``param`` names the field.
 Fields OpenAI defines that gptlab does not implement (``logit_bias``, ``presence_penalty``, ``frequency_penalty``,
-``best_of``, ``suffix``, ``tools``) are refused when set rather than silently ignored.
+``best_of``, ``suffix``, ``tools``) are refused when set rather than silently ignored. ``structured_outputs`` is
+vLLM's extra field for a regex, a choice, a grammar or a JSON Schema.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -23,6 +25,34 @@ class StreamOptions(BaseModel):
 
 
 UNSUPPORTED = ("logit_bias", "presence_penalty", "frequency_penalty", "best_of", "suffix", "tools", "functions")
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs`` extra field: exactly one of a JSON Schema, a regex, a choice among strings, or
+    a grammar (Lark or llama.cpp's GBNF)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class _Common(BaseModel):
@@ -41,6 +71,33 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    def constraint(self) -> tuple[str, Any, str] | None:
+        """The structured-output constraint asked for: (kind of :data:`gptlab.generate.constraint.KINDS`, its
+        spec, the parameter it came from), or None. Raises ValueError when it is ambiguous or malformed."""
+        asked: list[tuple[str, Any, str]] = []
+        f = self.response_format
+        if f is not None and f.type == "json_object":
+            asked.append(("json_object", None, "response_format"))
+        elif f is not None and f.type == "json_schema":
+            if f.json_schema is None or f.json_schema.schema_ is None:
+                raise ValueError("response_format json_schema needs json_schema.schema")
+            asked.append(("json_schema", f.json_schema.schema_, "response_format"))
+        so = self.structured_outputs
+        if so is not None:
+            given = [(k, v) for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                         ("grammar", so.grammar)) if v is not None]  # fmt: skip
+            if len(given) != 1:
+                raise ValueError("structured_outputs takes exactly one of json, regex, choice, grammar")
+            kind, spec = given[0]
+            if kind == "json":
+                kind, spec = "json_schema", json.loads(spec) if isinstance(spec, str) else spec
+            asked.append((kind, spec, "structured_outputs"))
+        if len(asked) > 1:
+            raise ValueError("give response_format or structured_outputs, not both")
+        return asked[0] if asked else None
 
     def refused(self) -> tuple[str, str] | None:
         """(param, message) for the first field set that gptlab does not support or allow, else None."""

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from ..errors import GptlabError
+from ..generate.constraint import Grammar, Matcher
 from ..generate.engine import COMPILE_OPTIONS, TextStream, bucketed, compiled_step
 from ..generate.sampling import GREEDY, Sampling, next_tokens
 from ..generate.speculative import SPEC_K, Draft, SpeculativeStats, Throttle, verify_step
@@ -73,6 +74,7 @@ class Request:
     id: str = field(default_factory=lambda: secrets.token_hex(12))
     image: torch.Tensor | None = None  # [1, channels, size, size]: an image prefix before the prompt
     client: str | None = None  # who asked (one HTTP request's prompts share it); rows are shared fairly among them
+    grammar: Grammar | None = None  # structured output: every choice's text stays inside it (generate.constraint)
 
 
 @dataclass
@@ -114,6 +116,7 @@ class _Choice:
     last_time: float = 0.0
     done: bool = False
     history: list[int] = field(default_factory=list)  # prompt and tokens so far (speculative proposals read it)
+    matcher: Matcher | None = None  # the choice's place in its request's grammar
 
 
 @dataclass
@@ -398,6 +401,7 @@ class Scheduler:
                     torch.Generator(self.device).manual_seed((seed + j) % 2**64),
                     seen,
                     history=list(r.prompt),
+                    matcher=None if r.grammar is None else Matcher(r.grammar, self.tokenizer, self.vocab),
                 )
                 job.choices.append(c)
                 self.rows[row] = c
@@ -514,7 +518,10 @@ class Scheduler:
         a plain one (no draft, throttled, nothing proposed, or a row that wants logprobs or a repetition penalty)."""
         if self.draft is None or not self.throttle.drafting():
             return None
-        if any(job.request.logprobs is not None or job.group.repetition_penalty != 1.0 for job, _ in live):
+        if any(
+            job.request.logprobs is not None or job.group.repetition_penalty != 1.0 or c.matcher is not None
+            for job, c in live
+        ):
             return None
         hi = 1 + max(c.row for _, c in live)
         filled = [row.filled if row is not None else 0 for row in self.rows[:hi]]
@@ -585,9 +592,18 @@ class Scheduler:
         self._sample(live, logits[rows, -1])
 
     def _sample(self, live: list[tuple[_Job, _Choice]], logits: torch.Tensor) -> None:
-        """Choose each row's next token (rows with the same settings sampled together), report it, retire rows."""
+        """Choose each row's next token (rows with the same settings sampled together; a row with a grammar from
+        the tokens it allows), report it (logprobs: the model's own, before the grammar's mask), retire rows."""
         now = time.perf_counter()
         chosen: list[int] = [0] * len(live)
+        constrained = [i for i, (_, c) in enumerate(live) if c.matcher is not None]
+        masked = logits
+        if constrained:
+            masked = logits.clone()
+            for i in constrained:
+                allowed = live[i][1].matcher.allowed().to(logits.device)  # type: ignore[union-attr]
+                masked[i, : len(allowed)].masked_fill_(~allowed, float("-inf"))
+                masked[i, len(allowed) :] = float("-inf")
         groups: dict[Sampling, list[int]] = {}
         for i, (job, _) in enumerate(live):
             groups.setdefault(job.group, []).append(i)
@@ -596,7 +612,7 @@ class Scheduler:
             seen = None
             if s.repetition_penalty != 1.0:
                 seen = torch.stack([live[i][1].seen for i in members])  # type: ignore[misc]
-            toks = next_tokens(logits[at], s, seen, [live[i][1].generator for i in members])
+            toks = next_tokens(masked[at], s, seen, [live[i][1].generator for i in members])
             for i, t in zip(members, toks.tolist()):
                 chosen[i] = t
         want = [i for i, (job, _) in enumerate(live) if job.request.logprobs is not None]
@@ -633,11 +649,13 @@ class Scheduler:
         c.history.append(t)
         if c.seen is not None:
             c.seen[t] = True
+        if c.matcher is not None:
+            c.matcher.advance(t)
         if t in job.stop_ids:
             self._finish(job, c, "stop", [t], lps)  # the stop token adds no text
         else:
             c.stream.push(t)
-            if c.stream.stopped:
+            if c.stream.stopped or (c.matcher is not None and c.matcher.finished):
                 self._finish(job, c, "stop", [t], lps)
             elif c.produced >= job.max_tokens:
                 self._finish(job, c, "length", [t], lps)
