@@ -192,6 +192,14 @@ class Process:
         self.log.close()
 
 
+def serve_gptlab(model: Path, name: str, env: dict, *flags: str) -> Process:
+    """``gptlab serve MODEL`` on a free port of 127.0.0.1, on the CPU, as ``name``."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "gptlab", "serve", str(model), "--port", str(port), "--device", "cpu",
+           "--served-model-name", name, *flags]  # fmt: skip
+    return Process(cmd, f"http://127.0.0.1:{port}", env, "/health")
+
+
 def make_models(root: Path) -> dict[str, Path]:
     sys.path.insert(0, str(REPO / "src"))
     import torch
@@ -238,23 +246,7 @@ def cmd_suite(args: argparse.Namespace) -> None:
     levels = [(1, args.num_single), (8, args.num_8), (32, args.num_32)]
 
     def gptlab_server(name: str, max_batch: int) -> Process:
-        port = free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "gptlab",
-            "serve",
-            str(models[name]),
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            "--max-batch",
-            str(max_batch),
-            "--served-model-name",
-            name,
-        ]
-        return Process(cmd, f"http://127.0.0.1:{port}", env, "/health")
+        return serve_gptlab(models[name], name, env, "--max-batch", str(max_batch))
 
     for name in ("gpt2", "baby"):
         srv = gptlab_server(name, 32)
@@ -394,24 +386,7 @@ def cmd_prefix(args: argparse.Namespace) -> None:
     rows: dict = {k: {w: [] for w in ("few-shot", "chat")} for k in kinds}
     for _ in range(args.rounds):
         for name, flags in kinds.items():  # each server in its own process, one at a time, rounds interleaved
-            port = free_port()
-            cmd = [
-                sys.executable,
-                "-m",
-                "gptlab",
-                "serve",
-                str(model),
-                "--port",
-                str(port),
-                "--device",
-                "cpu",
-                "--max-batch",
-                "16",
-                "--served-model-name",
-                "gpt2",
-                *flags,
-            ]
-            srv = Process(cmd, f"http://127.0.0.1:{port}", env, "/health")
+            srv = serve_gptlab(model, "gpt2", env, "--max-batch", "16", *flags)
             try:
                 for workload in ("few-shot", "chat"):
                     r = asyncio.run(prefix_workload(srv.url, workload, args))

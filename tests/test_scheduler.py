@@ -3,6 +3,7 @@ beside it (checked against the static-batch Engine), cancellation frees rows at 
 chunked so that running streams are never stalled for more than one chunk."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -235,6 +236,34 @@ def test_newcomer_prefill_is_chunked_so_running_streams_keep_going(lm):
             between += tokens
     assert sum(t for _, t in calls if t > 1) >= 99  # the long prompt went through, in chunks of at most 8
     assert max(t for _, t in calls) <= 8 and worst <= 8
+
+
+def test_a_request_past_its_time_limit_ends_with_length(lm):
+    model, tok = lm
+
+    class Slow:  # each token takes 10 ms more: 100 tokens would take a second
+        def event(self, name, job, **kw):
+            if name == "token":
+                time.sleep(0.01)
+            seen.append(name)
+
+    seen: list[str] = []
+    sched = Scheduler(model, tok, max_batch=2, metrics=Slow(), max_request_seconds=0.3)
+    try:
+        t0 = time.perf_counter()
+        out, finish = [], []
+
+        async def main():
+            async for c in sched.submit(Request(tok.encode("the king"), 100, GREEDY, n=2, stop_ids=frozenset())):
+                out.extend(c.tokens)
+                finish.append(c.finish_reason)
+
+        run(main())
+        assert time.perf_counter() - t0 < 1.0
+        assert [f for f in finish if f] == ["length", "length"] and 2 <= len(out) < 2 * 60
+        assert "expired" in seen and sched.counts() == {"waiting": 0, "running": 0, "rows": 0}
+    finally:
+        sched.close()
 
 
 def test_bad_requests_and_a_full_queue(lm):

@@ -11,6 +11,8 @@ transformers renders them.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -20,17 +22,18 @@ from .errors import GptlabError
 from .files import read_input
 from .tokenizer import EOT_TEXT
 
-ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+ROLES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 
 
-def chat_prompt(messages: Sequence[dict[str, str]]) -> str:
+def chat_prompt(messages: Sequence[dict[str, Any]]) -> str:
     """The text of ``messages`` in the chat template, ending with ``"Assistant: "`` for generation."""
     return "".join(f"{ROLES[m['role']]}: {m['content']}\n" for m in messages) + f"{ROLES['assistant']}: "
 
 
 def _environment() -> Any:
     """Jinja as ``transformers`` renders chat templates: an immutable sandbox, trim_blocks and lstrip_blocks, the
-    loop controls extension, and the ``raise_exception`` and ``strftime_now`` globals templates call."""
+    loop controls extension, the ``raise_exception`` and ``strftime_now`` globals templates call, and its ``tojson``
+    (plain ``json.dumps``: Jinja's own sorts keys and escapes ``<``, ``>``, ``&`` and ``'`` for HTML)."""
     from jinja2 import TemplateError, ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -38,7 +41,12 @@ def _environment() -> Any:
         raise TemplateError(message)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+    env.filters["tojson"] = tojson
     return env
 
 
@@ -78,14 +86,26 @@ class ChatTemplate:
             return cls(None, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
         return cls(path)
 
-    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the template reads a ``tools`` variable (Hugging Face's convention for tool definitions)."""
+        return self.text is not None and re.search(r"\btools\b", self.text) is not None
+
+    def render(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The prompt for ``messages`` (and ``tools``, OpenAI's tool definitions, for a template that reads them)."""
         if self._jinja is None:
             return chat_prompt(messages)
         from jinja2 import TemplateError
 
+        extra = {"tools": tools} if tools else {}
         try:
             return self._jinja.render(
-                messages=list(messages), add_generation_prompt=add_generation_prompt, **self.tokens
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **self.tokens, **extra
             )
         except TemplateError as e:
             raise GptlabError(f"the chat template {self.source} failed on these messages: {e}") from None

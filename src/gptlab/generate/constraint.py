@@ -49,41 +49,42 @@ def compile_constraint(kind: str, spec: Any, tokenizer: Any, vocab_size: int) ->
     except ImportError:
         raise GptlabError("structured output needs llguidance: pip install 'gptlab[serve]'") from None
 
-    if kind in ("json_object", "json_schema"):
-        if kind == "json_schema" and not isinstance(spec, dict):
-            raise GptlabError("the JSON schema must be an object")
-        try:
-            text = llguidance.LLMatcher.grammar_from_json_schema(
-                spec if kind == "json_schema" else {"type": "object"}, overrides=JSON_OPTIONS
-            )
-        except ValueError as e:
-            raise GptlabError(f"the JSON schema is not valid JSON: {e}") from None
-    elif kind == "regex":
-        if not isinstance(spec, str):
-            raise GptlabError("the regex must be a string")
-        text = llguidance.grammar_from("regex", spec)
-    elif kind == "choice":
-        if not isinstance(spec, list) or not spec or not all(isinstance(s, str) and s for s in spec):
-            raise GptlabError("choice must be a non-empty list of non-empty strings")
-        text = llguidance.grammar_from("choice", json.dumps(spec))
-    elif kind == "grammar":
-        if not isinstance(spec, str) or not spec.strip():
-            raise GptlabError("the grammar must be a non-empty string (Lark, or llama.cpp's GBNF)")
-        try:
-            text = llguidance.grammar_from("grammar", spec)
-        except ValueError as e:
-            raise GptlabError(str(e).splitlines()[0]) from None
-    else:
-        raise GptlabError(f"unknown constraint {kind!r}; one of {', '.join(KINDS)}")
     try:
-        ll = ll_tokenizer(tokenizer, vocab_size)
-        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, ll)
-    except Exception as e:  # llguidance reports grammar errors in its result; anything raised is refused too
-        failed, messages = True, [str(e)]
+        text = _grammar_text(llguidance, kind, spec)
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            text, ll_tokenizer(tokenizer, vocab_size)
+        )
+    except GptlabError:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a ValueError, or a Rust panic (pyo3's PanicException is a BaseException)
+        failed, messages = True, [str(e).splitlines()[0] if str(e) else type(e).__name__]
     if failed or messages:  # a warning is something not enforced: refused too
         what = " ".join(" ".join(messages).split())[:500]
         raise GptlabError(f"the {kind.replace('_', ' ')} cannot be enforced: {what}")
     return Grammar(text, kind)
+
+
+def _grammar_text(llguidance: Any, kind: str, spec: Any) -> str:
+    if kind in ("json_object", "json_schema"):
+        if kind == "json_schema" and not isinstance(spec, dict):
+            raise GptlabError("the JSON schema must be an object")
+        schema = spec if kind == "json_schema" else {"type": "object"}
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+    if kind == "regex":
+        if not isinstance(spec, str):
+            raise GptlabError("the regex must be a string")
+        return llguidance.grammar_from("regex", spec)
+    if kind == "choice":
+        if not isinstance(spec, list) or not spec or not all(isinstance(s, str) and s for s in spec):
+            raise GptlabError("choice must be a non-empty list of non-empty strings")
+        return llguidance.grammar_from("choice", json.dumps(spec))
+    if kind == "grammar":
+        if not isinstance(spec, str) or not spec.strip():
+            raise GptlabError("the grammar must be a non-empty string (Lark, or llama.cpp's GBNF)")
+        return llguidance.grammar_from("grammar", spec)
+    raise GptlabError(f"unknown constraint {kind!r}; one of {', '.join(KINDS)}")
 
 
 def ll_tokenizer(tokenizer: Any, vocab_size: int) -> Any:

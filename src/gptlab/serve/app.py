@@ -46,6 +46,7 @@ from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, Tokeniz
 from .runs import add_routes as add_runs
 from .scheduler import Cancelled, Chunk, InvalidRequest, QueueFull, Scheduler, TokenLogprob
 from .scheduler import Request as GenRequest
+from .tools import CallStream, forced_call_grammar, split_calls
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -126,6 +127,7 @@ class Server:
                 spec_k=self.cfg.spec_k,
                 prefix_block=self.cfg.prefix_block,
                 prefix_cache_mb=self.cfg.prefix_cache_mb if self.cfg.prefix_cache else 0,
+                max_request_seconds=self.cfg.max_request_seconds,
             )
             self.metrics.watch(sched)
             self.scheduler = sched
@@ -161,10 +163,11 @@ class Server:
     def encode(self, text: str, after_image: bool = False) -> list[int]:
         return prompt_ids(self.tokenizer, text, after_image)
 
-    def render(self, messages: Sequence[Any]) -> str:
-        """The chat template's text for ``messages``; a template that fails on them is the client's 400."""
+    def render(self, messages: Sequence[Any], tools: list[dict[str, Any]] | None = None) -> str:
+        """The chat template's text for ``messages`` (and ``tools``); a template that fails on them is the client's
+        400."""
         try:
-            return self.template.render([{"role": m.role, "content": m.text()} for m in messages])
+            return self.template.render([m.for_template() for m in messages], tools=tools)
         except GptlabError as e:
             raise ApiError(400, str(e), "messages") from None
 
@@ -362,12 +365,26 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:
         server.ready()
+        try:
+            mode, forced = body.tool_mode()
+        except ValueError as e:
+            raise ApiError(400, str(e), "tool_choice") from None
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if mode != "none" else None
+        if tools and not server.template.renders_tools:
+            raise ApiError(
+                400,
+                "this model's chat template does not render tools; serve it with --chat-template FILE, a template "
+                "that reads `tools` (the Hermes / Qwen2.5 format)",
+                "tools",
+            )
         image = server.image(body.messages)
-        text = server.render(body.messages)
+        text = server.render(body.messages, tools)
         prompts = [server.encode(text, image is not None)]
         lp = (body.top_logprobs or 0) if body.logprobs else None
-        job = _Run(server, body, prompts, stop=body.stop_list() + server.template.stop, logprobs=lp, image=image)
-        return await job.respond(request, "chatcmpl", _ChatFormat(server, body))
+        call = ("grammar", forced_call_grammar(tools or [], forced), "tool_choice") if mode == "forced" else None
+        stop = body.stop_list() + server.template.stop
+        job = _Run(server, body, prompts, stop=stop, logprobs=lp, image=image, constraint=call)
+        return await job.respond(request, "chatcmpl", _ChatFormat(server, body, tools=mode != "none"))
 
     @app.get("/")
     async def page() -> Response:
@@ -403,7 +420,10 @@ class _Run:
         logprobs: int | None,
         echo: bool = False,
         image: Any = None,
+        constraint: tuple[str, Any, str] | None = None,
     ) -> None:
+        """``constraint``: a structured-output constraint of the server's own (a forced tool call), which the
+        request's ``response_format`` and ``structured_outputs`` may not be combined with."""
         sched = server.ready()
         server.check_model(body.model)
         refused = body.refused()
@@ -419,7 +439,7 @@ class _Run:
                 f"server's limit of {server.cfg.max_choices} per request (--max-choices); split the request",
                 "prompt" if len(prompts) > 1 else "n",
             )
-        grammar = self._grammar(server, body, sched.vocab)
+        grammar = self._grammar(server, body, sched.vocab, constraint)
         client = secrets.token_hex(8)  # this request's prompts share rows fairly with other requests
         sampling = Sampling(
             temperature=body.temperature,
@@ -456,12 +476,15 @@ class _Run:
             self.requests.append(r)
 
     @staticmethod
-    def _grammar(server: Server, body: _Common, vocab: int) -> Grammar | None:
+    def _grammar(server: Server, body: _Common, vocab: int, constraint: tuple[str, Any, str] | None) -> Grammar | None:
         """The request's structured-output constraint, compiled; anything that cannot be enforced is a 400."""
         try:
             asked = body.constraint()
         except ValueError as e:  # (a string given as a JSON schema that is not JSON, too)
             raise ApiError(400, str(e).splitlines()[0], "structured_outputs") from None
+        if constraint is not None and asked is not None:
+            raise ApiError(400, f"{asked[2]} cannot be combined with a forced tool call (tool_choice)", asked[2])
+        asked = asked or constraint
         if asked is None:
             return None
         kind, spec, param = asked
@@ -726,9 +749,11 @@ class _ChatFormat(_Format):
 
     object, chunk_object = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, server: Server, body: ChatRequest) -> None:
+    def __init__(self, server: Server, body: ChatRequest, tools: bool = False) -> None:
         super().__init__(server)
         self.logprobs = body.logprobs
+        self.tools = tools  # parse the Hermes-format calls out of the text (gptlab.serve.tools)
+        self.streams: dict[int, CallStream] = {}
 
     def _entry(self, token: int, logprob: float) -> dict[str, Any]:
         return {"token": self.server.token_text(token), "logprob": logprob, "bytes": self.server.token_bytes(token)}
@@ -754,14 +779,31 @@ class _ChatFormat(_Format):
 
     def stream_pieces(self, i: int, base: int, c: Chunk, n: int) -> list[dict[str, Any]]:
         index = base + c.index
-        out = []
         lp = self._lp(c.logprobs)
-        if c.text or lp is not None:
-            out.append(
-                {"choices": [{"index": index, "delta": {"content": c.text}, "logprobs": lp, "finish_reason": None}]}
-            )
-        if c.finish_reason:
-            out.append({"choices": [{"index": index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}]})
+        deltas: list[dict[str, Any]] = []
+        finish = c.finish_reason
+        if not self.tools:
+            deltas = [{"content": c.text}] if c.text or lp is not None else []
+        else:
+            calls = self.streams.setdefault(index, CallStream())
+            made = calls.calls
+            items = calls.feed(c.text) + (calls.close() if finish else [])
+            for kind, value in items:
+                if kind == "content":
+                    deltas.append({"content": value})
+                else:
+                    deltas.append({"tool_calls": [{"index": made, **value}]})
+                    made += 1
+            if lp is not None and not deltas:
+                deltas = [{"content": ""}]
+            if finish == "stop" and calls.calls:
+                finish = "tool_calls"
+        out: list[dict[str, Any]] = [
+            {"choices": [{"index": index, "delta": d, "logprobs": lp if k == 0 else None, "finish_reason": None}]}
+            for k, d in enumerate(deltas)
+        ]
+        if finish:
+            out.append({"choices": [{"index": index, "delta": {}, "logprobs": None, "finish_reason": finish}]})
         return out
 
     def choices(self, collected: list[tuple[int, int, Chunk]], prompts: int, n: int) -> list[dict[str, Any]]:
@@ -781,4 +823,10 @@ class _ChatFormat(_Format):
             if lp is not None:
                 o["logprobs"]["content"] += lp["content"]
             o["finish_reason"] = c.finish_reason or o["finish_reason"]
+        if self.tools:
+            for o in out:
+                content, calls = split_calls(o["message"]["content"])
+                if calls:
+                    o["message"].update(content=content, tool_calls=calls)
+                    o["finish_reason"] = "tool_calls" if o["finish_reason"] == "stop" else o["finish_reason"]
         return out

@@ -53,6 +53,12 @@ class ServeConfig(RecipeConfig):
     prefix_cache_mb: float = opt(
         512.0, "MiB of prefix-cache blocks kept (least recently used evicted)", Range(1, 1 << 20)
     )
+    max_request_seconds: float = opt(
+        600.0,
+        "a request still generating this long after it got its rows ends, its choices with finish_reason length "
+        "(0: no limit)",
+        Range(0, 86_400),
+    )
     max_body_bytes: int = opt(1 << 20, "largest request body; larger get 413", Range(1024, 1 << 30))
     api_key: str | None = opt(None, "require Authorization: Bearer KEY (default: $GPTLAB_API_KEY, else none)", kind=str)
     chat_template: str | None = opt(

@@ -91,6 +91,8 @@ class ServeMetrics:
         elif name == "finished":
             self.e2e.observe(kw["seconds"])
             self.requests.labels("finished").inc()
+        elif name == "expired":  # (also counted as finished: its choices ended with finish_reason length)
+            self.requests.labels("expired").inc()
         elif name in ("cancelled", "failed"):
             self.requests.labels(name).inc()
             if name == "cancelled":

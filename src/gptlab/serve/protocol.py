@@ -3,8 +3,8 @@ extra ``top_k``, ``min_p`` and ``repetition_penalty`` are vLLM's names for them)
 
 Every numeric field's range is declared here, once; a value outside it is a 400 whose ``param`` names the field.
 Fields OpenAI defines that gptlab does not implement (``logit_bias``, ``presence_penalty``, ``frequency_penalty``,
-``best_of``, ``suffix``, ``tools``) are refused when set rather than silently ignored. ``structured_outputs`` is
-vLLM's extra field for a regex, a choice, a grammar or a JSON Schema.
+``best_of``, ``suffix``, the legacy ``functions``) are refused when set rather than silently ignored.
+``structured_outputs`` is vLLM's extra field for a regex, a choice, a grammar or a JSON Schema.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-UNSUPPORTED = ("logit_bias", "presence_penalty", "frequency_penalty", "best_of", "suffix", "tools", "functions")
+UNSUPPORTED = ("logit_bias", "presence_penalty", "frequency_penalty", "best_of", "suffix", "functions")
 
 
 class JsonSchemaFormat(BaseModel):
@@ -139,19 +139,80 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart | ImagePart]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart | ImagePart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _some_content(self) -> Message:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
     def image_urls(self) -> list[str]:
-        return (
-            [] if isinstance(self.content, str) else [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
-        )
+        if not isinstance(self.content, list):
+            return []
+        return [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (Hugging Face's convention: a call's arguments as an object)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _arguments(c)}}
+                for c in self.tool_calls
+            ]
+        out.update({k: v for k, v in (("tool_call_id", self.tool_call_id), ("name", self.name)) if v is not None})
+        return out
+
+
+def _arguments(call: ToolCall) -> Any:
+    try:
+        return json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        return call.function.arguments
+
+
+class FunctionDef(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(_Common):
@@ -159,6 +220,21 @@ class ChatRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: int | None = Field(None, ge=0)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; a forced call is one call, auto may give several
+
+    def tool_mode(self) -> tuple[str, str | None]:
+        """("none" | "auto" | "forced", the forced function's name or None for any), checked against ``tools``."""
+        choice = self.tool_choice or ("auto" if self.tools else "none")
+        if choice != "none" and not self.tools:
+            raise ValueError(f"tool_choice {choice!r} needs tools")
+        if isinstance(choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if choice.function.name not in names:
+                raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools {names}")
+            return "forced", choice.function.name
+        return ("forced", None) if choice == "required" else (choice, None)
 
     @model_validator(mode="after")
     def _one_max(self) -> ChatRequest:

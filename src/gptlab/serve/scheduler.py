@@ -130,6 +130,7 @@ class _Job:
     choices: list[_Choice] = field(default_factory=list)
     first_token_time: float | None = None
     offset: int = 0  # cache slots before the prompt's: the image prefix, if any
+    admitted: float = 0.0  # when it got its rows (perf_counter)
     names: list[bytes] | None = None  # the prefix cache's names of the prompt's whole blocks, once looked up
 
 
@@ -150,6 +151,7 @@ class Scheduler:
         spec_min_speedup: float = 1.0,
         prefix_block: int = ServeConfig.prefix_block,
         prefix_cache_mb: float = ServeConfig.prefix_cache_mb,
+        max_request_seconds: float = ServeConfig.max_request_seconds,
     ) -> None:
         """``draft`` (prompt lookup, or a smaller model with its own cache of these rows) turns on speculative
         decoding: up to ``spec_k`` proposals per row and step, verified in one forward pass
@@ -159,7 +161,9 @@ class Scheduler:
         rejection rule.
 
         Prompts are prefilled in blocks of ``prefix_block`` slots; ``prefix_cache_mb`` MiB keep the blocks of
-        earlier prompts for reuse (0: no prefix cache)."""
+        earlier prompts for reuse (0: no prefix cache). A request still generating ``max_request_seconds`` after
+        its admission ends, each unfinished choice with ``finish_reason`` ``"length"`` (llama.cpp's
+        ``t_max_predict_ms`` does the same; 0: no limit)."""
         if min(max_batch, prefill_chunk, prefix_block) < 1 or min(max_queue, prefix_cache_mb) < 0:
             raise GptlabError(
                 "max_batch, prefill_chunk and prefix_block must be >= 1, max_queue and prefix_cache_mb >= 0"
@@ -178,6 +182,7 @@ class Scheduler:
         self.device, self.dtype = model.device, model.dtype
         self.pool = KVCache(cfg, max_batch, cfg.block_size, self.device, self.dtype)
         self.prefix_block = prefix_block
+        self.max_request_seconds = max_request_seconds
         blocks = int(prefix_cache_mb * 2**20) // PrefixCache.block_bytes(cfg, prefix_block, self.dtype)
         self.prefix = PrefixCache(cfg, prefix_block, blocks, self.device, self.dtype) if blocks else None
         self.rows: list[_Choice | None] = [None] * max_batch
@@ -339,6 +344,7 @@ class Scheduler:
                 self._admit()
                 self._prefill()
                 self._decode()
+                self._expire()
             except Exception as e:  # a failed step fails the requests in it, not the server
                 jobs = [*self.prefilling, *self.running]
                 for job in jobs:
@@ -407,6 +413,7 @@ class Scheduler:
                 self.rows[row] = c
                 if self.draft is not None:
                     self.draft.reset(row)
+            job.admitted = time.perf_counter()
             self.prefilling.append(job)
             self._event("admitted", job)
 
@@ -670,6 +677,19 @@ class Scheduler:
         c.done = True
         self._free(c)
         job.emit(Chunk(c.index, c.stream.take(final=True), tokens, logprobs, reason))
+
+    def _expire(self) -> None:
+        """End the requests that have generated for ``max_request_seconds``: their unfinished choices stop here."""
+        if not self.max_request_seconds:
+            return
+        late = time.perf_counter() - self.max_request_seconds
+        for job in [j for j in [*self.prefilling, *self.running] if j.admitted < late]:
+            (self.prefilling if job in self.prefilling else self.running).remove(job)
+            for c in job.choices:
+                if not c.done:
+                    self._finish(job, c, "length", [], None)
+            self._retire(job)
+            self._event("expired", job)
 
     def _retire(self, job: _Job) -> None:
         job.emit(None)
