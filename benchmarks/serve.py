@@ -33,7 +33,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import random
 import socket
 import subprocess
@@ -43,6 +42,7 @@ import time
 from pathlib import Path
 
 import httpx
+from common import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the king queen of love and war my lord good night sweet prince what say you thou art noble fair".split()
@@ -242,7 +242,7 @@ def cmd_suite(args: argparse.Namespace) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": str(args.threads)}
     root = Path(tempfile.mkdtemp(prefix="gptlab-serve-bench-"))
     models = make_models(root)
-    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads}}
+    results: dict = {"machine": {"cpu": cpu_name(), "threads": args.threads}}
     levels = [(1, args.num_single), (8, args.num_8), (32, args.num_32)]
 
     def gptlab_server(name: str, max_batch: int) -> Process:
@@ -378,7 +378,7 @@ def cmd_prefix(args: argparse.Namespace) -> None:
         "no_cache_512": ["--no-prefix-cache", "--prefix-block", "512"],
     }
     results: dict = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
+        "machine": {"cpu": cpu_name(), "threads": args.threads},
         "header_words": args.header_words,
         "clients": args.clients,
         "turns": args.turns,

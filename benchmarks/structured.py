@@ -14,12 +14,13 @@ GPT-2 124M (fp32, eager) is timed in the same run. Each library runs in its own 
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -174,7 +175,7 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         child(sys.argv[2])
         return
-    results: dict = {"machine": {"cpu": platform.processor() or platform.machine()}}
+    results: dict = {"machine": {"cpu": cpu_name()}}
     for library in ("llguidance", "xgrammar"):
         r = subprocess.run([sys.executable, __file__, "--child", library], capture_output=True, text=True)
         if r.returncode:
