@@ -196,3 +196,33 @@ def test_chains_name_whole_prefixes(lm):
     assert len(x) == 2 and len(set(x)) == 2  # two whole blocks; the ninth token is not in one
     assert x[1] != y[1]  # the same second block after a different first one is another prefix
     assert cache.names(PrefixCache.root(torch.zeros(1, 3, 2, 2)), [1, 2, 3, 4]) != x[:1]  # an image is a prefix
+
+
+def test_the_servers_metrics_count_hits_and_evictions(tmp_path):
+    """Through HTTP: twelve distinct 120-token prompts overflow a 1 MiB cache of 16-slot blocks (64 blocks of this
+    model), then the last prompt again hits; /metrics counts both, and the hit's logprobs equal its miss's."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from .conftest import Served, random_gpt2_checkpoint
+
+    ckpt = random_gpt2_checkpoint(tmp_path / "tiny", 128)
+    server = Served(ckpt, "--prefix-block", "16", "--prefix-cache-mb", "1", "--served-model-name", "tiny")
+    try:
+        prompts = [[(i * 7919 + j * 104729) % 50000 for j in range(120)] for i in range(12)]
+
+        def ask(p):
+            body = {"model": "tiny", "prompt": p, "max_tokens": 4, "temperature": 0, "logprobs": 2}
+            r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["logprobs"]
+
+        first = [ask(p) for p in prompts]
+        again = ask(prompts[-1])
+        m = server.metrics()
+    finally:
+        server.stop()
+    assert again == first[-1]
+    assert m["gptlab_prefix_cache_hits_tokens_total"] == 112  # the last prompt's 7 whole blocks before its last token
+    assert m["gptlab_prefix_cache_evicted_blocks_total"] == 12 * 7 - 64
+    assert m["gptlab_prefix_cache_blocks"] == 64
+    assert m["gptlab_prefix_cache_capacity_bytes"] == 2**20
