@@ -32,12 +32,9 @@ def batches_crash(path: str) -> bool:
 
 def open_llama(path: str, **kw: Any) -> Any:
     """``llama_cpp.Llama(model_path=path, verbose=False, use_extra_bufts=False, **kw)``, with ``n_ubatch=1`` where
-    a batch would crash (see the module docstring). ``.n_ubatch_forced`` says whether it was."""
+    a batch would crash (see the module docstring; :func:`batches_crash` says whether it does)."""
     import llama_cpp
 
-    forced = batches_crash(path)
-    if forced:
+    if batches_crash(path):
         kw["n_ubatch"] = 1
-    llm = llama_cpp.Llama(model_path=path, verbose=False, use_extra_bufts=False, **kw)
-    llm.n_ubatch_forced = forced
-    return llm
+    return llama_cpp.Llama(model_path=path, verbose=False, use_extra_bufts=False, **kw)
