@@ -685,11 +685,11 @@ class Scheduler:
         late = time.perf_counter() - self.max_request_seconds
         for job in [j for j in [*self.prefilling, *self.running] if j.admitted < late]:
             (self.prefilling if job in self.prefilling else self.running).remove(job)
+            self._event("expired", job)  # (before the stream ends: a caller that saw the end sees the count)
             for c in job.choices:
                 if not c.done:
                     self._finish(job, c, "length", [], None)
             self._retire(job)
-            self._event("expired", job)
 
     def _retire(self, job: _Job) -> None:
         job.emit(None)
