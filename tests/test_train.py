@@ -359,3 +359,30 @@ def test_the_modern_block_resumes_bit_for_bit_with_either_optimizer(char_data, t
     b = checkpoint.load_checkpoint(cut)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(cut) == losses(tmp_path / "full")
+
+
+def test_auto_dtype_on_the_cpu_is_measured_cached_said_and_kept_on_resume(char_data, tmp_path, monkeypatch):
+    """--dtype auto on a CPU: a probe at the run's shapes decides (the tiny model: fp32, its casts cost more than
+    bf16 saves) and the summary says why; the verdict is cached, and a cached bf16 verdict is followed; a resumed
+    run keeps the dtype its checkpoints recorded whatever the cache says now, and repeats the uninterrupted run
+    exactly."""
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    cfg = dict(max_iters=6, checkpoint_interval=3, eval_interval=3)
+    full = train(tiny_cfg(char_data, tmp_path / "full", **cfg), progress=False)
+    (probe,) = (tmp_path / "cache" / "dtype-probe").iterdir()
+    verdict = json.loads(probe.read_text())
+    assert full["dtype"] == verdict["dtype"] == "float32"
+    assert full["dtype_reason"].startswith("auto: bf16 autocast ran") and "(probe:" in full["dtype_reason"]
+    assert verdict["result"]["speedup"] < 1.15  # the reason it is fp32
+
+    part = train(tiny_cfg(char_data, tmp_path / "part", **{**cfg, "max_iters": 3}), progress=False)
+    assert "(cached probe:" in part["dtype_reason"]
+    verdict["dtype"] = verdict["result"]["dtype"] = "bfloat16"  # as if this CPU ran bf16 faster at these shapes
+    probe.write_text(json.dumps(verdict))
+    resumed = train(tiny_cfg(char_data, tmp_path / "part", **cfg), resume=True, progress=False)
+    assert resumed["dtype"] == "float32" and "as the run it resumes chose" in resumed["dtype_reason"]
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    fresh = train(tiny_cfg(char_data, tmp_path / "bf16", **{**cfg, "max_iters": 1}), progress=False)
+    assert fresh["dtype"] == "bfloat16" and "(cached probe:" in fresh["dtype_reason"]
+    explicit = train(tiny_cfg(char_data, tmp_path / "fp32", max_iters=1, dtype="float32"), progress=False)
+    assert explicit["dtype_reason"] == "--dtype float32"

@@ -52,7 +52,8 @@ class TrainConfig(RecipeConfig):
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = opt(
         "auto",
-        "auto (bf16 on capable GPUs, else fp32) | float32 | bfloat16 | float16",
+        "auto (bf16 on capable GPUs; on a CPU bf16 autocast where a measured probe at the run's shapes finds it "
+        "1.15x faster, else fp32) | float32 | bfloat16 | float16",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     compile: bool = opt(False, "wrap the model in torch.compile")

@@ -10,6 +10,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -90,6 +91,15 @@ def wrap(model: GPT, d: Dist, parallel: str) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def from_main(value: Any, d: Dist) -> Any:
+    """Rank 0's ``value`` on every rank (a decision every rank must share, such as a measured dtype)."""
+    if not d.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def mean_across_ranks(values: torch.Tensor, d: Dist) -> torch.Tensor:

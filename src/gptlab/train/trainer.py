@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from ..model import GPT
 from ..recipe import derive_seed
 from . import distributed
 from .config import TrainConfig
+from .dtype_probe import MARGIN, cpu_bf16_verdict
 from .loop import FitStats, fit, restore_state, save_state, state_dicts
 from .optim import make_optimizer
 from .scheduled_sampling import mix_in_predictions, ss_probability
@@ -94,11 +96,22 @@ def last_good_checkpoint(out: Path, vocab_size: int) -> Path | None:
     return None
 
 
-def autocast_dtype(pref: str, device: torch.device) -> torch.dtype:
-    if pref == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_ok else torch.float32
-    return getattr(torch, pref)
+def autocast_dtype(pref: str, device: torch.device, probe: Callable[[], dict[str, Any]]) -> tuple[torch.dtype, str]:
+    """The autocast dtype for ``--dtype pref`` on ``device``, and why. ``auto``: bf16 on a GPU that supports it;
+    on a CPU, what ``probe`` measured (:mod:`gptlab.train.dtype_probe`); fp32 elsewhere."""
+    if pref != "auto":
+        return getattr(torch, pref), f"--dtype {pref}"
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return (torch.bfloat16, "auto: bf16 on this GPU") if ok else (torch.float32, "auto: this GPU has no bf16")
+    if device.type != "cpu":
+        return torch.float32, f"auto: fp32 on {device.type}"
+    v = probe()
+    how = "cached probe" if v["cached"] else "probe"
+    return getattr(torch, v["dtype"]), (
+        f"auto: bf16 autocast ran {v['speedup']}x fp32's speed at this run's shapes ({how}: {v['bf16_s']} s against "
+        f"{v['fp32_s']} s per forward and backward); bf16 needs {MARGIN}x"
+    )
 
 
 def moe_stats(model: GPT) -> dict[str, Any]:
@@ -187,6 +200,7 @@ class Pretraining:
         self.val_windows = open_split(cfg, self.data_meta, mcfg, "val")
         with torch.device("meta"):
             self.n_params = GPT(mcfg).num_params()
+        self.dtype, self.dtype_reason = self._dtype(existing)  # (a CPU probe builds its own copy: before this one)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP does not broadcast them)
         self.raw = GPT(mcfg).to(d.device)
         if not resume:
@@ -200,7 +214,6 @@ class Pretraining:
             self._resume(existing[-1])
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.dtype = autocast_dtype(cfg.dtype, d.device)
         self.amp = torch.autocast(d.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.dtype == torch.float16)
         self.metrics = Metrics(out / METRICS, self.start if resume else None, d.is_main)
@@ -210,6 +223,17 @@ class Pretraining:
         self.last_loss, self.last_val = math.nan, math.nan
         self.last_tps: float | None = None  # tokens per second since the last log; None before any timed step
         self.model.train()
+
+    def _dtype(self, existing: list[Path]) -> tuple[torch.dtype, str]:
+        """``--dtype``, resolved; a resumed ``auto`` run keeps the dtype its checkpoint recorded (bit-exact)."""
+        cfg = self.cfg
+        recorded = checkpoint.read_state(existing[-1]).get("dtype") if self.resume and existing else None
+        if cfg.dtype == "auto" and recorded in ("float32", "bfloat16", "float16"):
+            return getattr(torch, recorded), f"auto: {recorded}, as the run it resumes chose"
+        probe = lambda: distributed.from_main(
+            cpu_bf16_verdict(self.mcfg, cfg.batch_size) if self.d.is_main else None, self.d
+        )
+        return autocast_dtype(cfg.dtype, self.d.device, probe)
 
     def _resume(self, checkpoint_dir: Path) -> None:
         out, mcfg = self.out, self.mcfg
@@ -314,6 +338,7 @@ class Pretraining:
             "best_val": self.best_val,
             "best_step": self.best_step,
             "tokens_seen": done * self.tokens_per_step,
+            "dtype": str(self.dtype).replace("torch.", ""),
         }
         save_state(self.out, done, self.d, model_sd, optim_sd, meta, self.cfg.keep_last)
 
@@ -363,6 +388,7 @@ class Pretraining:
             "world_size": d.world_size,
             "device": str(d.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "dtype_reason": self.dtype_reason,
         }
         if d.is_main:
             self.metrics.write(step=cfg.max_iters, final_val_loss=final_val)
