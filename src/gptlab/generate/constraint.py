@@ -34,10 +34,9 @@ JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_
 
 @dataclass(frozen=True)
 class Grammar:
-    """A compiled constraint: llguidance's grammar text, and what it came from (for messages)."""
+    """A compiled constraint: llguidance's grammar text."""
 
     text: str
-    kind: str
 
 
 def compile_constraint(kind: str, spec: Any, tokenizer: Any, vocab_size: int) -> Grammar:
@@ -63,7 +62,7 @@ def compile_constraint(kind: str, spec: Any, tokenizer: Any, vocab_size: int) ->
     if failed or messages:  # a warning is something not enforced: refused too
         what = " ".join(" ".join(messages).split())[:500]
         raise GptlabError(f"the {kind.replace('_', ' ')} cannot be enforced: {what}")
-    return Grammar(text, kind)
+    return Grammar(text)
 
 
 def _grammar_text(llguidance: Any, kind: str, spec: Any) -> str:

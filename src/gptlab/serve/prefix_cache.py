@@ -44,8 +44,10 @@ class PrefixCache:
         self, cfg: GPTConfig, block: int, max_blocks: int, device: torch.device | str, dtype: torch.dtype
     ) -> None:
         shape = (cfg.n_layer, max_blocks, cfg.n_kv_heads, block, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # empty, not zeros: a block is always written before it is read, and untouched memory is not committed
+        # (zeros would make the whole budget resident at start-up)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.block, self.max_blocks = block, max_blocks
         self.where: OrderedDict[bytes, int] = OrderedDict()  # name -> storage index, least recently used first
         self.unused = list(range(max_blocks - 1, -1, -1))
@@ -53,7 +55,7 @@ class PrefixCache:
     @staticmethod
     def block_bytes(cfg: GPTConfig, block: int, dtype: torch.dtype) -> int:
         """Keys and values of one block, every layer: 2 x layers x kv_heads x block x head_dim x element size."""
-        return 2 * cfg.n_layer * cfg.n_kv_heads * block * cfg.head_dim * torch.finfo(dtype).bits // 8
+        return 2 * cfg.n_layer * cfg.n_kv_heads * block * cfg.head_dim * dtype.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -98,6 +100,7 @@ class PrefixCache:
         """Keep the blocks of ``cache``'s row named ``names`` (block ``i`` = slots ``i*block : (i+1)*block``),
         evicting the least recently used; return how many were evicted."""
         names = names[: self.max_blocks]  # a chain longer than the whole cache keeps its first blocks
+        self._refresh([n for n in names if n in self.where])  # the chain's own blocks are not evicted for it
         evicted = 0
         for i, name in enumerate(names):
             if name in self.where:

@@ -478,7 +478,7 @@ class Scheduler:
             for c in job.choices[1:]:  # every choice shares the prompt's keys and values
                 self.pool.copy_rows(self.pool, first.row, c.row, 0, total)
                 c.filled = total
-            if self.prefix is not None and job.names is not None:
+            if self.prefix is not None and job.names is not None:  # (names: looked up in this cache)
                 self._event("prefix_stored", job, evicted=self.prefix.store(job.names, self.pool, first.row))
             if r.echo_logprobs:
                 job.emit(Chunk(-1, logprobs=self._prompt_logprobs(r)))

@@ -15,14 +15,12 @@ the arguments always parse.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 from typing import Any
 
 from ..generate.constraint import JSON_OPTIONS
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 
 def call_object(name: str, arguments: Any) -> dict[str, Any]:
@@ -44,19 +42,15 @@ def parse_block(body: str) -> dict[str, Any] | None:
 
 
 def split_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """The text outside well-formed call blocks (None if only whitespace) and the calls, in order. A block whose
-    JSON is not a call stays in the text."""
-    calls, kept, at = [], [], 0
-    for m in BLOCK.finditer(text):
-        call = parse_block(m.group(1))
-        if call is None:
-            continue
-        kept.append(text[at : m.start()])
-        calls.append(call)
-        at = m.end()
-    kept.append(text[at:])
-    content = "".join(kept)
-    return (content if content.strip() else None) if calls else text, calls
+    """The text outside well-formed call blocks (None if only whitespace) and the calls, in order: what
+    :class:`CallStream` gives for the whole text at once. A block whose JSON is not a call stays in the text."""
+    stream = CallStream()
+    items = stream.feed(text) + stream.close()
+    calls = [v for kind, v in items if kind == "call"]
+    if not calls:
+        return text, []
+    content = "".join(v for kind, v in items if kind == "content")
+    return (content if content.strip() else None), calls
 
 
 class CallStream:
@@ -87,8 +81,7 @@ class CallStream:
                 self.pending = self.pending[start:]
                 return out
             block = self.pending[start : end + len(CLOSE)]
-            m = BLOCK.fullmatch(block)
-            call = parse_block(m.group(1)) if m else None
+            call = parse_block(block[len(OPEN) : -len(CLOSE)])  # (json.loads ignores the newlines around it)
             if start:
                 out.append(("content", self.pending[:start]))
             out.append(("call", call) if call is not None else ("content", block))
