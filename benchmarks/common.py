@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cpu_name() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), for the figures' provenance."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name, for the figures' provenance."""
+    from gptlab.device import cpu_info
+
+    return cpu_info()[0]
 
 
 def synthetic_dataset(path: Path, vocab_size: int, tokens: int = 2_000_000, seed: int = 0) -> Path:

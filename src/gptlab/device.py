@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .errors import GptlabError
+
+
+def cpu_info() -> tuple[str, str]:
+    """The CPU's model name and its flags (Linux: the first processor in ``/proc/cpuinfo``); elsewhere what
+    ``platform`` knows, and no flags."""
+    import platform
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields.get("model name") or platform.processor() or platform.machine(), fields.get("flags", "")
 
 
 def pick_device(pref: str | torch.device, local_rank: int = 0) -> torch.device:

@@ -17,38 +17,23 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..assets import cache_dir
 from ..config import GPTConfig
+from ..device import cpu_info
 from ..files import atomic_write_bytes
 
 REPEATS = 3
 MARGIN = 1.15  # bf16 must beat fp32 by this much: a verdict within noise keeps fp32's exact arithmetic
 
 
-def cpu_identity() -> str:
-    """The CPU's model name and flags (Linux), or what ``platform`` knows."""
-    import platform
-
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    fields: dict[str, str] = {}
-    for line in info.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    return f"{fields.get('model name', '')} | {fields.get('flags', '')}"
-
-
 def cpu_bf16_verdict(cfg: GPTConfig, batch: int) -> dict[str, Any]:
     """``{"dtype": "bfloat16" | "float32", "fp32_s", "bf16_s", "cached"}`` for a CPU run of model ``cfg`` at
     ``batch`` sequences of ``cfg.block_size`` tokens (measured once, then read from the cache)."""
-    key = json.dumps([cpu_identity(), torch.__version__, torch.get_num_threads(), cfg.to_dict(), batch], sort_keys=True)
+    key = json.dumps([*cpu_info(), torch.__version__, torch.get_num_threads(), cfg.to_dict(), batch], sort_keys=True)
     path = cache_dir() / "dtype-probe" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
     try:
         cached = json.loads(path.read_text())

@@ -194,13 +194,14 @@ class Pretraining:
         self.cfg, self.d, self.resume = cfg, d, resume
         self.out = out = Path(cfg.out_dir)
         existing = checkpoint.checkpoints_for(out, resume)
+        resumed = checkpoint.read_state(existing[-1]) if resume else None  # the state of the checkpoint resumed
         self.data_meta = read_meta(cfg.data)
         self.mcfg = mcfg = self.model_config()
         self.train_windows = open_split(cfg, self.data_meta, mcfg, "train")
         self.val_windows = open_split(cfg, self.data_meta, mcfg, "val")
         with torch.device("meta"):
             self.n_params = GPT(mcfg).num_params()
-        self.dtype, self.dtype_reason = self._dtype(existing)  # (a CPU probe builds its own copy: before this one)
+        self.dtype, self.dtype_reason = self._dtype(resumed)  # (a CPU probe builds its own copy: before this one)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP does not broadcast them)
         self.raw = GPT(mcfg).to(d.device)
         if not resume:
@@ -210,8 +211,8 @@ class Pretraining:
         self.optimizer = make_optimizer(self.raw, cfg.optim, d.device.type)
         self.start, self.best_val = 0, math.inf
         self.best_step: int | None = None
-        if resume:
-            self._resume(existing[-1])
+        if resumed is not None:
+            self._resume(existing[-1], resumed)
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.amp = torch.autocast(d.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -224,10 +225,10 @@ class Pretraining:
         self.last_tps: float | None = None  # tokens per second since the last log; None before any timed step
         self.model.train()
 
-    def _dtype(self, existing: list[Path]) -> tuple[torch.dtype, str]:
+    def _dtype(self, resumed: dict[str, Any] | None) -> tuple[torch.dtype, str]:
         """``--dtype``, resolved; a resumed ``auto`` run keeps the dtype its checkpoint recorded (bit-exact)."""
         cfg = self.cfg
-        recorded = checkpoint.read_state(existing[-1]).get("dtype") if self.resume and existing else None
+        recorded = resumed.get("dtype") if resumed is not None else None
         if cfg.dtype == "auto" and recorded in ("float32", "bfloat16", "float16"):
             return getattr(torch, recorded), f"auto: {recorded}, as the run it resumes chose"
         probe = lambda: distributed.from_main(
@@ -235,9 +236,8 @@ class Pretraining:
         )
         return autocast_dtype(cfg.dtype, self.d.device, probe)
 
-    def _resume(self, checkpoint_dir: Path) -> None:
+    def _resume(self, checkpoint_dir: Path, state: dict[str, Any]) -> None:
         out, mcfg = self.out, self.mcfg
-        state = checkpoint.read_state(checkpoint_dir)
         val = state.get("val_loss")
         if isinstance(val, (int, float)) and diverged(val, mcfg.vocab_size):
             good = last_good_checkpoint(out, mcfg.vocab_size)
