@@ -140,6 +140,51 @@ def test_a_chat_reuses_its_earlier_turns_with_the_same_logprobs():
 
 
 @pytest.mark.slow
+def test_structured_output_on_the_real_model_validates(smol):
+    """SmolLM2 asked for JSON under a schema, greedy and sampled (n = 2), batched: every output validates with the
+    ``jsonschema`` package, and greedily it names Paris."""
+    import asyncio
+
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    from gptlab.chat import ChatTemplate
+    from gptlab.generate.constraint import compile_constraint
+    from gptlab.serve.scheduler import Request, Scheduler
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 30}, "country": {"type": "string", "maxLength": 30},
+                       "population_millions": {"type": "integer", "minimum": 0, "maximum": 50}},
+        "required": ["city", "country", "population_millions"],
+        "additionalProperties": False,
+    }  # fmt: skip
+    tok = smol.tokenizer
+    grammar = compile_constraint("json_schema", schema, tok, smol.model.config.vocab_size)
+    ask = "Give the capital of France as JSON with city, country and population in millions."
+    prompt = tok.encode(ChatTemplate.of(tok).render([{"role": "user", "content": ask}]))
+    sched = Scheduler(smol.model, tok, max_batch=6)
+
+    async def one(seed, sampling):
+        texts: dict[int, str] = {}
+        async for c in sched.submit(Request(prompt, 80, sampling, seed=seed, n=2, grammar=grammar)):
+            texts[c.index] = texts.get(c.index, "") + c.text
+        return list(texts.values())
+
+    async def everyone():
+        return await asyncio.gather(
+            one(0, GREEDY), one(1, Sampling(temperature=1.0)), one(2, Sampling(temperature=1.0))
+        )
+
+    try:
+        outs = asyncio.run(everyone())
+    finally:
+        sched.close()
+    for text in (t for o in outs for t in o):
+        jsonschema.validate(json.loads(text), schema)
+    assert json.loads(outs[0][0])["city"] == "Paris"
+
+
+@pytest.mark.slow
 def test_quantized_and_speculative_decoding_on_the_real_model(smol):
     """int8 and int4 copies change the perplexity of a real text by a measured, small amount; speculative decoding
     with an n-gram draft and the model's own int8 copy gives plain greedy decoding's tokens."""
