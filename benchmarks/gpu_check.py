@@ -19,7 +19,9 @@ each timed and each caught on its own (a failing part records its error and the 
   read per step: the weights as stored plus the mean KV cache);
 - ``serve``: ``benchmarks/serve.py load`` against ``gptlab serve --device cuda`` at 1 and 16 streams (skipped with
   the reason where FastAPI/uvicorn are not installed);
-- ``distributed``: ``gptlab train`` under torchrun on every local GPU (NCCL), DDP and FSDP2, against one process.
+- ``distributed``: ``gptlab train`` under torchrun on every local GPU (NCCL), DDP and FSDP2, against one process;
+  the FSDP run's sharded checkpoint resumed in one process; FSDP2 with bf16 parameters and activation
+  checkpointing; FSDP + tensor parallelism (pairs of ranks).
 
 ``--cpu-dry-run`` runs every part on the CPU with small sizes (tiny models, a few steps), so that the script is
 proven end to end before GPU time is spent on it. Ends with one JSON line (also written to ``--out``).
@@ -336,6 +338,29 @@ def part_distributed(args, device) -> dict:
                 }
             except SystemExit as e:
                 out[parallel] = {"error": str(e)[-1500:]}
+        # the FSDP run's sharded (DCP) checkpoint of step 3, resumed in one process with the same global batch
+        # (a reshard), and FSDP2 with bf16 parameters and activation checkpointing
+        try:
+            fsdp = Path(tmp) / "fsdp"
+            shutil.rmtree(fsdp / "checkpoints" / "step-0000006")
+            resumed = gptlab_train([*common, "--batch-size", str(4 * nproc), "--out-dir", str(fsdp), "--resume"])
+            out["fsdp_resumed_on_1"] = {
+                "final_val_loss": resumed["final_val_loss"],
+                "diff_vs_fsdp": abs(resumed["final_val_loss"] - out["fsdp"]["final_val_loss"]),
+            }
+            mixed = gptlab_train(
+                [*common, "--batch-size", "4", "--parallel", "fsdp", "--fsdp-param-dtype", "bfloat16",
+                 "--activation-checkpointing", "--out-dir", str(Path(tmp) / "fsdp-bf16-ac")], nproc=nproc,
+            )  # fmt: skip
+            out["fsdp_bf16_params_ac"] = {"final_val_loss": mixed["final_val_loss"],
+                                          "peak_memory_mib": mixed.get("peak_memory_mib")}  # fmt: skip
+            if nproc % 2 == 0:  # 2-D: FSDP across pairs of GPUs, tensor parallelism inside each pair
+                tp = gptlab_train([*common, "--batch-size", "8", "--parallel", "fsdp+tp", "--tp", "2", "--out-dir",
+                                   str(Path(tmp) / "fsdp-tp")], nproc=nproc)  # fmt: skip
+                out["fsdp_tp2"] = {"final_val_loss": tp["final_val_loss"],
+                                   "diff_vs_single": abs(tp["final_val_loss"] - single["final_val_loss"])}  # fmt: skip
+        except (SystemExit, KeyError, OSError) as e:
+            out["sharded"] = {"error": str(e)[-1500:]}
     return out
 
 

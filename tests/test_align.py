@@ -2,6 +2,7 @@
 packing, GPT-1 heads, and the stages end to end (exact resume, a huge KL coefficient pinning PPO to the reference,
 a reward model learning a stated rule)."""
 
+import contextlib
 import itertools
 import json
 import math
@@ -415,3 +416,206 @@ def test_bad_alignment_input_is_a_clear_error(base_run, tmp_path, capsys):
         == 2
     )
     assert "is not a reward model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- LoRA and QLoRA on every training path
+def test_lora_sft_resumes_exactly_leaves_the_base_and_merges_to_the_same_logits(base_run, tmp_path):
+    from gptlab import lora
+    from gptlab.checkpoint import load_checkpoint
+    from gptlab.loader import load_model
+
+    kw = dict(data=str(base_run / "sft.jsonl"), max_iters=6, checkpoint_interval=3, lora_rank=4, lora_alpha=8.0,
+              lr=5e-3)  # fmt: skip
+    full = train_stage(cfg(base_run, "sft", name="lora-full", **kw), progress=False)
+    again = interrupted_and_resumed(cfg(base_run, "sft", name="lora-cut", **kw))
+    rows = lambda s: [r["loss"] for r in read_rows(Path(s["metrics"])) if "loss" in r]
+    assert again["resumed_from"] == 3 and rows(again) == rows(full)
+    assert full["trainable_params"] < full["params"] / 10 and rows(full)[-1] < rows(full)[0]
+    tuned, meta = load_checkpoint(full["out_dir"])
+    base = load_model(str(base_run / "base"), "cpu").model
+    base_sd = base.state_dict()
+    assert meta["lora"]["roles"]["q"] == [4, 8.0]
+    assert all(torch.equal(v, base_sd[k]) for k, v in tuned.state_dict().items() if ".lora." not in k)
+    assert (Path(full["adapter"]) / "adapter_model.safetensors").is_file()
+    # gptlab convert BASE --lora ADAPTER and gptlab convert RUN --merge-lora give the adapted model's logits
+    x = torch.randint(0, base.config.vocab_size, (2, 20))
+    want = tuned(x)[0]
+    assert main(["convert", str(base_run / "base"), "--lora", full["adapter"], "--out-dir", str(tmp_path / "m1"),
+                 "--to", "gptlab"]) == 0  # fmt: skip
+    assert main(["convert", full["out_dir"], "--merge-lora", "--out-dir", str(tmp_path / "m2"), "--to", "gptlab"]) == 0
+    for merged in ("m1", "m2"):
+        model, m = load_checkpoint(tmp_path / merged)
+        assert not lora.adapters(model) and "lora" not in m
+        torch.testing.assert_close(model(x)[0], want, rtol=0, atol=1e-5)
+    assert main(["sample", full["out_dir"], "--prompt", "the", "--max-new-tokens", "5"]) == 0
+
+
+def test_qlora_and_lora_on_reward_dpo_train_and_distill(base_run, char_data, tmp_path):
+    from gptlab.checkpoint import load_checkpoint
+    from gptlab.distill.config import DistillConfig
+    from gptlab.distill.trainer import distill
+    from gptlab.quant.quantize import QuantLinear
+
+    lo = dict(lora_rank=2, lora_alpha=4.0, max_iters=2, lr=1e-3)
+    q = train_stage(cfg(base_run, "sft", name="qlora", data=str(base_run / "sft.jsonl"), quantize="int4", **lo),
+                    progress=False)  # fmt: skip
+    model, meta = load_checkpoint(q["out_dir"])
+    assert meta["quantization"]["mode"] == "int4" and isinstance(model.h[0].attn.c_attn, QuantLinear)
+    assert q["trainable_params"] < q["params"] / 10
+    # QLoRA from a quantized checkpoint (gptlab quantize: the head too, feeding the tied embedding)
+    assert main(["quantize", str(base_run / "base"), "--mode", "int8", "--out-dir", str(tmp_path / "q8")]) == 0
+    q2 = train_stage(cfg(base_run, "sft", name="qlora-ckpt", model=str(tmp_path / "q8"), data=str(base_run /
+                         "sft.jsonl"), **lo), progress=False)  # fmt: skip
+    assert load_checkpoint(q2["out_dir"])[1]["quantization"]["mode"] == "int8" and math.isfinite(q2["eval"]["loss"])
+    rm = train_stage(
+        cfg(base_run, "reward", name="lora-reward", data=str(base_run / "prefs.jsonl"), **lo), progress=False
+    )
+    assert rm["trainable_params"] < rm["params"] / 5  # adapters and the scalar head
+    dpo = train_stage(cfg(base_run, "dpo", name="lora-dpo", data=str(base_run / "prefs.jsonl"), **lo), progress=False)
+    assert math.isfinite(dpo["eval"]["loss"])
+    common = dict(data=str(char_data), init=str(base_run / "base"), block_size=64, batch_size=4, max_iters=4,
+                  checkpoint_interval=2, eval_interval=2, eval_iters=1, final_eval_tokens=500, device="cpu",
+                  threads=1, lora_rank=2, lora_alpha=4.0)  # fmt: skip
+    t = train(TrainConfig.from_sources(None, out_dir=str(tmp_path / "t"), **common), progress=False)
+    assert (Path(t["out_dir"]) / "adapter" / "adapter_config.json").is_file()
+    shutil.rmtree(list_checkpoints(Path(t["out_dir"]))[-1])
+    t2 = train(TrainConfig.from_sources(None, out_dir=str(tmp_path / "t"), **common), resume=True, progress=False)
+    assert t2["resumed_from"] == 2 and t2["final_val_loss"] == t["final_val_loss"]
+    d = distill(DistillConfig.from_sources(None, out_dir=str(tmp_path / "d"), teacher=str(base_run / "base"), **common),
+                progress=False)  # fmt: skip
+    assert math.isfinite(d["final_val_loss"])
+    with pytest.raises(GptlabError, match="needs --lora-rank"):
+        AlignConfig.from_sources(None, stage="sft", data="d", model="m", quantize="int8")
+
+
+# ----------------------------------------------------------------------------- RL with verifiable rewards (GRPO family)
+def test_group_advantages_by_hand():
+    from gptlab.align.losses import group_advantages
+
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 3.0, 1.0, 2.0, 2.0])
+    std = math.sqrt(1 / 3)  # the sample std of (1, 0, 0, 1)
+    g = group_advantages(r, 4, "grpo")
+    assert g[:4].tolist() == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4)] * 1 + [-0.5 / (std + 1e-4),
+                                            0.5 / (std + 1e-4)], rel=1e-6)  # fmt: skip
+    assert g[4:8].tolist() == [0.0] * 4  # a group with equal rewards teaches nothing
+    assert group_advantages(r, 4, "dr_grpo")[8:].tolist() == pytest.approx([1.0, -1.0, 0.0, 0.0])
+    # RLOO: r_i minus the mean of the other three
+    assert group_advantages(r, 4, "rloo")[8:].tolist() == pytest.approx([3 - 5 / 3, 1 - 7 / 3, 2 - 2, 2 - 2])
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "rloo"])
+def test_grpo_losses_equal_the_hand_computation(loss_type):
+    from gptlab.align.losses import grpo_loss
+
+    logp = torch.tensor([[-1.0, -0.5, -2.0, 0.0], [-0.3, -1.2, 0.0, 0.0]])
+    old = torch.tensor([[-1.4, -0.5, -1.0, 0.0], [-0.3, -0.2, 0.0, 0.0]])
+    ref = torch.tensor([[-1.1, -0.7, -1.5, 0.0], [-0.4, -1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    adv = torch.tensor([1.5, -0.8])
+    lo, hi, beta, max_tokens = 0.2, 0.28, 0.05, 4
+    out = grpo_loss(logp, old, adv, mask, loss_type, lo, hi, max_tokens, ref, beta)
+    per_seq, tokens, low, high = [], [], 0, 0
+    for i in range(2):
+        seq = []
+        for t in range(4):
+            if not mask[i, t]:
+                continue
+            rho = math.exp(logp[i, t] - old[i, t])
+            a = adv[i].item()
+            clipped = min(max(rho, 1 - lo), 1 + hi)
+            d = (ref[i, t] - logp[i, t]).item()
+            seq.append(-min(rho * a, clipped * a) + beta * (math.exp(d) - d - 1))
+            low += rho < 1 - lo and a < 0
+            high += rho > 1 + hi and a > 0
+        per_seq.append(seq)
+        tokens += seq
+    want = {
+        "grpo": sum(sum(s) / len(s) for s in per_seq) / 2,
+        "dapo": sum(tokens) / len(tokens),
+        "dr_grpo": sum(tokens) / (2 * max_tokens),
+        "rloo": sum(sum(s) for s in per_seq) / 2,
+    }[loss_type]
+    assert out["loss"].item() == pytest.approx(want, rel=1e-5)
+    assert out["clip_ratio_low"].item() == pytest.approx(low / 5) and out["clip_ratio_high"].item() == pytest.approx(
+        high / 5
+    )
+    assert low + high >= 2  # the case exercises both clips
+
+
+def test_the_rewards_read_answers_as_stated(tmp_path):
+    from gptlab.align.rewards import parse_rewards, score
+
+    fn = tmp_path / "mine.py"
+    fn.write_text("def shout(prompts, completions, **kw):\n    return [float(c.isupper()) for c in completions]\n")
+    rewards = parse_rewards(f"number,match=0.5,regex,format=0.2,{fn}:shout", r"\D*\d+")
+    got = score(rewards, ["p"] * 4, ["so 1,234.", "41", "ABC", "12 then 7"],
+                {"answer": ["1234", "41", "[A-Z]+", "7"], "ended": [True, True, False, True]})  # fmt: skip
+    assert got["number"] == [1.0, 1.0, 0.0, 1.0]
+    assert got["match"] == [0.0, 1.0, 0.0, 0.0]
+    assert got["regex"] == [0.0, 1.0, 1.0, 0.0]  # "41" as a regex matches "41"
+    assert got["format"] == [0.0, 1.0, 0.0, 0.0]  # ends by itself and is non-digits then digits
+    assert got[f"{fn}:shout"] == [0.0, 0.0, 1.0, 0.0]
+    with pytest.raises(GptlabError, match="unknown reward 'nope'"):
+        parse_rewards("nope")
+
+
+def test_rollout_logprobs_equal_the_trainers(base_run):
+    from gptlab.align.stages import token_logprobs
+    from gptlab.generate import Engine, Sampling
+
+    model, tok = load_init(str(base_run / "base"), "cpu")
+    prompts = [tok.encode("the king "), tok.encode("my lord doth speak of "), tok.encode("war")]
+    for temperature in (1.0, 0.7):
+        done = Engine(model).generate_tokens(prompts, 24, Sampling(temperature, seed=3), stop_ids=[tok.eot_id],
+                                             logprobs=True)  # fmt: skip
+        model.eval()
+        for p, c in zip(prompts, done):
+            seq = p + c.tokens + ([tok.eot_id] if c.finish_reason == "stop_token" else [])
+            full = torch.tensor([seq])
+            with torch.no_grad():
+                logp, _ = token_logprobs(model, full[:, :-1], full[:, 1:], temperature)
+            assert len(c.logprobs) == len(seq) - len(p)
+            torch.testing.assert_close(torch.tensor(c.logprobs), logp[0, len(p) - 1 :], rtol=0, atol=1e-5)
+
+
+def grpo_cfg(base_run, tmp_path, **kw):
+    reward = tmp_path / "o_reward.py"
+    reward.write_text("def o_share(prompts, completions, **kw):\n"
+                      "    return [c.count('o') / max(len(c), 1) for c in completions]\n")  # fmt: skip
+    base = dict(data=str(base_run / "prompts.jsonl"), rewards=f"{reward}:o_share", batch_size=4, group_size=4,
+                max_new_tokens=12, max_iters=6, lr=3e-3, val_frac=0.25, minibatches=2)  # fmt: skip
+    return cfg(base_run, "grpo", **{**base, **kw})
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "rloo"])
+def test_grpo_trains_logs_what_trl_logs_and_resumes_exactly(base_run, tmp_path, loss_type):
+    kw = dict(loss_type=loss_type, checkpoint_interval=3, lora_rank=4, lora_alpha=16.0, kl_beta=0.05)
+    a = train_stage(grpo_cfg(base_run, tmp_path, name=f"grpo-a-{loss_type}", **kw), progress=False)
+    b = interrupted_and_resumed(grpo_cfg(base_run, tmp_path, name=f"grpo-b-{loss_type}", **kw))
+    rows = lambda s: [r for r in read_rows(Path(s["metrics"])) if "reward" in r and "step" in r and "loss" in r]
+    assert b["resumed_from"] == 3 and rows(a) == rows(b)
+    for r in rows(a):
+        assert r["logprob_diff"] <= 1e-5  # the sampler is the trained model
+        for key in ("reward_std", "frac_reward_zero_std", "clip_ratio", "completion_length", "entropy", "kl",
+                    "clipped_completions"):  # fmt: skip
+            assert key in r
+    assert "reward" in a["eval"] and (Path(a["out_dir"]) / "adapter" / "adapter_config.json").is_file()
+
+
+def test_grpo_stops_a_run_that_learns_nothing(base_run, tmp_path, capsys):
+    from gptlab.align.grpo import GRPO
+
+    (tmp_path / "flat.py").write_text("def zero(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
+    dead = grpo_cfg(base_run, tmp_path, name="dead", rewards=f"{tmp_path / 'flat.py'}:zero", stall_steps=2)
+    with pytest.raises(GptlabError, match="every group's completions got equal rewards"):
+        train_stage(dead, progress=False)
+    # an update that never reaches the sampled model (TRL #5312): the weights do not change
+    stage = GRPO(grpo_cfg(base_run, tmp_path, stall_steps=2), Dist())
+    with pytest.raises(GptlabError, match="weights did not change for 2 steps"):
+        for step in range(4):
+            stage.step(step, lambda loss: None)
+    # no completion ever ends: a loud warning
+    stage = GRPO(grpo_cfg(base_run, tmp_path, stall_steps=1, max_new_tokens=1), Dist())
+    with contextlib.suppress(GptlabError):  # one-token groups may also all score alike, which stops the run too
+        stage.step(0, lambda loss: loss.backward())
+    assert "no completion ended by itself" in capsys.readouterr().err

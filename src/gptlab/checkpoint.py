@@ -29,6 +29,7 @@ from .model import GPT, drop_tied, with_tied
 
 FORMAT = "gptlab-checkpoint"
 VERSION = 1
+DCP_DIR = "dcp"  # a sharded checkpoint's torch.distributed.checkpoint folder (gptlab.train.sharded)
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
@@ -89,24 +90,33 @@ def _diagnose_safetensors(path: Path) -> str | None:
     return None
 
 
-def skeleton(cfg: GPTConfig, quantization: dict[str, Any] | None = None) -> GPT:
+def skeleton(cfg: GPTConfig, quantization: dict[str, Any] | None = None, lora: dict[str, Any] | None = None) -> GPT:
     """The model of a checkpoint on the meta device (no memory): the GPT of ``cfg``, with the quantized layers of
-    ``quantization`` (a checkpoint's record, :mod:`gptlab.quant.quantize`) in place."""
+    ``quantization`` (a checkpoint's record, :mod:`gptlab.quant.quantize`) and the LoRA adapters of ``lora``
+    (:mod:`gptlab.lora`) in place."""
     with torch.device("meta"):
         model = GPT(cfg)
-    if quantization:
-        from .quant.quantize import empty_quantized
+        if quantization:
+            from .quant.quantize import empty_quantized
 
-        empty_quantized(model, quantization)
+            empty_quantized(model, quantization)
+        if lora:
+            from .lora import attach, check_record
+
+            attach(model, cfg, check_record(lora))
     return model
 
 
 def check_weights(
-    sd: dict[str, torch.Tensor], cfg: GPTConfig, where: str, quantization: dict[str, Any] | None = None
+    sd: dict[str, torch.Tensor],
+    cfg: GPTConfig,
+    where: str,
+    quantization: dict[str, Any] | None = None,
+    lora: dict[str, Any] | None = None,
 ) -> None:
-    """Every tensor a model with ``cfg`` (quantized as recorded) needs is in ``sd`` with the right shape and kind
-    (the integer type of quantized codes; any float type for the rest), and nothing else is."""
-    expected = skeleton(cfg, quantization).state_dict()
+    """Every tensor a model with ``cfg`` (quantized and adapted as recorded) needs is in ``sd`` with the right
+    shape and kind (the integer type of quantized codes; any float type for the rest), and nothing else is."""
+    expected = skeleton(cfg, quantization, lora).state_dict()
     for name, t in expected.items():
         if name not in sd:
             raise GptlabError(f"{where}: tensor {name!r} is missing")
@@ -163,13 +173,18 @@ def save_checkpoint(
         if extra:
             meta["sha256"]["heads.safetensors"] = _save_tensors(extra, tmp / "heads.safetensors")
         atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1))
+    prune(run_dir, keep_last, meta.get("best_step"))
+    return final
+
+
+def prune(run_dir: Path, keep_last: int, best_step: int | None) -> None:
+    """Delete all but the last ``keep_last`` checkpoints and the best one."""
     keep = {p.name for p in list_checkpoints(run_dir)[-keep_last:]}
-    if meta.get("best_step") is not None:
-        keep.add(f"step-{meta['best_step']:07d}")
+    if best_step is not None:
+        keep.add(f"step-{best_step:07d}")
     for p in list_checkpoints(run_dir):
         if p.name not in keep:
             remove_dir(p)  # renamed away first: a kill mid-delete never leaves a half checkpoint under its name
-    return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -221,7 +236,10 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     problems = [
         what
         for ok, what in (
-            (isinstance(sha, dict) and isinstance(sha.get("model.safetensors"), str), "sha256 of model.safetensors"),
+            (
+                isinstance(sha, dict) and (isinstance(sha.get("model.safetensors"), str) or bool(meta.get("sharded"))),
+                "sha256 of model.safetensors",
+            ),
             (isinstance(meta.get("model_config"), dict), "model_config"),
             (isinstance(meta.get("tokenizer"), dict), "tokenizer"),
             (type(meta.get("step", 0)) is int and meta.get("step", 0) >= 0, "an integer step"),
@@ -249,12 +267,37 @@ def _load_tensors(ckpt: Path, name: str, meta: dict[str, Any]) -> dict[str, torc
 
 
 def load_weights(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The full model state dict of a checkpoint, checked against its model config tensor by tensor."""
+    """The full model state dict of a checkpoint, checked against its model config tensor by tensor (a sharded one,
+    :mod:`gptlab.train.sharded`, gathered from its shards in this process)."""
     cfg = GPTConfig.from_dict(meta["model_config"])
+    if meta.get("sharded"):
+        model = skeleton(cfg, meta.get("quantization"), meta.get("lora")).to_empty(device="cpu")
+        return with_tied(load_sharded_weights(ckpt, meta, model), cfg)
     sd = _load_tensors(ckpt, "model.safetensors", meta)
     sd = with_tied(sd, cfg)
-    check_weights(sd, cfg, f"{ckpt}/model.safetensors", meta.get("quantization"))
+    check_weights(sd, cfg, f"{ckpt}/model.safetensors", meta.get("quantization"), meta.get("lora"))
     return sd
+
+
+def load_sharded_weights(ckpt: Path, meta: dict[str, Any], model: GPT) -> dict[str, torch.Tensor]:
+    """The whole model state dict of a sharded checkpoint (an FSDP run's: :mod:`gptlab.train.sharded`), in this
+    process alone (no process group): the tensors of ``model`` (a model of the checkpoint's config, on the CPU)
+    filled from every rank's shards by torch.distributed.checkpoint, a TP-form checkpoint's split projections
+    fused back (:mod:`gptlab.tp_form`)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from .tp_form import fuse_state, to_tp_form
+
+    tp_form = meta["sharded"].get("tp", 1) > 1
+    if tp_form:
+        to_tp_form(model)
+    sd = model.state_dict()
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": sd}, checkpoint_id=Path(ckpt) / DCP_DIR, no_dist=True)
+    return fuse_state(sd, model) if tp_form else sd
 
 
 def load_extra(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -267,7 +310,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     ckpt = resolve(path)
     meta = read_state(ckpt)
     quantization = meta.get("quantization")
-    model = skeleton(GPTConfig.from_dict(meta["model_config"]), quantization)
+    model = skeleton(GPTConfig.from_dict(meta["model_config"]), quantization, meta.get("lora"))
     model.load_state_dict(load_weights(ckpt, meta), assign=True)
     if isinstance(model.lm_head, torch.nn.Linear):  # a float head: tied again (a quantized one feeds the embedding)
         model.tie_()

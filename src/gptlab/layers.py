@@ -4,6 +4,7 @@ rotary positions and logit soft-capping."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -31,7 +32,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(x.dtype, torch.float32)
         count = (targets >= 0).sum().clamp(min=1)
         grad_x = torch.empty(x.shape, device=x.device, dtype=acc)
-        grad_w = torch.zeros(weight.shape, device=x.device, dtype=torch.promote_types(weight.dtype, acc))
+        # a frozen head (LoRA, QLoRA) takes no gradient: its product, a third of the head's work, is skipped
+        want_w = weight.requires_grad
+        grad_w = torch.zeros(
+            weight.shape if want_w else (0,), device=x.device, dtype=torch.promote_types(weight.dtype, acc)
+        )
         total = torch.zeros((), device=x.device, dtype=acc)
         with torch.autocast(device, enabled=False):
             x_mm, w_mm = x.to(mm), weight.to(mm)
@@ -53,9 +58,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                     probs *= 1 - tanh * tanh
                 probs_mm = probs.to(mm)
                 grad_x[s : s + chunk_rows] = probs_mm @ w_mm
-                if mm == grad_w.dtype:
+                if want_w and mm == grad_w.dtype:
                     grad_w.addmm_(probs_mm.t(), xc)
-                else:
+                elif want_w:
                     grad_w += probs_mm.t() @ xc  # a low-precision product, accumulated in fp32
         ctx.save_for_backward((grad_x / count).to(x.dtype), (grad_w / count).to(weight.dtype))
         return total / count
@@ -63,20 +68,30 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None
+        return grad_x * grad_loss, grad_w * grad_loss if grad_w.numel() else None, None, None, None, None
 
 
 class Linear(nn.Linear):
-    """``nn.Linear``, except that inside ``torch.compile`` a product with a single row (decoding one token) is
-    written as multiply-and-sum, which inductor fuses into one vectorized, bandwidth-bound loop over the weight.
-    On a 2-core AVX-512 CPU that streams GPT-2's matrices at ~34 GB/s where MKL's sgemv reaches ~10 GB/s
-    (docs/generation.md). Same weights, same state dict; eager mode and training use the ordinary matmul."""
+    """``nn.Linear`` with an optional LoRA adapter (a ``lora`` child: :mod:`gptlab.lora`). Inside
+    ``torch.compile`` a product with a single row (decoding one token) is written as multiply-and-sum, which
+    inductor fuses into one vectorized, bandwidth-bound loop over the weight. On a 2-core AVX-512 CPU that streams
+    GPT-2's matrices at ~34 GB/s where MKL's sgemv reaches ~10 GB/s (docs/generation.md). Same weights, same state
+    dict; eager mode and training use the ordinary matmul."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
             y = (x.unsqueeze(-2) * self.weight).sum(-1)
-            return y if self.bias is None else y + self.bias
-        return super().forward(x)
+            y = y if self.bias is None else y + self.bias
+        else:
+            y = super().forward(x)
+        return with_adapter(self, x, y)
+
+
+def with_adapter(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` (the layer's own product, fresh) plus the update of the layer's LoRA adapter (:mod:`gptlab.lora`), if it
+    has one that is on, added into ``y``'s row slices in place: no full-width copy is made or kept for backward."""
+    lora: Any = layer._modules.get("lora")
+    return lora.add_to(y, x) if lora is not None and lora.enabled else y
 
 
 def make_norm(cfg: GPTConfig, dim: int) -> nn.Module:

@@ -36,6 +36,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
 from .errors import GptlabError
@@ -151,6 +152,8 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.config = cfg
+        # training: recompute each block's activations in backward instead of keeping them (Chen et al. 2016)
+        self.activation_checkpointing = False
         V = cfg.padded_vocab_size
         self.wte = nn.Embedding(V, cfg.n_embd)
         # learned positions (GPT); rotary ones have no parameters and are applied inside attention
@@ -314,8 +317,12 @@ class GPT(nn.Module):
         else:
             rotary = rope_cos_sin(self.config, pos, x.dtype)
         x = self.drop(x)
+        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.h):
-            x = block(x, rotary, mask, None if cache is None else cache.layers[i], slots)
+            if recompute:  # keep only each block's input; its activations are recomputed in backward
+                x = checkpoint(block, x, rotary, mask, use_reentrant=False)
+            else:
+                x = block(x, rotary, mask, None if cache is None else cache.layers[i], slots)
         if images is not None and cache is None:
             x = x[:, -idx.size(1) :]  # the text positions: the image prefix has no loss and no logits
         return x

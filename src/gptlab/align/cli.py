@@ -1,4 +1,4 @@
-"""``gptlab align STAGE MODEL``: finetune (GPT-1 heads), sft, reward, dpo, ppo on one shared loop."""
+"""``gptlab align STAGE MODEL``: finetune (GPT-1 heads), sft, reward, dpo, ppo, grpo on one shared loop."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ STAGE_HELP = {
     "reward": "reward model: scalar head, Bradley-Terry loss over ranked pairs",
     "dpo": "direct preference optimisation against a frozen reference",
     "ppo": "PPO with a KL penalty to the reference (InstructGPT), adaptive KL, PPO-ptx",
+    "grpo": "RL with verifiable rewards: GRPO, Dr. GRPO, DAPO, RLOO over groups of sampled completions",
 }
 
 
@@ -36,7 +37,7 @@ def cmd_align(args: argparse.Namespace) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "align",
-        help="fine-tune and align: finetune (GPT-1 heads), sft, reward, dpo, ppo",
+        help="fine-tune and align: finetune (GPT-1 heads), sft, reward, dpo, ppo, grpo (LoRA, QLoRA)",
         description="Tune a model on JSON-lines data with one shared loop (checkpoints, exact resume, "
         "metrics). Formats and recipes: docs/alignment.md.",
     )

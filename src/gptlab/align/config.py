@@ -8,9 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..recipe import COUNT, NON_NEGATIVE, POSITIVE, PROBABILITY_BELOW_1, SEED, UNIT, Range, RecipeConfig, opt
+from ..train.adapters import LoraConfig
 from ..train.optim import FINETUNE_OPTIM, OptimConfig
+from .losses import LOSS_TYPES
 
-STAGES = ("finetune", "sft", "reward", "dpo", "ppo")
+STAGES = ("finetune", "sft", "reward", "dpo", "ppo", "grpo")
 TASK_NAMES = ("classification", "entailment", "similarity", "multiple_choice")
 
 
@@ -30,12 +32,18 @@ class AlignConfig(RecipeConfig):
     val_data: str = opt("", "held-out JSON-lines file; default: the last val_frac of data")
     val_frac: float = opt(0.1, "fraction of data held out when val_data is not given", PROBABILITY_BELOW_1)
     # optimisation (as in gptlab train)
-    batch_size: int = opt(8, "examples (finetune, sft), prompts (reward, dpo) or rollouts (ppo) per step", COUNT)
+    batch_size: int = opt(
+        8,
+        "examples (finetune, sft), prompts (reward, dpo, grpo: each sampled group_size times) or rollouts (ppo) per "
+        "step",
+        COUNT,
+    )
     max_iters: int = opt(200, "optimizer steps", COUNT)
     optim: OptimConfig = opt(
         FINETUNE_OPTIM,
         "AdamW and the learning-rate schedule, with fine-tuning's defaults (recipe table [optim]; flags --lr, ...)",
     )
+    lora: LoraConfig = opt(LoraConfig(), "LoRA / QLoRA (recipe table [lora]; flags --lora-rank, --quantize, ...)")
     eval_interval: int = opt(50, "steps between held-out evaluations", COUNT)
     log_interval: int = opt(10, "steps between metric rows", COUNT)
     checkpoint_interval: int = opt(100, "steps between checkpoints; 0 saves only at the end", NON_NEGATIVE)
@@ -64,15 +72,38 @@ class AlignConfig(RecipeConfig):
     kl_horizon: int = opt(10_000, "ppo: adaptive KL controller horizon (responses)", COUNT)
     gamma: float = opt(1.0, "ppo: discount", Range(0, 1, lo_open=True))
     lam: float = opt(0.95, "ppo: GAE lambda", UNIT)
-    clip: float = opt(0.2, "ppo: policy ratio clip", POSITIVE)
+    clip: float = opt(0.2, "ppo/grpo: policy ratio clip (grpo: the lower one, epsilon_low)", POSITIVE)
     value_clip: float = opt(0.2, "ppo: value clip", POSITIVE)
     vf_coef: float = opt(0.5, "ppo: value loss weight", NON_NEGATIVE)
     ppo_epochs: int = opt(4, "ppo: passes over each batch of rollouts", COUNT)
-    minibatches: int = opt(2, "ppo: minibatches per pass", COUNT)
-    max_new_tokens: int = opt(32, "ppo: response length limit", COUNT)
-    temperature: float = opt(1.0, "ppo: rollout sampling temperature", Range(0, 100, lo_open=True))
+    minibatches: int = opt(2, "ppo/grpo: minibatches per pass (an optimizer step each)", COUNT)
+    max_new_tokens: int = opt(32, "ppo/grpo: response length limit", COUNT)
+    temperature: float = opt(1.0, "ppo/grpo: rollout sampling temperature", Range(0, 100, lo_open=True))
     ptx_coef: float = opt(0.0, "ppo: weight of the pre-training LM loss (PPO-ptx); 0 disables", NON_NEGATIVE)
     ptx_data: str = opt("", "ppo: a `gptlab prepare` folder for the PPO-ptx loss")
+
+    # grpo
+    group_size: int = opt(8, "grpo: completions sampled per prompt (G)", Range(2, 4096))
+    loss_type: str = opt("dapo", "grpo: " + " | ".join(LOSS_TYPES) + " (docs/alignment.md)", choices=LOSS_TYPES)
+    rewards: str = opt(
+        "number",
+        "grpo: reward functions, comma-separated NAME or NAME=WEIGHT: number, match, regex, format, or "
+        "module:function / file.py:function (TRL's signature)",
+    )
+    reward_format: str = opt(
+        "", "grpo: regex the whole completion must match for the `format` reward (empty: it must only end by itself)"
+    )
+    kl_beta: float = opt(0.0, "grpo: weight of the k3 KL to the reference; 0 = none (TRL's default)", NON_NEGATIVE)
+    clip_high: float = opt(
+        0.0, "grpo: upper ratio clip epsilon_high (DAPO's clip-higher: 0.28); 0 = the same as clip", NON_NEGATIVE
+    )
+    grpo_epochs: int = opt(1, "grpo: optimisation passes over each batch of rollouts (mu)", COUNT)
+    stall_steps: int = opt(
+        10,
+        "grpo: stop after this many steps in a row with no learning signal (every group's rewards equal) or "
+        "unchanged weights; warn after as many with no completion ending",
+        COUNT,
+    )
 
     def checks(self) -> list[tuple[bool, str]]:
         return [

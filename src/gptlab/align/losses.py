@@ -9,7 +9,11 @@ computation):
   the clip fraction and an approximate KL of the update;
 - :func:`kl_penalty`: per-token KL(π ‖ π_ref) estimates, k1 = log π − log π_ref (unbiased, what InstructGPT's
   reward uses) and k3 = (r − 1) − log r with r = π_ref/π (unbiased and never negative; Schulman 2020);
-- :class:`AdaptiveKL`: Ziegler et al. 2019's controller, β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon).
+- :class:`AdaptiveKL`: Ziegler et al. 2019's controller, β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon);
+- :func:`group_advantages` and :func:`grpo_loss`: RL with verifiable rewards over groups of completions of one
+  prompt: GRPO (Shao et al. 2024, DeepSeekMath eq. 3), Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like
+  Training"), DAPO (Yu et al. 2025: token-level normalisation, clip-higher) and RLOO (Ahmadian et al. 2024, the
+  leave-one-out baseline of Kool et al. 2019).
 """
 
 from __future__ import annotations
@@ -104,3 +108,82 @@ class AdaptiveKL:
         if self.target is not None:
             error = min(max(kl / self.target - 1, -0.2), 0.2)
             self.coef *= 1 + error * n / self.horizon
+
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "rloo")
+
+
+def group_advantages(rewards: torch.Tensor, group: int, loss_type: str, eps: float = 1e-4) -> torch.Tensor:
+    """Per completion, its advantage within its group (``rewards`` [N], groups of ``group`` consecutive rows):
+
+    - grpo, dapo: (r − mean) / (std + eps), std the sample standard deviation of the group (GRPO's "outcome
+      supervision"; TRL's ``scale_rewards="group"``, eps 1e-4);
+    - dr_grpo: r − mean (Dr. GRPO drops the std, which favours groups that are nearly all right or all wrong);
+    - rloo: r − mean of the other G − 1 rewards = G / (G − 1) · (r − mean).
+    """
+    r = rewards.view(-1, group).float()
+    centred = r - r.mean(1, keepdim=True)
+    if loss_type in ("grpo", "dapo"):
+        adv = centred / (r.std(1, keepdim=True) + eps)
+    elif loss_type == "dr_grpo":
+        adv = centred
+    elif loss_type == "rloo":
+        adv = centred * group / (group - 1)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return adv.flatten()
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    clip_low: float,
+    clip_high: float,
+    max_tokens: int,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """The clipped policy objective per completion token, ``−min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A) + β·k3``
+    with ρ = π / π_old (``logp``, ``old_logp``, ``mask`` [N, T]; ``adv`` [N]), aggregated as each paper does:
+
+    - grpo: mean over each completion's tokens, then over completions (GRPO eq. 3: 1/G Σ_i 1/|o_i| Σ_t);
+    - dapo: sum over every token of the batch / their number (DAPO eq. 8, token-level);
+    - dr_grpo: sum over every token / (N · ``max_tokens``): a constant, so no length bias (Dr. GRPO);
+    - rloo: sum over each completion's tokens (REINFORCE on the sequence), mean over completions.
+
+    Returns the loss and TRL's diagnostics: the fraction of tokens clipped below (ρ < 1 − ε, A < 0), above
+    (ρ > 1 + ε_high, A > 0), either, and the KL when ``beta > 0``."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
+    kl = None
+    if ref_logp is not None and beta > 0:
+        kl = kl_penalty(logp, ref_logp, "k3")
+        per_token = per_token + beta * kl
+    per_token = per_token * mask
+    n_tok = mask.sum().clamp(min=1)
+    if loss_type == "grpo":
+        loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    elif loss_type == "dapo":
+        loss = per_token.sum() / n_tok
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (mask.size(0) * max_tokens)
+    elif loss_type == "rloo":
+        loss = per_token.sum(1).mean()
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    with torch.no_grad():
+        low = ((ratio < 1 - clip_low) & (a < 0)).float()
+        high = ((ratio > 1 + clip_high) & (a > 0)).float()
+        out = {
+            "loss": loss,
+            "clip_ratio_low": masked_mean(low, mask),
+            "clip_ratio_high": masked_mean(high, mask),
+            "clip_ratio": masked_mean(low + high, mask),
+        }
+        if kl is not None:
+            out["kl"] = masked_mean(kl, mask)
+    return out

@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import checkpoint
+from .. import checkpoint, lora
 from ..errors import GptlabError
 from ..files import atomic_write_bytes
 from ..generate import Engine, Sampling
 from ..loader import load_model
 from ..model import GPT
 from ..recipe import derive_seed
+from ..train.adapters import for_training
 from ..train.distributed import Dist, mean_across_ranks
 from .config import AlignConfig
 from .data import (
@@ -81,9 +82,12 @@ def load_scalar_model(spec: str, device: torch.device) -> tuple[GPT, nn.Linear]:
     return gpt, head
 
 
-def token_logprobs(gpt: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(y_t | x_≤t), entropy of p(· | x_≤t)) per position, [B, T] each."""
-    logp_all = F.log_softmax(gpt(x)[0].float(), dim=-1)
+def token_logprobs(
+    gpt: GPT | nn.Module, x: torch.Tensor, y: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(y_t | x_≤t), entropy of p(· | x_≤t)) per position, [B, T] each, of the distribution at
+    ``temperature`` (the one a sampler at that temperature draws from)."""
+    logp_all = F.log_softmax(gpt(x)[0].float() / temperature, dim=-1)
     logp = logp_all.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
     return logp, -(logp_all.exp() * logp_all).sum(-1)
 
@@ -94,6 +98,20 @@ def last_token_scalar(gpt: GPT, head: nn.Linear, seqs: Sequence[Sequence[int]], 
     h = gpt.hidden_states(x)
     last = torch.tensor([len(s) - 1 for s in seqs], device=device)
     return head(h[torch.arange(len(seqs), device=device), last]).squeeze(-1)
+
+
+def response_batch(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts and their sampled responses as next-token inputs ``x`` and targets ``y`` [N, T] (right-padded), the
+    mask of the response's positions, and each response's first position [N, 1]."""
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    full = pad(seqs).to(device)
+    x, y = full[:, :-1], full[:, 1:]
+    t = torch.arange(y.size(1), device=device)[None]
+    start = torch.tensor([len(p) - 1 for p in prompts], device=device)[:, None]
+    end = torch.tensor([len(s) - 1 for s in seqs], device=device)[:, None]
+    return x, y, ((t >= start) & (t < end)).float(), start
 
 
 def split(cfg: AlignConfig, load: Callable[[str], list]) -> tuple[list, list]:
@@ -116,8 +134,16 @@ class Stage:
 
     def __init__(self, cfg: AlignConfig, d: Dist) -> None:
         self.cfg, self.dist, self.device = cfg, d, d.device
-        self.gpt, self.tok = load_init(cfg.model, self.device)
+        gpt, self.tok = load_init(cfg.model, self.device)
+        self.gpt = for_training(gpt, cfg.lora)
         self.block = self.gpt.config.block_size
+
+    def reference(self) -> nn.Module:
+        """The frozen reference (DPO, PPO, GRPO): ``reference`` if given; else the model as it starts, which for a
+        LoRA run is the model itself with its adapters off (no copy)."""
+        if self.cfg.reference:
+            return frozen(load_init(self.cfg.reference, self.device)[0])
+        return lora.BaseModel(self.gpt) if lora.adapters(self.gpt) else frozen(self.gpt)
 
     def pick(self, step: int, items: Sequence) -> list:
         """This rank's share of the step's global batch (``batch_size`` per rank, drawn without replacement)."""
@@ -208,6 +234,8 @@ class SFT(Stage):
 
 class Finetune(Stage):
     def __init__(self, cfg: AlignConfig, d: Dist) -> None:
+        if cfg.lora.lora_rank:
+            raise GptlabError("finetune adds tokens and a head to every weight it trains; drop --lora-rank")
         super().__init__(cfg, d)
         self.base_vocab = self.gpt.config.vocab_size
         start, delim, extract = self.gpt.extend_vocab(3)
@@ -317,7 +345,7 @@ class Reward(Stage):
         return {"pair_accuracy": right / pairs, "loss": total / len(self.val)}
 
 
-def response_logprob(gpt: GPT, prefs: Sequence[Preference], device: torch.device) -> list[torch.Tensor]:
+def response_logprob(gpt: GPT | nn.Module, prefs: Sequence[Preference], device: torch.device) -> list[torch.Tensor]:
     """Per preference, the summed log-probability of each response given the prompt."""
     seqs = [p.prompt + r for p in prefs for r in p.responses]
     full = pad(seqs).to(device)
@@ -332,7 +360,7 @@ def response_logprob(gpt: GPT, prefs: Sequence[Preference], device: torch.device
 class DPO(Stage):
     def __init__(self, cfg: AlignConfig, d: Dist) -> None:
         super().__init__(cfg, d)
-        self.ref = frozen(load_init(cfg.reference, self.device)[0] if cfg.reference else self.gpt)
+        self.ref = self.reference()
         self.train, self.val = split(cfg, lambda p: preferences(p, self.tok, self.block))
         self.module = nn.ModuleDict({"gpt": self.gpt})
 
@@ -370,11 +398,12 @@ class DPO(Stage):
 class PPO(Stage):
     def __init__(self, cfg: AlignConfig, d: Dist) -> None:
         super().__init__(cfg, d)
-        self.ref = frozen(load_init(cfg.reference, self.device)[0] if cfg.reference else self.gpt)
+        self.ref = self.reference()
         rm_gpt, rm_head = load_scalar_model(cfg.reward_model, self.device)
         self.rm_gpt, self.rm_head = frozen(rm_gpt), frozen(rm_head)
         # the value model starts as a copy of the reward model (InstructGPT section 3.5)
-        self.module = nn.ModuleDict({"gpt": self.gpt, "value": rm_gpt, "value_head": rm_head})
+        value = for_training(rm_gpt, cfg.lora)  # a LoRA run adapts the value model too
+        self.module = nn.ModuleDict({"gpt": self.gpt, "value": value, "value_head": rm_head})
         self.train, self.val = split(cfg, lambda p: [self.tok.encode(t) for t in prompts(p)])
         self.kl = AdaptiveKL(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
         self.ptx = None
@@ -396,12 +425,8 @@ class PPO(Stage):
         self.gpt.train(mode)
         responses = [c.tokens + ([eot] if c.finish_reason == "stop_token" else []) for c in done]
         seqs = [p + r for p, r in zip(prompt_ids, responses)]
-        full = pad(seqs).to(self.device)
-        x, y = full[:, :-1], full[:, 1:]
-        t = torch.arange(y.size(1), device=self.device)[None]
-        start = torch.tensor([len(p) - 1 for p in prompt_ids], device=self.device)[:, None]
+        x, y, mask, _ = response_batch(prompt_ids, responses, self.device)
         end = torch.tensor([len(s) - 1 for s in seqs], device=self.device)[:, None]
-        mask = ((t >= start) & (t < end)).float()
         with torch.no_grad():
             old_logp, _ = token_logprobs(self.gpt, x, y)
             ref_logp, _ = token_logprobs(self.ref, x, y)

@@ -22,15 +22,20 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, lora
 from ..errors import GptlabError
 from ..files import check_run_folder, run_folder
+from ..interop.peft import save_peft
 from ..metrics import METRICS, Metrics, plot_losses
+from ..quant.quantize import records
 from ..train import distributed
 from ..train.loop import FitStats, fit, restore_state, save_state, state_dicts
 from ..train.optim import make_optimizer
 from .config import AlignConfig
-from .stages import STAGES, Row
+from .grpo import GRPO
+from .stages import STAGES, Row, Stage
+
+ALL_STAGES: dict[str, type[Stage]] = {**STAGES, "grpo": GRPO}
 
 
 def untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -84,7 +89,7 @@ class StageJob:
         self.out = Path(cfg.out_dir)
         existing = checkpoint.checkpoints_for(self.out, resume)
         torch.manual_seed(cfg.seed)
-        self.stage = STAGES[cfg.stage](cfg, d)
+        self.stage = ALL_STAGES[cfg.stage](cfg, d)
         self.module = self.stage.module
         self.optimizer = make_optimizer(self.module, cfg.optim, d.device.type)
         self.start = 0
@@ -154,8 +159,11 @@ class StageJob:
             "val_loss": None,
             "best_val": None,
             "best_step": None,
+            **records(self.stage.gpt),
         }
         save_state(self.out, done, self.d, gpt, optim_sd, meta, self.cfg.keep_last, extra)
+        if done == self.cfg.max_iters and self.d.is_main and lora.adapters(self.stage.gpt):
+            save_peft(self.stage.gpt, self.out / "adapter", self.cfg.model, replace=True)
 
     def finish(self, stats: FitStats) -> dict[str, Any]:
         cfg, d, out, stage, metrics = self.cfg, self.d, self.out, self.stage, self.metrics
@@ -168,7 +176,10 @@ class StageJob:
             "eval": self.last_eval,
             "metrics": str(out / METRICS),
             "world_size": d.world_size,
+            **lora.trainable_summary(self.module),
         }
+        if lora.adapters(stage.gpt):
+            summary["adapter"] = str(out / "adapter")
         if not d.is_main:
             return summary
         summary.update(stage.summary())

@@ -17,7 +17,6 @@ class DistillConfig(TrainConfig):
     what = "distillation config"
     out_dir: str = opt("runs/distill", "run folder: checkpoints/, metrics.jsonl, loss.png")
     teacher: str = opt("", "the teacher: any model source (gptlab run or checkpoint, Hugging Face folder or name)")
-    init: str = opt("", "start the student from this model's weights (its config replaces --model and --set)")
     kd_loss: str = opt(
         "forward_kl",
         "forward_kl (Hinton) | reverse_kl (MiniLLM) | jsd (GKD's generalized JSD, --jsd-beta)",

@@ -163,12 +163,10 @@ class Distillation(Pretraining):
             )
 
     def __init__(self, cfg: DistillConfig, d: distributed.Dist, resume: bool) -> None:
-        self.init = load_model(cfg.init, "cpu").model if cfg.init else None  # loaded once: config and weights
         loaded = load_model(cfg.teacher, d.device)
         self.teacher = loaded.model.to(getattr(torch, cfg.teacher_dtype)).eval().requires_grad_(False)
         self.teacher_source = loaded.source
         super().__init__(cfg, d, resume)
-        self.init = None  # its config and weights are in the student now
         self.check_pair(cfg, self.data_meta, loaded, self.mcfg)
         self.layer_map = matched_layers(self.mcfg.n_layer, self.teacher.config.n_layer)
         self.cache = (
@@ -190,15 +188,6 @@ class Distillation(Pretraining):
             else None
         )
         self.parts: list[torch.Tensor] = []  # per micro-batch [kd, ce, hidden] since the last log, on the device
-
-    def model_config(self) -> GPTConfig:
-        if self.init is not None:
-            return self.init.config
-        return model_config_for(self.cfg, self.data_meta)
-
-    def init_weights(self, model: GPT) -> None:
-        if self.init is not None:
-            model.load_state_dict(self.init.state_dict())
 
     def on_policy_step(self, step: int) -> bool:
         if not self.cfg.on_policy:

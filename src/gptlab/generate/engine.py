@@ -24,7 +24,7 @@ from ..errors import GptlabError
 from ..kv_cache import KVCache
 from ..model import GPT
 from ..tokenizer import prompt_ids
-from .sampling import Sampling, next_tokens, row_generators
+from .sampling import Sampling, chosen_logprobs, next_tokens, row_generators
 from .speculative import SPEC_K, SPEC_K_RANGE, Draft, SpeculativeStats, as_steps, speculative_rounds
 
 CACHE_BUCKET = 256  # compiled decode: cache lengths are rounded up to a multiple of this (fewer recompiles)
@@ -57,6 +57,8 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = "length"  # "length", "stop_token" or "stop_string"
     text: str | None = None
+    # with logprobs=True: log p of each token drawn, the stop token included (sampling.chosen_logprobs)
+    logprobs: list[float] = field(default_factory=list)
 
 
 class Engine:
@@ -87,6 +89,7 @@ class Engine:
         options = {**COMPILE_OPTIONS, **(compile_options or {})}
         self._decode: Any = compiled_step(model, options) if compile else model.decode
         self.stats: dict[str, Any] = {}
+        self.step_logprobs = torch.empty(0)  # stream_tokens(logprobs=True): the last step's, per row
 
     @property
     def device(self) -> torch.device:
@@ -108,9 +111,11 @@ class Engine:
         stop_ids: Iterable[int] = (),
         sliding_window: bool = False,
         images: torch.Tensor | None = None,
+        logprobs: bool = False,
     ) -> Iterator[list[int | None]]:
         """Yield, per decode step, each row's new token (``None`` for rows already finished by a stop id).
-        ``images`` [B, channels, size, size], one per prompt, are prefilled once as each row's image prefix."""
+        ``images`` [B, channels, size, size], one per prompt, are prefilled once as each row's image prefix. With
+        ``logprobs``, ``self.step_logprobs`` holds the step's tokens' log-probabilities [B] at each yield."""
         block = self.model.config.block_size
         if not prompts or any(len(p) == 0 for p in prompts):
             raise GptlabError("every prompt needs at least one token (use the end-of-text id for an empty prompt)")
@@ -141,6 +146,8 @@ class Engine:
         if any(not 0 <= t < vocab for p in prompts for t in p):
             raise GptlabError(f"a prompt holds a token id outside the model's vocabulary of {vocab}")
         if self.draft is not None:
+            if logprobs:
+                raise GptlabError("speculative decoding reports no log-probabilities; drop the draft")
             if sliding_window:
                 raise GptlabError("speculative decoding has no sliding window; drop --sliding-window or the draft")
             stats = SpeculativeStats(self.spec_k)
@@ -192,6 +199,8 @@ class Engine:
         for step in range(max_new_tokens):
             tok = next_tokens(logits[:, -1], sampling, seen, generators)
             tok = torch.where(done, tok.new_zeros(()), tok)
+            if logprobs:
+                self.step_logprobs = chosen_logprobs(logits[:, -1], tok, sampling)
             if seen is not None:
                 seen[torch.arange(B), tok] = True
             new = tok.tolist()
@@ -243,14 +252,19 @@ class Engine:
         stop_ids: Iterable[int] = (),
         sliding_window: bool = False,
         images: torch.Tensor | None = None,
+        logprobs: bool = False,
     ) -> list[Completion]:
-        """Every row's new tokens (a stop id ends its row and is not included)."""
+        """Every row's new tokens (a stop id ends its row and is not included; with ``logprobs``, its
+        log-probability is)."""
         stop = set(stop_ids)
         out = [Completion() for _ in prompts]
-        for step in self.stream_tokens(prompts, max_new_tokens, sampling, stop, sliding_window, images):
-            for c, t in zip(out, step):
+        for step in self.stream_tokens(prompts, max_new_tokens, sampling, stop, sliding_window, images, logprobs):
+            lps = self.step_logprobs.tolist() if logprobs else None
+            for r, (c, t) in enumerate(zip(out, step)):
                 if t is None or c.finish_reason != "length":
                     continue
+                if lps is not None:
+                    c.logprobs.append(lps[r])
                 if t in stop:
                     c.finish_reason = "stop_token"
                 else:

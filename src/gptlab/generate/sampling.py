@@ -113,3 +113,13 @@ def next_tokens(
     if sampling.greedy:
         return logits.argmax(-1)
     return draw(target_probs(logits, sampling), generators)
+
+
+def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """log p(token) per row for ``logits`` [B, V] and ``tokens`` [B], under the distribution sampling draws from
+    (temperature and filters; greedy decoding: the plain softmax), the repetition penalty aside: the rollout
+    log-probabilities RL compares with its trainer's."""
+    logits = logits.float()
+    if not sampling.greedy:
+        logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
+    return logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)

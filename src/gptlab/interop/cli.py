@@ -15,8 +15,10 @@ from ..options import add_json, add_model, add_out_dir, emit
 def cmd_convert(args: argparse.Namespace) -> None:
     from ..checkpoint import save_model_checkpoint  # here, not at the top: torch and safetensors load slowly
     from ..loader import load_model
+    from ..lora import adapters, merge, trainable_summary
     from ..quant.quantize import export_state
     from .hf import save_hf  # (the three: torch, safetensors and the tokenizer libraries load slowly)
+    from .peft import load_adapter, save_peft
 
     if (args.out or "").endswith(".gguf") or (args.out_dir or "").endswith(".gguf") or args.to == "gguf":
         return _convert_gguf(args)
@@ -34,6 +36,16 @@ def cmd_convert(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, "cpu")
     model, meta = loaded.model, loaded.meta
     to = args.to or ("hf" if meta.get("format") == "gptlab-checkpoint" else "gptlab")
+    if args.lora:
+        load_adapter(args.lora, model)
+    if args.lora or args.merge_lora:
+        merge(model)
+    if to == "peft":
+        if not adapters(model):
+            raise GptlabError(f"{args.model} carries no LoRA adapters; --to peft writes those of a LoRA run")
+        out = save_peft(model, Path(args.out_dir), base=str(meta.get("train_config", {}).get("model", "")))
+        summary = {"model": str(args.model), "out_dir": str(out), "to": to, **trainable_summary(model)}
+        return emit(args, summary, f"wrote the PEFT adapter of {args.model} to {out}")
     state, extra = export_state(model, to)
     if to == "hf":
         out = save_hf(state, model.config, meta["tokenizer"], Path(args.out_dir), source=str(args.model))
@@ -55,6 +67,7 @@ def _convert_gguf(args: argparse.Namespace) -> None:
     """``gptlab convert MODEL out.gguf [--gguf-type f32|f16|q8_0]``: llama.cpp's format (:mod:`gptlab.interop.gguf`)."""
     from ..loader import load_model
     from .gguf import save_gguf
+    from .peft import load_adapter
 
     target = args.out or args.out_dir
     if not target:
@@ -63,6 +76,8 @@ def _convert_gguf(args: argparse.Namespace) -> None:
 
     refuse_existing(target)
     loaded = load_model(args.model, "cpu")
+    if args.lora:
+        load_adapter(args.lora, loaded.model)
     state, _ = export_state(loaded.model, "gguf")
     path = save_gguf(state, loaded.config, loaded.meta["tokenizer"], Path(target), args.gguf_type)
     result = {"model": str(args.model), "out": str(path), "to": "gguf", "type": args.gguf_type,
@@ -77,9 +92,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_out_dir(p, "new output folder (never overwritten)", old=())
     p.add_argument(
         "--to",
-        choices=["hf", "gptlab", "gguf"],
+        choices=["hf", "gptlab", "gguf", "peft"],
         help="output format (default: gguf for an output ending in .gguf, else hf for a gptlab checkpoint, gptlab for "
-        "anything else)",
+        "anything else); peft: the adapters of a LoRA run, as a Hugging Face PEFT folder",
+    )
+    p.add_argument(
+        "--lora",
+        metavar="ADAPTER",
+        help="merge this LoRA adapter (a PEFT folder, or a gptlab LoRA run) into MODEL before writing it",
+    )
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="fold the adapters a LoRA run carries into its weights (HF and GGUF outputs always merge them)",
     )
     p.add_argument(
         "--gguf-type",

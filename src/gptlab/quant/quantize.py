@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import GptlabError
+from ..layers import with_adapter
+from ..lora import merged_adapters
 from ..model import GPT
 from . import kernels
 from .config import GROUP_SIZES, QuantizeConfig
@@ -187,6 +189,14 @@ class QuantLinear(nn.Module):
         return packed, scales_and_zeros
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # QLoRA: gradients flow to the input, never to the codes
+            y = FrozenQuantMatmul.apply(x, self)
+        else:
+            y = self.product(x)
+        return with_adapter(self, x, y)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + bias`` with the quantized ``W``, by the fastest kernel the device has."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self._prepared_for != self.qweight.device:
@@ -217,6 +227,21 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+
+class FrozenQuantMatmul(torch.autograd.Function):
+    """A quantized layer as a frozen function of its input (QLoRA, Dettmers et al. 2023): forward by the layer's
+    kernels, backward ``grad @ W`` with ``W`` dequantized for the moment (the codes take no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer.product(x).clone()  # (the kernels' output may be a view: an adapter adds into it in place)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = ctx.layer.dequantized().to(grad.dtype)
+        return grad @ w, None
 
 
 class QuantEmbedding(nn.Module):
@@ -252,6 +277,8 @@ def quantize_model(model: GPT, mode: str, group_size: int = 64, exclude: tuple[s
         raise GptlabError(f"--group-size {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
     if getattr(model, "quantization", None):
         raise GptlabError("the model is already quantized")
+    if getattr(model, "lora", None):
+        raise GptlabError("the model carries LoRA adapters; quantize the base first, then add them (QLoRA)")
     for name in linear_names(model, exclude):
         lin = model.get_submodule(name)
         assert isinstance(lin, nn.Linear)
@@ -304,10 +331,10 @@ def export_state(model: GPT, to: str) -> tuple[dict[str, torch.Tensor], dict[str
     re-quantizes them with ``--gguf-type``), so there it is dequantized, with a one-line notice."""
     record = getattr(model, "quantization", None)
     cpu = lambda t: t.detach().to("cpu", torch.float32) if t.is_floating_point() else t.detach().cpu()
-    if not record:
-        return {k: cpu(v) for k, v in model.state_dict().items()}, {}
     if to == "gptlab":
-        return {k: cpu(v) for k, v in model.state_dict().items()}, {"quantization": dict(record)}
+        return {k: cpu(v) for k, v in model.state_dict().items()}, records(model)
+    if not record:
+        return merged_adapters(model, {k: cpu(v) for k, v in model.state_dict().items()}), {}
     print(
         f"gptlab: note: the {record['mode']} weights are dequantized to float32 for the "
         f"{'Hugging Face folder' if to == 'hf' else 'GGUF file'}",
@@ -321,7 +348,13 @@ def export_state(model: GPT, to: str) -> tuple[dict[str, torch.Tensor], dict[str
             out[f"{n}.bias"] = cpu(m.bias)
     if isinstance(model.wte, QuantEmbedding):
         out["wte.weight"] = out["lm_head.weight"]
-    return out, {}
+    return merged_adapters(model, out), {}
+
+
+def records(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint's ``state.json`` records so that the loader rebuilds ``model``'s modules: its quantization
+    and its LoRA adapters (:func:`gptlab.checkpoint.skeleton`)."""
+    return {key: dict(getattr(model, key)) for key in ("quantization", "lora") if getattr(model, key, None)}
 
 
 def prepare(model: M) -> M:

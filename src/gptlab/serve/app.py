@@ -89,6 +89,7 @@ class Server:
         self.on_loaded: Callable[[str | None], None] | None = None  # called with the error, or None when ready
         self.created = int(time.time())
         self.draining = False
+        self.models = [cfg.name]  # the base, then each --lora adapter: a request's `model` picks one
 
     def drain(self, grace: float) -> None:
         """Shut down gracefully (on SIGTERM): new requests get 503 from now on; the running ones may finish for
@@ -112,6 +113,19 @@ class Server:
 
             if loaded is None:
                 loaded = load_model(self.cfg.model, self.cfg.device, quantize=self.cfg.quantize)
+            if self.cfg.lora:
+                from ..interop.peft import read_adapter
+                from ..lora import attach_bank
+
+                names, found = [self.cfg.name], []
+                for name, _, source in (x.partition("=") for x in self.cfg.lora):
+                    try:
+                        found.append(read_adapter(source, loaded.model.config))
+                    except GptlabError as e:
+                        raise GptlabError(f"--lora {name}={source}: {e}") from None
+                    names.append(name)
+                attach_bank(loaded.model, found)
+                self.models = names
             self.tokenizer = loaded.tokenizer
             self.template = ChatTemplate.of(loaded.tokenizer, self.cfg.chat_template)  # the model's own, if any
             self.block = loaded.model.config.block_size
@@ -151,14 +165,16 @@ class Server:
             raise ApiError(503, "the model is still loading; retry shortly", code="loading")
         return self.scheduler
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.cfg.name:
+    def check_model(self, model: str | None) -> int:
+        """The adapter a request's ``model`` names (0: the base model, also when it names none)."""
+        if model is None:
+            return 0
+        if model not in self.models:
+            served = ", ".join(repr(m) for m in self.models)
             raise ApiError(
-                404,
-                f"model {model!r} is not served here; this server serves {self.cfg.name!r}",
-                "model",
-                "model_not_found",
+                404, f"model {model!r} is not served here; this server serves {served}", "model", "model_not_found"
             )
+        return self.models.index(model)
 
     def encode(self, text: str, after_image: bool = False) -> list[int]:
         return prompt_ids(self.tokenizer, text, after_image)
@@ -305,12 +321,15 @@ def create_app(cfg: ServeConfig, loaded: Any = None) -> FastAPI:
                 "object": "list",
                 "data": [
                     {
-                        "id": cfg.name,
+                        "id": name,
                         "object": "model",
                         "created": server.created,
                         "owned_by": "gptlab",
                         "max_model_len": server.block,
+                        "root": name,  # (vLLM puts an adapter's path here; a client never sees a local path)
+                        "parent": None if k == 0 else cfg.name,  # vLLM's field for a LoRA adapter
                     }
+                    for k, name in enumerate(server.models)
                 ],
             }
         )
@@ -425,7 +444,7 @@ class _Run:
         """``constraint``: a structured-output constraint of the server's own (a forced tool call), which the
         request's ``response_format`` and ``structured_outputs`` may not be combined with."""
         sched = server.ready()
-        server.check_model(body.model)
+        adapter = server.check_model(body.model)
         refused = body.refused()
         if refused:
             raise ApiError(400, refused[1], refused[0], "unsupported_parameter")
@@ -468,6 +487,7 @@ class _Run:
                 image=image,
                 client=client,
                 grammar=grammar,
+                adapter=adapter,
             )
             try:
                 r.max_tokens = sched.check(r)
@@ -552,7 +572,7 @@ class _Run:
         rid = f"{prefix}-{secrets.token_hex(12)}"
         created = int(time.time())
         usage = {"prompt_tokens": sum(len(p) for p in self.prompts), "completion_tokens": 0}
-        head = {"id": rid, "object": fmt.object, "created": created, "model": self.server.cfg.name}
+        head = {"id": rid, "object": fmt.object, "created": created, "model": self.body.model or self.server.cfg.name}
 
         def counted(c: Chunk) -> Chunk:
             if c.index >= 0:

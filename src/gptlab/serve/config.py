@@ -81,6 +81,12 @@ class ServeConfig(RecipeConfig):
         metavar="MODEL|ngram|int8|int4",
     )
     spec_k: int = opt(SPEC_K, "tokens the draft proposes per round", Range(*SPEC_K_RANGE))
+    lora: list[str] = opt(
+        [],
+        "serve a LoRA adapter (a PEFT folder or a gptlab LoRA run) beside the base as model NAME; repeatable. Rows "
+        "of different adapters decode in one batch",
+        metavar="NAME=PATH",
+    )
     shutdown_grace: float = opt(
         30.0,
         "seconds running requests may take to finish after SIGTERM (new ones get 503); then they end cleanly",
@@ -98,6 +104,18 @@ class ServeConfig(RecipeConfig):
         return [
             (bool(self.model), "model is required: gptlab serve MODEL"),
             (n <= self.max_batch, f"max_n {n} is more than max_batch {self.max_batch}; n choices need n rows"),
+            (
+                all(x.partition("=")[0] and x.partition("=")[2] for x in self.lora),
+                "--lora takes NAME=PATH (e.g. --lora math=runs/grpo/adapter)",
+            ),
+            (
+                not (self.lora and (self.compile or self.draft)),
+                "--lora cannot be combined with --compile or --draft (they run the base model's own step)",
+            ),
+            (
+                len({x.partition("=")[0] for x in self.lora} | {self.name}) == len(self.lora) + 1,
+                "each --lora NAME must be unique and differ from the served model's name",
+            ),
             (
                 self.prefix_block <= self.prefill_chunk,
                 f"prefix_block {self.prefix_block} is more than prefill_chunk {self.prefill_chunk}; a prompt is "

@@ -123,9 +123,11 @@ class PrefixCache:
             self.where.move_to_end(name)
 
     @staticmethod
-    def root(image: torch.Tensor | None) -> bytes:
-        """The chain's root: empty for text, the hash of the image's pixels (and shape) for an image prefix."""
+    def root(image: torch.Tensor | None, adapter: int = 0) -> bytes:
+        """The chain's root: empty for text, the hash of the image's pixels (and shape) for an image prefix; the
+        LoRA adapter a request uses (served with ``--lora``) is part of it, as it changes every key and value."""
+        root = b"" if not adapter else f"lora-adapter-{adapter}".encode()
         if image is None:
-            return b""
+            return root
         pixels = image.detach().to("cpu", torch.float32).contiguous()
-        return hashlib.sha256(repr(tuple(pixels.shape)).encode() + pixels.numpy().tobytes()).digest()
+        return hashlib.sha256(root + repr(tuple(pixels.shape)).encode() + pixels.numpy().tobytes()).digest()

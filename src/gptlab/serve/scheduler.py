@@ -46,6 +46,7 @@ from ..generate.engine import COMPILE_OPTIONS, TextStream, bucketed, compiled_st
 from ..generate.sampling import GREEDY, Sampling, next_tokens
 from ..generate.speculative import SPEC_K, Draft, SpeculativeStats, Throttle, verify_step
 from ..kv_cache import KVCache
+from ..lora import LoRABank, use_adapters
 from ..model import GPT
 from .config import ServeConfig
 from .prefix_cache import PrefixCache
@@ -75,6 +76,7 @@ class Request:
     image: torch.Tensor | None = None  # [1, channels, size, size]: an image prefix before the prompt
     client: str | None = None  # who asked (one HTTP request's prompts share it); rows are shared fairly among them
     grammar: Grammar | None = None  # structured output: every choice's text stays inside it (generate.constraint)
+    adapter: int = 0  # the LoRA adapter its rows use (gptlab.lora.LoRABank; 0: the base model)
 
 
 @dataclass
@@ -117,6 +119,7 @@ class _Choice:
     done: bool = False
     history: list[int] = field(default_factory=list)  # prompt and tokens so far (speculative proposals read it)
     matcher: Matcher | None = None  # the choice's place in its request's grammar
+    adapter: int = 0  # its request's LoRA adapter
 
 
 @dataclass
@@ -174,6 +177,9 @@ class Scheduler:
                 "prefilled one block per pass; raise prefill_chunk or lower prefix_block"
             )
         self.model = model.eval()
+        self.banked = any(isinstance(m, LoRABank) for m in model.modules())  # --lora: adapters chosen per row
+        if self.banked and (compile or draft is not None):
+            raise GptlabError("served LoRA adapters cannot be combined with compile or a draft")
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.metrics = metrics
@@ -408,6 +414,7 @@ class Scheduler:
                     seen,
                     history=list(r.prompt),
                     matcher=None if r.grammar is None else Matcher(r.grammar, self.tokenizer, self.vocab),
+                    adapter=r.adapter,
                 )
                 job.choices.append(c)
                 self.rows[row] = c
@@ -425,7 +432,7 @@ class Scheduler:
         r, B = job.request, self.prefix_block
         if self.prefix is None or job.names is not None:
             return
-        job.names = self.prefix.names(PrefixCache.root(r.image), [-1] * job.offset + r.prompt)
+        job.names = self.prefix.names(PrefixCache.root(r.image, r.adapter), [-1] * job.offset + r.prompt)
         usable = (job.offset + len(r.prompt) - 1) // B
         found = self.prefix.match(job.names[:usable])
         if r.image is not None and len(found) * B < self._first_end(job):
@@ -470,6 +477,7 @@ class Scheduler:
             idx = torch.tensor([r.prompt[max(a - job.offset, 0) : b - job.offset]], device=self.device)
             view = self.pool.view(slice(first.row, first.row + 1), b)
             slots = torch.arange(a, b, device=self.device)
+            self._use_adapters([r.adapter])
             hidden = self.model.hidden_states(idx, images=image, cache=view, slots=slots)
             first.filled = b
             if b < total:
@@ -591,6 +599,7 @@ class Scheduler:
             tokens[c.row] = c.last or 0  # every live choice has a last token
         view = self.pool.view(slice(0, hi), max(slots) + 1)
         idx = torch.tensor(tokens, device=self.device)[:, None]
+        self._use_adapters([row.adapter if row is not None else 0 for row in self.rows[:hi]])
         logits = self.model.decode(idx, view, torch.tensor(slots, device=self.device)[:, None])
         self.steps += 1
         for _, c in live:
@@ -691,6 +700,11 @@ class Scheduler:
                     self._finish(job, c, "length", [], None)
             self._retire(job)
 
+    def _use_adapters(self, ids: list[int]) -> None:
+        """With LoRA adapters served (``--lora``), the adapter of each row of the next forward pass."""
+        if self.banked:
+            use_adapters(self.model, torch.tensor(ids, device=self.device))
+
     def _retire(self, job: _Job) -> None:
         job.emit(None)
         self._event("finished", job, seconds=time.perf_counter() - job.arrived)
@@ -699,6 +713,7 @@ class Scheduler:
     def _prompt_logprobs(self, request: Request) -> list[TokenLogprob]:
         """Each prompt token's log-probability given the tokens before it (one forward pass without the cache)."""
         p = request.prompt
+        self._use_adapters([request.adapter])
         logits, _ = self.model(torch.tensor([p], device=self.device))
         lp = logits[0, :-1].float().log_softmax(-1)
         k = request.logprobs or 0

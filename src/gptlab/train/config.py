@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config import GPTConfig
 from ..recipe import COUNT, NON_NEGATIVE, POSITIVE, PROBABILITY_BELOW_1, SEED, UNIT, Range, RecipeConfig, opt
+from .adapters import LoraConfig
 from .optim import OptimConfig
 
 MODEL_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)}
@@ -27,6 +28,10 @@ class TrainConfig(RecipeConfig):
     data: str = opt("data/shakespeare-char", "a folder made by `gptlab prepare`")
     out_dir: str = opt("runs/baby", "run folder: checkpoints/, metrics.jsonl, loss.png")
     model: str = opt("baby", "model preset (`gptlab presets`)")
+    init: str = opt(
+        "", "start from this model's weights (continued pre-training; its config replaces --model and --set)"
+    )
+    lora: LoraConfig = opt(LoraConfig(), "LoRA / QLoRA on top of --init (recipe table [lora]; flags --lora-rank, ...)")
     model_overrides: dict[str, Any] = opt(
         {}, "model config fields replacing the preset's (recipe table [model_overrides], flag --set)"
     )
@@ -58,7 +63,26 @@ class TrainConfig(RecipeConfig):
     )
     compile: bool = opt(False, "wrap the model in torch.compile")
     threads: int = opt(0, "torch intra-op threads per process; 0 keeps torch's default", Range(0, 1024))
-    parallel: str = opt("ddp", "under torchrun: ddp | fsdp", choices=("ddp", "fsdp"))
+    parallel: str = opt(
+        "ddp",
+        "under torchrun: ddp | fsdp | fsdp+tp (tensor parallelism over groups of --tp ranks, FSDP across them)",
+        choices=("ddp", "fsdp", "fsdp+tp"),
+    )
+    tp: int = opt(1, "fsdp+tp: ranks per tensor-parallel group (divides the heads, KV heads and MLP width)", COUNT)
+    activation_checkpointing: bool = opt(
+        False, "recompute each block's activations in backward instead of keeping them: less memory, ~1/3 more compute"
+    )
+    fsdp_param_dtype: str = opt(
+        "float32",
+        "fsdp: the dtype parameters are gathered and computed in (FSDP2's mixed precision: the sharded master copy "
+        "and the gradient reductions stay float32)",
+        choices=("float32", "bfloat16"),
+    )
+    collective_timeout: float = opt(
+        600.0,
+        "under torchrun: seconds a collective waits for every rank; then the run stops with a line naming the rank",
+        Range(1, 86_400),
+    )
     ss_schedule: str = opt("none", "scheduled sampling: " + " | ".join(SS_SCHEDULES), choices=SS_SCHEDULES)
     ss_max_prob: float = opt(
         0.25, "scheduled sampling: highest probability of feeding the model's own prediction", UNIT
@@ -70,4 +94,5 @@ class TrainConfig(RecipeConfig):
         return [
             (self.ss_schedule != "exponential" or self.ss_k < 1, "ss_k must be < 1 for the exponential schedule"),
             (not unknown, f"unknown model config field(s) {unknown}; known: {sorted(MODEL_FIELDS)}"),
+            ((self.tp > 1) == (self.parallel == "fsdp+tp"), "--parallel fsdp+tp goes with --tp > 1, and --tp with it"),
         ]

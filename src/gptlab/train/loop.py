@@ -140,13 +140,7 @@ def save_state(
     extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Checkpoint ``step`` with every rank's RNG state (rank 0 writes; all ranks wait for it)."""
-    rng = {f"torch_rank{d.rank}": torch.get_rng_state()}
-    if d.device.type == "cuda":
-        rng[f"cuda_rank{d.rank}"] = torch.cuda.get_rng_state()
-    if d.enabled:
-        gathered: list[Any] = [None] * d.world_size
-        tdist.all_gather_object(gathered, rng)
-        rng = {k: v for r in gathered for k, v in r.items()}
+    rng = distributed.gather_rng(d)
     if d.is_main:
         checkpoint.save_checkpoint(run_dir, step, model_state, optim_state, {**meta, "rng": rng}, keep_last, extra)
     if d.enabled:
@@ -169,23 +163,38 @@ def restore_state(
             f"--resume: the run is already at step {state['step']} ({checkpoint_dir}), past --max-iters {max_iters}; "
             f"give a --max-iters above {state['step']} to train further (nothing was changed)"
         )
-    optim_sd, rng = checkpoint.load_training_state(checkpoint_dir, state)
-    set_state_dict(
-        module,
-        optimizer,
-        model_state_dict=cast(Any, weights),
-        optim_state_dict=optim_sd,
-        options=StateDictOptions(full_state_dict=True),
-    )
-    saved_ranks = sum(k.startswith("torch_rank") for k in rng)
-    if saved_ranks != d.world_size:  # the same answer on every rank, so all of them stop
-        raise GptlabError(
-            f"--resume: the checkpoint was written by {saved_ranks} process(es), not {d.world_size}; "
-            f"resume with the same number of processes"
+    if state.get("sharded"):  # an FSDP run's checkpoint: every rank reads its shards, in this run's layout
+        from .sharded import restore_sharded
+
+        rng = restore_sharded(checkpoint_dir, state, module, optimizer, d)
+    else:
+        optim_sd, rng = checkpoint.load_training_state(checkpoint_dir, state)
+        set_state_dict(
+            module,
+            optimizer,
+            model_state_dict=cast(Any, weights),
+            optim_state_dict=optim_sd,
+            options=StateDictOptions(full_state_dict=True),
         )
-    torch.set_rng_state(rng[f"torch_rank{d.rank}"])
-    if d.device.type == "cuda" and f"cuda_rank{d.rank}" in rng:
-        torch.cuda.set_rng_state(rng[f"cuda_rank{d.rank}"])
+    restore_rng(rng, d)
     if d.is_main:
         print(f"resuming from {checkpoint_dir} (step {state['step']})", file=sys.stderr, flush=True)
     return int(state["step"])
+
+
+def restore_rng(rng: dict[str, torch.Tensor], d: distributed.Dist) -> None:
+    """This rank's saved RNG state. A run resumed on another number of processes (the weights and the optimizer
+    reshard exactly; the data of a step is the same global batch) gives rank r the saved rank r's stream, or rank
+    0's where there was none: only dropout and sampled steps can differ from a run of the new size."""
+    saved = sum(k.startswith("torch_rank") for k in rng)
+    key = d.rank if d.rank < saved else 0
+    torch.set_rng_state(rng[f"torch_rank{key}"])
+    if d.device.type == "cuda" and f"cuda_rank{key}" in rng:
+        torch.cuda.set_rng_state(rng[f"cuda_rank{key}"])
+    if saved != d.world_size and d.is_main:
+        print(
+            f"gptlab: note: the checkpoint was written by {saved} process(es), this run has {d.world_size}: the "
+            f"weights and optimizer state are resharded; ranks without a saved random stream take rank 0's",
+            file=sys.stderr,
+            flush=True,
+        )

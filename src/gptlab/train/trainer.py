@@ -21,21 +21,26 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, lora
 from ..config import GPTConfig, preset
 from ..data.images import ImageExamples, is_image_dataset
 from ..data.loader import TokenWindows, read_meta, to_device
 from ..errors import GptlabError
 from ..files import check_run_folder, run_folder
+from ..interop.peft import save_peft
+from ..loader import load_model
 from ..metrics import METRICS, Metrics, plot_losses
 from ..model import GPT
+from ..quant.quantize import records
 from ..recipe import derive_seed
-from . import distributed
+from . import distributed, tensor_parallel
+from .adapters import for_training
 from .config import TrainConfig
 from .dtype_probe import MARGIN, cpu_bf16_verdict
 from .loop import FitStats, fit, restore_state, save_state, state_dicts
 from .optim import make_optimizer
 from .scheduled_sampling import mix_in_predictions, ss_probability
+from .sharded import save_sharded
 
 
 def model_config_for(cfg: TrainConfig, data: dict[str, Any]) -> GPTConfig:
@@ -79,6 +84,14 @@ def open_split(cfg: TrainConfig, data: dict[str, Any], mcfg: GPTConfig, split: s
     if is_image_dataset(data):
         return ImageExamples(cfg.data, split, mcfg.block_size, cfg.seed, mcfg.image_tokens)
     return TokenWindows(cfg.data, split, mcfg.block_size, cfg.seed)
+
+
+def initial_model(source: str, device: str = "cpu") -> GPT:
+    """``--init``'s model, float, with any adapters it carries merged (a LoRA run continues from its result)."""
+    model = load_model(source, "cpu").model
+    if getattr(model, "quantization", None):
+        raise GptlabError(f"--init {source} is quantized; start from the float model (QLoRA: add --quantize)")
+    return lora.merge(model).to(device)
 
 
 def diverged(loss: float, vocab_size: int) -> bool:
@@ -142,7 +155,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
 def run(job_type: type[Pretraining], cfg: TrainConfig, resume: bool, progress: bool) -> dict[str, Any]:
     """Check, lock the folder, set up ``job_type`` (pre-training or a subclass: distillation) and drive it."""
-    with distributed.session(cfg.device) as d:
+    resume = resume or distributed.restarted(Path(cfg.out_dir))  # torchrun --max-restarts: continue by itself
+    with distributed.session(cfg.device, cfg.collective_timeout, cfg.tp) as d:
         job_type.check(cfg)  # every check before the folder exists
         check_run_folder(Path(cfg.out_dir))  # on every rank: under torchrun all of them refuse together
         with run_folder(Path(cfg.out_dir)) if d.is_main else contextlib.nullcontext():
@@ -173,10 +187,14 @@ class Pretraining:
             raise GptlabError("scheduled sampling is for text datasets; drop --ss-schedule for an image dataset")
 
     def model_config(self) -> GPTConfig:
+        if self.init is not None:
+            return self.init.config
         return model_config_for(self.cfg, self.data_meta)
 
     def init_weights(self, model: GPT) -> None:
-        """Replace the seeded initial weights (before wrapping and the optimizer); pre-training keeps them."""
+        """Replace the seeded initial weights with ``--init``'s (before LoRA, wrapping and the optimizer)."""
+        if self.init is not None:
+            model.load_state_dict(self.init.state_dict())
 
     def loss(
         self, x: torch.Tensor, y: torch.Tensor, step: int, micro: int, images: torch.Tensor | None = None
@@ -196,6 +214,8 @@ class Pretraining:
         existing = checkpoint.checkpoints_for(out, resume)
         resumed = checkpoint.read_state(existing[-1]) if resume else None  # the state of the checkpoint resumed
         self.data_meta = read_meta(cfg.data)
+        # --init's model (on a resume only its config counts: the weights come from the checkpoint)
+        self.init = initial_model(cfg.init, "meta" if resume else "cpu") if cfg.init else None
         self.mcfg = mcfg = self.model_config()
         self.train_windows = open_split(cfg, self.data_meta, mcfg, "train")
         self.val_windows = open_split(cfg, self.data_meta, mcfg, "val")
@@ -206,8 +226,13 @@ class Pretraining:
         self.raw = GPT(mcfg).to(d.device)
         if not resume:
             self.init_weights(self.raw)
-        torch.manual_seed(cfg.seed + d.rank)  # distinct dropout masks per rank
-        self.model: Any = distributed.wrap(self.raw, d, cfg.parallel)  # FSDP shards `raw` in place; DDP wraps it
+        self.init = None  # its config and weights are in the model now
+        self.raw = for_training(self.raw, cfg.lora)
+        torch.manual_seed(cfg.seed + d.dp_rank)  # distinct dropout masks per data-parallel rank (one per TP group)
+        self.raw.activation_checkpointing = cfg.activation_checkpointing
+        # FSDP shards `raw` in place; DDP wraps it
+        self.model: Any = distributed.wrap(self.raw, d, cfg.parallel, getattr(torch, cfg.fsdp_param_dtype))
+        self.sharded = d.enabled and cfg.parallel in ("fsdp", "fsdp+tp")
         self.optimizer = make_optimizer(self.raw, cfg.optim, d.device.type)
         self.start, self.best_val = 0, math.inf
         self.best_step: int | None = None
@@ -218,7 +243,7 @@ class Pretraining:
         self.amp = torch.autocast(d.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.dtype == torch.float16)
         self.metrics = Metrics(out / METRICS, self.start if resume else None, d.is_main)
-        self.tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * d.world_size
+        self.tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * d.dp_size
         self.ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
         self.pending: list[torch.Tensor] = []  # per-micro-batch losses on the device since the last log
         self.last_loss, self.last_val = math.nan, math.nan
@@ -257,7 +282,7 @@ class Pretraining:
             state,
             self.raw,
             self.optimizer,
-            checkpoint.load_weights(checkpoint_dir, state),
+            {} if state.get("sharded") else checkpoint.load_weights(checkpoint_dir, state),
             self.d,
             self.cfg.max_iters,
         )
@@ -269,7 +294,7 @@ class Pretraining:
         ss_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "scheduled-sampling", step)) if p_ss > 0 else None
         for micro in range(cfg.grad_accum):
             x, y, *images = to_device(
-                self.train_windows.batch(cfg.batch_size, step, micro, d.rank, d.world_size), d.device
+                self.train_windows.batch(cfg.batch_size, step, micro, d.dp_rank, d.dp_size), d.device
             )
             if ss_gen is not None:
                 x = mix_in_predictions(self.raw, x, p_ss, ss_gen)
@@ -280,7 +305,8 @@ class Pretraining:
             self.pending.append(loss.detach())
         if cfg.optim.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.optim.grad_clip)
+            clip = tensor_parallel.clip_grad_norm if d.tp > 1 else torch.nn.utils.clip_grad_norm_
+            clip(list(self.raw.parameters()), cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -318,7 +344,7 @@ class Pretraining:
     def evaluate(self, done: int) -> str:
         cfg, d = self.cfg, self.d
         self.last_val = self.mean_loss(
-            self.val_windows.batch(cfg.batch_size, i, 0, d.rank, d.world_size) for i in range(cfg.eval_iters)
+            self.val_windows.batch(cfg.batch_size, i, 0, d.dp_rank, d.dp_size) for i in range(cfg.eval_iters)
         )
         self.metrics.write(
             step=done, val_loss=self.last_val, tok_per_s=self.last_tps, lr=self.optimizer.param_groups[0]["lr"]
@@ -329,7 +355,6 @@ class Pretraining:
     def save(self, done: int) -> None:
         if self.last_val < self.best_val:
             self.best_val, self.best_step = self.last_val, done
-        model_sd, optim_sd = state_dicts(self.raw, self.optimizer)
         meta = {
             "model_config": self.mcfg.to_dict(),
             "train_config": self.cfg.to_dict(),
@@ -339,8 +364,15 @@ class Pretraining:
             "best_step": self.best_step,
             "tokens_seen": done * self.tokens_per_step,
             "dtype": str(self.dtype).replace("torch.", ""),
+            **records(self.raw),
         }
+        if self.sharded:  # every rank writes its own shards: nothing is gathered (gptlab.train.sharded)
+            save_sharded(self.out, done, self.d, self.raw, self.optimizer, meta, self.cfg.keep_last)
+            return
+        model_sd, optim_sd = state_dicts(self.raw, self.optimizer)
         save_state(self.out, done, self.d, model_sd, optim_sd, meta, self.cfg.keep_last)
+        if done == self.cfg.max_iters and self.d.is_main and lora.adapters(self.raw):
+            save_peft(self.raw, self.out / "adapter", self.cfg.init, replace=True)
 
     def check_loss(self, losses: list[float], step: int) -> None:
         out = self.out
@@ -386,6 +418,7 @@ class Pretraining:
             "train_seconds": stats.seconds,
             "tokens_per_second": round(steady) if steady else None,
             "world_size": d.world_size,
+            "peak_memory_mib": distributed.peak_memory_mib(d),  # per rank (CPU: peak RSS, runtime included)
             "device": str(d.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "dtype_reason": self.dtype_reason,
