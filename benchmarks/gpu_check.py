@@ -127,7 +127,7 @@ def largest_batch(shape: Shape, device, cap: int) -> int:
         return cap
     free = 0.85 * torch.cuda.get_device_properties(device).total_memory
     b = cap
-    while b > 1 and training_memory(shape, micro_batch=b)["total"] > free:
+    while b > 1 and training_memory(shape, micro_batch=b)["peak"] > free:
         b //= 2
     return b
 
@@ -359,6 +359,17 @@ def part_distributed(args, device) -> dict:
                                    str(Path(tmp) / "fsdp-tp")], nproc=nproc)  # fmt: skip
                 out["fsdp_tp2"] = {"final_val_loss": tp["final_val_loss"],
                                    "diff_vs_single": abs(tp["final_val_loss"] - single["final_val_loss"])}  # fmt: skip
+            # built sharded, checkpoints written in the background, and each rank's tensors (and on a GPU the CUDA
+            # allocator's peak) against the planner's per-device peak
+            mem = gptlab_train([*common, "--batch-size", "4", "--parallel", "fsdp", "--track-memory",
+                                "--async-checkpoint", "--out-dir", str(Path(tmp) / "mem")], nproc=nproc)  # fmt: skip
+            shape = Shape.from_config(preset("tiny").replace(vocab_size=50257, block_size=64))
+            plan = training_memory(shape, 4, 64, "adamw", "fp32", dp=nproc, zero=3 if nproc > 1 else 0)
+            out["fsdp_memory_vs_planner"] = {
+                "tensor_memory_mib": mem["tensor_memory_mib"], "peak_memory_mib": mem["peak_memory_mib"],
+                "planned_mib": {k: round(v / 2**20, 1) for k, v in plan.items()},
+                "final_val_loss": mem["final_val_loss"],
+            }  # fmt: skip
         except (SystemExit, KeyError, OSError) as e:
             out["sharded"] = {"error": str(e)[-1500:]}
     return out

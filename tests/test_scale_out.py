@@ -57,12 +57,13 @@ def worker(launcher: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank}")
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until ``run`` has a committed checkpoint at ``step`` or later (a fast run prunes the early ones)."""
     deadline = time.time() + timeout
-    while not path.exists():
+    while not any(int(c.parent.name[5:]) >= step for c in (run / "checkpoints").glob("step-*/state.json")):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.1)
+        assert time.time() < deadline, f"no checkpoint of step {step} or later in {run}"
+        time.sleep(0.05)
 
 
 def launch(*args, nproc=2, extra=()):
@@ -114,7 +115,7 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_resumes_by_itself(char_data
     full = torchrun(*args, "--out-dir", str(tmp_path / "full"), timeout=600)
     assert full.returncode == 0, full.stderr[-3000:]
     job = launch(*args, "--out-dir", str(tmp_path / "killed"), extra=["--max-restarts", "1"])
-    wait_for(tmp_path / "killed" / "checkpoints" / "step-0000004" / "state.json", job)
+    wait_for(tmp_path / "killed", 4, job)
     os.kill(worker(job, 1), signal.SIGKILL)
     out, err = job.communicate(timeout=600)
     assert job.returncode == 0, err[-3000:]
@@ -130,7 +131,7 @@ def test_a_hung_rank_stops_the_job_with_a_line_naming_the_rank(char_data, tmp_pa
             "--checkpoint-interval", "2", "--collective-timeout", "5", "--out-dir", str(tmp_path / "run"),
             *COMMON]  # fmt: skip
     job = launch(*args)
-    wait_for(tmp_path / "run" / "checkpoints" / "step-0000002" / "state.json", job)
+    wait_for(tmp_path / "run", 2, job)
     hung = worker(job, 1)
     os.kill(hung, signal.SIGSTOP)  # rank 1 stops answering: rank 0's next all-reduce waits for it
     try:
@@ -227,7 +228,7 @@ def test_a_lost_host_fails_the_job_in_one_line_and_a_relaunch_resumes(char_data,
             "2", "--batch-size", "2", "--collective-timeout", "10", "--out-dir", str(tmp_path / "run"),
             *COMMON]  # fmt: skip
     a, b = (on_host(ns, dev, ip, args, port=29632) for ns, (dev, ip) in two_hosts.items())
-    wait_for(tmp_path / "run" / "checkpoints" / "step-0000004" / "state.json", a)
+    wait_for(tmp_path / "run", 4, a)
     for pid in [b.pid, *children(b.pid)]:  # host B is gone: its agent and its workers
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -289,3 +290,108 @@ def test_fsdp_plus_tensor_parallel_equals_one_process(char_data, tmp_path, model
     assert again.returncode == 0, again.stderr[-3000:]
     np.testing.assert_allclose([v for _, v in losses(tmp_path / "tp")], [v for _, v in losses(tmp_path / "one")],
                                rtol=5e-5)  # fmt: skip
+
+
+BUILD = """
+import json, sys, torch
+from gptlab.config import preset
+from gptlab.model import GPT
+from gptlab.tp_form import fuse_state
+from gptlab.train import distributed
+
+cfg = preset("gpt2", n_layer=6, n_embd=1024, n_head=8, vocab_size=65, block_size=64)
+with distributed.session("cpu", tp=int(sys.argv[2])) as d:
+    torch.manual_seed(3)
+    distributed.build_sharded(preset("tiny"), d, sys.argv[1])  # (the first build loads DTensor's code)
+    before = distributed.resident_mib("VmHWM")
+    torch.manual_seed(3)
+    model = distributed.build_sharded(cfg, d, sys.argv[1])
+    grew = distributed.resident_mib("VmHWM") - before
+    whole = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    whole = fuse_state(whole, GPT(cfg)) if d.tp > 1 else whole
+    same = None
+    if d.is_main:
+        torch.manual_seed(3)
+        ref = GPT(cfg).state_dict()
+        same = ref.keys() == whole.keys() and all(torch.equal(ref[k], whole[k]) for k in ref)
+    mib = sum(v.numel() * v.element_size() for v in whole.values()) / 2**20
+    print(json.dumps({"rank": d.rank, "grew_mib": grew, "model_mib": mib, "same": same}))
+"""
+
+
+@pytest.mark.parametrize("parallel,tp", [("fsdp", 1), ("fsdp+tp", 2)])
+def test_a_model_is_built_sharded_without_ever_being_whole(tmp_path, parallel, tp):
+    """Meta-device initialisation: on 4 ranks each process's peak resident set grows by its shards and one
+    parameter while the model is built (a third of the model here), never by the whole model, and the weights equal
+    those one process draws from the same seed (gathered after the measurement)."""
+    script = tmp_path / "build.py"
+    script.write_text(BUILD)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                        str(script), parallel, str(tp)], env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=REPO,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 4 and next(x for x in rows if x["rank"] == 0)["same"] is True
+    for x in rows:  # 289 MiB of weights: a quarter of them is 72 MiB, the largest parameter 16 MiB
+        assert x["grew_mib"] < 0.5 * x["model_mib"], rows
+
+
+def test_the_planner_predicts_each_ranks_tensor_memory(char_data, tmp_path):
+    """`gptlab train --track-memory` measures each rank's tensors by kind over a step with PyTorch's own trackers
+    (MemTracker, FSDPMemTracker); `gptlab plan train`'s model (weights, AdamW, activations per tensor kept, FSDP's
+    two gathered blocks, and the step's high-water mark) predicts each part within 5 % and the peak within 10 %, for one
+    process and for 2 FSDP ranks (activations outweigh gradients here, so the high-water mark is the end of the
+    forward pass, where every part is whole)."""
+    from gptlab.plan import resolve, training_memory
+
+    args = ["train", "--data", str(char_data), "--max-iters", "2", "--eval-interval", "2", "--track-memory",
+            "--dtype", "float32", *COMMON, "--model", "gpt2", "--set", "n_layer=4", "--block-size", "128",
+            "--batch-size", "8"]  # fmt: skip
+    shape = resolve("gpt2", n_layer=4, vocab_size=65, n_ctx=128)
+    one = subprocess.run([sys.executable, "-m", "gptlab", *args, "--out-dir", str(tmp_path / "one")], env=ENV,
+                         capture_output=True, text=True)  # fmt: skip
+    two = torchrun(*args, "--parallel", "fsdp", "--out-dir", str(tmp_path / "two"), timeout=600)
+    for run, dp in ((one, 1), (two, 2)):
+        assert run.returncode == 0, run.stderr[-3000:]
+        plan = {k: v / 2**20 for k, v in training_memory(shape, 8, 128, "adamw", "fp32", dp=dp, zero=3).items()}
+        for measured in json.loads(run.stdout.strip().splitlines()[-1])["tensor_memory_mib"]:
+            for part in ("weights", "optimizer", "activations", "fsdp_buffers"):
+                assert measured[part] == pytest.approx(plan[part], rel=0.05, abs=1.0), (dp, part, measured, plan)
+            # the rest is temporaries the planner leaves out (an attention kernel's workspace: ~24 MiB here)
+            assert measured["peak"] == pytest.approx(plan["peak"], rel=0.1), (dp, measured, plan)
+
+
+def test_async_checkpoints_commit_once_written_and_a_kill_mid_write_keeps_the_last(char_data, tmp_path):
+    """--async-checkpoint (DCP's async_save over a gloo group of its own): the run's losses and final weights equal
+    a synchronous run's; SIGKILLed while a write is in flight (its temporary folder present, not yet committed),
+    the latest committed checkpoint loads, and a relaunch resumes from it to the uninterrupted run's losses."""
+    from gptlab.loader import load_model
+
+    args = ["train", "--data", str(char_data), "--batch-size", "4", "--eval-interval", "2", "--checkpoint-interval",
+            "2", "--parallel", "fsdp", *COMMON, "--model", "baby"]  # fmt: skip
+    for name, extra in (("sync", []), ("async", ["--async-checkpoint"])):
+        r = torchrun(*args, "--max-iters", "24", *extra, "--out-dir", str(tmp_path / name), timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(tmp_path / "async") == losses(tmp_path / "sync")
+    a, b = (load_model(str(tmp_path / n), "cpu").model.state_dict() for n in ("async", "sync"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    run = tmp_path / "killed"
+    job = launch(*args, "--max-iters", "5000", "--async-checkpoint", "--out-dir", str(run))
+    wait_for(run, 4, job)
+    in_flight = lambda: [p for p in (run / "checkpoints").glob(".step-*.tmp-*") if not (p / "state.json").exists()]
+    deadline = time.time() + 60
+    while not in_flight() and time.time() < deadline:
+        time.sleep(0.01)
+    assert in_flight(), "no write in flight"
+    for pid in [job.pid, *children(job.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    job.communicate()
+    last = checkpoint.list_checkpoints(run)[-1]
+    step = checkpoint.read_state(last)["step"]
+    assert 4 <= step < 24, step
+    load_model(str(last), "cpu")  # the latest committed checkpoint is whole
+    r = torchrun(*args, "--max-iters", "24", "--async-checkpoint", "--resume", "--out-dir", str(run), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = [x for x in losses(run) if x[0] > step]
+    assert resumed == [x for x in losses(tmp_path / "sync") if x[0] > step]

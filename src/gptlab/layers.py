@@ -62,7 +62,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(probs_mm.t(), xc)
                 elif want_w:
                     grad_w += probs_mm.t() @ xc  # a low-precision product, accumulated in fp32
-        ctx.save_for_backward((grad_x / count).to(x.dtype), (grad_w / count).to(weight.dtype))
+                del logits, probs, probs_mm  # (the chunk's logits go before the next chunk's are made)
+        ctx.save_for_backward(grad_x.div_(count).to(x.dtype), grad_w.div_(count).to(weight.dtype))
         return total / count
 
     @staticmethod

@@ -32,6 +32,8 @@ the logits returned to callers are cut back to ``vocab_size`` columns, so they a
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -148,6 +150,34 @@ class Block(nn.Module):
         return self.ln_2(x + self.mlp(x))
 
 
+def init_(p: torch.Tensor, fill: Callable[..., object], *args: float) -> None:
+    """``fill(p, *args)`` in place (an ``nn.init`` function). A sharded parameter (a DTensor: FSDP2, tensor
+    parallelism) is filled as its whole tensor would be, one parameter at a time, and keeps its own shard, so a
+    model built sharded (:meth:`GPT.reset_parameters` after ``fully_shard`` and ``to_empty``) starts from the
+    weights one process draws from the same seed."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # (no DTensor exists before that module is imported)
+    if dtensor is None or not isinstance(p, dtensor.DTensor):
+        fill(p, *args)
+        return
+    whole = torch.empty(p.shape, dtype=p.dtype)  # drawn on the CPU, as GPT(cfg) draws before moving to a GPU
+    fill(whole, *args)
+    whole = whole.to(p.to_local().device)
+    with torch.no_grad():
+        p.to_local().copy_(dtensor.distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local())
+
+
+def replay_construction_draws(model: nn.Module) -> None:
+    """Draw from the random stream what building ``model`` on the CPU draws before :meth:`GPT.reset_parameters`
+    (PyTorch's ``nn.Linear`` and ``nn.Embedding`` initialise themselves when built), building a throwaway copy of
+    one such module at a time. For a model built on the meta device, which draws nothing: its ``reset_parameters``
+    then draws the weights a model built on the CPU from the same seed has."""
+    for m in model.modules():  # (registration order, which is the order the modules are built in)
+        if isinstance(m, nn.Linear):
+            nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        elif isinstance(m, nn.Embedding):
+            nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -192,18 +222,18 @@ class GPT(nn.Module):
         """GPT-2 init: N(0, 0.02) weights, zero biases, unit LayerNorms, and the two residual output projections
         of each block scaled by 1/sqrt(2 * n_layer) (Radford et al. 2019, section 2.3)."""
         std = self.config.init_std
+        norm_gains = {
+            id(m.weight) for m in self.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and m.weight is not None
+        }
         for name, p in self.named_parameters():
             if name.startswith("vision."):
                 continue  # the image prefix initializes itself (ImagePrefix.reset_parameters)
             if name.endswith(("c_proj.weight", "mlp.proj_weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
+                init_(p, nn.init.normal_, 0.0, std / math.sqrt(2 * self.config.n_layer))
             elif p.dim() >= 2:
-                nn.init.normal_(p, 0.0, std)
-            else:  # biases; norm gains are set to one below
-                nn.init.zeros_(p)
-        for m in self.modules():
-            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and m.weight is not None:
-                nn.init.ones_(m.weight)
+                init_(p, nn.init.normal_, 0.0, std)
+            else:
+                init_(p, nn.init.ones_ if id(p) in norm_gains else nn.init.zeros_)
         if self.vision is not None:
             self.vision.reset_parameters(std)
 

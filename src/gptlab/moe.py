@@ -37,13 +37,13 @@ class MoE(nn.Module):
         E, C, Fh = cfg.n_experts, cfg.n_embd, cfg.expert_ff or 4 * cfg.n_embd
         self.k, self.capacity_factor = cfg.experts_per_token, cfg.capacity_factor
         self.weights = (cfg.aux_loss_weight, cfg.z_loss_weight)
+        self.shared = shared  # (registered first, as it is built first: gptlab.model.replay_construction_draws)
         self.router = nn.Linear(C, E, bias=False)
         self.fc_weight = nn.Parameter(torch.empty(E, C, Fh))
         self.proj_weight = nn.Parameter(torch.empty(E, Fh, C))
         self.fc_bias = nn.Parameter(torch.zeros(E, Fh)) if cfg.bias else None
         self.proj_bias = nn.Parameter(torch.zeros(E, C)) if cfg.bias else None
         self.approximate = "tanh" if cfg.activation == "gelu_new" else "none"
-        self.shared = shared
         self.dropout = nn.Dropout(cfg.dropout)
         self.aux_loss: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}

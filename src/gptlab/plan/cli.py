@@ -13,7 +13,16 @@ from ..errors import GptlabError
 from ..options import add_json, count, emit, number, number_list, parse_number, parse_set
 from ..recipe import NON_NEGATIVE, POSITIVE, Range
 from .hardware import HARDWARE, PF_DAY, hardware, training_time
-from .memory import DTYPE_BYTES, OPTIMIZERS, RECOMPUTE, inference, kv_cache_bytes, training_memory, weights_bytes
+from .memory import (
+    ATTENTION,
+    DTYPE_BYTES,
+    OPTIMIZERS,
+    RECOMPUTE,
+    inference,
+    kv_cache_bytes,
+    training_memory,
+    weights_bytes,
+)
 from .scaling import LAWS, compare_allocations, load_law
 from .shape import (
     Shape,
@@ -127,6 +136,9 @@ def plan_train(args: argparse.Namespace) -> tuple[dict, str]:
         args.zero,
         args.sequence_parallel,
         args.recompute,
+        args.attention,
+        args.dropout,
+        args.grad_accum,
     )
     r = {
         "params": n["total"],
@@ -137,7 +149,7 @@ def plan_train(args: argparse.Namespace) -> tuple[dict, str]:
         "flops": flops,
         "time": t,
         "memory_per_device": mem,
-        "fits": mem["total"] <= hw.memory_bytes,
+        "fits": mem["peak"] <= hw.memory_bytes,
     }
     lines = [
         f"{args.model} ({n['total']:,} parameters) on {args.tokens:,.4g} tokens, {devices:,} × {hw.name} at "
@@ -151,10 +163,11 @@ def plan_train(args: argparse.Namespace) -> tuple[dict, str]:
         lines.append(f"  steps              {t['steps']:,} of {args.batch_tokens:,.0f} tokens")
     lines.append(
         f"  memory per device  ({args.optimizer}/{args.precision}, dp {args.dp}, tp {args.tp}, pp {args.pp}, "
-        f"ZeRO {args.zero}, micro-batch {args.micro_batch} × {seq}, recompute {args.recompute})"
+        f"ZeRO {args.zero}, micro-batch {args.micro_batch} × {seq}, {args.attention} attention, "
+        f"{'dropout' if args.dropout else 'no dropout'}, recompute {args.recompute})"
     )
     lines += [f"    {k:<16}{gb(v):>14}" for k, v in mem.items()]
-    lines.append(f"  {'fits' if r['fits'] else 'does NOT fit'} in {gb(hw.memory_bytes)} per device")
+    lines.append(f"  {'fits' if r['fits'] else 'does NOT fit'} (peak) in {gb(hw.memory_bytes)} per device")
     return r, "\n".join(lines)
 
 
@@ -284,7 +297,8 @@ def plan_compare(args: argparse.Namespace) -> tuple[dict, str]:
     r = {"hardware": hw.name, "tokens": args.tokens, "mfu": args.mfu, "models": rows}
     lines = [
         f"train state = bf16 weights + grads + fp32 AdamW (16 B/param); activations: one sequence at full "
-        f"context, no recomputation; days: {args.tokens:,.3g} tokens on one {hw.name} at {args.mfu:.0%} MFU",
+        f"context, fused attention, no dropout, no recomputation; days: {args.tokens:,.3g} tokens on one "
+        f"{hw.name} at {args.mfu:.0%} MFU",
         f"{'model':<12}{'params':>16}{'fp32':>11}{'bf16':>11}{'train state':>13}{'activ. b=1':>12}"
         f"{'KV ctx bf16':>12}{'days':>11}",
     ]
@@ -382,6 +396,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage")
     q.add_argument("--sequence-parallel", action="store_true")
     q.add_argument("--recompute", default="none", choices=RECOMPUTE)
+    q.add_argument(
+        "--attention",
+        default="flash",
+        choices=ATTENTION,
+        help="flash: a fused kernel that keeps no scores (PyTorch's SDPA, what gptlab trains with); eager: the "
+        "a·s² scores are kept (Korthikanti et al.'s formula)",
+    )
+    q.add_argument("--dropout", action="store_true", help="dropout > 0: count its masks (gptlab trains without)")
+    q.add_argument(
+        "--grad-accum", type=count(1), default=1, help="micro-steps per step (> 1: gradients live beside activations)"
+    )
     q.set_defaults(plan=plan_train)
 
     q = what.add_parser("infer", help="inference memory, devices, largest batch, decode and prefill bounds")

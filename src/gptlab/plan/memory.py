@@ -10,6 +10,22 @@ Sources, per formula:
   s·b·h·(10 + 24/t + 5·a·s/(h·t)) with t-way tensor parallelism; s·b·h·(34/t + 5·a·s/(h·t)) with sequence
   parallelism as well; selective recomputation drops the 5·a·s/h term; full recomputation keeps 2·s·b·h per layer
   (the layer's input). With 1F1B pipelining the first stage holds L layers' worth whatever the pipeline degree.
+  The paper's terms are counted per tensor kept, so they generalise to the shapes it does not cover
+  (:func:`activation_bytes_per_layer`): grouped-query attention keeps fewer keys and values, a SwiGLU MLP keeps
+  four ff-wide tensors where GELU keeps two, a run without dropout keeps no masks, and fused attention
+  (FlashAttention, Dao et al. 2022, and PyTorch's scaled_dot_product_attention) keeps no a·s² scores, as selective
+  recomputation does not. On GPT-3's shape with dropout and materialised scores this is the paper's 34 + 5·a·s/h.
+- The head and the loss (:func:`loss_bytes`): with a vocabulary of 50k their fp32 logits and gradients weigh as
+  much as several layers' activations.
+- The high-water mark of a step (``peak``): weights, optimizer state and FSDP's gathered buffers, plus the larger of
+  the activations and the loss's memory (all alive at the end of the forward pass) and the gradients (complete at
+  the end of the backward pass, when the activations are freed): gradients are freed between steps
+  (``zero_grad(set_to_none)``) and, layer by layer, appear as activations go. With gradient accumulation the
+  gradients outlive the step, so both count. FSDP2 (ZeRO-3) holds one block's parameters gathered while it computes
+  and prefetches the next block's (PyTorch's FSDP2 docs, "implicit prefetching"): two blocks' weights. ``total`` is
+  the sum of every part, the bound the ZeRO paper tabulates. Transient buffers (an attention kernel's workspace)
+  are not modelled: measured against PyTorch's own memory tracker they are within a few per cent
+  (``docs/benchmarks.md``).
 - KV cache: 2 (keys and values) · layers · kv_heads · head_dim · sequence · batch · bytes.
 """
 
@@ -33,6 +49,7 @@ OPTIMIZERS = {
     ("sgd", "fp32"): (4, 4, 4),  # momentum
 }
 RECOMPUTE = ("none", "selective", "full")
+ATTENTION = ("eager", "flash")  # scores materialised, or a fused kernel that keeps none
 
 
 def dtype_bytes(dtype: str) -> float:
@@ -51,18 +68,59 @@ def kv_cache_bytes(s: Shape, seq_len: int, batch: int = 1, dtype: str = "bf16") 
 
 
 def activation_bytes_per_layer(
-    s: Shape, seq_len: int, micro_batch: int, tp: int = 1, sequence_parallel: bool = False, recompute: str = "none"
+    s: Shape,
+    seq_len: int,
+    micro_batch: int,
+    tp: int = 1,
+    sequence_parallel: bool = False,
+    recompute: str = "none",
+    attention: str = "flash",
+    dropout: bool = False,
 ) -> float:
-    """Korthikanti et al. 2022, eqs. 1–5 (see the module docstring): bytes of activations one layer keeps for the
-    backward pass, per device."""
+    """Bytes of activations one layer keeps for the backward pass, per device: Korthikanti et al. 2022, eqs. 1–5,
+    counted tensor by tensor (see the module docstring), in units of s·b·h bytes at 16 bits:
+
+    - the two norms' inputs (4), the QKV and MLP matmuls' inputs (2 + 2), a dropout mask after attention and after
+      the MLP (1 + 1, with ``dropout``): kept whole on every tensor-parallel rank unless ``sequence_parallel``;
+    - queries, keys and values (2·(d_attn + 2·kv_dim)/h), the attention output projection's input (2·d_attn/h),
+      the MLP's hidden tensors (2·ff/h each: GELU's input and output, or SwiGLU's gate-and-up, SiLU output and
+      product), and with ``attention="eager"`` the scores: softmax output, its dropout mask and the dropout output
+      (5·a·s/h; 4 without dropout): split over the ``tp`` ranks.
+
+    ``attention="flash"`` (a fused kernel that keeps no scores) and ``recompute="selective"`` drop the score term;
+    ``recompute="full"`` keeps only the layer's input, 2·s·b·h."""
     if recompute not in RECOMPUTE:
         raise GptlabError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    if attention not in ATTENTION:
+        raise GptlabError(f"attention must be one of {ATTENTION}, got {attention!r}")
     sbh, a, h, t = seq_len * micro_batch * s.d_model, s.n_head, s.d_model, tp
     if recompute == "full":
         return 2.0 * sbh / (t if sequence_parallel else 1)
-    attention_scores = 0.0 if recompute == "selective" else 5.0 * a * seq_len / (h * t)
-    linear = 34.0 / t if sequence_parallel else 10.0 + 24.0 / t
-    return sbh * (linear + attention_scores)
+    kv_dim = s.kv_heads * s.head_dim
+    whole = 4.0 + 2.0 + 2.0 + (2.0 if dropout else 0.0)
+    split = 2.0 * (s.d_attn + 2 * kv_dim) / h + 2.0 * s.d_attn / h + 2.0 * _mlp_width(s) * (4 if s.gated_mlp else 2) / h
+    if attention == "eager" and recompute == "none":
+        split += (5.0 if dropout else 4.0) * a * seq_len / h
+    return sbh * ((whole + split) / t if sequence_parallel else whole + split / t)
+
+
+def loss_bytes(s: Shape, seq_len: int, micro_batch: int, trainable_head: bool = True) -> float:
+    """Bytes the head and the cross-entropy hold at the end of the forward pass, with gptlab's fused head-and-loss
+    (:class:`gptlab.layers.LinearCrossEntropy`, which forms both gradients in the forward pass and never makes the
+    whole [rows, vocab] logits): the fp32 logits of one chunk of rows (at most 2**26 values), and the fp32 gradients
+    of the head's input (rows × d_model) and, when it trains, of its weight (vocab × d_model). For GPT-2 at 4 × 256
+    tokens that is 206 + 3 + 154 MB, against 604 MB for the twelve layers: not the few s·b·h the layer formula's
+    authors leave out."""
+    rows, V, d = seq_len * micro_batch, s.vocab_size, s.d_model
+    return 4.0 * (min(rows, max(1, 2**26 // V)) * V + rows * d + (V * d if trainable_head else 0))
+
+
+def _mlp_width(s: Shape) -> float:
+    """The MLP hidden width a token passes through, averaged over the layers (a routed layer's token goes through
+    ``experts_per_token`` experts, and the shared expert where there is one)."""
+    M, L = s.moe_layers, s.n_layer
+    routed = s.experts_per_token * (s.expert_ff or s.ff) + (s.ff if s.shared_expert else 0)
+    return ((L - M) * s.ff + M * routed) / L
 
 
 def training_memory(
@@ -77,9 +135,13 @@ def training_memory(
     zero: int = 0,
     sequence_parallel: bool = False,
     recompute: str = "none",
+    attention: str = "flash",
+    dropout: bool = False,
+    grad_accum: int = 1,
 ) -> dict[str, float]:
     """Bytes per device while training: weights, gradients, optimizer state (each split over tp·pp model-parallel
-    ranks, then over the dp data-parallel ranks per the ZeRO stage) and activations (Korthikanti)."""
+    ranks, then over the dp data-parallel ranks per the ZeRO stage), activations (Korthikanti), FSDP's gathered
+    blocks (ZeRO-3), their sum ``total`` and the step's high-water mark ``peak`` (see the module docstring)."""
     if (optimizer, precision) not in OPTIMIZERS:
         raise GptlabError(
             f"unknown optimizer/precision {optimizer}/{precision}; choose optimizer from "
@@ -93,17 +155,24 @@ def training_memory(
         raise GptlabError(f"pipeline parallelism {pp} exceeds the {s.n_layer} layers")
     seq_len = seq_len or s.n_ctx
     w, g, k = OPTIMIZERS[(optimizer, precision)]
-    n = params(s)["total"] / (tp * pp)
+    p = params(s)
+    n = p["total"] / (tp * pp)
+    per_layer = ((p["attention"] + p["mlp"]) / s.n_layer + 2 * s.norm_params(s.d_model)) / tp  # one block
     out = {
         "weights": n * w / (dp if zero >= 3 else 1),
         "gradients": n * g / (dp if zero >= 2 else 1),
         "optimizer": n * k / (dp if zero >= 1 else 1),
         "activations": s.n_layer
-        * activation_bytes_per_layer(s, seq_len, micro_batch, tp, sequence_parallel, recompute),
+        * activation_bytes_per_layer(s, seq_len, micro_batch, tp, sequence_parallel, recompute, attention, dropout),
+        "fsdp_buffers": 2 * per_layer * w if zero >= 3 and dp > 1 else 0.0,
+        "loss": loss_bytes(s, seq_len, micro_batch),
     }
     if precision == "fp32":
         out["activations"] *= 2  # the formula counts 16-bit activations
     out["total"] = sum(out.values())
+    forward = out["activations"] + out["loss"]  # all alive at the end of the forward pass
+    grads_and_activations = out["gradients"] + forward if grad_accum > 1 else max(out["gradients"], forward)
+    out["peak"] = out["weights"] + out["optimizer"] + out["fsdp_buffers"] + grads_and_activations
     return out
 
 

@@ -78,6 +78,16 @@ class TrainConfig(RecipeConfig):
         "and the gradient reductions stay float32)",
         choices=("float32", "bfloat16"),
     )
+    async_checkpoint: bool = opt(
+        False,
+        "fsdp: write sharded checkpoints in the background (DCP's async_save) while training goes on; each is "
+        "committed once written, at the next checkpoint or the end of the run",
+    )
+    track_memory: bool = opt(
+        False,
+        "measure tensor memory by kind over the second step (PyTorch's memory trackers); the summary's "
+        "tensor_memory_mib, per rank, is what `gptlab plan train` predicts",
+    )
     collective_timeout: float = opt(
         600.0,
         "under torchrun: seconds a collective waits for every rank; then the run stops with a line naming the rank",
@@ -95,4 +105,8 @@ class TrainConfig(RecipeConfig):
             (self.ss_schedule != "exponential" or self.ss_k < 1, "ss_k must be < 1 for the exponential schedule"),
             (not unknown, f"unknown model config field(s) {unknown}; known: {sorted(MODEL_FIELDS)}"),
             ((self.tp > 1) == (self.parallel == "fsdp+tp"), "--parallel fsdp+tp goes with --tp > 1, and --tp with it"),
+            (
+                not self.async_checkpoint or self.parallel != "ddp",
+                "--async-checkpoint writes sharded checkpoints: use it with --parallel fsdp or fsdp+tp",
+            ),
         ]

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..config import GPTConfig
 from ..device import pick_device
 from ..errors import GptlabError
-from ..model import GPT
+from ..model import GPT, replay_construction_draws
 
 DEFAULT_TIMEOUT = 600.0  # seconds a collective waits for every rank (torch's default for gloo is 30 minutes)
 
@@ -170,17 +171,34 @@ def wrap(model: GPT, d: Dist, parallel: str, param_dtype: torch.dtype = torch.fl
     return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
 
+def build_sharded(
+    cfg: GPTConfig, d: Dist, parallel: str, param_dtype: torch.dtype = torch.float32, fill: bool = True
+) -> GPT:
+    """A new model built sharded (FSDP2's meta-device initialisation; torchtitan builds its models this way): on the
+    meta device (no memory), sharded by :func:`wrap`, then each rank allocates only its own shards and, with
+    ``fill``, draws them (:func:`gptlab.model.init_`: whole parameters one at a time, so the largest transient is
+    one parameter) to the values ``GPT(cfg)`` has from the same seed in one process. The random stream must be
+    seeded alike on every rank first. A model larger than one process's memory is built this way; ``fill=False``
+    leaves the shards for a sharded checkpoint to fill."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    replay_construction_draws(model)  # (the meta device draws nothing: draw what building on the CPU draws)
+    stream = torch.get_rng_state()
+    wrap(model, d, parallel, param_dtype)
+    model.to_empty(device=d.device)
+    if fill:
+        torch.set_rng_state(stream)
+        model.reset_parameters()
+    return model
+
+
 def gather_rng(d: Dist) -> dict[str, torch.Tensor]:
     """Every rank's RNG states (CPU, and CUDA where used), keyed ``torch_rank{r}`` / ``cuda_rank{r}``, on every rank:
     what a checkpoint keeps for an exact resume."""
     rng = {f"torch_rank{d.rank}": torch.get_rng_state()}
     if d.device.type == "cuda":
         rng[f"cuda_rank{d.rank}"] = torch.cuda.get_rng_state()
-    if d.enabled:
-        gathered: list[Any] = [None] * d.world_size
-        dist.all_gather_object(gathered, rng)
-        rng = {k: v for r in gathered for k, v in r.items()}
-    return rng
+    return {k: v for r in gathered(rng, d) for k, v in r.items()}
 
 
 def from_main(value: Any, d: Dist) -> Any:
@@ -207,10 +225,15 @@ def peak_memory_mib(d: Dist) -> list[float]:
         mine = torch.cuda.max_memory_allocated(d.device) / 2**20
     else:
         mine = resident_mib("VmHWM")
+    return gathered(round(mine, 1), d)
+
+
+def gathered(value: Any, d: Dist) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank."""
     if not d.enabled:
-        return [round(mine, 1)]
+        return [value]
     out: list[Any] = [None] * d.world_size
-    dist.all_gather_object(out, round(mine, 1))
+    dist.all_gather_object(out, value)
     return out
 
 

@@ -12,6 +12,12 @@ a checkpoint). A kill at any instant leaves the previous checkpoint as the lates
 the layout of the loading process group, so a run saved by 4 ranks resumes on 2, on 1 or on 8, and ``gptlab.load``,
 ``sample`` and ``convert`` read the checkpoint in one process (``convert`` writes the usual single-file checkpoint).
 Every rank must see the same filesystem (a shared one across hosts: NFS, Lustre, a mounted bucket).
+
+With ``async_save`` (``--async-checkpoint``), DCP's ``async_save`` copies each rank's shards to CPU memory and a
+background thread writes them while training goes on (over a process group of its own, as torchtitan does, so its
+collectives never interleave with the training's). The commit is the same rename, made once every rank's write has
+finished: at the next checkpoint or at the end of the run. Until then the write is a temporary folder, so a kill
+during it leaves the previous checkpoint the latest.
 """
 
 from __future__ import annotations
@@ -35,43 +41,67 @@ DCP_DIR = checkpoint.DCP_DIR
 RNG_FILE = "rng.safetensors"
 
 
-def save_sharded(
-    run_dir: Path,
-    step: int,
-    d: distributed.Dist,
-    module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    meta: dict[str, Any],
-    keep_last: int,
-) -> Path:
-    """Checkpoint ``step`` of an FSDP run: every rank writes its shards, rank 0 commits (see the module docstring)."""
-    final = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
-    tmp = Path(distributed.from_main(str(sibling(final, "tmp")), d))  # rank 0's name, on every rank
-    if d.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    if d.enabled:
-        tdist.barrier()
-    model_sd, optim_sd = get_state_dict(module, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / DCP_DIR)
-    rng = distributed.gather_rng(d)
-    if d.is_main:
-        sha = checkpoint._save_tensors(rng, tmp / RNG_FILE)
-        state = dict(
-            meta,
-            format=checkpoint.FORMAT,
-            version=checkpoint.VERSION,
-            step=step,
-            sharded={"world_size": d.world_size, "format": "torch.distributed.checkpoint", "tp": d.tp},
-            sha256={RNG_FILE: sha},
-        )
-        atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
-        _fsync_tree(tmp)
-        replace_dir(tmp, final)  # the commit
-        checkpoint.prune(Path(run_dir), keep_last, state.get("best_step"))
-    if d.enabled:
-        tdist.barrier()
-    return final
+class ShardedSaver:
+    """Checkpoints of an FSDP run: every rank writes its shards, rank 0 commits (see the module docstring); with
+    ``async_save`` the writing overlaps the following steps and :meth:`finish` commits the last one."""
+
+    def __init__(self, run_dir: Path, d: distributed.Dist, async_save: bool = False) -> None:
+        self.run_dir, self.d, self.async_save = Path(run_dir), d, async_save
+        self.pending: tuple[Any, Path, Path, dict[str, Any], dict[str, torch.Tensor], int] | None = None
+        # async writes talk over a group of their own (gloo: they run on the CPU copies)
+        self.group = tdist.new_group(backend="gloo") if async_save and d.enabled else None
+
+    def save(
+        self, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any], keep: int
+    ) -> None:
+        """Write checkpoint ``step`` (committed now, or with ``async_save`` once written: at the next call or at
+        :meth:`finish`)."""
+        self.finish()  # (the previous write, committed before a new one starts)
+        final = self.run_dir / "checkpoints" / f"step-{step:07d}"
+        tmp = Path(distributed.from_main(str(sibling(final, "tmp")), self.d))  # rank 0's name, on every rank
+        if self.d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if self.d.enabled:
+            tdist.barrier()
+        model_sd, optim_sd = get_state_dict(module, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        rng = distributed.gather_rng(self.d)
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=tmp / DCP_DIR, process_group=self.group)
+            self.pending = (future, tmp, final, meta, rng, keep)
+        else:
+            dcp.save(state, checkpoint_id=tmp / DCP_DIR)
+            self.pending = (None, tmp, final, meta, rng, keep)
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for the write in flight (every rank's), then commit it: rank 0 writes the RNG states and
+        ``state.json``, fsyncs the folder and renames it into place."""
+        if self.pending is None:
+            return
+        future, tmp, final, meta, rng, keep = self.pending
+        self.pending = None
+        if future is not None:
+            future.result()
+        if self.d.enabled:
+            tdist.barrier()
+        if self.d.is_main:
+            sha = checkpoint._save_tensors(rng, tmp / RNG_FILE)
+            state = dict(
+                meta,
+                format=checkpoint.FORMAT,
+                version=checkpoint.VERSION,
+                step=int(final.name.split("-")[1]),
+                sharded={"world_size": self.d.world_size, "format": "torch.distributed.checkpoint", "tp": self.d.tp},
+                sha256={RNG_FILE: sha},
+            )
+            atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
+            _fsync_tree(tmp)
+            replace_dir(tmp, final)  # the commit
+            checkpoint.prune(self.run_dir, keep, state.get("best_step"))
+        if self.d.enabled:
+            tdist.barrier()
 
 
 def restore_sharded(

@@ -33,14 +33,14 @@ from ..metrics import METRICS, Metrics, plot_losses
 from ..model import GPT
 from ..quant.quantize import records
 from ..recipe import derive_seed
-from . import distributed, tensor_parallel
+from . import distributed, memory_report, tensor_parallel
 from .adapters import for_training
 from .config import TrainConfig
 from .dtype_probe import MARGIN, cpu_bf16_verdict
 from .loop import FitStats, fit, restore_state, save_state, state_dicts
 from .optim import make_optimizer
 from .scheduled_sampling import mix_in_predictions, ss_probability
-from .sharded import save_sharded
+from .sharded import ShardedSaver
 
 
 def model_config_for(cfg: TrainConfig, data: dict[str, Any]) -> GPTConfig:
@@ -222,17 +222,23 @@ class Pretraining:
         with torch.device("meta"):
             self.n_params = GPT(mcfg).num_params()
         self.dtype, self.dtype_reason = self._dtype(resumed)  # (a CPU probe builds its own copy: before this one)
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP does not broadcast them)
-        self.raw = GPT(mcfg).to(d.device)
-        if not resume:
-            self.init_weights(self.raw)
-        self.init = None  # its config and weights are in the model now
-        self.raw = for_training(self.raw, cfg.lora)
-        torch.manual_seed(cfg.seed + d.dp_rank)  # distinct dropout masks per data-parallel rank (one per TP group)
-        self.raw.activation_checkpointing = cfg.activation_checkpointing
-        # FSDP shards `raw` in place; DDP wraps it
-        self.model: Any = distributed.wrap(self.raw, d, cfg.parallel, getattr(torch, cfg.fsdp_param_dtype))
         self.sharded = d.enabled and cfg.parallel in ("fsdp", "fsdp+tp")
+        param_dtype = getattr(torch, cfg.fsdp_param_dtype)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP does not broadcast them)
+        if self.sharded and (resume or self.init is None) and not mcfg.image_size and not cfg.lora.lora_rank:
+            # a new text model (or one a sharded checkpoint fills): each rank allocates only its shards
+            self.raw = distributed.build_sharded(mcfg, d, cfg.parallel, param_dtype, fill=not resume)
+            self.model: Any = self.raw
+        else:  # the whole model first: --init's weights are loaded into it, LoRA attached; DDP replicates it
+            self.raw = GPT(mcfg).to(d.device)
+            if not resume:
+                self.init_weights(self.raw)
+            self.raw = for_training(self.raw, cfg.lora)
+            self.model = distributed.wrap(self.raw, d, cfg.parallel, param_dtype)  # (FSDP shards `raw` in place)
+        self.init = None  # its config and weights are in the model now
+        self.saver = ShardedSaver(self.out, d, cfg.async_checkpoint) if self.sharded else None
+        self.raw.activation_checkpointing = cfg.activation_checkpointing
+        torch.manual_seed(cfg.seed + d.dp_rank)  # distinct dropout masks per data-parallel rank (one per TP group)
         self.optimizer = make_optimizer(self.raw, cfg.optim, d.device.type)
         self.start, self.best_val = 0, math.inf
         self.best_step: int | None = None
@@ -248,6 +254,7 @@ class Pretraining:
         self.pending: list[torch.Tensor] = []  # per-micro-batch losses on the device since the last log
         self.last_loss, self.last_val = math.nan, math.nan
         self.last_tps: float | None = None  # tokens per second since the last log; None before any timed step
+        self.tensor_memory: dict[str, float] = {}  # --track-memory's report (gptlab.train.memory_report)
         self.model.train()
 
     def _dtype(self, resumed: dict[str, Any] | None) -> tuple[torch.dtype, str]:
@@ -289,6 +296,15 @@ class Pretraining:
         self.best_val, self.best_step = state.get("best_val") or math.inf, state.get("best_step")
 
     def train_step(self, step: int) -> None:
+        # --track-memory: the second step of this process (its optimizer state exists), or the only one
+        if self.cfg.track_memory and step == min(self.start + 1, self.cfg.max_iters - 1):
+            with memory_report.tracker(self.model, self.optimizer) as t:
+                self._step(step, t)
+            self.tensor_memory = memory_report.report(t, self.d.device)
+        else:
+            self._step(step)
+
+    def _step(self, step: int, tracker: Any = None) -> None:
         cfg, d = self.cfg, self.d
         p_ss = ss_probability(cfg.ss_schedule, step, cfg.max_iters, cfg.ss_max_prob, cfg.ss_k)
         ss_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "scheduled-sampling", step)) if p_ss > 0 else None
@@ -298,6 +314,8 @@ class Pretraining:
             )
             if ss_gen is not None:
                 x = mix_in_predictions(self.raw, x, p_ss, ss_gen)
+            if tracker is not None:
+                tracker.reset_mod_stats()  # (its module statistics hold one forward pass; the peak is kept)
             sync = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync or not self.ddp else self.model.no_sync(), self.amp:
                 loss = self.loss(x, y, step, micro, *images)
@@ -366,8 +384,8 @@ class Pretraining:
             "dtype": str(self.dtype).replace("torch.", ""),
             **records(self.raw),
         }
-        if self.sharded:  # every rank writes its own shards: nothing is gathered (gptlab.train.sharded)
-            save_sharded(self.out, done, self.d, self.raw, self.optimizer, meta, self.cfg.keep_last)
+        if self.saver is not None:  # every rank writes its own shards: nothing is gathered (gptlab.train.sharded)
+            self.saver.save(done, self.raw, self.optimizer, meta, self.cfg.keep_last)
             return
         model_sd, optim_sd = state_dicts(self.raw, self.optimizer)
         save_state(self.out, done, self.d, model_sd, optim_sd, meta, self.cfg.keep_last)
@@ -403,6 +421,8 @@ class Pretraining:
     def finish(self, stats: FitStats) -> dict[str, Any]:
         """The final evaluation (non-overlapping windows over the val split), the loss plot and the summary."""
         cfg, d, out = self.cfg, self.d, self.out
+        if self.saver is not None:
+            self.saver.finish()  # (an async write of the last checkpoint, committed)
         steady = stats.work_steps * self.tokens_per_step / max(stats.work_seconds, 1e-9) if stats.work_steps else None
         final_val = self.mean_loss(self.val_windows.sequential(cfg.batch_size * 4, cfg.final_eval_tokens))
         best = out / "checkpoints" / f"step-{self.best_step:07d}" if self.best_step is not None else None
@@ -419,6 +439,7 @@ class Pretraining:
             "tokens_per_second": round(steady) if steady else None,
             "world_size": d.world_size,
             "peak_memory_mib": distributed.peak_memory_mib(d),  # per rank (CPU: peak RSS, runtime included)
+            **({"tensor_memory_mib": distributed.gathered(self.tensor_memory, d)} if cfg.track_memory else {}),
             "device": str(d.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "dtype_reason": self.dtype_reason,
