@@ -294,6 +294,7 @@ def test_fsdp_plus_tensor_parallel_equals_one_process(char_data, tmp_path, model
 
 BUILD = """
 import json, sys, torch
+from pathlib import Path
 from gptlab.config import preset
 from gptlab.model import GPT
 from gptlab.tp_form import fuse_state
@@ -315,7 +316,8 @@ with distributed.session("cpu", tp=int(sys.argv[2])) as d:
         ref = GPT(cfg).state_dict()
         same = ref.keys() == whole.keys() and all(torch.equal(ref[k], whole[k]) for k in ref)
     mib = sum(v.numel() * v.element_size() for v in whole.values()) / 2**20
-    print(json.dumps({"rank": d.rank, "grew_mib": grew, "model_mib": mib, "same": same}))
+    row = {"rank": d.rank, "grew_mib": grew, "model_mib": mib, "same": same}
+    (Path(sys.argv[3]) / f"rank{d.rank}.json").write_text(json.dumps(row))  # (printed lines can interleave)
 """
 
 
@@ -327,10 +329,10 @@ def test_a_model_is_built_sharded_without_ever_being_whole(tmp_path, parallel, t
     script = tmp_path / "build.py"
     script.write_text(BUILD)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-                        str(script), parallel, str(tp)], env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=REPO,
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+                        str(script), parallel, str(tp), str(tmp_path)], env={**ENV, "OMP_NUM_THREADS": "1"},
+                       cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(4)]
     assert len(rows) == 4 and next(x for x in rows if x["rank"] == 0)["same"] is True
     for x in rows:  # 289 MiB of weights: a quarter of them is 72 MiB, the largest parameter 16 MiB
         assert x["grew_mib"] < 0.5 * x["model_mib"], rows
