@@ -136,6 +136,11 @@ def check_weights(
         raise GptlabError(f"{where}: unexpected tensors {sorted(extra)[:3]}")
 
 
+def step_dir(run_dir: Path, step: int) -> Path:
+    """Where checkpoint ``step`` of run ``run_dir`` lives."""
+    return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -148,7 +153,7 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically and prune old ones. ``optim_state`` is a name-keyed optimizer state
     dict (``torch.distributed.checkpoint.state_dict`` layout); ``state`` is JSON-able metadata; ``extra`` tensors
     (task, reward and value heads) go to ``heads.safetensors`` beside the GPT's ``model.safetensors``."""
-    final = run_dir / "checkpoints" / f"step-{step:07d}"
+    final = step_dir(run_dir, step)
     with atomic_dir(final) as tmp:
         cfg = GPTConfig.from_dict(state["model_config"])
         tensors, groups = {}, []

@@ -13,6 +13,11 @@ import torch.nn.functional as F
 from .config import GPTConfig
 
 
+def loss_chunk_rows(padded_vocab: int) -> int:
+    """Rows of logits :class:`LinearCrossEntropy` makes at a time: at most 2**26 fp32 values (256 MB)."""
+    return max(1, 2**26 // padded_vocab)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``x @ weight.T`` against ``targets`` (-1 = ignored), computed chunk by chunk so the
     [N, vocab] logits never exist at once, with both gradients formed in the same pass (softmax minus one-hot) and

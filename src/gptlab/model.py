@@ -44,7 +44,7 @@ from .config import GPTConfig
 from .errors import GptlabError
 from .image_prefix import ImagePrefix
 from .kv_cache import KVCache, LayerCache
-from .layers import Linear, LinearCrossEntropy, apply_rotary, make_norm, rope_cos_sin, softcap
+from .layers import Linear, LinearCrossEntropy, apply_rotary, loss_chunk_rows, make_norm, rope_cos_sin, softcap
 from .moe import MoE
 
 __all__ = ["GPT", "MLP", "Block", "CausalSelfAttention", "KVCache", "LinearCrossEntropy", "MoE"]
@@ -284,7 +284,7 @@ class GPT(nn.Module):
         the routers' auxiliary losses in training."""
         x = h.reshape(-1, h.size(-1))
         if isinstance(self.lm_head, nn.Linear):
-            chunk_rows = max(1, 2**26 // self.lm_head.weight.size(0))  # <= 256 MB of fp32 logits at a time
+            chunk_rows = loss_chunk_rows(self.lm_head.weight.size(0))
             cfg = self.config
             loss = LinearCrossEntropy.apply(
                 x, self.lm_head.weight, targets.reshape(-1), cfg.vocab_size, chunk_rows, cfg.logit_softcap

@@ -35,6 +35,7 @@ import math
 from typing import Any
 
 from ..errors import GptlabError
+from ..layers import loss_chunk_rows
 from .hardware import Hardware
 from .shape import Shape, matmul_params, params
 
@@ -104,15 +105,15 @@ def activation_bytes_per_layer(
     return sbh * ((whole + split) / t if sequence_parallel else whole + split / t)
 
 
-def loss_bytes(s: Shape, seq_len: int, micro_batch: int, trainable_head: bool = True) -> float:
+def loss_bytes(s: Shape, seq_len: int, micro_batch: int) -> float:
     """Bytes the head and the cross-entropy hold at the end of the forward pass, with gptlab's fused head-and-loss
     (:class:`gptlab.layers.LinearCrossEntropy`, which forms both gradients in the forward pass and never makes the
-    whole [rows, vocab] logits): the fp32 logits of one chunk of rows (at most 2**26 values), and the fp32 gradients
-    of the head's input (rows × d_model) and, when it trains, of its weight (vocab × d_model). For GPT-2 at 4 × 256
+    whole [rows, vocab] logits): the fp32 logits of one chunk of rows (:func:`gptlab.layers.loss_chunk_rows`), and
+    the fp32 gradients of the head's input (rows × d_model) and of its weight (vocab × d_model). For GPT-2 at 4 × 256
     tokens that is 206 + 3 + 154 MB, against 604 MB for the twelve layers: not the few s·b·h the layer formula's
     authors leave out."""
     rows, V, d = seq_len * micro_batch, s.vocab_size, s.d_model
-    return 4.0 * (min(rows, max(1, 2**26 // V)) * V + rows * d + (V * d if trainable_head else 0))
+    return 4.0 * (min(rows, loss_chunk_rows(V)) * V + rows * d + V * d)
 
 
 def _mlp_width(s: Shape) -> float:

@@ -47,7 +47,7 @@ class ShardedSaver:
 
     def __init__(self, run_dir: Path, d: distributed.Dist, async_save: bool = False) -> None:
         self.run_dir, self.d, self.async_save = Path(run_dir), d, async_save
-        self.pending: tuple[Any, Path, Path, dict[str, Any], dict[str, torch.Tensor], int] | None = None
+        self.pending: tuple[Any, Path, int, dict[str, Any], dict[str, torch.Tensor], int] | None = None
         # async writes talk over a group of their own (gloo: they run on the CPU copies)
         self.group = tdist.new_group(backend="gloo") if async_save and d.enabled else None
 
@@ -57,8 +57,9 @@ class ShardedSaver:
         """Write checkpoint ``step`` (committed now, or with ``async_save`` once written: at the next call or at
         :meth:`finish`)."""
         self.finish()  # (the previous write, committed before a new one starts)
-        final = self.run_dir / "checkpoints" / f"step-{step:07d}"
-        tmp = Path(distributed.from_main(str(sibling(final, "tmp")), self.d))  # rank 0's name, on every rank
+        tmp = Path(
+            distributed.from_main(str(sibling(checkpoint.step_dir(self.run_dir, step), "tmp")), self.d)
+        )  # rank 0's name, on every rank
         if self.d.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -69,10 +70,10 @@ class ShardedSaver:
         rng = distributed.gather_rng(self.d)
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=tmp / DCP_DIR, process_group=self.group)
-            self.pending = (future, tmp, final, meta, rng, keep)
+            self.pending = (future, tmp, step, meta, rng, keep)
         else:
             dcp.save(state, checkpoint_id=tmp / DCP_DIR)
-            self.pending = (None, tmp, final, meta, rng, keep)
+            self.pending = (None, tmp, step, meta, rng, keep)
             self.finish()
 
     def finish(self) -> None:
@@ -80,7 +81,7 @@ class ShardedSaver:
         ``state.json``, fsyncs the folder and renames it into place."""
         if self.pending is None:
             return
-        future, tmp, final, meta, rng, keep = self.pending
+        future, tmp, step, meta, rng, keep = self.pending
         self.pending = None
         if future is not None:
             future.result()
@@ -92,13 +93,13 @@ class ShardedSaver:
                 meta,
                 format=checkpoint.FORMAT,
                 version=checkpoint.VERSION,
-                step=int(final.name.split("-")[1]),
+                step=step,
                 sharded={"world_size": self.d.world_size, "format": "torch.distributed.checkpoint", "tp": self.d.tp},
                 sha256={RNG_FILE: sha},
             )
             atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
             _fsync_tree(tmp)
-            replace_dir(tmp, final)  # the commit
+            replace_dir(tmp, checkpoint.step_dir(self.run_dir, step))  # the commit
             checkpoint.prune(self.run_dir, keep, state.get("best_step"))
         if self.d.enabled:
             tdist.barrier()
