@@ -70,7 +70,7 @@ def perplexity(model: GPT, data: str, max_tokens: int) -> float:
 
 def round_inputs_to_int16(model: GPT, names) -> None:
     """Round the inputs of layers ``names`` to int16 per row (scale max|x_row| / 32767), as gptlab's AVX2 kernels
-    do when they decode (up to 16 rows per call; gptlab/quant/kernels.py)."""
+    do when they decode (up to 16 rows per call; gptlab/kernels.py)."""
 
     def hook(_module, inputs):
         (x,) = inputs
@@ -173,15 +173,18 @@ def _child(*argv: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def bandwidth() -> float:
-    """Bytes per second of a large copy (read + written), best of 5."""
-    a, b = torch.empty(64 * 2**20), torch.empty(64 * 2**20)
-    best = math.inf
-    for _ in range(5):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * a.nbytes / best
+def bandwidth() -> dict[str, float]:
+    """Bytes per second of a large copy (read + written) and of a large read (a sum), best of 5 each."""
+    a, b = torch.ones(64 * 2**20), torch.ones(64 * 2**20)  # touched: untouched pages would all read the zero page
+    out = {}
+    for name, fn, nbytes in (("copy", lambda: b.copy_(a), 2 * a.nbytes), ("read", lambda: a.sum(), a.nbytes)):
+        best = math.inf
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        out[name] = nbytes / best
+    return out
 
 
 def speed(args) -> dict:
@@ -189,7 +192,7 @@ def speed(args) -> dict:
     tens of percent over minutes: interleaving exposes every configuration to the same drift); the best run counts."""
     configs: list[tuple[dict, list[str]]] = []
     for mode in args.modes.split(","):
-        for compiled in (False, True):
+        for compiled in {"eager": (False,), "compiled": (True,), "both": (False, True)}[args.steps]:
             for batch in (1, 8):
                 flags = ["--mode", mode, "--batch", str(batch), "--new", str(args.new), "--threads", str(args.threads)]
                 row = {"engine": "gptlab", "mode": mode, "compiled": compiled, "batch": batch}
@@ -220,17 +223,19 @@ def speed(args) -> dict:
                     row.setdefault("runs", []).append(round(r["tok_s"], 2))
                     r["tok_s"] = max(r["tok_s"], row.get("tok_s", 0.0))
                 row.update(r)
-    bw = bandwidth()
+    bws = bandwidth()
+    bw = max(bws.values())  # the roofline: the faster of the two (decoding only reads the weights)
     for r in rows:
         nbytes = r.get("weight_bytes") or r.get("file_bytes")
         if nbytes and "tok_s" in r:
             r["bound_tok_s"] = round(r["batch"] * bw / nbytes, 1)  # every weight read once per step
             r["of_bound"] = round(r["tok_s"] / r["bound_tok_s"], 3)
-    fp32c = {r["batch"]: r["tok_s"] for r in rows if r.get("mode") == "fp32" and r.get("compiled") and "tok_s" in r}
-    for r in rows:
-        if r.get("engine") == "gptlab" and "tok_s" in r:
-            r["vs_fp32_compiled"] = round(r["tok_s"] / fp32c[r["batch"]], 3)
-    return {"threads": args.threads, "new_tokens": args.new, "bandwidth_bytes_per_s": bw, "rows": rows}
+    fp32 = {(r["batch"], r["compiled"]): r["tok_s"] for r in rows if r.get("mode") == "fp32" and "tok_s" in r}
+    for r in rows:  # against fp32 compiled where it ran (--steps both|compiled), else fp32 eager
+        base = fp32.get((r.get("batch"), True)) or fp32.get((r.get("batch"), False))
+        if r.get("engine") == "gptlab" and "tok_s" in r and base:
+            r["vs_fp32"] = round(r["tok_s"] / base, 3)
+    return {"threads": args.threads, "new_tokens": args.new, "bandwidth_bytes_per_s": bws, "rows": rows}
 
 
 def speculative(args) -> dict:
@@ -291,6 +296,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="speed: passes over all configurations, in turn")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--steps", default="both", choices=["eager", "compiled", "both"], help="speed: gptlab's steps")
     ap.add_argument("--gguf")
     ARGS = args = ap.parse_args()
     if args.part == "one":

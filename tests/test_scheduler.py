@@ -3,6 +3,7 @@ beside it (checked against the static-batch Engine), cancellation frees rows at 
 chunked so that running streams are never stalled for more than one chunk."""
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -364,3 +365,35 @@ def test_speculative_serving_gives_the_same_greedy_tokens_batched_and_staggered(
     assert sched.spec.rounds > 0 and sum(sched.spec.accepted_at) > 0
     if draft == "self":
         assert sched.spec.acceptance_rate == 1.0
+
+
+def test_default_pool_is_sized_from_kv_bytes(lm, monkeypatch):
+    """The default rows against a hand computation: GPT-2 124M keeps 2 x 12 layers x 768 x 1,024 slots x 4 bytes =
+    72 MiB a row; a CPU server takes a quarter of the free memory, at most 4 GiB (56 rows) and 64 rows; a GPU half."""
+    from gptlab.config import preset
+    from gptlab.serve import scheduler as sched_mod
+
+    gpt2 = preset("gpt2")
+    row = 2 * 12 * 768 * 1024 * 4
+    assert sched_mod.KVCache.row_bytes(gpt2, gpt2.block_size, torch.float32) == row == 72 * 2**20
+    cases = [("cpu", 64 * 2**30, 56), ("cpu", 2 * 2**30, 7), ("cpu", 2**20, 1), ("cuda", 8 * 2**30, 56)]
+    cases += [("cuda", 80 * 2**30, 256)]
+    for kind, free, rows in cases:
+        monkeypatch.setattr(sched_mod, "available_memory", lambda device, free=free: free)
+        assert sched_mod.pool_rows(gpt2, torch.device(kind), torch.float32) == rows, (kind, free)
+    model, tok = lm  # the default Scheduler takes that many rows
+    monkeypatch.setattr(sched_mod, "available_memory", lambda device: 2**30)
+    sched = Scheduler(model, tok)
+    try:
+        expect = min(64, 2**28 // sched_mod.KVCache.row_bytes(model.config, model.config.block_size, torch.float32))
+        assert sched.max_batch == expect == sched.pool.layers[0].k.size(0) and sched.pool.nbytes <= 2**28
+    finally:
+        sched.close()
+
+
+def test_available_memory_reads_this_machine():
+    from gptlab.serve.scheduler import available_memory
+
+    free = available_memory(torch.device("cpu"))
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < free <= total

@@ -67,6 +67,11 @@ class KVCache:
         self.length = length
         self.pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad.to(device)
 
+    @staticmethod
+    def row_bytes(cfg: GPTConfig, length: int, dtype: torch.dtype) -> int:
+        """The bytes of one row of ``length`` slots: 2 x layers x kv_heads x head_dim x length x element size."""
+        return 2 * cfg.n_layer * cfg.n_kv_heads * cfg.head_dim * length * dtype.itemsize
+
     @property
     def nbytes(self) -> int:
         """2 (keys and values) x layers x batch x kv_heads x head_dim x length x bytes per element."""

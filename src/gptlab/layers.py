@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .config import GPTConfig
 
 
@@ -82,14 +83,20 @@ class Linear(nn.Linear):
     ``torch.compile`` a product with a single row (decoding one token) is written as multiply-and-sum, which
     inductor fuses into one vectorized, bandwidth-bound loop over the weight. On a 2-core AVX-512 CPU that streams
     GPT-2's matrices at ~34 GB/s where MKL's sgemv reaches ~10 GB/s (docs/generation.md). Same weights, same state
-    dict; eager mode and training use the ordinary matmul."""
+    dict. In eager inference on a CPU, a product of up to 16 rows (a decode step) takes gptlab's fp32 kernel
+    (:func:`gptlab.kernels.f32_linear`), which reads each weight row once for 8 rows at a time; training and
+    longer inputs use the ordinary matmul."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
-            y = (x.unsqueeze(-2) * self.weight).sum(-1)
-            y = y if self.bias is None else y + self.bias
+        if torch.compiler.is_compiling():
+            if x.shape[:-1].numel() == 1:
+                y = (x.unsqueeze(-2) * self.weight).sum(-1)
+                y = y if self.bias is None else y + self.bias
+            else:
+                y = super().forward(x)
         else:
-            y = super().forward(x)
+            few = kernels.f32_linear(x, self.weight, self.bias)  # eager decode steps on a CPU
+            y = super().forward(x) if few is None else few
         return with_adapter(self, x, y)
 
 

@@ -31,11 +31,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
 from ..errors import GptlabError
 from ..layers import with_adapter
 from ..lora import merged_adapters
 from ..model import GPT
-from . import kernels
 from .config import GROUP_SIZES, QuantizeConfig
 
 M = TypeVar("M", bound=nn.Module)
@@ -118,7 +118,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("zeros", torch.zeros(n, k // group_size))
         self.register_buffer("bias", torch.zeros(n) if bias else None)
         self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # int4: PyTorch's kernel layout, per device
-        self._ops: Any = None  # on an AVX2 CPU: gptlab's kernels (gptlab.quant.kernels), set by prepare()
+        self._ops: Any = None  # on an AVX2 CPU: gptlab's kernels (gptlab.kernels), set by prepare()
         self._offsets: torch.Tensor | None = None  # int4 with gptlab's kernel: zero - 8 * scale per group
         self._prepared_for: torch.device | None = None
 

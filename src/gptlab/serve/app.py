@@ -40,7 +40,7 @@ from ..files import describe_os_error
 from ..generate import Sampling
 from ..generate.constraint import Grammar, compile_constraint
 from ..tokenizer import prompt_ids
-from .config import ServeConfig
+from .config import MAX_N, ServeConfig
 from .metrics import ServeMetrics
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Common, error_body
 from .runs import add_routes as add_runs
@@ -448,7 +448,7 @@ class _Run:
         refused = body.refused()
         if refused:
             raise ApiError(400, refused[1], refused[0], "unsupported_parameter")
-        most = min(server.cfg.max_n or server.cfg.max_batch, server.cfg.max_batch)
+        most = min(server.cfg.max_n or MAX_N, sched.max_batch)
         if body.n > most:
             raise ApiError(400, f"n must be at most {most} on this server (--max-n), got {body.n}", "n")
         if len(prompts) * body.n > server.cfg.max_choices:

@@ -67,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             pool = state.scheduler.pool.nbytes / 2**30
             print(
                 f"gptlab: serving {cfg.name} at http://{host}:{port}/v1 (OpenAI-compatible; the page at "
-                f"http://{host}:{port}/; {cfg.max_batch} cache rows, {pool:.2f} GiB; Ctrl-C stops)",
+                f"http://{host}:{port}/; {state.scheduler.max_batch} cache rows, {pool:.2f} GiB; Ctrl-C stops)",
                 file=sys.stderr,
                 flush=True,
             )

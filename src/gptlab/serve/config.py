@@ -28,10 +28,16 @@ class ServeConfig(RecipeConfig):
     quantize: str | None = opt(
         None, "quantize the weights when loading: int8 per channel or int4 in groups", choices=QUANTIZE_MODES, kind=str
     )
-    max_batch: int = opt(16, "KV-cache rows: sequences decoded together", Range(1, 1024))
+    max_batch: int | None = opt(
+        None,
+        "KV-cache rows: sequences decoded together (default: sized from the model's KV bytes, a quarter of the "
+        "memory available after loading, at most 4 GiB and 64 rows on a CPU; docs/serving.md)",
+        Range(1, 1024),
+        kind=int,
+    )
     max_queue: int = opt(256, "requests that may wait for a row; more get 429", Range(0, 100_000))
     max_n: int | None = opt(
-        None, f"largest n (choices) per request, at most --max-batch (default: {MAX_N}, or --max-batch if less)",
+        None, f"largest n (choices) per request, at most --max-batch (default: {MAX_N}, or the rows if fewer)",
         Range(1, 128), kind=int,
     )  # fmt: skip
     max_choices: int = opt(
@@ -94,16 +100,13 @@ class ServeConfig(RecipeConfig):
     )
     log_level: str = opt("warning", "the server's log level", choices=LOG_LEVELS)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.max_n is None:
-            self.max_n = min(MAX_N, self.max_batch)
-
     def checks(self) -> list[tuple[bool, str]]:
-        n = self.max_n if self.max_n is not None else min(MAX_N, self.max_batch)
         return [
             (bool(self.model), "model is required: gptlab serve MODEL"),
-            (n <= self.max_batch, f"max_n {n} is more than max_batch {self.max_batch}; n choices need n rows"),
+            (
+                self.max_n is None or self.max_batch is None or self.max_n <= self.max_batch,
+                f"max_n {self.max_n} is more than max_batch {self.max_batch}; n choices need n rows",
+            ),
             (
                 all(x.partition("=")[0] and x.partition("=")[2] for x in self.lora),
                 "--lora takes NAME=PATH (e.g. --lora math=runs/grpo/adapter)",

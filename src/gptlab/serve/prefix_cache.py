@@ -54,8 +54,8 @@ class PrefixCache:
 
     @staticmethod
     def block_bytes(cfg: GPTConfig, block: int, dtype: torch.dtype) -> int:
-        """Keys and values of one block, every layer: 2 x layers x kv_heads x block x head_dim x element size."""
-        return 2 * cfg.n_layer * cfg.n_kv_heads * block * cfg.head_dim * dtype.itemsize
+        """Keys and values of one block, every layer."""
+        return KVCache.row_bytes(cfg, block, dtype)
 
     @property
     def nbytes(self) -> int:

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import secrets
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +54,41 @@ from .config import ServeConfig
 from .prefix_cache import PrefixCache
 
 MAX_LOGPROBS = 20
+POOL_GIB_CPU = 4.0  # the most a CPU server's default pool takes (vLLM's CPU backend reserves 4 GiB by default too)
+POOL_ROWS = {"cpu": 64, "other": 256}  # the most rows a default pool has, on a CPU and on an accelerator
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for a KV pool on ``device``: CUDA's free memory; on a CPU, the kernel's MemAvailable, less if the
+    process's cgroup (a container's memory limit) leaves less."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        free = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:  # cgroup v2
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def pool_rows(cfg: Any, device: torch.device, dtype: torch.dtype) -> int:
+    """The default number of KV-cache rows (``--max-batch``): what a quarter of the memory available now holds (at
+    most 4 GiB on a CPU, half of the free memory on an accelerator), one row being the keys and values of a whole
+    context, capped at 64 rows on a CPU (past that the batched step is bound by its matrix products, so more rows
+    add waiting, not throughput) and 256 elsewhere; at least one. GPT-2 124M in fp32 (72 MiB a row): 56 rows."""
+    row = KVCache.row_bytes(cfg, cfg.block_size, dtype)
+    free = available_memory(device)
+    if device.type == "cpu":
+        budget, cap = min(free / 4, POOL_GIB_CPU * 2**30), POOL_ROWS["cpu"]
+    else:
+        budget, cap = free / 2, POOL_ROWS["other"]
+    return max(1, min(cap, int(budget // row)))
 
 
 @dataclass
@@ -144,7 +181,7 @@ class Scheduler:
         self,
         model: GPT,
         tokenizer: Any,
-        max_batch: int = ServeConfig.max_batch,
+        max_batch: int | None = None,
         max_queue: int = ServeConfig.max_queue,
         prefill_chunk: int = ServeConfig.prefill_chunk,
         metrics: Any = None,
@@ -166,7 +203,9 @@ class Scheduler:
         Prompts are prefilled in blocks of ``prefix_block`` slots; ``prefix_cache_mb`` MiB keep the blocks of
         earlier prompts for reuse (0: no prefix cache). A request still generating ``max_request_seconds`` after
         its admission ends, each unfinished choice with ``finish_reason`` ``"length"`` (llama.cpp's
-        ``t_max_predict_ms`` does the same; 0: no limit)."""
+        ``t_max_predict_ms`` does the same; 0: no limit). ``max_batch`` None: :func:`pool_rows`."""
+        if max_batch is None:
+            max_batch = pool_rows(model.config, model.device, model.dtype)
         if min(max_batch, prefill_chunk, prefix_block) < 1 or min(max_queue, prefix_cache_mb) < 0:
             raise GptlabError(
                 "max_batch, prefill_chunk and prefix_block must be >= 1, max_queue and prefix_cache_mb >= 0"

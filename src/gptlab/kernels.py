@@ -1,4 +1,5 @@
-"""AVX2 kernels for int8 and int4 weight-only matrix products, faster on CPUs than PyTorch's.
+"""x86 kernels (AVX2, AVX-512, AVX-512 VNNI) for int8 and int4 weight-only matrix products, faster on CPUs than
+PyTorch's.
 
 PyTorch's ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` decode GPT-2 124M slower than fp32 on the
 CPUs measured here: 0.33-0.40x (int8) on an AVX2-only EPYC, and 0.19x (int8, 9.2 against 49.5 tok/s) and 0.08x
@@ -11,11 +12,14 @@ Each call first rounds the activation rows to int16 fixed point, one scale per r
 most half a step, 2^-16 of the row's largest value, 128 times finer than an int8 weight code and far finer than
 llama.cpp's q8_0, which rounds activations to 8 bits per block of 32. Codes are then widened to int16 and multiplied
 with ``vpmaddwd``: 16 products per instruction into int32 lanes, half the instructions per weight of widening codes
-to fp32 and using FMA (the previous version of this kernel); on AVX-512 CPUs int8 runs the same loop on 512-bit
-registers. int8 keeps one scale per output row; int4 (two codes per byte, groupwise scale and zero) scales each
+to fp32 and using FMA (the previous version of this kernel). On AVX-512 CPUs both kernels run the same loops on
+512-bit registers, and where the CPU has AVX-512 VNNI, ``vpdpwssd`` multiplies and accumulates in one instruction
+(``vpmaddwd`` + ``vpaddd`` in two); the loop is chosen per call from the CPU's features. The activations stay int16:
+VNNI's byte form (``vpdpbusd``, 4 products per lane) would need 8-bit activations, the precision llama.cpp's q8_0
+gives up. int8 keeps one scale per output row; int4 (two codes per byte, groupwise scale and zero) scales each
 group's integer sum once and adds the zero point's share from the group sums of the activations. The tests check
-both against a float64 computation of this scheme and against the hand bound of the rounding; docs/benchmarks.md has
-the perplexity through the kernels.
+every loop against a float64 computation of this scheme and against the hand bound of the rounding;
+docs/benchmarks.md has the perplexity through the kernels.
 
 The C++ source is ``kernels.cpp`` beside this file. It is compiled once per machine with the system C++ compiler
 (``$CXX``, else ``c++``), against the installed torch, into ``kernels/`` under gptlab's cache
@@ -26,8 +30,9 @@ ops are registered as ``torch.ops.gptlab.int8_mm`` and ``int4_mm`` with fake (sh
 
 :func:`load` is None (and :class:`gptlab.quant.quantize.QuantLinear` uses PyTorch's kernels) when the CPU lacks AVX2,
 off Linux, or with ``GPTLAB_KERNELS=off``; a failed build prints the compiler's error once and is also None, unless
-``GPTLAB_KERNELS=required`` (CI), where it is an error. ``GPTLAB_KERNELS=avx2`` builds the 256-bit int8 loop only, so
-that it runs, and is tested, on AVX-512 CPUs too.
+``GPTLAB_KERNELS=required`` (CI), where it is an error. ``GPTLAB_KERNELS=avx2`` builds a library that takes the
+256-bit loops only, and ``avx512`` one that takes the 512-bit loops without VNNI, so that every loop runs, and is
+tested, on the widest CPUs too.
 """
 
 from __future__ import annotations
@@ -44,14 +49,39 @@ from typing import Any
 
 import torch
 
-from ..assets import cache_dir
-from ..errors import GptlabError
+from .assets import cache_dir
+from .errors import GptlabError
 
 MAX_ROWS = 16  # batch rows the kernels serve; longer inputs (prefill) dequantize and use the BLAS GEMM
+F32_MAX_ROWS = 16  # rows the fp32 kernel serves in inference (decode steps); past that MKL's GEMM is as fast
 
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-MODES = ("auto", "off", "avx2", "required")  # GPTLAB_KERNELS
+MODES = ("auto", "off", "avx2", "avx512", "required")  # GPTLAB_KERNELS
+MAX_ISA = {"avx2": 1, "avx512": 2}  # the widest loop a build may take (kernels.cpp's Isa); others: the CPU's best
+
+
+def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``F.linear(x, weight, bias)`` by gptlab's fp32 kernel (``f32_mm``: each weight row read once for up to 8 rows,
+    at memory speed, where MKL's sgemm reads GPT-2's head at a third of it for 8 rows), for inference on up to
+    ``F32_MAX_ROWS`` rows of plain fp32 CPU tensors; None where it does not apply (gradients, autocast, other
+    devices, dtypes or tensor types, more rows, no kernels), for the caller to use ``F.linear``."""
+    rows = x.numel() // max(1, x.size(-1))
+    if (
+        rows > F32_MAX_ROWS
+        or x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or type(weight) not in (torch.Tensor, torch.nn.Parameter)
+        or not weight.is_contiguous()
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        or torch.is_autocast_enabled("cpu")
+    ):
+        return None
+    ops = load()
+    if ops is None:
+        return None
+    return ops.f32_mm(x.reshape(rows, x.size(-1)), weight, bias).view(*x.shape[:-1], weight.size(0))
 
 
 def mode() -> str:
@@ -67,35 +97,35 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
-def build_command(cxx: str, source: Path, out: Path, avx2_only: bool) -> list[str]:
+def build_command(cxx: str, source: Path, out: Path, how: str) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
     flags += [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    flags += ["-DGPTLAB_AVX2_ONLY"] if avx2_only else []
+    flags += [f"-DGPTLAB_MAX_ISA={MAX_ISA[how]}"] if how in MAX_ISA else []
     incs = [f"-I{p}" for p in include_paths()]
     libs = [f"-L{p}" for p in library_paths()] + ["-lc10", "-ltorch_cpu", "-ltorch"]
     return [cxx, *flags, *incs, str(source), "-o", str(out), *libs]
 
 
-def library_path(cxx: str, avx2_only: bool) -> Path:
+def library_path(cxx: str, how: str) -> Path:
     """Where the build of this source with these flags by this compiler, for this torch and Python, is cached."""
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    flags = " ".join(build_command(cxx, SOURCE, Path("out"), avx2_only)[1:])
+    flags = " ".join(build_command(cxx, SOURCE, Path("out"), how)[1:])
     key = hashlib.sha256(
         "\0".join([SOURCE.read_text(), flags, cxx, version, torch.__version__, sys.version]).encode()
     ).hexdigest()[:16]
     return cache_dir() / "kernels" / f"gptlab_kernels_{key}.so"
 
 
-def _build(cxx: str, target: Path, avx2_only: bool) -> None:
+def _build(cxx: str, target: Path, how: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run(build_command(cxx, SOURCE, out, avx2_only), capture_output=True, text=True)
+        done = subprocess.run(build_command(cxx, SOURCE, out, how), capture_output=True, text=True)
         if done.returncode != 0:
             raise BuildError(f"{cxx} failed (exit {done.returncode}):\n{done.stderr.strip()[-4000:]}")
         os.replace(out, target)  # atomic: a reader sees no library or a whole one
@@ -118,9 +148,9 @@ def load() -> Any:
         cxx = compiler()
         if cxx is None:
             raise BuildError("no C++ compiler (install g++, or set CXX)")
-        lib = library_path(cxx, how == "avx2")
+        lib = library_path(cxx, how)
         if not lib.exists():
-            _build(cxx, lib, how == "avx2")
+            _build(cxx, lib, how)
         torch.ops.load_library(str(lib))
     except (BuildError, OSError, RuntimeError) as e:
         if how == "required":
@@ -133,6 +163,10 @@ def load() -> Any:
 
     @torch.library.register_fake("gptlab::int8_mm")
     def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.size(0), w.size(0))
+
+    @torch.library.register_fake("gptlab::f32_mm")
+    def _f(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return x.new_empty(x.size(0), w.size(0))
 
     @torch.library.register_fake("gptlab::int4_mm")
