@@ -78,11 +78,12 @@ async def one_request(ac: httpx.AsyncClient, url: str, body: dict) -> dict:
             return {"ok": False, "status": r.status_code, "error": r.text[:200]}
         out = r.json()["usage"]["completion_tokens"]
         return {"ok": True, "ttft": None, "e2e": time.perf_counter() - t0, "tokens": out, "tpot": None, "itl": []}
-    first, times, tokens, usage = None, [], 0, None
+    first, times, tokens, usage, done = None, [], 0, None, False
     async with ac.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             return {"ok": False, "status": r.status_code, "error": (await r.aread()).decode()[:200]}
         async for line in r.aiter_lines():
+            done = done or line == "data: [DONE]"
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
@@ -96,9 +97,11 @@ async def one_request(ac: httpx.AsyncClient, url: str, body: dict) -> dict:
                     tokens += 1
     end = time.perf_counter()
     out = usage["completion_tokens"] if usage else tokens  # a text chunk per token where usage is not streamed
+    # a stream that ended with [DONE] but no text (a server may hold back tokens that are not yet whole UTF-8
+    # characters: random weights make such tokens) completed: its tokens count, it has no TTFT
     return {
-        "ok": first is not None,
-        "ttft": (first or end) - t0,
+        "ok": first is not None or (done and out > 0),
+        "ttft": None if first is None else first - t0,
         "e2e": end - t0,
         "tokens": out,
         "tpot": (end - first) / (out - 1) if first and out > 1 else None,
@@ -150,6 +153,8 @@ async def run_load(args: argparse.Namespace) -> dict:
         "max_tokens": args.max_tokens,
         "completed": len(ok),
         "failed": len(results) - len(ok),
+        "completed_without_text": sum(r["ttft"] is None for r in ok) if args.stream else 0,
+        "errors": sorted({str(r.get("error") or r.get("status")) for r in results if not r["ok"]})[:3],
         "seconds": round(wall, 3),
         "request_throughput": round(len(ok) / wall, 3),
         "output_tok_s": round(tokens / wall, 2),

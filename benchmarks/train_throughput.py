@@ -7,11 +7,16 @@ For each case, in one run on this machine:
 - ``gptlab_compile``: the same with ``--compile`` (baby only: at 124M compilation buys nothing here).
 - ``gptlab_ddp2``: the same under torchrun, two single-threaded processes, each with half the batch (same global
   batch, so the same optimization).
+- ``nanogpt`` (with ``--nanogpt DIR``, a nanoGPT checkout's ``model.py``): nanoGPT's ``GPT`` with the same config
+  (bias, dropout 0), its own ``configure_optimizers`` (weight-decay groups; its fused AdamW is CUDA-only), forward
+  with targets, backward, clip, step. nanoGPT's ``train.py`` runs CPU steps without autocast; here bf16 runs it
+  under CPU autocast, as its ``train.py`` does on a GPU.
 Throughput excludes the first step (warm-up, compilation), evaluation and checkpoint writes for every contestant.
 ``--dtype bfloat16`` runs every contestant under bf16 autocast instead (HF too), for CPUs with AVX512-BF16/AMX.
 Ends with one JSON line of all figures.
 
     python benchmarks/train_throughput.py [--cases baby,gpt2] [--steps-baby 300] [--steps-gpt2 6] [--dtype float32]
+        [--nanogpt .artifacts/nanoGPT]
 """
 
 from __future__ import annotations
@@ -63,18 +68,48 @@ def hf_tokens_per_second(preset_name: str, vocab: int, B: int, T: int, steps: in
         betas=(0.9, 0.99),
     )
     data = torch.randint(0, vocab, (steps + 1, B, T))
+    return timed_steps(lambda i: model(data[i], labels=data[i]).loss, params, opt, steps, B * T, dtype)
+
+
+def timed_steps(loss_of, params, opt, steps: int, tokens: int, dtype: str) -> float:
+    """Tokens/s over ``steps`` training steps after one warm-up step: ``loss_of(i)`` (under bf16 autocast for
+    ``dtype`` bfloat16), backward, clip at 1.0, optimizer step."""
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    t = None
+    t = 0.0
     for i in range(steps + 1):
         if i == 1:
             t = time.perf_counter()
         with amp:
-            loss = model(data[i], labels=data[i]).loss
+            loss = loss_of(i)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return steps * B * T / (time.perf_counter() - t)
+    return steps * tokens / (time.perf_counter() - t)
+
+
+def nanogpt_tokens_per_second(
+    src: str, preset_name: str, vocab: int, B: int, T: int, steps: int, threads: int, dtype: str
+) -> float:
+    import importlib.util
+
+    from gptlab.config import preset
+
+    spec = importlib.util.spec_from_file_location("nanogpt_model", Path(src) / "model.py")
+    assert spec is not None and spec.loader is not None
+    nano = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nano)
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    c = preset(preset_name)
+    cfg = nano.GPTConfig(block_size=T, vocab_size=vocab, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                         dropout=0.0, bias=True)  # fmt: skip
+    model = nano.GPT(cfg).train()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    data = torch.randint(0, vocab, (steps + 1, B, T + 1))
+    params = list(model.parameters())
+    return timed_steps(lambda i: model(data[i, :, :-1].contiguous(), data[i, :, 1:].contiguous())[1], params, opt,
+                       steps, B * T, dtype)  # fmt: skip
 
 
 def gptlab_tokens_per_second(
@@ -137,6 +172,7 @@ def main() -> None:
     ap.add_argument("--steps-baby", type=int, default=300)
     ap.add_argument("--steps-gpt2", type=int, default=6)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--nanogpt", help="a nanoGPT checkout (its model.py): the second peer")
     args = ap.parse_args()
     cores = torch.get_num_threads()
     half = max(1, cores // 2)
@@ -161,15 +197,21 @@ def main() -> None:
                 "hf": hf_tokens_per_second(preset_name, vocab, B, T, steps, cores, args.dtype),
                 "gptlab": ours("one", 1, cores, []),
             }
+            if args.nanogpt:
+                r["nanogpt"] = nanogpt_tokens_per_second(
+                    args.nanogpt, preset_name, vocab, B, T, steps, cores, args.dtype
+                )
             if try_compile:
                 r["gptlab_compile"] = ours("compile", 1, cores, ["--compile"])
             r["gptlab_ddp2"] = ours("ddp2", 2, half, [])
             contestants = [k for k in r if k.startswith("gptlab")]
             r["best"] = max(contestants, key=r.get)
             r["ratio_vs_hf"] = r[r["best"]] / r["hf"]
+            if args.nanogpt:
+                r["ratio_vs_nanogpt"] = r[r["best"]] / r["nanogpt"]
             results[case] = r
             print(
-                f"{case:5s} B={B} T={T} {args.dtype}: hf {r['hf']:,.0f} tok/s | "
+                f"{case:5s} B={B} T={T} {args.dtype}: hf {r['hf']:,.0f} tok/s | nanogpt {r.get('nanogpt', 0):,.0f} | "
                 + " | ".join(f"{k} {r[k]:,.0f} ({r[k] / r['hf']:.2f}x)" for k in contestants),
                 flush=True,
             )
