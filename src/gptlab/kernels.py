@@ -154,9 +154,12 @@ def load() -> Any:
         torch.ops.load_library(str(lib))
     except (BuildError, OSError, RuntimeError) as e:
         if how == "required":
-            raise BuildError(f"gptlab's int8/int4 kernels are required (GPTLAB_KERNELS=required) but: {e}") from None
+            raise BuildError(
+                f"gptlab's CPU kernels (int8/int4, fp32 decode steps) are required (GPTLAB_KERNELS=required) but: {e}"
+            ) from None
         print(
-            f"gptlab: warning: gptlab's int8/int4 kernels are unavailable, PyTorch's are used instead: {e}",
+            f"gptlab: warning: gptlab's CPU kernels (int8/int4, fp32 decode steps) are unavailable, PyTorch's are used "
+            f"instead: {e}",
             file=sys.stderr,
         )
         return None
