@@ -45,6 +45,7 @@ from gptlab.data.loader import TokenWindows  # noqa: E402
 from gptlab.generate.engine import Engine, Sampling  # noqa: E402
 from gptlab.loader import load_model  # noqa: E402
 from gptlab.model import GPT  # noqa: E402
+from gptlab.plan.hardware import measure_cpu  # noqa: E402
 from gptlab.quant.quantize import QuantLinear, quantize_model, sqnr_db, weight_bytes  # noqa: E402
 
 VARIANTS = {  # name: (mode, group size, excluded layers)
@@ -174,17 +175,15 @@ def _child(*argv: str) -> dict:
 
 
 def bandwidth() -> dict[str, float]:
-    """Bytes per second of a large copy (read + written) and of a large read (a sum), best of 5 each."""
+    """Bytes per second of a large copy (read + written, best of 5) and of a large read (the planner's probe,
+    :func:`gptlab.plan.hardware.measure_cpu`: a sum over 256 MB)."""
     a, b = torch.ones(64 * 2**20), torch.ones(64 * 2**20)  # touched: untouched pages would all read the zero page
-    out = {}
-    for name, fn, nbytes in (("copy", lambda: b.copy_(a), 2 * a.nbytes), ("read", lambda: a.sum(), a.nbytes)):
-        best = math.inf
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        out[name] = nbytes / best
-    return out
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return {"copy": 2 * a.nbytes / best, "read": measure_cpu().bandwidth}
 
 
 def speed(args) -> dict:

@@ -24,7 +24,7 @@ llama-cpp-python's source distribution (the version the other benchmarks use)::
     cd llama_cpp_python-0.3.36/vendor/llama.cpp
     cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \\
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON
-    cmake --build build --target llama-server -j 2      # about 25 minutes on 2 cores
+    cmake --build build --target llama-server -j 2      # about 8 minutes on 2 cores
 
 ``prefix``: the prefix cache on two workloads, GPT-2 124M (random weights) served three ways in interleaved rounds:
 with the cache (the default), ``--no-prefix-cache``, and ``--no-prefix-cache --prefix-block 512`` (prefill in
@@ -97,8 +97,8 @@ async def one_request(ac: httpx.AsyncClient, url: str, body: dict) -> dict:
                     tokens += 1
     end = time.perf_counter()
     out = usage["completion_tokens"] if usage else tokens  # a text chunk per token where usage is not streamed
-    # a stream that ended with [DONE] but no text (a server may hold back tokens that are not yet whole UTF-8
-    # characters: random weights make such tokens) completed: its tokens count, it has no TTFT
+    # a stream that ended with [DONE] and counted tokens but sent no text (a server may hold back tokens that are
+    # not yet whole UTF-8 characters) completed: its tokens count, it has no TTFT
     return {
         "ok": first is not None or (done and out > 0),
         "ttft": None if first is None else first - t0,

@@ -53,7 +53,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root`` (before a rename commits the folder)."""
     for f in root.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
@@ -141,7 +142,7 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
         tmp.mkdir()
         try:
             yield tmp
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             replace_dir(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,5 +1,6 @@
-// gptlab's int8 and int4 weight-only matrix products for x86 CPUs with AVX2 (and AVX-512BW, chosen at run time).
-// Built and loaded by gptlab/quant/kernels.py, which documents the scheme; tests/test_quant.py checks it.
+// gptlab's int8 and int4 weight-only matrix products for x86 CPUs with AVX2 (AVX-512BW and AVX-512 VNNI loops chosen
+// at run time), and an fp32 product for decode steps (AVX-512). Built and loaded by gptlab/kernels.py, which
+// documents the scheme; tests/test_quant.py checks it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -1,5 +1,5 @@
 """x86 kernels (AVX2, AVX-512, AVX-512 VNNI) for int8 and int4 weight-only matrix products, faster on CPUs than
-PyTorch's.
+PyTorch's, and an fp32 one for eager decode steps (:func:`f32_linear`, AVX-512).
 
 PyTorch's ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` decode GPT-2 124M slower than fp32 on the
 CPUs measured here: 0.33-0.40x (int8) on an AVX2-only EPYC, and 0.19x (int8, 9.2 against 49.5 tok/s) and 0.08x
@@ -25,8 +25,8 @@ The C++ source is ``kernels.cpp`` beside this file. It is compiled once per mach
 (``$CXX``, else ``c++``), against the installed torch, into ``kernels/`` under gptlab's cache
 (:func:`gptlab.assets.cache_dir`, ``$GPTLAB_CACHE``), keyed on the source, the flags, the compiler's identity, torch
 and Python; the library is written under a temporary name and renamed, so a crash leaves no half-written file. The
-ops are registered as ``torch.ops.gptlab.int8_mm`` and ``int4_mm`` with fake (shape-only) implementations, so
-``torch.compile`` calls them as opaque kernels.
+ops are registered as ``torch.ops.gptlab.int8_mm``, ``int4_mm`` and ``f32_mm`` with fake (shape-only)
+implementations, so ``torch.compile`` calls them as opaque kernels.
 
 :func:`load` is None (and :class:`gptlab.quant.quantize.QuantLinear` uses PyTorch's kernels) when the CPU lacks AVX2,
 off Linux, or with ``GPTLAB_KERNELS=off``; a failed build prints the compiler's error once and is also None, unless
@@ -137,8 +137,8 @@ class BuildError(GptlabError):
 
 @functools.cache
 def load() -> Any:
-    """``torch.ops.gptlab`` (``int8_mm``, ``int4_mm``), built on first use, or None where it does not apply
-    (module docstring)."""
+    """``torch.ops.gptlab`` (``int8_mm``, ``int4_mm``, ``f32_mm``), built on first use, or None where it does not
+    apply (module docstring)."""
     how = mode()
     if how == "off" or sys.platform != "linux":
         return None

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ..config import GPTConfig
 from ..errors import GptlabError
 from ..generate.constraint import Grammar, Matcher
 from ..generate.engine import COMPILE_OPTIONS, TextStream, bucketed, compiled_step
@@ -77,7 +78,7 @@ def available_memory(device: torch.device) -> int:
     return free
 
 
-def pool_rows(cfg: Any, device: torch.device, dtype: torch.dtype) -> int:
+def pool_rows(cfg: GPTConfig, device: torch.device, dtype: torch.dtype) -> int:
     """The default number of KV-cache rows (``--max-batch``): what a quarter of the memory available now holds (at
     most 4 GiB on a CPU, half of the free memory on an accelerator), one row being the keys and values of a whole
     context, capped at 64 rows on a CPU (past that the batched step is bound by its matrix products, so more rows

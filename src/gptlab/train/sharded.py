@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from .. import checkpoint
 from ..errors import GptlabError
-from ..files import _fsync_tree, atomic_write_text, replace_dir, sibling
+from ..files import atomic_write_text, fsync_tree, replace_dir, sibling
 from . import distributed
 
 DCP_DIR = checkpoint.DCP_DIR
@@ -98,7 +98,7 @@ class ShardedSaver:
                 sha256={RNG_FILE: sha},
             )
             atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             replace_dir(tmp, checkpoint.step_dir(self.run_dir, step))  # the commit
             checkpoint.prune(self.run_dir, keep, state.get("best_step"))
         if self.d.enabled:
