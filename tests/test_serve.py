@@ -335,8 +335,11 @@ def test_eight_streams_four_dropped_the_rest_unchanged(server, loaded):
     assert_freed_within_two_steps(server)
 
 
-def test_api_key_queue_limit_and_loading(ckpt):
-    s = Served(ckpt, "--api-key", "sekret", "--max-batch", "1", "--max-queue", "1", "--max-n", "1")
+def test_api_key_queue_limit_and_loading(tmp_path):
+    # a long context, so that the request holding the only row cannot finish while the queue is probed: it would
+    # free its row for the waiting one, and the third request would be admitted instead of refused
+    long = random_gpt2_checkpoint(tmp_path / "tiny-gpt2", 4096)
+    s = Served(long, "--api-key", "sekret", "--max-batch", "1", "--max-queue", "1", "--max-n", "1")
     try:
         with pytest.raises(openai.AuthenticationError):
             s.client(api_key="wrong").completions.create(model="tiny-gpt2", prompt="hi", max_tokens=2)
@@ -359,14 +362,15 @@ def test_api_key_queue_limit_and_loading(ckpt):
 
         async def main():
             async with httpx.AsyncClient(timeout=60, headers=auth) as ac:
-                body = {"prompt": "x", "max_tokens": 120, "stream": True}
+                body = {"prompt": "x", "max_tokens": 4000, "stream": True}  # seconds of decoding, closed below
                 running = ac.stream("POST", s.url + "/v1/completions", json=body)
                 r1 = await running.__aenter__()
-                waiting = asyncio.ensure_future(ac.post(s.url + "/v1/completions", json={**body, "stream": False}))
+                short = {**body, "max_tokens": 2, "stream": False}
+                waiting = asyncio.ensure_future(ac.post(s.url + "/v1/completions", json=short))
                 while prometheus((await ac.get(s.url + "/metrics")).text).get("gptlab_requests_waiting", 0) < 1:
                     await asyncio.sleep(0.005)
-                full = await ac.post(s.url + "/v1/completions", json={**body, "stream": False})
-                await running.__aexit__(None, None, None)
+                full = await ac.post(s.url + "/v1/completions", json=short)
+                await running.__aexit__(None, None, None)  # disconnecting cancels it: the waiting one gets the row
                 assert r1.status_code == 200
                 return full, await waiting
 
