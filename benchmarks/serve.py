@@ -136,7 +136,9 @@ async def run_load(args: argparse.Namespace) -> dict:
         arrivals.append(t)
         if args.request_rate != math.inf:
             t += rng.expovariate(args.request_rate)
-    limits = httpx.Limits(max_connections=args.max_concurrency + 8)
+    # a fresh connection per request: a kept-alive one that the server closes while idle fails the next request
+    # sent on it ("Server disconnected without sending a response"), which llama-server's did at one stream
+    limits = httpx.Limits(max_connections=args.max_concurrency + 8, max_keepalive_connections=0)
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=600, limits=limits) as ac:
         await asyncio.gather(*[client(ac, i, d) for i, d in enumerate(arrivals)])
@@ -233,7 +235,10 @@ def make_models(root: Path) -> dict[str, Path]:
     return out
 
 
-def load(url: str, model: str, concurrency: int, num: int, max_tokens: int, prompt_words: int) -> dict:
+def load(url: str, model: str, concurrency: int, num: int, max_tokens: int, prompt_words: int, seed: int) -> dict:
+    """One level of load; ``seed`` draws its prompts. Each level of a server's life draws its own, so that no
+    server answers from a prompt cache what an earlier level sent it (llama-server keeps each slot's last prompt
+    and reuses any prefix of it; gptlab's prefix cache keeps whole blocks of 128 tokens only)."""
     ns = argparse.Namespace(
         stream=True,
         url=url,
@@ -243,7 +248,7 @@ def load(url: str, model: str, concurrency: int, num: int, max_tokens: int, prom
         max_tokens=max_tokens,
         prompt_tokens=prompt_words,
         request_rate=math.inf,
-        seed=0,
+        seed=seed,
     )
     r = asyncio.run(run_load(ns))
     print(
@@ -297,9 +302,9 @@ def cmd_suite(args: argparse.Namespace) -> None:
         for name, start in contestants.items():
             srv = start()
             try:
-                load(srv.url, "gpt2", 1, 2, 8, args.prompt_words)  # warm-up
+                load(srv.url, "gpt2", 1, 2, 8, args.prompt_words, seed=1000)  # warm-up
                 for c, n in levels:
-                    r = load(srv.url, "gpt2", c, n, args.max_tokens, args.prompt_words)
+                    r = load(srv.url, "gpt2", c, n, args.max_tokens, args.prompt_words, seed=c)
                     best = results.setdefault(name, {}).get(f"c{c}")
                     r["rounds"] = [*(best or {}).get("rounds", []), r["output_tok_s"]]
                     if best is None or r["output_tok_s"] > best["output_tok_s"]:
@@ -312,8 +317,8 @@ def cmd_suite(args: argparse.Namespace) -> None:
         for key, flags in (("gptlab_baby", ()), ("gptlab_baby_one_at_a_time", ("--max-batch", "1"))):
             srv = serve_gptlab(models["baby"], "baby", env, *flags)
             try:
-                load(srv.url, "baby", 1, 2, 8, args.prompt_words)
-                results[key] = {"c32": load(srv.url, "baby", 32, args.num_32, args.max_tokens, args.prompt_words)}
+                load(srv.url, "baby", 1, 2, 8, args.prompt_words, seed=1000)
+                results[key] = {"c32": load(srv.url, "baby", 32, args.num_32, args.max_tokens, args.prompt_words, 32)}
             finally:
                 srv.stop()
     g = results["gptlab_gpt2"]

@@ -106,7 +106,9 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
         for m in (1, 2, 7, 16):
             x = torch.randn(m, k) * 3
             xh, xs = int16_rows(x)
-            got = ops.int8_mm(x, q, s).double()
+            got = ops.int8_mm(x, q, s)
+            assert torch.equal(ops.int8_mm(x[-1:], q, s), got[-1:])  # a row alone: the same bits as among others
+            got = got.double()
             torch.testing.assert_close(got, xh @ w.T, rtol=1e-5, atol=1e-4)
             bound = (xs / 2) * (q.abs().double().sum(1) * s.double())[None]  # sum_k |w_k| |x_k - x̂_k|
             assert ((got - x.double() @ w.T).abs() <= bound * 1.001 + 1e-4).all()
@@ -119,7 +121,9 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
         for m in (1, 3, 16):
             x = torch.randn(m, k)
             xh, xs = int16_rows(x)
-            got = ops.int4_mm(x, layer.qweight, layer.scales, offsets, g).double()
+            got = ops.int4_mm(x, layer.qweight, layer.scales, offsets, g)
+            assert torch.equal(ops.int4_mm(x[-1:], layer.qweight, layer.scales, offsets, g), got[-1:])
+            got = got.double()
             # the codes' part uses x̂, the offsets' part the group sums of x itself
             codes = w - offsets.double().repeat_interleave(g, 1)
             tol = 1e-4 * max(1, k / 1024)  # fp32 sums of k / g group terms
@@ -321,21 +325,24 @@ def test_saving_a_loaded_quantized_model_round_trips_in_every_format(tmp_path, m
 
 def test_the_fp32_kernel_computes_linear_for_decode_steps():
     """gptlab's fp32 kernel (eager decode steps on an AVX-512 CPU) against a float64 ``x @ w.T + b`` on every row
-    count it serves and both pairings of weight rows (even and odd N), and its guard: gradients, autocast and more
-    rows go to ``F.linear``."""
+    count it serves, both block shapes (up to 8 rows and more) and every count of weight rows a block can be left
+    with; each row's result the same bits alone as among the others (a decode step's rows are other requests); and
+    its guard: gradients, autocast and more rows go to ``F.linear``."""
     from gptlab import kernels
 
-    if kernels.load() is None:
-        pytest.skip("gptlab's kernels need an x86 CPU with AVX2 and a C++ compiler")
+    if kernels.isa() < kernels.MAX_ISA["avx512"]:
+        assert kernels.f32_linear(torch.randn(2, 16), torch.randn(3, 16), None) is None  # F.linear's, not a detour
+        pytest.skip("the fp32 kernel needs an x86 CPU with AVX-512 and a C++ compiler")
     torch.manual_seed(0)
     with torch.no_grad():
-        for m in range(1, kernels.F32_MAX_ROWS + 1):
-            for n, k in ((37, 100), (64, 768), (3, 16)):
-                x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
-                for bias in (b, None):
-                    got = kernels.f32_linear(x, w, bias)
-                    ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
-                    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+        for n, k in ((37, 100), (64, 768), (3, 16), (13, 3072)):
+            x, w, b = torch.randn(kernels.F32_MAX_ROWS, k), torch.randn(n, k), torch.randn(n)
+            for bias in (b, None):
+                ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
+                alone = torch.cat([kernels.f32_linear(x[i : i + 1], w, bias) for i in range(len(x))])
+                torch.testing.assert_close(alone.double(), ref, rtol=1e-5, atol=1e-4)
+                for m in range(1, kernels.F32_MAX_ROWS + 1):
+                    assert torch.equal(kernels.f32_linear(x[:m], w, bias), alone[:m]), (n, k, m)
         x3, w3 = torch.randn(2, 3, 64), torch.randn(5, 64)  # leading dimensions kept
         torch.testing.assert_close(kernels.f32_linear(x3, w3, None), F.linear(x3, w3), rtol=1e-5, atol=1e-4)
         assert kernels.f32_linear(torch.randn(kernels.F32_MAX_ROWS + 1, 16), torch.randn(3, 16), None) is None

@@ -11,14 +11,30 @@
 
 // Activations as int16 fixed point, one scale per row: x ~ xs[m] * xq[m, k], xs = max|x_m| / 32767. The
 // rounding error, at most xs / 2 per element, is 2^-16 of the row's largest value: 128x finer than an int8 code.
+// 8 lanes at a time (AVX2, which every CPU the kernels run on has): |x| by clearing the sign bit, and the rounding
+// of vcvtps2dq, to nearest even as lrintf in the default rounding mode, so the codes are those of the scalar loop.
 static void rows_to_int16(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs) {
+  const int64_t K8 = K / 8 * 8;
+  const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   for (int64_t m = 0; m < M; ++m) {
     const float* r = x + m * K;
+    __m256 vmax = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K8; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(r + k), nosign));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmax);
     float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(r[k]));
+    for (float v : lanes) amax = std::max(amax, v);
+    for (int64_t k = K8; k < K; ++k) amax = std::max(amax, std::fabs(r[k]));
     xs[m] = amax > 0.f ? amax / 32767.f : 1.f;
     const float inv = 1.f / xs[m];
-    for (int64_t k = 0; k < K; ++k) xq[m * K + k] = static_cast<int16_t>(std::lrintf(r[k] * inv));
+    const __m256 vinv = _mm256_set1_ps(inv);
+    int16_t* q = xq + m * K;
+    for (int64_t k = 0; k < K8; k += 8) {
+      const __m256i i32 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + k), vinv));
+      const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), i16);
+    }
+    for (int64_t k = K8; k < K; ++k) q[k] = static_cast<int16_t>(std::lrintf(r[k] * inv));
   }
 }
 
@@ -66,35 +82,47 @@ static inline void int8_dots(const int8_t* w, const int16_t* x, int64_t K, int64
 }
 
 // The same with 512-bit registers (AVX-512BW: every CPU PyTorch calls AVX512 has it), 64 columns at a time, for
-// half the instructions per weight; the flush interval stays 2048 columns (32 steps, 2 products per lane each).
+// half the instructions per weight, and W weight rows at a time sharing each activation load (R x 2 loads of
+// activations per step for all W rows; one row alone is bound by its loads, measured); the rows of the next block
+// are prefetched. One int32 chain per (weight row, activation row): it gains at most 4 * 127 * 32767 per step, so
+// the lanes go to fp32 every 2048 columns (32 steps), long before 2^31. Integer sums are exact in any order and the
+// fp32 flushes follow the same 2048 columns whatever W and R are, so a row's result does not depend on the block.
 // Defined twice by a macro: with AVX-512 VNNI, vpdpwssd multiplies the int16 pairs and adds them into the int32
 // lanes in one instruction (Intel's intrinsics guide, _mm512_dpwssd_epi32) where vpmaddwd + vpaddd take two.
 #define GPTLAB_INT8_DOTS512(NAME, TARGET, DOT)                                                                     \
-  template <int R>                                                                                                 \
+  template <int R, int W>                                                                                          \
   __attribute__((target(TARGET))) static void NAME(const int8_t* w, const int16_t* x, int64_t K, float* out) {    \
     const int64_t K64 = K / 64 * 64;                                                                               \
-    __m512 f[R];                                                                                                   \
-    __m512i a[R], b[R];                                                                                            \
-    for (int r = 0; r < R; ++r) f[r] = _mm512_setzero_ps();                                                        \
+    __m512 f[W * R];                                                                                               \
+    __m512i a[W * R];                                                                                              \
+    for (int i = 0; i < W * R; ++i) f[i] = _mm512_setzero_ps();                                                    \
     for (int64_t k0 = 0; k0 < K64; k0 += 2048) {                                                                   \
       const int64_t k1 = std::min(K64, k0 + 2048);                                                                 \
-      for (int r = 0; r < R; ++r) { a[r] = _mm512_setzero_si512(); b[r] = _mm512_setzero_si512(); }               \
+      for (int i = 0; i < W * R; ++i) a[i] = _mm512_setzero_si512();                                               \
       for (int64_t k = k0; k < k1; k += 64) {                                                                      \
-        __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));            \
-        __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32)));       \
+        __m512i x0[R], x1[R];                                                                                      \
         for (int r = 0; r < R; ++r) {                                                                              \
-          const int16_t* xr = x + r * K + k;                                                                       \
-          a[r] = DOT(a[r], w0, _mm512_loadu_si512(xr));                                                            \
-          b[r] = DOT(b[r], w1, _mm512_loadu_si512(xr + 32));                                                       \
+          x0[r] = _mm512_loadu_si512(x + r * K + k);                                                               \
+          x1[r] = _mm512_loadu_si512(x + r * K + k + 32);                                                          \
+          asm("" : "+v"(x0[r]), "+v"(x1[r])); /* loaded once for the W rows, not folded into each product */      \
+        }                                                                                                          \
+        for (int v = 0; v < W; ++v) {                                                                              \
+          _mm_prefetch(reinterpret_cast<const char*>(w + (v + W) * K + k), _MM_HINT_T0);                           \
+          const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * K + k))); \
+          const __m512i w1 =                                                                                       \
+              _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * K + k + 32)));      \
+          for (int r = 0; r < R; ++r) a[v * R + r] = DOT(DOT(a[v * R + r], w0, x0[r]), w1, x1[r]);                 \
         }                                                                                                          \
       }                                                                                                            \
-      for (int r = 0; r < R; ++r) f[r] = _mm512_add_ps(f[r], _mm512_cvtepi32_ps(_mm512_add_epi32(a[r], b[r])));   \
+      for (int i = 0; i < W * R; ++i) f[i] = _mm512_add_ps(f[i], _mm512_cvtepi32_ps(a[i]));                        \
     }                                                                                                              \
-    for (int r = 0; r < R; ++r) {                                                                                  \
-      float sum = _mm512_reduce_add_ps(f[r]);                                                                      \
-      for (int64_t j = K64; j < K; ++j) sum += static_cast<float>(x[r * K + j]) * static_cast<float>(w[j]);        \
-      out[r] = sum;                                                                                                \
-    }                                                                                                              \
+    for (int v = 0; v < W; ++v)                                                                                    \
+      for (int r = 0; r < R; ++r) {                                                                                \
+        float sum = _mm512_reduce_add_ps(f[v * R + r]);                                                            \
+        for (int64_t j = K64; j < K; ++j)                                                                          \
+          sum += static_cast<float>(x[r * K + j]) * static_cast<float>(w[v * K + j]);                               \
+        out[v * R + r] = sum;                                                                                      \
+      }                                                                                                            \
   }
 
 #define GPTLAB_MADD_ADD(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
@@ -115,11 +143,20 @@ static Isa cpu_isa() {
   return isa;
 }
 
-template <int R>
-static inline void int8_dots_best(Isa isa, const int8_t* w, const int16_t* x, int64_t K, int64_t K32, float* out) {
-  if (isa == kVnni) int8_dots512_vnni<R>(w, x, K, out);
-  else if (isa == kAvx512) int8_dots512<R>(w, x, K, out);
-  else int8_dots<R>(w, x, K, K32, out);
+// One block: ws <= W weight rows against rows <= R activation rows, out[v * rows + r]. The 256-bit loop takes one
+// weight row at a time.
+template <int R, int W>
+static void int8_block(Isa isa, const int8_t* w, const int16_t* x, int64_t K, int64_t K32, int64_t ws, int64_t rows,
+                       float* out) {
+  if constexpr (W > 1) {
+    if (ws < W) return int8_block<R, W - 1>(isa, w, x, K, K32, ws, rows, out);
+  }
+  if constexpr (R > 1) {
+    if (rows < R) return int8_block<R - 1, W>(isa, w, x, K, K32, ws, rows, out);
+  }
+  if (isa == kVnni) int8_dots512_vnni<R, W>(w, x, K, out);
+  else if (isa == kAvx512) int8_dots512<R, W>(w, x, K, out);
+  else if constexpr (W == 1) int8_dots<R>(w, x, K, K32, out);
 }
 
 // out[m, n] = scales[n] * sum_k x[m, k] * w[n, k]; w int8 [N, K]. Codes widened to int16 (vpmovsxbw) and
@@ -140,20 +177,19 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const int16_t* xqp = xq.data();
   const int64_t K32 = K / 32 * 32;
   const Isa isa = cpu_isa();
+  // weight rows per block: 4 for one activation row (a decode step of one sequence), 2 for more; 1 in 256 bits
+  const int64_t BW = isa == kAvx2 ? 1 : (M == 1 ? 4 : 2);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    float d[4];
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* row = wp + n * K;
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // the row stays in L1 across the blocks of 4 activation rows
+    float d[16];
+    for (int64_t n = n0; n < n1; n += BW) {
+      const int64_t ws = std::min(BW, n1 - n);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // the rows stay in L1 across the blocks of 4 activation rows
         const int64_t R = std::min<int64_t>(4, M - m0);
-        const int16_t* xb = xqp + m0 * K;
-        switch (R) {
-          case 1: int8_dots_best<1>(isa, row, xb, K, K32, d); break;
-          case 2: int8_dots_best<2>(isa, row, xb, K, K32, d); break;
-          case 3: int8_dots_best<3>(isa, row, xb, K, K32, d); break;
-          default: int8_dots_best<4>(isa, row, xb, K, K32, d);
-        }
-        for (int64_t r = 0; r < R; ++r) op[(m0 + r) * N + n] = d[r] * xs[m0 + r] * sp[n];
+        if (BW == 4) int8_block<1, 4>(isa, wp + n * K, xqp + m0 * K, K, K32, ws, R, d);
+        else if (BW == 2) int8_block<4, 2>(isa, wp + n * K, xqp + m0 * K, K, K32, ws, R, d);
+        else int8_block<4, 1>(isa, wp + n * K, xqp + m0 * K, K, K32, ws, R, d);
+        for (int64_t v = 0; v < ws; ++v)
+          for (int64_t r = 0; r < R; ++r) op[(m0 + r) * N + n + v] = d[v * R + r] * xs[m0 + r] * sp[n + v];
       }
     }
   });
@@ -186,75 +222,113 @@ static inline void int4_dots(const uint8_t* w, const int16_t* xe, const int16_t*
   for (int r = 0; r < R; ++r) out[r] = hsum(f[r]);
 }
 
-// The same with 512-bit registers, 64 columns (32 bytes) a step, plain (vpmaddwd + vpaddd) or with VNNI (vpdpwssd).
+// The same with 512-bit registers, 64 columns (32 bytes) a step, plain (vpmaddwd + vpaddd) or with VNNI (vpdpwssd),
+// for W weight rows at a time sharing each activation load, the next block's rows prefetched (as int8's loop).
 // Groups of 64 columns or more (gb a multiple of 32 bytes) sum whole steps and are scaled once; groups of 32 (gb 16)
 // fill half a step each, so a step holds two groups, whose int32 lanes (the low and high 8) are scaled by a vector
 // of the two scales; an odd last group is a half step, its upper bytes masked off. Other group sizes take the
-// 256-bit loop.
-#define GPTLAB_INT4_STEP(DOT, B, J, M)                                                                             \
+// 256-bit loop. One int32 chain per (weight row, activation row) and group: exact in any order, so a row's result
+// does not depend on the block.
+#define GPTLAB_INT4_STEP(DOT, BV, J, M)                                                                            \
   do {                                                                                                             \
-    const __m512i b_ = (B), hi_ = _mm512_srli_epi16(b_, 4), lo_ = _mm512_and_si512(b_, low4);                      \
+    __m512i e_[R], o_[R];                                                                                          \
     for (int r = 0; r < R; ++r) {                                                                                  \
-      const __m512i e = _mm512_maskz_loadu_epi16(M, xe + r * H + (J));                                            \
-      const __m512i o = _mm512_maskz_loadu_epi16(M, xo + r * H + (J));                                            \
-      a[r] = DOT(a[r], hi_, e); /* the even and the odd columns in chains of their own: DOT's latency hides */    \
-      c[r] = DOT(c[r], lo_, o);                                                                                    \
+      e_[r] = _mm512_maskz_loadu_epi16(M, xe + r * H + (J));                                                      \
+      o_[r] = _mm512_maskz_loadu_epi16(M, xo + r * H + (J));                                                      \
+      asm("" : "+v"(e_[r]), "+v"(o_[r])); /* loaded once for the W rows */                                         \
+    }                                                                                                              \
+    for (int v = 0; v < W; ++v) {                                                                                  \
+      _mm_prefetch(reinterpret_cast<const char*>(w + (v + W) * H + (J)), _MM_HINT_T0);                             \
+      const __m512i b_ = (BV), hi_ = _mm512_srli_epi16(b_, 4), lo_ = _mm512_and_si512(b_, low4);                  \
+      for (int r = 0; r < R; ++r) a[v * R + r] = DOT(DOT(a[v * R + r], hi_, e_[r]), lo_, o_[r]);                   \
     }                                                                                                              \
   } while (0)
-#define GPTLAB_INT4_FLUSH(S)                                                                                       \
+#define GPTLAB_INT4_FLUSH(SV)                                                                                      \
   do {                                                                                                             \
-    const __m512 s_ = (S);                                                                                         \
-    for (int r = 0; r < R; ++r) {                                                                                  \
-      f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[r], c[r])), s_, f[r]);                         \
-      a[r] = c[r] = _mm512_setzero_si512();                                                                        \
+    for (int v = 0; v < W; ++v) {                                                                                  \
+      const __m512 s_ = (SV);                                                                                      \
+      for (int r = 0; r < R; ++r) {                                                                                \
+        f[v * R + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[v * R + r]), s_, f[v * R + r]);                       \
+        a[v * R + r] = _mm512_setzero_si512();                                                                     \
+      }                                                                                                            \
     }                                                                                                              \
   } while (0)
 #define GPTLAB_INT4_DOTS512(NAME, TARGET, DOT)                                                                     \
-  template <int R>                                                                                                 \
+  template <int R, int W>                                                                                          \
   __attribute__((target(TARGET))) static void NAME(const uint8_t* w, const int16_t* xe, const int16_t* xo,         \
                                                    int64_t H, int64_t G, int64_t gb, const float* scale,           \
                                                    float* out) {                                                   \
     const __m512i low4 = _mm512_set1_epi16(15);                                                                    \
-    __m512 f[R];                                                                                                   \
-    __m512i a[R], c[R];                                                                                            \
-    for (int r = 0; r < R; ++r) f[r] = _mm512_setzero_ps();                                                        \
-    for (int r = 0; r < R; ++r) a[r] = c[r] = _mm512_setzero_si512();                                              \
+    __m512 f[W * R];                                                                                               \
+    __m512i a[W * R];                                                                                              \
+    for (int i = 0; i < W * R; ++i) f[i] = _mm512_setzero_ps();                                                    \
+    for (int i = 0; i < W * R; ++i) a[i] = _mm512_setzero_si512();                                                 \
     if (gb % 32 == 0) {                                                                                            \
       for (int64_t gi = 0; gi < G; ++gi) {                                                                         \
         for (int64_t j = gi * gb; j < (gi + 1) * gb; j += 32)                                                      \
-          GPTLAB_INT4_STEP(DOT, _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j))),  \
+          GPTLAB_INT4_STEP(DOT,                                                                                    \
+                           _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * H + j))), \
                            j, ~0u);                                                                                \
-        GPTLAB_INT4_FLUSH(_mm512_set1_ps(scale[gi]));                                                              \
+        GPTLAB_INT4_FLUSH(_mm512_set1_ps(scale[v * G + gi]));                                                      \
       }                                                                                                            \
     } else { /* gb == 16 */                                                                                        \
       int64_t gi = 0;                                                                                              \
       for (; gi + 1 < G; gi += 2) {                                                                                \
-        const __m256i two = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + gi * 16));                     \
-        GPTLAB_INT4_STEP(DOT, _mm512_cvtepu8_epi16(two), gi * 16, ~0u);                                            \
-        const __m512d lo = _mm512_castps_pd(_mm512_set1_ps(scale[gi]));                                           \
-        const __m256d hi = _mm256_castps_pd(_mm256_set1_ps(scale[gi + 1]));                                       \
-        GPTLAB_INT4_FLUSH(_mm512_castpd_ps(_mm512_insertf64x4(lo, hi, 1)));                                        \
+        GPTLAB_INT4_STEP(DOT,                                                                                      \
+                         _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * H + gi * 16))), \
+                         gi * 16, ~0u);                                                                            \
+        GPTLAB_INT4_FLUSH(_mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(scale[v * G + gi])), \
+                                                              _mm256_castps_pd(_mm256_set1_ps(scale[v * G + gi + 1])), 1))); \
       }                                                                                                            \
       if (gi < G) {                                                                                                \
-        __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + gi * 16));                             \
-        GPTLAB_INT4_STEP(DOT, _mm512_cvtepu8_epi16(_mm256_inserti128_si256(_mm256_setzero_si256(), half, 0)),     \
+        GPTLAB_INT4_STEP(DOT,                                                                                      \
+                         _mm512_cvtepu8_epi16(_mm256_inserti128_si256(                                             \
+                             _mm256_setzero_si256(),                                                               \
+                             _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + v * H + gi * 16)), 0)),          \
                          gi * 16, 0xFFFFu);                                                                        \
-        GPTLAB_INT4_FLUSH(_mm512_set1_ps(scale[gi]));                                                              \
+        GPTLAB_INT4_FLUSH(_mm512_set1_ps(scale[v * G + gi]));                                                      \
       }                                                                                                            \
     }                                                                                                              \
-    for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(f[r]);                                               \
+    for (int i = 0; i < W * R; ++i) out[i] = _mm512_reduce_add_ps(f[i]);                                           \
   }
 
 GPTLAB_INT4_DOTS512(int4_dots512, "avx512f,avx512bw", GPTLAB_MADD_ADD)
 GPTLAB_INT4_DOTS512(int4_dots512_vnni, "avx512f,avx512bw,avx512vnni", _mm512_dpwssd_epi32)
 
-template <int R>
-static inline void int4_dots_best(Isa isa, const uint8_t* w, const int16_t* xe, const int16_t* xo, int64_t H,
-                                  int64_t G, int64_t gb, const float* scale, float* out) {
+// The offsets' share of an output, sum_g offset_g * (sum of x over group g): in 512-bit lanes where the block loop
+// takes them (a scalar chain of G terms per output costs int4's 8-row step as much as its codes, measured).
+static float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+__attribute__((target("avx512f"))) static float dot512(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// One block: ws <= W weight rows (their scales G apart) against rows <= R activation rows, out[v * rows + r]. The
+// 256-bit loop takes one weight row at a time.
+template <int R, int W>
+static void int4_block(Isa isa, const uint8_t* w, const int16_t* xe, const int16_t* xo, int64_t H, int64_t G,
+                       int64_t gb, const float* scale, int64_t ws, int64_t rows, float* out) {
+  if constexpr (W > 1) {
+    if (ws < W) return int4_block<R, W - 1>(isa, w, xe, xo, H, G, gb, scale, ws, rows, out);
+  }
+  if constexpr (R > 1) {
+    if (rows < R) return int4_block<R - 1, W>(isa, w, xe, xo, H, G, gb, scale, ws, rows, out);
+  }
   const bool fits = gb % 32 == 0 || gb == 16;
-  if (isa == kVnni && fits) int4_dots512_vnni<R>(w, xe, xo, H, G, gb, scale, out);
-  else if (isa == kAvx512 && fits) int4_dots512<R>(w, xe, xo, H, G, gb, scale, out);
-  else int4_dots<R>(w, xe, xo, H, G, gb, scale, out);
+  if (isa == kVnni && fits) int4_dots512_vnni<R, W>(w, xe, xo, H, G, gb, scale, out);
+  else if (isa == kAvx512 && fits) int4_dots512<R, W>(w, xe, xo, H, G, gb, scale, out);
+  else if constexpr (W == 1) int4_dots<R>(w, xe, xo, H, G, gb, scale, out);
 }
 
 // Groupwise int4, w ~ (q - 8) * scale + zero per group of g columns (gptlab.quant.quantize), packed [N, K / 2]
@@ -289,26 +363,28 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const int16_t* xop = xo.data();
   const int64_t gb = g / 2;  // bytes per group
   const Isa isa = cpu_isa();
+  // weight rows per block as int8_mm's; one at a time where the group size takes the 256-bit loop
+  const bool wide = isa != kAvx2 && (gb % 32 == 0 || gb == 16);
+  const int64_t BW = !wide ? 1 : (M == 1 ? 4 : 2);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    float d[4];
-    for (int64_t n = n0; n < n1; ++n) {
+    float d[16];
+    for (int64_t n = n0; n < n1; n += BW) {
+      const int64_t ws = std::min(BW, n1 - n);
       const uint8_t* row = wp + n * H;
       const float* sn = sp + n * G;
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t R = std::min<int64_t>(4, M - m0);
         const int16_t* e = xep + m0 * H;
         const int16_t* o = xop + m0 * H;
-        switch (R) {
-          case 1: int4_dots_best<1>(isa, row, e, o, H, G, gb, sn, d); break;
-          case 2: int4_dots_best<2>(isa, row, e, o, H, G, gb, sn, d); break;
-          case 3: int4_dots_best<3>(isa, row, e, o, H, G, gb, sn, d); break;
-          default: int4_dots_best<4>(isa, row, e, o, H, G, gb, sn, d);
-        }
-        for (int64_t r = 0; r < R; ++r) {
-          float bias = 0.f;
-          for (int64_t gi = 0; gi < G; ++gi) bias += opp[n * G + gi] * gsum[(m0 + r) * G + gi];
-          outp[(m0 + r) * N + n] = d[r] * xs[m0 + r] + bias;
-        }
+        if (BW == 4) int4_block<1, 4>(isa, row, e, o, H, G, gb, sn, ws, R, d);
+        else if (BW == 2) int4_block<4, 2>(isa, row, e, o, H, G, gb, sn, ws, R, d);
+        else int4_block<4, 1>(isa, row, e, o, H, G, gb, sn, ws, R, d);
+        for (int64_t v = 0; v < ws; ++v)
+          for (int64_t r = 0; r < R; ++r) {
+            const float bias = wide ? dot512(opp + (n + v) * G, gsum.data() + (m0 + r) * G, G)
+                                    : dot(opp + (n + v) * G, gsum.data() + (m0 + r) * G, G);
+            outp[(m0 + r) * N + n + v] = d[v * R + r] * xs[m0 + r] + bias;
+          }
       }
     }
   });
@@ -316,55 +392,86 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 }
 
 // fp32 products of a few rows (decode steps), out[m, n] = sum_k x[m, k] w[n, k] + bias[n], w [N, K] as nn.Linear
-// keeps it: each weight row is read once for up to 8 activation rows (their accumulators in registers, the row in
-// L1 across the blocks of 8), so a step reads the weights once, at memory speed. MKL's sgemm reads them at a third
-// of that for 1 to 16 rows on the CPUs measured (docs/benchmarks.md). AVX-512 CPUs only; others get at::linear.
-// Two weight rows (W = 2) share each load of an activation row: 2R FMAs per R + 2 loads, so the loop is bound by
-// the FMA units, not by loads (one row alone: R FMAs per R + 1 loads).
-template <int R, int W>
+// keeps it: a block of W weight rows is read once for R activation rows at a time (the W x R accumulators in
+// registers, the weight rows in L1 across the blocks of R), so a step reads the weights once, at memory speed.
+// MKL's sgemm reads them at a third of that for 1 to 16 rows on the CPUs measured (docs/benchmarks.md). AVX-512 CPUs
+// only; others get at::linear. Each k step loads W weight and R activation vectors for W x R FMAs; the two block
+// shapes are the ones measured fastest on an AMX Xeon (loads, not FMAs, bound the loop there): up to 8 rows, 2 x 8
+// with the rows after next prefetched (memory-bound: few weight streams, far ahead); more rows, 6 x 4 (compute-
+// bound: 24 FMAs per 10 loads against 16 per 10).
+//
+// Every dot product is one accumulator of 16 lanes summed in one fixed order, whatever the block it is computed in,
+// so a row's result does not depend on the other rows of the step (a request decodes the same bits alone or in a
+// busy batch; tests/test_quant.py checks it). hsum512 is that order, written out (the one GCC's
+// _mm512_reduce_add_ps uses); hsum512x16 sums 16 accumulators at once in the same order, two at a time per shuffle
+// (30 shuffles and 15 adds where 16 hsum512 take 64 and 64).
+__attribute__((target("avx512f"))) static inline float hsum512(__m512 a) {
+  const __m256 t = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));  // lanes j + j+8, then +4
+  const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));                                  // [q0 + q2, q1 + q3]
+  return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));                              // (q0 + q2) + (q1 + q3)
+}
+
+__attribute__((target("avx512f"))) static inline __m512 hsum512x16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)  // lanes j + j+8 of a[2i] | of a[2i+1]
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // then + 4: 128-bit lane L holds a[4i + L]'s four partial sums
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // [q0 + q2, q1 + q3] of a[8i + L] and of a[8i + 4 + L], interleaved
+    d[i] = _mm512_add_ps(_mm512_unpacklo_ps(c[2 * i], c[2 * i + 1]), _mm512_unpackhi_ps(c[2 * i], c[2 * i + 1]));
+  const __m512 e = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(d[0]), _mm512_castps_pd(d[1]))),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(d[0]), _mm512_castps_pd(d[1]))));
+  // lane 4L + t holds the sum of a[4t + L]: a 4 x 4 transpose puts a[i]'s in lane i
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, e);
+}
+
+// out[v * R + r] = w[v] . x[r] for the W weight rows at w and the R activation rows at x (both K apart).
+template <int R, int W, bool PREFETCH>
 __attribute__((target("avx512f"))) static void f32_dots(const float* w, const float* x, int64_t K, float* out) {
   const int64_t K16 = K / 16 * 16;
-  __m512 a[W][R];
-  for (int v = 0; v < W; ++v)
-    for (int r = 0; r < R; ++r) a[v][r] = _mm512_setzero_ps();
+  __m512 a[W * R];
+  for (int i = 0; i < W * R; ++i) a[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K16; k += 16) {
     __m512 wv[W];
     for (int v = 0; v < W; ++v) {
       wv[v] = _mm512_loadu_ps(w + v * K + k);
-      _mm_prefetch(reinterpret_cast<const char*>(w + (v + 2 * W) * K + k), _MM_HINT_T0);  // the rows after next
+      if constexpr (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(w + (v + 2 * W) * K + k), _MM_HINT_T0);
     }
     for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_loadu_ps(x + r * K + k);
-      for (int v = 0; v < W; ++v) a[v][r] = _mm512_fmadd_ps(wv[v], xv, a[v][r]);
+      __m512 xv = _mm512_loadu_ps(x + r * K + k);
+      asm("" : "+v"(xv));  // one load per activation vector: GCC would fold it into each FMA, W loads for one
+      for (int v = 0; v < W; ++v) a[v * R + r] = _mm512_fmadd_ps(wv[v], xv, a[v * R + r]);
     }
   }
+  int i = 0;
+  for (; i + 16 <= W * R; i += 16) _mm512_storeu_ps(out + i, hsum512x16(a + i));
+  for (; i < W * R; ++i) out[i] = hsum512(a[i]);
   for (int v = 0; v < W; ++v)
-    for (int r = 0; r < R; ++r) {
-      float sum = _mm512_reduce_add_ps(a[v][r]);
-      for (int64_t j = K16; j < K; ++j) sum += x[r * K + j] * w[v * K + j];
-      out[v * 8 + r] = sum;
-    }
+    for (int r = 0; r < R; ++r)
+      for (int64_t j = K16; j < K; ++j) out[v * R + r] += x[r * K + j] * w[v * K + j];
 }
 
-template <int W>
-static void f32_block(const float* row, const float* xb, int64_t K, int64_t R, float* d) {
-  switch (R) {
-    case 1: f32_dots<1, W>(row, xb, K, d); break;
-    case 2: f32_dots<2, W>(row, xb, K, d); break;
-    case 3: f32_dots<3, W>(row, xb, K, d); break;
-    case 4: f32_dots<4, W>(row, xb, K, d); break;
-    case 5: f32_dots<5, W>(row, xb, K, d); break;
-    case 6: f32_dots<6, W>(row, xb, K, d); break;
-    case 7: f32_dots<7, W>(row, xb, K, d); break;
-    default: f32_dots<8, W>(row, xb, K, d);
+// f32_dots for the block's actual rows (rows <= R) and weight rows (ws <= W): compile-time shapes, chosen at run time.
+template <int R, int W, bool PREFETCH>
+static void f32_block(const float* w, const float* x, int64_t K, int64_t ws, int64_t rows, float* out) {
+  if constexpr (W > 1) {
+    if (ws < W) return f32_block<R, W - 1, PREFETCH>(w, x, K, ws, rows, out);
   }
+  if constexpr (R > 1) {
+    if (rows < R) return f32_block<R - 1, W, PREFETCH>(w, x, K, ws, rows, out);
+  }
+  f32_dots<R, W, PREFETCH>(w, x, K, out);
 }
 
 at::Tensor f32_mm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "f32_mm: w must be float32 [N, K]");
   const int64_t K = w.size(1), N = w.size(0);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == at::kFloat, "f32_mm: x must be float32 [M, K]");
-  if (cpu_isa() < kAvx512) return at::linear(x, w, bias);
+  if (cpu_isa() < kAvx512) return at::linear(x, w, bias);  // (f32_linear does not call it there)
   auto xc = x.contiguous(); auto wc = w.contiguous();
   const int64_t M = xc.size(0);
   auto out = at::empty({M, N}, xc.options());
@@ -374,23 +481,28 @@ at::Tensor f32_mm(const at::Tensor& x, const at::Tensor& w, const std::optional<
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) { bc = bias->contiguous().to(at::kFloat); bp = bc.data_ptr<float>(); }
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    float d[16];
-    for (int64_t n = n0; n < n1; n += 2) {
-      const int64_t W = std::min<int64_t>(2, n1 - n);
-      for (int64_t m0 = 0; m0 < M; m0 += 8) {
-        const int64_t R = std::min<int64_t>(8, M - m0);
-        if (W == 2) f32_block<2>(wp + n * K, xp + m0 * K, K, R, d);
-        else f32_block<1>(wp + n * K, xp + m0 * K, K, R, d);
-        for (int64_t v = 0; v < W; ++v)
-          for (int64_t r = 0; r < R; ++r) op[(m0 + r) * N + n + v] = d[v * 8 + r] + (bp ? bp[n + v] : 0.f);
+  const bool few = M <= 8;
+  const int64_t BW = few ? 2 : 6, BR = few ? 8 : 4;  // the block: weight rows x activation rows
+  at::parallel_for(0, N, 24, [&](int64_t n0, int64_t n1) {
+    float d[32];
+    for (int64_t n = n0; n < n1; n += BW) {
+      const int64_t ws = std::min(BW, n1 - n);
+      for (int64_t m0 = 0; m0 < M; m0 += BR) {
+        const int64_t R = std::min(BR, M - m0);
+        if (few) f32_block<8, 2, true>(wp + n * K, xp + m0 * K, K, ws, R, d);
+        else f32_block<4, 6, false>(wp + n * K, xp + m0 * K, K, ws, R, d);
+        for (int64_t v = 0; v < ws; ++v)
+          for (int64_t r = 0; r < R; ++r) op[(m0 + r) * N + n + v] = d[v * R + r] + (bp ? bp[n + v] : 0.f);
       }
     }
   });
   return out;
 }
 
+static int64_t isa() { return cpu_isa(); }  // for Python: which loops run here (kernels.py's isa())
+
 TORCH_LIBRARY(gptlab, m) {
+  m.def("isa() -> int", &isa);
   m.def("int8_mm(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor w, Tensor scales, Tensor offsets, int group_size) -> Tensor");
   m.def("f32_mm(Tensor x, Tensor w, Tensor? bias) -> Tensor");

@@ -53,7 +53,7 @@ from .assets import cache_dir
 from .errors import GptlabError
 
 MAX_ROWS = 16  # batch rows the kernels serve; longer inputs (prefill) dequantize and use the BLAS GEMM
-F32_MAX_ROWS = 16  # rows the fp32 kernel serves in inference (decode steps); past that MKL's GEMM is as fast
+F32_MAX_ROWS = 64  # rows the fp32 kernel serves in inference (decode steps of a full CPU pool); past that, MKL
 
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
@@ -62,10 +62,12 @@ MAX_ISA = {"avx2": 1, "avx512": 2}  # the widest loop a build may take (kernels.
 
 
 def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """``F.linear(x, weight, bias)`` by gptlab's fp32 kernel (``f32_mm``: each weight row read once for up to 8 rows,
-    at memory speed, where MKL's sgemm reads GPT-2's head at a third of it for 8 rows), for inference on up to
-    ``F32_MAX_ROWS`` rows of plain fp32 CPU tensors; None where it does not apply (gradients, autocast, other
-    devices, dtypes or tensor types, more rows, no kernels), for the caller to use ``F.linear``."""
+    """``F.linear(x, weight, bias)`` by gptlab's fp32 kernel (``f32_mm``: each weight row read once per step, at
+    memory speed up to 8 rows, where MKL's sgemm reads GPT-2's head at a third of it; 1.2-1.4x MKL at 16-32 rows,
+    level at 64), for inference on up to ``F32_MAX_ROWS`` rows of plain fp32 CPU tensors; None where it does not
+    apply (gradients, autocast, other devices, dtypes or tensor types, more rows, no kernels), for the caller to use
+    ``F.linear``. A row's result is the same bits whatever the other rows are (a decode step's rows are other
+    requests)."""
     rows = x.numel() // max(1, x.size(-1))
     if (
         rows > F32_MAX_ROWS
@@ -78,10 +80,9 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
         or torch.is_autocast_enabled("cpu")
     ):
         return None
-    ops = load()
-    if ops is None:
+    if isa() < MAX_ISA["avx512"]:
         return None
-    return ops.f32_mm(x.reshape(rows, x.size(-1)), weight, bias).view(*x.shape[:-1], weight.size(0))
+    return load().f32_mm(x.reshape(rows, x.size(-1)), weight, bias).view(*x.shape[:-1], weight.size(0))
 
 
 def mode() -> str:
@@ -136,9 +137,17 @@ class BuildError(GptlabError):
 
 
 @functools.cache
+def isa() -> int:
+    """The widest loops the kernels take on this CPU and build (``kernels.cpp``'s ``cpu_isa``: 1 AVX2, 2 AVX-512,
+    3 AVX-512 VNNI), 0 without them."""
+    ops = load()
+    return 0 if ops is None else int(ops.isa())
+
+
+@functools.cache
 def load() -> Any:
-    """``torch.ops.gptlab`` (``int8_mm``, ``int4_mm``, ``f32_mm``), built on first use, or None where it does not
-    apply (module docstring)."""
+    """``torch.ops.gptlab`` (``int8_mm``, ``int4_mm``, ``f32_mm``, ``isa``), built on first use, or None where it
+    does not apply (module docstring)."""
     how = mode()
     if how == "off" or sys.platform != "linux":
         return None
