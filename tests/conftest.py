@@ -164,6 +164,13 @@ def torchrun(*args, nproc: int = 2, timeout: float = 600, env=None):
     )  # fmt: skip
 
 
+def why(done: subprocess.CompletedProcess) -> str:
+    """A failed command's reason for its assertion: its ``gptlab: error`` lines and exception lines first (under
+    torchrun a rank's error is far above torchrun's own summary, which fills the end), then the end of stderr."""
+    lines = [x for x in done.stderr.splitlines() if "gptlab: error" in x or re.match(r"\w*(Error|Exception)\b", x)]
+    return "\n".join(lines[:20]) + "\n...\n" + done.stderr[-3000:]
+
+
 def hf_pair(cfg: GPTConfig):
     """A random-weight HF model and a gptlab model holding the same weights.
 

@@ -19,7 +19,7 @@ import torch
 
 from gptlab import checkpoint
 
-from .conftest import ENV, REPO, losses, torchrun
+from .conftest import ENV, REPO, losses, torchrun, why
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def test_fsdp_checkpoints_are_sharded_and_reshard_from_4_ranks_to_2_and_1(char_d
               "--keep-last", "5", *COMMON]  # fmt: skip
     four = torchrun("train", "--out-dir", str(tmp_path / "four"), "--batch-size", "2", "--parallel", "fsdp", *common,
                     nproc=4, timeout=600)  # fmt: skip
-    assert four.returncode == 0, four.stderr[-3000:]
+    assert four.returncode == 0, why(four)
     ckpt = tmp_path / "four" / "checkpoints" / "step-0000003"
     state = checkpoint.read_state(ckpt)
     assert state["sharded"]["world_size"] == 4 and not (ckpt / "model.safetensors").exists()
@@ -96,7 +96,7 @@ def test_fsdp_checkpoints_are_sharded_and_reshard_from_4_ranks_to_2_and_1(char_d
         args = ["train", "--out-dir", str(run), "--batch-size", bs, "--parallel", "fsdp", "--resume", *common]
         r = torchrun(*args, nproc=n, timeout=600) if n > 1 else subprocess.run(
             [sys.executable, "-m", "gptlab", *args], env=ENV, capture_output=True, text=True)  # fmt: skip
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, why(r)
         assert "written by 4 process(es)" in r.stderr
         np.testing.assert_allclose([v for _, v in losses(run)], [v for _, v in losses(tmp_path / "four")], rtol=2e-5)
     # one process reads the sharded checkpoint directly, and convert writes the usual single-file checkpoint
@@ -113,7 +113,7 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_resumes_by_itself(char_data
     args = ["train", "--data", str(char_data), "--batch-size", "4", "--max-iters", "40", "--eval-interval", "2",
             "--checkpoint-interval", "2", *COMMON]  # fmt: skip
     full = torchrun(*args, "--out-dir", str(tmp_path / "full"), timeout=600)
-    assert full.returncode == 0, full.stderr[-3000:]
+    assert full.returncode == 0, why(full)
     job = launch(*args, "--out-dir", str(tmp_path / "killed"), extra=["--max-restarts", "1"])
     wait_for(tmp_path / "killed", 4, job)
     os.kill(worker(job, 1), signal.SIGKILL)
@@ -146,7 +146,7 @@ def test_a_hung_rank_stops_the_job_with_a_line_naming_the_rank(char_data, tmp_pa
     # and the relaunch resumes from the last committed checkpoint (wherever the run had got to)
     last = checkpoint.read_state(checkpoint.list_checkpoints(tmp_path / "run")[-1])["step"]
     r = torchrun(*[a if a != "5000" else str(last + 2) for a in args], "--resume", timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, why(r)
 
 
 def _netns_available() -> str | None:
@@ -207,7 +207,7 @@ def test_two_simulated_hosts_train_as_one_job_and_one_process_resumes_it(char_da
             "3", *COMMON]  # fmt: skip
     one = subprocess.run([sys.executable, "-m", "gptlab", *args, "--batch-size", "8", "--out-dir",
                           str(tmp_path / "one")], env=ENV, capture_output=True, text=True)  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.returncode == 0, why(one)
     jobs = [on_host(ns, dev, ip, [*args, "--batch-size", "2", "--out-dir", str(tmp_path / "hosts")])
             for ns, (dev, ip) in two_hosts.items()]  # fmt: skip
     outs = [j.communicate(timeout=600) for j in jobs]
@@ -219,7 +219,7 @@ def test_two_simulated_hosts_train_as_one_job_and_one_process_resumes_it(char_da
     more = subprocess.run([sys.executable, "-m", "gptlab", *[a if a != "6" else "8" for a in args], "--batch-size",
                            "8", "--out-dir", str(tmp_path / "hosts"), "--resume"], env=ENV, capture_output=True,
                           text=True)  # fmt: skip
-    assert more.returncode == 0, more.stderr[-3000:]
+    assert more.returncode == 0, why(more)
     assert "written by 4 process(es)" in more.stderr and [s for s, _ in losses(tmp_path / "hosts")][-1] == 8
 
 
@@ -240,7 +240,7 @@ def test_a_lost_host_fails_the_job_in_one_line_and_a_relaunch_resumes(char_data,
     ]
     last = checkpoint.read_state(checkpoint.list_checkpoints(tmp_path / "run")[-1])["step"]
     r = torchrun(*[x if x != "5000" else str(last + 2) for x in args], "--resume", nproc=2, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, why(r)
     assert "resuming from" in r.stderr
 
 
@@ -253,7 +253,7 @@ def test_fsdp_mixed_precision_and_activation_checkpointing(char_data, tmp_path):
     for name, extra in (("fp32", []), ("ac", ["--activation-checkpointing"]), ("bf16", ["--fsdp-param-dtype",
                         "bfloat16"])):  # fmt: skip
         r = torchrun(*args, *extra, "--out-dir", str(tmp_path / name), timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, why(r)
         runs[name] = [v for _, v in losses(tmp_path / name)]
     assert runs["ac"] == runs["fp32"]
     np.testing.assert_allclose(runs["bf16"], runs["fp32"], rtol=2e-2)
@@ -273,10 +273,10 @@ def test_fsdp_plus_tensor_parallel_equals_one_process(char_data, tmp_path, model
               "3", "--keep-last", "5", *COMMON, "--model", model, *sets]  # fmt: skip
     one = subprocess.run([sys.executable, "-m", "gptlab", *common, "--batch-size", "8", "--out-dir",
                           str(tmp_path / "one")], env=ENV, capture_output=True, text=True)  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.returncode == 0, why(one)
     tp = torchrun(*common, "--batch-size", "4", "--parallel", "fsdp+tp", "--tp", "2", "--out-dir",
                   str(tmp_path / "tp"), nproc=4, timeout=600)  # fmt: skip
-    assert tp.returncode == 0, tp.stderr[-3000:]
+    assert tp.returncode == 0, why(tp)
     np.testing.assert_allclose([v for _, v in losses(tmp_path / "tp")], [v for _, v in losses(tmp_path / "one")],
                                rtol=5e-5)  # fmt: skip
     a = load_model(str(tmp_path / "one"), "cpu").model.state_dict()
@@ -287,7 +287,7 @@ def test_fsdp_plus_tensor_parallel_equals_one_process(char_data, tmp_path, model
     shutil.rmtree(tmp_path / "tp" / "checkpoints" / "step-0000006")  # resume from step 3 on one TP group of 2
     again = torchrun(*common, "--batch-size", "8", "--parallel", "fsdp+tp", "--tp", "2", "--resume", "--out-dir",
                      str(tmp_path / "tp"), nproc=2, timeout=600)  # fmt: skip
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, why(again)
     np.testing.assert_allclose([v for _, v in losses(tmp_path / "tp")], [v for _, v in losses(tmp_path / "one")],
                                rtol=5e-5)  # fmt: skip
 
@@ -331,7 +331,7 @@ def test_a_model_is_built_sharded_without_ever_being_whole(tmp_path, parallel, t
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
                         str(script), parallel, str(tp), str(tmp_path)], env={**ENV, "OMP_NUM_THREADS": "1"},
                        cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, why(r)
     rows = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(4)]
     assert len(rows) == 4 and next(x for x in rows if x["rank"] == 0)["same"] is True
     for x in rows:  # 289 MiB of weights: a quarter of them is 72 MiB, the largest parameter 16 MiB
@@ -354,7 +354,7 @@ def test_the_planner_predicts_each_ranks_tensor_memory(char_data, tmp_path):
                          capture_output=True, text=True)  # fmt: skip
     two = torchrun(*args, "--parallel", "fsdp", "--out-dir", str(tmp_path / "two"), timeout=600)
     for run, dp in ((one, 1), (two, 2)):
-        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.returncode == 0, why(run)
         plan = {k: v / 2**20 for k, v in training_memory(shape, 8, 128, "adamw", "fp32", dp=dp, zero=3).items()}
         for measured in json.loads(run.stdout.strip().splitlines()[-1])["tensor_memory_mib"]:
             for part in ("weights", "optimizer", "activations", "fsdp_buffers"):
@@ -373,7 +373,7 @@ def test_async_checkpoints_commit_once_written_and_a_kill_mid_write_keeps_the_la
             "2", "--parallel", "fsdp", *COMMON, "--model", "baby"]  # fmt: skip
     for name, extra in (("sync", []), ("async", ["--async-checkpoint"])):
         r = torchrun(*args, "--max-iters", "24", *extra, "--out-dir", str(tmp_path / name), timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, why(r)
     assert losses(tmp_path / "async") == losses(tmp_path / "sync")
     a, b = (load_model(str(tmp_path / n), "cpu").model.state_dict() for n in ("async", "sync"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -394,6 +394,6 @@ def test_async_checkpoints_commit_once_written_and_a_kill_mid_write_keeps_the_la
     assert 4 <= step < 24, step
     load_model(str(last), "cpu")  # the latest committed checkpoint is whole
     r = torchrun(*args, "--max-iters", "24", "--async-checkpoint", "--resume", "--out-dir", str(run), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, why(r)
     resumed = [x for x in losses(run) if x[0] > step]
     assert resumed == [x for x in losses(tmp_path / "sync") if x[0] > step]
