@@ -41,9 +41,11 @@ def test_int8_codes_by_hand():
 def test_int4_codes_by_hand_and_the_pack_round_trip():
     w = torch.arange(32, dtype=torch.float32).reshape(1, 32) / 31  # one group of 32 from 0 to 1
     packed, scales, zeros = quantize_int4(w, 32)
-    assert scales.item() == pytest.approx(1 / 15) and zeros.item() == pytest.approx(8 / 15)
+    assert scales.dtype == zeros.dtype == torch.float16  # fp16's 11 significant bits:
+    assert scales.item() == pytest.approx(1 / 15, rel=2**-11) and zeros.item() == pytest.approx(8 / 15, rel=2**-11)
+    assert zeros.item() - 8 * scales.item() == 0  # the offset they store is the minimum, exactly here
     q = unpack_int4(packed)
-    assert q.tolist()[0] == [round(i * 15 / 31) for i in range(32)]
+    assert q.tolist()[0] == [round(i / 31 / scales.item()) for i in range(32)]
     assert int(packed[0, 0]) == (q[0, 0] << 4 | q[0, 1])  # even column in the high nibble
     every = torch.arange(16).repeat(4, 2)  # every code in every position
     assert torch.equal(unpack_int4(pack_int4(every)), every)
@@ -117,12 +119,12 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
     for n, k, g in ((100, 256, 64), (19, 96, 32), (9, 4096, 32), (7, 512, 128), (5, 192, 96)):
         layer = QuantLinear.from_weight(torch.randn(n, k), None, "int4", g)
         w = layer.dequantized().double()
-        offsets = (layer.zeros - 8 * layer.scales).contiguous()
+        offsets = layer.zeros.float() - 8 * layer.scales.float()
         for m in (1, 3, 16):
             x = torch.randn(m, k)
             xh, xs = int16_rows(x)
-            got = ops.int4_mm(x, layer.qweight, layer.scales, offsets, g)
-            assert torch.equal(ops.int4_mm(x[-1:], layer.qweight, layer.scales, offsets, g), got[-1:])
+            got = ops.int4_mm(x, layer.qweight, layer.scales, layer.zeros, g)
+            assert torch.equal(ops.int4_mm(x[-1:], layer.qweight, layer.scales, layer.zeros, g), got[-1:])
             got = got.double()
             # the codes' part uses x̂, the offsets' part the group sums of x itself
             codes = w - offsets.double().repeat_interleave(g, 1)
@@ -208,6 +210,16 @@ def test_a_saved_quantized_checkpoint_loads_everywhere_with_the_same_logits(tmp_
         assert ((got - ref).norm() / ref.norm()).item() < tol
         loss = loaded(idx, idx)[1]  # a quantized head: the unfused loss path
     assert torch.isfinite(loss)
+    if mode == "int4":  # fp16 scales and zeros, also from a checkpoint that stored them as fp32 (gptlab before)
+        assert loaded.lm_head.scales.dtype == loaded.lm_head.zeros.dtype == torch.float16
+        old = {k: v.float() if k.endswith(("scales", "zeros")) else v for k, v in model.state_dict().items()}
+        save_model_checkpoint(
+            tmp_path / "old", old, model.config, {"kind": "gpt2"}, quantization=quantization_record(mode, 64, ())
+        )
+        older, _ = load_checkpoint(tmp_path / "old")
+        assert older.lm_head.scales.dtype == torch.float16
+        with torch.no_grad():
+            assert torch.equal(older(idx)[0], got)
 
 
 def test_excluding_the_tied_head_keeps_it_float_and_tied(tmp_path):
@@ -349,3 +361,46 @@ def test_the_fp32_kernel_computes_linear_for_decode_steps():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert kernels.f32_linear(x, w, b) is None
     assert kernels.f32_linear(x, w.requires_grad_(), b) is None  # training: autograd's matmul
+
+
+def test_the_decode_attention_kernel_computes_sdpa_over_the_admitted_slots():
+    """gptlab's decode-step attention against float64 SDPA with the same boolean mask, for grouped-query and plain
+    heads, head sizes it serves (multiples of 8, a 64-channel block and a remainder), key/value views of a longer
+    cache and masks from a real KVCache (left padding, per-row slots); each row's result the same bits alone as in
+    the batch and whatever the slots past its mask hold or how many there are (a compiled step's cache is rounded
+    up, a pool's rows are other requests); and its guard: gradients, other dtypes and more queries go to SDPA."""
+    from gptlab import kernels
+    from gptlab.config import GPTConfig
+    from gptlab.kv_cache import KVCache
+
+    if not kernels.have_kernels():
+        pytest.skip("gptlab's kernels need an x86 CPU with AVX2 and a C++ compiler")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for B, H, Hkv, L, D in ((1, 12, 12, 256, 64), (3, 9, 3, 77, 64), (2, 4, 1, 5, 8), (2, 8, 2, 300, 136)):
+            q = torch.randn(B, H, 1, D)
+            kf, vf = torch.randn(B, Hkv, L + 9, D), torch.randn(B, Hkv, L + 9, D)
+            k, v = kf[:, :, :L], vf[:, :, :L]  # a view of the first L slots, as a pool's
+            mask = torch.rand(B, 1, 1, L) < 0.6
+            mask[..., L // 2] = True
+            ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
+            y = kernels.decode_attention(q, k, v, mask)
+            torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+            for b in range(B):
+                alone = kernels.decode_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], mask[b : b + 1])
+                assert torch.equal(alone, y[b : b + 1]), (B, H, L, D, b)
+            junk_k, junk_v = kf.clone(), vf.clone()  # other values in the slots the mask refuses, and 9 more of them
+            junk_k[:, :, :L][~mask[:, 0, 0, None, :, None].expand_as(k)] = 1e4
+            junk_v[:, :, L:] = float("nan")
+            longer = F.pad(mask, (0, 9))
+            assert torch.equal(kernels.decode_attention(q, junk_k, junk_v, longer), y)
+        cfg = GPTConfig(n_layer=1, n_head=4, n_embd=64, n_kv_head=2, block_size=32)
+        cache = KVCache(cfg, 3, 32, pad=torch.tensor([0, 3, 7]))
+        _, mask = cache.positions_and_mask(torch.tensor([[9], [20], [7]]))  # the last row: a padding query
+        q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 2, 32, 16), torch.randn(3, 2, 32, 16)
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(kernels.decode_attention(q, k, v, mask).double(), ref, rtol=1e-5, atol=1e-6)
+        assert kernels.decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask) is None
+        assert kernels.decode_attention(torch.randn(3, 4, 2, 16), k, v, mask.expand(3, 1, 2, 32)) is None
+        assert kernels.decode_attention(torch.randn(3, 4, 1, 12), k[..., :12], v[..., :12], mask) is None
+    assert kernels.decode_attention(q.requires_grad_(), k, v, mask) is None  # training: autograd's SDPA

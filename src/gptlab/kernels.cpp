@@ -1,6 +1,6 @@
 // gptlab's int8 and int4 weight-only matrix products for x86 CPUs with AVX2 (AVX-512BW and AVX-512 VNNI loops chosen
-// at run time), and an fp32 product for decode steps (AVX-512). Built and loaded by gptlab/kernels.py, which
-// documents the scheme; tests/test_quant.py checks it.
+// at run time), an fp32 product for decode steps (AVX-512), and a decode step's attention (AVX2). Built and loaded
+// by gptlab/kernels.py, which documents the scheme; tests/test_quant.py checks it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -200,7 +200,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 // q * x̂, scaled by the group's scale into fp32 lanes. A group's lanes gain at most 2 * 2 * 15 * 32767 per 16 bytes.
 template <int R>
 static inline void int4_dots(const uint8_t* w, const int16_t* xe, const int16_t* xo, int64_t H, int64_t G,
-                             int64_t gb, const float* scale, float* out) {
+                             int64_t gb, const uint16_t* scale, float* out) {
   const __m256i low4 = _mm256_set1_epi16(15);
   __m256 f[R];
   for (int r = 0; r < R; ++r) f[r] = _mm256_setzero_ps();
@@ -216,7 +216,7 @@ static inline void int4_dots(const uint8_t* w, const int16_t* xe, const int16_t*
         a[r] = _mm256_add_epi32(a[r], _mm256_add_epi32(_mm256_madd_epi16(hi, e), _mm256_madd_epi16(lo, o)));
       }
     }
-    const __m256 s = _mm256_set1_ps(scale[gi]);
+    const __m256 s = _mm256_set1_ps(_cvtsh_ss(scale[gi]));
     for (int r = 0; r < R; ++r) f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), s, f[r]);
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(f[r]);
@@ -256,7 +256,7 @@ static inline void int4_dots(const uint8_t* w, const int16_t* xe, const int16_t*
 #define GPTLAB_INT4_DOTS512(NAME, TARGET, DOT)                                                                     \
   template <int R, int W>                                                                                          \
   __attribute__((target(TARGET))) static void NAME(const uint8_t* w, const int16_t* xe, const int16_t* xo,         \
-                                                   int64_t H, int64_t G, int64_t gb, const float* scale,           \
+                                                   int64_t H, int64_t G, int64_t gb, const uint16_t* scale,        \
                                                    float* out) {                                                   \
     const __m512i low4 = _mm512_set1_epi16(15);                                                                    \
     __m512 f[W * R];                                                                                               \
@@ -269,7 +269,7 @@ static inline void int4_dots(const uint8_t* w, const int16_t* xe, const int16_t*
           GPTLAB_INT4_STEP(DOT,                                                                                    \
                            _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * H + j))), \
                            j, ~0u);                                                                                \
-        GPTLAB_INT4_FLUSH(_mm512_set1_ps(scale[v * G + gi]));                                                      \
+        GPTLAB_INT4_FLUSH(_mm512_set1_ps(_cvtsh_ss(scale[v * G + gi])));                                           \
       }                                                                                                            \
     } else { /* gb == 16 */                                                                                        \
       int64_t gi = 0;                                                                                              \
@@ -277,8 +277,9 @@ static inline void int4_dots(const uint8_t* w, const int16_t* xe, const int16_t*
         GPTLAB_INT4_STEP(DOT,                                                                                      \
                          _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * H + gi * 16))), \
                          gi * 16, ~0u);                                                                            \
-        GPTLAB_INT4_FLUSH(_mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(scale[v * G + gi])), \
-                                                              _mm256_castps_pd(_mm256_set1_ps(scale[v * G + gi + 1])), 1))); \
+        GPTLAB_INT4_FLUSH(_mm512_castpd_ps(_mm512_insertf64x4(                                                     \
+            _mm512_castps_pd(_mm512_set1_ps(_cvtsh_ss(scale[v * G + gi]))),                                        \
+            _mm256_castps_pd(_mm256_set1_ps(_cvtsh_ss(scale[v * G + gi + 1]))), 1)));                              \
       }                                                                                                            \
       if (gi < G) {                                                                                                \
         GPTLAB_INT4_STEP(DOT,                                                                                      \
@@ -286,7 +287,7 @@ static inline void int4_dots(const uint8_t* w, const int16_t* xe, const int16_t*
                              _mm256_setzero_si256(),                                                               \
                              _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + v * H + gi * 16)), 0)),          \
                          gi * 16, 0xFFFFu);                                                                        \
-        GPTLAB_INT4_FLUSH(_mm512_set1_ps(scale[v * G + gi]));                                                      \
+        GPTLAB_INT4_FLUSH(_mm512_set1_ps(_cvtsh_ss(scale[v * G + gi])));                                           \
       }                                                                                                            \
     }                                                                                                              \
     for (int i = 0; i < W * R; ++i) out[i] = _mm512_reduce_add_ps(f[i]);                                           \
@@ -295,30 +296,28 @@ static inline void int4_dots(const uint8_t* w, const int16_t* xe, const int16_t*
 GPTLAB_INT4_DOTS512(int4_dots512, "avx512f,avx512bw", GPTLAB_MADD_ADD)
 GPTLAB_INT4_DOTS512(int4_dots512_vnni, "avx512f,avx512bw,avx512vnni", _mm512_dpwssd_epi32)
 
-// The offsets' share of an output, sum_g offset_g * (sum of x over group g): in 512-bit lanes where the block loop
-// takes them (a scalar chain of G terms per output costs int4's 8-row step as much as its codes, measured).
-static float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-__attribute__((target("avx512f"))) static float dot512(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  if (i < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+// The offsets' share of an output, sum_g (zero_g - 8 scale_g) * (sum of x over group g), 8 groups at a time (a
+// scalar chain of G terms per output costs int4's 8-row step as much as its codes, measured). The offset of each
+// group is computed in fp32 from its fp16 scale and zero, as dequantize_int4 computes it.
+static float offsets_dot(const uint16_t* scale, const uint16_t* zero, const float* gsum, int64_t G) {
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 eight = _mm256_set1_ps(8.f);
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + g)));
+    const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero + g)));
+    acc = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, s, z), _mm256_loadu_ps(gsum + g), acc);
   }
-  return _mm512_reduce_add_ps(acc);
+  float out = hsum(acc);
+  for (; g < G; ++g) out += (_cvtsh_ss(zero[g]) - 8.f * _cvtsh_ss(scale[g])) * gsum[g];
+  return out;
 }
 
 // One block: ws <= W weight rows (their scales G apart) against rows <= R activation rows, out[v * rows + r]. The
 // 256-bit loop takes one weight row at a time.
 template <int R, int W>
 static void int4_block(Isa isa, const uint8_t* w, const int16_t* xe, const int16_t* xo, int64_t H, int64_t G,
-                       int64_t gb, const float* scale, int64_t ws, int64_t rows, float* out) {
+                       int64_t gb, const uint16_t* scale, int64_t ws, int64_t rows, float* out) {
   if constexpr (W > 1) {
     if (ws < W) return int4_block<R, W - 1>(isa, w, xe, xo, H, G, gb, scale, ws, rows, out);
   }
@@ -331,21 +330,21 @@ static void int4_block(Isa isa, const uint8_t* w, const int16_t* xe, const int16
   else if constexpr (W == 1) int4_dots<R>(w, xe, xo, H, G, gb, scale, out);
 }
 
-// Groupwise int4, w ~ (q - 8) * scale + zero per group of g columns (gptlab.quant.quantize), packed [N, K / 2]
-// with column 2j in the high nibble of byte j. sum_k x_k w_k = sum_groups (scale * sum x_k q_k + offset * sum x_k),
-// offset = zero - 8 * scale (given). 16 bytes are widened to int16 (vpmovzxbw); a shift and a mask split them into
-// the even and odd columns, each multiplied by the activations' even or odd columns (vpmaddwd).
-at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& offsets,
+// Groupwise int4, w ~ (q - 8) * scale + zero per group of g columns, scale and zero fp16 (gptlab.quant.quantize),
+// packed [N, K / 2] with column 2j in the high nibble of byte j. sum_k x_k w_k = sum_groups (scale * sum x_k q_k +
+// offset * sum x_k), offset = zero - 8 * scale. 16 bytes are widened to int16 (vpmovzxbw); a shift and a mask split
+// them into the even and odd columns, each multiplied by the activations' even or odd columns (vpmaddwd).
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
                    int64_t g) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, "int4_mm: w must be uint8 [N, K / 2]");
   const int64_t K = w.size(1) * 2, N = w.size(0);
   TORCH_CHECK(g % 32 == 0 && K % g == 0, "int4_mm: the group size must be a multiple of 32 dividing K");
   const int64_t G = K / g;
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && offsets.scalar_type() == at::kFloat &&
-              scales.size(0) == N && scales.size(1) == G && offsets.size(0) == N && offsets.size(1) == G,
-              "int4_mm: scales and offsets must be float32 [N, K / g]");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && zeros.scalar_type() == at::kHalf && scales.dim() == 2 &&
+              zeros.dim() == 2 && scales.size(0) == N && scales.size(1) == G && zeros.size(0) == N &&
+              zeros.size(1) == G, "int4_mm: scales and zeros must be float16 [N, K / g]");
   check_x(x, K);
-  auto xc = x.contiguous(); auto wc = w.contiguous(); auto sc = scales.contiguous(); auto oc = offsets.contiguous();
+  auto xc = x.contiguous(); auto wc = w.contiguous(); auto sc = scales.contiguous(); auto zc = zeros.contiguous();
   const int64_t M = xc.size(0), H = K / 2;
   auto out = at::empty({M, N}, xc.options());
   std::vector<int16_t> xq(M * K), xe(M * H), xo(M * H); std::vector<float> xs(M), gsum(M * G, 0.f);
@@ -356,8 +355,8 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) gsum[m * G + k / g] += xp[m * K + k];
   const uint8_t* wp = wc.data_ptr<uint8_t>();
-  const float* sp = sc.data_ptr<float>();
-  const float* opp = oc.data_ptr<float>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
+  const uint16_t* zp = reinterpret_cast<const uint16_t*>(zc.data_ptr<at::Half>());
   float* outp = out.data_ptr<float>();
   const int16_t* xep = xe.data();
   const int16_t* xop = xo.data();
@@ -371,7 +370,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
     for (int64_t n = n0; n < n1; n += BW) {
       const int64_t ws = std::min(BW, n1 - n);
       const uint8_t* row = wp + n * H;
-      const float* sn = sp + n * G;
+      const uint16_t* sn = sp + n * G;
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t R = std::min<int64_t>(4, M - m0);
         const int16_t* e = xep + m0 * H;
@@ -381,8 +380,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
         else int4_block<4, 1>(isa, row, e, o, H, G, gb, sn, ws, R, d);
         for (int64_t v = 0; v < ws; ++v)
           for (int64_t r = 0; r < R; ++r) {
-            const float bias = wide ? dot512(opp + (n + v) * G, gsum.data() + (m0 + r) * G, G)
-                                    : dot(opp + (n + v) * G, gsum.data() + (m0 + r) * G, G);
+            const float bias = offsets_dot(sn + v * G, zp + (n + v) * G, gsum.data() + (m0 + r) * G, G);
             outp[(m0 + r) * N + n + v] = d[v * R + r] * xs[m0 + r] + bias;
           }
       }
@@ -499,16 +497,103 @@ at::Tensor f32_mm(const at::Tensor& x, const at::Tensor& w, const std::optional<
   return out;
 }
 
+// Attention of one query per row and head (a decode step) over a KV cache, reading only the keys and values its
+// mask admits: out[b, h] = sum_l softmax_l(q[b, h] . k[b, h / group, l] * scale) v[b, h / group, l] over the slots l
+// with mask[b, l]. F.scaled_dot_product_attention reads every slot of the cache it is given, and a compiled step's
+// cache is rounded up to 256 slots (gptlab.generate.engine), a serving pool's to its longest row: on GPT-2 124M
+// that was 1.5 MB per layer per row for a 100-token context, a fifth of an int4 step (docs/benchmarks.md). One
+// (row, head) per task: two passes, the scores of the admitted slots (then their exponentials) in a buffer, then
+// the weighted sum of their values, 8 channels at a time; grouped-query heads read their group's key/value head.
+// A row's result depends only on its own query, keys, values and mask, not on the other rows or the cache length.
+static inline float dot8(const float* a, const float* b, int64_t D) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), s1);
+  }
+  if (d < D) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
+  return hsum(_mm256_add_ps(s0, s1));
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4, "decode_attention: 4-d tensors");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), L = k.size(2);
+  TORCH_CHECK(q.size(2) == 1, "decode_attention: one query per row");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "decode_attention: float32 q, k, v");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
+              "decode_attention: k and v [B, kv_heads, L, D], query heads a multiple of kv heads");
+  TORCH_CHECK(D % 8 == 0 && D <= 512, "decode_attention: head size a multiple of 8, at most 512");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(0) == B && mask.size(2) == 1 && mask.size(3) == L,
+              "decode_attention: bool mask [B, 1, 1, L]");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v contiguous in the head dimension");
+  auto qc = q.contiguous();
+  auto out = at::empty({B, H, 1, D}, qc.options());
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const bool* mp = mask.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = H / Hkv, ms0 = mask.stride(0), ms3 = mask.stride(3);
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(L);
+    std::vector<int32_t> at(L);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / H, h = t % H;
+      const float* qv = qp + t * D;
+      const float* kb = kp + b * k.stride(0) + (h / group) * k.stride(1);
+      const float* vb = vp + b * v.stride(0) + (h / group) * v.stride(1);
+      const bool* mb = mp + b * ms0;
+      int64_t n = 0;
+      float top = -INFINITY;
+      for (int64_t l = 0; l < L; ++l)
+        if (mb[l * ms3]) {
+          const float s = dot8(qv, kb + l * k.stride(2), D) * sc;
+          top = std::max(top, s);
+          p[n] = s;
+          at[n++] = static_cast<int32_t>(l);
+        }
+      float total = 0.f;
+      for (int64_t i = 0; i < n; ++i) total += (p[i] = std::exp(p[i] - top));
+      float* o = op + t * D;
+      const __m256 inv = _mm256_set1_ps(n ? 1.f / total : 0.f);
+      int64_t d0 = 0;
+      for (; d0 + 64 <= D; d0 += 64) {  // 64 channels in registers, each value row read once
+        __m256 acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; ++i) {
+          const __m256 w = _mm256_set1_ps(p[i]);
+          const float* row = vb + at[i] * v.stride(2) + d0;
+          for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * j), acc[j]);
+        }
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(o + d0 + 8 * j, _mm256_mul_ps(acc[j], inv));
+      }
+      for (; d0 < D; d0 += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; ++i)
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), _mm256_loadu_ps(vb + at[i] * v.stride(2) + d0), acc);
+        _mm256_storeu_ps(o + d0, _mm256_mul_ps(acc, inv));
+      }
+    }
+  });
+  return out;
+}
+
 static int64_t isa() { return cpu_isa(); }  // for Python: which loops run here (kernels.py's isa())
 
 TORCH_LIBRARY(gptlab, m) {
   m.def("isa() -> int", &isa);
   m.def("int8_mm(Tensor x, Tensor w, Tensor scales) -> Tensor");
-  m.def("int4_mm(Tensor x, Tensor w, Tensor scales, Tensor offsets, int group_size) -> Tensor");
+  m.def("int4_mm(Tensor x, Tensor w, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def("f32_mm(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(gptlab, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
   m.impl("f32_mm", &f32_mm);
+  m.impl("decode_attention", &decode_attention);
 }

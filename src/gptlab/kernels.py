@@ -1,12 +1,13 @@
 """x86 kernels (AVX2, AVX-512, AVX-512 VNNI) for int8 and int4 weight-only matrix products, faster on CPUs than
-PyTorch's, and an fp32 one for eager decode steps (:func:`f32_linear`, AVX-512).
+PyTorch's, an fp32 one for eager decode steps (:func:`f32_linear`, AVX-512), and the attention of a decode step
+(:func:`decode_attention`, AVX2), which reads only the cache slots its mask admits.
 
 PyTorch's ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` decode GPT-2 124M slower than fp32 on the
 CPUs measured here: 0.33-0.40x (int8) on an AVX2-only EPYC, and 0.19x (int8, 9.2 against 49.5 tok/s) and 0.08x
 (int4) on an AVX-512 (VNNI, BF16) EPYC; inductor's own int8 code is no faster (docs/benchmarks.md). Batch-1 decoding
 is a matrix-vector product bound by reading the weights, so these kernels read each weight row once per call, for up
-to 16 batch rows, and spread blocks of rows over PyTorch's intra-op threads. They need AVX2 and FMA, which every
-AVX-512 CPU also has.
+to 16 batch rows, and spread blocks of rows over PyTorch's intra-op threads. They need AVX2, FMA and F16C (int4's
+fp16 scales), which every AVX-512 CPU also has.
 
 Each call first rounds the activation rows to int16 fixed point, one scale per row (max|x| / 32767): the error is at
 most half a step, 2^-16 of the row's largest value, 128 times finer than an int8 weight code and far finer than
@@ -25,8 +26,8 @@ The C++ source is ``kernels.cpp`` beside this file. It is compiled once per mach
 (``$CXX``, else ``c++``), against the installed torch, into ``kernels/`` under gptlab's cache
 (:func:`gptlab.assets.cache_dir`, ``$GPTLAB_CACHE``), keyed on the source, the flags, the compiler's identity, torch
 and Python; the library is written under a temporary name and renamed, so a crash leaves no half-written file. The
-ops are registered as ``torch.ops.gptlab.int8_mm``, ``int4_mm`` and ``f32_mm`` with fake (shape-only)
-implementations, so ``torch.compile`` calls them as opaque kernels.
+ops are registered as ``torch.ops.gptlab.int8_mm``, ``int4_mm``, ``f32_mm`` and ``decode_attention`` with fake
+(shape-only) implementations, so ``torch.compile`` calls them as opaque kernels.
 
 :func:`load` is None (and :class:`gptlab.quant.quantize.QuantLinear` uses PyTorch's kernels) when the CPU lacks AVX2,
 off Linux, or with ``GPTLAB_KERNELS=off``; a failed build prints the compiler's error once and is also None, unless
@@ -85,6 +86,37 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return load().f32_mm(x.reshape(rows, x.size(-1)), weight, bias).view(*x.shape[:-1], weight.size(0))
 
 
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)`` for one query per row (a decode
+    step: ``q`` [B, heads, 1, head_dim], ``k`` and ``v`` [B, kv_heads, L, head_dim], ``mask`` bool [B, 1, 1, L]) by
+    gptlab's kernel (``decode_attention``), which reads only the slots the mask admits where SDPA reads all ``L``
+    (a compiled step's cache is rounded up to 256 slots, a serving pool's view to its longest row); None where it
+    does not apply (gradients, other devices or dtypes, a head size not a multiple of 8, no kernels), for the caller
+    to use SDPA. A row's result does not depend on the other rows or on ``L``."""
+    if (
+        mask is None
+        or q.size(2) != 1
+        or mask.dtype != torch.bool
+        or q.device.type != "cpu"
+        or not q.dtype == k.dtype == v.dtype == torch.float32
+        or q.size(-1) % 8
+        or q.size(-1) > 512
+        or k.stride(-1) != 1
+        or v.stride(-1) != 1
+        or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+        or not have_kernels()
+    ):
+        return None
+    return torch.ops.gptlab.decode_attention(q, k, v, mask, q.size(-1) ** -0.5)
+
+
+@torch.compiler.assume_constant_result  # (a compiled step takes the answer as a constant; load() is not traceable)
+def have_kernels() -> bool:
+    return load() is not None
+
+
 def mode() -> str:
     value = os.environ.get("GPTLAB_KERNELS", "auto")
     if os.environ.get("GPTLAB_NO_KERNELS") == "1":  # the old switch, kept
@@ -101,7 +133,7 @@ def compiler() -> str | None:
 def build_command(cxx: str, source: Path, out: Path, how: str) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
-    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
     flags += [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     flags += [f"-DGPTLAB_MAX_ISA={MAX_ISA[how]}"] if how in MAX_ISA else []
     incs = [f"-I{p}" for p in include_paths()]
@@ -146,8 +178,8 @@ def isa() -> int:
 
 @functools.cache
 def load() -> Any:
-    """``torch.ops.gptlab`` (``int8_mm``, ``int4_mm``, ``f32_mm``, ``isa``), built on first use, or None where it
-    does not apply (module docstring)."""
+    """``torch.ops.gptlab`` (``int8_mm``, ``int4_mm``, ``f32_mm``, ``decode_attention``, ``isa``), built on first
+    use, or None where it does not apply (module docstring)."""
     how = mode()
     if how == "off" or sys.platform != "linux":
         return None
@@ -182,7 +214,11 @@ def load() -> Any:
         return x.new_empty(x.size(0), w.size(0))
 
     @torch.library.register_fake("gptlab::int4_mm")
-    def _4(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, g: int) -> torch.Tensor:
+    def _4(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int) -> torch.Tensor:
         return x.new_empty(x.size(0), w.size(0))
+
+    @torch.library.register_fake("gptlab::decode_attention")
+    def _a(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        return q.new_empty(q.shape)
 
     return torch.ops.gptlab

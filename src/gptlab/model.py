@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import kernels
 from .config import GPTConfig
 from .errors import GptlabError
 from .image_prefix import ImagePrefix
@@ -87,15 +88,18 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             assert slots is not None, "a cache needs the slots to fill"
             k, v = cache.update(slots, k, v)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )
+        # a decode step on a CPU: gptlab's kernel reads only the cache slots the mask admits (None: SDPA)
+        y = kernels.decode_attention(q, k, v, mask) if cache is not None else None
+        if y is None:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 

@@ -10,10 +10,12 @@ GEMM on the dequantized weight.
   [-127, 127]. Matmul: PyTorch's ``_weight_int8pack_mm`` on the CPU (gptlab's kernel where AVX2 is); elsewhere
   ``F.linear(x, q) * scale``, which ``torch.compile`` fuses into one kernel reading int8 (gpt-fast's CUDA path).
 - **int4**: asymmetric, one scale and one offset per group of ``group_size`` input columns: ``scale = (max - min) /
-  15``, ``q = round((w - min) / scale)`` in [0, 15], and ``w ≈ (q - 8) * scale + zero`` with ``zero = min + 8 *
-  scale`` (the convention of PyTorch's int4 "tinygemm" kernels). Two codes per byte, the even column in the high
-  nibble. Matmul: ``_weight_int4pack_mm_for_cpu`` on the CPU (gptlab's kernel where AVX2 is), ``_weight_int4pack_mm`` on
-  CUDA (bf16), each from a kernel-specific layout built by :meth:`QuantLinear.prepare` when the model reaches its
+  15``, ``w ≈ (q - 8) * scale + zero`` with ``zero = min + 8 * scale`` (the convention of PyTorch's int4
+  "tinygemm" kernels), scale and zero stored in fp16 (as llama.cpp's q4_1 stores its scale and minimum: 4.5 bits
+  per weight with groups of 64, where fp32 took 5), and ``q = round((w - offset) / scale)`` in [0, 15] from the
+  stored values (``offset = zero - 8 * scale``). Two codes per byte, the even column in the high nibble. Matmul:
+  ``_weight_int4pack_mm_for_cpu`` on the CPU (gptlab's kernel where AVX2 is), ``_weight_int4pack_mm`` on CUDA
+  (bf16), each from a kernel-specific layout built by :meth:`QuantLinear.prepare` when the model reaches its
   device. Another device is refused in one line.
 
 Checkpoints store the portable form (codes, scales, zeros) in safetensors, next to a ``quantization`` record in
@@ -68,15 +70,18 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(packed uint8 [n, k / 2], scales [n, k / g], zeros [n, k / g]) with w ≈ (q - 8) * scale + zero per group."""
+    """(packed uint8 [n, k / 2], scales [n, k / g], zeros [n, k / g]) with w ≈ (q - 8) * scale + zero per group;
+    scales and zeros fp16."""
     n, k = w.shape
     if k % group_size:
         raise GptlabError(f"int4: a layer has {k} input features, not a multiple of --group-size {group_size}")
     g = w.float().reshape(n, k // group_size, group_size)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    scales = ((hi - lo) / 15).clamp(min=1e-12)
-    q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).reshape(n, k)
-    return pack_int4(q), scales, lo + 8 * scales
+    scales = ((hi - lo) / 15).clamp(min=2**-24).half()  # (2^-24: fp16's smallest step; a constant group's scale)
+    zeros = (lo + 8 * scales.float()).half()
+    offsets = zeros.float() - 8 * scales.float()  # the codes are chosen for the scale and zero stored
+    q = torch.round((g - offsets[..., None]) / scales.float()[..., None]).clamp(0, 15).reshape(n, k)
+    return pack_int4(q), scales, zeros
 
 
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -114,12 +119,11 @@ class QuantLinear(nn.Module):
             if k % group_size:
                 raise GptlabError(f"int4: {k} input features are not a multiple of --group-size {group_size}")
             self.register_buffer("qweight", torch.zeros(n, k // 2, dtype=torch.uint8))
-            self.register_buffer("scales", torch.ones(n, k // group_size))
-            self.register_buffer("zeros", torch.zeros(n, k // group_size))
+            self.register_buffer("scales", torch.ones(n, k // group_size, dtype=torch.float16))
+            self.register_buffer("zeros", torch.zeros(n, k // group_size, dtype=torch.float16))
         self.register_buffer("bias", torch.zeros(n) if bias else None)
         self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # int4: PyTorch's kernel layout, per device
         self._ops: Any = None  # on an AVX2 CPU: gptlab's kernels (gptlab.kernels), set by prepare()
-        self._offsets: torch.Tensor | None = None  # int4 with gptlab's kernel: zero - 8 * scale per group
         self._prepared_for: torch.device | None = None
 
     @classmethod
@@ -136,6 +140,15 @@ class QuantLinear(nn.Module):
             if bias is not None:
                 m.bias = bias.detach().float().clone()
         return m.to(weight.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # int4 scales and zeros are fp16 (checkpoints store floats as fp32, and those of gptlab before 2026-12 held
+        # fp32 scales and zeros: rounded here, as quantize_int4 now rounds them)
+        if self.mode == "int4":
+            for name in ("scales", "zeros"):
+                if prefix + name in state_dict:
+                    state_dict[prefix + name] = state_dict[prefix + name].half()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def dequantized(self) -> torch.Tensor:
         if self.mode == "int8":
@@ -159,13 +172,9 @@ class QuantLinear(nn.Module):
         """Get the kernels ready for the device the module is on: on an AVX2 CPU gptlab's (:mod:`.kernels`);
         otherwise, for int4, PyTorch's weight layout."""
         dev = self.qweight.device
-        self._prepared_for, self._kernel, self._offsets = dev, None, None
+        self._prepared_for, self._kernel = dev, None
         self._ops = kernels.load() if dev.type == "cpu" else None
-        if self.mode == "int8":
-            return
-        if self._ops is not None:
-            self._offsets = (self.zeros.float() - 8 * self.scales.float()).contiguous()
-        else:
+        if self.mode == "int4" and self._ops is None:
             self._kernel = self._pytorch_int4_layout()
 
     def _pytorch_int4_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +216,7 @@ class QuantLinear(nn.Module):
             elif self.mode == "int8":
                 y = self._ops.int8_mm(x2, self.qweight, self.scales.float())
             else:
-                y = self._ops.int4_mm(x2, self.qweight, self.scales.float(), self._offsets, self.group_size)
+                y = self._ops.int4_mm(x2, self.qweight, self.scales.half(), self.zeros.half(), self.group_size)
         elif self.mode == "int8":
             if x2.device.type == "cpu":
                 y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x2.dtype))
@@ -326,13 +335,18 @@ def empty_quantized(model: GPT, record: dict[str, Any]) -> GPT:
 
 def export_state(model: GPT, to: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """What to write when saving ``model`` as ``to`` ("gptlab", "hf" or "gguf"): the state dict on the CPU (floats
-    as float32) and the checkpoint's extra metadata. A quantized model keeps its codes and its quantization record
-    in a gptlab checkpoint, so it loads back quantized; a Hugging Face folder or a GGUF file gets float weights (GGUF
-    re-quantizes them with ``--gguf-type``), so there it is dequantized, with a one-line notice."""
+    as float32, int4 scales and zeros as their fp16) and the checkpoint's extra metadata. A quantized model keeps
+    its codes and its quantization record in a gptlab checkpoint, so it loads back quantized; a Hugging Face folder
+    or a GGUF file gets float weights (GGUF re-quantizes them with ``--gguf-type``), so there it is dequantized,
+    with a one-line notice."""
     record = getattr(model, "quantization", None)
     cpu = lambda t: t.detach().to("cpu", torch.float32) if t.is_floating_point() else t.detach().cpu()
     if to == "gptlab":
-        return {k: cpu(v) for k, v in model.state_dict().items()}, records(model)
+        state = {k: cpu(v) for k, v in model.state_dict().items()}
+        for n, m in model.named_modules():  # int4 scales and zeros stay fp16, as the layer holds them
+            if isinstance(m, QuantLinear) and m.mode == "int4":
+                state.update({f"{n}.{b}": getattr(m, b).detach().cpu() for b in ("scales", "zeros")})
+        return state, records(model)
     if not record:
         return merged_adapters(model, {k: cpu(v) for k, v in model.state_dict().items()}), {}
     print(
