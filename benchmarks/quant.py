@@ -8,8 +8,12 @@ mean SQNR over the quantized layers.
 ``speed``: GPT-2 124M (random weights: speed does not depend on them), batch 1 and 8, a 16-token prompt and 64 new
 tokens greedy, 2 threads, each configuration in its own process (weight bytes, peak resident memory, tok/s): gptlab
 fp32 / int8 / int4 g64, eager and compiled; llama.cpp (llama-cpp-python, same threads) on the same weights exported by
-``gptlab convert`` as f32 / q8_0 / q4_0, batch 1. Also the memory bandwidth measured here and the bound it sets,
-bytes read per token / bandwidth.
+``gptlab convert`` as f32 / q8_0 / q4_0, batch 1; with ``--llama-batched-bench PATH``, also llama.cpp's own
+``llama-batched-bench`` on those files at batch 1 and 8 (8 sequences decoded together, its tokens/s of generation;
+``--no-repack``: llama.cpp 0.3.36's repacked q8_0/q4_0 kernels segfault on batches on AMX CPUs). Build it from the
+llama.cpp source vendored in llama-cpp-python's sdist, as ``llama-server`` (``benchmarks/serve.py``), with
+``cmake --build build --target llama-batched-bench``. Also the memory bandwidth measured here and the bound it
+sets, bytes read per token / bandwidth.
 
 ``speculative``: a trained model decoding a copy-heavy prompt and prose (greedy, and sampled at temperature 1),
 plain vs each draft (``--drafts``: the n-gram lookup, the model's own int8 copy; ``--draft-model``: another model),
@@ -166,6 +170,20 @@ def _llama_one(args) -> None:
                       "file_bytes": os.path.getsize(args.gguf)}))  # fmt: skip
 
 
+def _batched_bench(args) -> None:
+    """A child process: llama.cpp's ``llama-batched-bench`` decoding ``--batch`` sequences of ``--new`` tokens after
+    16-token prompts; its generation rate (S_TG, tokens/s over all sequences)."""
+    cmd = [args.llama_batched_bench, "-m", args.gguf, "-c", str(args.batch * (16 + args.new) + 64), "-npp", "16",
+           "-ntg", str(args.new), "-npl", str(args.batch), "-t", str(args.threads), "-tb", str(args.threads),
+           "--no-repack"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode:
+        raise SystemExit(f"llama-batched-bench exited {out.returncode}: {out.stderr[-400:]}")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines() if line.startswith("|")]
+    tg = [float(r[7]) for r in rows if r[0].isdigit()]  # columns: PP TG B N_KV T_PP S_PP T_TG S_TG T S
+    print(json.dumps({"tok_s": tg[-1], "file_bytes": os.path.getsize(args.gguf)}))
+
+
 def _child(*argv: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": str(ARGS.threads)}
     r = subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True)
@@ -213,6 +231,11 @@ def speed(args) -> dict:
                 argv = ["llama", "--gguf", str(f), "--new", str(args.new), "--threads", str(args.threads)]
                 configs.append((row, argv))
                 rows.append(row)
+                for batch in (1, 8) if args.llama_batched_bench else ():
+                    row = {"engine": "llama-batched-bench", "mode": t, "compiled": None, "batch": batch}
+                    configs.append((row, ["batched", "--gguf", str(f), "--batch", str(batch), *argv[3:],
+                                          "--llama-batched-bench", args.llama_batched_bench]))  # fmt: skip
+                    rows.append(row)
         except ImportError:
             rows.append({"engine": "llama.cpp", "skipped": "llama-cpp-python is not installed"})
         for _ in range(args.repeats):
@@ -280,7 +303,7 @@ ARGS: argparse.Namespace
 def main() -> None:
     global ARGS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("part", choices=["accuracy", "speed", "speculative", "one", "llama"])
+    ap.add_argument("part", choices=["accuracy", "speed", "speculative", "one", "llama", "batched"])
     ap.add_argument("--model", action="append", default=[])
     ap.add_argument("--data", action="append", default=[])
     ap.add_argument("--draft-model")
@@ -297,11 +320,14 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--steps", default="both", choices=["eager", "compiled", "both"], help="speed: gptlab's steps")
     ap.add_argument("--gguf")
+    ap.add_argument("--llama-batched-bench", help="speed: llama.cpp's llama-batched-bench binary, a batch-8 peer")
     ARGS = args = ap.parse_args()
     if args.part == "one":
         return _one(args)
     if args.part == "llama":
         return _llama_one(args)
+    if args.part == "batched":
+        return _batched_bench(args)
     torch.set_num_threads(args.threads)
     result = {"accuracy": accuracy, "speed": speed, "speculative": speculative}[args.part](args)
     print(json.dumps({"benchmark": f"quant-{args.part}", **result}, default=float))

@@ -342,7 +342,7 @@ def test_the_fp32_kernel_computes_linear_for_decode_steps():
     its guard: gradients, autocast and more rows go to ``F.linear``."""
     from gptlab import kernels
 
-    if kernels.isa() < kernels.MAX_ISA["avx512"]:
+    if kernels.isa() < kernels.AVX512:
         assert kernels.f32_linear(torch.randn(2, 16), torch.randn(3, 16), None) is None  # F.linear's, not a detour
         pytest.skip("the fp32 kernel needs an x86 CPU with AVX-512 and a C++ compiler")
     torch.manual_seed(0)

@@ -7,6 +7,7 @@
 #include <immintrin.h>
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 // Activations as int16 fixed point, one scale per row: x ~ xs[m] * xq[m, k], xs = max|x_m| / 32767. The
@@ -143,17 +144,27 @@ static Isa cpu_isa() {
   return isa;
 }
 
-// One block: ws <= W weight rows against rows <= R activation rows, out[v * rows + r]. The 256-bit loop takes one
-// weight row at a time.
-template <int R, int W>
-static void int8_block(Isa isa, const int8_t* w, const int16_t* x, int64_t K, int64_t K32, int64_t ws, int64_t rows,
-                       float* out) {
+// A block's loops have compile-time shapes (R activation rows x W weight rows: the accumulators stay in registers);
+// a block at the edge of the matrices has fewer, ws <= W and rows <= R. block<R, W>(ws, rows, f) calls
+// f(Rows<r>, Rows<w>) with r = rows and w = ws, as compile-time constants.
+template <int N>
+using Rows = std::integral_constant<int, N>;
+
+template <int R, int W, class F>
+static void block(int64_t ws, int64_t rows, F&& f) {
   if constexpr (W > 1) {
-    if (ws < W) return int8_block<R, W - 1>(isa, w, x, K, K32, ws, rows, out);
+    if (ws < W) return block<R, W - 1>(ws, rows, f);
   }
   if constexpr (R > 1) {
-    if (rows < R) return int8_block<R - 1, W>(isa, w, x, K, K32, ws, rows, out);
+    if (rows < R) return block<R - 1, W>(ws, rows, f);
   }
+  f(Rows<R>{}, Rows<W>{});
+}
+
+// One int8 block: W weight rows against R activation rows, out[v * R + r]. The 256-bit loop takes one weight row at
+// a time.
+template <int R, int W>
+static void int8_block(Isa isa, const int8_t* w, const int16_t* x, int64_t K, int64_t K32, float* out) {
   if (isa == kVnni) int8_dots512_vnni<R, W>(w, x, K, out);
   else if (isa == kAvx512) int8_dots512<R, W>(w, x, K, out);
   else if constexpr (W == 1) int8_dots<R>(w, x, K, K32, out);
@@ -185,9 +196,10 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
       const int64_t ws = std::min(BW, n1 - n);
       for (int64_t m0 = 0; m0 < M; m0 += 4) {  // the rows stay in L1 across the blocks of 4 activation rows
         const int64_t R = std::min<int64_t>(4, M - m0);
-        if (BW == 4) int8_block<1, 4>(isa, wp + n * K, xqp + m0 * K, K, K32, ws, R, d);
-        else if (BW == 2) int8_block<4, 2>(isa, wp + n * K, xqp + m0 * K, K, K32, ws, R, d);
-        else int8_block<4, 1>(isa, wp + n * K, xqp + m0 * K, K, K32, ws, R, d);
+        auto run = [&](auto r, auto v) { int8_block<r, v>(isa, wp + n * K, xqp + m0 * K, K, K32, d); };
+        if (BW == 4) block<1, 4>(ws, R, run);
+        else if (BW == 2) block<4, 2>(ws, R, run);
+        else block<4, 1>(ws, R, run);
         for (int64_t v = 0; v < ws; ++v)
           for (int64_t r = 0; r < R; ++r) op[(m0 + r) * N + n + v] = d[v * R + r] * xs[m0 + r] * sp[n + v];
       }
@@ -313,20 +325,17 @@ static float offsets_dot(const uint16_t* scale, const uint16_t* zero, const floa
   return out;
 }
 
-// One block: ws <= W weight rows (their scales G apart) against rows <= R activation rows, out[v * rows + r]. The
-// 256-bit loop takes one weight row at a time.
+// Whether the 512-bit int4 loops take groups of gb bytes: whole 32-byte steps, or two 16-byte groups a step.
+static bool int4_wide_groups(int64_t gb) { return gb % 32 == 0 || gb == 16; }
+
+// One int4 block: W weight rows (their scales G apart) against R activation rows, out[v * R + r]. The 256-bit loop
+// takes one weight row at a time.
 template <int R, int W>
 static void int4_block(Isa isa, const uint8_t* w, const int16_t* xe, const int16_t* xo, int64_t H, int64_t G,
-                       int64_t gb, const uint16_t* scale, int64_t ws, int64_t rows, float* out) {
-  if constexpr (W > 1) {
-    if (ws < W) return int4_block<R, W - 1>(isa, w, xe, xo, H, G, gb, scale, ws, rows, out);
-  }
-  if constexpr (R > 1) {
-    if (rows < R) return int4_block<R - 1, W>(isa, w, xe, xo, H, G, gb, scale, ws, rows, out);
-  }
-  const bool fits = gb % 32 == 0 || gb == 16;
-  if (isa == kVnni && fits) int4_dots512_vnni<R, W>(w, xe, xo, H, G, gb, scale, out);
-  else if (isa == kAvx512 && fits) int4_dots512<R, W>(w, xe, xo, H, G, gb, scale, out);
+                       int64_t gb, const uint16_t* scale, float* out) {
+  const bool wide = int4_wide_groups(gb);
+  if (isa == kVnni && wide) int4_dots512_vnni<R, W>(w, xe, xo, H, G, gb, scale, out);
+  else if (isa == kAvx512 && wide) int4_dots512<R, W>(w, xe, xo, H, G, gb, scale, out);
   else if constexpr (W == 1) int4_dots<R>(w, xe, xo, H, G, gb, scale, out);
 }
 
@@ -363,7 +372,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const int64_t gb = g / 2;  // bytes per group
   const Isa isa = cpu_isa();
   // weight rows per block as int8_mm's; one at a time where the group size takes the 256-bit loop
-  const bool wide = isa != kAvx2 && (gb % 32 == 0 || gb == 16);
+  const bool wide = isa != kAvx2 && int4_wide_groups(gb);
   const int64_t BW = !wide ? 1 : (M == 1 ? 4 : 2);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     float d[16];
@@ -375,9 +384,10 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
         const int64_t R = std::min<int64_t>(4, M - m0);
         const int16_t* e = xep + m0 * H;
         const int16_t* o = xop + m0 * H;
-        if (BW == 4) int4_block<1, 4>(isa, row, e, o, H, G, gb, sn, ws, R, d);
-        else if (BW == 2) int4_block<4, 2>(isa, row, e, o, H, G, gb, sn, ws, R, d);
-        else int4_block<4, 1>(isa, row, e, o, H, G, gb, sn, ws, R, d);
+        auto run = [&](auto r, auto v) { int4_block<r, v>(isa, row, e, o, H, G, gb, sn, d); };
+        if (BW == 4) block<1, 4>(ws, R, run);
+        else if (BW == 2) block<4, 2>(ws, R, run);
+        else block<4, 1>(ws, R, run);
         for (int64_t v = 0; v < ws; ++v)
           for (int64_t r = 0; r < R; ++r) {
             const float bias = offsets_dot(sn + v * G, zp + (n + v) * G, gsum.data() + (m0 + r) * G, G);
@@ -453,18 +463,6 @@ __attribute__((target("avx512f"))) static void f32_dots(const float* w, const fl
       for (int64_t j = K16; j < K; ++j) out[v * R + r] += x[r * K + j] * w[v * K + j];
 }
 
-// f32_dots for the block's actual rows (rows <= R) and weight rows (ws <= W): compile-time shapes, chosen at run time.
-template <int R, int W, bool PREFETCH>
-static void f32_block(const float* w, const float* x, int64_t K, int64_t ws, int64_t rows, float* out) {
-  if constexpr (W > 1) {
-    if (ws < W) return f32_block<R, W - 1, PREFETCH>(w, x, K, ws, rows, out);
-  }
-  if constexpr (R > 1) {
-    if (rows < R) return f32_block<R - 1, W, PREFETCH>(w, x, K, ws, rows, out);
-  }
-  f32_dots<R, W, PREFETCH>(w, x, K, out);
-}
-
 at::Tensor f32_mm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "f32_mm: w must be float32 [N, K]");
   const int64_t K = w.size(1), N = w.size(0);
@@ -487,8 +485,8 @@ at::Tensor f32_mm(const at::Tensor& x, const at::Tensor& w, const std::optional<
       const int64_t ws = std::min(BW, n1 - n);
       for (int64_t m0 = 0; m0 < M; m0 += BR) {
         const int64_t R = std::min(BR, M - m0);
-        if (few) f32_block<8, 2, true>(wp + n * K, xp + m0 * K, K, ws, R, d);
-        else f32_block<4, 6, false>(wp + n * K, xp + m0 * K, K, ws, R, d);
+        if (few) block<8, 2>(ws, R, [&](auto r, auto v) { f32_dots<r, v, true>(wp + n * K, xp + m0 * K, K, d); });
+        else block<4, 6>(ws, R, [&](auto r, auto v) { f32_dots<r, v, false>(wp + n * K, xp + m0 * K, K, d); });
         for (int64_t v = 0; v < ws; ++v)
           for (int64_t r = 0; r < R; ++r) op[(m0 + r) * N + n + v] = d[v * R + r] + (bp ? bp[n + v] : 0.f);
       }

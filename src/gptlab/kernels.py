@@ -59,7 +59,8 @@ F32_MAX_ROWS = 64  # rows the fp32 kernel serves in inference (decode steps of a
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 MODES = ("auto", "off", "avx2", "avx512", "required")  # GPTLAB_KERNELS
-MAX_ISA = {"avx2": 1, "avx512": 2}  # the widest loop a build may take (kernels.cpp's Isa); others: the CPU's best
+AVX2, AVX512, VNNI = 1, 2, 3  # the loops kernels.cpp takes (its Isa), as isa() reports them
+MAX_ISA = {"avx2": AVX2, "avx512": AVX512}  # the widest loop a build may take; other modes: the CPU's best
 
 
 def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -81,7 +82,7 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
         or torch.is_autocast_enabled("cpu")
     ):
         return None
-    if isa() < MAX_ISA["avx512"]:
+    if isa() < AVX512:
         return None
     return load().f32_mm(x.reshape(rows, x.size(-1)), weight, bias).view(*x.shape[:-1], weight.size(0))
 
