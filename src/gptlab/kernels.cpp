@@ -361,8 +361,13 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   rows_to_int16(xp, M, K, xq.data(), xs.data());
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < H; ++j) { xe[m * H + j] = xq[m * K + 2 * j]; xo[m * H + j] = xq[m * K + 2 * j + 1]; }
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) gsum[m * G + k / g] += xp[m * K + k];
+  for (int64_t m = 0; m < M; ++m)  // each group's sum of x: 8 lanes over its g columns (a multiple of 32)
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const float* r = xp + m * K + gi * g;
+      __m256 s = _mm256_loadu_ps(r);
+      for (int64_t k = 8; k < g; k += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(r + k));
+      gsum[m * G + gi] = hsum(s);
+    }
   const uint8_t* wp = wc.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
   const uint16_t* zp = reinterpret_cast<const uint16_t*>(zc.data_ptr<at::Half>());
