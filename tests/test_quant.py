@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.checkpoint import load_checkpoint, save_model_checkpoint
+from gptlab.errors import GptlabError
 from gptlab.kernels import MAX_ISA
 from gptlab.loader import load_model
 from gptlab.quant.quantize import (
@@ -47,6 +48,8 @@ def test_int4_codes_by_hand_and_the_pack_round_trip():
     q = unpack_int4(packed)
     assert q.tolist()[0] == [round(i / 31 / scales.item()) for i in range(32)]
     assert int(packed[0, 0]) == (q[0, 0] << 4 | q[0, 1])  # even column in the high nibble
+    with pytest.raises(GptlabError, match="fp16's range"):  # a group spanning 1e6 / 15 per step: no fp16 scale
+        quantize_int4(torch.cat([torch.zeros(1, 31), torch.full((1, 1), 1e6)], 1), 32)
     every = torch.arange(16).repeat(4, 2)  # every code in every position
     assert torch.equal(unpack_int4(pack_int4(every)), every)
 

@@ -79,6 +79,11 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     scales = ((hi - lo) / 15).clamp(min=2**-24).half()  # (2^-24: fp16's smallest step; a constant group's scale)
     zeros = (lo + 8 * scales.float()).half()
+    if not (torch.isfinite(scales).all() and torch.isfinite(zeros).all()):
+        raise GptlabError(
+            "int4: a layer has weights beyond fp16's range (65504) for its scales and zeros; keep it in float "
+            "(--exclude NAME) or use --mode int8"
+        )
     offsets = zeros.float() - 8 * scales.float()  # the codes are chosen for the scale and zero stored
     q = torch.round((g - offsets[..., None]) / scales.float()[..., None]).clamp(0, 15).reshape(n, k)
     return pack_int4(q), scales, zeros
