@@ -161,6 +161,15 @@ static void block(int64_t ws, int64_t rows, F&& f) {
   f(Rows<R>{}, Rows<W>{});
 }
 
+// The block shapes of the int8 and int4 loops: bw weight rows (4 for one activation row, 2 for more, 1 for the
+// 256-bit loop) by 1 or 4 activation rows.
+template <class F>
+static void quant_block(int64_t bw, int64_t ws, int64_t rows, F&& f) {
+  if (bw == 4) block<1, 4>(ws, rows, f);
+  else if (bw == 2) block<4, 2>(ws, rows, f);
+  else block<4, 1>(ws, rows, f);
+}
+
 // One int8 block: W weight rows against R activation rows, out[v * R + r]. The 256-bit loop takes one weight row at
 // a time.
 template <int R, int W>
@@ -196,10 +205,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
       const int64_t ws = std::min(BW, n1 - n);
       for (int64_t m0 = 0; m0 < M; m0 += 4) {  // the rows stay in L1 across the blocks of 4 activation rows
         const int64_t R = std::min<int64_t>(4, M - m0);
-        auto run = [&](auto r, auto v) { int8_block<r, v>(isa, wp + n * K, xqp + m0 * K, K, K32, d); };
-        if (BW == 4) block<1, 4>(ws, R, run);
-        else if (BW == 2) block<4, 2>(ws, R, run);
-        else block<4, 1>(ws, R, run);
+        quant_block(BW, ws, R, [&](auto r, auto v) { int8_block<r, v>(isa, wp + n * K, xqp + m0 * K, K, K32, d); });
         for (int64_t v = 0; v < ws; ++v)
           for (int64_t r = 0; r < R; ++r) op[(m0 + r) * N + n + v] = d[v * R + r] * xs[m0 + r] * sp[n + v];
       }
@@ -389,10 +395,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
         const int64_t R = std::min<int64_t>(4, M - m0);
         const int16_t* e = xep + m0 * H;
         const int16_t* o = xop + m0 * H;
-        auto run = [&](auto r, auto v) { int4_block<r, v>(isa, row, e, o, H, G, gb, sn, d); };
-        if (BW == 4) block<1, 4>(ws, R, run);
-        else if (BW == 2) block<4, 2>(ws, R, run);
-        else block<4, 1>(ws, R, run);
+        quant_block(BW, ws, R, [&](auto r, auto v) { int4_block<r, v>(isa, row, e, o, H, G, gb, sn, d); });
         for (int64_t v = 0; v < ws; ++v)
           for (int64_t r = 0; r < R; ++r) {
             const float bias = offsets_dot(sn + v * G, zp + (n + v) * G, gsum.data() + (m0 + r) * G, G);
