@@ -342,7 +342,7 @@ def test_the_fp32_kernel_computes_linear_for_decode_steps():
     """gptlab's fp32 kernel (eager decode steps on an AVX-512 CPU) against a float64 ``x @ w.T + b`` on every row
     count it serves, both block shapes (up to 8 rows and more) and every count of weight rows a block can be left
     with; each row's result the same bits alone as among the others (a decode step's rows are other requests); and
-    its guard: gradients, autocast and more rows go to ``F.linear``."""
+    its guard: gradients, autocast and more rows (outside ``row_invariant``) go to ``F.linear``."""
     from gptlab import kernels
 
     if kernels.isa() < kernels.AVX512:
@@ -361,6 +361,12 @@ def test_the_fp32_kernel_computes_linear_for_decode_steps():
         x3, w3 = torch.randn(2, 3, 64), torch.randn(5, 64)  # leading dimensions kept
         torch.testing.assert_close(kernels.f32_linear(x3, w3, None), F.linear(x3, w3), rtol=1e-5, atol=1e-4)
         assert kernels.f32_linear(torch.randn(kernels.F32_MAX_ROWS + 1, 16), torch.randn(3, 16), None) is None
+        with kernels.row_invariant():  # any rows (the packed prefill): several tiles of rows (84 at K = 3,072)
+            x, w = torch.randn(300, 3072), torch.randn(13, 3072)
+            many = kernels.f32_linear(x, w, None)
+            assert many is not None and torch.equal(many[:64], kernels.f32_linear(x[:64], w, None))
+            torch.testing.assert_close(many.double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-4)
+        assert kernels.f32_linear(x, w, None) is None  # (outside it, past 64 rows: MKL)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert kernels.f32_linear(x, w, b) is None
     assert kernels.f32_linear(x, w.requires_grad_(), b) is None  # training: autograd's matmul

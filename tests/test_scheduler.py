@@ -9,10 +9,13 @@ import time
 import pytest
 import torch
 
+from gptlab import kernels
 from gptlab.config import GPTConfig
 from gptlab.generate import Engine, Sampling
+from gptlab.kv_cache import KVCache, PackedCache
 from gptlab.model import GPT
-from gptlab.serve.scheduler import Cancelled, InvalidRequest, QueueFull, Request, Scheduler
+from gptlab.quant.quantize import quantize_model
+from gptlab.serve.scheduler import Cancelled, InvalidRequest, QueueFull, Request, Scheduler, packs_prompts
 from gptlab.tokenizer import CharTokenizer
 
 GREEDY = Sampling(temperature=0)
@@ -113,6 +116,65 @@ def test_batch_invariance_alone_against_busy_batches_of_two_sizes(lm, sampling):
             la = torch.tensor([[lp for _, lp, top in ch for lp in (lp, *dict(top).values())] for ch in a])
             lb = torch.tensor([[lp for _, lp, top in ch for lp in (lp, *dict(top).values())] for ch in b])
             torch.testing.assert_close(la, lb, rtol=0, atol=1e-5)
+
+
+PACKS = pytest.mark.skipif(
+    not kernels.rows_invariant(), reason="prompts pack where gptlab's fp32 kernel runs (an AVX-512 CPU)"
+)
+LLAMA_LIKE = dict(norm_type="rmsnorm", positions="rope", mlp="swiglu", n_kv_head=2, bias=False)
+
+
+@PACKS
+@pytest.mark.parametrize("kind", [{}, LLAMA_LIKE], ids=["gpt2", "llama"])
+def test_packed_prefill_gives_each_prompt_the_bits_of_its_pass_alone(kind):
+    """Four prompts' blocks in one forward pass (PackedCache, 126 rows: past the 64 that f32_linear takes outside
+    row_invariant) against each block's pass alone: the same hidden states and keys and values, bit for bit, the
+    later blocks attending over the earlier ones already in the row."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=96, vocab_size=300, **kind)
+    model = GPT(cfg).eval()
+    spans = [(0, 0, 40), (1, 0, 1), (2, 32, 90), (3, 0, 27)]  # (row, a, b): row 2's first 32 slots came before
+    prompts = [torch.randint(0, 300, (b,)) for _, _, b in spans]
+    alone, packed = KVCache(cfg, 4, 96), KVCache(cfg, 4, 96)
+    with torch.no_grad():
+        for cache in (alone, packed):  # row 2's earlier block, computed the same way in both
+            model.hidden_states(prompts[2][None, :32], cache=cache.view(slice(2, 3), 32), slots=torch.arange(32))
+        each = [
+            model.hidden_states(p[None, a:b], cache=alone.view(slice(r, r + 1), b), slots=torch.arange(a, b))[0]
+            for (r, a, b), p in zip(spans, prompts)
+        ]
+        pack = PackedCache(packed, spans)
+        assert pack.slots.numel() > kernels.F32_MAX_ROWS
+        with kernels.row_invariant():
+            together = model.hidden_states(torch.cat([p[a:b] for (_, a, b), p in zip(spans, prompts)])[None],
+                                           cache=pack, slots=pack.slots)[0]  # fmt: skip
+    assert torch.equal(torch.cat(each), together)
+    for la, lp in zip(alone.layers, packed.layers):
+        assert torch.equal(la.k, lp.k) and torch.equal(la.v, lp.v)
+
+
+@PACKS
+def test_a_burst_of_prompts_is_prefilled_in_packed_passes(lm):
+    """Prompts submitted together share prefill passes (fewer passes than prompts, none over the chunk) and give
+    the tokens each gives alone; a quantized model does not pack (its products are not row-invariant)."""
+    model, tok = lm
+    assert packs_prompts(model) and not packs_prompts(quantize_model(GPT(model.config), "int8"))
+    prompts = [tok.encode(t) for t in TEXTS]
+    alone = [engine_tokens(lm, [p], 12, GREEDY)[0] for p in prompts]
+    sched = Scheduler(model, tok, max_batch=8, prefill_chunk=24, prefix_block=8)
+    passes, run_passes = [], sched._run_passes
+    sched._run_passes = lambda blocks: (passes.append([b - a for _, a, b in blocks]), run_passes(blocks))
+
+    async def main():
+        return await asyncio.gather(*(collect(sched, Request(p, 12, GREEDY, stop_ids=frozenset())) for p in prompts))
+
+    try:
+        got = [r[0] for r in run(main())]
+    finally:
+        sched.close()
+    assert got == alone
+    assert sum(map(sum, passes)) == sum(map(len, prompts)) and max(map(sum, passes)) <= 24
+    assert max(map(len, passes)) > 1 and len(passes) < len(prompts)
 
 
 def test_n_choices_share_the_prompt_and_match_engine_rows(lm):

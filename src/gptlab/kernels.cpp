@@ -471,6 +471,11 @@ __attribute__((target("avx512f"))) static void f32_dots(const float* w, const fl
       for (int64_t j = K16; j < K; ++j) out[v * R + r] += x[r * K + j] * w[v * K + j];
 }
 
+// Activation rows per tile: up to 1 MiB of them, so that a tile stays in L2 while every weight block of the thread's
+// share streams past it once (the packed prefill's hundreds of rows: without tiles, 1,056 rows of K = 768 fell from
+// 270 to 130 GFLOP/s on the Xeon of docs/benchmarks.md as the rows left L2 between weight blocks). The tiles change
+// no output's order of summation, so a row's bits are those of any other number of rows.
+constexpr int64_t F32_TILE_BYTES = 1 << 20;
 at::Tensor f32_mm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "f32_mm: w must be float32 [N, K]");
   const int64_t K = w.size(1), N = w.size(0);
@@ -487,18 +492,20 @@ at::Tensor f32_mm(const at::Tensor& x, const at::Tensor& w, const std::optional<
   float* op = out.data_ptr<float>();
   const bool few = M <= 8;
   const int64_t BW = few ? 2 : 6, BR = few ? 8 : 4;  // the block: weight rows x activation rows
+  const int64_t MT = std::max<int64_t>(BR, F32_TILE_BYTES / (K * 4) / BR * BR);  // rows per tile
   at::parallel_for(0, N, 24, [&](int64_t n0, int64_t n1) {
     float d[32];
-    for (int64_t n = n0; n < n1; n += BW) {
-      const int64_t ws = std::min(BW, n1 - n);
-      for (int64_t m0 = 0; m0 < M; m0 += BR) {
-        const int64_t R = std::min(BR, M - m0);
-        if (few) block<8, 2>(ws, R, [&](auto r, auto v) { f32_dots<r, v, true>(wp + n * K, xp + m0 * K, K, d); });
-        else block<4, 6>(ws, R, [&](auto r, auto v) { f32_dots<r, v, false>(wp + n * K, xp + m0 * K, K, d); });
-        for (int64_t v = 0; v < ws; ++v)
-          for (int64_t r = 0; r < R; ++r) op[(m0 + r) * N + n + v] = d[v * R + r] + (bp ? bp[n + v] : 0.f);
+    for (int64_t t0 = 0; t0 < M; t0 += MT)
+      for (int64_t n = n0; n < n1; n += BW) {
+        const int64_t ws = std::min(BW, n1 - n);
+        for (int64_t m0 = t0; m0 < std::min(M, t0 + MT); m0 += BR) {
+          const int64_t R = std::min(BR, M - m0);
+          if (few) block<8, 2>(ws, R, [&](auto r, auto v) { f32_dots<r, v, true>(wp + n * K, xp + m0 * K, K, d); });
+          else block<4, 6>(ws, R, [&](auto r, auto v) { f32_dots<r, v, false>(wp + n * K, xp + m0 * K, K, d); });
+          for (int64_t v = 0; v < ws; ++v)
+            for (int64_t r = 0; r < R; ++r) op[(m0 + r) * N + n + v] = d[v * R + r] + (bp ? bp[n + v] : 0.f);
+        }
       }
-    }
   });
   return out;
 }

@@ -1,6 +1,6 @@
 """x86 kernels (AVX2, AVX-512, AVX-512 VNNI) for int8 and int4 weight-only matrix products, faster on CPUs than
-PyTorch's, an fp32 one for eager decode steps (:func:`f32_linear`, AVX-512), and the attention of a decode step
-(:func:`decode_attention`, AVX2), which reads only the cache slots its mask admits.
+PyTorch's, an fp32 one for eager decode steps and the server's packed prefill (:func:`f32_linear`, AVX-512), and the
+attention of a decode step (:func:`decode_attention`, AVX2), which reads only the cache slots its mask admits.
 
 PyTorch's ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` decode GPT-2 124M slower than fp32 on the
 CPUs measured here: 0.33-0.40x (int8) on an AVX2-only EPYC, and 0.19x (int8, 9.2 against 49.5 tok/s) and 0.08x
@@ -38,6 +38,7 @@ tested, on the widest CPUs too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -45,6 +46,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +66,19 @@ AVX2, AVX512, VNNI = 1, 2, 3  # the loops kernels.cpp takes (its Isa), as isa() 
 MAX_ISA = {"avx2": AVX2, "avx512": AVX512}  # the widest loop a build may take; other modes: the CPU's best
 
 
+_thread = threading.local()  # any_rows: inside row_invariant() on this thread
+
+
 def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """``F.linear(x, weight, bias)`` by gptlab's fp32 kernel (``f32_mm``: each weight row read once per step, at
     memory speed up to 8 rows, where MKL's sgemm reads GPT-2's head at a third of it; 1.2-1.4x MKL at 16-32 rows,
-    level at 64), for inference on up to ``F32_MAX_ROWS`` rows of plain fp32 CPU tensors; None where it does not
-    apply (gradients, autocast, other devices, dtypes or tensor types, more rows, no kernels), for the caller to use
-    ``F.linear``. A row's result is the same bits whatever the other rows are (a decode step's rows are other
-    requests)."""
+    level at 64), for inference on up to ``F32_MAX_ROWS`` rows of plain fp32 CPU tensors (any number inside
+    :func:`row_invariant`); None where it does not apply (gradients, autocast, other devices, dtypes or tensor
+    types, more rows, no kernels), for the caller to use ``F.linear``. A row's result is the same bits whatever the
+    other rows are (a decode step's rows are other requests)."""
     rows = x.numel() // max(1, x.size(-1))
     if (
-        rows > F32_MAX_ROWS
+        (rows > F32_MAX_ROWS and not getattr(_thread, "any_rows", False))
         or x.device.type != "cpu"
         or x.dtype != torch.float32
         or weight.dtype != torch.float32
@@ -85,6 +91,26 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     if isa() < AVX512:
         return None
     return load().f32_mm(x.reshape(rows, x.size(-1)), weight, bias).view(*x.shape[:-1], weight.size(0))
+
+
+@contextlib.contextmanager
+def row_invariant() -> Iterator[None]:
+    """Inside (on this thread), :func:`f32_linear` takes products of any number of rows, so that where it applies
+    (:func:`rows_invariant`) a row's result never depends on the other rows or their number: the serving scheduler
+    prefills several prompts in one pass with it, each to the bits of its pass alone (:mod:`gptlab.serve.scheduler`).
+    Past 64 rows MKL's sgemm is faster (1.3-1.4x from 512 rows on an AMX Xeon: docs/benchmarks.md), but which bits
+    a row gets from it depends on how many rows there are."""
+    before = getattr(_thread, "any_rows", False)
+    _thread.any_rows = True
+    try:
+        yield
+    finally:
+        _thread.any_rows = before
+
+
+def rows_invariant() -> bool:
+    """Whether :func:`f32_linear` applies on this CPU (the fp32 kernel's loops are AVX-512 only)."""
+    return isa() >= AVX512
 
 
 def decode_attention(

@@ -14,6 +14,9 @@ every row writes the same slots (a batch that started together), or [B, T] when 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+
 import torch
 
 from .config import GPTConfig
@@ -101,3 +104,59 @@ class KVCache:
         real = key >= self.pad[:, None, None]
         mask = at_or_before & (real | (key == slots[..., None]))
         return (slots - self.pad[:, None]).clamp(min=0), mask[:, None]
+
+
+class PackedCache:
+    """Several prompts' prefill passes as one forward pass over their tokens laid end to end ([1, N]): segment
+    ``(row, a, b)`` feeds slots ``[a, b)`` of the pool's row ``row``, and its tokens are the next ``b - a`` of the
+    input. The products see N rows; each segment's keys and values go to its own row, and its queries attend over
+    that row alone, through the same view, slots and mask as a pass of that segment alone
+    (:meth:`PackedLayerCache.attend`), so where the products give each row the same bits whatever the others are
+    (:func:`gptlab.kernels.row_invariant`) a segment's keys, values and hidden states are those of its pass alone.
+    The serving scheduler prefills newcomers with it (vLLM's varlen prefill does the same on GPUs)."""
+
+    def __init__(self, pool: KVCache, segments: list[tuple[int, int, int]]) -> None:
+        device = pool.pad.device
+        views = [pool.view(slice(row, row + 1), b) for row, _, b in segments]
+        slots = [torch.arange(a, b, device=device) for _, a, b in segments]
+        masks = [view.positions_and_mask(s)[1] for view, s in zip(views, slots)]
+        bounds = [0]
+        for s in slots:
+            bounds.append(bounds[-1] + s.numel())
+        self.spans = list(itertools.pairwise(bounds))
+        self.slots = torch.cat(slots)
+        self.layers = [
+            PackedLayerCache([(v.layers[i], s, m) for v, s, m in zip(views, slots, masks)], self.spans)
+            for i in range(len(pool.layers))
+        ]
+        self.pad = torch.zeros(1, dtype=torch.long, device=device)
+        self.length = max(b for _, _, b in segments)
+
+    def positions_and_mask(self, slots: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Positions [1, N] (a prompt's slots: no padding); no mask, each segment brings its own."""
+        return self.slots[None], None
+
+
+class PackedLayerCache:
+    """One layer of a :class:`PackedCache`: per segment, its row's cache view, slots and mask, and its span of the
+    packed tokens."""
+
+    def __init__(
+        self, segments: list[tuple[LayerCache, torch.Tensor, torch.Tensor]], spans: list[tuple[int, int]]
+    ) -> None:
+        self.segments, self.spans = segments, spans
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """``attention(q, k, v, mask)`` of each segment over its own row, after writing its keys and values there;
+        ``q``, ``k``, ``v`` [1, heads, N, head_dim] -> [1, heads, N, head_dim]."""
+        out = []
+        for (cache, slots, mask), (s, e) in zip(self.segments, self.spans):
+            ks, vs = cache.update(slots, k[:, :, s:e], v[:, :, s:e])
+            out.append(attention(q[:, :, s:e], ks, vs, mask))
+        return torch.cat(out, dim=2)

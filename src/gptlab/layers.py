@@ -83,9 +83,9 @@ class Linear(nn.Linear):
     ``torch.compile`` a product with a single row (decoding one token) is written as multiply-and-sum, which
     inductor fuses into one vectorized, bandwidth-bound loop over the weight. On a 2-core AVX-512 CPU that streams
     GPT-2's matrices at ~34 GB/s where MKL's sgemv reaches ~10 GB/s (docs/generation.md). Same weights, same state
-    dict. In eager inference on a CPU, a product of up to 64 rows (a decode step) takes gptlab's fp32 kernel
-    (:func:`gptlab.kernels.f32_linear`), which reads each weight row once per step; training and longer inputs use
-    the ordinary matmul."""
+    dict. In eager inference on a CPU, a product of up to 64 rows (a decode step; any number inside
+    :func:`gptlab.kernels.row_invariant`) takes gptlab's fp32 kernel (:func:`gptlab.kernels.f32_linear`), which
+    reads each weight row once per step; training and longer inputs use the ordinary matmul."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():

@@ -44,7 +44,7 @@ from . import kernels
 from .config import GPTConfig
 from .errors import GptlabError
 from .image_prefix import ImagePrefix
-from .kv_cache import KVCache, LayerCache
+from .kv_cache import KVCache, LayerCache, PackedCache, PackedLayerCache
 from .layers import Linear, LinearCrossEntropy, apply_rotary, loss_chunk_rows, make_norm, rope_cos_sin, softcap
 from .moe import MoE
 
@@ -69,7 +69,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
-        cache: LayerCache | None = None,
+        cache: LayerCache | PackedLayerCache | None = None,
         slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``rotary``: (cos, sin) of the positions' angles, or None for learned positions. ``mask`` [B, 1, T, S]
@@ -85,23 +85,34 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if cache is not None:
+        if isinstance(cache, PackedLayerCache):  # several prompts' prefill passes in one, each over its own row
+            y = cache.attend(q, k, v, self._cached_attention)
+        elif cache is not None:
             assert slots is not None, "a cache needs the slots to fill"
             k, v = cache.update(slots, k, v)
-        # a decode step on a CPU: gptlab's kernel reads only the cache slots the mask admits (None: SDPA)
-        y = kernels.decode_attention(q, k, v, mask) if cache is not None else None
-        if y is None:
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=mask is None,
-                dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=self.n_kv_head != self.n_head,
-            )
+            y = self._cached_attention(q, k, v, mask)
+        else:
+            y = self._sdpa(q, k, v, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
+
+    def _cached_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        # a decode step on a CPU: gptlab's kernel reads only the cache slots the mask admits (None: SDPA)
+        y = kernels.decode_attention(q, k, v, mask)
+        return self._sdpa(q, k, v, mask) if y is None else y
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
 
 
 class MLP(nn.Module):
@@ -144,7 +155,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
-        cache: LayerCache | None = None,
+        cache: LayerCache | PackedLayerCache | None = None,
         slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.prenorm:  # GPT-2/3, Llama
@@ -269,7 +280,7 @@ class GPT(nn.Module):
         *,
         images: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | PackedCache | None = None,
         slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final hidden states [B, T, n_embd] (after the last norm), for task, reward and value heads and for
@@ -320,7 +331,7 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         images: torch.Tensor | None,
         doc_ids: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | PackedCache | None,
         slots: torch.Tensor | None,
     ) -> torch.Tensor:
         """Embeddings through every block, before the last norm."""

@@ -15,11 +15,13 @@ the forward passes it replaces) and a request never holds a block once admitted.
 reader, and blocks need no reference counts.
 
 **Exact.** A hit gives bit for bit the keys, values, logits and tokens of a miss, because the scheduler prefills every
-prompt one block per forward pass, on the same block grid, one row per pass (:meth:`Scheduler._prefill`): the passes a
-hit skips are exactly the passes a miss runs, and the passes after it see the same inputs with the same shapes. (Chunks
-of a different size, or rows batched together, would not do: a BLAS picks its blocking and threading from the matrix
-shapes, so one row of a product can round differently with a different number of rows; on a 2-core AVX-512 CPU, MKL's
-64-row product of a 1536 x 576 matrix differs from the same rows of its 1,100-row product.) Only keys and values
+prompt one block per forward pass, on the same block grid (:meth:`Scheduler._prefill`): the passes a hit skips are
+exactly the passes a miss runs, and the passes after it see the same inputs with the same shapes. (Chunks of a
+different size would not do, nor rows batched together through a BLAS: it picks its blocking and threading from the
+matrix shapes, so one row of a product can round differently with a different number of rows; on a 2-core AVX-512
+CPU, MKL's 64-row product of a 1536 x 576 matrix differs from the same rows of its 1,100-row product. The scheduler
+packs several prompts' blocks into one pass only where gptlab's row-invariant kernel computes every product:
+:func:`~gptlab.serve.scheduler.packs_prompts`.) Only keys and values
 computed by prefill passes are stored: those of generated tokens come from decode steps of other shapes, so a chat's
 next turn reuses its earlier prompts and prefills the answers once.
 """

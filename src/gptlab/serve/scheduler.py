@@ -2,19 +2,19 @@
 between decode steps (Yu et al. 2022, Orca: iteration-level scheduling; vLLM and TGI serve this way).
 
 The pool is a :class:`~gptlab.model.KVCache` of ``max_batch`` rows, each as long as the model's context. A request
-with ``n`` choices takes ``n`` rows. Its prompt is prefilled into the first one alone, one block of ``prefix_block``
-slots per forward pass (at most ``prefill_chunk`` prompt tokens per scheduler iteration across all newcomers, so a
-long prompt never stalls the running streams for more than that), then copied into the other rows (the prompt is
-read once). Blocks that earlier prompts computed are taken from the prefix cache instead
-(:mod:`gptlab.serve.prefix_cache`), bit for bit what the skipped passes would compute. Each row keeps
-its own length: a decode step writes row ``r``'s new key and value at that row's own slot, and the positions and
-masks follow from those slots (:meth:`KVCache.positions_and_mask` with [B, 1] slots). A row that finishes or is
-cancelled is free for the next request at once.
+with ``n`` choices takes ``n`` rows. Its prompt is prefilled into the first one, one block of ``prefix_block`` slots
+per forward pass (at most ``prefill_chunk`` prompt tokens per scheduler iteration across all newcomers, so a long
+prompt never stalls the running streams for more than that; several newcomers' blocks share a pass where that keeps
+their bits, :func:`packs_prompts`), then copied into the other rows (the prompt is read once). Blocks that earlier
+prompts computed are taken from the prefix cache instead (:mod:`gptlab.serve.prefix_cache`), bit for bit what the
+skipped passes would compute. Each row keeps its own length: a decode step writes row ``r``'s new key and value at
+that row's own slot, and the positions and masks follow from those slots (:meth:`KVCache.positions_and_mask` with
+[B, 1] slots). A row that finishes or is cancelled is free for the next request at once.
 
-A row's tokens do not depend on the other rows: its prompt is prefilled alone (bit for bit: the same passes, the same
-shapes), its attention sees only its own slots, and it samples from its own random stream (seeded ``seed + choice``, as
-:class:`~gptlab.generate.Engine` seeds ``seed + row``), so a completion is the same whether it runs alone or joins a
-busy batch.
+A row's tokens do not depend on the other rows: its prompt is prefilled to the bits of its passes alone (the same
+passes, the same shapes, or packed passes whose products are row-invariant), its attention sees only its own slots,
+and it samples from its own random stream (seeded ``seed + choice``, as :class:`~gptlab.generate.Engine` seeds
+``seed + row``), so a completion is the same whether it runs alone or joins a busy batch.
 
 Library use, without HTTP::
 
@@ -41,22 +41,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 
+from .. import kernels
 from ..config import GPTConfig
 from ..errors import GptlabError
 from ..generate.constraint import Grammar, Matcher
 from ..generate.engine import COMPILE_OPTIONS, TextStream, bucketed, compiled_step
 from ..generate.sampling import GREEDY, Sampling, next_tokens
 from ..generate.speculative import SPEC_K, Draft, SpeculativeStats, Throttle, verify_step
-from ..kv_cache import KVCache
+from ..kv_cache import KVCache, PackedCache
+from ..layers import Linear
 from ..lora import LoRABank, use_adapters
-from ..model import GPT
+from ..model import GPT, MLP, Block, CausalSelfAttention
 from .config import ServeConfig
 from .prefix_cache import PrefixCache
 
 MAX_LOGPROBS = 20
 POOL_GIB_CPU = 4.0  # the most a CPU server's default pool takes (vLLM's CPU backend reserves 4 GiB by default too)
 POOL_ROWS = {"cpu": 64, "other": 256}  # the most rows a default pool has, on a CPU and on an accelerator
+PLAIN_MODULES = (GPT, Block, CausalSelfAttention, MLP, Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.Dropout,
+                 nn.Identity, nn.ModuleList)  # fmt: skip
 
 
 def available_memory(device: torch.device) -> int:
@@ -90,6 +95,19 @@ def pool_rows(cfg: GPTConfig, device: torch.device, dtype: torch.dtype) -> int:
     else:
         budget, cap = free / 2, POOL_ROWS["other"]
     return max(1, min(cap, int(budget // row)))
+
+
+def packs_prompts(model: GPT) -> bool:
+    """Whether several prompts' prefill passes may share one forward pass, each keeping the bits of its pass alone
+    (:class:`~gptlab.kv_cache.PackedCache`): an fp32 model on a CPU where gptlab's fp32 kernel computes every
+    product whatever its rows (:func:`gptlab.kernels.row_invariant`), built of plain layers only (no quantized
+    layers, LoRA adapters, experts or image encoder, whose products a BLAS computes)."""
+    return (
+        model.device.type == "cpu"
+        and model.dtype == torch.float32
+        and kernels.rows_invariant()
+        and all(type(m) in PLAIN_MODULES for m in model.modules())
+    )
 
 
 @dataclass
@@ -172,7 +190,8 @@ class _Job:
     first_token_time: float | None = None
     offset: int = 0  # cache slots before the prompt's: the image prefix, if any
     admitted: float = 0.0  # when it got its rows (perf_counter)
-    names: list[bytes] | None = None  # the prefix cache's names of the prompt's whole blocks, once looked up
+    names: list[bytes] | None = None  # the prefix cache's names of the prompt's whole blocks
+    looked_up: bool = False  # its blocks were looked up in the prefix cache
 
 
 class Scheduler:
@@ -227,6 +246,7 @@ class Scheduler:
         self.block, self.vocab = cfg.block_size, cfg.vocab_size
         self.device, self.dtype = model.device, model.dtype
         self.pool = KVCache(cfg, max_batch, cfg.block_size, self.device, self.dtype)
+        self.packs = packs_prompts(model)  # newcomers' prefill passes share forward passes
         self.prefix_block = prefix_block
         self.max_request_seconds = max_request_seconds
         blocks = int(prefix_cache_mb * 2**20) // PrefixCache.block_bytes(cfg, prefix_block, self.dtype)
@@ -465,21 +485,30 @@ class Scheduler:
             self._event("admitted", job)
 
     def _reuse(self, job: _Job) -> None:
-        """Name the prompt's blocks and copy those the prefix cache holds into the first choice's row, when the
-        prompt's prefill starts (so that requests admitted together find what the ones before them stored). At
-        least one prompt token is left to prefill (its logits give the first token), and an image prefix is reused
-        whole or not at all (its pass runs the image encoder)."""
+        """Copy the prompt's blocks that the prefix cache holds into the first choice's row, when the prompt's
+        prefill starts (so that requests admitted together find what the ones before them stored). At least one
+        prompt token is left to prefill (its logits give the first token), and an image prefix is reused whole or
+        not at all (its pass runs the image encoder)."""
         r, B = job.request, self.prefix_block
-        if self.prefix is None or job.names is not None:
+        if self.prefix is None or job.looked_up:
             return
-        job.names = self.prefix.names(PrefixCache.root(r.image, r.adapter), [-1] * job.offset + r.prompt)
+        job.looked_up = True
+        names = self._names(job)
         usable = (job.offset + len(r.prompt) - 1) // B
-        found = self.prefix.match(job.names[:usable])
+        found = self.prefix.match(names[:usable])
         if r.image is not None and len(found) * B < self._first_end(job):
             found = []
         self.prefix.load(found, self.pool, job.choices[0].row)
         job.choices[0].filled = len(found) * B
         self._event("prefix", job, hit=len(found) * B, asked=job.offset + len(r.prompt))
+
+    def _names(self, job: _Job) -> list[bytes]:
+        """The prefix cache's names of the prompt's whole blocks."""
+        assert self.prefix is not None
+        if job.names is None:
+            r = job.request
+            job.names = self.prefix.names(PrefixCache.root(r.image, r.adapter), [-1] * job.offset + r.prompt)
+        return job.names
 
     def _next_fair(self) -> _Job:
         held: dict[str, int] = {}
@@ -496,48 +525,103 @@ class Scheduler:
 
     def _prefill(self) -> None:
         """Prompt tokens into the cache, oldest newcomer first, until ``prefill_chunk`` tokens went in this
-        iteration; a prompt completed here samples its first tokens.
+        iteration; prompts completed here sample their first tokens.
 
-        One forward pass fills one block of one row: slots ``[a, b)`` with ``a`` on the grid of ``prefix_block``
-        and ``b`` the next boundary or the prompt's end (an image request's first pass: the image and the prompt up
-        to the next boundary). A prompt is thus always cut at the same slots, and each pass has the same inputs and
-        shapes whether the prompt runs alone, among newcomers, or after a prefix-cache hit: the keys, values and
-        logits are the same bits (:mod:`gptlab.serve.prefix_cache`)."""
-        budget, B = self.prefill_chunk, self.prefix_block
+        A forward pass fills one block of a prompt's row: slots ``[a, b)`` with ``a`` on the grid of
+        ``prefix_block`` and ``b`` the next boundary or the prompt's end (an image request's first pass: the image
+        and the prompt up to the next boundary). A prompt is thus always cut at the same slots, and each of its
+        passes has the same inputs and shapes whether the prompt runs alone, among newcomers, or after a
+        prefix-cache hit: the keys, values and logits are the same bits (:mod:`gptlab.serve.prefix_cache`). Where
+        the model's products give a row the same bits whatever the other rows are (:func:`packs_prompts`), one
+        forward pass takes the next block of several newcomers at once (:class:`~gptlab.kv_cache.PackedCache`):
+        the products see all their tokens, each attends over its own row, and each gets the bits of its pass
+        alone; their first tokens come from one pass of the head."""
+        budget = self.prefill_chunk
         while self.prefilling:
-            job = self.prefilling[0]
-            self._reuse(job)
-            r, first = job.request, job.choices[0]
-            a, total = first.filled, job.offset + len(r.prompt)
-            b = self._first_end(job) if a == 0 and r.image is not None else min(total, a - a % B + B)
-            if b - a > budget and budget < self.prefill_chunk:  # (the first pass of an iteration always runs)
+            passes = self._next_passes(budget)
+            if not passes:
                 return
+            budget -= sum(b - a for _, a, b in passes)
+            self._run_passes(passes)
+
+    def _next_passes(self, budget: int) -> list[tuple[_Job, int, int]]:
+        """The blocks of the next forward pass, (job, a, b) each: the oldest newcomer's next block (not when it
+        exceeds what is left of ``budget``, unless nothing ran yet in this iteration) and, where prompts pack, the
+        next block of each newcomer after it while the budget lasts. Packing stops at a newcomer whose first block
+        one ahead of it will store (it waits, to find that block in the prefix cache) and at an image request
+        (which runs alone)."""
+        out: list[tuple[_Job, int, int]] = []
+        ahead: set[bytes] = set()  # the blocks the newcomers in this pass will store
+        B = self.prefix_block
+        for job in self.prefilling:
+            r = job.request
+            if out and (not self.packs or r.image is not None):
+                break
+            if self.prefix is not None:
+                names = self._names(job)
+                if not job.looked_up and names and names[0] in ahead:
+                    break
+                ahead.update(names)
+            self._reuse(job)
+            a, total = job.choices[0].filled, job.offset + len(r.prompt)
+            b = self._first_end(job) if a == 0 and r.image is not None else min(total, a - a % B + B)
+            if b - a > budget and (out or budget < self.prefill_chunk):
+                break
             budget -= b - a
+            out.append((job, a, b))
+            if r.image is not None:
+                break
+        return out
+
+    def _run_passes(self, passes: list[tuple[_Job, int, int]]) -> None:
+        """One forward pass over ``passes`` (several only where prompts pack); the prompts it completes join the
+        running requests with their first tokens."""
+        if self.packs:
+            tokens = [t for job, a, b in passes for t in job.request.prompt[a:b]]  # (no image: offset 0)
+            cache = PackedCache(self.pool, [(job.choices[0].row, a, b) for job, a, b in passes])
+            with kernels.row_invariant():
+                idx = torch.tensor([tokens], device=self.device)
+                hidden = self.model.hidden_states(idx, cache=cache, slots=cache.slots)
+            ends = [e - 1 for _, e in cache.spans]
+        else:
+            [(job, a, b)] = passes
+            r, row = job.request, job.choices[0].row
             image = r.image.to(self.device) if a == 0 and r.image is not None else None
             idx = torch.tensor([r.prompt[max(a - job.offset, 0) : b - job.offset]], device=self.device)
-            view = self.pool.view(slice(first.row, first.row + 1), b)
             slots = torch.arange(a, b, device=self.device)
             self._use_adapters([r.adapter])
+            view = self.pool.view(slice(row, row + 1), b)
             hidden = self.model.hidden_states(idx, images=image, cache=view, slots=slots)
+            ends = [b - a - 1]
+        started: list[tuple[_Job, int]] = []  # prompts completed here that generate, and their last position
+        for (job, _, b), end in zip(passes, ends):
+            first = job.choices[0]
             first.filled = b
+            total = job.offset + len(job.request.prompt)
             if b < total:
                 continue
-            self.prefilling.popleft()
+            self.prefilling.remove(job)
             for c in job.choices[1:]:  # every choice shares the prompt's keys and values
                 self.pool.copy_rows(self.pool, first.row, c.row, 0, total)
                 c.filled = total
-            if self.prefix is not None and job.names is not None:  # (names: looked up in this cache)
-                self._event("prefix_stored", job, evicted=self.prefix.store(job.names, self.pool, first.row))
-            if r.echo_logprobs:
-                job.emit(Chunk(-1, logprobs=self._prompt_logprobs(r)))
+            if self.prefix is not None and job.looked_up:
+                self._event("prefix_stored", job, evicted=self.prefix.store(self._names(job), self.pool, first.row))
+            if job.request.echo_logprobs:
+                job.emit(Chunk(-1, logprobs=self._prompt_logprobs(job.request)))
             if job.max_tokens == 0:
                 for c in job.choices:
                     self._finish(job, c, "length", [], None)
                 self._retire(job)
                 continue
             self.running.append(job)
-            logits = self.model.logits(hidden[:, -1])
-            self._sample([(job, c) for c in job.choices], logits.expand(len(job.choices), -1))
+            started.append((job, end))
+        if not started:
+            return
+        with kernels.row_invariant():  # (rows = prompts started, packed or not: the bits of each alone)
+            logits = self.model.logits(hidden[0, [end for _, end in started]])
+        live = [(job, c) for job, _ in started for c in job.choices]
+        rows = [i for i, (job, _) in enumerate(started) for _ in job.choices]
+        self._sample(live, logits[rows])
 
     def _compile_single(self) -> None:
         """``compile=True``: the decode step of a single live row, compiled with static shapes as the Engine's
