@@ -127,28 +127,28 @@ LLAMA_LIKE = dict(norm_type="rmsnorm", positions="rope", mlp="swiglu", n_kv_head
 @PACKS
 @pytest.mark.parametrize("kind", [{}, LLAMA_LIKE], ids=["gpt2", "llama"])
 def test_packed_prefill_gives_each_prompt_the_bits_of_its_pass_alone(kind):
-    """Four prompts' blocks in one forward pass (PackedCache, 126 rows: past the 64 that f32_linear takes outside
-    row_invariant) against each block's pass alone: the same hidden states and keys and values, bit for bit, the
-    later blocks attending over the earlier ones already in the row."""
+    """Five blocks of four prompts in one forward pass (PackedCache, 166 rows: past the 64 that f32_linear takes
+    outside row_invariant; two consecutive blocks of one prompt) against each block's pass alone: the same hidden
+    states and keys and values, bit for bit, the later blocks attending over the earlier ones in the row."""
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=96, vocab_size=300, **kind)
     model = GPT(cfg).eval()
-    spans = [(0, 0, 40), (1, 0, 1), (2, 32, 90), (3, 0, 27)]  # (row, a, b): row 2's first 32 slots came before
-    prompts = [torch.randint(0, 300, (b,)) for _, _, b in spans]
+    spans = [(0, 0, 40), (0, 40, 80), (1, 0, 1), (2, 32, 90), (3, 0, 27)]  # (row, a, b): row 2's first 32 came before
+    prompts = [torch.randint(0, 300, (96,)) for _ in range(4)]
     alone, packed = KVCache(cfg, 4, 96), KVCache(cfg, 4, 96)
     with torch.no_grad():
         for cache in (alone, packed):  # row 2's earlier block, computed the same way in both
             model.hidden_states(prompts[2][None, :32], cache=cache.view(slice(2, 3), 32), slots=torch.arange(32))
         each = [
-            model.hidden_states(p[None, a:b], cache=alone.view(slice(r, r + 1), b), slots=torch.arange(a, b))[0]
-            for (r, a, b), p in zip(spans, prompts)
+            model.hidden_states(prompts[r][None, a:b], cache=alone.view(slice(r, r + 1), b), slots=torch.arange(a, b))
+            for r, a, b in spans
         ]
         pack = PackedCache(packed, spans)
         assert pack.slots.numel() > kernels.F32_MAX_ROWS
         with kernels.row_invariant():
-            together = model.hidden_states(torch.cat([p[a:b] for (_, a, b), p in zip(spans, prompts)])[None],
-                                           cache=pack, slots=pack.slots)[0]  # fmt: skip
-    assert torch.equal(torch.cat(each), together)
+            together = model.hidden_states(torch.cat([prompts[r][a:b] for r, a, b in spans])[None],
+                                           cache=pack, slots=pack.slots)  # fmt: skip
+    assert torch.equal(torch.cat(each, dim=1), together)
     for la, lp in zip(alone.layers, packed.layers):
         assert torch.equal(la.k, lp.k) and torch.equal(la.v, lp.v)
 

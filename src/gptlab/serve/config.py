@@ -46,7 +46,7 @@ class ServeConfig(RecipeConfig):
         Range(1, 100_000),
     )
     prefill_chunk: int = opt(
-        512, "prompt tokens prefilled per scheduling step: the most a newcomer stalls the others", Range(1, 1 << 20)
+        1024, "prompt tokens prefilled per scheduling step: the most a newcomer stalls the others", Range(1, 1 << 20)
     )
     prefix_cache: bool = opt(
         True, "reuse the keys and values of prompt prefixes earlier requests computed (exact: the same bits)"

@@ -546,17 +546,17 @@ class Scheduler:
 
     def _next_passes(self, budget: int) -> list[tuple[_Job, int, int]]:
         """The blocks of the next forward pass, (job, a, b) each: the oldest newcomer's next block (not when it
-        exceeds what is left of ``budget``, unless nothing ran yet in this iteration) and, where prompts pack, the
-        next block of each newcomer after it while the budget lasts. Packing stops at a newcomer whose first block
-        one ahead of it will store (it waits, to find that block in the prefix cache) and at an image request
-        (which runs alone)."""
+        exceeds what is left of ``budget``, unless nothing ran yet in this iteration) and, where prompts pack, its
+        blocks after that and those of the newcomers after it, in order, while the budget lasts (the oldest prompt
+        still completes first). Only blocks of up to ``F32_MAX_ROWS`` slots pack: gptlab's fp32 kernel computes
+        their products alone too, where a longer block alone gets MKL's, faster there (docs/serving.md); such a
+        block, like an image request's first one, runs alone. Packing also stops at a newcomer whose first block
+        one ahead of it will store (it waits, to find that block in the prefix cache)."""
         out: list[tuple[_Job, int, int]] = []
         ahead: set[bytes] = set()  # the blocks the newcomers in this pass will store
         B = self.prefix_block
         for job in self.prefilling:
             r = job.request
-            if out and (not self.packs or r.image is not None):
-                break
             if self.prefix is not None:
                 names = self._names(job)
                 if not job.looked_up and names and names[0] in ahead:
@@ -564,19 +564,23 @@ class Scheduler:
                 ahead.update(names)
             self._reuse(job)
             a, total = job.choices[0].filled, job.offset + len(r.prompt)
-            b = self._first_end(job) if a == 0 and r.image is not None else min(total, a - a % B + B)
-            if b - a > budget and (out or budget < self.prefill_chunk):
-                break
-            budget -= b - a
-            out.append((job, a, b))
-            if r.image is not None:
-                break
+            while a < total:
+                b = self._first_end(job) if a == 0 and r.image is not None else min(total, a - a % B + B)
+                packs = self.packs and r.image is None and b - a <= kernels.F32_MAX_ROWS
+                if (out and not packs) or (b - a > budget and (out or budget < self.prefill_chunk)):
+                    return out
+                budget -= b - a
+                out.append((job, a, b))
+                if not packs:
+                    return out
+                a = b
         return out
 
     def _run_passes(self, passes: list[tuple[_Job, int, int]]) -> None:
-        """One forward pass over ``passes`` (several only where prompts pack); the prompts it completes join the
+        """One forward pass over ``passes`` (several only where prompts pack; consecutive blocks of one prompt
+        attend over the ones before them, written earlier in the same layer); the prompts it completes join the
         running requests with their first tokens."""
-        if self.packs:
+        if len(passes) > 1:
             tokens = [t for job, a, b in passes for t in job.request.prompt[a:b]]  # (no image: offset 0)
             cache = PackedCache(self.pool, [(job.choices[0].row, a, b) for job, a, b in passes])
             with kernels.row_invariant():
