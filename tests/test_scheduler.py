@@ -119,7 +119,7 @@ def test_batch_invariance_alone_against_busy_batches_of_two_sizes(lm, sampling):
 
 
 PACKS = pytest.mark.skipif(
-    not kernels.rows_invariant(), reason="prompts pack where gptlab's fp32 kernel runs (an AVX-512 CPU)"
+    not kernels.has_f32_kernel(), reason="prompts pack where gptlab's fp32 kernel runs (an AVX-512 CPU)"
 )
 LLAMA_LIKE = dict(norm_type="rmsnorm", positions="rope", mlp="swiglu", n_kv_head=2, bias=False)
 

@@ -88,7 +88,7 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
         or torch.is_autocast_enabled("cpu")
     ):
         return None
-    if isa() < AVX512:
+    if not has_f32_kernel():
         return None
     return load().f32_mm(x.reshape(rows, x.size(-1)), weight, bias).view(*x.shape[:-1], weight.size(0))
 
@@ -96,7 +96,7 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 @contextlib.contextmanager
 def row_invariant() -> Iterator[None]:
     """Inside (on this thread), :func:`f32_linear` takes products of any number of rows, so that where it applies
-    (:func:`rows_invariant`) a row's result never depends on the other rows or their number: the serving scheduler
+    (:func:`has_f32_kernel`) a row's result never depends on the other rows or their number: the serving scheduler
     prefills several prompts in one pass with it, each to the bits of its pass alone (:mod:`gptlab.serve.scheduler`).
     Past 64 rows MKL's sgemm is faster (1.3-1.4x from 512 rows on an AMX Xeon: docs/benchmarks.md), but which bits
     a row gets from it depends on how many rows there are."""
@@ -108,7 +108,7 @@ def row_invariant() -> Iterator[None]:
         _thread.any_rows = before
 
 
-def rows_invariant() -> bool:
+def has_f32_kernel() -> bool:
     """Whether :func:`f32_linear` applies on this CPU (the fp32 kernel's loops are AVX-512 only)."""
     return isa() >= AVX512
 

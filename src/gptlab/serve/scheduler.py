@@ -105,7 +105,7 @@ def packs_prompts(model: GPT) -> bool:
     return (
         model.device.type == "cpu"
         and model.dtype == torch.float32
-        and kernels.rows_invariant()
+        and kernels.has_f32_kernel()
         and all(type(m) in PLAIN_MODULES for m in model.modules())
     )
 
@@ -583,8 +583,8 @@ class Scheduler:
         if len(passes) > 1:
             tokens = [t for job, a, b in passes for t in job.request.prompt[a:b]]  # (no image: offset 0)
             cache = PackedCache(self.pool, [(job.choices[0].row, a, b) for job, a, b in passes])
+            idx = torch.tensor([tokens], device=self.device)
             with kernels.row_invariant():
-                idx = torch.tensor([tokens], device=self.device)
                 hidden = self.model.hidden_states(idx, cache=cache, slots=cache.slots)
             ends = [e - 1 for _, e in cache.spans]
         else:
