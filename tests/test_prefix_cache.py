@@ -189,6 +189,27 @@ def test_concurrent_hits_on_one_block_and_a_cancelled_request(lm):
         sched.close()
 
 
+def test_requests_arriving_together_reuse_the_prefix_the_first_computes(lm):
+    """Four requests with one six-block prefix arrive together at an empty cache: the first computes the prefix,
+    the others wait for it to be stored (where prompts pack, they are not packed beside it), then all three take it
+    from the cache, and everyone's output is what it is alone."""
+    texts = [SYSTEM + q for q in ("why?", "how so?", "who is it?", "where to?")]
+    reqs = [request(lm, t) for t in texts]
+    want = alone(lm, reqs)
+    sched = scheduler(lm, max_batch=8)
+    try:
+
+        async def together():
+            return await asyncio.gather(*(collect(sched, r) for r in reqs))
+
+        got = asyncio.run(together())
+        assert tokens(got) == tokens(want)
+        torch.testing.assert_close(logprobs(got), logprobs(want), rtol=0, atol=1e-5)
+        assert sorted(sched.metrics.hits) == [0] + [len(SYSTEM) // BLOCK * BLOCK] * 3
+    finally:
+        sched.close()
+
+
 def test_chains_name_whole_prefixes(lm):
     cache = PrefixCache(lm[0].config, 4, 3, "cpu", torch.float32)
     x = cache.names(b"", [1, 2, 3, 4, 5, 6, 7, 8, 9])

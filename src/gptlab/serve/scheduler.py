@@ -192,6 +192,7 @@ class _Job:
     admitted: float = 0.0  # when it got its rows (perf_counter)
     names: list[bytes] | None = None  # the prefix cache's names of the prompt's whole blocks
     looked_up: bool = False  # its blocks were looked up in the prefix cache
+    reused: int = 0  # of its whole blocks, how many the prefix cache gave
 
 
 class Scheduler:
@@ -499,6 +500,7 @@ class Scheduler:
         if r.image is not None and len(found) * B < self._first_end(job):
             found = []
         self.prefix.load(found, self.pool, job.choices[0].row)
+        job.reused = len(found)
         job.choices[0].filled = len(found) * B
         self._event("prefix", job, hit=len(found) * B, asked=job.offset + len(r.prompt))
 
@@ -551,18 +553,18 @@ class Scheduler:
         still completes first). Only blocks of up to ``F32_MAX_ROWS`` slots pack: gptlab's fp32 kernel computes
         their products alone too, where a longer block alone gets MKL's, faster there (docs/serving.md); such a
         block, like an image request's first one, runs alone. Packing also stops at a newcomer whose first block
-        one ahead of it will store (it waits, to find that block in the prefix cache)."""
+        one ahead of it will store, not found in the prefix cache (it waits, to find that block there)."""
         out: list[tuple[_Job, int, int]] = []
-        ahead: set[bytes] = set()  # the blocks the newcomers in this pass will store
+        ahead: set[bytes] = set()  # the blocks that the newcomers before this one will store, not in the cache yet
         B = self.prefix_block
         for job in self.prefilling:
             r = job.request
             if self.prefix is not None:
                 names = self._names(job)
-                if not job.looked_up and names and names[0] in ahead:
+                if not job.looked_up and names[:1] and names[0] in ahead:
                     break
-                ahead.update(names)
-            self._reuse(job)
+                self._reuse(job)
+                ahead.update(names[job.reused :])
             a, total = job.choices[0].filled, job.offset + len(r.prompt)
             while a < total:
                 b = self._first_end(job) if a == 0 and r.image is not None else min(total, a - a % B + B)
