@@ -11,13 +11,7 @@ The main entry points are here; each loads its module on first use, so ``import 
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
-
-# PyTorch's CPU allocator puts allocations of 2 MiB or more on transparent huge pages when this is set before its
-# first allocation (c10's alloc_cpu, THP_MEM_ALLOC_ENABLE): a decode step streams every weight once, and with 4 KiB
-# pages its TLB misses cost GPT-2's fp32 products 15-20 % (docs/benchmarks.md). Set it to 0 to keep 4 KiB pages.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .config import PRESETS, GPTConfig, preset
 from .errors import GptlabError
