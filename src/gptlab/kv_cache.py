@@ -129,8 +129,7 @@ class PackedCache:
             PackedLayerCache([(v.layers[i], s, m) for v, s, m in zip(views, slots, masks)], self.spans)
             for i in range(len(pool.layers))
         ]
-        self.pad = torch.zeros(1, dtype=torch.long, device=device)
-        self.length = max(b for _, _, b in segments)
+        self.pad = torch.zeros(1, dtype=torch.long, device=device)  # (what the image prefix reads: never packed)
 
     def positions_and_mask(self, slots: torch.Tensor) -> tuple[torch.Tensor, None]:
         """Positions [1, N] (a prompt's slots: no padding); no mask, each segment brings its own."""

@@ -535,9 +535,9 @@ class Scheduler:
         passes has the same inputs and shapes whether the prompt runs alone, among newcomers, or after a
         prefix-cache hit: the keys, values and logits are the same bits (:mod:`gptlab.serve.prefix_cache`). Where
         the model's products give a row the same bits whatever the other rows are (:func:`packs_prompts`), one
-        forward pass takes the next block of several newcomers at once (:class:`~gptlab.kv_cache.PackedCache`):
-        the products see all their tokens, each attends over its own row, and each gets the bits of its pass
-        alone; their first tokens come from one pass of the head."""
+        forward pass takes blocks of several newcomers at once (:meth:`_next_passes`,
+        :class:`~gptlab.kv_cache.PackedCache`): the products see all their tokens, each attends over its own row,
+        and each gets the bits of its pass alone; their first tokens come from one pass of the head."""
         budget = self.prefill_chunk
         while self.prefilling:
             passes = self._next_passes(budget)
