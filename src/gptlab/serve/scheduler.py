@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .. import kernels
+from .. import hugepages, kernels
 from ..config import GPTConfig
 from ..errors import GptlabError
 from ..generate.constraint import Grammar, Matcher
@@ -236,7 +236,7 @@ class Scheduler:
                 f"prefill_chunk {prefill_chunk} is less than prefix_block {prefix_block}: a newcomer's prompt is "
                 "prefilled one block per pass; raise prefill_chunk or lower prefix_block"
             )
-        self.model = model.eval()
+        self.model = hugepages.place_weights(model.eval())
         self.banked = any(isinstance(m, LoRABank) for m in model.modules())  # --lora: adapters chosen per row
         if self.banked and (compile or draft is not None):
             raise GptlabError("served LoRA adapters cannot be combined with compile or a draft")
