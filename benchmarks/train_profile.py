@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gptlab.config import preset
 from gptlab.model import GPT
+from gptlab.train.trainer import keep_freed_memory_in_heap
 
 
 def gemm_flops(dtype: torch.dtype, m: int, k: int, n: int, reps: int = 20) -> float:
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory_in_heap()  # as the trainer does
     cfg = preset("gpt2")
     torch.manual_seed(0)
     model = GPT(cfg)
