@@ -37,14 +37,19 @@ def test_placed_weights_give_the_same_logits_and_stay_tied(quantize):
     assert big and hugepages.place_weights(model) is model
     ptrs = [t.data_ptr() for t in big]
     assert hugepages.place_weights(model) is model and [t.data_ptr() for t in big] == ptrs  # a second call: nothing
+    big[-1].data = big[-1].data.clone()  # replaced since (as quantization replaces layers): the next call moves it
+    hugepages.place_weights(model)
+    assert [t.data_ptr() for t in big[:-1]] == ptrs[:-1] and big[-1].data_ptr() != ptrs[-1]
+    ptrs[-1] = big[-1].data_ptr()
     with torch.no_grad():
         assert torch.equal(model(idx)[0], before)
     if quantize is None:
         assert model.lm_head.weight is model.wte.weight
     if hugepages.available("cpu"):
         entry = mapping(ptrs[0])
-        assert all(mapping(p) == entry for p in ptrs)  # one region
-        assert " hg" in re.search(r"^VmFlags:.*$", entry, re.M).group(0), entry  # advised MADV_HUGEPAGE
+        assert all(mapping(p) == entry for p in ptrs[:-1])  # one region, and the one moved later in another
+        for p in (ptrs[0], ptrs[-1]):
+            assert " hg" in re.search(r"^VmFlags:.*$", mapping(p), re.M).group(0), entry  # advised MADV_HUGEPAGE
     else:
         pytest.skip(f"transparent huge pages are {hugepages.thp_mode()} here: values checked, placement not")
 

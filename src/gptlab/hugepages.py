@@ -59,8 +59,9 @@ def region(nbytes: int) -> torch.Tensor:
 def place_weights(model: M) -> M:
     """Move ``model``'s CPU parameters and buffers of at least ``MIN_WEIGHT_BYTES`` into one huge-page region (same
     values, same Parameter objects, so tied weights stay tied); the old memory is freed where nothing else holds it.
-    For inference: a model that is served or sampled. Returns ``model``; a second call does nothing."""
-    if getattr(model, "_gptlab_huge_pages", False) or not available("cpu"):
+    For inference: a model that is served or sampled. Returns ``model``. A second call moves only what is not yet
+    placed (weights replaced since, e.g. by quantization): placed tensors are parts of a region's storage."""
+    if not available("cpu"):
         return model
     groups: dict[int, list[torch.Tensor]] = {}  # storage address -> the tensors viewing it
     for t in [*model.parameters(), *model.buffers()]:
@@ -77,5 +78,4 @@ def place_weights(model: M) -> M:
             new.copy_(ts[0].detach().reshape(-1).view(torch.uint8))
             for t in ts:
                 t.data = new.view(t.dtype).view(t.shape)
-    model._gptlab_huge_pages = True  # type: ignore[assignment]
     return model
