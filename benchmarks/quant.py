@@ -189,22 +189,21 @@ def bandwidth() -> dict[str, float]:
     """Bytes per second of a large copy (read + written, best of 5), of a large read (the planner's probe,
     :func:`gptlab.plan.hardware.measure_cpu`: a sum over 256 MB) and of the same read from huge pages, where an
     Engine keeps its weights (:mod:`gptlab.hugepages`; 4 KiB pages read slower: the prefetchers stop at each)."""
-    a, b = torch.ones(64 * 2**20), torch.ones(64 * 2**20)  # touched: untouched pages would all read the zero page
-    best = math.inf
-    for _ in range(5):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t0)
-    out = {"copy": 2 * a.nbytes / best, "read": measure_cpu().bandwidth}
-    if hugepages.available("cpu"):
-        huge = hugepages.region(a.nbytes).view(torch.float32).fill_(1.0)
-        huge.sum()
+
+    def best_seconds(fn) -> float:
         best = math.inf
         for _ in range(5):
             t0 = time.perf_counter()
-            huge.sum()
+            fn()
             best = min(best, time.perf_counter() - t0)
-        out["read_huge_pages"] = huge.nbytes / best
+        return best
+
+    a, b = torch.ones(64 * 2**20), torch.ones(64 * 2**20)  # touched: untouched pages would all read the zero page
+    out = {"copy": 2 * a.nbytes / best_seconds(lambda: b.copy_(a)), "read": measure_cpu().bandwidth}
+    if hugepages.available():
+        huge = hugepages.region(a.nbytes).view(torch.float32).fill_(1.0)
+        huge.sum()
+        out["read_huge_pages"] = huge.nbytes / best_seconds(huge.sum)
     return out
 
 

@@ -45,7 +45,7 @@ def test_placed_weights_give_the_same_logits_and_stay_tied(quantize):
         assert torch.equal(model(idx)[0], before)
     if quantize is None:
         assert model.lm_head.weight is model.wte.weight
-    if hugepages.available("cpu"):
+    if hugepages.available():
         entry = mapping(ptrs[0])
         assert all(mapping(p) == entry for p in ptrs[:-1])  # one region, and the one moved later in another
         for p in (ptrs[0], ptrs[-1]):

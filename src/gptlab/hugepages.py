@@ -41,9 +41,9 @@ def thp_mode() -> str:
     return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "never"
 
 
-def available(device: torch.device | str | None) -> bool:
-    """Whether tensors on ``device`` can be put on huge pages here."""
-    return torch.device(device or "cpu").type == "cpu" and hasattr(mmap, "MADV_HUGEPAGE") and thp_mode() != "never"
+def available() -> bool:
+    """Whether CPU memory can be advised onto huge pages here (Linux, the kernel's mode not ``never``)."""
+    return hasattr(mmap, "MADV_HUGEPAGE") and thp_mode() != "never"
 
 
 def region(nbytes: int) -> torch.Tensor:
@@ -61,7 +61,7 @@ def place_weights(model: M) -> M:
     values, same Parameter objects, so tied weights stay tied); the old memory is freed where nothing else holds it.
     For inference: a model that is served or sampled. Returns ``model``. A second call moves only what is not yet
     placed (weights replaced since, e.g. by quantization): placed tensors are parts of a region's storage."""
-    if not available("cpu"):
+    if not available():
         return model
     groups: dict[int, list[torch.Tensor]] = {}  # storage address -> the tensors viewing it
     for t in [*model.parameters(), *model.buffers()]:

@@ -561,7 +561,7 @@ class Scheduler:
             r = job.request
             if self.prefix is not None:
                 names = self._names(job)
-                if not job.looked_up and names[:1] and names[0] in ahead:
+                if not job.looked_up and names and names[0] in ahead:
                     break
                 self._reuse(job)
                 ahead.update(names[job.reused :])
