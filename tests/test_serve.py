@@ -593,12 +593,15 @@ def test_one_huge_request_does_not_starve_small_ones(ckpt):
 
 
 def _stream(url, body, events, started):
+    """Stream one completion into ``events``; release ``started`` once, when its first chunk arrives (not once per
+    chunk: three releases must mean three streams running, not one stream's three chunks)."""
     lines = []
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 lines.append(line[6:])
-                started.release()
+                if len(lines) == 1:
+                    started.release()
     events.append(lines)
 
 
