@@ -372,6 +372,30 @@ def test_the_fp32_kernel_computes_linear_for_decode_steps():
     assert kernels.f32_linear(x, w.requires_grad_(), b) is None  # training: autograd's matmul
 
 
+def test_a_compiled_decode_step_of_several_rows_takes_the_fp32_kernel():
+    """Inside ``torch.compile`` a product of 2 to 64 rows (a compiled decode step of several sequences) is gptlab's
+    fp32 kernel too: the same bits as the eager step's (MKL's sgemm, which the compiled step used before, sums in
+    another order and reads the weights at half the speed: docs/benchmarks.md); one row stays inductor's fused loop,
+    more than 64 rows MKL's."""
+    from gptlab import kernels
+    from gptlab.layers import Linear
+
+    if kernels.isa() < kernels.AVX512:
+        pytest.skip("the fp32 kernel needs an x86 CPU with AVX-512 and a C++ compiler")
+    torch.manual_seed(0)
+    layer = Linear(768, 300).eval()
+    compiled = torch.compile(layer, dynamic=False, fullgraph=True)
+    with torch.no_grad():
+        for m in (2, 8, kernels.F32_MAX_ROWS):
+            x = torch.randn(m, 1, 768)
+            got = compiled(x)
+            assert torch.equal(got, kernels.f32_linear(x, layer.weight, layer.bias)), m
+            ref = x.double() @ layer.weight.double().T + layer.bias.double()
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+        x = torch.randn(kernels.F32_MAX_ROWS + 1, 768)
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-4)
+
+
 def test_the_decode_attention_kernel_computes_sdpa_over_the_admitted_slots():
     """gptlab's decode-step attention against float64 SDPA with the same boolean mask, for grouped-query and plain
     heads, head sizes it serves (multiples of 8, a 64-channel block and a remainder), key/value views of a longer

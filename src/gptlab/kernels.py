@@ -90,7 +90,7 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
         return None
     if not has_f32_kernel():
         return None
-    return load().f32_mm(x.reshape(rows, x.size(-1)), weight, bias).view(*x.shape[:-1], weight.size(0))
+    return torch.ops.gptlab.f32_mm(x.reshape(rows, x.size(-1)), weight, bias).view(*x.shape[:-1], weight.size(0))
 
 
 @contextlib.contextmanager
@@ -108,6 +108,7 @@ def row_invariant() -> Iterator[None]:
         _thread.any_rows = before
 
 
+@torch.compiler.assume_constant_result  # (called in compiled decode steps too: a constant there)
 def has_f32_kernel() -> bool:
     """Whether :func:`f32_linear` applies on this CPU (the fp32 kernel's loops are AVX-512 only)."""
     return isa() >= AVX512

@@ -83,19 +83,19 @@ class Linear(nn.Linear):
     ``torch.compile`` a product with a single row (decoding one token) is written as multiply-and-sum, which
     inductor fuses into one vectorized, bandwidth-bound loop over the weight. On a 2-core AVX-512 CPU that streams
     GPT-2's matrices at ~34 GB/s where MKL's sgemv reaches ~10 GB/s (docs/generation.md). Same weights, same state
-    dict. In eager inference on a CPU, a product of up to 64 rows (a decode step; any number inside
-    :func:`gptlab.kernels.row_invariant`) takes gptlab's fp32 kernel (:func:`gptlab.kernels.f32_linear`), which
-    reads each weight row once per step; training and longer inputs use the ordinary matmul."""
+    dict. In inference on a CPU, a product of 2 to 64 rows (a decode step of several sequences, compiled or not;
+    any number of rows, eager, inside :func:`gptlab.kernels.row_invariant`) and, eager, of one row takes gptlab's
+    fp32 kernel (:func:`gptlab.kernels.f32_linear`), which reads each weight row once per step (MKL's sgemm reads
+    them at a third of that speed for such few rows); training and longer inputs use the ordinary matmul."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            if x.shape[:-1].numel() == 1:
-                y = (x.unsqueeze(-2) * self.weight).sum(-1)
-                y = y if self.bias is None else y + self.bias
-            else:
-                y = super().forward(x)
+        rows = x.shape[:-1].numel()
+        if torch.compiler.is_compiling() and rows == 1:
+            y = (x.unsqueeze(-2) * self.weight).sum(-1)
+            y = y if self.bias is None else y + self.bias
         else:
-            few = kernels.f32_linear(x, self.weight, self.bias)  # eager decode steps on a CPU
+            compiling_many = torch.compiler.is_compiling() and rows > kernels.F32_MAX_ROWS
+            few = None if compiling_many else kernels.f32_linear(x, self.weight, self.bias)
             y = super().forward(x) if few is None else few
         return with_adapter(self, x, y)
 
