@@ -104,6 +104,10 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
         pytest.skip(f"gptlab's kernels need an x86 CPU with AVX2 and a C++ compiler; this CPU reports {cap}")
     ops = kernels.load()  # an AVX2 CPU with a compiler: a build that fails is a failure here, not a skip
     assert ops is not None, "gptlab's kernels did not build or load (their compiler error is printed above)"
+    # the 512-bit loops' two blocks for one activation row (kernels.quant_ops measures which is faster here)
+    measured = list(ops.single_row_blocks())
+    single_row_blocks = (1, 4) if kernels.isa() >= kernels.AVX512 else (measured[0],)
+    assert set(kernels.measure_single_row_blocks(ops, rounds=1)) <= {1, 4}
     torch.manual_seed(0)
     for n, k in ((100, 256), (37, 100), (3, 33), (5, 4608)):  # tails of 16 columns; over 2048 columns (flushes)
         q, s = quantize_int8(torch.randn(n, k))
@@ -112,7 +116,9 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
             x = torch.randn(m, k) * 3
             xh, xs = int16_rows(x)
             got = ops.int8_mm(x, q, s)
-            assert torch.equal(ops.int8_mm(x[-1:], q, s), got[-1:])  # a row alone: the same bits as among others
+            for block in single_row_blocks:  # a row alone, in either block: the same bits as among others
+                ops.set_single_row_blocks(block, block)
+                assert torch.equal(ops.int8_mm(x[-1:], q, s), got[-1:])
             got = got.double()
             torch.testing.assert_close(got, xh @ w.T, rtol=1e-5, atol=1e-4)
             bound = (xs / 2) * (q.abs().double().sum(1) * s.double())[None]  # sum_k |w_k| |x_k - x̂_k|
@@ -127,13 +133,16 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
             x = torch.randn(m, k)
             xh, xs = int16_rows(x)
             got = ops.int4_mm(x, layer.qweight, layer.scales, layer.zeros, g)
-            assert torch.equal(ops.int4_mm(x[-1:], layer.qweight, layer.scales, layer.zeros, g), got[-1:])
+            for block in single_row_blocks:
+                ops.set_single_row_blocks(block, block)
+                assert torch.equal(ops.int4_mm(x[-1:], layer.qweight, layer.scales, layer.zeros, g), got[-1:])
             got = got.double()
             # the codes' part uses x̂, the offsets' part the group sums of x itself
             codes = w - offsets.double().repeat_interleave(g, 1)
             tol = 1e-4 * max(1, k / 1024)  # fp32 sums of k / g group terms
             torch.testing.assert_close(got, xh @ codes.T + x.double() @ (w - codes).T, rtol=1e-5, atol=tol)
             assert ((got - x.double() @ w.T).abs() <= (xs / 2) * codes.abs().sum(1)[None] * 1.001 + tol).all()
+    ops.set_single_row_blocks(*measured)
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
     greedy = Sampling(temperature=0)
     for mode in ("int8", "int4"):

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <type_traits>
@@ -161,8 +162,25 @@ static void block(int64_t ws, int64_t rows, F&& f) {
   f(Rows<R>{}, Rows<W>{});
 }
 
-// The block shapes of the int8 and int4 loops: bw weight rows (4 for one activation row, 2 for more, 1 for the
-// 256-bit loop) by 1 or 4 activation rows.
+// Weight rows per block of the 512-bit int8 and int4 loops for one activation row (a decode step of one sequence):
+// 4, sharing each activation load, the fastest where the weights come from the cache (compute-bound; 1.8x one row
+// for a 6 MB int8 matrix on an AMD EPYC Zen 4), or 1, reading the weights in address order, the fastest where they
+// come from memory (2x four rows there for 50 MB of 768-byte rows: four rows' interleaved loads fetch at half the
+// speed). A decode step streams all of a model's weights, so which applies depends on the CPU's caches and on the
+// loop (int4's does more work per byte: four rows were 1.1x one row there on the same EPYC); kernels.py measures
+// both for each loop once per process and sets them (set_single_row_blocks). Each (weight row, activation row)
+// pair has its own accumulators whatever the block, so the choice changes no result.
+static std::atomic<int64_t> int8_single_row_block{4}, int4_single_row_block{4};
+static void set_single_row_blocks(int64_t int8_rows, int64_t int4_rows) {
+  TORCH_CHECK((int8_rows == 1 || int8_rows == 4) && (int4_rows == 1 || int4_rows == 4),
+              "set_single_row_blocks: 1 or 4 weight rows");
+  int8_single_row_block = int8_rows;
+  int4_single_row_block = int4_rows;
+}
+static std::vector<int64_t> single_row_blocks() { return {int8_single_row_block, int4_single_row_block}; }
+
+// The block shapes of the int8 and int4 loops: bw weight rows (the *_single_row_block for one activation row, 2 for more,
+// 1 for the 256-bit loop) by 1 or 4 activation rows.
 template <class F>
 static void quant_block(int64_t bw, int64_t ws, int64_t rows, F&& f) {
   if (bw == 4) block<1, 4>(ws, rows, f);
@@ -197,8 +215,9 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const int16_t* xqp = xq.data();
   const int64_t K32 = K / 32 * 32;
   const Isa isa = cpu_isa();
-  // weight rows per block: 4 for one activation row (a decode step of one sequence), 2 for more; 1 in 256 bits
-  const int64_t BW = isa == kAvx2 ? 1 : (M == 1 ? 4 : 2);
+  // weight rows per block: int8_single_row_block for one activation row (a decode step of one sequence), 2 for more;
+  // 1 in 256 bits
+  const int64_t BW = isa == kAvx2 ? 1 : (M == 1 ? int8_single_row_block.load() : 2);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     float d[16];
     for (int64_t n = n0; n < n1; n += BW) {
@@ -384,7 +403,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const Isa isa = cpu_isa();
   // weight rows per block as int8_mm's; one at a time where the group size takes the 256-bit loop
   const bool wide = isa != kAvx2 && int4_wide_groups(gb);
-  const int64_t BW = !wide ? 1 : (M == 1 ? 4 : 2);
+  const int64_t BW = !wide ? 1 : (M == 1 ? int4_single_row_block.load() : 2);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     float d[16];
     for (int64_t n = n0; n < n1; n += BW) {
@@ -599,6 +618,8 @@ static int64_t isa() { return cpu_isa(); }  // for Python: which loops run here 
 
 TORCH_LIBRARY(gptlab, m) {
   m.def("isa() -> int", &isa);
+  m.def("set_single_row_blocks(int int8_rows, int int4_rows) -> ()", &set_single_row_blocks);
+  m.def("single_row_blocks() -> int[]", &single_row_blocks);
   m.def("int8_mm(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor w, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def("f32_mm(Tensor x, Tensor w, Tensor? bias) -> Tensor");

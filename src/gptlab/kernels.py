@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,61 @@ def decode_attention(
     ):
         return None
     return torch.ops.gptlab.decode_attention(q, k, v, mask, q.size(-1) ** -0.5)
+
+
+@functools.cache
+def quant_ops() -> Any:
+    """:func:`load`'s ops for the int8 and int4 products, with each loop's block for one activation row (a decode
+    step of one sequence) set by :func:`measure_single_row_blocks`, once per process; None as :func:`load`."""
+    ops = load()
+    if ops is not None and isa() >= AVX512:
+        ops.set_single_row_blocks(*measure_single_row_blocks(ops))
+    return ops
+
+
+def measure_single_row_blocks(ops: Any, rounds: int = 3) -> tuple[int, int]:
+    """The faster block of the 512-bit int8 loop and of the int4 loop for one activation row, 4 weight rows or 1,
+    timed on this machine (``kernels.cpp`` says why each wins where it does): one-row products over weight rows of
+    768 columns filling twice the L3 (at least 64, at most 256 MiB), the two blocks alternating, the best of ``rounds``
+    each. A decode step streams all of a model's weights, so this is the cache its weights meet: on the AMD EPYC
+    Zen 4 of docs/benchmarks.md (32 MiB of L3) int8 takes one row and int4 four. About 0.1 s."""
+    size = min(max(2 * l3_bytes(), 64 << 20), 256 << 20)
+    n = size // 768
+    codes = torch.ones(n, 768, dtype=torch.int8)  # written, so that every page is real memory
+    packed = codes.view(torch.uint8).view(2 * n, 384)  # int4: 768 columns a row, as int8's
+    ones16 = torch.ones(2 * n, 768 // 64, dtype=torch.float16)
+    products = {
+        0: lambda: ops.int8_mm(torch.ones(1, 768), codes, torch.ones(n)),
+        1: lambda: ops.int4_mm(torch.ones(1, 768), packed, ones16, ones16, 64),
+    }
+    before = list(ops.single_row_blocks())
+    chosen = list(before)
+    try:
+        for which, product in products.items():
+            best = {1: float("inf"), 4: float("inf")}
+            for _ in range(rounds):
+                for rows in best:
+                    chosen[which] = rows
+                    ops.set_single_row_blocks(*chosen)
+                    t0 = time.perf_counter()
+                    product()
+                    best[rows] = min(best[rows], time.perf_counter() - t0)
+            chosen[which] = min(best, key=lambda rows: best[rows])
+    finally:
+        ops.set_single_row_blocks(*before)
+    return chosen[0], chosen[1]
+
+
+def l3_bytes() -> int:
+    """The size of the last-level (L3) cache CPU 0 sees, from sysfs; 32 MiB where it does not say."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                size = (index / "size").read_text().strip()
+                return int(size.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(size[-1], 0)
+        except (OSError, ValueError):
+            continue
+    return 32 << 20
 
 
 @torch.compiler.assume_constant_result  # (a compiled step takes the answer as a constant; load() is not traceable)
