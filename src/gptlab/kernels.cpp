@@ -179,8 +179,8 @@ static void set_single_row_blocks(int64_t int8_rows, int64_t int4_rows) {
 }
 static std::vector<int64_t> single_row_blocks() { return {int8_single_row_block, int4_single_row_block}; }
 
-// The block shapes of the int8 and int4 loops: bw weight rows (the *_single_row_block for one activation row, 2 for more,
-// 1 for the 256-bit loop) by 1 or 4 activation rows.
+// The block shapes of the int8 and int4 loops: bw weight rows (the loop's single-row block for one activation row,
+// 2 for more, 1 for the 256-bit loop) by 1 or 4 activation rows.
 template <class F>
 static void quant_block(int64_t bw, int64_t ws, int64_t rows, F&& f) {
   if (bw == 4) block<1, 4>(ws, rows, f);
