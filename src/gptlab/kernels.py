@@ -162,9 +162,10 @@ def measure_single_row_blocks(ops: Any, rounds: int = 3) -> tuple[int, int]:
     codes = torch.ones(n, 768, dtype=torch.int8)  # written, so that every page is real memory
     packed = codes.view(torch.uint8).view(2 * n, 384)  # int4: 768 columns a row, as int8's
     ones16 = torch.ones(2 * n, 768 // 64, dtype=torch.float16)
+    x, scales = torch.ones(1, 768), torch.ones(n)
     products = {
-        0: lambda: ops.int8_mm(torch.ones(1, 768), codes, torch.ones(n)),
-        1: lambda: ops.int4_mm(torch.ones(1, 768), packed, ones16, ones16, 64),
+        0: lambda: ops.int8_mm(x, codes, scales),
+        1: lambda: ops.int4_mm(x, packed, ones16, ones16, 64),
     }
     before = list(ops.single_row_blocks())
     chosen = list(before)
@@ -262,8 +263,9 @@ def isa() -> int:
 
 @functools.cache
 def load() -> Any:
-    """``torch.ops.gptlab`` (``int8_mm``, ``int4_mm``, ``f32_mm``, ``decode_attention``, ``isa``), built on first
-    use, or None where it does not apply (module docstring)."""
+    """``torch.ops.gptlab`` (``int8_mm``, ``int4_mm``, ``f32_mm``, ``decode_attention``, ``isa``,
+    ``set_single_row_blocks`` / ``single_row_blocks``: see :func:`quant_ops`), built on first use, or None where it
+    does not apply (module docstring)."""
     how = mode()
     if how == "off" or sys.platform != "linux":
         return None

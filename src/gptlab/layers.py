@@ -89,13 +89,12 @@ class Linear(nn.Linear):
     them at a third of that speed for such few rows); training and longer inputs use the ordinary matmul."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[:-1].numel()
-        if torch.compiler.is_compiling() and rows == 1:
+        rows, compiling = x.shape[:-1].numel(), torch.compiler.is_compiling()
+        if compiling and rows == 1:
             y = (x.unsqueeze(-2) * self.weight).sum(-1)
             y = y if self.bias is None else y + self.bias
         else:
-            compiling_many = torch.compiler.is_compiling() and rows > kernels.F32_MAX_ROWS
-            few = None if compiling_many else kernels.f32_linear(x, self.weight, self.bias)
+            few = None if compiling and rows > kernels.F32_MAX_ROWS else kernels.f32_linear(x, self.weight, self.bias)
             y = super().forward(x) if few is None else few
         return with_adapter(self, x, y)
 
