@@ -104,10 +104,11 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
         pytest.skip(f"gptlab's kernels need an x86 CPU with AVX2 and a C++ compiler; this CPU reports {cap}")
     ops = kernels.load()  # an AVX2 CPU with a compiler: a build that fails is a failure here, not a skip
     assert ops is not None, "gptlab's kernels did not build or load (their compiler error is printed above)"
-    # the 512-bit loops' two blocks for one activation row (kernels.quant_ops measures which is faster here)
+    # the 512-bit loops' two blocks for one activation row (kernels.tuned_ops measures which is faster here)
     measured = list(ops.single_row_blocks())
     single_row_blocks = (1, 4) if kernels.isa() >= kernels.AVX512 else (measured[0],)
-    assert set(kernels.measure_single_row_blocks(ops, rounds=1)) <= {1, 4}
+    found = kernels.measure_single_row_blocks(ops, rounds=1)
+    assert all(rows in allowed for rows, allowed in zip(found, kernels.SINGLE_ROW_BLOCKS, strict=True))
     torch.manual_seed(0)
     for n, k in ((100, 256), (37, 100), (3, 33), (5, 4608)):  # tails of 16 columns; over 2048 columns (flushes)
         q, s = quantize_int8(torch.randn(n, k))
@@ -117,15 +118,23 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
             xh, xs = int16_rows(x)
             got = ops.int8_mm(x, q, s)
             for block in single_row_blocks:  # a row alone, in either block: the same bits as among others
-                ops.set_single_row_blocks(block, block)
+                ops.set_single_row_blocks(block, block, measured[2])
                 assert torch.equal(ops.int8_mm(x[-1:], q, s), got[-1:])
             got = got.double()
             torch.testing.assert_close(got, xh @ w.T, rtol=1e-5, atol=1e-4)
             bound = (xs / 2) * (q.abs().double().sum(1) * s.double())[None]  # sum_k |w_k| |x_k - x̂_k|
             assert ((got - x.double() @ w.T).abs() <= bound * 1.001 + 1e-4).all()
-    # groups of 64 and 128 (whole 512-bit steps), of 32 (two a step; an odd count ends in a masked half step), of
-    # 96 (the 256-bit loop on every CPU)
-    for n, k, g in ((100, 256, 64), (19, 96, 32), (9, 4096, 32), (7, 512, 128), (5, 192, 96)):
+    # groups of 64, 128 and 256 (one, two and four whole 512-bit steps), of 32 (two a step; an odd count ends in a
+    # masked half step), of 96 (the 256-bit loop on every CPU)
+    for n, k, g in (
+        (100, 256, 64),
+        (5, 192, 64),
+        (19, 96, 32),
+        (9, 4096, 32),
+        (7, 512, 128),
+        (6, 1024, 256),
+        (5, 192, 96),
+    ):
         layer = QuantLinear.from_weight(torch.randn(n, k), None, "int4", g)
         w = layer.dequantized().double()
         offsets = layer.zeros.float() - 8 * layer.scales.float()
@@ -134,7 +143,7 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
             xh, xs = int16_rows(x)
             got = ops.int4_mm(x, layer.qweight, layer.scales, layer.zeros, g)
             for block in single_row_blocks:
-                ops.set_single_row_blocks(block, block)
+                ops.set_single_row_blocks(block, block, measured[2])
                 assert torch.equal(ops.int4_mm(x[-1:], layer.qweight, layer.scales, layer.zeros, g), got[-1:])
             got = got.double()
             # the codes' part uses x̂, the offsets' part the group sums of x itself
@@ -349,15 +358,18 @@ def test_saving_a_loaded_quantized_model_round_trips_in_every_format(tmp_path, m
 
 def test_the_fp32_kernel_computes_linear_for_decode_steps():
     """gptlab's fp32 kernel (eager decode steps on an AVX-512 CPU) against a float64 ``x @ w.T + b`` on every row
-    count it serves, both block shapes (up to 8 rows and more) and every count of weight rows a block can be left
-    with; each row's result the same bits alone as among the others (a decode step's rows are other requests); and
-    its guard: gradients, autocast and more rows (outside ``row_invariant``) go to ``F.linear``."""
+    count it serves, every block shape (each the probe may choose for one row, up to 8 rows, more) and every count
+    of weight rows a block can be left with; each row's result the same bits alone as among the others (a decode
+    step's rows are other requests); and its guard: gradients, autocast and more rows (outside ``row_invariant``)
+    go to ``F.linear``."""
     from gptlab import kernels
 
     if kernels.isa() < kernels.AVX512:
         assert kernels.f32_linear(torch.randn(2, 16), torch.randn(3, 16), None) is None  # F.linear's, not a detour
         pytest.skip("the fp32 kernel needs an x86 CPU with AVX-512 and a C++ compiler")
     torch.manual_seed(0)
+    ops = kernels.tuned_ops()
+    measured = list(ops.single_row_blocks())
     with torch.no_grad():
         for n, k in ((37, 100), (64, 768), (3, 16), (13, 3072)):
             x, w, b = torch.randn(kernels.F32_MAX_ROWS, k), torch.randn(n, k), torch.randn(n)
@@ -367,6 +379,10 @@ def test_the_fp32_kernel_computes_linear_for_decode_steps():
                 torch.testing.assert_close(alone.double(), ref, rtol=1e-5, atol=1e-4)
                 for m in range(1, kernels.F32_MAX_ROWS + 1):
                     assert torch.equal(kernels.f32_linear(x[:m], w, bias), alone[:m]), (n, k, m)
+                for block in kernels.SINGLE_ROW_BLOCKS[2]:  # a row alone in each block the probe may choose
+                    ops.set_single_row_blocks(*measured[:2], block)
+                    assert torch.equal(kernels.f32_linear(x[-1:], w, bias), alone[-1:]), (n, k, block)
+                ops.set_single_row_blocks(*measured)
         x3, w3 = torch.randn(2, 3, 64), torch.randn(5, 64)  # leading dimensions kept
         torch.testing.assert_close(kernels.f32_linear(x3, w3, None), F.linear(x3, w3), rtol=1e-5, atol=1e-4)
         assert kernels.f32_linear(torch.randn(kernels.F32_MAX_ROWS + 1, 16), torch.randn(3, 16), None) is None

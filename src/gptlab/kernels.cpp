@@ -85,22 +85,30 @@ static inline void int8_dots(const int8_t* w, const int16_t* x, int64_t K, int64
 
 // The same with 512-bit registers (AVX-512BW: every CPU PyTorch calls AVX512 has it), 64 columns at a time, for
 // half the instructions per weight, and W weight rows at a time sharing each activation load (R x 2 loads of
-// activations per step for all W rows; one row alone is bound by its loads, measured); the rows of the next block
-// are prefetched. One int32 chain per (weight row, activation row): it gains at most 4 * 127 * 32767 per step, so
+// activations per step for all W rows; one row alone is bound by its loads, measured); the weights kPrefetchBytes
+// ahead, or the next block's rows where they are longer, are prefetched. One int32 chain per (weight row,
+// activation row), two (the even and odd 32 columns of a step) for blocks of up to 4 pairs, where one chain of
+// dependent products bounds the loop (1.05x for GPT-2 at one row): each gains at most 4 * 127 * 32767 per step, so
 // the lanes go to fp32 every 2048 columns (32 steps), long before 2^31. Integer sums are exact in any order and the
 // fp32 flushes follow the same 2048 columns whatever W and R are, so a row's result does not depend on the block.
 // Defined twice by a macro: with AVX-512 VNNI, vpdpwssd multiplies the int16 pairs and adds them into the int32
 // lanes in one instruction (Intel's intrinsics guide, _mm512_dpwssd_epi32) where vpmaddwd + vpaddd take two.
+
+// How far ahead of its loads a 512-bit int8 or int4 loop prefetches its weights, in bytes along the thread's rows
+// (contiguous), at least one block: on an AMD EPYC Zen 5 (2 threads reading 77 GB/s), GPT-2's int4 products for one
+// token took 2.3 ms prefetching the next block of 4 rows (1.5 KiB ahead), 1.9 ms at 4 KiB, 1.6 ms at 8 or 16 KiB.
+constexpr int64_t kPrefetchBytes = 8192;
+
 #define GPTLAB_INT8_DOTS512(NAME, TARGET, DOT)                                                                     \
   template <int R, int W>                                                                                          \
   __attribute__((target(TARGET))) static void NAME(const int8_t* w, const int16_t* x, int64_t K, float* out) {    \
-    const int64_t K64 = K / 64 * 64;                                                                               \
+    const int64_t K64 = K / 64 * 64, pd = std::max<int64_t>(kPrefetchBytes, W * K);                                \
     __m512 f[W * R];                                                                                               \
-    __m512i a[W * R];                                                                                              \
+    __m512i a[W * R], b[W * R];                                                                                    \
     for (int i = 0; i < W * R; ++i) f[i] = _mm512_setzero_ps();                                                    \
     for (int64_t k0 = 0; k0 < K64; k0 += 2048) {                                                                   \
       const int64_t k1 = std::min(K64, k0 + 2048);                                                                 \
-      for (int i = 0; i < W * R; ++i) a[i] = _mm512_setzero_si512();                                               \
+      for (int i = 0; i < W * R; ++i) a[i] = b[i] = _mm512_setzero_si512();                                        \
       for (int64_t k = k0; k < k1; k += 64) {                                                                      \
         __m512i x0[R], x1[R];                                                                                      \
         for (int r = 0; r < R; ++r) {                                                                              \
@@ -109,14 +117,18 @@ static inline void int8_dots(const int8_t* w, const int16_t* x, int64_t K, int64
           asm("" : "+v"(x0[r]), "+v"(x1[r])); /* loaded once for the W rows, not folded into each product */      \
         }                                                                                                          \
         for (int v = 0; v < W; ++v) {                                                                              \
-          _mm_prefetch(reinterpret_cast<const char*>(w + (v + W) * K + k), _MM_HINT_T0);                           \
+          _mm_prefetch(reinterpret_cast<const char*>(w + v * K + k + pd), _MM_HINT_T0);                            \
           const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * K + k))); \
           const __m512i w1 =                                                                                       \
               _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * K + k + 32)));      \
-          for (int r = 0; r < R; ++r) a[v * R + r] = DOT(DOT(a[v * R + r], w0, x0[r]), w1, x1[r]);                 \
+          for (int r = 0; r < R; ++r) {                                                                            \
+            a[v * R + r] = DOT(a[v * R + r], w0, x0[r]);                                                           \
+            if constexpr (W * R <= 4) b[v * R + r] = DOT(b[v * R + r], w1, x1[r]);                                 \
+            else a[v * R + r] = DOT(a[v * R + r], w1, x1[r]);                                                      \
+          }                                                                                                        \
         }                                                                                                          \
       }                                                                                                            \
-      for (int i = 0; i < W * R; ++i) f[i] = _mm512_add_ps(f[i], _mm512_cvtepi32_ps(a[i]));                        \
+      for (int i = 0; i < W * R; ++i) f[i] = _mm512_add_ps(f[i], _mm512_cvtepi32_ps(_mm512_add_epi32(a[i], b[i]))); \
     }                                                                                                              \
     for (int v = 0; v < W; ++v)                                                                                    \
       for (int r = 0; r < R; ++r) {                                                                                \
@@ -170,14 +182,19 @@ static void block(int64_t ws, int64_t rows, F&& f) {
 // loop (int4's does more work per byte: four rows were 1.1x one row there on the same EPYC); kernels.py measures
 // both for each loop once per process and sets them (set_single_row_blocks). Each (weight row, activation row)
 // pair has its own accumulators whatever the block, so the choice changes no result.
-static std::atomic<int64_t> int8_single_row_block{4}, int4_single_row_block{4};
-static void set_single_row_blocks(int64_t int8_rows, int64_t int4_rows) {
-  TORCH_CHECK((int8_rows == 1 || int8_rows == 4) && (int4_rows == 1 || int4_rows == 4),
-              "set_single_row_blocks: 1 or 4 weight rows");
+// The fp32 loop's block for one activation row is measured the same way, 1, 2, 4 or 8 weight rows (f32_mm).
+static std::atomic<int64_t> int8_single_row_block{4}, int4_single_row_block{4}, f32_single_row_block{2};
+static void set_single_row_blocks(int64_t int8_rows, int64_t int4_rows, int64_t f32_rows) {
+  TORCH_CHECK((int8_rows == 1 || int8_rows == 4) && (int4_rows == 1 || int4_rows == 4) &&
+              (f32_rows == 1 || f32_rows == 2 || f32_rows == 4 || f32_rows == 8),
+              "set_single_row_blocks: 1 or 4 weight rows (int8, int4), 1, 2, 4 or 8 (fp32)");
   int8_single_row_block = int8_rows;
   int4_single_row_block = int4_rows;
+  f32_single_row_block = f32_rows;
 }
-static std::vector<int64_t> single_row_blocks() { return {int8_single_row_block, int4_single_row_block}; }
+static std::vector<int64_t> single_row_blocks() {
+  return {int8_single_row_block, int4_single_row_block, f32_single_row_block};
+}
 
 // The block shapes of the int8 and int4 loops: bw weight rows (the loop's single-row block for one activation row,
 // 2 for more, 1 for the 256-bit loop) by 1 or 4 activation rows.
@@ -260,7 +277,7 @@ static inline void int4_dots(const uint8_t* w, const int16_t* xe, const int16_t*
 }
 
 // The same with 512-bit registers, 64 columns (32 bytes) a step, plain (vpmaddwd + vpaddd) or with VNNI (vpdpwssd),
-// for W weight rows at a time sharing each activation load, the next block's rows prefetched (as int8's loop).
+// for W weight rows at a time sharing each activation load, the weights ahead prefetched as in int8's loop.
 // Groups of 64 columns or more (gb a multiple of 32 bytes) sum whole steps and are scaled once; groups of 32 (gb 16)
 // fill half a step each, so a step holds two groups, whose int32 lanes (the low and high 8) are scaled by a vector
 // of the two scales; an odd last group is a half step, its upper bytes masked off. Other group sizes take the
@@ -275,7 +292,7 @@ static inline void int4_dots(const uint8_t* w, const int16_t* xe, const int16_t*
       asm("" : "+v"(e_[r]), "+v"(o_[r])); /* loaded once for the W rows */                                         \
     }                                                                                                              \
     for (int v = 0; v < W; ++v) {                                                                                  \
-      _mm_prefetch(reinterpret_cast<const char*>(w + (v + W) * H + (J)), _MM_HINT_T0);                             \
+      _mm_prefetch(reinterpret_cast<const char*>(w + v * H + (J) + pd), _MM_HINT_T0);                              \
       const __m512i b_ = (BV), hi_ = _mm512_srli_epi16(b_, 4), lo_ = _mm512_and_si512(b_, low4);                  \
       for (int r = 0; r < R; ++r) a[v * R + r] = DOT(DOT(a[v * R + r], hi_, e_[r]), lo_, o_[r]);                   \
     }                                                                                                              \
@@ -296,6 +313,7 @@ static inline void int4_dots(const uint8_t* w, const int16_t* xe, const int16_t*
                                                    int64_t H, int64_t G, int64_t gb, const uint16_t* scale,        \
                                                    float* out) {                                                   \
     const __m512i low4 = _mm512_set1_epi16(15);                                                                    \
+    const int64_t pd = std::max<int64_t>(kPrefetchBytes, W * H);                                                   \
     __m512 f[W * R];                                                                                               \
     __m512i a[W * R];                                                                                              \
     for (int i = 0; i < W * R; ++i) f[i] = _mm512_setzero_ps();                                                    \
@@ -430,10 +448,12 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 // keeps it: a block of W weight rows is read once for R activation rows at a time (the W x R accumulators in
 // registers, the weight rows in L1 across the blocks of R), so a step reads the weights once, at memory speed.
 // MKL's sgemm reads them at a third of that for 1 to 16 rows on the CPUs measured (docs/benchmarks.md). AVX-512 CPUs
-// only; others get at::linear. Each k step loads W weight and R activation vectors for W x R FMAs; the two block
-// shapes are the ones measured fastest on an AMX Xeon (loads, not FMAs, bound the loop there): up to 8 rows, 2 x 8
-// with the rows after next prefetched (memory-bound: few weight streams, far ahead); more rows, 6 x 4 (compute-
-// bound: 24 FMAs per 10 loads against 16 per 10).
+// only; others get at::linear. Each k step loads W weight and R activation vectors for W x R FMAs; the block shapes
+// for several rows are the ones measured fastest on an AMX Xeon (loads, not FMAs, bound the loop there): up to 8
+// rows, 2 x 8 with the rows after next prefetched (memory-bound: few weight streams, far ahead); more rows, 6 x 4
+// (compute-bound: 24 FMAs per 10 loads against 16 per 10). One row (a decode step of one sequence) takes 1, 2, 4 or
+// 8 weight rows, measured per process (f32_single_row_block): 1 was 1.2x 2 on an AMD EPYC Zen 5, 2 the best on the
+// Xeon.
 //
 // Every dot product is one accumulator of 16 lanes summed in one fixed order, whatever the block it is computed in,
 // so a row's result does not depend on the other rows of the step (a request decodes the same bits alone or in a
@@ -510,7 +530,8 @@ at::Tensor f32_mm(const at::Tensor& x, const at::Tensor& w, const std::optional<
   if (bias.has_value() && bias->defined()) { bc = bias->contiguous().to(at::kFloat); bp = bc.data_ptr<float>(); }
   float* op = out.data_ptr<float>();
   const bool few = M <= 8;
-  const int64_t BW = few ? 2 : 6, BR = few ? 8 : 4;  // the block: weight rows x activation rows
+  const int64_t W1 = f32_single_row_block.load();
+  const int64_t BW = M == 1 ? W1 : few ? 2 : 6, BR = few ? 8 : 4;  // the block: weight rows x activation rows
   const int64_t MT = std::max<int64_t>(BR, F32_TILE_BYTES / (K * 4) / BR * BR);  // rows per tile
   at::parallel_for(0, N, 24, [&](int64_t n0, int64_t n1) {
     float d[32];
@@ -519,7 +540,11 @@ at::Tensor f32_mm(const at::Tensor& x, const at::Tensor& w, const std::optional<
         const int64_t ws = std::min(BW, n1 - n);
         for (int64_t m0 = t0; m0 < std::min(M, t0 + MT); m0 += BR) {
           const int64_t R = std::min(BR, M - m0);
-          if (few) block<8, 2>(ws, R, [&](auto r, auto v) { f32_dots<r, v, true>(wp + n * K, xp + m0 * K, K, d); });
+          const auto dots = [&](auto r, auto v) { f32_dots<r, v, true>(wp + n * K, xp + m0 * K, K, d); };
+          if (M == 1 && W1 == 8) block<1, 8>(ws, R, dots);
+          else if (M == 1 && W1 == 4) block<1, 4>(ws, R, dots);
+          else if (M == 1 && W1 == 1) block<1, 1>(ws, R, dots);
+          else if (few) block<8, 2>(ws, R, dots);
           else block<4, 6>(ws, R, [&](auto r, auto v) { f32_dots<r, v, false>(wp + n * K, xp + m0 * K, K, d); });
           for (int64_t v = 0; v < ws; ++v)
             for (int64_t r = 0; r < R; ++r) op[(m0 + r) * N + n + v] = d[v * R + r] + (bp ? bp[n + v] : 0.f);
@@ -618,7 +643,7 @@ static int64_t isa() { return cpu_isa(); }  // for Python: which loops run here 
 
 TORCH_LIBRARY(gptlab, m) {
   m.def("isa() -> int", &isa);
-  m.def("set_single_row_blocks(int int8_rows, int int4_rows) -> ()", &set_single_row_blocks);
+  m.def("set_single_row_blocks(int int8_rows, int int4_rows, int f32_rows) -> ()", &set_single_row_blocks);
   m.def("single_row_blocks() -> int[]", &single_row_blocks);
   m.def("int8_mm(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor w, Tensor scales, Tensor zeros, int group_size) -> Tensor");

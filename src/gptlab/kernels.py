@@ -111,8 +111,9 @@ def row_invariant() -> Iterator[None]:
 
 @torch.compiler.assume_constant_result  # (called in compiled decode steps too: a constant there)
 def has_f32_kernel() -> bool:
-    """Whether :func:`f32_linear` applies on this CPU (the fp32 kernel's loops are AVX-512 only)."""
-    return isa() >= AVX512
+    """Whether :func:`f32_linear` applies on this CPU (the fp32 kernel's loops are AVX-512 only); the first call
+    measures its block for one row (:func:`tuned_ops`)."""
+    return isa() >= AVX512 and tuned_ops() is not None
 
 
 def decode_attention(
@@ -142,36 +143,42 @@ def decode_attention(
 
 
 @functools.cache
-def quant_ops() -> Any:
-    """:func:`load`'s ops for the int8 and int4 products, with each loop's block for one activation row (a decode
-    step of one sequence) set by :func:`measure_single_row_blocks`, once per process; None as :func:`load`."""
+def tuned_ops() -> Any:
+    """:func:`load`'s ops with the block of the int8, int4 and fp32 loops for one activation row (a decode step of one
+    sequence) set by :func:`measure_single_row_blocks`, once per process; None as :func:`load`."""
     ops = load()
     if ops is not None and isa() >= AVX512:
         ops.set_single_row_blocks(*measure_single_row_blocks(ops))
     return ops
 
 
-def measure_single_row_blocks(ops: Any, rounds: int = 3) -> tuple[int, int]:
-    """The faster block of the 512-bit int8 loop and of the int4 loop for one activation row, 4 weight rows or 1,
-    timed on this machine (``kernels.cpp`` says why each wins where it does): one-row products over weight rows of
-    768 columns filling twice the L3 (at least 64, at most 256 MiB), the two blocks alternating, the best of ``rounds``
-    each. A decode step streams all of a model's weights, so this is the cache its weights meet: on the AMD EPYC
-    Zen 4 of docs/benchmarks.md (32 MiB of L3) int8 takes one row and int4 four. About 0.1 s."""
+SINGLE_ROW_BLOCKS = ((1, 4), (1, 4), (1, 2, 4, 8))  # the weight rows a block may take: int8, int4, fp32 loops
+
+
+def measure_single_row_blocks(ops: Any, rounds: int = 3) -> tuple[int, int, int]:
+    """The fastest block of the 512-bit int8, int4 and fp32 loops for one activation row (weight rows: 4 or 1 for
+    int8 and int4; 1, 2, 4 or 8 for fp32), timed on this machine (``kernels.cpp`` says why each wins where it does):
+    one-row products over weight rows of 768 columns filling twice the L3 (at least 64, at most 256 MiB), the blocks
+    alternating, the best of ``rounds`` each. A decode step streams all of a model's weights, so this is the cache
+    its weights meet: on the AMD EPYC Zen 4 of docs/benchmarks.md (32 MiB of L3) int8 takes one row and int4 four; on
+    a Zen 5 fp32 takes one (1.2x the two it took before). About 0.1 s."""
     size = min(max(2 * l3_bytes(), 64 << 20), 256 << 20)
     n = size // 768
     codes = torch.ones(n, 768, dtype=torch.int8)  # written, so that every page is real memory
     packed = codes.view(torch.uint8).view(2 * n, 384)  # int4: 768 columns a row, as int8's
     ones16 = torch.ones(2 * n, 768 // 64, dtype=torch.float16)
+    weights = torch.ones(n // 4, 768)  # fp32: the same bytes
     x, scales = torch.ones(1, 768), torch.ones(n)
     products = {
         0: lambda: ops.int8_mm(x, codes, scales),
         1: lambda: ops.int4_mm(x, packed, ones16, ones16, 64),
+        2: lambda: ops.f32_mm(x, weights, None),
     }
     before = list(ops.single_row_blocks())
     chosen = list(before)
     try:
         for which, product in products.items():
-            best = {1: float("inf"), 4: float("inf")}
+            best = dict.fromkeys(SINGLE_ROW_BLOCKS[which], float("inf"))
             for _ in range(rounds):
                 for rows in best:
                     chosen[which] = rows
@@ -182,7 +189,7 @@ def measure_single_row_blocks(ops: Any, rounds: int = 3) -> tuple[int, int]:
             chosen[which] = min(best, key=lambda rows: best[rows])
     finally:
         ops.set_single_row_blocks(*before)
-    return chosen[0], chosen[1]
+    return chosen[0], chosen[1], chosen[2]
 
 
 def l3_bytes() -> int:
@@ -264,7 +271,7 @@ def isa() -> int:
 @functools.cache
 def load() -> Any:
     """``torch.ops.gptlab`` (``int8_mm``, ``int4_mm``, ``f32_mm``, ``decode_attention``, ``isa``,
-    ``set_single_row_blocks`` / ``single_row_blocks``: see :func:`quant_ops`), built on first use, or None where it
+    ``set_single_row_blocks`` / ``single_row_blocks``: see :func:`tuned_ops`), built on first use, or None where it
     does not apply (module docstring)."""
     how = mode()
     if how == "off" or sys.platform != "linux":

@@ -178,7 +178,7 @@ class QuantLinear(nn.Module):
         otherwise, for int4, PyTorch's weight layout."""
         dev = self.qweight.device
         self._prepared_for, self._kernel = dev, None
-        self._ops = kernels.quant_ops() if dev.type == "cpu" else None
+        self._ops = kernels.tuned_ops() if dev.type == "cpu" else None
         if self.mode == "int4" and self._ops is None:
             self._kernel = self._pytorch_int4_layout()
 
