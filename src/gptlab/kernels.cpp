@@ -197,7 +197,7 @@ static std::vector<int64_t> single_row_blocks() {
 }
 
 // The block shapes of the int8 and int4 loops: bw weight rows (the loop's single-row block for one activation row,
-// 2 for more, 1 for the 256-bit loop) by 1 or 4 activation rows.
+// for more 2 in int8's 512-bit loop and 1 elsewhere) by 1 or 4 activation rows.
 template <class F>
 static void quant_block(int64_t bw, int64_t ws, int64_t rows, F&& f) {
   if (bw == 4) block<1, 4>(ws, rows, f);
@@ -419,9 +419,11 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const int16_t* xop = xo.data();
   const int64_t gb = g / 2;  // bytes per group
   const Isa isa = cpu_isa();
-  // weight rows per block as int8_mm's; one at a time where the group size takes the 256-bit loop
+  // weight rows per block: int4_single_row_block for one activation row; one for more (with two, 4 activation rows'
+  // 8 vectors, 8 chains and 8 sums overflow the 32 registers: one was 1.1x for GPT-2 at 8 rows on an AMD EPYC Zen 5),
+  // and where the group size takes the 256-bit loop
   const bool wide = isa != kAvx2 && int4_wide_groups(gb);
-  const int64_t BW = !wide ? 1 : (M == 1 ? int4_single_row_block.load() : 2);
+  const int64_t BW = wide && M == 1 ? int4_single_row_block.load() : 1;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     float d[16];
     for (int64_t n = n0; n < n1; n += BW) {
