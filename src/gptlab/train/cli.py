@@ -40,7 +40,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         s,
         f"final val loss {s['final_val_loss']:.4f} (best periodic {s['best_val_loss']:.4f}) after "
         f"{s['steps']} steps, {s['tokens']:,} tokens, {s['tokens_per_second'] or 0:,} tok/s, "
-        f"{s['train_seconds']}s\ncheckpoints: {s['out_dir']}/checkpoints  loss curve: {s['loss_plot']}",
+        f"{s['train_seconds']}s\nprecision: {s['dtype']} ({s['dtype_reason']})\n"
+        f"checkpoints: {s['out_dir']}/checkpoints  loss curve: {s['loss_plot']}",
     )
 
 
