@@ -23,8 +23,10 @@ from .conftest import ENV, REPO, losses, torchrun, why
 
 pytestmark = pytest.mark.slow
 
+# fp32 throughout: --dtype auto decides per process by a timed probe at that process's batch and threads, so one
+# process and its sharded counterpart could train in different precisions (bf16 won for baby-modern on a Zen 5)
 COMMON = ["--model", "tiny", "--block-size", "32", "--log-interval", "1", "--eval-iters", "1", "--threads", "1",
-          "--device", "cpu", "--final-eval-tokens", "2000", "--json"]  # fmt: skip
+          "--device", "cpu", "--final-eval-tokens", "2000", "--dtype", "float32", "--json"]  # fmt: skip
 
 
 def children(pid: int) -> list[int]:
@@ -348,7 +350,7 @@ def test_the_planner_predicts_each_ranks_tensor_memory(char_data, tmp_path):
     from gptlab.plan import resolve, training_memory
 
     args = ["train", "--data", str(char_data), "--max-iters", "2", "--eval-interval", "2", "--track-memory",
-            "--dtype", "float32", *COMMON, "--model", "gpt2", "--set", "n_layer=4", "--block-size", "128",
+            *COMMON, "--model", "gpt2", "--set", "n_layer=4", "--block-size", "128",
             "--batch-size", "8"]  # fmt: skip
     shape = resolve("gpt2", n_layer=4, vocab_size=65, n_ctx=128)
     one = subprocess.run([sys.executable, "-m", "gptlab", *args, "--out-dir", str(tmp_path / "one")], env=ENV,

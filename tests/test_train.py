@@ -132,6 +132,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(char_data, t
         "cpu",
         "--final-eval-tokens",
         "5000",
+        "--dtype",  # not auto: its probe times each process's own batch, 8 rows here and 4 there
+        "float32",
         "--json",
     ]
     single = subprocess.run(
