@@ -231,6 +231,8 @@ def test_two_process_ddp_moe_matches_one_process(char_data, tmp_path):
         "cpu",
         "--final-eval-tokens",
         "2000",
+        "--dtype",  # not auto: its probe times each process's own batch, 8 rows here and 4 there
+        "float32",
         "--json",
         "--set",
         "n_experts=4",
