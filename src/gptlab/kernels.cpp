@@ -83,6 +83,11 @@ static inline void int8_dots(const int8_t* w, const int16_t* x, int64_t K, int64
   }
 }
 
+// How far ahead of its loads a 512-bit int8 or int4 loop prefetches its weights, in bytes along the thread's rows
+// (contiguous), at least one block: on an AMD EPYC Zen 5 (2 threads reading 77 GB/s), GPT-2's int4 products for one
+// token took 2.3 ms prefetching the next block of 4 rows (1.5 KiB ahead), 1.9 ms at 4 KiB, 1.6 ms at 8 or 16 KiB.
+constexpr int64_t kPrefetchBytes = 8192;
+
 // The same with 512-bit registers (AVX-512BW: every CPU PyTorch calls AVX512 has it), 64 columns at a time, for
 // half the instructions per weight, and W weight rows at a time sharing each activation load (R x 2 loads of
 // activations per step for all W rows; one row alone is bound by its loads, measured); the weights kPrefetchBytes
@@ -94,21 +99,19 @@ static inline void int8_dots(const int8_t* w, const int16_t* x, int64_t K, int64
 // Defined twice by a macro: with AVX-512 VNNI, vpdpwssd multiplies the int16 pairs and adds them into the int32
 // lanes in one instruction (Intel's intrinsics guide, _mm512_dpwssd_epi32) where vpmaddwd + vpaddd take two.
 
-// How far ahead of its loads a 512-bit int8 or int4 loop prefetches its weights, in bytes along the thread's rows
-// (contiguous), at least one block: on an AMD EPYC Zen 5 (2 threads reading 77 GB/s), GPT-2's int4 products for one
-// token took 2.3 ms prefetching the next block of 4 rows (1.5 KiB ahead), 1.9 ms at 4 KiB, 1.6 ms at 8 or 16 KiB.
-constexpr int64_t kPrefetchBytes = 8192;
-
 #define GPTLAB_INT8_DOTS512(NAME, TARGET, DOT)                                                                     \
   template <int R, int W>                                                                                          \
   __attribute__((target(TARGET))) static void NAME(const int8_t* w, const int16_t* x, int64_t K, float* out) {    \
     const int64_t K64 = K / 64 * 64, pd = std::max<int64_t>(kPrefetchBytes, W * K);                                \
     __m512 f[W * R];                                                                                               \
-    __m512i a[W * R], b[W * R];                                                                                    \
+    constexpr bool kSplit = W * R <= 4; /* two chains per pair: the odd 32 columns in b */                        \
+    __m512i a[W * R], b[kSplit ? W * R : 1];                                                                       \
     for (int i = 0; i < W * R; ++i) f[i] = _mm512_setzero_ps();                                                    \
     for (int64_t k0 = 0; k0 < K64; k0 += 2048) {                                                                   \
       const int64_t k1 = std::min(K64, k0 + 2048);                                                                 \
-      for (int i = 0; i < W * R; ++i) a[i] = b[i] = _mm512_setzero_si512();                                        \
+      for (int i = 0; i < W * R; ++i) a[i] = _mm512_setzero_si512();                                               \
+      if constexpr (kSplit)                                                                                        \
+        for (int i = 0; i < W * R; ++i) b[i] = _mm512_setzero_si512();                                             \
       for (int64_t k = k0; k < k1; k += 64) {                                                                      \
         __m512i x0[R], x1[R];                                                                                      \
         for (int r = 0; r < R; ++r) {                                                                              \
@@ -123,12 +126,15 @@ constexpr int64_t kPrefetchBytes = 8192;
               _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * K + k + 32)));      \
           for (int r = 0; r < R; ++r) {                                                                            \
             a[v * R + r] = DOT(a[v * R + r], w0, x0[r]);                                                           \
-            if constexpr (W * R <= 4) b[v * R + r] = DOT(b[v * R + r], w1, x1[r]);                                 \
+            if constexpr (kSplit) b[v * R + r] = DOT(b[v * R + r], w1, x1[r]);                                     \
             else a[v * R + r] = DOT(a[v * R + r], w1, x1[r]);                                                      \
           }                                                                                                        \
         }                                                                                                          \
       }                                                                                                            \
-      for (int i = 0; i < W * R; ++i) f[i] = _mm512_add_ps(f[i], _mm512_cvtepi32_ps(_mm512_add_epi32(a[i], b[i]))); \
+      for (int i = 0; i < W * R; ++i) {                                                                            \
+        if constexpr (kSplit) a[i] = _mm512_add_epi32(a[i], b[i]);                                                 \
+        f[i] = _mm512_add_ps(f[i], _mm512_cvtepi32_ps(a[i]));                                                      \
+      }                                                                                                            \
     }                                                                                                              \
     for (int v = 0; v < W; ++v)                                                                                    \
       for (int r = 0; r < R; ++r) {                                                                                \
