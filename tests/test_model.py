@@ -113,10 +113,14 @@ def test_too_long_input_is_a_clear_error():
         m(torch.zeros(1, 5, dtype=torch.long))
 
 
-def test_chunked_cross_entropy_equals_torch_cross_entropy():
+@pytest.mark.parametrize("vocab_slice", [7, 64, 4096])
+def test_chunked_cross_entropy_equals_torch_cross_entropy(vocab_slice, monkeypatch):
     """Loss and both gradients of the fused head+loss equal F.cross_entropy on materialised logits, with ignored
-    targets, several chunks and vocabulary padding."""
+    targets, several chunks, vocabulary padding, and the vocabulary made in one slice or several (a last partial)."""
+    from gptlab import layers
     from gptlab.model import LinearCrossEntropy
+
+    monkeypatch.setattr(layers, "VOCAB_SLICE", vocab_slice)
 
     torch.manual_seed(3)
     x = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)

@@ -1,10 +1,12 @@
 // gptlab's int8 and int4 weight-only matrix products for x86 CPUs with AVX2 (AVX-512BW and AVX-512 VNNI loops chosen
-// at run time), an fp32 product for decode steps (AVX-512), and a decode step's attention (AVX2). Built and loaded
+// at run time), an fp32 product for decode steps (AVX-512), a decode step's attention (AVX2), and for training the
+// softmax of the fused head-and-loss (AVX2) and GELU's tanh form (AVX-512). Built and loaded
 // by gptlab/kernels.py, which documents the scheme; tests/test_quant.py checks it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <optional>
@@ -647,6 +649,250 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// ---- The softmax of the fused head-and-loss (gptlab/layers.py, LinearCrossEntropy) over logits kept transposed,
+// [vocab, rows] (a column per token). One pass reads the logits for each column's log-sum-exp (online: each thread
+// keeps a running maximum and rescaled sum per column over its share of the vocabulary, merged after), a second
+// overwrites them in place with the gradient of the mean loss, (softmax - one-hot) * scale; PyTorch's ops take nine
+// passes over an fp32 copy. Both go along the rows, contiguous memory (a column block read down 50,257 rows 2 KiB
+// apart, 2x slower), 8 lanes a vector, AVX2 on every CPU the kernels run on.
+
+// e^x for 8 lanes, x <= 88.37: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial for expf (relative
+// error ~1e-7), 2^n through the exponent field. Arguments below -87.33 give 2^-126 rather than 0: negligible in any
+// sum of terms of which one is 1, as here.
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33f)), _mm256_set1_ps(88.37f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const at::BFloat16* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+static inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+static inline void store8(at::BFloat16* p, __m256 v) {  // rounded to nearest even, as PyTorch's casts
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i h = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+}
+
+// Rows [v0, v1) of L [V, R] into the running maximum m, rescaled sum s and not-finite flag bad of each column (R
+// floats each): 16 rows at a time (32 KiB of bf16 for R = 1024, in L1), their maximum first, then one exp a logit.
+template <class T>
+static void xent_rows(const T* L, int64_t v0, int64_t v1, int64_t R, float* m, float* s, float* bad) {
+  constexpr int64_t CHUNK = 16;
+  const int64_t R8 = R / 8 * 8;
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t a = v0; a < v1; a += CHUNK) {
+    const int64_t b = std::min(v1, a + CHUNK);
+    for (int64_t c = 0; c < R8; c += 8) {
+      const __m256 m0 = _mm256_loadu_ps(m + c);
+      __m256 cm = m0, bd = _mm256_loadu_ps(bad + c);
+      for (int64_t v = a; v < b; ++v) {
+        const __m256 x = load8(L + v * R + c);
+        cm = _mm256_max_ps(cm, x);
+        bd = _mm256_fmadd_ps(x, zero, bd);  // x * 0 is NaN for an inf or NaN logit, else 0
+      }
+      __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(s + c), exp8(_mm256_sub_ps(m0, cm)));
+      for (int64_t v = a; v < b; ++v) sum = _mm256_add_ps(sum, exp8(_mm256_sub_ps(load8(L + v * R + c), cm)));
+      _mm256_storeu_ps(m + c, cm);
+      _mm256_storeu_ps(s + c, sum);
+      _mm256_storeu_ps(bad + c, bd);
+    }
+    for (int64_t c = R8; c < R; ++c) {
+      float cm = m[c];
+      for (int64_t v = a; v < b; ++v) {
+        const float x = static_cast<float>(L[v * R + c]);
+        cm = std::max(cm, x);
+        bad[c] += x * 0.f;
+      }
+      float sum = s[c] * std::exp(m[c] - cm);
+      for (int64_t v = a; v < b; ++v) sum += std::exp(static_cast<float>(L[v * R + c]) - cm);
+      m[c] = cm;
+      s[c] = sum;
+    }
+  }
+}
+
+// Rows [v0, v1) of L overwritten with exp(x - lse) * scale, column by column's lse and scale.
+template <class T>
+static void xent_softmax_rows(T* L, int64_t v0, int64_t v1, int64_t R, const float* lse, const float* scale) {
+  const int64_t R8 = R / 8 * 8;
+  for (int64_t v = v0; v < v1; ++v) {
+    T* row = L + v * R;
+    for (int64_t c = 0; c < R8; c += 8)
+      store8(row + c, _mm256_mul_ps(exp8(_mm256_sub_ps(load8(row + c), _mm256_loadu_ps(lse + c))),
+                                    _mm256_loadu_ps(scale + c)));
+    for (int64_t c = R8; c < R; ++c) row[c] = std::exp(static_cast<float>(row[c]) - lse[c]) * scale[c];
+  }
+}
+
+at::Tensor softmax_xent_(at::Tensor& logits, const at::Tensor& targets, int64_t vocab_size, const at::Tensor& scale) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "softmax_xent_: logits must be a contiguous [V, R]");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16,
+              "softmax_xent_: float32 or bfloat16 logits");
+  const int64_t V = logits.size(0), R = logits.size(1);
+  TORCH_CHECK(vocab_size > 0 && vocab_size <= V, "softmax_xent_: 0 < vocab_size <= logits.size(0)");
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) == R,
+              "softmax_xent_: int64 targets [R]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == R,
+              "softmax_xent_: float32 scale [R]");
+  auto tc = targets.contiguous();
+  auto sc = scale.contiguous();
+  const int64_t* tp = tc.data_ptr<int64_t>();
+  TORCH_CHECK(std::all_of(tp, tp + R, [&](int64_t t) { return t < vocab_size; }),
+              "softmax_xent_: targets must be < vocab_size (or negative: ignored)");
+  auto loss = at::empty({R}, sc.options());
+  const float* sp = sc.data_ptr<float>();
+  float* lp = loss.data_ptr<float>();
+  auto run = [&](auto* L) {
+    // pass 1: each thread's share of the vocabulary into its own (m, s, bad), merged after
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), vocab_size / 64));
+    std::vector<float> state(3 * parts * R);
+    for (int64_t p = 0; p < parts; ++p) std::fill_n(state.data() + 3 * p * R, R, -INFINITY);
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        float* st = state.data() + 3 * p * R;
+        xent_rows(L, vocab_size * p / parts, vocab_size * (p + 1) / parts, R, st, st + R, st + 2 * R);
+      }
+    });
+    std::vector<float> lse(R), xt(R);
+    for (int64_t c = 0; c < R; ++c) {
+      float top = -INFINITY, sum = 0.f, bad = 0.f;
+      for (int64_t p = 0; p < parts; ++p) top = std::max(top, state[3 * p * R + c]);
+      for (int64_t p = 0; p < parts; ++p) {
+        const float* st = state.data() + 3 * p * R;
+        sum += st[R + c] * std::exp(st[c] - top);
+        bad += st[2 * R + c];
+      }
+      const int64_t t = tp[c];
+      lse[c] = top + std::log(sum);
+      xt[c] = t >= 0 ? static_cast<float>(L[t * R + c]) : 0.f;
+      lp[c] = bad != 0.f ? NAN : t >= 0 ? lse[c] - xt[c] : 0.f;
+    }
+    // pass 2: the gradient, in place; padding rows to zero; then the targets' entries, minus one
+    at::parallel_for(0, V, 256, [&](int64_t v0, int64_t v1) {
+      xent_softmax_rows(L, v0, std::min(v1, vocab_size), R, lse.data(), sp);
+    });
+    std::fill(L + vocab_size * R, L + V * R, 0.f);
+    for (int64_t c = 0; c < R; ++c)
+      if (tp[c] >= 0) L[tp[c] * R + c] = (std::exp(xt[c] - lse[c]) - 1.f) * sp[c];
+  };
+  if (logits.scalar_type() == at::kFloat) {
+    run(logits.data_ptr<float>());
+  } else {
+    run(logits.data_ptr<at::BFloat16>());
+  }
+  return loss;
+}
+
+// ---- GELU's tanh approximation in training (gptlab/layers.py, gelu): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+// is x * sigmoid(u), u = 2 sqrt(2/pi) (x + 0.044715 x^3), and its derivative s + x s (1 - s) du/dx, s = sigmoid(u):
+// one exp and one division a value. PyTorch's CPU kernel for it took 3.1 ms for GPT-2's [1024, 3072] activations on
+// an AMX Xeon (its exact erf form 0.6 ms). 16 lanes, AVX-512 (kernels.py's has_f32_kernel CPUs).
+#define GPTLAB_AVX512 __attribute__((target("avx512f")))
+GPTLAB_AVX512 static inline __m512 exp16(__m512 x) {  // exp8's scheme on 16 lanes
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33f)), _mm512_set1_ps(88.37f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+GPTLAB_AVX512 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+GPTLAB_AVX512 static inline __m512 load16(const at::BFloat16* p) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+GPTLAB_AVX512 static inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+GPTLAB_AVX512 static inline void store16(at::BFloat16* p, __m512 v) {  // to nearest even, as store8
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i h = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(h));
+}
+
+constexpr float kGeluK = 1.5957691216057308f, kGeluC = 0.044715f;  // 2 sqrt(2/pi), and the cubic's coefficient
+
+static inline float gelu_sigmoid(float x) { return 1.f / (1.f + std::exp(-kGeluK * (x + kGeluC * x * x * x))); }
+GPTLAB_AVX512 static inline __m512 gelu_sigmoid16(__m512 x) {
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  const __m512 u = _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(-kGeluK)),
+                                 _mm512_fmadd_ps(x2, _mm512_set1_ps(kGeluC), _mm512_set1_ps(1.f)));
+  return _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), exp16(u)));
+}
+
+// y = gelu(x) (g null), or the gradient g * gelu'(x), over n values
+template <class T>
+GPTLAB_AVX512 static void gelu_tanh_span(const T* x, const T* g, T* y, int64_t n) {
+  const int64_t n16 = n / 16 * 16;
+  const __m512 one = _mm512_set1_ps(1.f), k = _mm512_set1_ps(kGeluK), c3 = _mm512_set1_ps(3.f * kGeluC);
+  for (int64_t i = 0; i < n16; i += 16) {
+    const __m512 v = load16(x + i), s = gelu_sigmoid16(v);
+    if (g == nullptr) {
+      store16(y + i, _mm512_mul_ps(v, s));
+    } else {  // s + x s (1 - s) k (1 + 3 c x^2)
+      const __m512 du = _mm512_mul_ps(k, _mm512_fmadd_ps(_mm512_mul_ps(v, v), c3, one));
+      const __m512 d = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_sub_ps(one, s)), du, s);
+      store16(y + i, _mm512_mul_ps(load16(g + i), d));
+    }
+  }
+  for (int64_t i = n16; i < n; ++i) {
+    const float v = static_cast<float>(x[i]), s = gelu_sigmoid(v);
+    y[i] = g == nullptr ? v * s
+                        : static_cast<float>(g[i]) * (s + v * s * (1.f - s) * kGeluK * (1.f + 3.f * kGeluC * v * v));
+  }
+}
+
+static at::Tensor gelu_tanh_apply(const at::Tensor& x, const at::Tensor* g) {
+  TORCH_CHECK(cpu_isa() >= kAvx512, "gelu_tanh: needs AVX-512");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "gelu_tanh: float32 or bfloat16");
+  auto xc = x.contiguous();
+  auto gc = g == nullptr ? at::Tensor() : g->contiguous();
+  TORCH_CHECK(g == nullptr || (gc.scalar_type() == x.scalar_type() && gc.sizes() == x.sizes()),
+              "gelu_tanh_backward: the gradient must have x's shape and dtype");
+  auto y = at::empty_like(xc);
+  const int64_t n = xc.numel();
+  auto run = [&](auto* out) {
+    using T = std::remove_pointer_t<decltype(out)>;
+    const T* xp = xc.data_ptr<T>();
+    const T* gp = g == nullptr ? nullptr : gc.data_ptr<T>();
+    at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) {
+      gelu_tanh_span(xp + i0, gp == nullptr ? nullptr : gp + i0, out + i0, i1 - i0);
+    });
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(y.data_ptr<float>());
+  } else {
+    run(y.data_ptr<at::BFloat16>());
+  }
+  return y;
+}
+at::Tensor gelu_tanh(const at::Tensor& x) { return gelu_tanh_apply(x, nullptr); }
+at::Tensor gelu_tanh_backward(const at::Tensor& g, const at::Tensor& x) { return gelu_tanh_apply(x, &g); }
+
 static int64_t isa() { return cpu_isa(); }  // for Python: which loops run here (kernels.py's isa())
 
 TORCH_LIBRARY(gptlab, m) {
@@ -657,10 +903,16 @@ TORCH_LIBRARY(gptlab, m) {
   m.def("int4_mm(Tensor x, Tensor w, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def("f32_mm(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("softmax_xent_(Tensor(a!) logits, Tensor targets, int vocab_size, Tensor scale) -> Tensor");
+  m.def("gelu_tanh(Tensor x) -> Tensor");
+  m.def("gelu_tanh_backward(Tensor grad, Tensor x) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(gptlab, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
   m.impl("f32_mm", &f32_mm);
   m.impl("decode_attention", &decode_attention);
+  m.impl("softmax_xent_", &softmax_xent_);
+  m.impl("gelu_tanh", &gelu_tanh);
+  m.impl("gelu_tanh_backward", &gelu_tanh_backward);
 }

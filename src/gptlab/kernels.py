@@ -1,6 +1,8 @@
 """x86 kernels (AVX2, AVX-512, AVX-512 VNNI) for int8 and int4 weight-only matrix products, faster on CPUs than
-PyTorch's, an fp32 one for eager decode steps and the server's packed prefill (:func:`f32_linear`, AVX-512), and the
-attention of a decode step (:func:`decode_attention`, AVX2), which reads only the cache slots its mask admits.
+PyTorch's, an fp32 one for eager decode steps and the server's packed prefill (:func:`f32_linear`, AVX-512), the
+attention of a decode step (:func:`decode_attention`, AVX2), which reads only the cache slots its mask admits, and
+for training the softmax of the fused head-and-loss (:func:`softmax_xent_`, AVX2) and GELU's tanh form
+(:func:`gelu_tanh_applies`, AVX-512).
 
 PyTorch's ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` decode GPT-2 124M slower than fp32 on the
 CPUs measured here: 0.33-0.40x (int8) on an AVX2-only EPYC, and 0.19x (int8, 9.2 against 49.5 tok/s) and 0.08x
@@ -26,8 +28,9 @@ The C++ source is ``kernels.cpp`` beside this file. It is compiled once per mach
 (``$CXX``, else ``c++``), against the installed torch, into ``kernels/`` under gptlab's cache
 (:func:`gptlab.assets.cache_dir`, ``$GPTLAB_CACHE``), keyed on the source, the flags, the compiler's identity, torch
 and Python; the library is written under a temporary name and renamed, so a crash leaves no half-written file. The
-ops are registered as ``torch.ops.gptlab.int8_mm``, ``int4_mm``, ``f32_mm`` and ``decode_attention`` with fake
-(shape-only) implementations, so ``torch.compile`` calls them as opaque kernels.
+ops are registered as ``torch.ops.gptlab.int8_mm``, ``int4_mm``, ``f32_mm``, ``decode_attention``,
+``softmax_xent_``, ``gelu_tanh`` and ``gelu_tanh_backward`` with fake (shape-only) implementations, so
+``torch.compile`` calls them as opaque kernels.
 
 :func:`load` is None (and :class:`gptlab.quant.quantize.QuantLinear` uses PyTorch's kernels) when the CPU lacks AVX2,
 off Linux, or with ``GPTLAB_KERNELS=off``; a failed build prints the compiler's error once and is also None, unless
@@ -140,6 +143,36 @@ def decode_attention(
     ):
         return None
     return torch.ops.gptlab.decode_attention(q, k, v, mask, q.size(-1) ** -0.5)
+
+
+def softmax_xent_(
+    logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: torch.Tensor
+) -> torch.Tensor | None:
+    """The softmax cross-entropy of each column of ``logits`` [V, R] (fp32 or bf16, contiguous, on a CPU; rows from
+    ``vocab_size`` on are padding) against ``targets`` [R] (< 0: ignored), by gptlab's kernel (``softmax_xent_``,
+    two passes over the logits, in place): returns the losses [R] (fp32, 0 where ignored, NaN where a logit is not
+    finite) and overwrites ``logits`` with their gradient times ``scale`` [R], (softmax - one-hot) * scale, rounded
+    once to its dtype. None where it does not apply (other devices or dtypes, no kernels), for the caller to use
+    PyTorch's ops. :class:`gptlab.layers.LinearCrossEntropy` calls it."""
+    if (
+        logits.device.type != "cpu"
+        or logits.dtype not in (torch.float32, torch.bfloat16)
+        or not logits.is_contiguous()
+        or not have_kernels()
+    ):
+        return None
+    return torch.ops.gptlab.softmax_xent_(logits, targets, vocab_size, scale.to(torch.float32))
+
+
+@torch.compiler.assume_constant_result
+def has_avx512_kernels() -> bool:
+    return isa() >= AVX512
+
+
+def gelu_tanh_applies(x: torch.Tensor) -> bool:
+    """Whether ``gelu_tanh`` / ``gelu_tanh_backward`` (GELU's tanh form, AVX-512) take ``x``:
+    :class:`gptlab.layers.TanhGelu` uses them in training."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and has_avx512_kernels()
 
 
 @functools.cache
@@ -270,8 +303,9 @@ def isa() -> int:
 
 @functools.cache
 def load() -> Any:
-    """``torch.ops.gptlab`` (``int8_mm``, ``int4_mm``, ``f32_mm``, ``decode_attention``, ``isa``,
-    ``set_single_row_blocks`` / ``single_row_blocks``: see :func:`tuned_ops`), built on first use, or None where it
+    """``torch.ops.gptlab`` (``int8_mm``, ``int4_mm``, ``f32_mm``, ``decode_attention``, ``softmax_xent_``,
+    ``gelu_tanh`` / ``gelu_tanh_backward``, ``isa``, ``set_single_row_blocks`` / ``single_row_blocks``: see
+    :func:`tuned_ops`), built on first use, or None where it
     does not apply (module docstring)."""
     how = mode()
     if how == "off" or sys.platform != "linux":
@@ -313,5 +347,17 @@ def load() -> Any:
     @torch.library.register_fake("gptlab::decode_attention")
     def _a(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("gptlab::softmax_xent_")
+    def _x(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: torch.Tensor) -> torch.Tensor:
+        return scale.new_empty(logits.size(1))
+
+    @torch.library.register_fake("gptlab::gelu_tanh")
+    def _g(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("gptlab::gelu_tanh_backward")
+    def _gb(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     return torch.ops.gptlab

@@ -45,7 +45,16 @@ from .config import GPTConfig
 from .errors import GptlabError
 from .image_prefix import ImagePrefix
 from .kv_cache import KVCache, LayerCache, PackedCache, PackedLayerCache
-from .layers import Linear, LinearCrossEntropy, apply_rotary, loss_chunk_rows, make_norm, rope_cos_sin, softcap
+from .layers import (
+    Linear,
+    LinearCrossEntropy,
+    apply_rotary,
+    gelu,
+    loss_chunk_rows,
+    make_norm,
+    rope_cos_sin,
+    softcap,
+)
 from .moe import MoE
 
 __all__ = ["GPT", "MLP", "Block", "CausalSelfAttention", "KVCache", "LinearCrossEntropy", "MoE"]
@@ -134,7 +143,7 @@ class MLP(nn.Module):
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:
-            h = F.gelu(h, approximate=self.approximate)
+            h = gelu(h, self.approximate)
         return self.dropout(self.c_proj(h))
 
 

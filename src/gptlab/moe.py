@@ -6,9 +6,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import GPTConfig
+from .layers import gelu
 
 
 class MoE(nn.Module):
@@ -80,7 +80,7 @@ class MoE(nn.Module):
             if self.fc_bias is None
             else torch.baddbmm(self.fc_bias[:, None], xe, self.fc_weight)
         )
-        h = F.gelu(h, approximate=self.approximate)
+        h = gelu(h, self.approximate)
         ye = (
             torch.bmm(h, self.proj_weight)
             if self.proj_bias is None

@@ -1,0 +1,110 @@
+"""The training kernels of gptlab.layers (the fused head-and-loss's softmax, GELU's tanh form) against float64
+PyTorch computations of the same functions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptlab import kernels, layers
+from gptlab.layers import LinearCrossEntropy
+
+
+def needs_kernels() -> None:
+    if not kernels.have_kernels():
+        pytest.skip("gptlab's CPU kernels are not available here (no AVX2, no compiler, or GPTLAB_KERNELS=off)")
+
+
+def reference_softmax(logits, targets, vocab_size, scale):
+    """float64: the losses of the columns of ``logits`` [V, R] and (softmax - one-hot) * scale."""
+    z = logits.double().clone()
+    z[vocab_size:] = float("-inf")
+    lse = torch.logsumexp(z, 0)
+    valid, t = targets >= 0, targets.clamp(min=0)
+    cols = torch.arange(len(t))
+    losses = (lse - z[t, cols]) * valid
+    grad = (z - lse).exp()
+    grad[t, cols] -= 1
+    return losses, grad * scale.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(101, 97, 48), (50, 50, 37), (1000, 990, 64), (3, 3, 5), (300, 257, 1029)])
+def test_the_softmax_kernel_equals_float64(dtype, shape):
+    """Vocabulary padding, ignored targets, columns in whole vectors and a scalar tail, more vocabulary rows than
+    threads' shares: losses within fp32 rounding, the gradient to the precision of its dtype."""
+    needs_kernels()
+    V, vocab, R = shape
+    torch.manual_seed(V + R)
+    logits = (torch.randn(V, R) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (R,))
+    targets[::7] = -1
+    scale = (targets >= 0).float() / (targets >= 0).sum()
+    ref_losses, ref_grad = reference_softmax(logits, targets, vocab, scale)
+    got = logits.clone()
+    losses = kernels.softmax_xent_(got, targets, vocab, scale)
+    assert losses is not None and losses.dtype == torch.float32
+    torch.testing.assert_close(losses.double(), ref_losses, rtol=2e-6, atol=2e-6)
+    tol = {"rtol": 5e-6, "atol": 2e-7} if dtype == torch.float32 else {"rtol": 2**-8, "atol": 1e-12}
+    torch.testing.assert_close(got.double(), ref_grad, **tol)
+    assert (got[vocab:] == 0).all()  # padding rows: no gradient
+
+
+def test_the_softmax_kernel_flags_non_finite_logits_and_refuses_bad_targets():
+    needs_kernels()
+    logits = torch.randn(40, 9)
+    logits[3, 2], logits[5, 4] = float("nan"), float("inf")
+    losses = kernels.softmax_xent_(logits, torch.zeros(9, dtype=torch.long), 40, torch.ones(9))
+    assert losses is not None
+    assert losses[[2, 4]].isnan().all() and losses[[0, 1, 3, 5, 6, 7, 8]].isfinite().all()
+    with pytest.raises(RuntimeError, match="targets must be < vocab_size"):
+        kernels.softmax_xent_(torch.randn(40, 9), torch.full((9,), 38), 38, torch.ones(9))
+    zeros = torch.zeros(9, dtype=torch.long)
+    assert kernels.softmax_xent_(torch.randn(40, 9).double(), zeros, 40, torch.ones(9)) is None  # PyTorch's ops
+
+
+@pytest.mark.parametrize("vocab_slice", [7, 4096])
+def test_the_fused_loss_in_float32_equals_cross_entropy(vocab_slice, monkeypatch):
+    """fp32, the kernel's path where it runs (PyTorch's ops elsewhere): loss and both gradients against
+    F.cross_entropy in float64 on the same inputs, with ignored targets, padding and several chunks."""
+    monkeypatch.setattr(layers, "VOCAB_SLICE", vocab_slice)
+    torch.manual_seed(5)
+    x = torch.randn(45, 24, requires_grad=True)
+    w = torch.randn(70, 24, requires_grad=True)  # 61 real ids + 9 padding rows
+    t = torch.randint(0, 61, (45,))
+    t[[1, 17, 40]] = -1
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = F.cross_entropy(xd @ wd[:61].t(), t, ignore_index=-1)
+    rx, rw = torch.autograd.grad(ref * 2.0, (xd, wd))
+    for chunk in (8, 45):
+        loss = LinearCrossEntropy.apply(x, w, t, 61, chunk)
+        gx, gw = torch.autograd.grad(loss * 2.0, (x, w))
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gx.double(), rx, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-6)
+        assert gw[61:].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gelu_kernel_equals_float64(dtype):
+    """GELU's tanh form and its gradient, forward and backward through :func:`gptlab.layers.gelu` in training (a
+    length with a tail past the 16-lane loop), against float64 autograd of F.gelu."""
+    if not kernels.gelu_tanh_applies(torch.ones(1)):
+        pytest.skip("the GELU kernel needs AVX-512 and gptlab's kernels")
+    torch.manual_seed(0)
+    x = (torch.randn(3, 1000003 // 3) * 4).to(dtype).requires_grad_()
+    g = torch.randn_like(x)
+    y = layers.gelu(x, "tanh")
+    assert y.grad_fn is not None and y.grad_fn.name().endswith("TanhGeluBackward")
+    (gx,) = torch.autograd.grad(y, x, g)
+    xd = x.detach().double().requires_grad_()
+    yd = F.gelu(xd, approximate="tanh")
+    (gd,) = torch.autograd.grad(yd, xd, g.double())
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), yd, rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(gx.double(), gd, rtol=2e-5, atol=1e-5)
+    else:  # one rounding to bf16 of nearly the float64 value
+        torch.testing.assert_close(y.double(), yd, rtol=2**-8, atol=1e-6)
+        torch.testing.assert_close(gx.double(), gd, rtol=2**-7, atol=2**-7)
+    with torch.no_grad():  # inference keeps PyTorch's GELU
+        assert layers.gelu(x, "tanh").grad_fn is None
+        torch.testing.assert_close(layers.gelu(x, "tanh"), F.gelu(x, approximate="tanh"), rtol=0, atol=0)
