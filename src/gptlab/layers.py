@@ -32,8 +32,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     A chunk's logits are kept transposed, [vocab, rows], and made :data:`VOCAB_SLICE` vocabulary rows at a time:
     each slice is then a contiguous block, ``weight[slice] @ x.T``, whose operands stay in cache, and the weight
     gradient is formed in the same row blocks. On an Intel Xeon with AMX (oneDNN's bf16 kernels, 2 threads) this ran
-    GPT-2's head products at 2.4 TFLOP/s where ``x @ weight.T`` over the whole [768, 50,257] matrix ran at 1.0
-    (docs/benchmarks.md)."""
+    GPT-2's forward and weight-gradient products at 2.4 TFLOP/s where ``x @ weight.T`` over the whole [768, 50,257]
+    matrix ran at 1.0 (docs/benchmarks.md). On a CPU the softmax is gptlab's kernel
+    (:func:`gptlab.kernels.softmax_xent_`), elsewhere :func:`softmax_minus_one_hot`."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size: int, chunk_rows: int, softcap: float = 0.0):
