@@ -656,25 +656,27 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // passes over an fp32 copy. Both go along the rows, contiguous memory (a column block read down 50,257 rows 2 KiB
 // apart, 2x slower), 8 lanes a vector, AVX2 on every CPU the kernels run on.
 
-// e^x for 8 lanes, x <= 88.37: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial for expf (relative
-// error ~1e-7), 2^n through the exponent field. Arguments below -87.33 give 2^-126 rather than 0: negligible in any
-// sum of terms of which one is 1, as here.
-static inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33f)), _mm256_set1_ps(88.37f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
+// e^x, x <= 88.37: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial for expf (relative error
+// ~1e-7), 2^n through the exponent field. Arguments below -87.33 give 2^-126 rather than 0: negligible in any sum of
+// terms of which one is 1, as here. A macro for the two widths: exp8 (AVX2) here, exp16 (AVX-512) for GELU below.
+#define GPTLAB_EXP(NAME, TARGET, BITS)                                                                     \
+  TARGET static inline __m##BITS NAME(__m##BITS x) {                                                       \
+    x = _mm##BITS##_min_ps(_mm##BITS##_max_ps(x, _mm##BITS##_set1_ps(-87.33f)), _mm##BITS##_set1_ps(88.37f)); \
+    const auto ni = _mm##BITS##_cvtps_epi32(_mm##BITS##_mul_ps(x, _mm##BITS##_set1_ps(1.44269504088896341f))); \
+    const __m##BITS n = _mm##BITS##_cvtepi32_ps(ni); /* x / ln2 to nearest */                             \
+    __m##BITS r = _mm##BITS##_fnmadd_ps(n, _mm##BITS##_set1_ps(0.693359375f), x);                         \
+    r = _mm##BITS##_fnmadd_ps(n, _mm##BITS##_set1_ps(-2.12194440e-4f), r);                                 \
+    __m##BITS p = _mm##BITS##_set1_ps(1.9875691500e-4f);                                                   \
+    p = _mm##BITS##_fmadd_ps(p, r, _mm##BITS##_set1_ps(1.3981999507e-3f));                                 \
+    p = _mm##BITS##_fmadd_ps(p, r, _mm##BITS##_set1_ps(8.3334519073e-3f));                                 \
+    p = _mm##BITS##_fmadd_ps(p, r, _mm##BITS##_set1_ps(4.1665795894e-2f));                                 \
+    p = _mm##BITS##_fmadd_ps(p, r, _mm##BITS##_set1_ps(1.6666665459e-1f));                                 \
+    p = _mm##BITS##_fmadd_ps(p, r, _mm##BITS##_set1_ps(5.0000001201e-1f));                                 \
+    p = _mm##BITS##_fmadd_ps(p, _mm##BITS##_mul_ps(r, r), _mm##BITS##_add_ps(r, _mm##BITS##_set1_ps(1.f))); \
+    const auto e = _mm##BITS##_slli_epi32(_mm##BITS##_add_epi32(ni, _mm##BITS##_set1_epi32(127)), 23);     \
+    return _mm##BITS##_mul_ps(p, _mm##BITS##_castsi##BITS##_ps(e));                                        \
+  }
+GPTLAB_EXP(exp8, , 256)
 
 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8(const at::BFloat16* p) {
@@ -805,22 +807,7 @@ at::Tensor softmax_xent_(at::Tensor& logits, const at::Tensor& targets, int64_t 
 // one exp and one division a value. PyTorch's CPU kernel for it took 3.1 ms for GPT-2's [1024, 3072] activations on
 // an AMX Xeon (its exact erf form 0.6 ms). 16 lanes, AVX-512 (kernels.py's has_f32_kernel CPUs).
 #define GPTLAB_AVX512 __attribute__((target("avx512f")))
-GPTLAB_AVX512 static inline __m512 exp16(__m512 x) {  // exp8's scheme on 16 lanes
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33f)), _mm512_set1_ps(88.37f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
+GPTLAB_EXP(exp16, GPTLAB_AVX512, 512)
 GPTLAB_AVX512 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 GPTLAB_AVX512 static inline __m512 load16(const at::BFloat16* p) {
   const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
