@@ -805,7 +805,7 @@ at::Tensor softmax_xent_(at::Tensor& logits, const at::Tensor& targets, int64_t 
 // ---- GELU's tanh approximation in training (gptlab/layers.py, gelu): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 // is x * sigmoid(u), u = 2 sqrt(2/pi) (x + 0.044715 x^3), and its derivative s + x s (1 - s) du/dx, s = sigmoid(u):
 // one exp and one division a value. PyTorch's CPU kernel for it took 3.1 ms for GPT-2's [1024, 3072] activations on
-// an AMX Xeon (its exact erf form 0.6 ms). 16 lanes, AVX-512 (kernels.py's has_f32_kernel CPUs).
+// an AMX Xeon (its exact erf form 0.6 ms). 16 lanes, AVX-512 (kernels.py's has_avx512_kernels).
 #define GPTLAB_AVX512 __attribute__((target("avx512f")))
 GPTLAB_EXP(exp16, GPTLAB_AVX512, 512)
 GPTLAB_AVX512 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }

@@ -112,11 +112,17 @@ def row_invariant() -> Iterator[None]:
         _thread.any_rows = before
 
 
-@torch.compiler.assume_constant_result  # (called in compiled decode steps too: a constant there)
+@torch.compiler.assume_constant_result  # (called in compiled code too: a constant there)
+def has_avx512_kernels() -> bool:
+    """Whether the kernels' AVX-512 loops run here: the fp32 products' and GELU's have no other."""
+    return isa() >= AVX512
+
+
+@torch.compiler.assume_constant_result
 def has_f32_kernel() -> bool:
     """Whether :func:`f32_linear` applies on this CPU (the fp32 kernel's loops are AVX-512 only); the first call
     measures its block for one row (:func:`tuned_ops`)."""
-    return isa() >= AVX512 and tuned_ops() is not None
+    return has_avx512_kernels() and tuned_ops() is not None
 
 
 def decode_attention(
@@ -162,11 +168,6 @@ def softmax_xent_(
     ):
         return None
     return torch.ops.gptlab.softmax_xent_(logits, targets, vocab_size, scale.to(torch.float32))
-
-
-@torch.compiler.assume_constant_result
-def has_avx512_kernels() -> bool:
-    return isa() >= AVX512
 
 
 def gelu_tanh_applies(x: torch.Tensor) -> bool:
@@ -305,8 +306,7 @@ def isa() -> int:
 def load() -> Any:
     """``torch.ops.gptlab`` (``int8_mm``, ``int4_mm``, ``f32_mm``, ``decode_attention``, ``softmax_xent_``,
     ``gelu_tanh`` / ``gelu_tanh_backward``, ``isa``, ``set_single_row_blocks`` / ``single_row_blocks``: see
-    :func:`tuned_ops`), built on first use, or None where it
-    does not apply (module docstring)."""
+    :func:`tuned_ops`), built on first use, or None where it does not apply (module docstring)."""
     how = mode()
     if how == "off" or sys.platform != "linux":
         return None
