@@ -74,14 +74,18 @@ def perplexity(model: GPT, data: str, max_tokens: int) -> float:
     return math.exp(total / count)
 
 
-def round_inputs_to_int16(model: GPT, names) -> None:
-    """Round the inputs of layers ``names`` to int16 per row (scale max|x_row| / 32767), as gptlab's AVX2 kernels
-    do when they decode (up to 16 rows per call; gptlab/kernels.py)."""
+def round_inputs_as_the_kernels(model: GPT, names, mode: str, group: int) -> None:
+    """Round the inputs of layers ``names`` as gptlab's AVX2 kernels do when they decode (up to 16 rows per call;
+    gptlab/kernels.py): int8 weights, to int16 per row (scale max|x_row| / 32767); int4, to int8 per group of
+    ``group`` columns (scale max|x_group| / 127; the zero points' share uses x itself, which this rounding of the
+    whole input overstates slightly)."""
+    levels, width = (32767, None) if mode == "int8" else (127, group)
 
     def hook(_module, inputs):
         (x,) = inputs
-        xs = x.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 32767
-        return (torch.round(x * (1 / xs)) * xs,)
+        g = x.unflatten(-1, (-1, width or x.size(-1)))
+        xs = g.abs().amax(-1, keepdim=True).clamp(min=1e-30) / levels
+        return ((torch.round(g * (1 / xs)) * xs).flatten(-2),)
 
     for n in names:
         model.get_submodule(n).register_forward_pre_hook(hook)
@@ -105,17 +109,17 @@ def accuracy(args) -> dict:
                 sq = [sqnr_db(floats[n], m.dequantized()) for n, m in layers]
                 row["sqnr_db_min"], row["sqnr_db_mean"] = round(min(sq), 2), round(sum(sq) / len(sq), 2)
                 # The float model holding the dequantized weights computes what the kernels compute (tested in
-                # tests/test_quant.py) at the speed of BLAS; a second copy also rounds the layers' inputs to int16 as
+                # tests/test_quant.py) at the speed of BLAS; a second copy also rounds the layers' inputs as
                 # gptlab's AVX2 kernels do when decoding. One 16-token window through the real kernels checks it.
                 evaluated, emulated = load_model(source, "cpu").model, load_model(source, "cpu").model
                 with torch.no_grad():
                     for n, m in layers:
                         evaluated.get_submodule(n).weight.copy_(m.dequantized())
                         emulated.get_submodule(n).weight.copy_(m.dequantized())
-                    round_inputs_to_int16(emulated, [n for n, _ in layers])
+                    round_inputs_as_the_kernels(emulated, [n for n, _ in layers], mode, group or 64)
                     x, y = next(TokenWindows(data, "val", 16).sequential(1))
                     row["kernel_vs_emulation_loss"] = abs(float(model(x, y)[1]) - float(emulated(x, y)[1]))
-                row["perplexity_int16_activations"] = round(perplexity(emulated, data, args.eval_tokens), 4)
+                row["perplexity_rounded_activations"] = round(perplexity(emulated, data, args.eval_tokens), 4)
             row["perplexity"] = round(perplexity(evaluated, data, args.eval_tokens), 4)
             row["weight_bytes"] = weight_bytes(model)
             rows[name] = row
@@ -123,9 +127,9 @@ def accuracy(args) -> dict:
         for row in rows.values():
             if "perplexity" in row:
                 row["delta_ppl_percent"] = round(100 * (row["perplexity"] / base - 1), 3)
-            if "perplexity_int16_activations" in row:
-                row["delta_ppl_percent_int16_activations"] = round(
-                    100 * (row["perplexity_int16_activations"] / base - 1), 3
+            if "perplexity_rounded_activations" in row:
+                row["delta_ppl_percent_rounded_activations"] = round(
+                    100 * (row["perplexity_rounded_activations"] / base - 1), 3
                 )
         out[str(source)] = {"params": load_model(source, "cpu").model.num_params(), "data": data, "variants": rows}
     return out

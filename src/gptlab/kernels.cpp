@@ -258,122 +258,189 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   return out;
 }
 
-// One int4 weight row against R activation rows (even and odd columns apart): per group, the int32 sums of
-// q * x̂, scaled by the group's scale into fp32 lanes. A group's lanes gain at most 2 * 2 * 15 * 32767 per 16 bytes.
+// Activations of the int4 products as int8 codes per group of g columns (llama.cpp's q8_0 rounds its q4_0 products'
+// activations the same way, per block of 32): x ~ xs[m, gi] * xq, xs = max|x over the group| / 127, the rounding of
+// vcvtps2dq (to nearest even). Each row's codes are laid out per 64 columns as the 32 even then the 32 odd columns'
+// (the order in which a 32-byte step of packed weights yields its high and low nibbles), rows KP = K rounded up to
+// 64 bytes apart (the caller zeroes the padding). A row's codes and scales depend on that row alone.
+static void groups_to_int8(const float* x, int64_t M, int64_t K, int64_t g, int64_t KP, int8_t* xq, float* xs) {
+  const int64_t G = K / g;
+  const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  // within each 128-bit lane, the 8 even bytes then the 8 odd ones
+  const __m256i evens_first = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                               0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * K;
+    int8_t* out = xq + m * KP;
+    for (int64_t gi = 0; gi < G; ++gi) {  // g is a multiple of 32: whole vectors
+      const float* p = r + gi * g;
+      __m256 vmax = _mm256_setzero_ps();
+      for (int64_t k = 0; k < g; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(p + k), nosign));
+      float lanes[8];
+      _mm256_storeu_ps(lanes, vmax);
+      float amax = 0.f;
+      for (float v : lanes) amax = std::max(amax, v);
+      const float s = amax > 0.f ? amax / 127.f : 1.f;
+      xs[m * G + gi] = s;
+      const __m256 vinv = _mm256_set1_ps(1.f / s);
+      for (int64_t k = 0; k < g; k += 32) {
+        __m256i q[4];
+        for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + k + 8 * i), vinv));
+        // the packs work within 128-bit lanes: the permute restores column order; then the 16 even columns'
+        // codes in the low half, the 16 odd ones' in the high half
+        const __m256i b = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
+            _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        const __m256i eo = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(b, evens_first), 0xD8);
+        int8_t* c = out + (gi * g + k) / 64 * 64 + (gi * g + k) % 64 / 2;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(c), _mm256_castsi256_si128(eo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(c + 32), _mm256_extracti128_si256(eo, 1));
+      }
+    }
+  }
+}
+
+// One int4 weight row against R activation rows (their int8 codes KP apart): per 16 bytes of weights, the high and
+// low nibbles as one vector of 32 unsigned bytes against the 16 even and 16 odd columns' codes, vpmaddubsw (pairs
+// summed to int16: at most 2 * 15 * 127, no saturation) and vpmaddwd by ones to int32; per group, the int32 sums
+// scaled by the group's weight scale times the row's activation scale into fp32 lanes.
 template <int R>
-static inline void int4_dots(const uint8_t* w, const int16_t* xe, const int16_t* xo, int64_t H, int64_t G,
-                             int64_t gb, const uint16_t* scale, float* out) {
-  const __m256i low4 = _mm256_set1_epi16(15);
+static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int64_t G, int64_t gb,
+                             const uint16_t* scale, const float* xs, float* out) {
+  const __m128i low4 = _mm_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
   __m256 f[R];
   for (int r = 0; r < R; ++r) f[r] = _mm256_setzero_ps();
   for (int64_t gi = 0; gi < G; ++gi) {
     __m256i a[R];
     for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_si256();
     for (int64_t j = gi * gb; j < (gi + 1) * gb; j += 16) {
-      __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j)));
-      __m256i hi = _mm256_srli_epi16(b, 4), lo = _mm256_and_si256(b, low4);
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j));
+      const __m256i q = _mm256_set_m128i(_mm_and_si128(b, low4), _mm_and_si128(_mm_srli_epi16(b, 4), low4));
+      const int64_t c = j / 32 * 64 + j % 32;  // this step's even columns in the row's codes; its odd 32 later
       for (int r = 0; r < R; ++r) {
-        __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe + r * H + j));
-        __m256i o = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo + r * H + j));
-        a[r] = _mm256_add_epi32(a[r], _mm256_add_epi32(_mm256_madd_epi16(hi, e), _mm256_madd_epi16(lo, o)));
+        const int8_t* xr = x + r * KP + c;
+        const __m256i xv = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(xr + 32),
+                                               reinterpret_cast<const __m128i*>(xr));
+        a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));
       }
     }
-    const __m256 s = _mm256_set1_ps(_cvtsh_ss(scale[gi]));
-    for (int r = 0; r < R; ++r) f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), s, f[r]);
+    const float sw = _cvtsh_ss(scale[gi]);
+    for (int r = 0; r < R; ++r) f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), _mm256_set1_ps(sw * xs[r * G + gi]), f[r]);
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(f[r]);
 }
 
-// The same with 512-bit registers, 64 columns (32 bytes) a step, plain (vpmaddwd + vpaddd) or with VNNI (vpdpwssd),
-// for W weight rows at a time sharing each activation load, the weights ahead prefetched as in int8's loop.
-// Groups of 64 columns or more (gb a multiple of 32 bytes) sum whole steps and are scaled once; groups of 32 (gb 16)
-// fill half a step each, so a step holds two groups, whose int32 lanes (the low and high 8) are scaled by a vector
-// of the two scales; an odd last group is a half step, its upper bytes masked off. Other group sizes take the
-// 256-bit loop. One int32 chain per (weight row, activation row) and group: exact in any order, so a row's result
-// does not depend on the block.
-#define GPTLAB_INT4_STEP(DOT, BV, J, M)                                                                            \
+// The same with 512-bit registers, 32 bytes (64 columns) a step: the high and low nibbles as one vector of 64
+// unsigned bytes against the step's 64 activation codes, in one instruction with VNNI (vpdpbusd, Intel's intrinsics
+// guide _mm512_dpbusd_epi32: 64 products where the int16 activations of gptlab before took two vpdpwssd for 32
+// each), else vpmaddubsw + vpmaddwd + vpaddd; W weight rows at a time sharing each activation load, the weights
+// ahead prefetched as in int8's loop. Groups of 64 columns or more (gb a multiple of 32 bytes) sum whole steps;
+// groups of 32 (gb 16) fill half a step each, so a step holds two groups, the first in its int32 lanes 0-3 (high
+// nibbles) and 8-11 (low), the second in 4-7 and 12-15, scaled by a blend of the two groups' scales; an odd last
+// group is a half step, its upper bytes zero (so are the activation codes' there, past the row's end). Other group
+// sizes take the 256-bit loop. One int32 chain per (weight row, activation row) and group: exact in any order, so a
+// row's result does not depend on the block.
+#define GPTLAB_INT4_STEP(DOT, BV, J)                                                                               \
   do {                                                                                                             \
-    __m512i e_[R], o_[R];                                                                                          \
+    __m512i x_[R];                                                                                                 \
     for (int r = 0; r < R; ++r) {                                                                                  \
-      e_[r] = _mm512_maskz_loadu_epi16(M, xe + r * H + (J));                                                      \
-      o_[r] = _mm512_maskz_loadu_epi16(M, xo + r * H + (J));                                                      \
-      asm("" : "+v"(e_[r]), "+v"(o_[r])); /* loaded once for the W rows */                                         \
+      x_[r] = _mm512_loadu_si512(x + r * KP + 2 * (J));                                                            \
+      asm("" : "+v"(x_[r])); /* loaded once for the W rows */                                                      \
     }                                                                                                              \
     for (int v = 0; v < W; ++v) {                                                                                  \
       _mm_prefetch(reinterpret_cast<const char*>(w + v * H + (J) + pd), _MM_HINT_T0);                              \
-      const __m512i b_ = (BV), hi_ = _mm512_srli_epi16(b_, 4), lo_ = _mm512_and_si512(b_, low4);                  \
-      for (int r = 0; r < R; ++r) a[v * R + r] = DOT(DOT(a[v * R + r], hi_, e_[r]), lo_, o_[r]);                   \
+      const __m256i b_ = (BV);                                                                                     \
+      const __m512i q_ = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(_mm256_srli_epi16(b_, 4), low4)), \
+                                            _mm256_and_si256(b_, low4), 1);                                        \
+      for (int r = 0; r < R; ++r) a[v * R + r] = DOT(a[v * R + r], q_, x_[r]);                                    \
     }                                                                                                              \
   } while (0)
-#define GPTLAB_INT4_FLUSH(SV)                                                                                      \
+#define GPTLAB_INT4_FLUSH(SC)                                                                                      \
   do {                                                                                                             \
-    for (int v = 0; v < W; ++v) {                                                                                  \
-      const __m512 s_ = (SV);                                                                                      \
+    for (int v = 0; v < W; ++v)                                                                                    \
       for (int r = 0; r < R; ++r) {                                                                                \
-        f[v * R + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[v * R + r]), s_, f[v * R + r]);                       \
+        f[v * R + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[v * R + r]), (SC), f[v * R + r]);                      \
         a[v * R + r] = _mm512_setzero_si512();                                                                     \
       }                                                                                                            \
-    }                                                                                                              \
   } while (0)
+// the scale of group GI of weight row v and activation row r (inside the flush's loops), in every lane
+#define GPTLAB_SC(GI) _mm512_set1_ps(sc[v * R + r][(GI) - g0])
 #define GPTLAB_INT4_DOTS512(NAME, TARGET, DOT)                                                                     \
   template <int R, int W>                                                                                          \
-  __attribute__((target(TARGET))) static void NAME(const uint8_t* w, const int16_t* xe, const int16_t* xo,         \
-                                                   int64_t H, int64_t G, int64_t gb, const uint16_t* scale,        \
+  __attribute__((target(TARGET))) static void NAME(const uint8_t* w, const int8_t* x, int64_t KP, int64_t H,       \
+                                                   int64_t G, int64_t gb, const uint16_t* scale, const float* xs,  \
                                                    float* out) {                                                   \
-    const __m512i low4 = _mm512_set1_epi16(15);                                                                    \
+    const __m256i low4 = _mm256_set1_epi8(15);                                                                     \
     const int64_t pd = std::max<int64_t>(kPrefetchBytes, W * H);                                                   \
     __m512 f[W * R];                                                                                               \
     __m512i a[W * R];                                                                                              \
+    alignas(64) float sc[W * R][16]; /* 16 groups' weight scale x activation scale, per (v, r) */                  \
     for (int i = 0; i < W * R; ++i) f[i] = _mm512_setzero_ps();                                                    \
     for (int i = 0; i < W * R; ++i) a[i] = _mm512_setzero_si512();                                                 \
-    if (gb % 32 == 0) {                                                                                            \
-      for (int64_t gi = 0; gi < G; ++gi) {                                                                         \
-        for (int64_t j = gi * gb; j < (gi + 1) * gb; j += 32)                                                      \
+    for (int64_t g0 = 0; g0 < G; g0 += 16) {                                                                       \
+      const int64_t g1 = std::min<int64_t>(G, g0 + 16);                                                            \
+      const __mmask32 m = static_cast<__mmask32>((1u << (g1 - g0)) - 1);                                           \
+      for (int v = 0; v < W; ++v) {                                                                                \
+        const __m512 sw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, scale + v * G + g0))); \
+        for (int r = 0; r < R; ++r)                                                                                \
+          _mm512_store_ps(sc[v * R + r], _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(m, xs + r * G + g0)));            \
+      }                                                                                                            \
+      if (gb % 32 == 0) {                                                                                          \
+        for (int64_t gi = g0; gi < g1; ++gi) {                                                                     \
+          for (int64_t j = gi * gb; j < (gi + 1) * gb; j += 32)                                                    \
+            GPTLAB_INT4_STEP(DOT, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * H + j)), j);         \
+          GPTLAB_INT4_FLUSH(GPTLAB_SC(gi));                                                                        \
+        }                                                                                                          \
+      } else { /* gb == 16 */                                                                                      \
+        int64_t gi = g0;                                                                                           \
+        for (; gi + 1 < g1; gi += 2) {                                                                             \
+          GPTLAB_INT4_STEP(DOT, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * H + gi * 16)), gi * 16); \
+          GPTLAB_INT4_FLUSH(_mm512_mask_blend_ps(0xF0F0, GPTLAB_SC(gi), GPTLAB_SC(gi + 1)));                       \
+        }                                                                                                          \
+        if (gi < g1) {                                                                                             \
           GPTLAB_INT4_STEP(DOT,                                                                                    \
-                           _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * H + j))), \
-                           j, ~0u);                                                                                \
-        GPTLAB_INT4_FLUSH(_mm512_set1_ps(_cvtsh_ss(scale[v * G + gi])));                                           \
-      }                                                                                                            \
-    } else { /* gb == 16 */                                                                                        \
-      int64_t gi = 0;                                                                                              \
-      for (; gi + 1 < G; gi += 2) {                                                                                \
-        GPTLAB_INT4_STEP(DOT,                                                                                      \
-                         _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * H + gi * 16))), \
-                         gi * 16, ~0u);                                                                            \
-        GPTLAB_INT4_FLUSH(_mm512_castpd_ps(_mm512_insertf64x4(                                                     \
-            _mm512_castps_pd(_mm512_set1_ps(_cvtsh_ss(scale[v * G + gi]))),                                        \
-            _mm256_castps_pd(_mm256_set1_ps(_cvtsh_ss(scale[v * G + gi + 1]))), 1)));                              \
-      }                                                                                                            \
-      if (gi < G) {                                                                                                \
-        GPTLAB_INT4_STEP(DOT,                                                                                      \
-                         _mm512_cvtepu8_epi16(_mm256_inserti128_si256(                                             \
-                             _mm256_setzero_si256(),                                                               \
-                             _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + v * H + gi * 16)), 0)),          \
-                         gi * 16, 0xFFFFu);                                                                        \
-        GPTLAB_INT4_FLUSH(_mm512_set1_ps(_cvtsh_ss(scale[v * G + gi])));                                           \
+                           _mm256_inserti128_si256(                                                                \
+                               _mm256_setzero_si256(),                                                             \
+                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + v * H + gi * 16)), 0),         \
+                           gi * 16);                                                                               \
+          GPTLAB_INT4_FLUSH(GPTLAB_SC(gi));                                                                        \
+        }                                                                                                          \
       }                                                                                                            \
     }                                                                                                              \
     for (int i = 0; i < W * R; ++i) out[i] = _mm512_reduce_add_ps(f[i]);                                           \
   }
 
-GPTLAB_INT4_DOTS512(int4_dots512, "avx512f,avx512bw", GPTLAB_MADD_ADD)
-GPTLAB_INT4_DOTS512(int4_dots512_vnni, "avx512f,avx512bw,avx512vnni", _mm512_dpwssd_epi32)
+#define GPTLAB_MADDUBS_ADD(acc, a, b) \
+  _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1)))
+GPTLAB_INT4_DOTS512(int4_dots512, "avx512f,avx512bw", GPTLAB_MADDUBS_ADD)
+GPTLAB_INT4_DOTS512(int4_dots512_vnni, "avx512f,avx512bw,avx512vnni", _mm512_dpbusd_epi32)
 
-// The offsets' share of an output, sum_g (zero_g - 8 scale_g) * (sum of x over group g), 8 groups at a time (a
-// scalar chain of G terms per output costs int4's 8-row step as much as its codes, measured). The offset of each
-// group is computed in fp32 from its fp16 scale and zero, as dequantize_int4 computes it.
-static float offsets_dot(const uint16_t* scale, const uint16_t* zero, const float* gsum, int64_t G) {
-  __m256 acc = _mm256_setzero_ps();
-  const __m256 eight = _mm256_set1_ps(8.f);
-  int64_t g = 0;
-  for (; g + 8 <= G; g += 8) {
-    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + g)));
-    const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero + g)));
-    acc = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, s, z), _mm256_loadu_ps(gsum + g), acc);
+// The offsets' share of one weight row's outputs for every activation row at once, out[m] = sum_g (zero_g - 8
+// scale_g) * (sum of x_m over group g), from the group sums laid out [G, 16] (row m in lane m, 16 rows at most):
+// G multiply-adds of 8 rows each, where a dot product of G terms per output cost int4's 8-row step a quarter of its
+// time (measured on an AMX Xeon). Each row's lane sums its terms in group order, whatever the other rows. The offset
+// of each group is computed in fp32 from its fp16 scale and zero, as dequantize_int4 computes it.
+static void row_offsets(const uint16_t* scale, const uint16_t* zero, const float* gsum, int64_t G, int64_t M,
+                        float* out) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  float o[8];  // 8 groups' offsets, converted together
+  for (int64_t g0 = 0; g0 < G; g0 += 8) {
+    const int64_t n = std::min<int64_t>(8, G - g0);
+    if (n == 8)
+      _mm256_storeu_ps(o, _mm256_fnmadd_ps(_mm256_set1_ps(8.f),
+                                           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + g0))),
+                                           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero + g0)))));
+    else
+      for (int64_t i = 0; i < n; ++i) o[i] = _cvtsh_ss(zero[g0 + i]) - 8.f * _cvtsh_ss(scale[g0 + i]);
+    for (int64_t i = 0; i < n; ++i) {
+      const __m256 ov = _mm256_broadcast_ss(o + i);
+      a0 = _mm256_fmadd_ps(ov, _mm256_loadu_ps(gsum + (g0 + i) * 16), a0);
+      if (M > 8) a1 = _mm256_fmadd_ps(ov, _mm256_loadu_ps(gsum + (g0 + i) * 16 + 8), a1);
+    }
   }
-  float out = hsum(acc);
-  for (; g < G; ++g) out += (_cvtsh_ss(zero[g]) - 8.f * _cvtsh_ss(scale[g])) * gsum[g];
-  return out;
+  _mm256_storeu_ps(out, a0);
+  _mm256_storeu_ps(out + 8, a1);
 }
 
 // Whether the 512-bit int4 loops take groups of gb bytes: whole 32-byte steps, or two 16-byte groups a step.
@@ -382,18 +449,19 @@ static bool int4_wide_groups(int64_t gb) { return gb % 32 == 0 || gb == 16; }
 // One int4 block: W weight rows (their scales G apart) against R activation rows, out[v * R + r]. The 256-bit loop
 // takes one weight row at a time.
 template <int R, int W>
-static void int4_block(Isa isa, const uint8_t* w, const int16_t* xe, const int16_t* xo, int64_t H, int64_t G,
-                       int64_t gb, const uint16_t* scale, float* out) {
+static void int4_block(Isa isa, const uint8_t* w, const int8_t* x, int64_t KP, int64_t H, int64_t G, int64_t gb,
+                       const uint16_t* scale, const float* xs, float* out) {
   const bool wide = int4_wide_groups(gb);
-  if (isa == kVnni && wide) int4_dots512_vnni<R, W>(w, xe, xo, H, G, gb, scale, out);
-  else if (isa == kAvx512 && wide) int4_dots512<R, W>(w, xe, xo, H, G, gb, scale, out);
-  else if constexpr (W == 1) int4_dots<R>(w, xe, xo, H, G, gb, scale, out);
+  if (isa == kVnni && wide) int4_dots512_vnni<R, W>(w, x, KP, H, G, gb, scale, xs, out);
+  else if (isa == kAvx512 && wide) int4_dots512<R, W>(w, x, KP, H, G, gb, scale, xs, out);
+  else if constexpr (W == 1) int4_dots<R>(w, x, KP, G, gb, scale, xs, out);
 }
 
 // Groupwise int4, w ~ (q - 8) * scale + zero per group of g columns, scale and zero fp16 (gptlab.quant.quantize),
 // packed [N, K / 2] with column 2j in the high nibble of byte j. sum_k x_k w_k = sum_groups (scale * sum x_k q_k +
-// offset * sum x_k), offset = zero - 8 * scale. 16 bytes are widened to int16 (vpmovzxbw); a shift and a mask split
-// them into the even and odd columns, each multiplied by the activations' even or odd columns (vpmaddwd).
+// offset * sum x_k), offset = zero - 8 * scale: the codes' part with the activations' int8 codes (groups_to_int8),
+// the offsets' with the group sums of x itself. A shift and a mask split the bytes into the even and odd columns'
+// codes, unsigned bytes multiplied by the activations' signed ones (int4_dots, int4_dots512).
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
                    int64_t g) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, "int4_mm: w must be uint8 [N, K / 2]");
@@ -407,47 +475,42 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   auto xc = x.contiguous(); auto wc = w.contiguous(); auto sc = scales.contiguous(); auto zc = zeros.contiguous();
   const int64_t M = xc.size(0), H = K / 2;
   auto out = at::empty({M, N}, xc.options());
-  std::vector<int16_t> xq(M * K), xe(M * H), xo(M * H); std::vector<float> xs(M), gsum(M * G, 0.f);
+  const int64_t KP = (K + 63) / 64 * 64;
+  std::vector<int8_t> xq(M * KP); std::vector<float> xs(M * G), gsum(G * 16, 0.f);
   const float* xp = xc.data_ptr<float>();
-  rows_to_int16(xp, M, K, xq.data(), xs.data());
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < H; ++j) { xe[m * H + j] = xq[m * K + 2 * j]; xo[m * H + j] = xq[m * K + 2 * j + 1]; }
+  groups_to_int8(xp, M, K, g, KP, xq.data(), xs.data());
   for (int64_t m = 0; m < M; ++m)  // each group's sum of x: 8 lanes over its g columns (a multiple of 32)
     for (int64_t gi = 0; gi < G; ++gi) {
       const float* r = xp + m * K + gi * g;
       __m256 s = _mm256_loadu_ps(r);
       for (int64_t k = 8; k < g; k += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(r + k));
-      gsum[m * G + gi] = hsum(s);
+      gsum[gi * 16 + m] = hsum(s);
     }
   const uint8_t* wp = wc.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
   const uint16_t* zp = reinterpret_cast<const uint16_t*>(zc.data_ptr<at::Half>());
   float* outp = out.data_ptr<float>();
-  const int16_t* xep = xe.data();
-  const int16_t* xop = xo.data();
   const int64_t gb = g / 2;  // bytes per group
   const Isa isa = cpu_isa();
-  // weight rows per block: int4_single_row_block for one activation row; one for more (with two, 4 activation rows'
-  // 8 vectors, 8 chains and 8 sums overflow the 32 registers: one was 1.1x for GPT-2 at 8 rows on an AMD EPYC Zen 5),
-  // and where the group size takes the 256-bit loop
+  // weight rows per block: int4_single_row_block for one activation row; one for more (with int16 activations one
+  // was 1.1x two for GPT-2 at 8 rows on an AMD EPYC Zen 5; with int8 codes, 8 activation rows a block were no faster
+  // than two blocks of 4 on an AMX Xeon), and where the group size takes the 256-bit loop
   const bool wide = isa != kAvx2 && int4_wide_groups(gb);
   const int64_t BW = wide && M == 1 ? int4_single_row_block.load() : 1;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    float d[16];
+    float d[16], bias[4 * 16];
     for (int64_t n = n0; n < n1; n += BW) {
       const int64_t ws = std::min(BW, n1 - n);
       const uint8_t* row = wp + n * H;
       const uint16_t* sn = sp + n * G;
+      for (int64_t v = 0; v < ws; ++v) row_offsets(sn + v * G, zp + (n + v) * G, gsum.data(), G, M, bias + v * 16);
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t R = std::min<int64_t>(4, M - m0);
-        const int16_t* e = xep + m0 * H;
-        const int16_t* o = xop + m0 * H;
-        quant_block(BW, ws, R, [&](auto r, auto v) { int4_block<r, v>(isa, row, e, o, H, G, gb, sn, d); });
+        const int8_t* xr = xq.data() + m0 * KP;
+        const float* sr = xs.data() + m0 * G;
+        quant_block(BW, ws, R, [&](auto r, auto v) { int4_block<r, v>(isa, row, xr, KP, H, G, gb, sn, sr, d); });
         for (int64_t v = 0; v < ws; ++v)
-          for (int64_t r = 0; r < R; ++r) {
-            const float bias = offsets_dot(sn + v * G, zp + (n + v) * G, gsum.data() + (m0 + r) * G, G);
-            outp[(m0 + r) * N + n + v] = d[v * R + r] * xs[m0 + r] + bias;
-          }
+          for (int64_t r = 0; r < R; ++r) outp[(m0 + r) * N + n + v] = d[v * R + r] + bias[v * 16 + m0 + r];
       }
     }
   });
