@@ -294,8 +294,9 @@ class Served:
 
     def __init__(self, ckpt, *flags):
         env = {**ENV, "OMP_NUM_THREADS": "2", **{k: v for k, v in os.environ.items() if k == "TIKTOKEN_CACHE_DIR"}}
+        eager = () if "--compile" in flags else ("--no-compile",)  # unless asked: compiling takes seconds a start
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gptlab", "serve", str(ckpt), "--port", "0", "--device", "cpu", *flags],
+            [sys.executable, "-m", "gptlab", "serve", str(ckpt), "--port", "0", "--device", "cpu", *eager, *flags],
             env=env,
             cwd=REPO,
             stderr=subprocess.PIPE,

@@ -365,28 +365,34 @@ def test_bad_requests_and_a_full_queue(lm):
 
 
 @pytest.mark.slow
-def test_compiled_single_stream_step_gives_the_same_tokens(lm):
-    """``compile=True`` runs a lone stream through a compiled step (static shapes, bucketed cache length); its
-    greedy tokens equal the eager Engine's, and with two streams the ordinary batched step takes over."""
-    model, tok = lm
+def test_compiled_single_stream_step_gives_the_same_tokens():
+    """``compile=True`` (the server's default) runs a lone stream through a compiled step (a dynamic cache length,
+    bucketed: a context of 512 gives views of 256 and 512 slots, two graphs); its greedy and seeded tokens equal the
+    eager Engine's, alone and on a later row, and with two streams the ordinary batched step takes over."""
+    torch.manual_seed(0)
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,!?")
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=512, vocab_size=tok.vocab_size, init_std=0.2))
+    lm = (model.eval(), tok)
     prompts = [tok.encode(t) for t in TEXTS[:2]]
-    alone = [engine_tokens(lm, [p], 100, GREEDY)[0] for p in prompts]
     sched = Scheduler(model, tok, max_batch=4, compile=True)
+    assert sched._single is not None  # compiled, not left eager
     try:
-        one = run(collect(sched, Request(prompts[0], 100, GREEDY, stop_ids=frozenset())))[0]
+        for sampling in (GREEDY, SAMPLED):
+            alone = [engine_tokens(lm, [p], 100, sampling, seed=3)[0] for p in prompts]
+            one = run(collect(sched, Request(prompts[0], 100, sampling, seed=3, stop_ids=frozenset())))[0]
 
-        async def both():
-            return await asyncio.gather(
-                *[
-                    collect(sched, Request(p, 100, GREEDY, stop_ids=frozenset()), delay=0.01 * i)
-                    for i, p in enumerate(prompts)
-                ]
-            )
+            async def both(sampling=sampling):  # the second runs alone on row 1 once the first ends
+                return await asyncio.gather(
+                    *[
+                        collect(sched, Request(p, 100 + 20 * i, sampling, seed=3, stop_ids=frozenset()), 0.01 * i)
+                        for i, p in enumerate(prompts)
+                    ]
+                )
 
-        two = [r[0] for r in run(both())]
+            two = [r[0] for r in run(both())]
+            assert one == alone[0] and two[0] == alone[0] and two[1][:100] == alone[1], sampling
     finally:
         sched.close()
-    assert one == alone[0] and two == alone
 
 
 @pytest.mark.parametrize("draft", ["ngram", "self", "other"])

@@ -390,7 +390,7 @@ def test_health_is_503_while_loading_and_a_bad_model_exits_2(tmp_path, monkeypat
     gate = threading.Event()
     real = gptlab.loader.load_model
     monkeypatch.setattr(gptlab.loader, "load_model", lambda *a, **k: (gate.wait(30), real(*a, **k))[1])
-    with TestClient(create_app(ServeConfig(model=str(ckpt), device="cpu"))) as tc:
+    with TestClient(create_app(ServeConfig(model=str(ckpt), device="cpu", compile=False))) as tc:
         r = tc.get("/health")
         assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
         assert tc.post("/v1/completions", json={"prompt": "hi"}).status_code == 503
@@ -422,7 +422,7 @@ def test_clamp_max_tokens_and_a_jinja_chat_template(tmp_path, ckpt, loaded):
         "<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
-    cfg = ServeConfig(model=str(ckpt), device="cpu", clamp_max_tokens=True, chat_template=str(template))
+    cfg = ServeConfig(model=str(ckpt), device="cpu", clamp_max_tokens=True, chat_template=str(template), compile=False)
     with TestClient(create_app(cfg)) as tc:
         deadline = time.time() + 60
         while tc.get("/health").status_code != 200 and time.time() < deadline:

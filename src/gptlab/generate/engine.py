@@ -40,15 +40,16 @@ def bucketed(length: int, block: int) -> int:
     return min(-(-length // CACHE_BUCKET) * CACHE_BUCKET, block)
 
 
-def compiled_step(model: GPT, options: dict[str, Any]) -> Any:
-    """``model.decode(idx, cache, slots)`` compiled with static shapes, for the Engine's and the scheduler's decode
-    steps. A function of its own, not the module: compiled GPT frames of other models in this process then cannot
-    make Dynamo fail on this one (seen with torch 2.13)."""
+def compiled_step(model: GPT, options: dict[str, Any], dynamic: bool = False) -> Any:
+    """``model.decode(idx, cache, slots)`` compiled, with static shapes (the Engine: one graph per cache length) or
+    ``dynamic`` ones (the serving scheduler's single-row step: one graph for every length of a pool row's view short
+    of the whole context, and one for the whole). A function of its own, not the module: compiled GPT frames of
+    other models in this process then cannot make Dynamo fail on this one (seen with torch 2.13)."""
 
     def step(idx: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
         return model.decode(idx, cache, slots)
 
-    return torch.compile(step, dynamic=False, fullgraph=True, options=options)
+    return torch.compile(step, dynamic=dynamic, fullgraph=True, options=options)
 
 
 @dataclass

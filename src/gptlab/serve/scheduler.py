@@ -32,6 +32,7 @@ import asyncio
 import dataclasses
 import os
 import secrets
+import sys
 import threading
 import time
 from collections import deque
@@ -630,18 +631,23 @@ class Scheduler:
         self._sample(live, logits[rows])
 
     def _compile_single(self) -> None:
-        """``compile=True``: the decode step of a single live row, compiled with static shapes as the Engine's
-        (the multiply-and-sum matrix-vector form of :class:`~gptlab.model.Linear`), one graph per
-        ``CACHE_BUCKET`` slots of attended length (:func:`bucketed`), all compiled here, before the first request."""
-        self._single = compiled_step(self.model, COMPILE_OPTIONS)
-        with torch.no_grad():
-            for length in sorted({bucketed(n, self.block) for n in range(1, self.block + 1)}):
-                view = self.pool.view(slice(0, 1), length)
-                self._single(
-                    torch.zeros(1, 1, dtype=torch.long, device=self.device),
-                    view,
-                    torch.zeros(1, dtype=torch.long, device=self.device),
-                )
+        """``compile=True``: the decode step of a single live row, compiled here, before the first request, with a
+        dynamic cache length, on views rounded up to ``CACHE_BUCKET`` slots (:func:`bucketed`): two graphs, one for
+        the lengths short of the whole context and one for the whole (torch 2.13 specializes a view that spans its
+        tensor). Where compiling fails (a model Dynamo cannot capture whole), the step stays eager, with a warning."""
+        step = compiled_step(self.model, COMPILE_OPTIONS, dynamic=True)
+        try:
+            with torch.no_grad():
+                for length in sorted({bucketed(n, self.block) for n in range(1, self.block + 1)}):
+                    step(
+                        torch.zeros(1, 1, dtype=torch.long, device=self.device),
+                        self.pool.view(slice(0, 1), length),
+                        torch.zeros(1, dtype=torch.long, device=self.device),
+                    )
+        except Exception as e:  # any compiler failure: serve eagerly rather than not at all
+            print(f"gptlab: warning: the one-stream decode step did not compile, it stays eager: {e}", file=sys.stderr)
+            return
+        self._single = step
 
     def _decode(self) -> None:
         """One decode step for every row with a token to feed: speculative when the draft proposes, else plain."""
