@@ -13,22 +13,30 @@
 #include <type_traits>
 #include <vector>
 
+// max |p[k]| over n values, 8 lanes at a time (AVX2, which every CPU the kernels run on has), |x| by clearing the
+// sign bit
+static float absmax(const float* p, int64_t n) {
+  const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const int64_t n8 = n / 8 * 8;
+  __m256 vmax = _mm256_setzero_ps();
+  for (int64_t k = 0; k < n8; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(p + k), nosign));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, vmax);
+  float amax = 0.f;
+  for (float v : lanes) amax = std::max(amax, v);
+  for (int64_t k = n8; k < n; ++k) amax = std::max(amax, std::fabs(p[k]));
+  return amax;
+}
+
 // Activations as int16 fixed point, one scale per row: x ~ xs[m] * xq[m, k], xs = max|x_m| / 32767. The
 // rounding error, at most xs / 2 per element, is 2^-16 of the row's largest value: 128x finer than an int8 code.
-// 8 lanes at a time (AVX2, which every CPU the kernels run on has): |x| by clearing the sign bit, and the rounding
-// of vcvtps2dq, to nearest even as lrintf in the default rounding mode, so the codes are those of the scalar loop.
+// The rounding of vcvtps2dq is to nearest even, as lrintf's in the default rounding mode, so the codes are those of
+// the scalar loop.
 static void rows_to_int16(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs) {
   const int64_t K8 = K / 8 * 8;
-  const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   for (int64_t m = 0; m < M; ++m) {
     const float* r = x + m * K;
-    __m256 vmax = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K8; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(r + k), nosign));
-    float lanes[8];
-    _mm256_storeu_ps(lanes, vmax);
-    float amax = 0.f;
-    for (float v : lanes) amax = std::max(amax, v);
-    for (int64_t k = K8; k < K; ++k) amax = std::max(amax, std::fabs(r[k]));
+    const float amax = absmax(r, K);
     xs[m] = amax > 0.f ? amax / 32767.f : 1.f;
     const float inv = 1.f / xs[m];
     const __m256 vinv = _mm256_set1_ps(inv);
@@ -265,7 +273,6 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 // 64 bytes apart (the caller zeroes the padding). A row's codes and scales depend on that row alone.
 static void groups_to_int8(const float* x, int64_t M, int64_t K, int64_t g, int64_t KP, int8_t* xq, float* xs) {
   const int64_t G = K / g;
-  const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   // within each 128-bit lane, the 8 even bytes then the 8 odd ones
   const __m256i evens_first = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                                0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
@@ -274,12 +281,7 @@ static void groups_to_int8(const float* x, int64_t M, int64_t K, int64_t g, int6
     int8_t* out = xq + m * KP;
     for (int64_t gi = 0; gi < G; ++gi) {  // g is a multiple of 32: whole vectors
       const float* p = r + gi * g;
-      __m256 vmax = _mm256_setzero_ps();
-      for (int64_t k = 0; k < g; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(p + k), nosign));
-      float lanes[8];
-      _mm256_storeu_ps(lanes, vmax);
-      float amax = 0.f;
-      for (float v : lanes) amax = std::max(amax, v);
+      const float amax = absmax(p, g);
       const float s = amax > 0.f ? amax / 127.f : 1.f;
       xs[m * G + gi] = s;
       const __m256 vinv = _mm256_set1_ps(1.f / s);
