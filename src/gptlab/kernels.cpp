@@ -270,8 +270,10 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 // activations the same way, per block of 32): x ~ xs[m, gi] * xq, xs = max|x over the group| / 127, the rounding of
 // vcvtps2dq (to nearest even). Each row's codes are laid out per 64 columns as the 32 even then the 32 odd columns'
 // (the order in which a 32-byte step of packed weights yields its high and low nibbles), rows KP = K rounded up to
-// 64 bytes apart (the caller zeroes the padding). A row's codes and scales depend on that row alone.
-static void groups_to_int8(const float* x, int64_t M, int64_t K, int64_t g, int64_t KP, int8_t* xq, float* xs) {
+// 64 bytes apart (the caller zeroes the padding). A row's codes and scales depend on that row alone. Also each
+// group's sum of x itself (8 lanes over its g columns), laid out [G, 16] for row_offsets.
+static void groups_to_int8(const float* x, int64_t M, int64_t K, int64_t g, int64_t KP, int8_t* xq, float* xs,
+                           float* gsum) {
   const int64_t G = K / g;
   // within each 128-bit lane, the 8 even bytes then the 8 odd ones
   const __m256i evens_first = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
@@ -281,6 +283,9 @@ static void groups_to_int8(const float* x, int64_t M, int64_t K, int64_t g, int6
     int8_t* out = xq + m * KP;
     for (int64_t gi = 0; gi < G; ++gi) {  // g is a multiple of 32: whole vectors
       const float* p = r + gi * g;
+      __m256 sum = _mm256_loadu_ps(p);
+      for (int64_t k = 8; k < g; k += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(p + k));
+      gsum[gi * 16 + m] = hsum(sum);
       const float amax = absmax(p, g);
       const float s = amax > 0.f ? amax / 127.f : 1.f;
       xs[m * G + gi] = s;
@@ -480,14 +485,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const int64_t KP = (K + 63) / 64 * 64;
   std::vector<int8_t> xq(M * KP); std::vector<float> xs(M * G), gsum(G * 16, 0.f);
   const float* xp = xc.data_ptr<float>();
-  groups_to_int8(xp, M, K, g, KP, xq.data(), xs.data());
-  for (int64_t m = 0; m < M; ++m)  // each group's sum of x: 8 lanes over its g columns (a multiple of 32)
-    for (int64_t gi = 0; gi < G; ++gi) {
-      const float* r = xp + m * K + gi * g;
-      __m256 s = _mm256_loadu_ps(r);
-      for (int64_t k = 8; k < g; k += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(r + k));
-      gsum[gi * 16 + m] = hsum(s);
-    }
+  groups_to_int8(xp, M, K, g, KP, xq.data(), xs.data(), gsum.data());
   const uint8_t* wp = wc.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
   const uint16_t* zp = reinterpret_cast<const uint16_t*>(zc.data_ptr<at::Half>());

@@ -132,9 +132,8 @@ class Server:
             self.block = loaded.model.config.block_size
             if self.cfg.compiles:  # (after the model loaded: bad input still gets its one line alone)
                 print(
-                    "gptlab: compiling the decode step of a lone stream before serving (GPT-2 124M on 2 CPU cores: "
-                    "about 40 s the first time, 12 s from torch's cache; --no-compile skips it, and one stream then "
-                    "decodes 1.1-1.4x slower)",
+                    "gptlab: compiling the decode step of a lone stream before serving (--compile in `gptlab serve "
+                    "--help` says how long; --no-compile skips it)",
                     file=sys.stderr,
                     flush=True,
                 )

@@ -77,9 +77,8 @@ class ServeConfig(RecipeConfig):
     compile: bool | None = opt(
         None,
         "torch.compile the decode step used when one stream runs alone (on 2 CPU cores: GPT-2 1.15x, SmolLM2 1.4x "
-        "faster); compiled at "
-        "start-up while /health answers 503 (GPT-2: ~15 s, less from torch's cache), left eager if compiling fails "
-        "(default: on, off with --lora; --no-compile starts in seconds)",
+        "faster), at start-up while /health answers 503 (GPT-2: ~40 s the first time, ~12 s from torch's cache), left "
+        "eager if compiling fails (default: on, off with --lora; --no-compile starts in seconds)",
         kind=bool,
     )
     draft: str | None = opt(
