@@ -776,6 +776,29 @@ def test_a_run_goes_into_a_new_or_empty_folder_a_run_or_a_dataset_of_its_own(san
         prepare([str(sandbox / "corpus.txt")], tmp_path / "data", tokenizer="char", progress=False)
 
 
+def test_a_rank_checking_while_the_main_rank_starts_the_run_is_not_refused(tmp_path, monkeypatch):
+    """Under torchrun every rank checks --out-dir while rank 0 may already be starting the run in it (marker, then
+    its files). Interleave that start right after the check has asked whether the folder is a run: still accepted."""
+    from gptlab import files
+
+    out = tmp_path / "run"
+    out.mkdir()
+    asked = files.is_run
+
+    def main_rank_starts_meanwhile(folder):
+        answer = asked(folder)
+        files.mark_run(folder)
+        (folder / "metrics.jsonl").write_text("{}\n")
+        return answer
+
+    monkeypatch.setattr(files, "is_run", main_rank_starts_meanwhile)
+    files.check_run_folder(out)  # the folder was empty when checked: nothing in it is foreign
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(GptlabError, match="did not write"):  # what was there before the run started still counts
+        files.check_run_folder(tmp_path / "mine")
+
+
 def test_a_second_writer_of_one_output_file_is_refused(sandbox, tmp_path, capsys):
     """Single-file outputs are locked as folders are: while one process writes x.gguf (here: holds its lock), a
     second `convert ... x.gguf` (and a --plot of the same name) is refused at once, and nothing is written."""

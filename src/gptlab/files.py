@@ -228,9 +228,14 @@ def check_run_folder(out: Path) -> None:
     its own files (people train into their data folder); anything else is refused before a byte is written."""
     if out.exists() and not out.is_dir():
         raise GptlabError(f"{out} is a file, not a folder; choose another --out-dir")
-    if not out.is_dir() or is_run(out):
+    if not out.is_dir():
         return
-    others = [e for e in entries(out) if e not in (dataset_files(out) or set())]
+    # Listed before asking whether it is a run: under torchrun rank 0 may be starting this run while another rank
+    # checks, and it writes the marker before anything else, so a listing without the marker holds none of its files.
+    names = entries(out)
+    if is_run(out):
+        return
+    others = [e for e in names if e not in (dataset_files(out) or set())]
     if others:
         shown = some(others)
         raise GptlabError(
