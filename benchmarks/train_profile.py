@@ -1,8 +1,8 @@
 """Where a training step's time goes: one step of GPT-2 124M (B=4, T=256 by default) as ``gptlab train`` takes it
-(the model's forward with the fused head and loss, backward, clip at 1.0, fused AdamW), under bf16 autocast or in
-fp32, profiled with ``torch.profiler``; and the GEMM limits of this CPU, ``torch.mm`` on the step's own shapes in
-fp32 and bf16, as tokens/s (matmul FLOPs per token: 6 x the matmul weights, tied head once, plus attention's
-12 L T d). Prints the profiler's table, then one JSON line.
+(the model's forward with the fused head and loss, backward, clip at 1.0 and fused AdamW as the trainer does),
+under bf16 autocast or in fp32, profiled with ``torch.profiler``; and the GEMM limits of this CPU, ``torch.mm`` on
+the step's own shapes in fp32 and bf16, as tokens/s (matmul FLOPs per token: 6 x the matmul weights, tied head
+once, plus attention's 12 L T d). Prints the profiler's table, then one JSON line.
 
     python benchmarks/train_profile.py [--dtype bfloat16] [--batch 4] [--context 256] [--threads 2]
 """
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gptlab.config import preset
 from gptlab.model import GPT
+from gptlab.train.optim import clip_and_step
 from gptlab.train.trainer import keep_freed_memory_in_heap
 
 
@@ -62,8 +63,7 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
             _, loss = model(idx, targets)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        clip_and_step(opt, list(model.parameters()), 1.0)
         opt.zero_grad(set_to_none=True)
 
     for _ in range(2):

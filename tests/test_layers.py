@@ -1,6 +1,8 @@
 """The training kernels of gptlab.layers (the fused head-and-loss's softmax, GELU's tanh form) against float64
 PyTorch computations of the same functions."""
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,10 +76,10 @@ def test_the_fused_loss_in_float32_equals_cross_entropy(vocab_slice, monkeypatch
     t[[1, 17, 40]] = -1
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref = F.cross_entropy(xd @ wd[:61].t(), t, ignore_index=-1)
-    rx, rw = torch.autograd.grad(ref * 2.0, (xd, wd))
-    for chunk in (8, 45):
+    for chunk, scale in ((8, 2.0), (45, 2.0), (8, 1.0)):  # (the loss alone: its gradients are handed on as made)
+        rx, rw = torch.autograd.grad(ref * scale, (xd, wd), retain_graph=True)
         loss = LinearCrossEntropy.apply(x, w, t, 61, chunk)
-        gx, gw = torch.autograd.grad(loss * 2.0, (x, w))
+        gx, gw = torch.autograd.grad(loss * scale if scale != 1 else loss, (x, w))
         torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gx.double(), rx, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-6)
@@ -108,3 +110,54 @@ def test_the_gelu_kernel_equals_float64(dtype):
     with torch.no_grad():  # inference keeps PyTorch's GELU
         assert layers.gelu(x, "tanh").grad_fn is None
         torch.testing.assert_close(layers.gelu(x, "tanh"), F.gelu(x, approximate="tanh"), rtol=0, atol=0)
+
+
+def test_the_transposing_kernel_equals_pytorchs_transposed_cast():
+    """``transpose_to`` against ``x.t().contiguous().to(dtype)``: both dtypes in and out, whole 16 x 16 tiles and
+    ragged edges, rows with a stride of their own."""
+    if not kernels.has_avx512_kernels():
+        pytest.skip("the transposing kernel needs AVX-512 and gptlab's kernels")
+    torch.manual_seed(0)
+    for shape in [(1, 1), (16, 16), (17, 33), (100, 5), (768, 1024), (50, 3072)]:
+        for din in (torch.float32, torch.bfloat16):
+            x = (torch.randn(shape) * 100).to(din)
+            for dout in (torch.float32, torch.bfloat16):
+                assert torch.equal(torch.ops.gptlab.transpose_to(x, dout), x.t().contiguous().to(dout)), (shape, din)
+    x = torch.randn(40, 70)[:, 3:50]  # a row stride of 70
+    assert torch.equal(kernels.transpose_to(x, torch.bfloat16), x.t().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("split", [None, False])  # as measured here; never
+def test_a_linear_layer_under_bf16_autocast_is_autocasts_arithmetic_bit_for_bit(split, monkeypatch):
+    """In training under CPU bf16 autocast gptlab's Linear takes :class:`~gptlab.layers.AutocastLinear`, which may
+    split products into row halves where that measured faster and gave the same bits; output and the three
+    gradients equal ``nn.Linear``'s under autocast, bit for bit, whatever was chosen."""
+    if not kernels.has_avx512_kernels():
+        pytest.skip("gptlab's Linear takes autocast's own path without AVX-512")
+    if split is not None:
+        monkeypatch.setattr(layers, "halves_pay", lambda key, whole, s: split)
+    torch.manual_seed(0)
+    cases = [(96, 48, True, (4, 16)), (48, 96, False, (6, 8)), (64, 64, True, (7,)), (32, 24, True, (2, 3))]
+    for i, o, bias, lead in cases:
+        ours, theirs = layers.Linear(i, o, bias=bias), torch.nn.Linear(i, o, bias=bias)
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.randn(*lead, i, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        g = torch.randn(*lead, o)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, y2 = ours(x), theirs(x2)
+        assert y.grad_fn.name() == "AutocastLinearBackward"
+        (y.float() * g).sum().backward()
+        (y2.float() * g).sum().backward()
+        assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad) and torch.equal(ours.weight.grad, theirs.weight.grad)
+        assert not bias or torch.equal(ours.bias.grad, theirs.bias.grad)
+
+
+def test_a_split_that_changes_the_bits_is_never_taken(monkeypatch):
+    """``halves_pay`` takes a split only where it gives the same bits as the whole product, however fast it is."""
+    monkeypatch.setattr(layers, "_HALVES_PAY", {})
+    a, b = torch.randn(8, 4), torch.randn(4, 6)
+    assert not layers.halves_pay(("t", 1), lambda: a @ b, lambda: (a @ b).nextafter(torch.tensor(1e9)))
+    assert not layers.halves_pay(("t", 2), lambda: (time.sleep(0.01), a @ b)[1], lambda: (a @ b) + 1e-3)
+    assert layers.halves_pay(("t", 3), lambda: (time.sleep(0.01), a @ b)[1], lambda: a @ b)
+    assert layers.halves_pay(("t", 3), lambda: a @ b, lambda: a @ b)  # measured once: the verdict stays

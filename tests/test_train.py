@@ -250,6 +250,35 @@ def test_weight_decay_only_on_matrices():
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])  # clipping and not
+def test_clip_and_step_equals_torchs_clip_grad_norm_then_step(optimizer, max_norm):
+    """The trainer's clipping (dot-product norm; for fused AdamW the coefficient as the optimizer's grad_scale)
+    against torch.nn.utils.clip_grad_norm_ then step, on GPT-shaped parameters, to float rounding (Muon's
+    Newton-Schulz iteration runs in bf16, so its updates differ by a bf16 rounding where the gradients differ by an
+    fp32 one)."""
+    from gptlab.train.optim import clip_and_step
+
+    torch.manual_seed(0)
+    cfg = OptimConfig(lr=1e-2, optimizer=optimizer)
+    models = [GPT(preset("baby").replace(n_layer=2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [make_optimizer(m, cfg, "cpu") for m in models]
+    for _ in range(2):
+        grads = [torch.randn_like(p) for p in models[0].parameters()]
+        for m in models:
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(list(models[0].parameters()), max_norm)
+        opts[0].step()
+        clip_and_step(opts[1], list(models[1].parameters()), max_norm)
+        assert not hasattr(opts[1], "grad_scale")  # no scale is left behind for a later step
+        for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-9, msg=name)
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7 if optimizer == "adamw" else 5e-4)
+    assert max_norm > 1 or (torch.stack([p.grad.norm() for p in models[1].parameters()]).norm() - max_norm).abs() < 1e-5
+
+
 def test_scheduled_sampling_schedules_hand_computed():
     assert ss_probability("none", 50, 100, 0.5, 10) == 0
     assert ss_probability("constant", 50, 100, 0.5, 10) == 0.5

@@ -943,6 +943,73 @@ static at::Tensor gelu_tanh_apply(const at::Tensor& x, const at::Tensor* g) {
 at::Tensor gelu_tanh(const at::Tensor& x) { return gelu_tanh_apply(x, nullptr); }
 at::Tensor gelu_tanh_backward(const at::Tensor& g, const at::Tensor& x) { return gelu_tanh_apply(x, &g); }
 
+// out[c, r] = x[r, c] for a 2-D x whose rows are contiguous, cast to out's dtype (fp32 or bf16, to nearest even),
+// 16 x 16 tiles transposed in registers (interleave 32-bit, then 64-bit pairs, then 128-bit lanes). PyTorch's
+// strided copy (x.t().contiguous()) moved ~2.5 GB/s here; training uses this for operands of oneDNN's products
+// laid out the way its AMX kernel runs fastest (gptlab/layers.py).
+template <class S, class D>
+GPTLAB_AVX512 static void transpose_strip(const S* x, int64_t ld, D* out, int64_t R, int64_t c0, int64_t cn,
+                                          int64_t ra, int64_t rb) {  // rows [ra, rb) of columns [c0, c0 + cn)
+  __m512 r[16], t[16];
+  int64_t r0 = ra;
+  if (cn == 16) {
+    for (; r0 + 16 <= rb; r0 += 16) {
+      for (int i = 0; i < 16; ++i) r[i] = load16(x + (r0 + i) * ld + c0);
+      for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      for (int j = 0; j < 4; ++j) {
+        const __m512d a = _mm512_castps_pd(t[4 * j]), b = _mm512_castps_pd(t[4 * j + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * j + 2]), d = _mm512_castps_pd(t[4 * j + 3]);
+        r[4 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * j + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * j + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+      }
+      // r[4 j + m], 128-bit lane k: rows 4j..4j+3 of column 4k + m
+      for (int m = 0; m < 4; ++m) {
+        const __m512 v = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88), w = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xDD);
+        const __m512 v2 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
+        const __m512 w2 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xDD);
+        store16(out + (c0 + m) * R + r0, _mm512_shuffle_f32x4(v, v2, 0x88));
+        store16(out + (c0 + 4 + m) * R + r0, _mm512_shuffle_f32x4(w, w2, 0x88));
+        store16(out + (c0 + 8 + m) * R + r0, _mm512_shuffle_f32x4(v, v2, 0xDD));
+        store16(out + (c0 + 12 + m) * R + r0, _mm512_shuffle_f32x4(w, w2, 0xDD));
+      }
+    }
+  }
+  for (int64_t c = c0; c < c0 + cn; ++c) {  // the edges
+    for (int64_t i = r0; i < rb; ++i) out[c * R + i] = static_cast<D>(static_cast<float>(x[i * ld + c]));
+  }
+}
+
+at::Tensor transpose_to(const at::Tensor& x, at::ScalarType dtype) {
+  TORCH_CHECK(cpu_isa() >= kAvx512, "transpose_to: needs AVX-512");
+  TORCH_CHECK(x.dim() == 2 && (x.size(1) <= 1 || x.stride(1) == 1), "transpose_to: a 2-D tensor with contiguous rows");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "transpose_to: float32 or bfloat16");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "transpose_to: to float32 or bfloat16");
+  const int64_t R = x.size(0), C = x.size(1), ld = x.size(0) > 1 ? x.stride(0) : C;
+  auto out = at::empty({C, R}, x.options().dtype(dtype));
+  auto run = [&](const auto* src, auto* dst) {
+    // blocks of kRows input rows (read once, in cache) by every column; each block writes kRows values to each row
+    // of out
+    constexpr int64_t kRows = 32;
+    at::parallel_for(0, (R + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t ra = b * kRows, rb = std::min(R, ra + kRows);
+        for (int64_t c = 0; c < C; c += 16) transpose_strip(src, ld, dst, R, c, std::min<int64_t>(16, C - c), ra, rb);
+      }
+    });
+  };
+  const bool f32_in = x.scalar_type() == at::kFloat, f32_out = dtype == at::kFloat;
+  if (f32_in && f32_out) run(x.data_ptr<float>(), out.data_ptr<float>());
+  if (f32_in && !f32_out) run(x.data_ptr<float>(), out.data_ptr<at::BFloat16>());
+  if (!f32_in && f32_out) run(x.data_ptr<at::BFloat16>(), out.data_ptr<float>());
+  if (!f32_in && !f32_out) run(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
+  return out;
+}
+
 static int64_t isa() { return cpu_isa(); }  // for Python: which loops run here (kernels.py's isa())
 
 TORCH_LIBRARY(gptlab, m) {
@@ -956,6 +1023,7 @@ TORCH_LIBRARY(gptlab, m) {
   m.def("softmax_xent_(Tensor(a!) logits, Tensor targets, int vocab_size, Tensor scale) -> Tensor");
   m.def("gelu_tanh(Tensor x) -> Tensor");
   m.def("gelu_tanh_backward(Tensor grad, Tensor x) -> Tensor");
+  m.def("transpose_to(Tensor x, ScalarType dtype) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(gptlab, CPU, m) {
   m.impl("int8_mm", &int8_mm);
@@ -965,4 +1033,5 @@ TORCH_LIBRARY_IMPL(gptlab, CPU, m) {
   m.impl("softmax_xent_", &softmax_xent_);
   m.impl("gelu_tanh", &gelu_tanh);
   m.impl("gelu_tanh_backward", &gelu_tanh_backward);
+  m.impl("transpose_to", &transpose_to);
 }

@@ -4,6 +4,8 @@ rotary positions and logit soft-capping."""
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -77,13 +79,21 @@ class LinearCrossEntropy(torch.autograd.Function):
                     else:  # a low-precision product, accumulated in fp32
                         part.copy_(probs_mm[v] @ xc) if s == 0 else part.add_(probs_mm[v] @ xc)
                 del logits, probs_mm  # (the chunk's logits go before the next chunk's are made)
-        ctx.save_for_backward(grad_x.to(x.dtype), grad_w.to(weight.dtype))
+        # kept on ctx, not saved for backward: backward hands them to autograd as they are (the weight gradient
+        # becomes the .grad itself, with no copy) after scaling them in place
+        ctx.grads = grad_x.to(x.dtype), grad_w.to(weight.dtype)
         return total / count
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss if grad_w.numel() else None, None, None, None, None
+        grad_x, grad_w = ctx.grads
+        del ctx.grads
+        # a pass over GPT-2's 154 MB weight gradient that a loss of its own (d loss / d loss = 1) does not need;
+        # read on a CPU only (on a GPU the comparison would wait for the device)
+        if grad_loss.device.type != "cpu" or not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            grad_x.mul_(grad_loss)
+            grad_w.mul_(grad_loss)
+        return grad_x, grad_w if grad_w.numel() else None, None, None, None, None
 
 
 def softmax_minus_one_hot(
@@ -131,6 +141,77 @@ class TanhGelu(torch.autograd.Function):
         return torch.ops.gptlab.gelu_tanh_backward(grad.to(x.dtype), x)
 
 
+def in_halves(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` (``torch.addmm(bias, a, b)`` with a bias) for an even number of rows, as one batched product of
+    ``a``'s two row halves against ``b``. oneDNN's AMX kernel (torch 2.13, 2 threads on an Intel Xeon) runs a bf16
+    product with at most ~900 output columns on one thread: GPT-2's [1,024 x 3,072] by [3,072 x 768] at 1.05 TFLOP/s,
+    its two halves as a batch of two at 1.63 (docs/benchmarks.md), with the same bits in every output. ``b`` is
+    best contiguous."""
+    m, n = a.size(0), b.size(1)
+    a2, b2 = a.unflatten(0, (2, m // 2)), b.expand(2, *b.shape)
+    out = torch.bmm(a2, b2) if bias is None else torch.baddbmm(bias.expand(2, m // 2, n), a2, b2)
+    return out.view(m, n)
+
+
+_HALVES_PAY: dict[tuple[Any, ...], bool] = {}  # which products in_halves takes, by shape: see halves_pay
+
+
+def halves_pay(key: tuple[Any, ...], whole: Callable[[], torch.Tensor], split: Callable[[], torch.Tensor]) -> bool:
+    """Whether ``split`` (a product by :func:`in_halves`) beats ``whole`` (the same product as PyTorch makes it) for
+    the product ``key`` names (its shapes) on this CPU: measured on its first occurrence in a process (interleaved,
+    best of 3), and taken only where both give the same bits, so the choice never changes a result."""
+    key = (*key, torch.get_num_threads())
+    if key not in _HALVES_PAY:
+        best = [float("inf"), float("inf")]
+        for _ in range(3):
+            for i, f in enumerate((whole, split)):
+                t0 = time.perf_counter()
+                f()
+                best[i] = min(best[i], time.perf_counter() - t0)
+        _HALVES_PAY[key] = best[1] * 1.05 < best[0] and torch.equal(whole(), split())
+    return _HALVES_PAY[key]
+
+
+class AutocastLinear(torch.autograd.Function):
+    """``nn.Linear`` under CPU bf16 autocast, in training: autocast's arithmetic bit for bit (bf16 casts of input,
+    weight and bias, ``addmm``; in backward ``grad @ W``, ``grad.T @ x`` and the bias's sum, cast back to the
+    inputs' dtypes), with the products whose output is narrow taken :func:`in_halves` where :func:`halves_pay`
+    measured that it pays: the forward product (against the weight's transpose, made by
+    :func:`gptlab.kernels.transpose_to`) and the input's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        bf16 = torch.bfloat16
+        with torch.autocast("cpu", enabled=False):
+            x2 = x.reshape(-1, x.size(-1)).to(bf16)
+            wb = weight.to(bf16)
+            bb = None if bias is None else bias.to(bf16)
+            whole = lambda: x2 @ wb.t() if bb is None else torch.addmm(bb, x2, wb.t())
+            split = lambda: in_halves(x2, kernels.transpose_to(weight, bf16), bb)
+            key = ("forward", *x2.shape, *wb.shape, bb is not None)
+            y = split() if x2.size(0) % 2 == 0 and halves_pay(key, whole, split) else whole()
+        ctx.save_for_backward(x2, wb)
+        ctx.dtypes = x.dtype, weight.dtype, None if bias is None else bias.dtype
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, wb = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        g2 = grad.reshape(-1, grad.size(-1)).to(torch.bfloat16)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            whole, split = (lambda: g2 @ wb), (lambda: in_halves(g2, wb))
+            key = ("input gradient", *g2.shape, *wb.shape)
+            gx = split() if g2.size(0) % 2 == 0 and halves_pay(key, whole, split) else whole()
+            gx = gx.view(*grad.shape[:-1], -1).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            gw = (g2.t() @ x2).to(w_dtype)
+        if ctx.needs_input_grad[2]:
+            gb = g2.sum(0).to(b_dtype)
+        return gx, gw, gb
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` with an optional LoRA adapter (a ``lora`` child: :mod:`gptlab.lora`). Inside
     ``torch.compile`` a product with a single row (decoding one token) is written as multiply-and-sum, which
@@ -139,17 +220,36 @@ class Linear(nn.Linear):
     dict. In inference on a CPU, a product of 2 to 64 rows (a decode step of several sequences, compiled or not;
     any number of rows, eager, inside :func:`gptlab.kernels.row_invariant`) and, eager, of one row takes gptlab's
     fp32 kernel (:func:`gptlab.kernels.f32_linear`), which reads each weight row once per step (MKL's sgemm reads
-    them at a third of that speed for such few rows); training and longer inputs use the ordinary matmul."""
+    them at a third of that speed for such few rows). In training under CPU bf16 autocast it is
+    :class:`AutocastLinear` (autocast's arithmetic, some products split in row halves); longer inputs otherwise use
+    the ordinary matmul."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, compiling = x.shape[:-1].numel(), torch.compiler.is_compiling()
         if compiling and rows == 1:
             y = (x.unsqueeze(-2) * self.weight).sum(-1)
             y = y if self.bias is None else y + self.bias
+        elif not compiling and self.autocast_training(x):
+            y = AutocastLinear.apply(x, self.weight, self.bias)
         else:
             few = None if compiling and rows > kernels.F32_MAX_ROWS else kernels.f32_linear(x, self.weight, self.bias)
             y = super().forward(x) if few is None else few
         return with_adapter(self, x, y)
+
+    def autocast_training(self, x: torch.Tensor) -> bool:
+        """Whether this product is one :class:`AutocastLinear` takes: bf16 autocast on a CPU with AVX-512 (where
+        gptlab's transposing kernel runs), gradients wanted, an fp32 weight that is a plain tensor (not a DTensor
+        shard of FSDP or tensor parallelism)."""
+        return (
+            x.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and type(self.weight) is nn.Parameter
+            and self.weight.dtype == torch.float32
+            and (x.requires_grad or self.weight.requires_grad)
+            and kernels.has_avx512_kernels()
+        )
 
 
 def with_adapter(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

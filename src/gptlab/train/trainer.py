@@ -38,7 +38,7 @@ from .adapters import for_training
 from .config import TrainConfig
 from .dtype_probe import MARGIN, cpu_bf16_verdict
 from .loop import FitStats, fit, restore_state, save_state, state_dicts
-from .optim import make_optimizer
+from .optim import clip_and_step, make_optimizer
 from .scheduled_sampling import mix_in_predictions, ss_probability
 from .sharded import ShardedSaver
 
@@ -321,11 +321,14 @@ class Pretraining:
                 loss = self.loss(x, y, step, micro, *images)
             self.scaler.scale(loss / cfg.grad_accum).backward()
             self.pending.append(loss.detach())
-        if cfg.optim.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            clip = tensor_parallel.clip_grad_norm if d.tp > 1 else torch.nn.utils.clip_grad_norm_
-            clip(list(self.raw.parameters()), cfg.optim.grad_clip)
-        self.scaler.step(self.optimizer)
+        if cfg.optim.grad_clip and d.tp == 1 and not self.scaler.is_enabled():
+            clip_and_step(self.optimizer, list(self.raw.parameters()), cfg.optim.grad_clip)
+        else:
+            if cfg.optim.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                clip = tensor_parallel.clip_grad_norm if d.tp > 1 else torch.nn.utils.clip_grad_norm_
+                clip(list(self.raw.parameters()), cfg.optim.grad_clip)
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
