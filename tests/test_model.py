@@ -184,3 +184,41 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(preset_name)
     (l0, g0), (l1, g1) = grads
     assert torch.equal(l0, l1) and g0.keys() == g1.keys()
     assert all(torch.equal(g0[n], g1[n]) for n in g0)
+
+
+def test_the_tied_embeddings_gradient_added_in_place_equals_transformers():
+    """Training a tied model, the embedding's backward adds its rows into the fused loss's head gradient
+    (``TiedEmbedding``): the embedding's gradient against HF's (its own lookup and head), ids repeated in a row."""
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=90, pad_vocab_multiple=64)
+    hf, ours = hf_pair(cfg)
+    assert ours._tied_gradient_in_place()
+    idx = torch.randint(0, cfg.vocab_size, (3, cfg.block_size))
+    idx[0, :4] = 5
+    hf(idx, labels=idx).loss.backward()
+    _, loss = ours(idx[:, :-1], idx[:, 1:])
+    assert loss.grad_fn is not None
+    loss.backward()
+    got, ref = ours.wte.weight.grad, hf.transformer.wte.weight.grad
+    torch.testing.assert_close(got[: cfg.vocab_size], ref[: cfg.vocab_size], atol=1e-6, rtol=1e-5)
+    assert got[cfg.vocab_size :].abs().max() == 0
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])  # the loss alone; scaled as by gradient accumulation
+def test_the_tied_gradient_in_place_equals_pytorchs_embedding_backward(scale, monkeypatch):
+    """Under bf16 autocast, with a scaled loss: every gradient as with PyTorch's embedding backward (a dense gradient
+    that autograd adds to the head's), to float rounding."""
+    torch.manual_seed(0)
+    model = GPT(preset("tiny"))
+    idx, tg = torch.randint(0, 64, (2, 32)), torch.randint(0, 64, (2, 32))
+    idx[1, :6] = 3
+    grads = []
+    for in_place in (True, False):
+        if not in_place:
+            monkeypatch.setattr(GPT, "_tied_gradient_in_place", lambda self: False)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(idx, tg)
+        (loss * scale).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], atol=1e-7, rtol=1e-5, msg=name)

@@ -48,6 +48,7 @@ from .kv_cache import KVCache, LayerCache, PackedCache, PackedLayerCache
 from .layers import (
     Linear,
     LinearCrossEntropy,
+    TiedEmbedding,
     apply_rotary,
     gelu,
     loss_chunk_rows,
@@ -278,10 +279,25 @@ class GPT(nn.Module):
         ``config.image_tokens`` positions (:mod:`gptlab.image_prefix`); logits and loss are the text positions'.
         ``doc_ids`` [B, T] marks packed sequences: positions restart at each new id and a token attends only to
         earlier tokens with its own id, so packed examples never see each other."""
-        h = self.hidden_states(idx, images=images, doc_ids=doc_ids)
+        shared: list[torch.Tensor] | None = [] if targets is not None and self._tied_gradient_in_place() else None
+        h = self.ln_f(self._trunk(idx, images, doc_ids, None, None, shared))
         if targets is None:
             return self.logits(h), None
-        return None, self.loss(h, targets)
+        return None, self.loss(h, targets, shared)
+
+    def _tied_gradient_in_place(self) -> bool:
+        """Whether the tied embedding adds its gradient into the fused loss's head gradient (:class:`TiedEmbedding`):
+        eager training of a plain (not sharded, not quantized) tied weight."""
+        w = self.wte.weight
+        return (
+            self.config.tie_weights
+            and isinstance(self.lm_head, nn.Linear)
+            and self.lm_head.weight is w
+            and type(w) is nn.Parameter
+            and w.requires_grad
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        )
 
     def hidden_states(
         self,
@@ -303,15 +319,15 @@ class GPT(nn.Module):
         V = self.config.vocab_size
         return softcap(logits[..., :V] if logits.size(-1) != V else logits, self.config.logit_softcap)
 
-    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, shared: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Mean cross-entropy of the head over ``h`` [B, T, n_embd] against ``targets`` [B, T] (-1 ignored), plus
-        the routers' auxiliary losses in training."""
+        the routers' auxiliary losses in training. ``shared``: see :class:`TiedEmbedding`."""
         x = h.reshape(-1, h.size(-1))
         if isinstance(self.lm_head, nn.Linear):
             chunk_rows = loss_chunk_rows(self.lm_head.weight.size(0))
             cfg = self.config
             loss = LinearCrossEntropy.apply(
-                x, self.lm_head.weight, targets.reshape(-1), cfg.vocab_size, chunk_rows, cfg.logit_softcap
+                x, self.lm_head.weight, targets.reshape(-1), cfg.vocab_size, chunk_rows, cfg.logit_softcap, shared
             )
         else:  # a quantized head (gptlab.quant): no weight matrix to fuse with, plain logits
             loss = F.cross_entropy(self.logits(x).float(), targets.reshape(-1), ignore_index=-1)
@@ -342,9 +358,10 @@ class GPT(nn.Module):
         doc_ids: torch.Tensor | None,
         cache: KVCache | PackedCache | None,
         slots: torch.Tensor | None,
+        shared: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Embeddings through every block, before the last norm."""
-        x = self.wte(idx)
+        """Embeddings through every block, before the last norm (``shared``: see :class:`TiedEmbedding`)."""
+        x = self.wte(idx) if shared is None else TiedEmbedding.apply(idx, self.wte.weight, shared)
         if images is not None:
             if self.vision is None:
                 raise GptlabError("this model takes no images (its config has image_size = 0); drop the image")
