@@ -1,7 +1,12 @@
 """The training kernels of gptlab.layers (the fused head-and-loss's softmax, GELU's tanh form) against float64
 PyTorch computations of the same functions."""
 
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +54,36 @@ def test_the_softmax_kernel_equals_float64(dtype, shape):
     tol = {"rtol": 5e-6, "atol": 2e-7} if dtype == torch.float32 else {"rtol": 2**-8, "atol": 1e-12}
     torch.testing.assert_close(got.double(), ref_grad, **tol)
     assert (got[vocab:] == 0).all()  # padding rows: no gradient
+
+
+@pytest.mark.slow
+def test_the_softmax_kernels_8_lane_loop_also_runs_under_test_on_wider_cpus():
+    """An AVX-512 CPU takes the 16-lane loops; a build with GPTLAB_KERNELS=avx2 takes the 8-lane ones that AVX2 CPUs
+    run: the same checks in a process of its own, and the same bits as this process's loops."""
+    needs_kernels()
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    if "avx512bw" not in flags or os.environ.get("GPTLAB_KERNELS") == "avx2":
+        pytest.skip("this CPU's own loop is the 8-lane one, tested above")
+    torch.manual_seed(0)
+    logits, targets = (torch.randn(300, 1029) * 4).to(torch.bfloat16), torch.randint(0, 257, (1029,))
+    scale = torch.full((1029,), 1 / 1029)
+    code = (
+        "import sys, torch; from gptlab import kernels; l, t, s = torch.load(sys.argv[1]); "
+        "loss = kernels.softmax_xent_(l, t, 257, s); torch.save((l, loss), sys.argv[1])"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x.pt"
+        torch.save((logits.clone(), targets, scale), path)
+        env = {**os.environ, "GPTLAB_KERNELS": "avx2"}
+        done = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        narrow = torch.load(path)
+    test = "tests/test_layers.py::test_the_softmax_kernel_equals_float64"
+    checks = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
+                            capture_output=True, text=True, timeout=900, cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert checks.returncode == 0 and "10 passed" in checks.stdout, checks.stdout[-3000:]
+    loss = kernels.softmax_xent_(logits, targets, 257, scale)
+    assert torch.equal(logits, narrow[0]) and torch.equal(loss, narrow[1])
 
 
 def test_the_softmax_kernel_flags_non_finite_logits_and_refuses_bad_targets():

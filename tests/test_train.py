@@ -277,6 +277,13 @@ def test_clip_and_step_equals_torchs_clip_grad_norm_then_step(optimizer, max_nor
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-9, msg=name)
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7 if optimizer == "adamw" else 5e-4)
     assert max_norm > 1 or (torch.stack([p.grad.norm() for p in models[1].parameters()]).norm() - max_norm).abs() < 1e-5
+    if optimizer == "adamw":  # a fused AdamW resumed from a run whose AdamW was not (FSDP's): its groups say so
+        state = opts[1].state_dict()
+        for group in state["param_groups"]:
+            group["fused"] = None
+        opts[1].load_state_dict(state)
+        assert opts[1].defaults["fused"] and not opts[1].param_groups[0]["fused"]
+        clip_and_step(opts[1], list(models[1].parameters()), max_norm)
 
 
 def test_scheduled_sampling_schedules_hand_computed():

@@ -717,11 +717,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // keeps a running maximum and rescaled sum per column over its share of the vocabulary, merged after), a second
 // overwrites them in place with the gradient of the mean loss, (softmax - one-hot) * scale; PyTorch's ops take nine
 // passes over an fp32 copy. Both go along the rows, contiguous memory (a column block read down 50,257 rows 2 KiB
-// apart, 2x slower), 8 lanes a vector, AVX2 on every CPU the kernels run on.
+// apart, 2x slower), 16 lanes a vector with AVX-512, 8 with AVX2.
 
 // e^x, x <= 88.37: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial for expf (relative error
 // ~1e-7), 2^n through the exponent field. Arguments below -87.33 give 2^-126 rather than 0: negligible in any sum of
-// terms of which one is 1, as here. A macro for the two widths: exp8 (AVX2) here, exp16 (AVX-512) for GELU below.
+// terms of which one is 1, as here. A macro for the two widths: exp8 (AVX2), exp16 (AVX-512, also GELU's below).
 #define GPTLAB_EXP(NAME, TARGET, BITS)                                                                     \
   TARGET static inline __m##BITS NAME(__m##BITS x) {                                                       \
     x = _mm##BITS##_min_ps(_mm##BITS##_max_ps(x, _mm##BITS##_set1_ps(-87.33f)), _mm##BITS##_set1_ps(88.37f)); \
@@ -755,56 +755,77 @@ static inline void store8(at::BFloat16* p, __m256 v) {  // rounded to nearest ev
                    _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
 }
 
-// Rows [v0, v1) of L [V, R] into the running maximum m, rescaled sum s and not-finite flag bad of each column (R
-// floats each): 16 rows at a time (32 KiB of bf16 for R = 1024, in L1), their maximum first, then one exp a logit.
-template <class T>
-static void xent_rows(const T* L, int64_t v0, int64_t v1, int64_t R, float* m, float* s, float* bad) {
-  constexpr int64_t CHUNK = 16;
-  const int64_t R8 = R / 8 * 8;
-  const __m256 zero = _mm256_setzero_ps();
-  for (int64_t a = v0; a < v1; a += CHUNK) {
-    const int64_t b = std::min(v1, a + CHUNK);
-    for (int64_t c = 0; c < R8; c += 8) {
-      const __m256 m0 = _mm256_loadu_ps(m + c);
-      __m256 cm = m0, bd = _mm256_loadu_ps(bad + c);
-      for (int64_t v = a; v < b; ++v) {
-        const __m256 x = load8(L + v * R + c);
-        cm = _mm256_max_ps(cm, x);
-        bd = _mm256_fmadd_ps(x, zero, bd);  // x * 0 is NaN for an inf or NaN logit, else 0
-      }
-      __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(s + c), exp8(_mm256_sub_ps(m0, cm)));
-      for (int64_t v = a; v < b; ++v) sum = _mm256_add_ps(sum, exp8(_mm256_sub_ps(load8(L + v * R + c), cm)));
-      _mm256_storeu_ps(m + c, cm);
-      _mm256_storeu_ps(s + c, sum);
-      _mm256_storeu_ps(bad + c, bd);
-    }
-    for (int64_t c = R8; c < R; ++c) {
-      float cm = m[c];
-      for (int64_t v = a; v < b; ++v) {
-        const float x = static_cast<float>(L[v * R + c]);
-        cm = std::max(cm, x);
-        bad[c] += x * 0.f;
-      }
-      float sum = s[c] * std::exp(m[c] - cm);
-      for (int64_t v = a; v < b; ++v) sum += std::exp(static_cast<float>(L[v * R + c]) - cm);
-      m[c] = cm;
-      s[c] = sum;
-    }
-  }
+#define GPTLAB_AVX512 __attribute__((target("avx512f")))
+GPTLAB_EXP(exp16, GPTLAB_AVX512, 512)
+GPTLAB_AVX512 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+GPTLAB_AVX512 static inline __m512 load16(const at::BFloat16* p) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+GPTLAB_AVX512 static inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+GPTLAB_AVX512 static inline void store16(at::BFloat16* p, __m512 v) {  // to nearest even, as store8
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i h = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(h));
 }
 
-// Rows [v0, v1) of L overwritten with exp(x - lse) * scale, column by column's lse and scale.
-template <class T>
-static void xent_softmax_rows(T* L, int64_t v0, int64_t v1, int64_t R, const float* lse, const float* scale) {
-  const int64_t R8 = R / 8 * 8;
-  for (int64_t v = v0; v < v1; ++v) {
-    T* row = L + v * R;
-    for (int64_t c = 0; c < R8; c += 8)
-      store8(row + c, _mm256_mul_ps(exp8(_mm256_sub_ps(load8(row + c), _mm256_loadu_ps(lse + c))),
-                                    _mm256_loadu_ps(scale + c)));
-    for (int64_t c = R8; c < R; ++c) row[c] = std::exp(static_cast<float>(row[c]) - lse[c]) * scale[c];
+// Rows [v0, v1) of L [V, R] into the running maximum m, rescaled sum s and not-finite flag bad of each column (R
+// floats each): 16 rows at a time (32 KiB of bf16 for R = 1024, in L1), their maximum first, then one exp a logit.
+// And rows [v0, v1) of L overwritten with exp(x - lse) * scale, column by column's lse and scale. A macro for the two
+// widths (8 lanes, AVX2; 16, AVX-512: 1.xx the speed, see softmax_xent_): each column's arithmetic is the same in
+// both, lane for lane, so they give the same bits.
+#define GPTLAB_XENT(SUFFIX, TARGET, BITS, N, LOAD, STORE, EXP)                                                   \
+  template <class T>                                                                                               \
+  TARGET static void xent_rows##SUFFIX(const T* L, int64_t v0, int64_t v1, int64_t R, float* m, float* s,         \
+                                       float* bad) {                                                               \
+    constexpr int64_t CHUNK = 16;                                                                                  \
+    const int64_t RN = R / N * N;                                                                                  \
+    const __m##BITS zero = _mm##BITS##_setzero_ps();                                                               \
+    for (int64_t a = v0; a < v1; a += CHUNK) {                                                                     \
+      const int64_t b = std::min(v1, a + CHUNK);                                                                   \
+      for (int64_t c = 0; c < RN; c += N) {                                                                        \
+        const __m##BITS m0 = _mm##BITS##_loadu_ps(m + c);                                                          \
+        __m##BITS cm = m0, bd = _mm##BITS##_loadu_ps(bad + c);                                                     \
+        for (int64_t v = a; v < b; ++v) {                                                                          \
+          const __m##BITS x = LOAD(L + v * R + c);                                                                 \
+          cm = _mm##BITS##_max_ps(cm, x);                                                                          \
+          bd = _mm##BITS##_fmadd_ps(x, zero, bd); /* x * 0 is NaN for an inf or NaN logit, else 0 */               \
+        }                                                                                                          \
+        __m##BITS sum = _mm##BITS##_mul_ps(_mm##BITS##_loadu_ps(s + c), EXP(_mm##BITS##_sub_ps(m0, cm)));          \
+        for (int64_t v = a; v < b; ++v) sum = _mm##BITS##_add_ps(sum, EXP(_mm##BITS##_sub_ps(LOAD(L + v * R + c), cm))); \
+        _mm##BITS##_storeu_ps(m + c, cm);                                                                          \
+        _mm##BITS##_storeu_ps(s + c, sum);                                                                         \
+        _mm##BITS##_storeu_ps(bad + c, bd);                                                                        \
+      }                                                                                                            \
+      for (int64_t c = RN; c < R; ++c) {                                                                           \
+        float cm = m[c];                                                                                           \
+        for (int64_t v = a; v < b; ++v) {                                                                          \
+          const float x = static_cast<float>(L[v * R + c]);                                                        \
+          cm = std::max(cm, x);                                                                                    \
+          bad[c] += x * 0.f;                                                                                       \
+        }                                                                                                          \
+        float sum = s[c] * std::exp(m[c] - cm);                                                                    \
+        for (int64_t v = a; v < b; ++v) sum += std::exp(static_cast<float>(L[v * R + c]) - cm);                   \
+        m[c] = cm;                                                                                                 \
+        s[c] = sum;                                                                                                \
+      }                                                                                                            \
+    }                                                                                                              \
+  }                                                                                                                \
+  template <class T>                                                                                               \
+  TARGET static void xent_softmax_rows##SUFFIX(T* L, int64_t v0, int64_t v1, int64_t R, const float* lse,         \
+                                               const float* scale) {                                               \
+    const int64_t RN = R / N * N;                                                                                  \
+    for (int64_t v = v0; v < v1; ++v) {                                                                            \
+      T* row = L + v * R;                                                                                          \
+      for (int64_t c = 0; c < RN; c += N)                                                                          \
+        STORE(row + c, _mm##BITS##_mul_ps(EXP(_mm##BITS##_sub_ps(LOAD(row + c), _mm##BITS##_loadu_ps(lse + c))),   \
+                                          _mm##BITS##_loadu_ps(scale + c)));                                       \
+      for (int64_t c = RN; c < R; ++c) row[c] = std::exp(static_cast<float>(row[c]) - lse[c]) * scale[c];          \
+    }                                                                                                              \
   }
-}
+GPTLAB_XENT(8, , 256, 8, load8, store8, exp8)
+GPTLAB_XENT(16, GPTLAB_AVX512, 512, 16, load16, store16, exp16)
 
 at::Tensor softmax_xent_(at::Tensor& logits, const at::Tensor& targets, int64_t vocab_size, const at::Tensor& scale) {
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "softmax_xent_: logits must be a contiguous [V, R]");
@@ -824,6 +845,7 @@ at::Tensor softmax_xent_(at::Tensor& logits, const at::Tensor& targets, int64_t 
   auto loss = at::empty({R}, sc.options());
   const float* sp = sc.data_ptr<float>();
   float* lp = loss.data_ptr<float>();
+  const bool wide = cpu_isa() >= kAvx512;
   auto run = [&](auto* L) {
     // pass 1: each thread's share of the vocabulary into its own (m, s, bad), merged after
     const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), vocab_size / 64));
@@ -832,7 +854,8 @@ at::Tensor softmax_xent_(at::Tensor& logits, const at::Tensor& targets, int64_t 
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         float* st = state.data() + 3 * p * R;
-        xent_rows(L, vocab_size * p / parts, vocab_size * (p + 1) / parts, R, st, st + R, st + 2 * R);
+        const int64_t v0 = vocab_size * p / parts, v1 = vocab_size * (p + 1) / parts;
+        wide ? xent_rows16(L, v0, v1, R, st, st + R, st + 2 * R) : xent_rows8(L, v0, v1, R, st, st + R, st + 2 * R);
       }
     });
     std::vector<float> lse(R), xt(R);
@@ -851,7 +874,8 @@ at::Tensor softmax_xent_(at::Tensor& logits, const at::Tensor& targets, int64_t 
     }
     // pass 2: the gradient, in place; padding rows to zero; then the targets' entries, minus one
     at::parallel_for(0, V, 256, [&](int64_t v0, int64_t v1) {
-      xent_softmax_rows(L, v0, std::min(v1, vocab_size), R, lse.data(), sp);
+      const int64_t end = std::min(v1, vocab_size);
+      wide ? xent_softmax_rows16(L, v0, end, R, lse.data(), sp) : xent_softmax_rows8(L, v0, end, R, lse.data(), sp);
     });
     std::fill(L + vocab_size * R, L + V * R, 0.f);
     for (int64_t c = 0; c < R; ++c)
@@ -869,21 +893,6 @@ at::Tensor softmax_xent_(at::Tensor& logits, const at::Tensor& targets, int64_t 
 // is x * sigmoid(u), u = 2 sqrt(2/pi) (x + 0.044715 x^3), and its derivative s + x s (1 - s) du/dx, s = sigmoid(u):
 // one exp and one division a value. PyTorch's CPU kernel for it took 3.1 ms for GPT-2's [1024, 3072] activations on
 // an AMX Xeon (its exact erf form 0.6 ms). 16 lanes, AVX-512 (kernels.py's has_avx512_kernels).
-#define GPTLAB_AVX512 __attribute__((target("avx512f")))
-GPTLAB_EXP(exp16, GPTLAB_AVX512, 512)
-GPTLAB_AVX512 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-GPTLAB_AVX512 static inline __m512 load16(const at::BFloat16* p) {
-  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
-}
-GPTLAB_AVX512 static inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-GPTLAB_AVX512 static inline void store16(at::BFloat16* p, __m512 v) {  // to nearest even, as store8
-  const __m512i b = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  const __m512i h = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(h));
-}
-
 constexpr float kGeluK = 1.5957691216057308f, kGeluC = 0.044715f;  // 2 sqrt(2/pi), and the cubic's coefficient
 
 static inline float gelu_sigmoid(float x) { return 1.f / (1.f + std::exp(-kGeluK * (x + kGeluC * x * x * x))); }

@@ -288,11 +288,11 @@ class GPT(nn.Module):
     def _tied_gradient_in_place(self) -> bool:
         """Whether the tied embedding adds its gradient into the fused loss's head gradient (:class:`TiedEmbedding`):
         eager training of a plain (not sharded, not quantized) tied weight."""
+        if not (self.config.tie_weights and type(self.wte) is nn.Embedding and isinstance(self.lm_head, nn.Linear)):
+            return False  # (a quantized model's embedding and head have no weight matrix)
         w = self.wte.weight
         return (
-            self.config.tie_weights
-            and isinstance(self.lm_head, nn.Linear)
-            and self.lm_head.weight is w
+            self.lm_head.weight is w
             and type(w) is nn.Parameter
             and w.requires_grad
             and torch.is_grad_enabled()

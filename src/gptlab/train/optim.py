@@ -148,7 +148,8 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parame
     flat = [g.reshape(-1) for g in grads]
     norm = torch.stack([torch.dot(g, g) for g in flat]).sum().sqrt() if flat else torch.zeros(())
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    if isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused"):
+    # (each group's own flag: a state dict loaded from a run whose AdamW was not fused brings its groups' False)
+    if isinstance(optimizer, torch.optim.AdamW) and all(g.get("fused") for g in optimizer.param_groups):
         setattr(optimizer, "grad_scale", 1.0 / coef)  # noqa: B010 (read by AdamW's fused step, as from GradScaler)
         try:
             optimizer.step()
