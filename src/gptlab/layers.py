@@ -173,10 +173,10 @@ class TanhGelu(torch.autograd.Function):
 
 def in_halves(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b`` (``torch.addmm(bias, a, b)`` with a bias) for an even number of rows, as one batched product of
-    ``a``'s two row halves against ``b``. oneDNN's AMX kernel (torch 2.13, 2 threads on an Intel Xeon) runs a bf16
-    product with at most ~900 output columns on one thread: GPT-2's [1,024 x 3,072] by [3,072 x 768] at 1.05 TFLOP/s,
-    its two halves as a batch of two at 1.63 (docs/benchmarks.md), with the same bits in every output. ``b`` is
-    best contiguous."""
+    ``a``'s two row halves against ``b``. oneDNN's AMX kernel (torch 2.13, an Intel Xeon) runs a bf16 product with at
+    most ~900 output columns no faster on two threads than on one: GPT-2's [1,024 x 3,072] by [3,072 x 768] at 1.05
+    TFLOP/s, its two halves as a batch of two at 1.63 (docs/benchmarks.md), with the same bits in every output
+    (:func:`halves_pay` checks). ``b`` is best contiguous."""
     m, n = a.size(0), b.size(1)
     a2, b2 = a.unflatten(0, (2, m // 2)), b.expand(2, *b.shape)
     out = torch.bmm(a2, b2) if bias is None else torch.baddbmm(bias.expand(2, m // 2, n), a2, b2)
