@@ -67,15 +67,17 @@ def test_the_softmax_kernels_8_lane_loop_also_runs_under_test_on_wider_cpus():
     torch.manual_seed(0)
     logits, targets = (torch.randn(300, 1029) * 4).to(torch.bfloat16), torch.randint(0, 257, (1029,))
     scale = torch.full((1029,), 1 / 1029)
-    code = (
-        "import sys, torch; from gptlab import kernels; l, t, s = torch.load(sys.argv[1]); "
-        "loss = kernels.softmax_xent_(l, t, 257, s); torch.save((l, loss), sys.argv[1])"
+    code = (  # (the same threads: each thread's share of the vocabulary is summed on its own, then merged)
+        "import sys, torch; from gptlab import kernels; torch.set_num_threads(int(sys.argv[2])); "
+        "l, t, s = torch.load(sys.argv[1]); loss = kernels.softmax_xent_(l, t, 257, s); "
+        "torch.save((l, loss), sys.argv[1])"
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "x.pt"
         torch.save((logits.clone(), targets, scale), path)
         env = {**os.environ, "GPTLAB_KERNELS": "avx2"}
-        done = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True)
+        threads = str(torch.get_num_threads())
+        done = subprocess.run([sys.executable, "-c", code, str(path), threads], env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
         narrow = torch.load(path)
     test = "tests/test_layers.py::test_the_softmax_kernel_equals_float64"
