@@ -142,10 +142,13 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
             bound = (xs / 2) * (q.abs().double().sum(1) * s.double())[None]  # sum_k |w_k| |x_k - x̂_k|
             assert ((got - x.double() @ w.T).abs() <= bound * 1.001 + 1e-4).all()
     # groups of 64, 128 and 256 (one, two and four whole 512-bit steps), of 32 (two a step; an odd count ends in a
-    # masked half step), of 96 (the 256-bit loop on every CPU)
+    # masked half step), of 96 (the 256-bit loop on every CPU); 12 and 9 groups a row (GPT-2's and SmolLM2's widths:
+    # the offsets' last 8 groups are partial)
     for n, k, g in (
         (100, 256, 64),
         (5, 192, 64),
+        (13, 768, 64),
+        (4, 576, 64),
         (19, 96, 32),
         (9, 4096, 32),
         (7, 512, 128),

@@ -271,7 +271,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 // vcvtps2dq (to nearest even). Each row's codes are laid out per 64 columns as the 32 even then the 32 odd columns'
 // (the order in which a 32-byte step of packed weights yields its high and low nibbles), rows KP = K rounded up to
 // 64 bytes apart (the caller zeroes the padding). A row's codes and scales depend on that row alone. Also each
-// group's sum of x itself (8 lanes over its g columns), laid out [G, 16] for row_offsets.
+// group's sum of x itself (8 lanes over its g columns), laid out [M, G rounded up to 8] for row_offsets.
 static void groups_to_int8(const float* x, int64_t M, int64_t K, int64_t g, int64_t KP, int8_t* xq, float* xs,
                            float* gsum) {
   const int64_t G = K / g;
@@ -285,7 +285,7 @@ static void groups_to_int8(const float* x, int64_t M, int64_t K, int64_t g, int6
       const float* p = r + gi * g;
       __m256 sum = _mm256_loadu_ps(p);
       for (int64_t k = 8; k < g; k += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(p + k));
-      gsum[gi * 16 + m] = hsum(sum);
+      gsum[m * ((G + 7) / 8 * 8) + gi] = hsum(sum);
       const float amax = absmax(p, g);
       const float s = amax > 0.f ? amax / 127.f : 1.f;
       xs[m * G + gi] = s;
@@ -357,9 +357,7 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
     }                                                                                                              \
     for (int v = 0; v < W; ++v) {                                                                                  \
       _mm_prefetch(reinterpret_cast<const char*>(w + v * H + (J) + pd), _MM_HINT_T0);                              \
-      const __m256i b_ = (BV);                                                                                     \
-      const __m512i q_ = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(_mm256_srli_epi16(b_, 4), low4)), \
-                                            _mm256_and_si256(b_, low4), 1);                                        \
+      const __m512i q_ = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(BV), nibble_shift), low4);     \
       for (int r = 0; r < R; ++r) a[v * R + r] = DOT(a[v * R + r], q_, x_[r]);                                    \
     }                                                                                                              \
   } while (0)
@@ -378,7 +376,9 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
   __attribute__((target(TARGET))) static void NAME(const uint8_t* w, const int8_t* x, int64_t KP, int64_t H,       \
                                                    int64_t G, int64_t gb, const uint16_t* scale, const float* xs,  \
                                                    float* out) {                                                   \
-    const __m256i low4 = _mm256_set1_epi8(15);                                                                     \
+    const __m512i low4 = _mm512_set1_epi8(15);                                                                     \
+    /* the step's 32 bytes in both halves, shifted right by 4 in the low half: high nibbles there, low above */   \
+    const __m512i nibble_shift = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_setzero_si256(), 1);             \
     const int64_t pd = std::max<int64_t>(kPrefetchBytes, W * H);                                                   \
     __m512 f[W * R];                                                                                               \
     __m512i a[W * R];                                                                                              \
@@ -393,7 +393,12 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
         for (int r = 0; r < R; ++r)                                                                                \
           _mm512_store_ps(sc[v * R + r], _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(m, xs + r * G + g0)));            \
       }                                                                                                            \
-      if (gb % 32 == 0) {                                                                                          \
+      if (gb == 32) { /* groups of 64 (the default): one step a group, no inner loop */                            \
+        for (int64_t gi = g0; gi < g1; ++gi) {                                                                     \
+          GPTLAB_INT4_STEP(DOT, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * H + gi * 32)), gi * 32); \
+          GPTLAB_INT4_FLUSH(GPTLAB_SC(gi));                                                                        \
+        }                                                                                                          \
+      } else if (gb % 32 == 0) {                                                                                   \
         for (int64_t gi = g0; gi < g1; ++gi) {                                                                     \
           for (int64_t j = gi * gb; j < (gi + 1) * gb; j += 32)                                                    \
             GPTLAB_INT4_STEP(DOT, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * H + j)), j);         \
@@ -423,31 +428,55 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
 GPTLAB_INT4_DOTS512(int4_dots512, "avx512f,avx512bw", GPTLAB_MADDUBS_ADD)
 GPTLAB_INT4_DOTS512(int4_dots512_vnni, "avx512f,avx512bw,avx512vnni", _mm512_dpbusd_epi32)
 
-// The offsets' share of one weight row's outputs for every activation row at once, out[m] = sum_g (zero_g - 8
-// scale_g) * (sum of x_m over group g), from the group sums laid out [G, 16] (row m in lane m, 16 rows at most):
-// G multiply-adds of 8 rows each, where a dot product of G terms per output cost int4's 8-row step a quarter of its
-// time (measured on an AMX Xeon). Each row's lane sums its terms in group order, whatever the other rows. The offset
-// of each group is computed in fp32 from its fp16 scale and zero, as dequantize_int4 computes it.
+// The offsets' share of one weight row's outputs for every activation row, out[m] = sum_g (zero_g - 8 scale_g) *
+// (sum of x_m over group g), from the group sums laid out [M, GP] (GP = G rounded up to 8, zero past G): the
+// offsets of 8 groups at a time, then one multiply-add per activation row into its own 8 lanes (lane i sums the
+// groups i, i + 8, ...), summed across the lanes at the end. A row's sum takes that order whatever M is; one row
+// costs G / 8 multiply-adds, where a chain of G dependent ones across the rows' lanes had cost GPT-2's one-row int4
+// products half their time (measured on an AMX Xeon). The offset of each group is computed in fp32 from its fp16
+// scale and zero, as dequantize_int4 computes it; past G both are zero, and so is the offset.
+// n <= 8 fp16 values at p, the lanes past them zero, with no read past p + n
+static inline __m128i load_halves(const uint16_t* p, int64_t n) {
+  if (n == 8) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m128i v = n >= 4 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)) : _mm_setzero_si128();
+  switch (n) {
+    case 7: v = _mm_insert_epi16(v, p[6], 6); [[fallthrough]];
+    case 6: v = _mm_insert_epi16(v, p[5], 5); [[fallthrough]];
+    case 5: v = _mm_insert_epi16(v, p[4], 4); break;
+    case 3: v = _mm_insert_epi16(v, p[2], 2); [[fallthrough]];
+    case 2: v = _mm_insert_epi16(v, p[1], 1); [[fallthrough]];
+    case 1: v = _mm_insert_epi16(v, p[0], 0); break;
+  }
+  return v;
+}
+
+// R activation rows' offsets (R <= 4, the accumulators in registers), gsum at their first row's sums
+template <int R>
+static void row_offsets_rows(const uint16_t* scale, const uint16_t* zero, const float* gsum, int64_t G, float* out) {
+  const int64_t GP = (G + 7) / 8 * 8;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g0 = 0; g0 < GP; g0 += 8) {
+    const int64_t n = std::min<int64_t>(8, G - g0);
+    const __m256 o = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), _mm256_cvtph_ps(load_halves(scale + g0, n)),
+                                      _mm256_cvtph_ps(load_halves(zero + g0, n)));
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(o, _mm256_loadu_ps(gsum + r * GP + g0), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+}
+
 static void row_offsets(const uint16_t* scale, const uint16_t* zero, const float* gsum, int64_t G, int64_t M,
                         float* out) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  float o[8];  // 8 groups' offsets, converted together
-  for (int64_t g0 = 0; g0 < G; g0 += 8) {
-    const int64_t n = std::min<int64_t>(8, G - g0);
-    if (n == 8)
-      _mm256_storeu_ps(o, _mm256_fnmadd_ps(_mm256_set1_ps(8.f),
-                                           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + g0))),
-                                           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero + g0)))));
-    else
-      for (int64_t i = 0; i < n; ++i) o[i] = _cvtsh_ss(zero[g0 + i]) - 8.f * _cvtsh_ss(scale[g0 + i]);
-    for (int64_t i = 0; i < n; ++i) {
-      const __m256 ov = _mm256_broadcast_ss(o + i);
-      a0 = _mm256_fmadd_ps(ov, _mm256_loadu_ps(gsum + (g0 + i) * 16), a0);
-      if (M > 8) a1 = _mm256_fmadd_ps(ov, _mm256_loadu_ps(gsum + (g0 + i) * 16 + 8), a1);
+  const int64_t GP = (G + 7) / 8 * 8;
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const float* gs = gsum + m0 * GP;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: row_offsets_rows<1>(scale, zero, gs, G, out + m0); break;
+      case 2: row_offsets_rows<2>(scale, zero, gs, G, out + m0); break;
+      case 3: row_offsets_rows<3>(scale, zero, gs, G, out + m0); break;
+      default: row_offsets_rows<4>(scale, zero, gs, G, out + m0);
     }
   }
-  _mm256_storeu_ps(out, a0);
-  _mm256_storeu_ps(out + 8, a1);
 }
 
 // Whether the 512-bit int4 loops take groups of gb bytes: whole 32-byte steps, or two 16-byte groups a step.
@@ -483,7 +512,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const int64_t M = xc.size(0), H = K / 2;
   auto out = at::empty({M, N}, xc.options());
   const int64_t KP = (K + 63) / 64 * 64;
-  std::vector<int8_t> xq(M * KP); std::vector<float> xs(M * G), gsum(G * 16, 0.f);
+  std::vector<int8_t> xq(M * KP); std::vector<float> xs(M * G), gsum(M * ((G + 7) / 8 * 8), 0.f);
   const float* xp = xc.data_ptr<float>();
   groups_to_int8(xp, M, K, g, KP, xq.data(), xs.data(), gsum.data());
   const uint8_t* wp = wc.data_ptr<uint8_t>();
