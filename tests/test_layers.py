@@ -198,3 +198,55 @@ def test_a_split_that_changes_the_bits_is_never_taken(monkeypatch):
     assert not layers.halves_pay(("t", 2), lambda: (time.sleep(0.01), a @ b)[1], lambda: (a @ b) + 1e-3)
     assert layers.halves_pay(("t", 3), lambda: (time.sleep(0.01), a @ b)[1], lambda: a @ b)
     assert layers.halves_pay(("t", 3), lambda: a @ b, lambda: a @ b)  # measured once: the verdict stays
+
+
+def _attention_errors(fn, q, k, v, g):
+    """Relative errors of ``fn``'s output and three gradients under CPU bf16 autocast against float64 causal SDPA."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn(*leaves)
+    out.float().backward(g)
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*exact, is_causal=True)
+    ref.backward(g.double())
+    got = [out.detach(), *(t.grad for t in leaves)]
+    want = [ref.detach(), *(t.grad for t in exact)]
+    return out, [((a.double() - b).norm() / b.norm()).item() for a, b in zip(got, want, strict=True)]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64), (1, 2, 192)])
+@pytest.mark.parametrize("spread", [1.0, 3.0])  # query and key scale: flatter and sharper softmaxes
+def test_the_causal_attention_kernels_are_as_exact_as_pytorchs_flash_attention(shape, spread):
+    """Training's causal attention under CPU bf16 autocast (gptlab's kernels, where they run) against float64: the
+    output and the gradients of q, k and v within 10 % of the error of PyTorch's own flash attention in bf16, which
+    rounds the same operands to bf16."""
+    B, H, T = shape
+    torch.manual_seed(0)
+    q, k = (torch.randn(B, H, T, 64) * spread for _ in range(2))
+    v, g = torch.randn(B, H, T, 64), torch.randn(B, H, T, 64)
+    if not kernels.causal_attention_applies(*(t.to(torch.bfloat16) for t in (q, k, v))):
+        pytest.skip("gptlab's causal attention needs AVX-512 and oneDNN's packed bf16 GEMM (AMX)")
+    out, ours = _attention_errors(layers.causal_attention, q, k, v, g)
+    assert out.grad_fn.name() == "CausalAttentionBackward"
+    _, flash = _attention_errors(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True), q, k, v, g)
+    assert all(a <= 1.1 * b for a, b in zip(ours, flash, strict=True)), (ours, flash)
+
+
+def test_the_causal_attention_of_a_sequence_does_not_depend_on_the_batch():
+    """A sequence's attention and gradients by gptlab's kernels, alone and as the second of a batch of two: the same
+    bits (every head is computed on its own); and shapes the kernels do not take go to PyTorch's SDPA."""
+    torch.manual_seed(0)
+    q, k, v, g = (torch.randn(2, 4, 128, 64) for _ in range(4))
+    if not kernels.causal_attention_applies(*(t.to(torch.bfloat16) for t in (q, k, v))):
+        pytest.skip("gptlab's causal attention needs AVX-512 and oneDNN's packed bf16 GEMM (AMX)")
+    results = []
+    for rows in (slice(0, 2), slice(1, 2)):
+        leaves = [t[rows].clone().requires_grad_() for t in (q, k, v)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layers.causal_attention(*leaves)
+        out.float().backward(g[rows])
+        results.append([out[-1], *(t.grad[-1] for t in leaves)])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for shape in [(1, 2, 100, 64), (1, 2, 128, 32)]:  # T not a multiple of 64; head size not 64
+            assert layers.causal_attention(*(torch.randn(shape, requires_grad=True) for _ in range(3))) is None

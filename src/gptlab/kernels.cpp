@@ -4,12 +4,14 @@
 // by gptlab/kernels.py, which documents the scheme; tests/test_quant.py checks it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -1049,6 +1051,214 @@ at::Tensor transpose_to(const at::Tensor& x, at::ScalarType dtype) {
   return out;
 }
 
+// ---- Causal self-attention in training (gptlab/layers.py, CausalAttention), bf16, head size 64, sequence length a
+// multiple of 64: one head at a time per thread, its whole [T, T] scores in the thread's L2, every product by
+// oneDNN's batch-reduce GEMM micro-kernel (at::native::cpublas::brgemm: bf16 operands, fp32 results; AMX), the
+// softmax and its gradient by the row loops below. The arithmetic of FlashAttention-2 (Dao 2023): the forward keeps
+// each row's log-sum-exp, the backward recomputes the probabilities from it; PyTorch's CPU flash attention runs the
+// same arithmetic through blocks of 32-64 rows with oneDNN's general GEMM per block, its backward 12 ms a layer
+// for GPT-2 at B=4, T=256 on the AMX Xeon of docs/benchmarks.md. Blocks of 64 keys and queries above the diagonal
+// are skipped in every product.
+namespace cpublas = at::native::cpublas;
+constexpr int64_t kAttnBlock = 64;  // keys and queries per block; the head size; oneDNN's packed B is 64 wide
+
+// the first n (< 16) lanes
+GPTLAB_AVX512 static inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+
+// y (T bf16) = v (the first n fp32 values, n <= T), then zeros: 16 at a time, the last partial vector one by one
+GPTLAB_AVX512 static inline void store_row(at::BFloat16* y, const float* v, int64_t n, int64_t T) {
+  const int64_t n16 = n / 16 * 16;
+  for (int64_t j = 0; j < n16; j += 16) store16(y + j, _mm512_loadu_ps(v + j));
+  for (int64_t j = n16; j < n; ++j) y[j] = at::BFloat16(v[j]);  // (to nearest even, as store16)
+  std::fill(y + n, y + T, at::BFloat16(0.f));
+}
+
+// One row's softmax of scale * s over its first n scores (s overwritten with the probabilities), returning the
+// log-sum-exp: the maximum first, then one exp a score (exp16).
+GPTLAB_AVX512 static float softmax_row(float* s, int64_t n, float scale) {
+  const int64_t n16 = n / 16 * 16;
+  const __mmask16 tail = first_lanes(n - n16);
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n16; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + j));
+  if (tail) vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, tail, s + n16));
+  const float m = _mm512_reduce_max_ps(vmax) * scale;  // (scale > 0)
+  const __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n16; j += 16) {
+    const __m512 e = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vs, vm));
+    _mm512_storeu_ps(s + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (tail) {
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, s + n16), vs, vm)));
+    _mm512_mask_storeu_ps(s + n16, tail, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const float total = _mm512_reduce_add_ps(sum);
+  const __m512 inv = _mm512_set1_ps(1.f / total);
+  for (int64_t j = 0; j < n16; j += 16) _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), inv));
+  if (tail) _mm512_mask_storeu_ps(s + n16, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, s + n16), inv));
+  return m + std::log(total);
+}
+
+// One row of the backward pass over its first n columns: P = exp(scale * s - lse) into s, dS = scale * P * (dp -
+// sum_d dO O) into dp (fp32), then both stored as bf16 rows of T.
+GPTLAB_AVX512 static void softmax_backward_row(float* s, float* dp, int64_t n, int64_t T, float scale, float lse,
+                                               const at::BFloat16* o, const at::BFloat16* g, at::BFloat16* p_out,
+                                               at::BFloat16* ds_out) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < kAttnBlock; d += 16) acc = _mm512_fmadd_ps(load16(g + d), load16(o + d), acc);
+  const __m512 vs = _mm512_set1_ps(scale), vl = _mm512_set1_ps(lse), vd = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
+  const int64_t n16 = n / 16 * 16;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = j < n16 ? static_cast<__mmask16>(0xFFFF) : first_lanes(n - n16);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + j), vs, vl)));
+    const __m512 d = _mm512_mul_ps(_mm512_mul_ps(e, vs), _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j), vd));
+    _mm512_mask_storeu_ps(s + j, k, e);
+    _mm512_mask_storeu_ps(dp + j, k, d);
+  }
+  store_row(p_out, s, n, T);
+  store_row(ds_out, dp, n, T);
+}
+
+// out[c * ldo + r] = x[r * ld + c] for rows x cols bf16 values
+GPTLAB_AVX512 static void transpose_bf16(const at::BFloat16* x, int64_t ld, int64_t rows, int64_t cols,
+                                         at::BFloat16* out, int64_t ldo) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 16) transpose_strip(x, ld, out, ldo, c0, std::min<int64_t>(16, cols - c0), 0, rows);
+}
+
+// oneDNN's packed form of a [K, 64] bf16 B operand whose rows are ld apart (pack reads rows 64 apart: copied first)
+static void pack_rows(const at::BFloat16* x, int64_t ld, int64_t K, at::BFloat16* tmp, at::BFloat16* out) {
+  for (int64_t k = 0; k < K; ++k) std::copy(x + k * ld, x + k * ld + kAttnBlock, tmp + k * kAttnBlock);
+  cpublas::pack(K, kAttnBlock, kAttnBlock, kAttnBlock, at::kBFloat16, at::kBFloat16, tmp, out);
+}
+
+// the packed B operand x^T for x [T, 64] (rows ld apart), one [64, 64] block of columns after another
+static void pack_transposed(const at::BFloat16* x, int64_t ld, int64_t T, at::BFloat16* tmp, at::BFloat16* out) {
+  for (int64_t c = 0; c < T; c += kAttnBlock) {
+    transpose_bf16(x + c * ld, ld, kAttnBlock, kAttnBlock, tmp, kAttnBlock);
+    cpublas::pack(kAttnBlock, kAttnBlock, kAttnBlock, kAttnBlock, at::kBFloat16, at::kBFloat16, tmp, out + c * kAttnBlock);
+  }
+}
+
+// C [T, T] fp32 = A [T, 64] (rows lda apart) B^T, B given packed-transposed (pack_transposed), on and below the
+// diagonal blocks only
+static void scores(const at::BFloat16* a, int64_t lda, const at::BFloat16* bt, int64_t T, float* c) {
+  for (int64_t j = 0; j < T; j += kAttnBlock)
+    cpublas::brgemm(T - j, kAttnBlock, kAttnBlock, lda, kAttnBlock, T, false, a + j * lda, bt + j * kAttnBlock,
+                    c + j * T + j);
+}
+
+// C [T, 64] fp32 = A [T, T] (bf16, zero above the diagonal) B, B [T, 64] packed (pack_rows): block row i of A
+// against rows [0, i + 64) of B (lower), or A's transpose-like rows [i, T) against rows [i, T) (upper: A = P^T)
+static void lower_times(const at::BFloat16* a, const at::BFloat16* b, int64_t T, float* c) {
+  for (int64_t i = 0; i < T; i += kAttnBlock)
+    cpublas::brgemm(kAttnBlock, kAttnBlock, i + kAttnBlock, T, kAttnBlock, kAttnBlock, false, a + i * T, b,
+                    c + i * kAttnBlock);
+}
+static void upper_times(const at::BFloat16* a, const at::BFloat16* b, int64_t T, float* c) {
+  for (int64_t i = 0; i < T; i += kAttnBlock)
+    cpublas::brgemm(kAttnBlock, kAttnBlock, T - i, T, kAttnBlock, kAttnBlock, false, a + i * T + i,
+                    b + i * kAttnBlock, c + i * kAttnBlock);
+}
+
+// rows [T, 64] fp32 -> bf16 rows ld apart
+GPTLAB_AVX512 static void store_rows(const float* x, int64_t T, at::BFloat16* y, int64_t ld) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t d = 0; d < kAttnBlock; d += 16) store16(y + t * ld + d, _mm512_loadu_ps(x + t * kAttnBlock + d));
+}
+
+// q, k, v [B, H, T, 64] bf16 (rows of 64 contiguous; any other strides), the head's element (b, h) at
+// b * stride(0) + h * stride(1)
+static const at::BFloat16* head(const at::Tensor& x, int64_t b, int64_t h) {
+  return x.const_data_ptr<at::BFloat16>() + b * x.stride(0) + h * x.stride(1);
+}
+
+static void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(cpu_isa() >= kAvx512 && cpublas::could_pack(at::kBFloat16),
+              "causal_attention: needs AVX-512 and oneDNN's packed bf16 GEMM (AMX)");
+  TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes() && q.sizes() == v.sizes() && q.size(3) == kAttnBlock &&
+              q.size(2) % kAttnBlock == 0, "causal_attention: q, k, v [B, H, T, 64], T a multiple of 64");
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->stride(3) == 1, "causal_attention: bf16, head dim contiguous");
+}
+
+// Forward: out [B, T, H, 64] bf16 (its [B, H, T, 64] view is the attention) and lse [B, H, T] fp32.
+std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    double scale) {
+  check_attention(q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = kAttnBlock;
+  auto out = at::empty({B, T, H, D}, q.options());
+  auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
+  at::parallel_for(0, B * H, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> s(T * T), o(T * D);
+    std::vector<at::BFloat16> p(T * T), kt(T * D), vp(T * D), tmp(T * D);
+    for (int64_t bh = h0; bh < h1; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      pack_transposed(head(k, b, h), k.stride(2), T, tmp.data(), kt.data());
+      pack_rows(head(v, b, h), v.stride(2), T, tmp.data(), vp.data());
+      scores(head(q, b, h), q.stride(2), kt.data(), T, s.data());
+      float* l = lse.data_ptr<float>() + bh * T;
+      for (int64_t i = 0; i < T; ++i) {
+        l[i] = softmax_row(s.data() + i * T, i + 1, static_cast<float>(scale));
+        store_row(p.data() + i * T, s.data() + i * T, i + 1, T);
+      }
+      lower_times(p.data(), vp.data(), T, o.data());
+      store_rows(o.data(), T, out.data_ptr<at::BFloat16>() + (b * T * H + h) * D, H * D);
+    }
+    cpublas::brgemm_release();
+  });
+  return {out, lse};
+}
+
+// Backward: dq, dk, dv, each [B, T, H, 64] bf16, from the inputs, the forward's output (out, [B, T, H, 64]) and lse,
+// and the output's gradient g ([B, H, T, 64], rows contiguous).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const at::Tensor& g, const at::Tensor& q,
+                                                                         const at::Tensor& k, const at::Tensor& v,
+                                                                         const at::Tensor& out,
+                                                                         const at::Tensor& lse, double scale) {
+  check_attention(q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = kAttnBlock;
+  TORCH_CHECK(g.sizes() == q.sizes() && g.scalar_type() == at::kBFloat16 && g.stride(3) == 1,
+              "causal_attention_backward: the gradient must be bf16 [B, H, T, 64], head dim contiguous");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == at::IntArrayRef({B, T, H, D}) && lse.is_contiguous(),
+              "causal_attention_backward: the forward's out [B, T, H, 64] and lse");
+  auto dq = at::empty({B, T, H, D}, q.options()), dk = at::empty_like(dq), dv = at::empty_like(dq);
+  at::parallel_for(0, B * H, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> s(T * T), dp(T * T), acc(T * D);
+    std::vector<at::BFloat16> p(T * T), ds(T * T), tr(T * T), kt(T * D), vt(T * D), kp(T * D), qp(T * D), gp(T * D),
+        tmp(T * D);
+    for (int64_t bh = h0; bh < h1; ++bh) {
+      const int64_t b = bh / H, h = bh % H, row = H * D, at = (b * T * H + h) * D;
+      const at::BFloat16 *qh = head(q, b, h), *kh = head(k, b, h), *vh = head(v, b, h), *gh = head(g, b, h);
+      pack_transposed(kh, k.stride(2), T, tmp.data(), kt.data());
+      pack_transposed(vh, v.stride(2), T, tmp.data(), vt.data());
+      pack_rows(kh, k.stride(2), T, tmp.data(), kp.data());
+      pack_rows(qh, q.stride(2), T, tmp.data(), qp.data());
+      pack_rows(gh, g.stride(2), T, tmp.data(), gp.data());
+      scores(qh, q.stride(2), kt.data(), T, s.data());
+      scores(gh, g.stride(2), vt.data(), T, dp.data());
+      const float* l = lse.const_data_ptr<float>() + bh * T;
+      const at::BFloat16* o = out.const_data_ptr<at::BFloat16>() + at;
+      for (int64_t i = 0; i < T; ++i)
+        softmax_backward_row(s.data() + i * T, dp.data() + i * T, i + 1, T, static_cast<float>(scale), l[i],
+                             o + i * row, gh + i * g.stride(2), p.data() + i * T, ds.data() + i * T);
+      lower_times(ds.data(), kp.data(), T, acc.data());  // dQ = dS K
+      store_rows(acc.data(), T, dq.data_ptr<at::BFloat16>() + at, row);
+      transpose_bf16(ds.data(), T, T, T, tr.data(), T);
+      upper_times(tr.data(), qp.data(), T, acc.data());  // dK = dS^T Q
+      store_rows(acc.data(), T, dk.data_ptr<at::BFloat16>() + at, row);
+      transpose_bf16(p.data(), T, T, T, tr.data(), T);
+      upper_times(tr.data(), gp.data(), T, acc.data());  // dV = P^T dO
+      store_rows(acc.data(), T, dv.data_ptr<at::BFloat16>() + at, row);
+    }
+    cpublas::brgemm_release();
+  });
+  return {dq, dk, dv};
+}
+
+static bool causal_attention_runs() { return cpu_isa() >= kAvx512 && cpublas::could_pack(at::kBFloat16); }
+
 static int64_t isa() { return cpu_isa(); }  // for Python: which loops run here (kernels.py's isa())
 
 TORCH_LIBRARY(gptlab, m) {
@@ -1063,6 +1273,9 @@ TORCH_LIBRARY(gptlab, m) {
   m.def("gelu_tanh(Tensor x) -> Tensor");
   m.def("gelu_tanh_backward(Tensor grad, Tensor x) -> Tensor");
   m.def("transpose_to(Tensor x, ScalarType dtype) -> Tensor");
+  m.def("causal_attention_runs() -> bool", &causal_attention_runs);
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("causal_attention_backward(Tensor g, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(gptlab, CPU, m) {
   m.impl("int8_mm", &int8_mm);
@@ -1073,4 +1286,6 @@ TORCH_LIBRARY_IMPL(gptlab, CPU, m) {
   m.impl("gelu_tanh", &gelu_tanh);
   m.impl("gelu_tanh_backward", &gelu_tanh_backward);
   m.impl("transpose_to", &transpose_to);
+  m.impl("causal_attention", &causal_attention);
+  m.impl("causal_attention_backward", &causal_attention_backward);
 }

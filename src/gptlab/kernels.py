@@ -180,6 +180,26 @@ def gelu_tanh_applies(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and has_avx512_kernels()
 
 
+def causal_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether gptlab's causal attention kernels (``causal_attention``, ``causal_attention_backward``) take these
+    bf16 CPU tensors [B, heads, T, 64], T a multiple of 64: where AVX-512 runs and oneDNN packs bf16 operands for its
+    AMX micro-kernel (``at::native::cpublas::could_pack``). :func:`gptlab.layers.causal_attention` uses them."""
+    return (
+        q.device.type == "cpu"
+        and q.dim() == 4
+        and q.shape == k.shape == v.shape
+        and q.size(3) == 64
+        and q.size(2) % 64 == 0
+        and all(t.dtype == torch.bfloat16 and t.stride(3) == 1 for t in (q, k, v))
+        and has_causal_attention()
+    )
+
+
+@functools.cache
+def has_causal_attention() -> bool:
+    return has_avx512_kernels() and bool(torch.ops.gptlab.causal_attention_runs())
+
+
 def transpose_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x.t().contiguous().to(dtype)`` for a 2-D CPU tensor (fp32 or bf16, to fp32 or bf16): gptlab's kernel
     (``transpose_to``, 16 x 16 register tiles; 8-40 GB/s here against PyTorch's strided copy at ~2.5) where AVX-512
@@ -374,6 +394,23 @@ def load() -> Any:
     @torch.library.register_fake("gptlab::gelu_tanh_backward")
     def _gb(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("gptlab::causal_attention")
+    def _ca(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, T, D = q.shape
+        return q.new_empty(B, T, H, D), q.new_empty(B, H, T, dtype=torch.float32)
+
+    @torch.library.register_fake("gptlab::causal_attention_backward")
+    def _cab(
+        g: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return out.new_empty(out.shape), out.new_empty(out.shape), out.new_empty(out.shape)
 
     @torch.library.register_fake("gptlab::transpose_to")
     def _t(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -171,6 +171,48 @@ class TanhGelu(torch.autograd.Function):
         return torch.ops.gptlab.gelu_tanh_backward(grad.to(x.dtype), x)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` (``q``, ``k``, ``v`` [B, heads, T, head_dim]) in
+    training under CPU bf16 autocast: :class:`CausalAttention` where gptlab's kernels take the shapes
+    (:func:`gptlab.kernels.causal_attention_applies`). None otherwise (no gradients, other devices or dtypes,
+    grouped heads, inside ``torch.compile``), for the caller to use SDPA."""
+    if not (
+        q.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and not torch.compiler.is_compiling()
+    ):
+        return None
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))  # autocast's casts for SDPA
+    if not kernels.causal_attention_applies(q, k, v):
+        return None
+    return CausalAttention.apply(q, k, v, q.size(-1) ** -0.5)
+
+
+class CausalAttention(torch.autograd.Function):
+    """Causal attention of bf16 [B, heads, T, 64] by gptlab's kernels (``causal_attention`` and its backward:
+    ``kernels.cpp`` says how): FlashAttention-2's arithmetic (Dao 2023), one head's whole scores at a time, every
+    product by oneDNN's AMX micro-kernel. The output is a [B, heads, T, 64] view of a [B, T, heads, 64] tensor, the
+    layout the attention's output projection reads. Keeps its inputs, output and the rows' log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        out, lse = torch.ops.gptlab.causal_attention(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        g = grad.to(torch.bfloat16)
+        g = g if g.stride(3) == 1 else g.contiguous()
+        dq, dk, dv = torch.ops.gptlab.causal_attention_backward(g, q, k, v, out, lse, ctx.scale)
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None
+
+
 def in_halves(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b`` (``torch.addmm(bias, a, b)`` with a bias) for an even number of rows, as one batched product of
     ``a``'s two row halves against ``b``. oneDNN's AMX kernel (torch 2.13, an Intel Xeon) runs a bf16 product with at

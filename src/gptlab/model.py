@@ -50,6 +50,7 @@ from .layers import (
     LinearCrossEntropy,
     TiedEmbedding,
     apply_rotary,
+    causal_attention,
     gelu,
     loss_chunk_rows,
     make_norm,
@@ -114,6 +115,10 @@ class CausalSelfAttention(nn.Module):
         return self._sdpa(q, k, v, mask) if y is None else y
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None and not (self.training and self.dropout):  # training under CPU bf16 autocast: gptlab's
+            y = causal_attention(q, k, v)
+            if y is not None:
+                return y
         return F.scaled_dot_product_attention(
             q,
             k,
