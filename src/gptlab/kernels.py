@@ -199,7 +199,7 @@ def causal_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
         and q.size(3) == 64
         and q.size(2) % 64 == 0
         and q.size(2) <= CAUSAL_ATTENTION_MAX_T
-        and all(t.dtype == torch.bfloat16 and t.stride(3) == 1 for t in (q, k, v))
+        and all(type(t) is torch.Tensor and t.dtype == torch.bfloat16 and t.stride(3) == 1 for t in (q, k, v))
         and has_causal_attention()
     )
 

@@ -22,7 +22,8 @@ logits). Attention takes its mask and its layer's cache (:class:`~gptlab.kv_cach
 live in modules of their own (:mod:`gptlab.moe`, :mod:`gptlab.layers`, :mod:`gptlab.image_prefix`).
 
 Weights use ``nn.Linear``'s [out, in] layout; :mod:`gptlab.interop.hf` transposes Hugging Face's Conv1D [in, out].
-Attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
+Attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU); training under
+CPU bf16 autocast on a CPU with AMX takes gptlab's kernel where it applies (:func:`gptlab.layers.causal_attention`).
 
 With ``pad_vocab_multiple > 1`` the embedding and head carry extra rows up to a multiple of that number (faster
 matmuls); their logits are set to -inf inside the loss, so they never enter the softmax and never get gradient, and
