@@ -1056,7 +1056,7 @@ at::Tensor transpose_to(const at::Tensor& x, at::ScalarType dtype) {
 // oneDNN's batch-reduce GEMM micro-kernel (at::native::cpublas::brgemm: bf16 operands, fp32 results; AMX), the
 // softmax and its gradient by the row loops below. The arithmetic of FlashAttention-2 (Dao 2023): the forward keeps
 // each row's log-sum-exp, the backward recomputes the probabilities from it; PyTorch's CPU flash attention runs the
-// same arithmetic through blocks of 32-64 rows with oneDNN's general GEMM per block, its backward 12 ms a layer
+// same arithmetic block by block with oneDNN's general GEMM per block, its backward 12 ms a layer
 // for GPT-2 at B=4, T=256 on the AMX Xeon of docs/benchmarks.md. Blocks of 64 keys and queries above the diagonal
 // are skipped in every product.
 namespace cpublas = at::native::cpublas;
