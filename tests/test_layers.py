@@ -200,14 +200,15 @@ def test_a_split_that_changes_the_bits_is_never_taken(monkeypatch):
     assert layers.halves_pay(("t", 3), lambda: a @ b, lambda: a @ b)  # measured once: the verdict stays
 
 
-def _attention_errors(fn, q, k, v, g):
-    """Relative errors of ``fn``'s output and three gradients under CPU bf16 autocast against float64 causal SDPA."""
+def _attention_errors(fn, q, k, v, g, gqa=False):
+    """Relative errors of ``fn``'s output and three gradients under CPU bf16 autocast against float64 causal SDPA
+    (``enable_gqa=gqa``)."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = fn(*leaves)
     out.float().backward(g)
     exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = F.scaled_dot_product_attention(*exact, is_causal=True)
+    ref = F.scaled_dot_product_attention(*exact, is_causal=True, enable_gqa=gqa)
     ref.backward(g.double())
     got = [out.detach(), *(t.grad for t in leaves)]
     want = [ref.detach(), *(t.grad for t in exact)]
@@ -229,6 +230,22 @@ def test_the_causal_attention_kernels_are_as_exact_as_pytorchs_flash_attention(s
     out, ours = _attention_errors(layers.causal_attention, q, k, v, g)
     assert out.grad_fn.name() == "CausalAttentionBackward"
     _, flash = _attention_errors(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True), q, k, v, g)
+    assert all(a <= 1.1 * b for a, b in zip(ours, flash, strict=True)), (ours, flash)
+
+
+def test_grouped_query_attention_takes_the_kernels_as_exactly():
+    """Grouped-query attention (6 query heads, 2 key/value heads, as SDPA's ``enable_gqa``) by gptlab's kernels:
+    the output and the gradients, those of k and v summed over each group, within 10 % of flash attention's error
+    against float64."""
+    torch.manual_seed(0)
+    q, g = torch.randn(2, 6, 128, 64) * 2, torch.randn(2, 6, 128, 64)
+    k, v = torch.randn(2, 2, 128, 64) * 2, torch.randn(2, 2, 128, 64)
+    if not kernels.causal_attention_applies(*(t.to(torch.bfloat16) for t in (q, q, q))):
+        pytest.skip("gptlab's causal attention needs AVX-512 and oneDNN's packed bf16 GEMM (AMX)")
+    out, ours = _attention_errors(layers.causal_attention, q, k, v, g, gqa=True)
+    assert out.grad_fn.name() == "CausalAttentionBackward"
+    flash_gqa = lambda *t: F.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=True)
+    _, flash = _attention_errors(flash_gqa, q, k, v, g, gqa=True)
     assert all(a <= 1.1 * b for a, b in zip(ours, flash, strict=True)), (ours, flash)
 
 

@@ -174,8 +174,8 @@ class TanhGelu(torch.autograd.Function):
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     """``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` (``q``, ``k``, ``v`` [B, heads, T, head_dim]) in
     training under CPU bf16 autocast: :class:`CausalAttention` where gptlab's kernels take the shapes
-    (:func:`gptlab.kernels.causal_attention_applies`). None otherwise (no gradients, other devices or dtypes,
-    grouped heads, inside ``torch.compile``), for the caller to use SDPA."""
+    (:func:`gptlab.kernels.causal_attention_applies`; grouped key/value heads repeated for their query heads). None
+    otherwise (no gradients, other devices or dtypes, inside ``torch.compile``), for the caller to use SDPA."""
     if not (
         q.device.type == "cpu"
         and torch.is_grad_enabled()
@@ -185,6 +185,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         and not torch.compiler.is_compiling()
     ):
         return None
+    if k.dim() == 4 and q.dim() == 4 and k.size(1) != q.size(1):  # grouped-query attention, as SDPA's enable_gqa:
+        if q.size(1) % k.size(1):  # query head h reads key/value head h // group (their gradients sum back)
+            return None
+        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
     q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))  # autocast's casts for SDPA
     if not kernels.causal_attention_applies(q, k, v):
         return None
