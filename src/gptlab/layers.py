@@ -185,13 +185,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         and not torch.compiler.is_compiling()
     ):
         return None
-    if k.dim() == 4 and q.dim() == 4 and k.size(1) != q.size(1):  # grouped-query attention, as SDPA's enable_gqa:
-        if q.size(1) % k.size(1):  # query head h reads key/value head h // group (their gradients sum back)
-            return None
-        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
     q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))  # autocast's casts for SDPA
     if not kernels.causal_attention_applies(q, k, v):
         return None
+    if k.size(1) != q.size(1):  # grouped-query attention, as SDPA's enable_gqa: query head h reads key/value head
+        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))  # h // group (gradients sum back)
     return CausalAttention.apply(q, k, v, q.size(-1) ** -0.5)
 
 
