@@ -200,6 +200,11 @@ def test_a_split_that_changes_the_bits_is_never_taken(monkeypatch):
     assert layers.halves_pay(("t", 3), lambda: a @ b, lambda: a @ b)  # measured once: the verdict stays
 
 
+def _skip_without_the_attention_kernels() -> None:
+    if not kernels.has_causal_attention():
+        pytest.skip("gptlab's causal attention needs AVX-512 and oneDNN's packed bf16 GEMM (AMX)")
+
+
 def _attention_errors(fn, q, k, v, g, gqa=False):
     """Relative errors of ``fn``'s output and three gradients under CPU bf16 autocast against float64 causal SDPA
     (``enable_gqa=gqa``)."""
@@ -225,8 +230,7 @@ def test_the_causal_attention_kernels_are_as_exact_as_pytorchs_flash_attention(s
     torch.manual_seed(0)
     q, k = (torch.randn(B, H, T, 64) * spread for _ in range(2))
     v, g = torch.randn(B, H, T, 64), torch.randn(B, H, T, 64)
-    if not kernels.causal_attention_applies(*(t.to(torch.bfloat16) for t in (q, k, v))):
-        pytest.skip("gptlab's causal attention needs AVX-512 and oneDNN's packed bf16 GEMM (AMX)")
+    _skip_without_the_attention_kernels()
     out, ours = _attention_errors(layers.causal_attention, q, k, v, g)
     assert out.grad_fn.name() == "CausalAttentionBackward"
     _, flash = _attention_errors(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True), q, k, v, g)
@@ -240,8 +244,7 @@ def test_grouped_query_attention_takes_the_kernels_as_exactly():
     torch.manual_seed(0)
     q, g = torch.randn(2, 6, 128, 64) * 2, torch.randn(2, 6, 128, 64)
     k, v = torch.randn(2, 2, 128, 64) * 2, torch.randn(2, 2, 128, 64)
-    if not kernels.causal_attention_applies(*(t.to(torch.bfloat16) for t in (q, q, q))):
-        pytest.skip("gptlab's causal attention needs AVX-512 and oneDNN's packed bf16 GEMM (AMX)")
+    _skip_without_the_attention_kernels()
     out, ours = _attention_errors(layers.causal_attention, q, k, v, g, gqa=True)
     assert out.grad_fn.name() == "CausalAttentionBackward"
     flash_gqa = lambda *t: F.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=True)
@@ -254,8 +257,7 @@ def test_the_causal_attention_of_a_sequence_does_not_depend_on_the_batch():
     bits (every head is computed on its own); and shapes the kernels do not take go to PyTorch's SDPA."""
     torch.manual_seed(0)
     q, k, v, g = (torch.randn(2, 4, 128, 64) for _ in range(4))
-    if not kernels.causal_attention_applies(*(t.to(torch.bfloat16) for t in (q, k, v))):
-        pytest.skip("gptlab's causal attention needs AVX-512 and oneDNN's packed bf16 GEMM (AMX)")
+    _skip_without_the_attention_kernels()
     results = []
     for rows in (slice(0, 2), slice(1, 2)):
         leaves = [t[rows].clone().requires_grad_() for t in (q, k, v)]

@@ -274,6 +274,9 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 // (the order in which a 32-byte step of packed weights yields its high and low nibbles), rows KP = K rounded up to
 // 64 bytes apart (the caller zeroes the padding). A row's codes and scales depend on that row alone. Also each
 // group's sum of x itself (8 lanes over its g columns), laid out [M, G rounded up to 8] for row_offsets.
+// G groups rounded up to 8: the row length of the group sums (groups_to_int8, row_offsets)
+static inline int64_t groups_padded(int64_t G) { return (G + 7) / 8 * 8; }
+
 static void groups_to_int8(const float* x, int64_t M, int64_t K, int64_t g, int64_t KP, int8_t* xq, float* xs,
                            float* gsum) {
   const int64_t G = K / g;
@@ -287,7 +290,7 @@ static void groups_to_int8(const float* x, int64_t M, int64_t K, int64_t g, int6
       const float* p = r + gi * g;
       __m256 sum = _mm256_loadu_ps(p);
       for (int64_t k = 8; k < g; k += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(p + k));
-      gsum[m * ((G + 7) / 8 * 8) + gi] = hsum(sum);
+      gsum[m * groups_padded(G) + gi] = hsum(sum);
       const float amax = absmax(p, g);
       const float s = amax > 0.f ? amax / 127.f : 1.f;
       xs[m * G + gi] = s;
@@ -430,13 +433,6 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
 GPTLAB_INT4_DOTS512(int4_dots512, "avx512f,avx512bw", GPTLAB_MADDUBS_ADD)
 GPTLAB_INT4_DOTS512(int4_dots512_vnni, "avx512f,avx512bw,avx512vnni", _mm512_dpbusd_epi32)
 
-// The offsets' share of one weight row's outputs for every activation row, out[m] = sum_g (zero_g - 8 scale_g) *
-// (sum of x_m over group g), from the group sums laid out [M, GP] (GP = G rounded up to 8, zero past G): the
-// offsets of 8 groups at a time, then one multiply-add per activation row into its own 8 lanes (lane i sums the
-// groups i, i + 8, ...), summed across the lanes at the end. A row's sum takes that order whatever M is; one row
-// costs G / 8 multiply-adds, where a chain of G dependent ones across the rows' lanes had cost GPT-2's one-row int4
-// products half their time (measured on an AMX Xeon). The offset of each group is computed in fp32 from its fp16
-// scale and zero, as dequantize_int4 computes it; past G both are zero, and so is the offset.
 // n <= 8 fp16 values at p, the lanes past them zero, with no read past p + n
 static inline __m128i load_halves(const uint16_t* p, int64_t n) {
   if (n == 8) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -455,7 +451,7 @@ static inline __m128i load_halves(const uint16_t* p, int64_t n) {
 // R activation rows' offsets (R <= 4, the accumulators in registers), gsum at their first row's sums
 template <int R>
 static void row_offsets_rows(const uint16_t* scale, const uint16_t* zero, const float* gsum, int64_t G, float* out) {
-  const int64_t GP = (G + 7) / 8 * 8;
+  const int64_t GP = groups_padded(G);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g0 = 0; g0 < GP; g0 += 8) {
@@ -467,9 +463,16 @@ static void row_offsets_rows(const uint16_t* scale, const uint16_t* zero, const 
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
 
+// The offsets' share of one weight row's outputs for every activation row, out[m] = sum_g (zero_g - 8 scale_g) *
+// (sum of x_m over group g), from the group sums laid out [M, GP] (GP = G rounded up to 8, zero past G): the
+// offsets of 8 groups at a time, then one multiply-add per activation row into its own 8 lanes (lane i sums the
+// groups i, i + 8, ...), summed across the lanes at the end. A row's sum takes that order whatever M is; one row
+// costs G / 8 multiply-adds, where a chain of G dependent ones across the rows' lanes had cost GPT-2's one-row int4
+// products about a quarter of their time (measured on an AMX Xeon). The offset of each group is computed in fp32 from its fp16
+// scale and zero, as dequantize_int4 computes it; past G both are zero, and so is the offset.
 static void row_offsets(const uint16_t* scale, const uint16_t* zero, const float* gsum, int64_t G, int64_t M,
                         float* out) {
-  const int64_t GP = (G + 7) / 8 * 8;
+  const int64_t GP = groups_padded(G);
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
     const float* gs = gsum + m0 * GP;
     switch (std::min<int64_t>(4, M - m0)) {
@@ -514,7 +517,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const int64_t M = xc.size(0), H = K / 2;
   auto out = at::empty({M, N}, xc.options());
   const int64_t KP = (K + 63) / 64 * 64;
-  std::vector<int8_t> xq(M * KP); std::vector<float> xs(M * G), gsum(M * ((G + 7) / 8 * 8), 0.f);
+  std::vector<int8_t> xq(M * KP); std::vector<float> xs(M * G), gsum(M * groups_padded(G), 0.f);
   const float* xp = xc.data_ptr<float>();
   groups_to_int8(xp, M, K, g, KP, xq.data(), xs.data(), gsum.data());
   const uint8_t* wp = wc.data_ptr<uint8_t>();
@@ -1174,8 +1177,11 @@ static const at::BFloat16* head(const at::Tensor& x, int64_t b, int64_t h) {
   return x.const_data_ptr<at::BFloat16>() + b * x.stride(0) + h * x.stride(1);
 }
 
+// Whether the kernels below run here (kernels.py asks before it calls them)
+static bool causal_attention_runs() { return cpu_isa() >= kAvx512 && cpublas::could_pack(at::kBFloat16); }
+
 static void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(cpu_isa() >= kAvx512 && cpublas::could_pack(at::kBFloat16),
+  TORCH_CHECK(causal_attention_runs(),
               "causal_attention: needs AVX-512 and oneDNN's packed bf16 GEMM (AMX)");
   TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes() && q.sizes() == v.sizes() && q.size(3) == kAttnBlock &&
               q.size(2) % kAttnBlock == 0, "causal_attention: q, k, v [B, H, T, 64], T a multiple of 64");
@@ -1256,8 +1262,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
   });
   return {dq, dk, dv};
 }
-
-static bool causal_attention_runs() { return cpu_isa() >= kAvx512 && cpublas::could_pack(at::kBFloat16); }
 
 static int64_t isa() { return cpu_isa(); }  // for Python: which loops run here (kernels.py's isa())
 
