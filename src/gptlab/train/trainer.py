@@ -13,7 +13,6 @@ bit on CPU.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint, lora
+from .. import checkpoint, hugepages, lora
 from ..config import GPTConfig, preset
 from ..data.images import ImageExamples, is_image_dataset
 from ..data.loader import TokenWindows, read_meta, to_device
@@ -134,18 +133,6 @@ def moe_stats(model: GPT) -> dict[str, Any]:
     return {f"moe_{k}": [s[k].tolist() for s in stats] for k in stats[0]}
 
 
-def keep_freed_memory_in_heap() -> None:
-    """On glibc, tensors over 32 MB (GPT-2's 200 MB logits, its embedding gradient) are mmapped and handed back to
-    the OS when freed, so every CPU training step page-faults them in again. Serving them from the heap and not
-    trimming it removes that cost (GPT-2 124M on 2 cores: 8.8 -> 7.4 s per step). CUDA memory is unaffected."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to do
-        return
-    libc.mallopt(-4, 0)  # M_MMAP_MAX = 0
-    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD = 2 GiB
-
-
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a training run; returns the summary that ``gptlab train --json`` prints. The run folder
     is locked for the duration (a second run on it is refused) and is created only once the data and the model
@@ -207,7 +194,7 @@ class Pretraining:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if d.device.type == "cpu":
-            keep_freed_memory_in_heap()
+            hugepages.keep_freed_memory_in_heap()
         distributed.allow_tf32(d.device)
         self.cfg, self.d, self.resume = cfg, d, resume
         self.out = out = Path(cfg.out_dir)
