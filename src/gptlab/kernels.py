@@ -1,8 +1,8 @@
 """x86 kernels (AVX2, AVX-512, AVX-512 VNNI) for int8 and int4 weight-only matrix products, faster on CPUs than
 PyTorch's, an fp32 one for eager decode steps and the server's packed prefill (:func:`f32_linear`, AVX-512), the
 attention of a decode step (:func:`decode_attention`, AVX2), which reads only the cache slots its mask admits, and
-for training the softmax of the fused head-and-loss (:func:`softmax_xent_`, AVX2) and GELU's tanh form
-(:func:`gelu_tanh_applies`, AVX-512).
+for training the softmax of the fused head-and-loss (:func:`softmax_xent_`, AVX2) and, in training and eager
+inference, GELU's tanh form (:func:`gelu_tanh_applies`, AVX-512).
 
 PyTorch's ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` decode GPT-2 124M slower than fp32 on the
 CPUs measured here: 0.33-0.40x (int8) on an AVX2-only EPYC, and 0.19x (int8, 9.2 against 49.5 tok/s) and 0.08x
@@ -185,7 +185,8 @@ def softmax_xent_(
 
 def gelu_tanh_applies(x: torch.Tensor) -> bool:
     """Whether ``gelu_tanh`` / ``gelu_tanh_backward`` (GELU's tanh form, AVX-512) take ``x``:
-    :class:`gptlab.layers.TanhGelu` uses them in training."""
+    :class:`gptlab.layers.TanhGelu` uses them in training, :func:`gptlab.layers.gelu` the forward one in eager
+    inference."""
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and has_avx512_kernels()
 
 
