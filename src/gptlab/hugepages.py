@@ -84,14 +84,17 @@ def place_weights(model: M) -> M:
     return model
 
 
-def keep_freed_memory_in_heap() -> None:
+@functools.cache  # (a setting of the process: once is enough)
+def keep_freed_memory_in_heap(device_type: str = "cpu") -> None:
     """On glibc, allocations past the mmap threshold (128 KB at first, rising as such blocks are freed, up to 32 MB)
     are mapped for themselves and handed back to the OS when freed, so the next one page-faults its memory in again:
     GPT-2 124M's 200 MB logits in every CPU training step (2 cores: 8.8 -> 7.4 s a step), a prompt's activations in
     every prefill (GPT-2, 32 tokens, 2 threads of an Intel Xeon: 45.2 -> 41.7 ms; GELU's 393 KB output 158 -> 52 us).
     Serving them from the heap, and not trimming it, removes that cost; the process keeps its peak memory. For the
-    whole process (``mallopt``): called by training, the serving scheduler and the generation engine on a CPU. CUDA
-    memory is unaffected; not glibc (macOS, musl), nothing changes."""
+    whole process (``mallopt``): called by training, the serving scheduler and the generation engine with their
+    device's type; for any device but the CPU, or off glibc (macOS, musl), nothing changes."""
+    if device_type != "cpu":
+        return
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -468,8 +468,8 @@ static void row_offsets_rows(const uint16_t* scale, const uint16_t* zero, const 
 // offsets of 8 groups at a time, then one multiply-add per activation row into its own 8 lanes (lane i sums the
 // groups i, i + 8, ...), summed across the lanes at the end. A row's sum takes that order whatever M is; one row
 // costs G / 8 multiply-adds, where a chain of G dependent ones across the rows' lanes had cost GPT-2's one-row int4
-// products about a quarter of their time (measured on an AMX Xeon). The offset of each group is computed in fp32 from its fp16
-// scale and zero, as dequantize_int4 computes it; past G both are zero, and so is the offset.
+// products about a quarter of their time (measured on an AMX Xeon). The offset of each group is computed in fp32
+// from its fp16 scale and zero, as dequantize_int4 computes it; past G both are zero, and so is the offset.
 static void row_offsets(const uint16_t* scale, const uint16_t* zero, const float* gsum, int64_t G, int64_t M,
                         float* out) {
   const int64_t GP = groups_padded(G);

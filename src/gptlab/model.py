@@ -215,7 +215,7 @@ def embedding(rows: int, dim: int) -> nn.Embedding:
     """``nn.Embedding(rows, dim)``. Built on the meta device (a skeleton that a checkpoint's tensors fill), without
     PyTorch's N(0, 1) fill, which draws nothing there but goes through a Python decomposition that imports
     ``torch._dynamo``: 1.0 s of every command that loads a model (Intel Xeon; the fill on the CPU is unchanged)."""
-    if torch.empty(0).is_meta:  # (under ``torch.device("meta")``)
+    if torch.get_default_device().type == "meta":  # (under ``torch.device("meta")``)
         return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
     return nn.Embedding(rows, dim)
 

@@ -96,7 +96,7 @@ class Engine:
             raise GptlabError(f"spec_k must be in [{SPEC_K_RANGE[0]}, {SPEC_K_RANGE[1]}], got {spec_k}")
         self.draft, self.spec_k, self.spec_min_speedup = draft, spec_k, spec_min_speedup
         self.model = hugepages.place_weights(model.eval())  # CPU weights on huge pages: faster decode steps
-        hugepages.keep_freed_memory_in_heap()  # (a step's activations and logits not page-faulted in anew)
+        hugepages.keep_freed_memory_in_heap(self.device.type)  # (activations, logits: not faulted in anew)
         self.tokenizer = tokenizer
         self.compile = compile
         options = step_options(self.device, compile_options)

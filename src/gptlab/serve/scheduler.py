@@ -238,7 +238,7 @@ class Scheduler:
                 "prefilled one block per pass; raise prefill_chunk or lower prefix_block"
             )
         self.model = hugepages.place_weights(model.eval())
-        hugepages.keep_freed_memory_in_heap()  # (a step's activations and logits not page-faulted in anew)
+        hugepages.keep_freed_memory_in_heap(model.device.type)  # (activations, logits: not faulted in anew)
         self.banked = any(isinstance(m, LoRABank) for m in model.modules())  # --lora: adapters chosen per row
         if self.banked and (compile or draft is not None):
             raise GptlabError("served LoRA adapters cannot be combined with compile or a draft")

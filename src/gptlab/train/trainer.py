@@ -193,8 +193,7 @@ class Pretraining:
     def __init__(self, cfg: TrainConfig, d: distributed.Dist, resume: bool) -> None:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if d.device.type == "cpu":
-            hugepages.keep_freed_memory_in_heap()
+        hugepages.keep_freed_memory_in_heap(d.device.type)
         distributed.allow_tf32(d.device)
         self.cfg, self.d, self.resume = cfg, d, resume
         self.out = out = Path(cfg.out_dir)
