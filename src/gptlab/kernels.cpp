@@ -398,8 +398,10 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
         for (int r = 0; r < R; ++r)                                                                                \
           _mm512_store_ps(sc[v * R + r], _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(m, xs + r * G + g0)));            \
       }                                                                                                            \
-      if (gb == 32) { /* groups of 64 (the default): one step a group, no inner loop */                            \
-        for (int64_t gi = g0; gi < g1; ++gi) {                                                                     \
+      if (gb == 32) { /* groups of 64 (the default): one step a group, no inner loop; unrolled, as the compiler   \
+                         does not for a run-time count: a one-row product of SmolLM2's [3,072 x 576] from L2,   \
+                         one thread, 72 -> 63 us on an AMX Xeon (the same arithmetic in the same order) */      \
+        _Pragma("GCC unroll 4") for (int64_t gi = g0; gi < g1; ++gi) {                                         \
           GPTLAB_INT4_STEP(DOT, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * H + gi * 32)), gi * 32); \
           GPTLAB_INT4_FLUSH(GPTLAB_SC(gi));                                                                        \
         }                                                                                                          \
