@@ -8,6 +8,7 @@ from gptlab.config import GPTConfig
 from gptlab.errors import GptlabError
 from gptlab.generate import Engine, Sampling, filter_logits, next_tokens
 from gptlab.generate.engine import TextStream
+from gptlab.generate.sampling import argmax
 from gptlab.model import GPT, KVCache
 from gptlab.tokenizer import CharTokenizer
 
@@ -102,6 +103,20 @@ def test_filters_equal_transformers_logits_processors():
 
     ours = filter_logits(apply_repetition_penalty(logits, seen, 1.3) / 0.7, 40, 0.8, 0.1)
     torch.testing.assert_close(ours, ref)
+
+
+def test_argmax_picks_what_torch_argmax_picks():
+    """The greedy choice by max's reduction: the same index as torch.argmax with ties (the first), NaN (counted as the
+    maximum), infinities and rows of -inf, in fp32 and bf16."""
+    g = torch.Generator().manual_seed(0)
+    for rows, vocab in ((1, 50257), (5, 97), (32, 4096)):
+        x = torch.randint(-3, 3, (rows, vocab), generator=g).float()  # many ties
+        x[0, 7] = float("inf")
+        x[-1] = float("-inf")
+        if rows > 2:
+            x[1, torch.randint(0, vocab, (3,), generator=g)] = float("nan")
+        for t in (x, x.bfloat16()):
+            assert torch.equal(argmax(t), t.argmax(-1))
 
 
 def test_filters_on_a_hand_computed_case():

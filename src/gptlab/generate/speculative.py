@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..errors import GptlabError
 from ..kv_cache import KVCache
 from ..model import GPT
-from .sampling import Sampling, draw, next_tokens, row_generators, target_probs
+from .sampling import Sampling, argmax, draw, next_tokens, row_generators, target_probs
 
 
 def verify(
@@ -214,7 +214,7 @@ class ModelDraft:
             logits = self._feed(hist)
             probs = target_probs(logits, sampling)
             dists.append(probs)
-            new = (probs.argmax(-1) if sampling.greedy else draw(probs, generators)).tolist()
+            new = (argmax(probs) if sampling.greedy else draw(probs, generators)).tolist()
             for h, t, n in zip(hist, tokens, new):
                 if h is not None:
                     h.append(n)
