@@ -18,6 +18,7 @@ from gptlab.loader import load_model
 from gptlab.quant.quantize import (
     QuantEmbedding,
     QuantLinear,
+    check_record,
     dequantize_int4,
     dequantize_int8,
     pack_int4,
@@ -283,6 +284,36 @@ def test_excluding_the_tied_head_keeps_it_float_and_tied(tmp_path):
     )  # fmt: skip
     loaded, _ = load_checkpoint(tmp_path / "q")
     assert loaded.lm_head.weight is loaded.wte.weight
+
+
+def test_an_int8_head_under_int4_blocks_saves_and_loads_as_quantized(tmp_path):
+    """--head-mode int8 (llama.cpp's 4-bit files keep their output matrix at 8 bits): the tied head and embedding
+    hold int8 codes by hand (round(w / (max|row| / 127))), the blocks int4, and the checkpoint loads back the same."""
+    from .conftest import random_gpt2_checkpoint
+
+    random_gpt2_checkpoint(tmp_path / "f", 64)
+    r = run_cli("quantize", str(tmp_path / "f"), "--mode", "int4", "--group-size", "32", "--head-mode", "int8",
+                "--out-dir", str(tmp_path / "q"), "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    float_model, _ = load_checkpoint(tmp_path / "f")
+    loaded, meta = load_checkpoint(tmp_path / "q")
+    assert meta["quantization"] == {"mode": "int4", "group_size": 32, "exclude": [], "head_mode": "int8"}
+    head = loaded.lm_head
+    assert isinstance(head, QuantLinear) and head.mode == "int8" and isinstance(loaded.wte, QuantEmbedding)
+    w = float_model.lm_head.weight.detach()
+    scale = w.abs().amax(1, keepdim=True) / 127
+    torch.testing.assert_close(head.dequantized(), torch.round(w / scale).clamp(-127, 127) * scale)
+    blocks = [m for n, m in loaded.named_modules() if isinstance(m, QuantLinear) and n != "lm_head"]
+    assert blocks and all(m.mode == "int4" and m.group_size == 32 for m in blocks)
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        want = quantize_model(float_model, "int4", 32, head_mode="int8")(idx)[0]
+        torch.testing.assert_close(loaded(idx)[0], want)
+    bad = run_cli("quantize", str(tmp_path / "f"), "--mode", "int4", "--head-mode", "int2", "--out-dir",
+                  str(tmp_path / "q2"))  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.startswith("gptlab: error:") and not (tmp_path / "q2").exists()
+    with pytest.raises(GptlabError, match="damaged"):
+        check_record({"mode": "int4", "group_size": 32, "exclude": [], "head_mode": "int3"})
 
 
 def test_the_cli_quantizes_and_sample_loads_it(tmp_path):

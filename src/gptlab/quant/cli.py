@@ -28,9 +28,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     before = weight_bytes(model)
     floats = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight") and n}
     exclude = tuple(cfg.exclude)
-    quantize_model(model, cfg.mode, cfg.group_size, exclude)
+    quantize_model(model, cfg.mode, cfg.group_size, exclude, cfg.head_mode)
     sqnr = {n: sqnr_db(floats[n], m.dequantized()) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    record = quantization_record(cfg.mode, cfg.group_size, exclude)
+    record = quantization_record(cfg.mode, cfg.group_size, exclude, cfg.head_mode)
     save_model_checkpoint(
         Path(cfg.out_dir), model.state_dict(), model.config, loaded.tokenizer.spec(), quantization=record,
         quantized_from=str(cfg.model),
@@ -44,10 +44,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         "sqnr_db": {"min": round(min(sqnr.values()), 2), "mean": round(sum(sqnr.values()) / len(sqnr), 2)},
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    head = f" (head {cfg.head_mode})" if cfg.head_mode else ""
     emit(
         args,
         result,
-        f"{cfg.mode}: {len(sqnr)} layers, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB of weights, SQNR min "
+        f"{cfg.mode}{head}: {len(sqnr)} layers, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB of weights, SQNR min "
         f"{result['sqnr_db']['min']} dB, mean {result['sqnr_db']['mean']} dB -> {cfg.out_dir}",
     )
 

@@ -22,6 +22,13 @@ class QuantizeConfig(RecipeConfig):
     )
     group_size: int = opt(64, "int4: input columns per group, each with a scale and an offset", choices=GROUP_SIZES)
     exclude: list[str] = opt([], "keep this layer in float (e.g. lm_head); repeatable", metavar="NAME")
+    head_mode: str | None = opt(
+        None,
+        "the head's own mode (and a tied embedding's), e.g. int8 under --mode int4, as llama.cpp's 4-bit files keep "
+        "their output matrix at 8 or 6 bits",
+        choices=QUANTIZE_MODES,
+        kind=str,
+    )
     out_dir: str = opt("", "the new checkpoint folder")
 
     def checks(self) -> list[tuple[bool, str]]:

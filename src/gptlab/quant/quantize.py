@@ -282,12 +282,17 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def quantize_model(model: GPT, mode: str, group_size: int = 64, exclude: tuple[str, ...] = ()) -> GPT:
+def quantize_model(
+    model: GPT, mode: str, group_size: int = 64, exclude: tuple[str, ...] = (), head_mode: str | None = None
+) -> GPT:
     """Replace ``model``'s linear layers by :class:`QuantLinear` in place (round to nearest) and return it, its
-    kernel layouts built for the device it is on (call :func:`prepare` again after moving it)."""
-    if mode not in MODES:
-        raise GptlabError(f"unknown quantization mode {mode!r}; choose int8 or int4")
-    if mode == "int4" and group_size not in GROUP_SIZES:
+    kernel layouts built for the device it is on (call :func:`prepare` again after moving it). ``head_mode``: the
+    head's own mode (and a tied embedding's), e.g. int8 under int4 blocks, as llama.cpp's 4-bit files keep their
+    output matrix at 8 or 6 bits."""
+    for m in (mode, head_mode or mode):
+        if m not in MODES:
+            raise GptlabError(f"unknown quantization mode {m!r}; choose int8 or int4")
+    if "int4" in (mode, head_mode) and group_size not in GROUP_SIZES:
         raise GptlabError(f"--group-size {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
     if getattr(model, "quantization", None):
         raise GptlabError("the model is already quantized")
@@ -296,29 +301,37 @@ def quantize_model(model: GPT, mode: str, group_size: int = 64, exclude: tuple[s
     for name in linear_names(model, exclude):
         lin = model.get_submodule(name)
         assert isinstance(lin, nn.Linear)
-        _set(model, name, QuantLinear.from_weight(lin.weight.detach(), lin.bias, mode, group_size))
+        layer_mode = head_mode or mode if name == "lm_head" else mode
+        _set(model, name, QuantLinear.from_weight(lin.weight.detach(), lin.bias, layer_mode, group_size))
     if model.config.tie_weights and isinstance(model.lm_head, QuantLinear):
         model.wte = QuantEmbedding(model.lm_head)
-    model.quantization = quantization_record(mode, group_size, exclude)  # type: ignore[assignment]
+    model.quantization = quantization_record(mode, group_size, exclude, head_mode)  # type: ignore[assignment]
     return prepare(model)
 
 
-def quantization_record(mode: str, group_size: int, exclude: tuple[str, ...]) -> dict[str, Any]:
-    return {"mode": mode, "group_size": group_size if mode == "int4" else None, "exclude": list(exclude)}
+def quantization_record(
+    mode: str, group_size: int, exclude: tuple[str, ...], head_mode: str | None = None
+) -> dict[str, Any]:
+    int4 = "int4" in (mode, head_mode)
+    record = {"mode": mode, "group_size": group_size if int4 else None, "exclude": list(exclude)}
+    return record | ({"head_mode": head_mode} if head_mode and head_mode != mode else {})
 
 
 def check_record(record: Any) -> dict[str, Any]:
-    """A checkpoint's quantization record, checked: {mode: int8|int4, group_size: one of GROUP_SIZES for int4 (None
-    or absent for int8), exclude: a list of layer names}."""
-    ok = isinstance(record, dict) and record.get("mode") in MODES
+    """A checkpoint's quantization record, checked: {mode: int8|int4, group_size: one of GROUP_SIZES where a layer is
+    int4 (None or absent for int8 alone), exclude: a list of layer names, and optionally head_mode: int8|int4, the
+    head's own}."""
+    ok = isinstance(record, dict) and record.get("mode") in MODES and record.get("head_mode") in (None, *MODES)
     if ok:
         group, exclude = record.get("group_size"), record.get("exclude", [])
-        ok = (group in GROUP_SIZES and not isinstance(group, bool)) or (group is None and record["mode"] == "int8")
+        int4 = "int4" in (record["mode"], record.get("head_mode"))
+        ok = (group in GROUP_SIZES and not isinstance(group, bool)) or (group is None and not int4)
         ok = ok and isinstance(exclude, list) and all(isinstance(e, str) for e in exclude)
     if not ok:
         raise GptlabError(
             f"the checkpoint's quantization record {str(record)[:120]} is damaged (it needs mode int8|int4, an int4 "
-            f"group_size in {list(GROUP_SIZES)}, exclude: a list of names); quantize the float model again"
+            f"group_size in {list(GROUP_SIZES)}, exclude: a list of names, head_mode int8|int4 if any); quantize the "
+            "float model again"
         )
     return record
 
@@ -331,7 +344,8 @@ def empty_quantized(model: GPT, record: dict[str, Any]) -> GPT:
     for name in linear_names(model, tuple(record.get("exclude", ()))):
         lin = model.get_submodule(name)
         assert isinstance(lin, nn.Linear)
-        _set(model, name, QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, mode, group))
+        layer_mode = record.get("head_mode") or mode if name == "lm_head" else mode
+        _set(model, name, QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, layer_mode, group))
     if model.config.tie_weights and isinstance(model.lm_head, QuantLinear):
         model.wte = QuantEmbedding(model.lm_head)
     model.quantization = dict(record)  # type: ignore[assignment]
