@@ -9,6 +9,11 @@ Greedy, 16-token prompts, 64 new tokens; every configuration in its own process,
 times in turn (this VM's speed drifts), the best run counts. Ends with one JSON line.
 
     python benchmarks/real_model.py [--threads 2] [--repeats 2] [--new 64] [--llama-batched-bench PATH]
+
+``quality``: each precision's perplexity on the first 2,048 tokens of a text (tiny shakespeare from ``../shared``
+by default) in windows of 512, against the dequantized fp32 model's.
+
+    python benchmarks/real_model.py quality [--text PATH]
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
-from common import batched_bench_tok_s, llama_decode_seconds, llama_model
+from common import REPO, batched_bench_tok_s, llama_decode_seconds, llama_model
 
 from gptlab.loader import installed_model
 
@@ -56,6 +62,45 @@ def gptlab_one(args) -> dict:
         engine.generate_tokens(p, args.new, Sampling(temperature=0), stop_ids=())
         best = min(best, engine.stats["decode_seconds"] / max(1, engine.stats["decode_steps"]))
     return {"tok_s": args.batch / best}
+
+
+QUALITY = {  # name: (mode, group size, excluded layers, the head's mode)
+    "int8": ("int8", 64, (), None),
+    "int4 g64": ("int4", 64, (), None),
+    "int4 g64, int8 head": ("int4", 64, (), "int8"),
+    "int4 g32": ("int4", 32, (), None),
+    f"int4 g32, int8 head ({FILE_PRECISION})": ("int4", 32, (), "int8"),
+    "int4 g32, float head": ("int4", 32, ("lm_head",), None),
+}
+
+
+def quality(args) -> dict:
+    import torch
+
+    from gptlab.loader import load_model
+    from gptlab.quant.quantize import quantize_model
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model(NAME, "cpu")
+    ids = loaded.tokenizer.encode(Path(args.text).read_text(encoding="utf-8")[:20000])[:2048]
+
+    def perplexity(model) -> float:
+        total = count = 0.0
+        with torch.no_grad():
+            for s in range(0, len(ids) - 1, 511):  # windows of 512 tokens, each predicting its last 511
+                x = torch.tensor([ids[s : s + 512]])
+                n = x.size(1) - 1
+                total += model(x[:, :-1], x[:, 1:])[1].item() * n
+                count += n
+        return math.exp(total / count)
+
+    base = perplexity(loaded.model)
+    rows = {"fp32": {"perplexity": round(base, 3)}}
+    for name, (mode, group, exclude, head) in QUALITY.items():
+        ppl = perplexity(quantize_model(load_model(NAME, "cpu").model, mode, group, exclude, head))
+        rows[name] = {"perplexity": round(ppl, 3), "change_percent": round(100 * (ppl / base - 1), 2)}
+        print(json.dumps({name: rows[name]}), file=sys.stderr, flush=True)
+    return {"benchmark": "real_model quality", "model": NAME, "tokens": len(ids), "rows": rows}
 
 
 def llama_one(args) -> dict:
@@ -111,7 +156,7 @@ def child(argv: list[str], threads: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("part", nargs="?", default="suite", choices=["suite", "one"])
+    ap.add_argument("part", nargs="?", default="suite", choices=["suite", "one", "quality"])
     ap.add_argument("--engine", default="gptlab", choices=["gptlab", "llama.cpp", "llama-batched-bench"])
     ap.add_argument("--mode", default="fp32", choices=["fp32", "int8", "int4", FILE_PRECISION])
     ap.add_argument("--compile", action="store_true")
@@ -120,7 +165,11 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--llama-batched-bench", help="llama.cpp's llama-batched-bench binary: a peer at batch 1 and 8")
+    ap.add_argument("--text", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
     args = ap.parse_args()
+    if args.part == "quality":
+        print(json.dumps(quality(args)))
+        return
     if args.part == "one":
         if args.engine == "llama-batched-bench":
             gguf = str(installed_model(NAME))
