@@ -314,6 +314,9 @@ def test_an_int8_head_under_int4_blocks_saves_and_loads_as_quantized(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("gptlab: error:") and not (tmp_path / "q2").exists()
     with pytest.raises(GptlabError, match="damaged"):
         check_record({"mode": "int4", "group_size": 32, "exclude": [], "head_mode": "int3"})
+    both = run_cli("quantize", str(tmp_path / "f"), "--mode", "int4", "--head-mode", "int8", "--exclude", "lm_head",
+                   "--out-dir", str(tmp_path / "q3"))  # fmt: skip
+    assert both.returncode == 2 and "drop one of them" in both.stderr and not (tmp_path / "q3").exists()
 
 
 def test_the_cli_quantizes_and_sample_loads_it(tmp_path):

@@ -292,6 +292,8 @@ def quantize_model(
     for m in (mode, head_mode or mode):
         if m not in MODES:
             raise GptlabError(f"unknown quantization mode {m!r}; choose int8 or int4")
+    if head_mode and "lm_head" in exclude:
+        raise GptlabError("--head-mode quantizes the head and --exclude lm_head keeps it in float; drop one of them")
     if "int4" in (mode, head_mode) and group_size not in GROUP_SIZES:
         raise GptlabError(f"--group-size {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
     if getattr(model, "quantization", None):
