@@ -34,6 +34,7 @@ from gptlab.loader import installed_model
 
 NAME = "smollm2-135m-instruct"
 FILE_PRECISION = "int4-g32-int8-head"  # the Q4_1 file's grid: int4 groups of 32, the tied head in 8 bits
+FILE_SPEC = ("int4", 32, (), "int8")  # quantize_model's mode, group size, excluded layers, head mode for it
 B_PROMPT = 16
 
 
@@ -51,7 +52,7 @@ def gptlab_one(args) -> dict:
     if args.mode == FILE_PRECISION:
         from gptlab.quant.quantize import quantize_model
 
-        model = quantize_model(load_model(NAME, "cpu").model, "int4", 32, head_mode="int8")
+        model = quantize_model(load_model(NAME, "cpu").model, *FILE_SPEC)
     else:
         model = load_model(NAME, "cpu", quantize=None if args.mode == "fp32" else args.mode).model
     engine = Engine(model, compile=args.compile)
@@ -69,7 +70,7 @@ QUALITY = {  # name: (mode, group size, excluded layers, the head's mode)
     "int4 g64": ("int4", 64, (), None),
     "int4 g64, int8 head": ("int4", 64, (), "int8"),
     "int4 g32": ("int4", 32, (), None),
-    f"int4 g32, int8 head ({FILE_PRECISION})": ("int4", 32, (), "int8"),
+    f"int4 g32, int8 head ({FILE_PRECISION})": FILE_SPEC,
     "int4 g32, float head": ("int4", 32, ("lm_head",), None),
 }
 

@@ -282,6 +282,11 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def layer_mode(name: str, mode: str, head_mode: str | None) -> str:
+    """The mode of layer ``name`` under a quantization of ``mode`` whose head may have its own, ``head_mode``."""
+    return (head_mode or mode) if name == "lm_head" else mode
+
+
 def quantize_model(
     model: GPT, mode: str, group_size: int = 64, exclude: tuple[str, ...] = (), head_mode: str | None = None
 ) -> GPT:
@@ -303,8 +308,8 @@ def quantize_model(
     for name in linear_names(model, exclude):
         lin = model.get_submodule(name)
         assert isinstance(lin, nn.Linear)
-        layer_mode = head_mode or mode if name == "lm_head" else mode
-        _set(model, name, QuantLinear.from_weight(lin.weight.detach(), lin.bias, layer_mode, group_size))
+        q = QuantLinear.from_weight(lin.weight.detach(), lin.bias, layer_mode(name, mode, head_mode), group_size)
+        _set(model, name, q)
     if model.config.tie_weights and isinstance(model.lm_head, QuantLinear):
         model.wte = QuantEmbedding(model.lm_head)
     model.quantization = quantization_record(mode, group_size, exclude, head_mode)  # type: ignore[assignment]
@@ -346,8 +351,8 @@ def empty_quantized(model: GPT, record: dict[str, Any]) -> GPT:
     for name in linear_names(model, tuple(record.get("exclude", ()))):
         lin = model.get_submodule(name)
         assert isinstance(lin, nn.Linear)
-        layer_mode = record.get("head_mode") or mode if name == "lm_head" else mode
-        _set(model, name, QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, layer_mode, group))
+        m = layer_mode(name, mode, record.get("head_mode"))
+        _set(model, name, QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, m, group))
     if model.config.tie_weights and isinstance(model.lm_head, QuantLinear):
         model.wte = QuantEmbedding(model.lm_head)
     model.quantization = dict(record)  # type: ignore[assignment]
