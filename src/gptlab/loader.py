@@ -26,7 +26,7 @@ from .checkpoint import list_checkpoints, load_checkpoint
 from .config import GPTConfig
 from .device import pick_device
 from .errors import GptlabError
-from .interop.gguf_read import is_gguf, load_gguf
+from .interop.gguf_read import int4_layout, is_gguf, load_gguf
 from .interop.hf import hub_snapshot, is_hf_dir, load_hf
 from .interop.openai import is_openai_dir, load_openai
 from .model import GPT
@@ -74,7 +74,8 @@ def is_gptlab(path: Path) -> bool:
 
 def load_model(source: str | Path, device: str | torch.device = "auto", quantize: str | None = None) -> Loaded:
     """The model of ``source`` in eval mode on ``device`` (``auto``: CUDA, else MPS, else CPU), with its tokenizer;
-    ``quantize="int8" | "int4"`` quantizes its linear layers on the fly (:mod:`gptlab.quant.quantize`, defaults)."""
+    ``quantize="int8" | "int4"`` quantizes its linear layers on the fly (:mod:`gptlab.quant.quantize`, defaults; a
+    GGUF file's own grid under int4: ``meta["int4_layout"]``, :func:`~gptlab.interop.gguf_read.int4_layout`)."""
     if not isinstance(source, (str, os.PathLike)) or not str(source):
         raise GptlabError(
             f"a model source is a path or a model name (a non-empty str or pathlib.Path), not {source!r:.60}"
@@ -88,8 +89,10 @@ def load_model(source: str | Path, device: str | torch.device = "auto", quantize
             if str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
                 raise GptlabError(f"model {source} does not exist")
             path = hub_snapshot(str(source))
+        layout: dict[str, Any] = {}
         if is_gguf(path):
             sd, cfg, tok = load_gguf(path)
+            layout = int4_layout(path)
         elif is_hf_dir(path):
             sd, cfg, tok = load_hf(path)
         elif is_openai_dir(path):
@@ -105,15 +108,30 @@ def load_model(source: str | Path, device: str | torch.device = "auto", quantize
                 f"them from the model's source"
             )
         model, meta = build(sd, cfg, device), {"model_config": cfg.to_dict(), "tokenizer": tok}
+        meta |= {"int4_layout": layout} if layout else {}
     meta = {**meta, "source": str(source)}
     if quantize:
-        from .quant.quantize import DEFAULT_GROUP_SIZE, quantization_record, quantize_model
+        from .quant.quantize import quantize_model
 
         if meta.get("quantization"):
             raise GptlabError(f"{source} is already quantized ({meta['quantization']['mode']}); drop --quantize")
-        quantize_model(model, quantize, DEFAULT_GROUP_SIZE)
-        meta["quantization"] = quantization_record(quantize, DEFAULT_GROUP_SIZE, ())
+        group, head = quantize_settings(meta, quantize)
+        quantize_model(model, quantize, group, head_mode=head)
+        meta["quantization"] = model.quantization
     return Loaded(model, from_spec(meta["tokenizer"]), model.config, str(source), meta)
+
+
+def quantize_settings(
+    meta: dict[str, Any], mode: str, group: int | None = None, head: str | None = None, exclude: tuple[str, ...] = ()
+) -> tuple[int, str | None]:
+    """(group size, head mode) of a ``mode`` quantization of the model ``meta`` describes: those asked for, else,
+    under int4, the source file's own grid (``int4_layout``: its head at 8 bits only if the head is quantized),
+    else gptlab's defaults (groups of 64, the head as the blocks)."""
+    from .quant.config import DEFAULT_GROUP_SIZE
+
+    layout = meta.get("int4_layout", {}) if mode == "int4" else {}
+    file_head = layout.get("head_mode") if "lm_head" not in exclude else None
+    return group or layout.get("group_size", DEFAULT_GROUP_SIZE), head or file_head
 
 
 def build(sd: dict[str, torch.Tensor], cfg: GPTConfig, device: str | torch.device = "cpu") -> GPT:
@@ -128,14 +146,12 @@ def load_draft(source: str, target: Loaded) -> Any:
     """``--draft``: ``ngram`` (prompt lookup), ``int4`` / ``int8`` (the target's own quantized copy) or a model with
     the target's tokenizer."""
     from .generate.speculative import ModelDraft, NgramDraft
-    from .quant.quantize import quantize_model
     from .tokenizer import same_tokenizer
 
     if source == "ngram":
         return NgramDraft()
     if source in ("int8", "int4"):
-        copy = load_model(target.source, target.model.device).model
-        return ModelDraft(quantize_model(copy, source))
+        return ModelDraft(load_model(target.source, target.model.device, quantize=source).model)
     draft = load_model(source, target.model.device)
     if not same_tokenizer(draft.meta["tokenizer"], target.meta["tokenizer"]):
         raise GptlabError(f"--draft {source} has another tokenizer than {target.source}; drafts must share it")

@@ -243,13 +243,14 @@ def emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
 
 def add_quantize(p: argparse.ArgumentParser) -> None:
     """``--quantize``: weight-only quantization on the fly when the model is loaded (gptlab.quant)."""
-    from .quant.config import QUANTIZE_MODES, QuantizeConfig
+    from .quant.config import DEFAULT_GROUP_SIZE, QUANTIZE_MODES
 
     p.add_argument(
         "--quantize",
         choices=QUANTIZE_MODES,
-        help=f"quantize the weights when loading: int8 per channel or int4 in groups of {QuantizeConfig.group_size} "
-        "(`gptlab quantize` saves it)",
+        help=f"quantize the weights when loading: int8 per channel or int4 in groups of {DEFAULT_GROUP_SIZE} (a GGUF "
+        "file in quantized blocks: on its own grid, groups of 32 and an 8-bit head where the file keeps one; "
+        "`gptlab quantize` saves it)",
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 from ..files import refuse_existing
 from ..options import add_config_flags, add_json, add_model, add_out_dir, config_from_flags, emit
@@ -15,8 +16,8 @@ from .config import QuantizeConfig
 def cmd_quantize(args: argparse.Namespace) -> None:
     from ..checkpoint import save_model_checkpoint
     from ..errors import GptlabError
-    from ..loader import load_model
-    from .quantize import QuantLinear, quantization_record, quantize_model, sqnr_db, weight_bytes
+    from ..loader import load_model, quantize_settings
+    from .quantize import QuantLinear, quantize_model, sqnr_db, weight_bytes
 
     cfg = config_from_flags(args, QuantizeConfig, ("model", "out_dir"), model=args.model, out_dir=args.out_dir)
     refuse_existing(cfg.out_dir, "--out-dir")
@@ -28,9 +29,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     before = weight_bytes(model)
     floats = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight") and n}
     exclude = tuple(cfg.exclude)
-    quantize_model(model, cfg.mode, cfg.group_size, exclude, cfg.head_mode)
+    group, head = quantize_settings(loaded.meta, cfg.mode, cfg.group_size, cfg.head_mode, exclude)
+    quantize_model(model, cfg.mode, group, exclude, head)
     sqnr = {n: sqnr_db(floats[n], m.dequantized()) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    record = quantization_record(cfg.mode, cfg.group_size, exclude, cfg.head_mode)
+    record: dict[str, Any] = model.quantization  # type: ignore[assignment]
     save_model_checkpoint(
         Path(cfg.out_dir), model.state_dict(), model.config, loaded.tokenizer.spec(), quantization=record,
         quantized_from=str(cfg.model),
@@ -44,12 +46,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         "sqnr_db": {"min": round(min(sqnr.values()), 2), "mean": round(sum(sqnr.values()) / len(sqnr), 2)},
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    head = f" (head {cfg.head_mode})" if cfg.head_mode else ""
+    grid = f", groups of {record['group_size']}" if record["group_size"] else ""
+    head_note = f", head {record['head_mode']}" if record.get("head_mode") else ""
     emit(
         args,
         result,
-        f"{cfg.mode}{head}: {len(sqnr)} layers, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB of weights, SQNR min "
-        f"{result['sqnr_db']['min']} dB, mean {result['sqnr_db']['mean']} dB -> {cfg.out_dir}",
+        f"{cfg.mode}{grid}{head_note}: {len(sqnr)} layers, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB of "
+        f"weights, SQNR min {result['sqnr_db']['min']} dB, mean {result['sqnr_db']['mean']} dB -> {cfg.out_dir}",
     )
 
 

@@ -9,6 +9,7 @@ from ..recipe import RecipeConfig, opt
 
 QUANTIZE_MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_GROUP_SIZE = 64  # int4's group where the source gives none (a GGUF file in quantized blocks gives 32)
 
 
 @dataclass
@@ -20,12 +21,19 @@ class QuantizeConfig(RecipeConfig):
     mode: str | None = opt(
         None, "int8: per output channel; int4: groups of --group-size input columns", choices=QUANTIZE_MODES, kind=str
     )
-    group_size: int = opt(64, "int4: input columns per group, each with a scale and an offset", choices=GROUP_SIZES)
+    group_size: int | None = opt(
+        None,
+        f"int4: input columns per group, each with a scale and an offset (default {DEFAULT_GROUP_SIZE}; 32 for a GGUF "
+        "file stored in quantized blocks, its own grid)",
+        choices=GROUP_SIZES,
+        kind=int,
+    )
     exclude: list[str] = opt([], "keep this layer in float (e.g. lm_head); repeatable", metavar="NAME")
     head_mode: str | None = opt(
         None,
         "the head's own mode (and a tied embedding's), e.g. int8 under --mode int4, as llama.cpp's 4-bit files keep "
-        "their output matrix at 8 or 6 bits",
+        "their output matrix at 8 or 6 bits (default: the mode; int8 under int4 for a GGUF file whose head is stored "
+        "at 6 bits or more)",
         choices=QUANTIZE_MODES,
         kind=str,
     )

@@ -38,11 +38,10 @@ from ..errors import GptlabError
 from ..layers import with_adapter
 from ..lora import merged_adapters
 from ..model import GPT
-from .config import GROUP_SIZES, QuantizeConfig
+from .config import DEFAULT_GROUP_SIZE, GROUP_SIZES
 
 M = TypeVar("M", bound=nn.Module)
 MODES = ("int8", "int4")
-DEFAULT_GROUP_SIZE = QuantizeConfig.group_size
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,7 +287,11 @@ def layer_mode(name: str, mode: str, head_mode: str | None) -> str:
 
 
 def quantize_model(
-    model: GPT, mode: str, group_size: int = 64, exclude: tuple[str, ...] = (), head_mode: str | None = None
+    model: GPT,
+    mode: str,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    exclude: tuple[str, ...] = (),
+    head_mode: str | None = None,
 ) -> GPT:
     """Replace ``model``'s linear layers by :class:`QuantLinear` in place (round to nearest) and return it, its
     kernel layouts built for the device it is on (call :func:`prepare` again after moving it). ``head_mode``: the

@@ -46,7 +46,8 @@ def for_training(model: GPT, cfg: LoraConfig) -> GPT:
             raise GptlabError("a quantized model trains only through adapters: add --lora-rank (QLoRA)")
         return model
     if cfg.quantize != "none":
-        from ..quant.quantize import DEFAULT_GROUP_SIZE, quantize_model
+        from ..quant.config import DEFAULT_GROUP_SIZE
+        from ..quant.quantize import quantize_model
 
         if getattr(model, "quantization", None):
             raise GptlabError("the model is already quantized; drop --quantize")
