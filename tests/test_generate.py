@@ -236,3 +236,27 @@ def test_compiled_decode_equals_eager():
     compiled = Engine(model, compile=True)
     assert compiled.generate_tokens(prompts, 40, GREEDY)[0].tokens == eager
     assert compiled.stats["cache_bytes"] == 2 * 2 * 1 * 2 * 16 * 128 * 4  # bucketed to 256, capped at context
+
+
+def test_a_compiled_step_follows_its_model_as_it_changes():
+    """A compiled step skips Dynamo's guards on the model's modules and weights (``engine.CompiledStep``); what they
+    would catch is checked once per generation instead. Weights changed in place, modules swapped after the engine
+    was built (quantized), a weight replaced by a new tensor, and a second model of the same shape compiled in the
+    same process: each generation equals an eager engine's on the model as it is then."""
+    from gptlab.quant.quantize import quantize_model
+
+    prompts = [[1, 2, 3, 4]]
+
+    def tokens(engine):
+        return engine.generate_tokens(prompts, 16, GREEDY)[0].tokens
+
+    model, other = small_model(block_size=128), small_model(block_size=128, seed=1)
+    compiled, compiled_other = Engine(model, compile=True), Engine(other, compile=True)
+    assert tokens(compiled) == tokens(Engine(model)) != tokens(Engine(other)) == tokens(compiled_other)
+    with torch.no_grad():
+        model.h[0].mlp.c_fc.weight.mul_(-3)  # values: read at every call
+    assert tokens(compiled) == tokens(Engine(model)) and tokens(compiled_other) == tokens(Engine(other))
+    quantize_model(model, "int8")  # every linear layer replaced: a new graph
+    assert tokens(compiled) == tokens(Engine(model))
+    model.h[1].attn.c_attn.bias = torch.randn(96)
+    assert tokens(compiled) == tokens(Engine(model))

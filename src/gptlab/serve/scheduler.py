@@ -48,7 +48,7 @@ from .. import hugepages, kernels
 from ..config import GPTConfig
 from ..errors import GptlabError
 from ..generate.constraint import Grammar, Matcher
-from ..generate.engine import TextStream, bucketed, compiled_step, step_options
+from ..generate.engine import CompiledStep, TextStream, bucketed, step_options
 from ..generate.sampling import GREEDY, Sampling, next_tokens
 from ..generate.speculative import SPEC_K, Draft, SpeculativeStats, Throttle, verify_step
 from ..kv_cache import KVCache, PackedCache
@@ -635,8 +635,9 @@ class Scheduler:
         """``compile=True``: the decode step of a single live row, compiled here, before the first request, with a
         dynamic cache length, on views rounded up to ``CACHE_BUCKET`` slots (:func:`bucketed`): two graphs, one for
         the lengths short of the whole context and one for the whole (torch 2.13 specializes a view that spans its
-        tensor). Where compiling fails (a model Dynamo cannot capture whole), the step stays eager, with a warning."""
-        step = compiled_step(self.model, step_options(self.device), dynamic=True)
+        tensor). Where compiling fails (a model Dynamo cannot capture whole), the step stays eager, with a warning. The
+        served model does not change while the scheduler serves it: the step needs no :meth:`CompiledStep.refresh`."""
+        step = CompiledStep(self.model, step_options(self.device), dynamic=True)
         try:
             with torch.no_grad():
                 for length in sorted({bucketed(n, self.block) for n in range(1, self.block + 1)}):
