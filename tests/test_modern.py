@@ -411,7 +411,7 @@ def test_gguf_export_of_the_llama_architecture_reads_back_exactly_and_llama_cpp_
     tok = BPETokenizer.train(["hello world the quick brown fox " * 50, "numbers 123 and 456 " * 30], 300)
     ours = ours_from(hf_model("llama-gqa-tied", vocab=tok.vocab_size))
     path = save_gguf(ours.state_dict(), ours.config, tok.spec(), tmp_path / "m.gguf", "f32")
-    sd, cfg, spec = load_gguf(path)
+    sd, cfg, spec, _ = load_gguf(path)
     idx = torch.randint(0, tok.vocab_size, (1, 20))
     with torch.no_grad():
         want = ours(idx)[0]

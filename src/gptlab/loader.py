@@ -26,7 +26,7 @@ from .checkpoint import list_checkpoints, load_checkpoint
 from .config import GPTConfig
 from .device import pick_device
 from .errors import GptlabError
-from .interop.gguf_read import int4_layout, is_gguf, load_gguf
+from .interop.gguf_read import is_gguf, load_gguf
 from .interop.hf import hub_snapshot, is_hf_dir, load_hf
 from .interop.openai import is_openai_dir, load_openai
 from .model import GPT
@@ -91,8 +91,7 @@ def load_model(source: str | Path, device: str | torch.device = "auto", quantize
             path = hub_snapshot(str(source))
         layout: dict[str, Any] = {}
         if is_gguf(path):
-            sd, cfg, tok = load_gguf(path)
-            layout = int4_layout(path)
+            sd, cfg, tok, layout = load_gguf(path)
         elif is_hf_dir(path):
             sd, cfg, tok = load_hf(path)
         elif is_openai_dir(path):

@@ -187,21 +187,16 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> dict[str, Any]:
     return {**spec, **{k: v for k, v in extra.items() if v}}
 
 
-def int4_layout(path: Path) -> dict[str, Any]:
-    """The int4 settings that re-quantize ``path`` on its own grid, for ``--quantize int4`` and ``gptlab quantize``:
-    ``group_size`` 32 where the blocks' matrices are stored in llama.cpp's quantized types (Q4_0/Q4_1/Q5_x/Q8_0
-    scale every 32 weights, the K-quants every 16 or 32 inside 256), and ``head_mode`` int8 where the output matrix
-    (or the tied embedding) is stored at 6 bits a weight or more, and at more than some of the blocks' matrices
-    (llama.cpp's 4-bit files keep it at Q6_K or Q8_0). Empty for a float file: gptlab's defaults hold there.
-    Re-quantizing a 4-bit file in groups of 64 rounds each weight a second time onto a grid that is not the file's:
-    on SmolLM2-135M's Q4_1 file that is +50 % perplexity, against +0.07 % on the file's own grid
-    (docs/quantization.md)."""
+def int4_layout(reader: Any) -> dict[str, Any]:
+    """The int4 settings that re-quantize the file ``reader`` reads (a ``gguf.GGUFReader``) on its own grid, for
+    ``--quantize int4`` and ``gptlab quantize``: ``group_size`` 32 where the blocks' matrices are stored in
+    llama.cpp's quantized types (Q4_0/Q4_1/Q5_x/Q8_0 scale every 32 weights, the K-quants every 16 or 32 inside
+    256), and ``head_mode`` int8 where the output matrix (or the tied embedding) is stored at 6 bits a weight or
+    more, and at more than some of the blocks' matrices (llama.cpp's 4-bit files keep it at Q6_K or Q8_0). Empty
+    for a float file: gptlab's defaults hold there. Re-quantizing a 4-bit file in groups of 64 rounds each weight a
+    second time onto a grid that is not the file's: on SmolLM2-135M's Q4_1 file that is +50 % perplexity, against
+    +0.07 % on the file's own grid (docs/quantization.md)."""
     import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception:
-        return {}  # load_gguf says what is wrong with the file
 
     def bits(t: Any) -> float:
         block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
@@ -220,8 +215,9 @@ def int4_layout(path: Path) -> dict[str, Any]:
     return layout
 
 
-def load_gguf(path: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, dict[str, Any] | None]:
-    """(gptlab state dict, config, tokenizer spec) of a llama GGUF file."""
+def load_gguf(path: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, dict[str, Any] | None, dict[str, Any]]:
+    """(gptlab state dict, config, tokenizer spec, :func:`int4_layout`) of a llama GGUF file, read once (opening it
+    parses the metadata, SmolLM2's 49,152-token vocabulary among it: 2.4 s)."""
     import gguf
 
     try:
@@ -240,4 +236,4 @@ def load_gguf(path: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, dict[str,
                 f"tensor {t.name!r} of {path} is {t.tensor_type.name}, which the gguf package cannot dequantize"
             ) from None
         tensors[t.name] = torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: the file is mapped read-only
-    return state_from_gguf(tensors, cfg), cfg, spec
+    return state_from_gguf(tensors, cfg), cfg, spec, int4_layout(reader)
