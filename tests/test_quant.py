@@ -1,6 +1,7 @@
 """Weight-only quantization: the codes against a by-hand reference, pack/unpack, the kernels against dequantized
 matmuls, SQNR per layer, checkpoints that every verb loads, and the one-line refusals."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -127,6 +128,10 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
     single_row_blocks = (1, 4) if kernels.isa() >= kernels.AVX512 else (measured[0],)
     found = kernels.measure_single_row_blocks(ops, rounds=1)
     assert all(rows in allowed for rows, allowed in zip(found, kernels.SINGLE_ROW_BLOCKS, strict=True))
+    # and the cache the 512-bit loops prefetch into (kernels.measure_prefetch_l2): no result may depend on it
+    prefetch_l2 = ops.prefetches_l2()
+    assert kernels.measure_prefetch_l2(ops, rounds=1) in (False, True)
+    alone = [(block, l2) for block in single_row_blocks for l2 in (False, True)]
     torch.manual_seed(0)
     for n, k in ((100, 256), (37, 100), (3, 33), (5, 4608)):  # tails of 16 columns; over 2048 columns (flushes)
         q, s = quantize_int8(torch.randn(n, k))
@@ -135,18 +140,20 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
             x = torch.randn(m, k) * 3
             xh, xs = int16_rows(x)
             got = ops.int8_mm(x, q, s)
-            for block in single_row_blocks:  # a row alone, in either block: the same bits as among others
+            for block, l2 in alone:  # a row alone, in either block, either prefetch: the same bits as among others
                 ops.set_single_row_blocks(block, block, measured[2])
+                ops.set_prefetch_l2(l2)
                 assert torch.equal(ops.int8_mm(x[-1:], q, s), got[-1:])
             got = got.double()
             torch.testing.assert_close(got, xh @ w.T, rtol=1e-5, atol=1e-4)
             bound = (xs / 2) * (q.abs().double().sum(1) * s.double())[None]  # sum_k |w_k| |x_k - x̂_k|
             assert ((got - x.double() @ w.T).abs() <= bound * 1.001 + 1e-4).all()
-    # groups of 64, 128 and 256 (one, two and four whole 512-bit steps), of 32 (two a step; an odd count ends in a
-    # masked half step), of 96 (the 256-bit loop on every CPU); 12 and 9 groups a row (GPT-2's and SmolLM2's widths:
-    # the offsets' last 8 groups are partial)
+    # groups of 32, 64 and 128 (four, two and one a 64-byte 512-bit step), of 256 (two steps a group), of 96 (the
+    # 256-bit loop on every CPU); rows ending in a short, masked step (192 and 576 columns in groups of 64, 96 and 576
+    # in groups of 32: 18 groups, past the 512-bit loop's blocks of 16 groups; the 256-bit loop's offsets take 8)
     for n, k, g in (
         (100, 256, 64),
+        (3, 576, 32),
         (5, 192, 64),
         (13, 768, 64),
         (4, 576, 64),
@@ -164,8 +171,9 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
             x[0, :g] *= 1e-3  # a group far smaller than the row's others: its own scale keeps its precision
             xh, xs = int8_groups(x, g)
             got = ops.int4_mm(x, layer.qweight, layer.scales, layer.zeros, g)
-            for block in single_row_blocks:
+            for block, l2 in alone:
                 ops.set_single_row_blocks(block, block, measured[2])
+                ops.set_prefetch_l2(l2)
                 assert torch.equal(ops.int4_mm(x[-1:], layer.qweight, layer.scales, layer.zeros, g), got[-1:])
             got = got.double()
             # the codes' part uses x̂, the offsets' part the group sums of x itself
@@ -174,6 +182,7 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
             torch.testing.assert_close(got, xh @ codes.T + x.double() @ (w - codes).T, rtol=1e-5, atol=tol)
             assert ((got - x.double() @ w.T).abs() <= (xs / 2) @ codes.abs().T * 1.001 + tol).all()
     ops.set_single_row_blocks(*measured)
+    ops.set_prefetch_l2(prefetch_l2)
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
     greedy = Sampling(temperature=0)
     idx = torch.arange(1, 33)[None]
@@ -435,7 +444,7 @@ def test_the_fp32_kernel_computes_linear_for_decode_steps():
         pytest.skip("the fp32 kernel needs an x86 CPU with AVX-512 and a C++ compiler")
     torch.manual_seed(0)
     ops = kernels.tuned_ops()
-    measured = list(ops.single_row_blocks())
+    measured, prefetch_l2 = list(ops.single_row_blocks()), ops.prefetches_l2()
     with torch.no_grad():
         for n, k in ((37, 100), (64, 768), (3, 16), (13, 3072)):
             x, w, b = torch.randn(kernels.F32_MAX_ROWS, k), torch.randn(n, k), torch.randn(n)
@@ -445,10 +454,12 @@ def test_the_fp32_kernel_computes_linear_for_decode_steps():
                 torch.testing.assert_close(alone.double(), ref, rtol=1e-5, atol=1e-4)
                 for m in range(1, kernels.F32_MAX_ROWS + 1):
                     assert torch.equal(kernels.f32_linear(x[:m], w, bias), alone[:m]), (n, k, m)
-                for block in kernels.SINGLE_ROW_BLOCKS[2]:  # a row alone in each block the probe may choose
-                    ops.set_single_row_blocks(*measured[:2], block)
+                for block, l2 in itertools.product(kernels.SINGLE_ROW_BLOCKS[2], (False, True)):
+                    ops.set_single_row_blocks(*measured[:2], block)  # a row alone in each block the probe may
+                    ops.set_prefetch_l2(l2)  # choose, either prefetch
                     assert torch.equal(kernels.f32_linear(x[-1:], w, bias), alone[-1:]), (n, k, block)
                 ops.set_single_row_blocks(*measured)
+                ops.set_prefetch_l2(prefetch_l2)
         x3, w3 = torch.randn(2, 3, 64), torch.randn(5, 64)  # leading dimensions kept
         torch.testing.assert_close(kernels.f32_linear(x3, w3, None), F.linear(x3, w3), rtol=1e-5, atol=1e-4)
         assert kernels.f32_linear(torch.randn(kernels.F32_MAX_ROWS + 1, 16), torch.randn(3, 16), None) is None

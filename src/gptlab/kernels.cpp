@@ -95,14 +95,27 @@ static inline void int8_dots(const int8_t* w, const int16_t* x, int64_t K, int64
   }
 }
 
-// How far ahead of its loads a 512-bit int8 or int4 loop prefetches its weights, in bytes along the thread's rows
-// (contiguous), at least one block: on an AMD EPYC Zen 5 (2 threads reading 77 GB/s), GPT-2's int4 products for one
-// token took 2.3 ms prefetching the next block of 4 rows (1.5 KiB ahead), 1.9 ms at 4 KiB, 1.6 ms at 8 or 16 KiB.
-constexpr int64_t kPrefetchBytes = 8192;
+// Where the 512-bit int8, int4 and fp32 loops prefetch their weights: into L2 (prefetcht1) or L1 (prefetcht0),
+// measured per process (kernels.py, set_prefetch_l2). A core keeps only so many misses to L1 in flight (its fill
+// buffers), more to L2, and a stream from memory needs bandwidth x latency bytes in flight: on an AMD EPYC Zen 4 VM,
+// GPT-2's products for one token on 2 threads took 5.2 ms (int8), 2.4 ms (int4 g64) and 13.0 ms (fp32)
+// prefetching into L1, 3.1, 1.9 and 10.3 ms into L2. How far ahead the int8 and int4 loops prefetch, in bytes along
+// the thread's rows (contiguous), at least one block: on an AMD EPYC Zen 5 (2 threads reading 77 GB/s), GPT-2's
+// int4 products took 2.3 ms prefetching the next block of 4 rows (1.5 KiB ahead) into L1, 1.9 ms at 4 KiB, 1.6 ms
+// at 8 or 16 KiB; on the Zen 4, 16 KiB was the best into L2 (of 8, 16, 32 and 64). The fp32 loop prefetches the
+// rows after next (Zen 4: as fast as 8 blocks ahead into L2).
+static std::atomic<bool> prefetch_l2{true};
+static void set_prefetch_l2(bool l2) { prefetch_l2 = l2; }
+static bool prefetches_l2() { return prefetch_l2; }
+static inline void prefetch_weights(const void* p, bool l2) {
+  if (l2) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+  else _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+}
+static inline int64_t prefetch_bytes(bool l2) { return l2 ? 16384 : 8192; }
 
 // The same with 512-bit registers (AVX-512BW: every CPU PyTorch calls AVX512 has it), 64 columns at a time, for
 // half the instructions per weight, and W weight rows at a time sharing each activation load (R x 2 loads of
-// activations per step for all W rows; one row alone is bound by its loads, measured); the weights kPrefetchBytes
+// activations per step for all W rows; one row alone is bound by its loads, measured); the weights prefetch_bytes
 // ahead, or the next block's rows where they are longer, are prefetched. One int32 chain per (weight row,
 // activation row), two (the even and odd 32 columns of a step) for blocks of up to 4 pairs, where one chain of
 // dependent products bounds the loop (1.05x for GPT-2 at one row): each gains at most 4 * 127 * 32767 per step, so
@@ -114,7 +127,8 @@ constexpr int64_t kPrefetchBytes = 8192;
 #define GPTLAB_INT8_DOTS512(NAME, TARGET, DOT)                                                                     \
   template <int R, int W>                                                                                          \
   __attribute__((target(TARGET))) static void NAME(const int8_t* w, const int16_t* x, int64_t K, float* out) {    \
-    const int64_t K64 = K / 64 * 64, pd = std::max<int64_t>(kPrefetchBytes, W * K);                                \
+    const bool l2 = prefetch_l2.load(std::memory_order_relaxed);                                                   \
+    const int64_t K64 = K / 64 * 64, pd = std::max<int64_t>(prefetch_bytes(l2), W * K);                            \
     __m512 f[W * R];                                                                                               \
     constexpr bool kSplit = W * R <= 4; /* two chains per pair: the odd 32 columns in b */                        \
     __m512i a[W * R], b[kSplit ? W * R : 1];                                                                       \
@@ -132,7 +146,7 @@ constexpr int64_t kPrefetchBytes = 8192;
           asm("" : "+v"(x0[r]), "+v"(x1[r])); /* loaded once for the W rows, not folded into each product */      \
         }                                                                                                          \
         for (int v = 0; v < W; ++v) {                                                                              \
-          _mm_prefetch(reinterpret_cast<const char*>(w + v * K + k + pd), _MM_HINT_T0);                            \
+          prefetch_weights(w + v * K + k + pd, l2);                                                                \
           const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * K + k))); \
           const __m512i w1 =                                                                                       \
               _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * K + k + 32)));      \
@@ -270,11 +284,11 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 
 // Activations of the int4 products as int8 codes per group of g columns (llama.cpp's q8_0 rounds its q4_0 products'
 // activations the same way, per block of 32): x ~ xs[m, gi] * xq, xs = max|x over the group| / 127, the rounding of
-// vcvtps2dq (to nearest even). Each row's codes are laid out per 64 columns as the 32 even then the 32 odd columns'
-// (the order in which a 32-byte step of packed weights yields its high and low nibbles), rows KP = K rounded up to
-// 64 bytes apart (the caller zeroes the padding). A row's codes and scales depend on that row alone. Also each
-// group's sum of x itself (8 lanes over its g columns), laid out [M, G rounded up to 8] for row_offsets.
-// G groups rounded up to 8: the row length of the group sums (groups_to_int8, row_offsets)
+// vcvtps2dq (to nearest even). Each row's codes are laid out per 128 columns as the 64 even then the 64 odd columns'
+// (the order in which a 64-byte step of packed weights yields its high and low nibbles), rows KP = K rounded up to
+// 128 bytes apart (the caller zeroes the padding). A row's codes and scales depend on that row alone. Also each
+// group's sum of x itself (8 lanes over its g columns), laid out [M, G rounded up to 8], for the offsets' share.
+// G groups rounded up to 8: the row length of the group sums (groups_to_int8, int4_dots, int4_dots512)
 static inline int64_t groups_padded(int64_t G) { return (G + 7) / 8 * 8; }
 
 static void groups_to_int8(const float* x, int64_t M, int64_t K, int64_t g, int64_t KP, int8_t* xq, float* xs,
@@ -304,136 +318,13 @@ static void groups_to_int8(const float* x, int64_t M, int64_t K, int64_t g, int6
             _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
             _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         const __m256i eo = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(b, evens_first), 0xD8);
-        int8_t* c = out + (gi * g + k) / 64 * 64 + (gi * g + k) % 64 / 2;
+        int8_t* c = out + (gi * g + k) / 128 * 128 + (gi * g + k) % 128 / 2;
         _mm_storeu_si128(reinterpret_cast<__m128i*>(c), _mm256_castsi256_si128(eo));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(c + 32), _mm256_extracti128_si256(eo, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(c + 64), _mm256_extracti128_si256(eo, 1));
       }
     }
   }
 }
-
-// One int4 weight row against R activation rows (their int8 codes KP apart): per 16 bytes of weights, the high and
-// low nibbles as one vector of 32 unsigned bytes against the 16 even and 16 odd columns' codes, vpmaddubsw (pairs
-// summed to int16: at most 2 * 15 * 127, no saturation) and vpmaddwd by ones to int32; per group, the int32 sums
-// scaled by the group's weight scale times the row's activation scale into fp32 lanes.
-template <int R>
-static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int64_t G, int64_t gb,
-                             const uint16_t* scale, const float* xs, float* out) {
-  const __m128i low4 = _mm_set1_epi8(15);
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 f[R];
-  for (int r = 0; r < R; ++r) f[r] = _mm256_setzero_ps();
-  for (int64_t gi = 0; gi < G; ++gi) {
-    __m256i a[R];
-    for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_si256();
-    for (int64_t j = gi * gb; j < (gi + 1) * gb; j += 16) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j));
-      const __m256i q = _mm256_set_m128i(_mm_and_si128(b, low4), _mm_and_si128(_mm_srli_epi16(b, 4), low4));
-      const int64_t c = j / 32 * 64 + j % 32;  // this step's even columns in the row's codes; its odd 32 later
-      for (int r = 0; r < R; ++r) {
-        const int8_t* xr = x + r * KP + c;
-        const __m256i xv = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(xr + 32),
-                                               reinterpret_cast<const __m128i*>(xr));
-        a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));
-      }
-    }
-    const float sw = _cvtsh_ss(scale[gi]);
-    for (int r = 0; r < R; ++r) f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), _mm256_set1_ps(sw * xs[r * G + gi]), f[r]);
-  }
-  for (int r = 0; r < R; ++r) out[r] = hsum(f[r]);
-}
-
-// The same with 512-bit registers, 32 bytes (64 columns) a step: the high and low nibbles as one vector of 64
-// unsigned bytes against the step's 64 activation codes, in one instruction with VNNI (vpdpbusd, Intel's intrinsics
-// guide _mm512_dpbusd_epi32: 64 products where the int16 activations of gptlab before took two vpdpwssd for 32
-// each), else vpmaddubsw + vpmaddwd + vpaddd; W weight rows at a time sharing each activation load, the weights
-// ahead prefetched as in int8's loop. Groups of 64 columns or more (gb a multiple of 32 bytes) sum whole steps;
-// groups of 32 (gb 16) fill half a step each, so a step holds two groups, the first in its int32 lanes 0-3 (high
-// nibbles) and 8-11 (low), the second in 4-7 and 12-15, scaled by a blend of the two groups' scales; an odd last
-// group is a half step, its upper bytes zero (so are the activation codes' there, past the row's end). Other group
-// sizes take the 256-bit loop. One int32 chain per (weight row, activation row) and group: exact in any order, so a
-// row's result does not depend on the block.
-#define GPTLAB_INT4_STEP(DOT, BV, J)                                                                               \
-  do {                                                                                                             \
-    __m512i x_[R];                                                                                                 \
-    for (int r = 0; r < R; ++r) {                                                                                  \
-      x_[r] = _mm512_loadu_si512(x + r * KP + 2 * (J));                                                            \
-      asm("" : "+v"(x_[r])); /* loaded once for the W rows */                                                      \
-    }                                                                                                              \
-    for (int v = 0; v < W; ++v) {                                                                                  \
-      _mm_prefetch(reinterpret_cast<const char*>(w + v * H + (J) + pd), _MM_HINT_T0);                              \
-      const __m512i q_ = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(BV), nibble_shift), low4);     \
-      for (int r = 0; r < R; ++r) a[v * R + r] = DOT(a[v * R + r], q_, x_[r]);                                    \
-    }                                                                                                              \
-  } while (0)
-#define GPTLAB_INT4_FLUSH(SC)                                                                                      \
-  do {                                                                                                             \
-    for (int v = 0; v < W; ++v)                                                                                    \
-      for (int r = 0; r < R; ++r) {                                                                                \
-        f[v * R + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[v * R + r]), (SC), f[v * R + r]);                      \
-        a[v * R + r] = _mm512_setzero_si512();                                                                     \
-      }                                                                                                            \
-  } while (0)
-// the scale of group GI of weight row v and activation row r (inside the flush's loops), in every lane
-#define GPTLAB_SC(GI) _mm512_set1_ps(sc[v * R + r][(GI) - g0])
-#define GPTLAB_INT4_DOTS512(NAME, TARGET, DOT)                                                                     \
-  template <int R, int W>                                                                                          \
-  __attribute__((target(TARGET))) static void NAME(const uint8_t* w, const int8_t* x, int64_t KP, int64_t H,       \
-                                                   int64_t G, int64_t gb, const uint16_t* scale, const float* xs,  \
-                                                   float* out) {                                                   \
-    const __m512i low4 = _mm512_set1_epi8(15);                                                                     \
-    /* the step's 32 bytes in both halves, shifted right by 4 in the low half: high nibbles there, low above */   \
-    const __m512i nibble_shift = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_setzero_si256(), 1);             \
-    const int64_t pd = std::max<int64_t>(kPrefetchBytes, W * H);                                                   \
-    __m512 f[W * R];                                                                                               \
-    __m512i a[W * R];                                                                                              \
-    alignas(64) float sc[W * R][16]; /* 16 groups' weight scale x activation scale, per (v, r) */                  \
-    for (int i = 0; i < W * R; ++i) f[i] = _mm512_setzero_ps();                                                    \
-    for (int i = 0; i < W * R; ++i) a[i] = _mm512_setzero_si512();                                                 \
-    for (int64_t g0 = 0; g0 < G; g0 += 16) {                                                                       \
-      const int64_t g1 = std::min<int64_t>(G, g0 + 16);                                                            \
-      const __mmask32 m = static_cast<__mmask32>((1u << (g1 - g0)) - 1);                                           \
-      for (int v = 0; v < W; ++v) {                                                                                \
-        const __m512 sw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, scale + v * G + g0))); \
-        for (int r = 0; r < R; ++r)                                                                                \
-          _mm512_store_ps(sc[v * R + r], _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(m, xs + r * G + g0)));            \
-      }                                                                                                            \
-      if (gb == 32) { /* groups of 64 (the default): one step a group, no inner loop; unrolled, as the compiler   \
-                         does not for a run-time count: a one-row product of SmolLM2's [3,072 x 576] from L2,   \
-                         one thread, 72 -> 63 us on an AMX Xeon (the same arithmetic in the same order) */      \
-        _Pragma("GCC unroll 4") for (int64_t gi = g0; gi < g1; ++gi) {                                         \
-          GPTLAB_INT4_STEP(DOT, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * H + gi * 32)), gi * 32); \
-          GPTLAB_INT4_FLUSH(GPTLAB_SC(gi));                                                                        \
-        }                                                                                                          \
-      } else if (gb % 32 == 0) {                                                                                   \
-        for (int64_t gi = g0; gi < g1; ++gi) {                                                                     \
-          for (int64_t j = gi * gb; j < (gi + 1) * gb; j += 32)                                                    \
-            GPTLAB_INT4_STEP(DOT, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * H + j)), j);         \
-          GPTLAB_INT4_FLUSH(GPTLAB_SC(gi));                                                                        \
-        }                                                                                                          \
-      } else { /* gb == 16 */                                                                                      \
-        int64_t gi = g0;                                                                                           \
-        for (; gi + 1 < g1; gi += 2) {                                                                             \
-          GPTLAB_INT4_STEP(DOT, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * H + gi * 16)), gi * 16); \
-          GPTLAB_INT4_FLUSH(_mm512_mask_blend_ps(0xF0F0, GPTLAB_SC(gi), GPTLAB_SC(gi + 1)));                       \
-        }                                                                                                          \
-        if (gi < g1) {                                                                                             \
-          GPTLAB_INT4_STEP(DOT,                                                                                    \
-                           _mm256_inserti128_si256(                                                                \
-                               _mm256_setzero_si256(),                                                             \
-                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + v * H + gi * 16)), 0),         \
-                           gi * 16);                                                                               \
-          GPTLAB_INT4_FLUSH(GPTLAB_SC(gi));                                                                        \
-        }                                                                                                          \
-      }                                                                                                            \
-    }                                                                                                              \
-    for (int i = 0; i < W * R; ++i) out[i] = _mm512_reduce_add_ps(f[i]);                                           \
-  }
-
-#define GPTLAB_MADDUBS_ADD(acc, a, b) \
-  _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1)))
-GPTLAB_INT4_DOTS512(int4_dots512, "avx512f,avx512bw", GPTLAB_MADDUBS_ADD)
-GPTLAB_INT4_DOTS512(int4_dots512_vnni, "avx512f,avx512bw,avx512vnni", _mm512_dpbusd_epi32)
 
 // n <= 8 fp16 values at p, the lanes past them zero, with no read past p + n
 static inline __m128i load_halves(const uint16_t* p, int64_t n) {
@@ -450,54 +341,156 @@ static inline __m128i load_halves(const uint16_t* p, int64_t n) {
   return v;
 }
 
-// R activation rows' offsets (R <= 4, the accumulators in registers), gsum at their first row's sums
+// One int4 weight row against R activation rows (their int8 codes KP apart): per 16 bytes of weights, the high and
+// low nibbles as one vector of 32 unsigned bytes against the 16 even and 16 odd columns' codes, vpmaddubsw (pairs
+// summed to int16: at most 2 * 15 * 127, no saturation) and vpmaddwd by ones to int32; per group, the int32 sums
+// scaled by the group's weight scale times the row's activation scale into fp32 lanes; per 8 groups, their offsets
+// (zero - 8 scale, computed in fp32 from the fp16 scale and zero as dequantize_int4 computes them) times the
+// activation rows' group sums (gsum, rows GP apart, zero past G) into the same lanes.
 template <int R>
-static void row_offsets_rows(const uint16_t* scale, const uint16_t* zero, const float* gsum, int64_t G, float* out) {
-  const int64_t GP = groups_padded(G);
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t g0 = 0; g0 < GP; g0 += 8) {
-    const int64_t n = std::min<int64_t>(8, G - g0);
-    const __m256 o = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), _mm256_cvtph_ps(load_halves(scale + g0, n)),
-                                      _mm256_cvtph_ps(load_halves(zero + g0, n)));
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(o, _mm256_loadu_ps(gsum + r * GP + g0), acc[r]);
-  }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
-}
-
-// The offsets' share of one weight row's outputs for every activation row, out[m] = sum_g (zero_g - 8 scale_g) *
-// (sum of x_m over group g), from the group sums laid out [M, GP] (GP = G rounded up to 8, zero past G): the
-// offsets of 8 groups at a time, then one multiply-add per activation row into its own 8 lanes (lane i sums the
-// groups i, i + 8, ...), summed across the lanes at the end. A row's sum takes that order whatever M is; one row
-// costs G / 8 multiply-adds, where a chain of G dependent ones across the rows' lanes had cost GPT-2's one-row int4
-// products about a quarter of their time (measured on an AMX Xeon). The offset of each group is computed in fp32
-// from its fp16 scale and zero, as dequantize_int4 computes it; past G both are zero, and so is the offset.
-static void row_offsets(const uint16_t* scale, const uint16_t* zero, const float* gsum, int64_t G, int64_t M,
-                        float* out) {
-  const int64_t GP = groups_padded(G);
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const float* gs = gsum + m0 * GP;
-    switch (std::min<int64_t>(4, M - m0)) {
-      case 1: row_offsets_rows<1>(scale, zero, gs, G, out + m0); break;
-      case 2: row_offsets_rows<2>(scale, zero, gs, G, out + m0); break;
-      case 3: row_offsets_rows<3>(scale, zero, gs, G, out + m0); break;
-      default: row_offsets_rows<4>(scale, zero, gs, G, out + m0);
+static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int64_t G, int64_t gb,
+                             const uint16_t* scale, const uint16_t* zero, const float* xs, const float* gsum,
+                             int64_t GP, float* out) {
+  const __m128i low4 = _mm_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 f[R];
+  for (int r = 0; r < R; ++r) f[r] = _mm256_setzero_ps();
+  for (int64_t gi = 0; gi < G; ++gi) {
+    if (gi % 8 == 0) {
+      const int64_t n = std::min<int64_t>(8, G - gi);
+      const __m256 o = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), _mm256_cvtph_ps(load_halves(scale + gi, n)),
+                                        _mm256_cvtph_ps(load_halves(zero + gi, n)));
+      for (int r = 0; r < R; ++r) f[r] = _mm256_fmadd_ps(o, _mm256_loadu_ps(gsum + r * GP + gi), f[r]);
     }
+    __m256i a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_si256();
+    for (int64_t j = gi * gb; j < (gi + 1) * gb; j += 16) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j));
+      const __m256i q = _mm256_set_m128i(_mm_and_si128(b, low4), _mm_and_si128(_mm_srli_epi16(b, 4), low4));
+      const int64_t c = j / 64 * 128 + j % 64;  // this step's even columns in the row's codes; its odd 64 later
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xr = x + r * KP + c;
+        const __m256i xv = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(xr + 64),
+                                               reinterpret_cast<const __m128i*>(xr));
+        a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));
+      }
+    }
+    const float sw = _cvtsh_ss(scale[gi]);
+    for (int r = 0; r < R; ++r) f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), _mm256_set1_ps(sw * xs[r * G + gi]), f[r]);
   }
+  for (int r = 0; r < R; ++r) out[r] = hsum(f[r]);
 }
 
-// Whether the 512-bit int4 loops take groups of gb bytes: whole 32-byte steps, or two 16-byte groups a step.
-static bool int4_wide_groups(int64_t gb) { return gb % 32 == 0 || gb == 16; }
+// The same with 512-bit registers, 64 bytes (128 columns) a step: the high and low nibbles of the step's bytes as two
+// vectors of 64 unsigned bytes, against the 64 even and the 64 odd columns' codes, in one instruction each with VNNI
+// (vpdpbusd, Intel's intrinsics guide _mm512_dpbusd_epi32: 64 products where the int16 activations of gptlab before
+// took two vpdpwssd for 32 each), else vpmaddubsw + vpmaddwd + vpaddd; W weight rows at a time sharing each
+// activation load, the weights ahead prefetched as in int8's loop. int32 lane L of a step sums its bytes 4L to 4L + 3,
+// so a step of groups of 32 columns (16 bytes) holds 4 groups, one per 128-bit lane, of 64 two, one per half, of 128
+// one; each step's int32 sums go to fp32 scaled by a vector of their groups' scales (a permute of the 16 groups'
+// weight scale x activation scale). Larger groups (a multiple of 64 bytes) sum their steps first. The last step of
+// a row may be short (a masked load: the bytes past the row are zero; so are the activation codes past its end).
+// Against 32-byte steps (a broadcast, a variable shift and a mask per 32 bytes, one fp32 flush per group), on an AMD
+// EPYC Zen 4 (512-bit operations issue as two 256-bit halves there), one thread, GPT-2- and SmolLM2-shaped
+// matrices from L2: 1.03-1.22x as fast in groups of 64, 1.2-1.5x in groups of 32. Other group sizes take the
+// 256-bit loop. Per 16 groups, their offsets times the activation rows' group sums go into the same fp32 lanes (as
+// in int4_dots; a pass of its own per weight row had cost a tenth of GPT-2's int4 products on that EPYC). One int32
+// chain per (weight row, activation row) and step: exact in any order, so a row's result does not depend on the
+// block.
+#define GPTLAB_INT4_STEP(DOT, J, LOAD)                                                                             \
+  do {                                                                                                             \
+    __m512i xe_[R], xo_[R];                                                                                        \
+    for (int r = 0; r < R; ++r) {                                                                                  \
+      xe_[r] = _mm512_loadu_si512(x + r * KP + 2 * (J));                                                           \
+      xo_[r] = _mm512_loadu_si512(x + r * KP + 2 * (J) + 64);                                                      \
+      asm("" : "+v"(xe_[r]), "+v"(xo_[r])); /* loaded once for the W rows */                                       \
+    }                                                                                                              \
+    for (int v = 0; v < W; ++v) {                                                                                  \
+      prefetch_weights(w + v * H + (J) + pd, l2);                                                                  \
+      const __m512i b_ = LOAD(w + v * H + (J));                                                                    \
+      const __m512i hi_ = _mm512_and_si512(_mm512_srli_epi16(b_, 4), low4), lo_ = _mm512_and_si512(b_, low4);      \
+      for (int r = 0; r < R; ++r) a[v * R + r] = DOT(DOT(a[v * R + r], hi_, xe_[r]), lo_, xo_[r]);                 \
+    }                                                                                                              \
+  } while (0)
+/* the int32 sums to fp32, lane L scaled by entry GIDX[L] of its pair's 16 scales */
+#define GPTLAB_INT4_FLUSH(GIDX)                                                                                    \
+  do {                                                                                                             \
+    for (int i = 0; i < W * R; ++i) {                                                                              \
+      f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i]), _mm512_permutexvar_ps((GIDX), sc[i]), f[i]);                \
+      a[i] = _mm512_setzero_si512();                                                                               \
+    }                                                                                                              \
+  } while (0)
+#define GPTLAB_INT4_LOAD(p) _mm512_loadu_si512(p)
+#define GPTLAB_INT4_MASKED(p) _mm512_maskz_loadu_epi8(tail, p)
+#define GPTLAB_INT4_DOTS512(NAME, TARGET, DOT)                                                                     \
+  template <int R, int W>                                                                                          \
+  __attribute__((target(TARGET))) static void NAME(const uint8_t* w, const int8_t* x, int64_t KP, int64_t H,       \
+                                                   int64_t G, int64_t gb, const uint16_t* scale,                   \
+                                                   const uint16_t* zero, const float* xs, const float* gsum,       \
+                                                   int64_t GP, float* out) {                                       \
+    const __m512i low4 = _mm512_set1_epi8(15);                                                                     \
+    const bool l2 = prefetch_l2.load(std::memory_order_relaxed);                                                   \
+    const int64_t pd = std::max<int64_t>(prefetch_bytes(l2), W * H);                                               \
+    /* the group of int32 lane L of a step, counted from the step's first: 4L / gb (groups of up to 64 bytes) */   \
+    const __m512i lane_group = _mm512_srlv_epi32(                                                                  \
+        _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60),                            \
+        _mm512_set1_epi32(gb == 16 ? 4 : gb == 32 ? 5 : 6));                                                       \
+    __m512 f[W * R], sc[W * R]; /* sc: 16 groups' weight scale x activation scale, per (v, r) */                   \
+    __m512i a[W * R];                                                                                              \
+    for (int i = 0; i < W * R; ++i) f[i] = _mm512_setzero_ps();                                                    \
+    for (int i = 0; i < W * R; ++i) a[i] = _mm512_setzero_si512();                                                 \
+    for (int64_t g0 = 0; g0 < G; g0 += 16) {                                                                       \
+      const int64_t g1 = std::min<int64_t>(G, g0 + 16);                                                            \
+      const __mmask16 m = static_cast<__mmask16>((1u << (g1 - g0)) - 1);                                          \
+      for (int v = 0; v < W; ++v) {                                                                                \
+        const __m512 sw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, scale + v * G + g0))); \
+        const __m512 zw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, zero + v * G + g0)));  \
+        const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sw, zw); /* the groups' offsets, zero past G */   \
+        for (int r = 0; r < R; ++r) {                                                                              \
+          sc[v * R + r] = _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(m, xs + r * G + g0));                            \
+          f[v * R + r] = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(m, gsum + r * GP + g0), f[v * R + r]);         \
+        }                                                                                                          \
+      }                                                                                                            \
+      const int64_t j0 = g0 * gb, j1 = g1 * gb; /* this block of groups' bytes in each row */                      \
+      if (gb <= 64) { /* steps of 64 / gb whole groups; the row's last step may be short */                        \
+        const int64_t full = j0 + (j1 - j0) / 64 * 64;                                                             \
+        _Pragma("GCC unroll 4") for (int64_t j = j0; j < full; j += 64) {                                          \
+          GPTLAB_INT4_STEP(DOT, j, GPTLAB_INT4_LOAD);                                                              \
+          GPTLAB_INT4_FLUSH(_mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int>((j - j0) / gb))));     \
+        }                                                                                                          \
+        if (full < j1) {                                                                                           \
+          const __mmask64 tail = (~0ull) >> (64 - (j1 - full));                                                    \
+          GPTLAB_INT4_STEP(DOT, full, GPTLAB_INT4_MASKED);                                                         \
+          GPTLAB_INT4_FLUSH(_mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int>((full - j0) / gb))));  \
+        }                                                                                                          \
+      } else { /* gb a multiple of 64: whole steps a group */                                                      \
+        for (int64_t gi = g0; gi < g1; ++gi) {                                                                     \
+          for (int64_t j = gi * gb; j < (gi + 1) * gb; j += 64) GPTLAB_INT4_STEP(DOT, j, GPTLAB_INT4_LOAD);        \
+          GPTLAB_INT4_FLUSH(_mm512_set1_epi32(static_cast<int>(gi - g0)));                                         \
+        }                                                                                                          \
+      }                                                                                                            \
+    }                                                                                                              \
+    for (int i = 0; i < W * R; ++i) out[i] = _mm512_reduce_add_ps(f[i]);                                           \
+  }
+
+#define GPTLAB_MADDUBS_ADD(acc, a, b) \
+  _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1)))
+GPTLAB_INT4_DOTS512(int4_dots512, "avx512f,avx512bw", GPTLAB_MADDUBS_ADD)
+GPTLAB_INT4_DOTS512(int4_dots512_vnni, "avx512f,avx512bw,avx512vnni", _mm512_dpbusd_epi32)
+
+// Whether the 512-bit int4 loops take groups of gb bytes: 4 or 2 groups a 64-byte step, or whole steps a group.
+static bool int4_wide_groups(int64_t gb) { return gb == 16 || gb == 32 || gb % 64 == 0; }
 
 // One int4 block: W weight rows (their scales G apart) against R activation rows, out[v * R + r]. The 256-bit loop
 // takes one weight row at a time.
 template <int R, int W>
 static void int4_block(Isa isa, const uint8_t* w, const int8_t* x, int64_t KP, int64_t H, int64_t G, int64_t gb,
-                       const uint16_t* scale, const float* xs, float* out) {
+                       const uint16_t* scale, const uint16_t* zero, const float* xs, const float* gsum, int64_t GP,
+                       float* out) {
   const bool wide = int4_wide_groups(gb);
-  if (isa == kVnni && wide) int4_dots512_vnni<R, W>(w, x, KP, H, G, gb, scale, xs, out);
-  else if (isa == kAvx512 && wide) int4_dots512<R, W>(w, x, KP, H, G, gb, scale, xs, out);
-  else if constexpr (W == 1) int4_dots<R>(w, x, KP, G, gb, scale, xs, out);
+  if (isa == kVnni && wide) int4_dots512_vnni<R, W>(w, x, KP, H, G, gb, scale, zero, xs, gsum, GP, out);
+  else if (isa == kAvx512 && wide) int4_dots512<R, W>(w, x, KP, H, G, gb, scale, zero, xs, gsum, GP, out);
+  else if constexpr (W == 1) int4_dots<R>(w, x, KP, G, gb, scale, zero, xs, gsum, GP, out);
 }
 
 // Groupwise int4, w ~ (q - 8) * scale + zero per group of g columns, scale and zero fp16 (gptlab.quant.quantize),
@@ -518,7 +511,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   auto xc = x.contiguous(); auto wc = w.contiguous(); auto sc = scales.contiguous(); auto zc = zeros.contiguous();
   const int64_t M = xc.size(0), H = K / 2;
   auto out = at::empty({M, N}, xc.options());
-  const int64_t KP = (K + 63) / 64 * 64;
+  const int64_t KP = (K + 127) / 128 * 128;
   std::vector<int8_t> xq(M * KP); std::vector<float> xs(M * G), gsum(M * groups_padded(G), 0.f);
   const float* xp = xc.data_ptr<float>();
   groups_to_int8(xp, M, K, g, KP, xq.data(), xs.data(), gsum.data());
@@ -533,20 +526,24 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   // than two blocks of 4 on an AMX Xeon), and where the group size takes the 256-bit loop
   const bool wide = isa != kAvx2 && int4_wide_groups(gb);
   const int64_t BW = wide && M == 1 ? int4_single_row_block.load() : 1;
+  const int64_t GP = groups_padded(G);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    float d[16], bias[4 * 16];
+    float d[16];
     for (int64_t n = n0; n < n1; n += BW) {
       const int64_t ws = std::min(BW, n1 - n);
       const uint8_t* row = wp + n * H;
       const uint16_t* sn = sp + n * G;
-      for (int64_t v = 0; v < ws; ++v) row_offsets(sn + v * G, zp + (n + v) * G, gsum.data(), G, M, bias + v * 16);
+      const uint16_t* zn = zp + n * G;
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t R = std::min<int64_t>(4, M - m0);
         const int8_t* xr = xq.data() + m0 * KP;
         const float* sr = xs.data() + m0 * G;
-        quant_block(BW, ws, R, [&](auto r, auto v) { int4_block<r, v>(isa, row, xr, KP, H, G, gb, sn, sr, d); });
+        const float* gr = gsum.data() + m0 * GP;
+        quant_block(BW, ws, R, [&](auto r, auto v) {
+          int4_block<r, v>(isa, row, xr, KP, H, G, gb, sn, zn, sr, gr, GP, d);
+        });
         for (int64_t v = 0; v < ws; ++v)
-          for (int64_t r = 0; r < R; ++r) outp[(m0 + r) * N + n + v] = d[v * R + r] + bias[v * 16 + m0 + r];
+          for (int64_t r = 0; r < R; ++r) outp[(m0 + r) * N + n + v] = d[v * R + r];
       }
     }
   });
@@ -597,13 +594,14 @@ __attribute__((target("avx512f"))) static inline __m512 hsum512x16(const __m512*
 template <int R, int W, bool PREFETCH>
 __attribute__((target("avx512f"))) static void f32_dots(const float* w, const float* x, int64_t K, float* out) {
   const int64_t K16 = K / 16 * 16;
+  const bool l2 = prefetch_l2.load(std::memory_order_relaxed);
   __m512 a[W * R];
   for (int i = 0; i < W * R; ++i) a[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K16; k += 16) {
     __m512 wv[W];
     for (int v = 0; v < W; ++v) {
       wv[v] = _mm512_loadu_ps(w + v * K + k);
-      if constexpr (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(w + (v + 2 * W) * K + k), _MM_HINT_T0);
+      if constexpr (PREFETCH) prefetch_weights(w + (v + 2 * W) * K + k, l2);
     }
     for (int r = 0; r < R; ++r) {
       __m512 xv = _mm512_loadu_ps(x + r * K + k);
@@ -1271,6 +1269,8 @@ TORCH_LIBRARY(gptlab, m) {
   m.def("isa() -> int", &isa);
   m.def("set_single_row_blocks(int int8_rows, int int4_rows, int f32_rows) -> ()", &set_single_row_blocks);
   m.def("single_row_blocks() -> int[]", &single_row_blocks);
+  m.def("set_prefetch_l2(bool l2) -> ()", &set_prefetch_l2);
+  m.def("prefetches_l2() -> bool", &prefetches_l2);
   m.def("int8_mm(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor w, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def("f32_mm(Tensor x, Tensor w, Tensor? bias) -> Tensor");

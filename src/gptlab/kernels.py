@@ -235,23 +235,23 @@ def transpose_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @functools.cache
 def tuned_ops() -> Any:
     """:func:`load`'s ops with the block of the int8, int4 and fp32 loops for one activation row (a decode step of one
-    sequence) set by :func:`measure_single_row_blocks`, once per process; None as :func:`load`."""
+    sequence) set by :func:`measure_single_row_blocks`, and the cache these loops prefetch their weights into by
+    :func:`measure_prefetch_l2`, once per process; None as :func:`load`."""
     ops = load()
     if ops is not None and isa() >= AVX512:
-        ops.set_single_row_blocks(*measure_single_row_blocks(ops))
+        products = probe_products(ops)
+        ops.set_single_row_blocks(*measure_single_row_blocks(ops, products=products))
+        ops.set_prefetch_l2(measure_prefetch_l2(ops, products=products))
     return ops
 
 
 SINGLE_ROW_BLOCKS = ((1, 4), (1, 4), (1, 2, 4, 8))  # the weight rows a block may take: int8, int4, fp32 loops
 
 
-def measure_single_row_blocks(ops: Any, rounds: int = 3) -> tuple[int, int, int]:
-    """The fastest block of the 512-bit int8, int4 and fp32 loops for one activation row (weight rows: 4 or 1 for
-    int8 and int4; 1, 2, 4 or 8 for fp32), timed on this machine (``kernels.cpp`` says why each wins where it does):
-    one-row products over weight rows of 768 columns filling twice the L3 (at least 64, at most 256 MiB), the blocks
-    alternating, the best of ``rounds`` each. A decode step streams all of a model's weights, so this is the cache
-    its weights meet: on the AMD EPYC Zen 4 of docs/benchmarks.md (32 MiB of L3) int8 takes one row and int4 four; on
-    a Zen 5 fp32 takes one (1.2x the two it took before). About 0.1 s."""
+def probe_products(ops: Any) -> dict[int, Callable[[], Any]]:
+    """The probes' one-row products (int8, int4 g64, fp32: keys 0, 1, 2) over weight rows of 768 columns filling
+    twice the L3 (at least 64, at most 256 MiB): a decode step streams all of a model's weights, so this is the cache
+    its weights meet."""
     size = min(max(2 * l3_bytes(), 64 << 20), 256 << 20)
     n = size // 768
     codes = torch.ones(n, 768, dtype=torch.int8)  # written, so that every page is real memory
@@ -259,11 +259,22 @@ def measure_single_row_blocks(ops: Any, rounds: int = 3) -> tuple[int, int, int]
     ones16 = torch.ones(2 * n, 768 // 64, dtype=torch.float16)
     weights = torch.ones(n // 4, 768)  # fp32: the same bytes
     x, scales = torch.ones(1, 768), torch.ones(n)
-    products = {
+    return {
         0: lambda: ops.int8_mm(x, codes, scales),
         1: lambda: ops.int4_mm(x, packed, ones16, ones16, 64),
         2: lambda: ops.f32_mm(x, weights, None),
     }
+
+
+def measure_single_row_blocks(
+    ops: Any, rounds: int = 3, products: dict[int, Callable[[], Any]] | None = None
+) -> tuple[int, int, int]:
+    """The fastest block of the 512-bit int8, int4 and fp32 loops for one activation row (weight rows: 4 or 1 for
+    int8 and int4; 1, 2, 4 or 8 for fp32), timed on this machine (``kernels.cpp`` says why each wins where it does)
+    on :func:`probe_products`, the blocks alternating, the best of ``rounds`` each: on the AMD EPYC Zen 4 of
+    docs/benchmarks.md (32 MiB of L3) int8 takes one row and int4 four; on a Zen 5 fp32 takes one (1.2x the two it
+    took before). About 0.1 s."""
+    products = products or probe_products(ops)
     before = list(ops.single_row_blocks())
     chosen = list(before)
     try:
@@ -280,6 +291,27 @@ def measure_single_row_blocks(ops: Any, rounds: int = 3) -> tuple[int, int, int]
     finally:
         ops.set_single_row_blocks(*before)
     return chosen[0], chosen[1], chosen[2]
+
+
+def measure_prefetch_l2(ops: Any, rounds: int = 3, products: dict[int, Callable[[], Any]] | None = None) -> bool:
+    """Whether the 512-bit int8, int4 and fp32 loops run faster prefetching their weights into L2 (prefetcht1) than
+    into L1 (prefetcht0), timed on the three :func:`probe_products` in turn, the two settings alternating, the best
+    of ``rounds`` each (``kernels.cpp`` says why L2 can win: GPT-2's products on the AMD EPYC Zen 4 of
+    docs/benchmarks.md, 1.3x fp32 and int4, 1.7x int8)."""
+    products = products or probe_products(ops)
+    before = bool(ops.prefetches_l2())
+    best = {False: float("inf"), True: float("inf")}
+    try:
+        for _ in range(rounds):
+            for l2 in best:
+                ops.set_prefetch_l2(l2)
+                t0 = time.perf_counter()
+                for product in products.values():
+                    product()
+                best[l2] = min(best[l2], time.perf_counter() - t0)
+    finally:
+        ops.set_prefetch_l2(before)
+    return min(best, key=lambda l2: best[l2])
 
 
 def l3_bytes() -> int:
@@ -362,8 +394,8 @@ def isa() -> int:
 def load() -> Any:
     """``torch.ops.gptlab`` (``int8_mm``, ``int4_mm``, ``f32_mm``, ``decode_attention``, ``softmax_xent_``,
     ``gelu_tanh`` / ``gelu_tanh_backward``, ``transpose_to``, ``isa``, ``set_single_row_blocks`` /
-    ``single_row_blocks``: see :func:`tuned_ops`), built on first use, or None where it does not apply (module
-    docstring)."""
+    ``single_row_blocks`` and ``set_prefetch_l2`` / ``prefetches_l2``: see :func:`tuned_ops`), built on first use,
+    or None where it does not apply (module docstring)."""
     how = mode()
     if how == "off" or sys.platform != "linux":
         return None
