@@ -394,9 +394,9 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
 // EPYC Zen 4 (512-bit operations issue as two 256-bit halves there), one thread, GPT-2- and SmolLM2-shaped
 // matrices from L2: 1.03-1.22x as fast in groups of 64, 1.2-1.5x in groups of 32. Other group sizes take the
 // 256-bit loop. Per 16 groups, their offsets times the activation rows' group sums go into the same fp32 lanes (as
-// in int4_dots; a pass of its own per weight row had cost a tenth of GPT-2's int4 products on that EPYC). One int32
-// chain per (weight row, activation row) and step: exact in any order, so a row's result does not depend on the
-// block.
+// in int4_dots; on that EPYC the code around the loop, mostly a pass of its own per weight row for them, had held
+// 11 % of a profile of GPT-2's int4 products). One int32 chain per (weight row, activation row) and step: exact in
+// any order, so a row's result does not depend on the block.
 #define GPTLAB_INT4_STEP(DOT, J, LOAD)                                                                             \
   do {                                                                                                             \
     __m512i xe_[R], xo_[R];                                                                                        \
