@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from common import batched_bench_tok_s, llama_decode_seconds, llama_model  # noqa: E402
 
-from gptlab import hugepages, kernels  # noqa: E402
+from gptlab import hugepages  # noqa: E402
 from gptlab.checkpoint import save_model_checkpoint  # noqa: E402
 from gptlab.config import preset  # noqa: E402
 from gptlab.data.loader import TokenWindows  # noqa: E402
@@ -192,11 +192,8 @@ def _child(*argv: str) -> dict:
 
 def bandwidth() -> dict[str, float]:
     """Bytes per second of a large copy (read + written, best of 5), of a large read (the planner's probe,
-    :func:`gptlab.plan.hardware.measure_cpu`: a sum over 256 MB), of the same read from huge pages, where an
-    Engine keeps its weights (:mod:`gptlab.hugepages`; 4 KiB pages read slower: the prefetchers stop at each), and of
-    gptlab's fp32 one-row product over 256 MiB of weights on huge pages (AVX-512 CPUs), a read that prefetches into L2
-    (``kernels.cpp``): on the AMD EPYC Zen 4 of docs/benchmarks.md it read faster than the sums, so the bound counts
-    it too."""
+    :func:`gptlab.plan.hardware.measure_cpu`: a sum over 256 MB) and of the same read from huge pages, where an
+    Engine keeps its weights (:mod:`gptlab.hugepages`; 4 KiB pages read slower: the prefetchers stop at each)."""
 
     def best_seconds(fn) -> float:
         best = math.inf
@@ -212,13 +209,6 @@ def bandwidth() -> dict[str, float]:
         huge = hugepages.region(a.nbytes).view(torch.float32).fill_(1.0)
         huge.sum()
         out["read_huge_pages"] = huge.nbytes / best_seconds(huge.sum)
-    ops = kernels.tuned_ops()
-    if ops is not None and kernels.isa() >= kernels.AVX512:
-        nbytes = a.nbytes // 3072 * 3072  # rows of 768 columns
-        w = hugepages.region(nbytes) if hugepages.available() else torch.empty(nbytes, dtype=torch.uint8)
-        w = w.view(torch.float32).fill_(1.0).view(-1, 768)
-        x = torch.ones(1, 768)
-        out["read_f32_kernel"] = w.nbytes / best_seconds(lambda: ops.f32_mm(x, w, None))
     return out
 
 
@@ -238,7 +228,6 @@ def speed(args) -> dict:
                 flags = ["--mode", mode, "--batch", str(batch), "--new", str(args.new), "--threads", str(args.threads)]
                 row = {"engine": "gptlab", "mode": mode, "compiled": compiled, "batch": batch}
                 configs.append((row, ["one", *flags, *(["--compile"] if compiled else [])]))
-    configs.append(({"bandwidth": True}, ["bandwidth", "--threads", str(args.threads)]))  # in every round, as drift
     rows = [row for row, _ in configs]
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -263,6 +252,7 @@ def speed(args) -> dict:
                     rows.append(row)
         except ImportError:
             rows.append({"engine": "llama.cpp", "skipped": "llama-cpp-python is not installed"})
+        configs.append(({"bandwidth": True}, ["bandwidth", "--threads", str(args.threads)]))  # every round: drift
         bws: dict[str, float] = {}
         for _ in range(args.repeats):
             for row, argv in configs:
@@ -274,7 +264,6 @@ def speed(args) -> dict:
                     row.setdefault("runs", []).append(round(r["tok_s"], 2))
                     r["tok_s"] = max(r["tok_s"], row.get("tok_s", 0.0))
                 row.update(r)
-    rows = [r for r in rows if "bandwidth" not in r]
     for r in rows:  # an fp32 decode step at batch 1 reads every weight once: what it reached, memory could too
         if r.get("mode") in ("fp32", "f32") and r.get("batch") == 1 and "tok_s" in r:
             key = f"decode_{r['engine']}_f32"
