@@ -148,9 +148,10 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
             torch.testing.assert_close(got, xh @ w.T, rtol=1e-5, atol=1e-4)
             bound = (xs / 2) * (q.abs().double().sum(1) * s.double())[None]  # sum_k |w_k| |x_k - x̂_k|
             assert ((got - x.double() @ w.T).abs() <= bound * 1.001 + 1e-4).all()
-    # groups of 32, 64 and 128 (four, two and one a 64-byte 512-bit step), of 256 (two steps a group), of 96 (the
-    # 256-bit loop on every CPU); rows ending in a short, masked step (192 and 576 columns in groups of 64, 96 and 576
-    # in groups of 32: 18 groups, past the 512-bit loop's blocks of 16 groups; the 256-bit loop's offsets take 8)
+    # groups of 32 and 64 (the 512-bit loops' transposed blocks of 16 groups for several rows, folded steps for one),
+    # of 128 and 256 (one and two 64-byte steps a group), of 96 (the 256-bit loop on every CPU); rows ending in a
+    # short block (192 and 576 columns in groups of 64, 96 and 576 in groups of 32: 18 groups, past a block of 16;
+    # the 256-bit loop's offsets take 8)
     for n, k, g in (
         (100, 256, 64),
         (3, 576, 32),

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -286,13 +287,15 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 // activations the same way, per block of 32): x ~ xs[m, gi] * xq, xs = max|x over the group| / 127, the rounding of
 // vcvtps2dq (to nearest even). Each row's codes are laid out per 128 columns as the 64 even then the 64 odd columns'
 // (the order in which a 64-byte step of packed weights yields its high and low nibbles), rows KP = K rounded up to
-// 128 bytes apart (the caller zeroes the padding). A row's codes and scales depend on that row alone. Also each
+// 128 bytes apart (the caller zeroes the padding); or, transposed, for int4_dots512t: per block of 16 groups, D = g /
+// 8 pairs of 64-byte vectors whose int32 lane L holds 4 even (then 4 odd) columns' codes of the block's group L, the
+// columns of bytes 4s..4s+3 of that group's weights in vector pair s; rows KP = G rounded up to 16 groups apart. A row's codes and scales depend on that row alone. Also each
 // group's sum of x itself (8 lanes over its g columns), laid out [M, G rounded up to 8], for the offsets' share.
 // G groups rounded up to 8: the row length of the group sums (groups_to_int8, int4_dots, int4_dots512)
 static inline int64_t groups_padded(int64_t G) { return (G + 7) / 8 * 8; }
 
 static void groups_to_int8(const float* x, int64_t M, int64_t K, int64_t g, int64_t KP, int8_t* xq, float* xs,
-                           float* gsum) {
+                           float* gsum, bool transposed) {
   const int64_t G = K / g;
   // within each 128-bit lane, the 8 even bytes then the 8 odd ones
   const __m256i evens_first = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
@@ -318,6 +321,16 @@ static void groups_to_int8(const float* x, int64_t M, int64_t K, int64_t g, int6
             _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
             _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         const __m256i eo = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(b, evens_first), 0xD8);
+        if (transposed) {  // int32 lane gi % 16 of block gi / 16's registers k / 8 .. k / 8 + 3 (int4_dots512t)
+          alignas(32) int32_t d[8];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(d), eo);
+          int8_t* c = out + gi / 16 * 16 * g + k / 8 * 128 + gi % 16 * 4;
+          for (int i = 0; i < 4; ++i) {
+            std::memcpy(c + 128 * i, d + i, 4);
+            std::memcpy(c + 128 * i + 64, d + 4 + i, 4);
+          }
+          continue;
+        }
         int8_t* c = out + (gi * g + k) / 128 * 128 + (gi * g + k) % 128 / 2;
         _mm_storeu_si128(reinterpret_cast<__m128i*>(c), _mm256_castsi256_si128(eo));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(c + 64), _mm256_extracti128_si256(eo, 1));
@@ -381,23 +394,17 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
   for (int r = 0; r < R; ++r) out[r] = hsum(f[r]);
 }
 
-// The same with 512-bit registers, 64 bytes (128 columns) a step: the high and low nibbles of the step's bytes as two
-// vectors of 64 unsigned bytes, against the 64 even and the 64 odd columns' codes, in one instruction each with VNNI
-// (vpdpbusd, Intel's intrinsics guide _mm512_dpbusd_epi32: 64 products where the int16 activations of gptlab before
-// took two vpdpwssd for 32 each), else vpmaddubsw + vpmaddwd + vpaddd; W weight rows at a time sharing each
-// activation load, the weights ahead prefetched as in int8's loop. int32 lane L of a step sums its bytes 4L to 4L + 3,
-// so a step of groups of 32 columns (16 bytes) holds 4 groups, one per 128-bit lane, of 64 two, one per half, of 128
-// one; each step's int32 sums go to fp32 scaled by a vector of their groups' scales (a permute of the 16 groups'
-// weight scale x activation scale). Larger groups (a multiple of 64 bytes) sum their steps first. The last step of
-// a row may be short (a masked load: the bytes past the row are zero; so are the activation codes past its end).
-// Against 32-byte steps (a broadcast, a variable shift and a mask per 32 bytes, one fp32 flush per group), on an AMD
-// EPYC Zen 4 (512-bit operations issue as two 256-bit halves there), one thread, GPT-2- and SmolLM2-shaped
-// matrices from L2: 1.03-1.22x as fast in groups of 64, 1.2-1.5x in groups of 32. Other group sizes take the
-// 256-bit loop. Per 16 groups, their offsets times the activation rows' group sums go into the same fp32 lanes (as
-// in int4_dots; on that EPYC the code around the loop, mostly a pass of its own per weight row for them, had held
-// 11 % of a profile of GPT-2's int4 products). One int32 chain per (weight row, activation row) and step: exact in
-// any order, so a row's result does not depend on the block.
-#define GPTLAB_INT4_STEP(DOT, J, LOAD)                                                                             \
+// The same with 512-bit registers, 64 bytes (128 columns) a step, for groups of a multiple of 128 columns (whole
+// steps a group; smaller groups take int4_dots512t and int4_dots512r below): the high and low nibbles of the step's
+// bytes as two vectors of 64 unsigned bytes, against the 64 even and the 64 odd columns' codes, in one instruction
+// each with VNNI (vpdpbusd, Intel's intrinsics guide _mm512_dpbusd_epi32: 64 products where the int16 activations of
+// gptlab before took two vpdpwssd for 32 each), else vpmaddubsw + vpmaddwd + vpaddd; W weight rows at a time sharing
+// each activation load, the weights ahead prefetched as in int8's loop. A group's steps sum in int32, then go to
+// fp32 scaled by the group's weight scale x activation scale (a permute of the 16 groups' products broadcasts it).
+// Per 16 groups, their offsets times the activation rows' group sums go into the same fp32 lanes (as in int4_dots).
+// One int32 chain per (weight row, activation row) and group: exact in any order, so a row's result does not
+// depend on the block.
+#define GPTLAB_INT4_STEP(DOT, J)                                                                                   \
   do {                                                                                                             \
     __m512i xe_[R], xo_[R];                                                                                        \
     for (int r = 0; r < R; ++r) {                                                                                  \
@@ -407,12 +414,12 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
     }                                                                                                              \
     for (int v = 0; v < W; ++v) {                                                                                  \
       prefetch_weights(w + v * H + (J) + pd, l2);                                                                  \
-      const __m512i b_ = LOAD(w + v * H + (J));                                                                    \
+      const __m512i b_ = _mm512_loadu_si512(w + v * H + (J));                                                      \
       const __m512i hi_ = _mm512_and_si512(_mm512_srli_epi16(b_, 4), low4), lo_ = _mm512_and_si512(b_, low4);      \
       for (int r = 0; r < R; ++r) a[v * R + r] = DOT(DOT(a[v * R + r], hi_, xe_[r]), lo_, xo_[r]);                 \
     }                                                                                                              \
   } while (0)
-/* the int32 sums to fp32, lane L scaled by entry GIDX[L] of its pair's 16 scales */
+/* the int32 sums to fp32, scaled by entry GIDX of the (weight row, activation row) pair's 16 scales */
 #define GPTLAB_INT4_FLUSH(GIDX)                                                                                    \
   do {                                                                                                             \
     for (int i = 0; i < W * R; ++i) {                                                                              \
@@ -420,8 +427,6 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
       a[i] = _mm512_setzero_si512();                                                                               \
     }                                                                                                              \
   } while (0)
-#define GPTLAB_INT4_LOAD(p) _mm512_loadu_si512(p)
-#define GPTLAB_INT4_MASKED(p) _mm512_maskz_loadu_epi8(tail, p)
 #define GPTLAB_INT4_DOTS512(NAME, TARGET, DOT)                                                                     \
   template <int R, int W>                                                                                          \
   __attribute__((target(TARGET))) static void NAME(const uint8_t* w, const int8_t* x, int64_t KP, int64_t H,       \
@@ -431,10 +436,6 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
     const __m512i low4 = _mm512_set1_epi8(15);                                                                     \
     const bool l2 = prefetch_l2.load(std::memory_order_relaxed);                                                   \
     const int64_t pd = std::max<int64_t>(prefetch_bytes(l2), W * H);                                               \
-    /* the group of int32 lane L of a step, counted from the step's first: 4L / gb (groups of up to 64 bytes) */   \
-    const __m512i lane_group = _mm512_srlv_epi32(                                                                  \
-        _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60),                            \
-        _mm512_set1_epi32(gb == 16 ? 4 : gb == 32 ? 5 : 6));                                                       \
     __m512 f[W * R], sc[W * R]; /* sc: 16 groups' weight scale x activation scale, per (v, r) */                   \
     __m512i a[W * R];                                                                                              \
     for (int i = 0; i < W * R; ++i) f[i] = _mm512_setzero_ps();                                                    \
@@ -451,23 +452,9 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
           f[v * R + r] = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(m, gsum + r * GP + g0), f[v * R + r]);         \
         }                                                                                                          \
       }                                                                                                            \
-      const int64_t j0 = g0 * gb, j1 = g1 * gb; /* this block of groups' bytes in each row */                      \
-      if (gb <= 64) { /* steps of 64 / gb whole groups; the row's last step may be short */                        \
-        const int64_t full = j0 + (j1 - j0) / 64 * 64;                                                             \
-        _Pragma("GCC unroll 4") for (int64_t j = j0; j < full; j += 64) {                                          \
-          GPTLAB_INT4_STEP(DOT, j, GPTLAB_INT4_LOAD);                                                              \
-          GPTLAB_INT4_FLUSH(_mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int>((j - j0) / gb))));     \
-        }                                                                                                          \
-        if (full < j1) {                                                                                           \
-          const __mmask64 tail = (~0ull) >> (64 - (j1 - full));                                                    \
-          GPTLAB_INT4_STEP(DOT, full, GPTLAB_INT4_MASKED);                                                         \
-          GPTLAB_INT4_FLUSH(_mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int>((full - j0) / gb))));  \
-        }                                                                                                          \
-      } else { /* gb a multiple of 64: whole steps a group */                                                      \
-        for (int64_t gi = g0; gi < g1; ++gi) {                                                                     \
-          for (int64_t j = gi * gb; j < (gi + 1) * gb; j += 64) GPTLAB_INT4_STEP(DOT, j, GPTLAB_INT4_LOAD);        \
-          GPTLAB_INT4_FLUSH(_mm512_set1_epi32(static_cast<int>(gi - g0)));                                         \
-        }                                                                                                          \
+      for (int64_t gi = g0; gi < g1; ++gi) { /* whole steps a group */                                             \
+        for (int64_t j = gi * gb; j < (gi + 1) * gb; j += 64) GPTLAB_INT4_STEP(DOT, j);                            \
+        GPTLAB_INT4_FLUSH(_mm512_set1_epi32(static_cast<int>(gi - g0)));                                           \
       }                                                                                                            \
     }                                                                                                              \
     for (int i = 0; i < W * R; ++i) out[i] = _mm512_reduce_add_ps(f[i]);                                           \
@@ -478,18 +465,201 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
 GPTLAB_INT4_DOTS512(int4_dots512, "avx512f,avx512bw", GPTLAB_MADDUBS_ADD)
 GPTLAB_INT4_DOTS512(int4_dots512_vnni, "avx512f,avx512bw,avx512vnni", _mm512_dpbusd_epi32)
 
-// Whether the 512-bit int4 loops take groups of gb bytes: 4 or 2 groups a 64-byte step, or whole steps a group.
-static bool int4_wide_groups(int64_t gb) { return gb == 16 || gb == 32 || gb % 64 == 0; }
+// Groups of 32 and 64 columns (16 and 32 bytes; GGUF's q4_0 and gptlab's default): per 16 groups, D = gb / 4
+// vectors of 64 bytes of a weight row are transposed in registers so that int32 lane L of vector s holds bytes
+// 4s..4s+3 of group L, log2(D) stages of D two-source dword permutes (vpermt2d) whose indices Int4Transpose works
+// out once by following each dword. Each lane then sums one group over the block's D vectors (with the activations
+// laid out to match, groups_to_int8), and the 16 groups' int32 sums go to fp32 once, scaled by their scales in lane
+// order: where the loop above, whose lanes change group every 64 bytes, converts, permutes the scales and adds per
+// 64 bytes and activation row. The permutes are per weight row and shared by the activation rows: GPT-2's int4
+// products (g64) for 8 rows, AMD EPYC Zen 4, 2 threads, both loops alternating in one process: 16.1 -> 12.1 ms and
+// 13.3 -> 11.3 in two runs (g32: 13.7 -> 10.1).
+struct Int4Transpose {
+  alignas(64) int32_t idx[3][8][16];  // stage, output vector: the 16 source lanes (0-15 the first, 16-31 the second)
+};
+
+static Int4Transpose int4_transpose(int gb) {
+  const int D = gb / 4, stages = D == 8 ? 3 : 2;
+  Int4Transpose t{};
+  int cur[8][16], nxt[8][16];  // group * 16 + dword of each vector's lanes: at first memory order
+  for (int v = 0; v < D; ++v)
+    for (int l = 0; l < 16; ++l) cur[v][l] = (64 * v + 4 * l) / gb * 16 + (64 * v + 4 * l) % gb / 4;
+  for (int st = 0; st < stages; ++st) {
+    // output vector v takes the dwords of vectors v and v ^ (1 << st) whose index has bit st of v (so after the
+    // last stage vector s holds dword s of every group), in lane order of their group at the last stage
+    for (int v = 0; v < D; ++v) {
+      const int a = v & ~(1 << st), b = a | (1 << st);
+      int n = 0;
+      for (int i = 0; i < 32; ++i) {
+        const int e = i < 16 ? cur[a][i] : cur[b][i - 16];
+        if ((e % 16 >> st & 1) == (v >> st & 1)) {
+          TORCH_CHECK(n < 16, "int4_transpose");
+          t.idx[st][v][n] = i;
+          nxt[v][n++] = e;
+        }
+      }
+      TORCH_CHECK(n == 16, "int4_transpose");
+      if (st == stages - 1) {  // lane L: group L
+        int order[16], seen = 0;
+        for (int l = 0; l < 16; ++l) order[nxt[v][l] / 16] = t.idx[st][v][l], seen |= 1 << nxt[v][l] / 16;
+        TORCH_CHECK(seen == 0xFFFF, "int4_transpose");
+        for (int l = 0; l < 16; ++l) t.idx[st][v][l] = order[l], nxt[v][l] = l * 16 + v;
+      }
+    }
+    std::memcpy(cur, nxt, sizeof cur);
+  }
+  return t;
+}
+static const Int4Transpose int4_transpose16 = int4_transpose(16), int4_transpose32 = int4_transpose(32);
+
+#define GPTLAB_INT4_DOTS512T(NAME, TARGET, DOT)                                                                    \
+  template <int R, int W, int D>                                                                                   \
+  __attribute__((target(TARGET))) static void NAME(const uint8_t* w, const int8_t* x, int64_t KP, int64_t H,       \
+                                                   int64_t G, const uint16_t* scale, const uint16_t* zero,         \
+                                                   const float* xs, const float* gsum, int64_t GP, float* out) {   \
+    constexpr int64_t gb = 4 * D;                                                                                  \
+    constexpr int stages = D == 8 ? 3 : 2;                                                                         \
+    const Int4Transpose& tp = D == 8 ? int4_transpose32 : int4_transpose16;                                        \
+    const __m512i low4 = _mm512_set1_epi8(15);                                                                     \
+    const bool l2 = prefetch_l2.load(std::memory_order_relaxed);                                                   \
+    const int64_t pd = std::max<int64_t>(prefetch_bytes(l2), W * H);                                               \
+    __m512 f[W * R], sc[W * R];                                                                                    \
+    for (int i = 0; i < W * R; ++i) f[i] = _mm512_setzero_ps();                                                    \
+    for (int64_t g0 = 0; g0 < G; g0 += 16) {                                                                       \
+      const int64_t g1 = std::min<int64_t>(G, g0 + 16), nb = (g1 - g0) * gb;                                      \
+      const __mmask16 m = static_cast<__mmask16>((1u << (g1 - g0)) - 1);                                          \
+      for (int v = 0; v < W; ++v) {                                                                                \
+        const __m512 sw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, scale + v * G + g0))); \
+        const __m512 zw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, zero + v * G + g0)));  \
+        const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sw, zw); /* the groups' offsets, zero past G */   \
+        for (int r = 0; r < R; ++r) {                                                                              \
+          sc[v * R + r] = _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(m, xs + r * G + g0));                            \
+          f[v * R + r] = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(m, gsum + r * GP + g0), f[v * R + r]);         \
+        }                                                                                                          \
+      }                                                                                                            \
+      const int8_t* xb = x + g0 * 2 * gb; /* the block's activation codes in the first row */                     \
+      for (int v = 0; v < W; ++v) {                                                                                \
+        const uint8_t* p = w + v * H + g0 * gb;                                                                    \
+        __m512i t[D], u[D];                                                                                        \
+        for (int k = 0; k < D; ++k) {                                                                              \
+          prefetch_weights(p + 64 * k + pd, l2);                                                                   \
+          const int64_t left = nb - 64 * k; /* a short block: its last vectors masked, zero past the row */       \
+          t[k] = left >= 64 ? _mm512_loadu_si512(p + 64 * k)                                                       \
+                 : left > 0 ? _mm512_maskz_loadu_epi8(~0ull >> (64 - left), p + 64 * k)                            \
+                            : _mm512_setzero_si512();                                                              \
+        }                                                                                                          \
+        for (int st = 0; st < stages; ++st) {                                                                      \
+          for (int k = 0; k < D; ++k) {                                                                            \
+            const int a = k & ~(1 << st);                                                                          \
+            u[k] = _mm512_permutex2var_epi32(t[a], _mm512_load_si512(tp.idx[st][k]), t[a | (1 << st)]);            \
+          }                                                                                                        \
+          for (int k = 0; k < D; ++k) t[k] = u[k];                                                                 \
+        }                                                                                                          \
+        __m512i a[R];                                                                                              \
+        for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_si512();                                                 \
+        for (int k = 0; k < D; ++k) {                                                                              \
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(t[k], 4), low4), lo = _mm512_and_si512(t[k], low4); \
+          for (int r = 0; r < R; ++r)                                                                              \
+            a[r] = DOT(DOT(a[r], hi, _mm512_loadu_si512(xb + r * KP + 128 * k)), lo,                               \
+                       _mm512_loadu_si512(xb + r * KP + 128 * k + 64));                                            \
+        }                                                                                                          \
+        for (int r = 0; r < R; ++r)                                                                                \
+          f[v * R + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r]), sc[v * R + r], f[v * R + r]);                   \
+      }                                                                                                            \
+    }                                                                                                              \
+    for (int i = 0; i < W * R; ++i) out[i] = _mm512_reduce_add_ps(f[i]);                                           \
+  }
+GPTLAB_INT4_DOTS512T(int4_dots512t, "avx512f,avx512bw", GPTLAB_MADDUBS_ADD)
+GPTLAB_INT4_DOTS512T(int4_dots512t_vnni, "avx512f,avx512bw,avx512vnni", _mm512_dpbusd_epi32)
+
+// One activation row (a decode step of one sequence; the weights read in memory order, the activations in the
+// layout of int4_dots512 above, shared by the W weight rows): no transposes; instead each 64-byte step's int32 sums
+// (lane L: bytes 4L..4L+3, 16 / D lanes a group) stay apart, and pairs of steps fold into one vector of the sums of
+// adjacent lanes (two permutes and an add) until lane L holds group L's sum over the 16 groups' D steps: the same
+// integers as int4_dots512t's (int32 sums are exact in any order), the same fp32 arithmetic after them, so a row
+// gets the same bits alone as in a batch (tests/test_quant.py). Per 64 bytes about the operations of the loop with
+// a flush per step that it replaced: GPT-2's products for one row, AMD EPYC Zen 4, 1 and 2 threads, g32 and g64,
+// within 4 % of it either way.
+#define GPTLAB_INT4_DOTS512R(NAME, TARGET, DOT)                                                                    \
+  template <int W, int D>                                                                                          \
+  __attribute__((target(TARGET))) static void NAME(const uint8_t* w, const int8_t* x, int64_t H, int64_t G,        \
+                                                   const uint16_t* scale, const uint16_t* zero, const float* xs,   \
+                                                   const float* gsum, float* out) {                                \
+    constexpr int64_t gb = 4 * D;                                                                                  \
+    constexpr int levels = D == 8 ? 3 : 2;                                                                         \
+    const __m512i low4 = _mm512_set1_epi8(15);                                                                     \
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);             \
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);              \
+    const bool l2 = prefetch_l2.load(std::memory_order_relaxed);                                                   \
+    const int64_t pd = std::max<int64_t>(prefetch_bytes(l2), W * H);                                               \
+    __m512 f[W], sc[W];                                                                                            \
+    for (int v = 0; v < W; ++v) f[v] = _mm512_setzero_ps();                                                        \
+    for (int64_t g0 = 0; g0 < G; g0 += 16) {                                                                       \
+      const int64_t g1 = std::min<int64_t>(G, g0 + 16), nb = (g1 - g0) * gb;                                      \
+      const __mmask16 m = static_cast<__mmask16>((1u << (g1 - g0)) - 1);                                          \
+      for (int v = 0; v < W; ++v) {                                                                                \
+        const __m512 sw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, scale + v * G + g0))); \
+        const __m512 zw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, zero + v * G + g0)));  \
+        sc[v] = _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(m, xs + g0));                                              \
+        f[v] = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.f), sw, zw), _mm512_maskz_loadu_ps(m, gsum + g0),  \
+                               f[v]);                                                                              \
+      }                                                                                                            \
+      __m512i lvl[W][levels];                                                                                      \
+      _Pragma("GCC unroll 8") for (int st = 0; st < D; ++st) {                                                     \
+        const int64_t j = g0 * gb + 64 * st, left = nb - 64 * st;                                                  \
+        __m512i xe = _mm512_setzero_si512(), xo = xe;                                                              \
+        if (left > 0) {                                                                                            \
+          xe = _mm512_loadu_si512(x + 2 * j);                                                                      \
+          xo = _mm512_loadu_si512(x + 2 * j + 64);                                                                 \
+        }                                                                                                          \
+        _Pragma("GCC unroll 4") for (int v = 0; v < W; ++v) {                                                     \
+          __m512i acc = _mm512_setzero_si512();                                                                    \
+          if (left > 0) { /* a short block: its last step masked, the steps past the row zero */                   \
+            prefetch_weights(w + v * H + j + pd, l2);                                                              \
+            const __m512i b = left >= 64 ? _mm512_loadu_si512(w + v * H + j)                                       \
+                                         : _mm512_maskz_loadu_epi8(~0ull >> (64 - left), w + v * H + j);           \
+            acc = DOT(DOT(acc, _mm512_and_si512(_mm512_srli_epi16(b, 4), low4), xe), _mm512_and_si512(b, low4), xo); \
+          }                                                                                                        \
+          _Pragma("GCC unroll 3") for (int l = 0; l < levels; ++l) { /* fold: step st closes level l when bit l  \
+                                                                         of st is set */                           \
+            if (!(st >> l & 1)) {                                                                                  \
+              lvl[v][l] = acc;                                                                                     \
+              break;                                                                                               \
+            }                                                                                                      \
+            acc = _mm512_add_epi32(_mm512_permutex2var_epi32(lvl[v][l], even, acc),                                \
+                                   _mm512_permutex2var_epi32(lvl[v][l], odd, acc));                                \
+          }                                                                                                        \
+          if (st == D - 1) f[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sc[v], f[v]);                           \
+        }                                                                                                          \
+      }                                                                                                            \
+    }                                                                                                              \
+    for (int v = 0; v < W; ++v) out[v] = _mm512_reduce_add_ps(f[v]);                                               \
+  }
+GPTLAB_INT4_DOTS512R(int4_dots512r, "avx512f,avx512bw", GPTLAB_MADDUBS_ADD)
+GPTLAB_INT4_DOTS512R(int4_dots512r_vnni, "avx512f,avx512bw,avx512vnni", _mm512_dpbusd_epi32)
+
+// Whether the 512-bit int4 loops take groups of gb bytes: 16 or 32 (int4_dots512t for several activation rows,
+// int4_dots512r for one), or whole 64-byte steps a group (int4_dots512); others take the 256-bit loop.
+static bool int4_small_groups(int64_t gb) { return gb == 16 || gb == 32; }
+static bool int4_wide_groups(int64_t gb) { return int4_small_groups(gb) || gb % 64 == 0; }
 
 // One int4 block: W weight rows (their scales G apart) against R activation rows, out[v * R + r]. The 256-bit loop
 // takes one weight row at a time.
 template <int R, int W>
-static void int4_block(Isa isa, const uint8_t* w, const int8_t* x, int64_t KP, int64_t H, int64_t G, int64_t gb,
-                       const uint16_t* scale, const uint16_t* zero, const float* xs, const float* gsum, int64_t GP,
-                       float* out) {
-  const bool wide = int4_wide_groups(gb);
-  if (isa == kVnni && wide) int4_dots512_vnni<R, W>(w, x, KP, H, G, gb, scale, zero, xs, gsum, GP, out);
-  else if (isa == kAvx512 && wide) int4_dots512<R, W>(w, x, KP, H, G, gb, scale, zero, xs, gsum, GP, out);
+static void int4_block(Isa isa, bool transposed, const uint8_t* w, const int8_t* x, int64_t KP, int64_t H, int64_t G,
+                       int64_t gb, const uint16_t* scale, const uint16_t* zero, const float* xs, const float* gsum,
+                       int64_t GP, float* out) {
+  const bool vnni = isa == kVnni, avx512 = isa == kAvx512;
+  if (transposed && vnni && gb == 16) int4_dots512t_vnni<R, W, 4>(w, x, KP, H, G, scale, zero, xs, gsum, GP, out);
+  else if (transposed && vnni) int4_dots512t_vnni<R, W, 8>(w, x, KP, H, G, scale, zero, xs, gsum, GP, out);
+  else if (transposed && gb == 16) int4_dots512t<R, W, 4>(w, x, KP, H, G, scale, zero, xs, gsum, GP, out);
+  else if (transposed) int4_dots512t<R, W, 8>(w, x, KP, H, G, scale, zero, xs, gsum, GP, out);
+  else if (R == 1 && vnni && gb == 16) int4_dots512r_vnni<W, 4>(w, x, H, G, scale, zero, xs, gsum, out);
+  else if (R == 1 && vnni && gb == 32) int4_dots512r_vnni<W, 8>(w, x, H, G, scale, zero, xs, gsum, out);
+  else if (R == 1 && avx512 && gb == 16) int4_dots512r<W, 4>(w, x, H, G, scale, zero, xs, gsum, out);
+  else if (R == 1 && avx512 && gb == 32) int4_dots512r<W, 8>(w, x, H, G, scale, zero, xs, gsum, out);
+  else if (isa == kVnni && gb % 64 == 0) int4_dots512_vnni<R, W>(w, x, KP, H, G, gb, scale, zero, xs, gsum, GP, out);
+  else if (isa == kAvx512 && gb % 64 == 0) int4_dots512<R, W>(w, x, KP, H, G, gb, scale, zero, xs, gsum, GP, out);
   else if constexpr (W == 1) int4_dots<R>(w, x, KP, G, gb, scale, zero, xs, gsum, GP, out);
 }
 
@@ -511,16 +681,17 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   auto xc = x.contiguous(); auto wc = w.contiguous(); auto sc = scales.contiguous(); auto zc = zeros.contiguous();
   const int64_t M = xc.size(0), H = K / 2;
   auto out = at::empty({M, N}, xc.options());
-  const int64_t KP = (K + 127) / 128 * 128;
+  const int64_t gb = g / 2;  // bytes per group
+  const Isa isa = cpu_isa();
+  const bool transposed = isa != kAvx2 && int4_small_groups(gb) && M > 1;  // int4_dots512t's layout
+  const int64_t KP = transposed ? (G + 15) / 16 * 16 * g : (K + 127) / 128 * 128;
   std::vector<int8_t> xq(M * KP); std::vector<float> xs(M * G), gsum(M * groups_padded(G), 0.f);
   const float* xp = xc.data_ptr<float>();
-  groups_to_int8(xp, M, K, g, KP, xq.data(), xs.data(), gsum.data());
+  groups_to_int8(xp, M, K, g, KP, xq.data(), xs.data(), gsum.data(), transposed);
   const uint8_t* wp = wc.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
   const uint16_t* zp = reinterpret_cast<const uint16_t*>(zc.data_ptr<at::Half>());
   float* outp = out.data_ptr<float>();
-  const int64_t gb = g / 2;  // bytes per group
-  const Isa isa = cpu_isa();
   // weight rows per block: int4_single_row_block for one activation row; one for more (with int16 activations one
   // was 1.1x two for GPT-2 at 8 rows on an AMD EPYC Zen 5; with int8 codes, 8 activation rows a block were no faster
   // than two blocks of 4 on an AMX Xeon), and where the group size takes the 256-bit loop
@@ -540,7 +711,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
         const float* sr = xs.data() + m0 * G;
         const float* gr = gsum.data() + m0 * GP;
         quant_block(BW, ws, R, [&](auto r, auto v) {
-          int4_block<r, v>(isa, row, xr, KP, H, G, gb, sn, zn, sr, gr, GP, d);
+          int4_block<r, v>(isa, transposed, row, xr, KP, H, G, gb, sn, zn, sr, gr, GP, d);
         });
         for (int64_t v = 0; v < ws; ++v)
           for (int64_t r = 0; r < R; ++r) outp[(m0 + r) * N + n + v] = d[v * R + r];
