@@ -404,6 +404,25 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
 // Per 16 groups, their offsets times the activation rows' group sums go into the same fp32 lanes (as in int4_dots).
 // One int32 chain per (weight row, activation row) and group: exact in any order, so a row's result does not
 // depend on the block.
+// Per 16 groups g0.. of W weight rows (their scales G apart) and R activation rows (the lanes past G zero): sc[v * R
+// + r], each group's weight scale x activation scale; and each group's offset (zero - 8 scale, in fp32 from the fp16
+// scale and zero as dequantize_int4 computes it) times the activation row's group sum (rows GP apart) into f[v * R
+// + r], the fp32 lanes of the 512-bit int4 loops below.
+template <int R, int W>
+__attribute__((target("avx512f,avx512bw"), always_inline)) static inline void int4_scales(
+    const uint16_t* scale, const uint16_t* zero, int64_t G, int64_t g0, __mmask16 m, const float* xs,
+    const float* gsum, int64_t GP, __m512* sc, __m512* f) {
+  for (int v = 0; v < W; ++v) {
+    const __m512 sw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, scale + v * G + g0)));
+    const __m512 zw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, zero + v * G + g0)));
+    const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sw, zw);
+    for (int r = 0; r < R; ++r) {
+      sc[v * R + r] = _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(m, xs + r * G + g0));
+      f[v * R + r] = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(m, gsum + r * GP + g0), f[v * R + r]);
+    }
+  }
+}
+
 #define GPTLAB_INT4_STEP(DOT, J)                                                                                   \
   do {                                                                                                             \
     __m512i xe_[R], xo_[R];                                                                                        \
@@ -443,15 +462,7 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
     for (int64_t g0 = 0; g0 < G; g0 += 16) {                                                                       \
       const int64_t g1 = std::min<int64_t>(G, g0 + 16);                                                            \
       const __mmask16 m = static_cast<__mmask16>((1u << (g1 - g0)) - 1);                                          \
-      for (int v = 0; v < W; ++v) {                                                                                \
-        const __m512 sw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, scale + v * G + g0))); \
-        const __m512 zw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, zero + v * G + g0)));  \
-        const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sw, zw); /* the groups' offsets, zero past G */   \
-        for (int r = 0; r < R; ++r) {                                                                              \
-          sc[v * R + r] = _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(m, xs + r * G + g0));                            \
-          f[v * R + r] = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(m, gsum + r * GP + g0), f[v * R + r]);         \
-        }                                                                                                          \
-      }                                                                                                            \
+      int4_scales<R, W>(scale, zero, G, g0, m, xs, gsum, GP, sc, f);                                              \
       for (int64_t gi = g0; gi < g1; ++gi) { /* whole steps a group */                                             \
         for (int64_t j = gi * gb; j < (gi + 1) * gb; j += 64) GPTLAB_INT4_STEP(DOT, j);                            \
         GPTLAB_INT4_FLUSH(_mm512_set1_epi32(static_cast<int>(gi - g0)));                                           \
@@ -528,15 +539,7 @@ static const Int4Transpose int4_transpose16 = int4_transpose(16), int4_transpose
     for (int64_t g0 = 0; g0 < G; g0 += 16) {                                                                       \
       const int64_t g1 = std::min<int64_t>(G, g0 + 16), nb = (g1 - g0) * gb;                                      \
       const __mmask16 m = static_cast<__mmask16>((1u << (g1 - g0)) - 1);                                          \
-      for (int v = 0; v < W; ++v) {                                                                                \
-        const __m512 sw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, scale + v * G + g0))); \
-        const __m512 zw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, zero + v * G + g0)));  \
-        const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sw, zw); /* the groups' offsets, zero past G */   \
-        for (int r = 0; r < R; ++r) {                                                                              \
-          sc[v * R + r] = _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(m, xs + r * G + g0));                            \
-          f[v * R + r] = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(m, gsum + r * GP + g0), f[v * R + r]);         \
-        }                                                                                                          \
-      }                                                                                                            \
+      int4_scales<R, W>(scale, zero, G, g0, m, xs, gsum, GP, sc, f);                                              \
       const int8_t* xb = x + g0 * 2 * gb; /* the block's activation codes in the first row */                     \
       for (int v = 0; v < W; ++v) {                                                                                \
         const uint8_t* p = w + v * H + g0 * gb;                                                                    \
@@ -597,13 +600,7 @@ GPTLAB_INT4_DOTS512T(int4_dots512t_vnni, "avx512f,avx512bw,avx512vnni", _mm512_d
     for (int64_t g0 = 0; g0 < G; g0 += 16) {                                                                       \
       const int64_t g1 = std::min<int64_t>(G, g0 + 16), nb = (g1 - g0) * gb;                                      \
       const __mmask16 m = static_cast<__mmask16>((1u << (g1 - g0)) - 1);                                          \
-      for (int v = 0; v < W; ++v) {                                                                                \
-        const __m512 sw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, scale + v * G + g0))); \
-        const __m512 zw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, zero + v * G + g0)));  \
-        sc[v] = _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(m, xs + g0));                                              \
-        f[v] = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.f), sw, zw), _mm512_maskz_loadu_ps(m, gsum + g0),  \
-                               f[v]);                                                                              \
-      }                                                                                                            \
+      int4_scales<1, W>(scale, zero, G, g0, m, xs, gsum, 0, sc, f);                                               \
       __m512i lvl[W][levels];                                                                                      \
       _Pragma("GCC unroll 8") for (int st = 0; st < D; ++st) {                                                     \
         const int64_t j = g0 * gb + 64 * st, left = nb - 64 * st;                                                  \
