@@ -289,8 +289,9 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 // (the order in which a 64-byte step of packed weights yields its high and low nibbles), rows KP = K rounded up to
 // 128 bytes apart (the caller zeroes the padding); or, transposed, for int4_dots512t: per block of 16 groups, D = g /
 // 8 pairs of 64-byte vectors whose int32 lane L holds 4 even (then 4 odd) columns' codes of the block's group L, the
-// columns of bytes 4s..4s+3 of that group's weights in vector pair s; rows KP = G rounded up to 16 groups apart. A row's codes and scales depend on that row alone. Also each
-// group's sum of x itself (8 lanes over its g columns), laid out [M, G rounded up to 8], for the offsets' share.
+// columns of bytes 4s..4s+3 of that group's weights in vector pair s; rows KP = G rounded up to 16 groups apart. A
+// row's codes and scales depend on that row alone. Also each group's sum of x itself (8 lanes over its g columns),
+// laid out [M, G rounded up to 8], for the offsets' share.
 // G groups rounded up to 8: the row length of the group sums (groups_to_int8, int4_dots, int4_dots512)
 static inline int64_t groups_padded(int64_t G) { return (G + 7) / 8 * 8; }
 
@@ -394,16 +395,6 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
   for (int r = 0; r < R; ++r) out[r] = hsum(f[r]);
 }
 
-// The same with 512-bit registers, 64 bytes (128 columns) a step, for groups of a multiple of 128 columns (whole
-// steps a group; smaller groups take int4_dots512t and int4_dots512r below): the high and low nibbles of the step's
-// bytes as two vectors of 64 unsigned bytes, against the 64 even and the 64 odd columns' codes, in one instruction
-// each with VNNI (vpdpbusd, Intel's intrinsics guide _mm512_dpbusd_epi32: 64 products where the int16 activations of
-// gptlab before took two vpdpwssd for 32 each), else vpmaddubsw + vpmaddwd + vpaddd; W weight rows at a time sharing
-// each activation load, the weights ahead prefetched as in int8's loop. A group's steps sum in int32, then go to
-// fp32 scaled by the group's weight scale x activation scale (a permute of the 16 groups' products broadcasts it).
-// Per 16 groups, their offsets times the activation rows' group sums go into the same fp32 lanes (as in int4_dots).
-// One int32 chain per (weight row, activation row) and group: exact in any order, so a row's result does not
-// depend on the block.
 // Per 16 groups g0.. of W weight rows (their scales G apart) and R activation rows (the lanes past G zero): sc[v * R
 // + r], each group's weight scale x activation scale; and each group's offset (zero - 8 scale, in fp32 from the fp16
 // scale and zero as dequantize_int4 computes it) times the activation row's group sum (rows GP apart) into f[v * R
@@ -423,6 +414,16 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void in
   }
 }
 
+// int4_dots with 512-bit registers, 64 bytes (128 columns) a step, for groups of a multiple of 128 columns (whole
+// steps a group; smaller groups take int4_dots512t and int4_dots512r below): the high and low nibbles of the step's
+// bytes as two vectors of 64 unsigned bytes, against the 64 even and the 64 odd columns' codes, in one instruction
+// each with VNNI (vpdpbusd, Intel's intrinsics guide _mm512_dpbusd_epi32: 64 products where the int16 activations of
+// gptlab before took two vpdpwssd for 32 each), else vpmaddubsw + vpmaddwd + vpaddd; W weight rows at a time sharing
+// each activation load, the weights ahead prefetched as in int8's loop. A group's steps sum in int32, then go to
+// fp32 scaled by the group's weight scale x activation scale (a permute of the 16 groups' products broadcasts it).
+// Per 16 groups, their offsets times the activation rows' group sums go into the same fp32 lanes (as in int4_dots).
+// One int32 chain per (weight row, activation row) and group: exact in any order, so a row's result does not
+// depend on the block.
 #define GPTLAB_INT4_STEP(DOT, J)                                                                                   \
   do {                                                                                                             \
     __m512i xe_[R], xo_[R];                                                                                        \
