@@ -522,7 +522,11 @@ static Int4Transpose int4_transpose(int gb) {
   }
   return t;
 }
-static const Int4Transpose int4_transpose16 = int4_transpose(16), int4_transpose32 = int4_transpose(32);
+// built on first use (a failed check is then an error of the call, not of loading the library)
+static const Int4Transpose& int4_transpose_of(int D) {
+  static const Int4Transpose t16 = int4_transpose(16), t32 = int4_transpose(32);
+  return D == 8 ? t32 : t16;
+}
 
 #define GPTLAB_INT4_DOTS512T(NAME, TARGET, DOT)                                                                    \
   template <int R, int W, int D>                                                                                   \
@@ -531,7 +535,7 @@ static const Int4Transpose int4_transpose16 = int4_transpose(16), int4_transpose
                                                    const float* xs, const float* gsum, int64_t GP, float* out) {   \
     constexpr int64_t gb = 4 * D;                                                                                  \
     constexpr int stages = D == 8 ? 3 : 2;                                                                         \
-    const Int4Transpose& tp = D == 8 ? int4_transpose32 : int4_transpose16;                                        \
+    const Int4Transpose& tp = int4_transpose_of(D);                                                                \
     const __m512i low4 = _mm512_set1_epi8(15);                                                                     \
     const bool l2 = prefetch_l2.load(std::memory_order_relaxed);                                                   \
     const int64_t pd = std::max<int64_t>(prefetch_bytes(l2), W * H);                                               \
