@@ -114,6 +114,47 @@ static inline void prefetch_weights(const void* p, bool l2) {
 }
 static inline int64_t prefetch_bytes(bool l2) { return l2 ? 16384 : 8192; }
 
+// The sum of a vector's 16 lanes in one fixed order, written out (the one GCC's _mm512_reduce_add_ps uses; other
+// compilers may sum in other orders): the 512-bit int8, int4 and fp32 loops all sum this way, so a row's result
+// does not depend on which block or loop computed it. hsum512x16 sums 16 accumulators at once in the same order, two
+// at a time per shuffle (30 shuffles and 15 adds where 16 hsum512 take 64 and 64).
+__attribute__((target("avx512f"))) static inline float hsum512(__m512 a) {
+  const __m256 t = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));  // lanes j + j+8, then +4
+  const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));                                  // [q0 + q2, q1 + q3]
+  return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));                              // (q0 + q2) + (q1 + q3)
+}
+
+__attribute__((target("avx512f"))) static inline __m512 hsum512x16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)  // lanes j + j+8 of a[2i] | of a[2i+1]
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // then + 4: 128-bit lane L holds a[4i + L]'s four partial sums
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // [q0 + q2, q1 + q3] of a[8i + L] and of a[8i + 4 + L], interleaved
+    d[i] = _mm512_add_ps(_mm512_unpacklo_ps(c[2 * i], c[2 * i + 1]), _mm512_unpackhi_ps(c[2 * i], c[2 * i + 1]));
+  const __m512 e = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(d[0]), _mm512_castps_pd(d[1]))),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(d[0]), _mm512_castps_pd(d[1]))));
+  // lane 4L + t holds the sum of a[4t + L]: a 4 x 4 transpose puts a[i]'s in lane i
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, e);
+}
+
+// hsum512 of a[0..3] into out[0..3]: the same order, the four trees sharing each shuffle (9 shuffles and 5 adds where
+// four hsum512 take 16 and 16)
+__attribute__((target("avx512f"))) static inline void hsum512x4(const __m512* a, float* out) {
+  const __m512 b0 = _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x44), _mm512_shuffle_f32x4(a[0], a[1], 0xEE));
+  const __m512 b1 = _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], 0x44), _mm512_shuffle_f32x4(a[2], a[3], 0xEE));
+  // then + 4: 128-bit lane L holds a[L]'s four partial sums
+  __m512 c = _mm512_add_ps(_mm512_shuffle_f32x4(b0, b1, 0x88), _mm512_shuffle_f32x4(b0, b1, 0xDD));
+  c = _mm512_add_ps(c, _mm512_shuffle_ps(c, c, _MM_SHUFFLE(1, 0, 3, 2)));  // [q0 + q2, q1 + q3]
+  c = _mm512_add_ps(c, _mm512_shuffle_ps(c, c, _MM_SHUFFLE(2, 3, 0, 1)));  // (q0 + q2) + (q1 + q3)
+  const __m512i first = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(first, c)));
+}
+
 // The same with 512-bit registers (AVX-512BW: every CPU PyTorch calls AVX512 has it), 64 columns at a time, for
 // half the instructions per weight, and W weight rows at a time sharing each activation load (R x 2 loads of
 // activations per step for all W rows; one row alone is bound by its loads, measured); the weights prefetch_bytes
@@ -122,54 +163,62 @@ static inline int64_t prefetch_bytes(bool l2) { return l2 ? 16384 : 8192; }
 // dependent products bounds the loop (1.05x for GPT-2 at one row): each gains at most 4 * 127 * 32767 per step, so
 // the lanes go to fp32 every 2048 columns (32 steps), long before 2^31. Integer sums are exact in any order and the
 // fp32 flushes follow the same 2048 columns whatever W and R are, so a row's result does not depend on the block.
+// A call takes `rows` weight rows, W at a time (the tail one at a time): for one activation row, a thread's whole
+// share (int8_rows); a call per block of 4 rows, each setting up anew, and their 4 reductions apart made one core's
+// products of a 768-column matrix from the cache 1.5x slower on an AMD EPYC Zen 4 (38 against 57 GB/s).
 // Defined twice by a macro: with AVX-512 VNNI, vpdpwssd multiplies the int16 pairs and adds them into the int32
 // lanes in one instruction (Intel's intrinsics guide, _mm512_dpwssd_epi32) where vpmaddwd + vpaddd take two.
 
 #define GPTLAB_INT8_DOTS512(NAME, TARGET, DOT)                                                                     \
   template <int R, int W>                                                                                          \
-  __attribute__((target(TARGET))) static void NAME(const int8_t* w, const int16_t* x, int64_t K, float* out) {    \
+  __attribute__((target(TARGET))) static void NAME(const int8_t* w, const int16_t* x, int64_t K, int64_t rows,     \
+                                                   float* out) {                                                   \
     const bool l2 = prefetch_l2.load(std::memory_order_relaxed);                                                   \
     const int64_t K64 = K / 64 * 64, pd = std::max<int64_t>(prefetch_bytes(l2), W * K);                            \
-    __m512 f[W * R];                                                                                               \
-    constexpr bool kSplit = W * R <= 4; /* two chains per pair: the odd 32 columns in b */                        \
-    __m512i a[W * R], b[kSplit ? W * R : 1];                                                                       \
-    for (int i = 0; i < W * R; ++i) f[i] = _mm512_setzero_ps();                                                    \
-    for (int64_t k0 = 0; k0 < K64; k0 += 2048) {                                                                   \
-      const int64_t k1 = std::min(K64, k0 + 2048);                                                                 \
-      for (int i = 0; i < W * R; ++i) a[i] = _mm512_setzero_si512();                                               \
-      if constexpr (kSplit)                                                                                        \
-        for (int i = 0; i < W * R; ++i) b[i] = _mm512_setzero_si512();                                             \
-      for (int64_t k = k0; k < k1; k += 64) {                                                                      \
-        __m512i x0[R], x1[R];                                                                                      \
-        for (int r = 0; r < R; ++r) {                                                                              \
-          x0[r] = _mm512_loadu_si512(x + r * K + k);                                                               \
-          x1[r] = _mm512_loadu_si512(x + r * K + k + 32);                                                          \
-          asm("" : "+v"(x0[r]), "+v"(x1[r])); /* loaded once for the W rows, not folded into each product */      \
-        }                                                                                                          \
-        for (int v = 0; v < W; ++v) {                                                                              \
-          prefetch_weights(w + v * K + k + pd, l2);                                                                \
-          const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * K + k))); \
-          const __m512i w1 =                                                                                       \
-              _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * K + k + 32)));      \
+    constexpr bool kSplit = W * R <= 4; /* two chains per pair: the odd 32 columns in b */                         \
+    for (int64_t n = 0; n + W <= rows; n += W, w += W * K, out += W * R) {                                         \
+      __m512 f[W * R];                                                                                             \
+      __m512i a[W * R], b[kSplit ? W * R : 1];                                                                     \
+      for (int i = 0; i < W * R; ++i) f[i] = _mm512_setzero_ps();                                                  \
+      for (int64_t k0 = 0; k0 < K64; k0 += 2048) {                                                                 \
+        const int64_t k1 = std::min(K64, k0 + 2048);                                                               \
+        for (int i = 0; i < W * R; ++i) a[i] = _mm512_setzero_si512();                                             \
+        if constexpr (kSplit)                                                                                      \
+          for (int i = 0; i < W * R; ++i) b[i] = _mm512_setzero_si512();                                           \
+        for (int64_t k = k0; k < k1; k += 64) {                                                                    \
+          __m512i x0[R], x1[R];                                                                                    \
           for (int r = 0; r < R; ++r) {                                                                            \
-            a[v * R + r] = DOT(a[v * R + r], w0, x0[r]);                                                           \
-            if constexpr (kSplit) b[v * R + r] = DOT(b[v * R + r], w1, x1[r]);                                     \
-            else a[v * R + r] = DOT(a[v * R + r], w1, x1[r]);                                                      \
+            x0[r] = _mm512_loadu_si512(x + r * K + k);                                                             \
+            x1[r] = _mm512_loadu_si512(x + r * K + k + 32);                                                        \
+            asm("" : "+v"(x0[r]), "+v"(x1[r])); /* loaded once for the W rows, not folded into each product */     \
+          }                                                                                                        \
+          for (int v = 0; v < W; ++v) {                                                                            \
+            prefetch_weights(w + v * K + k + pd, l2);                                                              \
+            const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * K + k))); \
+            const __m512i w1 =                                                                                     \
+                _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + v * K + k + 32)));    \
+            for (int r = 0; r < R; ++r) {                                                                          \
+              a[v * R + r] = DOT(a[v * R + r], w0, x0[r]);                                                         \
+              if constexpr (kSplit) b[v * R + r] = DOT(b[v * R + r], w1, x1[r]);                                   \
+              else a[v * R + r] = DOT(a[v * R + r], w1, x1[r]);                                                    \
+            }                                                                                                      \
           }                                                                                                        \
         }                                                                                                          \
+        for (int i = 0; i < W * R; ++i) {                                                                          \
+          if constexpr (kSplit) a[i] = _mm512_add_epi32(a[i], b[i]);                                               \
+          f[i] = _mm512_add_ps(f[i], _mm512_cvtepi32_ps(a[i]));                                                    \
+        }                                                                                                          \
       }                                                                                                            \
-      for (int i = 0; i < W * R; ++i) {                                                                            \
-        if constexpr (kSplit) a[i] = _mm512_add_epi32(a[i], b[i]);                                                 \
-        f[i] = _mm512_add_ps(f[i], _mm512_cvtepi32_ps(a[i]));                                                      \
-      }                                                                                                            \
+      if constexpr (R == 1 && W == 4) hsum512x4(f, out);                                                           \
+      else                                                                                                         \
+        for (int i = 0; i < W * R; ++i) out[i] = hsum512(f[i]);                                                    \
+      for (int v = 0; v < W; ++v)                                                                                  \
+        for (int r = 0; r < R; ++r)                                                                                \
+          for (int64_t j = K64; j < K; ++j)                                                                        \
+            out[v * R + r] += static_cast<float>(x[r * K + j]) * static_cast<float>(w[v * K + j]);                 \
     }                                                                                                              \
-    for (int v = 0; v < W; ++v)                                                                                    \
-      for (int r = 0; r < R; ++r) {                                                                                \
-        float sum = _mm512_reduce_add_ps(f[v * R + r]);                                                            \
-        for (int64_t j = K64; j < K; ++j)                                                                          \
-          sum += static_cast<float>(x[r * K + j]) * static_cast<float>(w[v * K + j]);                               \
-        out[v * R + r] = sum;                                                                                      \
-      }                                                                                                            \
+    if constexpr (W > 1)                                                                                           \
+      if (rows % W) NAME<R, 1>(w, x, K, rows % W, out);                                                            \
   }
 
 #define GPTLAB_MADD_ADD(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
@@ -242,9 +291,17 @@ static void quant_block(int64_t bw, int64_t ws, int64_t rows, F&& f) {
 // a time.
 template <int R, int W>
 static void int8_block(Isa isa, const int8_t* w, const int16_t* x, int64_t K, int64_t K32, float* out) {
-  if (isa == kVnni) int8_dots512_vnni<R, W>(w, x, K, out);
-  else if (isa == kAvx512) int8_dots512<R, W>(w, x, K, out);
+  if (isa == kVnni) int8_dots512_vnni<R, W>(w, x, K, W, out);
+  else if (isa == kAvx512) int8_dots512<R, W>(w, x, K, W, out);
   else if constexpr (W == 1) int8_dots<R>(w, x, K, K32, out);
+}
+
+// One activation row against weight rows [0, rows) (a thread's share), bw at a time, with the 512-bit loops.
+static void int8_rows(Isa isa, int64_t bw, const int8_t* w, const int16_t* x, int64_t K, int64_t rows, float* out) {
+  if (bw == 4 && isa == kVnni) int8_dots512_vnni<1, 4>(w, x, K, rows, out);
+  else if (bw == 4) int8_dots512<1, 4>(w, x, K, rows, out);
+  else if (isa == kVnni) int8_dots512_vnni<1, 1>(w, x, K, rows, out);
+  else int8_dots512<1, 1>(w, x, K, rows, out);
 }
 
 // out[m, n] = scales[n] * sum_k x[m, k] * w[n, k]; w int8 [N, K]. Codes widened to int16 (vpmovsxbw) and
@@ -269,6 +326,11 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   // 1 in 256 bits
   const int64_t BW = isa == kAvx2 ? 1 : (M == 1 ? int8_single_row_block.load() : 2);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    if (isa != kAvx2 && M == 1) {  // a thread's rows in one call (as int4_rows)
+      int8_rows(isa, BW, wp + n0 * K, xqp, K, n1 - n0, op + n0);
+      for (int64_t n = n0; n < n1; ++n) op[n] = op[n] * xs[0] * sp[n];
+      return;
+    }
     float d[16];
     for (int64_t n = n0; n < n1; n += BW) {
       const int64_t ws = std::min(BW, n1 - n);
@@ -469,7 +531,7 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void in
         GPTLAB_INT4_FLUSH(_mm512_set1_epi32(static_cast<int>(gi - g0)));                                           \
       }                                                                                                            \
     }                                                                                                              \
-    for (int i = 0; i < W * R; ++i) out[i] = _mm512_reduce_add_ps(f[i]);                                           \
+    for (int i = 0; i < W * R; ++i) out[i] = hsum512(f[i]);                                                        \
   }
 
 #define GPTLAB_MADDUBS_ADD(acc, a, b) \
@@ -575,7 +637,7 @@ static const Int4Transpose& int4_transpose_of(int D) {
           f[v * R + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r]), sc[v * R + r], f[v * R + r]);                   \
       }                                                                                                            \
     }                                                                                                              \
-    for (int i = 0; i < W * R; ++i) out[i] = _mm512_reduce_add_ps(f[i]);                                           \
+    for (int i = 0; i < W * R; ++i) out[i] = hsum512(f[i]);                                                        \
   }
 GPTLAB_INT4_DOTS512T(int4_dots512t, "avx512f,avx512bw", GPTLAB_MADDUBS_ADD)
 GPTLAB_INT4_DOTS512T(int4_dots512t_vnni, "avx512f,avx512bw,avx512vnni", _mm512_dpbusd_epi32)
@@ -587,12 +649,15 @@ GPTLAB_INT4_DOTS512T(int4_dots512t_vnni, "avx512f,avx512bw,avx512vnni", _mm512_d
 // integers as int4_dots512t's (int32 sums are exact in any order), the same fp32 arithmetic after them, so a row
 // gets the same bits alone as in a batch (tests/test_quant.py). Per 64 bytes about the operations of the loop with
 // a flush per step that it replaced: GPT-2's products for one row, AMD EPYC Zen 4, 1 and 2 threads, g32 and g64,
-// within 4 % of it either way.
+// within 4 % of it either way. One call takes a thread's whole share of weight rows, W at a time: a call per block
+// (its constants set up anew each time) and four separate reductions of its W = 4 rows made one core's products of
+// a 768-column matrix from the cache 1.3-1.4x slower (compute-bound there, 384 bytes a row; Zen 4, groups of 64:
+// 20.5 against 28.4 GB/s).
 #define GPTLAB_INT4_DOTS512R(NAME, TARGET, DOT)                                                                    \
   template <int W, int D>                                                                                          \
   __attribute__((target(TARGET))) static void NAME(const uint8_t* w, const int8_t* x, int64_t H, int64_t G,        \
                                                    const uint16_t* scale, const uint16_t* zero, const float* xs,   \
-                                                   const float* gsum, float* out) {                                \
+                                                   const float* gsum, int64_t rows, float* out) {                  \
     constexpr int64_t gb = 4 * D;                                                                                  \
     constexpr int levels = D == 8 ? 3 : 2;                                                                         \
     const __m512i low4 = _mm512_set1_epi8(15);                                                                     \
@@ -600,42 +665,49 @@ GPTLAB_INT4_DOTS512T(int4_dots512t_vnni, "avx512f,avx512bw,avx512vnni", _mm512_d
     const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);              \
     const bool l2 = prefetch_l2.load(std::memory_order_relaxed);                                                   \
     const int64_t pd = std::max<int64_t>(prefetch_bytes(l2), W * H);                                               \
-    __m512 f[W], sc[W];                                                                                            \
-    for (int v = 0; v < W; ++v) f[v] = _mm512_setzero_ps();                                                        \
-    for (int64_t g0 = 0; g0 < G; g0 += 16) {                                                                       \
-      const int64_t g1 = std::min<int64_t>(G, g0 + 16), nb = (g1 - g0) * gb;                                      \
-      const __mmask16 m = static_cast<__mmask16>((1u << (g1 - g0)) - 1);                                          \
-      int4_scales<1, W>(scale, zero, G, g0, m, xs, gsum, 0, sc, f);                                               \
-      __m512i lvl[W][levels];                                                                                      \
-      _Pragma("GCC unroll 8") for (int st = 0; st < D; ++st) {                                                     \
-        const int64_t j = g0 * gb + 64 * st, left = nb - 64 * st;                                                  \
-        __m512i xe = _mm512_setzero_si512(), xo = xe;                                                              \
-        if (left > 0) {                                                                                            \
-          xe = _mm512_loadu_si512(x + 2 * j);                                                                      \
-          xo = _mm512_loadu_si512(x + 2 * j + 64);                                                                 \
-        }                                                                                                          \
-        _Pragma("GCC unroll 4") for (int v = 0; v < W; ++v) {                                                     \
-          __m512i acc = _mm512_setzero_si512();                                                                    \
-          if (left > 0) { /* a short block: its last step masked, the steps past the row zero */                   \
-            prefetch_weights(w + v * H + j + pd, l2);                                                              \
-            const __m512i b = left >= 64 ? _mm512_loadu_si512(w + v * H + j)                                       \
-                                         : _mm512_maskz_loadu_epi8(~0ull >> (64 - left), w + v * H + j);           \
-            acc = DOT(DOT(acc, _mm512_and_si512(_mm512_srli_epi16(b, 4), low4), xe), _mm512_and_si512(b, low4), xo); \
+    for (int64_t n = 0; n + W <= rows; n += W, w += W * H, scale += W * G, zero += W * G, out += W) {              \
+      __m512 f[W], sc[W];                                                                                          \
+      for (int v = 0; v < W; ++v) f[v] = _mm512_setzero_ps();                                                      \
+      for (int64_t g0 = 0; g0 < G; g0 += 16) {                                                                     \
+        const int64_t g1 = std::min<int64_t>(G, g0 + 16), nb = (g1 - g0) * gb;                                     \
+        const __mmask16 m = static_cast<__mmask16>((1u << (g1 - g0)) - 1);                                         \
+        int4_scales<1, W>(scale, zero, G, g0, m, xs, gsum, 0, sc, f);                                              \
+        __m512i lvl[W][levels];                                                                                    \
+        _Pragma("GCC unroll 8") for (int st = 0; st < D; ++st) {                                                   \
+          const int64_t j = g0 * gb + 64 * st, left = nb - 64 * st;                                                \
+          __m512i xe = _mm512_setzero_si512(), xo = xe;                                                            \
+          if (left > 0) {                                                                                          \
+            xe = _mm512_loadu_si512(x + 2 * j);                                                                    \
+            xo = _mm512_loadu_si512(x + 2 * j + 64);                                                               \
           }                                                                                                        \
-          _Pragma("GCC unroll 3") for (int l = 0; l < levels; ++l) { /* fold: step st closes level l when bit l  \
-                                                                         of st is set */                           \
-            if (!(st >> l & 1)) {                                                                                  \
-              lvl[v][l] = acc;                                                                                     \
-              break;                                                                                               \
+          _Pragma("GCC unroll 4") for (int v = 0; v < W; ++v) {                                                    \
+            __m512i acc = _mm512_setzero_si512();                                                                  \
+            if (left > 0) { /* a short block: its last step masked, the steps past the row zero */                 \
+              prefetch_weights(w + v * H + j + pd, l2);                                                            \
+              const __m512i b = left >= 64 ? _mm512_loadu_si512(w + v * H + j)                                     \
+                                           : _mm512_maskz_loadu_epi8(~0ull >> (64 - left), w + v * H + j);         \
+              const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4), lo = _mm512_and_si512(b, low4);  \
+              acc = DOT(DOT(acc, hi, xe), lo, xo);                                                                 \
             }                                                                                                      \
-            acc = _mm512_add_epi32(_mm512_permutex2var_epi32(lvl[v][l], even, acc),                                \
-                                   _mm512_permutex2var_epi32(lvl[v][l], odd, acc));                                \
+            _Pragma("GCC unroll 3") for (int l = 0; l < levels; ++l) { /* fold: step st closes level l when bit l  \
+                                                                           of st is set */                         \
+              if (!(st >> l & 1)) {                                                                                \
+                lvl[v][l] = acc;                                                                                   \
+                break;                                                                                             \
+              }                                                                                                    \
+              acc = _mm512_add_epi32(_mm512_permutex2var_epi32(lvl[v][l], even, acc),                              \
+                                     _mm512_permutex2var_epi32(lvl[v][l], odd, acc));                              \
+            }                                                                                                      \
+            if (st == D - 1) f[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sc[v], f[v]);                         \
           }                                                                                                        \
-          if (st == D - 1) f[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sc[v], f[v]);                           \
         }                                                                                                          \
       }                                                                                                            \
+      if constexpr (W == 4) hsum512x4(f, out);                                                                     \
+      else                                                                                                         \
+        for (int v = 0; v < W; ++v) out[v] = hsum512(f[v]);                                                        \
     }                                                                                                              \
-    for (int v = 0; v < W; ++v) out[v] = _mm512_reduce_add_ps(f[v]);                                               \
+    if constexpr (W > 1)                                                                                           \
+      if (rows % W) NAME<1, D>(w, x, H, G, scale, zero, xs, gsum, rows % W, out);                                  \
   }
 GPTLAB_INT4_DOTS512R(int4_dots512r, "avx512f,avx512bw", GPTLAB_MADDUBS_ADD)
 GPTLAB_INT4_DOTS512R(int4_dots512r_vnni, "avx512f,avx512bw,avx512vnni", _mm512_dpbusd_epi32)
@@ -651,18 +723,29 @@ template <int R, int W>
 static void int4_block(Isa isa, bool transposed, const uint8_t* w, const int8_t* x, int64_t KP, int64_t H, int64_t G,
                        int64_t gb, const uint16_t* scale, const uint16_t* zero, const float* xs, const float* gsum,
                        int64_t GP, float* out) {
-  const bool vnni = isa == kVnni, avx512 = isa == kAvx512;
+  const bool vnni = isa == kVnni;
   if (transposed && vnni && gb == 16) int4_dots512t_vnni<R, W, 4>(w, x, KP, H, G, scale, zero, xs, gsum, GP, out);
   else if (transposed && vnni) int4_dots512t_vnni<R, W, 8>(w, x, KP, H, G, scale, zero, xs, gsum, GP, out);
   else if (transposed && gb == 16) int4_dots512t<R, W, 4>(w, x, KP, H, G, scale, zero, xs, gsum, GP, out);
   else if (transposed) int4_dots512t<R, W, 8>(w, x, KP, H, G, scale, zero, xs, gsum, GP, out);
-  else if (R == 1 && vnni && gb == 16) int4_dots512r_vnni<W, 4>(w, x, H, G, scale, zero, xs, gsum, out);
-  else if (R == 1 && vnni && gb == 32) int4_dots512r_vnni<W, 8>(w, x, H, G, scale, zero, xs, gsum, out);
-  else if (R == 1 && avx512 && gb == 16) int4_dots512r<W, 4>(w, x, H, G, scale, zero, xs, gsum, out);
-  else if (R == 1 && avx512 && gb == 32) int4_dots512r<W, 8>(w, x, H, G, scale, zero, xs, gsum, out);
   else if (isa == kVnni && gb % 64 == 0) int4_dots512_vnni<R, W>(w, x, KP, H, G, gb, scale, zero, xs, gsum, GP, out);
   else if (isa == kAvx512 && gb % 64 == 0) int4_dots512<R, W>(w, x, KP, H, G, gb, scale, zero, xs, gsum, GP, out);
   else if constexpr (W == 1) int4_dots<R>(w, x, KP, G, gb, scale, zero, xs, gsum, GP, out);
+}
+
+// One activation row against weight rows [0, rows) (a thread's share) in blocks of bw: int4_dots512r.
+static void int4_rows(Isa isa, int64_t bw, const uint8_t* w, const int8_t* x, int64_t H, int64_t G, int64_t gb,
+                      const uint16_t* scale, const uint16_t* zero, const float* xs, const float* gsum, int64_t rows,
+                      float* out) {
+  const bool vnni = isa == kVnni, g16 = gb == 16;
+  if (bw == 4 && vnni && g16) int4_dots512r_vnni<4, 4>(w, x, H, G, scale, zero, xs, gsum, rows, out);
+  else if (bw == 4 && vnni) int4_dots512r_vnni<4, 8>(w, x, H, G, scale, zero, xs, gsum, rows, out);
+  else if (bw == 4 && g16) int4_dots512r<4, 4>(w, x, H, G, scale, zero, xs, gsum, rows, out);
+  else if (bw == 4) int4_dots512r<4, 8>(w, x, H, G, scale, zero, xs, gsum, rows, out);
+  else if (vnni && g16) int4_dots512r_vnni<1, 4>(w, x, H, G, scale, zero, xs, gsum, rows, out);
+  else if (vnni) int4_dots512r_vnni<1, 8>(w, x, H, G, scale, zero, xs, gsum, rows, out);
+  else if (g16) int4_dots512r<1, 4>(w, x, H, G, scale, zero, xs, gsum, rows, out);
+  else int4_dots512r<1, 8>(w, x, H, G, scale, zero, xs, gsum, rows, out);
 }
 
 // Groupwise int4, w ~ (q - 8) * scale + zero per group of g columns, scale and zero fp16 (gptlab.quant.quantize),
@@ -700,7 +783,10 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const bool wide = isa != kAvx2 && int4_wide_groups(gb);
   const int64_t BW = wide && M == 1 ? int4_single_row_block.load() : 1;
   const int64_t GP = groups_padded(G);
+  const bool rows = wide && M == 1 && int4_small_groups(gb);  // int4_dots512r, a thread's rows in one call
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    if (rows) return int4_rows(isa, BW, wp + n0 * H, xq.data(), H, G, gb, sp + n0 * G, zp + n0 * G, xs.data(),
+                               gsum.data(), n1 - n0, outp + n0);
     float d[16];
     for (int64_t n = n0; n < n1; n += BW) {
       const int64_t ws = std::min(BW, n1 - n);
@@ -734,34 +820,9 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 // 8 weight rows, measured per process (f32_single_row_block): 1 was 1.2x 2 on an AMD EPYC Zen 5, 2 the best on the
 // Xeon.
 //
-// Every dot product is one accumulator of 16 lanes summed in one fixed order, whatever the block it is computed in,
-// so a row's result does not depend on the other rows of the step (a request decodes the same bits alone or in a
-// busy batch; tests/test_quant.py checks it). hsum512 is that order, written out (the one GCC's
-// _mm512_reduce_add_ps uses); hsum512x16 sums 16 accumulators at once in the same order, two at a time per shuffle
-// (30 shuffles and 15 adds where 16 hsum512 take 64 and 64).
-__attribute__((target("avx512f"))) static inline float hsum512(__m512 a) {
-  const __m256 t = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));  // lanes j + j+8, then +4
-  const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));                                  // [q0 + q2, q1 + q3]
-  return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));                              // (q0 + q2) + (q1 + q3)
-}
-
-__attribute__((target("avx512f"))) static inline __m512 hsum512x16(const __m512* a) {
-  __m512 b[8], c[4], d[2];
-  for (int i = 0; i < 8; ++i)  // lanes j + j+8 of a[2i] | of a[2i+1]
-    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)  // then + 4: 128-bit lane L holds a[4i + L]'s four partial sums
-    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-  for (int i = 0; i < 2; ++i)  // [q0 + q2, q1 + q3] of a[8i + L] and of a[8i + 4 + L], interleaved
-    d[i] = _mm512_add_ps(_mm512_unpacklo_ps(c[2 * i], c[2 * i + 1]), _mm512_unpackhi_ps(c[2 * i], c[2 * i + 1]));
-  const __m512 e = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(d[0]), _mm512_castps_pd(d[1]))),
-                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(d[0]), _mm512_castps_pd(d[1]))));
-  // lane 4L + t holds the sum of a[4t + L]: a 4 x 4 transpose puts a[i]'s in lane i
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  return _mm512_permutexvar_ps(order, e);
-}
+// Every dot product is one accumulator of 16 lanes summed in one fixed order (hsum512, hsum512x16), whatever the
+// block it is computed in, so a row's result does not depend on the other rows of the step (a request decodes the
+// same bits alone or in a busy batch; tests/test_quant.py checks it).
 
 // out[v * R + r] = w[v] . x[r] for the W weight rows at w and the R activation rows at x (both K apart).
 template <int R, int W, bool PREFETCH>
