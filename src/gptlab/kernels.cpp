@@ -155,6 +155,13 @@ __attribute__((target("avx512f"))) static inline void hsum512x4(const __m512* a,
   _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(first, c)));
 }
 
+// out[i] = hsum512(a[i]) for i < n, four at a time
+__attribute__((target("avx512f"))) static inline void hsum512n(const __m512* a, int n, float* out) {
+  int i = 0;
+  for (; i + 4 <= n; i += 4) hsum512x4(a + i, out + i);
+  for (; i < n; ++i) out[i] = hsum512(a[i]);
+}
+
 // The same with 512-bit registers (AVX-512BW: every CPU PyTorch calls AVX512 has it), 64 columns at a time, for
 // half the instructions per weight, and W weight rows at a time sharing each activation load (R x 2 loads of
 // activations per step for all W rows; one row alone is bound by its loads, measured); the weights prefetch_bytes
@@ -209,9 +216,7 @@ __attribute__((target("avx512f"))) static inline void hsum512x4(const __m512* a,
           f[i] = _mm512_add_ps(f[i], _mm512_cvtepi32_ps(a[i]));                                                    \
         }                                                                                                          \
       }                                                                                                            \
-      if constexpr (R == 1 && W == 4) hsum512x4(f, out);                                                           \
-      else                                                                                                         \
-        for (int i = 0; i < W * R; ++i) out[i] = hsum512(f[i]);                                                    \
+      hsum512n(f, W * R, out);                                                                                     \
       for (int v = 0; v < W; ++v)                                                                                  \
         for (int r = 0; r < R; ++r)                                                                                \
           for (int64_t j = K64; j < K; ++j)                                                                        \
@@ -531,7 +536,7 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void in
         GPTLAB_INT4_FLUSH(_mm512_set1_epi32(static_cast<int>(gi - g0)));                                           \
       }                                                                                                            \
     }                                                                                                              \
-    for (int i = 0; i < W * R; ++i) out[i] = hsum512(f[i]);                                                        \
+    hsum512n(f, W * R, out);                                                                                       \
   }
 
 #define GPTLAB_MADDUBS_ADD(acc, a, b) \
@@ -637,7 +642,7 @@ static const Int4Transpose& int4_transpose_of(int D) {
           f[v * R + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r]), sc[v * R + r], f[v * R + r]);                   \
       }                                                                                                            \
     }                                                                                                              \
-    for (int i = 0; i < W * R; ++i) out[i] = hsum512(f[i]);                                                        \
+    hsum512n(f, W * R, out);                                                                                       \
   }
 GPTLAB_INT4_DOTS512T(int4_dots512t, "avx512f,avx512bw", GPTLAB_MADDUBS_ADD)
 GPTLAB_INT4_DOTS512T(int4_dots512t_vnni, "avx512f,avx512bw,avx512vnni", _mm512_dpbusd_epi32)
@@ -702,9 +707,7 @@ GPTLAB_INT4_DOTS512T(int4_dots512t_vnni, "avx512f,avx512bw,avx512vnni", _mm512_d
           }                                                                                                        \
         }                                                                                                          \
       }                                                                                                            \
-      if constexpr (W == 4) hsum512x4(f, out);                                                                     \
-      else                                                                                                         \
-        for (int v = 0; v < W; ++v) out[v] = hsum512(f[v]);                                                        \
+      hsum512n(f, W, out);                                                                                         \
     }                                                                                                              \
     if constexpr (W > 1)                                                                                           \
       if (rows % W) NAME<1, D>(w, x, H, G, scale, zero, xs, gsum, rows % W, out);                                  \
