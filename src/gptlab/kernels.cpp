@@ -848,7 +848,7 @@ __attribute__((target("avx512f"))) static void f32_dots(const float* w, const fl
   }
   int i = 0;
   for (; i + 16 <= W * R; i += 16) _mm512_storeu_ps(out + i, hsum512x16(a + i));
-  for (; i < W * R; ++i) out[i] = hsum512(a[i]);
+  hsum512n(a + i, W * R - i, out + i);
   for (int v = 0; v < W; ++v)
     for (int r = 0; r < R; ++r)
       for (int64_t j = K16; j < K; ++j) out[v * R + r] += x[r * K + j] * w[v * K + j];
