@@ -167,7 +167,7 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
         layer = QuantLinear.from_weight(torch.randn(n, k), None, "int4", g)
         w = layer.dequantized().double()
         offsets = layer.zeros.float() - 8 * layer.scales.float()
-        for m in (1, 3, 16):
+        for m in (1, 3, 11, 16):  # 11: a block of 8 activation rows and one of 3
             x = torch.randn(m, k)
             x[0, :g] *= 1e-3  # a group far smaller than the row's others: its own scale keeps its precision
             xh, xs = int8_groups(x, g)

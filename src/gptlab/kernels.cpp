@@ -462,23 +462,31 @@ static inline void int4_dots(const uint8_t* w, const int8_t* x, int64_t KP, int6
   for (int r = 0; r < R; ++r) out[r] = hsum(f[r]);
 }
 
-// Per 16 groups g0.. of W weight rows (their scales G apart) and R activation rows (the lanes past G zero): sc[v * R
-// + r], each group's weight scale x activation scale; and each group's offset (zero - 8 scale, in fp32 from the fp16
-// scale and zero as dequantize_int4 computes it) times the activation row's group sum (rows GP apart) into f[v * R
-// + r], the fp32 lanes of the 512-bit int4 loops below.
+// Per 16 groups g0.. of W weight rows (their scales G apart) and R activation rows (the lanes past G zero): each
+// group's offset (zero - 8 scale, in fp32 from the fp16 scale and zero as dequantize_int4 computes it) times the
+// activation row's group sum (rows GP apart) into f[v * R + r], the fp32 lanes of the 512-bit int4 loops below, and
+// the weight scales in fp32, sw[v]; int4_scales also makes sc[v * R + r], each group's weight scale x activation
+// scale.
+template <int R, int W>
+__attribute__((target("avx512f,avx512bw"), always_inline)) static inline void int4_offsets(
+    const uint16_t* scale, const uint16_t* zero, int64_t G, int64_t g0, __mmask16 m, const float* gsum, int64_t GP,
+    __m512* sw, __m512* f) {
+  for (int v = 0; v < W; ++v) {
+    sw[v] = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, scale + v * G + g0)));
+    const __m512 zw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, zero + v * G + g0)));
+    const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sw[v], zw);
+    for (int r = 0; r < R; ++r)
+      f[v * R + r] = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(m, gsum + r * GP + g0), f[v * R + r]);
+  }
+}
 template <int R, int W>
 __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void int4_scales(
     const uint16_t* scale, const uint16_t* zero, int64_t G, int64_t g0, __mmask16 m, const float* xs,
     const float* gsum, int64_t GP, __m512* sc, __m512* f) {
-  for (int v = 0; v < W; ++v) {
-    const __m512 sw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, scale + v * G + g0)));
-    const __m512 zw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, zero + v * G + g0)));
-    const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sw, zw);
-    for (int r = 0; r < R; ++r) {
-      sc[v * R + r] = _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(m, xs + r * G + g0));
-      f[v * R + r] = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(m, gsum + r * GP + g0), f[v * R + r]);
-    }
-  }
+  __m512 sw[W];
+  int4_offsets<R, W>(scale, zero, G, g0, m, gsum, GP, sw, f);
+  for (int v = 0; v < W; ++v)
+    for (int r = 0; r < R; ++r) sc[v * R + r] = _mm512_mul_ps(sw[v], _mm512_maskz_loadu_ps(m, xs + r * G + g0));
 }
 
 // int4_dots with 512-bit registers, 64 bytes (128 columns) a step, for groups of a multiple of 128 columns (whole
@@ -552,7 +560,12 @@ GPTLAB_INT4_DOTS512(int4_dots512_vnni, "avx512f,avx512bw,avx512vnni", _mm512_dpb
 // order: where the loop above, whose lanes change group every 64 bytes, converts, permutes the scales and adds per
 // 64 bytes and activation row. The permutes are per weight row and shared by the activation rows: GPT-2's int4
 // products (g64) for 8 rows, AMD EPYC Zen 4, 2 threads, both loops alternating in one process: 16.1 -> 12.1 ms and
-// 13.3 -> 11.3 in two runs (g32: 13.7 -> 10.1).
+// 13.3 -> 11.3 in two runs (g32: 13.7 -> 10.1). One call takes up to 8 activation rows (R; their accumulators in
+// registers, each scale made as it is applied rather than kept in one) against a run of weight rows, writing each
+// result in place: calls of 4 activation rows and one weight row (the transposes made again for the second 4, and
+// constants, scales and results set up and copied per call) were 1.3-1.6x slower for GPT-2's products, Zen 4, 2
+// threads, alternating (g64: 8 rows 10.75 -> 7.05 ms, 16 rows 21.5 -> 14.1, 3 rows 6.72 -> 4.73; g32: 10.27 ->
+// 7.95, 19.8 -> 12.1, 5.17 -> 3.35). Results are bit for bit the same as before (the same operations per row).
 struct Int4Transpose {
   alignas(64) int32_t idx[3][8][16];  // stage, output vector: the 16 source lanes (0-15 the first, 16-31 the second)
 };
@@ -596,25 +609,27 @@ static const Int4Transpose& int4_transpose_of(int D) {
 }
 
 #define GPTLAB_INT4_DOTS512T(NAME, TARGET, DOT)                                                                    \
-  template <int R, int W, int D>                                                                                   \
+  template <int R, int D>                                                                                          \
   __attribute__((target(TARGET))) static void NAME(const uint8_t* w, const int8_t* x, int64_t KP, int64_t H,       \
                                                    int64_t G, const uint16_t* scale, const uint16_t* zero,         \
-                                                   const float* xs, const float* gsum, int64_t GP, float* out) {   \
+                                                   const float* xs, const float* gsum, int64_t GP, int64_t rows,   \
+                                                   float* out, int64_t ldo) {                                      \
     constexpr int64_t gb = 4 * D;                                                                                  \
     constexpr int stages = D == 8 ? 3 : 2;                                                                         \
     const Int4Transpose& tp = int4_transpose_of(D);                                                                \
     const __m512i low4 = _mm512_set1_epi8(15);                                                                     \
     const bool l2 = prefetch_l2.load(std::memory_order_relaxed);                                                   \
-    const int64_t pd = std::max<int64_t>(prefetch_bytes(l2), W * H);                                               \
-    __m512 f[W * R], sc[W * R];                                                                                    \
-    for (int i = 0; i < W * R; ++i) f[i] = _mm512_setzero_ps();                                                    \
-    for (int64_t g0 = 0; g0 < G; g0 += 16) {                                                                       \
-      const int64_t g1 = std::min<int64_t>(G, g0 + 16), nb = (g1 - g0) * gb;                                      \
-      const __mmask16 m = static_cast<__mmask16>((1u << (g1 - g0)) - 1);                                          \
-      int4_scales<R, W>(scale, zero, G, g0, m, xs, gsum, GP, sc, f);                                              \
-      const int8_t* xb = x + g0 * 2 * gb; /* the block's activation codes in the first row */                     \
-      for (int v = 0; v < W; ++v) {                                                                                \
-        const uint8_t* p = w + v * H + g0 * gb;                                                                    \
+    const int64_t pd = std::max<int64_t>(prefetch_bytes(l2), H);                                                   \
+    for (int64_t n = 0; n < rows; ++n, w += H, scale += G, zero += G) {                                            \
+      __m512 f[R];                                                                                                 \
+      for (int r = 0; r < R; ++r) f[r] = _mm512_setzero_ps();                                                      \
+      for (int64_t g0 = 0; g0 < G; g0 += 16) {                                                                     \
+        const int64_t g1 = std::min<int64_t>(G, g0 + 16), nb = (g1 - g0) * gb;                                    \
+        const __mmask16 m = static_cast<__mmask16>((1u << (g1 - g0)) - 1);                                        \
+        __m512 sw;                                                                                                 \
+        int4_offsets<R, 1>(scale, zero, G, g0, m, gsum, GP, &sw, f);                                              \
+        const int8_t* xb = x + g0 * 2 * gb; /* the block's activation codes in the first row */                   \
+        const uint8_t* p = w + g0 * gb;                                                                            \
         __m512i t[D], u[D];                                                                                        \
         for (int k = 0; k < D; ++k) {                                                                              \
           prefetch_weights(p + 64 * k + pd, l2);                                                                   \
@@ -638,11 +653,15 @@ static const Int4Transpose& int4_transpose_of(int D) {
             a[r] = DOT(DOT(a[r], hi, _mm512_loadu_si512(xb + r * KP + 128 * k)), lo,                               \
                        _mm512_loadu_si512(xb + r * KP + 128 * k + 64));                                            \
         }                                                                                                          \
-        for (int r = 0; r < R; ++r)                                                                                \
-          f[v * R + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r]), sc[v * R + r], f[v * R + r]);                   \
+        for (int r = 0; r < R; ++r) { /* each scale as int4_scales makes it, made as it is applied */             \
+          const __m512 sc = _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(m, xs + r * G + g0));                          \
+          f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r]), sc, f[r]);                                              \
+        }                                                                                                          \
       }                                                                                                            \
+      float o[R];                                                                                                  \
+      hsum512n(f, R, o);                                                                                           \
+      for (int r = 0; r < R; ++r) out[r * ldo + n] = o[r];                                                         \
     }                                                                                                              \
-    hsum512n(f, W * R, out);                                                                                       \
   }
 GPTLAB_INT4_DOTS512T(int4_dots512t, "avx512f,avx512bw", GPTLAB_MADDUBS_ADD)
 GPTLAB_INT4_DOTS512T(int4_dots512t_vnni, "avx512f,avx512bw,avx512vnni", _mm512_dpbusd_epi32)
@@ -723,17 +742,24 @@ static bool int4_wide_groups(int64_t gb) { return int4_small_groups(gb) || gb % 
 // One int4 block: W weight rows (their scales G apart) against R activation rows, out[v * R + r]. The 256-bit loop
 // takes one weight row at a time.
 template <int R, int W>
-static void int4_block(Isa isa, bool transposed, const uint8_t* w, const int8_t* x, int64_t KP, int64_t H, int64_t G,
-                       int64_t gb, const uint16_t* scale, const uint16_t* zero, const float* xs, const float* gsum,
-                       int64_t GP, float* out) {
-  const bool vnni = isa == kVnni;
-  if (transposed && vnni && gb == 16) int4_dots512t_vnni<R, W, 4>(w, x, KP, H, G, scale, zero, xs, gsum, GP, out);
-  else if (transposed && vnni) int4_dots512t_vnni<R, W, 8>(w, x, KP, H, G, scale, zero, xs, gsum, GP, out);
-  else if (transposed && gb == 16) int4_dots512t<R, W, 4>(w, x, KP, H, G, scale, zero, xs, gsum, GP, out);
-  else if (transposed) int4_dots512t<R, W, 8>(w, x, KP, H, G, scale, zero, xs, gsum, GP, out);
-  else if (isa == kVnni && gb % 64 == 0) int4_dots512_vnni<R, W>(w, x, KP, H, G, gb, scale, zero, xs, gsum, GP, out);
+static void int4_block(Isa isa, const uint8_t* w, const int8_t* x, int64_t KP, int64_t H, int64_t G, int64_t gb,
+                       const uint16_t* scale, const uint16_t* zero, const float* xs, const float* gsum, int64_t GP,
+                       float* out) {
+  if (isa == kVnni && gb % 64 == 0) int4_dots512_vnni<R, W>(w, x, KP, H, G, gb, scale, zero, xs, gsum, GP, out);
   else if (isa == kAvx512 && gb % 64 == 0) int4_dots512<R, W>(w, x, KP, H, G, gb, scale, zero, xs, gsum, GP, out);
   else if constexpr (W == 1) int4_dots<R>(w, x, KP, G, gb, scale, zero, xs, gsum, GP, out);
+}
+
+// R activation rows (codes KP apart, laid out for int4_dots512t) against weight rows [0, rows), out[r * ldo + n].
+template <int R>
+static void int4_batch(Isa isa, int64_t gb, const uint8_t* w, const int8_t* x, int64_t KP, int64_t H, int64_t G,
+                       const uint16_t* scale, const uint16_t* zero, const float* xs, const float* gsum, int64_t GP,
+                       int64_t rows, float* out, int64_t ldo) {
+  const bool vnni = isa == kVnni, g16 = gb == 16;
+  if (vnni && g16) int4_dots512t_vnni<R, 4>(w, x, KP, H, G, scale, zero, xs, gsum, GP, rows, out, ldo);
+  else if (vnni) int4_dots512t_vnni<R, 8>(w, x, KP, H, G, scale, zero, xs, gsum, GP, rows, out, ldo);
+  else if (g16) int4_dots512t<R, 4>(w, x, KP, H, G, scale, zero, xs, gsum, GP, rows, out, ldo);
+  else int4_dots512t<R, 8>(w, x, KP, H, G, scale, zero, xs, gsum, GP, rows, out, ldo);
 }
 
 // One activation row against weight rows [0, rows) (a thread's share) in blocks of bw: int4_dots512r.
@@ -781,8 +807,8 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const uint16_t* zp = reinterpret_cast<const uint16_t*>(zc.data_ptr<at::Half>());
   float* outp = out.data_ptr<float>();
   // weight rows per block: int4_single_row_block for one activation row; one for more (with int16 activations one
-  // was 1.1x two for GPT-2 at 8 rows on an AMD EPYC Zen 5; with int8 codes, 8 activation rows a block were no faster
-  // than two blocks of 4 on an AMX Xeon), and where the group size takes the 256-bit loop
+  // was 1.1x two for GPT-2 at 8 rows on an AMD EPYC Zen 5; with int8 codes, 8 activation rows a block of int4_dots512
+  // were no faster than two blocks of 4 on an AMX Xeon), and where the group size takes the 256-bit loop
   const bool wide = isa != kAvx2 && int4_wide_groups(gb);
   const int64_t BW = wide && M == 1 ? int4_single_row_block.load() : 1;
   const int64_t GP = groups_padded(G);
@@ -790,6 +816,16 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     if (rows) return int4_rows(isa, BW, wp + n0 * H, xq.data(), H, G, gb, sp + n0 * G, zp + n0 * G, xs.data(),
                                gsum.data(), n1 - n0, outp + n0);
+    if (transposed) {  // up to 8 activation rows per pass over 16 weight rows (kept in L1 for the next 8)
+      for (int64_t n = n0; n < n1; n += 16)
+        for (int64_t m0 = 0; m0 < M; m0 += 8)
+          block<8, 1>(1, std::min<int64_t>(8, M - m0), [&](auto r, auto) {
+            int4_batch<r>(isa, gb, wp + n * H, xq.data() + m0 * KP, KP, H, G, sp + n * G, zp + n * G,
+                          xs.data() + m0 * G, gsum.data() + m0 * GP, GP, std::min<int64_t>(16, n1 - n),
+                          outp + m0 * N + n, N);
+          });
+      return;
+    }
     float d[16];
     for (int64_t n = n0; n < n1; n += BW) {
       const int64_t ws = std::min(BW, n1 - n);
@@ -802,7 +838,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
         const float* sr = xs.data() + m0 * G;
         const float* gr = gsum.data() + m0 * GP;
         quant_block(BW, ws, R, [&](auto r, auto v) {
-          int4_block<r, v>(isa, transposed, row, xr, KP, H, G, gb, sn, zn, sr, gr, GP, d);
+          int4_block<r, v>(isa, row, xr, KP, H, G, gb, sn, zn, sr, gr, GP, d);
         });
         for (int64_t v = 0; v < ws; ++v)
           for (int64_t r = 0; r < R; ++r) outp[(m0 + r) * N + n + v] = d[v * R + r];
