@@ -12,7 +12,8 @@ request and output-token throughput. Ends with one JSON line.
 settings and by llama.cpp's own ``llama-server`` (32 parallel slots, continuous batching, the model's whole context
 per slot) on the same weights, exported to Hugging Face format (``gptlab convert``) and converted to an f32 GGUF
 with llama.cpp's ``convert_hf_to_gguf.py``; both at 1, 8 and 32 concurrent streams, the same threads, in
-interleaved rounds. ``--baby`` adds ``baby`` (GPT-2's tokenizer) at 32 streams, batched and one request at a time
+interleaved rounds. ``--int8`` adds ``gptlab serve --quantize int8`` against ``llama-server`` on a q8_0 GGUF of
+the same weights. ``--baby`` adds ``baby`` (GPT-2's tokenizer) at 32 streams, batched and one request at a time
 (``--max-batch 1``), for TTFT under load. Ends with one JSON line of every figure.
 
     python benchmarks/serve.py suite --llama-server BUILD/bin/llama-server --llama-convert LCPP/convert_hf_to_gguf.py
@@ -259,15 +260,17 @@ def load(url: str, model: str, concurrency: int, num: int, max_tokens: int, prom
     return r
 
 
-def gguf_f32(model: Path, root: Path, convert: str, env: dict) -> Path:
-    """``model`` exported to Hugging Face format (``gptlab convert``) and converted to an f32 GGUF by llama.cpp's own
-    ``convert_hf_to_gguf.py`` (its ``gguf-py`` beside it), so that both servers compute in fp32 on the same weights."""
-    hf, gguf = root / f"{model.name}-hf", root / f"{model.name}-f32.gguf"
-    subprocess.run([sys.executable, "-m", "gptlab", "convert", str(model), "--to", "hf", "--out-dir", str(hf)],
-                   env=env, check=True, capture_output=True)  # fmt: skip
+def gguf_of(model: Path, root: Path, convert: str, env: dict, outtype: str = "f32") -> Path:
+    """``model`` exported to Hugging Face format (``gptlab convert``) and converted to an ``outtype`` (f32, q8_0)
+    GGUF by llama.cpp's own ``convert_hf_to_gguf.py`` (its ``gguf-py`` beside it), so that both servers compute on the
+    same weights: in fp32, or (q8_0) per block of 32 int8 codes where gptlab's int8 keeps one scale per row."""
+    hf, gguf = root / f"{model.name}-hf", root / f"{model.name}-{outtype}.gguf"
+    if not hf.exists():
+        subprocess.run([sys.executable, "-m", "gptlab", "convert", str(model), "--to", "hf", "--out-dir", str(hf)],
+                       env=env, check=True, capture_output=True)  # fmt: skip
     lcpp = Path(convert).parent
     conv_env = {**env, "PYTHONPATH": f"{lcpp / 'gguf-py'}:{lcpp}:{env['PYTHONPATH']}"}
-    subprocess.run([sys.executable, convert, str(hf), "--outtype", "f32", "--outfile", str(gguf)],
+    subprocess.run([sys.executable, convert, str(hf), "--outtype", outtype, "--outfile", str(gguf)],
                    env=conv_env, check=True, capture_output=True)  # fmt: skip
     return gguf
 
@@ -293,9 +296,16 @@ def cmd_suite(args: argparse.Namespace) -> None:
     contestants: dict[str, Callable[[], Process]] = {  # gptlab with its default settings (the pool included)
         "gptlab_gpt2": lambda: serve_gptlab(models["gpt2"], "gpt2", env),
     }
+    if args.int8:
+        contestants["gptlab_gpt2_int8"] = lambda: serve_gptlab(models["gpt2"], "gpt2", env, "--quantize", "int8")
     if args.llama_server and args.llama_convert:
-        gguf = gguf_f32(models["gpt2"], root, args.llama_convert, env)
+        gguf = gguf_of(models["gpt2"], root, args.llama_convert, env)
         contestants["llama_server_gpt2"] = lambda: serve_llama(args.llama_server, gguf, "gpt2", args.threads, 32, env)
+        if args.int8:
+            q8 = gguf_of(models["gpt2"], root, args.llama_convert, env, "q8_0")
+            contestants["llama_server_gpt2_q8_0"] = lambda: serve_llama(
+                args.llama_server, q8, "gpt2", args.threads, 32, env
+            )
         version = subprocess.run([args.llama_server, "--version"], capture_output=True, text=True)
         results["llama_server_version"] = (version.stdout + version.stderr).strip().splitlines()[:2]
     for _ in range(args.rounds):
@@ -323,15 +333,19 @@ def cmd_suite(args: argparse.Namespace) -> None:
                 srv.stop()
     g = results["gptlab_gpt2"]
     results["ratios"] = {"gptlab_gpt2_c32_over_c1": round(g["c32"]["output_tok_s"] / g["c1"]["output_tok_s"], 2)}
-    if "llama_server_gpt2" in results:
-        lc = results["llama_server_gpt2"]
-        for c, _ in levels:
-            results["ratios"][f"gptlab_over_llama_server_c{c}"] = round(
-                g[f"c{c}"]["output_tok_s"] / lc[f"c{c}"]["output_tok_s"], 2
-            )
-            results["ratios"][f"ttft_p99_gptlab_over_llama_server_c{c}"] = round(
-                g[f"c{c}"]["ttft_s"]["p99"] / lc[f"c{c}"]["ttft_s"]["p99"], 2
-            )
+    for ours, theirs, tag in (
+        ("gptlab_gpt2", "llama_server_gpt2", ""),
+        ("gptlab_gpt2_int8", "llama_server_gpt2_q8_0", "_int8"),
+    ):
+        if ours in results and theirs in results:
+            g, lc = results[ours], results[theirs]
+            for c, _ in levels:
+                results["ratios"][f"gptlab_over_llama_server{tag}_c{c}"] = round(
+                    g[f"c{c}"]["output_tok_s"] / lc[f"c{c}"]["output_tok_s"], 2
+                )
+                results["ratios"][f"ttft_p99_gptlab_over_llama_server{tag}_c{c}"] = round(
+                    g[f"c{c}"]["ttft_s"]["p99"] / lc[f"c{c}"]["ttft_s"]["p99"], 2
+                )
     print(json.dumps(results))
 
 
@@ -457,6 +471,7 @@ def main() -> None:
     p.add_argument("--llama-server", help="llama.cpp's llama-server binary (the module docstring says how to build it)")
     p.add_argument("--llama-convert", help="llama.cpp's convert_hf_to_gguf.py (its gguf-py beside it)")
     p.add_argument("--baby", action="store_true", help="also baby at 32 streams, batched and one at a time")
+    p.add_argument("--int8", action="store_true", help="also gptlab --quantize int8 (and llama-server on a q8_0 GGUF)")
     p.set_defaults(func=cmd_suite)
     p = sub.add_parser("prefix", help="the prefix cache: shared few-shot header and multi-turn chat, on and off")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)

@@ -146,7 +146,9 @@ def test_qlora_trains_the_adapters_through_a_frozen_quantized_base(mode):
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert all(torch.equal(m.qweight, codes[n]) for n, m in model.named_modules() if isinstance(m, QuantLinear))
-    # the adapted quantized model is the dequantized float model with the same adapters (the kernels' rounding aside)
+    # the adapted quantized model is the dequantized float model with the same adapters, the kernels' rounding of
+    # the activations aside: int16 per row for int8 weights, int8 codes per group of 32 for int4 (0.0085 at most
+    # here, on a 24-row input, which the kernels serve since they take up to kernels.MAX_ROWS = 64 rows)
     ref = GPT(model.config).eval()
     sd = {}
     for n, m in model.named_modules():
@@ -159,7 +161,7 @@ def test_qlora_trains_the_adapters_through_a_frozen_quantized_base(mode):
     ref.load_state_dict(sd)
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(x)[0], ref(x)[0], rtol=0, atol=2e-3)
+        torch.testing.assert_close(model(x)[0], ref(x)[0], rtol=0, atol={"int8": 2e-3, "int4": 2e-2}[mode])
 
 
 def test_the_input_gradient_through_a_quantized_layer_is_the_dequantized_matmuls():

@@ -93,6 +93,26 @@ def test_the_kernels_compute_the_dequantized_matmul(mode):
     torch.testing.assert_close(layer.rows(idx), deq[idx])
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_each_row_gets_the_bits_it_gets_alone_whatever_the_number_of_rows(mode):
+    """gptlab's kernels serve every input, kernels.MAX_ROWS (64) rows a call, and their rows do not depend on each
+    other: a request decodes the same tokens alone as in a full serving pool, and a prefill's rows are those of the
+    same rows fed alone (past 16 rows the dequantized weight's GEMM used to take over, with other bits)."""
+    from gptlab import kernels
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_weight(torch.randn(48, 256) * 0.05, None, mode, 64)
+    layer.prepare()
+    if layer._ops is None:
+        pytest.skip("gptlab's kernels do not run here (no AVX2 or no C++ compiler)")
+    x = torch.randn(kernels.MAX_ROWS + 36, 256)  # a call of 64 rows and one of 36
+    with torch.no_grad():
+        got = layer(x)
+        assert torch.equal(layer(x[: kernels.MAX_ROWS]), got[: kernels.MAX_ROWS])
+        for i in (0, 17, kernels.MAX_ROWS - 1, kernels.MAX_ROWS + 35):
+            assert torch.equal(layer(x[i : i + 1]), got[i : i + 1])
+
+
 def int16_rows(x):
     """The kernels' activations, computed as they compute them (float32): each row rounded to int16 fixed point
     with scale xs = max|x_row| / 32767. Returns (the rounded rows, xs), float64."""
@@ -136,7 +156,7 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
     for n, k in ((100, 256), (37, 100), (3, 33), (5, 4608)):  # tails of 16 columns; over 2048 columns (flushes)
         q, s = quantize_int8(torch.randn(n, k))
         w = dequantize_int8(q, s).double()
-        for m in (1, 2, 7, 16):
+        for m in (1, 2, 7, 16, 40):  # up to kernels.MAX_ROWS: a serving pool's step
             x = torch.randn(m, k) * 3
             xh, xs = int16_rows(x)
             got = ops.int8_mm(x, q, s)
@@ -167,7 +187,7 @@ def test_the_avx2_kernels_compute_their_scheme_eager_and_compiled():
         layer = QuantLinear.from_weight(torch.randn(n, k), None, "int4", g)
         w = layer.dequantized().double()
         offsets = layer.zeros.float() - 8 * layer.scales.float()
-        for m in (1, 3, 11, 16):  # 11: a block of 8 activation rows and one of 3
+        for m in (1, 3, 11, 40):  # 11: a block of 8 activation rows and one of 3; 40: a serving pool's step
             x = torch.randn(m, k)
             x[0, :g] *= 1e-3  # a group far smaller than the row's others: its own scale keeps its precision
             xh, xs = int8_groups(x, g)

@@ -63,7 +63,7 @@ static inline float hsum(__m256 a) {
 static void check_x(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "gptlab kernel: x must be [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "gptlab kernel: x must be float32");
-  TORCH_CHECK(x.size(0) <= 16, "gptlab kernel: at most 16 rows");
+  TORCH_CHECK(x.size(0) <= 64, "gptlab kernel: at most 64 rows");
 }
 
 // int8 x int16 dot products of one weight row with R activation rows (R <= 4, a compile-time constant, so the

@@ -64,7 +64,10 @@ import torch
 from .assets import cache_dir
 from .errors import GptlabError
 
-MAX_ROWS = 16  # batch rows the kernels serve; longer inputs (prefill) dequantize and use the BLAS GEMM
+# Rows of one int8 or int4 kernel call (a full CPU serving pool's decode step, as F32_MAX_ROWS); QuantLinear feeds
+# longer inputs (prefills, QLoRA's forward) 64 rows at a time. Inputs past 16 rows used to take the BLAS GEMM on the
+# dequantized weight, 9-30x slower at 17-64 rows and still 1.3-1.9x at 1,024 (GPT-2, docs/benchmarks.md).
+MAX_ROWS = 64
 F32_MAX_ROWS = 64  # rows the fp32 kernel serves in inference (decode steps of a full CPU pool); past that, MKL
 
 

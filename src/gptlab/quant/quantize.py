@@ -3,8 +3,8 @@
 Only the weights are stored in fewer bits and expanded inside the matmul; activations stay in the compute dtype,
 except inside gptlab's AVX2 kernels (:mod:`.kernels`), which round them to int16 per row (2^-16 of the row's
 largest value) for integer multiply-adds. On any x86 CPU with AVX2 (AVX-512 ones included), where PyTorch's
-int8 and int4 kernels decode slower than fp32, those serve up to 16 rows, and longer inputs (prefill) use the BLAS
-GEMM on the dequantized weight.
+int8 and int4 kernels decode slower than fp32, those serve every input, 64 rows a call (a decode step, a prefill),
+faster than the BLAS GEMM on the dequantized weight even at 1,024 rows (docs/benchmarks.md).
 
 - **int8**: symmetric, one scale per output row: ``scale = max|w_row| / 127``, ``q = round(w / scale)`` in
   [-127, 127]. Matmul: PyTorch's ``_weight_int8pack_mm`` on the CPU (gptlab's kernel where AVX2 is); elsewhere
@@ -208,6 +208,12 @@ class QuantLinear(nn.Module):
             y = self.product(x)
         return with_adapter(self, x, y)
 
+    def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        """gptlab's kernel on at most ``kernels.MAX_ROWS`` rows of fp32 ``x`` [rows, in_features]."""
+        if self.mode == "int8":
+            return self._ops.int8_mm(x, self.qweight, self.scales.float())
+        return self._ops.int4_mm(x, self.qweight, self.scales.half(), self.zeros.half(), self.group_size)
+
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` with the quantized ``W``, by the fastest kernel the device has."""
         shape = x.shape
@@ -215,12 +221,8 @@ class QuantLinear(nn.Module):
         if self._prepared_for != self.qweight.device:
             self.prepare()
         if self._ops is not None and x2.dtype == torch.float32:  # an AVX2 CPU: gptlab's kernels
-            if x2.size(0) > kernels.MAX_ROWS:  # prefill: dequantize once, then the BLAS GEMM
-                y = F.linear(x2, self.dequantized())
-            elif self.mode == "int8":
-                y = self._ops.int8_mm(x2, self.qweight, self.scales.float())
-            else:
-                y = self._ops.int4_mm(x2, self.qweight, self.scales.half(), self.zeros.half(), self.group_size)
+            chunks = [self._kernel_product(c) for c in x2.split(kernels.MAX_ROWS)]
+            y = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         elif self.mode == "int8":
             if x2.device.type == "cpu":
                 y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x2.dtype))
