@@ -148,7 +148,7 @@ def test_qlora_trains_the_adapters_through_a_frozen_quantized_base(mode):
     assert all(torch.equal(m.qweight, codes[n]) for n, m in model.named_modules() if isinstance(m, QuantLinear))
     # the adapted quantized model is the dequantized float model with the same adapters, the kernels' rounding of
     # the activations aside: int16 per row for int8 weights, int8 codes per group of 32 for int4 (0.0085 at most
-    # here, on a 24-row input, which the kernels serve since they take up to kernels.MAX_ROWS = 64 rows)
+    # here; the kernels take every input, this 24-row one included, where past 16 rows the dequantized GEMM did)
     ref = GPT(model.config).eval()
     sd = {}
     for n, m in model.named_modules():
